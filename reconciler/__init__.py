@@ -1,0 +1,1 @@
+"""mailferry's reconciler: specs in, patent steps out (see ../DESIGN in the README)."""

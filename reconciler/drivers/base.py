@@ -1,0 +1,207 @@
+"""The one interface every mail system driver implements.
+
+A *system* (patent: messaging service system S1, S2) hosts mailboxes. The reconciler never
+touches a system except through this interface, so that the embedded `maildir` system, a
+Postfix + Dovecot system and a generic IMAP source are interchangeable in every step.
+
+Vocabulary (see DESIGN.md):
+
+- *mailbox id*: the system-local name of a mailbox; mailferry derives it from the access
+  address (``jean.dupont@corp.example`` -> ``jean.dupont=corp.example``).
+- *physical address* (ADP): where a mailbox really is, written as an address so that fed can
+  route to it: ``<mailbox id>@<system name>.invalid``. fed delivers to it over LMTP; the
+  ``.invalid`` TLD guarantees it never leaks to the outside world.
+- *internal address* (AD2): BOX2's address reachable only inside the target system before
+  the cutover (``<local part>@<internal domain>``).
+- *redirect*: an address (usually a physical address) that the system re-submits every
+  message of this mailbox to, through fed, instead of storing it.
+
+Every mutating method is idempotent: called twice with the same arguments it leaves the
+system as one call would, so that a step killed half-way can simply run again.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+PHYSICAL_TLD = "invalid"
+
+
+def mailbox_id_for(address: str) -> str:
+    """The mailbox id mailferry gives the mailbox of an access address."""
+    local, _, domain = address.lower().partition("@")
+    return f"{local}={domain}" if domain else local
+
+
+def physical_address(system: str, mailbox_id: str) -> str:
+    """ADP: the routable physical address of mailbox `mailbox_id` on `system`."""
+    return f"{mailbox_id}@{system}.{PHYSICAL_TLD}"
+
+
+def split_physical(address: str) -> tuple[str, str] | None:
+    """(system, mailbox id) of a physical address, or None for any other address."""
+    local, _, domain = address.lower().rpartition("@")
+    suffix = "." + PHYSICAL_TLD
+    if not local or not domain.endswith(suffix):
+        return None
+    return domain[: -len(suffix)], local
+
+
+@dataclass(frozen=True)
+class Account:
+    """One mailbox's entry in a system's account table."""
+
+    mailbox_id: str
+    physical_address: str
+    access_addresses: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    internal_address: str | None = None
+    redirect_to: str | None = None
+    syncfed: bool = False
+
+    @property
+    def all_addresses(self) -> tuple[str, ...]:
+        """Every address this mailbox answers to from outside (access addresses + aliases)."""
+        return self.access_addresses + self.aliases
+
+
+@dataclass(frozen=True)
+class Contact:
+    """A row of the contacts table TC: an access address and the addresses that go with it."""
+
+    address: str
+    addresses: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message in a mailbox folder, as listed (no body)."""
+
+    folder: str
+    key: str
+    flags: str  # Maildir flag letters, sorted: D F P R S T
+    internal_date: float  # seconds since the epoch
+    size: int
+    sha256: str
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    """What E23 reports and the plan shows: type and size of a mailbox."""
+
+    mailbox_type: str
+    size_bytes: int
+    messages: int
+
+
+@dataclass(frozen=True)
+class DeliveryEndpoint:
+    """Where fed delivers mail for this system's physical addresses."""
+
+    host: str
+    port: int
+    protocol: str = "lmtp"  # "lmtp" or "smtp"
+
+
+class MailSystemDriver(abc.ABC):
+    """Administer and read one mail system. Raise TemporaryError when it is unreachable."""
+
+    name: str
+
+    # -- health -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise TemporaryError (with the reason) unless the system answers."""
+
+    @abc.abstractmethod
+    def delivery_endpoint(self) -> DeliveryEndpoint:
+        """Where fed must deliver this system's mail."""
+
+    # -- accounts -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def list_accounts(self) -> list[Account]:
+        """Every mailbox of the system (the up-sync content)."""
+
+    @abc.abstractmethod
+    def get_account(self, mailbox_id: str) -> Account | None:
+        """The account of `mailbox_id`, or None."""
+
+    @abc.abstractmethod
+    def create_mailbox(
+        self, mailbox_id: str, *, internal_address: str | None = None,
+        access_addresses: tuple[str, ...] = (), redirect_to: str | None = None,
+    ) -> Account:
+        """Create the mailbox if missing (existing: left as is) and return its account."""
+
+    @abc.abstractmethod
+    def set_addresses(
+        self, mailbox_id: str, access_addresses: tuple[str, ...], aliases: tuple[str, ...]
+    ) -> None:
+        """Make these exactly the access addresses and aliases of the mailbox."""
+
+    @abc.abstractmethod
+    def set_redirect(self, mailbox_id: str, target: str | None) -> None:
+        """Redirect every message of the mailbox to `target` (None: store locally again)."""
+
+    @abc.abstractmethod
+    def set_syncfed(self, mailbox_id: str, value: bool) -> None:
+        """Set or clear the syncfed marker (E4)."""
+
+    @abc.abstractmethod
+    def delete_mailbox(self, mailbox_id: str) -> None:
+        """Remove the mailbox, its data and its account (E41). Missing: no-op."""
+
+    # -- contacts table and address book -------------------------------------------------
+    @abc.abstractmethod
+    def put_contact(self, contact: Contact) -> None:
+        """Record a contact in the contacts table TC (replaces one with the same address)."""
+
+    @abc.abstractmethod
+    def list_contacts(self) -> list[Contact]:
+        """The contacts table TC."""
+
+    @abc.abstractmethod
+    def delete_contact(self, address: str) -> None:
+        """Remove a contact from TC. Missing: no-op."""
+
+    @abc.abstractmethod
+    def apply_address_book(self, entries: dict[str, str]) -> None:
+        """Down-sync: replace the system's address book with `address -> physical address`."""
+
+    @abc.abstractmethod
+    def address_book(self) -> dict[str, str]:
+        """The system's address book as down-sync last filled it."""
+
+    # -- data -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def mailbox_info(self, mailbox_id: str) -> MailboxInfo:
+        """Type and size of the mailbox (E23)."""
+
+    @abc.abstractmethod
+    def list_folders(self, mailbox_id: str) -> list[str]:
+        """Folder names, '/'-separated hierarchy, the inbox as 'INBOX'."""
+
+    @abc.abstractmethod
+    def list_messages(self, mailbox_id: str, folder: str) -> list[StoredMessage]:
+        """Every message of a folder, with its hash (no bodies kept in memory)."""
+
+    @abc.abstractmethod
+    def read_message(self, mailbox_id: str, folder: str, key: str) -> bytes:
+        """The raw bytes of one message, exactly as stored."""
+
+    @abc.abstractmethod
+    def append_message(
+        self, mailbox_id: str, folder: str, data: bytes, *, flags: str = "",
+        internal_date: float | None = None,
+    ) -> str:
+        """Store a message byte-for-byte (folder created if missing); return its key."""
+
+    @abc.abstractmethod
+    def read_diary(self, mailbox_id: str) -> bytes | None:
+        """The mailbox's diary (calendar) data as one iCalendar document, or None."""
+
+    @abc.abstractmethod
+    def write_diary(self, mailbox_id: str, data: bytes) -> None:
+        """Replace the mailbox's diary data with this iCalendar document."""

@@ -1,0 +1,54 @@
+"""The reconciler's small error hierarchy.
+
+Modelled on kopf: an error is either *temporary* (the world is not ready yet, a server is
+down, a lock is held: retry after a delay, the migration keeps its state) or *permanent*
+(the patent says stop: a negative E8 verification, a negative second station check, E32
+exhausted; the migration is frozen as failed with the reason until an admin acts).
+Step code raises these; the engine turns them into back-off or a `failed` record. Anything
+else escaping a step is treated as temporary, recorded with its traceback summary, and
+retried: an unexpected bug must never silently advance or drop a migration.
+"""
+
+from __future__ import annotations
+
+
+class MailferryError(Exception):
+    """Base of every error mailferry raises on purpose."""
+
+
+class SpecError(MailferryError):
+    """The spec set is invalid; `problems` lists every finding (file:line: field: message)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class StepError(MailferryError):
+    """A step could not complete; says which address and which patent step."""
+
+    def __init__(self, message: str, *, address: str = "", step: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+        self.step = step
+
+    def __str__(self) -> str:
+        where = " ".join(part for part in (self.address, self.step) if part)
+        base = super().__str__()
+        return f"{where}: {base}" if where else base
+
+
+class TemporaryError(StepError):
+    """Retry later; `delay` seconds is the suggested back-off."""
+
+    def __init__(self, message: str, *, delay: float = 5.0, address: str = "", step: str = "") -> None:
+        super().__init__(message, address=address, step=step)
+        self.delay = delay
+
+
+class PermanentError(StepError):
+    """Stop this migration: it is recorded as failed with this reason and needs an admin."""
+
+
+class NotReady(TemporaryError):
+    """A precondition is not met yet (a station has not reported, a window is closed)."""

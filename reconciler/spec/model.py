@@ -1,0 +1,209 @@
+"""The desired state, as typed values: what the loader builds from validated YAML.
+
+PURE: no I/O here (DESIGN rule 1). The loader (`loader.py`) reads files, validates them
+against `schemas/*.json` and builds these objects; `plan.py` reads them.
+
+The YAML format, one document per object (several documents per file allowed)::
+
+    apiVersion: mailferry/v1
+    kind: MailSystem            # MailSystem | FedHub | MailboxPlacement | MigrationWindow | MigrationPolicy
+    metadata: {name: s1}
+    spec: {...}
+
+MailSystem.spec:   driver: maildir; domains: [corp.example]; internalDomain: s1.internal;
+                   maildir: {root: var/s1, lmtp: 127.0.0.1:2401, submission: 127.0.0.1:2501}
+FedHub.spec:       smtp: 127.0.0.1:2525; control: http://127.0.0.1:8025;
+                   token: {env: MAILFERRY_FED_TOKEN} | {file: path}; stateDir: var/fed;
+                   domains: [corp.example]
+MigrationWindow.spec: timeZone: Europe/Paris; windows: [ {kind: allow|deny,
+                   start: ISO, end: ISO} | {kind: allow|deny, schedule: "0 20 * * 1-5",
+                   duration: 4h} ]
+MigrationPolicy.spec: stationChecks: bool; dataTransfer: none|copy|validate-and-copy|diary-only;
+                   diary: bool; localStationData: bool; deleteSource: {after: 7d} | never;
+                   prestageLead: 3d; recheckLead: 1h; maxParallel: 10; retention: 30d;
+                   stationRetries: 3
+MailboxPlacement.spec: system: s2; window: wave-1; policy: default;
+                   mailboxes: [{address: a@corp.example, aliases: [..], station: ws-1}]
+
+Relative paths (maildir roots, fed stateDir, token files) are relative to the specs folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+DataTransfer = Literal["none", "copy", "validate-and-copy", "diary-only"]
+WindowKind = Literal["allow", "deny"]
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """Where an object was written: for error messages and the plan."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """host:port on which a server listens."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A credential named by reference, never written in the specs (invariant 7)."""
+
+    env: str | None = None
+    file: str | None = None  # absolute once loaded
+
+
+@dataclass(frozen=True)
+class MailSystemSpec:
+    name: str
+    driver: str
+    domains: tuple[str, ...]
+    internal_domain: str
+    root: str  # absolute path of the maildir system's data folder
+    lmtp: Endpoint
+    submission: Endpoint
+    location: SourceLocation
+
+
+@dataclass(frozen=True)
+class FedSpec:
+    name: str
+    smtp: Endpoint
+    control_url: str
+    token: SecretRef
+    state_dir: str  # absolute
+    domains: tuple[str, ...]
+    location: SourceLocation
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    kind: WindowKind
+    start: datetime | None = None  # absolute range (aware datetimes)
+    end: datetime | None = None
+    schedule: str | None = None  # cron expression, evaluated in the window's time zone
+    duration: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    name: str
+    time_zone: str
+    rules: tuple[WindowRule, ...]
+    location: SourceLocation
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    station_checks: bool = False
+    data_transfer: DataTransfer = "copy"
+    diary: bool = True
+    local_station_data: bool = False
+    delete_source_after: timedelta | None = timedelta(days=7)  # None: never delete
+    prestage_lead: timedelta = timedelta(days=3)
+    recheck_lead: timedelta = timedelta(hours=1)
+    max_parallel: int = 10
+    retention: timedelta = timedelta(days=30)
+    station_retries: int = 3
+    location: SourceLocation | None = None
+
+    def modes(self) -> dict[str, object]:
+        """The modes recorded with a migration (E1), JSON-ready."""
+        return {
+            "policy": self.name,
+            "stationChecks": self.station_checks,
+            "dataTransfer": self.data_transfer,
+            "diary": self.diary,
+            "localStationData": self.local_station_data,
+            "deleteSourceAfter": (
+                None if self.delete_source_after is None
+                else self.delete_source_after.total_seconds()
+            ),
+            "prestageLead": self.prestage_lead.total_seconds(),
+            "recheckLead": self.recheck_lead.total_seconds(),
+            "retention": self.retention.total_seconds(),
+            "stationRetries": self.station_retries,
+        }
+
+
+DEFAULT_POLICY = PolicySpec(name="(default)")
+
+
+@dataclass(frozen=True)
+class MailboxSpec:
+    address: str
+    aliases: tuple[str, ...] = ()
+    station: str | None = None
+    location: SourceLocation | None = None
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    name: str
+    system: str
+    window: str | None
+    policy: str | None
+    mailboxes: tuple[MailboxSpec, ...]
+    location: SourceLocation
+
+
+@dataclass(frozen=True)
+class DesiredMailbox:
+    """One address's desired state: the result of joining a placement with its references."""
+
+    address: str
+    aliases: tuple[str, ...]
+    system: str
+    placement: str
+    window: WindowSpec | None
+    policy: PolicySpec
+    station: str | None
+
+
+@dataclass(frozen=True)
+class SpecSet:
+    """The whole validated spec set."""
+
+    root: str
+    systems: dict[str, MailSystemSpec]
+    fed: FedSpec
+    windows: dict[str, WindowSpec] = field(default_factory=dict)
+    policies: dict[str, PolicySpec] = field(default_factory=dict)
+    placements: dict[str, PlacementSpec] = field(default_factory=dict)
+    commit: str | None = None  # git commit of the specs folder, None outside git
+    dirty: bool = False  # uncommitted changes in the specs folder
+
+    def desired(self) -> dict[str, DesiredMailbox]:
+        """address -> desired mailbox, over every placement (addresses are unique)."""
+        result: dict[str, DesiredMailbox] = {}
+        for placement in self.placements.values():
+            window = self.windows.get(placement.window) if placement.window else None
+            policy = self.policies.get(placement.policy, DEFAULT_POLICY) if placement.policy \
+                else DEFAULT_POLICY
+            for box in placement.mailboxes:
+                result[box.address.lower()] = DesiredMailbox(
+                    address=box.address.lower(),
+                    aliases=tuple(a.lower() for a in box.aliases),
+                    system=placement.system,
+                    placement=placement.name,
+                    window=window,
+                    policy=policy,
+                    station=box.station,
+                )
+        return result

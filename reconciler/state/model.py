@@ -1,0 +1,158 @@
+"""The state store's tables (patent: the migration control server's database MDB).
+
+- `migrations`: one row per migration request MR: address, source and target, window,
+  modes, the patent state 0-13 (or failed, with the reason), the address-migration id
+  recorded at E9. At most one *active* (not purged) migration per address.
+- `events`: append-only; one row per transition, written in the same transaction as the
+  state change, with the specs' git commit (invariant 4).
+- `station_reports`: what station agents said (checks, local data, switch, test, cleanup).
+- `stations`: enrolled stations with their token hash (never the token).
+- `transfer_manifest`: what the data mover copied, per mailbox and folder.
+- `transfer_runs`: the data mover's figures per pass, for the plan's estimates.
+
+Schema changes go through Alembic (`reconciler/state/alembic/versions`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the state store")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+STATE_FAILED = -1  # the `state` column keeps the last good state; `failed_reason` marks failure
+
+
+class Migration(Base):
+    __tablename__ = "migrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    source_system: Mapped[str] = mapped_column(String(64))
+    target_system: Mapped[str] = mapped_column(String(64))
+    source_mailbox: Mapped[str] = mapped_column(String(320))
+    target_mailbox: Mapped[str] = mapped_column(String(320))
+    placement: Mapped[str] = mapped_column(String(128))
+    window: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    modes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    station: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    state: Mapped[int] = mapped_column(Integer, default=0)
+    state_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    failed_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failed_step: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    address_migration_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hold_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    mailbox_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    mailbox_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # What the station agent must do next (set by the engine, served by the station API):
+    # None | "check1" | "check2" | "local-migrate"
+    station_action: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    station_action_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    suspended: Mapped[bool] = mapped_column(Boolean, default=False)
+    purged: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    @property
+    def failed(self) -> bool:
+        return self.failed_reason is not None
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    migration_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+    step: Mapped[str] = mapped_column(String(16))
+    from_state: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    to_state: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    specs_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class Station(Base):
+    __tablename__ = "stations"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class StationReport(Base):
+    __tablename__ = "station_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    station: Mapped[str] = mapped_column(String(128), index=True)
+    address: Mapped[str] = mapped_column(String(320), index=True)
+    migration_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    # check1 | check2 | local-data | switch | test | rollback | cleanup | done | failed
+    kind: Mapped[str] = mapped_column(String(32))
+    ok: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    report_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TransferManifest(Base):
+    __tablename__ = "transfer_manifest"
+    __table_args__ = (Index("ix_manifest_migration_folder", "migration_id", "folder"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    migration_id: Mapped[int] = mapped_column(Integer)
+    folder: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    message_id: Mapped[str | None] = mapped_column(String(998), nullable=True)
+    copied: Mapped[bool] = mapped_column(Boolean)  # False: was already present in the target
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TransferRun(Base):
+    """One data mover pass over a mailbox: its figures feed the plan's time estimates."""
+
+    __tablename__ = "transfer_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    migration_id: Mapped[int] = mapped_column(Integer, index=True)
+    copied: Mapped[int] = mapped_column(Integer, default=0)
+    present: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_copied: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
