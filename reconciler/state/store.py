@@ -1,0 +1,114 @@
+"""Opening the state store and writing transitions.
+
+The store is any SQLAlchemy URL (SQLite file by default; PostgreSQL to scale out). Its schema
+is owned by Alembic: `open_store` upgrades the database to the newest revision before any
+use, so an old state file from a previous release keeps working and nobody runs
+`create_all` by hand.
+
+`record_transition` is the one way a migration changes state: the row update and the event
+row are written in the caller's transaction, so that either both are committed or neither
+(invariant 4: "the state change and an event row are committed together after the action
+succeeded").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from reconciler.state.model import Event, Migration, utcnow
+
+ALEMBIC_DIR = Path(__file__).resolve().parent / "alembic"
+
+
+def default_url(path: str | Path = "mailferry-state.db") -> str:
+    """The SQLite URL of a state file."""
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the station API read while the engine writes; busy_timeout rides out the
+    # short write locks instead of failing a step.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the database schema to Alembic's head revision."""
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class Store:
+    """A state store: an engine, a session factory, and the transition writer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url, future=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        upgrade(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session whose transaction commits on success and rolls back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open (and upgrade) the store at `url`, default `./mailferry-state.db`."""
+    return Store(url or default_url())
+
+
+def record_event(
+    session: Session, migration: Migration | None, step: str, *, address: str = "",
+    from_state: int | None = None, to_state: int | None = None,
+    detail: str | dict[str, Any] = "", commit: str | None = None, at: datetime | None = None,
+) -> Event:
+    """Append one event row in the caller's transaction."""
+    text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True)
+    row = Event(
+        at=at or utcnow(),
+        migration_id=migration.id if migration is not None else None,
+        address=address or (migration.address if migration is not None else ""),
+        step=step, from_state=from_state, to_state=to_state, detail=text,
+        specs_commit=commit,
+    )
+    session.add(row)
+    return row
+
+
+def record_transition(
+    session: Session, migration: Migration, step: str, to_state: int, *,
+    detail: str | dict[str, Any] = "", commit: str | None = None, at: datetime | None = None,
+) -> None:
+    """Move `migration` to `to_state` and append its event, in the caller's transaction."""
+    now = at or utcnow()
+    from_state = migration.state
+    migration.state = to_state
+    migration.state_since = now
+    migration.last_error = None
+    migration.next_attempt_at = None
+    migration.attempts = 0
+    record_event(session, migration, step, from_state=from_state, to_state=to_state,
+                 detail=detail, commit=commit, at=now)
