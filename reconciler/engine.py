@@ -1,0 +1,272 @@
+"""The engine: observe, plan, run what is due, record it — until nothing more is due now.
+
+One *pass* observes the world (the state store's migrations, fed's directory), computes the
+pure plan and runs every change due now, each in its own transaction: the step looks at the
+real component, acts where needed, and only then are the new state and its event committed
+together. A step that fails temporarily leaves the state as it was and records the error
+with a growing back-off; a permanent failure freezes the migration with its reason (the plan
+shows it, an admin decides). A kill -9 at any instant therefore leaves either the old state
+(the step will check the world and redo only what is missing) or the new one.
+
+`apply()` repeats passes while they make progress: one step often makes the next one due at
+once (E4 -> E5-E8 -> E9 in a few hundred milliseconds, which keeps holds short).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from reconciler.drivers.base import MailSystemDriver
+from reconciler.errors import NotReady, PermanentError, StepError, TemporaryError
+from reconciler.fedclient import FedClient
+from reconciler.plan import Change, MigrationView, Plan, make_plan, purge_due
+from reconciler.spec.model import DesiredMailbox, SpecSet
+from reconciler.state.model import Migration, utcnow
+from reconciler.state.store import Store, record_event, record_transition
+from reconciler.steps import cleanup, cutover, prestage, station, transfer
+from reconciler.steps.base import Outcome, PassCache, StepContext, StepFunction
+
+log = logging.getLogger("mailferry.engine")
+
+STEPS: dict[str, StepFunction] = {
+    "E2": prestage.e2_create_target,
+    "E20": station.e20_first_check,
+    "E21": station.e21_schedule_recheck,
+    "E22": station.e22_second_check,
+    "E4": cutover.e4_form_addresses,
+    "E5": cutover.e5_verify_and_hold,
+    "E9": cutover.e9_flip,
+    "E11": transfer.e11_take_mailbox,
+    "E15": transfer.e15_copy_mail,
+    "E16": transfer.e16_take_diary,
+    "E17": transfer.e17_copy_diary,
+    "E30": station.e30_local_data,
+    "E40": cleanup.e40_done,
+    "E41": cleanup.e41_delete_source,
+}
+
+MAX_BACKOFF = 300.0
+
+
+def _failpoint(step: str, where: str) -> None:
+    """Test hook: `MAILFERRY_FAILPOINT=E9:after-action` kills this process right there."""
+    if os.environ.get("MAILFERRY_FAILPOINT") == f"{step}:{where}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class StepRecord:
+    """What happened to one change during apply (for the CLI's output)."""
+
+    address: str
+    step: str
+    ok: bool
+    to_state: int | None = None
+    message: str = ""
+
+
+@dataclass
+class ApplyReport:
+    records: list[StepRecord] = field(default_factory=list)
+    passes: int = 0
+
+    @property
+    def applied(self) -> int:
+        return sum(1 for r in self.records if r.ok)
+
+    @property
+    def errors(self) -> list[StepRecord]:
+        return [r for r in self.records if not r.ok]
+
+
+def view(m: Migration) -> MigrationView:
+    """A detached snapshot of a migration row for the pure plan."""
+    return MigrationView(
+        id=m.id, address=m.address, source_system=m.source_system,
+        target_system=m.target_system, state=m.state, state_since=m.state_since,
+        modes=dict(m.modes), placement=m.placement, failed_reason=m.failed_reason,
+        failed_step=m.failed_step, next_attempt_at=m.next_attempt_at,
+        last_error=m.last_error, station=m.station, station_action=m.station_action,
+        suspended=m.suspended,
+    )
+
+
+class Engine:
+    """Runs the reconcile loop against one spec set, state store, fed and set of drivers."""
+
+    def __init__(
+        self, specs: SpecSet, store: Store, fed: FedClient,
+        drivers: dict[str, MailSystemDriver], *, clock: Callable[[], datetime] = utcnow,
+        on_record: Callable[[StepRecord], None] | None = None,
+    ) -> None:
+        self.specs = specs
+        self.store = store
+        self.fed = fed
+        self.drivers = drivers
+        self.clock = clock
+        self.on_record = on_record
+        self.desired: dict[str, DesiredMailbox] = specs.desired()
+        self._systems_registered = False
+
+    # -- observe + plan -------------------------------------------------------------------
+    def migrations(self) -> list[MigrationView]:
+        with self.store.session() as session:
+            rows = session.scalars(
+                select(Migration).where(Migration.purged.is_(False)).order_by(Migration.id))
+            return [view(m) for m in rows]
+
+    def plan(self, at: datetime | None = None) -> Plan:
+        """The plan at `at` (default now) from the live world."""
+        now = at or self.clock()
+        return make_plan(self.desired, self.migrations(), self.fed.directory(), now)
+
+    # -- apply ----------------------------------------------------------------------------
+    def register_systems(self) -> None:
+        """Tell fed where each system takes deliveries (idempotent, once per engine)."""
+        if self._systems_registered:
+            return
+        for name, driver in self.drivers.items():
+            endpoint = driver.delivery_endpoint()
+            self.fed.put_system(name, endpoint.host, endpoint.port, endpoint.protocol)
+        self._systems_registered = True
+
+    def apply(self, *, max_passes: int = 100) -> ApplyReport:
+        """Passes until one makes no progress (or `max_passes`): everything due now is done."""
+        report = ApplyReport()
+        self.register_systems()
+        for _ in range(max_passes):
+            report.passes += 1
+            progressed = self.apply_pass(report)
+            if not progressed:
+                break
+        return report
+
+    def apply_pass(self, report: ApplyReport) -> bool:
+        """One pass; True when at least one state changed."""
+        now = self.clock()
+        plan = make_plan(self.desired, self.migrations(), self.fed.directory(), now)
+        cache = PassCache()
+        progressed = False
+        for change in plan.due():
+            record = self._run_change(change, now, cache)
+            if record is None:
+                continue
+            report.records.append(record)
+            if self.on_record is not None:
+                self.on_record(record)
+            progressed = progressed or record.ok
+        progressed = self._purge(now) or progressed
+        if cache.downsync_needed:
+            self._downsync()
+        return progressed
+
+    def _context(self, session: Session, now: datetime, cache: PassCache,
+                 address: str) -> StepContext:
+        return StepContext(specs=self.specs, fed=self.fed, drivers=self.drivers,
+                           session=session, now=now, cache=cache, desired=self.desired.get(address))
+
+    def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
+        step = change.step or ""
+        try:
+            with self.store.session() as session:
+                ctx = self._context(session, now, cache, change.address)
+                if change.action == "create":
+                    detail = prestage.create_mailbox(ctx, self.desired[change.address])
+                    record_event(session, None, "create", address=change.address,
+                                 detail=detail, commit=self.specs.commit, at=now)
+                    return StepRecord(change.address, "create", True, None,
+                                      f"created on {change.target}")
+                if change.action == "migrate":
+                    physical = self.fed.directory_entry(change.address) or ""
+                    m = prestage.record_migration(ctx, self.desired[change.address], physical)
+                    record_event(session, m, "E1", to_state=0, commit=self.specs.commit,
+                                 detail={"source": m.source_system, "target": m.target_system,
+                                         "window": m.window, "modes": m.modes}, at=now)
+                    return StepRecord(change.address, "E1", True, 0, "migration recorded")
+                m = session.get(Migration, change.migration_id)
+                if m is None or m.state != change.state or m.failed or m.purged:
+                    return None  # someone else moved it since we planned
+                try:
+                    outcome = STEPS[step](ctx, m)
+                except NotReady:
+                    # Not an error: the step may have asked a station for something, which
+                    # commits with this session; the plan shows what it waits for.
+                    return None
+                _failpoint(step, "after-action")
+                self._record(session, m, outcome, now)
+            _failpoint(step, "after-commit")
+            return StepRecord(change.address, outcome.label, True, outcome.to_state)
+        except PermanentError as exc:
+            self._fail(change, exc, now)
+            return StepRecord(change.address, exc.step or step, False, None, str(exc))
+        except Exception as exc:  # TemporaryError and anything unexpected: retry later
+            message = str(exc) if isinstance(exc, StepError) else (
+                f"{change.address} {step}: unexpected {type(exc).__name__}: {exc}")
+            if not isinstance(exc, StepError):
+                log.error("unexpected error\n%s", traceback.format_exc())
+            delay = exc.delay if isinstance(exc, TemporaryError) else 10.0
+            self._backoff(change, message, delay, now)
+            return StepRecord(change.address, step, False, None, message)
+
+    def _record(self, session: Session, m: Migration, outcome: Outcome, now: datetime) -> None:
+        if outcome.to_state is None:
+            record_event(session, m, outcome.label, detail=outcome.detail,
+                         commit=self.specs.commit, at=now)
+            return
+        record_transition(session, m, outcome.label, outcome.to_state,
+                          detail=outcome.detail, commit=self.specs.commit, at=now)
+
+    def _fail(self, change: Change, exc: PermanentError, now: datetime) -> None:
+        with self.store.session() as session:
+            m = session.get(Migration, change.migration_id) if change.migration_id else None
+            if m is None:
+                record_event(session, None, "failed", address=change.address, detail=str(exc),
+                             commit=self.specs.commit, at=now)
+                return
+            m.failed_reason = str(exc)
+            m.failed_step = exc.step or change.step
+            record_event(session, m, "failed", from_state=m.state, to_state=None,
+                         detail={"step": m.failed_step, "reason": str(exc)},
+                         commit=self.specs.commit, at=now)
+
+    def _backoff(self, change: Change, message: str, delay: float, now: datetime) -> None:
+        with self.store.session() as session:
+            m = session.get(Migration, change.migration_id) if change.migration_id else None
+            if m is None:
+                return
+            m.attempts += 1
+            wait = min(delay * (2 ** min(m.attempts - 1, 8)), MAX_BACKOFF)
+            m.next_attempt_at = now + timedelta(seconds=wait)
+            if m.last_error != message:  # one event per distinct error, not one per retry
+                record_event(session, m, "error", from_state=m.state, to_state=m.state,
+                             detail={"step": change.step, "error": message,
+                                     "retry_in_s": wait}, commit=self.specs.commit, at=now)
+            m.last_error = message
+
+    def _purge(self, now: datetime) -> bool:
+        """E43: records at 13 past their retention are purged (events are kept)."""
+        purged = False
+        with self.store.session() as session:
+            for m in session.scalars(select(Migration).where(Migration.state == 13,
+                                                             Migration.purged.is_(False))):
+                if purge_due(view(m), now):
+                    m.purged = True
+                    record_event(session, m, "E43", from_state=13, to_state=13,
+                                 commit=self.specs.commit, at=now)
+                    purged = True
+        return purged
+
+    def _downsync(self) -> None:
+        """Down-sync: every system's address book gets fed's merged directory."""
+        entries = self.fed.downsync()
+        for driver in self.drivers.values():
+            driver.apply_address_book(entries)

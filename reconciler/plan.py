@@ -1,0 +1,353 @@
+"""The plan: (desired, observed, now) -> what each mailbox needs next, and when.
+
+PURE (DESIGN rule 1): no I/O, no clock, no database. The engine gives it the validated specs,
+a snapshot of the state store's migrations and fed's directory, and the instant to plan for;
+it returns one `Change` per mailbox. `reconcile --plan` prints them, `reconcile --apply`
+executes those due now. Keeping this pure is what makes `--at TIME` trustworthy (the same
+function, another instant) and the plan over 100,000 mailboxes cheap.
+
+The state machine is the patent's Figure 2 (DESIGN.md):
+
+    0 -E2-> 1 -E20-> 2 -E21..E23-> 3 -E3/E4-> 4 -E5..E8-> 5 -E9-> 6
+    6 -E11..E14-> 7 -E15/E17-> 8 -E30..E33-> 9 -E40-> 10 -E41/E42-> 13 -E43-> purged
+
+with the modes of the migration deciding which arrows exist: without station checks
+1 -E3/E4-> 4; without data transfer 6 goes straight to the station steps or E40; without
+local station data 8 -E40-> 10; diary-only migrations never move the address:
+1 -E13/E14/E16-> 7 -E17-> 8 -E40-> 10 and stop there; "delete never" stops at 10.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from reconciler.drivers.base import split_physical
+from reconciler.spec.model import DesiredMailbox, WindowSpec
+from reconciler.spec.windows import is_open, next_open
+
+Action = Literal[
+    "in-sync", "create", "migrate", "step", "wait", "failed", "conflict", "orphan", "suspended",
+]
+
+# Step names as the patent numbers them; the plan and the events use these labels.
+STEP_TITLES: dict[str, str] = {
+    "E1": "record the migration",
+    "E2": "create the new mailbox (internal address, redirect to the old one)",
+    "E20": "first station check",
+    "E21": "schedule the second station check",
+    "E22": "second station check and mailbox report",
+    "E4": "give the new mailbox the old addresses (window open)",
+    "E5": "up-sync, verify in fed and hold the addresses",
+    "E9": "flip the directory, release held mail, redirect the old mailbox",
+    "E11": "hand the mailbox to the data mover",
+    "E15": "copy and verify old mail and diary data",
+    "E16": "hand the diary data to the data mover (diary only)",
+    "E17": "copy and verify diary data",
+    "E30": "station uploads local mail and switches the client",
+    "E40": "addresses and data done",
+    "E41": "delete the old mailbox",
+    "E43": "purge the finished record",
+    "create": "create the mailbox on its system",
+}
+
+ACTIVE_STATES = frozenset({4, 5, 6, 7, 8, 9})  # between "addresses formed" and "done"
+
+
+@dataclass(frozen=True)
+class MigrationView:
+    """What the plan needs of a migration row (a snapshot, detached from the database)."""
+
+    id: int
+    address: str
+    source_system: str
+    target_system: str
+    state: int
+    state_since: datetime
+    modes: dict[str, Any]
+    placement: str
+    failed_reason: str | None = None
+    failed_step: str | None = None
+    next_attempt_at: datetime | None = None
+    last_error: str | None = None
+    station: str | None = None
+    station_action: str | None = None
+    suspended: bool = False
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of the plan: a mailbox, where it stands and what comes next."""
+
+    address: str
+    action: Action
+    source: str | None
+    target: str | None
+    state: int | None = None
+    step: str | None = None  # next patent step, e.g. "E9"
+    due: datetime | None = None  # None with action "wait": waiting for an event, not a time
+    destructive: bool = False
+    reason: str = ""
+    migration_id: int | None = None
+    poll: bool = False  # waiting on a station: the engine looks for its report every pass
+
+    def due_at(self, now: datetime) -> bool:
+        """True when the engine should run this change at `now`."""
+        if self.action not in ("create", "migrate", "step"):
+            return False
+        return self.due is None or self.due <= now
+
+    @property
+    def title(self) -> str:
+        return STEP_TITLES.get(self.step or "", "")
+
+
+@dataclass
+class Plan:
+    """Every mailbox's change, plus the figures of the summary line."""
+
+    at: datetime
+    changes: list[Change] = field(default_factory=list)
+
+    def due(self) -> list[Change]:
+        """What the engine runs now: due steps, and station waits to poll."""
+        return [c for c in self.changes
+                if c.due_at(self.at) or (c.poll and (c.due is None or c.due <= self.at))]
+
+    def counts(self) -> Counter[str]:
+        counter: Counter[str] = Counter()
+        for change in self.changes:
+            if change.action == "in-sync":
+                counter["in sync"] += 1
+            elif change.action in ("failed", "conflict"):
+                counter["failed"] += 1
+            elif change.due_at(self.at):
+                counter["due now"] += 1
+            else:
+                counter["waiting"] += 1
+            if change.destructive:
+                counter["destructive"] += 1
+        return counter
+
+    @property
+    def pending(self) -> bool:
+        """True when the world differs from the specs (Terraform's exit code 2)."""
+        return any(c.action != "in-sync" for c in self.changes)
+
+    def summary(self) -> str:
+        """The frozen summary line (tools may parse it; do not change its shape)."""
+        c = self.counts()
+        return (
+            f"Plan: {len(self.changes)} mailboxes, {c['due now']} due now, "
+            f"{c['waiting']} waiting, {c['failed']} failed, {c['in sync']} in sync, "
+            f"{c['destructive']} destructive."
+        )
+
+
+class WindowClock:
+    """Window answers cached per (window, instant): a plan asks the same few windows often."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self._open: dict[str, bool] = {}
+        self._next: dict[str, datetime | None] = {}
+
+    def is_open(self, window: WindowSpec | None) -> bool:
+        if window is None:
+            return True
+        if window.name not in self._open:
+            self._open[window.name] = is_open(window, self.now)
+        return self._open[window.name]
+
+    def next_open(self, window: WindowSpec | None) -> datetime | None:
+        if window is None:
+            return self.now
+        if window.name not in self._next:
+            self._next[window.name] = next_open(window, self.now)
+        return self._next[window.name]
+
+
+def _seconds(modes: dict[str, Any], key: str) -> timedelta:
+    value = modes.get(key)
+    return timedelta(seconds=float(value)) if value is not None else timedelta(0)
+
+
+def next_step(
+    m: MigrationView, desired: DesiredMailbox | None, clock: WindowClock, active_count: int,
+) -> Change:
+    """The next step of one migration, by the state machine and its recorded modes."""
+    now = clock.now
+    modes = m.modes
+    transfer = str(modes.get("dataTransfer", "copy"))
+    diary_only = transfer == "diary-only"
+    window = desired.window if desired is not None else None
+
+    def step(name: str, due: datetime | None = None, *, destructive: bool = False,
+             wait: bool = False, reason: str = "", poll: bool = False) -> Change:
+        if m.next_attempt_at is not None and (due is None or m.next_attempt_at > due):
+            due = m.next_attempt_at
+            reason = reason or f"retry after error: {m.last_error}"
+        return Change(
+            address=m.address, action="wait" if wait else "step", source=m.source_system,
+            target=m.target_system, state=m.state, step=name, due=due,
+            destructive=destructive, reason=reason, migration_id=m.id, poll=poll,
+        )
+
+    def window_step(name: str) -> Change:
+        opening = clock.next_open(window)
+        if opening is None:
+            return step(name, wait=True, reason="the window never opens")
+        if opening > now:
+            return step(name, opening, reason=f"window {window.name if window else ''} closed")
+        if active_count >= int(modes.get("maxParallel", 10)):
+            return step(name, wait=True, reason="max parallel migrations reached")
+        return step(name, now)
+
+    state = m.state
+    if state == 0:
+        opening = clock.next_open(window)
+        if opening is None:
+            return step("E2", wait=True, reason="the window never opens")
+        return step("E2", max(now, opening - _seconds(modes, "prestageLead")))
+    if state == 1:
+        if diary_only:
+            return step("E16", now)
+        if modes.get("stationChecks"):
+            return step("E20", wait=True, poll=True, reason="waiting for the first station check")
+        return window_step("E4")
+    if state == 2:
+        if m.station_action == "check2":
+            return step("E22", wait=True, poll=True, reason="waiting for the second station check")
+        opening = clock.next_open(window)
+        if opening is None:
+            return step("E21", wait=True, reason="the window never opens")
+        return step("E21", max(now, opening - _seconds(modes, "recheckLead")))
+    if state == 3:
+        return window_step("E4")
+    if state == 4:
+        return step("E5", now)
+    if state == 5:
+        return step("E9", now)
+    if state == 6:
+        if transfer in ("copy", "validate-and-copy"):
+            return step("E11", now)
+        if modes.get("localStationData"):
+            return step("E30", wait=True, poll=True, reason="waiting for the station's local data")
+        return step("E40", now)
+    if state == 7:
+        return step("E17" if diary_only else "E15", now)
+    if state == 8:
+        if modes.get("localStationData") and not diary_only:
+            return step("E30", wait=True, poll=True, reason="waiting for the station's local data")
+        return step("E40", now)
+    if state == 9:
+        return step("E40", now)
+    if state == 10:
+        delay = modes.get("deleteSourceAfter")
+        if diary_only or delay is None:
+            return _in_sync(m)
+        if desired is None:
+            return _in_sync(m, "the address left the specs: the old mailbox is kept")
+        return step("E41", m.state_since + timedelta(seconds=float(delay)), destructive=True)
+    return _in_sync(m)
+
+
+def _in_sync(m: MigrationView, reason: str = "") -> Change:
+    return Change(
+        address=m.address, action="in-sync", source=m.source_system, target=m.target_system,
+        state=m.state, reason=reason, migration_id=m.id,
+    )
+
+
+def purge_due(m: MigrationView, now: datetime) -> bool:
+    """E43: a finished record older than the retention period is purged (housekeeping)."""
+    return m.state == 13 and m.state_since + _seconds(m.modes, "retention") <= now
+
+
+def make_plan(
+    desired: dict[str, DesiredMailbox],
+    migrations: list[MigrationView],
+    directory: dict[str, str],
+    now: datetime,
+) -> Plan:
+    """The plan for every desired address and every migration still on record."""
+    clock = WindowClock(now)
+    plan = Plan(at=now)
+    by_address: dict[str, MigrationView] = {}
+    for m in migrations:  # newest wins: callers pass them ordered by id
+        by_address[m.address] = m
+    active: Counter[str] = Counter(
+        str(m.modes.get("policy")) for m in by_address.values()
+        if m.state in ACTIVE_STATES and m.failed_reason is None
+    )
+
+    for address in sorted(set(desired) | set(by_address)):
+        want = desired.get(address)
+        m = by_address.get(address)
+        change = _change_for(address, want, m, directory, clock, active)
+        if change.step == "E4" and change.due_at(now) and m is not None:
+            active[str(m.modes.get("policy"))] += 1  # later mailboxes see this one's slot
+        plan.changes.append(change)
+    return plan
+
+
+def _change_for(
+    address: str, want: DesiredMailbox | None, m: MigrationView | None,
+    directory: dict[str, str], clock: WindowClock, active: Counter[str],
+) -> Change:
+    where = split_physical(directory.get(address, "") or "")
+    actual_system = where[0] if where else None
+
+    if m is not None and not (m.state == 13 or (m.state == 10 and _finished_at_10(m))):
+        # A migration is in progress: it decides, whatever the directory says.
+        if m.failed_reason is not None:
+            return Change(
+                address=address, action="failed", source=m.source_system,
+                target=m.target_system, state=m.state, step=m.failed_step,
+                reason=m.failed_reason, migration_id=m.id,
+            )
+        if m.suspended:
+            return Change(address=address, action="suspended", source=m.source_system,
+                          target=m.target_system, state=m.state, migration_id=m.id,
+                          reason="suspended by an admin")
+        if want is not None and want.system != m.target_system and m.state < 5:
+            return Change(
+                address=address, action="conflict", source=m.source_system,
+                target=want.system, state=m.state, migration_id=m.id,
+                reason=(f"the specs now want {want.system}, but a migration to "
+                        f"{m.target_system} is in progress (state {m.state})"),
+            )
+        if want is None and m.state < 5:
+            return Change(
+                address=address, action="orphan", source=m.source_system,
+                target=m.target_system, state=m.state, migration_id=m.id,
+                reason="the address left the specs: the migration is paused before the hold",
+            )
+        return next_step(m, want, clock, active[str(m.modes.get("policy"))])
+
+    if want is None:
+        # Not desired any more, nothing in progress: mailferry never deletes on removal.
+        if m is not None:
+            return next_step(m, None, clock, 0) if m.state == 10 else _in_sync(m)
+        return Change(address=address, action="in-sync", source=actual_system, target=None)
+
+    if m is not None and m.target_system == want.system:
+        if m.state == 13 or str(m.modes.get("dataTransfer")) == "diary-only":
+            return _in_sync(m)
+        return next_step(m, want, clock, active[str(m.modes.get("policy"))])
+    if actual_system is None:
+        return Change(address=address, action="create", source=None, target=want.system,
+                      step="create", due=clock.now)
+    if actual_system == want.system:
+        return Change(address=address, action="in-sync", source=actual_system,
+                      target=want.system)
+    return Change(address=address, action="migrate", source=actual_system, target=want.system,
+                  state=None, step="E1", due=clock.now)
+
+
+def _finished_at_10(m: MigrationView) -> bool:
+    """A migration that stops at 10 by its modes (delete never, or diary only)."""
+    return (m.modes.get("deleteSourceAfter") is None
+            or str(m.modes.get("dataTransfer")) == "diary-only")

@@ -1,0 +1,45 @@
+"""E40-E43: done, delete the old mailbox (guarded), purge old records.
+
+E41 is the only step that destroys data. It runs only when the specs' policy says so
+(`deleteSource: {after: ...}`) and, when data transfer was on, only after a last copy pass
+and a verification that every message of BOX1 is present in BOX2.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from reconciler.errors import TemporaryError
+from reconciler.mover.copy import copy_mailbox
+from reconciler.state.model import Migration, TransferRun
+from reconciler.steps.base import Outcome, StepContext
+
+
+def e40_done(ctx: StepContext, m: Migration) -> Outcome:
+    """E40: addresses and data done, as the modes require."""
+    if m.modes.get("dataTransfer") in ("copy", "validate-and-copy", "diary-only"):
+        verified = ctx.session.scalars(
+            select(TransferRun.id).where(TransferRun.migration_id == m.id,
+                                         TransferRun.verified.is_(True)).limit(1)).first()
+        if verified is None:
+            raise TemporaryError("no verified transfer recorded", address=m.address, step="E40")
+    return Outcome(10, "E40", {})
+
+
+def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
+    """E41/E42: last delta copy, verification, then BOX1 (and its redirect) deleted."""
+    source = ctx.driver(m.source_system)
+    detail: dict[str, object] = {"mailbox": m.source_mailbox}
+    if source.get_account(m.source_mailbox) is not None:
+        if m.modes.get("dataTransfer") in ("copy", "validate-and-copy"):
+            report = copy_mailbox(source, m.source_mailbox, ctx.driver(m.target_system),
+                                  m.target_mailbox, mail=True,
+                                  diary=bool(m.modes.get("diary", True)))
+            if not report.verified:
+                raise TemporaryError(
+                    f"refusing to delete BOX1: {len(report.missing)} of its messages are not "
+                    "in BOX2", address=m.address, step="E41", delay=30)
+            detail["last_delta_copied"] = report.copied
+        source.delete_mailbox(m.source_mailbox)
+    ctx.upsync(m.source_system)  # fed forgets ADP1
+    return Outcome(13, "E41-E42", detail)

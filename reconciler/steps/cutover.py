@@ -1,0 +1,76 @@
+"""E3-E9: the cutover, the heart of the patent.
+
+E4 forms the old addresses on BOX2 (through the contacts table, as the patent says), sets
+the syncfed marker and drops the BOX2 -> BOX1 redirect. E5-E8 up-sync every system, let fed
+verify that the target really lists BOX2 with those addresses, and hold them: from the hold
+on, fed delivers nothing for them anywhere. E9 flips the directory to BOX2, releases the held
+mail (which therefore goes to BOX2) and redirects BOX1 to BOX2 for the source's local users.
+
+Order matters and every part is idempotent, so a crash between any two calls is harmless:
+flip before release (held mail must find the new address), redirect after flip (BOX1's
+redirect must not loop back to BOX1).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from reconciler.drivers.base import Contact
+from reconciler.errors import PermanentError
+from reconciler.state.model import Migration
+from reconciler.steps.base import Outcome, StepContext, addresses_of, new_physical, old_physical
+
+
+def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
+    """E3/E4: the window is open (the plan checked it): AD1 and aliases on BOX2."""
+    target = ctx.driver(m.target_system)
+    account = target.get_account(m.target_mailbox)
+    if account is None:
+        raise PermanentError("BOX2 disappeared from the target", address=m.address, step="E4")
+    wanted = set(addresses_of(m))
+    if set(account.all_addresses) != wanted:
+        # The patent's contacts table TC: fed's contact for AD1 arrives in TC, its addresses
+        # become BOX2's access addresses, then the contact is deleted.
+        target.put_contact(Contact(m.address, tuple(m.aliases)))
+        target.set_addresses(m.target_mailbox, (m.address,), tuple(m.aliases))
+    target.delete_contact(m.address)
+    if not account.syncfed:
+        target.set_syncfed(m.target_mailbox, True)
+    if account.redirect_to is not None:
+        target.set_redirect(m.target_mailbox, None)
+    return Outcome(4, "E4", {"addresses": sorted(wanted), "syncfed": True})
+
+
+def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
+    """E5-E8: up-sync, fed verifies the target's list, then holds AD1 and its aliases."""
+    target = ctx.driver(m.target_system)
+    account = target.get_account(m.target_mailbox)
+    if account is None or not account.syncfed:  # E5: the list comes from the syncfed marker
+        raise PermanentError("BOX2 has no syncfed marker: E4 did not complete",
+                             address=m.address, step="E5")
+    for system in sorted(ctx.specs.systems):  # E6: every system up-syncs
+        ctx.upsync(system)
+    result = ctx.fed.verify(m.target_system, new_physical(m), addresses_of(m))  # E7
+    if not result.ok:  # E8 negative: the patent stops this migration
+        raise PermanentError(f"fed's verification failed: {result.reason}",
+                             address=m.address, step="E8")
+    since = ctx.fed.hold(addresses_of(m))
+    if m.hold_started_at is None:
+        m.hold_started_at = since
+    return Outcome(5, "E5-E8", {"held": addresses_of(m), "since": since.isoformat()})
+
+
+def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
+    """E9: directory ADP1 -> ADP2, release the hold, redirect BOX1 -> BOX2."""
+    old, new = old_physical(m), new_physical(m)
+    flipped = ctx.fed.flip(addresses_of(m), old, new)
+    source = ctx.driver(m.source_system)
+    account = source.get_account(m.source_mailbox)
+    if account is not None and account.redirect_to != new:
+        source.set_redirect(m.source_mailbox, new)
+    ctx.fed.release(addresses_of(m))
+    ctx.cache.downsync_needed = True
+    if m.address_migration_id is None:
+        m.address_migration_id = uuid.uuid4().hex
+    return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped,
+                             "address_migration_id": m.address_migration_id})

@@ -1,0 +1,84 @@
+"""E1 (record the migration), E2 (pre-create BOX2) and the creation of new mailboxes.
+
+E2 may run days before the window ("prestage"): BOX2 gets only its internal address AD2 and
+a redirect to BOX1, so that colleagues on the target system who already write to AD2 reach
+the user where the user still reads mail.
+"""
+
+from __future__ import annotations
+
+from reconciler.drivers.base import mailbox_id_for, split_physical
+from reconciler.errors import PermanentError, TemporaryError
+from reconciler.spec.model import DesiredMailbox
+from reconciler.state.model import Migration
+from reconciler.steps.base import Outcome, StepContext, old_physical
+
+
+def internal_address(ctx: StepContext, m: Migration) -> str:
+    """AD2: `<local part>@<internal domain of the target>`."""
+    system = ctx.specs.systems[m.target_system]
+    return f"{m.address.partition('@')[0]}@{system.internal_domain}"
+
+
+def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> Migration:
+    """E1: a new migration row (state 0) from the specs and the directory's physical address."""
+    where = split_physical(physical)
+    if where is None:
+        raise PermanentError(f"fed's directory gives no physical address: {physical!r}",
+                             address=want.address, step="E1")
+    source_system, source_mailbox = where
+    aliases = list(want.aliases)
+    if source_system in ctx.drivers:
+        account = ctx.drivers[source_system].get_account(source_mailbox)
+        if account is not None:  # keep every address the old mailbox answers to
+            for extra in account.all_addresses:
+                if extra != want.address and extra not in aliases:
+                    aliases.append(extra)
+    m = Migration(
+        address=want.address, aliases=aliases, source_system=source_system,
+        target_system=want.system, source_mailbox=source_mailbox,
+        target_mailbox=mailbox_id_for(want.address), placement=want.placement,
+        window=want.window.name if want.window else None, modes=want.policy.modes(),
+        station=want.station, state=0, state_since=ctx.now,
+    )
+    m.modes["maxParallel"] = want.policy.max_parallel
+    ctx.session.add(m)
+    ctx.session.flush()
+    return m
+
+
+def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
+    """E2: BOX2 exists on the target with AD2 and a redirect BOX2 -> BOX1."""
+    target = ctx.driver(m.target_system)
+    ad2 = internal_address(ctx, m)
+    diary_only = m.modes.get("dataTransfer") == "diary-only"
+    redirect = None if diary_only else old_physical(m)
+    account = target.get_account(m.target_mailbox)
+    if account is None:
+        account = target.create_mailbox(m.target_mailbox, internal_address=ad2,
+                                        redirect_to=redirect)
+    elif account.syncfed:
+        raise PermanentError(
+            f"{m.target_system} already has a mailbox {m.target_mailbox} that took over "
+            "addresses (syncfed set) outside this migration", address=m.address, step="E2")
+    if account.redirect_to != redirect:
+        target.set_redirect(m.target_mailbox, redirect)
+    return Outcome(1, "E2", {"mailbox": m.target_mailbox, "internal_address": ad2,
+                             "redirect": redirect})
+
+
+def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> dict[str, object]:
+    """A new address in the specs: create its mailbox and register it in fed's directory."""
+    driver = ctx.driver(want.system)
+    mailbox_id = mailbox_id_for(want.address)
+    account = driver.get_account(mailbox_id)
+    if account is None:
+        account = driver.create_mailbox(mailbox_id, access_addresses=(want.address,))
+    if set(account.all_addresses) != {want.address, *want.aliases}:
+        driver.set_addresses(mailbox_id, (want.address,), want.aliases)
+    ctx.upsync(want.system)
+    entry = ctx.fed.directory_entry(want.address)
+    if entry is None:
+        raise TemporaryError("fed did not register the new mailbox after up-sync",
+                             address=want.address, step="create")
+    return {"system": want.system, "mailbox": mailbox_id, "physical": entry}
