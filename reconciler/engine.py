@@ -127,7 +127,7 @@ class Engine:
     def plan(self, at: datetime | None = None) -> Plan:
         """The plan at `at` (default now) from the live world."""
         now = at or self.clock()
-        return make_plan(self.desired, self.migrations(), self.fed.directory(), now)
+        return make_plan(self.desired, self.migrations(), self.fed.directory().entries, now)
 
     # -- apply ----------------------------------------------------------------------------
     def register_systems(self) -> None:
@@ -153,7 +153,7 @@ class Engine:
     def apply_pass(self, report: ApplyReport) -> bool:
         """One pass; True when at least one state changed."""
         now = self.clock()
-        plan = make_plan(self.desired, self.migrations(), self.fed.directory(), now)
+        plan = make_plan(self.desired, self.migrations(), self.fed.directory().entries, now)
         cache = PassCache()
         progressed = False
         for change in plan.due():
@@ -186,7 +186,7 @@ class Engine:
                     return StepRecord(change.address, "create", True, None,
                                       f"created on {change.target}")
                 if change.action == "migrate":
-                    physical = self.fed.directory_entry(change.address) or ""
+                    physical = self.fed.lookup(change.address) or ""
                     m = prestage.record_migration(ctx, self.desired[change.address], physical)
                     record_event(session, m, "E1", to_state=0, commit=self.specs.commit,
                                  detail={"source": m.source_system, "target": m.target_system,
@@ -267,6 +267,6 @@ class Engine:
 
     def _downsync(self) -> None:
         """Down-sync: every system's address book gets fed's merged directory."""
-        entries = self.fed.downsync()
+        entries = self.fed.downsync().entries
         for driver in self.drivers.values():
             driver.apply_address_book(entries)

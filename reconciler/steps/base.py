@@ -56,10 +56,7 @@ class StepContext:
         if system in self.cache.upsynced:
             return
         accounts = self.driver(system).list_accounts()
-        self.fed.upsync(system, [
-            {"physical": a.physical_address, "addresses": list(a.all_addresses)}
-            for a in accounts
-        ])
+        self.fed.upsync(system, {a.physical_address: list(a.all_addresses) for a in accounts})
         self.cache.upsynced.add(system)
         self.cache.downsync_needed = True
 

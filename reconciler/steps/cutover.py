@@ -14,6 +14,7 @@ redirect must not loop back to BOX1).
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from reconciler.drivers.base import Contact
 from reconciler.errors import PermanentError
@@ -54,10 +55,11 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
     if not result.ok:  # E8 negative: the patent stops this migration
         raise PermanentError(f"fed's verification failed: {result.reason}",
                              address=m.address, step="E8")
-    since = ctx.fed.hold(addresses_of(m))
+    held = ctx.fed.hold(addresses_of(m))
+    since = datetime.fromisoformat(held.since.replace("Z", "+00:00"))
     if m.hold_started_at is None:
-        m.hold_started_at = since
-    return Outcome(5, "E5-E8", {"held": addresses_of(m), "since": since.isoformat()})
+        m.hold_started_at = since if since.tzinfo else since.replace(tzinfo=UTC)
+    return Outcome(5, "E5-E8", {"held": held.held, "since": held.since})
 
 
 def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
@@ -72,5 +74,5 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
-    return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped,
+    return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped.flipped,
                              "address_migration_id": m.address_migration_id})

@@ -77,7 +77,7 @@ def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> dict[str, object]:
     if set(account.all_addresses) != {want.address, *want.aliases}:
         driver.set_addresses(mailbox_id, (want.address,), want.aliases)
     ctx.upsync(want.system)
-    entry = ctx.fed.directory_entry(want.address)
+    entry = ctx.fed.lookup(want.address)
     if entry is None:
         raise TemporaryError("fed did not register the new mailbox after up-sync",
                              address=want.address, step="create")
