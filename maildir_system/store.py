@@ -17,8 +17,8 @@ Layout under the system root::
 Durability: a message is written to tmp/, fsynced, renamed into new/ (or cur/ with flags)
 and the directory is fsynced, so a message this module returned a key for survives a power
 cut (the server answers 250 only after that). Bytes are stored exactly as given, INTERNALDATE
-is the file's mtime. Folder names are encoded as Dovecot does (IMAP modified UTF-7), except
-that a literal "." inside a name is also encoded, since "." is the Maildir++ separator.
+is the file's mtime. Folder names, flags, durable file writes and streaming hashes are in
+`maildir_system.mailfile`; this module adds the tables and the mailbox-level operations.
 
 SQLite is opened per operation with a busy timeout: the server and any number of admin
 processes may use the same database at once, and WAL lets readers proceed during writes.
@@ -26,28 +26,37 @@ processes may use the same database at once, and WAL lets readers proceed during
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import itertools
 import json
 import os
-import re
 import shutil
 import socket
 import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
 from pathlib import Path
 
-MAILDIR_FLAGS = "DFPRST"
-INBOX = "INBOX"
+from maildir_system.mailfile import (
+    INBOX,
+    BadFolderName,
+    atomic_write,
+    counter,
+    folder_dirname,
+    folder_from_dirname,
+    fsync_dir,
+    hash_file,
+    normalize_flags,
+    parse_message_id,
+)
+
+# Names other modules (the server, the driver, tests) take from here: one import for the format.
+__all__ = [
+    "INBOX", "AccountRow", "Delivery", "MessageFile", "Store", "StoreError", "folder_dirname",
+    "folder_from_dirname", "hash_file", "normalize_flags", "parse_message_id",
+]
+
 DIARY_FILE = "calendar.ics"
-_HEADER_LIMIT = 256 * 1024  # Message-ID is searched in at most this much header data
-_CHUNK = 64 * 1024
-_counter = itertools.count()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -126,118 +135,6 @@ class Delivery:
 
 class StoreError(Exception):
     """The store cannot do what was asked (unknown mailbox, bad folder name, bad key)."""
-
-
-# -- folder names ---------------------------------------------------------------------------
-def _mutf7_encode(text: str) -> str:
-    """IMAP modified UTF-7 (RFC 3501 5.1.3), also encoding '.' (the Maildir++ separator)."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(raw).decode().rstrip("=").replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in text:
-        if ch == "&":
-            flush()
-            out.append("&-")
-        elif 0x20 <= ord(ch) <= 0x7E and ch != ".":
-            flush()
-            out.append(ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
-
-
-def _mutf7_decode(text: str) -> str:
-    """Inverse of `_mutf7_encode` (any standard modified UTF-7 decodes too)."""
-    def repl(match: re.Match[str]) -> str:
-        body = match.group(1)
-        if not body:
-            return "&"
-        b64 = body.replace(",", "/")
-        b64 += "=" * (-len(b64) % 4)
-        return base64.b64decode(b64).decode("utf-16-be")
-
-    return re.sub(r"&([A-Za-z0-9+,]*)-", repl, text)
-
-
-def folder_dirname(folder: str) -> str:
-    """Maildir++ directory name of a folder ('' for INBOX, '.Archive.2023' for Archive/2023)."""
-    if folder.upper() == INBOX:
-        return ""
-    parts = folder.split("/")
-    if any(not p for p in parts):
-        raise StoreError(f"bad folder name {folder!r}")
-    return "." + ".".join(_mutf7_encode(p) for p in parts)
-
-
-def folder_from_dirname(dirname: str) -> str:
-    """Folder name of a Maildir++ directory name (inverse of `folder_dirname`)."""
-    return "/".join(_mutf7_decode(p) for p in dirname[1:].split("."))
-
-
-def normalize_flags(flags: str) -> str:
-    """Keep the standard Maildir flag letters, sorted and without duplicates."""
-    return "".join(sorted({c for c in flags if c in MAILDIR_FLAGS}))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or creation inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` durably: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(_counter)}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def hash_file(path: Path) -> tuple[str, int, str | None]:
-    """(sha256, size, Message-ID) of a message file, read in chunks (no whole-file memory)."""
-    digest = hashlib.sha256()
-    head = bytearray()
-    size = 0
-    header_done = False
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            if not header_done:
-                head += chunk
-                # Only the header section is parsed; stop collecting at the blank line.
-                for sep in (b"\r\n\r\n", b"\n\n"):
-                    pos = head.find(sep)
-                    if pos >= 0:
-                        del head[pos + len(sep):]
-                        header_done = True
-                        break
-                if len(head) > _HEADER_LIMIT:
-                    del head[_HEADER_LIMIT:]
-                    header_done = True
-    return digest.hexdigest(), size, parse_message_id(bytes(head))
-
-
-def parse_message_id(header_bytes: bytes) -> str | None:
-    """The Message-ID header of a header section, or None."""
-    try:
-        value = BytesHeaderParser().parsebytes(header_bytes).get("Message-ID")
-    except Exception:  # a garbage header must not break listing
-        return None
-    return str(value).strip() if value else None
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -437,15 +334,19 @@ class Store:
                 (path / sub).mkdir(parents=True, exist_ok=True)
                 created = True
         if created:
-            _fsync_dir(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path)
+            fsync_dir(path.parent)
 
     def folder_dir(self, mailbox_id: str, folder: str, *, create: bool = False) -> Path:
         """Directory of a folder; with create=True the folder is made if missing."""
         base = self.mailbox_dir(mailbox_id)
         if not (base / "cur").is_dir():
             raise StoreError(f"no mailbox {mailbox_id!r}")
-        path = base / folder_dirname(folder) if folder_dirname(folder) else base
+        try:
+            name = folder_dirname(folder)
+        except BadFolderName as exc:
+            raise StoreError(str(exc)) from exc
+        path = base / name if name else base
         if create:
             self._ensure_maildir(path)
             marker = path / "maildirfolder"
@@ -512,7 +413,7 @@ class Store:
         """Store `data` durably and byte-for-byte; return the new message's key."""
         path = self.folder_dir(mailbox_id, folder, create=True)
         now = time.time()
-        key = (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{next(_counter)}"
+        key = (f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{next(counter)}"
                f"R{os.urandom(4).hex()}.{socket.gethostname().replace('/', '_').replace(':', '_')}"
                f",S={len(data)}")
         tmp = path / "tmp" / key
@@ -525,7 +426,7 @@ class Store:
         flags = normalize_flags(flags)
         final = path / "cur" / f"{key}:2,{flags}" if flags else path / "new" / key
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return key
 
     def mailbox_size(self, mailbox_id: str) -> tuple[int, int]:
@@ -551,4 +452,4 @@ class Store:
         """Replace the mailbox's calendar.ics atomically."""
         if not self.exists(mailbox_id):
             raise StoreError(f"no mailbox {mailbox_id!r}")
-        _atomic_write(self.mailbox_dir(mailbox_id) / DIARY_FILE, data)
+        atomic_write(self.mailbox_dir(mailbox_id) / DIARY_FILE, data)

@@ -1,0 +1,140 @@
+"""Maildir++ file-level helpers: folder-name encoding, flags, durable writes, hashing.
+
+Why apart from `store`: these rules are pure functions of names and bytes, shared by every
+reader of the format and testable without a database. Folder names are encoded as Dovecot
+does (IMAP modified UTF-7, RFC 3501 5.1.3), except that a literal "." inside a name is also
+encoded, because "." is the Maildir++ hierarchy separator ("Archive/2023" -> ".Archive.2023").
+Writes are durable the POSIX way: temp file, fsync, rename, fsync of the directory.
+Hashing and Message-ID parsing stream the file, so a 50 MB attachment never sits in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import os
+import re
+from email.parser import BytesHeaderParser
+from pathlib import Path
+
+MAILDIR_FLAGS = "DFPRST"
+INBOX = "INBOX"
+_HEADER_LIMIT = 256 * 1024  # Message-ID is searched in at most this much header data
+_CHUNK = 64 * 1024
+counter = itertools.count()  # unique suffixes for file names within this process
+
+
+class BadFolderName(ValueError):
+    """A folder name that cannot be mapped to a Maildir++ directory."""
+
+
+def _mutf7_encode(text: str) -> str:
+    """IMAP modified UTF-7 (RFC 3501 5.1.3), also encoding '.' (the Maildir++ separator)."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            raw = "".join(pending).encode("utf-16-be")
+            out.append("&" + base64.b64encode(raw).decode().rstrip("=").replace("/", ",") + "-")
+            pending.clear()
+
+    for ch in text:
+        if ch == "&":
+            flush()
+            out.append("&-")
+        elif 0x20 <= ord(ch) <= 0x7E and ch != ".":
+            flush()
+            out.append(ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
+def _mutf7_decode(text: str) -> str:
+    """Inverse of `_mutf7_encode` (any standard modified UTF-7 decodes too)."""
+    def repl(match: re.Match[str]) -> str:
+        body = match.group(1)
+        if not body:
+            return "&"
+        b64 = body.replace(",", "/")
+        b64 += "=" * (-len(b64) % 4)
+        return base64.b64decode(b64).decode("utf-16-be")
+
+    return re.sub(r"&([A-Za-z0-9+,]*)-", repl, text)
+
+
+def folder_dirname(folder: str) -> str:
+    """Maildir++ directory name of a folder ('' for INBOX, '.Archive.2023' for Archive/2023)."""
+    if folder.upper() == INBOX:
+        return ""
+    parts = folder.split("/")
+    if any(not p for p in parts):
+        raise BadFolderName(f"bad folder name {folder!r}")
+    return "." + ".".join(_mutf7_encode(p) for p in parts)
+
+
+def folder_from_dirname(dirname: str) -> str:
+    """Folder name of a Maildir++ directory name (inverse of `folder_dirname`)."""
+    return "/".join(_mutf7_decode(p) for p in dirname[1:].split("."))
+
+
+def normalize_flags(flags: str) -> str:
+    """Keep the standard Maildir flag letters, sorted and without duplicates."""
+    return "".join(sorted({c for c in flags if c in MAILDIR_FLAGS}))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` durably: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{next(counter)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def hash_file(path: Path) -> tuple[str, int, str | None]:
+    """(sha256, size, Message-ID) of a message file, read in chunks (no whole-file memory)."""
+    digest = hashlib.sha256()
+    head = bytearray()
+    size = 0
+    header_done = False
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            if not header_done:
+                head += chunk
+                # Only the header section is parsed; stop collecting at the blank line.
+                for sep in (b"\r\n\r\n", b"\n\n"):
+                    pos = head.find(sep)
+                    if pos >= 0:
+                        del head[pos + len(sep):]
+                        header_done = True
+                        break
+                if len(head) > _HEADER_LIMIT:
+                    del head[_HEADER_LIMIT:]
+                    header_done = True
+    return digest.hexdigest(), size, parse_message_id(bytes(head))
+
+
+def parse_message_id(header_bytes: bytes) -> str | None:
+    """The Message-ID header of a header section, or None."""
+    try:
+        value = BytesHeaderParser().parsebytes(header_bytes).get("Message-ID")
+    except Exception:  # a garbage header must not break listing
+        return None
+    return str(value).strip() if value else None
