@@ -165,6 +165,11 @@ class Engine:
                 self.on_record(record)
             progressed = progressed or record.ok
         progressed = self._purge(now) or progressed
+        if cache.changed:
+            with self.store.session() as session:
+                ctx = self._context(session, now, cache, "")
+                for system in sorted(cache.changed):
+                    ctx.upsync(system)
         if cache.downsync_needed:
             self._downsync()
         return progressed

@@ -28,7 +28,8 @@ from reconciler.state.model import Migration
 class PassCache:
     """Work done once per engine pass, shared by the steps of that pass."""
 
-    upsynced: set[str] = field(default_factory=set)  # systems up-synced in this pass
+    upsynced: set[str] = field(default_factory=set)  # up-synced since their last change
+    changed: set[str] = field(default_factory=set)  # address lists changed in this pass
     downsync_needed: bool = False
 
 
@@ -51,13 +52,23 @@ class StepContext:
         except KeyError:
             raise TemporaryError(f"no driver for system {system!r} (not in the specs)") from None
 
+    def changed(self, system: str) -> None:
+        """This step changed `system`'s address list: up-sync it again (at the latest when
+        the pass ends, so that a pass creating many mailboxes up-syncs once, not per box)."""
+        self.cache.upsynced.discard(system)
+        self.cache.changed.add(system)
+
     def upsync(self, system: str) -> None:
-        """E6 for one system: send fed every mailbox it hosts with its addresses (once a pass)."""
+        """E6 for one system: send fed every mailbox it hosts with its addresses.
+
+        Skipped when the system was up-synced in this pass and has not changed since: E5-E8
+        of many mailboxes in one pass share one up-sync per system."""
         if system in self.cache.upsynced:
             return
         accounts = self.driver(system).list_accounts()
         self.fed.upsync(system, {a.physical_address: list(a.all_addresses) for a in accounts})
         self.cache.upsynced.add(system)
+        self.cache.changed.discard(system)
         self.cache.downsync_needed = True
 
 

@@ -41,5 +41,5 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
                     "in BOX2", address=m.address, step="E41", delay=30)
             detail["last_delta_copied"] = report.copied
         source.delete_mailbox(m.source_mailbox)
-    ctx.upsync(m.source_system)  # fed forgets ADP1
+    ctx.changed(m.source_system)  # the pass's closing up-sync makes fed forget ADP1
     return Outcome(13, "E41-E42", detail)

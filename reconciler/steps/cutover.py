@@ -39,6 +39,7 @@ def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
         target.set_syncfed(m.target_mailbox, True)
     if account.redirect_to is not None:
         target.set_redirect(m.target_mailbox, None)
+    ctx.changed(m.target_system)
     return Outcome(4, "E4", {"addresses": sorted(wanted), "syncfed": True})
 
 

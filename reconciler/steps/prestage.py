@@ -8,7 +8,7 @@ the user where the user still reads mail.
 from __future__ import annotations
 
 from reconciler.drivers.base import mailbox_id_for, split_physical
-from reconciler.errors import PermanentError, TemporaryError
+from reconciler.errors import PermanentError
 from reconciler.spec.model import DesiredMailbox
 from reconciler.state.model import Migration
 from reconciler.steps.base import Outcome, StepContext, old_physical
@@ -76,9 +76,8 @@ def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> dict[str, object]:
         account = driver.create_mailbox(mailbox_id, access_addresses=(want.address,))
     if set(account.all_addresses) != {want.address, *want.aliases}:
         driver.set_addresses(mailbox_id, (want.address,), want.aliases)
-    ctx.upsync(want.system)
-    entry = ctx.fed.lookup(want.address)
-    if entry is None:
-        raise TemporaryError("fed did not register the new mailbox after up-sync",
-                             address=want.address, step="create")
-    return {"system": want.system, "mailbox": mailbox_id, "physical": entry}
+    # fed learns it from the up-sync at the end of this pass; the next plan checks that the
+    # directory has it (and would simply run this idempotent step again if not).
+    ctx.changed(want.system)
+    return {"system": want.system, "mailbox": mailbox_id,
+            "physical": account.physical_address}
