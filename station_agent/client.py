@@ -1,0 +1,110 @@
+"""The station agent's HTTP client for the reconciler's station API.
+
+Why stdlib `urllib`. The agent is installed on every workstation of a company; the fewer
+dependencies it drags along, the easier it is to package and to get past a workstation
+security review. Its traffic is a poll every half minute and a few uploads, which plain
+blocking HTTP handles well.
+
+Why two error classes. What the agent must do with a failure depends on who failed:
+`ApiUnreachable` (connection refused, timeout, 5xx) means "try again later, keep the result"
+-- the outbox keeps reports, uploads resume on the next run; `ApiRefused` (4xx) means the
+reconciler understood and said no (bad token, not our mailbox, not the right moment) and
+resending the same request will not change that.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import quote
+
+USER_AGENT = "mailferry-station-agent/1"
+
+
+class ApiError(Exception):
+    """Any failure talking to the station API."""
+
+
+class ApiUnreachable(ApiError):
+    """The API could not be reached or failed on its side (5xx): retry later."""
+
+
+class ApiRefused(ApiError):
+    """The API answered 4xx: the request itself is refused."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class StationApiClient:
+    """Calls the station API as one station, with its bearer token."""
+
+    def __init__(self, base_url: str, station: str, token: str, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.station = station
+        self.token = token
+        self.timeout = timeout
+
+    def _url(self, tail: str) -> str:
+        return f"{self.base_url}/v1/stations/{quote(self.station, safe='')}/{tail}"
+
+    def _call(self, method: str, url: str, body: dict[str, Any] | None = None,
+              timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Accept": "application/json",
+            "Content-Type": "application/json", "User-Agent": USER_AGENT,
+        })
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                status = int(response.status)
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            message = _error_message(exc.read(), exc.reason)
+            if exc.code >= 500:
+                raise ApiUnreachable(f"HTTP {exc.code}: {message}") from None
+            raise ApiRefused(exc.code, message) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiUnreachable(f"station API {self.base_url} unreachable: {reason}") from None
+        try:
+            parsed = json.loads(payload or b"{}")
+        except json.JSONDecodeError:
+            raise ApiUnreachable(f"station API answered HTTP {status} with non-JSON") from None
+        if not isinstance(parsed, dict):
+            raise ApiUnreachable("station API answered with a non-object")
+        return status, parsed
+
+    def get_task(self) -> dict[str, Any]:
+        """The station's current task (see docs/station-api.md)."""
+        return self._call("GET", self._url("task"))[1]
+
+    def post_report(self, report: dict[str, Any]) -> bool:
+        """Send one report; True if newly stored, False if the API already had it."""
+        status, _ = self._call("POST", self._url("reports"), report)
+        return status == 201
+
+    def post_message(self, folder: str, data: bytes, *, flags: str = "",
+                     internal_date: float | None = None) -> bool:
+        """Upload one message to the target mailbox; True if appended, False if present."""
+        body = {"folder": folder, "flags": flags, "internal_date": internal_date,
+                "data": base64.b64encode(data).decode("ascii")}
+        # Large messages take longer than a poll: give uploads a generous timeout.
+        status, _ = self._call("POST", self._url("messages"), body,
+                               timeout=max(self.timeout, 120.0))
+        return status == 201
+
+
+def _error_message(payload: bytes, fallback: object) -> str:
+    try:
+        parsed = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return str(fallback)
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        return str(parsed["error"])
+    return str(fallback)

@@ -1,0 +1,178 @@
+"""The user's local mail (E30): finding mbox files, reading their messages, remembering uploads.
+
+Why. Mail that lives only on the workstation -- Thunderbird's "Local Folders", archives moved
+off the server years ago -- is not in BOX1, so the data mover cannot copy it; the patent has
+the user station transfer it to BOX2 (E30). Thunderbird stores each local folder as an mbox
+file without extension (with a `.msf` index beside it, and subfolders in `<name>.sbd/`), so
+"an mbox file" is recognised by content (it starts with `From `), not by name; indexes and
+other files are ignored. Each file becomes the target folder `Local Folders/<name>` (nested
+`.sbd` folders become `Local Folders/<parent>/<name>`).
+
+Messages are read with the standard library's `mailbox.mbox` and sent as their raw bytes, so
+BOX2 receives exactly what the user had. Messages Thunderbird marked expunged
+(`X-Mozilla-Status` bit 0x0008) but has not compacted away yet are deleted mail: skipped.
+Flags become Maildir letters (read S, answered R, flagged F, deleted T).
+
+The manifest (`<state-dir>/manifest-<migration id>.txt`, one `sha256<TAB>folder` line per
+message the API acknowledged, appended and fsynced) is what makes a re-run upload nothing
+twice without even asking the API; the API's own SHA-256 check covers a crash between an
+upload and its manifest line.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import mailbox
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from station_agent.fsutil import fsync_dir
+
+LOCAL_ROOT = "Local Folders"
+MOZ_EXPUNGED = 0x0008
+MOZ_READ, MOZ_REPLIED, MOZ_MARKED = 0x0001, 0x0002, 0x0004
+
+
+@dataclass(frozen=True)
+class LocalMessage:
+    """One message of a local mbox, ready to upload."""
+
+    folder: str
+    data: bytes
+    flags: str
+    internal_date: float | None
+    sha256: str
+
+
+def _looks_like_mbox(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(5)
+    except OSError:
+        return False
+    # An empty file is an empty Thunderbird folder: still a folder, with nothing to send.
+    return head in (b"", b"From ")
+
+
+def mbox_files(root: Path) -> list[tuple[str, Path]]:
+    """(target folder, path) of every mbox file under `root`, sorted by folder."""
+    found: list[tuple[str, Path]] = []
+    if not root.is_dir():
+        return found
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        here = Path(directory)
+        for name in sorted(files):
+            path = here / name
+            if name.startswith(".") or path.suffix.lower() in (".msf", ".dat", ".json", ".html",
+                                                                ".tmp", ".bak"):
+                continue
+            if not path.is_file() or not _looks_like_mbox(path):
+                continue
+            parts = [part.removesuffix(".sbd") for part in path.relative_to(root).parent.parts]
+            stem = path.stem if path.suffix.lower() == ".mbox" else path.name
+            found.append(("/".join([LOCAL_ROOT, *parts, stem]), path))
+    return sorted(found)
+
+
+def local_bytes(root: Path) -> int:
+    """The size of the local mail: the sum of the mbox files' sizes."""
+    return sum(path.stat().st_size for _folder, path in mbox_files(root))
+
+
+def _flags(message: mailbox.mboxMessage) -> str:
+    letters = set(mailbox.MaildirMessage(message).get_flags())
+    moz = _moz_status(message)
+    if moz is not None:
+        if moz & MOZ_READ:
+            letters.add("S")
+        if moz & MOZ_REPLIED:
+            letters.add("R")
+        if moz & MOZ_MARKED:
+            letters.add("F")
+    return "".join(sorted(letters & set("DFPRST")))
+
+
+def _moz_status(message: mailbox.mboxMessage) -> int | None:
+    value = message.get("X-Mozilla-Status")
+    if value is None:
+        return None
+    try:
+        return int(str(value).strip(), 16)
+    except ValueError:
+        return None
+
+
+def _internal_date(message: mailbox.mboxMessage) -> float | None:
+    # The "From " line carries the delivery time (asctime format); the Date: header is the
+    # sender's claim and only a fallback.
+    _sender, _, stamp = message.get_from().partition(" ")
+    try:
+        return float(time.mktime(time.strptime(" ".join(stamp.split()), "%a %b %d %H:%M:%S %Y")))
+    except (ValueError, OverflowError):
+        pass
+    header = message.get("Date")
+    if header is None:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(str(header)).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def iter_messages(root: Path) -> Iterator[LocalMessage | tuple[str, str]]:
+    """Every message under `root`; an expunged one is yielded as ("expunged", folder)."""
+    for folder, path in mbox_files(root):
+        box = mailbox.mbox(path, create=False)
+        try:
+            for key in box.iterkeys():
+                message = box.get_message(key)
+                moz = _moz_status(message)
+                if moz is not None and moz & MOZ_EXPUNGED:
+                    yield ("expunged", folder)
+                    continue
+                data = box.get_bytes(key)
+                yield LocalMessage(folder=folder, data=data, flags=_flags(message),
+                                   internal_date=_internal_date(message),
+                                   sha256=hashlib.sha256(data).hexdigest())
+        finally:
+            box.close()
+
+
+class Manifest:
+    """The (sha256, folder) pairs already acknowledged by the API for one migration."""
+
+    def __init__(self, state_dir: Path, migration_id: int) -> None:
+        self.path = state_dir / f"manifest-{migration_id}.txt"
+        self._seen: set[tuple[str, str]] = set()
+        if self.path.exists():
+            *lines, torn = self.path.read_text(encoding="utf-8").split("\n")
+            for line in lines:
+                digest, sep, folder = line.partition("\t")
+                if sep:
+                    self._seen.add((digest, folder))
+            if torn:
+                # A power cut mid-append left an unterminated line: not counted, and closed
+                # so that the next record starts on a line of its own.
+                with self.path.open("a", encoding="utf-8") as handle:
+                    handle.write("\n")
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        return item in self._seen
+
+    def add(self, digest: str, folder: str) -> None:
+        """Record one acknowledged upload durably."""
+        if (digest, folder) in self._seen:
+            return
+        new = not self.path.exists()
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(f"{digest}\t{folder}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if new:
+            fsync_dir(self.path.parent)
+        self._seen.add((digest, folder))
