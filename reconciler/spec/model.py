@@ -6,7 +6,7 @@ against `schemas/*.json` and builds these objects; `plan.py` reads them.
 The YAML format, one document per object (several documents per file allowed)::
 
     apiVersion: mailferry/v1
-    kind: MailSystem            # MailSystem | FedHub | MailboxPlacement | MigrationWindow | MigrationPolicy
+    kind: MailSystem  # MailSystem | FedHub | MailboxPlacement | MigrationWindow | MigrationPolicy
     metadata: {name: s1}
     spec: {...}
 

@@ -1,0 +1,568 @@
+"""Load the `specs/` folder into a validated, frozen `SpecSet`, or say everything wrong with it.
+
+Why all problems at once: invariant 5 says bad input changes nothing, so a broken spec set
+stops the reconciler cold; an admin fixing a pull request one error per CI run would rightly
+hate that. The loader therefore keeps going after a problem and raises a single `SpecError`
+listing every finding, one per line, in a form editors and CI annotators understand::
+
+    specs/placements.yaml:14: spec.mailboxes[2].aliases[0]: address 'bob@corp.example' ...
+
+(FILE relative to the working directory when it is below it, LINE 1-based, FIELD the dotted
+path or ``-`` for a whole document; folder-level problems such as a missing FedHub use line 0.)
+
+The pipeline, and why it is in this order:
+
+1. YAML, with a line for every node (`yamlpos`). A syntax error loses the rest of its file,
+   not the documents before it.
+2. Kind and apiVersion, checked by hand first: they choose the schema, and "unknown kind" is a
+   clearer message than twenty schema errors from the wrong schema.
+3. JSON Schema, with the files in `schemas/` (the same ones editors use, so an editor and the
+   reconciler can never disagree). Messages are made friendlier where jsonschema's are not
+   (unknown fields get a did-you-mean; `errorMessage` annotations in the schema replace the
+   unreadable anyOf/oneOf texts, and never echo a value, which might be a pasted secret).
+4. Per-document semantics the schema cannot express (time zones, cron, rule shapes, ranges,
+   ports), while building the typed objects.
+5. Cross-document checks: duplicate names, exactly one FedHub, references, addresses claimed
+   twice, addresses outside the target system's domains.
+
+A document that fails 1-4 is not built, so checks that depend on it are skipped rather than
+reported as noise: a reference to a MigrationWindow whose own document is broken is not also
+"unknown". Likewise, when a file has a YAML syntax error, "unknown reference" and "no FedHub"
+are not reported (the missing object may be in the unreadable part): they will show on the
+next run, once the syntax is fixed. Everything else in the other documents is still reported.
+
+Side effects: reads the folder's files and asks git for the commit (`gitinfo`); nothing else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+import reconciler
+
+from ..errors import SpecError
+from .durations import parse_duration
+from .gitinfo import git_state
+from .model import (
+    DataTransfer,
+    Endpoint,
+    FedSpec,
+    MailboxSpec,
+    MailSystemSpec,
+    PlacementSpec,
+    PolicySpec,
+    SecretRef,
+    SourceLocation,
+    SpecSet,
+    WindowKind,
+    WindowRule,
+    WindowSpec,
+)
+from .yamlpos import JsonPath, YamlDocument, parse_documents
+
+API_VERSION = "mailferry/v1"
+SCHEMA_DIR = Path(reconciler.__file__).resolve().parents[1] / "schemas"
+KINDS: dict[str, str] = {  # kind -> schema file stem
+    "MailSystem": "mailsystem",
+    "FedHub": "fedhub",
+    "MailboxPlacement": "mailboxplacement",
+    "MigrationWindow": "migrationwindow",
+    "MigrationPolicy": "migrationpolicy",
+}
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+@lru_cache(maxsize=1)
+def load_schemas() -> dict[str, dict[str, Any]]:
+    """kind -> JSON Schema, read from the repository's `schemas/` folder."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for kind, stem in KINDS.items():
+        path = SCHEMA_DIR / f"{stem}.schema.json"
+        schemas[kind] = cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
+    return schemas
+
+
+@lru_cache(maxsize=1)
+def _validators() -> dict[str, Draft202012Validator]:
+    """kind -> validator (compiled once per process)."""
+    return {kind: Draft202012Validator(schema) for kind, schema in load_schemas().items()}
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the working directory when below it, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    for cwd in (Path(os.path.abspath(os.getcwd())), Path.cwd().resolve()):
+        for candidate in (absolute, absolute.resolve()):
+            try:
+                return str(candidate.relative_to(cwd))
+            except ValueError:
+                continue
+    return str(absolute)
+
+
+def dotted(path: Iterable[str | int]) -> str:
+    """JSON path -> ``spec.mailboxes[2].aliases[0]`` (``-`` for the whole document)."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "-"
+
+
+@dataclass(order=True)
+class _Problem:
+    order: int  # file order; folder-level problems come last
+    line: int
+    text: str = field(compare=False)
+
+
+@dataclass
+class _Doc:
+    """One YAML document of a known kind, with where it came from."""
+
+    display: str
+    order: int
+    ydoc: YamlDocument
+    kind: str
+    name: str | None
+    valid: bool = True
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The document's value (a mapping: non-mappings never become `_Doc`s)."""
+        return cast(dict[str, Any], self.ydoc.data)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The document's spec mapping."""
+        return cast(dict[str, Any], self.data["spec"])
+
+    def location(self) -> SourceLocation:
+        """Where the document starts."""
+        return SourceLocation(self.display, self.ydoc.line)
+
+    def at(self, *path: str | int) -> SourceLocation:
+        """Where the node at `path` was written."""
+        return SourceLocation(self.display, self.ydoc.line_of(path))
+
+
+class _Loader:
+    """One load: the problems found so far and the objects built so far."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.root = directory.resolve()
+        self.problems: list[_Problem] = []
+        self.docs: list[_Doc] = []
+        # True when some object may be missing because its text was unreadable (YAML syntax,
+        # unknown kind): "unknown reference" and "no FedHub" would then be guesses.
+        self.uncertain = False
+        self.broken: set[tuple[str, str]] = set()  # (kind, name) present but invalid
+        self.systems: dict[str, MailSystemSpec] = {}
+        self.feds: list[FedSpec] = []
+        self.windows: dict[str, WindowSpec] = {}
+        self.policies: dict[str, PolicySpec] = {}
+        self.placements: dict[str, PlacementSpec] = {}
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def report(self, display: str, order: int, line: int, path: JsonPath | str, msg: str) -> None:
+        """Record one problem as ``FILE:LINE: FIELD: message``."""
+        where = path if isinstance(path, str) else dotted(path)
+        self.problems.append(_Problem(order, line, f"{display}:{line}: {where}: {msg}"))
+
+    def fail(self, doc: _Doc, path: JsonPath, msg: str, *, key_line: bool = False) -> None:
+        """Record a problem at a node of `doc` and mark the document invalid."""
+        line = doc.ydoc.key_line_of(path) if key_line else doc.ydoc.line_of(path)
+        self.report(doc.display, doc.order, line, path, msg)
+        doc.valid = False
+
+    # -- stage 1-3: files, YAML, kinds, schemas ----------------------------------------------
+
+    def read_folder(self) -> None:
+        """Parse and schema-check every spec file of the folder."""
+        if not self.directory.is_dir():
+            self.report(display_path(self.directory), 0, 0, "-", "specs folder not found")
+            self.uncertain = True
+            return
+        files = sorted(
+            p for p in self.directory.iterdir()
+            if p.suffix in SPEC_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
+        for order, path in enumerate(files):
+            self.read_file(path, order)
+
+    def read_file(self, path: Path, order: int) -> None:
+        """Parse one file and check each of its documents up to the schema."""
+        display = display_path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.report(display, order, 1, "-", f"cannot read file: {exc}")
+            self.uncertain = True
+            return
+        parsed = parse_documents(text)
+        if parsed.error is not None:
+            self.uncertain = True
+            self.report(display, order, parsed.error_line or 1, "-", f"YAML syntax: {parsed.error}")
+        for ydoc in parsed.documents:
+            self.check_document(display, order, ydoc)
+
+    def check_document(self, display: str, order: int, ydoc: YamlDocument) -> None:
+        """Kind, apiVersion and schema of one document; keeps it for building if known."""
+        data = ydoc.data
+        if not isinstance(data, dict):
+            found = "a list" if isinstance(data, list) else f"{type(data).__name__} {data!r}"
+            self.report(display, order, ydoc.line, "-", f"a spec document must be a mapping "
+                        f"(apiVersion, kind, metadata, spec), found {found}")
+            return
+        kind, version = data.get("kind"), data.get("apiVersion")
+        meta = data.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        name = name if isinstance(name, str) else None
+        if not isinstance(kind, str) or kind not in KINDS:
+            known = ", ".join(sorted(KINDS))
+            msg = "missing" if kind is None else f"unknown kind {kind!r}"
+            self.report(display, order, ydoc.line_of(("kind",)), ("kind",),
+                        f"{msg} (expected one of {known})")
+            self.uncertain = True  # the document may have been meant as anything
+            return
+        doc = _Doc(display, order, ydoc, str(kind), name)
+        self.docs.append(doc)
+        if version != API_VERSION:
+            msg = "missing" if version is None else f"unknown apiVersion {version!r}"
+            self.fail(doc, ("apiVersion",), f"{msg} (expected {API_VERSION})")
+            return
+        for line, path, msg in ydoc.problems:
+            self.report(display, order, line, path, msg)
+            doc.valid = False
+        for error in _validators()[doc.kind].iter_errors(data):
+            self.schema_problem(doc, error)
+
+    def schema_problem(self, doc: _Doc, error: ValidationError) -> None:
+        """Turn one jsonschema error into problems located at the offending YAML node."""
+        path: JsonPath = tuple(error.absolute_path)
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        if error.validator == "required" and isinstance(error.instance, dict):
+            for prop in cast(list[str], error.validator_value):
+                if prop not in error.instance:
+                    # A missing key has no line: point at the mapping that lacks it.
+                    line = doc.ydoc.line_of(path)
+                    self.report(doc.display, doc.order, line, (*path, prop),
+                                "required field missing")
+            doc.valid = False
+            return
+        custom = schema.get("errorMessage")
+        if error.validator == "additionalProperties" and not custom \
+                and isinstance(error.instance, dict):
+            allowed = sorted(cast(dict[str, Any], schema.get("properties", {})))
+            for key in error.instance:
+                if key in allowed:
+                    continue
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                msg = f"unknown field {key!r}"
+                msg += f", did you mean {hint[0]!r}?" if hint else ""
+                msg += f" (allowed: {', '.join(allowed)})"
+                self.fail(doc, (*path, key), msg, key_line=True)
+            return
+        if path in (("apiVersion",), ("kind",)):
+            return  # already checked by hand, with a better message
+        self.fail(doc, path, str(custom) if custom else error.message)
+
+    # -- stage 4: building the typed objects ----------------------------------------------
+
+    def path_value(self, value: str) -> str:
+        """A spec path made absolute against the specs folder."""
+        return os.path.normpath(os.path.join(self.root, os.path.expanduser(value)))
+
+    def endpoint(self, doc: _Doc, path: JsonPath, value: str) -> Endpoint:
+        """host:port -> Endpoint; a port outside 1-65535 is reported."""
+        host, _, port = value.rpartition(":")
+        number = int(port)
+        if not 1 <= number <= 65535:
+            self.fail(doc, path, f"port {number} is outside 1-65535")
+        return Endpoint(host.strip("[]"), number)
+
+    def duration(self, doc: _Doc, path: JsonPath, value: Any) -> timedelta:
+        """A schema-checked duration (parse errors cannot happen, but are reported if they do)."""
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(doc, path, str(exc))
+            return timedelta(0)
+
+    def build_system(self, doc: _Doc) -> None:
+        """A MailSystem document -> MailSystemSpec."""
+        spec, name = doc.spec, cast(str, doc.name)
+        box = spec["maildir"]
+        system = MailSystemSpec(
+            name=name,
+            driver=spec["driver"],
+            domains=tuple(d.lower() for d in spec["domains"]),
+            internal_domain=str(spec.get("internalDomain", f"{name}.internal")).lower(),
+            root=self.path_value(box["root"]),
+            lmtp=self.endpoint(doc, ("spec", "maildir", "lmtp"), box["lmtp"]),
+            submission=self.endpoint(doc, ("spec", "maildir", "submission"), box["submission"]),
+            location=doc.location(),
+        )
+        if doc.valid:
+            self.systems[name] = system
+
+    def build_fed(self, doc: _Doc) -> None:
+        """A FedHub document -> FedSpec."""
+        spec = doc.spec
+        token = spec["token"]
+        fed = FedSpec(
+            name=cast(str, doc.name),
+            smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
+            control_url=str(spec["control"]).rstrip("/"),
+            token=SecretRef(
+                env=token.get("env"),
+                file=self.path_value(token["file"]) if "file" in token else None,
+            ),
+            state_dir=self.path_value(spec["stateDir"]),
+            domains=tuple(d.lower() for d in spec["domains"]),
+            location=doc.location(),
+        )
+        if doc.valid:
+            self.feds.append(fed)
+
+    def build_window(self, doc: _Doc) -> None:
+        """A MigrationWindow document -> WindowSpec (rule shapes, zone, cron, ranges)."""
+        spec = doc.spec
+        tz_name = str(spec.get("timeZone", "UTC"))
+        zone: ZoneInfo | None = None
+        try:
+            zone = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.fail(doc, ("spec", "timeZone"),
+                      f"unknown time zone {tz_name!r} (expected an IANA name like Europe/Paris)")
+        rules: list[WindowRule] = []
+        for i, raw in enumerate(spec["windows"]):
+            rule = self.build_rule(doc, ("spec", "windows", i), raw, zone)
+            if rule is not None:
+                rules.append(rule)
+        if doc.valid:
+            self.windows[cast(str, doc.name)] = WindowSpec(
+                name=cast(str, doc.name), time_zone=tz_name, rules=tuple(rules),
+                location=doc.location(),
+            )
+
+    def build_rule(self, doc: _Doc, path: JsonPath, raw: dict[str, Any],
+                   zone: ZoneInfo | None) -> WindowRule | None:
+        """One window rule: exactly one of (start, end) and (schedule, duration)."""
+        kind = cast(WindowKind, raw["kind"])
+        absolute = [k for k in ("start", "end") if k in raw]
+        recurring = [k for k in ("schedule", "duration") if k in raw]
+        if absolute and recurring:
+            self.fail(doc, path, "a rule is either absolute (start, end) or recurring "
+                      "(schedule, duration), not both")
+            return None
+        if not absolute and not recurring:
+            self.fail(doc, path, "a rule needs start and end, or schedule and duration")
+            return None
+        if recurring:
+            if len(recurring) == 1:
+                have: str = recurring[0]
+                need: str = ({"schedule", "duration"} - {have}).pop()
+                self.fail(doc, (*path, have), f"{have} without {need}: a recurring rule "
+                          "needs both schedule and duration")
+                return None
+            schedule = str(raw["schedule"]).strip()
+            if not croniter.is_valid(schedule):
+                self.fail(doc, (*path, "schedule"), f"invalid cron expression {schedule!r}")
+            duration = self.duration(doc, (*path, "duration"), raw["duration"])
+            if duration <= timedelta(0):
+                self.fail(doc, (*path, "duration"), "duration must be more than 0")
+            return WindowRule(kind=kind, schedule=schedule, duration=duration)
+        if len(absolute) == 1:
+            have = absolute[0]
+            need = ({"start", "end"} - {have}).pop()
+            self.fail(doc, (*path, have), f"{have} without {need}: an absolute rule "
+                      "needs both start and end")
+            return None
+        start = self.instant(doc, (*path, "start"), raw["start"], zone)
+        end = self.instant(doc, (*path, "end"), raw["end"], zone)
+        if start is None or end is None:
+            return None
+        if end <= start:
+            self.fail(doc, (*path, "end"), f"end {raw['end']} is not after start {raw['start']}")
+            return None
+        return WindowRule(kind=kind, start=start, end=end)
+
+    def instant(self, doc: _Doc, path: JsonPath, text: str,
+                zone: ZoneInfo | None) -> datetime | None:
+        """ISO 8601 text -> aware datetime; without offset it is in the window's zone."""
+        try:
+            value = datetime.fromisoformat(str(text).upper())
+        except ValueError:
+            self.fail(doc, path, f"not an ISO 8601 time: {text!r}")
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=zone or ZoneInfo("UTC"))
+        return value
+
+    def build_policy(self, doc: _Doc) -> None:
+        """A MigrationPolicy document -> PolicySpec (absent fields keep the model defaults)."""
+        spec, name = doc.spec, cast(str, doc.name)
+        base = PolicySpec(name=name)
+
+        def dur(key: str, default: timedelta) -> timedelta:
+            return self.duration(doc, ("spec", key), spec[key]) if key in spec else default
+
+        delete_after: timedelta | None = base.delete_source_after
+        if "deleteSource" in spec:
+            raw = spec["deleteSource"]
+            delete_after = None if raw == "never" else self.duration(
+                doc, ("spec", "deleteSource", "after"), raw["after"])
+        policy = PolicySpec(
+            name=name,
+            station_checks=bool(spec.get("stationChecks", base.station_checks)),
+            data_transfer=cast(DataTransfer, spec.get("dataTransfer", base.data_transfer)),
+            diary=bool(spec.get("diary", base.diary)),
+            local_station_data=bool(spec.get("localStationData", base.local_station_data)),
+            delete_source_after=delete_after,
+            prestage_lead=dur("prestageLead", base.prestage_lead),
+            recheck_lead=dur("recheckLead", base.recheck_lead),
+            max_parallel=int(spec.get("maxParallel", base.max_parallel)),
+            retention=dur("retention", base.retention),
+            station_retries=int(spec.get("stationRetries", base.station_retries)),
+            location=doc.location(),
+        )
+        if doc.valid:
+            self.policies[name] = policy
+
+    def build_placement(self, doc: _Doc) -> None:
+        """A MailboxPlacement document -> PlacementSpec (addresses lowercased)."""
+        spec, name = doc.spec, cast(str, doc.name)
+        boxes = tuple(
+            MailboxSpec(
+                address=str(box["address"]).lower(),
+                aliases=tuple(str(a).lower() for a in box.get("aliases", [])),
+                station=box.get("station"),
+                location=doc.at("spec", "mailboxes", i),
+            )
+            for i, box in enumerate(spec["mailboxes"])
+        )
+        self.placements[name] = PlacementSpec(
+            name=name, system=spec["system"], window=spec.get("window"),
+            policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
+        )
+
+    def build_all(self) -> None:
+        """Build every schema-valid document; note the names of the broken ones."""
+        builders: dict[str, Callable[[_Doc], None]] = {
+            "MailSystem": self.build_system,
+            "FedHub": self.build_fed,
+            "MigrationWindow": self.build_window,
+            "MigrationPolicy": self.build_policy,
+            "MailboxPlacement": self.build_placement,
+        }
+        for doc in self.docs:
+            if doc.valid:
+                builders[doc.kind](doc)
+            if not doc.valid and doc.name is not None:
+                self.broken.add((doc.kind, doc.name))
+
+    # -- stage 5: across documents ------------------------------------------------------------
+
+    def check_names(self) -> None:
+        """metadata.name is unique per kind; exactly one FedHub."""
+        first: dict[tuple[str, str], _Doc] = {}
+        for doc in self.docs:
+            if doc.name is None:
+                continue
+            key = (doc.kind, doc.name)
+            if key in first:
+                where = first[key].at("metadata", "name")
+                self.report(doc.display, doc.order, doc.ydoc.line_of(("metadata", "name")),
+                            ("metadata", "name"),
+                            f"duplicate {doc.kind} name {doc.name!r}: also defined at {where}")
+            else:
+                first[key] = doc
+        feds = [d for d in self.docs if d.kind == "FedHub"]
+        if not feds and not self.uncertain:
+            self.report(display_path(self.directory), len(self.docs) + 10**6, 0, "-",
+                        "no FedHub in the spec set (exactly one is required)")
+        for extra in feds[1:]:
+            self.report(extra.display, extra.order, extra.ydoc.line, "-",
+                        f"a second FedHub {extra.name!r}: exactly one is allowed, "
+                        f"{feds[0].name!r} is defined at {feds[0].location()}")
+
+    def check_placements(self) -> None:
+        """References, addresses claimed twice, and domains served by the target system."""
+        claimed: dict[str, str] = {}  # address -> "FILE:LINE (field of placement)"
+        for doc in self.docs:
+            if doc.kind != "MailboxPlacement" or not doc.valid:
+                continue
+            placement = self.placements[cast(str, doc.name)]
+            self.check_reference(doc, "system", "MailSystem", set(self.systems))
+            self.check_reference(doc, "window", "MigrationWindow", set(self.windows))
+            self.check_reference(doc, "policy", "MigrationPolicy", set(self.policies))
+            system = self.systems.get(placement.system)
+            for i, box in enumerate(placement.mailboxes):
+                claims: list[tuple[JsonPath, str]] = [
+                    (("spec", "mailboxes", i, "address"), box.address)
+                ] + [(("spec", "mailboxes", i, "aliases", j), a) for j, a in enumerate(box.aliases)]
+                for path, address in claims:
+                    here = doc.at(*path)
+                    if address in claimed:
+                        self.report(doc.display, doc.order, here.line, path,
+                                    f"address {address!r} is claimed twice: also at "
+                                    f"{claimed[address]}")
+                    else:
+                        claimed[address] = f"{here} ({dotted(path)} of placement {doc.name})"
+                    domain = address.rpartition("@")[2]
+                    if system is not None and domain not in system.domains:
+                        self.report(doc.display, doc.order, here.line, path,
+                                    f"domain {domain!r} is not served by MailSystem "
+                                    f"{system.name!r} (domains: {', '.join(system.domains)})")
+
+    def check_reference(self, doc: _Doc, key: str, kind: str, known: set[str]) -> None:
+        """spec.<key> names an existing object of `kind` (broken ones excepted)."""
+        name = doc.spec.get(key)
+        if name is None or name in known or (kind, name) in self.broken or self.uncertain:
+            return
+        listing = ", ".join(sorted(known)) or "none"
+        self.report(doc.display, doc.order, doc.ydoc.line_of(("spec", key)), ("spec", key),
+                    f"unknown {kind} {name!r} (known: {listing})")
+
+    # -- all together ---------------------------------------------------------------------
+
+    def load(self) -> SpecSet:
+        """Run every stage; raise SpecError with every problem, or return the SpecSet."""
+        self.read_folder()
+        self.build_all()
+        self.check_names()
+        self.check_placements()
+        if self.problems or not self.feds:
+            lines = [p.text for p in sorted(self.problems)]
+            raise SpecError(list(dict.fromkeys(lines)) or ["-:0: -: no valid FedHub"])
+        commit, dirty = git_state(self.root)
+        return SpecSet(
+            root=str(self.root),
+            systems=dict(self.systems),
+            fed=self.feds[0],
+            windows=dict(self.windows),
+            policies=dict(self.policies),
+            placements=dict(self.placements),
+            commit=commit,
+            dirty=dirty,
+        )
+
+
+def load_specs(directory: str | Path) -> SpecSet:
+    """Load and validate every spec in `directory`; raise SpecError listing all problems."""
+    return _Loader(Path(directory)).load()

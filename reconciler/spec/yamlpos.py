@@ -1,0 +1,170 @@
+"""YAML with a line number for every node, so every spec problem can name its line.
+
+Why not `yaml.safe_load`: it returns plain dicts and lists and forgets where each value was
+written, while invariant 5 promises the admin a message naming the file *and line* of every
+problem, including the ones found long after parsing (a JSON Schema violation deep inside
+``spec.mailboxes[2].aliases[0]``, an address claimed twice in two files). So we compose the
+node graph ourselves (`yaml.compose_all`, which keeps each node's `start_mark`) and build the
+plain Python value from it, recording on the way a map from every JSON path (the tuple
+jsonschema reports as `error.absolute_path`) to the 1-based line of its node, and another to
+the line of the mapping key that introduced it.
+
+Three deliberate differences from PyYAML's safe loader, all for validation's sake:
+
+* Timestamps stay strings. YAML 1.1 turns an unquoted ``2026-01-01T00:00:00Z`` into a
+  `datetime`, which JSON Schema cannot type-check (it is not a JSON value) and whose naive
+  form would lose the rule "a time without offset is in the window's time zone". The loader
+  parses the text itself.
+* Duplicate keys are an error. YAML says keys are unique; PyYAML silently keeps the last
+  one, which hides exactly the kind of copy-paste mistake a reviewer misses.
+* Keys must be scalars and are turned into strings, as JSON requires.
+
+A syntax error does not lose the documents before it in a multi-document file: they are
+returned together with the error, so the loader can still report their own problems.
+
+PURE apart from taking text: no file access here (the loader reads files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+JsonPath = tuple[str | int, ...]
+
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_MAX_DEPTH = 100  # specs are shallow; this only stops alias cycles and pathological input
+
+
+class _ScalarConstructor(SafeConstructor):
+    """PyYAML's safe scalar conversions (ints, bools, nulls, floats), timestamps kept as text."""
+
+
+# Register on the subclass only: PyYAML's constructor tables are class attributes.
+_ScalarConstructor.add_constructor(_TIMESTAMP_TAG, lambda _c, node: node.value)
+
+
+@dataclass
+class YamlDocument:
+    """One YAML document: its plain value and where each part of it was written."""
+
+    data: Any
+    line: int  # 1-based line where the document's root node starts
+    lines: dict[JsonPath, int] = field(default_factory=dict)  # path -> line of the value
+    key_lines: dict[JsonPath, int] = field(default_factory=dict)  # path -> line of its key
+    problems: list[tuple[int, JsonPath, str]] = field(default_factory=list)  # (line, path, msg)
+
+    def line_of(self, path: JsonPath) -> int:
+        """Line of the node at `path`, or of its nearest recorded ancestor."""
+        for cut in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:cut]))
+            if line is not None:
+                return line
+        return self.line
+
+    def key_line_of(self, path: JsonPath) -> int:
+        """Line of the key introducing `path` (falls back to the value's line)."""
+        return self.key_lines.get(tuple(path)) or self.line_of(path)
+
+
+@dataclass
+class YamlParseResult:
+    """Every document parsed before the first syntax error, and that error if any."""
+
+    documents: list[YamlDocument]
+    error_line: int | None = None
+    error: str | None = None
+
+
+def _line(node: Node) -> int:
+    """1-based line of a node (PyYAML marks are 0-based)."""
+    return int(node.start_mark.line) + 1
+
+
+class _Builder:
+    """Walks one composed document, building the value and its line maps."""
+
+    def __init__(self, doc: YamlDocument) -> None:
+        self.doc = doc
+        self.scalars = _ScalarConstructor()
+        self.stack: list[int] = []  # ids of the collection nodes being built (alias cycles)
+
+    def build(self, node: Node, path: JsonPath) -> Any:
+        """The plain value of `node`, recording its line under `path`."""
+        self.doc.lines[path] = _line(node)
+        if isinstance(node, ScalarNode):
+            return self.scalar(node, path)
+        if id(node) in self.stack or len(self.stack) >= _MAX_DEPTH:
+            self.doc.problems.append((_line(node), path, "recursive or too deeply nested YAML"))
+            return None
+        self.stack.append(id(node))
+        try:
+            if isinstance(node, SequenceNode):
+                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+            if isinstance(node, MappingNode):
+                return self.mapping(node, path)
+            return None  # pragma: no cover - PyYAML has no other node kinds
+        finally:
+            self.stack.pop()
+
+    def scalar(self, node: ScalarNode, path: JsonPath) -> Any:
+        """A scalar converted like `yaml.safe_load` does, except timestamps."""
+        try:
+            return self.scalars.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:  # e.g. an unknown !tag
+            self.doc.problems.append((_line(node), path, f"cannot read value: {exc}"))
+            return node.value
+
+    def mapping(self, node: MappingNode, path: JsonPath) -> dict[str, Any]:
+        """A mapping with string keys; duplicate and non-scalar keys are reported."""
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == _MERGE_TAG:
+                self.doc.problems.append(
+                    (_line(key_node), path, "mapping keys must be plain names (no '<<' merges)")
+                )
+                continue
+            key = str(self.scalar(key_node, path))
+            child: JsonPath = (*path, key)
+            if key in result:
+                first = self.doc.key_lines.get(child, _line(node))
+                self.doc.problems.append(
+                    (_line(key_node), child, f"duplicate key '{key}' (first at line {first})")
+                )
+                continue
+            self.doc.key_lines[child] = _line(key_node)
+            result[key] = self.build(value_node, child)
+        return result
+
+
+def _iter_nodes(text: str) -> Iterator[Node | None]:
+    """`yaml.compose_all` over text, typed."""
+    yield from yaml.compose_all(text, Loader=yaml.SafeLoader)
+
+
+def parse_documents(text: str) -> YamlParseResult:
+    """Parse every document of a (multi-document) YAML text, keeping line numbers."""
+    result = YamlParseResult(documents=[])
+    try:
+        for node in _iter_nodes(text):
+            if node is None:  # an empty document (e.g. a file of comments, or a stray `---`)
+                continue
+            doc = YamlDocument(data=None, line=_line(node))
+            doc.data = _Builder(doc).build(node, ())
+            result.documents.append(doc)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        result.error_line = int(mark.line) + 1 if mark is not None else 1
+        result.error = " ".join(
+            part for part in (exc.context, exc.problem) if part
+        ) or str(exc)
+    except yaml.YAMLError as exc:  # unmarked errors (e.g. a bad encoding) have no line
+        result.error_line = 1
+        result.error = str(exc)
+    return result
