@@ -11,10 +11,10 @@ server (NAT, firewalls, switched-off laptops), so it asks. Each cycle:
      report them. A passing check is not run again; a failing one is re-run on every poll
      (the user may close the mail client in the meantime) but only re-reported when its
      problems change, so a help desk reading the reports sees changes, not noise;
-   - `local-migrate` (E30-E33): upload the local mail (idempotent), switch the profile, test
-     it; on a failed test restore the old profile and retry with exponential back-off, and
-     after the last retry report `failed`; on success delete the old profile (cleanup) and
-     report `done`.
+   - `local-migrate` (E30-E33): wait while the mail client runs; upload the local mail
+     (idempotent), switch the profile, test it; on a failed test restore the old profile and
+     retry with exponential back-off, and after the last retry report `failed`; on success
+     delete the old profile (cleanup) and report `done`.
 4. send the new reports (each one was written to the outbox before any attempt to send it).
 
 What was finished is remembered in `<state-dir>/agent-state.json`, so a restarted agent does
@@ -237,6 +237,18 @@ class Agent:
         attempts = self.config.retries + 1
         last_error = ""
         for attempt in range(1, attempts + 1):
+            # A running client writes the mbox files we read and would overwrite the switched
+            # profile when it exits: wait for a later poll (not a failed attempt).
+            lock = profile.client_lock(self.config.profile)
+            if lock is not None:
+                problems = [f"the mail client is running (lock file {lock})"]
+                log.warning("local migration waits: %s; ask the user to close the mail "
+                            "client, the agent retries on its next poll", problems[0])
+                if self.memory.last_problems.get(key) != problems:
+                    self.report(mid, "local-data", False, {"problems": problems})
+                    self.memory.last_problems[key] = problems
+                    self.memory.save()
+                return
             # E30: the local data (nothing is sent twice: manifest + the API's own check).
             try:
                 uploaded = self._upload(mid)
@@ -257,17 +269,6 @@ class Agent:
                      "there, %d sent before", mid, uploaded["messages"], uploaded["uploaded"],
                      uploaded["present"], uploaded["skipped"])
             self.report(mid, "local-data", True, uploaded)
-
-            lock = profile.client_lock(self.config.profile)
-            if lock is not None:
-                problems = [f"the mail client is running (lock file {lock})"]
-                log.warning("not switching the profile: %s; ask the user to close the mail "
-                            "client, the agent retries on its next poll", problems[0])
-                if self.memory.last_problems.get(key) != problems:
-                    self.report(mid, "switch", False, {"problems": problems})
-                    self.memory.last_problems[key] = problems
-                    self.memory.save()
-                return
 
             # The profile switch (E30, end).
             try:

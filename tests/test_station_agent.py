@@ -145,6 +145,22 @@ def test_local_migrate_uploads_once_switches_tests_and_cleans_up(world: World) -
     assert len(world.driver.list_messages(BOX, "Local Folders/Archive")) == 2
 
 
+def test_local_migrate_waits_while_the_mail_client_runs(world: World) -> None:
+    ws = workstation(world)
+    add_migration(world.store, action="local-migrate", state=8)
+    (ws.profile.parent / "lock").symlink_to("127.0.0.1:+4242")  # Thunderbird's dangling link
+    for _ in range(2):  # polled twice, reported once
+        assert run_agent(world, ws).returncode == 0
+    [waiting] = reports(world.store)
+    assert (waiting.kind, waiting.ok) == ("local-data", False)
+    assert "mail client is running" in waiting.detail["problems"][0]
+    assert ws.profile.read_bytes() == ORIGINAL_PROFILE
+    assert "Local Folders/Archive" not in world.driver.list_folders(BOX)
+    (ws.profile.parent / "lock").unlink()
+    assert run_agent(world, ws).returncode == 0
+    assert _kinds(world)[-1] == "done"
+
+
 def test_failed_test_rolls_back_byte_for_byte_retries_then_fails(world: World) -> None:
     ws = workstation(world)
     world.submission = world.refusing  # the new server answers 550 to RCPT
