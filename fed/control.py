@@ -1,0 +1,303 @@
+"""fed's HTTP control API: how the reconciler (and an admin with curl) drives the hub.
+
+The reconciler never touches fed's files; everything it needs for the patent's steps is a
+JSON route here: directory entries, systems, up-sync / down-sync / verify (E5-E8), holds,
+release and flip (E8-E9), queue and delivery-log inspection. Documented route by route in
+``docs/fed-api.md``.
+
+Security (invariant 8): every route, health included, needs ``Authorization: Bearer
+<token>``; the token is compared in constant time. The API is meant to listen on loopback
+or a private network only.
+
+Error shape: ``{"error": "..."}`` with 400 for bad input, 401 for a bad token, 404 for a
+missing entry, 409 for a request that contradicts the current state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .addresses import split_physical
+from .delivery import Deliverer
+from .directory import (
+    Directory,
+    DirectoryConflict,
+    DirectoryError,
+    check_address,
+    check_physical,
+)
+from .holds import Holds
+from .spool import Spool
+
+log = logging.getLogger("fed.control")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def iso(ts: float) -> str:
+    """An epoch time as ISO 8601 UTC."""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def parse_time(raw: str) -> float:
+    """Epoch seconds from an ISO 8601 time or a number."""
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise DirectoryError(f"bad time {raw!r}: use ISO 8601 or epoch seconds") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DirectoryError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DirectoryError("body must be a JSON object")
+    return data
+
+
+def _addresses(data: dict[str, Any]) -> list[str]:
+    raw = data.get("addresses")
+    if not isinstance(raw, list) or not raw:
+        raise DirectoryError("'addresses' must be a non-empty list of addresses")
+    return list(dict.fromkeys(check_address(a) for a in raw))
+
+
+class ControlAPI:
+    """The aiohttp application and its handlers."""
+
+    def __init__(self, token: str, directory: Directory, spool: Spool, holds: Holds,
+                 deliverer: Deliverer, hold_timeout: float = 120.0) -> None:
+        self.token = token.encode()
+        self.directory = directory
+        self.spool = spool
+        self.holds = holds
+        self.deliverer = deliverer
+        self.hold_timeout = hold_timeout
+
+    def app(self) -> web.Application:
+        """Build the aiohttp application."""
+        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=16 << 20)
+        r = app.router
+        r.add_get("/v1/health", self.health)
+        r.add_get("/v1/directory", self.directory_all)
+        r.add_get("/v1/directory/{address}", self.directory_get)
+        r.add_put("/v1/directory/{address}", self.directory_put)
+        r.add_delete("/v1/directory/{address}", self.directory_delete)
+        r.add_get("/v1/systems", self.systems_get)
+        r.add_put("/v1/systems/{name}", self.systems_put)
+        r.add_post("/v1/upsync", self.upsync)
+        r.add_get("/v1/downsync", self.downsync)
+        r.add_post("/v1/verify", self.verify)
+        r.add_get("/v1/holds", self.holds_get)
+        r.add_post("/v1/holds", self.holds_post)
+        r.add_post("/v1/release", self.release)
+        r.add_post("/v1/flip", self.flip)
+        r.add_get("/v1/queue", self.queue)
+        r.add_get("/v1/deliveries", self.deliveries)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self.token):
+            log.warning("refused control request %s %s from %s: bad token", request.method,
+                        request.path, request.remote)
+            return _json({"error": "missing or wrong bearer token"}, 401)
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except DirectoryConflict as exc:
+            return _json({"error": str(exc)}, 409)
+        except DirectoryError as exc:
+            return _json({"error": str(exc)}, 400)
+
+    # -- health, directory, systems ------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        """Liveness plus a summary."""
+        return _json({"ok": True, "version": self.directory.version(),
+                      "queue": self._queue_counts()})
+
+    async def directory_all(self, request: web.Request) -> web.Response:
+        """Every directory entry."""
+        return _json({"version": self.directory.version(), "entries": self.directory.entries()})
+
+    async def directory_get(self, request: web.Request) -> web.Response:
+        """One directory entry (404 if absent)."""
+        address = check_address(request.match_info["address"])
+        physical = self.directory.lookup(address)
+        if physical is None:
+            return _json({"error": f"{address} is not in the directory"}, 404)
+        return _json({"address": address, "physical": physical})
+
+    async def directory_put(self, request: web.Request) -> web.Response:
+        """Create or replace one entry."""
+        address = check_address(request.match_info["address"])
+        if split_physical(address):
+            raise DirectoryError("a physical address routes to itself; it needs no entry")
+        physical = check_physical((await _body(request)).get("physical"))
+        changed = self.directory.put(address, physical)
+        self.deliverer.wake()
+        return _json({"address": address, "physical": physical, "changed": changed,
+                      "version": self.directory.version()})
+
+    async def directory_delete(self, request: web.Request) -> web.Response:
+        """Remove one entry (idempotent)."""
+        address = check_address(request.match_info["address"])
+        deleted = self.directory.delete(address)
+        return _json({"address": address, "deleted": deleted,
+                      "version": self.directory.version()})
+
+    async def systems_get(self, request: web.Request) -> web.Response:
+        """Every registered system."""
+        return _json({"systems": [vars(s) for s in self.directory.systems()]})
+
+    async def systems_put(self, request: web.Request) -> web.Response:
+        """Register or update a system's delivery endpoint."""
+        data = await _body(request)
+        host, port, protocol = data.get("host"), data.get("port"), data.get("protocol", "lmtp")
+        if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool) \
+                or not isinstance(protocol, str):
+            raise DirectoryError("body needs 'host' (string), 'port' (integer), 'protocol'")
+        system = self.directory.put_system(request.match_info["name"], host, port, protocol)
+        self.deliverer.wake()
+        return _json(vars(system))
+
+    # -- up-sync, down-sync, verify --------------------------------------------------
+    async def upsync(self, request: web.Request) -> web.Response:
+        """Store a system's address list and merge it into the directory."""
+        data = await _body(request)
+        system = data.get("system")
+        if not isinstance(system, str) or self.directory.system(system) is None:
+            raise DirectoryError(f"'system' must name a registered system, got {system!r}")
+        system = system.lower()
+        raw = data.get("mailboxes")
+        if not isinstance(raw, list):
+            raise DirectoryError("'mailboxes' must be a list")
+        mailboxes: list[tuple[str, list[str]]] = []
+        for entry in raw:
+            if not isinstance(entry, dict) or not isinstance(entry.get("addresses"), list):
+                raise DirectoryError("each mailbox needs 'physical' and 'addresses' (a list)")
+            physical = check_physical(entry.get("physical"))
+            if split_physical(physical) != (system, physical.partition("@")[0]):
+                raise DirectoryError(f"{physical} is not a physical address of {system}")
+            mailboxes.append((physical, [check_address(a) for a in entry["addresses"]]))
+        result = self.directory.upsync(system, mailboxes)
+        if result.conflicts:
+            log.warning("up-sync of %s: conflicts %s", system, result.conflicts)
+        self.deliverer.wake()
+        return _json({"system": system, "added": result.added, "updated": result.updated,
+                      "removed": result.removed, "conflicts": result.conflicts,
+                      "version": self.directory.version()})
+
+    async def downsync(self, request: web.Request) -> web.Response:
+        """The merged address book every system should hold."""
+        version, entries = self.directory.downsync()
+        return _json({"version": version, "entries": entries})
+
+    async def verify(self, request: web.Request) -> web.Response:
+        """Does a system's latest up-sync list this physical with these addresses? (E7/E8)"""
+        data = await _body(request)
+        system = data.get("system")
+        if not isinstance(system, str):
+            raise DirectoryError("'system' must be a string")
+        physical = check_physical(data.get("physical"))
+        reason = self.directory.verify(system.lower(), physical, _addresses(data))
+        if reason is not None:
+            return _json({"ok": False, "reason": reason}, 409)
+        return _json({"ok": True})
+
+    # -- holds, release, flip ----------------------------------------------------------
+    async def holds_get(self, request: web.Request) -> web.Response:
+        """Every hold, with its start and the number of messages waiting."""
+        return _json({"holds": {
+            address: {"since": iso(since), "waiting": self.spool.waiting(address)}
+            for address, since in sorted(self.holds.held.items())
+        }})
+
+    async def holds_post(self, request: web.Request) -> web.Response:
+        """Hold addresses; answer once no delivery for them is in flight any more."""
+        addresses = _addresses(await _body(request))
+        since = self.holds.hold(addresses)
+        log.info("hold %s", ", ".join(addresses))
+        if not await self.holds.wait_idle(addresses, self.hold_timeout):
+            busy = self.holds.busy(addresses)
+            return _json({"error": f"hold recorded but {busy} deliveries are still in flight; "
+                                   "call again"}, 503)
+        return _json({"held": addresses, "since": iso(min(since.values()))})
+
+    async def release(self, request: web.Request) -> web.Response:
+        """Release holds and deliver what waited."""
+        addresses = _addresses(await _body(request))
+        released = self.holds.release(addresses)
+        log.info("release %s", ", ".join(addresses))
+        self.deliverer.wake()
+        return _json({"released": released, "not_held": [a for a in addresses
+                                                          if a not in released]})
+
+    async def flip(self, request: web.Request) -> web.Response:
+        """Move addresses from one physical address to another, atomically (E9)."""
+        data = await _body(request)
+        addresses = _addresses(data)
+        source, target = check_physical(data.get("from"), "from"), check_physical(data.get("to"),
+                                                                                  "to")
+        result = self.directory.flip(addresses, source, target)
+        log.info("flip %s: %s -> %s (%s)", ", ".join(addresses), source, target, vars(result))
+        self.deliverer.wake()
+        return _json({**vars(result), "version": self.directory.version()})
+
+    # -- queue, deliveries ------------------------------------------------------------
+    def _queue_counts(self) -> dict[str, int]:
+        rows = self.spool.store.query(
+            "SELECT r.rcpt IN (SELECT address FROM holds) AS held, COUNT(*) AS n "
+            "FROM recipients r WHERE r.status = 'pending' GROUP BY 1"
+        )
+        counts = {bool(r["held"]): int(r["n"]) for r in rows}
+        shunted = self.spool.store.query("SELECT COUNT(*) AS n FROM shunted")[0]["n"]
+        return {"pending": counts.get(False, 0) + counts.get(True, 0),
+                "held": counts.get(True, 0), "retrying": self.deliverer.retrying(),
+                "shunted": int(shunted)}
+
+    async def queue(self, request: web.Request) -> web.Response:
+        """Queue counters (pending includes held and retrying recipients)."""
+        return _json(self._queue_counts())
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        """Delivery log rows, oldest first (?rcpt=, ?since=, ?limit=)."""
+        rcpt = request.query.get("rcpt")
+        since = request.query.get("since")
+        try:
+            limit = int(request.query.get("limit", "1000"))
+        except ValueError as exc:
+            raise DirectoryError("limit must be an integer") from exc
+        rows = self.deliverer.log_rows(
+            check_address(rcpt) if rcpt else None,
+            parse_time(since) if since else None, max(1, min(limit, 10000)),
+        )
+        for row in rows:
+            row["at"] = iso(float(str(row["at"])))
+        return _json({"deliveries": rows})

@@ -1,0 +1,123 @@
+"""fed's one SQLite database: directory, systems, holds, queue state, delivery log.
+
+Why one file and one connection: everything fed decides (accept a recipient, deliver it,
+hold it, flip it) reads or writes these tables, and all of it runs on fed's single asyncio
+event loop. A single connection used only from the loop thread gives a total order of
+writes without any lock, and one ``BEGIN IMMEDIATE ... COMMIT`` makes a flip or an up-sync
+atomic. WAL mode with ``synchronous=FULL`` makes every commit durable before it returns,
+which is what invariant 1 needs for the per-recipient delivery state (the message bytes
+themselves live in spool files, see ``spool.py``).
+
+At DESIGN.md's "beyond one machine" scale these tables would move to PostgreSQL; the
+queries are plain SQL for that reason.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS directory (
+    address TEXT PRIMARY KEY,
+    physical TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS systems (
+    name TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    protocol TEXT NOT NULL CHECK (protocol IN ('lmtp', 'smtp'))
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upsync_state (
+    system TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upsync (
+    system TEXT NOT NULL,
+    physical TEXT NOT NULL,
+    address TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (system, physical, address)
+);
+CREATE INDEX IF NOT EXISTS upsync_address ON upsync (address);
+CREATE TABLE IF NOT EXISTS holds (
+    address TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    mail_from TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    message_id TEXT,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    queue_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'shunted')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    PRIMARY KEY (queue_id, rcpt)
+);
+CREATE INDEX IF NOT EXISTS recipients_status ON recipients (status, next_try);
+CREATE TABLE IF NOT EXISTS shunted (
+    queue_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    at REAL NOT NULL,
+    code INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (queue_id, rcpt)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    queue_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    physical TEXT,
+    system TEXT,
+    message_id TEXT,
+    result TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_rcpt ON deliveries (rcpt, at);
+"""
+
+
+class Store:
+    """The SQLite connection; use it from the event loop thread only."""
+
+    def __init__(self, path: Path) -> None:
+        # isolation_level=None: no implicit transactions, we open them explicitly.
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.executescript(SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+        """Run a read query and return all rows."""
+        return self.conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        """Close the connection (checkpoints the WAL)."""
+        self.conn.close()

@@ -1,0 +1,296 @@
+"""Client of fed's control API: how the reconciler reads and drives the routing hub.
+
+fed is a separate server (DESIGN.md, rule 2), so the reconciler reaches it only over HTTP,
+with the stdlib (``urllib.request``) to keep this dependency-free and easy to fake. Each
+route of ``docs/fed-api.md`` is one method returning a typed value.
+
+Errors follow the reconciler's hierarchy (``reconciler.errors``), because the engine turns
+them into back-off or a frozen migration:
+
+- fed unreachable, timed out, or answering 5xx -> ``TemporaryError`` naming the URL and the
+  reason: the step is retried later, the migration keeps its state;
+- 401 -> ``PermanentError``: a wrong token will not fix itself;
+- verify's 409 is an *answer* (E8 negative), returned as ``VerifyResult(ok=False)``;
+- flip's 409 (an address at a third physical) -> ``PermanentError`` with fed's reason: the
+  patent stops the migration there and an admin must look;
+- any other 4xx -> ``PermanentError`` (the request itself is wrong).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.errors import PermanentError, TemporaryError
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """A system registered in fed."""
+
+    name: str
+    host: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class DirectoryEntry:
+    """One directory entry."""
+
+    address: str
+    physical: str
+
+
+@dataclass(frozen=True)
+class AddressBook:
+    """The directory (or the down-sync): version and address -> physical."""
+
+    version: int
+    entries: dict[str, str]
+
+
+@dataclass(frozen=True)
+class UpsyncResult:
+    """What an up-sync changed."""
+
+    added: dict[str, str]
+    updated: dict[str, str]
+    removed: list[str]
+    conflicts: list[dict[str, str]]
+    version: int
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """E7/E8: does fed see the address list of the target mailbox?"""
+
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class HoldInfo:
+    """One held address."""
+
+    since: str
+    waiting: int
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    """Answer of a hold: these addresses are held and nothing for them is in flight."""
+
+    held: list[str]
+    since: str
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """Answer of a release."""
+
+    released: list[str]
+    not_held: list[str]
+
+
+@dataclass(frozen=True)
+class FlipResult:
+    """Answer of a flip."""
+
+    flipped: list[str]
+    already: list[str]
+    created: list[str]
+    version: int
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """Queue counters (pending includes held and retrying recipients)."""
+
+    pending: int
+    held: int
+    retrying: int
+    shunted: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One row of fed's delivery log."""
+
+    at: str
+    queue_id: str
+    rcpt: str
+    physical: str | None
+    system: str | None
+    message_id: str | None
+    result: str
+    detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _q(address: str) -> str:
+    return urllib.parse.quote(address, safe="@")
+
+
+class FedClient:
+    """One method per route of fed's control API."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    # -- transport ------------------------------------------------------------------
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
+              ok: tuple[int, ...] = ()) -> tuple[int, Any]:
+        """(status, decoded JSON); statuses in `ok` are returned instead of raised."""
+        url = self.base_url + path
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+            "Accept": "application/json",
+        })
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, _decode(response.read(), url)
+        except urllib.error.HTTPError as exc:
+            payload = _decode(exc.read(), url, strict=False)
+            if exc.code in ok:
+                return exc.code, payload
+            reason = payload.get("error") if isinstance(payload, dict) else None
+            reason = reason or (payload.get("reason") if isinstance(payload, dict) else None)
+            reason = reason or exc.reason
+            if exc.code == 401:
+                raise PermanentError(f"fed refused the token at {method} {url}: {reason}") \
+                    from exc
+            if exc.code >= 500:
+                raise TemporaryError(f"fed failed {method} {url}: {exc.code} {reason}") from exc
+            raise PermanentError(f"fed rejected {method} {url}: {exc.code} {reason}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+            why = getattr(exc, "reason", exc)
+            raise TemporaryError(f"fed unreachable at {method} {url}: {why}") from exc
+
+    def _get(self, path: str) -> Any:
+        return self._call("GET", path)[1]
+
+    # -- routes ---------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """GET /v1/health."""
+        result: dict[str, Any] = self._get("/v1/health")
+        return result
+
+    def wait_ready(self, timeout: float) -> None:
+        """Poll /v1/health until fed answers; TemporaryError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.health()
+                return
+            except TemporaryError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def directory(self) -> AddressBook:
+        """GET /v1/directory."""
+        data = self._get("/v1/directory")
+        return AddressBook(int(data["version"]), dict(data["entries"]))
+
+    def lookup(self, address: str) -> str | None:
+        """GET /v1/directory/{address}: its physical address, or None."""
+        status, data = self._call("GET", f"/v1/directory/{_q(address)}", ok=(404,))
+        return None if status == 404 else str(data["physical"])
+
+    def put_entry(self, address: str, physical: str) -> DirectoryEntry:
+        """PUT /v1/directory/{address}."""
+        data = self._call("PUT", f"/v1/directory/{_q(address)}", {"physical": physical})[1]
+        return DirectoryEntry(data["address"], data["physical"])
+
+    def delete_entry(self, address: str) -> bool:
+        """DELETE /v1/directory/{address}; True if it existed."""
+        return bool(self._call("DELETE", f"/v1/directory/{_q(address)}")[1]["deleted"])
+
+    def systems(self) -> list[SystemInfo]:
+        """GET /v1/systems."""
+        return [SystemInfo(**s) for s in self._get("/v1/systems")["systems"]]
+
+    def put_system(self, name: str, host: str, port: int, protocol: str = "lmtp") -> SystemInfo:
+        """PUT /v1/systems/{name}."""
+        body = {"host": host, "port": port, "protocol": protocol}
+        return SystemInfo(**self._call("PUT", f"/v1/systems/{_q(name)}", body)[1])
+
+    def upsync(self, system: str, mailboxes: dict[str, list[str]]) -> UpsyncResult:
+        """POST /v1/upsync with `physical -> addresses` of every mailbox of `system`."""
+        body = {"system": system, "mailboxes": [
+            {"physical": physical, "addresses": addresses}
+            for physical, addresses in mailboxes.items()
+        ]}
+        data = self._call("POST", "/v1/upsync", body)[1]
+        return UpsyncResult(dict(data["added"]), dict(data["updated"]), list(data["removed"]),
+                            list(data["conflicts"]), int(data["version"]))
+
+    def downsync(self) -> AddressBook:
+        """GET /v1/downsync: the merged address book for every system."""
+        data = self._get("/v1/downsync")
+        return AddressBook(int(data["version"]), dict(data["entries"]))
+
+    def verify(self, system: str, physical: str, addresses: list[str]) -> VerifyResult:
+        """POST /v1/verify (E7/E8); a negative answer is a result, not an exception."""
+        body = {"system": system, "physical": physical, "addresses": addresses}
+        status, data = self._call("POST", "/v1/verify", body, ok=(409,))
+        return VerifyResult(bool(data.get("ok")) and status == 200, str(data.get("reason", "")))
+
+    def hold(self, addresses: list[str]) -> HoldResult:
+        """POST /v1/holds: returns once nothing is in flight for these addresses."""
+        data = self._call("POST", "/v1/holds", {"addresses": addresses})[1]
+        return HoldResult(list(data["held"]), str(data["since"]))
+
+    def holds(self) -> dict[str, HoldInfo]:
+        """GET /v1/holds: held address -> since and messages waiting."""
+        return {a: HoldInfo(str(h["since"]), int(h["waiting"]))
+                for a, h in self._get("/v1/holds")["holds"].items()}
+
+    def release(self, addresses: list[str]) -> ReleaseResult:
+        """POST /v1/release."""
+        data = self._call("POST", "/v1/release", {"addresses": addresses})[1]
+        return ReleaseResult(list(data["released"]), list(data["not_held"]))
+
+    def flip(self, addresses: list[str], source: str, target: str) -> FlipResult:
+        """POST /v1/flip (E9); PermanentError with fed's reason on 409."""
+        body = {"addresses": addresses, "from": source, "to": target}
+        data = self._call("POST", "/v1/flip", body)[1]
+        return FlipResult(list(data["flipped"]), list(data["already"]), list(data["created"]),
+                          int(data["version"]))
+
+    def queue(self) -> QueueCounts:
+        """GET /v1/queue."""
+        return QueueCounts(**self._get("/v1/queue"))
+
+    def deliveries(self, rcpt: str | None = None, since: str | None = None,
+                   limit: int = 1000) -> list[Delivery]:
+        """GET /v1/deliveries: delivery log rows, oldest first."""
+        query: dict[str, str] = {"limit": str(limit)}
+        if rcpt:
+            query["rcpt"] = rcpt
+        if since:
+            query["since"] = since
+        rows = self._get("/v1/deliveries?" + urllib.parse.urlencode(query))["deliveries"]
+        known = {"at", "queue_id", "rcpt", "physical", "system", "message_id", "result",
+                 "detail"}
+        return [Delivery(**{k: r.get(k) for k in known},
+                         extra={k: v for k, v in r.items() if k not in known}) for r in rows]
+
+
+def _decode(raw: bytes, url: str, strict: bool = True) -> Any:
+    try:
+        return json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if not strict:
+            return None
+        raise TemporaryError(f"fed answered {url} with something that is not JSON") from exc

@@ -1,0 +1,174 @@
+"""fed's delivery: holds, flip, retries, shunting, and no loss across kill -9."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedutil import FakeSystem, Fed, message, send, wait_for
+
+from reconciler.errors import PermanentError
+
+pytestmark = pytest.mark.timeout(90)
+
+AD1 = "jean.dupont@corp.example"
+ALIAS = "jd@corp.example"
+
+
+@pytest.fixture
+def systems() -> Iterator[tuple[FakeSystem, FakeSystem]]:
+    s1, s2 = FakeSystem("s1").start(), FakeSystem("s2", protocol="smtp").start()
+    yield s1, s2
+    s1.stop()
+    s2.stop()
+
+
+@pytest.fixture
+def fed(tmp_path: Path, systems: tuple[FakeSystem, FakeSystem]) -> Iterator[Fed]:
+    s1, _ = systems
+    running = Fed(tmp_path / "fed", list(systems)).start()
+    for address in (AD1, ALIAS):
+        running.client.put_entry(address, s1.physical("jean"))
+    yield running
+    running.kill()
+
+
+def test_hold_flip_release_delivers_to_the_new_mailbox_only(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, s2 = systems
+    held = fed.client.hold([AD1, ALIAS])
+    assert held.held == [AD1, ALIAS]
+    assert fed.client.hold([AD1]).held == [AD1]  # idempotent
+    for n, rcpt in enumerate([AD1, ALIAS, AD1]):
+        assert send(fed.smtp_port, [rcpt], message("held", f"h{n}@t"))[0] == 250
+    time.sleep(0.8)
+    assert s1.received == [] and s2.received == []
+    assert fed.client.holds()[AD1].waiting == 2
+    assert fed.client.queue().held == 3
+
+    flipped = fed.client.flip([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))
+    assert sorted(flipped.flipped) == [ALIAS, AD1]
+    again = fed.client.flip([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))
+    assert sorted(again.already) == [ALIAS, AD1] and again.flipped == []
+    with pytest.raises(PermanentError, match="neither"):
+        fed.client.flip([AD1], s1.physical("other"), s1.physical("third"))
+
+    assert sorted(fed.client.release([AD1, ALIAS]).released) == [ALIAS, AD1]
+    wait_for(lambda: len(s2.received) == 3, what="held mail at s2")
+    wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
+    assert sorted(s2.ids()) == ["<h0@t>", "<h1@t>", "<h2@t>"]
+    assert {r for m in s2.received for r in m.rcpts} == {"jean@s2.invalid"}
+    assert s1.received == []
+
+
+def test_hold_waits_for_the_delivery_in_flight(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    s1.delay = 1.5
+    assert send(fed.smtp_port, [AD1], message("slow", "slow@t"))[0] == 250
+    assert s1.data_started.wait(10)
+    started = time.monotonic()
+    fed.client.hold([AD1])
+    # The hold answered only after the slow delivery had finished at s1.
+    assert time.monotonic() - started > 0.5
+    assert s1.ids() == ["<slow@t>"]
+    s1.delay = 0
+    assert send(fed.smtp_port, [AD1], message("after", "after@t"))[0] == 250
+    time.sleep(0.6)
+    assert s1.ids() == ["<slow@t>"]
+
+
+def test_temporary_refusal_is_retried_until_delivered(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    s1.reply = "451 4.3.0 try later"
+    assert send(fed.smtp_port, [AD1], message("retry", "r@t"))[0] == 250
+    wait_for(lambda: len([d for d in fed.client.deliveries(rcpt=AD1)
+                          if d.result == "deferred"]) >= 2, what="two deferrals")
+    assert fed.client.queue().retrying == 1
+    s1.reply = "250 2.0.0 Ok"
+    wait_for(lambda: s1.ids() == ["<r@t>"], what="delivery after recovery")
+    assert fed.client.deliveries(rcpt=AD1)[-1].result == "delivered"
+
+
+def test_unreachable_system_is_retried(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    s1.stop()
+    assert send(fed.smtp_port, [AD1], message("down", "d@t"))[0] == 250
+    wait_for(lambda: any("cannot connect" in d.detail for d in fed.client.deliveries()),
+             what="a failed connection")
+    s1.start()  # on a new port: tell fed, as the reconciler would
+    fed.client.put_system("s1", "127.0.0.1", s1.port, "lmtp")
+    wait_for(lambda: s1.ids() == ["<d@t>"], what="delivery after restart of the system")
+
+
+def test_permanent_refusal_is_shunted_with_the_reason(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    s1.reply = "550 5.2.2 mailbox full"
+    assert send(fed.smtp_port, [AD1], message("full", "f@t"))[0] == 250
+    wait_for(lambda: fed.client.queue().shunted == 1, what="shunt")
+    assert fed.client.queue().pending == 0
+    infos = list((fed.state_dir / "spool" / "shunt").glob("*.json"))
+    assert len(infos) == 1
+    info = json.loads(infos[0].read_text())
+    assert info["code"] == 550 and "mailbox full" in info["reason"]
+    assert b"Message-ID: <f@t>" in infos[0].with_suffix(".eml").read_bytes()
+    assert fed.client.deliveries(rcpt=AD1)[-1].result == "shunted"
+
+
+def test_kill_9_during_a_burst_loses_no_acknowledged_message(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    s1.delay = 0.02  # slower than the burst: a backlog is queued when fed dies
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def burst() -> None:
+        import smtplib
+
+        try:
+            with smtplib.SMTP("127.0.0.1", fed.smtp_port, timeout=10) as client:
+                client.ehlo("burst.example")
+                for n in range(200):
+                    if stop.is_set():
+                        return
+                    client.mail("sender@outside.example")
+                    client.rcpt(AD1 if n % 2 else ALIAS)
+                    code, _ = client.data(message("burst", f"b{n}@t"))
+                    if code == 250:
+                        acked.append(f"<b{n}@t>")
+        except (OSError, smtplib.SMTPException):
+            return  # fed was killed under us: expected
+
+    sender = threading.Thread(target=burst)
+    sender.start()
+    wait_for(lambda: len(acked) >= 40, timeout=30, what="40 acknowledged messages")
+    fed.kill()
+    stop.set()
+    sender.join(15)
+    assert acked, "nothing was acknowledged"
+    fed.start()  # same state dir
+    wait_for(lambda: set(acked) <= set(s1.ids()), timeout=30,
+             what=f"all {len(acked)} acknowledged messages delivered")
+    wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
+
+
+def test_holds_survive_a_restart(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    fed.client.hold([AD1])
+    assert send(fed.smtp_port, [AD1], message("kept", "k@t"))[0] == 250
+    assert fed.stop() == 0
+    fed.start()
+    holds = fed.client.holds()
+    assert list(holds) == [AD1] and holds[AD1].waiting == 1
+    time.sleep(0.5)
+    assert s1.received == []
+    fed.client.release([AD1])
+    wait_for(lambda: s1.ids() == ["<k@t>"], what="delivery after release")
