@@ -25,6 +25,7 @@ from reconciler.steps.base import Outcome, StepContext, addresses_of, new_physic
 def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
     """E3/E4: the window is open (the plan checked it): AD1 and aliases on BOX2."""
     target = ctx.driver(m.target_system)
+    target.ping()
     account = target.get_account(m.target_mailbox)
     if account is None:
         raise PermanentError("BOX2 disappeared from the target", address=m.address, step="E4")
@@ -66,8 +67,10 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
 def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     """E9: directory ADP1 -> ADP2, release the hold, redirect BOX1 -> BOX2."""
     old, new = old_physical(m), new_physical(m)
-    flipped = ctx.fed.flip(addresses_of(m), old, new)
     source = ctx.driver(m.source_system)
+    source.ping()  # before the flip: the redirect below must be possible right after it
+    ctx.driver(m.target_system).ping()
+    flipped = ctx.fed.flip(addresses_of(m), old, new)
     account = source.get_account(m.source_mailbox)
     if account is not None and account.redirect_to != new:
         source.set_redirect(m.source_mailbox, new)

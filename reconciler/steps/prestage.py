@@ -50,6 +50,7 @@ def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> M
 def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
     """E2: BOX2 exists on the target with AD2 and a redirect BOX2 -> BOX1."""
     target = ctx.driver(m.target_system)
+    target.ping()
     ad2 = internal_address(ctx, m)
     diary_only = m.modes.get("dataTransfer") == "diary-only"
     redirect = None if diary_only else old_physical(m)
