@@ -1,12 +1,12 @@
 """`reconcile`: the command admins and CI run.
 
-    reconcile --plan  [--specs DIR] [--json] [--at TIME]   dry run; exit 0 in sync, 2 pending, 1 error
-    reconcile --apply [--specs DIR] [--json]               one pass of everything due now
-    reconcile --watch [--specs DIR]                        apply continuously
-    reconcile serve                                        start the embedded default (fed + systems)
-    reconcile demo                                         the end-to-end demonstration
-    reconcile station enrol NAME --address ADDR            a station's token (printed once)
-    reconcile events ADDRESS                               the event history of one address
+    reconcile --plan  [--specs DIR] [--json] [--at TIME]  dry run: exit 0 same, 2 pending, 1 error
+    reconcile --apply [--specs DIR] [--json]              everything due now, then exit
+    reconcile --watch [--specs DIR]                       apply continuously
+    reconcile serve                                       the embedded default (fed + systems)
+    reconcile demo                                        the end-to-end demonstration
+    reconcile station enrol NAME --address ADDR           a station's token (printed once)
+    reconcile events ADDRESS                              the event history of one address
 
 The whole spec set is validated before anything else happens: a bad spec prints every
 problem with its file and line and exits 1 without opening the state store or calling a
@@ -120,7 +120,8 @@ def _plan(engine, specs: SpecSet, *, as_json: bool, at: datetime | None,  # type
     else:
         commit = specs.commit[:10] if specs.commit else "not in git"
         dirty = " (uncommitted changes)" if specs.dirty else ""
-        header = f"mailferry plan: specs {specs.root} @ {commit}{dirty}, at {plan.at:%Y-%m-%dT%H:%M:%SZ}\n"
+        header = (f"mailferry plan: specs {specs.root} @ {commit}{dirty}, "
+                  f"at {plan.at:%Y-%m-%dT%H:%M:%SZ}\n")
         print_plan(plan, click.echo, color=sys.stdout.isatty(), verbose=verbose, header=header)
     return EXIT_PENDING if plan.pending else EXIT_OK
 
@@ -218,7 +219,7 @@ def serve(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--workdir", default=None, help="Where to keep the demo's files (default: a temp dir).")
+@click.option("--workdir", default=None, help="Folder for the demo's files (default: temporary).")
 @click.option("--mailboxes", default=20, show_default=True)
 @click.option("--old-messages", default=8, show_default=True, help="Old messages per mailbox.")
 @click.option("--rate", default=40.0, show_default=True, help="Messages/s sent during the run.")

@@ -19,6 +19,7 @@ the deliveries to an old mailbox after its hold began (read from s1's delivery j
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import smtplib
@@ -137,10 +138,8 @@ class Sender:
             next_at = started + (n + 1) * interval
             self.stop.wait(max(0.0, next_at - time.monotonic()))
         if smtp is not None:
-            try:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
                 smtp.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
 
 
 def fill_old_mail(driver: MailSystemDriver, mailbox_id: str, owner: str, count: int,

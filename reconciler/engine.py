@@ -192,10 +192,10 @@ class Engine:
                                       f"created on {change.target}")
                 if change.action == "migrate":
                     physical = self.fed.lookup(change.address) or ""
-                    m = prestage.record_migration(ctx, self.desired[change.address], physical)
-                    record_event(session, m, "E1", to_state=0, commit=self.specs.commit,
-                                 detail={"source": m.source_system, "target": m.target_system,
-                                         "window": m.window, "modes": m.modes}, at=now)
+                    new = prestage.record_migration(ctx, self.desired[change.address], physical)
+                    record_event(session, new, "E1", to_state=0, commit=self.specs.commit,
+                                 detail={"source": new.source_system, "target": new.target_system,
+                                         "window": new.window, "modes": new.modes}, at=now)
                     return StepRecord(change.address, "E1", True, 0, "migration recorded")
                 m = session.get(Migration, change.migration_id)
                 if m is None or m.state != change.state or m.failed or m.purged:

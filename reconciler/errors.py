@@ -41,7 +41,9 @@ class StepError(MailferryError):
 class TemporaryError(StepError):
     """Retry later; `delay` seconds is the suggested back-off."""
 
-    def __init__(self, message: str, *, delay: float = 5.0, address: str = "", step: str = "") -> None:
+    def __init__(
+        self, message: str, *, delay: float = 5.0, address: str = "", step: str = ""
+    ) -> None:
         super().__init__(message, address=address, step=step)
         self.delay = delay
 

@@ -276,8 +276,8 @@ def make_plan(
     clock = WindowClock(now)
     plan = Plan(at=now)
     by_address: dict[str, MigrationView] = {}
-    for m in migrations:  # newest wins: callers pass them ordered by id
-        by_address[m.address] = m
+    for view in migrations:  # newest wins: callers pass them ordered by id
+        by_address[view.address] = view
     active: Counter[str] = Counter(
         str(m.modes.get("policy")) for m in by_address.values()
         if m.state in ACTIVE_STATES and m.failed_reason is None
@@ -285,10 +285,10 @@ def make_plan(
 
     for address in sorted(set(desired) | set(by_address)):
         want = desired.get(address)
-        m = by_address.get(address)
-        change = _change_for(address, want, m, directory, clock, active)
-        if change.step == "E4" and change.due_at(now) and m is not None:
-            active[str(m.modes.get("policy"))] += 1  # later mailboxes see this one's slot
+        current = by_address.get(address)
+        change = _change_for(address, want, current, directory, clock, active)
+        if change.step == "E4" and change.due_at(now) and current is not None:
+            active[str(current.modes.get("policy"))] += 1  # later mailboxes see this one's slot
         plan.changes.append(change)
     return plan
 

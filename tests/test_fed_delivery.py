@@ -122,8 +122,9 @@ def test_permanent_refusal_is_shunted_with_the_reason(
     assert fed.client.deliveries(rcpt=AD1)[-1].result == "shunted"
 
 
-def test_kill_9_during_a_burst_loses_no_acknowledged_message(
-        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+@pytest.mark.parametrize("how", ["kill-9", "sigterm"])
+def test_death_during_a_burst_loses_no_acknowledged_message(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem], how: str) -> None:
     s1, _ = systems
     s1.delay = 0.02  # slower than the burst: a backlog is queued when fed dies
     acked: list[str] = []
@@ -149,7 +150,10 @@ def test_kill_9_during_a_burst_loses_no_acknowledged_message(
     sender = threading.Thread(target=burst)
     sender.start()
     wait_for(lambda: len(acked) >= 40, timeout=30, what="40 acknowledged messages")
-    fed.kill()
+    if how == "kill-9":
+        fed.kill()
+    else:
+        assert fed.stop() == 0  # a clean stop: in-flight writes finished, exit 0
     stop.set()
     sender.join(15)
     assert acked, "nothing was acknowledged"
