@@ -205,7 +205,9 @@ class ControlAPI:
             physical = check_physical(entry.get("physical"))
             if split_physical(physical) != (system, physical.partition("@")[0]):
                 raise DirectoryError(f"{physical} is not a physical address of {system}")
-            mailboxes.append((physical, [check_address(a) for a in entry["addresses"]]))
+            addresses = [check_address(a) for a in entry["addresses"]]
+            # A physical address routes to itself; listing it needs no directory entry.
+            mailboxes.append((physical, [a for a in addresses if split_physical(a) is None]))
         result = self.directory.upsync(system, mailboxes)
         if result.conflicts:
             log.warning("up-sync of %s: conflicts %s", system, result.conflicts)
