@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from test_engine_modes import seed_source
-from world import World, mailbox_message_ids, placement, policy, run_cli
 
 from maildir_system.store import Store as SystemStore
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.state.model import Event, Migration
+
+from test_engine_modes import seed_source
+from world import World, mailbox_message_ids, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 

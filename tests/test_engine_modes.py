@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from world import World, mailbox_message_ids, placement, policy
 
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.engine import Engine
 from reconciler.state.model import Event, Migration, StationReport
+
+from world import World, mailbox_message_ids, placement, policy
 
 pytestmark = pytest.mark.timeout(300)
 

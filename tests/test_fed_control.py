@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedutil import TOKEN, FakeSystem, Fed, free_port
 
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.fedclient import FedClient
+
+from fedutil import TOKEN, FakeSystem, Fed, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

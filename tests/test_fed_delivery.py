@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedutil import FakeSystem, Fed, message, send, wait_for
 
 from reconciler.errors import PermanentError
+
+from fedutil import FakeSystem, Fed, message, send, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

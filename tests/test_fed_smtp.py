@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fedutil import FakeSystem, Fed, message, queue_id, send, wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-# tests/ is not a package: pytest puts tests/ itself on sys.path, so helpers import flat.
-from sysutil import FakeFed, free_port, lmtp_send, message, smtp_send, start_system
-
 from maildir_system.store import Store, folder_dirname, folder_from_dirname
 from reconciler.drivers.base import Contact, DeliveryEndpoint
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.errors import PermanentError, TemporaryError
+
+# tests/ is not a package: pytest puts tests/ itself on sys.path, so helpers import flat.
+from sysutil import FakeFed, free_port, lmtp_send, message, smtp_send, start_system
 
 BOX = "jean.dupont=corp.example"
 ADDR = "jean.dupont@corp.example"
