@@ -79,9 +79,12 @@ def _fail(message: str) -> None:
 @click.option("--at", "at", default=None, help="Plan as it will stand at this ISO time.")
 @click.option("-v", "--verbose", is_flag=True, help="Also list mailboxes already in sync.")
 @click.option("--interval", default=5.0, show_default=True, help="--watch: seconds per pass.")
+@click.option("--station-api", default=None, metavar="HOST:PORT",
+              help="--watch: also serve the station API here (e.g. 127.0.0.1:8026).")
 @click.pass_context
 def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool, do_apply: bool,
-         do_watch: bool, as_json: bool, at: str | None, verbose: bool, interval: float) -> None:
+         do_watch: bool, as_json: bool, at: str | None, verbose: bool, interval: float,
+         station_api: str | None) -> None:
     """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
     ctx.ensure_object(dict)
     ctx.obj.update(specs=specs_dir, state=state)
@@ -104,7 +107,7 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool, d
             sys.exit(_plan(engine, specs, as_json=as_json, at=_parse_at(at), verbose=verbose))
         if do_apply:
             sys.exit(_apply(engine, as_json=as_json))
-        _watch(engine, specs_dir, interval, as_json=as_json)
+        _watch(engine, specs_dir, interval, as_json=as_json, station_api=station_api)
     except MailferryError as exc:
         _fail(str(exc))
 
@@ -144,19 +147,30 @@ def _apply(engine, *, as_json: bool) -> int:  # type: ignore[no-untyped-def]
     return EXIT_ERROR if report.errors else EXIT_OK
 
 
-def _watch(engine, specs_dir: str, interval: float, *, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _watch(engine, specs_dir: str, interval: float, *, as_json: bool,  # type: ignore[no-untyped-def]
+           station_api: str | None) -> None:
     """A simple watch: apply, then sleep until the interval passes or a spec file changes."""
     import signal
     import threading
+
+    from reconciler.api.wiring import station_api_for
+
+    api = None
+    if station_api:
+        host, _, port = station_api.rpartition(":")
+        api = station_api_for(engine, host=host or "127.0.0.1", port=int(port)).start()
+        click.echo(f"station API on {api.url}")
 
     from watchdog.events import FileSystemEvent, FileSystemEventHandler
     from watchdog.observers import Observer
 
     wake = threading.Event()
     stop = threading.Event()
+    edited = threading.Event()
 
     class Changed(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
+            edited.set()
             wake.set()
 
     def terminate(*_args: object) -> None:
@@ -170,22 +184,27 @@ def _watch(engine, specs_dir: str, interval: float, *, as_json: bool) -> None:  
     observer.start()
     try:
         while not stop.is_set():
+            if edited.is_set():
+                time.sleep(0.2)  # an editor's save fires several events: one pass per save
+                edited.clear()
+                try:
+                    specs = _load(specs_dir)
+                    engine = build_engine(specs, engine.store.url)
+                except SpecError as exc:
+                    for problem in exc.problems:
+                        click.echo(problem, err=True)
+                    click.echo("error: specs invalid; keeping the last good specs", err=True)
             try:
-                specs = _load(specs_dir)
-                engine = build_engine(specs, engine.store.url)
-            except SpecError as exc:
-                for problem in exc.problems:
-                    click.echo(problem, err=True)
-                click.echo("error: specs invalid; keeping the last good state, nothing applied",
-                           err=True)
-            else:
                 _apply(engine, as_json=as_json)
+            except MailferryError as exc:  # fed or a system down: say so, try again later
+                click.echo(f"error: {exc}", err=True)
             wake.wait(interval)
-            time.sleep(0.2)  # an editor's save fires several events: one pass per save
             wake.clear()
     finally:
         observer.stop()
         observer.join()
+        if api is not None:
+            api.stop()
 
 
 @main.command()
