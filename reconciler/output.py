@@ -58,7 +58,8 @@ def change_line(change: Change, now: datetime, *, color: bool) -> str:
     elif change.action == "in-sync":
         nxt = "in sync" + (f" ({change.reason})" if change.reason else "")
     else:
-        nxt = f"next {change.step} {change.title}".rstrip()
+        nxt = (change.title if change.step == "create"
+               else f"next {change.step}: {change.title}")
         if change.destructive:
             nxt += " [destructive]"
         if change.reason:
