@@ -225,7 +225,10 @@ def run_demo(*, workdir: str | None, mailboxes: int, old_messages: int, rate: fl
         specs = load_specs(specs_dir)
         engine = build_engine(specs, state)
         echo(f"demo: specs moved to s2 at commit {(specs.commit or 'n/a')[:10]}; reconciling")
+        applied: Counter[str] = Counter()
+        engine.on_record = lambda record: applied.update([record.step] if record.ok else [])
         finished = _reconcile_until_done(engine, len(addresses), began, echo)
+        echo("demo: steps applied: " + " ".join(f"{k}x{v}" for k, v in applied.items()))
         time.sleep(1.5)  # mail after the move goes straight to s2
         sender.finish()
         drained = _wait_drained(engine, echo)
@@ -294,14 +297,16 @@ def _report(echo: Callable[[str], None], sender: Sender, old: dict[str, str],
     unexpected = sum(n for key, n in found.items() if key not in expected)
     live_found = sum(1 for mid, owner in sender.acked.items() if found[(owner, mid)] > 0)
     old_found = sum(1 for mid, owner in old.items() if found[(owner, mid)] > 0)
-    late = 0
+    late = early = 0
     for address in addresses:
         since = holds.get(address)
-        if since is None:
-            continue
-        for d in journal.deliveries(mailbox_id_for(address), since.timestamp()):
-            if d.action == "stored":
+        for d in journal.deliveries(mailbox_id_for(address), 0.0):
+            if d.action != "stored" or d.message_id not in sender.acked:
+                continue
+            if since is not None and d.at >= since.timestamp():
                 late += 1
+            else:
+                early += 1
     echo("")
     echo("mailferry demo report")
     echo(f"  mailboxes migrated (state 13):        {states.get(13, 0)} of {len(addresses)}")
@@ -311,6 +316,7 @@ def _report(echo: Callable[[str], None], sender: Sender, old: dict[str, str],
          + (f" {dict(sender.refused)}" if sender.refused else ""))
     echo(f"  acknowledged found in new mailboxes:  {live_found}")
     echo(f"  old messages found in new mailboxes:  {old_found} of {len(old)}")
+    echo(f"  live messages first stored in an old mailbox, then copied: {early}")
     echo(f"  delivered to an old mailbox after its hold began: {late}")
     echo(f"  unexpected messages in new mailboxes: {unexpected}")
     echo(f"lost: {lost}")
