@@ -19,6 +19,7 @@ import datetime as dt
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -250,7 +251,11 @@ class ControlAPI:
             busy = self.holds.busy(addresses)
             return _json({"error": f"hold recorded but {busy} deliveries are still in flight; "
                                    "call again"}, 503)
-        return _json({"held": addresses, "since": iso(min(since.values()))})
+        # `effective`: from this instant on, nothing for these addresses is delivered anywhere
+        # (`since` is when the hold was first asked for; deliveries already in flight then
+        # may have finished after it).
+        return _json({"held": addresses, "since": iso(min(since.values())),
+                      "effective": iso(time.time())})
 
     async def release(self, request: web.Request) -> web.Response:
         """Release holds and deliver what waited."""

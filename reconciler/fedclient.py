@@ -89,6 +89,7 @@ class HoldResult:
 
     held: list[str]
     since: str
+    effective: str  # from this instant nothing for them is delivered anywhere
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,8 @@ class FedClient:
     def hold(self, addresses: list[str]) -> HoldResult:
         """POST /v1/holds: returns once nothing is in flight for these addresses."""
         data = self._call("POST", "/v1/holds", {"addresses": addresses})[1]
-        return HoldResult(list(data["held"]), str(data["since"]))
+        return HoldResult(list(data["held"]), str(data["since"]),
+                          str(data.get("effective", data["since"])))
 
     def holds(self) -> dict[str, HoldInfo]:
         """GET /v1/holds: held address -> since and messages waiting."""

@@ -58,7 +58,8 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
         raise PermanentError(f"fed's verification failed: {result.reason}",
                              address=m.address, step="E8")
     held = ctx.fed.hold(addresses_of(m))
-    since = datetime.fromisoformat(held.since.replace("Z", "+00:00"))
+    # The instant the hold took effect (in-flight deliveries finished), not when it was asked.
+    since = datetime.fromisoformat(held.effective.replace("Z", "+00:00"))
     if m.hold_started_at is None:
         m.hold_started_at = since if since.tzinfo else since.replace(tzinfo=UTC)
     return Outcome(5, "E5-E8", {"held": held.held, "since": held.since})
