@@ -8,7 +8,6 @@ of a running world. The pure plan is also checked without any server for the tim
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,12 +20,6 @@ from world import World, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("world"))
-    yield w
-    w.stop()
 
 
 def test_plan_apply_exit_codes_and_lines(world: World, tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import hashlib
 import signal
 import smtplib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,6 @@ from world import World, mailbox_message_ids, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("world"))
-    yield w
-    w.stop()
 
 
 def transitions(world: World, state: str, specs: Path, address: str) -> list[tuple[str, int]]:

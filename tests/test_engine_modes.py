@@ -11,7 +11,6 @@ for those modes, each transition's event names its patent step, and the real wor
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,6 @@ from world import World, mailbox_message_ids, placement, policy
 
 pytestmark = pytest.mark.timeout(300)
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("world"))
-    yield w
-    w.stop()
 
 
 def expected_path(station: bool, transfer: str, local: bool, delete: bool) -> list[tuple[str, int]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,6 @@ MBOX = (b"From alice@corp.example Mon Jan  5 10:00:00 2026\n"
         b"From bob@corp.example Tue Jan  6 10:00:00 2026\n"
         b"From: bob@corp.example\nMessage-ID: <local2@corp.example>\nSubject: kept too\n\ntwo\n")
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    w = World(tmp_path_factory.mktemp("world"))
-    yield w
-    w.stop()
 
 
 def setup_station(world: World, tmp_path: Path, address: str, engine: Engine) -> dict[str, Path]:

@@ -9,40 +9,22 @@ from station_agent.agent import Agent, AgentConfig
 from station_agent.client import StationApiClient
 from station_agent.outbox import Outbox
 
-try:
-    from tests.test_station_kit import (
-        BOX,
-        MBOX_ARCHIVE,
-        MBOX_SENT,
-        ORIGINAL_PROFILE,
-        STATION,
-        UPLOADABLE,
-        Workstation,
-        World,
-        add_migration,
-        reports,
-        run_agent,
-        set_action,
-        workstation,
-        world,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from test_station_kit import (  # type: ignore[no-redef]
-        BOX,
-        MBOX_ARCHIVE,
-        MBOX_SENT,
-        ORIGINAL_PROFILE,
-        STATION,
-        UPLOADABLE,
-        Workstation,
-        World,
-        add_migration,
-        reports,
-        run_agent,
-        set_action,
-        workstation,
-        world,
-    )
+from test_station_kit import (
+    BOX,
+    MBOX_ARCHIVE,
+    MBOX_SENT,
+    ORIGINAL_PROFILE,
+    STATION,
+    UPLOADABLE,
+    Workstation,
+    World,
+    add_migration,
+    reports,
+    run_agent,
+    set_action,
+    workstation,
+    world,
+)
 
 __all__ = ["world"]  # the fixture, imported for pytest
 

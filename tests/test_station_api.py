@@ -10,34 +10,19 @@ from sqlalchemy import select
 from reconciler.api.stations import enrol_station
 from reconciler.state.model import Migration, Station
 
-try:
-    from tests.test_station_kit import (
-        ADDR,
-        BOX,
-        OTHER_ADDR,
-        OTHER_STATION,
-        STATION,
-        World,
-        add_migration,
-        http,
-        reports,
-        set_action,
-        world,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from test_station_kit import (  # type: ignore[no-redef]
-        ADDR,
-        BOX,
-        OTHER_ADDR,
-        OTHER_STATION,
-        STATION,
-        World,
-        add_migration,
-        http,
-        reports,
-        set_action,
-        world,
-    )
+from test_station_kit import (
+    ADDR,
+    BOX,
+    OTHER_ADDR,
+    OTHER_STATION,
+    STATION,
+    World,
+    add_migration,
+    http,
+    reports,
+    set_action,
+    world,
+)
 
 __all__ = ["world"]  # the fixture, imported for pytest
 
