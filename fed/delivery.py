@@ -12,6 +12,11 @@ the loop keeps serving SMTP and the API): MAIL FROM is the original envelope sen
 the physical address. LMTP gives one answer per recipient after DATA, which smtplib cannot
 read for several recipients; one recipient per transaction keeps the answer unambiguous.
 
+Duplicate elimination (as Postfix does): when two recipients of one message resolve to the
+same physical address (an address and its alias, say), the mailbox gets the message once.
+The second recipient waits while the first is in flight, and is marked done without a
+second transaction once the delivery log shows the first delivered there.
+
 Outcome: 2xx -> done; 5xx -> the copy goes to the shunt folder with the reason; anything
 else (4xx, refused connection, timeout, unknown system) -> retry after a back-off that
 doubles from ``retry_base`` up to ``retry_max``. Every attempt is appended to the
@@ -113,6 +118,7 @@ class Deliverer:
         self.settings = settings
         self._wake = asyncio.Event()
         self._active: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._physical: dict[tuple[str, str], str | None] = {}  # where each active one goes
         self._stopping = False
 
     def wake(self) -> None:
@@ -174,11 +180,38 @@ class Deliverer:
             watched = [item.rcpt] + ([route.physical] if route.physical else [])
             if self.holds.is_held(*watched):
                 continue
+            if route.physical is not None and self._same_mailbox(item, route.physical):
+                continue
             self.holds.begin(watched)
             task = asyncio.create_task(self._deliver(item, route, watched))
+            self._physical[key] = route.physical
             self._active[key] = task
             if len(self._active) >= self.settings.concurrency:
                 return
+
+    def _same_mailbox(self, item: PendingRecipient, physical: str) -> bool:
+        """True when another recipient of this message covers `physical`: in flight (wait)
+        or already delivered there (then this one is done, logged as a duplicate)."""
+        if any(key[0] == item.queue_id and where == physical
+               for key, where in self._physical.items()):
+            return True
+        rows = self.store.query(
+            "SELECT rcpt FROM deliveries WHERE queue_id = ? AND physical = ? "
+            "AND result = 'delivered' LIMIT 1", (item.queue_id, physical))
+        if not rows:
+            return False
+        first = str(rows[0]["rcpt"])
+        self.spool.mark_done(item.queue_id, item.rcpt)
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO deliveries (at, queue_id, rcpt, physical, system, message_id, "
+                "result, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), item.queue_id, item.rcpt, physical, None, item.message_id,
+                 "duplicate", f"same mailbox as <{first}>: delivered once"),
+            )
+        log.info("%s <%s> -> %s: duplicate of <%s>, not delivered twice", item.queue_id,
+                 item.rcpt, physical, first)
+        return True
 
     async def _deliver(self, item: PendingRecipient, route: Route, watched: list[str]) -> None:
         """Attempt one recipient and record the outcome."""
@@ -196,6 +229,7 @@ class Deliverer:
             self._retry(item, "internal error, see fed log")
         finally:
             self._active.pop((item.queue_id, item.rcpt), None)
+            self._physical.pop((item.queue_id, item.rcpt), None)
             await self.holds.end(watched)
             self._wake.set()
 

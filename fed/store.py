@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_rcpt ON deliveries (rcpt, at);
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (queue_id, physical);
 """
 
 

@@ -177,3 +177,18 @@ def test_holds_survive_a_restart(
     assert s1.received == []
     fed.client.release([AD1])
     wait_for(lambda: s1.ids() == ["<k@t>"], what="delivery after release")
+
+
+def test_address_and_alias_in_one_message_reach_the_mailbox_once(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    other = "colleague@corp.example"
+    fed.client.put_entry(other, s1.physical("colleague"))
+    assert send(fed.smtp_port, [AD1, ALIAS, other], message("both", "both@t"))[0] == 250
+    wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
+    time.sleep(0.3)  # a second copy, if any, would arrive now
+    rcpts = sorted(r for m in s1.received for r in m.rcpts)
+    assert rcpts == [s1.physical("colleague"), s1.physical("jean")]
+    log = fed.client.deliveries()
+    assert sorted(d.result for d in log if d.queue_id == log[0].queue_id) == [
+        "delivered", "delivered", "duplicate"]
