@@ -9,17 +9,32 @@ cd "$(dirname "$0")"
 what="${1:-demo}"
 case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 
-# Debian packages: Python with venv, and git (specs provenance, the demo's spec repository).
+# Debian packages: Python with venv, git (specs provenance, the demo's spec repository) and,
+# for the tests only, PostgreSQL (the state store is proven on a private server).
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
+if [ "$what" = test ]; then
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "bootstrap: installing Debian packages: ${need[*]}"
+  # Keep the packages' own services (a system PostgreSQL cluster...) from starting: the
+  # tests run private instances and never touch the system's.
+  blocker=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    blocker=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$blocker" >/dev/null
+    $sudo chmod 755 "$blocker"
+    trap '$sudo rm -f "$blocker"' EXIT
+  fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "${need[@]}" >/dev/null
+  [ -z "$blocker" ] || $sudo rm -f "$blocker"
 fi
 
 python3 - <<'PY' || { echo "bootstrap: mailferry needs Python >= 3.11" >&2; exit 1; }
