@@ -1,0 +1,358 @@
+"""Copy one mailbox from a source endpoint to a target endpoint, then prove it (E15, E17's
+mail half, E41's last delta).
+
+Why this shape: speed and proof come from the same idea, *know every message by the hash
+of its bytes*, and from never waiting on one message at a time.
+
+Per source folder:
+
+1. **List** both sides, metadata only (UID, size, flags, INTERNALDATE, Message-ID). The
+   manifest turns cached UIDs (same UIDVALIDITY) into hashes without reading a body.
+2. **Resolve** target messages the manifest does not know but that could be a source
+   message (same size and Message-ID): fetch and hash them. This is the crash case: an
+   APPEND that completed just before a kill -9 is recognised, not repeated.
+3. **Match** source hashes against the target's multiset of hashes. Matched: present.
+4. **Stream** the rest: one pipelined UID FETCH, each body hashed as it arrives (a source
+   message whose hash is now known to be in the target is present after all), the others
+   batched into MULTIAPPENDs kept several in flight. A bounded number of batches in flight
+   is the back-pressure that bounds memory by (batches x batch size + the largest message),
+   never by the mailbox.
+5. **Verify**: list the target folder again; every source hash must be in it. A target UID
+   counts with the hash of the bytes we appended under it (APPENDUID, RFC 4315) only when
+   its size still agrees; anything unresolved is fetched and hashed. ``verify="deep"``
+   fetches and hashes every target message instead.
+
+Nothing is ever deleted or changed on the source (it is opened read-only, EXAMINE and
+BODY.PEEK) nor on the target (append only). Flags of messages already present are not
+touched: BOX2 is live, its owner may have read them since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.mover.endpoints import (
+    AppendResult,
+    Endpoint,
+    Entry,
+    Listing,
+    Outgoing,
+    content_hash,
+)
+from reconciler.mover.folders import Folder, FolderRule, map_folders
+from reconciler.mover.manifest import Manifest, ManifestRow
+from reconciler.mover.progress import Progress
+from reconciler.mover.throttle import Throttle
+
+
+@dataclass
+class Options:
+    """Tuning and behaviour of a copy."""
+
+    rules: tuple[FolderRule, ...] = ()
+    verify: str = "fast"  # fast | deep
+    phase: str = "copy"  # prestage | copy | final: recorded with the run
+    batch_messages: int = 50
+    batch_bytes: int = 2 << 20
+    appends_in_flight: int = 3
+    flush_rows: int = 1000
+
+
+@dataclass
+class FolderReport:
+    """What happened to one source folder."""
+
+    folder: str
+    target: str
+    messages: int = 0
+    copied: int = 0
+    present: int = 0
+    bytes_copied: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (source uid, reason)
+    missing: int = 0  # source messages not proven in the target after the copy
+
+
+@dataclass
+class MailboxReport:
+    """The per-mailbox report: copied, already present, failed with reason, verified."""
+
+    key: str
+    folders: list[FolderReport] = field(default_factory=list)
+    messages_total: int = 0
+    bytes_total: int = 0
+    seconds: float = 0.0
+    verified: bool = False
+    error: str | None = None
+    attempts: int = 1
+
+    @property
+    def copied(self) -> int:
+        return sum(f.copied for f in self.folders)
+
+    @property
+    def present(self) -> int:
+        return sum(f.present for f in self.folders)
+
+    @property
+    def failed(self) -> int:
+        return sum(len(f.failed) for f in self.folders)
+
+    @property
+    def missing(self) -> int:
+        return sum(f.missing for f in self.folders)
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(f.bytes_copied for f in self.folders)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (failures listed with their reasons, 20 at most per folder)."""
+        return {
+            "mailbox": self.key, "verified": self.verified, "copied": self.copied,
+            "present": self.present, "failed": self.failed, "missing": self.missing,
+            "bytes_copied": self.bytes_copied, "messages": self.messages_total,
+            "bytes": self.bytes_total, "seconds": round(self.seconds, 3),
+            "attempts": self.attempts, "error": self.error,
+            "folders": [{"folder": f.folder, "target": f.target, "messages": f.messages,
+                         "copied": f.copied, "present": f.present, "missing": f.missing,
+                         "failed": [{"uid": u, "reason": r} for u, r in f.failed[:20]]}
+                        for f in self.folders],
+        }
+
+
+class _Rows:
+    """Manifest rows waiting to be written, flushed in batches."""
+
+    def __init__(self, manifest: Manifest | None, key: str, every: int) -> None:
+        self.manifest = manifest
+        self.key = key
+        self.every = every
+        self.rows: list[ManifestRow] = []
+
+    def add(self, row: ManifestRow) -> None:
+        if self.manifest is not None:
+            self.rows.append(row)
+            if len(self.rows) >= self.every:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.manifest is not None and self.rows:
+            rows, self.rows = self.rows, []
+            self.manifest.add(self.key, rows)
+
+
+class MailboxCopy:
+    """One pass over one mailbox."""
+
+    def __init__(self, key: str, source: Endpoint, target: Endpoint, *,
+                 manifest: Manifest | None = None, progress: Progress | None = None,
+                 throttle: Throttle | None = None, options: Options | None = None) -> None:
+        self.key = key
+        self.source = source
+        self.target = target
+        self.manifest = manifest
+        self.progress = progress or Progress()
+        self.throttle = throttle or Throttle()
+        self.options = options or Options()
+        self.rows = _Rows(manifest, key, self.options.flush_rows)
+        # target folder -> UIDs already matched to a source message in this pass (two source
+        # folders mapped into one target folder must not claim the same target copy)
+        self.claimed: dict[str, set[str]] = defaultdict(set)
+        # target folder -> hashes already counted for an earlier source folder's proof
+        self.consumed: dict[str, Counter[str]] = defaultdict(Counter)
+
+    async def run(self) -> MailboxReport:
+        """List, copy and verify every folder; record the figures."""
+        started = time.monotonic()
+        report = MailboxReport(self.key)
+        src_folders = await self.source.folders()
+        dst_folders = await self.target.folders()
+        separator = getattr(self.source, "separator", "/")
+        mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
+        listings: list[tuple[Folder, Listing]] = []
+        for folder in src_folders:
+            if not folder.selectable:
+                continue
+            listing = await self.source.listing(folder.name)
+            if listing is not None:
+                listings.append((folder, listing))
+        report.messages_total = sum(len(lst.entries) for _, lst in listings)
+        report.bytes_total = sum(e.size for _, lst in listings for e in lst.entries)
+        self.progress.mailbox_started(self.key, report.messages_total, report.bytes_total)
+        try:
+            for folder, listing in listings:
+                report.folders.append(
+                    await self._folder(folder.name, listing, mapping[folder.name]))
+        finally:
+            self.rows.flush()
+        report.verified = report.missing == 0 and report.failed == 0
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _target_listing(self, name: str) -> Listing:
+        listing = await self.target.listing(name)
+        if listing is None:
+            await self.target.create_folder(name)
+            listing = await self.target.listing(name)
+        return listing or Listing("")
+
+    async def _folder(self, name: str, src: Listing, dst_name: str) -> FolderReport:
+        report = FolderReport(name, dst_name, messages=len(src.entries))
+        cached = self.manifest.load(self.key, name) if self.manifest is not None else []
+        src_cache = {r.src_uid: r.sha256 for r in cached if r.src_validity == src.validity}
+        dst = await self._target_listing(dst_name)
+        dst_cache = {r.dst_uid: r.sha256 for r in cached
+                     if r.dst_folder == dst_name and r.dst_validity == dst.validity and r.dst_uid}
+        for e in src.entries:
+            e.sha256 = e.sha256 or src_cache.get(e.uid)
+        claimed = self.claimed[dst_name]
+        for d in dst.entries:
+            d.sha256 = d.sha256 or dst_cache.get(d.uid)
+        await self._resolve(dst_name, [d for d in dst.entries if d.uid not in claimed],
+                            src.entries, deep=False)
+
+        pool: dict[str, list[str]] = defaultdict(list)
+        for d in dst.entries:
+            if d.sha256 and d.uid not in claimed:
+                pool[d.sha256].append(d.uid)
+        placed: dict[str, tuple[str, str | None, int]] = {}  # dst uid -> (sha, validity, size)
+
+        def present(e: Entry) -> bool:
+            uids = pool.get(e.sha256 or "")
+            if not uids:
+                return False
+            uid = uids.pop()
+            claimed.add(uid)
+            report.present += 1
+            self.progress.advanced(self.key, 1, e.size)
+            if src_cache.get(e.uid) != e.sha256 or dst_cache.get(uid) != e.sha256:
+                self.rows.add(ManifestRow(name, e.sha256 or "", e.size, e.message_id, False,
+                                          src.validity, e.uid, dst_name, dst.validity, uid))
+            return True
+
+        to_read = [e for e in src.entries if not present(e)]
+        await self._stream(name, src, dst_name, to_read, present, placed, report)
+        await self._verify(name, src, dst_name, placed, report)
+        return report
+
+    async def _resolve(self, folder: str, entries: list[Entry], wanted: list[Entry], *,
+                       deep: bool) -> None:
+        """Hash the target messages whose hash is unknown and that could be a wanted one."""
+        keys = {(e.size, e.message_id) for e in wanted}
+        todo = {d.uid: d for d in entries
+                if d.sha256 is None and (deep or (d.size, d.message_id) in keys)}
+        if not todo:
+            return
+
+        async def hashed(uid: str, data: bytes) -> None:
+            if uid in todo:
+                todo[uid].sha256 = content_hash(data)
+
+        await self.target.fetch(folder, list(todo), hashed)
+
+    async def _stream(self, name: str, src: Listing, dst_name: str, to_read: list[Entry],
+                      present: Any, placed: dict[str, tuple[str, str | None, int]],
+                      report: FolderReport) -> None:
+        """Fetch, hash and append what the target lacks, several batches in flight."""
+        if not to_read:
+            return
+        by_uid = {e.uid: e for e in to_read}
+        seen: set[str] = set()
+        batch: list[tuple[Entry, Outgoing]] = []
+        batch_bytes = 0
+        slots = asyncio.Semaphore(self.options.appends_in_flight)
+        tasks: list[asyncio.Task[None]] = []
+
+        async def append(items: list[tuple[Entry, Outgoing]]) -> None:
+            try:
+                result: AppendResult = await self.target.append(dst_name, [o for _, o in items])
+            finally:
+                slots.release()
+            copied = size = 0
+            for (e, out), uid, error in zip(items, result.uids, result.errors, strict=True):
+                if error is not None:
+                    report.failed.append((e.uid, f"append refused: {error}"))
+                    self.progress.advanced(self.key, 1, e.size, failed=1)
+                    continue
+                copied += 1
+                size += len(out.data)
+                if uid is not None:
+                    placed[uid] = (e.sha256 or "", result.validity, e.size)
+                self.rows.add(ManifestRow(name, e.sha256 or "", e.size, e.message_id, True,
+                                          src.validity, e.uid, dst_name, result.validity, uid))
+            report.copied += copied
+            report.bytes_copied += size
+            self.progress.advanced(self.key, copied, size, copied=copied)
+
+        async def send() -> None:
+            nonlocal batch, batch_bytes
+            items, batch, batch_bytes = batch, [], 0
+            await slots.acquire()  # back-pressure: at most N batches in flight
+            tasks.append(asyncio.create_task(append(items)))
+
+        async def arrived(uid: str, data: bytes) -> None:
+            nonlocal batch_bytes
+            e = by_uid.get(uid)
+            if e is None or uid in seen:
+                return
+            seen.add(uid)
+            sha = content_hash(data)
+            if e.sha256 is not None and e.sha256 != sha:
+                report.failed.append((uid, "changed since listing"))
+                self.progress.advanced(self.key, 1, e.size, failed=1)
+                return
+            e.sha256 = sha
+            if present(e):
+                return
+            await self.throttle.take(len(data))
+            batch.append((e, Outgoing(data, e.flags, e.date)))
+            batch_bytes += len(data)
+            if len(batch) >= self.options.batch_messages or batch_bytes >= self.options.batch_bytes:
+                await send()
+
+        try:
+            await self.source.fetch(name, [e.uid for e in to_read], arrived)
+            if batch:
+                await send()
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        for e in to_read:
+            if e.uid not in seen:
+                report.failed.append((e.uid, "vanished from the source during the copy"))
+
+    async def _verify(self, name: str, src: Listing, dst_name: str,
+                      placed: dict[str, tuple[str, str | None, int]],
+                      report: FolderReport) -> None:
+        """Every source hash must be in the target folder's listing taken now."""
+        final = await self._target_listing(dst_name)
+        deep = self.options.verify == "deep"
+        cached = self.manifest.load(self.key, name) if self.manifest is not None else []
+        known = {r.dst_uid: (r.sha256, r.size) for r in cached
+                 if r.dst_folder == dst_name and r.dst_validity == final.validity and r.dst_uid}
+        known.update({uid: (sha, size) for uid, (sha, validity, size) in placed.items()
+                      if validity is None or validity == final.validity})
+        for d in final.entries:
+            if deep:
+                d.sha256 = None
+            elif d.sha256 is None and d.uid in known and known[d.uid][1] == d.size:
+                d.sha256 = known[d.uid][0]
+        need = Counter(e.sha256 for e in src.entries if e.sha256)
+        unknown_source = sum(1 for e in src.entries if not e.sha256)
+        # Two source folders merged into one target folder each need their own copies.
+        consumed = self.consumed[dst_name]
+        have = Counter(d.sha256 for d in final.entries if d.sha256) - consumed
+        lacking = need - have
+        if lacking or deep:
+            wanted = [e for e in src.entries if e.sha256 in lacking] if not deep else []
+            await self._resolve(dst_name, final.entries, wanted, deep=deep)
+            have = Counter(d.sha256 for d in final.entries if d.sha256) - consumed
+            lacking = need - have
+        consumed.update(need - lacking)
+        report.missing = sum(lacking.values()) + unknown_source
