@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
@@ -86,6 +85,8 @@ def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str
         root = spec.split(":", 1)[1]
 
         def maildir() -> Endpoint:
+            from reconciler.drivers.maildir import MaildirDriver  # only when used: startup
+
             driver = MaildirDriver("maildir", root, ("127.0.0.1", 0), ("127.0.0.1", 0), "local")
             if driver.get_account(user) is None:
                 driver.create_mailbox(user)

@@ -45,6 +45,7 @@ from reconciler.mover.imapclient import (
 
 Sink = Callable[[str, bytes], Awaitable[None]]
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _LIST_CHUNK = 500  # UIDs per FETCH command: keeps command lines short
 
 
@@ -115,8 +116,9 @@ class Endpoint(Protocol):
     async def create_folder(self, name: str) -> None:
         """Create a folder if missing."""
 
-    async def listing(self, name: str) -> Listing | None:
-        """The folder's messages, or None when the folder does not exist."""
+    async def listing(self, name: str, *, full: bool = True) -> Listing | None:
+        """The folder's messages, or None when the folder does not exist; `full=False`
+        may leave out Message-ID, flags and date (a target's listing needs UID and size)."""
 
     async def fetch(self, name: str, uids: Sequence[str], sink: Sink) -> None:
         """Stream the raw bytes of these messages into `sink` (uid, data)."""
@@ -294,7 +296,9 @@ class ImapEndpoint:
             use = next((a for a in attrs if a in ("\\Sent", "\\Drafts", "\\Trash", "\\Junk",
                                                    "\\Archive")), None)
             lowered = {a.lower() for a in attrs}
-            result.append(Folder(name, decoded, use or guess_special_use(name),
+            if use is None and "SPECIAL-USE" not in client.capabilities:
+                use = guess_special_use(name)
+            result.append(Folder(name, decoded, use,
                                  "\\noselect" not in lowered and "\\nonexistent" not in lowered))
         return result
 
@@ -318,15 +322,17 @@ class ImapEndpoint:
             self._selected = None
             return False
         for resp in responses:
-            if len(resp) > 1 and resp[0] == b"OK" and isinstance(resp[1], bytes) \
-                    and resp[1].upper().startswith(b"[UIDVALIDITY"):
-                validity = resp[2].rstrip(b"]").decode() if isinstance(resp[2], bytes) else ""
+            if len(resp) > 1 and resp[0] == b"OK" and isinstance(resp[1], bytes):
+                match = _UIDVALIDITY.match(resp[1])
+                validity = match.group(1).decode() if match else validity
         self._selected = name
         self._validity = validity
         return True
 
-    async def listing(self, name: str) -> Listing | None:
-        """UID, size, flags, INTERNALDATE and Message-ID of every message (no bodies)."""
+    async def listing(self, name: str, *, full: bool = True) -> Listing | None:
+        """UID, size, flags, INTERNALDATE and Message-ID of every message (no bodies); only
+        UID and size with `full=False` (cheap on a server that has not cached headers)."""
+        self._selected = None  # re-EXAMINE: see what was appended since
         if not await self._select(name):
             return None
         listing = Listing(self._validity)
@@ -346,9 +352,9 @@ class ImapEndpoint:
                 date=date.decode() if isinstance(date, bytes) else None,
             ))
 
-        await self._c().simple(
-            "UID FETCH 1:* (UID RFC822.SIZE FLAGS INTERNALDATE "
-            "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])", handler=collect)
+        items = ("UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+                 if full else "UID RFC822.SIZE")
+        await self._c().simple(f"UID FETCH 1:* ({items})", handler=collect)
         return listing
 
     async def fetch(self, name: str, uids: Sequence[str], sink: Sink) -> None:
@@ -469,7 +475,7 @@ class DriverEndpoint:
         if callable(create):
             await asyncio.to_thread(create, self.mailbox_id, name)
 
-    async def listing(self, name: str) -> Listing | None:
+    async def listing(self, name: str, *, full: bool = True) -> Listing | None:
         """The driver's listing, each message hashed in wire form."""
         def read() -> Listing | None:
             if name not in self.driver.list_folders(self.mailbox_id):

@@ -19,6 +19,7 @@ The target folder of a source folder is decided in this order, first match wins:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -93,12 +94,23 @@ def _rule_target(rule: FolderRule, names: Iterable[str]) -> str | None:
     return None
 
 
+def ruled(name: str, native_name: str, rules: Iterable[FolderRule]) -> bool:
+    """Whether a folderMap rule decides this folder's target."""
+    return any(_rule_target(r, (native_name, name)) is not None for r in rules)
+
+
 def map_folders(
     source: Iterable[Folder], target: Iterable[Folder], rules: Iterable[FolderRule] = (),
     source_separator: str | None = "/",
 ) -> dict[str, str]:
     """Canonical source name -> canonical target name, for every selectable source folder."""
-    by_use: Mapping[str, str] = {f.special_use: f.name for f in target if f.special_use}
+    source = list(source)
+    target = list(target)
+    # Map by use only when it is unambiguous on both sides (one Sent folder each).
+    src_uses = Counter(f.special_use for f in source if f.special_use and f.selectable)
+    dst_uses = Counter(f.special_use for f in target if f.special_use)
+    by_use: Mapping[str, str] = {f.special_use: f.name for f in target
+                                 if f.special_use and dst_uses[f.special_use] == 1}
     result: dict[str, str] = {}
     rules = list(rules)
     for folder in source:
@@ -111,7 +123,8 @@ def map_folders(
                 if "*" in rule.source and source_separator and source_separator != "/":
                     chosen = chosen.replace(source_separator, "/")
                 break
-        if chosen is None and folder.special_use and folder.special_use in by_use:
+        if chosen is None and folder.special_use and folder.special_use in by_use \
+                and src_uses[folder.special_use] == 1:
             chosen = by_use[folder.special_use]
         result[folder.name] = chosen or folder.name
     return result

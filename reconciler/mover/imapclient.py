@@ -71,8 +71,17 @@ def quote_mailbox(name: str) -> bytes:
     return quote(mutf7.encode(name))
 
 
+# The FETCH response of a body fetch, as Dovecot and most servers send it: parsed without
+# the general tokenizer (it is the one response per message of a copy).
+_FAST_BODY = re.compile(rb"(\d+) FETCH \(UID (\d+) BODY\[\] \{\d+\+?\}\r\n$")
+
+
 def parse_response(parts: Sequence[bytes]) -> Untagged:
     """Parse a response split at its literals ([line, literal, line, ...]) into values."""
+    if len(parts) == 3 and parts[2] == b")":
+        fast = _FAST_BODY.match(parts[0])
+        if fast:
+            return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"BODY[]", parts[1]]]
     stack: list[list[Value]] = [[]]
     for index in range(0, len(parts), 2):
         text = parts[index]
@@ -107,10 +116,10 @@ def parse_response(parts: Sequence[bytes]) -> Untagged:
 
 def fetch_items(response: Untagged) -> dict[bytes, Value] | None:
     """The attribute dict of an untagged FETCH response (keys upper-cased), else None."""
-    if len(response) < 4 or not isinstance(response[2], bytes) \
-            or response[2].upper() != b"FETCH" or not isinstance(response[3], list):
+    if len(response) < 3 or not isinstance(response[1], bytes) \
+            or response[1].upper() != b"FETCH" or not isinstance(response[2], list):
         return None
-    items = response[3]
+    items = response[2]
     result: dict[bytes, Value] = {}
     for i in range(0, len(items) - 1, 2):
         key = items[i]
@@ -148,6 +157,9 @@ class ImapClient:
         self._continuation: asyncio.Future[bytes] | None = None
         self._broken: Exception | None = None
         self._read_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._last_rx = 0.0
+        self._in_handler = False
         self._write_lock = asyncio.Lock()
         self.greeting: bytes = b""
 
@@ -165,7 +177,9 @@ class ImapClient:
         if not client.greeting.startswith(b"* OK"):
             writer.close()
             raise ImapConnectionError(f"IMAP {host}:{port}: greeting {client.greeting!r}")
+        client._last_rx = asyncio.get_running_loop().time()
         client._read_task = asyncio.create_task(client._read_loop())
+        client._watch_task = asyncio.create_task(client._watchdog())
         await client.refresh_capabilities()
         return client
 
@@ -211,8 +225,9 @@ class ImapClient:
 
     def close(self) -> None:
         """Close the socket now."""
-        if self._read_task:
-            self._read_task.cancel()
+        for task in (self._read_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         self._writer.close()
 
     # -- commands ------------------------------------------------------------------------
@@ -292,10 +307,15 @@ class ImapClient:
 
     # -- reading -------------------------------------------------------------------------
     async def _read_parts(self) -> list[bytes]:
-        """One response, split at its literals."""
+        """One response, split at its literals. No per-read timeout here (a `wait_for` per
+        line costs a task each); the watchdog aborts a connection that went silent."""
         parts: list[bytes] = []
+        reader = self._reader
         while True:
-            line = await asyncio.wait_for(self._reader.readuntil(b"\r\n"), self.timeout)
+            line = await reader.readuntil(b"\r\n")
+            if not line.endswith(b"}\r\n"):
+                parts.append(line[:-2])
+                return parts
             match = _LITERAL_END.search(line)
             if match is None:
                 parts.append(line[:-2])
@@ -304,12 +324,26 @@ class ImapClient:
             if size > MAX_LITERAL:
                 raise ImapConnectionError(f"literal of {size} bytes refused")
             parts.append(line)
-            parts.append(await asyncio.wait_for(self._reader.readexactly(size), self.timeout))
+            parts.append(await reader.readexactly(size))
+
+    async def _watchdog(self) -> None:
+        """Abort the connection when commands are pending and the server sent nothing for
+        `timeout` seconds (time spent in our own handlers, back-pressure, does not count)."""
+        loop = asyncio.get_running_loop()
+        while self._broken is None:
+            await asyncio.sleep(max(self.timeout / 4, 0.05))
+            idle = loop.time() - self._last_rx
+            if self._pending and not self._in_handler and idle > self.timeout:
+                self._fail(TimeoutError(f"no answer for {idle:.0f} s"))
+                self._writer.transport.abort()
+                return
 
     async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 parts = await self._read_parts()
+                self._last_rx = loop.time()
                 first = parts[0]
                 if first.startswith(b"* "):
                     await self._dispatch(parts)
@@ -340,7 +374,12 @@ class ImapClient:
         if target.handler is not None:
             result = target.handler(response)
             if result is not None:
-                await result
+                self._in_handler = True
+                try:
+                    await result
+                finally:
+                    self._in_handler = False
+                    self._last_rx = asyncio.get_running_loop().time()
         else:
             target.untagged.append(response)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from reconciler.state.model import TransferManifest, TransferRun, utcnow
 from reconciler.state.store import Store
@@ -95,14 +95,15 @@ class Manifest:
     def add(self, mailbox: str, rows: Iterable[ManifestRow], at: datetime | None = None) -> int:
         """Append rows in one transaction; return how many."""
         now = at or utcnow()
-        batch = [TransferManifest(
+        # Core executemany, not ORM objects: ten times cheaper for thousands of rows.
+        batch = [dict(
             migration_id=self.migration_id, mailbox=mailbox, folder=r.folder, sha256=r.sha256,
             size=r.size, message_id=r.message_id[:998] or None, copied=r.copied, at=now,
             src_validity=r.src_validity, src_uid=r.src_uid, dst_folder=r.dst_folder,
             dst_validity=r.dst_validity, dst_uid=r.dst_uid) for r in rows]
         if batch:
             with self.store.session() as session:
-                session.add_all(batch)
+                session.execute(insert(TransferManifest), batch)
         return len(batch)
 
     def record_run(self, figures: RunFigures, at: datetime | None = None) -> None:

@@ -43,7 +43,7 @@ from reconciler.mover.endpoints import (
     Outgoing,
     content_hash,
 )
-from reconciler.mover.folders import Folder, FolderRule, map_folders
+from reconciler.mover.folders import Folder, FolderRule, map_folders, ruled
 from reconciler.mover.manifest import Manifest, ManifestRow
 from reconciler.mover.progress import Progress
 from reconciler.mover.throttle import Throttle
@@ -185,8 +185,9 @@ class MailboxCopy:
         self.progress.mailbox_started(self.key, report.messages_total, report.bytes_total)
         try:
             for folder, listing in listings:
-                report.folders.append(
-                    await self._folder(folder.name, listing, mapping[folder.name]))
+                report.folders.append(await self._folder(
+                    folder.name, listing, mapping[folder.name],
+                    keep_prior=not ruled(folder.name, folder.native, self.options.rules)))
         finally:
             self.rows.flush()
         report.verified = report.missing == 0 and report.failed == 0
@@ -194,15 +195,20 @@ class MailboxCopy:
         return report
 
     async def _target_listing(self, name: str) -> Listing:
-        listing = await self.target.listing(name)
+        listing = await self.target.listing(name, full=False)
         if listing is None:
             await self.target.create_folder(name)
-            listing = await self.target.listing(name)
+            listing = await self.target.listing(name, full=False)
         return listing or Listing("")
 
-    async def _folder(self, name: str, src: Listing, dst_name: str) -> FolderReport:
-        report = FolderReport(name, dst_name, messages=len(src.entries))
+    async def _folder(self, name: str, src: Listing, dst_name: str,
+                      keep_prior: bool = True) -> FolderReport:
         cached = self.manifest.load(self.key, name) if self.manifest is not None else []
+        if keep_prior and cached and cached[-1].dst_folder:
+            # A target chosen by special use in an earlier pass stays the target, even if
+            # the target's folders changed since: a re-run must never copy elsewhere.
+            dst_name = cached[-1].dst_folder
+        report = FolderReport(name, dst_name, messages=len(src.entries))
         src_cache = {r.src_uid: r.sha256 for r in cached if r.src_validity == src.validity}
         dst = await self._target_listing(dst_name)
         dst_cache = {r.dst_uid: r.sha256 for r in cached
@@ -235,16 +241,22 @@ class MailboxCopy:
             return True
 
         to_read = [e for e in src.entries if not present(e)]
-        await self._stream(name, src, dst_name, to_read, present, placed, report)
-        await self._verify(name, src, dst_name, placed, report)
+        if to_read or self.options.verify == "deep":
+            await self._stream(name, src, dst_name, to_read, present, placed, report)
+            await self._verify(name, src, dst_name, placed, report)
+        else:
+            # The listing just taken proves it: every source message is matched to its own
+            # target UID whose size agrees and whose hash is the source's.
+            self.consumed[dst_name].update(e.sha256 for e in src.entries if e.sha256)
         return report
 
     async def _resolve(self, folder: str, entries: list[Entry], wanted: list[Entry], *,
                        deep: bool) -> None:
         """Hash the target messages whose hash is unknown and that could be a wanted one."""
-        keys = {(e.size, e.message_id) for e in wanted}
-        todo = {d.uid: d for d in entries
-                if d.sha256 is None and (deep or (d.size, d.message_id) in keys)}
+        # Target listings carry sizes only (no Message-ID: cheaper for the server), so a
+        # candidate is any unknown target message of the size of a wanted one.
+        sizes = {e.size for e in wanted}
+        todo = {d.uid: d for d in entries if d.sha256 is None and (deep or d.size in sizes)}
         if not todo:
             return
 
