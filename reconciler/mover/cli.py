@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="after the copy, run a second full pass (idempotence proof) and time it")
     c.add_argument("--stats", type=Path, help="write timings and peak memory here (JSON)")
     c.add_argument("--timeout", type=float, default=60.0)
+    c.add_argument("--batch-messages", type=int, default=Options.batch_messages,
+                   help="messages per MULTIAPPEND")
+    c.add_argument("--batch-bytes", type=int, default=Options.batch_bytes,
+                   help="bytes per MULTIAPPEND (memory: x appends in flight)")
+    c.add_argument("--appends-in-flight", type=int, default=Options.appends_in_flight)
     return p
 
 
@@ -105,7 +110,9 @@ def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str
 def _jobs(args: argparse.Namespace) -> list[Job]:
     rules = tuple(FolderRule(*item.split("=", 1)) for item in args.folder_map)
     throttle = Throttle(args.max_msgs_per_s, args.max_bytes_per_s)
-    options = Options(rules=rules, verify=args.verify, phase=args.phase)
+    options = Options(rules=rules, verify=args.verify, phase=args.phase,
+                      batch_messages=args.batch_messages, batch_bytes=args.batch_bytes,
+                      appends_in_flight=args.appends_in_flight)
     jobs: list[Job] = []
     for line in args.users.read_text().splitlines():
         cols = line.split()
