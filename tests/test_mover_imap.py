@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from dovecot import Dovecot, skip_unless_available
+
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import (
     DriverEndpoint,
@@ -120,7 +120,7 @@ def snapshot(server: Dovecot, user: str, *, sep: str = "/", prefix: str = "") ->
         canonical = canonical.replace(sep, "/")
         if conn.select(f'"{name}"', readonly=True)[0] != "OK":
             continue  # a \Noselect parent of a hierarchy
-        typ, data = conn.uid("FETCH", "1:*", "(FLAGS INTERNALDATE BODY.PEEK[])")
+        _, data = conn.uid("FETCH", "1:*", "(FLAGS INTERNALDATE BODY.PEEK[])")
         for item in data:
             if not isinstance(item, tuple):
                 continue

@@ -25,12 +25,14 @@ cache. `transfer_runs` keeps each pass's figures for the report and the plan's e
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
 
 from reconciler.state.model import TransferManifest, TransferRun, utcnow
 from reconciler.state.store import Store
@@ -70,17 +72,33 @@ class RunFigures:
     report: dict[str, Any]
 
 
+Sessions = Callable[[], AbstractContextManager[Session]]
+
+
 class Manifest:
     """The manifest rows and run figures of the jobs of one migration (or of stand-alone
-    jobs, migration id 0), in a state store."""
+    jobs, migration id 0), in a state store.
 
-    def __init__(self, store: Store, migration_id: int = 0) -> None:
-        self.store = store
+    `Manifest(store)` commits each flush in its own transaction (the CLI: a kill -9 loses at
+    most the last unflushed batch); `Manifest.in_session(session)` writes into a step's
+    transaction, committed with the step's event (the engine)."""
+
+    def __init__(self, store: Store | Sessions, migration_id: int = 0) -> None:
+        self.sessions: Sessions = store.session if isinstance(store, Store) else store
         self.migration_id = migration_id
+
+    @classmethod
+    def in_session(cls, session: Session, migration_id: int = 0) -> Manifest:
+        """A manifest writing into an open session (flushed, not committed)."""
+        @contextmanager
+        def same() -> Iterator[Session]:
+            yield session
+            session.flush()
+        return cls(same, migration_id)
 
     def load(self, mailbox: str, folder: str) -> list[ManifestRow]:
         """Every row of a source folder of a job."""
-        with self.store.session() as session:
+        with self.sessions() as session:
             rows = session.execute(
                 select(TransferManifest.folder, TransferManifest.sha256, TransferManifest.size,
                        TransferManifest.message_id, TransferManifest.copied,
@@ -102,13 +120,13 @@ class Manifest:
             src_validity=r.src_validity, src_uid=r.src_uid, dst_folder=r.dst_folder,
             dst_validity=r.dst_validity, dst_uid=r.dst_uid) for r in rows]
         if batch:
-            with self.store.session() as session:
+            with self.sessions() as session:
                 session.execute(insert(TransferManifest), batch)
         return len(batch)
 
     def record_run(self, figures: RunFigures, at: datetime | None = None) -> None:
         """Keep one pass's figures."""
-        with self.store.session() as session:
+        with self.sessions() as session:
             session.add(TransferRun(
                 migration_id=self.migration_id, mailbox=figures.mailbox, phase=figures.phase,
                 copied=figures.copied, present=figures.present, failed=figures.failed,
@@ -119,19 +137,18 @@ class Manifest:
 
     def copied_count(self, mailbox: str) -> int:
         """How many rows say 'copied by us' for a job (tests and reports)."""
-        with self.store.session() as session:
+        with self.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(TransferManifest).where(
                 TransferManifest.mailbox == mailbox, TransferManifest.copied.is_(True))) or 0)
 
 
-def throughput(store: Store) -> tuple[float, float] | None:
+def throughput(session: Session) -> tuple[float, float] | None:
     """(bytes/s, messages/s) over the recorded passes that copied something, or None: what
     `--plan` uses to estimate how long a window's transfers will take."""
-    with store.session() as session:
-        row = session.execute(
-            select(func.sum(TransferRun.bytes_copied), func.sum(TransferRun.copied),
-                   func.sum(TransferRun.seconds))
-            .where(TransferRun.copied > 0, TransferRun.seconds > 0)).one()
+    row = session.execute(
+        select(func.sum(TransferRun.bytes_copied), func.sum(TransferRun.copied),
+               func.sum(TransferRun.seconds))
+        .where(TransferRun.copied > 0, TransferRun.seconds > 0)).one()
     total_bytes, total_msgs, seconds = row
     if not seconds:
         return None
