@@ -10,13 +10,18 @@ what="${1:-demo}"
 case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 
 # Debian packages: Python with venv, git (specs provenance, the demo's spec repository) and,
-# for the tests only, PostgreSQL (the state store is proven on a private server).
+# for the tests only, PostgreSQL (the state store is proven on a private server) and Dovecot
+# IMAP (the data mover is proven against two private instances; the system's own Dovecot
+# service is kept from starting and /etc/dovecot is never used).
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
 if [ "$what" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  command -v dovecot >/dev/null && command -v doveadm >/dev/null || need+=(dovecot-imapd)
+  dpkg-query -W -f='${Status}' dovecot-lmtpd 2>/dev/null | grep -q 'ok installed' \
+    || need+=(dovecot-lmtpd)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dovecot import Dovecot, skip_unless_available
 
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import (
@@ -30,6 +29,8 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs
 from reconciler.state.store import Store, default_url
+
+from dovecot import Dovecot, skip_unless_available
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
