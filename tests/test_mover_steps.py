@@ -83,3 +83,28 @@ def test_e41_refuses_deletion_while_one_message_is_missing(tmp_path: Path) -> No
     out = run(store, drivers, e41_delete_source)
     assert out.to_state == 13 and out.detail["last_delta_copied"] == 1
     assert s1.get_account(BOX) is None
+
+
+def test_prestage_moves_the_bulk_then_e15_copies_only_the_delta(tmp_path: Path) -> None:
+    from reconciler.mover.prestage import prestage
+    from reconciler.state.model import Event
+
+    store, s1, s2 = setup(tmp_path)
+    with store.session() as session:
+        session.add(Migration(address="jean@corp.example", source_system="s1",
+                              target_system="s2", source_mailbox=BOX, target_mailbox=BOX,
+                              placement="p", state=1,
+                              modes={"dataTransfer": "copy", "prestageCopy": True}))
+    drivers: dict[str, Any] = {"s1": s1, "s2": s2}
+    reports = prestage(store, drivers)
+    assert [(r.copied, r.verified) for r in reports] == [(5, True)]
+    with store.session() as session:
+        m = session.scalars(select(Migration)).one()
+        assert m.state == 1  # prestage never changes the state
+        assert [e.step for e in session.scalars(select(Event))] == ["PRESTAGE"]
+    s1.append_message(BOX, "INBOX", b"From: a@x\r\nMessage-ID: <late@x>\r\n\r\nlate\r\n")
+    out = run(store, drivers, e15_copy_mail)
+    assert (out.detail["copied"], out.detail["present"]) == (1, 5)
+    with store.session() as session:
+        phases = [r.phase for r in session.scalars(select(TransferRun))]
+        assert phases == ["prestage", "copy"]

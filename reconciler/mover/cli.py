@@ -12,6 +12,9 @@ from flags and a users file.
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE]
 
+`mover prestage --specs DIR --state URL [--all]` copies, before their cutover, the mailboxes
+of migrations in states 1-6 whose policy has ``prestageCopy: true`` (see `prestage.py`).
+
 `--src`/`--dst` take ``HOST:PORT`` (``imap://`` optional) or ``maildir:ROOT`` (an embedded
 maildir system's data folder, mailbox id = user). The users file has lines ``user password``
 (same login on both sides) or ``src_user src_password dst_user dst_password``; with
@@ -72,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-bytes", type=int, default=Options.batch_bytes,
                    help="bytes per MULTIAPPEND (memory: x appends in flight)")
     c.add_argument("--appends-in-flight", type=int, default=Options.appends_in_flight)
+    pre = sub.add_parser("prestage", help="bulk copy of migrations before their cutover")
+    pre.add_argument("--specs", default="specs", help="folder of YAML specs (./specs)")
+    pre.add_argument("--state", help="state store URL or SQLite file (default var/state.db)")
+    pre.add_argument("--all", action="store_true", help="also policies without prestageCopy")
+    pre.add_argument("--parallel", type=int, default=4)
+    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
     return p
 
 
@@ -177,7 +186,22 @@ def copy_command(args: argparse.Namespace) -> int:
     return 0 if stats["verified"] else 1
 
 
+def prestage_command(args: argparse.Namespace) -> int:
+    """Prestage copy of every due migration; 0 when all verified."""
+    from reconciler.drivers.registry import make_drivers
+    from reconciler.mover.prestage import prestage
+    from reconciler.spec.loader import load_specs
+
+    state = args.state or "var/state.db"
+    store = open_store(state if "://" in state else default_url(state))
+    reports = prestage(store, make_drivers(load_specs(args.specs)), everything=args.all,
+                       parallel=args.parallel, progress=make_progress(args.progress))
+    _table(reports)
+    store.close()
+    return 0 if all(r.verified for r in reports) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parser().parse_args(argv)
-    sys.exit(copy_command(args))
+    sys.exit(prestage_command(args) if args.command == "prestage" else copy_command(args))
