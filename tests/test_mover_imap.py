@@ -274,3 +274,51 @@ def test_maildir_system_both_ways(pair: Pair, tmp_path: Path) -> None:
     dates = sorted(m.internal_date for f in back.list_folders(user)
                    for m in back.list_messages(user, f))
     assert dates == [1_600_000_000, 1_600_003_600]
+
+
+def test_dropped_connection_resumes_where_it_stopped(pair: Pair, tmp_path: Path) -> None:
+    import asyncio
+
+    from reconciler.mover.runner import run_jobs_async
+
+    user = pair.user("gina")
+    total = 120
+    fill(pair.src, user, {"INBOX": [(message(i, body="x" * 2000), "") for i in range(total)]})
+    cut = {"done": False}
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   budget: int | None) -> None:
+        sent = 0
+        try:
+            while data := await reader.read(65536):
+                sent += len(data)
+                if budget is not None and sent > budget and not cut["done"]:
+                    cut["done"] = True  # only the first connection breaks, mid-APPEND
+                    writer.transport.abort()
+                    return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def go() -> MailboxReport:
+        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            sr, sw = await asyncio.open_connection("127.0.0.1", pair.dst.port)
+            await asyncio.gather(pipe(cr, sw, 60_000), pipe(sr, cw, None),
+                                 return_exceptions=True)
+        proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+        dst = ImapAccount("127.0.0.1", port, user, f"pw-{user}", timeout=15)
+        j = Job(user, lambda: ImapEndpoint(src), lambda: ImapEndpoint(dst),
+                options=Options(batch_messages=10))
+        try:
+            return (await run_jobs_async([j], manifest=Manifest(store(tmp_path))))[0]
+        finally:
+            proxy.close()
+
+    report = asyncio.run(go())
+    assert cut["done"] and report.attempts == 2 and report.verified
+    ids = Counter(content_hash(k[1]) for k, n in
+                  snapshot(pair.dst, user, sep=".", prefix="INBOX.").items() for _ in range(n))
+    assert len(ids) == total and set(ids.values()) == {1}

@@ -153,3 +153,13 @@ def throughput(session: Session) -> tuple[float, float] | None:
     if not seconds:
         return None
     return float(total_bytes or 0) / float(seconds), float(total_msgs or 0) / float(seconds)
+
+
+def estimate_seconds(session: Session, messages: int, size: int) -> float | None:
+    """How long copying `messages` totalling `size` bytes should take at the recorded
+    throughput (the slower of the byte and message rates), or None without history."""
+    rates = throughput(session)
+    if rates is None:
+        return None
+    bps, mps = rates
+    return max(size / bps if bps else 0.0, messages / mps if mps else 0.0)
