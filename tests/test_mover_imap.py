@@ -34,7 +34,7 @@ from dovecot import Dovecot, skip_unless_available
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
-USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo")
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -322,3 +322,24 @@ def test_dropped_connection_resumes_where_it_stopped(pair: Pair, tmp_path: Path)
     ids = Counter(content_hash(k[1]) for k, n in
                   snapshot(pair.dst, user, sep=".", prefix="INBOX.").items() for _ in range(n))
     assert len(ids) == total and set(ids.values()) == {1}
+
+
+def test_unchanged_folders_are_not_listed_but_any_change_is_seen(
+        pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("hugo")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(8)],
+                          "Sent": [(message(50), "")]})
+    st = store(tmp_path)
+    assert copy(pair, user, st).copied == 9
+    quiet = copy(pair, user, st)
+    assert quiet.verified and all(f.unchanged for f in quiet.folders) and quiet.present == 9
+    conn = login(pair.dst, user)  # someone expunges a copied message from BOX2
+    conn.select("INBOX")
+    conn.uid("STORE", "3", "+FLAGS", "(\\Deleted)")
+    conn.expunge()
+    conn.logout()
+    fill(pair.src, user, {"Sent": [(message(51), "")]})  # and new mail in the source
+    healed = copy(pair, user, st)
+    changed = {f.folder: f.unchanged for f in healed.folders}
+    assert healed.verified and healed.copied == 2 and changed == {"INBOX": False, "Sent": False}
+    assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 10

@@ -43,9 +43,11 @@ from reconciler.mover.imapclient import (
     quote_mailbox,
 )
 
-Sink = Callable[[str, bytes], Awaitable[None]]
+# (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
+Sink = Callable[[str, bytes, "tuple[str, ...] | None", "str | None"], Awaitable[None]]
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
 _LIST_CHUNK = 500  # UIDs per FETCH command: keeps command lines short
 
 
@@ -79,6 +81,9 @@ class Listing:
 
     validity: str
     entries: list[Entry] = field(default_factory=list)
+    # "UIDVALIDITY/UIDNEXT/MESSAGES" when the listing was taken (IMAP), "" when unknown:
+    # the same triple later means the very same messages (see pipeline's shortcut).
+    state: str = ""
 
 
 @dataclass
@@ -120,8 +125,10 @@ class Endpoint(Protocol):
         """The folder's messages, or None when the folder does not exist; `full=False`
         may leave out Message-ID, flags and date (a target's listing needs UID and size)."""
 
-    async def fetch(self, name: str, uids: Sequence[str], sink: Sink) -> None:
-        """Stream the raw bytes of these messages into `sink` (uid, data)."""
+    async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
+                    meta: bool = False) -> None:
+        """Stream these messages into `sink` (uid, data, flags, date); with `meta=False`
+        the flags and date may be left out (None)."""
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """Append messages in order."""
@@ -164,12 +171,21 @@ def flags_to_maildir(flags: Sequence[str]) -> str:
 
 def message_id_of(header: bytes) -> str:
     """The Message-ID in a fetched `HEADER.FIELDS (MESSAGE-ID)` section ('' when none)."""
-    text = header.decode("latin-1").replace("\r\n ", " ").replace("\r\n\t", " ")
+    text = header.decode("latin-1").replace("\r\n", "\n").replace("\n ", " ")
+    text = text.replace("\n\t", " ")
     for line in text.splitlines():
         name, sep, value = line.partition(":")
         if sep and name.strip().lower() == "message-id":
             return value.strip()
     return ""
+
+
+def header_message_id(data: bytes) -> str:
+    """The Message-ID of a whole message (looked for in its header section only)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    return message_id_of(data[: end if end >= 0 else len(data)])
 
 
 def uid_set(uids: Sequence[str]) -> str:
@@ -231,6 +247,9 @@ class ImapEndpoint:
         self.prefix = ""
         self._selected: str | None = None
         self._validity = ""
+        self._state = ""
+        # canonical folder -> "UIDVALIDITY/UIDNEXT/MESSAGES" from LIST-STATUS (RFC 5819)
+        self.folder_status: dict[str, str] = {}
 
     async def open(self) -> None:
         """Connect, log in, learn separator and personal namespace prefix."""
@@ -280,10 +299,26 @@ class ImapEndpoint:
         """LIST (with RETURN (SPECIAL-USE) when offered), names decoded and canonical."""
         client = self._c()
         command = 'LIST "" "*"'
+        returns = []
         if "SPECIAL-USE" in client.capabilities:
-            command += " RETURN (SPECIAL-USE)"
+            returns.append("SPECIAL-USE")
+        if "LIST-STATUS" in client.capabilities:
+            returns.append("STATUS (UIDVALIDITY UIDNEXT MESSAGES)")
+        if returns:
+            command += f" RETURN ({' '.join(returns)})"
         result: list[Folder] = []
-        for resp in await client.simple(command):
+        self.folder_status = {}
+        responses = await client.simple(command)
+        for resp in responses:
+            if len(resp) >= 3 and resp[0] == b"STATUS" and isinstance(resp[1], bytes) \
+                    and isinstance(resp[2], list):
+                values = dict(zip(resp[2][::2], resp[2][1::2], strict=False))
+                name = canonical(mutf7.decode(resp[1].decode("utf-8", "replace")),
+                                 self.separator, self.prefix)
+                v, n, m = (values.get(k) for k in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"))
+                if isinstance(v, bytes) and isinstance(n, bytes) and isinstance(m, bytes):
+                    self.folder_status[name] = f"{v.decode()}/{n.decode()}/{m.decode()}"
+        for resp in responses:
             if len(resp) < 4 or resp[0] != b"LIST" or not isinstance(resp[1], list):
                 continue
             attrs = [a.decode() for a in resp[1] if isinstance(a, bytes)]
@@ -321,12 +356,18 @@ class ImapEndpoint:
         except ImapCommandError:
             self._selected = None
             return False
+        uidnext = exists = ""
         for resp in responses:
             if len(resp) > 1 and resp[0] == b"OK" and isinstance(resp[1], bytes):
                 match = _UIDVALIDITY.match(resp[1])
                 validity = match.group(1).decode() if match else validity
+                match = _UIDNEXT.match(resp[1])
+                uidnext = match.group(1).decode() if match else uidnext
+            elif len(resp) > 1 and resp[1] == b"EXISTS" and isinstance(resp[0], bytes):
+                exists = resp[0].decode()
         self._selected = name
         self._validity = validity
+        self._state = f"{validity}/{uidnext}/{exists}" if validity and uidnext and exists else ""
         return True
 
     async def listing(self, name: str, *, full: bool = True) -> Listing | None:
@@ -335,7 +376,7 @@ class ImapEndpoint:
         self._selected = None  # re-EXAMINE: see what was appended since
         if not await self._select(name):
             return None
-        listing = Listing(self._validity)
+        listing = Listing(self._validity, state=self._state)
 
         def collect(resp: Untagged) -> None:
             items = fetch_items(resp)
@@ -357,8 +398,10 @@ class ImapEndpoint:
         await self._c().simple(f"UID FETCH 1:* ({items})", handler=collect)
         return listing
 
-    async def fetch(self, name: str, uids: Sequence[str], sink: Sink) -> None:
-        """Pipelined UID FETCH BODY.PEEK[]; the sink's back-pressure stops the reading."""
+    async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
+                    meta: bool = False) -> None:
+        """Pipelined UID FETCH BODY.PEEK[] (with FLAGS and INTERNALDATE when `meta`); the
+        sink's back-pressure stops the reading."""
         if not uids:
             return
         if not await self._select(name):
@@ -370,13 +413,20 @@ class ImapEndpoint:
                 return
             body = items.get(b"BODY[]")
             if isinstance(body, bytes):
-                await sink(str(as_int(items.get(b"UID"))), body)
+                flags = items.get(b"FLAGS")
+                date = items.get(b"INTERNALDATE")
+                await sink(str(as_int(items.get(b"UID"))), body,
+                           tuple(f.decode() for f in flags if isinstance(f, bytes)
+                                 and f.lower() != b"\\recent")
+                           if isinstance(flags, list) else None,
+                           date.decode() if isinstance(date, bytes) else None)
 
         client = self._c()
+        what = "UID FLAGS INTERNALDATE BODY.PEEK[]" if meta else "UID BODY.PEEK[]"
         ordered = sorted(uids, key=int)
         started = [
             await client.start(
-                [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} (UID BODY.PEEK[])".encode()],
+                [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} ({what})".encode()],
                 "UID FETCH", handler=deliver)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
@@ -489,11 +539,12 @@ class DriverEndpoint:
             return listing
         return await asyncio.to_thread(read)
 
-    async def fetch(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+    async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
+                    meta: bool = False) -> None:
         """Read each message in turn (one in memory at a time)."""
         for uid in uids:
             data = await asyncio.to_thread(self.driver.read_message, self.mailbox_id, name, uid)
-            await sink(uid, data)
+            await sink(uid, data, None, None)  # flags and date came with the listing
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """Store each message byte for byte with its flags and date."""

@@ -74,6 +74,9 @@ def quote_mailbox(name: str) -> bytes:
 # The FETCH response of a body fetch, as Dovecot and most servers send it: parsed without
 # the general tokenizer (it is the one response per message of a copy).
 _FAST_BODY = re.compile(rb"(\d+) FETCH \(UID (\d+) BODY\[\] \{\d+\+?\}\r\n$")
+_FAST_META = re.compile(rb'(\d+) FETCH \(UID (\d+) FLAGS \(([^()]*)\) INTERNALDATE "([^"]*)" '
+                        rb"BODY\[\] \{\d+\+?\}\r\n$")
+_FAST_SIZE = re.compile(rb"(\d+) FETCH \(UID (\d+) RFC822\.SIZE (\d+)\)$")
 
 
 def parse_response(parts: Sequence[bytes]) -> Untagged:
@@ -82,6 +85,17 @@ def parse_response(parts: Sequence[bytes]) -> Untagged:
         fast = _FAST_BODY.match(parts[0])
         if fast:
             return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"BODY[]", parts[1]]]
+        fast = _FAST_META.match(parts[0])
+        if fast:
+            flags: list[Value] = list(fast.group(3).split())
+            return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"FLAGS", flags,
+                                              b"INTERNALDATE", fast.group(4), b"BODY[]",
+                                              parts[1]]]
+    elif len(parts) == 1:
+        fast = _FAST_SIZE.match(parts[0])
+        if fast:
+            return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"RFC822.SIZE",
+                                              fast.group(3)]]
     stack: list[list[Value]] = [[]]
     for index in range(0, len(parts), 2):
         text = parts[index]

@@ -135,6 +135,23 @@ class Manifest:
                 seconds=figures.seconds, verified=figures.verified,
                 report=json.dumps(figures.report, sort_keys=True), at=at or utcnow()))
 
+    def last_states(self, mailbox: str) -> dict[str, tuple[str, str, str, int]]:
+        """Per source folder of the last verified pass of a job: (source state, target
+        folder, target state, messages), states as "UIDVALIDITY/UIDNEXT/MESSAGES"."""
+        with self.sessions() as session:
+            text = session.scalars(
+                select(TransferRun.report).where(TransferRun.mailbox == mailbox,
+                                                 TransferRun.verified.is_(True))
+                .order_by(TransferRun.id.desc()).limit(1)).first()
+        if not text:
+            return {}
+        result = {}
+        for f in json.loads(text).get("folders", []):
+            if f.get("src_state") and f.get("dst_state"):
+                result[f["folder"]] = (f["src_state"], f["target"], f["dst_state"],
+                                       int(f.get("messages", 0)))
+        return result
+
     def copied_count(self, mailbox: str) -> int:
         """How many rows say 'copied by us' for a job (tests and reports)."""
         with self.sessions() as session:

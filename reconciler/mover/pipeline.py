@@ -42,6 +42,7 @@ from reconciler.mover.endpoints import (
     Listing,
     Outgoing,
     content_hash,
+    header_message_id,
 )
 from reconciler.mover.folders import Folder, FolderRule, map_folders, ruled
 from reconciler.mover.manifest import Manifest, ManifestRow
@@ -74,6 +75,9 @@ class FolderReport:
     bytes_copied: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (source uid, reason)
     missing: int = 0  # source messages not proven in the target after the copy
+    src_state: str = ""  # UIDVALIDITY/UIDNEXT/MESSAGES of the listings that were proven
+    dst_state: str = ""
+    unchanged: bool = False  # both sides as at the last verified pass: nothing listed
 
 
 @dataclass
@@ -119,6 +123,8 @@ class MailboxReport:
             "attempts": self.attempts, "error": self.error,
             "folders": [{"folder": f.folder, "target": f.target, "messages": f.messages,
                          "copied": f.copied, "present": f.present, "missing": f.missing,
+                         "src_state": f.src_state, "dst_state": f.dst_state,
+                         "unchanged": f.unchanged,
                          "failed": [{"uid": u, "reason": r} for u, r in f.failed[:20]]}
                         for f in self.folders],
         }
@@ -173,14 +179,19 @@ class MailboxCopy:
         dst_folders = await self.target.folders()
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
+        unchanged = self._unchanged()
         listings: list[tuple[Folder, Listing]] = []
         for folder in src_folders:
-            if not folder.selectable:
+            if not folder.selectable or folder.name in unchanged:
                 continue
-            listing = await self.source.listing(folder.name)
+            # UID and size only: flags and dates come with the bodies of what is copied,
+            # Message-IDs from those bodies; a re-run reads no header at all.
+            listing = await self.source.listing(folder.name, full=False)
             if listing is not None:
                 listings.append((folder, listing))
-        report.messages_total = sum(len(lst.entries) for _, lst in listings)
+        report.folders.extend(unchanged.values())
+        report.messages_total = sum(len(lst.entries) for _, lst in listings) \
+            + sum(f.messages for f in unchanged.values())
         report.bytes_total = sum(e.size for _, lst in listings for e in lst.entries)
         self.progress.mailbox_started(self.key, report.messages_total, report.bytes_total)
         try:
@@ -193,6 +204,29 @@ class MailboxCopy:
         report.verified = report.missing == 0 and report.failed == 0
         report.seconds = time.monotonic() - started
         return report
+
+    def _unchanged(self) -> dict[str, FolderReport]:
+        """Folders whose source and target are exactly as at the last verified pass.
+
+        IMAP messages never change; a folder whose UIDVALIDITY, UIDNEXT and message count
+        are all the same has had no append (UIDNEXT would grow) and no expunge (the count
+        would drop, or UIDNEXT grow with a compensating append): the same messages, so the
+        last pass's proof still holds. Both sides' figures come from one LIST-STATUS each,
+        so a re-run with nothing to do lists no message at all."""
+        if self.manifest is None or self.options.verify == "deep":
+            return {}
+        src_now = getattr(self.source, "folder_status", {})
+        dst_now = getattr(self.target, "folder_status", {})
+        if not src_now or not dst_now:
+            return {}
+        result = {}
+        for folder, (src_state, target, dst_state, messages) in \
+                self.manifest.last_states(self.key).items():
+            if src_now.get(folder) == src_state and dst_now.get(target) == dst_state:
+                result[folder] = FolderReport(folder, target, messages=messages,
+                                              present=messages, src_state=src_state,
+                                              dst_state=dst_state, unchanged=True)
+        return result
 
     async def _target_listing(self, name: str) -> Listing:
         listing = await self.target.listing(name, full=False)
@@ -241,9 +275,10 @@ class MailboxCopy:
             return True
 
         to_read = [e for e in src.entries if not present(e)]
+        report.src_state, report.dst_state = src.state, dst.state
         if to_read or self.options.verify == "deep":
             await self._stream(name, src, dst_name, to_read, present, placed, report)
-            await self._verify(name, src, dst_name, placed, report)
+            report.dst_state = await self._verify(name, src, dst_name, placed, report)
         else:
             # The listing just taken proves it: every source message is matched to its own
             # target UID whose size agrees and whose hash is the source's.
@@ -260,7 +295,7 @@ class MailboxCopy:
         if not todo:
             return
 
-        async def hashed(uid: str, data: bytes) -> None:
+        async def hashed(uid: str, data: bytes, _f: object, _d: object) -> None:
             if uid in todo:
                 todo[uid].sha256 = content_hash(data)
 
@@ -306,12 +341,18 @@ class MailboxCopy:
             await slots.acquire()  # back-pressure: at most N batches in flight
             tasks.append(asyncio.create_task(append(items)))
 
-        async def arrived(uid: str, data: bytes) -> None:
+        async def arrived(uid: str, data: bytes, flags: tuple[str, ...] | None,
+                          date: str | None) -> None:
             nonlocal batch_bytes
             e = by_uid.get(uid)
             if e is None or uid in seen:
                 return
             seen.add(uid)
+            if flags is not None:
+                e.flags = flags
+            e.date = date or e.date
+            if not e.message_id:
+                e.message_id = header_message_id(data)
             sha = content_hash(data)
             if e.sha256 is not None and e.sha256 != sha:
                 report.failed.append((uid, "changed since listing"))
@@ -327,7 +368,7 @@ class MailboxCopy:
                 await send()
 
         try:
-            await self.source.fetch(name, [e.uid for e in to_read], arrived)
+            await self.source.fetch(name, [e.uid for e in to_read], arrived, meta=True)
             if batch:
                 await send()
             await asyncio.gather(*tasks)
@@ -341,8 +382,9 @@ class MailboxCopy:
 
     async def _verify(self, name: str, src: Listing, dst_name: str,
                       placed: dict[str, tuple[str, str | None, int]],
-                      report: FolderReport) -> None:
-        """Every source hash must be in the target folder's listing taken now."""
+                      report: FolderReport) -> str:
+        """Every source hash must be in the target folder's listing taken now; return that
+        listing's state."""
         final = await self._target_listing(dst_name)
         deep = self.options.verify == "deep"
         cached = self.manifest.load(self.key, name) if self.manifest is not None else []
@@ -368,3 +410,4 @@ class MailboxCopy:
             lacking = need - have
         consumed.update(need - lacking)
         report.missing = sum(lacking.values()) + unknown_source
+        return final.state
