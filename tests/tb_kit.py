@@ -112,7 +112,8 @@ UEBERSICHT = ("From eve@v.example Sat Jun  1 08:00:00 2024\n"
               "From: eve@v.example\nSubject: =?utf-8?q?=C3=9Cbersicht?=\n"
               "Message-ID: <tb-e1@v.example>\n\nÜbersicht\n\n").encode()
 OLD_ARCHIVE = (b"From frank@u.example Sun Dec  1 07:00:00 2013\n"
-               b"From: frank@u.example\nSubject: 2013\nMessage-ID: <tb-f1@u.example>\n\nancient\n\n")
+               b"From: frank@u.example\nSubject: 2013\nMessage-ID: <tb-f1@u.example>\n\n"
+               b"ancient\n\n")
 # folder -> Message-IDs that must arrive (the expunged one never does)
 EXPECTED = {
     "Local Folders/Archive": {"<tb-a1@x.example>", "<tb-c1@z.example>"},

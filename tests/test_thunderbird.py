@@ -71,7 +71,7 @@ def test_profiles_ini_and_discovery(tmp_path: Path) -> None:
     assert profiles.find_profile(explicit=inst.profile) == inst.profile
     with pytest.raises(profiles.ProfileNotFound, match="no profile named"):
         profiles.find_profile(name="nope", roots=[inst.ini])
-    with pytest.raises(profiles.ProfileNotFound, match="no Thunderbird profiles.ini"):
+    with pytest.raises(profiles.ProfileNotFound, match=r"no Thunderbird profiles\.ini"):
         profiles.find_profile(roots=[tmp_path / "nowhere"])
 
 
