@@ -14,12 +14,19 @@ need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
+# Dovecot's IMAP server for the tests of the station agent's IMAP upload and switch test
+# (each test starts a private instance; the system's own Dovecot is never configured or run).
+if [ "$what" = test ]; then
+  command -v dovecot >/dev/null || need+=(dovecot-imapd)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "bootstrap: installing Debian packages: ${need[*]}"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  # policy-rc.d-less containers would start the system Dovecot: RUNLEVEL=1 keeps
+  # invoke-rc.d from starting services; nothing of /etc/dovecot is used by mailferry.
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 python3 - <<'PY' || { echo "bootstrap: mailferry needs Python >= 3.11" >&2; exit 1; }

@@ -228,3 +228,18 @@ def test_a_running_thunderbird_is_waited_for_a_dead_one_is_not(world: World, dov
     lock_like_thunderbird(inst.profile, dead_pid())
     assert _run(config).returncode == 0, _log(config)
     assert reports(world.store)[-1].kind == "done", _log(config)
+
+
+def test_enrol_is_one_command(tmp_path: Path) -> None:
+    kit = tmp_path / "kit"
+    result = subprocess.run(
+        [sys.executable, "-m", "reconciler", "--state", str(tmp_path / "state.db"), "station",
+         "enrol", "ws-paul", "--address", "Paul@corp.example", "--out", str(kit),
+         "--api", "https://mailferry.corp.example:8443"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "station-agent run --config station-agent.toml" in result.stdout
+    settings = load_config(kit / "station-agent.toml")
+    assert settings["address"] == "paul@corp.example"
+    assert settings["api"] == "https://mailferry.corp.example:8443"
+    assert (kit / "station.token").stat().st_mode & 0o777 == 0o600

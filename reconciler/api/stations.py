@@ -483,7 +483,10 @@ OPENAPI: dict[str, Any] = {
                                              "format": "date-time"},
                             "target": {"type": "object",
                                        "description": "E.g. {submission: 'host:port', "
-                                                      "mailbox_type: 'maildir'}",
+                                                      "submission_tls: 'none', "
+                                                      "mailbox_type: 'maildir', imap: {host, "
+                                                      "port, tls}} (imap only where the "
+                                                      "system has an IMAP server)",
                                        "additionalProperties": True},
                         },
                     }]},
