@@ -9,14 +9,17 @@ cd "$(dirname "$0")"
 what="${1:-demo}"
 case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 
-# Debian packages: Python with venv, git (specs provenance, the demo's spec repository) and,
-# for the tests only, PostgreSQL (the state store is proven on a private server).
+# Debian packages: Python with venv and git (specs provenance, the demo's spec repository).
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
+# For the tests only: PostgreSQL (the state store on a private server) and Dovecot's IMAP
+# server (the station agent's upload and switch test); each test starts private instances,
+# the system's own services are never configured or run.
 if [ "$what" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+  command -v dovecot >/dev/null || need+=(dovecot-imapd)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   sudo=""
@@ -32,7 +35,8 @@ if [ "${#need[@]}" -gt 0 ]; then
     trap '$sudo rm -f "$blocker"' EXIT
   fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+  # RUNLEVEL=1 as well: where policy-rc.d is already there, invoke-rc.d still starts nothing.
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq --no-install-recommends \
     "${need[@]}" >/dev/null
   [ -z "$blocker" ] || $sudo rm -f "$blocker"
 fi

@@ -262,14 +262,35 @@ def station() -> None:
 @station.command("enrol")
 @click.argument("name")
 @click.option("--address", required=True, help="The mailbox address the station acts for.")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Write DIR/station.token and a ready-to-use DIR/station-agent.toml "
+                   "instead of printing the token.")
+@click.option("--api", default="http://127.0.0.1:8026", show_default=True,
+              help="--out: the station API URL the workstation reaches.")
+@click.option("--client", type=click.Choice(["thunderbird", "json"]), default="thunderbird",
+              show_default=True, help="--out: the workstation's mail client.")
 @click.pass_context
-def station_enrol(ctx: click.Context, name: str, address: str) -> None:
-    """Enrol a station and print its token (shown once; only its hash is stored)."""
+def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | None, api: str,
+                  client: str) -> None:
+    """Enrol a station; print its token, or write its token and agent configuration."""
     from reconciler.api.stations import enrol_station
     from reconciler.state.store import open_store
 
     store = open_store(_state_url(ctx.obj["state"]))
-    click.echo(enrol_station(store, name, address.lower()))
+    token = enrol_station(store, name, address.lower())
+    if out_dir is None:
+        click.echo(token)
+        return
+    from reconciler.api.enrolment import write_station_kit
+
+    token_path, config_path = write_station_kit(Path(out_dir), api=api, station=name,
+                                                address=address.lower(), token=token,
+                                                client=client)
+    click.echo(f"station {name} enrolled for {address.lower()}\n"
+               f"  token:  {token_path} (mode 0600; the only copy)\n"
+               f"  config: {config_path}\n"
+               f"copy both to the workstation, then run: "
+               f"station-agent run --config {config_path.name}")
 
 
 @main.command()
