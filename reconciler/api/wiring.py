@@ -19,7 +19,8 @@ def station_api_for(engine: Engine, *, host: str = "127.0.0.1", port: int = 0) -
 
     def target_info(system: str) -> dict[str, object]:
         spec = engine.specs.systems[system]
-        return {"submission": str(spec.submission), "mailbox_type": spec.driver,
+        return {"submission": str(spec.submission) if spec.submission else None,
+                "mailbox_type": spec.driver,
                 "system": system}
 
     return StationApiServer(engine.store, driver_for, target_info, host=host, port=port)
