@@ -22,6 +22,38 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The tests run private Postfix + Dovecot instances (tests/pfdovecot.py): install the servers
+# without letting the packages configure or start the machine's own instances (debconf "No
+# configuration" for Postfix; a temporary policy-rc.d refuses every service start), and a
+# system user owning the test Maildirs. Nothing in /etc/postfix or /etc/dovecot is used.
+if [ "$what" = test ]; then
+  mail=()
+  for pkg in postfix dovecot-imapd dovecot-lmtpd; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || mail+=("$pkg")
+  done
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ "${#mail[@]}" -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${mail[*]} (services not started)"
+    echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+      $sudo chmod 755 /usr/sbin/policy-rc.d
+      own_policy=1
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${mail[@]}" >/dev/null
+    [ -z "$own_policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
+    # and not at the next boot either (the tests never use the system's instances)
+    if [ -d /run/systemd/system ]; then
+      $sudo systemctl disable --now postfix dovecot >/dev/null 2>&1 || true
+    fi
+  fi
+  id vmail >/dev/null 2>&1 || $sudo useradd --system --user-group --no-create-home \
+    --shell /usr/sbin/nologin vmail
+fi
+
 python3 - <<'PY' || { echo "bootstrap: mailferry needs Python >= 3.11" >&2; exit 1; }
 import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)

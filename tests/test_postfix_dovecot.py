@@ -33,7 +33,6 @@ from typing import Any
 
 import pytest
 import yaml
-from pfdovecot import MailHost, make_root, missing_prerequisites
 from sqlalchemy import select
 
 from reconciler.drivers.base import Contact, mailbox_id_for, physical_address
@@ -46,6 +45,7 @@ from reconciler.spec.loader import load_specs
 from reconciler.spec.model import Endpoint, ImapOptions, MasterUser, SecretRef
 from reconciler.state.model import Event, Migration
 
+from pfdovecot import MailHost, make_root, missing_prerequisites
 from world import World, base_documents, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(240)
