@@ -53,7 +53,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from reconciler.drivers.base import MailSystemDriver
+from reconciler.drivers.base import MailSystemDriver, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.state.model import Migration, Station, StationReport, utcnow
 from reconciler.state.store import Store
@@ -324,7 +324,7 @@ async def post_message(request: web.Request) -> web.Response:
             return m.target_system, m.target_mailbox
 
     system, mailbox = await asyncio.to_thread(target)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = content_sha256(data)  # what drivers list: CRLF read as LF
     driver = request.app[DRIVER_FOR_KEY](system)
 
     def append() -> tuple[int, dict[str, Any]]:

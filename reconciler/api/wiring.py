@@ -24,17 +24,20 @@ def station_api_for(engine: Engine, *, host: str = "127.0.0.1", port: int = 0) -
 
     def target_info(system: str) -> dict[str, object]:
         spec = engine.specs.systems[system]
-        info: dict[str, object] = {"submission": str(spec.submission),
-                                   "submission_tls": str(getattr(spec, "submission_tls", None)
-                                                         or "none"),
-                                   "mailbox_type": spec.driver, "system": system}
-        # Systems with an IMAP server (the Postfix+Dovecot driver's spec has `imap`) tell the
-        # agent where the user's client will read mail; the embedded maildir system has none,
-        # and the agent then uploads local mail through this API.
-        imap = getattr(spec, "imap", None)
-        if imap is not None:
+        submission = spec.submission or (
+            spec.postfix_dovecot.smtp if spec.postfix_dovecot is not None else None)
+        info: dict[str, object] = {
+            "submission": str(submission) if submission is not None else None,
+            "submission_tls": "none",
+            "mailbox_type": spec.driver, "system": system,
+        }
+        # Systems with an IMAP server tell the agent where the user's client will read mail;
+        # the embedded maildir system has none, and the agent then uploads local mail
+        # through this API.
+        if spec.postfix_dovecot is not None:
+            imap = spec.postfix_dovecot.imap
             info["imap"] = {"host": imap.host, "port": imap.port,
-                            "tls": str(getattr(spec, "imap_tls", None) or "none")}
+                            "tls": spec.postfix_dovecot.imap_tls}
         return info
 
     return StationApiServer(engine.store, driver_for, target_info, host=host, port=port)

@@ -40,7 +40,7 @@ import difflib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -60,10 +60,13 @@ from .model import (
     DataTransfer,
     Endpoint,
     FedSpec,
+    ImapOptions,
     MailboxSpec,
     MailSystemSpec,
+    MasterUser,
     PlacementSpec,
     PolicySpec,
+    PostfixDovecotOptions,
     SecretRef,
     SourceLocation,
     SpecSet,
@@ -303,20 +306,71 @@ class _Loader:
             self.fail(doc, path, str(exc))
             return timedelta(0)
 
+    def secret(self, ref: dict[str, str]) -> SecretRef:
+        """{env: X} | {file: path} -> SecretRef (a file made absolute)."""
+        return SecretRef(env=ref.get("env"),
+                         file=self.path_value(ref["file"]) if "file" in ref else None)
+
+    def master_user(self, raw: dict[str, Any] | None) -> MasterUser | None:
+        """A schema-checked masterUser object, or None."""
+        if raw is None:
+            return None
+        return MasterUser(user=str(raw["user"]), password=self.secret(raw["password"]))
+
     def build_system(self, doc: _Doc) -> None:
-        """A MailSystem document -> MailSystemSpec."""
+        """A MailSystem document -> MailSystemSpec (with its driver's settings object)."""
         spec, name = doc.spec, cast(str, doc.name)
-        box = spec["maildir"]
-        system = MailSystemSpec(
-            name=name,
-            driver=spec["driver"],
-            domains=tuple(d.lower() for d in spec["domains"]),
+        driver = str(spec["driver"])
+        own = {"maildir": "maildir", "postfix-dovecot": "postfixDovecot", "imap": "imap"}
+        for other in own.values():
+            if other in spec and other != own.get(driver):
+                self.fail(doc, ("spec", other), f"settings of another driver: driver is "
+                          f"{driver!r}, which reads spec.{own.get(driver)}", key_line=True)
+        here = ("spec", own.get(driver, driver))
+        common = MailSystemSpec(
+            name=name, driver=driver, domains=tuple(d.lower() for d in spec["domains"]),
             internal_domain=str(spec.get("internalDomain", f"{name}.internal")).lower(),
-            root=self.path_value(box["root"]),
-            lmtp=self.endpoint(doc, ("spec", "maildir", "lmtp"), box["lmtp"]),
-            submission=self.endpoint(doc, ("spec", "maildir", "submission"), box["submission"]),
-            location=doc.location(),
-        )
+            root="", lmtp=None, submission=None, location=doc.location())
+        if driver == "postfix-dovecot":
+            box = spec["postfixDovecot"]
+            options = PostfixDovecotOptions(
+                state_dir=self.path_value(box["stateDir"]),
+                postfix_config_dir=self.path_value(box["postfixConfigDir"]),
+                dovecot_config=self.path_value(box["dovecotConfig"]),
+                mail_root=self.path_value(box["mailRoot"]),
+                mail_user=str(box.get("mailUser", "vmail")),
+                smtp=self.endpoint(doc, (*here, "smtp"), box["smtp"]),
+                lmtp=self.endpoint(doc, (*here, "lmtp"), box["lmtp"]),
+                imap=self.endpoint(doc, (*here, "imap"), box["imap"]),
+                master=cast(MasterUser, self.master_user(box["masterUser"])),
+                imap_tls=str(box.get("imapTls", "none")),
+            )
+            system = replace(common, root=options.state_dir, lmtp=options.lmtp,
+                             submission=options.smtp, postfix_dovecot=options)
+        elif driver == "imap":
+            box = spec["imap"]
+            login = str(box.get("login", "master"))
+            if login == "master" and "masterUser" not in box:
+                self.fail(doc, (*here, "masterUser"), "required field missing (login: master)")
+            if login == "per-user" and "passwords" not in box:
+                self.fail(doc, (*here, "passwords"), "required field missing (login: per-user)")
+            smtp = self.endpoint(doc, (*here, "smtp"), box["smtp"]) if "smtp" in box else None
+            imap = ImapOptions(
+                server=self.endpoint(doc, (*here, "server"), box["server"]),
+                state_dir=self.path_value(box["stateDir"]), tls=str(box.get("tls", "implicit")),
+                login=login, master=self.master_user(box.get("masterUser")),
+                passwords=self.secret(box["passwords"]) if "passwords" in box else None,
+                login_format=str(box.get("loginFormat", "{address}")), smtp=smtp,
+            )
+            system = replace(common, root=imap.state_dir, submission=smtp, imap=imap)
+        else:
+            box = spec["maildir"]
+            system = replace(
+                common, root=self.path_value(box["root"]),
+                lmtp=self.endpoint(doc, ("spec", "maildir", "lmtp"), box["lmtp"]),
+                submission=self.endpoint(doc, ("spec", "maildir", "submission"),
+                                         box["submission"]),
+            )
         if doc.valid:
             self.systems[name] = system
 
@@ -328,10 +382,7 @@ class _Loader:
             name=cast(str, doc.name),
             smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
             control_url=str(spec["control"]).rstrip("/"),
-            token=SecretRef(
-                env=token.get("env"),
-                file=self.path_value(token["file"]) if "file" in token else None,
-            ),
+            token=self.secret(token),
             state_dir=self.path_value(spec["stateDir"]),
             domains=tuple(d.lower() for d in spec["domains"]),
             location=doc.location(),

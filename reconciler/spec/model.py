@@ -12,6 +12,11 @@ The YAML format, one document per object (several documents per file allowed)::
 
 MailSystem.spec:   driver: maildir; domains: [corp.example]; internalDomain: s1.internal;
                    maildir: {root: var/s1, lmtp: 127.0.0.1:2401, submission: 127.0.0.1:2501}
+                   | driver: postfix-dovecot; postfixDovecot: {stateDir, postfixConfigDir,
+                     dovecotConfig, mailRoot, mailUser, smtp, lmtp, imap,
+                     masterUser: {user, password: {env|file}}}   (docs/postfix-dovecot.md)
+                   | driver: imap; imap: {server, tls, login: master|per-user,
+                     masterUser | passwords: {file}, loginFormat, stateDir, smtp}
 FedHub.spec:       smtp: 127.0.0.1:2525; control: http://127.0.0.1:8025;
                    token: {env: MAILFERRY_FED_TOKEN} | {file: path}; stateDir: var/fed;
                    domains: [corp.example]
@@ -69,15 +74,55 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class MasterUser:
+    """An IMAP login that may read every mailbox (SASL PLAIN with an authorization identity)."""
+
+    user: str
+    password: SecretRef
+
+
+@dataclass(frozen=True)
+class PostfixDovecotOptions:
+    """Where a Postfix + Dovecot system keeps what the driver administers (driver-specific)."""
+
+    state_dir: str  # absolute: passwd-file, Postfix maps, mailferry.db, lock
+    postfix_config_dir: str  # absolute: `postfix -c` / `postconf -c` / `postmap -c`
+    dovecot_config: str  # absolute: `doveadm -c`
+    mail_root: str  # absolute: homes are <mail_root>/<mailbox id>
+    mail_user: str
+    smtp: Endpoint  # Postfix smtpd: fed delivers here, local users submit here
+    lmtp: Endpoint  # Dovecot LMTP: Postfix's virtual_transport
+    imap: Endpoint  # Dovecot IMAP: the data mover reads and writes here
+    master: MasterUser
+    imap_tls: str = "none"  # none | starttls | implicit
+
+
+@dataclass(frozen=True)
+class ImapOptions:
+    """A generic IMAP server mailferry can read but not administer (driver-specific)."""
+
+    server: Endpoint
+    state_dir: str  # absolute: the driver's own registry of the mailboxes it was given
+    tls: str = "implicit"  # none | starttls | implicit
+    login: str = "master"  # master | per-user
+    master: MasterUser | None = None
+    passwords: SecretRef | None = None  # per-user: a file of "address password" lines
+    login_format: str = "{address}"  # {address}, {local}, {domain}
+    smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere
+
+
+@dataclass(frozen=True)
 class MailSystemSpec:
     name: str
     driver: str
     domains: tuple[str, ...]
     internal_domain: str
-    root: str  # absolute path of the maildir system's data folder
-    lmtp: Endpoint
-    submission: Endpoint
+    root: str  # absolute path of the system's data folder (maildir root or driver state)
+    lmtp: Endpoint | None  # where deliveries enter the mailbox store (None: not reachable)
+    submission: Endpoint | None  # where the system's users submit mail (None: unknown)
     location: SourceLocation
+    postfix_dovecot: PostfixDovecotOptions | None = None
+    imap: ImapOptions | None = None
 
 
 @dataclass(frozen=True)
