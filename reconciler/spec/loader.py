@@ -37,6 +37,7 @@ Side effects: reads the folder's files and asks git for the commit (`gitinfo`); 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -166,6 +167,7 @@ class _Loader:
         self.root = directory.resolve()
         self.problems: list[_Problem] = []
         self.docs: list[_Doc] = []
+        self.hasher = hashlib.sha256()  # what saved plans compare: every file read, in order
         # True when some object may be missing because its text was unreadable (YAML syntax,
         # unknown kind): "unknown reference" and "no FedHub" would then be guesses.
         self.uncertain = False
@@ -208,7 +210,10 @@ class _Loader:
         """Parse one file and check each of its documents up to the schema."""
         display = display_path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
+            self.hasher.update(f"{path.name}\0{len(raw)}\0".encode())
+            self.hasher.update(raw)
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             self.report(display, order, 1, "-", f"cannot read file: {exc}")
             self.uncertain = True
@@ -423,10 +428,12 @@ class _Loader:
             return self.duration(doc, ("spec", key), spec[key]) if key in spec else default
 
         delete_after: timedelta | None = base.delete_source_after
+        consent = False
         if "deleteSource" in spec:
             raw = spec["deleteSource"]
             delete_after = None if raw == "never" else self.duration(
                 doc, ("spec", "deleteSource", "after"), raw["after"])
+            consent = raw != "never" and bool(raw.get("consent", False))
         policy = PolicySpec(
             name=name,
             station_checks=bool(spec.get("stationChecks", base.station_checks)),
@@ -434,6 +441,7 @@ class _Loader:
             diary=bool(spec.get("diary", base.diary)),
             local_station_data=bool(spec.get("localStationData", base.local_station_data)),
             delete_source_after=delete_after,
+            delete_consent=consent,
             prestage_lead=dur("prestageLead", base.prestage_lead),
             recheck_lead=dur("recheckLead", base.recheck_lead),
             max_parallel=int(spec.get("maxParallel", base.max_parallel)),
@@ -459,6 +467,8 @@ class _Loader:
         self.placements[name] = PlacementSpec(
             name=name, system=spec["system"], window=spec.get("window"),
             policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
+            allow_move_back=bool(spec.get("allowMoveBack", False)),
+            report_to=tuple(str(a).lower() for a in spec.get("reportTo", [])),
         )
 
     def build_all(self) -> None:
@@ -560,6 +570,7 @@ class _Loader:
             placements=dict(self.placements),
             commit=commit,
             dirty=dirty,
+            digest=self.hasher.hexdigest(),
         )
 
 
