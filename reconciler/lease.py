@@ -17,7 +17,8 @@ How it works (the Kubernetes Lease / etcd election pattern, without a server):
 - the holder *renews* (UPDATE ... WHERE holder = :me) every `ttl / 3` from a background
   thread while it works, so a long data copy keeps the lease;
 - a holder that stops renewing (killed, hung, partitioned) loses the lease when it
-  expires, and the next reconciler *takes it over* and says so;
+  expires, and the next reconciler *takes it over* and says so; a holder on the same host
+  whose process is gone (kill -9) is taken over at once, without waiting for the TTL;
 - a holder that finds its renewal refused (someone took over after it stalled) sets `lost`
   and the engine stops after the current step.
 
@@ -50,6 +51,20 @@ DEFAULT_TTL = 30.0
 def holder_id() -> str:
     """This process as a lease holder: `host:pid`."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _dead_here(holder: str) -> bool:
+    """True when `holder` is a process of this host that has exited (kill -9, crash)."""
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 @dataclass(frozen=True)
@@ -114,11 +129,14 @@ class Lease:
             return None
         except IntegrityError:
             pass
+        dead = before is not None and _dead_here(before.holder)
         with self.store.session() as session:
+            stale = (LeaseRow.holder == self.holder) | (LeaseRow.expires_at < now)
+            if dead and before is not None:  # a holder on this host that no longer exists
+                stale = stale | (LeaseRow.holder == before.holder)
             done = session.execute(
                 update(LeaseRow)
-                .where(LeaseRow.name == self.name,
-                       (LeaseRow.holder == self.holder) | (LeaseRow.expires_at < now))
+                .where(LeaseRow.name == self.name, stale)
                 .values(holder=self.holder, acquired_at=now, renewed_at=now,
                         expires_at=expires))
             taken = getattr(done, "rowcount", 0) == 1
