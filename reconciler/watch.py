@@ -51,6 +51,7 @@ DEBOUNCE = 0.25  # quiet time after the last file event before reloading
 DEBOUNCE_MAX = 1.0  # reload at most this long after the first event of a burst
 POLL = 1.0  # how often fed and the station reports are looked at while sleeping
 MAX_BACKOFF = 300.0
+CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})  # watchdog types
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Watcher:
 
         class Changed(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type not in CHANGES:  # opened/closed-no-write: our own reads
+                    return
                 watcher.file_event([str(event.src_path),
                                     str(getattr(event, "dest_path", "") or "")])
 
