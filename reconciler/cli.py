@@ -352,27 +352,29 @@ def status(ctx: click.Context, placement: str | None, system: str | None,
     click.echo(f"\n{len(rows)} mailboxes; lease held by {lease}")
 
 
+def _admin(ctx: click.Context, act) -> None:  # type: ignore[no-untyped-def]
+    """Run an admin lever `act(store, specs, by, now) -> message` and print its message."""
+    from reconciler.state.model import utcnow
+    from reconciler.state.store import open_store
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        click.echo(act(open_store(_state_url(ctx.obj["state"])), specs, _who(), utcnow()))
+    except MailferryError as exc:
+        _fail(str(exc))
+
+
 @main.command()
 @click.argument("placement")
 @click.option("--reason", default="", help="Why (recorded with the events).")
 @click.pass_context
 def suspend(ctx: click.Context, placement: str, reason: str) -> None:
     """Suspend a placement: none of its mailboxes takes a step until resumed."""
-    from reconciler.state.model import utcnow
-    from reconciler.status import suspend as do_suspend
+    from reconciler import status as levers
 
-    specs = _load_or_exit(ctx.obj["specs"])
-    if placement not in specs.placements:
-        _fail(f"no placement {placement!r} in the specs (known: "
-              f"{', '.join(sorted(specs.placements)) or 'none'})")
-    from reconciler.state.store import open_store
-
-    try:
-        count = do_suspend(open_store(_state_url(ctx.obj["state"])), placement, by=_who(),
-                           reason=reason, commit=specs.commit, now=utcnow())
-    except MailferryError as exc:
-        _fail(str(exc))
-    click.echo(f"placement {placement} suspended ({count} migrations in progress paused)")
+    _admin(ctx, lambda store, specs, by, now: levers.suspend(
+        store, placement, known=set(specs.placements), by=by, reason=reason,
+        commit=specs.commit, now=now))
 
 
 @main.command()
@@ -380,17 +382,10 @@ def suspend(ctx: click.Context, placement: str, reason: str) -> None:
 @click.pass_context
 def resume(ctx: click.Context, placement: str) -> None:
     """Resume a suspended placement."""
-    from reconciler.state.model import utcnow
-    from reconciler.state.store import open_store
-    from reconciler.status import resume as do_resume
+    from reconciler import status as levers
 
-    specs = _load_or_exit(ctx.obj["specs"])
-    try:
-        count = do_resume(open_store(_state_url(ctx.obj["state"])), placement, by=_who(),
-                          commit=specs.commit, now=utcnow())
-    except MailferryError as exc:
-        _fail(str(exc))
-    click.echo(f"placement {placement} resumed ({count} migrations in progress)")
+    _admin(ctx, lambda store, specs, by, now: levers.resume(
+        store, placement, by=by, commit=specs.commit, now=now))
 
 
 @main.command()
@@ -398,13 +393,7 @@ def resume(ctx: click.Context, placement: str) -> None:
 @click.pass_context
 def retry(ctx: click.Context, address: str) -> None:
     """Retry a failed migration: clear its failure so it resumes at its state."""
-    from reconciler.state.model import utcnow
-    from reconciler.state.store import open_store
-    from reconciler.status import retry as do_retry
+    from reconciler import status as levers
 
-    specs = _load_or_exit(ctx.obj["specs"])
-    try:
-        click.echo(do_retry(open_store(_state_url(ctx.obj["state"])), address, by=_who(),
-                            commit=specs.commit, now=utcnow()))
-    except MailferryError as exc:
-        _fail(str(exc))
+    _admin(ctx, lambda store, specs, by, now: levers.retry(
+        store, address, by=by, commit=specs.commit, now=now))

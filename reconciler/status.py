@@ -115,25 +115,30 @@ def table(rows: list[StatusRow]) -> list[str]:
             .rstrip() for c in cells]
 
 
-def suspend(store: Store, placement: str, *, by: str, reason: str, commit: str | None,
-            now: datetime) -> int:
-    """Suspend a placement; the number of migrations in progress it pauses."""
+def suspend(store: Store, placement: str, *, known: set[str], by: str, reason: str,
+            commit: str | None, now: datetime) -> str:
+    """Suspend a placement (one of `known`); what was done."""
+    if placement not in known:
+        raise MailferryError(f"no placement {placement!r} in the specs (known: "
+                             f"{', '.join(sorted(known)) or 'none'})")
     with store.session() as session:
         if session.get(PlacementSuspension, placement) is not None:
             raise MailferryError(f"placement {placement} is already suspended")
         session.add(PlacementSuspension(placement=placement, since=now, by=by, reason=reason))
-        return _mark(session, placement, "suspend", by, reason, commit, now)
+        count = _mark(session, placement, "suspend", by, reason, commit, now)
+    return f"placement {placement} suspended ({count} migrations in progress paused)"
 
 
 def resume(store: Store, placement: str, *, by: str, commit: str | None,
-           now: datetime) -> int:
-    """Resume a suspended placement; the number of migrations in progress it resumes."""
+           now: datetime) -> str:
+    """Resume a suspended placement; what was done."""
     with store.session() as session:
         row = session.get(PlacementSuspension, placement)
         if row is None:
             raise MailferryError(f"placement {placement} is not suspended")
         session.delete(row)
-        return _mark(session, placement, "resume", by, "", commit, now)
+        count = _mark(session, placement, "resume", by, "", commit, now)
+    return f"placement {placement} resumed ({count} migrations in progress)"
 
 
 def _mark(session: Session, placement: str, step: str, by: str, reason: str,
