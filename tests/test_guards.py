@@ -148,3 +148,35 @@ def test_destructive_refused_then_applied_with_consent(world: World, tmp_path: P
     assert "- " + address in text.stdout and "[destructive]" in text.stdout
     done = run_cli("--specs", str(moved), "--state", state, "--apply", cwd=tmp_path)
     assert done.returncode == 0 and "applied E41-E42" in done.stdout, done.stdout
+
+
+def test_move_back_refused_then_applied_with_consent(world: World, tmp_path: Path) -> None:
+    address = "moveback@corp.example"
+    box = [{"address": address}]
+    state = str(tmp_path / "state.db")
+    keep = policy("keep", deleteSource="never")
+    home = world.write(tmp_path / "v1", [placement("home", "s1", box)])
+    run_cli("--specs", str(home), "--state", state, "--apply", cwd=tmp_path)
+    moved = world.write(tmp_path / "v2", [keep, placement("wave", "s2", box, policy_name="keep")])
+    assert run_cli("--specs", str(moved), "--state", state, "--apply",
+                   cwd=tmp_path).returncode == 0
+
+    back = world.write(tmp_path / "v3", [keep, placement("home", "s1", box, policy_name="keep")])
+    refused = run_cli("--specs", str(back), "--state", state, "--plan", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert f"! {address}" in refused.stdout and "allowMoveBack: true" in refused.stdout
+    assert "[destructive]" in refused.stdout
+    nothing = run_cli("--specs", str(back), "--state", state, "--apply", cwd=tmp_path)
+    assert "  applied " not in nothing.stdout
+
+    allowed = placement("home", "s1", box, policy_name="keep")
+    allowed["spec"]["allowMoveBack"] = True
+    back = world.write(tmp_path / "v3", [keep, allowed])
+    plan = run_cli("--specs", str(back), "--state", state, "--plan", cwd=tmp_path)
+    assert "- " + address in plan.stdout and "move back" in plan.stdout
+    done = run_cli("--specs", str(back), "--state", state, "--apply", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "applied E9" in done.stdout and "applied E40" in done.stdout
+    engine = world.engine(back, f"sqlite:///{state}")
+    assert engine.plan().pending is False
+    assert (engine.fed.lookup(address) or "").endswith("@s1.invalid")
