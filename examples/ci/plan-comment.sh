@@ -17,6 +17,7 @@ if [ -n "$flagged" ]; then
   echo '```'
   echo "$flagged"
   echo '```'
+  echo
 fi
 warnings=$(grep '"type": "warning"' "$jsonl" | sed 's/.*"message": "\(.*\)"}/- \1/' || true)
 if [ -n "$warnings" ]; then
