@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +185,3 @@ def to_apply(saved: SavedPlan, plan: Plan) -> tuple[list[Change], list[str]]:
         run.append(now)
     return run, skipped
 
-
-def created_at(saved: SavedPlan) -> datetime | None:
-    """When the saved plan was made."""
-    at = saved.content.get("at")
-    return None if not at else datetime.fromisoformat(str(at).replace("Z", "+00:00"))
