@@ -24,11 +24,13 @@ MigrationWindow.spec: timeZone: Europe/Paris; windows: [ {kind: allow|deny,
                    start: ISO, end: ISO} | {kind: allow|deny, schedule: "0 20 * * 1-5",
                    duration: 4h} ]
 MigrationPolicy.spec: stationChecks: bool; dataTransfer: none|copy|validate-and-copy|diary-only;
-                   diary: bool; localStationData: bool; deleteSource: {after: 7d} | never;
+                   diary: bool; localStationData: bool;
+                   deleteSource: {after: 7d, consent: true} | never;
                    prestageLead: 3d; recheckLead: 1h; maxParallel: 10; retention: 30d;
                    stationRetries: 3
 MailboxPlacement.spec: system: s2; window: wave-1; policy: default;
-                   mailboxes: [{address: a@corp.example, aliases: [..], station: ws-1}]
+                   mailboxes: [{address: a@corp.example, aliases: [..], station: ws-1}];
+                   allowMoveBack: false; reportTo: [ops@corp.example]
 
 Relative paths (maildir roots, fed stateDir, token files) are relative to the specs folder.
 """
@@ -161,6 +163,7 @@ class PolicySpec:
     diary: bool = True
     local_station_data: bool = False
     delete_source_after: timedelta | None = timedelta(days=7)  # None: never delete
+    delete_consent: bool = False  # deleteSource.consent: E41 runs only with it (invariant 6)
     prestage_lead: timedelta = timedelta(days=3)
     recheck_lead: timedelta = timedelta(hours=1)
     max_parallel: int = 10
@@ -206,6 +209,8 @@ class PlacementSpec:
     policy: str | None
     mailboxes: tuple[MailboxSpec, ...]
     location: SourceLocation
+    allow_move_back: bool = False  # allowMoveBack: finished mailboxes may move again
+    report_to: tuple[str, ...] = ()  # reportTo: who gets the wave report by mail
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,7 @@ class DesiredMailbox:
     window: WindowSpec | None
     policy: PolicySpec
     station: str | None
+    allow_move_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,7 @@ class SpecSet:
     placements: dict[str, PlacementSpec] = field(default_factory=dict)
     commit: str | None = None  # git commit of the specs folder, None outside git
     dirty: bool = False  # uncommitted changes in the specs folder
+    digest: str = ""  # sha256 of every spec file's name and bytes (saved plans compare it)
 
     def desired(self) -> dict[str, DesiredMailbox]:
         """address -> desired mailbox, over every placement (addresses are unique)."""
@@ -250,5 +257,6 @@ class SpecSet:
                     window=window,
                     policy=policy,
                     station=box.station,
+                    allow_move_back=placement.allow_move_back,
                 )
         return result
