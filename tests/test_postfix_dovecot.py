@@ -229,7 +229,7 @@ def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path
     address, alias, colleague = "alice@corp.example", "alice.a@corp.example", "bob@corp.example"
     box = mailbox_id_for(address)
     state = f"sqlite:///{tmp_path / 'state.db'}"
-    pol = policy("p", deleteSource={"after": "0s"})
+    pol = policy("p", deleteSource={"after": "0s", "consent": True})
     boxes = [{"address": address, "aliases": [alias]}]
     home = pf.write(tmp_path / "v1", [pol, placement("home", "pf1", boxes, policy_name="p"),
                                       placement("stay", "pf1", [{"address": colleague}])])
@@ -293,7 +293,7 @@ def test_round_trip_through_the_embedded_system(pf: PfWorld, tmp_path: Path) -> 
     address = "carol@corp.example"
     box = mailbox_id_for(address)
     state = f"sqlite:///{tmp_path / 'state.db'}"
-    pol = policy("p", deleteSource={"after": "0s"})
+    pol = policy("p", deleteSource={"after": "0s", "consent": True})
     boxes = [{"address": address, "aliases": ["carol.a@corp.example"]}]
     engine = pf.engine(pf.write(tmp_path / "v1", [pol, placement("h", "pf1", boxes,
                                                                    policy_name="p")]), state)
@@ -303,8 +303,9 @@ def test_round_trip_through_the_embedded_system(pf: PfWorld, tmp_path: Path) -> 
                                       b"UID:c1\r\nDTSTAMP:20260101T000000Z\r\nSUMMARY:x\r\n"
                                       b"END:VEVENT\r\nEND:VCALENDAR\r\n")
     for step, target in enumerate(["s1", "pf1"]):
-        engine = pf.engine(pf.write(tmp_path / f"v{step + 2}", [
-            pol, placement("h", target, boxes, policy_name="p")]), state)
+        moving = placement("h", target, boxes, policy_name="p")
+        moving["spec"]["allowMoveBack"] = True  # the second leg moves a finished mailbox back
+        engine = pf.engine(pf.write(tmp_path / f"v{step + 2}", [pol, moving]), state)
         report = engine.apply()
         assert not report.errors, report.errors
         assert engine.fed.lookup(address) == physical_address(target, box)
@@ -336,7 +337,7 @@ def test_bad_credentials_wait_with_address_and_step(pf: PfWorld, tmp_path: Path)
     address = "dave@corp.example"
     box = mailbox_id_for(address)
     state = f"sqlite:///{tmp_path / 'state.db'}"
-    pol = policy("p", deleteSource={"after": "0s"})
+    pol = policy("p", deleteSource={"after": "0s", "consent": True})
     boxes = [{"address": address}]
     engine = pf.engine(pf.write(tmp_path / "v1", [pol, placement("h", "pf1", boxes,
                                                                    policy_name="p")]), state)
@@ -416,7 +417,7 @@ def test_foreign_imap_source(pf: PfWorld, tmp_path: Path) -> None:
             address = "frank@corp.example"
             box = mailbox_id_for(address)
             state = f"sqlite:///{tmp_path / 'state.db'}"
-            pol = policy("p", deleteSource={"after": "0s"}, diary=False)
+            pol = policy("p", deleteSource={"after": "0s", "consent": True}, diary=False)
             boxes = [{"address": address}]
             engine = pf.engine(pf.write(tmp_path / "v1", [pol, placement(
                 "h", "old", boxes, policy_name="p")]), state)
