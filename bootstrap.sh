@@ -9,26 +9,28 @@ cd "$(dirname "$0")"
 what="${1:-demo}"
 case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 
-# Debian packages: Python with venv, git (specs provenance, the demo's spec repository) and,
-# for the tests only, PostgreSQL (the state store is proven on a private server) and Dovecot
-# IMAP (the data mover is proven against two private instances; the system's own Dovecot
-# service is kept from starting and /etc/dovecot is never used).
+# Debian packages. Always: Python with venv, and git (specs provenance, the demo's spec
+# repository). For the tests: PostgreSQL (the state store on a private server), Postfix and
+# Dovecot (private instances started by the tests: the Postfix + Dovecot driver, the station
+# agent's IMAP upload). Only what is missing is installed, as root or through sudo, and the
+# packages' own services are kept from starting: debconf "No configuration" for Postfix, a
+# temporary policy-rc.d and RUNLEVEL=1 refuse every service start; nothing in /etc/postfix,
+# /etc/dovecot or the system's PostgreSQL cluster is ever used.
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
 if [ "$what" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-  command -v dovecot >/dev/null && command -v doveadm >/dev/null || need+=(dovecot-imapd)
-  dpkg-query -W -f='${Status}' dovecot-lmtpd 2>/dev/null | grep -q 'ok installed' \
-    || need+=(dovecot-lmtpd)
+  for pkg in postfix dovecot-imapd dovecot-lmtpd; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
+  done
 fi
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 if [ "${#need[@]}" -gt 0 ]; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "bootstrap: installing Debian packages: ${need[*]}"
-  # Keep the packages' own services (a system PostgreSQL cluster...) from starting: the
-  # tests run private instances and never touch the system's.
+  echo "bootstrap: installing Debian packages: ${need[*]} (their services are not started)"
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
   blocker=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     blocker=/usr/sbin/policy-rc.d
@@ -37,9 +39,16 @@ if [ "${#need[@]}" -gt 0 ]; then
     trap '$sudo rm -f "$blocker"' EXIT
   fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+  DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq --no-install-recommends \
     "${need[@]}" >/dev/null
   [ -z "$blocker" ] || $sudo rm -f "$blocker"
+  if [ -d /run/systemd/system ]; then  # and not at the next boot either
+    $sudo systemctl disable --now postfix dovecot >/dev/null 2>&1 || true
+  fi
+fi
+if [ "$what" = test ]; then  # the owner of the private Dovecots' Maildirs
+  id vmail >/dev/null 2>&1 || $sudo useradd --system --user-group --no-create-home \
+    --shell /usr/sbin/nologin vmail
 fi
 
 python3 - <<'PY' || { echo "bootstrap: mailferry needs Python >= 3.11" >&2; exit 1; }

@@ -106,9 +106,36 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+class ContentHash:
+    """SHA-256 of a message with every CRLF read as LF, fed in chunks.
+
+    Why line endings are not hashed: IMAP always transports CRLF while Maildir files (ours,
+    Dovecot's) may hold bare LF, so the same message copied through IMAP must keep the same
+    digest, or the mover would see it missing and copy it again. Same value as
+    `reconciler.drivers.base.content_sha256`."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._cr = False  # the previous chunk ended with CR: held back
+
+    def update(self, chunk: bytes) -> None:
+        if self._cr:
+            chunk = b"\r" + chunk
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        self._digest.update(chunk.replace(b"\r\n", b"\n"))
+
+    def hexdigest(self) -> str:
+        if self._cr:
+            self._digest.update(b"\r")
+            self._cr = False
+        return self._digest.hexdigest()
+
+
 def hash_file(path: Path) -> tuple[str, int, str | None]:
-    """(sha256, size, Message-ID) of a message file, read in chunks (no whole-file memory)."""
-    digest = hashlib.sha256()
+    """(content hash, size, Message-ID) of a message file, read in chunks (no whole-file memory)."""
+    digest = ContentHash()
     head = bytearray()
     size = 0
     header_done = False

@@ -1,12 +1,16 @@
 """`reconcile`: the command admins and CI run.
 
-    reconcile --plan  [--specs DIR] [--json] [--at TIME]  dry run: exit 0 same, 2 pending, 1 error
-    reconcile --apply [--specs DIR] [--json]              everything due now, then exit
-    reconcile --watch [--specs DIR]                       apply continuously
-    reconcile serve                                       the embedded default (fed + systems)
-    reconcile demo                                        the end-to-end demonstration
-    reconcile station enrol NAME --address ADDR           a station's token (printed once)
-    reconcile events ADDRESS                              the event history of one address
+    reconcile --plan  [--json] [--at TIME] [--out FILE]  dry run: exit 0 same, 2 pending, 1 error
+    reconcile --apply [--json] [--allow-dirty]           everything due now, then exit
+    reconcile --apply FILE                               exactly a saved plan, or "stale plan"
+    reconcile --watch [--interval S] [--station-api H:P] apply continuously
+    reconcile status [--placement P] [--system S] [--state N|failed|...]
+    reconcile suspend PLACEMENT | resume PLACEMENT | retry ADDRESS
+    reconcile events ADDRESS                             the event history of one address
+    reconcile serve | demo | station enrol NAME --address ADDR
+
+Every option is common (`--specs DIR`, `--state URL`); `docs/gitops.md` describes the
+saved plans, the lease, the JSON Lines format, the guard rails and the watch loop.
 
 The whole spec set is validated before anything else happens: a bad spec prints every
 problem with its file and line and exits 1 without opening the state store or calling a
@@ -23,6 +27,7 @@ from pathlib import Path
 import click
 
 from reconciler.errors import MailferryError, SpecError
+from reconciler.run import Applier, Output, dirty_refusal
 from reconciler.spec.model import SpecSet
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
@@ -67,145 +72,154 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_ERROR)
 
 
-@click.group(invoke_without_command=True)
-@click.option("--specs", "specs_dir", default="specs", show_default=True,
-              help="Folder of YAML specs.")
-@click.option("--state", default=None, envvar="MAILFERRY_STATE",
-              help="State store: SQLAlchemy URL or SQLite file (default ./var/state.db).")
-@click.option("--plan", "do_plan", is_flag=True, help="Show what would change (dry run).")
-@click.option("--apply", "do_apply", is_flag=True, help="Run everything due now, then exit.")
-@click.option("--watch", "do_watch", is_flag=True, help="Apply continuously.")
-@click.option("--json", "as_json", is_flag=True, help="JSON Lines output for machines.")
-@click.option("--at", "at", default=None, help="Plan as it will stand at this ISO time.")
-@click.option("-v", "--verbose", is_flag=True, help="Also list mailboxes already in sync.")
-@click.option("--interval", default=5.0, show_default=True, help="--watch: seconds per pass.")
-@click.option("--station-api", default=None, metavar="HOST:PORT",
-              help="--watch: also serve the station API here (e.g. 127.0.0.1:8026).")
-@click.pass_context
-def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool, do_apply: bool,
-         do_watch: bool, as_json: bool, at: str | None, verbose: bool, interval: float,
-         station_api: str | None) -> None:
-    """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
-    ctx.ensure_object(dict)
-    ctx.obj.update(specs=specs_dir, state=state)
-    if ctx.invoked_subcommand is not None:
-        return
-    if sum((do_plan, do_apply, do_watch)) != 1:
-        click.echo(ctx.get_help())
-        sys.exit(EXIT_ERROR if (do_plan or do_apply or do_watch) else EXIT_OK)
+def _load_or_exit(specs_dir: str) -> SpecSet:
+    """The spec set, or every problem printed and exit 1 (nothing opened, nothing applied)."""
     try:
-        specs = _load(specs_dir)
+        return _load(specs_dir)
     except SpecError as exc:
         for problem in exc.problems:
             click.echo(problem, err=True)
         click.echo(f"error: {len(exc.problems)} problem(s) in {specs_dir}; nothing applied",
                    err=True)
         sys.exit(EXIT_ERROR)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--specs", "specs_dir", default="specs", show_default=True,
+              help="Folder of YAML specs.")
+@click.option("--state", default=None, envvar="MAILFERRY_STATE",
+              help="State store: SQLAlchemy URL or SQLite file (default ./var/state.db).")
+@click.option("--plan", "do_plan", is_flag=True, help="Show what would change (dry run).")
+@click.option("--out", "out_file", default=None, metavar="FILE",
+              help="--plan: also save the plan to FILE, for --apply FILE.")
+@click.option("--apply", "apply_file", is_flag=False, flag_value="", default=None,
+              metavar="[FILE]",
+              help="Run everything due now, then exit; with FILE, exactly that saved plan.")
+@click.option("--watch", "do_watch", is_flag=True, help="Apply continuously.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines output for machines.")
+@click.option("--at", "at", default=None, help="Plan as it will stand at this ISO time.")
+@click.option("-v", "--verbose", is_flag=True, help="Also list mailboxes already in sync.")
+@click.option("--allow-dirty", is_flag=True,
+              help="Apply even though the specs have uncommitted changes.")
+@click.option("--lease-timeout", default=60.0, show_default=True,
+              help="--apply: seconds to wait for another reconciler's lease.")
+@click.option("--lease-ttl", default=30.0, show_default=True,
+              help="Seconds a lease lasts without renewal before another may take it over.")
+@click.option("--reports", "reports_dir", default="var/reports", show_default=True,
+              help="Folder for the wave reports of finished placements.")
+@click.option("--interval", default=60.0, show_default=True,
+              help="--watch: longest sleep when nothing is due.")
+@click.option("--station-api", default=None, metavar="HOST:PORT",
+              help="--watch: also serve the station API here (e.g. 127.0.0.1:8026).")
+@click.pass_context
+def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
+         out_file: str | None, apply_file: str | None, do_watch: bool, as_json: bool,
+         at: str | None, verbose: bool, allow_dirty: bool, lease_timeout: float,
+         lease_ttl: float, reports_dir: str, interval: float, station_api: str | None) -> None:
+    """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(specs=specs_dir, state=state)
+    if ctx.invoked_subcommand is not None:
+        return
+    do_apply = apply_file is not None
+    if sum((do_plan, do_apply, do_watch)) != 1 or (out_file and not do_plan):
+        click.echo(ctx.get_help())
+        sys.exit(EXIT_ERROR if (do_plan or do_apply or do_watch) else EXIT_OK)
+    specs = _load_or_exit(specs_dir)
     try:
-        engine = build_engine(specs, state)
         if do_plan:
-            sys.exit(_plan(engine, specs, as_json=as_json, at=_parse_at(at), verbose=verbose))
+            engine = build_engine(specs, state)
+            sys.exit(_plan(engine, specs, as_json=as_json, at=_parse_at(at), verbose=verbose,
+                           out_file=out_file))
+        refusal = dirty_refusal(specs, allow_dirty)
+        if refusal:
+            _fail(f"{refusal}; nothing applied")
+        engine = build_engine(specs, state)
         if do_apply:
-            sys.exit(_apply(engine, as_json=as_json))
-        _watch(engine, specs_dir, interval, as_json=as_json, station_api=station_api)
+            sys.exit(_apply(engine, as_json=as_json, saved=apply_file or None,
+                            lease_timeout=lease_timeout, lease_ttl=lease_ttl,
+                            reports_dir=reports_dir))
+        from reconciler.watch import Watcher, WatchOptions
+
+        options = WatchOptions(specs_dir=specs_dir, state_url=engine.store.url,
+                               interval=interval, allow_dirty=allow_dirty,
+                               reports_dir=reports_dir, lease_ttl=lease_ttl,
+                               station_api=station_api)
+        sys.exit(Watcher(engine, options, Output(click.echo, as_json), build_engine).run())
     except MailferryError as exc:
         _fail(str(exc))
 
 
 def _plan(engine, specs: SpecSet, *, as_json: bool, at: datetime | None,  # type: ignore[no-untyped-def]
-          verbose: bool) -> int:
+          verbose: bool, out_file: str | None) -> int:
     from reconciler.output import plan_jsonl, print_plan
+    from reconciler.spec.loader import paused_gc
 
-    plan = engine.plan(at)
+    observed = engine.observe()
+    plan = engine.plan(at, observed=observed, estimates=True)
     if as_json:
-        for line in plan_jsonl(plan, commit=specs.commit):
-            click.echo(line)
+        with paused_gc():
+            lines = plan_jsonl(plan, commit=specs.commit, dirty=specs.dirty,
+                               digest=specs.digest)
+        click.echo("\n".join(lines))
     else:
         commit = specs.commit[:10] if specs.commit else "not in git"
         dirty = " (uncommitted changes)" if specs.dirty else ""
         header = (f"mailferry plan: specs {specs.root} @ {commit}{dirty}, "
                   f"at {plan.at:%Y-%m-%dT%H:%M:%SZ}\n")
         print_plan(plan, click.echo, color=sys.stdout.isatty(), verbose=verbose, header=header)
+    if out_file:
+        from reconciler.savedplan import save
+
+        save(out_file, plan, specs, observed.migrations, observed.directory, observed.suspended)
+        click.echo(f"plan saved to {out_file}: apply exactly this with "
+                   f"reconcile --apply {out_file}", err=True)
     return EXIT_PENDING if plan.pending else EXIT_OK
 
 
-def _apply(engine, *, as_json: bool) -> int:  # type: ignore[no-untyped-def]
-    from reconciler.output import plan_jsonl, record_json, record_text
+def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyped-def]
+           lease_timeout: float, lease_ttl: float, reports_dir: str) -> int:
+    from reconciler.lease import Lease, LeaseHeld
 
-    def show(record) -> None:  # type: ignore[no-untyped-def]
-        click.echo(record_json(record) if as_json else record_text(record))
-
-    engine.on_record = show
-    report = engine.apply()
-    plan = engine.plan()
-    if as_json:
-        click.echo(plan_jsonl(plan, commit=engine.specs.commit)[-1])
-    else:
-        click.echo(f"\nApply: {report.applied} steps applied, {len(report.errors)} errors "
-                   f"in {report.passes} passes.")
-        click.echo(plan.summary())
+    out = Output(click.echo, as_json)
+    lease = Lease(engine.store, ttl=lease_ttl)
+    try:
+        lease.acquire(timeout=lease_timeout, on_wait=lambda info: out.notice(
+            f"waiting up to {lease_timeout:.0f} s for the lease held by "
+            f"{info.describe(engine.clock())}"))
+    except LeaseHeld as exc:
+        _fail(f"{exc}; nothing applied (try again later, or raise --lease-timeout)")
+    if lease.took_over is not None:
+        out.notice(f"took over the stale lease of {lease.took_over.holder}")
+    engine.should_stop = lease.lost.is_set
+    try:
+        out.version("apply", engine)
+        applier = Applier(out, reports_dir)
+        if saved is None:
+            report, _ = applier.apply(engine)
+        else:
+            report = _apply_saved(engine, applier, saved)
+    finally:
+        lease.release()
     return EXIT_ERROR if report.errors else EXIT_OK
 
 
-def _watch(engine, specs_dir: str, interval: float, *, as_json: bool,  # type: ignore[no-untyped-def]
-           station_api: str | None) -> None:
-    """A simple watch: apply, then sleep until the interval passes or a spec file changes."""
-    import signal
-    import threading
+def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untyped-def]
+    """`--apply FILE`: refuse a stale plan, else run exactly its due changes."""
+    from reconciler import savedplan
 
-    from reconciler.api.wiring import station_api_for
-
-    api = None
-    if station_api:
-        host, _, port = station_api.rpartition(":")
-        api = station_api_for(engine, host=host or "127.0.0.1", port=int(port)).start()
-        click.echo(f"station API on {api.url}")
-
-    from watchdog.events import FileSystemEvent, FileSystemEventHandler
-    from watchdog.observers import Observer
-
-    wake = threading.Event()
-    stop = threading.Event()
-    edited = threading.Event()
-
-    class Changed(FileSystemEventHandler):
-        def on_any_event(self, event: FileSystemEvent) -> None:
-            edited.set()
-            wake.set()
-
-    def terminate(*_args: object) -> None:
-        stop.set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)
-    observer = Observer()
-    observer.schedule(Changed(), specs_dir, recursive=False)
-    observer.start()
-    try:
-        while not stop.is_set():
-            if edited.is_set():
-                time.sleep(0.2)  # an editor's save fires several events: one pass per save
-                edited.clear()
-                try:
-                    specs = _load(specs_dir)
-                    engine = build_engine(specs, engine.store.url)
-                except SpecError as exc:
-                    for problem in exc.problems:
-                        click.echo(problem, err=True)
-                    click.echo("error: specs invalid; keeping the last good specs", err=True)
-            try:
-                _apply(engine, as_json=as_json)
-            except MailferryError as exc:  # fed or a system down: say so, try again later
-                click.echo(f"error: {exc}", err=True)
-            wake.wait(interval)
-            wake.clear()
-    finally:
-        observer.stop()
-        observer.join()
-        if api is not None:
-            api.stop()
-
+    saved = savedplan.load(path)
+    observed = engine.observe()
+    plan = engine.plan(observed=observed)
+    savedplan.check(saved, engine.specs, plan, observed.migrations, observed.directory,
+                    observed.suspended)
+    changes, skipped = savedplan.to_apply(saved, plan)
+    for note in skipped:
+        applier.out.notice(f"skipped: {note}")
+    engine.on_record = applier.out.record
+    report = engine.apply_changes(changes)
+    applier.finish(engine, engine.plan(), report)
+    return report
 
 @main.command()
 @click.pass_context
@@ -262,21 +276,42 @@ def station() -> None:
 @station.command("enrol")
 @click.argument("name")
 @click.option("--address", required=True, help="The mailbox address the station acts for.")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Write DIR/station.token and a ready-to-use DIR/station-agent.toml "
+                   "instead of printing the token.")
+@click.option("--api", default="http://127.0.0.1:8026", show_default=True,
+              help="--out: the station API URL the workstation reaches.")
+@click.option("--client", type=click.Choice(["thunderbird", "json"]), default="thunderbird",
+              show_default=True, help="--out: the workstation's mail client.")
 @click.pass_context
-def station_enrol(ctx: click.Context, name: str, address: str) -> None:
-    """Enrol a station and print its token (shown once; only its hash is stored)."""
+def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | None, api: str,
+                  client: str) -> None:
+    """Enrol a station; print its token, or write its token and agent configuration."""
     from reconciler.api.stations import enrol_station
     from reconciler.state.store import open_store
 
     store = open_store(_state_url(ctx.obj["state"]))
-    click.echo(enrol_station(store, name, address.lower()))
+    token = enrol_station(store, name, address.lower())
+    if out_dir is None:
+        click.echo(token)
+        return
+    from reconciler.api.enrolment import write_station_kit
+
+    token_path, config_path = write_station_kit(Path(out_dir), api=api, station=name,
+                                                address=address.lower(), token=token,
+                                                client=client)
+    click.echo(f"station {name} enrolled for {address.lower()}\n"
+               f"  token:  {token_path} (mode 0600; the only copy)\n"
+               f"  config: {config_path}\n"
+               f"copy both to the workstation, then run: "
+               f"station-agent run --config {config_path.name}")
 
 
 @main.command()
 @click.argument("address")
 @click.pass_context
 def events(ctx: click.Context, address: str) -> None:
-    """The event history of one address."""
+    """The event history of one address (or of `placement:NAME`: suspend, resume)."""
     from sqlalchemy import select
 
     from reconciler.state.model import Event
@@ -290,3 +325,96 @@ def events(ctx: click.Context, address: str) -> None:
             states = "" if e.to_state is None else f"{e.from_state}->{e.to_state}"
             click.echo(f"{e.at:%Y-%m-%dT%H:%M:%S.%fZ}  {e.step:<8} {states:<6} "
                        f"{(e.specs_commit or '')[:10]:<10} {e.detail}")
+
+
+def _engine_for(ctx: click.Context):  # type: ignore[no-untyped-def]
+    return build_engine(_load_or_exit(ctx.obj["specs"]), ctx.obj["state"])
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@main.command()
+@click.option("--placement", default=None, help="Only this placement's mailboxes.")
+@click.option("--system", default=None, help="Only mailboxes moving from or to this system.")
+@click.option("--state", "state_filter", default=None, metavar="N|failed|...",
+              help="A state number, or failed, suspended, refused, pending, waiting, in-sync.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per mailbox.")
+@click.pass_context
+def status(ctx: click.Context, placement: str | None, system: str | None,
+           state_filter: str | None, as_json: bool) -> None:
+    """Where every mailbox stands: state, next step and when, last error."""
+    import json
+
+    from reconciler.lease import current_holder
+    from reconciler.status import status_rows, table
+
+    try:
+        engine = _engine_for(ctx)
+        rows = status_rows(engine, placement=placement, system=system, state=state_filter)
+        holder = current_holder(engine.store)
+    except MailferryError as exc:
+        _fail(str(exc))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps({"type": "status", **row.as_dict()}))
+        return
+    for line in table(rows):
+        click.echo(line)
+    lease = holder.describe(engine.clock()) if holder else "nobody"
+    click.echo(f"\n{len(rows)} mailboxes; lease held by {lease}")
+
+
+def _admin(ctx: click.Context, act) -> None:  # type: ignore[no-untyped-def]
+    """Run an admin lever `act(store, specs, by, now) -> message` and print its message."""
+    from reconciler.state.model import utcnow
+    from reconciler.state.store import open_store
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        click.echo(act(open_store(_state_url(ctx.obj["state"])), specs, _who(), utcnow()))
+    except MailferryError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@click.argument("placement")
+@click.option("--reason", default="", help="Why (recorded with the events).")
+@click.pass_context
+def suspend(ctx: click.Context, placement: str, reason: str) -> None:
+    """Suspend a placement: none of its mailboxes takes a step until resumed."""
+    from reconciler import status as levers
+
+    _admin(ctx, lambda store, specs, by, now: levers.suspend(
+        store, placement, known=set(specs.placements), by=by, reason=reason,
+        commit=specs.commit, now=now))
+
+
+@main.command()
+@click.argument("placement")
+@click.pass_context
+def resume(ctx: click.Context, placement: str) -> None:
+    """Resume a suspended placement."""
+    from reconciler import status as levers
+
+    _admin(ctx, lambda store, specs, by, now: levers.resume(
+        store, placement, by=by, commit=specs.commit, now=now))
+
+
+@main.command()
+@click.argument("address")
+@click.pass_context
+def retry(ctx: click.Context, address: str) -> None:
+    """Retry a failed migration: clear its failure so it resumes at its state."""
+    from reconciler import status as levers
+
+    _admin(ctx, lambda store, specs, by, now: levers.retry(
+        store, address, by=by, commit=specs.commit, now=now))

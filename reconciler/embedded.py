@@ -106,11 +106,12 @@ def start_embedded(specs: SpecSet, *, log_dir: Path | None = None) -> Embedded:
             ["--token-env", str(fed.token.env)]
         for domain in fed.domains:
             argv += ["--domain", domain]
-        for system in specs.systems.values():
-            argv += ["--system", f"{system.name}={system.lmtp}/lmtp"]
+        for system in specs.systems.values():  # others are registered by the engine
+            if system.driver == "maildir":
+                argv += ["--system", f"{system.name}={system.lmtp}/lmtp"]
         embedded.servers.append(_start("fed", argv, "ready", logs / "fed.log"))
         for system in specs.systems.values():
-            if system.driver != "maildir":
+            if system.driver != "maildir":  # real servers are started by their admins
                 continue
             argv = [sys.executable, "-m", "maildir_system", "serve", "--name", system.name,
                     "--root", system.root, "--lmtp", str(system.lmtp),

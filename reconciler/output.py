@@ -6,6 +6,10 @@ patent step with when it is due, then the frozen summary line (`Plan.summary`).
 
 The JSON Lines form is versioned (`{"type": "version", "format": "mailferry.plan/v1"}` first)
 and has one object per change and a final summary object; tools may rely on these fields.
+`docs/gitops.md` documents every line type (version, change, warning, applied, error,
+blocked, summary) and the stability rule: within v1, lines and fields are only ever added,
+so a consumer must ignore types and fields it does not know; a removal or a change of
+meaning would be `mailferry.plan/v2`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def iso(when: datetime | None) -> str | None:
 
 
 def symbol(change: Change) -> str:
-    if change.action in ("failed", "conflict", "orphan"):
+    if change.action in ("failed", "conflict", "orphan", "refused"):
         return "!"
     if change.destructive:
         return "-"
@@ -39,7 +43,7 @@ def symbol(change: Change) -> str:
 
 
 def when(change: Change, now: datetime) -> str:
-    if change.action in ("in-sync", "failed", "conflict", "orphan", "suspended"):
+    if change.action in ("in-sync", "failed", "conflict", "orphan", "suspended", "refused"):
         return ""
     if change.due is None:
         return "waiting"
@@ -53,8 +57,12 @@ def change_line(change: Change, now: datetime, *, color: bool) -> str:
     route = (f"{change.source or '(new)'} -> {change.target}"
              if change.target and change.source != change.target else (change.source or ""))
     state = "" if change.state is None else f"state {change.state}"
-    if change.action in ("failed", "conflict", "orphan"):
+    if change.action in ("failed", "conflict", "orphan", "refused"):
         nxt = f"{change.action} at {change.step or '-'}: {change.reason}"
+        if change.destructive:
+            nxt += " [destructive]"
+    elif change.action == "suspended":
+        nxt = f"suspended at {change.step or '-'}: {change.reason}"
     elif change.action == "in-sync":
         nxt = "in sync" + (f" ({change.reason})" if change.reason else "")
     else:
@@ -64,6 +72,8 @@ def change_line(change: Change, now: datetime, *, color: bool) -> str:
             nxt += " [destructive]"
         if change.reason:
             nxt += f" ({change.reason})"
+    if change.refused:
+        nxt += f" [{change.refused}]"
     text = f"  {mark} {change.address:<32} {route:<14} {state:<9} {nxt}  {when(change, now)}"
     text = text.rstrip()
     return f"{COLORS[mark]}{text}{RESET}" if color else text
@@ -91,21 +101,41 @@ def change_json(change: Change, now: datetime) -> dict[str, object]:
         "state": change.state, "step": change.step, "title": change.title,
         "due": iso(change.due), "due_now": change.due_at(now),
         "destructive": change.destructive, "reason": change.reason,
-        "migration_id": change.migration_id,
+        "migration_id": change.migration_id, "placement": change.placement,
+        "refused": change.refused or None,
     }
 
 
-def plan_jsonl(plan: Plan, *, commit: str | None) -> list[str]:
+def version_json(mode: str, at: datetime, *, commit: str | None, dirty: bool = False,
+                 digest: str = "") -> str:
+    """The first line of every stream: format, mode (plan, apply, watch), specs provenance."""
+    return json.dumps({"type": "version", "format": FORMAT_VERSION, "mode": mode, "at": iso(at),
+                       "specs_commit": commit, "specs_dirty": dirty,
+                       "specs_digest": digest or None})
+
+
+def summary_json(plan: Plan, **extra: object) -> dict[str, object]:
+    """The summary object (the plan's figures, plus apply's when given)."""
     counts = plan.counts()
-    lines = [json.dumps({"type": "version", "format": FORMAT_VERSION, "at": iso(plan.at),
-                         "specs_commit": commit})]
-    lines += [json.dumps(change_json(c, plan.at)) for c in plan.changes]
-    lines.append(json.dumps({
+    return {
         "type": "summary", "mailboxes": len(plan.changes), "due_now": counts["due now"],
         "waiting": counts["waiting"], "failed": counts["failed"], "in_sync": counts["in sync"],
         "destructive": counts["destructive"], "pending": plan.pending,
-        "text": plan.summary(),
-    }))
+        "warnings": len(plan.warnings), "text": plan.summary(), **extra,
+    }
+
+
+def warning_json(text: str) -> str:
+    return json.dumps({"type": "warning", "message": text})
+
+
+def plan_jsonl(plan: Plan, *, commit: str | None, dirty: bool = False,
+               digest: str = "") -> list[str]:
+    """The whole plan stream: version, one line per change, warnings, summary (last)."""
+    lines = [version_json("plan", plan.at, commit=commit, dirty=dirty, digest=digest)]
+    lines += [json.dumps(change_json(c, plan.at)) for c in plan.changes]
+    lines += [warning_json(w) for w in plan.warnings]
+    lines.append(json.dumps(summary_json(plan)))
     return lines
 
 
@@ -119,4 +149,13 @@ def record_text(record: StepRecord) -> str:
 def record_json(record: StepRecord) -> str:
     return json.dumps({"type": "applied" if record.ok else "error", "address": record.address,
                        "step": record.step, "to_state": record.to_state,
-                       "message": record.message})
+                       "message": record.message, "at": iso(record.at)})
+
+
+def blocked_text(change: Change) -> str:
+    """A change apply did not run because it needs an admin (refused, conflict, failed)."""
+    return f"  blocked {change.step or '-':<8} {change.address}: {change.action}: {change.reason}"
+
+
+def blocked_json(change: Change, now: datetime) -> str:
+    return json.dumps({**change_json(change, now), "type": "blocked"})

@@ -20,7 +20,7 @@ local station data 8 -E40-> 10; diary-only migrations never move the address:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -30,7 +30,9 @@ from reconciler.spec.windows import is_open, next_open
 
 Action = Literal[
     "in-sync", "create", "migrate", "step", "wait", "failed", "conflict", "orphan", "suspended",
+    "refused",
 ]
+BLOCKED: frozenset[str] = frozenset({"failed", "conflict", "orphan", "refused"})  # need an admin
 
 # Step names as the patent numbers them; the plan and the events use these labels.
 STEP_TITLES: dict[str, str] = {
@@ -75,6 +77,9 @@ class MigrationView:
     station: str | None = None
     station_action: str | None = None
     suspended: bool = False
+    purged: bool = False
+    source_mailbox: str = ""
+    mailbox_size: int | None = None  # bytes, as the station reported it (E23)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class Change:
     reason: str = ""
     migration_id: int | None = None
     poll: bool = False  # waiting on a station: the engine looks for its report every pass
+    refused: str = ""  # a spec change refused because the migration is past its hold
+    placement: str | None = None  # the placement the mailbox belongs to (specs, else record)
 
     def due_at(self, now: datetime) -> bool:
         """True when the engine should run this change at `now`."""
@@ -110,6 +117,7 @@ class Plan:
 
     at: datetime
     changes: list[Change] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a window the data will not fit
 
     def due(self) -> list[Change]:
         """What the engine runs now: due steps, and station waits to poll."""
@@ -121,7 +129,7 @@ class Plan:
         for change in self.changes:
             if change.action == "in-sync":
                 counter["in sync"] += 1
-            elif change.action in ("failed", "conflict"):
+            elif change.action in ("failed", "conflict", "refused"):
                 counter["failed"] += 1
             elif change.due_at(self.at):
                 counter["due now"] += 1
@@ -130,6 +138,13 @@ class Plan:
             if change.destructive:
                 counter["destructive"] += 1
         return counter
+
+    def next_due(self) -> datetime | None:
+        """The earliest future instant at which something becomes due (watch sleeps until)."""
+        future = [c.due for c in self.changes
+                  if c.due is not None and c.due > self.at
+                  and (c.action in ("create", "migrate", "step") or c.poll)]
+        return min(future, default=None)
 
     @property
     def pending(self) -> bool:
@@ -193,6 +208,7 @@ def next_step(
             address=m.address, action="wait" if wait else "step", source=m.source_system,
             target=m.target_system, state=m.state, step=name, due=due,
             destructive=destructive, reason=reason, migration_id=m.id, poll=poll,
+            placement=m.placement,
         )
 
     def window_step(name: str) -> Change:
@@ -250,6 +266,13 @@ def next_step(
             return _in_sync(m)
         if desired is None:
             return _in_sync(m, "the address left the specs: the old mailbox is kept")
+        if not desired.policy.delete_consent:
+            return Change(
+                address=m.address, action="refused", source=m.source_system,
+                target=m.target_system, state=m.state, step="E41", destructive=True,
+                migration_id=m.id, placement=m.placement,
+                reason=(f"deleting the old mailbox needs consent: set deleteSource.consent: "
+                        f"true in policy {desired.policy.name}, or deleteSource: never"))
         return step("E41", m.state_since + timedelta(seconds=float(delay)), destructive=True)
     return _in_sync(m)
 
@@ -257,7 +280,7 @@ def next_step(
 def _in_sync(m: MigrationView, reason: str = "") -> Change:
     return Change(
         address=m.address, action="in-sync", source=m.source_system, target=m.target_system,
-        state=m.state, reason=reason, migration_id=m.id,
+        state=m.state, reason=reason, migration_id=m.id, placement=m.placement,
     )
 
 
@@ -271,8 +294,13 @@ def make_plan(
     migrations: list[MigrationView],
     directory: dict[str, str],
     now: datetime,
+    suspended: frozenset[str] = frozenset(),
 ) -> Plan:
-    """The plan for every desired address and every migration still on record."""
+    """The plan for every desired address and every migration still on record.
+
+    `migrations` may include purged records (the newest per address counts): a purged
+    finished migration still tells that moving the address again is a move back.
+    `suspended` names the placements an admin suspended."""
     clock = WindowClock(now)
     plan = Plan(at=now)
     by_address: dict[str, MigrationView] = {}
@@ -283,10 +311,18 @@ def make_plan(
         if m.state in ACTIVE_STATES and m.failed_reason is None
     )
 
-    for address in sorted(set(desired) | set(by_address)):
+    recorded = {a for a, m in by_address.items() if not m.purged}
+    for address in sorted(set(desired) | recorded):
         want = desired.get(address)
         current = by_address.get(address)
         change = _change_for(address, want, current, directory, clock, active)
+        if change.action != "in-sync" and (
+                (current is not None and (current.suspended or current.placement in suspended))
+                or (want is not None and want.placement in suspended)):
+            change = Change(address=address, action="suspended", source=change.source,
+                            target=change.target, state=change.state, step=change.step,
+                            migration_id=change.migration_id, placement=change.placement,
+                            reason="suspended by an admin (reconcile resume PLACEMENT)")
         if change.step == "E4" and change.due_at(now) and current is not None:
             active[str(current.modes.get("policy"))] += 1  # later mailboxes see this one's slot
         plan.changes.append(change)
@@ -299,19 +335,29 @@ def _change_for(
 ) -> Change:
     where = split_physical(directory.get(address, "") or "")
     actual_system = where[0] if where else None
+    change = _decide(address, want, m, actual_system, clock, active)
+    if change.placement is None and want is not None:
+        change = replace(change, placement=want.placement)
+    return change
 
+
+def _decide(
+    address: str, want: DesiredMailbox | None, m: MigrationView | None,
+    actual_system: str | None, clock: WindowClock, active: Counter[str],
+) -> Change:
+    """The change for one address (see `_change_for`)."""
     if m is not None and not (m.state == 13 or (m.state == 10 and _finished_at_10(m))):
         # A migration is in progress: it decides, whatever the directory says.
         if m.failed_reason is not None:
             return Change(
                 address=address, action="failed", source=m.source_system,
                 target=m.target_system, state=m.state, step=m.failed_step,
-                reason=m.failed_reason, migration_id=m.id,
+                reason=m.failed_reason, migration_id=m.id, placement=m.placement,
             )
         if m.suspended:
             return Change(address=address, action="suspended", source=m.source_system,
                           target=m.target_system, state=m.state, migration_id=m.id,
-                          reason="suspended by an admin")
+                          reason="suspended by an admin", placement=m.placement)
         if want is not None and want.system != m.target_system and m.state < 5:
             return Change(
                 address=address, action="conflict", source=m.source_system,
@@ -325,7 +371,14 @@ def _change_for(
                 target=m.target_system, state=m.state, migration_id=m.id,
                 reason="the address left the specs: the migration is paused before the hold",
             )
-        return next_step(m, want, clock, active[str(m.modes.get("policy"))])
+        change = next_step(m, want, clock, active[str(m.modes.get("policy"))])
+        if want is not None and want.system != m.target_system:
+            # Past the hold (state >= 5) the addresses already belong to the target: going
+            # back half-way would lose the guarantees. Finish as recorded, refuse the edit.
+            change = replace(change, refused=(
+                f"the specs now want {want.system}: refused, the hold began (state "
+                f"{m.state}); the migration to {m.target_system} continues as recorded"))
+        return change
 
     if want is None:
         # Not desired any more, nothing in progress: mailferry never deletes on removal.
@@ -337,6 +390,20 @@ def _change_for(
         if m.state == 13 or str(m.modes.get("dataTransfer")) == "diary-only":
             return _in_sync(m)
         return next_step(m, want, clock, active[str(m.modes.get("policy"))])
+    if (m is not None and actual_system is not None and actual_system != want.system
+            and str(m.modes.get("dataTransfer")) != "diary-only"):
+        # A move back: the last migration finished (13, or 10 by its modes) and the specs
+        # now place the address elsewhere. A new migration, destructive, needing consent.
+        if not want.allow_move_back:
+            return Change(
+                address=address, action="refused", source=actual_system, target=want.system,
+                step="E1", destructive=True, migration_id=m.id,
+                reason=(f"moving back a mailbox whose migration to {m.target_system} finished "
+                        f"(state {m.state}) needs consent: set allowMoveBack: true in "
+                        f"placement {want.placement}"))
+        return Change(address=address, action="migrate", source=actual_system,
+                      target=want.system, step="E1", due=clock.now, destructive=True,
+                      reason=f"move back: the migration to {m.target_system} had finished")
     if actual_system is None:
         return Change(address=address, action="create", source=None, target=want.system,
                       step="create", due=clock.now)

@@ -11,23 +11,32 @@ workstation on migration day is concrete:
   profile directory say it runs);
 - the target's submission server cannot be reached from this workstation (firewall, VPN,
   DNS): the switched client could not send mail;
-- the profile cannot be read: there would be nothing to switch.
+- the profile cannot be read: there would be nothing to switch;
+
+- where the target speaks IMAP: its IMAP server cannot be reached (or its TLS certificate
+  does not verify), or the user's IMAP password file is missing: upload and switch would fail;
+- the Thunderbird profile has no account for the address, or stores mail as maildir.
 The result also carries what E23 reports: the type ("mbox") and size of the local mail.
 
-The E31 test speaks real SMTP to the new submission server as the user would: EHLO, MAIL FROM
-and RCPT TO the user's own address, then RSET (nothing is sent) and QUIT. A 2xx answer to RCPT
-means the new system knows the address and accepts mail for it from this station.
+The E31 test speaks real SMTP to the new submission server as the user would: EHLO
+(STARTTLS or TLS where configured, AUTH with the user's password where the server offers it),
+MAIL FROM and RCPT TO the user's own address, then RSET (nothing is sent) and QUIT. A 2xx
+answer to RCPT means the new system knows the address and accepts mail for it from this
+station. The IMAP side of the test (login, SELECT INBOX) is in `imapupload.login_test`.
 """
 
 from __future__ import annotations
 
 import shutil
 import smtplib
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from station_agent import localdata, profile
+from station_agent import imapupload, localdata
+from station_agent.clients import ClientError, MailClient, Target
+from station_agent.thunderbird.switch import Endpoint
 
 SMTP_TIMEOUT = 15.0
 
@@ -40,14 +49,30 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def smtp_reachable(submission: str, timeout: float = SMTP_TIMEOUT) -> str | None:
-    """None if `host:port` answers an SMTP greeting and EHLO, else the reason it does not."""
+def _smtp_open(endpoint: Endpoint, ca_file: str | None, timeout: float) -> smtplib.SMTP:
+    """Connected, EHLO done, TLS as configured (raises on failure)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if endpoint.tls == "tls":
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(endpoint.host, endpoint.port, timeout=timeout,
+                                              context=context)
+    else:
+        smtp = smtplib.SMTP(endpoint.host, endpoint.port, timeout=timeout)
+    code, reply = smtp.ehlo()
+    if code != 250:
+        smtp.close()
+        raise smtplib.SMTPResponseException(code, reply)
+    if endpoint.tls == "starttls":
+        smtp.starttls(context=context)
+        smtp.ehlo()
+    return smtp
+
+
+def smtp_reachable(endpoint: Endpoint, ca_file: str | None = None,
+                   timeout: float = SMTP_TIMEOUT) -> str | None:
+    """None if the server answers an SMTP greeting and EHLO (and TLS), else why not."""
     try:
-        host, port = parse_hostport(submission)
-        with smtplib.SMTP(host, port, timeout=timeout) as smtp:
-            code, reply = smtp.ehlo()
-            if code != 250:
-                return f"EHLO answered {code} {reply.decode(errors='replace')}"
+        smtp = _smtp_open(endpoint, ca_file, timeout)
+        smtp.quit()
     except (OSError, smtplib.SMTPException, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -62,6 +87,7 @@ class CheckResult:
     target_reachable: bool
     local_bytes: int
     profile_readable: bool
+    client: str = "json"
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -73,42 +99,62 @@ class CheckResult:
         return {"free_mb": self.free_mb, "client_running": self.client_running,
                 "target_reachable": self.target_reachable, "local_bytes": self.local_bytes,
                 "profile_readable": self.profile_readable, "mailbox_type": "mbox",
-                "mailbox_size": self.local_bytes, "problems": list(self.problems)}
+                "mailbox_size": self.local_bytes, "client": self.client,
+                "problems": list(self.problems)}
 
 
-def run_checks(*, state_dir: Path, profile_path: Path, local_mail: Path,
-               submission: str | None, min_free_mb: int) -> CheckResult:
+def local_size(client: MailClient) -> int:
+    """Bytes of local mail the client has (every root)."""
+    return sum(localdata.local_bytes(root, prefix) for root, prefix in client.local_roots())
+
+
+def run_checks(*, state_dir: Path, client: MailClient, address: str, target: Target,
+               imap_password: str | None, min_free_mb: int,
+               ca_file: str | None = None) -> CheckResult:
     """Run every verification; each failure adds a sentence a help desk can act on."""
     problems: list[str] = []
     free_mb = shutil.disk_usage(state_dir).free // (1024 * 1024)
     if free_mb < min_free_mb:
         problems.append(f"only {free_mb} MB free in {state_dir}, {min_free_mb} MB needed")
-    lock = profile.client_lock(profile_path)
-    if lock is not None:
-        problems.append(f"the mail client is running (lock file {lock}): ask the user to "
-                        f"close it")
-    reachable = False
-    if not submission:
+    running = client.running()
+    if running is not None:
+        problems.append(f"{running}: ask the user to close it")
+    reachable = True
+    if target.smtp is None:
+        reachable = False
         problems.append("the reconciler gave no submission server for the target system")
     else:
-        reason = smtp_reachable(submission)
-        reachable = reason is None
+        reason = smtp_reachable(target.smtp, ca_file)
         if reason is not None:
-            problems.append(f"target submission server {submission} unreachable: {reason}")
-    readable = True
+            reachable = False
+            problems.append(f"target submission server {target.smtp.describe()} "
+                            f"unreachable: {reason}")
+    if target.imap is not None:
+        reason = imapupload.reachable(target.imap.host, target.imap.port, target.imap.tls,
+                                      ca_file)
+        if reason is not None:
+            reachable = False
+            problems.append(f"target IMAP server {target.imap.describe()} unreachable: "
+                            f"{reason}")
+        if client.uses_imap and not imap_password:
+            problems.append("no IMAP password for the user on the new system (the file named "
+                            "by imap.password_file in the agent configuration)")
+    elif client.uses_imap:
+        reachable = False
+        problems.append(f"the target system {target.system} offers no IMAP server for "
+                        f"{client.kind}")
+    problem = client.problem(address)
+    if problem is not None:
+        problems.append(problem)
     try:
-        profile.load_account(profile_path)
-    except profile.ProfileError as exc:
-        readable = False
-        problems.append(f"profile unreadable: {exc}")
-    try:
-        size = localdata.local_bytes(local_mail)
-    except OSError as exc:
+        size = local_size(client)
+    except (OSError, ClientError) as exc:
         size = 0
-        problems.append(f"local mail in {local_mail} unreadable: {exc}")
-    return CheckResult(free_mb=int(free_mb), client_running=lock is not None,
+        problems.append(f"local mail unreadable: {exc}")
+    return CheckResult(free_mb=int(free_mb), client_running=running is not None,
                        target_reachable=reachable, local_bytes=size,
-                       profile_readable=readable, problems=problems)
+                       profile_readable=problem is None, client=client.kind,
+                       problems=problems)
 
 
 @dataclass
@@ -132,24 +178,30 @@ class SmtpTest:
         return f"{self.smtp} failed at {self.stage}: {where}"
 
 
-def try_submission(submission: str, address: str, timeout: float = SMTP_TIMEOUT) -> SmtpTest:
-    """E31: EHLO, MAIL FROM and RCPT TO `address` on the new server, then RSET and QUIT."""
+def try_submission(endpoint: Endpoint, address: str, *, user: str | None = None,
+                   password: str | None = None, ca_file: str | None = None,
+                   timeout: float = SMTP_TIMEOUT) -> SmtpTest:
+    """E31: EHLO (+TLS, +AUTH), MAIL FROM and RCPT TO `address`, then RSET and QUIT."""
+    name = endpoint.describe()
     stage = "connect"
     try:
-        host, port = parse_hostport(submission)
-        with smtplib.SMTP(host, port, timeout=timeout) as smtp:
-            stage = "EHLO"
-            code, reply = smtp.ehlo()
-            if code != 250:
-                return SmtpTest(False, submission, stage, code, reply.decode(errors="replace"))
+        smtp = _smtp_open(endpoint, ca_file, timeout)
+        with smtp:
+            if password and user and smtp.has_extn("auth"):
+                stage = "AUTH"
+                smtp.login(user, password)
             stage = "MAIL FROM"
             code, reply = smtp.mail(address)
             if not 200 <= code < 300:
-                return SmtpTest(False, submission, stage, code, reply.decode(errors="replace"))
+                return SmtpTest(False, name, stage, code, reply.decode(errors="replace"))
             stage = "RCPT TO"
             code, reply = smtp.rcpt(address)
             text = reply.decode(errors="replace")
             smtp.rset()  # the test sends nothing
-            return SmtpTest(200 <= code < 300, submission, stage, code, text)
+            return SmtpTest(200 <= code < 300, name, stage, code, text)
+    except smtplib.SMTPResponseException as exc:
+        return SmtpTest(False, name, stage, exc.smtp_code,
+                        exc.smtp_error.decode(errors="replace")
+                        if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error))
     except (OSError, smtplib.SMTPException, ValueError) as exc:
-        return SmtpTest(False, submission, stage, None, f"{type(exc).__name__}: {exc}")
+        return SmtpTest(False, name, stage, None, f"{type(exc).__name__}: {exc}")

@@ -3,8 +3,13 @@
 Why so few commands. A workstation agent is deployed by a software-distribution tool and run
 as a service; anything interactive would never be used. `run` polls forever (or once, for
 scripted use and for tests, with `--once`); everything else -- what to check, when to move
-local mail -- comes from the reconciler. The token is read from a file (never from the
+local mail -- comes from the reconciler. The usual start is `station-agent run --config
+station-agent.toml` with the file `reconcile station enrol` wrote (see `config.py`); options
+given on the command line override the file. The token is read from a file (never from the
 command line, where `ps` would show it to every user of the machine).
+
+Logs go to the configured file (rotated at 1 MB, 5 kept) in plain sentences with a time
+stamp, so a help desk can read what happened on a workstation without knowing mailferry.
 
 Exit codes of `run --once`: 0 the cycle completed and every report was delivered; 2 the
 reconciler could not be reached or some reports are still waiting in the outbox (they are
@@ -15,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
+import logging.handlers
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from station_agent import config
 from station_agent.agent import Agent, AgentConfig
 
 log = logging.getLogger("station_agent")
@@ -34,36 +43,56 @@ def build_parser() -> argparse.ArgumentParser:
                     "switch for the migration of this workstation's mailbox.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="poll the reconciler and do what it asks")
-    run.add_argument("--api", required=True, help="station API base URL, e.g. "
+    run.add_argument("--config", type=Path, default=None,
+                     help="agent configuration file (TOML, written by `reconcile station "
+                          "enrol`); the options below override it")
+    run.add_argument("--api", help="station API base URL, e.g. "
                      "https://mailferry.corp.example:8443")
-    run.add_argument("--station", required=True, help="this station's enrolled name")
-    run.add_argument("--token-file", required=True, type=Path,
-                     help="file holding the station token")
-    run.add_argument("--profile", required=True, type=Path,
-                     help="the mail client profile (JSON) to switch")
-    run.add_argument("--local-mail", required=True, type=Path,
-                     help="directory of local mbox folders to upload")
-    run.add_argument("--state-dir", required=True, type=Path,
+    run.add_argument("--station", help="this station's enrolled name")
+    run.add_argument("--token-file", type=Path, help="file holding the station token")
+    run.add_argument("--client", choices=("thunderbird", "json"),
+                     help="the mail client to switch (default: json if --profile is a "
+                          ".json file, else thunderbird)")
+    run.add_argument("--profile", type=Path,
+                     help="the Thunderbird profile folder, or the JSON profile file "
+                          "(default for Thunderbird: found through profiles.ini)")
+    run.add_argument("--profiles-ini", type=Path, help="Thunderbird's profiles.ini (or "
+                     "the folder holding it), instead of the platform's default location")
+    run.add_argument("--local-mail", type=Path,
+                     help="JSON client: directory of local mbox folders to upload")
+    run.add_argument("--archive", type=Path, action="append", dest="archives",
+                     help="another folder of mbox files to upload (repeatable)")
+    run.add_argument("--imap-password-file", type=Path,
+                     help="the user's password on the new system, for IMAP upload and test")
+    run.add_argument("--state-dir", type=Path,
                      help="the agent's own directory: outbox, manifest, state")
     run.add_argument("--once", action="store_true", help="one poll-and-act cycle, then exit")
-    run.add_argument("--interval", type=float, default=30.0,
-                     help="seconds between polls, +-20%% jitter (default 30)")
-    run.add_argument("--min-free-mb", type=int, default=100,
-                     help="free disk needed in the state dir (default 100)")
-    run.add_argument("--retries", type=int, default=3,
+    run.add_argument("--interval", type=float, help="seconds between polls, +-20%% jitter "
+                     "(default 30)")
+    run.add_argument("--min-free-mb", type=int, help="free disk needed in the state dir "
+                     "(default 100)")
+    run.add_argument("--retries", type=int,
                      help="retries of a failed profile switch test (default 3)")
-    run.add_argument("--retry-delay", type=float, default=30.0,
+    run.add_argument("--retry-delay", type=float,
                      help="first retry delay in seconds, doubled each time (default 30)")
-    run.add_argument("--timeout", type=float, default=30.0,
-                     help="HTTP timeout in seconds (default 30)")
-    run.add_argument("--log", type=Path, default=None, help="log file (default: stderr)")
+    run.add_argument("--cleanup-delay", type=float,
+                     help="seconds to keep the old settings after a passed test (default 0)")
+    run.add_argument("--timeout", type=float, help="HTTP timeout in seconds (default 30)")
+    run.add_argument("--log", type=Path, default=None, help="log file (default: the "
+                     "configuration's log_file, else stderr)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
 def _setup_logging(path: Path | None, verbose: bool) -> None:
-    handler: logging.Handler = (logging.FileHandler(path, encoding="utf-8") if path
-                                else logging.StreamHandler(sys.stderr))
+    handler: logging.Handler
+    if path is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Rotated: an agent polling for months must not fill the user's disk.
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=1_000_000,
+                                                       backupCount=5, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s station-agent %(levelname)s "
                                            "%(message)s", "%Y-%m-%d %H:%M:%S"))
     log.handlers[:] = [handler]
@@ -75,36 +104,74 @@ def _terminate(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+_OPTION_KEYS = ("api", "station", "token_file", "client", "profile", "profiles_ini",
+                "local_mail", "archives", "imap_password_file", "state_dir", "interval",
+                "min_free_mb", "retries", "retry_delay", "cleanup_delay", "timeout")
+_DEFAULTS: dict[str, Any] = {"interval": 30.0, "min_free_mb": 100, "retries": 3,
+                             "retry_delay": 30.0, "timeout": 30.0, "cleanup_delay": 0.0}
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration file's values, overridden by the options given."""
+    settings: dict[str, Any] = dict(_DEFAULTS)
+    if args.config is not None:
+        settings.update(config.load(args.config))
+    for key in _OPTION_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            settings[key] = value
+    if "client" not in settings:
+        profile = settings.get("profile")
+        settings["client"] = ("json" if isinstance(profile, Path) and profile.suffix == ".json"
+                              else "thunderbird")
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `station-agent` console script."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log, args.verbose)
     try:
-        token = args.token_file.read_text(encoding="utf-8").strip()
+        settings = _settings(args)
+    except config.ConfigError as exc:
+        _setup_logging(args.log, args.verbose)
+        log.error("%s", exc)
+        return 1
+    _setup_logging(args.log or settings.get("log_file"), args.verbose)
+    missing = [name for name in ("api", "station", "token_file", "state_dir")
+               if not settings.get(name)]
+    if settings["client"] == "json" and not settings.get("profile"):
+        missing.append("profile")
+    if missing:
+        log.error("missing setting(s): %s (options or the configuration file)",
+                  ", ".join(missing))
+        return 1
+    token_file: Path = settings["token_file"]
+    try:
+        token = token_file.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        log.error("cannot read the token file %s: %s", args.token_file, exc.strerror or exc)
+        log.error("cannot read the token file %s: %s", token_file, exc.strerror or exc)
         return 1
     if not token:
-        log.error("the token file %s is empty", args.token_file)
+        log.error("the token file %s is empty", token_file)
         return 1
-    if args.retries < 0 or args.interval <= 0 or args.retry_delay < 0:
+    if settings["retries"] < 0 or settings["interval"] <= 0 or settings["retry_delay"] < 0:
         log.error("--retries, --interval and --retry-delay must not be negative")
         return 1
-    config = AgentConfig(
-        api=args.api, station=args.station, token=token, profile=args.profile,
-        local_mail=args.local_mail, state_dir=args.state_dir, interval=args.interval,
-        min_free_mb=args.min_free_mb, retries=args.retries, retry_delay=args.retry_delay,
-        timeout=args.timeout)
+    fields = {f.name for f in dataclasses.fields(AgentConfig)}
+    kwargs = {k: v for k, v in settings.items() if k in fields and k != "token"}
+    kwargs.setdefault("profile", None)
+    kwargs.setdefault("local_mail", None)
     try:
-        agent = Agent(config)
-    except OSError as exc:
-        log.error("cannot use the state dir %s: %s", args.state_dir, exc)
+        agent = Agent(AgentConfig(token=token, **kwargs))
+    except (OSError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
         return 1
     if args.once:
         result = agent.run_once()
         return 0 if result.reached_api and result.pending == 0 else 2
     signal.signal(signal.SIGTERM, _terminate)
-    log.info("station %s polling %s every %.0f s", args.station, args.api, args.interval)
+    log.info("station %s polling %s every %.0f s (client: %s)", settings["station"],
+             settings["api"], settings["interval"], settings["client"])
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C in a console: a clean stop
         agent.run_forever()
     log.info("station agent stopped")

@@ -58,8 +58,8 @@ def _looks_like_mbox(path: Path) -> bool:
     return head in (b"", b"From ")
 
 
-def mbox_files(root: Path) -> list[tuple[str, Path]]:
-    """(target folder, path) of every mbox file under `root`, sorted by folder."""
+def mbox_files(root: Path, prefix: str = LOCAL_ROOT) -> list[tuple[str, Path]]:
+    """(target folder under `prefix`, path) of every mbox file under `root`, by folder."""
     found: list[tuple[str, Path]] = []
     if not root.is_dir():
         return found
@@ -75,13 +75,13 @@ def mbox_files(root: Path) -> list[tuple[str, Path]]:
                 continue
             parts = [part.removesuffix(".sbd") for part in path.relative_to(root).parent.parts]
             stem = path.stem if path.suffix.lower() == ".mbox" else path.name
-            found.append(("/".join([LOCAL_ROOT, *parts, stem]), path))
+            found.append(("/".join([prefix, *parts, stem]), path))
     return sorted(found)
 
 
-def local_bytes(root: Path) -> int:
+def local_bytes(root: Path, prefix: str = LOCAL_ROOT) -> int:
     """The size of the local mail: the sum of the mbox files' sizes."""
-    return sum(path.stat().st_size for _folder, path in mbox_files(root))
+    return sum(path.stat().st_size for _folder, path in mbox_files(root, prefix))
 
 
 def _flags(message: mailbox.mboxMessage) -> str:
@@ -124,9 +124,10 @@ def _internal_date(message: mailbox.mboxMessage) -> float | None:
         return None
 
 
-def iter_messages(root: Path) -> Iterator[LocalMessage | tuple[str, str]]:
+def iter_messages(root: Path, prefix: str = LOCAL_ROOT
+                  ) -> Iterator[LocalMessage | tuple[str, str]]:
     """Every message under `root`; an expunged one is yielded as ("expunged", folder)."""
-    for folder, path in mbox_files(root):
+    for folder, path in mbox_files(root, prefix):
         box = mailbox.mbox(path, create=False)
         try:
             for key in box.iterkeys():
@@ -149,11 +150,14 @@ class Manifest:
     def __init__(self, state_dir: Path, migration_id: int) -> None:
         self.path = state_dir / f"manifest-{migration_id}.txt"
         self._seen: set[tuple[str, str]] = set()
+        self._intended: set[tuple[str, str]] = set()
         if self.path.exists():
             *lines, torn = self.path.read_text(encoding="utf-8").split("\n")
             for line in lines:
                 digest, sep, folder = line.partition("\t")
-                if sep:
+                if sep and digest.startswith("?"):
+                    self._intended.add((digest[1:], folder))
+                elif sep:
                     self._seen.add((digest, folder))
             if torn:
                 # A power cut mid-append left an unterminated line: not counted, and closed
@@ -164,15 +168,27 @@ class Manifest:
     def __contains__(self, item: tuple[str, str]) -> bool:
         return item in self._seen
 
+    def uncertain(self, digest: str, folder: str) -> bool:
+        """True if an upload of this message began but was never acknowledged (a crash)."""
+        return (digest, folder) in self._intended and (digest, folder) not in self._seen
+
+    def intend(self, digest: str, folder: str) -> None:
+        """Record, durably, that an upload is about to start (`?sha<TAB>folder`)."""
+        self._append(f"?{digest}\t{folder}\n")
+        self._intended.add((digest, folder))
+
     def add(self, digest: str, folder: str) -> None:
         """Record one acknowledged upload durably."""
         if (digest, folder) in self._seen:
             return
+        self._append(f"{digest}\t{folder}\n")
+        self._seen.add((digest, folder))
+
+    def _append(self, line: str) -> None:
         new = not self.path.exists()
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(f"{digest}\t{folder}\n")
+            handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
         if new:
             fsync_dir(self.path.parent)
-        self._seen.add((digest, folder))

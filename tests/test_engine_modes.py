@@ -92,7 +92,7 @@ def test_every_mode_combination(world: World, tmp_path: Path, station: bool, tra
     box = [{"address": address, "aliases": [alias], "station": f"ws-{case}"}]
     state = f"sqlite:///{tmp_path / 'state.db'}"
     pol = policy("p", stationChecks=station, dataTransfer=transfer, localStationData=local,
-                 deleteSource={"after": "0s"} if delete else "never")
+                 deleteSource={"after": "0s", "consent": True} if delete else "never")
 
     home = world.write(tmp_path / "v1", [pol, placement("home", "s1", box, policy_name="p")])
     engine = world.engine(home, state)

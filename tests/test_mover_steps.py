@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.errors import TemporaryError
+from reconciler.spec.model import DesiredMailbox, PolicySpec
 from reconciler.state.model import Migration, TransferManifest, TransferRun
 from reconciler.state.store import Store, default_url
 from reconciler.steps.base import PassCache, StepContext
@@ -54,8 +55,11 @@ def run(store: Store, drivers: dict[str, Any], step: Any) -> Any:
                           modes={"dataTransfer": "copy", "diary": True})
             session.add(m)
             session.flush()
+        desired = DesiredMailbox("jean@corp.example", (), "s2", "p", None,
+                                 PolicySpec("p", delete_consent=True), None)
         ctx = StepContext(specs=cast(Any, None), fed=cast(Any, None), drivers=drivers,
-                          session=session, now=datetime.now(UTC), cache=PassCache())
+                          session=session, now=datetime.now(UTC), cache=PassCache(),
+                          desired=desired)
         return step(ctx, m)
 
 

@@ -7,13 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pgutil import PrivatePostgres
 from sqlalchemy import inspect, select
 
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.state.model import Event, Migration
 from reconciler.state.store import open_store
 
+from pgutil import PrivatePostgres
 from test_engine_modes import seed_source
 from world import World, mailbox_message_ids, placement, policy
 

@@ -99,13 +99,17 @@ class World:
     refusing: str  # host:port of the one that answers 550
     submission: str = ""  # what target_info currently tells stations
     tokens: dict[str, str] = field(default_factory=dict)
+    imap: dict[str, object] | None = None  # the target's IMAP server, when a test has one
 
     @property
     def api(self) -> str:
         return self.server.url
 
     def target_info(self, system: str) -> dict[str, object]:
-        return {"submission": self.submission, "mailbox_type": "maildir"}
+        info: dict[str, object] = {"submission": self.submission, "mailbox_type": "maildir"}
+        if self.imap is not None:
+            info["imap"] = self.imap
+        return info
 
     def driver_for(self, system: str) -> MailSystemDriver:
         assert system == "s2", system

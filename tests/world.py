@@ -55,7 +55,7 @@ def base_documents(root: Path) -> list[dict[str, Any]]:
 
 def policy(name: str, **spec: Any) -> dict[str, Any]:
     full = {"stationChecks": False, "dataTransfer": "copy", "diary": True,
-            "localStationData": False, "deleteSource": {"after": "0s"},
+            "localStationData": False, "deleteSource": {"after": "0s", "consent": True},
             "prestageLead": "0s", "recheckLead": "0s", "maxParallel": 10}
     full.update(spec)
     return {"apiVersion": "mailferry/v1", "kind": "MigrationPolicy", "metadata": {"name": name},

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from reconciler.drivers.base import MailSystemDriver
+from reconciler.drivers.base import MailSystemDriver, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.state.model import Migration, Station, StationReport, utcnow
 from reconciler.state.store import Store
@@ -63,6 +64,12 @@ REPORT_KINDS = frozenset(
 # A 40 MB message is about 54 MB once base64-encoded in JSON; larger ones are refused (413).
 MAX_BODY_BYTES = 60 * 1024 * 1024
 MAX_FOLDER_CHARS = 512
+MAX_ID = 2**63 - 1  # a SQL BIGINT
+MAX_DATE = 253402300799  # 9999-12-31T23:59:59Z, the last instant every platform's time_t takes
+# What the OpenAPI description promises, the validators below enforce (the fuzz test checks).
+_FOLDER_PART = r"(?!\.\.?(?:/|$))[^/\x00-\x1f]+"
+FOLDER_PATTERN = rf"^{_FOLDER_PART}(?:/{_FOLDER_PART})*$"
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$"
 MAILDIR_FLAGS = frozenset("DFPRST")
 log = logging.getLogger("reconciler.api")
 _REPORT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -118,7 +125,9 @@ async def _json_errors(
         if exc.content_type == "application/json" or exc.status < 400:
             raise
         # Answer rather than re-raise: some of these classes need extra constructor arguments.
-        return web.json_response({"error": exc.reason}, status=exc.status)
+        # Keep the headers that carry meaning (405's Allow is required by RFC 9110).
+        kept = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=kept)
     except Exception as exc:
         # A bug or an unexpected driver error: a 500 the agent retries later, and a log line
         # with the traceback for the operator (never a silent success).
@@ -211,15 +220,19 @@ async def get_task(request: web.Request) -> web.Response:
 
 def _validate_report(body: dict[str, Any]) -> tuple[str, int | None, str, bool, dict[str, Any]]:
     report_id = body.get("report_id")
-    if not isinstance(report_id, str) or not _REPORT_ID.match(report_id):
+    if not isinstance(report_id, str) or not _REPORT_ID.fullmatch(report_id):
         raise _fail(web.HTTPBadRequest, "report_id must be a string of 1-64 characters "
                     "[A-Za-z0-9._-] (a UUID)")
     migration_id = body.get("migration_id")
+    if isinstance(migration_id, float) and migration_id.is_integer():
+        migration_id = int(migration_id)  # 69.0 is an integer for JSON Schema, so for us
     if migration_id is not None and (isinstance(migration_id, bool)
-                                     or not isinstance(migration_id, int)):
+                                     or not isinstance(migration_id, int)
+                                     or not 0 <= migration_id <= MAX_ID):
+        # The range check keeps a huge integer from overflowing the database driver (500).
         raise _fail(web.HTTPBadRequest, "migration_id must be an integer or null")
     kind = body.get("kind")
-    if kind not in REPORT_KINDS:
+    if not isinstance(kind, str) or kind not in REPORT_KINDS:  # {} is unhashable: a 500
         raise _fail(web.HTTPBadRequest, f"kind must be one of {sorted(REPORT_KINDS)}")
     ok = body.get("ok")
     if not isinstance(ok, bool):
@@ -277,7 +290,9 @@ def _validate_message(body: dict[str, Any]) -> tuple[str, str, float | None, byt
         raise _fail(web.HTTPBadRequest, "flags must be Maildir flag letters among DFPRST")
     internal_date = body.get("internal_date")
     if internal_date is not None and (isinstance(internal_date, bool)
-                                      or not isinstance(internal_date, int | float)):
+                                      or not isinstance(internal_date, int | float)
+                                      or not 0 <= internal_date <= MAX_DATE):
+        # The bounds keep NaN, infinities and year 10000+ from crashing the storage (500).
         raise _fail(web.HTTPBadRequest, "internal_date must be seconds since the epoch or null")
     raw = body.get("data")
     if not isinstance(raw, str):
@@ -309,13 +324,19 @@ async def post_message(request: web.Request) -> web.Response:
             return m.target_system, m.target_mailbox
 
     system, mailbox = await asyncio.to_thread(target)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = content_sha256(data)  # what drivers list: CRLF read as LF
     driver = request.app[DRIVER_FOR_KEY](system)
 
     def append() -> tuple[int, dict[str, Any]]:
         # Check the real mailbox, not a cache: the check is what makes a resend harmless.
-        if folder in driver.list_folders(mailbox) and any(
-                msg.sha256 == digest for msg in driver.list_messages(mailbox, folder)):
+        # Ask for the folder's messages directly rather than looking the name up in
+        # list_folders: a storage may spell names differently (Maildir++ reads "v1.2" back
+        # as "v1/2"), and a missed match here would append a duplicate on every resend.
+        try:
+            present = driver.list_messages(mailbox, folder)
+        except PermanentError:
+            present = []  # no such folder yet
+        if any(msg.sha256 == digest for msg in present):
             return 200, {"present": True, "sha256": digest}
         key = driver.append_message(mailbox, folder, data, flags=flags,
                                     internal_date=internal_date)
@@ -328,6 +349,11 @@ async def post_message(request: web.Request) -> web.Response:
         async with lock:
             status, body = await asyncio.to_thread(append)
     except TemporaryError as exc:
+        if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.ENAMETOOLONG:
+            # The folder name is too long for the target's storage: resending cannot help,
+            # so this is a refusal (409), not an outage (503) the agent would retry forever.
+            raise _fail(web.HTTPConflict, f"target system {system} cannot store a folder "
+                        f"named {folder!r}: name too long") from None
         raise _fail(web.HTTPServiceUnavailable, f"target system {system}: {exc}") from None
     except PermanentError as exc:
         # E.g. the target mailbox does not exist (yet): resending will not help until an
@@ -419,7 +445,9 @@ OPENAPI: dict[str, Any] = {
                             "content": {"application/json": {
                                 "schema": {"$ref": "#/components/schemas/MessageAck"}}}},
                     "400": _ERROR, "401": _ERROR, "403": _ERROR,
-                    "409": {"description": "The migration's action is not local-migrate.",
+                    "409": {"description": "The migration's action is not local-migrate, "
+                                           "or the target refuses this message for good "
+                                           "(e.g. a folder name too long for its storage).",
                             "content": {"application/json": {
                                 "schema": {"$ref": "#/components/schemas/Error"}}}},
                     "413": _ERROR, "503": _ERROR,
@@ -455,7 +483,10 @@ OPENAPI: dict[str, Any] = {
                                              "format": "date-time"},
                             "target": {"type": "object",
                                        "description": "E.g. {submission: 'host:port', "
-                                                      "mailbox_type: 'maildir'}",
+                                                      "submission_tls: 'none', "
+                                                      "mailbox_type: 'maildir', imap: {host, "
+                                                      "port, tls}} (imap only where the "
+                                                      "system has an IMAP server)",
                                        "additionalProperties": True},
                         },
                     }]},
@@ -465,7 +496,8 @@ OPENAPI: dict[str, Any] = {
                 "type": "object", "required": ["report_id", "kind", "ok"],
                 "properties": {
                     "report_id": {"type": "string", "pattern": _REPORT_ID.pattern},
-                    "migration_id": {"type": ["integer", "null"]},
+                    "migration_id": {"type": ["integer", "null"], "minimum": 0,
+                                     "maximum": MAX_ID},
                     "kind": {"enum": sorted(REPORT_KINDS)},
                     "ok": {"type": "boolean"},
                     "detail": {"type": "object", "additionalProperties": True},
@@ -478,10 +510,14 @@ OPENAPI: dict[str, Any] = {
                 "type": "object", "required": ["folder", "data"],
                 "properties": {
                     "folder": {"type": "string", "maxLength": MAX_FOLDER_CHARS,
+                               "pattern": FOLDER_PATTERN,
                                "examples": ["Local Folders/Archive"]},
                     "flags": {"type": "string", "pattern": "^[DFPRST]*$"},
-                    "internal_date": {"type": ["number", "null"]},
-                    "data": {"type": "string", "contentEncoding": "base64"},
+                    "internal_date": {"type": ["number", "null"], "minimum": 0,
+                                      "maximum": MAX_DATE},
+                    "data": {"type": "string", "contentEncoding": "base64",
+                             "pattern": BASE64_PATTERN,
+                             "description": "The raw message (non-empty), base64."},
                 },
             },
             "MessageAck": {"type": "object", "required": ["present", "sha256"],

@@ -1,4 +1,9 @@
-"""The station API for a running engine: drivers and target facts taken from its specs."""
+"""The station API for a running engine: drivers and target facts taken from its specs.
+
+`target_info(system)` is what a station learns about the new system: its submission server
+(and TLS mode), and, where the system has one, its IMAP server -- the endpoints the agent
+switches the user's mail client to and uploads local mail through.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,20 @@ def station_api_for(engine: Engine, *, host: str = "127.0.0.1", port: int = 0) -
 
     def target_info(system: str) -> dict[str, object]:
         spec = engine.specs.systems[system]
-        return {"submission": str(spec.submission), "mailbox_type": spec.driver,
-                "system": system}
+        submission = spec.submission or (
+            spec.postfix_dovecot.smtp if spec.postfix_dovecot is not None else None)
+        info: dict[str, object] = {
+            "submission": str(submission) if submission is not None else None,
+            "submission_tls": "none",
+            "mailbox_type": spec.driver, "system": system,
+        }
+        # Systems with an IMAP server tell the agent where the user's client will read mail;
+        # the embedded maildir system has none, and the agent then uploads local mail
+        # through this API.
+        if spec.postfix_dovecot is not None:
+            imap = spec.postfix_dovecot.imap
+            info["imap"] = {"host": imap.host, "port": imap.port,
+                            "tls": spec.postfix_dovecot.imap_tls}
+        return info
 
     return StationApiServer(engine.store, driver_for, target_info, host=host, port=port)

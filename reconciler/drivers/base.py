@@ -23,9 +23,18 @@ system as one call would, so that a step killed half-way can simply run again.
 from __future__ import annotations
 
 import abc
+import hashlib
 from dataclasses import dataclass, field
 
 PHYSICAL_TLD = "invalid"
+
+
+def content_sha256(data: bytes) -> str:
+    """The digest the mover compares: SHA-256 of the message with CRLF read as LF.
+
+    Line endings are left out because IMAP always transports CRLF while Maildir files may hold
+    bare LF: one message must keep one digest whichever driver lists it."""
+    return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
 
 
 def mailbox_id_for(address: str) -> str:
@@ -83,7 +92,7 @@ class StoredMessage:
     flags: str  # Maildir flag letters, sorted: D F P R S T
     internal_date: float  # seconds since the epoch
     size: int
-    sha256: str
+    sha256: str  # content_sha256 of the bytes
     message_id: str | None = None
 
 

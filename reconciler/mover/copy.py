@@ -23,14 +23,13 @@ the append already completed) and a later run resumes by comparison.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from reconciler.drivers.base import MailSystemDriver, StoredMessage
+from reconciler.drivers.base import MailSystemDriver, StoredMessage, content_sha256
 from reconciler.errors import MailferryError, TemporaryError
 from reconciler.mover.calendar import copy_diary, missing_items
 
@@ -90,7 +89,7 @@ def _copy_folder(
             # Expunged by its user since the listing, or unreadable: report, go on.
             report.failed.append((folder, msg.key, f"read failed: {exc}"))
             continue
-        if hashlib.sha256(data).hexdigest() != msg.sha256:
+        if content_sha256(data) != msg.sha256:
             report.failed.append((folder, msg.key, "changed since listing"))
             continue
         dst.append_message(dst_id, folder, data, flags=msg.flags, internal_date=msg.internal_date)

@@ -228,6 +228,7 @@ class ImapAccount:
     password: str
     authorize_as: str | None = None  # log in as `user` (an admin) on behalf of this mailbox
     timeout: float = 60.0
+    tls: bool = False  # implicit TLS (IMAPS, port 993); STARTTLS is not implemented
 
     def __repr__(self) -> str:  # never print the password
         who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
@@ -256,7 +257,7 @@ class ImapEndpoint:
         if self.client is not None:
             return
         a = self.account
-        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout)
+        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls)
         try:
             if a.authorize_as:
                 await client.login(a.user, a.password, authorize_as=a.authorize_as)

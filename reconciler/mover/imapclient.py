@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -179,11 +180,14 @@ class ImapClient:
 
     # -- connection ---------------------------------------------------------------------
     @classmethod
-    async def connect(cls, host: str, port: int, *, timeout: float = 60.0) -> ImapClient:
-        """Open a connection, read the greeting, learn the capabilities."""
+    async def connect(cls, host: str, port: int, *, timeout: float = 60.0,
+                      tls: bool = False) -> ImapClient:
+        """Open a connection (implicit TLS with `tls`, certificates verified), read the
+        greeting, learn the capabilities."""
+        context = ssl.create_default_context() if tls else None
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=1 << 20), timeout)
+                asyncio.open_connection(host, port, limit=1 << 20, ssl=context), timeout)
             client = cls(reader, writer, timeout)
             client.greeting = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:

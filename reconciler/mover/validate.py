@@ -14,10 +14,9 @@ no NUL byte. The body is not judged: MIME damage there is the user's data, copie
 
 from __future__ import annotations
 
-import hashlib
 import re
 
-from reconciler.drivers.base import MailSystemDriver, StoredMessage
+from reconciler.drivers.base import MailSystemDriver, StoredMessage, content_sha256
 from reconciler.errors import MailferryError, TemporaryError
 
 _FIELD = re.compile(rb"^[!-9;-~]+[ \t]*:")
@@ -52,7 +51,7 @@ def _check(driver: MailSystemDriver, mailbox_id: str, msg: StoredMessage) -> str
         return f"unreadable: {exc}"
     if len(data) != msg.size:
         return f"size {len(data)} read, {msg.size} listed"
-    if hashlib.sha256(data).hexdigest() != msg.sha256:
+    if content_sha256(data) != msg.sha256:
         return "content differs from listing"
     named = _MAILDIR_SIZE.search(msg.key)
     if named and int(named.group(1)) != len(data):

@@ -37,10 +37,13 @@ Side effects: reads the folder's files and asks git for the commit (`gitinfo`); 
 from __future__ import annotations
 
 import difflib
+import gc
+import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -55,15 +58,19 @@ import reconciler
 
 from ..errors import SpecError
 from .durations import parse_duration
+from .fastcheck import compile_object
 from .gitinfo import git_state
 from .model import (
     DataTransfer,
     Endpoint,
     FedSpec,
+    ImapOptions,
     MailboxSpec,
     MailSystemSpec,
+    MasterUser,
     PlacementSpec,
     PolicySpec,
+    PostfixDovecotOptions,
     SecretRef,
     SourceLocation,
     SpecSet,
@@ -99,6 +106,27 @@ def load_schemas() -> dict[str, dict[str, Any]]:
 def _validators() -> dict[str, Draft202012Validator]:
     """kind -> validator (compiled once per process)."""
     return {kind: Draft202012Validator(schema) for kind, schema in load_schemas().items()}
+
+
+@lru_cache(maxsize=1)
+def _mailbox_check() -> Callable[[Any], bool] | None:
+    """The compiled item schema of `spec.mailboxes` (None if it is not a simple one)."""
+    spec = load_schemas()["MailboxPlacement"]["properties"]["spec"]
+    return compile_object(spec["properties"]["mailboxes"]["items"])
+
+
+def _fast_checked(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What jsonschema must still see: a placement whose mailbox entries all pass the fast
+    check is validated with only its first entry (same verdict, a fraction of the time);
+    otherwise the whole document, so that every message is the slow path's own."""
+    check = _mailbox_check()
+    spec = data.get("spec")
+    if kind != "MailboxPlacement" or check is None or not isinstance(spec, dict):
+        return data
+    boxes = spec.get("mailboxes")
+    if not isinstance(boxes, list) or len(boxes) < 2 or not all(check(b) for b in boxes):
+        return data
+    return {**data, "spec": {**spec, "mailboxes": boxes[:1]}}
 
 
 def display_path(path: Path) -> str:
@@ -166,6 +194,7 @@ class _Loader:
         self.root = directory.resolve()
         self.problems: list[_Problem] = []
         self.docs: list[_Doc] = []
+        self.hasher = hashlib.sha256()  # what saved plans compare: every file read, in order
         # True when some object may be missing because its text was unreadable (YAML syntax,
         # unknown kind): "unknown reference" and "no FedHub" would then be guesses.
         self.uncertain = False
@@ -208,7 +237,10 @@ class _Loader:
         """Parse one file and check each of its documents up to the schema."""
         display = display_path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
+            self.hasher.update(f"{path.name}\0{len(raw)}\0".encode())
+            self.hasher.update(raw)
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             self.report(display, order, 1, "-", f"cannot read file: {exc}")
             self.uncertain = True
@@ -248,7 +280,7 @@ class _Loader:
         for line, path, msg in ydoc.problems:
             self.report(display, order, line, path, msg)
             doc.valid = False
-        for error in _validators()[doc.kind].iter_errors(data):
+        for error in _validators()[doc.kind].iter_errors(_fast_checked(doc.kind, data)):
             self.schema_problem(doc, error)
 
     def schema_problem(self, doc: _Doc, error: ValidationError) -> None:
@@ -303,20 +335,71 @@ class _Loader:
             self.fail(doc, path, str(exc))
             return timedelta(0)
 
+    def secret(self, ref: dict[str, str]) -> SecretRef:
+        """{env: X} | {file: path} -> SecretRef (a file made absolute)."""
+        return SecretRef(env=ref.get("env"),
+                         file=self.path_value(ref["file"]) if "file" in ref else None)
+
+    def master_user(self, raw: dict[str, Any] | None) -> MasterUser | None:
+        """A schema-checked masterUser object, or None."""
+        if raw is None:
+            return None
+        return MasterUser(user=str(raw["user"]), password=self.secret(raw["password"]))
+
     def build_system(self, doc: _Doc) -> None:
-        """A MailSystem document -> MailSystemSpec."""
+        """A MailSystem document -> MailSystemSpec (with its driver's settings object)."""
         spec, name = doc.spec, cast(str, doc.name)
-        box = spec["maildir"]
-        system = MailSystemSpec(
-            name=name,
-            driver=spec["driver"],
-            domains=tuple(d.lower() for d in spec["domains"]),
+        driver = str(spec["driver"])
+        own = {"maildir": "maildir", "postfix-dovecot": "postfixDovecot", "imap": "imap"}
+        for other in own.values():
+            if other in spec and other != own.get(driver):
+                self.fail(doc, ("spec", other), f"settings of another driver: driver is "
+                          f"{driver!r}, which reads spec.{own.get(driver)}", key_line=True)
+        here = ("spec", own.get(driver, driver))
+        common = MailSystemSpec(
+            name=name, driver=driver, domains=tuple(d.lower() for d in spec["domains"]),
             internal_domain=str(spec.get("internalDomain", f"{name}.internal")).lower(),
-            root=self.path_value(box["root"]),
-            lmtp=self.endpoint(doc, ("spec", "maildir", "lmtp"), box["lmtp"]),
-            submission=self.endpoint(doc, ("spec", "maildir", "submission"), box["submission"]),
-            location=doc.location(),
-        )
+            root="", lmtp=None, submission=None, location=doc.location())
+        if driver == "postfix-dovecot":
+            box = spec["postfixDovecot"]
+            options = PostfixDovecotOptions(
+                state_dir=self.path_value(box["stateDir"]),
+                postfix_config_dir=self.path_value(box["postfixConfigDir"]),
+                dovecot_config=self.path_value(box["dovecotConfig"]),
+                mail_root=self.path_value(box["mailRoot"]),
+                mail_user=str(box.get("mailUser", "vmail")),
+                smtp=self.endpoint(doc, (*here, "smtp"), box["smtp"]),
+                lmtp=self.endpoint(doc, (*here, "lmtp"), box["lmtp"]),
+                imap=self.endpoint(doc, (*here, "imap"), box["imap"]),
+                master=cast(MasterUser, self.master_user(box["masterUser"])),
+                imap_tls=str(box.get("imapTls", "none")),
+            )
+            system = replace(common, root=options.state_dir, lmtp=options.lmtp,
+                             submission=options.smtp, postfix_dovecot=options)
+        elif driver == "imap":
+            box = spec["imap"]
+            login = str(box.get("login", "master"))
+            if login == "master" and "masterUser" not in box:
+                self.fail(doc, (*here, "masterUser"), "required field missing (login: master)")
+            if login == "per-user" and "passwords" not in box:
+                self.fail(doc, (*here, "passwords"), "required field missing (login: per-user)")
+            smtp = self.endpoint(doc, (*here, "smtp"), box["smtp"]) if "smtp" in box else None
+            imap = ImapOptions(
+                server=self.endpoint(doc, (*here, "server"), box["server"]),
+                state_dir=self.path_value(box["stateDir"]), tls=str(box.get("tls", "implicit")),
+                login=login, master=self.master_user(box.get("masterUser")),
+                passwords=self.secret(box["passwords"]) if "passwords" in box else None,
+                login_format=str(box.get("loginFormat", "{address}")), smtp=smtp,
+            )
+            system = replace(common, root=imap.state_dir, submission=smtp, imap=imap)
+        else:
+            box = spec["maildir"]
+            system = replace(
+                common, root=self.path_value(box["root"]),
+                lmtp=self.endpoint(doc, ("spec", "maildir", "lmtp"), box["lmtp"]),
+                submission=self.endpoint(doc, ("spec", "maildir", "submission"),
+                                         box["submission"]),
+            )
         if doc.valid:
             self.systems[name] = system
 
@@ -328,10 +411,7 @@ class _Loader:
             name=cast(str, doc.name),
             smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
             control_url=str(spec["control"]).rstrip("/"),
-            token=SecretRef(
-                env=token.get("env"),
-                file=self.path_value(token["file"]) if "file" in token else None,
-            ),
+            token=self.secret(token),
             state_dir=self.path_value(spec["stateDir"]),
             domains=tuple(d.lower() for d in spec["domains"]),
             location=doc.location(),
@@ -423,10 +503,12 @@ class _Loader:
             return self.duration(doc, ("spec", key), spec[key]) if key in spec else default
 
         delete_after: timedelta | None = base.delete_source_after
+        consent = False
         if "deleteSource" in spec:
             raw = spec["deleteSource"]
             delete_after = None if raw == "never" else self.duration(
                 doc, ("spec", "deleteSource", "after"), raw["after"])
+            consent = raw != "never" and bool(raw.get("consent", False))
         policy = PolicySpec(
             name=name,
             station_checks=bool(spec.get("stationChecks", base.station_checks)),
@@ -434,6 +516,7 @@ class _Loader:
             diary=bool(spec.get("diary", base.diary)),
             local_station_data=bool(spec.get("localStationData", base.local_station_data)),
             delete_source_after=delete_after,
+            delete_consent=consent,
             prestage_lead=dur("prestageLead", base.prestage_lead),
             recheck_lead=dur("recheckLead", base.recheck_lead),
             max_parallel=int(spec.get("maxParallel", base.max_parallel)),
@@ -465,6 +548,8 @@ class _Loader:
         self.placements[name] = PlacementSpec(
             name=name, system=spec["system"], window=spec.get("window"),
             policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
+            allow_move_back=bool(spec.get("allowMoveBack", False)),
+            report_to=tuple(str(a).lower() for a in spec.get("reportTo", [])),
         )
 
     def build_all(self) -> None:
@@ -566,9 +651,25 @@ class _Loader:
             placements=dict(self.placements),
             commit=commit,
             dirty=dirty,
+            digest=self.hasher.hexdigest(),
         )
 
 
 def load_specs(directory: str | Path) -> SpecSet:
     """Load and validate every spec in `directory`; raise SpecError listing all problems."""
-    return _Loader(Path(directory)).load()
+    with paused_gc():
+        return _Loader(Path(directory)).load()
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: building 100,000 small acyclic objects
+    otherwise triggers full collections over all of them again and again (measured: the
+    load of 100,000 mailboxes went from 6.6 s to 3.8 s). Reference counting still frees."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

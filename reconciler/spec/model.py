@@ -12,6 +12,11 @@ The YAML format, one document per object (several documents per file allowed)::
 
 MailSystem.spec:   driver: maildir; domains: [corp.example]; internalDomain: s1.internal;
                    maildir: {root: var/s1, lmtp: 127.0.0.1:2401, submission: 127.0.0.1:2501}
+                   | driver: postfix-dovecot; postfixDovecot: {stateDir, postfixConfigDir,
+                     dovecotConfig, mailRoot, mailUser, smtp, lmtp, imap,
+                     masterUser: {user, password: {env|file}}}   (docs/postfix-dovecot.md)
+                   | driver: imap; imap: {server, tls, login: master|per-user,
+                     masterUser | passwords: {file}, loginFormat, stateDir, smtp}
 FedHub.spec:       smtp: 127.0.0.1:2525; control: http://127.0.0.1:8025;
                    token: {env: MAILFERRY_FED_TOKEN} | {file: path}; stateDir: var/fed;
                    domains: [corp.example]
@@ -19,13 +24,15 @@ MigrationWindow.spec: timeZone: Europe/Paris; windows: [ {kind: allow|deny,
                    start: ISO, end: ISO} | {kind: allow|deny, schedule: "0 20 * * 1-5",
                    duration: 4h} ]
 MigrationPolicy.spec: stationChecks: bool; dataTransfer: none|copy|validate-and-copy|diary-only;
-                   diary: bool; localStationData: bool; deleteSource: {after: 7d} | never;
+                   diary: bool; localStationData: bool;
+                   deleteSource: {after: 7d, consent: true} | never;
                    prestageLead: 3d; recheckLead: 1h; maxParallel: 10; retention: 30d;
                    stationRetries: 3; folderMap: [{from: INBOX.Sent, to: Sent}];
                    throttle: {messagesPerSecond: 50, bytesPerSecond: 2000000};
                    prestageCopy: false; verify: fast|deep
 MailboxPlacement.spec: system: s2; window: wave-1; policy: default;
-                   mailboxes: [{address: a@corp.example, aliases: [..], station: ws-1}]
+                   mailboxes: [{address: a@corp.example, aliases: [..], station: ws-1}];
+                   allowMoveBack: false; reportTo: [ops@corp.example]
 
 Relative paths (maildir roots, fed stateDir, token files) are relative to the specs folder.
 """
@@ -71,15 +78,55 @@ class SecretRef:
 
 
 @dataclass(frozen=True)
+class MasterUser:
+    """An IMAP login that may read every mailbox (SASL PLAIN with an authorization identity)."""
+
+    user: str
+    password: SecretRef
+
+
+@dataclass(frozen=True)
+class PostfixDovecotOptions:
+    """Where a Postfix + Dovecot system keeps what the driver administers (driver-specific)."""
+
+    state_dir: str  # absolute: passwd-file, Postfix maps, mailferry.db, lock
+    postfix_config_dir: str  # absolute: `postfix -c` / `postconf -c` / `postmap -c`
+    dovecot_config: str  # absolute: `doveadm -c`
+    mail_root: str  # absolute: homes are <mail_root>/<mailbox id>
+    mail_user: str
+    smtp: Endpoint  # Postfix smtpd: fed delivers here, local users submit here
+    lmtp: Endpoint  # Dovecot LMTP: Postfix's virtual_transport
+    imap: Endpoint  # Dovecot IMAP: the data mover reads and writes here
+    master: MasterUser
+    imap_tls: str = "none"  # none | starttls | implicit
+
+
+@dataclass(frozen=True)
+class ImapOptions:
+    """A generic IMAP server mailferry can read but not administer (driver-specific)."""
+
+    server: Endpoint
+    state_dir: str  # absolute: the driver's own registry of the mailboxes it was given
+    tls: str = "implicit"  # none | starttls | implicit
+    login: str = "master"  # master | per-user
+    master: MasterUser | None = None
+    passwords: SecretRef | None = None  # per-user: a file of "address password" lines
+    login_format: str = "{address}"  # {address}, {local}, {domain}
+    smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere
+
+
+@dataclass(frozen=True)
 class MailSystemSpec:
     name: str
     driver: str
     domains: tuple[str, ...]
     internal_domain: str
-    root: str  # absolute path of the maildir system's data folder
-    lmtp: Endpoint
-    submission: Endpoint
+    root: str  # absolute path of the system's data folder (maildir root or driver state)
+    lmtp: Endpoint | None  # where deliveries enter the mailbox store (None: not reachable)
+    submission: Endpoint | None  # where the system's users submit mail (None: unknown)
     location: SourceLocation
+    postfix_dovecot: PostfixDovecotOptions | None = None
+    imap: ImapOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +165,7 @@ class PolicySpec:
     diary: bool = True
     local_station_data: bool = False
     delete_source_after: timedelta | None = timedelta(days=7)  # None: never delete
+    delete_consent: bool = False  # deleteSource.consent: E41 runs only with it (invariant 6)
     prestage_lead: timedelta = timedelta(days=3)
     recheck_lead: timedelta = timedelta(hours=1)
     max_parallel: int = 10
@@ -173,6 +221,8 @@ class PlacementSpec:
     policy: str | None
     mailboxes: tuple[MailboxSpec, ...]
     location: SourceLocation
+    allow_move_back: bool = False  # allowMoveBack: finished mailboxes may move again
+    report_to: tuple[str, ...] = ()  # reportTo: who gets the wave report by mail
 
 
 @dataclass(frozen=True)
@@ -186,6 +236,7 @@ class DesiredMailbox:
     window: WindowSpec | None
     policy: PolicySpec
     station: str | None
+    allow_move_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +251,7 @@ class SpecSet:
     placements: dict[str, PlacementSpec] = field(default_factory=dict)
     commit: str | None = None  # git commit of the specs folder, None outside git
     dirty: bool = False  # uncommitted changes in the specs folder
+    digest: str = ""  # sha256 of every spec file's name and bytes (saved plans compare it)
 
     def desired(self) -> dict[str, DesiredMailbox]:
         """address -> desired mailbox, over every placement (addresses are unique)."""
@@ -217,5 +269,6 @@ class SpecSet:
                     window=window,
                     policy=policy,
                     station=box.station,
+                    allow_move_back=placement.allow_move_back,
                 )
         return result

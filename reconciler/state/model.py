@@ -9,6 +9,9 @@
 - `stations`: enrolled stations with their token hash (never the token).
 - `transfer_manifest`: what the data mover copied, per mailbox and folder.
 - `transfer_runs`: the data mover's figures per pass, for the plan's estimates.
+- `leases`: who may act (one reconciler at a time; `reconciler.lease`).
+- `placement_suspensions`: placements an admin suspended (`reconcile suspend`).
+- `wave_reports`: the reports written when a placement finished (`reconciler.report`).
 
 Schema changes go through Alembic (`reconciler/state/alembic/versions`).
 """
@@ -173,3 +176,39 @@ class TransferRun(Base):
     bytes_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     missing: Mapped[int | None] = mapped_column(Integer, nullable=True)
     report: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Lease(Base):
+    """Who may act: one row per lease name, taken and renewed with compare-and-set updates."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PlacementSuspension(Base):
+    """A placement an admin suspended: none of its mailboxes takes a step until resumed."""
+
+    __tablename__ = "placement_suspensions"
+
+    placement: Mapped[str] = mapped_column(String(128), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    by: Mapped[str] = mapped_column(String(255), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class WaveReport(Base):
+    """A wave report written when a placement finished (once per set of migrations)."""
+
+    __tablename__ = "wave_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    placement: Mapped[str] = mapped_column(String(128), index=True)
+    last_migration_id: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    mailed_to: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -13,6 +13,7 @@ succeeded").
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.state.model import Event, Migration, utcnow
@@ -45,11 +46,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+@contextmanager
+def _upgrade_lock(engine: Engine) -> Iterator[None]:
+    """One upgrader at a time: two reconcilers opening a new store at once (a watch and a
+    `reconcile status`, say) would otherwise both create Alembic's version table."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield  # PostgreSQL: the advisory lock in `upgrade` does it
+        return
+    with open(f"{database}.upgrade-lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def upgrade(engine: Engine) -> None:
-    """Bring the database schema to Alembic's head revision."""
+    """Bring the database schema to Alembic's head revision (serialised between processes)."""
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
-    with engine.begin() as connection:
+    with _upgrade_lock(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":  # held until this transaction ends
+            connection.execute(text("SELECT pg_advisory_xact_lock(7316551)"))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -1,15 +1,16 @@
 """E40-E43: done, delete the old mailbox (guarded), purge old records.
 
 E41 is the only step that destroys data. It runs only when the specs' policy says so
-(`deleteSource: {after: ...}`) and, when data transfer was on, only after a last copy pass
-and a verification that every message of BOX1 is present in BOX2.
+(`deleteSource: {after: ..., consent: true}`: the consent is read from the specs as they
+are now, so withdrawing it stops a pending deletion) and, when data transfer was on, only
+after a last copy pass and a verification that every message of BOX1 is present in BOX2.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
-from reconciler.errors import TemporaryError
+from reconciler.errors import NotReady, TemporaryError
 from reconciler.mover.calendar import copy_diary
 from reconciler.mover.copy import verify_diary
 from reconciler.mover.manifest import Manifest
@@ -31,6 +32,9 @@ def e40_done(ctx: StepContext, m: Migration) -> Outcome:
 
 def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
     """E41/E42: last delta copy, verification, then BOX1 (and its redirect) deleted."""
+    if ctx.desired is None or not ctx.desired.policy.delete_consent:  # the plan refuses it too
+        raise NotReady("deleting the old mailbox needs deleteSource.consent in the specs",
+                       address=m.address, step="E41")
     source = ctx.driver(m.source_system)
     detail: dict[str, object] = {"mailbox": m.source_mailbox}
     if source.get_account(m.source_mailbox) is not None:

@@ -75,9 +75,12 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     account = source.get_account(m.source_mailbox)
     if account is not None and account.redirect_to != new:
         source.set_redirect(m.source_mailbox, new)
+    held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
+    waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
     ctx.fed.release(addresses_of(m))
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
     return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped.flipped,
-                             "address_migration_id": m.address_migration_id})
+                             "address_migration_id": m.address_migration_id,
+                             "released_messages": waiting})

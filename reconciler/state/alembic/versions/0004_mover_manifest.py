@@ -1,7 +1,7 @@
 """data mover manifest: UID caches, mailbox key, run figures
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-28 06:00:00
 
 Why: the manifest keys on content (folder + sha256); UIDs are only a cache valid under one
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0004'
-down_revision = '0001'
+down_revision = '0002'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,303 @@
+"""How `reconcile --plan` scales: 10,000 and 100,000 mailboxes; and how fast --watch reacts.
+
+Why: the plan runs on every CI push and on every watch pass; an admin team with 100,000
+mailboxes must get it in seconds, and its cost must grow linearly (a quadratic corner
+would surface only in production). So this generates, for each size N:
+
+- a spec set on disk: two maildir systems, fed, a window, a policy, and N mailboxes in
+  placements of 10,000 (one file each), three quarters placed on s2, the rest on s1;
+- a SQLite state store with migrations in assorted states (0, 1, 4, 6, 8, 10, 13, one in
+  fifty failed) for most of the s2 mailboxes;
+- fed's directory: every address at its physical address on s1 or s2.
+
+and measures, each in a fresh process (so peak RSS is that size's own):
+
+1. **plan path** (in-process): load and validate the specs, read the state store, make the
+   pure plan against a directory snapshot, render it as JSON Lines; time of each phase and
+   peak RSS. Run for 10,000 and 100,000.
+2. **the real CLI end to end**: `reconcile --plan --json` as a subprocess against a real fed
+   (started from the specs, its directory filled by an up-sync) for 10,000 mailboxes (and
+   100,000 with `--full`): wall time and the child's peak RSS.
+3. **watch reaction**: a `reconcile --watch` subprocess on a small spec set; the time from
+   saving an edited spec file to the first step recorded in the state store (3 saves).
+
+Usage: `python bench/plan_scale.py [--sizes 10000,100000] [--full] [--keep DIR]`.
+The last line reads `plan 100000 mailboxes: X.XX s` (the plan path, phase 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+PER_FILE = 10_000
+STATES = (0, 1, 4, 6, 8, 10, 13)
+
+
+def _docs(root: Path) -> list[dict[str, Any]]:
+    from world import base_documents, policy
+
+    return [*base_documents(root), policy("bench", deleteSource={"after": "7d",
+                                                                 "consent": True})]
+
+
+def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
+    """(specs folder, state file, directory) for `n` mailboxes."""
+    from sqlalchemy import insert
+
+    from reconciler.drivers.base import mailbox_id_for, physical_address
+    from reconciler.state.model import Migration
+    from reconciler.state.store import open_store
+
+    specs = root / "specs"
+    specs.mkdir(parents=True)
+    (specs / "base.yaml").write_text(yaml.safe_dump_all(_docs(root), sort_keys=False))
+    addresses = [f"user{i:06d}@corp.example" for i in range(n)]
+    on_s2 = {a for i, a in enumerate(addresses) if i % 4 != 0}
+    for k in range(0, n, PER_FILE):
+        chunk = addresses[k:k + PER_FILE]
+        lines = [f"# placement {k // PER_FILE}", "apiVersion: mailferry/v1",
+                 "kind: MailboxPlacement", f"metadata: {{name: wave-{k // PER_FILE}}}",
+                 "spec:", f"  system: {'s2'}", "  window: always", "  policy: bench",
+                 "  mailboxes:"]
+        for a in chunk:
+            if a in on_s2:
+                lines.append(f"    - address: {a}")
+                lines.append(f"      aliases: [{a.replace('user', 'u.')}]")
+        (specs / f"wave-{k // PER_FILE:03d}.yaml").write_text("\n".join(lines) + "\n")
+    home = [a for a in addresses if a not in on_s2]
+    (specs / "home.yaml").write_text("\n".join(
+        ["apiVersion: mailferry/v1", "kind: MailboxPlacement", "metadata: {name: home}",
+         "spec:", "  system: s1", "  mailboxes:"] + [f"    - address: {a}" for a in home])
+        + "\n")
+
+    state = root / "state.db"
+    store = open_store(f"sqlite:///{state}")
+    now = datetime.now(UTC)
+    rows = []
+    directory: dict[str, str] = {}
+    for i, a in enumerate(addresses):
+        box = mailbox_id_for(a)
+        migrated = a in on_s2 and i % 8 != 1  # some s2 mailboxes have no migration yet
+        st = STATES[i % len(STATES)] if migrated else None
+        system = "s2" if st is not None and st >= 6 else "s1"
+        directory[a] = physical_address(system, box)
+        if st is None:
+            continue
+        rows.append({
+            "address": a, "aliases": [], "source_system": "s1", "target_system": "s2",
+            "source_mailbox": box, "target_mailbox": box, "placement": f"wave-{i // PER_FILE}",
+            "window": "always", "modes": {"policy": "bench", "dataTransfer": "copy",
+                                          "deleteSourceAfter": 604800.0, "maxParallel": 10,
+                                          "retention": 2592000.0},
+            "station": None, "state": st, "state_since": now - timedelta(hours=i % 200),
+            "failed_reason": "bench failure" if i % 50 == 3 else None,
+            "attempts": 0, "suspended": False, "purged": False, "created_at": now,
+        })
+    with store.engine.begin() as conn:
+        for k in range(0, len(rows), 5000):
+            conn.execute(insert(Migration), rows[k:k + 5000])
+    store.close()
+    return specs, state, directory
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plan_path(n: int, keep: Path | None) -> dict[str, Any]:
+    """Phase 1 in this process: generate, then time load / read state / plan / render."""
+    from reconciler.engine import read_migrations
+    from reconciler.output import plan_jsonl
+    from reconciler.plan import make_plan
+    from reconciler.spec.loader import load_specs, paused_gc
+    from reconciler.state.store import open_store
+
+    root = keep / f"n{n}" if keep else Path(tempfile.mkdtemp(prefix=f"mf-bench-{n}-"))
+    specs_dir, state, directory = generate(root, n)
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    specs = load_specs(specs_dir)
+    t1 = time.perf_counter()
+    store = open_store(f"sqlite:///{state}")
+    migrations = read_migrations(store)
+    t2 = time.perf_counter()
+    with paused_gc():  # as Engine.plan does
+        plan = make_plan(specs.desired(), migrations, directory, datetime.now(UTC))
+    t3 = time.perf_counter()
+    with paused_gc():
+        lines = plan_jsonl(plan, commit=specs.commit)
+    t4 = time.perf_counter()
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"n": n, "load_s": t1 - t0, "state_s": t2 - t1, "plan_s": t3 - t2,
+            "render_s": t4 - t3, "total_s": t4 - t0, "lines": len(lines),
+            "pending": plan.counts()["due now"], "rss_mb": _rss_mb(),
+            "rss_before_mb": rss_before}
+
+
+def cli_end_to_end(n: int, keep: Path | None) -> dict[str, Any]:
+    """Phase 2: `reconcile --plan --json` against a real fed holding the directory."""
+    from reconciler.embedded import start_embedded
+    from reconciler.fedclient import FedClient
+    from reconciler.secrets import resolve
+    from reconciler.spec.loader import load_specs
+
+    root = keep / f"cli{n}" if keep else Path(tempfile.mkdtemp(prefix=f"mf-cli-{n}-"))
+    specs_dir, state, directory = generate(root, n)
+    specs = load_specs(specs_dir)
+    with start_embedded(specs, log_dir=root / "logs"):
+        fed = FedClient(specs.fed.control_url, resolve(specs.fed.token, what="fed token"),
+                        timeout=120)
+        for system in ("s1", "s2"):
+            fed.upsync(system, {p: [a] for a, p in directory.items()
+                                if p.endswith(f"@{system}.invalid")})
+        began = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "--specs", str(specs_dir), "--state",
+             str(state), "--plan", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=root)
+        out, err = proc.communicate(timeout=600)
+        wall = time.perf_counter() - began
+        # The reconcile process is this process's only reaped child (fed and the systems
+        # still run): RUSAGE_CHILDREN's peak is its own.
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if proc.returncode not in (0, 2):
+            raise SystemExit(f"reconcile --plan failed: {err.decode()[-2000:]}")
+        summary = json.loads(out.decode().splitlines()[-1])
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"n": n, "wall_s": wall, "children_rss_mb": rss, "mailboxes": summary["mailboxes"]}
+
+
+def watch_reaction(saves: int = 3) -> list[float]:
+    """Phase 3: seconds from saving a spec edit to the first step recorded (E1)."""
+    from sqlalchemy import func, select
+
+    from reconciler.embedded import start_embedded
+    from reconciler.spec.loader import load_specs
+    from reconciler.state.model import Event
+    from reconciler.state.store import open_store
+
+    from world import base_documents, placement, policy
+
+    root = Path(tempfile.mkdtemp(prefix="mf-watch-"))
+    specs_dir = root / "specs"
+    specs_dir.mkdir()
+    base = base_documents(root)
+    keep = policy("keep", deleteSource="never")
+    boxes = [{"address": f"w{i}@corp.example"} for i in range(saves)]
+    (specs_dir / "base.yaml").write_text(yaml.safe_dump_all([*base, keep], sort_keys=False))
+    wanted = specs_dir / "wanted.yaml"
+    wanted.write_text(yaml.safe_dump(placement("home", "s1", boxes)))
+    state = root / "state.db"
+    times: list[float] = []
+    with start_embedded(load_specs(specs_dir), log_dir=root / "logs"):
+        log = (root / "watch.log").open("w")
+        proc = subprocess.Popen([sys.executable, "-m", "reconciler", "--specs", str(specs_dir),
+                                 "--state", str(state), "--watch", "--interval", "60"],
+                                cwd=root, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            store = None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # wait for the three creations
+                if state.exists():
+                    store = store or open_store(f"sqlite:///{state}")
+                    with store.session() as s:
+                        if s.scalar(select(func.count()).where(Event.step == "create")) == saves:
+                            break
+                time.sleep(0.1)
+            assert store is not None
+            for i in range(saves):
+                time.sleep(1.0)
+                moved = [placement("home", "s1", boxes[i + 1:]),
+                         placement("wave", "s2", boxes[:i + 1], policy_name="keep")]
+                with store.session() as s:
+                    before = s.scalar(select(func.count()).where(Event.step == "E1")) or 0
+                wanted.write_text(yaml.safe_dump_all(moved, sort_keys=False))
+                saved = time.perf_counter()
+                while time.perf_counter() - saved < 30:
+                    with store.session() as s:
+                        if (s.scalar(select(func.count()).where(Event.step == "E1")) or 0) \
+                                > before:
+                            times.append(time.perf_counter() - saved)
+                            break
+                    time.sleep(0.005)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    shutil.rmtree(root, ignore_errors=True)
+    return times
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          timeout=1800, check=False)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--full", action="store_true", help="also the CLI at every size")
+    parser.add_argument("--keep", default=None, help="keep generated data in this folder")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cli", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    keep = Path(args.keep) if args.keep else None
+    if args.one:
+        print(json.dumps(plan_path(args.one, keep)))
+        return
+    if args.cli:
+        print(json.dumps(cli_end_to_end(args.cli, keep)))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    extra = ["--keep", str(keep)] if keep else []
+    print(f"mailferry plan benchmark, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print("\n1. plan path (load + validate specs, read state store, pure plan, JSON Lines)")
+    results = []
+    for n in sizes:
+        r = _child(["--one", str(n), *extra])
+        results.append(r)
+        print(f"  {n:>7} mailboxes: load {r['load_s']:.2f} s, state {r['state_s']:.2f} s, "
+              f"plan {r['plan_s']:.2f} s, render {r['render_s']:.2f} s = {r['total_s']:.2f} s;"
+              f" peak RSS {r['rss_mb']:.0f} MB")
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        print(f"  growth x{b['n'] / a['n']:.0f} mailboxes: time x{b['total_s'] / a['total_s']:.1f}"
+              f", peak RSS x{b['rss_mb'] / a['rss_mb']:.1f} "
+              f"({(b['rss_mb'] - a['rss_mb']) / (b['n'] - a['n']) * 1024:.1f} kB per mailbox)")
+    print("\n2. reconcile --plan --json end to end (real fed, directory filled by up-sync)")
+    for n in (sizes if args.full else sizes[:1]):
+        r = _child(["--cli", str(n), *extra])
+        print(f"  {n:>7} mailboxes: {r['wall_s']:.2f} s wall, peak RSS of the children "
+              f"{r['children_rss_mb']:.0f} MB, {r['mailboxes']} lines")
+    print("\n3. watch reaction: spec file saved -> first step (E1) recorded")
+    times = watch_reaction()
+    print("  " + ", ".join(f"{t:.2f} s" for t in times)
+          + (f"; max {max(times):.2f} s" if times else " (no reaction!)"))
+    last = next((r for r in results if r["n"] == 100_000), results[-1])
+    print(f"plan {last['n']} mailboxes: {last['total_s']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

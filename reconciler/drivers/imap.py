@@ -1,0 +1,270 @@
+"""Driver of a generic IMAP server that mailferry can read but not administer: a migration source.
+
+Why a driver for a system we cannot administer: most migrations start on a server nobody
+wants to script (a hosted service, an old Exchange or Cyrus). All the patent needs of a
+*source* is to know its mailboxes, read them for the data mover, and stop using them once the
+address moved. So this driver:
+
+- keeps its own registry (`mailferry.db` in `stateDir`, the same account table as the
+  Postfix + Dovecot driver, without the Postfix/Dovecot files): "creating" a mailbox (when the
+  specs first place an address on this system) records the address after proving the
+  mailbox exists, by logging in to it; that registry is what up-sync sends fed;
+- logs in per mailbox, either with a master/admin user (SASL PLAIN with the mailbox's login
+  as authorization identity: Dovecot master users, Cyrus admins) or with each mailbox's own
+  password from a secrets file of ``address password`` lines (never in the specs);
+- reads and writes mail over IMAP (`imapstore`), so it could even be a target;
+- records but cannot enforce redirects: BOX1 -> BOX2 after E9 only helps if the old
+  system's MX or forwarding points at fed, which is the admin's part (the docs say so);
+- on E41 forgets the mailbox but deletes nothing on the server: mailferry has no right to
+  remove an account it did not create, and the old system is usually switched off whole.
+
+fed can deliver to such a system only if `smtp` is given and the server accepts the
+physical addresses; without it, mail routed there waits in fed's queue and follows the
+directory when the address moves (fed resolves at delivery time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from reconciler.drivers.base import (
+    Account,
+    Contact,
+    DeliveryEndpoint,
+    MailboxInfo,
+    MailSystemDriver,
+    StoredMessage,
+)
+from reconciler.drivers.imapstore import ImapLogin, ImapSession, greeting, imap_session
+from reconciler.drivers.pfdovecot_tables import Row, Tables, row_of
+from reconciler.errors import MailferryError, PermanentError, TemporaryError
+from reconciler.secrets import resolve
+from reconciler.spec.model import ImapOptions
+
+T = TypeVar("T")
+
+
+def read_passwords(text: str) -> dict[str, str]:
+    """``address password`` lines (``#`` comments, blank lines ignored) -> address -> password."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        address, _, password = line.partition(" ")
+        if password.strip():
+            found[address.strip().lower()] = password.strip()
+    return found
+
+
+class ImapDriver(MailSystemDriver):
+    """Read mailboxes of any IMAP server; keep mailferry's own registry of them."""
+
+    def __init__(self, name: str, options: ImapOptions) -> None:
+        self.name = name
+        self.options = options
+        self.tables = Tables(Path(options.state_dir), name, "", "", 0, 0, files=False)
+
+    # -- logins ---------------------------------------------------------------------------
+    def _address(self, mailbox_id: str) -> str:
+        account = self.get_account(mailbox_id)
+        if account is not None and account.access_addresses:
+            return account.access_addresses[0]
+        local, _, domain = mailbox_id.partition("=")
+        return f"{local}@{domain}" if domain else local
+
+    def login_for(self, mailbox_id: str, address: str | None = None) -> ImapLogin:
+        """The IMAP login of a mailbox (master user or its own password)."""
+        address = address or self._address(mailbox_id)
+        local, _, domain = address.partition("@")
+        login = self.options.login_format.format(address=address, local=local, domain=domain)
+        if self.options.login == "per-user":
+            return ImapLogin(login, lambda: self._user_password(address))
+        master = self.options.master
+        if master is None:
+            raise PermanentError(f"{self.name}: login: master needs masterUser")
+        return ImapLogin(login, lambda: resolve(
+            master.password, what=f"{self.name} IMAP master user {master.user}"), master.user)
+
+    def _user_password(self, address: str) -> str:
+        ref = self.options.passwords
+        if ref is None:
+            raise MailferryError("login: per-user needs a passwords file")
+        path = ref.file if ref.file is not None else os.environ.get(ref.env or "", "")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise MailferryError(f"passwords file {path!r}: {exc.strerror}") from None
+        password = read_passwords(text).get(address.lower())
+        if password is None:
+            raise MailferryError(f"no password for {address} in the passwords file")
+        return password
+
+    def _imap(self, mailbox_id: str, fn: Callable[[ImapSession], T],
+              address: str | None = None) -> T:
+        server = self.options.server
+        with imap_session(server.host, server.port, self.options.tls,
+                          self.login_for(mailbox_id, address), system=self.name) as session:
+            return fn(session)
+
+    def _read(self, what: str, query: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            with self.tables.read() as conn:
+                return query(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+
+    def _write(self, what: str, change: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            with self.tables.write() as conn:
+                return change(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+
+    # -- health -------------------------------------------------------------------------
+    def ping(self) -> None:
+        """The IMAP server answers (logins are checked where a mailbox is used)."""
+        server = self.options.server
+        greeting(server.host, server.port, self.options.tls, system=self.name)
+
+    def delivery_endpoint(self) -> DeliveryEndpoint:
+        """`smtp` if given; else the IMAP address, where fed's attempts fail and mail waits."""
+        where = self.options.smtp or self.options.server
+        return DeliveryEndpoint(where.host, where.port, "smtp")
+
+    # -- accounts (mailferry's registry) ----------------------------------------------------
+    def _account(self, row: Row) -> Account:
+        return Account(mailbox_id=row.mailbox_id,
+                       physical_address=self.tables.physical(row.mailbox_id),
+                       access_addresses=row.access_addresses, aliases=row.aliases,
+                       internal_address=row.internal_address, redirect_to=row.redirect_to,
+                       syncfed=row.syncfed)
+
+    def list_accounts(self) -> list[Account]:
+        """Every registered mailbox."""
+        return [self._account(r) for r in self._read("list accounts", self.tables.rows)]
+
+    def get_account(self, mailbox_id: str) -> Account | None:
+        """One registered mailbox or None."""
+        r = self._read(f"get {mailbox_id}", lambda conn: conn.execute(
+            "SELECT * FROM accounts WHERE mailbox_id = ?", (mailbox_id,)).fetchone())
+        return None if r is None else self._account(row_of(r))
+
+    def create_mailbox(
+        self, mailbox_id: str, *, internal_address: str | None = None,
+        access_addresses: tuple[str, ...] = (), redirect_to: str | None = None,
+    ) -> Account:
+        """Register an existing server mailbox after logging in to it (cannot create one)."""
+        if self.get_account(mailbox_id) is None:
+            address = access_addresses[0] if access_addresses else None
+            self._imap(mailbox_id, lambda s: s.folders(), address)  # proves the login works
+            self._write(f"register {mailbox_id}", lambda conn: conn.execute(
+                "INSERT OR IGNORE INTO accounts (mailbox_id, access_addresses, "
+                "internal_address, redirect_to) VALUES (?, ?, ?, ?)",
+                (mailbox_id, json.dumps(list(access_addresses)), internal_address,
+                 redirect_to)))
+        account = self.get_account(mailbox_id)
+        assert account is not None
+        return account
+
+    def _update(self, mailbox_id: str, what: str, sql: str, args: tuple[object, ...]) -> None:
+        def change(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql + " WHERE mailbox_id = ?", (*args, mailbox_id)).rowcount == 0:
+                raise PermanentError(f"{self.name}: no mailbox {mailbox_id} ({what})")
+        self._write(f"{what} of {mailbox_id}", change)
+
+    def set_addresses(
+        self, mailbox_id: str, access_addresses: tuple[str, ...], aliases: tuple[str, ...]
+    ) -> None:
+        """Record the addresses (what up-sync tells fed)."""
+        self._update(mailbox_id, "set addresses",
+                     "UPDATE accounts SET access_addresses = ?, aliases = ?",
+                     (json.dumps(list(access_addresses)), json.dumps(list(aliases))))
+
+    def set_redirect(self, mailbox_id: str, target: str | None) -> None:
+        """Record the redirect; the server itself cannot be told (see the module docstring)."""
+        self._update(mailbox_id, "set redirect", "UPDATE accounts SET redirect_to = ?",
+                     (target,))
+
+    def set_syncfed(self, mailbox_id: str, value: bool) -> None:
+        """Record the syncfed marker."""
+        self._update(mailbox_id, "set syncfed", "UPDATE accounts SET syncfed = ?", (int(value),))
+
+    def delete_mailbox(self, mailbox_id: str) -> None:
+        """Forget the mailbox; nothing is deleted on the server."""
+        self._write(f"forget {mailbox_id}", lambda conn: conn.execute(
+            "DELETE FROM accounts WHERE mailbox_id = ?", (mailbox_id,)))
+
+    # -- contacts table and address book -------------------------------------------------
+    def put_contact(self, contact: Contact) -> None:
+        """Insert or replace a contact."""
+        self._write(f"put contact {contact.address}", lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO contacts (address, addresses) VALUES (?, ?)",
+            (contact.address, json.dumps(list(contact.addresses)))))
+
+    def list_contacts(self) -> list[Contact]:
+        """The contacts table."""
+        rows = self._read("list contacts", lambda conn: conn.execute(
+            "SELECT address, addresses FROM contacts ORDER BY address").fetchall())
+        return [Contact(r["address"], tuple(json.loads(r["addresses"]))) for r in rows]
+
+    def delete_contact(self, address: str) -> None:
+        """Remove a contact; missing is a no-op."""
+        self._write(f"delete contact {address}", lambda conn: conn.execute(
+            "DELETE FROM contacts WHERE address = ?", (address,)))
+
+    def apply_address_book(self, entries: dict[str, str]) -> None:
+        """Down-sync: replace the address book."""
+        def change(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM address_book")
+            conn.executemany("INSERT INTO address_book (address, physical) VALUES (?, ?)",
+                             sorted(entries.items()))
+        self._write("apply address book", change)
+
+    def address_book(self) -> dict[str, str]:
+        """The address book as last down-synced."""
+        rows = self._read("read address book", lambda conn: conn.execute(
+            "SELECT address, physical FROM address_book").fetchall())
+        return {r["address"]: r["physical"] for r in rows}
+
+    # -- data -----------------------------------------------------------------------------
+    def mailbox_info(self, mailbox_id: str) -> MailboxInfo:
+        """Type "imap", bytes and messages over every folder."""
+        size, count = self._imap(mailbox_id, lambda s: s.size())
+        return MailboxInfo("imap", size, count)
+
+    def list_folders(self, mailbox_id: str) -> list[str]:
+        """Every selectable folder."""
+        return self._imap(mailbox_id, lambda s: s.folders())
+
+    def create_folder(self, mailbox_id: str, folder: str) -> None:
+        """Create a folder if missing."""
+        self._imap(mailbox_id, lambda s: s.create(folder))
+
+    def list_messages(self, mailbox_id: str, folder: str) -> list[StoredMessage]:
+        """Every message of a folder, hashed."""
+        return self._imap(mailbox_id, lambda s: s.messages(folder))
+
+    def read_message(self, mailbox_id: str, folder: str, key: str) -> bytes:
+        """Exact bytes of one message."""
+        return self._imap(mailbox_id, lambda s: s.read(folder, key))
+
+    def append_message(
+        self, mailbox_id: str, folder: str, data: bytes, *, flags: str = "",
+        internal_date: float | None = None,
+    ) -> str:
+        """IMAP APPEND with flags and INTERNALDATE."""
+        return self._imap(mailbox_id, lambda s: s.append(folder, data, flags, internal_date))
+
+    def read_diary(self, mailbox_id: str) -> bytes | None:
+        """IMAP has no calendars: None (a diary, if any, stays where it is)."""
+        return None
+
+    def write_diary(self, mailbox_id: str, data: bytes) -> None:
+        """Refused: this system cannot store diary data."""
+        raise PermanentError(f"{self.name}: an IMAP system cannot store diary data")

@@ -1,0 +1,270 @@
+"""The tables a Postfix + Dovecot system reads, and the small database they are made from.
+
+Why a database *and* tables: Postfix and Dovecot each want their own flat file (a Postfix
+`hash:` map, a Dovecot passwd-file), and neither can hold what mailferry must also remember
+about a mailbox (which of its addresses are access addresses and which aliases, its internal
+address, its syncfed marker, the contacts table, the address book, the diary). So
+`mailferry.db` (SQLite, in the system's state folder, next to the tables) is the account
+table, and every change regenerates the files from it:
+
+- ``passwd``: Dovecot passdb + userdb (passwd-file), one line per mailbox:
+  ``<mailbox id>:<password>:<uid>:<gid>::<mail root>/<mailbox id>::``. A password an admin
+  set is kept across rewrites; new mailboxes get ``!`` (no password login; the master user
+  still reads them).
+- ``virtual_mailbox``: Postfix `virtual_mailbox_maps`: ``<physical address>  <id>/``: the
+  physical addresses (`<id>@<system>.invalid`) this system delivers to Dovecot over LMTP.
+- ``virtual_alias``: Postfix `virtual_alias_maps`, applied by cleanup to *every* recipient
+  whatever its domain: each access address, alias and internal address -> the mailbox's
+  physical address; and for a redirected mailbox, physical address -> redirect target.
+  Postfix expands aliases recursively, so ``AD1 -> ADP1 -> ADP2`` sends both outside mail
+  and the system's own local users' mail for AD1 to the new mailbox, through fed.
+
+New users are written to the passwd-file first and the Postfix maps only once `doveadm user`
+resolves them (Dovecot re-reads the file at most once a second): otherwise Postfix could hand
+Dovecot mail for a user it does not know yet, which bounces. Removed users leave the maps
+first and the passwd-file last, for the same reason.
+
+Crash safety, in this order, all under an exclusive `fcntl` lock on ``.lock`` and inside one
+SQLite ``BEGIN IMMEDIATE`` transaction: change the rows, render the files from the changed
+rows, replace every file that differs (write a temporary file, fsync, `postmap` it under the
+temporary name, rename the ``.db`` then the source into place), and only then commit. A
+crash leaves the files ahead of the database, never behind: the step that was interrupted
+finds the database unchanged, does its change again and rewrites the same files. Each
+driver also re-renders once at first use, which repairs any leftover difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    mailbox_id TEXT PRIMARY KEY,
+    access_addresses TEXT NOT NULL DEFAULT '[]',
+    aliases TEXT NOT NULL DEFAULT '[]',
+    internal_address TEXT,
+    redirect_to TEXT,
+    syncfed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, addresses TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS address_book (address TEXT PRIMARY KEY, physical TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS diary (mailbox_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+"""
+
+
+LOCKED = "{CRYPT}!"  # crypt() never yields "!": no password logs in
+
+
+class TableError(Exception):
+    """A table could not be written or compiled (OS error, postmap failure)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the account table."""
+
+    mailbox_id: str
+    access_addresses: tuple[str, ...]
+    aliases: tuple[str, ...]
+    internal_address: str | None
+    redirect_to: str | None
+    syncfed: bool
+
+
+def row_of(r: sqlite3.Row) -> Row:
+    return Row(r["mailbox_id"], tuple(json.loads(r["access_addresses"])),
+               tuple(json.loads(r["aliases"])), r["internal_address"], r["redirect_to"],
+               bool(r["syncfed"]))
+
+
+class Tables:
+    """The account database of one system and the Postfix/Dovecot files rendered from it."""
+
+    def __init__(self, state_dir: Path, system: str, postfix_dir: str, mail_root: str,
+                 uid: int, gid: int, *, files: bool = True,
+                 dovecot_config: str | None = None) -> None:
+        self.dir = state_dir
+        self.system = system
+        self.postfix_dir = postfix_dir
+        self.mail_root = mail_root
+        self.uid, self.gid = uid, gid
+        self.dovecot_config = dovecot_config  # doveadm -c: to wait until Dovecot sees users
+        self.files = files  # False: only the database (a system mailferry cannot administer)
+        self.db_path = state_dir / "mailferry.db"
+        self._repaired = False
+
+    def physical(self, mailbox_id: str) -> str:
+        return f"{mailbox_id}@{self.system}.invalid"
+
+    def home(self, mailbox_id: str) -> Path:
+        return Path(self.mail_root) / mailbox_id
+
+    # -- transactions ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read-only view (SQLite gives readers a consistent snapshot)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.executescript(SCHEMA)
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """Lock, change rows, render + install the files, commit (see the module docstring)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with self.read() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    self.install(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+
+    def repair(self) -> None:
+        """Once per driver: make the files match the database (after a crash, or first use)."""
+        if self._repaired:
+            return
+        with self.write():
+            pass
+        self._repaired = True
+
+    # -- rendering ---------------------------------------------------------------------------
+    def rows(self, conn: sqlite3.Connection) -> list[Row]:
+        return [row_of(r) for r in conn.execute("SELECT * FROM accounts ORDER BY mailbox_id")]
+
+    def render(self, conn: sqlite3.Connection) -> dict[str, str]:
+        """file name -> content, from the rows visible in `conn`."""
+        passwords = self._current_passwords()
+        passwd: list[str] = []
+        mailbox: list[str] = []
+        alias: list[str] = []
+        for row in self.rows(conn):
+            adp = self.physical(row.mailbox_id)
+            password = passwords.get(row.mailbox_id, LOCKED)
+            passwd.append(f"{row.mailbox_id}:{password}:{self.uid}:{self.gid}::"
+                          f"{self.home(row.mailbox_id)}::")
+            mailbox.append(f"{adp}\t{row.mailbox_id}/")
+            local = [*row.access_addresses, *row.aliases]
+            if row.internal_address:
+                local.append(row.internal_address)
+            alias.extend(f"{address}\t{adp}" for address in local)
+            if row.redirect_to:
+                alias.append(f"{adp}\t{row.redirect_to}")
+        header = "# generated by mailferry from mailferry.db: edits are overwritten\n"
+        return {"passwd": "\n".join(passwd) + ("\n" if passwd else ""),
+                "virtual_mailbox": header + "".join(f"{line}\n" for line in mailbox),
+                "virtual_alias": header + "".join(f"{line}\n" for line in alias)}
+
+    def _current_passwords(self) -> dict[str, str]:
+        """Password fields of the current passwd-file (an admin may have set some)."""
+        path = self.dir / "passwd"
+        found: dict[str, str] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                parts = line.split(":")
+                if len(parts) >= 2 and parts[0]:
+                    found[parts[0]] = parts[1]
+        return found
+
+    def install(self, conn: sqlite3.Connection) -> None:
+        """Replace every rendered file whose content differs (maps compiled by postmap)."""
+        if not self.files:
+            return
+        files = self.render(conn)
+        old = self._current_passwords()
+        new_lines = {line.split(":", 1)[0]: line for line in files["passwd"].splitlines()}
+        added = sorted(set(new_lines) - set(old))
+        if added:  # Dovecot first, and only once it sees them: Postfix may deliver at once
+            union = self._current_lines() | new_lines
+            self._replace("passwd", "".join(f"{union[k]}\n" for k in sorted(union)),
+                          postmap=False)
+            self._wait_visible(added)
+        self._replace("virtual_mailbox", files["virtual_mailbox"], postmap=True)
+        self._replace("virtual_alias", files["virtual_alias"], postmap=True)
+        self._replace("passwd", files["passwd"], postmap=False)  # removals last
+
+    def _current_lines(self) -> dict[str, str]:
+        path = self.dir / "passwd"
+        if not path.exists():
+            return {}
+        return {line.split(":", 1)[0]: line
+                for line in path.read_text(encoding="utf-8").splitlines() if line}
+
+    def _wait_visible(self, users: list[str], timeout: float = 5.0) -> None:
+        """Until Dovecot's auth resolves every new user (it re-reads passwd-file at most once
+        a second), so that no LMTP delivery meets "User doesn't exist" and bounces."""
+        if not self.dovecot_config:
+            return
+        deadline = time.monotonic() + timeout
+        for user in users:
+            while True:
+                result = subprocess.run(["doveadm", "-c", self.dovecot_config, "user", user],
+                                        capture_output=True, text=True, timeout=30)
+                if result.returncode == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise TableError(f"Dovecot does not see the new user {user}: "
+                                     f"{(result.stderr or result.stdout).strip()[:200]}")
+                time.sleep(0.1)
+
+    def _replace(self, name: str, text: str, *, postmap: bool) -> None:
+        path = self.dir / name
+        try:
+            current = path.read_text(encoding="utf-8") if path.exists() else None
+            if current == text and (not postmap or Path(f"{path}.db").exists()):
+                return
+            tmp = self.dir / f".{name}.tmp"
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            tmp.chmod(0o644)
+            if postmap:
+                result = subprocess.run(["postmap", "-c", self.postfix_dir, f"hash:{tmp}"],
+                                        capture_output=True, text=True, timeout=60)
+                if result.returncode != 0:
+                    raise TableError(f"postmap {name}: {result.stderr.strip()}")
+                _newer_than(Path(f"{tmp}.db"), Path(f"{path}.db"))
+                os.replace(f"{tmp}.db", f"{path}.db")  # Postfix reads the .db: effective now
+            _newer_than(tmp, path)
+            os.replace(tmp, path)
+            dir_fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise TableError(f"write {path}: {exc}") from exc
+        except subprocess.SubprocessError as exc:
+            raise TableError(f"postmap {name}: {exc}") from exc
+
+
+def _newer_than(new: Path, old: Path) -> None:
+    """Give `new` an mtime in a later second than `old`'s.
+
+    Dovecot (passwd-file) and Postfix (dict_changed) notice a changed table by its mtime in
+    whole seconds (Dovecot also by size): two rewrites within one second, the second of the
+    same size, would otherwise go unnoticed and the servers would keep the older table."""
+    try:
+        before = int(old.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    stamp = max(int(new.stat().st_mtime), before + 1)
+    os.utime(new, (stamp, stamp))

@@ -1,0 +1,386 @@
+"""Driver of a Postfix + Dovecot system: Postfix for SMTP and addresses, Dovecot for mailboxes.
+
+How the system is shaped (docs/postfix-dovecot.md has the admin's side):
+
+- **Mailboxes** are Dovecot accounts in a passwd-file (passdb + userdb) the driver rewrites
+  atomically; the Dovecot user name is the mailbox id and the home is
+  ``<mailRoot>/<mailbox id>``. fed delivers to a mailbox's *physical address*
+  ``<id>@<system>.invalid`` over SMTP to Postfix, which hands it to Dovecot over LMTP
+  (``virtual_mailbox_domains = <system>.invalid``). fed delivers to Postfix rather than to
+  Dovecot's LMTP so that the redirects below, which live in Postfix, apply to fed's mail too.
+- **Addresses and redirects** are Postfix virtual aliases (`pfdovecot_tables`): access
+  addresses, aliases and the internal address map to the physical address; a redirect maps
+  the physical address onward (E2: ``ADP2 -> ADP1``; E9: ``ADP1 -> ADP2``), so the real
+  system redirects fed's deliveries *and* its own local users' mail.
+- **Shared domains.** The system's mail domains (corp.example) are put in *no* Postfix
+  address class (not mydestination, virtual_alias_domains, virtual_mailbox_domains nor
+  relay_domains): Postfix then never answers "550 User unknown" for them. An address of
+  such a domain that the alias map knows is delivered locally; every other one goes out
+  through ``relayhost = fed``, which knows where that colleague lives now. The driver sets
+  these parameters itself with ``postconf -e`` (and reloads Postfix) and refuses to run
+  against a main.cf that still lists one of its domains in a local class.
+- **Everything else** the patent needs of a system (contacts table TC, address book from
+  down-sync, syncfed marker, diary) is in ``mailferry.db`` next to the tables: the system's
+  own state, read back by this driver.
+- **Data** (the mover, E23 sizes) goes over IMAP with the Dovecot master user
+  (`imapstore`), whose password is read from its env/file reference at every login.
+
+Errors: unreachable servers, refused logins, a failing `postmap`/`postconf`, a main.cf that
+contradicts the shared-domain setup are TemporaryErrors naming the system and the reason: the
+engine adds the address and step, keeps the migration's state and retries. E41's deletion is
+only reached through the guarded step (`steps.cleanup`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pwd
+import shutil
+import smtplib
+import sqlite3
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from reconciler.drivers.base import (
+    Account,
+    Contact,
+    DeliveryEndpoint,
+    MailboxInfo,
+    MailSystemDriver,
+    StoredMessage,
+)
+from reconciler.drivers.imapstore import ImapLogin, ImapSession, greeting, imap_session
+from reconciler.drivers.pfdovecot_tables import Row, TableError, Tables, row_of
+from reconciler.errors import PermanentError, TemporaryError
+from reconciler.secrets import resolve
+from reconciler.spec.model import Endpoint, PostfixDovecotOptions
+
+T = TypeVar("T")
+LOCAL_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_domains",
+                 "relay_domains")
+
+
+def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool) -> None:
+    """EHLO/LHLO; TemporaryError naming the server unless it answers 250."""
+    try:
+        client = smtplib.LMTP if lmtp else smtplib.SMTP
+        with client(endpoint.host, endpoint.port, timeout=10) as conn:
+            code, msg = conn.ehlo()
+            if code != 250:
+                raise TemporaryError(f"{system}: {what} {endpoint} answered {code} {msg!r}")
+    except (OSError, smtplib.SMTPException) as exc:
+        raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
+
+
+class PostfixDovecotDriver(MailSystemDriver):
+    """Administer one Postfix + Dovecot system through its tables, postconf and IMAP."""
+
+    def __init__(self, name: str, options: PostfixDovecotOptions, fed_smtp: Endpoint,
+                 internal_domain: str, domains: tuple[str, ...]) -> None:
+        self.name = name
+        self.options = options
+        self.fed_smtp = fed_smtp
+        self.internal_domain = internal_domain
+        self.domains = domains
+        self._tables: Tables | None = None
+        self._configured = False
+
+    # -- plumbing -------------------------------------------------------------------------
+    @property
+    def tables(self) -> Tables:
+        """The account tables, made on first use (the mail user must exist)."""
+        if self._tables is None:
+            try:
+                user = pwd.getpwnam(self.options.mail_user)
+            except KeyError:
+                raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
+                                     "does not exist on this host") from None
+            self._tables = Tables(Path(self.options.state_dir), self.name,
+                                  self.options.postfix_config_dir, self.options.mail_root,
+                                  user.pw_uid, user.pw_gid,
+                                  dovecot_config=self.options.dovecot_config)
+        return self._tables
+
+    def _write(self, what: str, change: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `change` in a table transaction; files and database move together."""
+        self.configure()
+        try:
+            self.tables.repair()
+            with self.tables.write() as conn:
+                return change(conn)
+        except TableError as exc:
+            raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+        except (OSError, sqlite3.Error) as exc:
+            raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+
+    def _read(self, what: str, query: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            with self.tables.read() as conn:
+                return query(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+
+    def _run(self, argv: list[str], what: str) -> str:
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+        if result.returncode != 0:
+            raise TemporaryError(f"{self.name}: {what} failed: "
+                                 f"{(result.stderr or result.stdout).strip()[:300]}")
+        return result.stdout
+
+    def _login(self, mailbox_id: str) -> ImapLogin:
+        master = self.options.master
+        return ImapLogin(mailbox_id, lambda: resolve(
+            master.password, what=f"{self.name} IMAP master user {master.user}"), master.user)
+
+    def _imap(self, mailbox_id: str, what: str, fn: Callable[[ImapSession], T]) -> T:
+        if self.get_account(mailbox_id) is None:
+            raise PermanentError(f"{self.name}: no mailbox {mailbox_id} ({what})")
+        imap = self.options.imap
+        with imap_session(imap.host, imap.port, self.options.imap_tls,
+                          self._login(mailbox_id), system=self.name) as session:
+            return fn(session)
+
+    # -- configuration: the shared-domain setup -------------------------------------------
+    def wanted_postfix(self) -> dict[str, str]:
+        """The main.cf parameters this driver owns, and their values."""
+        state, lmtp, fed = self.options.state_dir, self.options.lmtp, self.fed_smtp
+        return {
+            "virtual_alias_maps": f"hash:{state}/virtual_alias",
+            "virtual_alias_domains": "",
+            "virtual_mailbox_domains": f"{self.name}.invalid",
+            "virtual_mailbox_maps": f"hash:{state}/virtual_mailbox",
+            "virtual_transport": f"lmtp:[{lmtp.host}]:{lmtp.port}",
+            "relayhost": f"[{fed.host}]:{fed.port}",
+        }
+
+    def _postconf(self, names: list[str], *, expand: bool = False) -> list[str]:
+        argv = ["postconf", "-c", self.options.postfix_config_dir, "-h"]
+        argv += ["-x"] if expand else []
+        return self._run(argv + names, "postconf").splitlines()
+
+    def configure(self) -> None:
+        """Set the routing parameters in main.cf (reload if changed) and check the domains."""
+        if self._configured:
+            return
+        wanted = self.wanted_postfix()
+        self.tables.repair()  # the maps must exist before Postfix is pointed at them
+        current = dict(zip(wanted, self._postconf(list(wanted)), strict=False))
+        changes = [f"{k}={v}" for k, v in wanted.items() if current.get(k, "").strip() != v]
+        if changes:
+            self._run(["postconf", "-c", self.options.postfix_config_dir, "-e", *changes],
+                      "postconf -e")
+        problems = self.check_config()
+        if problems:
+            raise TemporaryError(f"{self.name}: configuration refused: " + "; ".join(problems))
+        if changes:
+            self._run(["postfix", "-c", self.options.postfix_config_dir, "reload"],
+                      "postfix reload")
+        self._configured = True
+
+    def check_config(self) -> list[str]:
+        """What in main.cf or dovecot.conf contradicts the split-domain setup (empty: fine)."""
+        problems = []
+        values = self._postconf(list(LOCAL_CLASSES), expand=True)
+        ours = {*self.domains, self.internal_domain}
+        for name, value in zip(LOCAL_CLASSES, values, strict=False):
+            listed = {v.strip().lower() for v in value.replace(",", " ").split()}
+            clash = sorted(ours & listed)
+            if clash:
+                problems.append(f"{name} lists {', '.join(clash)}: Postfix would answer 550 "
+                                "for that domain's addresses hosted on other systems; remove it")
+        wanted = self.wanted_postfix()
+        for name, value in zip(wanted, self._postconf(list(wanted)), strict=False):
+            if value.strip() != wanted[name]:
+                problems.append(f"{name} is {value.strip()!r}, expected {wanted[name]!r}")
+        chars = self._run(["doveconf", "-c", self.options.dovecot_config, "-h",
+                           "auth_username_chars"], "doveconf").strip()
+        if chars and "=" not in chars:
+            problems.append("Dovecot's auth_username_chars lacks '=' (mailbox ids are "
+                            "local=domain)")
+        return problems
+
+    # -- health -------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Postfix SMTP, Dovecot LMTP and IMAP answer, and the configuration is in place."""
+        _ping_smtp(self.name, "Postfix SMTP", self.options.smtp, lmtp=False)
+        _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True)
+        imap = self.options.imap
+        greeting(imap.host, imap.port, self.options.imap_tls, system=self.name)
+        self.configure()
+
+    def delivery_endpoint(self) -> DeliveryEndpoint:
+        """fed delivers over SMTP to Postfix, so Postfix's redirects apply to its mail too."""
+        return DeliveryEndpoint(self.options.smtp.host, self.options.smtp.port, "smtp")
+
+    # -- accounts -----------------------------------------------------------------------
+    def _account(self, row: Row) -> Account:
+        return Account(mailbox_id=row.mailbox_id,
+                       physical_address=self.tables.physical(row.mailbox_id),
+                       access_addresses=row.access_addresses, aliases=row.aliases,
+                       internal_address=row.internal_address, redirect_to=row.redirect_to,
+                       syncfed=row.syncfed)
+
+    def list_accounts(self) -> list[Account]:
+        """Every mailbox with its physical address."""
+        return [self._account(r) for r in self._read("list accounts", self.tables.rows)]
+
+    def get_account(self, mailbox_id: str) -> Account | None:
+        """One account or None."""
+        def query(conn: sqlite3.Connection) -> Row | None:
+            r = conn.execute("SELECT * FROM accounts WHERE mailbox_id = ?",
+                             (mailbox_id,)).fetchone()
+            return None if r is None else row_of(r)
+        row = self._read(f"get {mailbox_id}", query)
+        return None if row is None else self._account(row)
+
+    def create_mailbox(
+        self, mailbox_id: str, *, internal_address: str | None = None,
+        access_addresses: tuple[str, ...] = (), redirect_to: str | None = None,
+    ) -> Account:
+        """Dovecot account + Postfix routes unless present; an existing account is left as is."""
+        if "/" in mailbox_id or ":" in mailbox_id or mailbox_id.startswith("."):
+            raise PermanentError(f"{self.name}: mailbox id {mailbox_id!r} is not usable")
+
+        def change(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO accounts (mailbox_id, access_addresses, "
+                "internal_address, redirect_to) VALUES (?, ?, ?, ?)",
+                (mailbox_id, json.dumps(list(access_addresses)), internal_address, redirect_to))
+        self._write(f"create {mailbox_id}", change)
+        account = self.get_account(mailbox_id)
+        assert account is not None
+        return account
+
+    def _update(self, mailbox_id: str, what: str, sql: str, args: tuple[object, ...]) -> None:
+        def change(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql + " WHERE mailbox_id = ?", (*args, mailbox_id)).rowcount == 0:
+                raise PermanentError(f"{self.name}: no mailbox {mailbox_id} ({what})")
+        self._write(f"{what} of {mailbox_id}", change)
+
+    def set_addresses(
+        self, mailbox_id: str, access_addresses: tuple[str, ...], aliases: tuple[str, ...]
+    ) -> None:
+        """Replace the access addresses and aliases (the alias map follows)."""
+        self._update(mailbox_id, "set addresses",
+                     "UPDATE accounts SET access_addresses = ?, aliases = ?",
+                     (json.dumps(list(access_addresses)), json.dumps(list(aliases))))
+
+    def set_redirect(self, mailbox_id: str, target: str | None) -> None:
+        """Physical address -> target in the alias map (None: deliver to Dovecot again)."""
+        self._update(mailbox_id, "set redirect", "UPDATE accounts SET redirect_to = ?",
+                     (target,))
+
+    def set_syncfed(self, mailbox_id: str, value: bool) -> None:
+        """Set or clear the syncfed marker."""
+        self._update(mailbox_id, "set syncfed", "UPDATE accounts SET syncfed = ?", (int(value),))
+
+    def queued_for(self, address: str) -> int:
+        """Messages in Postfix's queue still addressed to `address` (postqueue -j)."""
+        out = self._run(["postqueue", "-c", self.options.postfix_config_dir, "-j"], "postqueue")
+        count = 0
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                rcpts = [r.get("address", "") for r in entry.get("recipients", [])]
+                count += sum(1 for r in rcpts if r.lower() == address.lower())
+        return count
+
+    def delete_mailbox(self, mailbox_id: str) -> None:
+        """Routes, Dovecot account, home and diary gone (E41, only from the guarded step).
+
+        Refused while Postfix still holds mail for the mailbox (Dovecot down, say): that mail
+        was aliased at enqueue time and would bounce once the account is gone."""
+        home = self.tables.home(mailbox_id)
+        waiting = self.queued_for(self.tables.physical(mailbox_id))
+        if waiting:
+            raise TemporaryError(f"{self.name}: {waiting} message(s) still queued in Postfix "
+                                 f"for {mailbox_id}; not deleting it yet", delay=30)
+
+        def change(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM accounts WHERE mailbox_id = ?", (mailbox_id,))
+            conn.execute("DELETE FROM diary WHERE mailbox_id = ?", (mailbox_id,))
+            # The files are rewritten before the commit; the data goes with them, so a
+            # crash before the commit re-creates routes to an empty home, never the reverse.
+            self.tables.install(conn)
+            if home.exists():
+                shutil.rmtree(home)
+        self._write(f"delete {mailbox_id}", change)
+
+    # -- contacts table and address book -------------------------------------------------
+    def put_contact(self, contact: Contact) -> None:
+        """Insert or replace a contact in TC."""
+        self._write(f"put contact {contact.address}", lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO contacts (address, addresses) VALUES (?, ?)",
+            (contact.address, json.dumps(list(contact.addresses)))))
+
+    def list_contacts(self) -> list[Contact]:
+        """The contacts table TC."""
+        rows = self._read("list contacts", lambda conn: conn.execute(
+            "SELECT address, addresses FROM contacts ORDER BY address").fetchall())
+        return [Contact(r["address"], tuple(json.loads(r["addresses"]))) for r in rows]
+
+    def delete_contact(self, address: str) -> None:
+        """Remove a contact; missing is a no-op."""
+        self._write(f"delete contact {address}", lambda conn: conn.execute(
+            "DELETE FROM contacts WHERE address = ?", (address,)))
+
+    def apply_address_book(self, entries: dict[str, str]) -> None:
+        """Down-sync: replace the address book."""
+        def change(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM address_book")
+            conn.executemany("INSERT INTO address_book (address, physical) VALUES (?, ?)",
+                             sorted(entries.items()))
+        self._write("apply address book", change)
+
+    def address_book(self) -> dict[str, str]:
+        """The address book as last down-synced."""
+        rows = self._read("read address book", lambda conn: conn.execute(
+            "SELECT address, physical FROM address_book").fetchall())
+        return {r["address"]: r["physical"] for r in rows}
+
+    # -- data -----------------------------------------------------------------------------
+    def mailbox_info(self, mailbox_id: str) -> MailboxInfo:
+        """Type "dovecot-maildir", bytes and messages over every folder (IMAP sizes)."""
+        size, count = self._imap(mailbox_id, "size", lambda s: s.size())
+        return MailboxInfo("dovecot-maildir", size, count)
+
+    def list_folders(self, mailbox_id: str) -> list[str]:
+        """INBOX and every folder."""
+        return self._imap(mailbox_id, "folders", lambda s: s.folders())
+
+    def create_folder(self, mailbox_id: str, folder: str) -> None:
+        """Create a folder if missing (lets the mover keep empty folders)."""
+        self._imap(mailbox_id, "create folder", lambda s: s.create(folder))
+
+    def list_messages(self, mailbox_id: str, folder: str) -> list[StoredMessage]:
+        """Every message of a folder, hashed."""
+        return self._imap(mailbox_id, f"list {folder}", lambda s: s.messages(folder))
+
+    def read_message(self, mailbox_id: str, folder: str, key: str) -> bytes:
+        """Exact bytes of one message."""
+        return self._imap(mailbox_id, f"read {folder}", lambda s: s.read(folder, key))
+
+    def append_message(
+        self, mailbox_id: str, folder: str, data: bytes, *, flags: str = "",
+        internal_date: float | None = None,
+    ) -> str:
+        """IMAP APPEND with flags and INTERNALDATE."""
+        return self._imap(mailbox_id, f"append to {folder}",
+                          lambda s: s.append(folder, data, flags, internal_date))
+
+    def read_diary(self, mailbox_id: str) -> bytes | None:
+        """The diary kept in mailferry.db (Dovecot has no calendar store), or None."""
+        row = self._read(f"read diary of {mailbox_id}", lambda conn: conn.execute(
+            "SELECT data FROM diary WHERE mailbox_id = ?", (mailbox_id,)).fetchone())
+        return None if row is None else bytes(row["data"])
+
+    def write_diary(self, mailbox_id: str, data: bytes) -> None:
+        """Replace the diary."""
+        self._write(f"write diary of {mailbox_id}", lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO diary (mailbox_id, data) VALUES (?, ?)", (mailbox_id, data)))

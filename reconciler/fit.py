@@ -1,0 +1,181 @@
+"""Will the data still to move for a window fit in it? A warning in the plan when not.
+
+Why: a wave is planned weeks ahead for, say, Friday 20:00-24:00. If the mailboxes of that
+wave hold 2 TB and the data mover has been copying at 40 MB/s, the copy takes 14 hours and
+Monday morning starts with half the wave still copying (mail flows, nothing is lost, but
+users miss their old mail). The admin should learn that at review time, in the plan, and
+split the wave or widen the window.
+
+The estimate, per window:
+
+- *data still to move*: the source size of every mailbox of the window's placements whose
+  old mail is not copied yet (a migration before state 8 with a copying mode, or a move not
+  recorded yet). The size is the one the station reported (E23) when there is one, else the
+  source driver's `mailbox_info`; at most `MAX_LOOKUPS` mailboxes are measured per plan
+  (each costs a walk of the mailbox) and the others are counted at the measured mean;
+- *rate*: bytes copied / seconds spent over the recent data mover runs (`transfer_runs`),
+  i.e. what this installation really achieves, not a nominal figure; no run yet, no
+  estimate (and no warning: a guess would be noise);
+- *window length*: the open period containing now, or the next one if closed.
+
+`window_fit` is pure (numbers in, a message or None out); `window_warnings_for` gathers the
+numbers (state store, drivers) for the engine. Sizes are read only for `--plan`, never in
+the apply passes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from reconciler.drivers.base import split_physical
+from reconciler.plan import Plan
+from reconciler.spec.model import WindowSpec
+from reconciler.spec.windows import next_open, open_until
+from reconciler.state.model import TransferRun
+
+if TYPE_CHECKING:
+    from reconciler.engine import Engine, Observed
+
+MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
+RECENT_RUNS = 500  # transfer runs the rate is measured over
+COPYING = ("copy", "validate-and-copy")
+
+
+@dataclass
+class WindowLoad:
+    """What still has to be copied inside one window."""
+
+    mailboxes: int = 0
+    measured_bytes: int = 0
+    measured: int = 0
+    unknown: int = 0  # mailboxes whose size was not measured (counted at the mean)
+
+    @property
+    def estimated_bytes(self) -> float:
+        mean = self.measured_bytes / self.measured if self.measured else 0.0
+        return self.measured_bytes + mean * self.unknown
+
+
+@dataclass
+class _Sizes:
+    """Mailbox sizes, measured at most `budget` times."""
+
+    engine: Engine
+    budget: int = MAX_LOOKUPS
+    cache: dict[tuple[str, str], int | None] = field(default_factory=dict)
+
+    def size(self, system: str, mailbox: str) -> int | None:
+        key = (system, mailbox)
+        if key not in self.cache:
+            if self.budget <= 0 or system not in self.engine.drivers:
+                return None
+            self.budget -= 1
+            try:
+                self.cache[key] = self.engine.drivers[system].mailbox_info(mailbox).size_bytes
+            except Exception:  # a system down or a mailbox gone: no estimate for it
+                self.cache[key] = None
+        return self.cache[key]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def human_duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m" if minutes else f"{seconds:.0f}s"
+
+
+def window_fit(window: WindowSpec, now: datetime, load: WindowLoad,
+               rate: float) -> str | None:
+    """PURE: a warning when `load` at `rate` bytes/s outlasts the window's (next) open period."""
+    if rate <= 0 or load.mailboxes == 0:
+        return None
+    opens = next_open(window, now)
+    if opens is None:
+        return None
+    closes = open_until(window, opens)
+    if closes is None:
+        return None
+    length = (closes - opens).total_seconds()
+    needed = load.estimated_bytes / rate
+    if needed <= length:
+        return None
+    when = "open now" if opens <= now else f"opens {opens:%Y-%m-%dT%H:%M}Z"
+    guess = f", {load.unknown} of them counted at the mean size" if load.unknown else ""
+    return (f"window {window.name} ({when}, {human_duration(length)} long): "
+            f"{human_bytes(load.estimated_bytes)} still to copy for {load.mailboxes} mailboxes"
+            f"{guess} take about {human_duration(needed)} at the measured "
+            f"{human_bytes(rate)}/s: it will not fit")
+
+
+def measured_rate(engine: Engine) -> float:
+    """Bytes per second over the recent data mover runs that copied something (0: none)."""
+    with engine.store.session() as session:
+        rows = session.execute(
+            select(TransferRun.bytes_copied, TransferRun.seconds)
+            .where(TransferRun.bytes_copied > 0).order_by(TransferRun.id.desc())
+            .limit(RECENT_RUNS)).all()
+    total_bytes = sum(int(b) for b, _ in rows)
+    total_seconds = sum(float(s) for _, s in rows)
+    return total_bytes / total_seconds if total_seconds > 0 else 0.0
+
+
+def window_warnings_for(engine: Engine, plan: Plan, observed: Observed) -> list[str]:
+    """The window-fit warnings of `plan` (reads the rate and the mailbox sizes)."""
+    rate = measured_rate(engine)
+    if rate <= 0:
+        return []
+    latest = {m.address: m for m in observed.migrations}
+    loads: dict[str, WindowLoad] = defaultdict(WindowLoad)
+    windows: dict[str, WindowSpec] = {}
+    sizes = _Sizes(engine)
+    for change in plan.changes:
+        want = engine.desired.get(change.address)
+        if want is None or want.window is None:
+            continue
+        if change.action == "migrate":
+            if want.policy.data_transfer not in COPYING:
+                continue
+            where = split_physical(observed.directory.get(change.address, ""))
+            system, mailbox = where if where else ("", "")
+            known: int | None = None
+        elif change.action in ("step", "wait") and change.state is not None \
+                and change.state < 8 and change.address in latest:
+            m = latest[change.address]
+            if str(m.modes.get("dataTransfer")) not in COPYING:
+                continue
+            system, mailbox, known = m.source_system, m.source_mailbox, m.mailbox_size
+        else:
+            continue
+        load = loads[want.window.name]
+        windows[want.window.name] = want.window
+        load.mailboxes += 1
+        size = known if known is not None else sizes.size(system, mailbox)
+        if size is None:
+            load.unknown += 1
+        else:
+            load.measured += 1
+            load.measured_bytes += size
+    warnings = []
+    for name in sorted(loads):
+        text = window_fit(windows[name], plan.at, loads[name], rate)
+        if text:
+            warnings.append(text)
+    return warnings
+

@@ -1,0 +1,183 @@
+"""Where every mailbox stands, and the admin's three levers: suspend, resume, retry.
+
+Why: after a few months of GitOps an admin team asks "what is left of wave 3?", "which
+mailboxes on s1 are stuck?", "why did bob fail?" — the plan answers with next steps, but an
+operator wants a table: address, source -> target, state, what comes next and when, the
+last error. `reconcile status` prints it from the same pure plan (so it never disagrees with
+`--plan`), joined with the migration records for the errors, filtered by placement, system
+or state.
+
+The levers are state store writes, each recorded as events (so `reconcile events` shows
+who paused what, with the specs' commit):
+
+- `suspend PLACEMENT` / `resume PLACEMENT`: a row in `placement_suspensions`; the plan shows
+  every mailbox of the placement as suspended and the engine runs none of its steps (a
+  step already running finishes). One event for the placement (address
+  `placement:NAME`) and one per migration in progress.
+- `retry ADDRESS`: a failed migration (E8 negative, E24, E32, ...) is frozen until an admin
+  acts; retry clears the failure (and any back-off), so it resumes at its recorded state.
+  The engine re-checks the world before acting, as always.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from reconciler.engine import Engine
+from reconciler.errors import MailferryError
+from reconciler.output import when
+from reconciler.plan import Change
+from reconciler.state.model import Migration, PlacementSuspension
+from reconciler.state.store import Store, record_event
+
+STATE_FILTERS = ("failed", "suspended", "pending", "in-sync", "refused", "waiting")
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One mailbox in the status table."""
+
+    address: str
+    placement: str
+    source: str
+    target: str
+    state: str
+    action: str
+    next: str
+    due: str
+    last_error: str
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+
+def _row(change: Change, error: str, now: datetime) -> StatusRow:
+    state = "-" if change.state is None else str(change.state)
+    if change.action == "failed":
+        state += " failed"
+    nxt = "" if change.action == "in-sync" else f"{change.step or '-'}"
+    if change.action in ("refused", "conflict", "orphan", "suspended"):
+        nxt += f" ({change.action})"
+    return StatusRow(
+        address=change.address, placement=change.placement or "-",
+        source=change.source or "(new)", target=change.target or change.source or "-",
+        state=state, action=change.action, next=nxt, due=when(change, now),
+        last_error=error or (change.reason if change.action in ("failed", "refused",
+                                                                  "conflict") else ""),
+    )
+
+
+def _matches(change: Change, state: str | None) -> bool:
+    if state is None:
+        return True
+    if state.isdigit():
+        return change.state == int(state)
+    if state == "pending":
+        return change.action != "in-sync"
+    return change.action == state
+
+
+def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
+                state: str | None = None) -> list[StatusRow]:
+    """The status table, filtered (`state`: a number or one of STATE_FILTERS)."""
+    if state is not None and not state.isdigit() and state not in STATE_FILTERS:
+        raise MailferryError(f"unknown state filter {state!r}: a state number or one of "
+                             + ", ".join(STATE_FILTERS))
+    observed = engine.observe()
+    plan = engine.plan(observed=observed)
+    errors = {m.address: (m.failed_reason or m.last_error or "") for m in observed.migrations}
+    rows = []
+    for change in plan.changes:
+        if placement is not None and change.placement != placement:
+            continue
+        if system is not None and system not in (change.source, change.target):
+            continue
+        if state == "waiting":
+            if change.action not in ("wait", "step") or change.due_at(plan.at):
+                continue
+        elif not _matches(change, state):
+            continue
+        rows.append(_row(change, errors.get(change.address, ""), plan.at))
+    return rows
+
+
+def table(rows: list[StatusRow]) -> list[str]:
+    """The rows as an aligned text table."""
+    head = ("ADDRESS", "PLACEMENT", "SOURCE -> TARGET", "STATE", "NEXT", "WHEN", "LAST ERROR")
+    cells = [head] + [(r.address, r.placement, f"{r.source} -> {r.target}", r.state, r.next,
+                       r.due, r.last_error[:80]) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head) - 1)]
+    return [("  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1])
+            .rstrip() for c in cells]
+
+
+def suspend(store: Store, placement: str, *, known: set[str], by: str, reason: str,
+            commit: str | None, now: datetime) -> str:
+    """Suspend a placement (one of `known`); what was done."""
+    if placement not in known:
+        raise MailferryError(f"no placement {placement!r} in the specs (known: "
+                             f"{', '.join(sorted(known)) or 'none'})")
+    with store.session() as session:
+        if session.get(PlacementSuspension, placement) is not None:
+            raise MailferryError(f"placement {placement} is already suspended")
+        session.add(PlacementSuspension(placement=placement, since=now, by=by, reason=reason))
+        count = _mark(session, placement, "suspend", by, reason, commit, now)
+    return f"placement {placement} suspended ({count} migrations in progress paused)"
+
+
+def resume(store: Store, placement: str, *, by: str, commit: str | None,
+           now: datetime) -> str:
+    """Resume a suspended placement; what was done."""
+    with store.session() as session:
+        row = session.get(PlacementSuspension, placement)
+        if row is None:
+            raise MailferryError(f"placement {placement} is not suspended")
+        session.delete(row)
+        count = _mark(session, placement, "resume", by, "", commit, now)
+    return f"placement {placement} resumed ({count} migrations in progress)"
+
+
+def _mark(session: Session, placement: str, step: str, by: str, reason: str,
+          commit: str | None, now: datetime) -> int:
+    """One event for the placement and one per migration in progress of it."""
+    detail = {"placement": placement, "by": by, "reason": reason}
+    record_event(session, None, step, address=f"placement:{placement}", detail=detail,
+                 commit=commit, at=now)
+    count = 0
+    for m in session.scalars(select(Migration).where(Migration.placement == placement,
+                                                     Migration.purged.is_(False))):
+        if m.state in (10, 13) or m.failed:
+            continue
+        record_event(session, m, step, from_state=m.state, to_state=m.state, detail=detail,
+                     commit=commit, at=now)
+        count += 1
+    return count
+
+
+def retry(store: Store, address: str, *, by: str, commit: str | None, now: datetime) -> str:
+    """Clear the failure (or back-off) of the newest migration of `address`; what was done."""
+    with store.session() as session:
+        m = session.scalars(select(Migration).where(Migration.address == address.lower())
+                            .order_by(Migration.id.desc()).limit(1)).first()
+        if m is None:
+            raise MailferryError(f"no migration on record for {address}")
+        if not m.failed and m.next_attempt_at is None:
+            raise MailferryError(f"the migration of {address} (state {m.state}) has not "
+                                 "failed: nothing to retry")
+        detail = {"by": by, "failed_step": m.failed_step, "reason": m.failed_reason,
+                  "last_error": m.last_error}
+        what = (f"failure at {m.failed_step} cleared" if m.failed
+                else "back-off cleared")
+        m.failed_reason = None
+        m.failed_step = None
+        m.last_error = None
+        m.next_attempt_at = None
+        m.attempts = 0
+        m.station_action = None  # a station step asks its station again, afresh
+        record_event(session, m, "retry", from_state=m.state, to_state=m.state,
+                     detail=detail, commit=commit, at=now)
+        return f"{address}: {what}; resumes at state {m.state}"

@@ -1,0 +1,144 @@
+"""The agent's configuration file (`station-agent.toml`), as written by `reconcile station enrol`.
+
+Why a file. A help desk enrols a station with one command and drops one file (plus the
+token file beside it) on the workstation; a systemd user unit or a Windows scheduled task
+then runs `station-agent run --config FILE` with nothing else to type. Command-line options
+still override the file, which keeps scripted and test runs explicit.
+
+Why TOML. It is readable and editable by a technician, comments are allowed (the generated
+file explains itself), and Python reads it with the standard library (`tomllib`): the agent
+stays free of dependencies. Relative paths are taken relative to the file's folder; `~` and
+environment variables (`%APPDATA%`, `$HOME`) are expanded, so one file fits a fleet.
+
+Secrets are never in this file: the station token and the user's IMAP password each live in
+a file of their own (readable by the user only), named here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or wrong."""
+
+
+def expand(value: str, base: Path) -> Path:
+    """A path from the file: variables and ~ expanded, relative to `base`."""
+    path = Path(os.path.expanduser(os.path.expandvars(value)))
+    return path if path.is_absolute() else base / path
+
+
+def load(path: Path) -> dict[str, Any]:
+    """The file as flat AgentConfig keyword arguments (paths resolved)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    out: dict[str, Any] = {}
+    client = _table(data, "client", path)
+    imap = _table(data, "imap", path)
+    switch = _table(data, "switch", path)
+    checks = _table(data, "checks", path)
+    for key in ("api", "station", "address"):
+        if key in data:
+            out[key] = _str(data[key], key, path)
+    for key in ("token_file", "state_dir", "log_file"):
+        if key in data:
+            out[key] = expand(_str(data[key], key, path), base)
+    if "interval" in data:
+        out["interval"] = _num(data["interval"], "interval", path)
+    if "kind" in client:
+        out["client"] = _str(client["kind"], "client.kind", path)
+    for key, name in (("profile", "profile"), ("local_mail", "local_mail"),
+                      ("profiles_ini", "profiles_ini")):
+        if client.get(key):
+            out[name] = expand(_str(client[key], f"client.{key}", path), base)
+    if client.get("profile_name"):
+        out["profile_name"] = _str(client["profile_name"], "client.profile_name", path)
+    archives = client.get("archives", [])
+    if not isinstance(archives, list) or not all(isinstance(a, str) for a in archives):
+        raise ConfigError(f"{path}: client.archives must be a list of folder paths")
+    out["archives"] = [expand(a, base) for a in archives]
+    if imap.get("user"):
+        out["imap_user"] = _str(imap["user"], "imap.user", path)
+    if imap.get("password_file"):
+        out["imap_password_file"] = expand(_str(imap["password_file"], "imap.password_file",
+                                                path), base)
+    if imap.get("ca_file"):
+        out["ca_file"] = str(expand(_str(imap["ca_file"], "imap.ca_file", path), base))
+    for key in ("retries",):
+        if key in switch:
+            out[key] = int(_num(switch[key], f"switch.{key}", path))
+    for key in ("retry_delay", "cleanup_delay"):
+        if key in switch:
+            out[key] = _num(switch[key], f"switch.{key}", path)
+    if "min_free_mb" in checks:
+        out["min_free_mb"] = int(_num(checks["min_free_mb"], "checks.min_free_mb", path))
+    return out
+
+
+def _table(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    return value
+
+
+def _str(value: object, key: str, path: Path) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {key} must be a string")
+    return value
+
+
+def _num(value: object, key: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{path}: {key} must be a number >= 0")
+    return float(value)
+
+
+def render(*, api: str, station: str, address: str, token_file: str,
+           client: str = "thunderbird", state_dir: str = "state",
+           log_file: str = "agent.log") -> str:
+    """A ready-to-use, self-explaining configuration file."""
+    def q(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return f"""# mailferry station agent configuration for station {station} ({address}).
+# Run: station-agent run --config THIS-FILE   (relative paths are relative to this file)
+api = {q(api)}
+station = {q(station)}
+address = {q(address)}
+token_file = {q(token_file)}      # the station token: keep it readable by the user only
+state_dir = {q(state_dir)}        # outbox, upload manifests, what was done
+log_file = {q(log_file)}          # what the help desk reads
+interval = 30                     # seconds between polls (+-20 % jitter)
+
+[client]
+kind = {q(client)}                # "thunderbird", or "json" (a simple JSON profile)
+# profile = "~/.thunderbird/abcd1234.default-release"   # default: from profiles.ini
+# profile_name = "default-release"
+# profiles_ini = "~/.thunderbird/profiles.ini"
+archives = []                     # more mbox folders to upload, e.g. ["~/Mail-archive"]
+
+[imap]
+# Where the target system has IMAP, local mail is uploaded and the switch tested with the
+# user's own login. The password is read from this file (never from this configuration).
+# user = {q(address)}
+password_file = "imap.password"
+# ca_file = ""                    # a private CA for the new servers' TLS certificates
+
+[switch]
+retries = 3                       # retries of a failed switch test (E32)
+retry_delay = 30                  # seconds before the first retry, doubled each time
+cleanup_delay = 0                 # seconds to keep the old settings after success (E33)
+
+[checks]
+min_free_mb = 100
+"""

@@ -1,0 +1,336 @@
+"""Uploading the user's local mail straight into the new mailbox over IMAP (E30), and the IMAP
+login test of the switched account (E31).
+
+Why IMAP from the workstation. When the target system speaks IMAP (Dovecot), the user's own
+mail client will read BOX2 over IMAP; uploading over the same protocol with the user's own
+credentials writes exactly what the client will see, needs no privileged path through the
+reconciler and keeps gigabytes of archives off the station API. Where the target has no IMAP
+(the embedded maildir system) the agent uploads through the station API instead.
+
+What is preserved. APPEND carries the raw message, its flags (Maildir letters S R F D P ->
+\\Seen \\Answered \\Flagged \\Draft $Forwarded; T is not sent: a message marked deleted would
+vanish at the next EXPUNGE) and its INTERNALDATE (the mbox `From ` line's date). Folders are
+created as needed under `Local Folders/...`, their names encoded in modified UTF-7 (RFC 3501
+5.1.3) and joined with the server's hierarchy separator; a name part that contains the
+server's separator gets it replaced by `_` (logged), or it would split into two levels.
+
+Why it never uploads twice. The manifest (`localdata.Manifest`) holds one line per message
+acknowledged by the server. A crash *between* the server's OK and the manifest line would
+leave one message uncertain; so before each APPEND an intent line is written, and a run that
+finds an intent without its acknowledgement looks at the last few messages of that folder
+(the one in doubt is the newest one we appended there) and compares their bytes (line ends
+normalised: the server stores CRLF) before deciding to append.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import imaplib
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from station_agent.localdata import LocalMessage, Manifest
+
+log = logging.getLogger("station_agent")
+
+IMAP_TIMEOUT = 30.0
+FLAG_MAP = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "D": "\\Draft",
+            "P": "$Forwarded"}
+RECHECK_LAST = 5
+_LIST_LINE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<sep>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.+)$')
+
+
+class ImapError(Exception):
+    """The IMAP server could not be reached, refused the login or an operation."""
+
+
+@dataclass(frozen=True)
+class ImapAccount:
+    """Where and as whom to log in."""
+
+    host: str
+    port: int
+    tls: str  # none | starttls | tls
+    user: str
+    password: str
+    ca_file: str | None = None
+
+
+def encode_mutf7(name: str) -> str:
+    """A folder name in IMAP's modified UTF-7 (RFC 3501 5.1.3)."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            raw = "".join(pending).encode("utf-16-be")
+            out.append("&" + base64.b64encode(raw).decode("ascii").rstrip("=")
+                       .replace("/", ",") + "-")
+            pending.clear()
+
+    for ch in name:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
+def decode_mutf7(name: str) -> str:
+    """The inverse of `encode_mutf7`."""
+    def repl(match: re.Match[str]) -> str:
+        body = match.group(1)
+        if not body:
+            return "&"
+        padded = body.replace(",", "/") + "=" * (-len(body) % 4)
+        return base64.b64decode(padded).decode("utf-16-be")
+    return re.sub(r"&([^-]*)-", repl, name)
+
+
+def quote(text: str) -> str:
+    """An IMAP quoted string (imaplib sends mailbox arguments as they are)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _context(account: ImapAccount) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=account.ca_file)
+
+
+def connect(account: ImapAccount, timeout: float = IMAP_TIMEOUT) -> imaplib.IMAP4:
+    """Connected (TLS as configured) and logged in; ImapError with the reason otherwise."""
+    stage = "connect"
+    try:
+        if account.tls == "tls":
+            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(account.host, account.port,
+                                                    ssl_context=_context(account),
+                                                    timeout=timeout)
+        else:
+            conn = imaplib.IMAP4(account.host, account.port, timeout=timeout)
+            if account.tls == "starttls":
+                stage = "STARTTLS"
+                conn.starttls(_context(account))
+        stage = "LOGIN"
+        conn.login(account.user, account.password)
+    except (OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
+        raise ImapError(f"IMAP {account.host}:{account.port} {stage} failed: "
+                        f"{_text(exc)}") from None
+    return conn
+
+
+def _text(exc: BaseException) -> str:
+    if exc.args and isinstance(exc.args[0], bytes):
+        return exc.args[0].decode(errors="replace")
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, imaplib.IMAP4.error) \
+        else str(exc)
+
+
+def reachable(host: str, port: int, tls: str, ca_file: str | None = None,
+              timeout: float = IMAP_TIMEOUT) -> str | None:
+    """None if the IMAP server greets (and TLS works as configured), else why not."""
+    dummy = ImapAccount(host, port, tls, "", "", ca_file)
+    try:
+        if tls == "tls":
+            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(host, port, ssl_context=_context(dummy),
+                                                    timeout=timeout)
+        else:
+            conn = imaplib.IMAP4(host, port, timeout=timeout)
+            if tls == "starttls":
+                conn.starttls(_context(dummy))
+        conn.logout()
+    except (OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
+        return _text(exc)
+    return None
+
+
+def login_test(account: ImapAccount) -> tuple[bool, str]:
+    """E31: log in as the switched client will and open INBOX; (ok, what happened)."""
+    try:
+        conn = connect(account)
+    except ImapError as exc:
+        return False, str(exc)
+    try:
+        typ, data = conn.select("INBOX", readonly=True)
+        if typ != "OK":
+            return False, f"IMAP SELECT INBOX answered {typ} {data!r}"
+        return True, f"IMAP {account.host}:{account.port} login as {account.user} and " \
+                     f"SELECT INBOX ok ({int(data[0] or 0)} messages)"
+    except (OSError, imaplib.IMAP4.error) as exc:
+        return False, f"IMAP SELECT INBOX failed: {_text(exc)}"
+    finally:
+        with contextlib.suppress(OSError, imaplib.IMAP4.error):
+            conn.logout()
+
+
+def _normalised_sha(data: bytes) -> str:
+    return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
+
+
+class Uploader:
+    """One IMAP session appending local messages into `Local Folders/...` of the mailbox."""
+
+    def __init__(self, conn: imaplib.IMAP4, manifest: Manifest) -> None:
+        self.conn = conn
+        self.manifest = manifest
+        self.separator = self._separator()
+        self.existing = self._list()
+        self.created: list[str] = []
+
+    def _check(self, what: str, result: tuple[str, list[Any]]) -> list[Any]:
+        typ, data = result
+        if typ != "OK":
+            detail = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
+            raise ImapError(f"IMAP {what} answered {typ}: {detail}")
+        return data
+
+    def _separator(self) -> str:
+        data = self._check('LIST "" ""', self.conn.list('""', '""'))
+        match = _LIST_LINE.match(data[0] or b"") if data and data[0] else None
+        if match is None or match.group("sep") == b"NIL":
+            return "/"
+        return match.group("sep")[1:-1].decode().replace("\\\\", "\\")
+
+    def _list(self) -> set[str]:
+        names: set[str] = set()
+        for line in self._check("LIST", self.conn.list('""', "*")):
+            if not isinstance(line, bytes):
+                continue
+            match = _LIST_LINE.match(line)
+            if match:
+                raw = match.group("name").decode(errors="replace")
+                names.add(raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+                          if raw.startswith('"') else raw)
+        return names
+
+    def mailbox_name(self, folder: str) -> str:
+        """`Local Folders/Archive/2019` as this server spells it (separator, mUTF-7)."""
+        parts = []
+        for part in folder.split("/"):
+            if self.separator != "/" and self.separator in part:
+                log.warning("folder part %r contains the server's separator %r: stored as %r",
+                            part, self.separator, part.replace(self.separator, "_"))
+                part = part.replace(self.separator, "_")
+            parts.append(encode_mutf7(part))
+        return self.separator.join(parts)
+
+    def ensure(self, folder: str) -> str:
+        """Create the mailbox (and its parents) if missing; return its IMAP name."""
+        name = self.mailbox_name(folder)
+        if name in self.existing:
+            return name
+        parts = name.split(self.separator)
+        for depth in range(1, len(parts) + 1):
+            partial = self.separator.join(parts[:depth])
+            if partial in self.existing:
+                continue
+            typ, data = self.conn.create(quote(partial))
+            if typ != "OK" and partial not in self._list():
+                raise ImapError(f"IMAP CREATE {partial} answered {typ}: {data!r}")
+            self.conn.subscribe(quote(partial))
+            self.existing.add(partial)
+            self.created.append(decode_mutf7(partial))
+        return name
+
+    def _already_there(self, name: str, message: LocalMessage) -> bool:
+        """After a crash: is `message` among the last messages of mailbox `name`?"""
+        typ, data = self.conn.select(quote(name), readonly=True)
+        if typ != "OK":
+            return False
+        total = int(data[0] or 0)
+        if total == 0:
+            return False
+        first = max(1, total - RECHECK_LAST + 1)
+        fetched = self._check("FETCH", self.conn.fetch(f"{first}:{total}", "(BODY.PEEK[])"))
+        wanted = _normalised_sha(message.data)
+        return any(isinstance(item, tuple) and _normalised_sha(item[1]) == wanted
+                   for item in fetched)
+
+    def append(self, message: LocalMessage) -> bool:
+        """Append one message unless the manifest says it is there; True if appended."""
+        key = (message.sha256, message.folder)
+        if key in self.manifest:
+            return False
+        name = self.ensure(message.folder)
+        if self.manifest.uncertain(*key) and self._already_there(name, message):
+            self.manifest.add(*key)
+            return False
+        flags = " ".join(FLAG_MAP[f] for f in message.flags if f in FLAG_MAP)
+        when = imaplib.Time2Internaldate(message.internal_date) \
+            if message.internal_date is not None else None
+        self.manifest.intend(*key)
+        self._check(f"APPEND {name}", self.conn.append(quote(name), f"({flags})", when,
+                                                       message.data))
+        self.manifest.add(*key)
+        return True
+
+
+@dataclass
+class Progress:
+    """Progress lines for the log: every `every` seconds and at each folder's end."""
+
+    total_bytes: int
+    every: float = 5.0
+    done_bytes: int = 0
+    messages: int = 0
+    _last: float = 0.0
+
+    def step(self, folder: str, size: int, emit: Callable[[str], None]) -> None:
+        self.done_bytes += size
+        self.messages += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            emit(self.line(folder))
+
+    def line(self, folder: str) -> str:
+        percent = 100 * self.done_bytes / self.total_bytes if self.total_bytes else 100.0
+        return (f"local mail upload: {self.messages} message(s), "
+                f"{self.done_bytes / 1e6:.1f} of {self.total_bytes / 1e6:.1f} MB "
+                f"({percent:.0f} %), now in {folder}")
+
+
+def upload(account: ImapAccount, items: Iterable[LocalMessage | tuple[str, str]],
+           manifest: Manifest, progress: Progress) -> dict[str, Any]:
+    """E30 over IMAP: every local message not yet acknowledged; counts for the report."""
+    counts: dict[str, Any] = {"messages": 0, "uploaded": 0, "present": 0, "skipped": 0,
+                              "expunged": 0, "bytes_uploaded": 0, "via": "imap"}
+    folders: set[str] = set()
+    conn = connect(account)
+    try:
+        uploader = Uploader(conn, manifest)
+        current = ""
+        for item in items:
+            if isinstance(item, tuple):
+                counts["expunged"] += 1
+                continue
+            if item.folder != current and current:
+                log.info("%s", progress.line(current))
+            current = item.folder
+            folders.add(item.folder)
+            counts["messages"] += 1
+            if (item.sha256, item.folder) in manifest:
+                counts["skipped"] += 1
+            elif uploader.append(item):
+                counts["uploaded"] += 1
+                counts["bytes_uploaded"] += len(item.data)
+            else:
+                counts["present"] += 1
+            progress.step(item.folder, len(item.data), lambda text: log.info("%s", text))
+        if current:
+            log.info("%s", progress.line(current))
+        counts["created"] = uploader.created
+    except (OSError, imaplib.IMAP4.error) as exc:
+        raise ImapError(f"IMAP upload interrupted: {_text(exc)}") from None
+    finally:
+        with contextlib.suppress(OSError, imaplib.IMAP4.error):
+            conn.logout()
+    counts["folders"] = sorted(folders)
+    return counts

@@ -1,0 +1,107 @@
+"""Spec format of the real-server drivers: postfix-dovecot and imap (no servers needed).
+
+Checks that both load into typed settings with paths resolved and credentials kept as
+references, and that the usual classes of mistake give one clear `FILE:LINE: FIELD` each:
+a literal password, settings of the wrong driver, a missing settings object, a master login
+without its master user.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.drivers.imap import ImapDriver, read_passwords
+from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
+from reconciler.drivers.registry import make_drivers
+from reconciler.spec.loader import load_specs
+from reconciler.spec.model import Endpoint, SecretRef
+
+from test_spec_loader import problems_of, write_set
+
+PF = """\
+apiVersion: mailferry/v1
+kind: MailSystem
+metadata: {name: pf1}
+spec:
+  driver: postfix-dovecot
+  domains: [corp.example]
+  postfixDovecot:
+    stateDir: pf1/mailferry
+    postfixConfigDir: /etc/postfix-pf1
+    dovecotConfig: /etc/dovecot-pf1/dovecot.conf
+    mailRoot: /srv/mail/pf1
+    smtp: 127.0.0.1:10025
+    lmtp: 127.0.0.1:10024
+    imap: 127.0.0.1:10143
+    masterUser: {user: mailferry, password: {env: PF1_MASTER_PASSWORD}}
+---
+apiVersion: mailferry/v1
+kind: MailSystem
+metadata: {name: old}
+spec:
+  driver: imap
+  domains: [corp.example]
+  imap:
+    server: imap.old.example:993
+    login: per-user
+    passwords: {file: secrets/old-passwords}
+    loginFormat: "{local}"
+    stateDir: old-state
+"""
+
+
+@pytest.fixture
+def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_both_drivers_load_with_references(here: Path) -> None:
+    specs = load_specs(write_set(here, real_yaml=PF))
+    pf1, old = specs.systems["pf1"], specs.systems["old"]
+    assert pf1.postfix_dovecot is not None and old.imap is not None
+    options = pf1.postfix_dovecot
+    assert options.state_dir == str(here / "pf1" / "mailferry")
+    assert options.smtp == Endpoint("127.0.0.1", 10025) and pf1.submission == options.smtp
+    assert options.mail_user == "vmail" and options.imap_tls == "none"
+    assert options.master.password == SecretRef(env="PF1_MASTER_PASSWORD")
+    assert old.imap.passwords == SecretRef(file=str(here / "secrets" / "old-passwords"))
+    assert old.imap.tls == "implicit" and old.imap.login == "per-user" and old.lmtp is None
+    drivers = make_drivers(specs)
+    assert isinstance(drivers["pf1"], PostfixDovecotDriver)
+    assert isinstance(drivers["old"], ImapDriver)
+    assert drivers["pf1"].delivery_endpoint().protocol == "smtp"
+    assert drivers["pf1"].wanted_postfix()["relayhost"] == "[127.0.0.1]:2525"  # type: ignore[attr-defined]
+
+
+def test_literal_password_is_refused_and_never_echoed(here: Path) -> None:
+    text = PF.replace("password: {env: PF1_MASTER_PASSWORD}", "password: hunter2")
+    found = problems_of(write_set(here, real_yaml=text))
+    assert any("real.yaml:15: spec.postfixDovecot.masterUser.password:" in p
+               and "never write the password" in p for p in found), found
+    assert "hunter2" not in "\n".join(found)
+
+
+def test_settings_of_the_wrong_driver_and_missing_settings(here: Path) -> None:
+    text = PF.replace("  driver: postfix-dovecot", "  driver: imap")
+    assert problems_of(write_set(here, real_yaml=text)) == [
+        "real.yaml:5: spec.imap: required field missing"]
+    text = PF.replace("  postfixDovecot:\n", "  maildir: {root: x, lmtp: h:1, submission: h:2}\n"
+                      "  postfixDovecot:\n")
+    found = problems_of(write_set(here, real_yaml=text))
+    assert found == ["real.yaml:7: spec.maildir: settings of another driver: driver is "
+                     "'postfix-dovecot', which reads spec.postfixDovecot"], found
+
+
+def test_master_login_needs_its_master_user(here: Path) -> None:
+    text = PF.replace("    login: per-user\n    passwords: {file: secrets/old-passwords}\n", "")
+    found = problems_of(write_set(here, real_yaml=text))
+    assert found == ["real.yaml:24: spec.imap.masterUser: required field missing "
+                     "(login: master)"], found
+
+
+def test_passwords_file_format() -> None:
+    text = "# comment\n\nFrank@Corp.example  pw with spaces \nbad-line\n"
+    assert read_passwords(text) == {"frank@corp.example": "pw with spaces"}

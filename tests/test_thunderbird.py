@@ -1,0 +1,156 @@
+"""Thunderbird profiles on disk: prefs.js round trip, profile discovery, the lock, the switch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from station_agent.imapupload import decode_mutf7, encode_mutf7
+from station_agent.thunderbird import profiles, switch
+from station_agent.thunderbird.prefs import Prefs, PrefsError
+from station_agent.thunderbird.switch import Endpoint
+
+from tb_kit import (
+    ADDRESS,
+    PREFS,
+    dead_pid,
+    hold_parentlock,
+    lock_like_thunderbird,
+    make_installation,
+    sleeper,
+)
+
+NEW_IMAP = Endpoint("imap.new.example", 1143, "starttls")
+NEW_SMTP = Endpoint("smtp.new.example", 1587, "tls")
+
+
+def test_prefs_round_trip_values_and_edits() -> None:
+    prefs = Prefs(PREFS)
+    assert prefs.render() == PREFS.encode()  # untouched: byte-for-byte
+    assert prefs.get("mail.identity.id1.fullName") == 'Jean Dupönt "JD"'
+    assert prefs.get("mail.identity.id1.htmlSigText") == "Jean Dupont\nCorp équipe\\IT"
+    assert prefs.get("mail.server.server1.port") == 143
+    assert prefs.get("mail.spellcheck.inline") is False
+    assert prefs.get("mail.server.server1.namespace.personal") == '""'
+
+    prefs.set("mail.identity.id1.fullName", 'Jean "J" \\ Dupont\n')
+    prefs.set("mail.server.server1.port", 993)
+    prefs.delete("mail.server.server1.directory-rel")
+    prefs.set("mail.new.pref", True)
+    text = prefs.render().decode()
+    again = Prefs(text)
+    assert again.get("mail.identity.id1.fullName") == 'Jean "J" \\ Dupont\n'
+    assert again.get("mail.server.server1.port") == 993
+    assert "mail.server.server1.directory-rel" not in again
+    assert text.splitlines()[-1] == 'user_pref("mail.new.pref", true);'
+    # Every line we did not touch is still there, in its order.
+    untouched = [ln for ln in PREFS.splitlines()
+                 if "id1.fullName" not in ln and "server1.port" not in ln
+                 and "server1.directory-rel" not in ln]
+    assert [ln for ln in text.splitlines() if ln in untouched] == untouched
+    with pytest.raises(PrefsError, match="line 1"):
+        Prefs('user_pref("x", someFunction());\n')
+
+
+def test_modified_utf7() -> None:
+    for name in ("Übersicht", "Entwürfe & Co", "日本語", "plain", "a&b"):
+        assert decode_mutf7(encode_mutf7(name)) == name
+    assert encode_mutf7("Übersicht") == "&ANw-bersicht"
+    assert encode_mutf7("a&b") == "a&-b"
+
+
+def test_profiles_ini_and_discovery(tmp_path: Path) -> None:
+    inst = make_installation(tmp_path)
+    entries, install_default = profiles.read_profiles_ini(inst.ini)
+    assert {e.name for e in entries} == {"default", "default-release"}
+    assert install_default == inst.profile
+    # [Install...] wins over Default=1 (which marks the other profile).
+    assert profiles.find_profile(roots=[inst.ini.parent]) == inst.profile
+    assert profiles.find_profile(name="default", roots=[inst.ini]) == inst.other
+    assert profiles.find_profile(explicit=inst.profile) == inst.profile
+    with pytest.raises(profiles.ProfileNotFound, match="no profile named"):
+        profiles.find_profile(name="nope", roots=[inst.ini])
+    with pytest.raises(profiles.ProfileNotFound, match=r"no Thunderbird profiles\.ini"):
+        profiles.find_profile(roots=[tmp_path / "nowhere"])
+
+
+def test_lock_detection_is_honest(tmp_path: Path) -> None:
+    inst = make_installation(tmp_path)
+    assert profiles.running(inst.profile) is None
+    # A stale lock (Thunderbird crashed; its PID is gone) and a leftover .parentlock.
+    lock_like_thunderbird(inst.profile, dead_pid())
+    (inst.profile / ".parentlock").write_bytes(b"")
+    assert profiles.running(inst.profile) is None
+    (inst.profile / "lock").unlink()
+    live = sleeper()
+    try:
+        lock_like_thunderbird(inst.profile, live.pid)
+        assert f"process {live.pid}" in (profiles.running(inst.profile) or "")
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    assert profiles.running(inst.profile) is None  # the same link, now stale
+    (inst.profile / "lock").unlink()
+    holder = hold_parentlock(inst.profile)
+    try:
+        assert "locked by a running Thunderbird" in (profiles.running(inst.profile) or "")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert profiles.running(inst.profile) is None
+
+
+def test_switch_moves_one_account_and_rolls_back_exactly(tmp_path: Path) -> None:
+    inst = make_installation(tmp_path)
+    original = inst.prefs.read_bytes()
+    old, new = switch.switch(inst.profile, ADDRESS.upper(), imap=NEW_IMAP, smtp=NEW_SMTP,
+                             username=ADDRESS)
+    assert (old["host"], old["port"], old["user"]) == ("old-mail.corp.example", 143, "jdupont")
+    assert (new["host"], new["port"], new["smtp"]["host"]) == ("imap.new.example", 1143,
+                                                                "smtp.new.example")
+    prefs = Prefs.load(inst.prefs)
+    assert prefs.get("mail.server.server1.socketType") == 2
+    assert prefs.get("mail.server.server1.userName") == ADDRESS
+    assert "mail.server.server1.directory-rel" not in prefs  # a fresh cache for the new host
+    assert "mail.server.server1.namespace.personal" not in prefs
+    uri = "imap://jean.dupont%40corp.example@imap.new.example"
+    assert prefs.get("mail.identity.id1.fcc_folder") == f"{uri}/Sent"
+    assert prefs.get("mail.server.server1.spamActionTargetFolder") == f"{uri}/Junk"
+    assert prefs.get("mail.smtpserver.smtp1.try_ssl") == 3
+    assert prefs.get("mail.smtpserver.smtp1.port") == 1587
+    # The private account, its SMTP server and everything else: byte-for-byte unchanged.
+    for line in PREFS.splitlines():
+        if ("server1." not in line and "smtp1." not in line and "id1." not in line):
+            assert line in prefs.render().decode().splitlines(), line
+    assert switch.backup_path(inst.profile).read_bytes() == original
+    # Switching again derives from the backup: same result.
+    switched = inst.prefs.read_bytes()
+    switch.switch(inst.profile, ADDRESS, imap=NEW_IMAP, smtp=NEW_SMTP, username=ADDRESS)
+    assert inst.prefs.read_bytes() == switched
+    assert switch.rollback(inst.profile) is True
+    assert inst.prefs.read_bytes() == original
+    assert not switch.backup_path(inst.profile).exists()
+
+
+def test_shared_smtp_server_gets_a_new_entry(tmp_path: Path) -> None:
+    inst = make_installation(tmp_path)
+    inst.prefs.write_text(PREFS.replace('id2.smtpServer", "smtp2"', 'id2.smtpServer", "smtp1"'))
+    switch.switch(inst.profile, ADDRESS, imap=NEW_IMAP, smtp=NEW_SMTP, username=ADDRESS)
+    prefs = Prefs.load(inst.prefs)
+    assert prefs.get("mail.identity.id1.smtpServer") == "smtp3"
+    assert prefs.get("mail.smtpservers") == "smtp1,smtp2,smtp3"
+    assert prefs.get("mail.smtpserver.smtp3.hostname") == "smtp.new.example"
+    assert prefs.get("mail.smtpserver.smtp1.hostname") == "old-mail.corp.example"
+
+
+def test_no_or_ambiguous_account(tmp_path: Path) -> None:
+    inst = make_installation(tmp_path)
+    with pytest.raises(switch.SwitchError, match="no mail account"):
+        switch.switch(inst.profile, "nobody@corp.example", imap=NEW_IMAP, smtp=NEW_SMTP,
+                      username="x")
+    assert not switch.backup_path(inst.profile).exists()  # nothing backed up, nothing changed
+    inst.prefs.write_text(PREFS.replace("jean.perso@gmail.com\");\nuser_pref(\"mail.root",
+                                        f"{ADDRESS}\");\nuser_pref(\"mail.root"))
+    with pytest.raises(switch.SwitchError, match="2 accounts"):
+        switch.find_account(Prefs.load(inst.prefs), ADDRESS)
