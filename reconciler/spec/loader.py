@@ -522,6 +522,12 @@ class _Loader:
             max_parallel=int(spec.get("maxParallel", base.max_parallel)),
             retention=dur("retention", base.retention),
             station_retries=int(spec.get("stationRetries", base.station_retries)),
+            folder_map=tuple((str(r["from"]), str(r["to"])) for r in spec.get("folderMap", [])),
+            throttle_messages_per_second=float(
+                spec.get("throttle", {}).get("messagesPerSecond", 0)),
+            throttle_bytes_per_second=float(spec.get("throttle", {}).get("bytesPerSecond", 0)),
+            prestage_copy=bool(spec.get("prestageCopy", base.prestage_copy)),
+            verify=str(spec.get("verify", base.verify)),
             location=doc.location(),
         )
         if doc.valid:

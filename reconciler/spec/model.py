@@ -27,7 +27,9 @@ MigrationPolicy.spec: stationChecks: bool; dataTransfer: none|copy|validate-and-
                    diary: bool; localStationData: bool;
                    deleteSource: {after: 7d, consent: true} | never;
                    prestageLead: 3d; recheckLead: 1h; maxParallel: 10; retention: 30d;
-                   stationRetries: 3
+                   stationRetries: 3; folderMap: [{from: INBOX.Sent, to: Sent}];
+                   throttle: {messagesPerSecond: 50, bytesPerSecond: 2000000};
+                   prestageCopy: false; verify: fast|deep
 MailboxPlacement.spec: system: s2; window: wave-1; policy: default;
                    mailboxes: [{address: a@corp.example, aliases: [..], station: ws-1}];
                    allowMoveBack: false; reportTo: [ops@corp.example]
@@ -169,6 +171,11 @@ class PolicySpec:
     max_parallel: int = 10
     retention: timedelta = timedelta(days=30)
     station_retries: int = 3
+    folder_map: tuple[tuple[str, str], ...] = ()  # (from, to) rules of the data mover
+    throttle_messages_per_second: float = 0.0  # 0: unlimited
+    throttle_bytes_per_second: float = 0.0
+    prestage_copy: bool = False  # bulk copy before the cutover
+    verify: str = "fast"  # fast | deep
     location: SourceLocation | None = None
 
     def modes(self) -> dict[str, object]:
@@ -187,6 +194,11 @@ class PolicySpec:
             "recheckLead": self.recheck_lead.total_seconds(),
             "retention": self.retention.total_seconds(),
             "stationRetries": self.station_retries,
+            "folderMap": [{"from": a, "to": b} for a, b in self.folder_map],
+            "throttle": {"messagesPerSecond": self.throttle_messages_per_second,
+                         "bytesPerSecond": self.throttle_bytes_per_second},
+            "prestageCopy": self.prestage_copy,
+            "verify": self.verify,
         }
 
 

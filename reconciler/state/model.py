@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -133,7 +133,8 @@ class StationReport(Base):
 
 class TransferManifest(Base):
     __tablename__ = "transfer_manifest"
-    __table_args__ = (Index("ix_manifest_migration_folder", "migration_id", "folder"),)
+    __table_args__ = (Index("ix_manifest_migration_folder", "migration_id", "folder"),
+                      Index("ix_manifest_mailbox_folder", "mailbox", "folder"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     migration_id: Mapped[int] = mapped_column(Integer)
@@ -143,6 +144,14 @@ class TransferManifest(Base):
     message_id: Mapped[str | None] = mapped_column(String(998), nullable=True)
     copied: Mapped[bool] = mapped_column(Boolean)  # False: was already present in the target
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Added by revision 0004 (the mover's manifest): the copy job, and UID caches that are
+    # trusted only under the same UIDVALIDITY on each side.
+    mailbox: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    src_validity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    src_uid: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    dst_folder: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    dst_validity: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dst_uid: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class TransferRun(Base):
@@ -159,6 +168,14 @@ class TransferRun(Base):
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     verified: Mapped[bool] = mapped_column(Boolean, default=False)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Added by revision 0004: which job and phase (prestage | copy | final), source totals
+    # (for --plan's estimates), messages found missing, and the per-folder report (JSON).
+    mailbox: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    phase: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    messages_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    missing: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    report: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Lease(Base):

@@ -11,7 +11,10 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from reconciler.errors import NotReady, TemporaryError
-from reconciler.mover.copy import copy_mailbox
+from reconciler.mover.calendar import copy_diary
+from reconciler.mover.copy import verify_diary
+from reconciler.mover.manifest import Manifest
+from reconciler.mover.service import move_mail
 from reconciler.state.model import Migration, TransferRun
 from reconciler.steps.base import Outcome, StepContext
 
@@ -36,13 +39,22 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
     detail: dict[str, object] = {"mailbox": m.source_mailbox}
     if source.get_account(m.source_mailbox) is not None:
         if m.modes.get("dataTransfer") in ("copy", "validate-and-copy"):
-            report = copy_mailbox(source, m.source_mailbox, ctx.driver(m.target_system),
-                                  m.target_mailbox, mail=True,
-                                  diary=bool(m.modes.get("diary", True)))
-            if not report.verified:
+            target = ctx.driver(m.target_system)
+            report = move_mail(source, m.source_mailbox, target, m.target_mailbox,
+                               key=m.address, modes=m.modes, phase="final",
+                               manifest=Manifest.in_session(ctx.session, m.id))
+            lacking: list[str] = []
+            if m.modes.get("diary", True):
+                copy_diary(source, m.source_mailbox, target, m.target_mailbox)
+                lacking = verify_diary(source, m.source_mailbox, target, m.target_mailbox)
+            if not report.verified or lacking:
+                ctx.session.flush()  # keep the failed run's figures with the error record
                 raise TemporaryError(
-                    f"refusing to delete BOX1: {len(report.missing)} of its messages are not "
-                    "in BOX2", address=m.address, step="E41", delay=30)
+                    f"refusing to delete BOX1: {report.missing} of its messages not proven "
+                    f"in BOX2 ({report.failed} failed"
+                    + (f", {report.error}" if report.error else "") + ")"
+                    + (f", {len(lacking)} diary entries missing" if lacking else ""),
+                    address=m.address, step="E41", delay=30)
             detail["last_delta_copied"] = report.copied
         source.delete_mailbox(m.source_mailbox)
     ctx.changed(m.source_system)  # the pass's closing up-sync makes fed forget ADP1

@@ -4,15 +4,20 @@ E11/E12 validate the source first when the mode asks for it; E13/E14 hand the ma
 mover only if its address migrated (an address-migration id exists), otherwise E16/E17 move
 only the diary data. E15 copies and then verifies: the state advances only when every source
 message is proven present in BOX2. The copy compares contents, so a re-run after a crash
-copies only what is missing (invariant 3).
+copies only what is missing (invariant 3). The copy itself is the data mover's pipeline
+(`reconciler.mover.service`): IMAP when the drivers offer it, the manifest kept in the
+state store, the policy's folderMap, throttle and verify mode applied.
 """
 
 from __future__ import annotations
 
 from reconciler.errors import PermanentError, TemporaryError
-from reconciler.mover.copy import copy_mailbox
+from reconciler.mover.calendar import copy_diary
+from reconciler.mover.copy import verify_diary
+from reconciler.mover.manifest import Manifest
+from reconciler.mover.service import move_mail
 from reconciler.mover.validate import validate_source
-from reconciler.state.model import Migration, TransferManifest, TransferRun
+from reconciler.state.model import Migration, TransferRun
 from reconciler.steps.base import Outcome, StepContext
 
 
@@ -40,34 +45,35 @@ def e16_take_diary(ctx: StepContext, m: Migration) -> Outcome:
 
 def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
     diary = bool(m.modes.get("diary", True)) or not mail
-    manifest: list[TransferManifest] = []
-
-    def remember(msg: object, copied: bool) -> None:
-        manifest.append(TransferManifest(
-            migration_id=m.id, folder=getattr(msg, "folder", ""), sha256=getattr(msg, "sha256", ""),
-            size=getattr(msg, "size", 0), message_id=getattr(msg, "message_id", None),
-            copied=copied, at=ctx.now,
-        ))
-
-    report = copy_mailbox(ctx.driver(m.source_system), m.source_mailbox,
-                          ctx.driver(m.target_system), m.target_mailbox,
-                          mail=mail, diary=diary, on_message=remember)
-    ctx.session.add_all(manifest)
-    ctx.session.add(TransferRun(
-        migration_id=m.id, copied=report.copied, present=report.present,
-        failed=len(report.failed), bytes_copied=report.bytes_copied, seconds=report.seconds,
-        verified=report.verified, at=ctx.now,
-    ))
-    detail = {"copied": report.copied, "present": report.present, "failed": len(report.failed),
-              "bytes": report.bytes_copied, "verified": report.verified}
-    if not report.verified:
-        # Keep the figures (the manifest and run rows commit with the error record) and retry.
+    src, dst = ctx.driver(m.source_system), ctx.driver(m.target_system)
+    detail: dict[str, object] = {"copied": 0, "present": 0, "failed": 0, "bytes": 0}
+    problems: list[str] = []
+    if mail:
+        # The manifest rows and the run's figures are written in this step's transaction:
+        # kept with the event on success, with the error record on failure.
+        report = move_mail(src, m.source_mailbox, dst, m.target_mailbox, key=m.address,
+                           modes=m.modes, phase="copy",
+                           manifest=Manifest.in_session(ctx.session, m.id))
+        detail.update(copied=report.copied, present=report.present, failed=report.failed,
+                      bytes=report.bytes_copied, missing=report.missing)
+        if not report.verified:
+            first = next(((f.folder, u, r) for f in report.folders for u, r in f.failed), None)
+            problems.append(f"{report.missing} source messages not proven in BOX2, "
+                            f"{report.failed} failed" + (f" (first: {first})" if first else "")
+                            + (f", error: {report.error}" if report.error else ""))
+    if diary:
+        detail["diary_changes"] = copy_diary(src, m.source_mailbox, dst, m.target_mailbox)
+        lacking = verify_diary(src, m.source_mailbox, dst, m.target_mailbox)
+        if lacking:
+            problems.append(f"{len(lacking)} diary entries missing in BOX2")
+        if not mail:
+            ctx.session.add(TransferRun(migration_id=m.id, mailbox=m.address, phase="diary",
+                                        verified=not lacking, at=ctx.now))
+    detail["verified"] = not problems
+    if problems:
         ctx.session.flush()
-        raise TemporaryError(
-            f"copy not verified: {len(report.missing)} source messages missing in BOX2, "
-            f"{len(report.failed)} failed" + (f" (first: {report.failed[0]})" if report.failed
-                                              else ""),
-            address=m.address, step=label, delay=10)
+        raise TemporaryError("copy not verified: " + "; ".join(problems),
+                             address=m.address, step=label, delay=10)
     return Outcome(8, label, detail)
 
 

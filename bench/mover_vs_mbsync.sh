@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# mailferry's data mover against mbsync (sequential and 4 in parallel) and `doveadm backup`,
+# on the same data, in the same run of the peer harness ../shared/bench/imap_copy.sh (two
+# private Dovecot instances, populated Maildirs, verification of every copy: BADCOPY if the
+# target is not identical to the source).
+#
+# The mover runs as the harness's EXTRA_CMD with `--rerun`: after the copy (verification
+# included) it runs a second full pass that must find nothing to copy. Both passes are
+# inside the harness's timed wall, so the mover's rate below is conservative; the mover's
+# own stats (first pass, re-run, peak RSS) are printed too.
+#
+# Usage (as root, from anywhere):
+#   bench/mover_vs_mbsync.sh [USERS] [MSGS_PER_USER]      default 20 500 (10 000 messages)
+#   MEM_CHECK=1 bench/mover_vs_mbsync.sh                  also: one 10 000-message mailbox,
+#                                                         mover only, peak memory
+# Knobs: PARALLEL_MOVER (mailboxes at once, default 8), METHODS (peers, default
+# "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads (AVG_SIZE, ...).
+# The last line is always `mover/mbsync-4 ratio: X.XX` (0.00 when a method failed).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+HARNESS=$REPO/../shared/bench/imap_copy.sh
+[[ -f $HARNESS ]] || { echo "mover_vs_mbsync: peer harness not found at $HARNESS" \
+    "(expected ../shared/bench/ next to the repository)" >&2; exit 1; }
+PY=${MOVER_PYTHON:-$REPO/.venv/bin/python}
+[[ -x $PY ]] || { echo "mover_vs_mbsync: $PY missing (run ./bootstrap.sh test first)" >&2; exit 1; }
+
+USERS=${1:-20}
+MSGS=${2:-500}
+PARALLEL_MOVER=${PARALLEL_MOVER:-8}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+chmod 755 "$WORK"
+
+# mover_cmd STATS_FILE: the EXTRA_CMD line (single-quoted variables expand in the harness)
+mover_cmd() {
+    echo "cd '$REPO' && exec '$PY' -m reconciler.mover copy --src 127.0.0.1:\$SRC_PORT" \
+        "--dst 127.0.0.1:\$DST_PORT --users \$USERS_FILE --state '$WORK/state-\$\$.db'" \
+        "--progress none --parallel $PARALLEL_MOVER --rerun --stats '$1'"
+}
+
+run_harness() {  # run_harness OUT STATS USERS MSGS METHODS
+    EXTRA_NAME=mover EXTRA_CMD=$(mover_cmd "$2") METHODS=$5 \
+        bash "$HARNESS" "$3" "$4" | tee "$1"
+}
+
+run_harness "$WORK/table.txt" "$WORK/stats.json" "$USERS" "$MSGS" \
+    "${METHODS-mbsync-seq mbsync-par doveadm-par}"
+
+rate() {  # rate METHOD COLUMN(3 msgs/s, 4 MB/s) -> number or empty
+    awk -v m="$1" -v c="$2" '$1 == m && $7 == "ok" {print $c}' "$WORK/table.txt"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b == 0) print "0.00";
+    else printf "%.2f", a / b }'; }
+
+echo
+echo "== mover vs peers (same run; rates of the mover include its verification and a re-run pass)"
+printf '%-12s %10s %8s %16s %16s\n' method msgs/s MB/s "mover/x (msgs)" "mover/x (MB)"
+MM=$(rate mover 3); MB=$(rate mover 4)
+for m in mbsync-seq mbsync-par doveadm-seq doveadm-par python-par mover; do
+    r=$(rate "$m" 3); b=$(rate "$m" 4)
+    [[ -n $r ]] || continue
+    printf '%-12s %10s %8s %16s %16s\n' "$m" "$r" "$b" "$(ratio "$MM" "$r")" "$(ratio "$MB" "$b")"
+done
+if [[ -s $WORK/stats.json ]]; then
+    echo "mover's own stats: $(cat "$WORK/stats.json")"
+    "$PY" - "$WORK/stats.json" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+if s.get("rerun_s") is not None and s.get("first_s"):
+    print(f"re-run / first run time: {s['rerun_s'] / s['first_s']:.3f} "
+          f"({s['rerun_s']:.2f} s / {s['first_s']:.2f} s, re-run copied {s['rerun_copied']})")
+PY
+fi
+
+if [[ ${MEM_CHECK:-0} == 1 ]]; then
+    echo
+    echo "== memory: one mailbox of 10 000 messages, mover only"
+    run_harness "$WORK/mem.txt" "$WORK/mem.json" 1 10000 "" >/dev/null
+    echo "mover (1 x 10000): $(awk '$1 == "mover" {print $3 " msgs/s, " $7}' "$WORK/mem.txt")," \
+        "stats $(cat "$WORK/mem.json" 2>/dev/null || echo '{}')"
+fi
+
+echo "mover/mbsync-4 ratio: $(ratio "$MM" "$(rate mbsync-par 3)")"

@@ -1,0 +1,207 @@
+"""The data mover's command line: `mover copy` between IMAP servers and maildir systems.
+
+Why a command of its own beside `reconcile`: admins test a source server's limits, run a
+prestage of thousands of mailboxes days before a window, and compare the mover with
+imapsync and mbsync on their own data, all without specs or a state machine. The reconciler
+calls the same code (`runner.run_jobs`) from its steps; this command only builds the jobs
+from flags and a users file.
+
+    python -m reconciler.mover copy --src imap://127.0.0.1:11143 --dst 127.0.0.1:12143 \\
+        --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
+        [--parallel 8] [--state mover-state.db] [--progress auto|tty|json|none] \\
+        [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
+        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE]
+
+`mover prestage --specs DIR --state URL [--all]` copies, before their cutover, the mailboxes
+of migrations in states 1-6 whose policy has ``prestageCopy: true`` (see `prestage.py`).
+
+`--src`/`--dst` take ``HOST:PORT`` (``imap://`` optional) or ``maildir:ROOT`` (an embedded
+maildir system's data folder, mailbox id = user). The users file has lines ``user password``
+(same login on both sides) or ``src_user src_password dst_user dst_password``; with
+``--src-admin`` / ``--dst-admin`` the password columns may be ``-`` and the admin logs in on
+behalf of each user. Passwords are read from that file or from the environment variable
+named by ``--*-password-env``, never from the command line. Exit status 0 when every
+mailbox is verified, 1 otherwise; the per-mailbox report goes to stdout as JSON Lines with
+``--report json``, as a table otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
+from reconciler.mover.folders import FolderRule
+from reconciler.mover.manifest import Manifest
+from reconciler.mover.pipeline import MailboxReport, Options
+from reconciler.mover.progress import make_progress
+from reconciler.mover.runner import Job, run_jobs
+from reconciler.mover.throttle import Throttle
+from reconciler.state.store import default_url, open_store
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mover", description="mailferry data mover")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("copy", help="copy mailboxes, verify, report")
+    c.add_argument("--src", required=True, help="HOST:PORT or maildir:ROOT")
+    c.add_argument("--dst", required=True, help="HOST:PORT or maildir:ROOT")
+    c.add_argument("--users", required=True, type=Path, help="users file")
+    for side in ("src", "dst"):
+        c.add_argument(f"--{side}-admin", help="admin/master user logging in for each user")
+        c.add_argument(f"--{side}-admin-password-env", help="env variable with its password")
+    c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
+    c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
+    c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
+    c.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    c.add_argument("--report", default="table", choices=["table", "json"])
+    c.add_argument("--verify", default="fast", choices=["fast", "deep"])
+    c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
+    c.add_argument("--max-msgs-per-s", type=float, default=0.0)
+    c.add_argument("--max-bytes-per-s", type=float, default=0.0)
+    c.add_argument("--folder-map", action="append", default=[], metavar="FROM=TO")
+    c.add_argument("--rerun", action="store_true",
+                   help="after the copy, run a second full pass (idempotence proof) and time it")
+    c.add_argument("--stats", type=Path, help="write timings and peak memory here (JSON)")
+    c.add_argument("--timeout", type=float, default=60.0)
+    c.add_argument("--batch-messages", type=int, default=Options.batch_messages,
+                   help="messages per MULTIAPPEND")
+    c.add_argument("--batch-bytes", type=int, default=Options.batch_bytes,
+                   help="bytes per MULTIAPPEND (memory: x appends in flight)")
+    c.add_argument("--appends-in-flight", type=int, default=Options.appends_in_flight)
+    pre = sub.add_parser("prestage", help="bulk copy of migrations before their cutover")
+    pre.add_argument("--specs", default="specs", help="folder of YAML specs (./specs)")
+    pre.add_argument("--state", help="state store URL or SQLite file (default var/state.db)")
+    pre.add_argument("--all", action="store_true", help="also policies without prestageCopy")
+    pre.add_argument("--parallel", type=int, default=4)
+    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    return p
+
+
+def _password(env: str | None) -> str:
+    if not env:
+        raise SystemExit("mover: --*-admin needs --*-admin-password-env")
+    value = os.environ.get(env)
+    if value is None:
+        raise SystemExit(f"mover: environment variable {env} is not set")
+    return value
+
+
+def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str | None,
+          timeout: float, readonly: bool) -> Callable[[], Endpoint]:
+    if spec.startswith("maildir:"):
+        root = spec.split(":", 1)[1]
+
+        def maildir() -> Endpoint:
+            from reconciler.drivers.maildir import MaildirDriver  # only when used: startup
+
+            driver = MaildirDriver("maildir", root, ("127.0.0.1", 0), ("127.0.0.1", 0), "local")
+            if driver.get_account(user) is None:
+                driver.create_mailbox(user)
+            return DriverEndpoint(driver, user)
+        return maildir
+    hostport = spec.removeprefix("imap://")
+    host, _, port = hostport.rpartition(":")
+    if admin:
+        account = ImapAccount(host, int(port), admin, _password(admin_env), authorize_as=user,
+                              timeout=timeout)
+    else:
+        account = ImapAccount(host, int(port), user, password, timeout=timeout)
+    return lambda: ImapEndpoint(account, readonly=readonly)
+
+
+def _jobs(args: argparse.Namespace) -> list[Job]:
+    rules = tuple(FolderRule(*item.split("=", 1)) for item in args.folder_map)
+    throttle = Throttle(args.max_msgs_per_s, args.max_bytes_per_s)
+    options = Options(rules=rules, verify=args.verify, phase=args.phase,
+                      batch_messages=args.batch_messages, batch_bytes=args.batch_bytes,
+                      appends_in_flight=args.appends_in_flight)
+    jobs: list[Job] = []
+    for line in args.users.read_text().splitlines():
+        cols = line.split()
+        if not cols or cols[0].startswith("#"):
+            continue
+        su, sp = cols[0], (cols[1] if len(cols) > 1 else "-")
+        du, dp = (cols[2], cols[3]) if len(cols) >= 4 else (su, sp)
+        jobs.append(Job(
+            key=su if su == du else f"{su}->{du}",
+            source=_side(args.src, su, sp, args.src_admin, args.src_admin_password_env,
+                         args.timeout, True),
+            target=_side(args.dst, du, dp, args.dst_admin, args.dst_admin_password_env,
+                         args.timeout, False),
+            throttle=throttle, options=options))
+    return jobs
+
+
+def _table(reports: list[MailboxReport]) -> None:
+    print(f"{'mailbox':32} {'copied':>8} {'present':>8} {'failed':>7} {'missing':>8} "
+          f"{'seconds':>8}  verified")
+    for r in reports:
+        print(f"{r.key[:32]:32} {r.copied:>8} {r.present:>8} {r.failed:>7} {r.missing:>8} "
+              f"{r.seconds:>8.2f}  {'yes' if r.verified else 'NO: ' + (r.error or 'see report')}")
+        for f in r.folders:
+            for uid, reason in f.failed[:5]:
+                print(f"    {f.folder} uid {uid}: {reason}")
+
+
+def copy_command(args: argparse.Namespace) -> int:
+    """Run the copy (and the optional re-run); print the report; 0 when all verified."""
+    store = None if args.no_state else open_store(
+        args.state if args.state and "://" in args.state
+        else default_url(args.state or "mover-state.db"))
+    manifest = Manifest(store) if store is not None else None
+    jobs = _jobs(args)
+    t0 = time.monotonic()
+    reports = run_jobs(jobs, manifest=manifest, progress=make_progress(args.progress),
+                       parallel=args.parallel)
+    first = time.monotonic() - t0
+    stats: dict[str, object] = {"first_s": round(first, 3), "mailboxes": len(reports),
+                                "copied": sum(r.copied for r in reports)}
+    if args.rerun:
+        t1 = time.monotonic()
+        again = run_jobs(_jobs(args), manifest=manifest, progress=make_progress("none"),
+                         parallel=args.parallel)
+        stats.update(rerun_s=round(time.monotonic() - t1, 3),
+                     rerun_copied=sum(r.copied for r in again),
+                     rerun_verified=all(r.verified for r in again))
+        reports = [a if not a.verified else r for r, a in zip(reports, again, strict=True)]
+    stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    stats["verified"] = all(r.verified for r in reports)
+    if args.report == "json":
+        for r in reports:
+            print(json.dumps(r.as_dict()))
+    else:
+        _table(reports)
+    if args.stats:
+        args.stats.write_text(json.dumps(stats) + "\n")
+    print("mover: " + json.dumps(stats), file=sys.stderr)
+    if store is not None:
+        store.close()
+    return 0 if stats["verified"] else 1
+
+
+def prestage_command(args: argparse.Namespace) -> int:
+    """Prestage copy of every due migration; 0 when all verified."""
+    from reconciler.drivers.registry import make_drivers
+    from reconciler.mover.prestage import prestage
+    from reconciler.spec.loader import load_specs
+
+    state = args.state or "var/state.db"
+    store = open_store(state if "://" in state else default_url(state))
+    reports = prestage(store, make_drivers(load_specs(args.specs)), everything=args.all,
+                       parallel=args.parallel, progress=make_progress(args.progress))
+    _table(reports)
+    store.close()
+    return 0 if all(r.verified for r in reports) else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    args = _parser().parse_args(argv)
+    sys.exit(prestage_command(args) if args.command == "prestage" else copy_command(args))

@@ -1,0 +1,564 @@
+"""Sources and targets of a copy: any IMAP server, or any `MailSystemDriver`.
+
+Why an endpoint layer: the copy algorithm (`pipeline.py`) must not care whether BOX1 is on
+an IMAP server reached with a master user, or in the embedded maildir system read from
+disk, nor whether BOX2 is the one or the other. Each endpoint offers the same five async
+operations on *canonical* folder names (see `folders.py`): list the folders, list one
+folder's messages (metadata only), stream chosen messages' bytes, append a batch, create a
+folder. A listing carries a *validity*: IMAP's UIDVALIDITY, or a constant for a driver
+whose keys never change meaning; the manifest trusts cached UID -> hash entries only under
+the same validity.
+
+Content identity is the sha256 of the message in its wire form (lines ending in CRLF, as
+IMAP serves every message), so a message copied from a Maildir file with bare LF to an
+IMAP server, which stores and serves it with CRLF, is still recognised as the same one.
+The bytes appended are exactly the bytes read: the mover never rewrites a message.
+
+Credentials: `ImapAccount` holds a password resolved from a reference (environment
+variable or file) by the caller, never read from the specs; `authorize_as` logs in as an
+admin or master user on behalf of the mailbox's owner (SASL PLAIN authorization id, what
+Dovecot master users, Cyrus admins and Zimbra admins accept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+from reconciler.drivers.base import MailSystemDriver
+from reconciler.mover import mutf7
+from reconciler.mover.folders import Folder, canonical, guess_special_use, native
+from reconciler.mover.imapclient import (
+    ImapClient,
+    ImapCommandError,
+    Untagged,
+    as_int,
+    fetch_items,
+    quote_mailbox,
+)
+
+# (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
+Sink = Callable[[str, bytes, "tuple[str, ...] | None", "str | None"], Awaitable[None]]
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
+_LIST_CHUNK = 500  # UIDs per FETCH command: keeps command lines short
+
+
+def wire_form(data: bytes) -> bytes:
+    """The message as IMAP serves it: every line ending CRLF."""
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
+    return _BARE_LF.sub(b"\r\n", data)
+
+
+def content_hash(data: bytes) -> str:
+    """The content identity of a message: sha256 of its wire form."""
+    return hashlib.sha256(wire_form(data)).hexdigest()
+
+
+@dataclass
+class Entry:
+    """One message in a listing (no body)."""
+
+    uid: str  # IMAP UID, or a driver's message key
+    size: int
+    message_id: str  # "" when the message has none
+    flags: tuple[str, ...] = ()
+    date: str | None = None  # INTERNALDATE, IMAP syntax
+    sha256: str | None = None  # known without reading the body (drivers, the manifest)
+
+
+@dataclass
+class Listing:
+    """A folder's messages under one validity."""
+
+    validity: str
+    entries: list[Entry] = field(default_factory=list)
+    # "UIDVALIDITY/UIDNEXT/MESSAGES" when the listing was taken (IMAP), "" when unknown:
+    # the same triple later means the very same messages (see pipeline's shortcut).
+    state: str = ""
+
+
+@dataclass
+class Outgoing:
+    """A message to append."""
+
+    data: bytes
+    flags: tuple[str, ...]
+    date: str | None
+
+
+@dataclass
+class AppendResult:
+    """What an append batch gave: the validity and, per message, a UID or an error."""
+
+    validity: str | None
+    uids: list[str | None]
+    errors: list[str | None]
+
+
+class Endpoint(Protocol):
+    """A mailbox on some system, seen by the mover."""
+
+    label: str
+
+    async def open(self) -> None:
+        """Connect (idempotent)."""
+
+    async def close(self) -> None:
+        """Disconnect."""
+
+    async def folders(self) -> list[Folder]:
+        """Every folder (canonical names)."""
+
+    async def create_folder(self, name: str) -> None:
+        """Create a folder if missing."""
+
+    async def listing(self, name: str, *, full: bool = True) -> Listing | None:
+        """The folder's messages, or None when the folder does not exist; `full=False`
+        may leave out Message-ID, flags and date (a target's listing needs UID and size)."""
+
+    async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
+                    meta: bool = False) -> None:
+        """Stream these messages into `sink` (uid, data, flags, date); with `meta=False`
+        the flags and date may be left out (None)."""
+
+    async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
+        """Append messages in order."""
+
+
+# -- dates and flags ----------------------------------------------------------------------
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MAILDIR_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered",
+                  "S": "\\Seen", "T": "\\Deleted"}
+_IMAP_TO_MAILDIR = {v.lower(): k for k, v in _MAILDIR_FLAGS.items()}
+
+
+def imap_date(epoch: float) -> str:
+    """Epoch seconds -> INTERNALDATE text (UTC)."""
+    t = datetime.fromtimestamp(epoch, UTC)
+    return f"{t.day:02d}-{_MONTHS[t.month - 1]}-{t.year} {t:%H:%M:%S} +0000"
+
+
+def epoch_of(date: str | None) -> float | None:
+    """INTERNALDATE text -> epoch seconds (None when absent or unparsable)."""
+    if not date:
+        return None
+    try:
+        day, rest = date.strip().split("-", 1)
+        return parsedate_to_datetime(f"{int(day):02d}-{rest}".replace("-", " ", 2)).timestamp()
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def flags_from_maildir(letters: str) -> tuple[str, ...]:
+    """Maildir flag letters -> IMAP flags."""
+    return tuple(_MAILDIR_FLAGS[c] for c in letters if c in _MAILDIR_FLAGS)
+
+
+def flags_to_maildir(flags: Sequence[str]) -> str:
+    """IMAP flags -> Maildir letters (keywords other than $Forwarded have no letter)."""
+    return "".join(sorted({_IMAP_TO_MAILDIR[f.lower()] for f in flags
+                           if f.lower() in _IMAP_TO_MAILDIR}))
+
+
+def message_id_of(header: bytes) -> str:
+    """The Message-ID in a fetched `HEADER.FIELDS (MESSAGE-ID)` section ('' when none)."""
+    text = header.decode("latin-1").replace("\r\n", "\n").replace("\n ", " ")
+    text = text.replace("\n\t", " ")
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "message-id":
+            return value.strip()
+    return ""
+
+
+def header_message_id(data: bytes) -> str:
+    """The Message-ID of a whole message (looked for in its header section only)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    return message_id_of(data[: end if end >= 0 else len(data)])
+
+
+def uid_set(uids: Sequence[str]) -> str:
+    """Compress UIDs into an IMAP sequence set: 1:5,8,10:12."""
+    numbers = sorted(int(u) for u in uids)
+    parts: list[str] = []
+    start = prev = numbers[0]
+    for n in numbers[1:]:
+        if n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}:{prev}" if prev > start else str(start))
+        start = prev = n
+    parts.append(f"{start}:{prev}" if prev > start else str(start))
+    return ",".join(parts)
+
+
+def expand_uid_set(text: str) -> list[str]:
+    """An APPENDUID set (5:7,9) -> ['5','6','7','9'] (bounded by the batch size)."""
+    result: list[str] = []
+    for part in text.split(","):
+        low, _, high = part.partition(":")
+        a, b = int(low), int(high or low)
+        if a > b:
+            a, b = b, a
+        if b - a > 100_000:
+            raise ValueError(f"implausible APPENDUID range {part}")
+        result.extend(str(n) for n in range(a, b + 1))
+    return result
+
+
+# -- IMAP ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImapAccount:
+    """How to log in to one mailbox on an IMAP server."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    authorize_as: str | None = None  # log in as `user` (an admin) on behalf of this mailbox
+    timeout: float = 60.0
+    tls: bool = False  # implicit TLS (IMAPS, port 993); STARTTLS is not implemented
+
+    def __repr__(self) -> str:  # never print the password
+        who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
+        return f"ImapAccount({who}@{self.host}:{self.port})"
+
+
+class ImapEndpoint:
+    """A mailbox on an IMAP server, over one pipelined connection."""
+
+    def __init__(self, account: ImapAccount, *, readonly: bool = False) -> None:
+        self.account = account
+        self.readonly = readonly
+        who = account.authorize_as or account.user
+        self.label = f"imap://{who}@{account.host}:{account.port}"
+        self.client: ImapClient | None = None
+        self.separator: str | None = "/"
+        self.prefix = ""
+        self._selected: str | None = None
+        self._validity = ""
+        self._state = ""
+        # canonical folder -> "UIDVALIDITY/UIDNEXT/MESSAGES" from LIST-STATUS (RFC 5819)
+        self.folder_status: dict[str, str] = {}
+
+    async def open(self) -> None:
+        """Connect, log in, learn separator and personal namespace prefix."""
+        if self.client is not None:
+            return
+        a = self.account
+        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls)
+        try:
+            if a.authorize_as:
+                await client.login(a.user, a.password, authorize_as=a.authorize_as)
+            else:
+                await client.login(a.user, a.password)
+            if "NAMESPACE" in client.capabilities:
+                for resp in await client.simple("NAMESPACE"):
+                    personal = resp[1] if len(resp) > 1 and resp[0] == b"NAMESPACE" else None
+                    if isinstance(personal, list) and personal and isinstance(personal[0], list):
+                        prefix, sep = (personal[0] + [None, None])[:2]
+                        self.prefix = mutf7.decode(prefix.decode()) \
+                            if isinstance(prefix, bytes) else ""
+                        self.separator = sep.decode() if isinstance(sep, bytes) else None
+            else:
+                for resp in await client.simple('LIST "" ""'):
+                    if len(resp) > 2 and resp[0] == b"LIST":
+                        sep = resp[2]
+                        self.separator = sep.decode() if isinstance(sep, bytes) else None
+        except BaseException:
+            client.close()
+            raise
+        self.client = client
+        self._selected = None
+
+    async def close(self) -> None:
+        """Log out."""
+        if self.client is not None:
+            client, self.client = self.client, None
+            await client.logout()
+
+    def _c(self) -> ImapClient:
+        if self.client is None:
+            raise RuntimeError(f"{self.label}: not open")
+        return self.client
+
+    def _native(self, name: str) -> str:
+        return native(name, self.separator, self.prefix)
+
+    async def folders(self) -> list[Folder]:
+        """LIST (with RETURN (SPECIAL-USE) when offered), names decoded and canonical."""
+        client = self._c()
+        command = 'LIST "" "*"'
+        returns = []
+        if "SPECIAL-USE" in client.capabilities:
+            returns.append("SPECIAL-USE")
+        if "LIST-STATUS" in client.capabilities:
+            returns.append("STATUS (UIDVALIDITY UIDNEXT MESSAGES)")
+        if returns:
+            command += f" RETURN ({' '.join(returns)})"
+        result: list[Folder] = []
+        self.folder_status = {}
+        responses = await client.simple(command)
+        for resp in responses:
+            if len(resp) >= 3 and resp[0] == b"STATUS" and isinstance(resp[1], bytes) \
+                    and isinstance(resp[2], list):
+                values = dict(zip(resp[2][::2], resp[2][1::2], strict=False))
+                name = canonical(mutf7.decode(resp[1].decode("utf-8", "replace")),
+                                 self.separator, self.prefix)
+                v, n, m = (values.get(k) for k in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"))
+                if isinstance(v, bytes) and isinstance(n, bytes) and isinstance(m, bytes):
+                    self.folder_status[name] = f"{v.decode()}/{n.decode()}/{m.decode()}"
+        for resp in responses:
+            if len(resp) < 4 or resp[0] != b"LIST" or not isinstance(resp[1], list):
+                continue
+            attrs = [a.decode() for a in resp[1] if isinstance(a, bytes)]
+            raw = resp[3]
+            if not isinstance(raw, bytes):
+                continue
+            sep = resp[2].decode() if isinstance(resp[2], bytes) else None
+            decoded = mutf7.decode(raw.decode("utf-8", "replace"))
+            name = canonical(decoded, sep, self.prefix)
+            use = next((a for a in attrs if a in ("\\Sent", "\\Drafts", "\\Trash", "\\Junk",
+                                                   "\\Archive")), None)
+            lowered = {a.lower() for a in attrs}
+            if use is None and "SPECIAL-USE" not in client.capabilities:
+                use = guess_special_use(name)
+            result.append(Folder(name, decoded, use,
+                                 "\\noselect" not in lowered and "\\nonexistent" not in lowered))
+        return result
+
+    async def create_folder(self, name: str) -> None:
+        """CREATE, ignoring 'already exists'."""
+        try:
+            await self._c().simple(f"CREATE {quote_mailbox(self._native(name)).decode()}")
+        except ImapCommandError:
+            if name not in {f.name for f in await self.folders()}:
+                raise
+
+    async def _select(self, name: str) -> bool:
+        """EXAMINE the folder unless selected; False when it does not exist."""
+        if self._selected == name:
+            return True
+        validity = ""
+        try:
+            responses = await self._c().simple(
+                f"EXAMINE {quote_mailbox(self._native(name)).decode()}")
+        except ImapCommandError:
+            self._selected = None
+            return False
+        uidnext = exists = ""
+        for resp in responses:
+            if len(resp) > 1 and resp[0] == b"OK" and isinstance(resp[1], bytes):
+                match = _UIDVALIDITY.match(resp[1])
+                validity = match.group(1).decode() if match else validity
+                match = _UIDNEXT.match(resp[1])
+                uidnext = match.group(1).decode() if match else uidnext
+            elif len(resp) > 1 and resp[1] == b"EXISTS" and isinstance(resp[0], bytes):
+                exists = resp[0].decode()
+        self._selected = name
+        self._validity = validity
+        self._state = f"{validity}/{uidnext}/{exists}" if validity and uidnext and exists else ""
+        return True
+
+    async def listing(self, name: str, *, full: bool = True) -> Listing | None:
+        """UID, size, flags, INTERNALDATE and Message-ID of every message (no bodies); only
+        UID and size with `full=False` (cheap on a server that has not cached headers)."""
+        self._selected = None  # re-EXAMINE: see what was appended since
+        if not await self._select(name):
+            return None
+        listing = Listing(self._validity, state=self._state)
+
+        def collect(resp: Untagged) -> None:
+            items = fetch_items(resp)
+            if items is None or b"UID" not in items:
+                return
+            flags = items.get(b"FLAGS")
+            header = items.get(b"BODY[HEADER.FIELDS (MESSAGE-ID)]")
+            date = items.get(b"INTERNALDATE")
+            listing.entries.append(Entry(
+                uid=str(as_int(items[b"UID"])), size=as_int(items.get(b"RFC822.SIZE")),
+                message_id=message_id_of(header) if isinstance(header, bytes) else "",
+                flags=tuple(f.decode() for f in flags if isinstance(f, bytes)
+                            and f.lower() != b"\\recent") if isinstance(flags, list) else (),
+                date=date.decode() if isinstance(date, bytes) else None,
+            ))
+
+        items = ("UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+                 if full else "UID RFC822.SIZE")
+        await self._c().simple(f"UID FETCH 1:* ({items})", handler=collect)
+        return listing
+
+    async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
+                    meta: bool = False) -> None:
+        """Pipelined UID FETCH BODY.PEEK[] (with FLAGS and INTERNALDATE when `meta`); the
+        sink's back-pressure stops the reading."""
+        if not uids:
+            return
+        if not await self._select(name):
+            raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
+
+        async def deliver(resp: Untagged) -> None:
+            items = fetch_items(resp)
+            if items is None:
+                return
+            body = items.get(b"BODY[]")
+            if isinstance(body, bytes):
+                flags = items.get(b"FLAGS")
+                date = items.get(b"INTERNALDATE")
+                await sink(str(as_int(items.get(b"UID"))), body,
+                           tuple(f.decode() for f in flags if isinstance(f, bytes)
+                                 and f.lower() != b"\\recent")
+                           if isinstance(flags, list) else None,
+                           date.decode() if isinstance(date, bytes) else None)
+
+        client = self._c()
+        what = "UID FLAGS INTERNALDATE BODY.PEEK[]" if meta else "UID BODY.PEEK[]"
+        ordered = sorted(uids, key=int)
+        started = [
+            await client.start(
+                [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} ({what})".encode()],
+                "UID FETCH", handler=deliver)
+            for i in range(0, len(ordered), _LIST_CHUNK)
+        ]
+        for pending in started:
+            await client.finish(pending)
+
+    async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
+        """MULTIAPPEND when offered (one transaction on the server), else one APPEND each;
+        a refused batch is retried message by message to tell which one failed."""
+        client = self._c()
+        box = quote_mailbox(self._native(name))
+        if len(messages) > 1 and "MULTIAPPEND" in client.capabilities:
+            segments: list[bytes] = [b"APPEND " + box]
+            for msg in messages:
+                segments[-1] += b" " + _flags_and_date(msg)
+                segments.append(msg.data)
+                segments.append(b"")
+            try:
+                pending = await client.start(segments, "APPEND")
+                return _append_result(await client.finish(pending), pending_text(pending),
+                                      len(messages))
+            except ImapCommandError:
+                pass  # fall through: find the culprit one by one
+        results = await asyncio.gather(*(self._append_one(box, m) for m in messages))
+        validity = next((r.validity for r in results if r.validity), None)
+        return AppendResult(validity, [r.uids[0] for r in results],
+                            [r.errors[0] for r in results])
+
+    async def _append_one(self, box: bytes, msg: Outgoing) -> AppendResult:
+        client = self._c()
+        try:
+            pending = await client.start([b"APPEND " + box + b" " + _flags_and_date(msg),
+                                          msg.data, b""], "APPEND")
+            await client.finish(pending)
+        except ImapCommandError as exc:
+            return AppendResult(None, [None], [exc.text or exc.status])
+        return _append_result([], pending_text(pending), 1)
+
+
+def pending_text(pending: object) -> str:
+    """The tagged OK text of a finished command (holds [APPENDUID ...])."""
+    done = getattr(pending, "done", None)
+    if done is None or not done.done() or done.exception() is not None:
+        return ""
+    return str(done.result()[1])
+
+
+_APPENDUID = re.compile(r"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
+
+
+def _append_result(_untagged: list[Untagged], text: str, count: int) -> AppendResult:
+    match = _APPENDUID.search(text)
+    if not match:
+        return AppendResult(None, [None] * count, [None] * count)
+    uids: list[str | None] = list(expand_uid_set(match.group(2)))
+    if len(uids) != count:
+        uids = [None] * count  # a server that numbers oddly: verify by content instead
+    return AppendResult(match.group(1), uids, [None] * count)
+
+
+def _flags_and_date(msg: Outgoing) -> bytes:
+    flags = " ".join(f for f in msg.flags if f.lower() != "\\recent")
+    text = f"({flags})"
+    if msg.date:
+        text += f' "{msg.date}"'
+    return text.encode() + b" "
+
+
+# -- drivers ------------------------------------------------------------------------------
+DRIVER_VALIDITY = "key"  # a driver's message keys never change meaning
+
+
+class DriverEndpoint:
+    """A mailbox of any `MailSystemDriver` (the embedded maildir system first), through the
+    driver's blocking calls run in worker threads."""
+
+    def __init__(self, driver: MailSystemDriver, mailbox_id: str) -> None:
+        self.driver = driver
+        self.mailbox_id = mailbox_id
+        self.label = f"{driver.name}:{mailbox_id}"
+
+    async def open(self) -> None:
+        """Nothing to connect."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def folders(self) -> list[Folder]:
+        """The driver's folders (already canonical), special use guessed from the name."""
+        names = await asyncio.to_thread(self.driver.list_folders, self.mailbox_id)
+        return [Folder(n, n, guess_special_use(n)) for n in names]
+
+    async def create_folder(self, name: str) -> None:
+        """Create the folder when the driver can (the maildir driver can)."""
+        create = getattr(self.driver, "create_folder", None)
+        if callable(create):
+            await asyncio.to_thread(create, self.mailbox_id, name)
+
+    async def listing(self, name: str, *, full: bool = True) -> Listing | None:
+        """The driver's listing, each message hashed in wire form."""
+        def read() -> Listing | None:
+            if name not in self.driver.list_folders(self.mailbox_id):
+                return None
+            listing = Listing(DRIVER_VALIDITY)
+            for msg in self.driver.list_messages(self.mailbox_id, name):
+                data = wire_form(self.driver.read_message(self.mailbox_id, name, msg.key))
+                listing.entries.append(Entry(
+                    msg.key, len(data), msg.message_id or "", flags_from_maildir(msg.flags),
+                    imap_date(msg.internal_date), hashlib.sha256(data).hexdigest()))
+            return listing
+        return await asyncio.to_thread(read)
+
+    async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
+                    meta: bool = False) -> None:
+        """Read each message in turn (one in memory at a time)."""
+        for uid in uids:
+            data = await asyncio.to_thread(self.driver.read_message, self.mailbox_id, name, uid)
+            await sink(uid, data, None, None)  # flags and date came with the listing
+
+    async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
+        """Store each message byte for byte with its flags and date."""
+        uids: list[str | None] = []
+        errors: list[str | None] = []
+        for msg in messages:
+            try:
+                key = await asyncio.to_thread(
+                    self.driver.append_message, self.mailbox_id, name, msg.data,
+                    flags=flags_to_maildir(msg.flags), internal_date=epoch_of(msg.date))
+                uids.append(key)
+                errors.append(None)
+            except Exception as exc:
+                uids.append(None)
+                errors.append(str(exc))
+        return AppendResult(DRIVER_VALIDITY, uids, errors)

@@ -1,0 +1,424 @@
+"""A small pipelined asyncio IMAP4rev1 client: just what the data mover needs, fast.
+
+Why our own and not a library: the mover's speed comes from keeping many commands in flight
+on one connection (RFC 3501 section 5.5) and from streaming FETCH responses straight into
+the hash and the next APPEND with back-pressure. `imaplib` and `imapclient` (on top of it)
+are synchronous: one command, one round trip, every response buffered whole. `aioimaplib`
+is asyncio but buffers each command's whole response before returning it (a `UID FETCH 1:*
+BODY.PEEK[]` of a 2 GB folder would sit in memory) and sends literals one continuation at
+a time (no LITERAL+, no MULTIAPPEND). So this module implements the subset we use, with:
+
+- tags matched to commands, several commands in flight, responses read by one task;
+- untagged responses routed to the command that asked for them (FETCH by UID range), with
+  an async handler per command: while the handler awaits (a full queue downstream), the
+  reader stops reading the socket, and TCP back-pressure bounds memory;
+- literals read exactly (`{n}`), sent with LITERAL+ (`{n+}`) when the server has it,
+  otherwise after the server's continuation request;
+- a parser for the response grammar we meet (atoms, quoted strings, literals, lists).
+
+Errors: a NO or BAD answer raises `ImapCommandError` (the connection stays usable); a broken
+connection raises `ImapConnectionError` in every pending command (the caller reconnects and
+resumes: the mover's manifest makes that safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+from reconciler.mover import mutf7
+
+Value = Union[bytes, int, None, "list[Value]"]
+Untagged = list[Value]  # one untagged response, parsed: [b"12", b"FETCH", [...]]
+Handler = Callable[[Untagged], Awaitable[None] | None]
+
+_LITERAL_END = re.compile(rb"\{(\d+)\+?\}\r\n$")
+_TOKEN = re.compile(
+    rb'[ \t]*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|((?:[^\s()"\[\]]|\[[^\]]*\])+))'
+)
+_LITERAL_MARK = object()
+MAX_LITERAL = 1 << 31  # a message larger than 2 GiB is refused rather than read
+
+
+class ImapError(Exception):
+    """Any IMAP failure."""
+
+
+class ImapConnectionError(ImapError):
+    """The connection broke or timed out: reconnect and resume."""
+
+
+class ImapCommandError(ImapError):
+    """The server answered NO or BAD."""
+
+    def __init__(self, command: str, status: str, text: str) -> None:
+        super().__init__(f"{command}: {status} {text}")
+        self.status = status
+        self.text = text
+
+
+def quote(text: str) -> bytes:
+    """An IMAP quoted string (names of ASCII after mUTF-7 encoding)."""
+    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
+
+
+def quote_mailbox(name: str) -> bytes:
+    """A mailbox name on the wire: modified UTF-7, quoted."""
+    return quote(mutf7.encode(name))
+
+
+# The FETCH response of a body fetch, as Dovecot and most servers send it: parsed without
+# the general tokenizer (it is the one response per message of a copy).
+_FAST_BODY = re.compile(rb"(\d+) FETCH \(UID (\d+) BODY\[\] \{\d+\+?\}\r\n$")
+_FAST_META = re.compile(rb'(\d+) FETCH \(UID (\d+) FLAGS \(([^()]*)\) INTERNALDATE "([^"]*)" '
+                        rb"BODY\[\] \{\d+\+?\}\r\n$")
+_FAST_SIZE = re.compile(rb"(\d+) FETCH \(UID (\d+) RFC822\.SIZE (\d+)\)$")
+
+
+def parse_response(parts: Sequence[bytes]) -> Untagged:
+    """Parse a response split at its literals ([line, literal, line, ...]) into values."""
+    if len(parts) == 3 and parts[2] == b")":
+        fast = _FAST_BODY.match(parts[0])
+        if fast:
+            return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"BODY[]", parts[1]]]
+        fast = _FAST_META.match(parts[0])
+        if fast:
+            flags: list[Value] = list(fast.group(3).split())
+            return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"FLAGS", flags,
+                                              b"INTERNALDATE", fast.group(4), b"BODY[]",
+                                              parts[1]]]
+    elif len(parts) == 1:
+        fast = _FAST_SIZE.match(parts[0])
+        if fast:
+            return [fast.group(1), b"FETCH", [b"UID", fast.group(2), b"RFC822.SIZE",
+                                              fast.group(3)]]
+    stack: list[list[Value]] = [[]]
+    for index in range(0, len(parts), 2):
+        text = parts[index]
+        pos = 0
+        end = len(text)
+        if index + 1 < len(parts):
+            match = _LITERAL_END.search(text)
+            end = match.start() if match else end
+        while pos < end:
+            m = _TOKEN.match(text, pos, end)
+            if m is None or m.end() == pos:
+                break
+            pos = m.end()
+            if m.group(1):
+                stack.append([])
+            elif m.group(2):
+                if len(stack) > 1:
+                    done = stack.pop()
+                    stack[-1].append(done)
+            elif m.group(3) is not None:
+                stack[-1].append(re.sub(rb"\\(.)", rb"\1", m.group(3)))
+            elif m.group(4):
+                atom = m.group(4)
+                stack[-1].append(None if atom == b"NIL" else atom)
+        if index + 1 < len(parts):
+            stack[-1].append(parts[index + 1])
+    while len(stack) > 1:
+        done = stack.pop()
+        stack[-1].append(done)
+    return stack[0]
+
+
+def fetch_items(response: Untagged) -> dict[bytes, Value] | None:
+    """The attribute dict of an untagged FETCH response (keys upper-cased), else None."""
+    if len(response) < 3 or not isinstance(response[1], bytes) \
+            or response[1].upper() != b"FETCH" or not isinstance(response[2], list):
+        return None
+    items = response[2]
+    result: dict[bytes, Value] = {}
+    for i in range(0, len(items) - 1, 2):
+        key = items[i]
+        if isinstance(key, bytes):
+            result[key.upper()] = items[i + 1]
+    return result
+
+
+def as_int(value: Value) -> int:
+    """An atom as an int (0 when absent)."""
+    return int(value) if isinstance(value, bytes) and value.isdigit() else 0
+
+
+@dataclass
+class _Pending:
+    tag: bytes
+    name: str
+    done: asyncio.Future[tuple[str, str]]
+    handler: Handler | None = None
+    accepts: Callable[[Untagged], bool] | None = None
+    untagged: list[Untagged] = field(default_factory=list)
+
+
+class ImapClient:
+    """One IMAP connection; several commands may be in flight at once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.timeout = timeout
+        self.capabilities: set[str] = set()
+        self._tag = 0
+        self._pending: list[_Pending] = []
+        self._continuation: asyncio.Future[bytes] | None = None
+        self._broken: Exception | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._last_rx = 0.0
+        self._in_handler = False
+        self._write_lock = asyncio.Lock()
+        self.greeting: bytes = b""
+
+    # -- connection ---------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, host: str, port: int, *, timeout: float = 60.0,
+                      tls: bool = False) -> ImapClient:
+        """Open a connection (implicit TLS with `tls`, certificates verified), read the
+        greeting, learn the capabilities."""
+        context = ssl.create_default_context() if tls else None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=1 << 20, ssl=context), timeout)
+            client = cls(reader, writer, timeout)
+            client.greeting = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            raise ImapConnectionError(f"IMAP {host}:{port}: {exc!r}") from exc
+        if not client.greeting.startswith(b"* OK"):
+            writer.close()
+            raise ImapConnectionError(f"IMAP {host}:{port}: greeting {client.greeting!r}")
+        client._last_rx = asyncio.get_running_loop().time()
+        client._read_task = asyncio.create_task(client._read_loop())
+        client._watch_task = asyncio.create_task(client._watchdog())
+        await client.refresh_capabilities()
+        return client
+
+    async def refresh_capabilities(self) -> None:
+        """Ask CAPABILITY (again: they change after login)."""
+        caps: set[str] = set()
+        for resp in await self.simple("CAPABILITY"):
+            if resp and resp[0] == b"CAPABILITY":
+                caps.update(v.decode().upper() for v in resp[1:] if isinstance(v, bytes))
+        self.capabilities = caps
+
+    async def login(self, user: str, password: str, *, authorize_as: str | None = None) -> None:
+        """Log in: AUTHENTICATE PLAIN (with an authorization id for a master/admin user) when
+        offered, else LOGIN."""
+        if "AUTH=PLAIN" in self.capabilities or authorize_as:
+            token = base64.b64encode(
+                f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
+            if "SASL-IR" in self.capabilities:
+                await self.simple(f"AUTHENTICATE PLAIN {token}", secret=True)
+            else:
+                await self._authenticate_continued(token)
+        else:
+            await self.simple(f"LOGIN {quote(user).decode()} {quote(password).decode()}",
+                              secret=True)
+        await self.refresh_capabilities()
+
+    async def _authenticate_continued(self, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._continuation = loop.create_future()
+        pending = await self._send([b"AUTHENTICATE PLAIN"], "AUTHENTICATE")
+        await asyncio.wait_for(asyncio.shield(self._continuation), self.timeout)
+        self._writer.write(token.encode() + b"\r\n")
+        await self._finish(pending)
+
+    async def logout(self) -> None:
+        """Say goodbye and close (errors ignored: we are leaving anyway)."""
+        try:
+            if self._broken is None:
+                await asyncio.wait_for(self.simple("LOGOUT"), 5)
+        except (TimeoutError, ImapError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket now."""
+        for task in (self._read_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+        self._writer.close()
+
+    # -- commands ------------------------------------------------------------------------
+    async def simple(self, command: str, *, secret: bool = False,
+                     handler: Handler | None = None) -> list[Untagged]:
+        """Run one command without literals; return its untagged responses."""
+        pending = await self._send([command.encode()],
+                                   command.split(" ", 1)[0] if secret else command[:60],
+                                   handler=handler)
+        await self._finish(pending)
+        return pending.untagged
+
+    async def start(self, segments: Sequence[bytes], name: str, *,
+                    handler: Handler | None = None,
+                    accepts: Callable[[Untagged], bool] | None = None) -> _Pending:
+        """Send a command (segments joined by literals, see `send_literal`) without waiting."""
+        return await self._send(segments, name, handler=handler, accepts=accepts)
+
+    async def finish(self, pending: _Pending) -> list[Untagged]:
+        """Wait for a started command's tagged answer; raise on NO/BAD."""
+        await self._finish(pending)
+        return pending.untagged
+
+    async def _send(self, segments: Sequence[bytes], name: str, *,
+                    handler: Handler | None = None,
+                    accepts: Callable[[Untagged], bool] | None = None) -> _Pending:
+        """Write a command. Odd-indexed segments are literals; the even ones around them."""
+        if self._broken is not None:
+            raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
+        plus = "LITERAL+" in self.capabilities or "LITERAL-" in self.capabilities
+        async with self._write_lock:
+            self._tag += 1
+            tag = b"M%d" % self._tag
+            pending = _Pending(tag, name, asyncio.get_running_loop().create_future(),
+                               handler, accepts)
+            self._pending.append(pending)
+            head = tag + b" " + segments[0]
+            if len(segments) == 1:
+                self._writer.write(head + b"\r\n")
+            elif plus:
+                chunks = [head]
+                for i in range(1, len(segments), 2):
+                    chunks.append(b"{%d+}\r\n" % len(segments[i]))
+                    chunks.append(segments[i])
+                    chunks.append(segments[i + 1] if i + 1 < len(segments) else b"")
+                chunks.append(b"\r\n")
+                self._writer.writelines(chunks)
+            else:
+                text = head
+                for i in range(1, len(segments), 2):
+                    self._continuation = asyncio.get_running_loop().create_future()
+                    self._writer.write(text + b"{%d}\r\n" % len(segments[i]))
+                    await self._await(self._continuation, name)
+                    self._writer.write(segments[i])
+                    text = segments[i + 1] if i + 1 < len(segments) else b""
+                self._writer.write(text + b"\r\n")
+            try:
+                await asyncio.wait_for(self._writer.drain(), self.timeout)
+            except (TimeoutError, OSError) as exc:
+                self._fail(exc)
+                raise ImapConnectionError(f"{name}: {exc!r}") from exc
+        return pending
+
+    async def _await(self, future: asyncio.Future[bytes], name: str) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except TimeoutError as exc:
+            self._fail(exc)
+            raise ImapConnectionError(f"{name}: no continuation") from exc
+
+    async def _finish(self, pending: _Pending) -> None:
+        # No overall timeout here: a big FETCH may legitimately take long; the reader's
+        # per-read timeout detects a dead server.
+        status, text = await pending.done
+        if status != "OK":
+            raise ImapCommandError(pending.name, status, text)
+
+    # -- reading -------------------------------------------------------------------------
+    async def _read_parts(self) -> list[bytes]:
+        """One response, split at its literals. No per-read timeout here (a `wait_for` per
+        line costs a task each); the watchdog aborts a connection that went silent."""
+        parts: list[bytes] = []
+        reader = self._reader
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            if not line.endswith(b"}\r\n"):
+                parts.append(line[:-2])
+                return parts
+            match = _LITERAL_END.search(line)
+            if match is None:
+                parts.append(line[:-2])
+                return parts
+            size = int(match.group(1))
+            if size > MAX_LITERAL:
+                raise ImapConnectionError(f"literal of {size} bytes refused")
+            parts.append(line)
+            parts.append(await reader.readexactly(size))
+
+    async def _watchdog(self) -> None:
+        """Abort the connection when commands are pending and the server sent nothing for
+        `timeout` seconds (time spent in our own handlers, back-pressure, does not count)."""
+        loop = asyncio.get_running_loop()
+        while self._broken is None:
+            await asyncio.sleep(max(self.timeout / 4, 0.05))
+            idle = loop.time() - self._last_rx
+            if self._pending and not self._in_handler and idle > self.timeout:
+                self._fail(TimeoutError(f"no answer for {idle:.0f} s"))
+                self._writer.transport.abort()
+                return
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                parts = await self._read_parts()
+                self._last_rx = loop.time()
+                first = parts[0]
+                if first.startswith(b"* "):
+                    await self._dispatch(parts)
+                elif first.startswith(b"+"):
+                    if self._continuation is not None and not self._continuation.done():
+                        self._continuation.set_result(first)
+                else:
+                    self._tagged(first)
+        except asyncio.CancelledError:
+            self._fail(ConnectionAbortedError("closed"))
+            raise
+        except (TimeoutError, OSError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, ValueError, ImapError) as exc:
+            self._fail(exc)
+
+    async def _dispatch(self, parts: list[bytes]) -> None:
+        response = parse_response([parts[0][2:], *parts[1:]])
+        if response and response[0] == b"BYE" and not any(
+                p.name.startswith("LOGOUT") for p in self._pending):
+            raise ImapConnectionError(f"server said {parts[0][:200]!r}")
+        target = None
+        for pending in self._pending:
+            if pending.accepts is None or pending.accepts(response):
+                target = pending
+                break
+        if target is None:
+            return  # unsolicited (EXISTS of new mail, etc.)
+        if target.handler is not None:
+            result = target.handler(response)
+            if result is not None:
+                self._in_handler = True
+                try:
+                    await result
+                finally:
+                    self._in_handler = False
+                    self._last_rx = asyncio.get_running_loop().time()
+        else:
+            target.untagged.append(response)
+
+    def _tagged(self, line: bytes) -> None:
+        tag, _, rest = line.partition(b" ")
+        status, _, text = rest.partition(b" ")
+        for i, pending in enumerate(self._pending):
+            if pending.tag == tag:
+                del self._pending[i]
+                if not pending.done.done():
+                    pending.done.set_result((status.decode(errors="replace").upper(),
+                                             text.decode(errors="replace")))
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._broken is None:
+            self._broken = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+        for pending in self._pending:
+            if not pending.done.done():
+                pending.done.set_exception(
+                    ImapConnectionError(f"{pending.name}: connection lost: {exc!r}"))
+        self._pending.clear()
+        if self._continuation is not None and not self._continuation.done():
+            self._continuation.set_exception(ImapConnectionError(f"connection lost: {exc!r}"))

@@ -1,0 +1,105 @@
+"""Run many mailbox copies at once, politely, and survive dropped connections.
+
+Why one event loop and not threads or processes: a mailbox copy spends its life waiting on
+two servers; asyncio keeps hundreds of such waits in one thread with no locks, and the
+copies of one source share its `Throttle`. `parallel` bounds how many mailboxes run at once
+(each holds one connection to its source and one to its target).
+
+A dropped connection, a timeout or a server restart does not fail the run: the mailbox is
+retried (bounded attempts, growing pause), and because the copy compares contents and the
+manifest remembers what is in the target, the retry resumes where the break happened. A
+mailbox that still fails is reported with its error and `verified: False`; the others go on.
+The same holds for a killed process: the next run starts from the manifest.
+
+`run_jobs` is what the CLI, the reconciler's transfer steps and the benchmark call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from reconciler.mover.endpoints import Endpoint
+from reconciler.mover.imapclient import ImapError
+from reconciler.mover.manifest import Manifest, RunFigures
+from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
+from reconciler.mover.progress import Progress
+from reconciler.mover.throttle import Throttle
+
+RETRYABLE = (ImapError, OSError, asyncio.TimeoutError, EOFError)
+
+
+@dataclass
+class Job:
+    """One mailbox to copy: endpoint factories (a fresh pair per attempt)."""
+
+    key: str
+    source: Callable[[], Endpoint]
+    target: Callable[[], Endpoint]
+    throttle: Throttle | None = None
+    options: Options = field(default_factory=Options)
+
+
+async def _attempt(job: Job, manifest: Manifest | None, progress: Progress) -> MailboxReport:
+    source, target = job.source(), job.target()
+    try:
+        await asyncio.gather(source.open(), target.open())
+        return await MailboxCopy(job.key, source, target, manifest=manifest, progress=progress,
+                                 throttle=job.throttle, options=job.options).run()
+    finally:
+        await asyncio.gather(source.close(), target.close(), return_exceptions=True)
+
+
+async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
+                  retries: int = 5, pause: float = 0.5) -> MailboxReport:
+    """Copy one mailbox, retrying a broken connection up to `retries` times."""
+    started = time.monotonic()
+    last: BaseException | None = None
+    report = MailboxReport(job.key)
+    for attempt in range(1, retries + 2):
+        try:
+            report = await _attempt(job, manifest, progress)
+            report.attempts = attempt
+            break
+        except RETRYABLE as exc:
+            last = exc
+            if attempt <= retries:
+                await asyncio.sleep(min(pause * 2 ** (attempt - 1), 15.0))
+    else:
+        report = MailboxReport(job.key, error=f"{type(last).__name__}: {last}",
+                               attempts=retries + 1)
+    report.seconds = time.monotonic() - started
+    if manifest is not None:
+        manifest.record_run(RunFigures(
+            mailbox=job.key, phase=job.options.phase, copied=report.copied,
+            present=report.present, failed=report.failed, missing=report.missing,
+            bytes_copied=report.bytes_copied, messages_total=report.messages_total,
+            bytes_total=report.bytes_total, seconds=report.seconds, verified=report.verified,
+            report=report.as_dict()))
+    progress.mailbox_done(job.key, {k: v for k, v in report.as_dict().items()
+                                    if k != "folders"})
+    return report
+
+
+async def run_jobs_async(jobs: Sequence[Job], *, manifest: Manifest | None = None,
+                         progress: Progress | None = None, parallel: int = 8,
+                         retries: int = 5) -> list[MailboxReport]:
+    """Copy every job, `parallel` at a time; reports in the jobs' order."""
+    progress = progress or Progress()
+    progress.run_started(len(jobs))
+    gate = asyncio.Semaphore(max(1, parallel))
+
+    async def one(job: Job) -> MailboxReport:
+        async with gate:
+            return await run_job(job, manifest, progress, retries=retries)
+
+    reports = await asyncio.gather(*(one(j) for j in jobs))
+    progress.run_done()
+    return list(reports)
+
+
+def run_jobs(jobs: Sequence[Job], **kwargs: object) -> list[MailboxReport]:
+    """`run_jobs_async` from synchronous code (the reconciler's steps, the CLI)."""
+    return asyncio.run(run_jobs_async(jobs, **kwargs))  # type: ignore[arg-type]

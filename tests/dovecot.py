@@ -1,0 +1,191 @@
+"""A private Dovecot IMAP server for tests: own config, own port, own mail, stopped by PID.
+
+Why real Dovecot: the mover's claims (pipelining, MULTIAPPEND, APPENDUID, UIDVALIDITY,
+modified UTF-7 names, master-user logins) are about what a real server does; a fake would
+only agree with our own reading of the RFCs. Setup follows ../shared/bench/imap_copy.sh and
+../shared/notes/postfix-dovecot-pitfalls.md: separate base_dir/state_dir/instance_name,
+a passwd-file userdb (so `doveadm -A` works), a system user `vmail` owning every Maildir
+level, first_valid_uid set to it. Nothing in /etc/dovecot or the system's instance is used.
+
+Needs root (Dovecot's master starts as root) and the `dovecot` binary (bootstrap.sh
+installs dovecot-imapd for the tests); without them the tests that use it are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+MAIL_USER = "vmail"
+
+
+def available() -> str | None:
+    """Why a private Dovecot cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "private Dovecot needs root"
+    if not shutil.which("dovecot") or not shutil.which("doveadm"):
+        return "dovecot not installed (bootstrap.sh test installs dovecot-imapd)"
+    return None
+
+
+def skip_unless_available() -> None:
+    """Skip the calling test when Dovecot cannot run (outside CI's root machine)."""
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+
+
+def _mail_ids() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(MAIL_USER)
+    except KeyError:
+        nologin = shutil.which("nologin") or "/bin/false"
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                        nologin, MAIL_USER], check=True, timeout=30)
+        entry = pwd.getpwnam(MAIL_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Dovecot:
+    """One private instance; `users` maps user -> password; `master` adds a master user."""
+
+    def __init__(self, root: Path, name: str, users: dict[str, str], *,
+                 master: tuple[str, str] | None = None, separator: str = "/",
+                 prefix: str = "") -> None:
+        self.dir = root / name
+        self.name = name
+        self.users = dict(users)
+        self.master = master
+        self.separator = separator
+        self.prefix = prefix
+        self.port = free_port()
+        self.uid, self.gid = _mail_ids()
+        self.conf = self.dir / "dovecot.conf"
+
+    def write(self) -> None:
+        d = self.dir
+        for sub in ("run", "state", "mail"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d.parent, 0o755)
+        os.chmod(d, 0o755)
+        os.chown(d / "mail", self.uid, self.gid)
+        (d / "users").write_text("".join(
+            f"{u}:{{PLAIN}}{p}:{self.uid}:{self.gid}::{d / 'mail' / u}::\n"
+            for u, p in self.users.items()))
+        (d / "users").chmod(0o644)
+        master = ""
+        if self.master:
+            (d / "masters").write_text(f"{self.master[0]}:{{PLAIN}}{self.master[1]}\n")
+            (d / "masters").chmod(0o644)
+            master = (f"passdb {{\n  driver = passwd-file\n  master = yes\n"
+                      f"  args = scheme=PLAIN {d / 'masters'}\n  pass = yes\n}}\n")
+        self.conf.write_text(f"""# private test instance {self.name}
+instance_name = mfty-{self.name}-{self.port}
+base_dir = {d / 'run'}
+state_dir = {d / 'state'}
+protocols = imap
+listen = 127.0.0.1
+log_path = {d / 'dovecot.log'}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+first_valid_uid = {self.uid}
+last_valid_uid = {self.uid}
+mail_location = maildir:~/Maildir
+mail_max_userip_connections = 100
+namespace inbox {{
+  inbox = yes
+  separator = {self.separator}
+  prefix = {self.prefix}
+  mailbox Sent {{
+    special_use = \\Sent
+  }}
+  mailbox "Sent Messages" {{
+    special_use = \\Sent
+  }}
+  mailbox Drafts {{
+    special_use = \\Drafts
+  }}
+  mailbox Trash {{
+    special_use = \\Trash
+  }}
+}}
+{master}passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d / 'users'}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {d / 'users'}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+""")
+
+    def start(self) -> Dovecot:
+        """Write the config, start the master, wait until the port answers (bounded)."""
+        self.write()
+        subprocess.run(["dovecot", "-c", str(self.conf)], check=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"dovecot {self.name} not listening; see {self.dir}/dovecot.log")
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "run" / "master.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        """TERM the master by its PID file, wait up to 10 s, then KILL."""
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+    def doveadm(self, *args: str) -> str:
+        """Run doveadm against this instance; its stdout."""
+        done = subprocess.run(["doveadm", "-c", str(self.conf), *args], check=True,
+                              capture_output=True, text=True, timeout=60)
+        return done.stdout
+
+    def add_user(self, user: str, password: str) -> None:
+        """Add a user (the passwd-file is re-read on each login)."""
+        self.users[user] = password
+        self.write()

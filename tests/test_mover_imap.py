@@ -1,0 +1,345 @@
+"""The data mover against real Dovecot servers: copy, resume, UIDVALIDITY, odd messages."""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.drivers.maildir import MaildirDriver
+from reconciler.mover.endpoints import (
+    DriverEndpoint,
+    Endpoint,
+    ImapAccount,
+    ImapEndpoint,
+    content_hash,
+)
+from reconciler.mover.folders import FolderRule
+from reconciler.mover.manifest import Manifest
+from reconciler.mover.pipeline import MailboxReport, Options
+from reconciler.mover.runner import Job, run_jobs
+from reconciler.state.store import Store, default_url
+
+from dovecot import Dovecot, skip_unless_available
+
+REPO = Path(__file__).resolve().parents[1]
+FRENCH = "Éléments envoyés"
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan")
+Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
+
+
+class Pair:
+    """A source and a target Dovecot; each test adds its own users."""
+
+    def __init__(self) -> None:
+        # Not under pytest's tmp_path: its root is 0700 and Dovecot's unprivileged
+        # processes must traverse every level up to the mail.
+        root = Path(tempfile.mkdtemp(prefix="mfty-dovecot-"))
+        root.chmod(0o755)
+        # Every test's user exists from the start: Dovecot's auth process may not notice a
+        # passwd-file rewritten within the same second.
+        users = {u: f"pw-{u}" for u in USERS}
+        self.src = Dovecot(root, "src", users, master=("admin", "admin-pw")).start()
+        self.dst = Dovecot(root, "dst", users, separator=".", prefix="INBOX.").start()
+        self.root = root
+
+    def user(self, name: str) -> str:
+        assert name in USERS
+        return name
+
+    def stop(self) -> None:
+        self.src.stop()
+        self.dst.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    skip_unless_available()
+    p = Pair()
+    yield p
+    p.stop()
+
+
+def login(server: Dovecot, user: str) -> imaplib.IMAP4:
+    conn = imaplib.IMAP4("127.0.0.1", server.port, timeout=15)
+    conn.login(user, f"pw-{user}")
+    return conn
+
+
+def q(name: str) -> str:
+    """An IMAP quoted mailbox name for imaplib (modified UTF-7)."""
+    from reconciler.mover.mutf7 import encode
+    return '"' + encode(name) + '"'
+
+
+def message(n: int, *, msgid: str | None = "auto", body: str = "") -> bytes:
+    head = f"From: a@x.example\r\nSubject: n{n}\r\n"
+    if msgid == "auto":
+        head += f"Message-ID: <{n}@x.example>\r\n"
+    elif msgid is not None:
+        head += f"Message-ID: {msgid}\r\n"
+    return (head + f"\r\nbody {n} {body}\r\n").encode()
+
+
+def fill(server: Dovecot, user: str, folders: dict[str, list[tuple[bytes, str]]]) -> None:
+    """Append (message, flags) lists into folders (created), with distinct dates."""
+    conn = login(server, user)
+    when = 1_600_000_000
+    for folder, items in folders.items():
+        if folder != "INBOX":
+            conn.create(q(folder))
+        for data, flags in items:
+            when += 3600
+            typ, _ = conn.append(q(folder), flags or None, imaplib.Time2Internaldate(when), data)
+            assert typ == "OK"
+    conn.logout()
+
+
+def snapshot(server: Dovecot, user: str, *, sep: str = "/", prefix: str = "") -> Snapshot:
+    """(canonical folder, bytes, flags, INTERNALDATE) of every message of a user."""
+    from reconciler.mover.mutf7 import decode
+    conn = login(server, user)
+    found: Snapshot = Counter()
+    _, boxes = conn.list()
+    for line in boxes:
+        raw = line.decode() if isinstance(line, bytes) else str(line)
+        name = raw.rsplit(f' "{sep}" ', 1)[1].strip('"')
+        canonical = decode(name)
+        canonical = canonical[len(prefix):] if prefix and canonical.startswith(prefix) \
+            else canonical
+        canonical = canonical.replace(sep, "/")
+        if conn.select(f'"{name}"', readonly=True)[0] != "OK":
+            continue  # a \Noselect parent of a hierarchy
+        _, data = conn.uid("FETCH", "1:*", "(FLAGS INTERNALDATE BODY.PEEK[])")
+        for item in data:
+            if not isinstance(item, tuple):
+                continue
+            meta = item[0].decode()
+            flags = frozenset(f for f in imaplib.ParseFlags(item[0]) if f != b"\\Recent")
+            date = meta.split('INTERNALDATE "', 1)[1].split('"', 1)[0]
+            found[(canonical, item[1], frozenset(f.decode() for f in flags), date)] += 1
+    conn.logout()
+    return found
+
+
+def store(folder: Path) -> Store:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Store(default_url(folder / "state.db"))
+
+
+def job(pair: Pair, user: str, *, admin: bool = False, options: Options | None = None) -> Job:
+    src = ImapAccount("127.0.0.1", pair.src.port, "admin", "admin-pw", authorize_as=user,
+                      timeout=15) if admin else \
+        ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+    return Job(user, lambda: ImapEndpoint(src, readonly=True), lambda: ImapEndpoint(dst),
+               options=options or Options())
+
+
+def copy(pair: Pair, user: str, st: Store, **kw: object) -> MailboxReport:
+    return run_jobs([job(pair, user, **kw)], manifest=Manifest(st))[0]  # type: ignore[arg-type]
+
+
+def test_copy_folders_flags_dates_bytes_then_rerun_copies_nothing(
+        pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("alice")
+    fill(pair.src, user, {
+        "INBOX": [(message(i), "(\\Seen)" if i % 2 else "") for i in range(30)],
+        "Archive/2023": [(message(100 + i), "(\\Flagged $Work)") for i in range(5)],
+        FRENCH: [(message(200), "(\\Answered \\Seen)")],
+        "Empty": [],
+    })
+    before = snapshot(pair.src, user)
+    st = store(tmp_path)
+    report = copy(pair, user, st, admin=True)  # master user on the source
+    assert report.verified and (report.copied, report.present, report.failed) == (36, 0, 0)
+    assert snapshot(pair.dst, user, sep=".", prefix="INBOX.") == before
+    assert snapshot(pair.src, user) == before  # the source is untouched
+    folders = pair.dst.doveadm("mailbox", "list", "-u", user).split()
+    assert "INBOX.Empty" in folders  # empty folders are kept, separator translated
+    again = copy(pair, user, st)
+    assert again.verified and (again.copied, again.present) == (0, 36)
+    assert snapshot(pair.dst, user, sep=".", prefix="INBOX.") == before
+
+
+def test_messages_without_or_sharing_a_message_id(pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("bob")
+    fill(pair.src, user, {"INBOX": [
+        (message(1, msgid=None), ""), (message(2, msgid=None), ""),
+        (message(3, msgid="<same@x>", body="first"), ""),
+        (message(4, msgid="<same@x>", body="second"), ""),
+        (message(5), ""), (message(5), ""),  # an exact duplicate stays a duplicate
+    ]})
+    st = store(tmp_path)
+    report = copy(pair, user, st)
+    assert report.verified and report.copied == 6
+    assert copy(pair, user, st).copied == 0
+    assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 6
+
+
+def test_uidvalidity_reset_on_source_copies_nothing_twice(pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("carol")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(12)]})
+    st = store(tmp_path)
+    assert copy(pair, user, st).copied == 12
+    pair.src.doveadm("mailbox", "update", "-u", user, "--uid-validity", "4242", "INBOX")
+    status = pair.src.doveadm("mailbox", "status", "-u", user, "uidvalidity", "INBOX")
+    assert "4242" in status
+    report = copy(pair, user, st)
+    assert report.verified and (report.copied, report.present) == (0, 12)
+    assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 12
+
+
+def test_special_use_and_folder_map(pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("dave")
+    fill(pair.src, user, {"Sent Messages": [(message(1), "(\\Seen)")],
+                          "Old/Projects": [(message(2), "")]})
+    login(pair.dst, user).create("INBOX.Sent")  # the target's \Sent folder exists
+    rules = (FolderRule("Old/*", "Archive/*"),)
+    report = copy(pair, user, store(tmp_path), options=Options(rules=rules))
+    assert report.verified
+    targets = {f.folder: f.target for f in report.folders}
+    assert targets["Sent Messages"] == "Sent" and targets["Old/Projects"] == "Archive/Projects"
+    got = snapshot(pair.dst, user, sep=".", prefix="INBOX.")
+    assert {k[0] for k in got} == {"Sent", "Archive/Projects"}
+
+
+def test_kill_9_mid_copy_then_resume_every_message_once(pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("erin")
+    total = 300
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(total)]})
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+    cmd = [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+           f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}",
+           "--users", str(users), "--state", str(tmp_path / "state.db"), "--progress", "json",
+           "--batch-messages", "5"]
+    proc = subprocess.Popen([*cmd, "--max-msgs-per-s", "100"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # bounded: 30 s
+            count = int(pair.dst.doveadm("mailbox", "status", "-u", user, "messages",
+                                         "INBOX").split("=")[1])
+            if count >= 40 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the copy finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=10)
+    partial = int(pair.dst.doveadm("mailbox", "status", "-u", user, "messages",
+                                   "INBOX").split("=")[1])
+    assert 0 < partial < total
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ids = Counter(content_hash(k[1]) for k, n in
+                  snapshot(pair.dst, user, sep=".", prefix="INBOX.").items() for _ in range(n))
+    assert len(ids) == total and set(ids.values()) == {1}
+
+
+def test_maildir_system_both_ways(pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("frank")
+    md = MaildirDriver("s1", tmp_path / "s1", ("127.0.0.1", 1), ("127.0.0.1", 2), "s1.internal")
+    md.create_mailbox(user)
+    lf = b"From: a@x\nMessage-ID: <lf@x>\nSubject: bare LF\n\nbody\n"
+    md.append_message(user, "INBOX", lf, flags="S", internal_date=1_600_000_000)
+    md.append_message(user, FRENCH, message(7), flags="RS", internal_date=1_600_003_600)
+    imap = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+
+    def run(src: Endpoint, dst: Endpoint, st: Store) -> MailboxReport:
+        return run_jobs([Job(user, lambda: src, lambda: dst)], manifest=Manifest(st))[0]
+
+    st = store(tmp_path)
+    up = run(DriverEndpoint(md, user), ImapEndpoint(imap), st)
+    assert up.verified and up.copied == 2
+    got = snapshot(pair.dst, user, sep=".", prefix="INBOX.")
+    assert {(k[0], k[2]) for k in got} == {("INBOX", frozenset({"\\Seen"})),
+                                           (FRENCH, frozenset({"\\Seen", "\\Answered"}))}
+    assert run(DriverEndpoint(md, user), ImapEndpoint(imap), st).copied == 0
+    back = MaildirDriver("s2", tmp_path / "s2", ("127.0.0.1", 1), ("127.0.0.1", 2), "s2.i")
+    back.create_mailbox(user)
+    down = run(ImapEndpoint(imap), DriverEndpoint(back, user), store(tmp_path / "b"))
+    assert down.verified and down.copied == 2
+    dates = sorted(m.internal_date for f in back.list_folders(user)
+                   for m in back.list_messages(user, f))
+    assert dates == [1_600_000_000, 1_600_003_600]
+
+
+def test_dropped_connection_resumes_where_it_stopped(pair: Pair, tmp_path: Path) -> None:
+    import asyncio
+
+    from reconciler.mover.runner import run_jobs_async
+
+    user = pair.user("gina")
+    total = 120
+    fill(pair.src, user, {"INBOX": [(message(i, body="x" * 2000), "") for i in range(total)]})
+    cut = {"done": False}
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   budget: int | None) -> None:
+        sent = 0
+        try:
+            while data := await reader.read(65536):
+                sent += len(data)
+                if budget is not None and sent > budget and not cut["done"]:
+                    cut["done"] = True  # only the first connection breaks, mid-APPEND
+                    writer.transport.abort()
+                    return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def go() -> MailboxReport:
+        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            sr, sw = await asyncio.open_connection("127.0.0.1", pair.dst.port)
+            await asyncio.gather(pipe(cr, sw, 60_000), pipe(sr, cw, None),
+                                 return_exceptions=True)
+        proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+        dst = ImapAccount("127.0.0.1", port, user, f"pw-{user}", timeout=15)
+        j = Job(user, lambda: ImapEndpoint(src), lambda: ImapEndpoint(dst),
+                options=Options(batch_messages=10))
+        try:
+            return (await run_jobs_async([j], manifest=Manifest(store(tmp_path))))[0]
+        finally:
+            proxy.close()
+
+    report = asyncio.run(go())
+    assert cut["done"] and report.attempts == 2 and report.verified
+    ids = Counter(content_hash(k[1]) for k, n in
+                  snapshot(pair.dst, user, sep=".", prefix="INBOX.").items() for _ in range(n))
+    assert len(ids) == total and set(ids.values()) == {1}
+
+
+def test_unchanged_folders_are_not_listed_but_any_change_is_seen(
+        pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("hugo")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(8)],
+                          "Sent": [(message(50), "")]})
+    st = store(tmp_path)
+    assert copy(pair, user, st).copied == 9
+    quiet = copy(pair, user, st)
+    assert quiet.verified and all(f.unchanged for f in quiet.folders) and quiet.present == 9
+    conn = login(pair.dst, user)  # someone expunges a copied message from BOX2
+    conn.select("INBOX")
+    conn.uid("STORE", "3", "+FLAGS", "(\\Deleted)")
+    conn.expunge()
+    conn.logout()
+    fill(pair.src, user, {"Sent": [(message(51), "")]})  # and new mail in the source
+    healed = copy(pair, user, st)
+    changed = {f.folder: f.unchanged for f in healed.folders}
+    assert healed.verified and healed.copied == 2 and changed == {"INBOX": False, "Sent": False}
+    assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 10

@@ -1,0 +1,87 @@
+"""Small pieces of the mover: modified UTF-7, folder mapping, parsing, throttle, progress."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+
+from reconciler.mover import mutf7
+from reconciler.mover.endpoints import epoch_of, expand_uid_set, imap_date, uid_set, wire_form
+from reconciler.mover.folders import Folder, FolderRule, canonical, map_folders, native
+from reconciler.mover.imapclient import fetch_items, parse_response
+from reconciler.mover.progress import JsonProgress
+from reconciler.mover.throttle import Throttle
+
+
+@pytest.mark.parametrize(("text", "wire"), [
+    ("Éléments envoyés", "&AMk-l&AOk-ments envoy&AOk-s"), ("A&B", "A&-B"),
+    ("日本語", "&ZeVnLIqe-"), ("INBOX", "INBOX"), ("~peter/mail/台北", "~peter/mail/&U,BTFw-")])
+def test_modified_utf7(text: str, wire: str) -> None:
+    assert mutf7.encode(text) == wire
+    assert mutf7.decode(wire) == text
+
+
+def test_canonical_names_and_mapping() -> None:
+    assert canonical("INBOX.Archive.2023", ".", "INBOX.") == "Archive/2023"
+    assert native("Archive/2023", ".", "INBOX.") == "INBOX.Archive.2023"
+    assert native("INBOX", ".", "INBOX.") == "INBOX"
+    src = [Folder("INBOX", "INBOX"), Folder("Sent Items", "Sent Items", "\\Sent"),
+           Folder("Old/2019", "Old.2019"), Folder("Misc", "Misc")]
+    dst = [Folder("Sent", "INBOX.Sent", "\\Sent")]
+    got = map_folders(src, dst, [FolderRule("Old.*", "Archive/*")], ".")
+    assert got == {"INBOX": "INBOX", "Sent Items": "Sent", "Old/2019": "Archive/2019",
+                   "Misc": "Misc"}
+    two_sent = [*src, Folder("Envoyés", "Envoyés", "\\Sent")]
+    assert map_folders(two_sent, dst)["Sent Items"] == "Sent Items"  # ambiguous: no mapping
+
+
+def test_parse_fetch_with_literal_and_uid_sets() -> None:
+    resp = parse_response([
+        b'7 FETCH (UID 42 RFC822.SIZE 11 FLAGS (\\Seen $Work) INTERNALDATE '
+        b'"01-Feb-2024 10:00:00 +0100" BODY[HEADER.FIELDS (MESSAGE-ID)] {5}\r\n',
+        b"hello", b")"])
+    items = fetch_items(resp)
+    assert items is not None
+    assert items[b"UID"] == b"42" and items[b"FLAGS"] == [b"\\Seen", b"$Work"]
+    assert items[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"] == b"hello"
+    assert uid_set(["1", "2", "3", "7", "9", "10"]) == "1:3,7,9:10"
+    assert expand_uid_set("5:7,9") == ["5", "6", "7", "9"]
+    assert epoch_of("01-Feb-2024 10:00:00 +0100") == epoch_of(imap_date(1706778000.0))
+    assert wire_form(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n"
+
+
+def test_throttle_waits_for_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr("reconciler.mover.throttle.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("reconciler.mover.throttle.asyncio.sleep", fake_sleep)
+
+    async def go() -> None:
+        throttle = Throttle(messages_per_second=2, bytes_per_second=1000)
+        for _ in range(6):
+            await throttle.take(100)
+    asyncio.run(go())
+    # 2 messages of burst, then one every 0.5 s: 4 more need 2 s of (fake) waiting.
+    assert sum(slept) == pytest.approx(2.0, abs=0.01)
+
+
+def test_json_progress_events() -> None:
+    out = io.StringIO()
+    progress = JsonProgress(out, interval=0)
+    progress.run_started(1)
+    progress.mailbox_started("u1", 10, 1000)
+    progress.advanced("u1", 4, 400, copied=4)
+    progress.mailbox_done("u1", {"verified": True, "copied": 4})
+    progress.run_done()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in events] == ["mailbox", "progress", "done", "run"]
+    assert all(e["format"] == "mailferry.mover/v1" for e in events)
+    assert events[-1]["copied"] == 4 and events[-1]["messages"] == 10
