@@ -34,12 +34,12 @@ from typing import TypeVar
 
 from reconciler.drivers.base import (
     Account,
-    Contact,
     DeliveryEndpoint,
     MailboxInfo,
     MailSystemDriver,
     StoredMessage,
 )
+from reconciler.drivers.contacts import SqliteContactsMixin
 from reconciler.drivers.imapstore import ImapLogin, ImapSession, greeting, imap_session
 from reconciler.drivers.pfdovecot_tables import Row, Tables, row_of
 from reconciler.errors import MailferryError, PermanentError, TemporaryError
@@ -62,7 +62,7 @@ def read_passwords(text: str) -> dict[str, str]:
     return found
 
 
-class ImapDriver(MailSystemDriver):
+class ImapDriver(SqliteContactsMixin, MailSystemDriver):
     """Read mailboxes of any IMAP server; keep mailferry's own registry of them."""
 
     def __init__(self, name: str, options: ImapOptions) -> None:
@@ -199,38 +199,6 @@ class ImapDriver(MailSystemDriver):
         """Forget the mailbox; nothing is deleted on the server."""
         self._write(f"forget {mailbox_id}", lambda conn: conn.execute(
             "DELETE FROM accounts WHERE mailbox_id = ?", (mailbox_id,)))
-
-    # -- contacts table and address book -------------------------------------------------
-    def put_contact(self, contact: Contact) -> None:
-        """Insert or replace a contact."""
-        self._write(f"put contact {contact.address}", lambda conn: conn.execute(
-            "INSERT OR REPLACE INTO contacts (address, addresses) VALUES (?, ?)",
-            (contact.address, json.dumps(list(contact.addresses)))))
-
-    def list_contacts(self) -> list[Contact]:
-        """The contacts table."""
-        rows = self._read("list contacts", lambda conn: conn.execute(
-            "SELECT address, addresses FROM contacts ORDER BY address").fetchall())
-        return [Contact(r["address"], tuple(json.loads(r["addresses"]))) for r in rows]
-
-    def delete_contact(self, address: str) -> None:
-        """Remove a contact; missing is a no-op."""
-        self._write(f"delete contact {address}", lambda conn: conn.execute(
-            "DELETE FROM contacts WHERE address = ?", (address,)))
-
-    def apply_address_book(self, entries: dict[str, str]) -> None:
-        """Down-sync: replace the address book."""
-        def change(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM address_book")
-            conn.executemany("INSERT INTO address_book (address, physical) VALUES (?, ?)",
-                             sorted(entries.items()))
-        self._write("apply address book", change)
-
-    def address_book(self) -> dict[str, str]:
-        """The address book as last down-synced."""
-        rows = self._read("read address book", lambda conn: conn.execute(
-            "SELECT address, physical FROM address_book").fetchall())
-        return {r["address"]: r["physical"] for r in rows}
 
     # -- data -----------------------------------------------------------------------------
     def mailbox_info(self, mailbox_id: str) -> MailboxInfo:
