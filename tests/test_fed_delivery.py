@@ -93,7 +93,9 @@ def test_temporary_refusal_is_retried_until_delivered(
     assert fed.client.queue().retrying == 1
     s1.reply = "250 2.0.0 Ok"
     wait_for(lambda: s1.ids() == ["<r@t>"], what="delivery after recovery")
-    assert fed.client.deliveries(rcpt=AD1)[-1].result == "delivered"
+    # The sink counts the message before fed has read its 250: wait for fed's record.
+    wait_for(lambda: fed.client.deliveries(rcpt=AD1)[-1].result == "delivered",
+             what="the delivery logged")
 
 
 def test_unreachable_system_is_retried(
@@ -110,10 +112,13 @@ def test_unreachable_system_is_retried(
 
 def test_permanent_refusal_is_shunted_with_the_reason(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
-    s1, _ = systems
+    s1, s2 = systems
     s1.reply = "550 5.2.2 mailbox full"
-    assert send(fed.smtp_port, [AD1], message("full", "f@t"))[0] == 250
+    fed.client.put_entry("boss@corp.example", s2.physical("boss"))
+    assert send(fed.smtp_port, [AD1], message("full", "f@t"),
+                mail_from="boss@corp.example")[0] == 250
     wait_for(lambda: fed.client.queue().shunted == 1, what="shunt")
+    wait_for(lambda: len(s2.received) == 1, what="the bounce at the sender's system")
     assert fed.client.queue().pending == 0
     infos = list((fed.state_dir / "spool" / "shunt").glob("*.json"))
     assert len(infos) == 1
