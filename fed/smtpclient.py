@@ -141,6 +141,7 @@ class Connection:
 
     async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> dict[str, Reply]:
         """One transaction; each recipient's final reply. ClientError if the link broke."""
+        mail_from = mail_from.removeprefix("<").removesuffix(">")  # aiosmtpd keeps <> as is
         options = ""
         if "8BITMIME" in self.extensions and not data.isascii():
             options += " BODY=8BITMIME"

@@ -197,3 +197,43 @@ def test_address_and_alias_in_one_message_reach_the_mailbox_once(
     log = fed.client.deliveries()
     assert sorted(d.result for d in log if d.queue_id == log[0].queue_id) == [
         "delivered", "delivered", "duplicate"]
+
+
+def test_kill_9_under_concurrent_load_loses_no_acknowledged_message(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    """Eight clients at once (so acceptances share group commits), kill -9 mid-run."""
+    import smtplib
+
+    s1, _ = systems
+    s1.delay = 0.01  # delivery lags behind: a backlog is queued when fed dies
+    acked: list[str] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", fed.smtp_port, timeout=10) as smtp:
+                smtp.ehlo("load.example")
+                for n in range(150):
+                    smtp.mail("sender@outside.example")
+                    smtp.rcpt(AD1 if n % 2 else ALIAS)
+                    code, _ = smtp.data(message("load", f"c{k}-{n}@t"))
+                    if code == 250:
+                        with lock:
+                            acked.append(f"<c{k}-{n}@t>")
+        except (OSError, smtplib.SMTPException):
+            return  # fed was killed under us: expected
+
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in clients:
+        thread.start()
+    wait_for(lambda: len(acked) >= 200, timeout=40, what="200 acknowledged messages")
+    fed.kill()
+    for thread in clients:
+        thread.join(15)
+    with lock:
+        promised = set(acked)
+    assert len(promised) < 8 * 150, "the kill came too late to test anything"
+    fed.start()
+    wait_for(lambda: promised <= set(s1.ids()), timeout=40,
+             what=f"all {len(promised)} acknowledged messages delivered")
+    wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
