@@ -35,6 +35,7 @@ from aiohttp import web
 from aiosmtpd.smtp import SMTP
 
 from .control import ControlAPI
+from .dataphase import LeanSMTP
 from .delivery import Deliverer, DeliverySettings
 from .directory import Directory
 from .holds import Holds
@@ -92,8 +93,8 @@ async def serve(config: FedConfig) -> None:
     sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
 
     def factory() -> SMTP:
-        session = SMTP(handler, hostname=config.hostname, data_size_limit=config.max_size,
-                       enable_SMTPUTF8=True, ident="mailferry fed")
+        session = LeanSMTP(handler, hostname=config.hostname, data_size_limit=config.max_size,
+                           enable_SMTPUTF8=True, ident="mailferry fed")
         sessions.add(session)
         return session
 

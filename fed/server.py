@@ -41,7 +41,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
 def normalize_eols(data: bytes) -> bytes:
-    """Every line ending as CRLF (bare CR and bare LF included)."""
+    """Every line ending as CRLF (bare CR and bare LF included); `data` itself if it is."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data  # the usual case: no copy of a possibly big message
     return _BARE_EOL.sub(b"\r\n", data)
 
 
@@ -103,19 +106,21 @@ class FedHandler:
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
         queue_id = new_queue_id()
-        data = self.received_header(session, envelope, queue_id) + normalize_eols(raw)
+        # Header and body stay two pieces (the spool writes both): no copy of a big message.
+        body = normalize_eols(raw)
+        data = [self.received_header(session, envelope, queue_id), body]
         mail_from = envelope.mail_from or ""
         self.writing += 1
         try:
             await self.spool.accept(queue_id, mail_from, list(envelope.rcpt_tos), data,
-                                    message_id_of(data))
+                                    message_id_of(body))
         except Exception:
             log.exception("could not spool a message from %s", _peer(session))
             return "451 4.3.0 could not queue the message, try again later"
         finally:
             self.writing -= 1
         log.info("%s queued: from=<%s> rcpts=%s size=%d", queue_id, mail_from,
-                 ",".join(envelope.rcpt_tos), len(data))
+                 ",".join(envelope.rcpt_tos), sum(map(len, data)))
         self.on_queued()
         return f"250 2.0.0 Ok: queued as {queue_id}"
 

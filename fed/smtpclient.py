@@ -183,7 +183,7 @@ class Connection:
             else:
                 await self._reset()
             return final
-        self._send(dot_stuff(data) + b".\r\n")
+        self._writer.writelines([dot_stuff(data), b".\r\n"])  # no copy of a big message
         if not accepted:  # a confused server said 354 without a recipient: end it cleanly
             await self._reply()
             return final

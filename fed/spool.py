@@ -72,9 +72,14 @@ class Incoming:
     queue_id: str
     mail_from: str
     rcpts: tuple[str, ...]
-    data: bytes
+    parts: tuple[bytes, ...]  # the message is their concatenation (never built in memory)
     message_id: str | None
     received_at: float
+
+    @property
+    def size(self) -> int:
+        """Bytes of the message."""
+        return sum(len(part) for part in self.parts)
 
 
 def new_queue_id() -> str:
@@ -162,12 +167,14 @@ class Spool:
 
     # -- accepting ----------------------------------------------------------------------
     async def accept(
-        self, queue_id: str, mail_from: str, rcpts: list[str], data: bytes,
+        self, queue_id: str, mail_from: str, rcpts: list[str], data: bytes | Sequence[bytes],
         message_id: str | None,
     ) -> None:
-        """Make a message durable; return only when it is safe to answer 250."""
+        """Make a message durable (`data`: its bytes, or pieces of it in order); return only
+        when it is safe to answer 250."""
+        parts = (data,) if isinstance(data, bytes) else tuple(data)
         await self._committer.submit(
-            Incoming(queue_id, mail_from, tuple(rcpts), data, message_id, time.time()))
+            Incoming(queue_id, mail_from, tuple(rcpts), parts, message_id, time.time()))
 
     def _write_batch(self, batch: Sequence[Incoming]) -> list[BaseException | None]:
         """Worker thread: write every file, fsync them, fsync the folder once."""
@@ -183,7 +190,8 @@ class Spool:
                 continue
             fds.append(fd)
             try:
-                _write_all(fd, item.data)
+                for part in item.parts:
+                    _write_all(fd, part)
                 errors.append(None)
             except OSError as exc:
                 errors.append(exc)
@@ -212,7 +220,7 @@ class Spool:
             db.executemany(
                 "INSERT INTO messages (queue_id, mail_from, received_at, message_id, size) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [(m.queue_id, m.mail_from, m.received_at, m.message_id, len(m.data))
+                [(m.queue_id, m.mail_from, m.received_at, m.message_id, m.size)
                  for m in batch],
             )
             db.executemany(
@@ -222,7 +230,7 @@ class Spool:
             )
         self.on_queued([
             PendingRecipient(m.queue_id, rcpt, m.mail_from, m.message_id,
-                             received_at=m.received_at, size=len(m.data))
+                             received_at=m.received_at, size=m.size)
             for m in batch for rcpt in dict.fromkeys(m.rcpts)
         ])
 

@@ -201,3 +201,12 @@ def test_the_null_sender_is_relayed_as_the_null_sender(
     assert send(fed.smtp_port, [AD1], message("dsn", "null@t"), mail_from="")[0] == 250
     wait_for(lambda: s1.ids() == ["<null@t>"], what="delivery")
     assert s1.received[0].mail_from == "<>"
+
+
+def test_leading_dots_survive_both_hops(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
+    s1, _, _ = systems
+    body = ".starts with a dot\r\n..two dots\r\n.\r\nafter a lone dot"
+    assert send(fed.smtp_port, [AD1], message("dots", "dots@t", body))[0] == 250
+    wait_for(lambda: s1.ids() == ["<dots@t>"], what="delivery")
+    assert s1.received[0].data.endswith(body.encode() + b"\r\n")
