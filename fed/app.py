@@ -128,8 +128,7 @@ async def serve(config: FedConfig) -> None:
     delivery_task.cancel()
     await asyncio.gather(delivery_task, return_exceptions=True)
     await spool.close()
-    batches, messages = spool.stats()
-    log.info("group commit: %d messages in %d batches", messages, batches)
+    log.info("group commit: %s", spool.stats())
     store.close()
     log.info("stopped")
 

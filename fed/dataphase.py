@@ -6,20 +6,40 @@ message occupies ~18 MB while it arrives and ~28 MB at the join; fifty such mess
 arriving at once took fed past 1 GB. This subclass reads the same lines with the same
 rules (size limit -> 552 after the data, over-long line -> 500, dot-unstuffing, end at
 ``<CR><LF>.<CR><LF>`` only) but appends them to one growing ``bytearray``, converts it to
-``bytes`` once and drops it before the handler runs. Everything else is aiosmtpd's.
+``bytes`` once and drops it before the handler runs. MAIL and RCPT arguments of the plain
+``<user@domain>`` form skip aiosmtpd's costly general parser (same result, checked by
+tests/test_fed_queues.py). Everything else is aiosmtpd's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 
 from aiosmtpd.smtp import MISSING, SMTP
 
 _END = b".\r\n"
+# The everyday MAIL/RCPT argument: <dot-atom@plain.domain> and maybe parameters after it.
+_SIMPLE_ADDR = re.compile(
+    r"<((?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\.)*[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
 class LeanSMTP(SMTP):
-    """aiosmtpd.smtp.SMTP with a memory-lean DATA command."""
+    """aiosmtpd.smtp.SMTP with a memory-lean DATA command (and a quicker address parser)."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parser (email's header parser, and a class defined on every call) is
+        a tenth of fed's CPU per message; the plain `<user@domain>` form is parsed here,
+        with the same result, and anything else still goes to aiosmtpd."""
+        match = _SIMPLE_ADDR.match(arg.lstrip())
+        if match is None:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+            return result
+        address = match.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg.lstrip()[match.end():].lstrip()
 
     async def smtp_DATA(self, arg: str) -> None:
         """DATA as in aiosmtpd 1.4, collected into a single buffer."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -43,6 +44,9 @@ class GroupCommitter(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # statistics, for the log and the tests
         self.items = 0
+        self.write_seconds = 0.0  # time in write (thread) and commit (loop), summed
+        self.commit_seconds = 0.0
+        self.cycle_seconds = 0.0  # from taking a batch to answering it
 
     def start(self) -> None:
         """Start the committer task on the running loop."""
@@ -72,11 +76,19 @@ class GroupCommitter(Generic[T]):
             while self._queue:
                 await asyncio.shield(self._one_batch())
 
+    def _timed_write(self, items: Sequence[T]) -> list[BaseException | None]:
+        started = time.perf_counter()
+        try:
+            return self._write(items)
+        finally:
+            self.write_seconds += time.perf_counter() - started
+
     async def _one_batch(self) -> None:
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
         items = [item for item, _ in batch]
+        started = time.perf_counter()
         try:
-            errors = await asyncio.to_thread(self._write, items)
+            errors = await asyncio.to_thread(self._timed_write, items)
         except BaseException as exc:  # the writer itself broke: nobody is durable
             errors = [exc] * len(items)
         written = [(item, fut) for (item, fut), err in zip(batch, errors, strict=True)
@@ -84,11 +96,14 @@ class GroupCommitter(Generic[T]):
         failed = [(item, fut, err) for (item, fut), err in zip(batch, errors, strict=True)
                   if err is not None]
         if written:
+            committing = time.perf_counter()
             try:
                 self._commit([item for item, _ in written])
             except Exception as exc:
                 failed += [(item, fut, exc) for item, fut in written]
                 written = []
+            self.commit_seconds += time.perf_counter() - committing
+        self.cycle_seconds += time.perf_counter() - started
         for item, fut, err in failed:
             try:
                 self._undo(item)

@@ -210,3 +210,19 @@ def test_leading_dots_survive_both_hops(
     assert send(fed.smtp_port, [AD1], message("dots", "dots@t", body))[0] == 250
     wait_for(lambda: s1.ids() == ["<dots@t>"], what="delivery")
     assert s1.received[0].data.endswith(body.encode() + b"\r\n")
+
+
+@pytest.mark.parametrize("arg", [
+    "<a@b.c>", "<a@b.c> SIZE=100", "  <x.y+z@corp.example> BODY=8BITMIME", "<>", "a@b.c",
+    "<a..b@c.d>", '<"q"@x.y>', "<a@[1.2.3.4]>", "<a@b.c>x", "<u@sub.dom-ain.example>  SMTPUTF8",
+    "<.a@b.c>", "<a@b..c>", "<a@b.c.>", "<a@b.c> ", "<a@b.c>\tX=1", "<a_b@c_d.e>", "<a@b",
+])
+def test_the_quick_address_parser_agrees_with_aiosmtpd(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from fed.dataphase import LeanSMTP
+
+    class Handler:
+        pass
+
+    assert LeanSMTP(Handler())._getaddr(arg) == SMTP(Handler())._getaddr(arg)
