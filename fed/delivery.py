@@ -130,6 +130,7 @@ class Deliverer:
         self._delivered: dict[str, set[str]] = {}  # queue id -> physicals that took it
         self._inflight: Counter[tuple[str, str]] = Counter()  # (queue id, physical)
         self._dests: dict[str, Destination] = {}
+        self._hints: dict[str, Destination] = {}  # rcpt -> where it went last time
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         spool.on_queued = self.enqueue
@@ -156,6 +157,7 @@ class Deliverer:
 
     def wake(self) -> None:
         """Something changed (release, flip, new system): look at parked mail again."""
+        self._hints.clear()
         self._recheck = True
         self._event.set()
 
@@ -182,6 +184,7 @@ class Deliverer:
             # Holds on physical addresses are not announced by a wake(): a 1 s recheck.
             if self._recheck or time.monotonic() - last_recheck > 1.0:
                 self._recheck = False
+                self._hints.clear()
                 last_recheck = time.monotonic()
                 self._ready.extend(self._parked)
                 self._parked = []
@@ -224,14 +227,20 @@ class Deliverer:
         if self.holds.is_held(item.rcpt):
             self._parked.append(item)
             return
-        route = self.route(item.rcpt)
-        if route.system is None:
-            self._spawn(self._unroutable(item, route))
-            return
-        dest = self._dests.get(route.dest)
+        # Only a hint: the worker routes again, from the store, right before sending.
+        dest = self._hints.get(item.rcpt)
         if dest is None:
-            dest = self._dests[route.dest] = Destination(route.dest, route.system)
-        dest.system = route.system
+            route = self.route(item.rcpt)
+            if route.system is None:
+                self._spawn(self._unroutable(item, route))
+                return
+            dest = self._dests.get(route.dest)
+            if dest is None:
+                dest = self._dests[route.dest] = Destination(route.dest, route.system)
+            dest.system = route.system
+            if len(self._hints) > 10000:
+                self._hints.clear()
+            self._hints[item.rcpt] = dest
         dest.queue.append(item)
         if dest.idle:
             dest.event.set()
@@ -286,6 +295,7 @@ class Deliverer:
                     continue
                 route = self.route(item.rcpt)
                 if route.dest != dest.key or route.physical is None or route.system is None:
+                    self._hints.pop(item.rcpt, None)
                     self._ready.append(item)  # moved (flip) or gone: route it afresh
                     self._event.set()
                     continue

@@ -24,9 +24,11 @@ it, nothing acknowledged can be lost.
 Delivery outcomes (done, retry, shunted, the ``deliveries`` log, forgetting a finished
 message) are not worth an fsync each: losing one only means delivering that recipient
 again (at-least-once, as before). They are buffered and written a few milliseconds later
-in one transaction with ``synchronous=NORMAL`` (no fsync); a worker thread then fsyncs the
-WAL once and only after that unlinks the files of finished messages, so a queue row never
-outlives its file by more than a crash's worth of redelivery.
+in one transaction with ``synchronous=NORMAL`` (no fsync). The file of a finished message is
+unlinked only once the transaction that forgot it is durable: the next acceptance batch's
+``synchronous=FULL`` commit syncs the whole WAL, earlier frames included, so under load
+forgetting costs no fsync at all; when no mail arrives, a timer fsyncs the WAL after
+``UNLINK_DELAY``. A queue row therefore never outlives its file.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from .store import Store
 log = logging.getLogger("fed.spool")
 
 FLUSH_DELAY = 0.005  # seconds outcomes wait to share one transaction
+UNLINK_DELAY = 0.5  # seconds a finished file may wait for a durable commit to come along
 
 
 @dataclass
@@ -112,6 +115,14 @@ def _try_fsync(fd: int) -> OSError | None:
     return None
 
 
+def _unlink_all(files: list[Path]) -> None:
+    for file in files:
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", file, exc)
+
+
 def write_durably(tmp_dir: Path, final: Path, data: bytes) -> None:
     """Write `data` to `final` so that it exists complete or not at all after any crash."""
     tmp = tmp_dir / (final.name + f".{secrets.token_hex(4)}.tmp")
@@ -139,7 +150,9 @@ class Spool:
         self._committer: GroupCommitter[Incoming] = GroupCommitter(
             self._write_batch, self._commit_batch, self._undo)
         self._ops: list[tuple[str, tuple[object, ...]]] = []
-        self._unlink: list[Path] = []
+        self._unlink: list[Path] = []  # files of forgotten messages, rows not yet written
+        self._written: list[Path] = []  # rows deleted in the WAL, not yet synced
+        self._unlink_handle: asyncio.TimerHandle | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._syncing: set[asyncio.Task[None]] = set()
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
@@ -171,6 +184,9 @@ class Spool:
     async def close(self) -> None:
         """Answer the accepts in progress and write the buffered outcomes."""
         await self._committer.close()
+        if self._unlink_handle is not None:
+            self._unlink_handle.cancel()
+            self._unlink_handle = None
         await self.flush()
         self._fsyncs.shutdown()
 
@@ -245,6 +261,7 @@ class Spool:
                 "VALUES (?, ?, 'pending')",
                 [(m.queue_id, rcpt) for m in batch for rcpt in dict.fromkeys(m.rcpts)],
             )
+        self._durable_now()
         self.on_queued([
             PendingRecipient(m.queue_id, rcpt, m.mail_from, m.message_id,
                              received_at=m.received_at, size=m.size)
@@ -332,19 +349,17 @@ class Spool:
 
     def _flush_soon(self) -> None:
         self._flush_handle = None
-        task = asyncio.get_running_loop().create_task(self.flush())
-        self._syncing.add(task)
-        task.add_done_callback(self._syncing.discard)
+        self.write_outcomes()
 
     async def flush(self) -> None:
-        """Write the buffered outcomes in one transaction, then unlink finished files."""
+        """Write the buffered outcomes, make them durable, unlink the finished files."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         self.write_outcomes()
-        unlink, self._unlink = self._unlink, []
-        if unlink:
-            await asyncio.to_thread(self._sync_then_unlink, unlink)
+        files, self._written = self._written, []
+        if files:
+            await asyncio.to_thread(self._sync_then_unlink, files)
 
     def write_outcomes(self) -> None:
         """Write the buffered outcomes now (readers of the log call this first)."""
@@ -364,6 +379,30 @@ class Spool:
                         start = end
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
+        if self._unlink:
+            # Forgotten in the WAL but not yet durably: the files stay until the next
+            # durable commit (an acceptance batch syncs the whole WAL) or the timer below.
+            self._written += self._unlink
+            self._unlink = []
+            if self._unlink_handle is None:
+                loop = asyncio.get_running_loop()
+                self._unlink_handle = loop.call_later(UNLINK_DELAY, self._sync_and_unlink_soon)
+
+    def _sync_and_unlink_soon(self) -> None:
+        """No acceptance batch made the forgetting durable: fsync the WAL ourselves."""
+        self._unlink_handle = None
+        files, self._written = self._written, []
+        if files:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._sync_then_unlink, files))
+            self._syncing.add(task)
+            task.add_done_callback(self._syncing.discard)
+
+    def _durable_now(self) -> None:
+        """A FULL commit just synced the WAL: every forgetting written before it is durable."""
+        files, self._written = self._written, []
+        if files:
+            self._fsyncs.submit(_unlink_all, files)
 
     def _sync_then_unlink(self, files: list[Path]) -> None:
         """Make the forgetting durable (fsync the WAL), then remove the files."""
@@ -377,8 +416,7 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        for file in files:
-            file.unlink(missing_ok=True)
+        _unlink_all(files)
 
     # -- shunt ----------------------------------------------------------------------------
     def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:
