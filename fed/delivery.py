@@ -205,7 +205,13 @@ class Deliverer:
         tasks = list(self._tasks)
         if tasks:
             log.info("waiting for %d delivery tasks", len(tasks))
-            await asyncio.wait(tasks, timeout=grace)
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            for task in late:  # a hanging system: its recipients stay pending for next time
+                task.cancel()
+            if late:
+                log.warning("cancelled %d deliveries still waiting after %.0f s", len(late),
+                            grace)
+                await asyncio.wait(late, timeout=5)
 
     def route(self, rcpt: str) -> Route:
         """Resolve a recipient now: physical address, directory, or the smarthost."""
@@ -378,10 +384,12 @@ class Deliverer:
             try:
                 return await conn.send(job.item.mail_from, physicals, data), conn
             except ClientError as exc:
+                data_sent = conn.data_sent
                 conn.close()
                 conn = None
-                # The system may have closed an idle connection: one retry on a new one.
-                if not reused or fresh:
+                # The system may have closed an idle connection: one retry on a new one,
+                # unless the message already went out (it may have been delivered).
+                if not reused or fresh or data_sent:
                     return dict.fromkeys(physicals, exc.reply), None
         raise AssertionError("unreachable")
 

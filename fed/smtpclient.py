@@ -83,6 +83,7 @@ class Connection:
         self.endpoint = endpoint
         self.broken = False
         self.transactions = 0
+        self.data_sent = False  # the current transaction's message went out
 
     @classmethod
     async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float
@@ -150,6 +151,7 @@ class Connection:
         commands = [f"MAIL FROM:<{mail_from}>{options}\r\n".encode()]
         commands += [f"RCPT TO:<{rcpt}>\r\n".encode() for rcpt in rcpts]
         self.transactions += 1
+        self.data_sent = False
         if "PIPELINING" in self.extensions:
             # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
             self._send(b"".join([*commands, b"DATA\r\n"]))
@@ -183,6 +185,7 @@ class Connection:
             else:
                 await self._reset()
             return final
+        self.data_sent = True
         self._writer.writelines([dot_stuff(data), b".\r\n"])  # no copy of a big message
         if not accepted:  # a confused server said 354 without a recipient: end it cleanly
             await self._reply()

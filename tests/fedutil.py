@@ -84,6 +84,7 @@ class FakeSystem:
     delay: float = 0.0
     received: list[Received] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)
+    sessions: set[int] = field(default_factory=set)  # connections that carried DATA
     data_started: threading.Event = field(default_factory=threading.Event)
     port: int = 0
     _controller: Controller | None = None
@@ -95,6 +96,7 @@ class FakeSystem:
         recipient to its own reply.
         """
         self.data_started.set()
+        self.sessions.add(id(session))
         if self.delay:
             await asyncio.sleep(self.delay)
         raw = envelope.original_content or b""

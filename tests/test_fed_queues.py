@@ -226,3 +226,19 @@ def test_the_quick_address_parser_agrees_with_aiosmtpd(arg: str) -> None:
         pass
 
     assert LeanSMTP(Handler())._getaddr(arg) == SMTP(Handler())._getaddr(arg)
+
+
+def test_one_connection_carries_message_after_message(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
+    s1, _, _ = systems
+    for n in range(5):
+        assert send(fed.smtp_port, [AD1], message("reuse", f"reuse{n}@t"))[0] == 250
+        wait_for(lambda n=n: len(s1.received) == n + 1, what=f"message {n} delivered")
+    assert len(s1.sessions) == 1
+    s1.reply = "451 4.3.0 try later"  # a failed transaction (then RSET) keeps it open too
+    assert send(fed.smtp_port, [AD1], message("reuse", "refused@t"))[0] == 250
+    wait_for(lambda: any(d.result == "deferred" for d in fed.client.deliveries(rcpt=AD1)),
+             what="a deferral")
+    s1.reply = "250 2.0.0 Ok"
+    wait_for(lambda: "<refused@t>" in s1.ids(), what="delivery after the deferral")
+    assert len(s1.sessions) == 1
