@@ -4,10 +4,11 @@ Why: an SMTP server may answer 250 only once the message is on disk (invariant 1
 fsync costs the same whether it covers one message or fifty. Sessions that reach DATA at
 about the same time therefore share their fsyncs: each session submits its item and waits
 on a future; one committer task takes *everything* submitted so far, makes the whole batch
-durable (``write`` in a worker thread: file writes and fsyncs; then ``commit`` on the event
-loop: one SQLite transaction), and resolves every future. There is no timer: the batch is
-whatever arrived while the previous batch was syncing, so a lone client pays exactly one
-round of syncs and fifty busy clients pay one round per batch, not fifty.
+durable (``write`` in a worker thread: file writes and fsyncs; then ``commit``: one SQLite
+transaction on the event loop and its sync in a thread), and resolves every future. There
+is no timer: the batch is whatever arrived while the previous batch was syncing, so a lone
+client pays exactly one round of syncs and fifty busy clients pay one round per batch, not
+fifty.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 log = logging.getLogger("fed.groupcommit")
@@ -24,8 +25,9 @@ T = TypeVar("T")
 
 # write(batch) -> one exception (or None) per item; runs in a worker thread.
 WriteBatch = Callable[[Sequence[T]], list[BaseException | None]]
-# commit(batch of written items) runs on the loop; raising fails the whole batch.
-CommitBatch = Callable[[Sequence[T]], None]
+# commit(batch of written items) runs on the loop (it may await a sync in a thread);
+# raising fails the whole batch, and commit must then have undone its own writes.
+CommitBatch = Callable[[Sequence[T]], Awaitable[None]]
 # undo(item) cleans up after an item that will not be acknowledged.
 Undo = Callable[[T], None]
 
@@ -98,7 +100,7 @@ class GroupCommitter(Generic[T]):
         if written:
             committing = time.perf_counter()
             try:
-                self._commit([item for item, _ in written])
+                await self._commit([item for item, _ in written])
             except Exception as exc:
                 failed += [(item, fut, exc) for item, fut in written]
                 written = []
