@@ -245,3 +245,18 @@ def test_one_connection_carries_message_after_message(
     s1.reply = "250 2.0.0 Ok"
     wait_for(lambda: "<refused@t>" in s1.ids(), what="delivery after the deferral")
     assert len(s1.sessions) == 1
+
+
+def test_a_lean_session_knows_the_same_commands_as_aiosmtpd() -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from fed.dataphase import LeanSMTP
+
+    class Handler:
+        async def handle_DATA(self, *args: object) -> str:
+            return "250 OK"
+
+    lean, plain = LeanSMTP(Handler()), SMTP(Handler())
+    assert lean._smtp_methods.keys() == plain._smtp_methods.keys()
+    assert lean._auth_methods.keys() == plain._auth_methods.keys()
+    assert lean._handle_hooks.keys() == plain._handle_hooks.keys() == {"DATA"}
