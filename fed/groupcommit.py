@@ -8,7 +8,9 @@ durable (``write`` in a worker thread: file writes and fsyncs; then ``commit``: 
 transaction on the event loop and its sync in a thread), and resolves every future. There
 is no timer: the batch is whatever arrived while the previous batch was syncing, so a lone
 client pays exactly one round of syncs and fifty busy clients pay one round per batch, not
-fifty.
+fifty. Two batches may be on their way at once (``overlap``): a batch has two sync rounds
+(its files, then the database's WAL), and the next batch's first round overlaps this one's
+second.
 """
 
 from __future__ import annotations
@@ -36,17 +38,20 @@ class GroupCommitter(Generic[T]):
     """Batches submitted items through write (thread) then commit (loop)."""
 
     def __init__(self, write: WriteBatch[T], commit: CommitBatch[T], undo: Undo[T],
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, overlap: int = 2) -> None:
         self._write = write
         self._commit = commit
         self._undo = undo
         self._max_batch = max_batch
+        self._overlap = overlap
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slot = asyncio.Event()
         self._queue: list[tuple[T, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # statistics, for the log and the tests
         self.items = 0
-        self.write_seconds = 0.0  # time in write (thread) and commit (loop), summed
+        self.write_seconds = 0.0  # time in write (thread) and commit (loop + sync), summed
         self.commit_seconds = 0.0
         self.cycle_seconds = 0.0  # from taking a batch to answering it
 
@@ -68,31 +73,41 @@ class GroupCommitter(Generic[T]):
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+        if self._inflight:
+            await asyncio.wait(self._inflight)
         while self._queue:  # submitted while we stopped: still owed an answer
-            await self._one_batch()
+            await self._one_batch(self._take())
+
+    def _take(self) -> list[tuple[T, asyncio.Future[None]]]:
+        batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
+        return batch
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                await asyncio.shield(self._one_batch())
+                # Up to `overlap` batches at once: the next batch's files are written and
+                # synced while the previous one's WAL fsync is still running.
+                while len(self._inflight) >= self._overlap:
+                    self._slot.clear()
+                    await self._slot.wait()
+                task = asyncio.create_task(self._one_batch(self._take()))
+                self._inflight.add(task)
+                task.add_done_callback(self._finished)
 
-    def _timed_write(self, items: Sequence[T]) -> list[BaseException | None]:
-        started = time.perf_counter()
-        try:
-            return self._write(items)
-        finally:
-            self.write_seconds += time.perf_counter() - started
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slot.set()
 
-    async def _one_batch(self) -> None:
-        batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch:]
+    async def _one_batch(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
         items = [item for item, _ in batch]
         started = time.perf_counter()
         try:
-            errors = await asyncio.to_thread(self._timed_write, items)
+            errors = await asyncio.to_thread(self._write, items)
         except BaseException as exc:  # the writer itself broke: nobody is durable
             errors = [exc] * len(items)
+        self.write_seconds += time.perf_counter() - started
         written = [(item, fut) for (item, fut), err in zip(batch, errors, strict=True)
                    if err is None]
         failed = [(item, fut, err) for (item, fut), err in zip(batch, errors, strict=True)

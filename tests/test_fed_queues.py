@@ -180,7 +180,7 @@ def test_group_commit_shares_one_write_among_the_waiting() -> None:
         async def commit(batch: Sequence[int]) -> None:
             committed.extend(batch)
 
-        committer = GroupCommitter(write, commit, lambda n: None)
+        committer = GroupCommitter(write, commit, lambda n: None, overlap=1)
         committer.start()
         first = asyncio.ensure_future(committer.submit(0))
         assert await asyncio.to_thread(started.wait, 10)  # item 0 alone is being written
