@@ -8,9 +8,9 @@ durable (``write`` in a worker thread: file writes and fsyncs; then ``commit``: 
 transaction on the event loop and its sync in a thread), and resolves every future. There
 is no timer: the batch is whatever arrived while the previous batch was syncing, so a lone
 client pays exactly one round of syncs and fifty busy clients pay one round per batch, not
-fifty. Two batches may be on their way at once (``overlap``): a batch has two sync rounds
-(its files, then the database's WAL), and the next batch's first round overlaps this one's
-second.
+fifty. Two batches may be on their way at once (``overlap``): when a sync round is slow,
+the next batch's files are written and synced meanwhile, and concurrent fsyncs share the
+file system's journal commits.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class GroupCommitter(Generic[T]):
             self._wake.clear()
             while self._queue:
                 # Up to `overlap` batches at once: the next batch's files are written and
-                # synced while the previous one's WAL fsync is still running.
+                # synced while the previous batch's sync round is still running.
                 while len(self._inflight) >= self._overlap:
                     self._slot.clear()
                     await self._slot.wait()

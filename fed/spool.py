@@ -3,33 +3,37 @@
 Layout under ``<state dir>/spool``::
 
     tmp/     shunt copies being written (never trusted; emptied at start)
-    queue/   <queue id>.eml, one immutable file per accepted message
+    queue/   <queue id>.eml, one immutable file per accepted message: the message, its
+             envelope and a checksummed footer (``queuefile.py``)
     shunt/   <queue id>-<tag>.eml + .json: a copy of a message a system refused with 5xx
              (or that expired in the queue), and why; the sender also gets a bounce
 
 Accepting is a group commit (``groupcommit.py``): every message that reaches the end of DATA
 while the previous batch is syncing joins the next batch. For a batch, a worker thread
-writes each message straight to ``queue/<id>.eml`` (``O_EXCL``), fsyncs every file, then
-fsyncs ``queue/`` (all concurrently, from a pool of threads: they share journal commits);
-back on the loop one SQLite transaction inserts the envelopes and one row per recipient,
-and a pool thread fsyncs the WAL (what ``synchronous=FULL`` does at commit, without
-blocking the loop for it). Only then does every session of the batch get its 250. So a
-batch of fifty costs fifty concurrent file fsyncs, one directory fsync and one WAL fsync,
-instead of 150 fsyncs in lockstep.
+writes each message *with its envelope* straight to ``queue/<id>.eml`` (``O_EXCL``), then
+fsyncs every file and ``queue/`` itself, all concurrently from a pool of threads (they share
+the file system's journal commits). Message and envelope are durable now: back on the loop,
+one SQLite transaction indexes the batch (``messages``, one ``recipients`` row per
+recipient) without an fsync of its own, and every session of the batch gets its 250. One
+sync round per batch, like Postfix's one fsync per message, and shared.
 
-Crash analysis: a file is only trusted once its rows are committed, and the rows are
-committed only after the file and the directory are synced. A kill -9 (or power cut)
-before the commit leaves files without rows: never acknowledged, removed at start. After
-it, nothing acknowledged can be lost.
+Crash analysis (kill -9 or power cut at any instant):
+
+- file written but not yet synced: never acknowledged; its footer is missing or its
+  checksum wrong, so start-up removes it;
+- file synced, rows not (yet) durable: start-up rebuilds the rows from the envelope in the
+  file and delivers it;
+- rows without a file: the message was finished (files are unlinked before their rows are
+  deleted) or never acknowledged; start-up drops the rows.
+
+So every acknowledged message is delivered after a restart, at least once.
 
 Delivery outcomes (done, retry, shunted, the ``deliveries`` log, forgetting a finished
-message) are not worth an fsync each: losing one only means delivering that recipient
-again (at-least-once, as before). They are buffered and written a few milliseconds later
-in one transaction with ``synchronous=NORMAL`` (no fsync). The file of a finished message is
-unlinked only once the transaction that forgot it is durable: the next acceptance batch's
-WAL fsync covers every earlier frame too, so under load
-forgetting costs no fsync at all; when no mail arrives, a timer fsyncs the WAL after
-``UNLINK_DELAY``. A queue row therefore never outlives its file.
+message) are not worth an fsync each either: losing one only means delivering that
+recipient again (at-least-once, as before). They are buffered and written a few
+milliseconds later in one transaction with ``synchronous=NORMAL``; the file of a finished
+message is unlinked first, so a crash leaves rows without a file (dropped at start) rather
+than resurrecting a finished message from its file (which would only mean a duplicate).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import logging
 import os
 import random
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .groupcommit import GroupCommitter
+from .queuefile import Envelope, crc_of, read_envelope, read_message, trailer
 from .store import Store
 
 log = logging.getLogger("fed.spool")
 
 FLUSH_DELAY = 0.005  # seconds outcomes wait to share one transaction
-UNLINK_DELAY = 0.5  # seconds a finished file may wait for a durable commit to come along
 CACHE_ONE = 256 * 1024  # messages up to this size stay in memory until delivered ...
 CACHE_ALL = 64 * 1024 * 1024  # ... as long as all of them together stay below this
 
@@ -77,17 +82,8 @@ class PendingRecipient:
 class Incoming:
     """A message on its way into the spool."""
 
-    queue_id: str
-    mail_from: str
-    rcpts: tuple[str, ...]
+    envelope: Envelope
     parts: tuple[bytes, ...]  # the message is their concatenation (never built in memory)
-    message_id: str | None
-    received_at: float
-
-    @property
-    def size(self) -> int:
-        """Bytes of the message."""
-        return sum(len(part) for part in self.parts)
 
 
 def new_queue_id() -> str:
@@ -153,13 +149,9 @@ class Spool:
         self._committer: GroupCommitter[Incoming] = GroupCommitter(
             self._write_batch, self._commit_batch, self._undo)
         self._ops: list[tuple[str, tuple[object, ...]]] = []
-        self._unlink: list[Path] = []  # files of forgotten messages, rows not yet written
-        self._written: list[Path] = []  # rows deleted in the WAL, not yet synced
-        self._unlink_handle: asyncio.TimerHandle | None = None
+        self._unlink: list[Path] = []  # files of finished messages, to remove
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._syncing: set[asyncio.Task[None]] = set()
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
-        self._wal = Path(str(store.path) + "-wal")
         self._cache: dict[str, bytes] = {}  # queue id -> bytes of fresh small messages
         self._cached = 0
 
@@ -169,26 +161,46 @@ class Spool:
 
     # -- start and stop ---------------------------------------------------------------
     def recover(self) -> int:
-        """Clean up after a crash; return the number of messages still queued."""
+        """Clean up after a crash and rebuild lost index rows; return the messages queued."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
         known = {str(r["queue_id"]) for r in self.store.query("SELECT queue_id FROM messages")}
-        for file in self.queue.glob("*.eml"):
-            if file.stem not in known:
-                # Never acknowledged (crash before the commit) or already fully delivered.
-                log.info("removing unacknowledged or finished spool file %s", file.name)
+        rebuilt: list[Envelope] = []
+        for file in sorted(self.queue.glob("*.eml")):
+            if file.stem in known:
+                continue
+            envelope = read_envelope(file)
+            if envelope is None or envelope.queue_id != file.stem:
+                log.info("removing incomplete (never acknowledged) spool file %s", file.name)
                 file.unlink(missing_ok=True)
-        lost = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
-        if lost:
-            # Files are synced before their rows and unlinked only after their rows are
-            # durably gone, so this is an acceptance whose WAL fsync failed (never
-            # acknowledged) or a damaged disk. Either way there is nothing to deliver.
-            log.error("queue entries without a spool file, dropped: %s", ", ".join(lost))
+            else:
+                rebuilt.append(envelope)
+        if rebuilt:
+            log.warning("re-queued %d acknowledged messages whose index rows a crash lost: %s",
+                        len(rebuilt), ", ".join(e.queue_id for e in rebuilt))
+            with self.store.transaction() as db:
+                self._index(db, rebuilt)
+        gone = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
+        if gone:
+            # Finished (the file goes before its rows) or never acknowledged.
+            log.info("dropping %d queue entries without a spool file", len(gone))
             with self.store.transaction() as db:
                 db.executemany("DELETE FROM recipients WHERE queue_id = ?",
-                               [(q,) for q in lost])
-                db.executemany("DELETE FROM messages WHERE queue_id = ?", [(q,) for q in lost])
-        return len(known) - len(lost)
+                               [(q,) for q in gone])
+                db.executemany("DELETE FROM messages WHERE queue_id = ?", [(q,) for q in gone])
+        return len(known) - len(gone) + len(rebuilt)
+
+    @staticmethod
+    def _index(db: sqlite3.Connection, envelopes: Sequence[Envelope]) -> None:
+        db.executemany(
+            "INSERT INTO messages (queue_id, mail_from, received_at, message_id, size) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(e.queue_id, e.mail_from, e.received_at, e.message_id, e.size) for e in envelopes],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO recipients (queue_id, rcpt, status) VALUES (?, ?, 'pending')",
+            [(e.queue_id, rcpt) for e in envelopes for rcpt in dict.fromkeys(e.rcpts)],
+        )
 
     def start(self) -> None:
         """Start the group committer (on the running loop)."""
@@ -197,9 +209,6 @@ class Spool:
     async def close(self) -> None:
         """Answer the accepts in progress and write the buffered outcomes."""
         await self._committer.close()
-        if self._unlink_handle is not None:
-            self._unlink_handle.cancel()
-            self._unlink_handle = None
         await self.flush()
         self._fsyncs.shutdown()
 
@@ -208,7 +217,7 @@ class Spool:
         c = self._committer
         n = max(1, c.batches)
         return (f"{c.items} messages in {c.batches} batches; per batch: write+fsync "
-                f"{1000 * c.write_seconds / n:.2f} ms, commit {1000 * c.commit_seconds / n:.2f} "
+                f"{1000 * c.write_seconds / n:.2f} ms, index {1000 * c.commit_seconds / n:.2f} "
                 f"ms, whole cycle {1000 * c.cycle_seconds / n:.2f} ms")
 
     # -- accepting ----------------------------------------------------------------------
@@ -219,17 +228,18 @@ class Spool:
         """Make a message durable (`data`: its bytes, or pieces of it in order); return only
         when it is safe to answer 250."""
         parts = (data,) if isinstance(data, bytes) else tuple(data)
-        await self._committer.submit(
-            Incoming(queue_id, mail_from, tuple(rcpts), parts, message_id, time.time()))
+        envelope = Envelope(queue_id, mail_from, tuple(dict.fromkeys(rcpts)), message_id,
+                            time.time(), sum(len(part) for part in parts))
+        await self._committer.submit(Incoming(envelope, parts))
 
     def _write_batch(self, batch: Sequence[Incoming]) -> list[BaseException | None]:
-        """Worker thread: write every file, fsync them, fsync the folder once."""
+        """Worker thread: write every file (message + envelope), fsync them and the folder."""
         errors: list[BaseException | None] = []
         fds: list[int] = []
         for item in batch:
             try:
-                fd = os.open(self.path(item.queue_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                             0o600)
+                fd = os.open(self.path(item.envelope.queue_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except OSError as exc:
                 errors.append(exc)
                 fds.append(-1)
@@ -238,6 +248,7 @@ class Spool:
             try:
                 for part in item.parts:
                     _write_all(fd, part)
+                _write_all(fd, trailer(item.envelope, crc_of(item.parts)))
                 errors.append(None)
             except OSError as exc:
                 errors.append(exc)
@@ -261,76 +272,39 @@ class Spool:
                                                                                strict=True)]
 
     async def _commit_batch(self, batch: Sequence[Incoming]) -> None:
-        """One transaction for the envelopes of the whole batch, made durable by one WAL
-        fsync in a thread (so the loop keeps serving sessions meanwhile)."""
+        """Index the (already durable) batch: one transaction, no fsync of its own."""
         conn = self.store.conn
         conn.execute("PRAGMA synchronous=NORMAL")
         try:
             with self.store.transaction() as db:
-                db.executemany(
-                    "INSERT INTO messages (queue_id, mail_from, received_at, message_id, size) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(m.queue_id, m.mail_from, m.received_at, m.message_id, m.size)
-                     for m in batch],
-                )
-                db.executemany(
-                    "INSERT OR IGNORE INTO recipients (queue_id, rcpt, status) "
-                    "VALUES (?, ?, 'pending')",
-                    [(m.queue_id, rcpt) for m in batch for rcpt in dict.fromkeys(m.rcpts)],
-                )
+                self._index(db, [m.envelope for m in batch])
         finally:
             conn.execute("PRAGMA synchronous=FULL")
-        # Everything in the WAL up to here, forgotten messages included, is durable once
-        # the fsync below returns: their files may go then.
-        forgotten, self._written = self._written, []
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._fsyncs, self._fsync_wal)
-        except OSError:
-            self._written = forgotten + self._written
-            with self.store.transaction() as db:  # not durable: not acknowledged either
-                db.executemany("DELETE FROM recipients WHERE queue_id = ?",
-                               [(m.queue_id,) for m in batch])
-                db.executemany("DELETE FROM messages WHERE queue_id = ?",
-                               [(m.queue_id,) for m in batch])
-            raise
-        if forgotten:
-            self._fsyncs.submit(_unlink_all, forgotten)
         for m in batch:
             self._remember(m)
         self.on_queued([
-            PendingRecipient(m.queue_id, rcpt, m.mail_from, m.message_id,
-                             received_at=m.received_at, size=m.size)
-            for m in batch for rcpt in dict.fromkeys(m.rcpts)
+            PendingRecipient(e.queue_id, rcpt, e.mail_from, e.message_id,
+                             received_at=e.received_at, size=e.size)
+            for e in (m.envelope for m in batch) for rcpt in e.rcpts
         ])
-
-    def _fsync_wal(self) -> None:
-        """fsync the SQLite WAL: what synchronous=FULL does at commit, off the loop."""
-        try:
-            fd = os.open(self._wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # checkpointed and removed: the database file itself was synced
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _remember(self, message: Incoming) -> None:
         """Keep a small message's bytes for its delivery (saves reading the file back)."""
-        if message.size > CACHE_ONE:
+        if message.envelope.size > CACHE_ONE:
             return
-        self._cache[message.queue_id] = b"".join(message.parts)
-        self._cached += message.size
+        self._cache[message.envelope.queue_id] = b"".join(message.parts)
+        self._cached += message.envelope.size
         while self._cached > CACHE_ALL and self._cache:
             self._cached -= len(self._cache.pop(next(iter(self._cache))))
 
     def _undo(self, item: Incoming) -> None:
-        self.path(item.queue_id).unlink(missing_ok=True)
+        self.path(item.envelope.queue_id).unlink(missing_ok=True)
 
     # -- reading ------------------------------------------------------------------------
     def read(self, queue_id: str) -> bytes:
         """The spooled bytes of a message (big ones: call it in a thread)."""
         cached = self._cache.get(queue_id)
-        return cached if cached is not None else self.path(queue_id).read_bytes()
+        return cached if cached is not None else read_message(self.path(queue_id))
 
     def pending(self) -> list[PendingRecipient]:
         """Every pending recipient, oldest message first (at start-up)."""
@@ -392,7 +366,7 @@ class Spool:
                       detail))
 
     def forget(self, queue_id: str) -> None:
-        """Every recipient is finished: drop the rows, then (once that is durable) the file."""
+        """Every recipient is finished: remove the file, then the rows."""
         cached = self._cache.pop(queue_id, None)
         if cached is not None:
             self._cached -= len(cached)
@@ -411,17 +385,21 @@ class Spool:
         self.write_outcomes()
 
     async def flush(self) -> None:
-        """Write the buffered outcomes, make them durable, unlink the finished files."""
+        """Write the buffered outcomes (at shutdown)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         self.write_outcomes()
-        files, self._written = self._written, []
-        if files:
-            await asyncio.to_thread(self._sync_then_unlink, files)
 
     def write_outcomes(self) -> None:
         """Write the buffered outcomes now (readers of the log call this first)."""
+        if self._unlink:
+            # Files first: a crash then rather leaves rows without a file (dropped at start)
+            # than a finished message's file without rows (it would be delivered again).
+            # Neither is synced here; an unlink reaches the disk with the next journal
+            # commit (any acceptance batch forces one), the rows at the next checkpoint.
+            files, self._unlink = self._unlink, []
+            self._fsyncs.submit(_unlink_all, files)
         ops, self._ops = self._ops, []
         if ops:
             conn = self.store.conn
@@ -438,29 +416,6 @@ class Spool:
                         start = end
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
-        if self._unlink:
-            # Forgotten in the WAL but not yet durably: the files stay until the next
-            # durable commit (an acceptance batch syncs the whole WAL) or the timer below.
-            self._written += self._unlink
-            self._unlink = []
-            if self._unlink_handle is None:
-                loop = asyncio.get_running_loop()
-                self._unlink_handle = loop.call_later(UNLINK_DELAY, self._sync_and_unlink_soon)
-
-    def _sync_and_unlink_soon(self) -> None:
-        """No acceptance batch made the forgetting durable: fsync the WAL ourselves."""
-        self._unlink_handle = None
-        files, self._written = self._written, []
-        if files:
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._sync_then_unlink, files))
-            self._syncing.add(task)
-            task.add_done_callback(self._syncing.discard)
-
-    def _sync_then_unlink(self, files: list[Path]) -> None:
-        """Make the forgetting durable (fsync the WAL), then remove the files."""
-        self._fsync_wal()
-        _unlink_all(files)
 
     # -- shunt ----------------------------------------------------------------------------
     def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:
