@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--delivery-timeout", type=float, default=30.0, help="SMTP/LMTP timeout (s)")
     s.add_argument("--hold-timeout", type=float, default=120.0,
                    help="how long a hold call waits for in-flight deliveries (s)")
+    s.add_argument("--shared-db", metavar="URL",
+                   help="SQLAlchemy URL of the directory and holds several nodes share "
+                        "(default: sqlite:///STATE-DIR/shared.db)")
+    s.add_argument("--node-name", help="this node's name (default: host name + state dir hash)")
+    s.add_argument("--node-lease", type=float, default=10.0,
+                   help="a node that could not refresh for this long stops delivering (s)")
     return p
 
 
@@ -94,5 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                                   concurrency=args.workers, timeout=args.delivery_timeout,
                                   helo_name=args.hostname),
         hold_timeout=args.hold_timeout,
+        shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,
     )
     return run(config)
