@@ -100,7 +100,6 @@ class Snapshot:
     """What a node loads from the shared database: counters and, if they moved, data."""
 
     counters: dict[str, int]
-    generation: tuple[int, int] = (0, 0)  # (directory, holds) generations when read began
     entries: dict[str, str] | None = None
     systems: dict[str, System] | None = None
     holds: list[tuple[str, str, float]] | None = None
@@ -114,26 +113,34 @@ class Directory:
         self._entries: dict[str, str] = {}
         self._systems: dict[str, System] = {}
         self.loaded: tuple[int, int] = (-1, -1)  # (directory, systems) versions in the copy
-        self.generation = 0  # bumped by this node's own writes (see nodes.py)
+        # This node's own writes, with the version each produced: applied to the copy at
+        # once, and again over any reload read before they committed.
+        self._own: list[tuple[int, str, str | None]] = []
+        self._own_systems: list[tuple[int, System]] = []
 
     # -- the in-memory copy ---------------------------------------------------------
     def load(self, snapshot: Snapshot) -> None:
-        """Replace the copy with what was read (on the loop; see Holds.apply for the guard)."""
+        """Replace the copy with what was read (on the loop), keeping own newer writes."""
         version, systems = snapshot.counters["version"], snapshot.counters["systems_version"]
         # Counters only grow: never replace the copy with an older one.
         if snapshot.entries is not None and version >= self.loaded[0]:
-            self._entries = snapshot.entries
+            entries = dict(snapshot.entries)
+            for produced, address, physical in self._own:
+                if produced > version:  # committed after this snapshot was read
+                    _change(entries, address, physical)
+            self._entries = entries
         if snapshot.systems is not None and systems >= self.loaded[1]:
-            self._systems = snapshot.systems
+            by_name = dict(snapshot.systems)
+            by_name.update({s.name: s for produced, s in self._own_systems if produced > systems})
+            self._systems = by_name
         self.loaded = (max(version, self.loaded[0]), max(systems, self.loaded[1]))
+        self._own = [o for o in self._own if o[0] > self.loaded[0]]
+        self._own_systems = [o for o in self._own_systems if o[0] > self.loaded[1]]
 
-    def _apply(self, changes: Iterable[tuple[str, str | None]]) -> None:
-        self.generation += 1
+    def _apply(self, changes: Iterable[tuple[str, str | None]], version: int) -> None:
         for address, physical in changes:
-            if physical is None:
-                self._entries.pop(address, None)
-            else:
-                self._entries[address] = physical
+            _change(self._entries, address, physical)
+            self._own.append((version, address, physical))
 
     # -- systems ---------------------------------------------------------------------
     def put_system(self, name: str, host: str, port: int, protocol: str) -> System:
@@ -155,8 +162,9 @@ class Directory:
                            .values(host=host, port=port, protocol=protocol))
             if current is None or _system(current) != system:
                 bump(db, "systems_version")
-        self.generation += 1
+            version = counters(db)["systems_version"]
         self._systems[name] = system
+        self._own_systems.append((version, system))
         return system
 
     def system(self, name: str) -> System | None:
@@ -187,14 +195,16 @@ class Directory:
         """Create or replace one entry; True if something changed."""
         with self.shared.write() as db:
             changed = _set(db, address, physical)
-        self._apply([(address, physical)])
+            version = counters(db)["version"]
+        self._apply([(address, physical)], version)
         return changed
 
     def delete(self, address: str) -> bool:
         """Remove one entry; True if it existed."""
         with self.shared.write() as db:
             deleted = _delete(db, address)
-        self._apply([(address, None)])
+            version = counters(db)["version"]
+        self._apply([(address, None)], version)
         return deleted
 
     # -- flip (E9) -------------------------------------------------------------------
@@ -218,7 +228,8 @@ class Directory:
                     raise DirectoryConflict(
                         f"{address} routes to {where}, neither {source} nor {target}"
                     )
-        self._apply((a, target) for a in result.flipped + result.created)
+            version = counters(db)["version"]
+        self._apply(((a, target) for a in result.flipped + result.created), version)
         return result
 
     # -- up-sync / down-sync / verify (E5-E8) ---------------------------------------
@@ -260,8 +271,9 @@ class Directory:
                 else:
                     _set(db, address, other)
                     result.updated[address] = other
+            version = counters(db)["version"]
         changes: list[tuple[str, str | None]] = [*result.added.items(), *result.updated.items()]
-        self._apply(changes + [(a, None) for a in result.removed])
+        self._apply(changes + [(a, None) for a in result.removed], version)
         return result
 
     def downsync(self) -> tuple[int, dict[str, str]]:
@@ -307,8 +319,8 @@ def upsync_listed(db: Connection, system: str, physical: str | None = None) -> s
     return {str(a) for a in db.scalars(query)}
 
 
-def read_snapshot(shared: SharedDB, have_directory: tuple[int, int], have_holds: int,
-                  generation: tuple[int, int] = (0, 0)) -> Snapshot:
+def read_snapshot(shared: SharedDB, have_directory: tuple[int, int], have_holds: int
+                  ) -> Snapshot:
     """Read the counters and whatever moved since the given versions (call in a thread).
 
     The counters come from one statement, so if the holds counter shows a release, the
@@ -317,7 +329,7 @@ def read_snapshot(shared: SharedDB, have_directory: tuple[int, int], have_holds:
     """
     with shared.read() as db:
         now = counters(db)
-        snap = Snapshot(now, generation)
+        snap = Snapshot(now)
         if now["version"] != have_directory[0]:
             snap.entries = _entries(db)
         if now["systems_version"] != have_directory[1]:
@@ -352,6 +364,13 @@ def _merge_claim(db: Connection, system: str, address: str, physical: str,
 
 def _system(r: Row[Any]) -> System:
     return System(str(r.name), str(r.host), int(r.port), str(r.protocol))
+
+
+def _change(entries: dict[str, str], address: str, physical: str | None) -> None:
+    if physical is None:
+        entries.pop(address, None)
+    else:
+        entries[address] = physical
 
 
 def _system_of(physical: str) -> str | None:

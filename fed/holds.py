@@ -81,7 +81,6 @@ class Holds:
         self.held: dict[str, float] = {}        # hold as asked for: address -> since
         self.covered: dict[str, set[str]] = {}  # every held address -> holds covering it
         self.loaded = -1                        # holds version of the copy
-        self.generation = 0                     # bumped by this node's own hold writes
         self.asked: dict[str, int] = {}         # address -> version its hold was written at
         self.fresh_until = 0.0                  # monotonic; see node_agent.py
         self.blocking: list[str] = []           # nodes the last wait_idle waited for
@@ -209,19 +208,17 @@ class Holds:
     # -- loading the copy ---------------------------------------------------------------
     def refresh(self) -> None:
         """Read and apply the shared state now (blocking: for admin calls on the loop)."""
-        self.apply(read_snapshot(self.shared, self.directory.loaded, self.loaded,
-                                 (self.directory.generation, self.generation)))
+        self.apply(read_snapshot(self.shared, self.directory.loaded, self.loaded))
 
-    def apply(self, snap: Snapshot) -> bool:
-        """Apply a snapshot to the directory and holds copies; False if it was read before
-        one of this node's own writes (then it is dropped: the next refresh rereads)."""
-        if snap.generation != (self.directory.generation, self.generation):
-            return False
+    def apply(self, snap: Snapshot) -> None:
+        """Apply a snapshot to the directory and holds copies (on the loop). The directory
+        first: a release must find every flip committed before it."""
         self.directory.load(snap)
         version = snap.counters["holds_version"]
-        if snap.holds is None or version < self.loaded:
+        if snap.holds is None or version <= self.loaded:
+            # Unchanged, or read before a newer load (hold/release reload synchronously).
             self.loaded = max(self.loaded, version)
-            return True
+            return
         before = set(self.covered)
         self.held = {}
         self.covered = {}
@@ -230,12 +227,10 @@ class Holds:
             if address == origin:
                 self.held[address] = since
         self.loaded = version
-        self.generation += 1
         self._write_mirror()
         released = before - set(self.covered)
         if released:
             self._start_drain(released)
-        return True
 
     def _write_mirror(self) -> None:
         # The node-local queue queries skip held recipients with a `holds` table in the

@@ -112,12 +112,9 @@ class NodeAgent:
     async def _round(self) -> None:
         t0 = time.monotonic()
         await asyncio.to_thread(self._beat, *self.acked)
-        generation = (self.directory.generation, self.holds.generation)
         snap = await asyncio.to_thread(read_snapshot, self.shared, self.directory.loaded,
-                                       self.holds.loaded, generation)
-        if not self.holds.apply(snap):
-            self.kick()  # our own write came in between: read again now
-            return
+                                       self.holds.loaded)
+        self.holds.apply(snap)
         was_fresh = self.holds.fresh()
         self.holds.fresh_until = max(self.holds.fresh_until, t0 + self.lease)
         self._last_round = t0

@@ -160,9 +160,16 @@ class SharedDB:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A read-only transaction (rolled back at the end)."""
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        """A read-only transaction on one snapshot (rolled back at the end).
+
+        One snapshot matters: a node that reads a release must also read every flip
+        committed before it. SQLite's read transactions are snapshots already; PostgreSQL
+        needs REPEATABLE READ (READ COMMITTED gives each statement its own)."""
+        with self.engine.connect() as conn:
+            if not self.sqlite:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
 
     def now(self) -> ColumnElement[Any]:
         """The database's clock in epoch seconds, as a SQL expression."""
