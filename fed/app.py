@@ -101,9 +101,10 @@ async def serve(config: FedConfig) -> None:
     holds = Holds(shared, directory, NodeRegistry(shared), store, spool.waiting)
     # Silent for longer than this, a node has surely stopped delivering (nodes.py).
     dead_after = config.node_lease + config.delivery.timeout + 1.0
+    # The identity a restart of this node presents again (a pid would change).
+    identity = f"{socket.gethostname()}:{config.state_dir.resolve()}"
     agent = NodeAgent(node_name(config), shared, directory, holds, config.node_lease,
-                      dead_after, f"pid={os.getpid()} state={config.state_dir}",
-                      config.node_poll)
+                      dead_after, identity, config.node_poll)
     await agent.start()
     for name, host, port, protocol in config.systems:
         directory.put_system(name, host, port, protocol)
@@ -135,7 +136,8 @@ async def serve(config: FedConfig) -> None:
 
     smtp_addr = smtp_server.sockets[0].getsockname()
     control_addr = runner.addresses[0]
-    log.info("node %s, shared database %s", agent.name, shared.engine.url.render_as_string())
+    log.info("node %s (pid %d), shared database %s", agent.name, os.getpid(),
+             shared.engine.url.render_as_string())
     print(f"fed ready smtp={smtp_addr[0]}:{smtp_addr[1]} "
           f"control={control_addr[0]}:{control_addr[1]}", flush=True)
     log.info("serving domains %s", ", ".join(config.domains))

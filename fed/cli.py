@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .app import FedConfig, run
 from .delivery import DeliverySettings
+from .node_agent import NodeNameInUse
 
 _SYSTEM = re.compile(r"^([A-Za-z0-9_.\-]+)=([^:/]+|\[[^\]]+\]):(\d+)(?:/(lmtp|smtp))?$")
 
@@ -102,4 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         hold_timeout=args.hold_timeout,
         shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,
     )
-    return run(config)
+    try:
+        return run(config)
+    except NodeNameInUse as exc:
+        print(f"fed: {exc}", file=sys.stderr)
+        return 2

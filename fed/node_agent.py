@@ -36,6 +36,10 @@ from .shared_db import SharedDB, counters
 
 log = logging.getLogger("fed.node")
 
+
+class NodeNameInUse(Exception):
+    """Another live node already uses this node's name."""
+
 class NodeAgent:
     """Heartbeat, refresh and acknowledgement of one fed node."""
 
@@ -65,7 +69,15 @@ class NodeAgent:
         self._kick.set()
 
     async def start(self) -> None:
-        """Register, load the shared state and acknowledge it; before any delivery."""
+        """Register, load the shared state and acknowledge it; before any delivery.
+
+        Refuses (NodeNameInUse) a name that a live node with another identity holds: two
+        nodes writing one row would acknowledge holds for each other."""
+        now, states = await asyncio.to_thread(self.registry.states)
+        for state in states:
+            if state.name == self.name and state.alive(now) and state.info != self.info:
+                raise NodeNameInUse(f"node name {self.name!r} is used by a live node "
+                                    f"({state.info}); give this one another --node-name")
         await self._round()
 
     async def run(self) -> None:

@@ -258,13 +258,17 @@ def test_a_paused_node_is_fenced_and_a_killed_one_honours_the_hold_on_restart(
         b.kill()
 
 
-def test_a_node_stopped_cleanly_does_not_delay_holds(
+def test_node_names_are_unique_and_a_clean_stop_does_not_delay_holds(
         tmp_path: Path, shared_url: str, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, s2 = systems
     a = start_node(tmp_path, "a", shared_url, [s1, s2], lease=30.0)
     b = start_node(tmp_path, "b", shared_url, [s1, s2], lease=30.0)
     try:
         assert nodes_of(a)["b"]["alive"]
+        # Another spool under a live node's name would acknowledge holds for it: refused.
+        with pytest.raises(AssertionError, match="did not get ready"):
+            start_node(tmp_path, "b-twin", shared_url, [s1, s2], extra=("--node-name", "b"))
+        assert "used by a live node" in (tmp_path / "b-twin.log").read_text()
         assert b.stop() == 0
         assert not nodes_of(a)["b"]["alive"]  # it said goodbye: no lease to wait out
         a.client.put_entry(AD1, s1.physical("jean"))
