@@ -370,3 +370,19 @@ def test_holds_of_a_fed_from_before_the_shared_database_are_kept(
         assert fed.client.queue().held == 1
     finally:
         fed.kill()
+
+
+def test_a_node_keeps_its_own_writes_over_a_reload_read_before_them(tmp_path: Path) -> None:
+    from fed.directory import Directory, read_snapshot
+    from fed.shared_db import SharedDB
+
+    shared = SharedDB(f"sqlite:///{tmp_path}/shared.db")
+    mine, other = Directory(shared), Directory(shared)
+    stale = read_snapshot(shared, (-1, -1), -1)  # read before the write below
+    mine.put(AD1, "jean@s1.invalid")
+    mine.load(stale)
+    assert mine.lookup(AD1) == "jean@s1.invalid"
+    other.put(AD1, "jean@s2.invalid")  # another node, later: it wins at the next reload
+    mine.load(read_snapshot(shared, mine.loaded, -1))
+    assert mine.lookup(AD1) == "jean@s2.invalid"
+    shared.close()
