@@ -87,6 +87,7 @@ class Holds:
         self.inflight: Counter[str] = Counter()
         self.drains: list[_Drain] = []
         self.serialised: set[str] = set()
+        self._drain_checked = 0.0
         self.on_change: Callable[[], None] = lambda: None  # wakes the node agent
         self._changed = asyncio.Condition()
 
@@ -176,6 +177,8 @@ class Holds:
                 h.c.origin.in_(addresses), h.c.address == h.c.origin))))
             if db.execute(delete(h).where(h.c.origin.in_(addresses))).rowcount:
                 bump(db, "holds_version")
+        for address in released:
+            self.asked.pop(address, None)
         # Reload the directory with the holds: released mail must go where the directory
         # points *now*, flips made through other nodes included.
         self.refresh()
@@ -252,9 +255,10 @@ class Holds:
 
     def drain_check(self) -> None:
         """Stop serialising the mailboxes whose released backlog is delivered here."""
-        if not self.drains:
-            return
         now = time.monotonic()
+        if not self.drains or now - self._drain_checked < 0.5:
+            return  # the queue queries below are not free: twice a second is enough
+        self._drain_checked = now
         waiting = self.waiting or (lambda _a: 0)
         self.drains = [d for d in self.drains
                        if now < d.until and any(waiting(a) for a in d.released)]

@@ -195,7 +195,10 @@ def bump(conn: Connection, key: str) -> int:
 
 def _engine(url: str) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+        # A bounded connect: an unreachable database must not hang a refresh or shutdown.
+        args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+        return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4,
+                             connect_args=args)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -232,9 +235,11 @@ def import_legacy(shared: SharedDB, local_db: str) -> bool:
         if "directory" not in names or "systems" not in names:
             return False
         with shared.write() as db:
-            if db.scalar(select(directory.c.address).limit(1)) is not None \
+            if db.scalar(select(meta.c.value).where(meta.c.key == "legacy_imported")) \
+                    is not None or db.scalar(select(directory.c.address).limit(1)) is not None \
                     or db.scalar(select(systems.c.name).limit(1)) is not None:
                 return False
+            db.execute(insert(meta).values(key="legacy_imported", value=1))
             rows = {
                 directory: old.execute("SELECT address, physical FROM directory").fetchall(),
                 systems: old.execute("SELECT name, host, port, protocol FROM systems").fetchall(),
