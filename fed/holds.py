@@ -122,7 +122,8 @@ class Holds:
                         ", ".join(addresses))
         self.inflight.subtract(addresses)
         self.inflight += Counter()  # drop zero counts
-        self.on_change()
+        if any(a in self.covered for a in addresses):
+            self.on_change()  # an acknowledgement may be owed now; otherwise stay quiet
         async with self._changed:
             self._changed.notify_all()
 
