@@ -274,10 +274,12 @@ class ControlAPI:
         """Release holds and deliver what waited."""
         addresses = _addresses(await _body(request))
         released = self.holds.release(addresses)
-        log.info("release %s", ", ".join(addresses))
+        lasted = {a: round(s, 3) for a, s in self.holds.lasted.items()}
+        log.info("release %s (held for %s s)", ", ".join(addresses), lasted)
         self.deliverer.wake()
         return _json({"released": released, "not_held": [a for a in addresses
-                                                          if a not in released]})
+                                                          if a not in released],
+                      "held_seconds": lasted})
 
     async def flip(self, request: web.Request) -> web.Response:
         """Move addresses from one physical address to another, atomically (E9)."""

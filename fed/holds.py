@@ -84,6 +84,7 @@ class Holds:
         self.asked: dict[str, int] = {}         # address -> version its hold was written at
         self.fresh_until = 0.0                  # monotonic; see node_agent.py
         self.blocking: list[str] = []           # nodes the last wait_idle waited for
+        self.lasted: dict[str, float] = {}      # how long the holds of the last release lasted
         self.inflight: Counter[str] = Counter()
         self.drains: list[_Drain] = []
         self.serialised: set[str] = set()
@@ -174,10 +175,13 @@ class Holds:
         addresses = list(addresses)
         h = t.holds
         with self.shared.write() as db:
-            released = sorted(set(db.scalars(select(h.c.origin).where(
-                h.c.origin.in_(addresses), h.c.address == h.c.origin))))
+            since = {str(a): float(s) for a, s in db.execute(select(h.c.origin, h.c.since).where(
+                h.c.origin.in_(addresses), h.c.address == h.c.origin))}
             if db.execute(delete(h).where(h.c.origin.in_(addresses))).rowcount:
                 bump(db, "holds_version")
+        released = sorted(since)
+        now = time.time()
+        self.lasted = {a: max(0.0, now - since[a]) for a in released}
         for address in released:
             self.asked.pop(address, None)
         # Reload the directory with the holds: released mail must go where the directory

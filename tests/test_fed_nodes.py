@@ -305,7 +305,9 @@ def test_a_hold_covers_the_aliases_even_those_added_during_the_hold(
     assert holds[AD1].age_seconds >= 0
     assert fed.client.release([ALIAS]).not_held == [ALIAS]  # only covered: stays held
     assert fed.client.queue().pending == 3
-    fed.client.release([AD1])
+    status, data = api(fed, "POST", "/v1/release", {"addresses": [AD1]})
+    assert status == 200 and data["released"] == [AD1]
+    assert data["held_seconds"][AD1] >= holds[AD1].age_seconds  # it lasted until now
     wait_for(lambda: fed.client.queue().pending == 0, what="release")
     assert s1.ids()[1:] == ["<c0@t>", "<c1@t>", "<c2@t>"]  # arrival order
 
