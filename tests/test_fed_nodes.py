@@ -258,6 +258,42 @@ def test_a_paused_node_is_fenced_and_a_killed_one_honours_the_hold_on_restart(
         b.kill()
 
 
+def test_a_node_killed_while_a_hold_waits_for_it_lets_the_hold_proceed_by_its_lease(
+        tmp_path: Path, shared_url: str, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, s2 = systems
+    a = start_node(tmp_path, "a", shared_url, [s1, s2])
+    b = start_node(tmp_path, "b", shared_url, [s1, s2])
+    try:
+        a.client.put_entry(AD1, s1.physical("jean"))
+        wait_for(lambda: b.client.lookup(AD1) == s1.physical("jean"), what="entry on b")
+        s1.delay = 3.0  # b's delivery is in flight while the hold is asked for
+        assert send(b.smtp_port, [AD1], message("in flight on b", "fb@t"))[0] == 250
+        assert s1.data_started.wait(20)
+        result: dict[str, Any] = {}
+        holder = threading.Thread(target=lambda: result.update(
+            hold=api(a, "POST", "/v1/holds", {"addresses": [AD1]})), daemon=True)
+        holder.start()
+        wait_for(lambda: (r := nodes_of(a)["b"])["idle_for"] < r["version"], what="hold written")
+        assert holder.is_alive()  # waiting for b's delivery
+        b.kill()  # kill -9 with the delivery in flight
+        s1.stop()  # the orphaned transaction dies with its server: it delivers nothing
+        holder.join(60)
+        assert result["hold"][0] == 200, result  # b's lease ran out
+        s1.delay = 0.0
+        s1.start()  # on a new port, as the reconciler would tell fed
+        a.client.put_system("s1", "127.0.0.1", s1.port, "lmtp")
+
+        b.start()  # its unacknowledged message is still queued, and held
+        assert b.client.queue().held == 1
+        wait_for(lambda: acknowledged(a, "b"), timeout=30, what="b back and acknowledging")
+        assert s1.received == []
+        a.client.release([AD1])
+        wait_for(lambda: s1.ids() == ["<fb@t>"], timeout=30, what="delivery after release")
+    finally:
+        a.kill()
+        b.kill()
+
+
 def test_node_names_are_unique_and_a_clean_stop_does_not_delay_holds(
         tmp_path: Path, shared_url: str, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, s2 = systems
