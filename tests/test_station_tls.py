@@ -8,6 +8,7 @@ in only over TLS, and name the stage and the reason when it refuses.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -87,17 +88,24 @@ def _context(cert_key: tuple[Path, Path]) -> ssl.SSLContext:
     return context
 
 
-@pytest.fixture
-def starttls_server(pki: Pki) -> Iterator[tuple[Controller, Recorder]]:
+@contextlib.contextmanager
+def starttls_on(cert_key: tuple[Path, Path]) -> Iterator[tuple[Controller, Recorder]]:
+    """A submission server that requires STARTTLS and offers AUTH only after it."""
     handler = Recorder()
     controller = Controller(handler, hostname="127.0.0.1", port=free_port(),
-                            tls_context=_context(pki.good), require_starttls=True,
+                            tls_context=_context(cert_key), require_starttls=True,
                             auth_require_tls=True, authenticator=handler.authenticator)
     controller.start()
     try:
         yield controller, handler
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def starttls_server(pki: Pki) -> Iterator[tuple[Controller, Recorder]]:
+    with starttls_on(pki.good) as server:
+        yield server
 
 
 def test_starttls_with_the_private_ca_logs_in_over_tls(
@@ -123,12 +131,7 @@ def test_an_untrusted_certificate_is_refused_before_any_login(
 
 
 def test_a_certificate_for_another_host_name_is_refused(pki: Pki) -> None:
-    handler = Recorder()
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(),
-                            tls_context=_context(pki.wrong_name), require_starttls=True,
-                            auth_require_tls=True, authenticator=handler.authenticator)
-    controller.start()
-    try:
+    with starttls_on(pki.wrong_name) as (controller, handler):
         endpoint = Endpoint("127.0.0.1", controller.port, "starttls")
         reason = smtp_reachable(endpoint, ca_file=str(pki.ca))
         assert reason is not None and "127.0.0.1" in reason and "mismatch" in reason.lower()
@@ -136,8 +139,6 @@ def test_a_certificate_for_another_host_name_is_refused(pki: Pki) -> None:
                                 ca_file=str(pki.ca))
         assert not result.ok and result.stage == "connect"
         assert handler.logins == []
-    finally:
-        controller.stop()
 
 
 def test_plain_connection_to_a_starttls_only_server_is_refused_at_mail_from(
