@@ -11,10 +11,11 @@ then print ``fed ready smtp=HOST:PORT control=HOST:PORT`` (the line tests and su
 wait for).
 
 Shutdown on SIGTERM/SIGINT, in the order that loses nothing: stop accepting connections,
-refuse new DATA with 421, wait for spool writes in progress (their clients are owed an
-answer), close the remaining SMTP sessions, stop the API, let in-flight deliveries record
-their outcome, close the store. A kill -9 skips all this and still loses nothing
-acknowledged; this order only avoids needless re-deliveries and half-answered clients.
+refuse new DATA with 421, let messages already streaming finish and be spooled (their
+clients are owed an answer), tell the remaining SMTP sessions 421 and close them, stop
+the API, let in-flight deliveries record their outcome, close the store. A kill -9 skips
+all this and still loses nothing acknowledged; this order only avoids needless
+re-deliveries and half-answered clients.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .control import ControlAPI
 from .delivery import Deliverer, DeliverySettings
 from .directory import Directory
 from .holds import Holds
-from .server import FedHandler, SmtpSettings, make_factory
+from .server import FedHandler, SmtpSettings, drain, make_factory
 from .spool import Spool
 from .store import Store
 
@@ -105,13 +106,8 @@ async def serve(config: FedConfig) -> None:
     await stop.wait()
     log.info("shutting down")
     smtp_server.close()
-    handler.stopping = True
     deadline = time.monotonic() + config.shutdown_grace
-    while handler.writing and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    for session in list(sessions):
-        if session.transport is not None:
-            session.transport.close()
+    await drain(handler, sessions, deadline)
     await runner.cleanup()
     await deliverer.stop(grace=max(0.0, deadline - time.monotonic()))
     delivery_task.cancel()

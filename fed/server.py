@@ -28,6 +28,9 @@ MAIL/RCPT time and careful at DATA time:
 - Connections: at most ``max_connections`` at once, and ``max_connections_per_ip`` per
   client outside the relay networks; more get ``421 4.7.0`` and are closed. Together with
   the timeout this bounds what slow-loris clients can hold.
+- Shutdown (``drain``): a DATA command after SIGTERM gets ``421 4.3.2``; a message already
+  streaming may finish within the grace time and is spooled and answered 250 as usual;
+  then every remaining client gets 421 and is disconnected.
 - AUTH (PLAIN, LOGIN) is offered only with an ``--auth-file``, and only after STARTTLS,
   except to loopback clients.
 """
@@ -42,8 +45,9 @@ import email.utils
 import logging
 import re
 import ssl
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +76,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _CALL_LIMITS = {"EHLO": 10, "HELO": 10, "NOOP": 50, "RSET": 100, "VRFY": 10, "AUTH": 3,
                 "STARTTLS": 2, "HELP": 10, "EXPN": 10}
 _CALL_LIMIT_DEFAULT = 10_000
+SHUTDOWN_REPLY = "421 4.3.2 fed is shutting down, try again later"
 
 
 def normalize_eols(data: bytes) -> bytes:
@@ -210,8 +215,6 @@ class FedHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Spool the message durably, then (only then) acknowledge it."""
-        if self.stopping:
-            return "421 4.3.2 fed is shutting down, try again later"
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
         if has_bare_newline(raw):
@@ -352,12 +355,36 @@ class FedSMTP(SMTP):
         super().data_received(data)
 
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA, marked so that data_received knows it is streaming."""
+        """aiosmtpd's DATA, marked so that data_received knows it is streaming; refused
+        once fed is stopping (a message already streaming may still finish, see drain)."""
+        handler = self.event_handler
+        if isinstance(handler, FedHandler) and handler.stopping:
+            await self.push(SHUTDOWN_REPLY)
+            assert self.transport is not None
+            self.transport.close()
+            return
         self.in_data = True
         try:
             await super().smtp_DATA(arg)
         finally:
             self.in_data = False
+
+
+async def drain(handler: FedHandler, sessions: Iterable[SMTP], deadline: float) -> None:
+    """Shutdown: let messages already streaming finish (and be spooled and answered) until
+    `deadline` (monotonic), then tell every remaining client 421 and close."""
+    handler.stopping = True
+    for _ in range(100_000):  # bounded: 0.01 s steps, and the deadline below
+        busy = handler.writing or any(isinstance(s, FedSMTP) and s.in_data
+                                      for s in list(sessions))
+        if not busy or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.01)
+    for session in list(sessions):
+        transport = session.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(SHUTDOWN_REPLY.encode() + b"\r\n")
+            transport.close()
 
 
 def make_factory(handler: FedHandler, settings: SmtpSettings,
