@@ -27,7 +27,9 @@ PHYSICAL_TLD = "invalid"
 
 # Deliberately strict: what a directory key or an envelope recipient may look like.
 # No spaces, no angle brackets, no control characters, exactly one "@".
-_ADDRESS = re.compile(r"^[^@\s<>()\[\]\\,;:\"\x00-\x1f\x7f]+@[a-z0-9.\-_]+$")
+# The domain may hold non-ASCII letters (an SMTPUTF8 U-label); whether a client may send
+# non-ASCII at all is the SMTP layer's check (``server.address_refusal``).
+_ADDRESS = re.compile(r"^[^@\s<>()\[\]\\,;:\"\x00-\x1f\x7f]+@[a-z0-9.\-_\u0080-\U0010ffff]+$")
 # NUL, other C0 controls, DEL and lone surrogates (invalid UTF-8 decoded with
 # surrogateescape by aiosmtpd): never part of an address, whatever the extensions.
 _FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")

@@ -171,6 +171,14 @@ class FedHandler:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
         return responses
 
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        """Refuse control characters in the name."""
+        if has_forbidden(hostname):
+            return "501 5.5.2 bad HELO hostname"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         """Refuse senders no mail system would write."""
