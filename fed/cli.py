@@ -20,7 +20,13 @@ from pathlib import Path
 from . import queuectl
 from .addresses import set_case_sensitive_local
 from .app import FedConfig, run
-from .auth import Authenticator, CredentialsError, hash_password, load_credentials
+from .auth import (
+    Authenticator,
+    AuthThrottle,
+    CredentialsError,
+    hash_password,
+    load_credentials,
+)
 from .delivery import DeliverySettings
 from .policy import DEFAULT_RELAY_NETWORKS, RelayPolicy, parse_networks
 from .server import SmtpSettings
@@ -94,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
                         f"(default: {' '.join(DEFAULT_RELAY_NETWORKS)}; 'none': nobody)")
     s.add_argument("--auth-file", type=Path,
                    help="SMTP AUTH credentials, user:scrypt-hash lines (fed auth-hash)")
+    s.add_argument("--auth-max-failures", type=int, default=10,
+                   help="failed AUTH logins per client IP within 10 minutes before AUTH "
+                        "from it is refused (454)")
     s.add_argument("--tls-cert", type=Path, help="certificate chain (PEM) for STARTTLS")
     s.add_argument("--tls-key", type=Path, help="private key (PEM) for STARTTLS")
     s.add_argument("--metrics-public", action="store_true",
@@ -145,7 +154,8 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
     authenticator = None
     if args.auth_file is not None:
         try:
-            authenticator = Authenticator(load_credentials(args.auth_file))
+            authenticator = Authenticator(load_credentials(args.auth_file),
+                                          AuthThrottle(args.auth_max_failures))
         except CredentialsError as exc:
             raise ValueError(str(exc)) from exc
     networks = parse_networks(args.relay_network or DEFAULT_RELAY_NETWORKS)

@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -105,7 +105,7 @@ class SmtpSettings:
     max_size: int = 50 * 1024 * 1024
     max_rcpts: int = 100
     timeout: float = 300.0
-    bare_newline: str = "normalize"  # or "reject"
+    bare_newline: Literal["normalize", "reject"] = "normalize"
     max_connections: int = 500
     max_connections_per_ip: int = 50
     relay: RelayPolicy = field(default_factory=lambda: RelayPolicy(()))

@@ -228,3 +228,32 @@ def test_starttls_and_auth_only_after_it_off_loopback(tmp_path: Path, s1: FakeSy
         assert b"with ESMTPSA id" in got.data
     finally:
         running.kill()
+
+
+def test_password_guessing_is_throttled_per_client(tmp_path: Path, s1: FakeSystem) -> None:
+    auth = write_auth_file(tmp_path)
+    running = start(tmp_path, s1, ["--auth-file", str(auth), "--auth-max-failures", "3"])
+
+    def plain(password: str) -> bytes:
+        return b"AUTH PLAIN " + base64.b64encode(b"\0relay-user\0" + password.encode())
+
+    try:
+        with Raw(running.smtp_port) as raw:
+            raw.send(b"EHLO t\r\n")
+            raw.lines()
+            assert raw.cmd(plain(PASSWORD))[:3] == b"235"  # fine before any failure
+        for guess in ("a", "b", "c"):
+            with Raw(running.smtp_port) as raw:
+                raw.send(b"EHLO t\r\n")
+                raw.lines()
+                assert raw.cmd(plain(guess))[:3] == b"535"
+        with Raw(running.smtp_port) as raw:
+            raw.send(b"EHLO t\r\n")
+            raw.lines()
+            # Even the right password: this address has used up its failures for now.
+            assert raw.cmd(plain(PASSWORD)).startswith(b"454 4.7.0")
+            bogus = b"AUTH PLAIN " + base64.b64encode(b"\0x\0y")
+            assert raw.cmd(bogus)[:3] == raw.cmd(bogus)[:3] == b"454"
+            assert raw.cmd(bogus).startswith(b"421 4.7.0 AUTH sent too many times")
+    finally:
+        running.kill()
