@@ -124,34 +124,41 @@ def test_queue_delete_asks_first_and_is_logged(fed: Fed, s1: FakeSystem) -> None
 
 def test_metrics(fed: Fed, s1: FakeSystem) -> None:
     assert scrape(fed, None)[0] == 401 and scrape(fed, "wrong")[0] == 401
-    q1 = queue_id(send(fed.smtp_port, [A], message("m1", "m1@t"))[1])
-    wait_for(lambda: attempts(fed, q1) >= 2, what="deferrals")
-    fed.client.hold(["held@s1.invalid"])
-    send(fed.smtp_port, ["held@s1.invalid"], message("held", "mh@t"))
-    assert send(fed.smtp_port, ["victim@elsewhere.example"], b"x\r\n")[0] == 550
-    status, text = scrape(fed)
-    assert status == 200
-    got = samples(text)
-    assert got[("fed_accepted_total", ())] == 2
-    assert got[("fed_smtp_refused_total", (("code", "550"),))] == 1
-    assert got[("fed_deferred_total", (("destination", "s1"),))] >= 2
-    assert got[("fed_queue_depth", (("destination", "s1"),))] == 2
-    assert got[("fed_queue_messages", ())] == 2
-    assert got[("fed_held_recipients", ())] == 1 and got[("fed_holds", ())] == 1
-    assert got[("fed_hold_oldest_age_seconds", ())] >= 0
-    assert got[("fed_admin_held_messages", ())] == 0
-    assert ("fed_delivered_total", (("destination", "s1"),)) not in got
+    s2 = FakeSystem("s2").start()  # accepts; s1 keeps answering 451
+    try:
+        fed.client.put_system("s2", "127.0.0.1", s2.port, "lmtp")
+        q1 = queue_id(send(fed.smtp_port, [A], message("m1", "m1@t"))[1])
+        wait_for(lambda: attempts(fed, q1) >= 2, what="deferrals")
+        fed.client.hold(["held@s2.invalid"])
+        send(fed.smtp_port, ["held@s2.invalid"], message("held", "mh@t"))
+        assert send(fed.smtp_port, ["victim@elsewhere.example"], b"x\r\n")[0] == 550
+        status, text = scrape(fed)
+        assert status == 200
+        got = samples(text)
+        assert got[("fed_accepted_total", ())] == 2
+        assert got[("fed_smtp_refused_total", (("code", "550"),))] == 1
+        assert got[("fed_deferred_total", (("destination", "s1"),))] >= 2
+        assert got[("fed_queue_depth", (("destination", "s1"),))] == 1
+        assert got[("fed_queue_depth", (("destination", "s2"),))] == 1
+        assert got[("fed_queue_messages", ())] == 2
+        assert got[("fed_held_recipients", ())] == 1 and got[("fed_holds", ())] == 1
+        assert got[("fed_hold_oldest_age_seconds", ())] >= 0
+        assert got[("fed_admin_held_messages", ())] == 0
+        assert ("fed_delivered_total", (("destination", "s2"),)) not in got
 
-    assert fedq(fed, "hold", q1).returncode == 0
-    s1.reply = "250 2.0.0 Ok"
-    fed.client.release(["held@s1.invalid"])
-    wait_for(lambda: s1.ids() == ["<mh@t>"], what="the released message")
-    got = samples(scrape(fed)[1])
-    assert got[("fed_delivered_total", (("destination", "s1"),))] == 1
-    assert got[("fed_delivery_latency_seconds_count", ())] == 1
-    assert got[("fed_admin_held_messages", ())] == 1
-    assert got[("fed_queue_depth", (("destination", "s1"),))] == 1
-    assert got[("fed_holds", ())] == 0
+        assert fedq(fed, "hold", q1).returncode == 0
+        fed.client.release(["held@s2.invalid"])
+        wait_for(lambda: s2.ids() == ["<mh@t>"], what="the released message")
+        got = samples(scrape(fed)[1])
+        assert got[("fed_delivered_total", (("destination", "s2"),))] == 1
+        assert got[("fed_delivery_latency_seconds_count", ())] == 1
+        assert got[("fed_admin_held_messages", ())] == 1
+        assert got[("fed_admin_hold_oldest_age_seconds", ())] >= 0
+        assert got[("fed_queue_depth", (("destination", "s1"),))] == 1
+        assert ("fed_queue_depth", (("destination", "s2"),)) not in got
+        assert got[("fed_holds", ())] == 0
+    finally:
+        s2.stop()
 
 
 def test_metrics_public_switch(tmp_path: Path, s1: FakeSystem) -> None:
