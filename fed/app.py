@@ -13,10 +13,11 @@ then print ``fed ready smtp=HOST:PORT control=HOST:PORT`` (the line tests and su
 wait for).
 
 Shutdown on SIGTERM/SIGINT, in the order that loses nothing: stop accepting connections,
-refuse new DATA with 421, wait for spool writes in progress (their clients are owed an
-answer), close the remaining SMTP sessions, stop the API, let in-flight deliveries record
-their outcome, close the store. A kill -9 skips all this and still loses nothing
-acknowledged; this order only avoids needless re-deliveries and half-answered clients.
+refuse new DATA with 421, let messages already streaming finish and be spooled (their
+clients are owed an answer), tell the remaining SMTP sessions 421 and close them, stop
+the API, let in-flight deliveries record their outcome, close the store. A kill -9 skips
+all this and still loses nothing acknowledged; this order only avoids needless
+re-deliveries and half-answered clients.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -36,13 +36,14 @@ from pathlib import Path
 from aiohttp import web
 from aiosmtpd.smtp import SMTP
 
+from . import logs, metrics
 from .control import ControlAPI
 from .delivery import Deliverer, DeliverySettings
 from .directory import Directory
 from .holds import Holds
 from .node_agent import NodeAgent
 from .nodes import NodeRegistry
-from .server import FedHandler
+from .server import FedHandler, SmtpSettings, drain, make_factory
 from .shared_db import SharedDB, default_url, import_legacy
 from .spool import Spool
 from .store import Store
@@ -62,12 +63,12 @@ class FedConfig:
     token: str
     domains: list[str]
     systems: list[tuple[str, str, int, str]] = field(default_factory=list)
-    hostname: str = "fed.invalid"
-    max_size: int = 50 * 1024 * 1024
-    max_rcpts: int = 100
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     hold_timeout: float = 120.0
     shutdown_grace: float = 30.0
+    metrics_public: bool = False
+    log_format: str = "text"
     shared_db: str | None = None  # SQLAlchemy URL; None: sqlite:///<state dir>/shared.db
     node_name: str | None = None  # None: host name + a hash of the state dir (stable)
     node_lease: float = 10.0
@@ -112,20 +113,17 @@ async def serve(config: FedConfig) -> None:
     agent.on_refresh = deliverer.wake
     log.info("state %s: %d messages queued, %d holds", config.state_dir, queued, len(holds.held))
 
-    handler = FedHandler(directory, spool, config.domains, config.hostname, config.max_rcpts,
-                         deliverer.wake)
+    handler = FedHandler(directory, spool, config.domains, config.smtp, deliverer.wake)
     sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
-
-    def factory() -> SMTP:
-        session = SMTP(handler, hostname=config.hostname, data_size_limit=config.max_size,
-                       enable_SMTPUTF8=True, ident="mailferry fed")
-        sessions.add(session)
-        return session
+    factory = make_factory(handler, config.smtp, sessions.add)
 
     agent_task = asyncio.create_task(agent.run(), name="node-agent")
     delivery_task = asyncio.create_task(deliverer.run(), name="delivery")
     smtp_server = await loop.create_server(factory, config.smtp_host, config.smtp_port)
-    api = ControlAPI(config.token, directory, spool, holds, deliverer, config.hold_timeout)
+    api = ControlAPI(config.token, directory, spool, holds, deliverer, config.hold_timeout,
+                     config.metrics_public)
+    metrics.install_state(
+        lambda: api.admin.state(sum(1 for s in sessions if s.transport is not None)))
     # A hold call may be waiting for a slow delivery: do not let it delay shutdown long.
     application = api.app()
     application.router.add_get("/v1/nodes", agent.nodes_view)
@@ -145,13 +143,8 @@ async def serve(config: FedConfig) -> None:
     await stop.wait()
     log.info("shutting down")
     smtp_server.close()
-    handler.stopping = True
     deadline = time.monotonic() + config.shutdown_grace
-    while handler.writing and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    for session in list(sessions):
-        if session.transport is not None:
-            session.transport.close()
+    await drain(handler, sessions, deadline)
     await runner.cleanup()
     await deliverer.stop(grace=max(0.0, deadline - time.monotonic()))
     delivery_task.cancel()
@@ -166,9 +159,6 @@ async def serve(config: FedConfig) -> None:
 
 def run(config: FedConfig) -> int:
     """Run fed in a fresh event loop; the process exit code."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiosmtpd logs every SMTP command at INFO; fed logs its own decisions instead.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logs.setup(config.log_format)
     asyncio.run(serve(config))
     return 0

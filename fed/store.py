@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_rcpt ON deliveries (rcpt, at);
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (queue_id, physical);
+-- Queue messages an admin put on hold (fed queue hold QID); delivery skips them.
+CREATE TABLE IF NOT EXISTS admin_holds (
+    queue_id TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 """
 
 
