@@ -110,7 +110,7 @@ async def serve(config: FedConfig) -> None:
     for name, host, port, protocol in config.systems:
         directory.put_system(name, host, port, protocol)
     deliverer = Deliverer(store, spool, directory, holds, config.delivery)
-    agent.on_refresh = deliverer.wake
+    agent.on_refresh = holds.on_slot = deliverer.wake
     log.info("state %s: %d messages queued, %d holds", config.state_dir, queued, len(holds.held))
 
     handler = FedHandler(directory, spool, config.domains, config.smtp, deliverer.wake)

@@ -90,6 +90,9 @@ class Holds:
         self.serialised: set[str] = set()
         self._drain_checked = 0.0
         self.on_change: Callable[[], None] = lambda: None  # wakes the node agent
+        # Wakes the delivery scheduler when a serialised mailbox is free again (a scheduler
+        # that parks what is_held refused looks at it again only when woken).
+        self.on_slot: Callable[[], None] = lambda: None
         self._changed = asyncio.Condition()
 
     # -- the delivery scheduler's questions (synchronous, in memory) ------------------
@@ -125,6 +128,8 @@ class Holds:
         self.inflight += Counter()  # drop zero counts
         if any(a in self.covered for a in addresses):
             self.on_change()  # an acknowledgement may be owed now; otherwise stay quiet
+        if any(a in self.serialised for a in addresses):
+            self.on_slot()
         async with self._changed:
             self._changed.notify_all()
 
