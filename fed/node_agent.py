@@ -62,6 +62,7 @@ class NodeAgent:
         self._kick = asyncio.Event()
         self._stopping = False
         self._failing = False
+        self._fresh = True
         holds.on_change = self.kick
 
     def kick(self) -> None:
@@ -94,6 +95,14 @@ class NodeAgent:
                     log.error("shared database unreachable (%s); deliveries stop when the "
                               "lease runs out, mail is still accepted", exc)
                 self._failing = True
+            fresh = self.holds.fresh()
+            if fresh != self._fresh:
+                if fresh:
+                    log.info("view refreshed: deliveries resume")
+                else:
+                    log.warning("view older than the lease (%.1f s): no delivery starts until "
+                                "the shared database answers", self.lease)
+                self._fresh = fresh
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.poll)
 

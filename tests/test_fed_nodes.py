@@ -14,7 +14,9 @@ import json
 import os
 import signal
 import smtplib
+import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from fed.nodes import NodeState, blocking
 from fed.shared_db import metadata
 
 from fedutil import TOKEN, FakeSystem, Fed, message, send, wait_for
-from pgutil import PrivatePostgres
+from pgutil import PrivatePostgres, pg_bindir
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -312,6 +314,47 @@ def test_node_names_are_unique_and_a_clean_stop_does_not_delay_holds(
     finally:
         a.kill()
         b.kill()
+
+
+def restart_postgres(pg: PrivatePostgres) -> None:
+    """Start the postmaster again on the same data folder and port."""
+    with open(pg.root / "postgres.log", "ab") as log:
+        pg.process = subprocess.Popen(
+            pg._as_postgres([str(pg_bindir() / "postgres"), "-D", str(pg.data), "-p",
+                             str(pg.port), "-h", "127.0.0.1", "-k", str(pg.root),
+                             "-c", "fsync=off"]), stdout=subprocess.DEVNULL, stderr=log)
+    wait_for(lambda: subprocess.run([str(pg_bindir() / "pg_isready"), "-h", "127.0.0.1",
+                                     "-p", str(pg.port)], capture_output=True,
+                                    timeout=10).returncode == 0, timeout=30,
+             what="PostgreSQL back")
+
+
+def test_without_its_database_a_node_accepts_mail_and_delivers_only_once_it_is_back(
+        tmp_path: Path, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, s2 = systems
+    pg = PrivatePostgres().start()  # its own server: this test stops it
+    a = start_node(tmp_path, "a", pg.url, [s1, s2])
+    try:
+        a.client.put_entry(AD1, s1.physical("jean"))
+        assert send(a.smtp_port, [AD1], message("before", "before@t"))[0] == 250
+        wait_for(lambda: s1.ids() == ["<before@t>"], what="delivery with the database up")
+        assert pg.process is not None
+        # Fast shutdown (clients disconnected): the shared database is gone.
+        subprocess.run(pg._as_postgres([str(pg_bindir() / "pg_ctl"), "stop", "-D",
+                                        str(pg.data), "-m", "fast"]),
+                       check=True, capture_output=True, timeout=60)
+        pg.process.wait(30)
+        wait_for(lambda: "view older than the lease" in a.log(), timeout=30, what="fencing")
+        assert send(a.smtp_port, [AD1], message("during", "during@t"))[0] == 250
+        time.sleep(0.5)  # a delivery, were it allowed, would take milliseconds
+        assert s1.ids() == ["<before@t>"]
+        restart_postgres(pg)
+        wait_for(lambda: s1.ids() == ["<before@t>", "<during@t>"], timeout=30,
+                 what="delivery once the database is back")
+        assert "deliveries resume" in a.log()
+    finally:
+        a.kill()
+        pg.stop()
 
 
 # -- holds on one node (default SQLite shared database) ----------------------------------
