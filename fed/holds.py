@@ -80,6 +80,7 @@ class Holds:
         self.drain_limit = drain_limit
         self.held: dict[str, float] = {}        # hold as asked for: address -> since
         self.covered: dict[str, set[str]] = {}  # every held address -> holds covering it
+        self.covering: dict[str, list[str]] = {}  # hold -> the addresses it covers
         self.loaded = -1                        # holds version of the copy
         self.asked: dict[str, int] = {}         # address -> version its hold was written at
         self.fresh_until = 0.0                  # monotonic; see node_agent.py
@@ -143,7 +144,7 @@ class Holds:
 
     def covers(self, address: str) -> list[str]:
         """Every address the hold on `address` holds (itself included)."""
-        return sorted(a for a, origins in self.covered.items() if address in origins)
+        return self.covering.get(address, [])
 
     # -- hold and release: write the shared database, then reload ------------------
     def hold(self, addresses: Iterable[str], require_upsync: tuple[str, str | None] | None = None
@@ -235,10 +236,13 @@ class Holds:
         before = set(self.covered)
         self.held = {}
         self.covered = {}
+        covering: dict[str, list[str]] = {}
         for address, origin, since in snap.holds:
             self.covered.setdefault(address, set()).add(origin)
+            covering.setdefault(origin, []).append(address)
             if address == origin:
                 self.held[address] = since
+        self.covering = {o: sorted(c) for o, c in covering.items()}
         self.loaded = version
         self._write_mirror()
         released = before - set(self.covered)
@@ -270,8 +274,10 @@ class Holds:
             return  # the queue queries below are not free: twice a second is enough
         self._drain_checked = now
         waiting = self.waiting or (lambda _a: 0)
-        self.drains = [d for d in self.drains
-                       if now < d.until and any(waiting(a) for a in d.released)]
+        for drain in self.drains:
+            # An address whose released backlog is out stays out: new mail needs no order.
+            drain.released = {a for a in drain.released if waiting(a)}
+        self.drains = [d for d in self.drains if now < d.until and d.released]
         self.serialised = set().union(*(d.serialised for d in self.drains))
 
 
