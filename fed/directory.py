@@ -15,7 +15,7 @@ with the rules that make a migration safe:
 
 Where it lives: in the shared database (``shared_db.py``) that every fed node reads, so a
 flip made through one node routes mail on all of them. Reading it must not cost a query
-per message: ``lookup`` and ``system`` answer from an in-memory copy that ``nodes.py``
+per message: ``lookup`` and ``system`` answer from an in-memory copy that ``node_agent.py``
 reloads when the version counters move. A node's own writes are applied to its copy at
 once (a ``PUT`` is visible to the next RCPT on that node); other nodes see them at their
 next refresh, which is what the hold protocol (docs/fed-multinode.md) relies on.
