@@ -28,6 +28,7 @@ from .auth import (
     load_credentials,
 )
 from .delivery import DeliverySettings
+from .node_agent import NodeNameInUse
 from .policy import DEFAULT_RELAY_NETWORKS, RelayPolicy, parse_networks
 from .server import SmtpSettings
 from .tls import server_context
@@ -114,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--delivery-timeout", type=float, default=30.0, help="SMTP/LMTP timeout (s)")
     s.add_argument("--hold-timeout", type=float, default=120.0,
                    help="how long a hold call waits for in-flight deliveries (s)")
+    s.add_argument("--shared-db", metavar="URL",
+                   help="SQLAlchemy URL of the directory and holds several nodes share "
+                        "(default: sqlite:///STATE-DIR/shared.db)")
+    s.add_argument("--node-name", help="this node's name (default: host name + state dir hash)")
+    s.add_argument("--node-lease", type=float, default=10.0,
+                   help="a node that could not refresh for this long stops delivering (s)")
 
     q = sub.add_parser("queue", help="inspect and manage the queue (like postqueue/postsuper)")
     q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
@@ -205,5 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                                   helo_name=args.hostname),
         hold_timeout=args.hold_timeout, metrics_public=args.metrics_public,
         log_format=args.log_format,
+        shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,
     )
-    return run(config)
+    try:
+        return run(config)
+    except NodeNameInUse as exc:
+        print(f"fed: {exc}", file=sys.stderr)
+        return 2

@@ -41,7 +41,7 @@ from .directory import (
     check_address,
     check_physical,
 )
-from .holds import Holds
+from .holds import HoldRefused, Holds
 from .queueadmin import QueueAdmin
 from .spool import Spool
 
@@ -258,22 +258,33 @@ class ControlAPI:
 
     # -- holds, release, flip ----------------------------------------------------------
     async def holds_get(self, request: web.Request) -> web.Response:
-        """Every hold, with its start, its age and the number of messages waiting."""
+        """Every hold, with its start, its age, what it covers and the messages waiting."""
         now = time.time()
         return _json({"holds": {
             address: {"since": iso(since), "age_seconds": round(max(0.0, now - since), 3),
+                      "covers": self.holds.covers(address),
                       "waiting": self.spool.waiting(address)}
             for address, since in sorted(self.holds.held.items())
         }})
 
     async def holds_post(self, request: web.Request) -> web.Response:
-        """Hold addresses; answer once no delivery for them is in flight any more."""
-        addresses = _addresses(await _body(request))
-        since = self.holds.hold(addresses)
+        """Hold addresses; answer once no node has a delivery for them in flight any more."""
+        data = await _body(request)
+        addresses = _addresses(data)
+        require = data.get("require_upsync")
+        if require is not None and (not isinstance(require, dict)
+                                    or not isinstance(require.get("system"), str)):
+            raise DirectoryError("'require_upsync' must be {\"system\": NAME[, \"physical\"]}")
+        check = None if require is None else (
+            str(require["system"]).lower(),
+            None if require.get("physical") is None else check_physical(require["physical"]))
+        try:
+            since = self.holds.hold(addresses, check)
+        except HoldRefused as exc:
+            return _json({"error": str(exc), "missing": exc.missing}, 409)
         log.info("hold %s", ", ".join(addresses))
         if not await self.holds.wait_idle(addresses, self.hold_timeout):
-            busy = self.holds.busy(addresses)
-            return _json({"error": f"hold recorded but {busy} deliveries are still in flight; "
+            return _json({"error": f"hold recorded but {self.holds.why_busy(addresses)}; "
                                    "call again"}, 503)
         # `effective`: from this instant on, nothing for these addresses is delivered anywhere
         # (`since` is when the hold was first asked for; deliveries already in flight then
@@ -285,10 +296,12 @@ class ControlAPI:
         """Release holds and deliver what waited."""
         addresses = _addresses(await _body(request))
         released = self.holds.release(addresses)
-        log.info("release %s", ", ".join(addresses))
+        lasted = {a: round(s, 3) for a, s in self.holds.lasted.items()}
+        log.info("release %s (held for %s s)", ", ".join(addresses), lasted)
         self.deliverer.wake()
         return _json({"released": released, "not_held": [a for a in addresses
-                                                          if a not in released]})
+                                                          if a not in released],
+                      "held_seconds": lasted})
 
     async def flip(self, request: web.Request) -> web.Response:
         """Move addresses from one physical address to another, atomically (E9)."""
