@@ -45,6 +45,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import metrics
 from .addresses import domain_of, is_valid, normalize, split_physical
 from .bounce import Failure, build_dsn, should_bounce
 from .directory import Directory, System
@@ -131,6 +132,8 @@ class Deliverer:
         self._inflight: Counter[tuple[str, str]] = Counter()  # (queue id, physical)
         self._dests: dict[str, Destination] = {}
         self._hints: dict[str, Destination] = {}  # rcpt -> where it went last time
+        self._admin_held: set[str] = set()  # queue ids on admin hold (fed queue hold)
+        self._deleted_seen = 0  # last 'deleted' row of the delivery log looked at
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         spool.on_queued = self.enqueue
@@ -138,6 +141,10 @@ class Deliverer:
     # -- feeding the scheduler ---------------------------------------------------------
     def load(self) -> int:
         """Take over the pending recipients in the store (at start); return their count."""
+        rows = self.store.query("SELECT MAX(id) AS n FROM deliveries")
+        self._deleted_seen = int(rows[0]["n"] or 0)
+        self._admin_held = {str(r["queue_id"])
+                            for r in self.store.query("SELECT queue_id FROM admin_holds")}
         items = self.spool.pending()
         for item in items:
             self._left[item.queue_id] += 1
@@ -186,7 +193,10 @@ class Deliverer:
                 self._recheck = False
                 self._hints.clear()
                 last_recheck = time.monotonic()
-                self._ready.extend(self._parked)
+                self._resync()
+                # Oldest first (queue ids sort by arrival): a released mailbox gets its
+                # backlog in the order it came, whichever stage had parked each message.
+                self._ready.extend(sorted(self._parked, key=lambda item: item.queue_id))
                 self._parked = []
             while self._ready:
                 self._classify(self._ready.popleft())
@@ -195,6 +205,52 @@ class Deliverer:
                 delay = max(0.005, min(1.0, self._deferred[0][0] - time.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), delay)
+
+    def _resync(self) -> None:
+        """Pick up what the queue admin changed in the store (``fed queue``, see
+        queueadmin.py): admin holds, recipients made due (release, flush), deletions."""
+        self.spool.write_outcomes()  # the store must not lag behind memory for this
+        self._admin_held = {str(r["queue_id"])
+                            for r in self.store.query("SELECT queue_id FROM admin_holds")}
+        now = time.time()
+        due = {(str(r["queue_id"]), str(r["rcpt"])) for r in self.store.query(
+            "SELECT queue_id, rcpt FROM recipients WHERE status = 'pending' AND attempts > 0 "
+            "AND next_try <= ?", (now,))}
+        if due:
+            keep = []
+            for entry in self._deferred:
+                item = entry[2]
+                if (item.queue_id, item.rcpt) in due:
+                    item.next_try = now
+                    self._ready.append(item)
+                else:
+                    keep.append(entry)
+            heapq.heapify(keep)
+            self._deferred = keep
+        rows = self.store.query(
+            "SELECT id, queue_id FROM deliveries WHERE result = 'deleted' AND id > ? "
+            "ORDER BY id", (self._deleted_seen,))
+        if rows:
+            self._deleted_seen = int(rows[-1]["id"])
+            self._drop({str(r["queue_id"]) for r in rows})
+
+    def _drop(self, queue_ids: set[str]) -> None:
+        """Forget, in memory, messages an admin deleted from the queue."""
+        def keep(item: PendingRecipient) -> bool:
+            return item.queue_id not in queue_ids
+
+        self._ready = deque(filter(keep, self._ready))
+        self._parked = list(filter(keep, self._parked))
+        self._deferred = [e for e in self._deferred if keep(e[2])]
+        heapq.heapify(self._deferred)
+        for dest in self._dests.values():
+            dest.queue = deque(filter(keep, dest.queue))
+        for queue_id in queue_ids:
+            self._left.pop(queue_id, None)
+            self._delivered.pop(queue_id, None)
+            self._dup_wait.pop(queue_id, None)
+            self.spool.uncache(queue_id)
+        log.info("dropped deleted messages from delivery: %s", ", ".join(sorted(queue_ids)))
 
     async def stop(self, grace: float) -> None:
         """Stop scheduling and let in-flight deliveries record their outcome."""
@@ -230,7 +286,7 @@ class Deliverer:
 
     def _classify(self, item: PendingRecipient) -> None:
         """Put one due recipient into its destination's queue (or park it)."""
-        if self.holds.is_held(item.rcpt):
+        if self.holds.is_held(item.rcpt) or item.queue_id in self._admin_held:
             self._parked.append(item)
             return
         # Only a hint: the worker routes again, from the store, right before sending.
@@ -296,7 +352,7 @@ class Deliverer:
                 group.append(dest.queue.popleft())
             job = Job(first)
             for item in group:
-                if self.holds.is_held(item.rcpt):
+                if self.holds.is_held(item.rcpt) or item.queue_id in self._admin_held:
                     self._parked.append(item)
                     continue
                 route = self.route(item.rcpt)
@@ -336,13 +392,15 @@ class Deliverer:
             try:
                 data = await self._read(job.item)
             except OSError as exc:
-                log.error("%s: cannot read the spool file: %s", job.item.queue_id, exc)
+                log.error("%s: cannot read the spool file: %s", job.item.queue_id, exc,
+                          extra={"queue_id": job.item.queue_id})
                 replies = dict.fromkeys(physicals, Reply(0, f"spool file unreadable: {exc}"))
             else:
                 replies, conn = await self._transact(dest.system, conn, job, data)
             await self._record(dest, job, replies)
         except Exception:
-            log.exception("delivery of %s failed unexpectedly", job.item.queue_id)
+            log.exception("delivery of %s failed unexpectedly", job.item.queue_id,
+                          extra={"queue_id": job.item.queue_id})
             for item in [*job.primary.values(), *(d for ds in job.dups.values() for d in ds)]:
                 self._defer(item, None, None, Reply(0, "internal error, see fed log"), [])
         finally:
@@ -406,7 +464,9 @@ class Deliverer:
                 self.spool.mark_done(item.queue_id, item.rcpt)
                 self.spool.log_delivery(item.queue_id, item.rcpt, physical, system,
                                         item.message_id, "delivered", str(reply))
-                log.debug("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply)
+                metrics.count_delivery("delivered", system, item.queue_id, item.received_at)
+                log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply,
+                         extra={"queue_id": item.queue_id})
                 self._finish(item)
                 for dup in dups:
                     self._duplicate(dup, physical, first=item.rcpt)
@@ -426,7 +486,7 @@ class Deliverer:
         self.spool.log_delivery(item.queue_id, item.rcpt, physical, None, item.message_id,
                                 "duplicate", detail)
         log.info("%s <%s> -> %s: duplicate, not delivered twice", item.queue_id, item.rcpt,
-                 physical)
+                 physical, extra={"queue_id": item.queue_id})
         self._finish(item)
 
     def _finish(self, item: PendingRecipient) -> None:
@@ -453,8 +513,9 @@ class Deliverer:
         self.spool.mark_retry(item.queue_id, item.rcpt, item.attempts, item.next_try, detail)
         self.spool.log_delivery(item.queue_id, item.rcpt, physical, system, item.message_id,
                                 "deferred", detail)
+        metrics.count_delivery("deferred", system, item.queue_id)
         log.info("%s <%s> -> %s deferred (retry in %.1fs): %s", item.queue_id, item.rcpt,
-                 physical, delay, detail)
+                 physical, delay, detail, extra={"queue_id": item.queue_id})
         self._push_deferred(item)
         self._event.set()
 
@@ -484,7 +545,8 @@ class Deliverer:
                          for it, _, reply, expired in group]
                 bounced = await self._bounce(first, group)
             except Exception as exc:
-                log.exception("%s: cannot shunt or bounce; will retry", queue_id)
+                log.exception("%s: cannot shunt or bounce; will retry", queue_id,
+                              extra={"queue_id": queue_id})
                 for it, physical, _, _ in group:
                     self._defer(it, physical, system, Reply(0, f"cannot bounce: {exc}"), [])
                 continue
@@ -494,8 +556,9 @@ class Deliverer:
                 self.spool.mark_shunted(queue_id, it.rcpt, reply.code, why, path)
                 self.spool.log_delivery(queue_id, it.rcpt, physical, system, it.message_id,
                                         "shunted", why + note)
+                metrics.count_delivery("shunted", system, queue_id)
                 log.warning("%s <%s> -> %s failed, shunted to %s%s: %s", queue_id, it.rcpt,
-                            physical, path.name, note, why)
+                            physical, path.name, note, why, extra={"queue_id": queue_id})
                 self._finish(it)
 
     async def _bounce(self, first: PendingRecipient,
@@ -505,7 +568,8 @@ class Deliverer:
         if not should_bounce(sender):
             return False
         if not is_valid(sender):
-            log.warning("%s: sender <%s> cannot get a bounce", first.queue_id, sender)
+            log.warning("%s: sender <%s> cannot get a bounce", first.queue_id, sender,
+                        extra={"queue_id": first.queue_id})
             return False
         original = await asyncio.to_thread(self.spool.read, first.queue_id)
         dsn = build_dsn(
@@ -516,7 +580,8 @@ class Deliverer:
             original=original)
         dsn_id = new_queue_id()
         await self.spool.accept(dsn_id, "", [sender], dsn, None)
-        log.info("%s: bounce %s queued for <%s>", first.queue_id, dsn_id, sender)
+        log.info("%s: bounce %s queued for <%s>", first.queue_id, dsn_id, sender,
+                 extra={"queue_id": first.queue_id})
         return True
 
     def log_rows(self, rcpt: str | None, since: float | None, limit: int

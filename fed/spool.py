@@ -365,11 +365,15 @@ class Spool:
                      (time.time(), queue_id, rcpt, physical, system, message_id, result,
                       detail))
 
-    def forget(self, queue_id: str) -> None:
-        """Every recipient is finished: remove the file, then the rows."""
+    def uncache(self, queue_id: str) -> None:
+        """Drop a message's bytes from memory."""
         cached = self._cache.pop(queue_id, None)
         if cached is not None:
             self._cached -= len(cached)
+
+    def forget(self, queue_id: str) -> None:
+        """Every recipient is finished: remove the file, then the rows."""
+        self.uncache(queue_id)
         self._buffer("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
         self._buffer("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
         self._unlink.append(self.path(queue_id))
