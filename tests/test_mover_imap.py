@@ -34,7 +34,8 @@ from dovecot import Dovecot, skip_unless_available
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
-USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan")
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
+         "kate")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -343,3 +344,63 @@ def test_unchanged_folders_are_not_listed_but_any_change_is_seen(
     changed = {f.folder: f.unchanged for f in healed.folders}
     assert healed.verified and healed.copied == 2 and changed == {"INBOX": False, "Sent": False}
     assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 10
+
+
+def logins(server: Dovecot, user: str) -> int:
+    """How many IMAP logins of this user the server has logged so far."""
+    time.sleep(0.3)  # the log process writes asynchronously
+    text = (server.dir / "dovecot.log").read_text(errors="replace")
+    return text.count(f"Login: user=<{user}>")
+
+
+def test_passes_in_one_process_reuse_logins_and_still_see_every_change(
+        pair: Pair, tmp_path: Path) -> None:
+    import asyncio
+
+    from reconciler.mover.pool import ConnectionPool
+    from reconciler.mover.runner import run_jobs_async
+
+    user = pair.user("jack")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(10)],
+                          "Work": [(message(20), "(\\Seen)")]})
+    st = store(tmp_path)
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+    seen: dict[str, object] = {}
+
+    async def go() -> list[MailboxReport]:
+        pool = ConnectionPool()
+
+        async def one() -> MailboxReport:
+            j = Job(user, lambda: ImapEndpoint(src, readonly=True, pool=pool),
+                    lambda: ImapEndpoint(dst, pool=pool))
+            return (await run_jobs_async([j], manifest=Manifest(st)))[0]
+
+        try:
+            first = await one()
+            seen["idle"] = len(pool)
+            seen["logins"] = logins(pair.src, user), logins(pair.dst, user)
+            quiet = await one()
+            seen["reused"] = pool.reused
+            seen["logins_after"] = logins(pair.src, user), logins(pair.dst, user)
+            await asyncio.to_thread(fill, pair.src, user, {"INBOX": [(message(30), "")]})
+            changed = await one()
+            pair.dst.doveadm("kick", user)  # the server drops the idle target connection
+            await asyncio.sleep(0.3)
+            kicked = await one()
+            return [first, quiet, changed, kicked]
+        finally:
+            await pool.close()
+
+    first, quiet, changed, kicked = asyncio.run(go())
+    assert first.verified and first.copied == 11 and seen["idle"] == 2
+    # the second pass logged in nowhere, listed no message, and still proved every folder
+    assert quiet.verified and quiet.copied == 0 and quiet.present == 11
+    assert all(f.unchanged for f in quiet.folders) and seen["reused"] == 2
+    assert seen["logins_after"] == seen["logins"] and 0 not in seen["logins"]  # type: ignore
+    # a pooled connection sees what changed since (no stale STATUS of a selected folder)
+    assert changed.verified and changed.copied == 1
+    assert {f.folder: f.unchanged for f in changed.folders} == {"INBOX": False, "Work": True}
+    # a connection the server dropped while idle costs a fresh login, not a wrong answer
+    assert kicked.verified and kicked.copied == 0 and kicked.present == 12
+    assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 12

@@ -37,11 +37,14 @@ from reconciler.mover.folders import Folder, canonical, guess_special_use, nativ
 from reconciler.mover.imapclient import (
     ImapClient,
     ImapCommandError,
+    ImapError,
     Untagged,
     as_int,
     fetch_items,
+    pending_text,
     quote_mailbox,
 )
+from reconciler.mover.pool import ConnectionPool, Idle
 
 # (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
 Sink = Callable[[str, bytes, "tuple[str, ...] | None", "str | None"], Awaitable[None]]
@@ -228,7 +231,10 @@ class ImapAccount:
     password: str
     authorize_as: str | None = None  # log in as `user` (an admin) on behalf of this mailbox
     timeout: float = 60.0
-    tls: bool = False  # implicit TLS (IMAPS, port 993); STARTTLS is not implemented
+    # "none", "implicit" (IMAPS, port 993) or "starttls" (required: no login in cleartext);
+    # True/False are accepted for "implicit"/"none"
+    tls: bool | str = False
+    cafile: str | None = None  # CA bundle for the server's certificate (else system roots)
 
     def __repr__(self) -> str:  # never print the password
         who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
@@ -238,9 +244,11 @@ class ImapAccount:
 class ImapEndpoint:
     """A mailbox on an IMAP server, over one pipelined connection."""
 
-    def __init__(self, account: ImapAccount, *, readonly: bool = False) -> None:
+    def __init__(self, account: ImapAccount, *, readonly: bool = False,
+                 pool: ConnectionPool | None = None) -> None:
         self.account = account
         self.readonly = readonly
+        self.pool = pool
         who = account.authorize_as or account.user
         self.label = f"imap://{who}@{account.host}:{account.port}"
         self.client: ImapClient | None = None
@@ -257,7 +265,13 @@ class ImapEndpoint:
         if self.client is not None:
             return
         a = self.account
-        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls)
+        idle = self.pool.take(a) if self.pool is not None else None
+        if idle is not None:
+            self.client, self.separator, self.prefix = idle.client, idle.separator, idle.prefix
+            self._selected = None
+            return
+        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls,
+                                          cafile=a.cafile)
         try:
             if a.authorize_as:
                 await client.login(a.user, a.password, authorize_as=a.authorize_as)
@@ -283,10 +297,24 @@ class ImapEndpoint:
         self._selected = None
 
     async def close(self) -> None:
-        """Log out."""
-        if self.client is not None:
-            client, self.client = self.client, None
-            await client.logout()
+        """Log out, or hand the connection to the pool with no folder selected."""
+        if self.client is None:
+            return
+        client, self.client = self.client, None
+        selected, self._selected = self._selected, None
+        if self.pool is not None and client.usable:
+            try:
+                if selected is not None:
+                    # UNSELECT (RFC 3691); else CLOSE, which expunges nothing in a folder
+                    # opened with EXAMINE, the only way this endpoint opens folders.
+                    await client.simple("UNSELECT" if "UNSELECT" in client.capabilities
+                                        else "CLOSE")
+            except ImapError:
+                client.close()
+                return
+            await self.pool.give(self.account, Idle(client, self.separator, self.prefix))
+            return
+        await client.logout()
 
     def _c(self) -> ImapClient:
         if self.client is None:
@@ -465,14 +493,6 @@ class ImapEndpoint:
         except ImapCommandError as exc:
             return AppendResult(None, [None], [exc.text or exc.status])
         return _append_result([], pending_text(pending), 1)
-
-
-def pending_text(pending: object) -> str:
-    """The tagged OK text of a finished command (holds [APPENDUID ...])."""
-    done = getattr(pending, "done", None)
-    if done is None or not done.done() or done.exception() is not None:
-        return ""
-    return str(done.result()[1])
 
 
 _APPENDUID = re.compile(r"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
