@@ -10,7 +10,8 @@ from flags and a users file.
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
         [--parallel 8] [--state mover-state.db] [--progress auto|tty|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
-        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE]
+        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
+        [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
 
 `mover prestage --specs DIR --state URL [--all]` copies, before their cutover, the mailboxes
 of migrations in states 1-6 whose policy has ``prestageCopy: true`` (see `prestage.py`).
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     for side in ("src", "dst"):
         c.add_argument(f"--{side}-admin", help="admin/master user logging in for each user")
         c.add_argument(f"--{side}-admin-password-env", help="env variable with its password")
+        c.add_argument(f"--{side}-tls", default="none", choices=["none", "implicit", "starttls"],
+                       help="TLS to the IMAP server (starttls: required, no cleartext login)")
+        c.add_argument(f"--{side}-cafile", help="CA bundle for the server's certificate")
     c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
     c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
     c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
@@ -95,8 +99,10 @@ def _password(env: str | None) -> str:
     return value
 
 
-def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str | None,
-          timeout: float, readonly: bool, pool: ConnectionPool) -> Callable[[], Endpoint]:
+def _side(args: argparse.Namespace, side: str, user: str, password: str, readonly: bool,
+          pool: ConnectionPool) -> Callable[[], Endpoint]:
+    spec, admin = getattr(args, side), getattr(args, f"{side}_admin")
+    tls, cafile = getattr(args, f"{side}_tls"), getattr(args, f"{side}_cafile")
     if spec.startswith("maildir:"):
         root = spec.split(":", 1)[1]
 
@@ -111,10 +117,12 @@ def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str
     hostport = spec.removeprefix("imap://")
     host, _, port = hostport.rpartition(":")
     if admin:
-        account = ImapAccount(host, int(port), admin, _password(admin_env), authorize_as=user,
-                              timeout=timeout)
+        account = ImapAccount(host, int(port), admin,
+                              _password(getattr(args, f"{side}_admin_password_env")),
+                              authorize_as=user, timeout=args.timeout, tls=tls, cafile=cafile)
     else:
-        account = ImapAccount(host, int(port), user, password, timeout=timeout)
+        account = ImapAccount(host, int(port), user, password, timeout=args.timeout, tls=tls,
+                              cafile=cafile)
     return lambda: ImapEndpoint(account, readonly=readonly, pool=pool)
 
 
@@ -133,10 +141,8 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
         du, dp = (cols[2], cols[3]) if len(cols) >= 4 else (su, sp)
         jobs.append(Job(
             key=su if su == du else f"{su}->{du}",
-            source=_side(args.src, su, sp, args.src_admin, args.src_admin_password_env,
-                         args.timeout, True, pool),
-            target=_side(args.dst, du, dp, args.dst_admin, args.dst_admin_password_env,
-                         args.timeout, False, pool),
+            source=_side(args, "src", su, sp, True, pool),
+            target=_side(args, "dst", du, dp, False, pool),
             throttle=throttle, options=options))
     return jobs
 

@@ -14,7 +14,13 @@ a time (no LITERAL+, no MULTIAPPEND). So this module implements the subset we us
   reader stops reading the socket, and TCP back-pressure bounds memory;
 - literals read exactly (`{n}`), sent with LITERAL+ (`{n+}`) when the server has it,
   otherwise after the server's continuation request;
-- a parser for the response grammar we meet (atoms, quoted strings, literals, lists).
+- a parser for the response grammar we meet (atoms, quoted strings, literals, lists);
+- TLS: implicit (IMAPS) or STARTTLS, certificates always verified. With STARTTLS required,
+  a server that does not offer it, refuses it or shows an untrusted certificate gets no
+  login at all (`ImapTlsError`, naming host and reason, never retried): the password is
+  never sent in cleartext;
+- capabilities taken from the greeting and the login's OK when the server puts them there
+  (Dovecot does): two round trips fewer per connection.
 
 Errors: a NO or BAD answer raises `ImapCommandError` (the connection stays usable); a broken
 connection raises `ImapConnectionError` in every pending command (the caller reconnects and
