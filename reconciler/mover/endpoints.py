@@ -38,6 +38,7 @@ from reconciler.mover.imapclient import (
     ImapClient,
     ImapCommandError,
     ImapError,
+    ImapLoginError,
     Untagged,
     as_int,
     fetch_items,
@@ -235,6 +236,12 @@ class ImapAccount:
     # True/False are accepted for "implicit"/"none"
     tls: bool | str = False
     cafile: str | None = None  # CA bundle for the server's certificate (else system roots)
+    system: str = ""  # the mail system's name, for messages
+
+    @property
+    def where(self) -> str:
+        """"system: IMAP host:port", as errors name the server."""
+        return f"{self.system + ': ' if self.system else ''}IMAP {self.host}:{self.port}"
 
     def __repr__(self) -> str:  # never print the password
         who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
@@ -270,13 +277,23 @@ class ImapEndpoint:
             self.client, self.separator, self.prefix = idle.client, idle.separator, idle.prefix
             self._selected = None
             return
-        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls,
-                                          cafile=a.cafile)
         try:
-            if a.authorize_as:
+            client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls,
+                                              cafile=a.cafile)
+        except ImapError as exc:
+            if not a.system:
+                raise
+            raise type(exc)(f"{a.system}: {exc}") from exc
+        try:
+            try:
                 await client.login(a.user, a.password, authorize_as=a.authorize_as)
-            else:
-                await client.login(a.user, a.password)
+            except ImapCommandError as exc:
+                if "[UNAVAILABLE]" in exc.text.upper():
+                    raise  # the server's auth backend is down: worth a retry
+                who = (f"master user {a.user!r} for {a.authorize_as!r}" if a.authorize_as
+                       else repr(a.user))
+                raise ImapLoginError(f"{a.where}: login as {who} refused (bad credentials?): "
+                                     f"{exc.status} {exc.text}") from exc
             if "NAMESPACE" in client.capabilities:
                 for resp in await client.simple("NAMESPACE"):
                     personal = resp[1] if len(resp) > 1 and resp[0] == b"NAMESPACE" else None

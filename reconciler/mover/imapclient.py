@@ -64,6 +64,10 @@ class ImapTlsError(ImapError):
     """TLS was required and could not be had: never retried, never sent in cleartext."""
 
 
+class ImapLoginError(ImapError):
+    """The server refused the credentials: retrying with the same ones will not help."""
+
+
 class ImapCommandError(ImapError):
     """The server answered NO or BAD."""
 
