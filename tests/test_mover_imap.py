@@ -404,3 +404,49 @@ def test_passes_in_one_process_reuse_logins_and_still_see_every_change(
     # a connection the server dropped while idle costs a fresh login, not a wrong answer
     assert kicked.verified and kicked.copied == 0 and kicked.present == 12
     assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 12
+
+
+class NoListStatus(ImapEndpoint):
+    """An IMAP endpoint that ignores the server's LIST-STATUS (as if it had none)."""
+
+    async def open(self) -> None:
+        await super().open()
+        assert self.client is not None
+        self.client.capabilities.discard("LIST-STATUS")
+
+
+def test_without_list_status_pipelined_status_gives_the_same_states(
+        pair: Pair, tmp_path: Path) -> None:
+    import asyncio
+
+    user = pair.user("kate")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(4)],
+                          FRENCH: [(message(9), "")], "Empty": []})
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+
+    async def states() -> tuple[dict[str, str], dict[str, str]]:
+        with_ls, without = ImapEndpoint(src), NoListStatus(src)
+        await asyncio.gather(with_ls.open(), without.open())
+        try:
+            assert "LIST-STATUS" in (with_ls.client.capabilities if with_ls.client else ())
+            await asyncio.gather(with_ls.folders(), without.folders())
+            return with_ls.folder_status, without.folder_status
+        finally:
+            await asyncio.gather(with_ls.close(), without.close())
+
+    listed, polled = asyncio.run(states())
+    # Dovecot may answer UIDVALIDITY 0 for a folder never opened yet (Empty): no state then
+    both = set(listed) & set(polled)
+    assert {"INBOX", FRENCH} <= both and set(listed) | set(polled) <= {"INBOX", FRENCH, "Empty"}
+    assert {k: polled[k] for k in both} == {k: listed[k] for k in both}
+    assert listed["INBOX"].endswith("/5/4")  # UIDNEXT 5, 4 messages
+    st = store(tmp_path)
+
+    def once() -> MailboxReport:
+        j = Job(user, lambda: NoListStatus(src, readonly=True), lambda: NoListStatus(dst))
+        return run_jobs([j], manifest=Manifest(st))[0]
+
+    assert once().copied == 5
+    quiet = once()
+    assert quiet.verified and quiet.present == 5 and all(f.unchanged for f in quiet.folders)

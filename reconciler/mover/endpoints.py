@@ -23,6 +23,7 @@ Dovecot master users, Cyrus admins and Zimbra admins accept).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -355,15 +356,7 @@ class ImapEndpoint:
         result: list[Folder] = []
         self.folder_status = {}
         responses = await client.simple(command)
-        for resp in responses:
-            if len(resp) >= 3 and resp[0] == b"STATUS" and isinstance(resp[1], bytes) \
-                    and isinstance(resp[2], list):
-                values = dict(zip(resp[2][::2], resp[2][1::2], strict=False))
-                name = canonical(mutf7.decode(resp[1].decode("utf-8", "replace")),
-                                 self.separator, self.prefix)
-                v, n, m = (values.get(k) for k in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"))
-                if isinstance(v, bytes) and isinstance(n, bytes) and isinstance(m, bytes):
-                    self.folder_status[name] = f"{v.decode()}/{n.decode()}/{m.decode()}"
+        self._statuses(responses)
         for resp in responses:
             if len(resp) < 4 or resp[0] != b"LIST" or not isinstance(resp[1], list):
                 continue
@@ -381,7 +374,40 @@ class ImapEndpoint:
                 use = guess_special_use(name)
             result.append(Folder(name, decoded, use,
                                  "\\noselect" not in lowered and "\\nonexistent" not in lowered))
+        if "LIST-STATUS" not in client.capabilities:
+            await self._status_each(result)
         return result
+
+    def _statuses(self, responses: list[Untagged]) -> None:
+        """Keep "UIDVALIDITY/UIDNEXT/MESSAGES" of each untagged STATUS response."""
+        for resp in responses:
+            if len(resp) >= 3 and resp[0] == b"STATUS" and isinstance(resp[1], bytes) \
+                    and isinstance(resp[2], list):
+                values = dict(zip(resp[2][::2], resp[2][1::2], strict=False))
+                name = canonical(mutf7.decode(resp[1].decode("utf-8", "replace")),
+                                 self.separator, self.prefix)
+                v, n, m = (values.get(k) for k in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"))
+                # UIDVALIDITY 0 is no validity (Dovecot's LIST-STATUS says so for a folder
+                # never opened): no state, no shortcut.
+                if isinstance(v, bytes) and isinstance(n, bytes) and isinstance(m, bytes) \
+                        and v.strip(b"0"):
+                    self.folder_status[name] = f"{v.decode()}/{n.decode()}/{m.decode()}"
+
+    async def _status_each(self, folders: list[Folder]) -> None:
+        """Without LIST-STATUS: one STATUS per folder, all in flight at once (one round
+        trip, not one per folder). Never for the selected folder: RFC 3501 6.3.10 does not
+        promise a current answer there, and a stale one could wrongly say "unchanged"."""
+        client = self._c()
+        started = []
+        for folder in folders:
+            if folder.selectable and folder.name != self._selected:
+                box = quote_mailbox(self._native(folder.name)).decode()
+                started.append(await client.start(
+                    [f"STATUS {box} (UIDVALIDITY UIDNEXT MESSAGES)".encode()], "STATUS"))
+        for pending in started:
+            # a folder gone since LIST gets no state, so no shortcut
+            with contextlib.suppress(ImapCommandError):
+                self._statuses(await client.finish(pending))
 
     async def create_folder(self, name: str) -> None:
         """CREATE, ignoring 'already exists'."""

@@ -175,8 +175,9 @@ class MailboxCopy:
         """List, copy and verify every folder; record the figures."""
         started = time.monotonic()
         report = MailboxReport(self.key)
-        src_folders = await self.source.folders()
-        dst_folders = await self.target.folders()
+        # Both sides at once: on a re-run with nothing to do this is most of the time.
+        src_folders, dst_folders = await asyncio.gather(self.source.folders(),
+                                                        self.target.folders())
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
         unchanged = self._unchanged()
@@ -208,11 +209,25 @@ class MailboxCopy:
     def _unchanged(self) -> dict[str, FolderReport]:
         """Folders whose source and target are exactly as at the last verified pass.
 
-        IMAP messages never change; a folder whose UIDVALIDITY, UIDNEXT and message count
-        are all the same has had no append (UIDNEXT would grow) and no expunge (the count
-        would drop, or UIDNEXT grow with a compensating append): the same messages, so the
-        last pass's proof still holds. Both sides' figures come from one LIST-STATUS each,
-        so a re-run with nothing to do lists no message at all."""
+        Why no listing is needed, and the E41 rule ("every source message is in BOX2") still
+        holds. A state is "UIDVALIDITY/UIDNEXT/MESSAGES". RFC 3501 (2.3.1.1): under one
+        UIDVALIDITY a UID names one message forever, never reused; a message's content never
+        changes; every APPEND/COPY/delivery takes a UID >= UIDNEXT and UIDNEXT MUST then
+        grow, even if the new message is expunged again. So, per side, same UIDVALIDITY and
+        same UIDNEXT = no message added since; then the UIDs present are a subset of those
+        present then, and the same MESSAGES count = none removed: the very same messages.
+        The recorded states are those of the listings the proof was made from, taken at
+        their EXAMINE (before the UID FETCH), so a change racing with the listing can only
+        make the states differ later (a re-list), never hide a change. The last *verified*
+        pass proved every source message of the folder in its target folder; both folders
+        hold the same messages as then; so the proof still holds, message for message.
+        A UIDVALIDITY of 0 (no validity) gives no state. HIGHESTMODSEQ (CONDSTORE) is not
+        compared: it moves with every flag change, which changes no content and would only
+        defeat the shortcut on a live BOX2 whose owner reads mail.
+
+        Both sides' states come from one `LIST ... RETURN (STATUS ...)` each (RFC 5819), or
+        pipelined STATUS commands without it, so a re-run with nothing to do lists no
+        message at all. `verify: deep` never takes the shortcut."""
         if self.manifest is None or self.options.verify == "deep":
             return {}
         src_now = getattr(self.source, "folder_status", {})
