@@ -4,8 +4,8 @@ Why: a pass that finds nothing to copy costs, per mailbox, one `LIST ... RETURN 
 ...)` per side, and before it a TCP connect, the greeting, a login and NAMESPACE per side.
 On Dovecot a login also starts an `imap-login` and an `imap` process; for 20 small mailboxes
 that setup was most of a no-op re-run. A process that passes over the same mailboxes more
-than once (`mover copy --rerun`, a prestage loop, the final delta after a bulk copy in one
-run) keeps the connections of the previous pass and skips all of it.
+than once keeps the connections of the previous pass and skips all of it (today `mover
+copy --rerun`; the engine's steps run one pass each and log in each time).
 
 A connection is keyed by everything that decides what it is logged in as (host, port, TLS,
 login, authorization id, password): IMAP cannot switch users on a connection, so a master
