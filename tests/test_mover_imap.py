@@ -450,3 +450,40 @@ def test_without_list_status_pipelined_status_gives_the_same_states(
     assert once().copied == 5
     quiet = once()
     assert quiet.verified and quiet.present == 5 and all(f.unchanged for f in quiet.folders)
+
+
+def test_only_a_quiet_connection_goes_back_to_the_pool(pair: Pair) -> None:
+    import asyncio
+
+    from reconciler.mover.pool import ConnectionPool
+
+    user = pair.user("kate")
+    account = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+
+    async def go() -> tuple[int, int, str]:
+        pool = ConnectionPool()
+        busy, calm = ImapEndpoint(account, pool=pool), ImapEndpoint(account, pool=pool)
+        await asyncio.gather(busy.open(), calm.open())
+        assert busy.client is not None
+        await busy.listing("INBOX")  # leaves INBOX selected
+        await busy.client.start([b"NOOP"], "NOOP")  # a command still in flight
+        await busy.close()
+        after_busy = len(pool)
+        await calm.listing("INBOX")
+        await calm.close()  # quiet: UNSELECT, then pooled
+        again = ImapEndpoint(account, pool=pool)
+        await again.open()
+        assert again.client is not None
+        # nothing is selected on the pooled connection: a FETCH must be refused
+        try:
+            await again.client.simple("UID FETCH 1:* (UID)")
+            answer = "accepted"
+        except Exception as exc:
+            answer = type(exc).__name__
+        await again.close()
+        pooled = len(pool)
+        await pool.close()
+        return after_busy, pooled, answer
+
+    after_busy, pooled, answer = asyncio.run(go())
+    assert after_busy == 0 and pooled == 1 and answer == "ImapCommandError"

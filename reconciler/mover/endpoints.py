@@ -241,7 +241,7 @@ class ImapAccount:
 
     @property
     def where(self) -> str:
-        """"system: IMAP host:port", as errors name the server."""
+        """The server as errors name it: "system: IMAP host:port"."""
         return f"{self.system + ': ' if self.system else ''}IMAP {self.host}:{self.port}"
 
     def __repr__(self) -> str:  # never print the password
@@ -320,7 +320,9 @@ class ImapEndpoint:
             return
         client, self.client = self.client, None
         selected, self._selected = self._selected, None
-        if self.pool is not None and client.usable:
+        # Only a connection with nothing in flight (a pass that failed half-way may have left
+        # a FETCH running) goes back to the pool.
+        if self.pool is not None and client.quiet:
             try:
                 if selected is not None:
                     # UNSELECT (RFC 3691); else CLOSE, which expunges nothing in a folder

@@ -330,6 +330,12 @@ class ImapClient:
         """Neither broken nor closed (a pooled connection is checked with this)."""
         return self._broken is None and not self._writer.is_closing()
 
+    @property
+    def quiet(self) -> bool:
+        """Usable with no command in flight: safe to hand to someone else."""
+        return self.usable and not self._pending and (
+            self._continuation is None or self._continuation.done())
+
     async def logout(self) -> None:
         """Say goodbye and close without waiting for the answer (nothing in it matters, and
         a re-run of many mailboxes would pay a round trip per connection)."""
