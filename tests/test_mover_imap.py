@@ -35,7 +35,7 @@ from dovecot import Dovecot, skip_unless_available
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
-         "kate")
+         "kate", "liam")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -487,3 +487,23 @@ def test_only_a_quiet_connection_goes_back_to_the_pool(pair: Pair) -> None:
 
     after_busy, pooled, answer = asyncio.run(go())
     assert after_busy == 0 and pooled == 1 and answer == "ImapCommandError"
+
+
+def test_merged_folders_are_never_half_skipped(pair: Pair, tmp_path: Path) -> None:
+    """Two source folders into one target folder: when one changes, both are listed, or the
+    changed one could count the unchanged one's copy of the same message as its own."""
+    user = pair.user("liam")
+    fill(pair.src, user, {"A": [(message(1), "")], "B": []})
+    rules = (FolderRule("A", "Merged"), FolderRule("B", "Merged"))
+    st = store(tmp_path)
+    first = copy(pair, user, st, options=Options(rules=rules))
+    assert first.verified and first.copied == 1
+    fill(pair.src, user, {"B": [(message(1), "")]})  # the same message, now in B too
+    second = copy(pair, user, st, options=Options(rules=rules))
+    assert second.verified and second.copied == 1
+    states = {f.folder: f.unchanged for f in second.folders}
+    assert states["A"] is False and states["B"] is False  # A unchanged itself, yet listed
+    got = snapshot(pair.dst, user, sep=".", prefix="INBOX.")
+    assert sum(n for k, n in got.items() if k[0] == "Merged") == 2
+    third = copy(pair, user, st, options=Options(rules=rules))  # and now nothing changed
+    assert third.verified and third.copied == 0 and all(f.unchanged for f in third.folders)

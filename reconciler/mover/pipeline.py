@@ -180,7 +180,7 @@ class MailboxCopy:
                                                         self.target.folders())
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
-        unchanged = self._unchanged()
+        unchanged = self._unchanged(src_folders, mapping)
         listings: list[tuple[Folder, Listing]] = []
         for folder in src_folders:
             if not folder.selectable or folder.name in unchanged:
@@ -206,7 +206,8 @@ class MailboxCopy:
         report.seconds = time.monotonic() - started
         return report
 
-    def _unchanged(self) -> dict[str, FolderReport]:
+    def _unchanged(self, src_folders: list[Folder],
+                   mapping: dict[str, str]) -> dict[str, FolderReport]:
         """Folders whose source and target are exactly as at the last verified pass.
 
         Why no listing is needed, and the E41 rule ("every source message is in BOX2") still
@@ -235,13 +236,18 @@ class MailboxCopy:
         if not src_now or not dst_now:
             return {}
         result = {}
-        for folder, (src_state, target, dst_state, messages) in \
-                self.manifest.last_states(self.key).items():
+        last = self.manifest.last_states(self.key)
+        for folder, (src_state, target, dst_state, messages) in last.items():
             if src_now.get(folder) == src_state and dst_now.get(target) == dst_state:
                 result[folder] = FolderReport(folder, target, messages=messages,
                                               present=messages, src_state=src_state,
                                               dst_state=dst_state, unchanged=True)
-        return result
+        # Source folders merged into one target folder each need their own copies (the
+        # proof subtracts what an earlier folder claimed): when one of them is listed,
+        # all of them are, or a changed folder could count an unchanged one's copy.
+        busy = {last[f.name][1] if f.name in last else mapping.get(f.name)
+                for f in src_folders if f.selectable and f.name not in result}
+        return {name: r for name, r in result.items() if r.target not in busy}
 
     async def _target_listing(self, name: str) -> Listing:
         listing = await self.target.listing(name, full=False)
