@@ -466,7 +466,8 @@ def test_only_a_quiet_connection_goes_back_to_the_pool(pair: Pair) -> None:
         await asyncio.gather(busy.open(), calm.open())
         assert busy.client is not None
         await busy.listing("INBOX")  # leaves INBOX selected
-        await busy.client.start([b"NOOP"], "NOOP")  # a command still in flight
+        # a command still in flight: IDLE stays pending until DONE, which never comes
+        await busy.client.start([b"IDLE"], "IDLE")
         await busy.close()
         after_busy = len(pool)
         await calm.listing("INBOX")
