@@ -506,5 +506,10 @@ def test_merged_folders_are_never_half_skipped(pair: Pair, tmp_path: Path) -> No
     assert states["A"] is False and states["B"] is False  # A unchanged itself, yet listed
     got = snapshot(pair.dst, user, sep=".", prefix="INBOX.")
     assert sum(n for k, n in got.items() if k[0] == "Merged") == 2
-    third = copy(pair, user, st, options=Options(rules=rules))  # and now nothing changed
-    assert third.verified and third.copied == 0 and all(f.unchanged for f in third.folders)
+    # Nothing changes any more. The folder listed first in the second pass recorded the
+    # target's state before its sibling appended, so the third pass may still list both
+    # (conservative: a stale state only costs a listing); from then on both are skipped.
+    third = copy(pair, user, st, options=Options(rules=rules))
+    assert third.verified and third.copied == 0
+    fourth = copy(pair, user, st, options=Options(rules=rules))
+    assert fourth.verified and fourth.copied == 0 and all(f.unchanged for f in fourth.folders)
