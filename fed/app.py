@@ -6,23 +6,28 @@ work (file fsyncs, SMTP client transactions) goes to worker threads through
 ``asyncio.to_thread`` and comes back to the loop to record its result.
 
 Start-up: open the store, clean the spool after a possible crash (``Spool.recover``),
-register the systems given on the command line, start delivery, then the two listeners,
+open the shared database and load the directory and holds from it (``node_agent.py``: no
+delivery starts before this node honours the holds), register the systems given on the
+command line, start delivery, then the two listeners,
 then print ``fed ready smtp=HOST:PORT control=HOST:PORT`` (the line tests and supervisors
 wait for).
 
 Shutdown on SIGTERM/SIGINT, in the order that loses nothing: stop accepting connections,
-refuse new DATA with 421, wait for spool writes in progress (their clients are owed an
-answer), close the remaining SMTP sessions, stop the API, let in-flight deliveries record
-their outcome, close the store. A kill -9 skips all this and still loses nothing
-acknowledged; this order only avoids needless re-deliveries and half-answered clients.
+refuse new DATA with 421, let messages already streaming finish and be spooled (their
+clients are owed an answer), tell the remaining SMTP sessions 421 and close them, stop
+the API, let in-flight deliveries record their outcome, close the store. A kill -9 skips
+all this and still loses nothing acknowledged; this order only avoids needless
+re-deliveries and half-answered clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import signal
-import sys
+import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -31,11 +36,15 @@ from pathlib import Path
 from aiohttp import web
 from aiosmtpd.smtp import SMTP
 
+from . import logs, metrics
 from .control import ControlAPI
 from .delivery import Deliverer, DeliverySettings
 from .directory import Directory
 from .holds import Holds
-from .server import FedHandler
+from .node_agent import NodeAgent
+from .nodes import NodeRegistry
+from .server import FedHandler, SmtpSettings, drain, make_factory
+from .shared_db import SharedDB, default_url, import_legacy
 from .spool import Spool
 from .store import Store
 
@@ -54,12 +63,24 @@ class FedConfig:
     token: str
     domains: list[str]
     systems: list[tuple[str, str, int, str]] = field(default_factory=list)
-    hostname: str = "fed.invalid"
-    max_size: int = 50 * 1024 * 1024
-    max_rcpts: int = 100
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     hold_timeout: float = 120.0
     shutdown_grace: float = 30.0
+    metrics_public: bool = False
+    log_format: str = "text"
+    shared_db: str | None = None  # SQLAlchemy URL; None: sqlite:///<state dir>/shared.db
+    node_name: str | None = None  # None: host name + a hash of the state dir (stable)
+    node_lease: float = 10.0
+    node_poll: float = 0.1
+
+
+def node_name(config: FedConfig) -> str:
+    """This node's name in the nodes table: stable across restarts of the same spool."""
+    if config.node_name:
+        return config.node_name
+    digest = hashlib.sha256(str(config.state_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
 
 
 async def serve(config: FedConfig) -> None:
@@ -71,36 +92,50 @@ async def serve(config: FedConfig) -> None:
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.state_dir / "fed.db")
-    directory = Directory(store)
+    shared = SharedDB(config.shared_db or default_url(str(config.state_dir)))
+    if import_legacy(shared, str(config.state_dir / "fed.db")):
+        log.info("imported the directory and holds of %s into the shared database",
+                 config.state_dir / "fed.db")
+    directory = Directory(shared)
     spool = Spool(config.state_dir / "spool", store)
     queued = spool.recover()
+    holds = Holds(shared, directory, NodeRegistry(shared), store, spool.waiting)
+    # Silent for longer than this, a node has surely stopped delivering (nodes.py).
+    dead_after = config.node_lease + config.delivery.timeout + 1.0
+    # The identity a restart of this node presents again (a pid would change).
+    identity = f"{socket.gethostname()}:{config.state_dir.resolve()}"
+    agent = NodeAgent(node_name(config), shared, directory, holds, config.node_lease,
+                      dead_after, identity, config.node_poll)
+    await agent.start()
     for name, host, port, protocol in config.systems:
         directory.put_system(name, host, port, protocol)
-    holds = Holds(store)
     deliverer = Deliverer(store, spool, directory, holds, config.delivery)
+    agent.on_refresh = holds.on_slot = deliverer.wake
     log.info("state %s: %d messages queued, %d holds", config.state_dir, queued, len(holds.held))
 
-    handler = FedHandler(directory, spool, config.domains, config.hostname, config.max_rcpts,
-                         deliverer.wake)
+    handler = FedHandler(directory, spool, config.domains, config.smtp, deliverer.wake)
     sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+    factory = make_factory(handler, config.smtp, sessions.add)
 
-    def factory() -> SMTP:
-        session = SMTP(handler, hostname=config.hostname, data_size_limit=config.max_size,
-                       enable_SMTPUTF8=True, ident="mailferry fed")
-        sessions.add(session)
-        return session
-
+    agent_task = asyncio.create_task(agent.run(), name="node-agent")
     delivery_task = asyncio.create_task(deliverer.run(), name="delivery")
     smtp_server = await loop.create_server(factory, config.smtp_host, config.smtp_port)
-    api = ControlAPI(config.token, directory, spool, holds, deliverer, config.hold_timeout)
+    api = ControlAPI(config.token, directory, spool, holds, deliverer, config.hold_timeout,
+                     config.metrics_public)
+    metrics.install_state(
+        lambda: api.admin.state(sum(1 for s in sessions if s.transport is not None)))
     # A hold call may be waiting for a slow delivery: do not let it delay shutdown long.
-    runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=5.0)
+    application = api.app()
+    application.router.add_get("/v1/nodes", agent.nodes_view)
+    runner = web.AppRunner(application, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.control_host, config.control_port)
     await site.start()
 
     smtp_addr = smtp_server.sockets[0].getsockname()
     control_addr = runner.addresses[0]
+    log.info("node %s (pid %d), shared database %s", agent.name, os.getpid(),
+             shared.engine.url.render_as_string())
     print(f"fed ready smtp={smtp_addr[0]}:{smtp_addr[1]} "
           f"control={control_addr[0]}:{control_addr[1]}", flush=True)
     log.info("serving domains %s", ", ".join(config.domains))
@@ -108,26 +143,22 @@ async def serve(config: FedConfig) -> None:
     await stop.wait()
     log.info("shutting down")
     smtp_server.close()
-    handler.stopping = True
     deadline = time.monotonic() + config.shutdown_grace
-    while handler.writing and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    for session in list(sessions):
-        if session.transport is not None:
-            session.transport.close()
+    await drain(handler, sessions, deadline)
     await runner.cleanup()
     await deliverer.stop(grace=max(0.0, deadline - time.monotonic()))
     delivery_task.cancel()
     await asyncio.gather(delivery_task, return_exceptions=True)
+    await agent.stop()
+    agent_task.cancel()
+    await asyncio.gather(agent_task, return_exceptions=True)
+    shared.close()
     store.close()
     log.info("stopped")
 
 
 def run(config: FedConfig) -> int:
     """Run fed in a fresh event loop; the process exit code."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiosmtpd logs every SMTP command at INFO; fed logs its own decisions instead.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logs.setup(config.log_format)
     asyncio.run(serve(config))
     return 0

@@ -1,20 +1,37 @@
-"""Command line of fed: ``fed serve`` and nothing else yet.
+"""Command line of fed: ``fed serve``, ``fed queue``, ``fed auth-hash``.
 
 Secrets never appear on the command line (process lists are world-readable): the control
 API token comes from a file (``--token-file``) or an environment variable
-(``--token-env``), as invariant 7 asks of everything mailferry configures.
+(``--token-env``), SMTP AUTH passwords from a credentials file (``--auth-file``), whose
+lines ``fed auth-hash`` makes from a password read on stdin; invariant 7.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import ipaddress
 import os
 import re
+import ssl
 import sys
 from pathlib import Path
 
+from . import queuectl
+from .addresses import set_case_sensitive_local
 from .app import FedConfig, run
+from .auth import (
+    Authenticator,
+    AuthThrottle,
+    CredentialsError,
+    hash_password,
+    load_credentials,
+)
 from .delivery import DeliverySettings
+from .node_agent import NodeNameInUse
+from .policy import DEFAULT_RELAY_NETWORKS, RelayPolicy, parse_networks
+from .server import SmtpSettings
+from .tls import server_context
 
 _SYSTEM = re.compile(r"^([A-Za-z0-9_.\-]+)=([^:/]+|\[[^\]]+\]):(\d+)(?:/(lmtp|smtp))?$")
 
@@ -36,6 +53,23 @@ def system_arg(raw: str) -> tuple[str, str, int, str]:
     return name.lower(), host.strip("[]"), int(port), protocol or "lmtp"
 
 
+def network_arg(raw: str) -> str:
+    """A CIDR (or 'none'), checked now so that a typo fails at start."""
+    if raw != "none":
+        try:
+            ipaddress.ip_network(raw, strict=False)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"expected a CIDR such as 10.0.0.0/24: {exc}") from exc
+    return raw
+
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    token = p.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token-file", type=Path)
+    token.add_argument("--token-env", metavar="VAR")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="fed", description="mailferry's SMTP routing hub")
@@ -45,21 +79,59 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--control", type=host_port, default=("127.0.0.1", 8025),
                    metavar="HOST:PORT")
     s.add_argument("--state-dir", type=Path, required=True)
-    token = s.add_mutually_exclusive_group(required=True)
-    token.add_argument("--token-file", type=Path)
-    token.add_argument("--token-env", metavar="VAR")
+    _token_args(s)
     s.add_argument("--domain", action="append", required=True, help="a domain fed serves")
     s.add_argument("--system", action="append", type=system_arg, default=[],
                    metavar="NAME=HOST:PORT[/lmtp|/smtp]")
     s.add_argument("--hostname", default="fed.invalid", help="name in greetings and headers")
     s.add_argument("--max-size", type=int, default=50 * 1024 * 1024, help="bytes per message")
     s.add_argument("--max-rcpts", type=int, default=100, help="recipients per message")
+    s.add_argument("--smtp-timeout", type=float, default=300.0,
+                   help="seconds to wait for a command line or, in DATA, for more data")
+    s.add_argument("--max-connections", type=int, default=500,
+                   help="SMTP connections at once")
+    s.add_argument("--max-connections-per-ip", type=int, default=50,
+                   help="SMTP connections at once per client outside the relay networks")
+    s.add_argument("--bare-newline", choices=("normalize", "reject"), default="normalize",
+                   help="bare CR/LF in DATA: turn into CRLF, or refuse the message (550)")
+    s.add_argument("--case-sensitive-local", action="store_true",
+                   help="compare local parts case-sensitively (domains never are)")
+    s.add_argument("--relay-network", action="append", type=network_arg, metavar="CIDR",
+                   help="clients that may relay for the systems' own senders "
+                        f"(default: {' '.join(DEFAULT_RELAY_NETWORKS)}; 'none': nobody)")
+    s.add_argument("--auth-file", type=Path,
+                   help="SMTP AUTH credentials, user:scrypt-hash lines (fed auth-hash)")
+    s.add_argument("--auth-max-failures", type=int, default=10,
+                   help="failed AUTH logins per client IP within 10 minutes before AUTH "
+                        "from it is refused (454)")
+    s.add_argument("--tls-cert", type=Path, help="certificate chain (PEM) for STARTTLS")
+    s.add_argument("--tls-key", type=Path, help="private key (PEM) for STARTTLS")
+    s.add_argument("--metrics-public", action="store_true",
+                   help="serve GET /metrics without the token")
+    s.add_argument("--log-format", choices=("text", "json"), default="text")
     s.add_argument("--retry-base", type=float, default=1.0, help="first retry delay (s)")
     s.add_argument("--retry-max", type=float, default=60.0, help="longest retry delay (s)")
     s.add_argument("--workers", type=int, default=8, help="concurrent deliveries")
     s.add_argument("--delivery-timeout", type=float, default=30.0, help="SMTP/LMTP timeout (s)")
     s.add_argument("--hold-timeout", type=float, default=120.0,
                    help="how long a hold call waits for in-flight deliveries (s)")
+    s.add_argument("--shared-db", metavar="URL",
+                   help="SQLAlchemy URL of the directory and holds several nodes share "
+                        "(default: sqlite:///STATE-DIR/shared.db)")
+    s.add_argument("--node-name", help="this node's name (default: host name + state dir hash)")
+    s.add_argument("--node-lease", type=float, default=10.0,
+                   help="a node that could not refresh for this long stops delivering (s)")
+
+    q = sub.add_parser("queue", help="inspect and manage the queue (like postqueue/postsuper)")
+    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
+    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete")
+    q.add_argument("--control", type=host_port, default=("127.0.0.1", 8025),
+                   metavar="HOST:PORT")
+    _token_args(q)
+    q.add_argument("--yes", action="store_true", help="delete without asking")
+    q.add_argument("--json", action="store_true", help="list/show as JSON")
+
+    sub.add_parser("auth-hash", help="read a password on stdin, print its --auth-file hash")
     return p
 
 
@@ -76,23 +148,74 @@ def read_token(args: argparse.Namespace) -> str:
     return token
 
 
+def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
+    """The SMTP listener's settings; raises ValueError with a message for the admin."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert is not None:
+        try:
+            tls = server_context(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS certificate or key: {exc}") from exc
+    authenticator = None
+    if args.auth_file is not None:
+        try:
+            authenticator = Authenticator(load_credentials(args.auth_file),
+                                          AuthThrottle(args.auth_max_failures))
+        except CredentialsError as exc:
+            raise ValueError(str(exc)) from exc
+    networks = parse_networks(args.relay_network or DEFAULT_RELAY_NETWORKS)
+    return SmtpSettings(
+        hostname=args.hostname, max_size=args.max_size, max_rcpts=args.max_rcpts,
+        timeout=args.smtp_timeout, bare_newline=args.bare_newline,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        relay=RelayPolicy(tuple(networks)), tls_context=tls, authenticator=authenticator,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fed` console script."""
     args = parser().parse_args(argv)
+    if args.command == "auth-hash":
+        password = getpass.getpass("password: ") if sys.stdin.isatty() \
+            else sys.stdin.readline().rstrip("\n")
+        if not password:
+            print("fed: empty password", file=sys.stderr)
+            return 2
+        print(hash_password(password))
+        return 0
     try:
         token = read_token(args)
     except OSError as exc:
         print(f"fed: cannot read the token: {exc}", file=sys.stderr)
         return 2
+    if args.command == "queue":
+        if args.action not in ("list", "flush") and not args.queue_id:
+            print(f"fed queue {args.action}: needs a QUEUE_ID", file=sys.stderr)
+            return 2
+        return queuectl.run(args, token)
+    try:
+        smtp = smtp_settings(args)
+    except ValueError as exc:
+        print(f"fed: {exc}", file=sys.stderr)
+        return 2
+    set_case_sensitive_local(args.case_sensitive_local)
     config = FedConfig(
         smtp_host=args.smtp[0], smtp_port=args.smtp[1],
         control_host=args.control[0], control_port=args.control[1],
         state_dir=args.state_dir, token=token,
-        domains=[d.lower() for d in args.domain], systems=args.system,
-        hostname=args.hostname, max_size=args.max_size, max_rcpts=args.max_rcpts,
+        domains=[d.lower() for d in args.domain], systems=args.system, smtp=smtp,
         delivery=DeliverySettings(retry_base=args.retry_base, retry_max=args.retry_max,
                                   concurrency=args.workers, timeout=args.delivery_timeout,
                                   helo_name=args.hostname),
-        hold_timeout=args.hold_timeout,
+        hold_timeout=args.hold_timeout, metrics_public=args.metrics_public,
+        log_format=args.log_format,
+        shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,
     )
-    return run(config)
+    try:
+        return run(config)
+    except NodeNameInUse as exc:
+        print(f"fed: {exc}", file=sys.stderr)
+        return 2

@@ -7,7 +7,11 @@ release and flip (E8-E9), queue and delivery-log inspection. Documented route by
 
 Security (invariant 8): every route, health included, needs ``Authorization: Bearer
 <token>``; the token is compared in constant time. The API is meant to listen on loopback
-or a private network only.
+or a private network only. The one exception is ``GET /metrics`` when fed runs with
+``--metrics-public`` (Prometheus scrapers are often configured without secrets; the
+metrics hold counts, never addresses).
+
+Queue administration (``/v1/queue/...``, used by ``fed queue``) is ``queueadmin.py``.
 
 Error shape: ``{"error": "..."}`` with 400 for bad input, 401 for a bad token, 404 for a
 missing entry, 409 for a request that contradicts the current state.
@@ -15,16 +19,19 @@ missing entry, 409 for a request that contradicts the current state.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from . import metrics
 from .addresses import split_physical
 from .delivery import Deliverer
 from .directory import (
@@ -34,12 +41,15 @@ from .directory import (
     check_address,
     check_physical,
 )
-from .holds import Holds
+from .holds import HoldRefused, Holds
+from .queueadmin import QueueAdmin
 from .spool import Spool
 
 log = logging.getLogger("fed.control")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 
 def iso(ts: float) -> str:
@@ -87,13 +97,16 @@ class ControlAPI:
     """The aiohttp application and its handlers."""
 
     def __init__(self, token: str, directory: Directory, spool: Spool, holds: Holds,
-                 deliverer: Deliverer, hold_timeout: float = 120.0) -> None:
+                 deliverer: Deliverer, hold_timeout: float = 120.0,
+                 metrics_public: bool = False) -> None:
         self.token = token.encode()
         self.directory = directory
         self.spool = spool
         self.holds = holds
         self.deliverer = deliverer
         self.hold_timeout = hold_timeout
+        self.metrics_public = metrics_public
+        self.admin = QueueAdmin(spool, directory, holds)
 
     def app(self) -> web.Application:
         """Build the aiohttp application."""
@@ -114,11 +127,20 @@ class ControlAPI:
         r.add_post("/v1/release", self.release)
         r.add_post("/v1/flip", self.flip)
         r.add_get("/v1/queue", self.queue)
+        r.add_get("/v1/queue/messages", self.queue_list)
+        r.add_get("/v1/queue/messages/{queue_id}", self.queue_show)
+        r.add_delete("/v1/queue/messages/{queue_id}", self.queue_delete)
+        r.add_post("/v1/queue/messages/{queue_id}/hold", self.queue_hold)
+        r.add_post("/v1/queue/messages/{queue_id}/release", self.queue_release)
+        r.add_post("/v1/queue/flush", self.queue_flush)
         r.add_get("/v1/deliveries", self.deliveries)
+        r.add_get("/metrics", self.metrics)
         return app
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.metrics_public and request.path == "/metrics" and request.method == "GET":
+            return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
@@ -236,20 +258,33 @@ class ControlAPI:
 
     # -- holds, release, flip ----------------------------------------------------------
     async def holds_get(self, request: web.Request) -> web.Response:
-        """Every hold, with its start and the number of messages waiting."""
+        """Every hold, with its start, its age, what it covers and the messages waiting."""
+        now = time.time()
         return _json({"holds": {
-            address: {"since": iso(since), "waiting": self.spool.waiting(address)}
+            address: {"since": iso(since), "age_seconds": round(max(0.0, now - since), 3),
+                      "covers": self.holds.covers(address),
+                      "waiting": self.spool.waiting(address)}
             for address, since in sorted(self.holds.held.items())
         }})
 
     async def holds_post(self, request: web.Request) -> web.Response:
-        """Hold addresses; answer once no delivery for them is in flight any more."""
-        addresses = _addresses(await _body(request))
-        since = self.holds.hold(addresses)
+        """Hold addresses; answer once no node has a delivery for them in flight any more."""
+        data = await _body(request)
+        addresses = _addresses(data)
+        require = data.get("require_upsync")
+        if require is not None and (not isinstance(require, dict)
+                                    or not isinstance(require.get("system"), str)):
+            raise DirectoryError("'require_upsync' must be {\"system\": NAME[, \"physical\"]}")
+        check = None if require is None else (
+            str(require["system"]).lower(),
+            None if require.get("physical") is None else check_physical(require["physical"]))
+        try:
+            since = self.holds.hold(addresses, check)
+        except HoldRefused as exc:
+            return _json({"error": str(exc), "missing": exc.missing}, 409)
         log.info("hold %s", ", ".join(addresses))
         if not await self.holds.wait_idle(addresses, self.hold_timeout):
-            busy = self.holds.busy(addresses)
-            return _json({"error": f"hold recorded but {busy} deliveries are still in flight; "
+            return _json({"error": f"hold recorded but {self.holds.why_busy(addresses)}; "
                                    "call again"}, 503)
         # `effective`: from this instant on, nothing for these addresses is delivered anywhere
         # (`since` is when the hold was first asked for; deliveries already in flight then
@@ -261,10 +296,12 @@ class ControlAPI:
         """Release holds and deliver what waited."""
         addresses = _addresses(await _body(request))
         released = self.holds.release(addresses)
-        log.info("release %s", ", ".join(addresses))
+        lasted = {a: round(s, 3) for a, s in self.holds.lasted.items()}
+        log.info("release %s (held for %s s)", ", ".join(addresses), lasted)
         self.deliverer.wake()
         return _json({"released": released, "not_held": [a for a in addresses
-                                                          if a not in released]})
+                                                          if a not in released],
+                      "held_seconds": lasted})
 
     async def flip(self, request: web.Request) -> web.Response:
         """Move addresses from one physical address to another, atomically (E9)."""
@@ -293,6 +330,74 @@ class ControlAPI:
         """Queue counters (pending includes held and retrying recipients)."""
         return _json(self._queue_counts())
 
+    def _queue_id(self, request: web.Request) -> str:
+        queue_id = request.match_info["queue_id"]
+        if not _QUEUE_ID.match(queue_id):
+            raise DirectoryError(f"bad queue id {queue_id!r}")
+        return queue_id.upper()
+
+    def _not_queued(self, queue_id: str) -> web.Response:
+        return _json({"error": f"{queue_id} is not in the queue"}, 404)
+
+    async def queue_list(self, request: web.Request) -> web.Response:
+        """Queued messages, oldest first (?limit=, default 1000, at most 10000)."""
+        try:
+            limit = int(request.query.get("limit", "1000"))
+        except ValueError as exc:
+            raise DirectoryError("limit must be an integer") from exc
+        now = time.time()
+        return _json({"messages": [_message_json(m, now)
+                                   for m in self.admin.messages(max(1, min(limit, 10000)))]})
+
+    async def queue_show(self, request: web.Request) -> web.Response:
+        """One queued message: envelope, recipients' states, header section."""
+        queue_id = self._queue_id(request)
+        found = self.admin.message(queue_id)
+        if found is None:
+            return self._not_queued(queue_id)
+        headers = await asyncio.to_thread(self.admin.headers, queue_id)
+        return _json({**_message_json(found, time.time()), "headers": headers})
+
+    async def queue_hold(self, request: web.Request) -> web.Response:
+        """Admin-hold one queued message (idempotent)."""
+        queue_id = self._queue_id(request)
+        if not self.admin.hold(queue_id):
+            return self._not_queued(queue_id)
+        log.info("%s put on hold by an admin", queue_id, extra={"queue_id": queue_id})
+        return _json({"queue_id": queue_id, "held": True})
+
+    async def queue_release(self, request: web.Request) -> web.Response:
+        """Lift an admin hold; the message is due at once."""
+        queue_id = self._queue_id(request)
+        if not self.admin.exists(queue_id):
+            return self._not_queued(queue_id)
+        released = self.admin.release(queue_id)
+        log.info("%s released by an admin", queue_id, extra={"queue_id": queue_id})
+        self.deliverer.wake()
+        return _json({"queue_id": queue_id, "released": released})
+
+    async def queue_delete(self, request: web.Request) -> web.Response:
+        """Delete one queued message (logged in the delivery log as 'deleted')."""
+        queue_id = self._queue_id(request)
+        dropped = self.admin.delete(queue_id)
+        if dropped is None:
+            return self._not_queued(queue_id)
+        log.warning("%s deleted by an admin (%d pending recipients dropped)", queue_id,
+                    dropped, extra={"queue_id": queue_id})
+        return _json({"queue_id": queue_id, "deleted": True, "recipients_dropped": dropped})
+
+    async def queue_flush(self, request: web.Request) -> web.Response:
+        """Retry every pending recipient now (held ones stay held)."""
+        due = self.admin.flush()
+        log.info("queue flushed by an admin: %d recipients made due", due)
+        self.deliverer.wake()
+        return _json({"flushed": due})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition."""
+        return web.Response(body=metrics.exposition(),
+                            headers={"Content-Type": metrics.CONTENT_TYPE})
+
     async def deliveries(self, request: web.Request) -> web.Response:
         """Delivery log rows, oldest first (?rcpt=, ?since=, ?limit=)."""
         rcpt = request.query.get("rcpt")
@@ -308,3 +413,19 @@ class ControlAPI:
         for row in rows:
             row["at"] = iso(float(str(row["at"])))
         return _json({"deliveries": rows})
+
+
+def _message_json(message: dict[str, Any], now: float) -> dict[str, Any]:
+    """A queue message for the API: ISO times and ages."""
+    received = float(message["received_at"])
+    hold = message["admin_hold"]
+    return {
+        "queue_id": message["queue_id"], "from": message["mail_from"],
+        "received_at": iso(received), "age_seconds": round(max(0.0, now - received), 3),
+        "size": message["size"], "message_id": message["message_id"],
+        "admin_hold": None if hold is None else iso(float(hold)),
+        "recipients": [
+            {**r, "next_try": iso(r["next_try"]) if r["next_try"] else None}
+            for r in message["recipients"]
+        ],
+    }

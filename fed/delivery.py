@@ -32,6 +32,7 @@ import smtplib
 import time
 from dataclasses import dataclass
 
+from . import metrics
 from .addresses import split_physical
 from .directory import Directory, System
 from .holds import Holds
@@ -259,6 +260,7 @@ class Deliverer:
                 (time.time(), item.queue_id, item.rcpt, route.physical, system,
                  item.message_id, result, detail),
             )
+        metrics.count_delivery(result, system, item.queue_id)
 
     def _retry(self, item: PendingRecipient, error: str) -> float:
         """Schedule the next attempt with doubling back-off; return the delay."""

@@ -13,18 +13,29 @@ with the rules that make a migration safe:
 - *Down-sync is versioned.* Every change bumps one counter, so a system (or the
   reconciler) can tell whether its address book is current.
 
-Every method runs on the event loop thread (see ``store.py``) and validates its input,
-raising ``DirectoryError`` with a message meant for the API caller.
+Where it lives: in the shared database (``shared_db.py``) that every fed node reads, so a
+flip made through one node routes mail on all of them. Reading it must not cost a query
+per message: ``lookup`` and ``system`` answer from an in-memory copy that ``node_agent.py``
+reloads when the version counters move. A node's own writes are applied to its copy at
+once (a ``PUT`` is visible to the next RCPT on that node); other nodes see them at their
+next refresh, which is what the hold protocol (docs/fed-multinode.md) relies on.
+
+Every method validates its input, raising ``DirectoryError`` with a message meant for the
+API caller. Call them from the event loop thread (the copy is not locked).
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+from sqlalchemy import Connection, Row, delete, insert, select, update
+
+from . import shared_db as t
 from .addresses import is_valid, normalize, split_physical
-from .store import Store
+from .shared_db import SharedDB, bump, counters
 
 PROTOCOLS = ("lmtp", "smtp")
 
@@ -84,11 +95,52 @@ def check_physical(raw: object, what: str = "physical") -> str:
     return address
 
 
-class Directory:
-    """Directory entries, systems registry, up-sync state, all in the fed store."""
+@dataclass
+class Snapshot:
+    """What a node loads from the shared database: counters and, if they moved, data."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    counters: dict[str, int]
+    entries: dict[str, str] | None = None
+    systems: dict[str, System] | None = None
+    holds: list[tuple[str, str, float]] | None = None
+
+
+class Directory:
+    """Directory entries, systems registry, up-sync state, in the shared database."""
+
+    def __init__(self, shared: SharedDB) -> None:
+        self.shared = shared
+        self._entries: dict[str, str] = {}
+        self._systems: dict[str, System] = {}
+        self.loaded: tuple[int, int] = (-1, -1)  # (directory, systems) versions in the copy
+        # This node's own writes, with the version each produced: applied to the copy at
+        # once, and again over any reload read before they committed.
+        self._own: list[tuple[int, str, str | None]] = []
+        self._own_systems: list[tuple[int, System]] = []
+
+    # -- the in-memory copy ---------------------------------------------------------
+    def load(self, snapshot: Snapshot) -> None:
+        """Replace the copy with what was read (on the loop), keeping own newer writes."""
+        version, systems = snapshot.counters["version"], snapshot.counters["systems_version"]
+        # Counters only grow: never replace the copy with an older one.
+        if snapshot.entries is not None and version >= self.loaded[0]:
+            entries = dict(snapshot.entries)
+            for produced, address, physical in self._own:
+                if produced > version:  # committed after this snapshot was read
+                    _change(entries, address, physical)
+            self._entries = entries
+        if snapshot.systems is not None and systems >= self.loaded[1]:
+            by_name = dict(snapshot.systems)
+            by_name.update({s.name: s for produced, s in self._own_systems if produced > systems})
+            self._systems = by_name
+        self.loaded = (max(version, self.loaded[0]), max(systems, self.loaded[1]))
+        self._own = [o for o in self._own if o[0] > self.loaded[0]]
+        self._own_systems = [o for o in self._own_systems if o[0] > self.loaded[1]]
+
+    def _apply(self, changes: Iterable[tuple[str, str | None]], version: int) -> None:
+        for address, physical in changes:
+            _change(self._entries, address, physical)
+            self._own.append((version, address, physical))
 
     # -- systems ---------------------------------------------------------------------
     def put_system(self, name: str, host: str, port: int, protocol: str) -> System:
@@ -100,111 +152,118 @@ class Directory:
             raise DirectoryError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not host or not (0 < port < 65536):
             raise DirectoryError(f"bad endpoint {host!r}:{port!r}")
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO systems (name, host, port, protocol) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET host=excluded.host, port=excluded.port, "
-                "protocol=excluded.protocol",
-                (name, host, port, protocol),
-            )
-        return System(name, host, port, protocol)
+        system = System(name, host, port, protocol)
+        with self.shared.write() as db:
+            current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
+            if current is None:
+                db.execute(insert(t.systems).values(vars(system)))
+            elif _system(current) != system:
+                db.execute(update(t.systems).where(t.systems.c.name == name)
+                           .values(host=host, port=port, protocol=protocol))
+            if current is None or _system(current) != system:
+                bump(db, "systems_version")
+            version = counters(db)["systems_version"]
+        self._systems[name] = system
+        self._own_systems.append((version, system))
+        return system
 
     def system(self, name: str) -> System | None:
-        """The system called `name`, or None."""
-        rows = self.store.query("SELECT * FROM systems WHERE name = ?", (name.lower(),))
-        return _system(rows[0]) if rows else None
+        """The system called `name`, or None (from the copy)."""
+        return self._systems.get(name.lower())
 
     def systems(self) -> list[System]:
         """Every registered system, by name."""
-        return [_system(r) for r in self.store.query("SELECT * FROM systems ORDER BY name")]
+        with self.shared.read() as db:
+            return [_system(r) for r in db.execute(select(t.systems).order_by(t.systems.c.name))]
 
     # -- entries ---------------------------------------------------------------------
     def lookup(self, address: str) -> str | None:
-        """The physical address `address` routes to, or None."""
-        rows = self.store.query("SELECT physical FROM directory WHERE address = ?", (address,))
-        return str(rows[0]["physical"]) if rows else None
+        """The physical address `address` routes to, or None (from the copy)."""
+        return self._entries.get(address)
 
     def entries(self) -> dict[str, str]:
         """The whole directory, address -> physical."""
-        rows = self.store.query("SELECT address, physical FROM directory ORDER BY address")
-        return {str(r["address"]): str(r["physical"]) for r in rows}
+        with self.shared.read() as db:
+            return _entries(db)
 
     def version(self) -> int:
         """Counter bumped by every directory change (the down-sync version)."""
-        rows = self.store.query("SELECT value FROM meta WHERE key = 'version'")
-        return int(rows[0]["value"]) if rows else 0
+        with self.shared.read() as db:
+            return counters(db)["version"]
 
     def put(self, address: str, physical: str) -> bool:
         """Create or replace one entry; True if something changed."""
-        with self.store.transaction() as db:
-            return _set(db, address, physical)
+        with self.shared.write() as db:
+            changed = _set(db, address, physical)
+            version = counters(db)["version"]
+        self._apply([(address, physical)], version)
+        return changed
 
     def delete(self, address: str) -> bool:
         """Remove one entry; True if it existed."""
-        with self.store.transaction() as db:
-            return _delete(db, address)
+        with self.shared.write() as db:
+            deleted = _delete(db, address)
+            version = counters(db)["version"]
+        self._apply([(address, None)], version)
+        return deleted
 
     # -- flip (E9) -------------------------------------------------------------------
     def flip(self, addresses: list[str], source: str, target: str) -> FlipResult:
         """Move every address from `source` to `target` in one transaction, or none."""
         result = FlipResult()
-        with self.store.transaction() as db:
+        with self.shared.write() as db:
+            current = _physicals(db, addresses)
             for address in addresses:
-                row = db.execute(
-                    "SELECT physical FROM directory WHERE address = ?", (address,)
-                ).fetchone()
-                current = None if row is None else str(row["physical"])
-                if current == target:
+                where = current.get(address)
+                if where == target:
                     result.already.append(address)
-                elif current == source:
+                elif where == source:
                     _set(db, address, target)
                     result.flipped.append(address)
-                elif current is None:
+                elif where is None:
                     _set(db, address, target)
                     result.created.append(address)
                 else:
                     # Raising rolls the whole transaction back: nothing was flipped.
                     raise DirectoryConflict(
-                        f"{address} routes to {current}, neither {source} nor {target}"
+                        f"{address} routes to {where}, neither {source} nor {target}"
                     )
+            version = counters(db)["version"]
+        self._apply(((a, target) for a in result.flipped + result.created), version)
         return result
 
     # -- up-sync / down-sync / verify (E5-E8) ---------------------------------------
     def upsync(self, system: str, mailboxes: list[tuple[str, list[str]]]) -> UpsyncResult:
         """Store `system`'s latest address list and merge it into the directory."""
         result = UpsyncResult()
-        with self.store.transaction() as db:
-            db.execute("DELETE FROM upsync WHERE system = ?", (system,))
+        with self.shared.write() as db:
+            db.execute(delete(t.upsync).where(t.upsync.c.system == system))
             claims: dict[str, str] = {}  # address -> first physical of this system claiming it
-            position = 0
+            rows: dict[tuple[str, str], int] = {}
             for physical, addresses in mailboxes:
                 for address in addresses:
-                    position += 1
-                    db.execute(
-                        "INSERT OR IGNORE INTO upsync (system, physical, address, position) "
-                        "VALUES (?, ?, ?, ?)",
-                        (system, physical, address, position),
-                    )
+                    rows.setdefault((physical, address), len(rows) + 1)
                     if address in claims and claims[address] != physical:
                         result.conflicts.append({
                             "address": address, "kept": claims[address], "rejected": physical,
                         })
                         continue
                     claims.setdefault(address, physical)
-            db.execute(
-                "INSERT INTO upsync_state (system, at) VALUES (?, ?) "
-                "ON CONFLICT (system) DO UPDATE SET at = excluded.at",
-                (system, time.time()),
-            )
+            if rows:
+                db.execute(insert(t.upsync), [
+                    {"system": system, "physical": p, "address": a, "position": n}
+                    for (p, a), n in rows.items()
+                ])
+            now = time.time()
+            if db.execute(update(t.upsync_state).where(t.upsync_state.c.system == system)
+                          .values(at=now)).rowcount == 0:
+                db.execute(insert(t.upsync_state).values(system=system, at=now))
+            directory = _entries(db)
             for address, physical in claims.items():
-                self._merge_claim(db, system, address, physical, result)
+                _merge_claim(db, system, address, physical, directory.get(address), result)
             # Addresses this system routed but no longer lists: its mailbox is gone.
-            routed_here = {
-                str(r["address"]): str(r["physical"])
-                for r in db.execute("SELECT address, physical FROM directory")
-                if _system_of(str(r["physical"])) == system
-            }
-            for address in sorted(set(routed_here) - set(claims)):
+            routed_here = {a for a, p in directory.items() if _system_of(p) == system}
+            for address in sorted(routed_here - set(claims)):
                 other = _other_claim(db, system, address)
                 if other is None:
                     _delete(db, address)
@@ -212,48 +271,22 @@ class Directory:
                 else:
                     _set(db, address, other)
                     result.updated[address] = other
+            version = counters(db)["version"]
+        changes: list[tuple[str, str | None]] = [*result.added.items(), *result.updated.items()]
+        self._apply(changes + [(a, None) for a in result.removed], version)
         return result
-
-    def _merge_claim(
-        self, db: sqlite3.Connection, system: str, address: str, physical: str,
-        result: UpsyncResult,
-    ) -> None:
-        """Apply one (address, physical) claim of `system` to the directory."""
-        row = db.execute("SELECT physical FROM directory WHERE address = ?", (address,)).fetchone()
-        current = None if row is None else str(row["physical"])
-        if current == physical:
-            return
-        if current is None:
-            other = _other_claim(db, system, address)
-            if other is not None:
-                # Another system listed it first: keep the first claim, report ours.
-                _set(db, address, other)
-                result.added[address] = other
-                result.conflicts.append({"address": address, "kept": other, "rejected": physical})
-                return
-            _set(db, address, physical)
-            result.added[address] = physical
-        elif _system_of(current) == system:
-            # The system moved the address between its own mailboxes: it is authoritative.
-            _set(db, address, physical)
-            result.updated[address] = physical
-        # else: routed to another system's mailbox; only a flip may move it.
 
     def downsync(self) -> tuple[int, dict[str, str]]:
         """(version, address book) every system should hold."""
-        with self.store.transaction():
-            return self.version(), self.entries()
+        with self.shared.read() as db:
+            return counters(db)["version"], _entries(db)
 
     def verify(self, system: str, physical: str, addresses: list[str]) -> str | None:
         """None if `system`'s latest up-sync lists `physical` with `addresses`, else why not."""
-        if not self.store.query("SELECT 1 FROM upsync_state WHERE system = ?", (system,)):
-            return f"no up-sync received from system {system}"
-        listed = {
-            str(r["address"])
-            for r in self.store.query(
-                "SELECT address FROM upsync WHERE system = ? AND physical = ?", (system, physical)
-            )
-        }
+        with self.shared.read() as db:
+            if upsync_missing(db, system, [], physical) is None:
+                return f"no up-sync received from system {system}"
+            listed = upsync_listed(db, system, physical)
         if not listed:
             return f"the latest up-sync of {system} does not list {physical}"
         missing = [a for a in addresses if a not in listed]
@@ -263,12 +296,81 @@ class Directory:
 
     def upsync_systems(self) -> dict[str, float]:
         """System name -> time of its latest up-sync."""
-        rows = self.store.query("SELECT system, at FROM upsync_state ORDER BY system")
-        return {str(r["system"]): float(r["at"]) for r in rows}
+        with self.shared.read() as db:
+            rows = db.execute(select(t.upsync_state).order_by(t.upsync_state.c.system))
+            return {str(r.system): float(r.at) for r in rows}
 
 
-def _system(row: sqlite3.Row) -> System:
-    return System(str(row["name"]), str(row["host"]), int(row["port"]), str(row["protocol"]))
+def upsync_missing(db: Connection, system: str, addresses: list[str],
+                   physical: str | None = None) -> list[str] | None:
+    """Which `addresses` the latest up-sync of `system` does not list (for `physical`, if
+    given); None if that system never up-synced. The E8 check."""
+    if db.scalar(select(t.upsync_state.c.at).where(t.upsync_state.c.system == system)) is None:
+        return None
+    listed = upsync_listed(db, system, physical)
+    return [a for a in addresses if a not in listed]
+
+
+def upsync_listed(db: Connection, system: str, physical: str | None = None) -> set[str]:
+    """The addresses the latest up-sync of `system` lists (for `physical`, if given)."""
+    query = select(t.upsync.c.address).where(t.upsync.c.system == system)
+    if physical is not None:
+        query = query.where(t.upsync.c.physical == physical)
+    return {str(a) for a in db.scalars(query)}
+
+
+def read_snapshot(shared: SharedDB, have_directory: tuple[int, int], have_holds: int
+                  ) -> Snapshot:
+    """Read the counters and whatever moved since the given versions (call in a thread).
+
+    The counters come from one statement, so if the holds counter shows a release, the
+    directory counter shows every flip committed before it; the data read next is at least
+    that new.
+    """
+    with shared.read() as db:
+        now = counters(db)
+        snap = Snapshot(now)
+        if now["version"] != have_directory[0]:
+            snap.entries = _entries(db)
+        if now["systems_version"] != have_directory[1]:
+            snap.systems = {str(r.name): _system(r) for r in db.execute(select(t.systems))}
+        if now["holds_version"] != have_holds:
+            snap.holds = [(str(r.address), str(r.origin), float(r.since))
+                          for r in db.execute(select(t.holds))]
+    return snap
+
+
+def _merge_claim(db: Connection, system: str, address: str, physical: str,
+                 current: str | None, result: UpsyncResult) -> None:
+    """Apply one (address, physical) claim of `system` to the directory."""
+    if current == physical:
+        return
+    if current is None:
+        other = _other_claim(db, system, address)
+        if other is not None:
+            # Another system listed it first: keep the first claim, report ours.
+            _set(db, address, other)
+            result.added[address] = other
+            result.conflicts.append({"address": address, "kept": other, "rejected": physical})
+            return
+        _set(db, address, physical)
+        result.added[address] = physical
+    elif _system_of(current) == system:
+        # The system moved the address between its own mailboxes: it is authoritative.
+        _set(db, address, physical)
+        result.updated[address] = physical
+    # else: routed to another system's mailbox; only a flip may move it.
+
+
+def _system(r: Row[Any]) -> System:
+    return System(str(r.name), str(r.host), int(r.port), str(r.protocol))
+
+
+def _change(entries: dict[str, str], address: str, physical: str | None) -> None:
+    if physical is None:
+        entries.pop(address, None)
+    else:
+        entries[address] = physical
 
 
 def _system_of(physical: str) -> str | None:
@@ -276,38 +378,43 @@ def _system_of(physical: str) -> str | None:
     return split[0] if split else None
 
 
-def _other_claim(db: sqlite3.Connection, system: str, address: str) -> str | None:
+def _entries(db: Connection) -> dict[str, str]:
+    rows = db.execute(select(t.directory.c.address, t.directory.c.physical)
+                      .order_by(t.directory.c.address))
+    return {str(a): str(p) for a, p in rows}
+
+
+def _physicals(db: Connection, addresses: list[str]) -> dict[str, str]:
+    rows = db.execute(select(t.directory.c.address, t.directory.c.physical)
+                      .where(t.directory.c.address.in_(addresses)))
+    return {str(a): str(p) for a, p in rows}
+
+
+def _other_claim(db: Connection, system: str, address: str) -> str | None:
     """The physical another system's latest up-sync gives `address` (earliest first)."""
-    row = db.execute(
-        "SELECT u.physical FROM upsync u JOIN upsync_state s ON s.system = u.system "
-        "WHERE u.address = ? AND u.system != ? ORDER BY s.at, u.position LIMIT 1",
-        (address, system),
-    ).fetchone()
-    return None if row is None else str(row["physical"])
-
-
-def _bump(db: sqlite3.Connection) -> None:
-    db.execute(
-        "INSERT INTO meta (key, value) VALUES ('version', '1') "
-        "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    u, s = t.upsync, t.upsync_state
+    return db.scalar(
+        select(u.c.physical).join(s, s.c.system == u.c.system)
+        .where(u.c.address == address, u.c.system != system)
+        .order_by(s.c.at, u.c.position).limit(1)
     )
 
 
-def _set(db: sqlite3.Connection, address: str, physical: str) -> bool:
-    row = db.execute("SELECT physical FROM directory WHERE address = ?", (address,)).fetchone()
-    if row is not None and str(row["physical"]) == physical:
+def _set(db: Connection, address: str, physical: str) -> bool:
+    current = db.scalar(select(t.directory.c.physical).where(t.directory.c.address == address))
+    if current == physical:
         return False
-    db.execute(
-        "INSERT INTO directory (address, physical) VALUES (?, ?) "
-        "ON CONFLICT (address) DO UPDATE SET physical = excluded.physical",
-        (address, physical),
-    )
-    _bump(db)
+    if current is None:
+        db.execute(insert(t.directory).values(address=address, physical=physical))
+    else:
+        db.execute(update(t.directory).where(t.directory.c.address == address)
+                   .values(physical=physical))
+    bump(db, "version")
     return True
 
 
-def _delete(db: sqlite3.Connection, address: str) -> bool:
-    if db.execute("DELETE FROM directory WHERE address = ?", (address,)).rowcount:
-        _bump(db)
+def _delete(db: Connection, address: str) -> bool:
+    if db.execute(delete(t.directory).where(t.directory.c.address == address)).rowcount:
+        bump(db, "version")
         return True
     return False

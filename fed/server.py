@@ -1,48 +1,92 @@
-"""The SMTP face of fed: who may send to whom, and the acknowledgement rule.
+"""The SMTP face of fed: who may send to whom, hostile input, and the acknowledgement rule.
 
 fed is the hub every system and the outside world send through, so it must be strict at
-RCPT time and careful at DATA time:
+MAIL/RCPT time and careful at DATA time:
 
-- RCPT: a physical address of a registered system is accepted (systems re-submit
-  redirected mail to physical addresses); an address the directory knows is accepted; any
-  other address of one of fed's domains gets ``550 5.1.1 user unknown in directory``; any
-  other domain gets ``550 5.7.1 relaying denied`` (invariant 8: no open relay). At most
-  ``max_rcpts`` recipients per message (``452 4.5.3``); the size limit is aiosmtpd's
-  ``data_size_limit`` (552).
+- MAIL/RCPT: an address holding NUL, another control character or invalid UTF-8 is
+  refused (``553``) whatever the client declared (aiosmtpd alone lets NUL through);
+  a non-ASCII address needs ``SMTPUTF8`` on MAIL (``553 5.6.7`` otherwise, RFC 6531).
+- RCPT: a physical address of a registered system, or an address the directory knows, is
+  accepted (as its ``address_key``); any other address of one of fed's domains gets
+  ``550 5.1.1``; any other domain is relaying, decided by ``policy.py`` (``550 5.7.1
+  relaying denied`` unless the client may relay; a relayed recipient keeps its local part
+  as written). At most ``max_rcpts`` recipients (``452 4.5.3``); the size limit is
+  aiosmtpd's ``data_size_limit`` (``552``).
 - DATA: the message gets a ``Received:`` header naming fed and the queue id and is written
   durably to the spool (``spool.py``) *before* the 250 reply, so an acknowledged message
-  survives any crash (invariant 1). If the spool cannot take it, the client gets a 451 and
-  keeps the message.
-- Smuggling: aiosmtpd 1.4.6 ends DATA only at ``<CR><LF>.<CR><LF>``. Bare LF and bare CR
-  inside the data are normalised to CRLF before spooling, so a ``\\n.\\n`` that a sloppier
-  server downstream might read as end-of-data reaches it as a dot-stuffed line instead.
+  survives any crash (invariant 1). If the spool cannot take it, the client gets a 451.
+- Smuggling: aiosmtpd 1.4.6 reads DATA with ``readuntil(b"\\r\\n")`` and ends it only at a
+  line that is exactly ``.<CR><LF>`` after a ``<CR><LF>``, so ``\\n.\\n``, ``\\r.\\r``,
+  ``\\r\\n.\\n``, ``\\n.\\r\\n`` never end a message here. What to do with the bare CR/LF
+  inside is ``bare_newline``: ``normalize`` (default, like Postfix 3.9's
+  ``smtpd_forbid_bare_newline = normalize``) turns each into CRLF, so the would-be second
+  message stays inside the first and reaches the next server dot-stuffed; ``reject``
+  refuses such a message with ``550 5.5.2`` (Postfix's ``reject``).
+- Timeouts: ``timeout`` (``--smtp-timeout``) bounds the wait for each command line; while
+  DATA streams in, each received chunk restarts it (a per-read timeout, as Postfix's
+  ``smtpd_timeout``), so big messages on slow links pass. A timed-out client gets a 421.
+- Connections: at most ``max_connections`` at once, and ``max_connections_per_ip`` per
+  client outside the relay networks; more get ``421 4.7.0`` and are closed. Together with
+  the timeout this bounds what slow-loris clients can hold.
+- Shutdown (``drain``): a DATA command after SIGTERM gets ``421 4.3.2``; a message already
+  streaming may finish within the grace time and is spooled and answered 250 as usual;
+  then every remaining client gets 421 and is disconnected.
+- AUTH (PLAIN, LOGIN) is offered only with an ``--auth-file``, and only after STARTTLS,
+  except to loopback clients.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import email.parser
 import email.policy
 import email.utils
 import logging
 import re
-from collections.abc import Callable
-from typing import Any
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from .addresses import domain_of, is_valid, normalize, split_physical
+from . import metrics
+from .addresses import (
+    address_key,
+    domain_of,
+    has_forbidden,
+    is_valid,
+    preserve,
+    split_physical,
+)
+from .auth import Authenticator
 from .directory import Directory
+from .policy import RelayPolicy, client_ip, is_loopback
 from .spool import Spool, new_queue_id
 
 log = logging.getLogger("fed.smtp")
 
 _BARE_EOL = re.compile(rb"\r\n|\r|\n")
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+# Commands a normal session sends a handful of times; a client looping on them is hostile.
+_CALL_LIMITS = {"EHLO": 10, "HELO": 10, "NOOP": 50, "RSET": 100, "VRFY": 10, "AUTH": 3,
+                "STARTTLS": 2, "HELP": 10, "EXPN": 10}
+_CALL_LIMIT_DEFAULT = 10_000
+SHUTDOWN_REPLY = "421 4.3.2 fed is shutting down, try again later"
 
 
 def normalize_eols(data: bytes) -> bytes:
     """Every line ending as CRLF (bare CR and bare LF included)."""
     return _BARE_EOL.sub(b"\r\n", data)
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """True if the data holds a CR not followed by LF or an LF not preceded by CR."""
+    return _BARE.search(data) is not None
 
 
 def message_id_of(data: bytes) -> str | None:
@@ -53,44 +97,125 @@ def message_id_of(data: bytes) -> str | None:
     return None if value is None else str(value).strip()[:998]
 
 
-class FedHandler:
-    """aiosmtpd handler: recipient policy and durable acceptance."""
+@dataclass
+class SmtpSettings:
+    """Limits and options of the SMTP listener."""
 
-    def __init__(self, directory: Directory, spool: Spool, domains: list[str], hostname: str,
-                 max_rcpts: int, on_queued: Callable[[], None]) -> None:
+    hostname: str = "fed.invalid"
+    max_size: int = 50 * 1024 * 1024
+    max_rcpts: int = 100
+    timeout: float = 300.0
+    bare_newline: Literal["normalize", "reject"] = "normalize"
+    max_connections: int = 500
+    max_connections_per_ip: int = 50
+    relay: RelayPolicy = field(default_factory=lambda: RelayPolicy(()))
+    tls_context: ssl.SSLContext | None = None
+    authenticator: Authenticator | None = None
+
+
+def address_refusal(address: str, envelope: Envelope, what: str) -> str | None:
+    """The 5xx for an address no mail system would take, or None."""
+    if has_forbidden(address):
+        return f"553 5.1.{3 if what == 'recipient' else 7} bad {what} address: " \
+               "control character or invalid UTF-8"
+    if not address.isascii() and not envelope.smtp_utf8:
+        return f"553 5.6.7 non-ASCII {what} address needs SMTPUTF8"
+    return None
+
+
+class FedHandler:
+    """aiosmtpd handler: address hygiene, recipient and relay policy, durable acceptance."""
+
+    def __init__(self, directory: Directory, spool: Spool, domains: list[str],
+                 settings: SmtpSettings, on_queued: Callable[[], None]) -> None:
         self.directory = directory
         self.spool = spool
         self.domains = {d.lower() for d in domains}
-        self.hostname = hostname
-        self.max_rcpts = max_rcpts
+        self.settings = settings
+        self.hostname = settings.hostname
+        self.max_rcpts = settings.max_rcpts
         self.on_queued = on_queued
         self.writing = 0  # DATA writes in progress; shutdown waits for them
         self.stopping = False
 
-    def check_recipient(self, address: str) -> str | None:
-        """None if fed takes mail for `address`, else the SMTP refusal."""
-        if not is_valid(address):
-            return f"553 5.1.3 <{address}>: bad recipient address syntax"
-        physical = split_physical(address)
+    def is_local(self, key: str) -> bool:
+        """True if fed itself routes this address (physical of a system, or directory)."""
+        physical = split_physical(key)
+        if physical is not None:
+            return self.directory.system(physical[0]) is not None
+        return self.directory.lookup(key) is not None
+
+    def check_recipient(self, key: str) -> str | None:
+        """None if fed takes `key` as a local recipient, else the refusal (for a foreign
+        domain: the relaying refusal, which the caller may lift)."""
+        if not is_valid(key):
+            return f"553 5.1.3 <{key}>: bad recipient address syntax"
+        physical = split_physical(key)
         if physical is not None:
             if self.directory.system(physical[0]) is None:
-                return f"550 5.1.1 <{address}>: unknown system {physical[0]}"
+                return f"550 5.1.1 <{key}>: unknown system {physical[0]}"
             return None
-        if self.directory.lookup(address) is not None:
+        if self.directory.lookup(key) is not None:
             return None
-        if domain_of(address) in self.domains:
-            return f"550 5.1.1 <{address}>: user unknown in directory"
-        return f"550 5.7.1 <{address}>: relaying denied"
+        if domain_of(key) in self.domains:
+            return f"550 5.1.1 <{key}>: user unknown in directory"
+        return f"550 5.7.1 <{preserve(key)}>: relaying denied"
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        """Refuse control characters in the name; offer AUTH only when it can succeed."""
+        if has_forbidden(hostname):
+            return ["501 5.5.2 bad EHLO hostname"]
+        session.host_name = hostname
+        if self.settings.authenticator is None:
+            responses = [r for r in responses if not r[4:].startswith("AUTH")]
+        return responses
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str) -> str:
+        """Refuse control characters in the name."""
+        if has_forbidden(hostname):
+            return "501 5.5.2 bad HELO hostname"
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        """Refuse senders no mail system would write."""
+        refusal = address_refusal(address, envelope, "sender")
+        if refusal is None and address != "<>" and not is_valid(preserve(address)):
+            refusal = "553 5.1.7 bad sender address syntax"
+        if refusal is not None:
+            log.info("refused MAIL from %s: %s", session.peer, refusal)
+            return refusal
+        envelope.mail_from = address  # as written: bounces go back to exactly this
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    def sender_is_local(self, envelope: Envelope) -> bool:
+        """The envelope sender is a mail system's own address (or the null sender)."""
+        sender = str(envelope.mail_from or "")
+        return sender in ("", "<>") or self.is_local(address_key(sender))
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         """Accept or refuse one recipient."""
         if len(envelope.rcpt_tos) >= self.max_rcpts:
             return "452 4.5.3 too many recipients"
-        rcpt = normalize(address)
-        refusal = self.check_recipient(rcpt)
+        refusal = address_refusal(address, envelope, "recipient")
         if refusal is not None:
-            log.info("refused RCPT <%s> from %s: %s", rcpt, _peer(session), refusal)
+            log.info("refused RCPT from %s: %s", session.peer, refusal)
+            return refusal
+        key = address_key(address)
+        refusal = self.check_recipient(key)
+        rcpt = key
+        if refusal is not None and refusal.startswith("550 5.7.1") \
+                and self.settings.relay.may_relay(session.peer, bool(session.authenticated),
+                                                  self.sender_is_local(envelope)):
+            refusal, rcpt = None, preserve(address)
+        if refusal is not None:
+            log.info("refused RCPT <%s> from %s: %s", key, session.peer, refusal)
+            metrics.count_refused(refusal[:3])
             return refusal
         envelope.rcpt_tos.append(rcpt)
         envelope.rcpt_options.extend(rcpt_options)
@@ -98,33 +223,41 @@ class FedHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Spool the message durably, then (only then) acknowledge it."""
-        if self.stopping:
-            return "421 4.3.2 fed is shutting down, try again later"
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
+        if has_bare_newline(raw):
+            if self.settings.bare_newline == "reject":
+                log.info("refused DATA from %s: bare CR or LF", session.peer)
+                metrics.count_refused("550")
+                return "550 5.5.2 bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
+            raw = normalize_eols(raw)
         queue_id = new_queue_id()
-        data = self.received_header(session, envelope, queue_id) + normalize_eols(raw)
+        data = self.received_header(session, envelope, queue_id) + raw
         mail_from = envelope.mail_from or ""
         self.writing += 1
         try:
             await self.spool.accept(queue_id, mail_from, list(envelope.rcpt_tos), data,
                                     message_id_of(data))
         except Exception:
-            log.exception("could not spool a message from %s", _peer(session))
+            log.exception("could not spool a message from %s", session.peer,
+                          extra={"queue_id": queue_id})
             return "451 4.3.0 could not queue the message, try again later"
         finally:
             self.writing -= 1
-        log.info("%s queued: from=<%s> rcpts=%s size=%d", queue_id, mail_from,
-                 ",".join(envelope.rcpt_tos), len(data))
+        log.info("%s queued: from=<%s> rcpts=%s size=%d client=%s", queue_id, mail_from,
+                 ",".join(envelope.rcpt_tos), len(data), _ip(session),
+                 extra={"queue_id": queue_id})
+        metrics.count_accepted(len(data))
         self.on_queued()
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def received_header(self, session: Session, envelope: Envelope, queue_id: str) -> bytes:
         """The trace header fed adds (client-supplied names sanitised)."""
         helo = _UNSAFE.sub("", str(session.host_name or "unknown"))[:64] or "unknown"
-        peer = session.peer
-        ip = _UNSAFE.sub("", str(peer[0])) if isinstance(peer, tuple) and peer else "unknown"
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        ip = _UNSAFE.sub("", _ip(session)) or "unknown"
+        proto = ("ESMTP" if session.extended_smtp else "SMTP") \
+            + ("S" if session.ssl is not None else "") \
+            + ("A" if session.authenticated else "")
         single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
         rcpt = f"\r\n\tfor <{single}>" if single else ""
         date = email.utils.formatdate(localtime=True)
@@ -132,5 +265,144 @@ class FedHandler:
                 f"with {proto} id {queue_id}{rcpt}; {date}\r\n").encode("utf-8", "replace")
 
 
-def _peer(session: Session) -> Any:
-    return session.peer
+def _ip(session: Session) -> str:
+    ip = client_ip(session.peer)
+    return str(ip) if ip is not None else "unknown"
+
+
+class Connections:
+    """Open SMTP connections, in total and per client IP (in memory, event loop only)."""
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        self.settings = settings
+        self.total = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def admit(self, peer: object) -> str | None:
+        """Count a new connection; None if admitted, else the 421 to send."""
+        ip = str(client_ip(peer))
+        if self.total >= self.settings.max_connections:
+            return "421 4.7.0 too many connections, try again later"
+        if self.per_ip[ip] >= self.settings.max_connections_per_ip \
+                and not self.settings.relay.in_networks(peer):
+            return "421 4.7.0 too many connections from your address, try again later"
+        self.total += 1
+        self.per_ip[ip] += 1
+        return None
+
+    def leave(self, peer: object) -> None:
+        """Forget an admitted connection."""
+        ip = str(client_ip(peer))
+        self.total -= 1
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
+class FedSMTP(SMTP):
+    """aiosmtpd's SMTP with fed's connection limits, timeouts and AUTH placement."""
+
+    def __init__(self, handler: FedHandler, settings: SmtpSettings,
+                 connections: Connections) -> None:
+        super().__init__(
+            handler, hostname=settings.hostname, data_size_limit=settings.max_size,
+            enable_SMTPUTF8=True, ident="mailferry fed", timeout=settings.timeout,
+            tls_context=settings.tls_context, require_starttls=False,
+            auth_required=False, auth_require_tls=True,
+            authenticator=settings.authenticator,
+            auth_exclude_mechanism=None if settings.authenticator else ["LOGIN", "PLAIN"],
+            command_call_limit={**_CALL_LIMITS, "*": _CALL_LIMIT_DEFAULT},
+        )
+        # aiosmtpd keeps these on the class and grows them on every EHLO: keep ours private.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.connections = connections
+        self.refusal: str | None = None
+        self.admitted = False
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Count the connection (once: STARTTLS calls this again) and place AUTH."""
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername")
+            self.refusal = self.connections.admit(peer)
+            self.admitted = self.refusal is None
+            # On loopback nobody can sniff a password: AUTH needs no TLS there.
+            self._auth_require_tls = not is_loopback(peer)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Release the connection's slot."""
+        if self.admitted:
+            self.admitted = False
+            assert self.session is not None
+            self.connections.leave(self.session.peer)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self.refusal is not None:
+            log.warning("refused connection from %s: %s",
+                        self.session.peer if self.session else None, self.refusal)
+            await self.push(self.refusal)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    def _timeout_cb(self) -> None:
+        # Tell the client why (RFC 5321 4.5.3.2: a server may close after a timeout).
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(b"421 4.4.2 timeout exceeded, closing connection\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def data_received(self, data: bytes) -> None:
+        """While DATA streams in, every chunk restarts the timeout (per-read timeout)."""
+        if self.in_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, marked so that data_received knows it is streaming; refused
+        once fed is stopping (a message already streaming may still finish, see drain)."""
+        handler = self.event_handler
+        if isinstance(handler, FedHandler) and handler.stopping:
+            await self.push(SHUTDOWN_REPLY)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.in_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.in_data = False
+
+
+async def drain(handler: FedHandler, sessions: Iterable[SMTP], deadline: float) -> None:
+    """Shutdown: let messages already streaming finish (and be spooled and answered) until
+    `deadline` (monotonic), then tell every remaining client 421 and close."""
+    handler.stopping = True
+    for _ in range(100_000):  # bounded: 0.01 s steps, and the deadline below
+        busy = handler.writing or any(isinstance(s, FedSMTP) and s.in_data
+                                      for s in list(sessions))
+        if not busy or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.01)
+    for session in list(sessions):
+        transport = session.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(SHUTDOWN_REPLY.encode() + b"\r\n")
+            transport.close()
+
+
+def make_factory(handler: FedHandler, settings: SmtpSettings,
+                 track: Callable[[SMTP], Any]) -> Callable[[], SMTP]:
+    """The protocol factory of the SMTP listener (one FedSMTP per connection)."""
+    connections = Connections(settings)
+
+    def factory() -> SMTP:
+        session = FedSMTP(handler, settings, connections)
+        track(session)
+        return session
+
+    return factory

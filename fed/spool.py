@@ -141,6 +141,7 @@ class Spool:
             "FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
             "WHERE r.status = 'pending' AND r.next_try <= ? "
             "AND r.rcpt NOT IN (SELECT address FROM holds) "
+            "AND r.queue_id NOT IN (SELECT queue_id FROM admin_holds) "
             "ORDER BY r.queue_id, r.rcpt LIMIT ?",
             (now, limit),
         )

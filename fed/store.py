@@ -1,4 +1,5 @@
-"""fed's one SQLite database: directory, systems, holds, queue state, delivery log.
+"""fed's node-local SQLite database: queue state, delivery log (the directory, systems and
+holds are in the shared database, ``shared_db.py``).
 
 Why one file and one connection: everything fed decides (accept a recipient, deliver it,
 hold it, flip it) reads or writes these tables, and all of it runs on fed's single asyncio
@@ -8,8 +9,8 @@ atomic. WAL mode with ``synchronous=FULL`` makes every commit durable before it 
 which is what invariant 1 needs for the per-recipient delivery state (the message bytes
 themselves live in spool files, see ``spool.py``).
 
-At DESIGN.md's "beyond one machine" scale these tables would move to PostgreSQL; the
-queries are plain SQL for that reason.
+The queue stays local to each node because the spool files it describes are on that
+node's disk; what several nodes must agree on is in ``shared_db.py``.
 """
 
 from __future__ import annotations
@@ -20,32 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS directory (
-    address TEXT PRIMARY KEY,
-    physical TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS systems (
-    name TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    port INTEGER NOT NULL,
-    protocol TEXT NOT NULL CHECK (protocol IN ('lmtp', 'smtp'))
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS upsync_state (
-    system TEXT PRIMARY KEY,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS upsync (
-    system TEXT NOT NULL,
-    physical TEXT NOT NULL,
-    address TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (system, physical, address)
-);
-CREATE INDEX IF NOT EXISTS upsync_address ON upsync (address);
+-- The directory, systems, up-syncs and holds live in the shared database (shared_db.py).
+-- This is the node's copy of the held addresses, kept by holds.py, for the queue queries.
 CREATE TABLE IF NOT EXISTS holds (
     address TEXT PRIMARY KEY,
     since REAL NOT NULL
@@ -89,6 +66,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_rcpt ON deliveries (rcpt, at);
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (queue_id, physical);
+-- Queue messages an admin put on hold (fed queue hold QID); delivery skips them.
+CREATE TABLE IF NOT EXISTS admin_holds (
+    queue_id TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 """
 
 

@@ -12,6 +12,12 @@ have changed it a millisecond ago; it is read from SQLite each time):
   store nothing, succeed only on fed's 250; fed down or 4xx -> 451 4.4.1, fed 5xx -> that 5xx;
 - otherwise store into INBOX (tmp, fsync, rename, fsync dir) and succeed.
 
+Submission has one more rule: an account marked ``via_fed`` (a mailbox whose addresses are
+being moved, from E4 on the target and E5 on the source until the flip) is not served
+locally when a local user writes to one of its access addresses; the message goes to fed
+like any remote one, so that fed's hold and directory decide where it lands (invariant 2).
+fed's own deliveries name the physical address and are always stored.
+
 Within one transaction a mailbox gets the message once, however many of the recipients
 resolve to it: the first outcome is reused for the others. Each stored or redirected message
 is appended to the `deliveries` journal. All blocking work (SQLite, fsync, the SMTP relay)
@@ -85,6 +91,9 @@ class Deliverer:
             return f"{result.code} {result.text}"
         return f"451 4.4.1 redirect to <{target}> deferred: fed said {result.code} {result.text}"
 
+    def _is_physical(self, rcpt: str) -> bool:
+        return rcpt.strip().strip("<>").lower().endswith(f"@{self.name.lower()}.invalid")
+
     def _deliver_account(self, account: AccountRow, mail_from: str, rcpt: str, data: bytes) -> str:
         if account.redirect_to:
             again = self.store.resolve(account.redirect_to, self.name)
@@ -131,7 +140,7 @@ class Deliverer:
             local: dict[str, tuple[AccountRow, str]] = {}
             for rcpt in rcpts:
                 account = await self.resolve(rcpt)
-                if account is None:
+                if account is None or (account.via_fed and not self._is_physical(rcpt)):
                     target = rcpt
                 elif account.redirect_to:
                     target = account.redirect_to

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS accounts (
     aliases TEXT NOT NULL DEFAULT '[]',
     internal_address TEXT,
     redirect_to TEXT,
-    syncfed INTEGER NOT NULL DEFAULT 0
+    syncfed INTEGER NOT NULL DEFAULT 0,
+    via_fed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS contacts (
     address TEXT PRIMARY KEY,
@@ -98,6 +99,7 @@ class AccountRow:
     internal_address: str | None = None
     redirect_to: str | None = None
     syncfed: bool = False
+    via_fed: bool = False  # local users' mail to its addresses goes through fed (E4-E9)
 
     def addresses(self) -> tuple[str, ...]:
         """Every address (lower-case) that resolves to this account, physical excepted."""
@@ -151,6 +153,9 @@ class Store:
             # WAL is a property of the database file: set once, it stays for every process.
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(_SCHEMA)
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(accounts)")}
+            if "via_fed" not in columns:  # a root made before the column existed
+                conn.execute("ALTER TABLE accounts ADD COLUMN via_fed INTEGER NOT NULL DEFAULT 0")
         finally:
             conn.close()
 
@@ -181,9 +186,11 @@ class Store:
             internal_address=None if r[3] is None else str(r[3]),
             redirect_to=None if r[4] is None else str(r[4]),
             syncfed=bool(r[5]),
+            via_fed=bool(r[6]),
         )
 
-    _COLS = "mailbox_id, access_addresses, aliases, internal_address, redirect_to, syncfed"
+    _COLS = ("mailbox_id, access_addresses, aliases, internal_address, redirect_to, syncfed,"
+             " via_fed")
 
     def accounts(self) -> list[AccountRow]:
         """Every account, sorted by mailbox id."""
@@ -237,6 +244,10 @@ class Store:
     def set_syncfed(self, mailbox_id: str, value: bool) -> None:
         """Set or clear the syncfed marker."""
         self._update(mailbox_id, "syncfed = ?", (int(value),))
+
+    def set_via_fed(self, mailbox_id: str, value: bool) -> None:
+        """Send local users' mail for the account's addresses through fed (or not)."""
+        self._update(mailbox_id, "via_fed = ?", (int(value),))
 
     def delete_account(self, mailbox_id: str) -> None:
         """Remove the account first (no more deliveries), then its Maildir."""

@@ -81,6 +81,8 @@ class HoldInfo:
 
     since: str
     waiting: int
+    age_seconds: float = 0.0
+    covers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -247,15 +249,22 @@ class FedClient:
         status, data = self._call("POST", "/v1/verify", body, ok=(409,))
         return VerifyResult(bool(data.get("ok")) and status == 200, str(data.get("reason", "")))
 
-    def hold(self, addresses: list[str]) -> HoldResult:
-        """POST /v1/holds: returns once nothing is in flight for these addresses."""
-        data = self._call("POST", "/v1/holds", {"addresses": addresses})[1]
+    def hold(self, addresses: list[str], require_upsync: dict[str, str] | None = None
+             ) -> HoldResult:
+        """POST /v1/holds: returns once nothing is in flight for these addresses on any fed
+        node. `require_upsync` ({"system"[, "physical"]}): fed refuses (409, PermanentError)
+        unless that system's latest up-sync lists every address the hold covers (E8)."""
+        body: dict[str, Any] = {"addresses": addresses}
+        if require_upsync is not None:
+            body["require_upsync"] = require_upsync
+        data = self._call("POST", "/v1/holds", body)[1]
         return HoldResult(list(data["held"]), str(data["since"]),
                           str(data.get("effective", data["since"])))
 
     def holds(self) -> dict[str, HoldInfo]:
         """GET /v1/holds: held address -> since and messages waiting."""
-        return {a: HoldInfo(str(h["since"]), int(h["waiting"]))
+        return {a: HoldInfo(str(h["since"]), int(h["waiting"]), float(h.get("age_seconds", 0.0)),
+                            tuple(h.get("covers", ())))
                 for a, h in self._get("/v1/holds")["holds"].items()}
 
     def release(self, addresses: list[str]) -> ReleaseResult:

@@ -153,7 +153,8 @@ class Watcher:
         from reconciler.api.wiring import station_api_for
 
         host, _, port = self.options.station_api.rpartition(":")
-        api = station_api_for(self.engine, host=host or "127.0.0.1", port=int(port)).start()
+        api = station_api_for(lambda: self.engine, host=host or "127.0.0.1",
+                              port=int(port)).start()
         self.out.notice(f"station API on {api.url}")
         return api
 

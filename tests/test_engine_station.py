@@ -127,3 +127,19 @@ def test_negative_second_check_ends_the_migration_at_e24(world: World, tmp_path:
     assert engine.fed.lookup(address) == physical_address("s1", mailbox_id_for(address))
     assert engine.fed.holds() == {}
     assert json.loads((tmp_path / "tb" / "profile.json").read_text())["account"]["system"] == "s1"
+
+
+def test_station_api_follows_the_engine_of_a_reloaded_watch(world: World, tmp_path: Path) -> None:
+    """`reconcile --watch` rebuilds its engine on every spec change; the station API it
+    started must then answer from the new engine's drivers and specs, not the first one's."""
+    box = [{"address": "reload@corp.example"}]
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    first = world.engine(world.write(tmp_path / "v1", [placement("home", "s1", box)]), state)
+    current = [first]
+    api = station_api_for(lambda: current[0])
+    _, driver_for, target_info = api._args
+    assert driver_for("s1") is first.drivers["s1"]
+    current[0] = world.engine(world.write(tmp_path / "v2", [placement("wave", "s2", box)]), state)
+    assert driver_for("s1") is current[0].drivers["s1"]
+    assert driver_for("s1") is not first.drivers["s1"]
+    assert target_info("s2")["system"] == "s2"

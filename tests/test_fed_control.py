@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -15,7 +16,7 @@ import pytest
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.fedclient import FedClient
 
-from fedutil import TOKEN, FakeSystem, Fed, free_port
+from fedutil import TOKEN, FakeSystem, Fed, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -135,3 +136,59 @@ def test_client_maps_transport_errors(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def status_of(port: int, path: str, headers: dict[str, str], host: str = "127.0.0.1"
+              ) -> tuple[int, bytes]:
+    """(HTTP status, body) of a GET, whatever the status."""
+    req = urllib.request.Request(f"http://{host}:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_token_checks(fed: Fed) -> None:
+    port = fed.control_port
+    same_length = "x" * len(TOKEN)
+    assert len(same_length) == len(TOKEN) and same_length != TOKEN
+    for headers in ({}, {"Authorization": ""}, {"Authorization": "Bearer"},
+                    {"Authorization": f"Bearer {same_length}"},
+                    {"Authorization": f"Bearer {TOKEN[:-1]}"},
+                    {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": f"Bearer {TOKEN[:-1]}\u00e9".encode().decode("latin-1")}):
+        for path in ("/v1/health", "/v1/queue/messages", "/metrics"):
+            code, body = status_of(port, path, headers)
+            assert code == 401, (headers, path)
+            assert b"bearer token" in body
+    assert status_of(port, "/v1/health", {"Authorization": f"bearer {TOKEN}"})[0] == 200
+
+
+def test_control_api_listens_only_on_the_configured_address(tmp_path: Path) -> None:
+    running = Fed(tmp_path / "fed", [], extra=["--control", "127.0.0.2:0"]).start()
+    try:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert status_of(running.control_port, "/v1/health", auth, host="127.0.0.2")[0] == 200
+        for host in ("127.0.0.1", "localhost"):
+            with pytest.raises(OSError), \
+                    socket.create_connection((host, running.control_port), timeout=5):
+                pass
+    finally:
+        running.kill()
+
+
+def test_holds_report_their_age(fed: Fed) -> None:
+    c = fed.client
+    c.put_entry(J, "jean@s1.invalid")
+    c.hold([J])
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def age() -> float:
+        holds = json.loads(status_of(fed.control_port, "/v1/holds", auth)[1])["holds"]
+        assert holds[J]["since"].endswith("+00:00") and holds[J]["waiting"] == 0
+        return float(holds[J]["age_seconds"])
+
+    first = age()
+    assert first >= 0
+    wait_for(lambda: age() > first, what="the hold to age")

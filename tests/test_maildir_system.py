@@ -143,6 +143,27 @@ def test_submission_follows_redirect_and_defers_atomically(system: System) -> No
     assert inbox(driver) == []
 
 
+def test_submission_sends_a_mailbox_in_cutover_through_fed(system: System) -> None:
+    """via_fed (E4 on the target, E5 on the source, until the flip): a local user's mail for
+    the mailbox's addresses goes to fed, whose hold and directory decide; fed's own delivery
+    to the physical address is still stored, and clearing the mark restores local delivery."""
+    fed, _, driver = system
+    driver.set_via_fed(BOX, True)
+    data = message("local, in cutover")
+    assert smtp_send(driver.submission, "colleague@corp.example", [ADDR, "jd@corp.example"],
+                     data)[0] == 250
+    assert [(r.rcpt_tos, r.data) for r in fed.received] == [([ADDR, "jd@corp.example"], data)]
+    assert inbox(driver) == []
+    from_fed = message("from fed")
+    physical = f"{BOX}@s1.invalid"
+    assert lmtp_send(driver.lmtp, "x@outside.example", [physical], from_fed)[physical][0] == 250
+    assert inbox(driver) == [from_fed]
+    driver.set_via_fed(BOX, False)
+    again = message("local again")
+    assert smtp_send(driver.submission, "colleague@corp.example", [ADDR], again)[0] == 250
+    assert inbox(driver) == [from_fed, again] and len(fed.received) == 1
+
+
 def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
     with start_system(tmp_path) as (proc, driver):
         driver.ping()

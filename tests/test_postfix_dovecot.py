@@ -250,6 +250,20 @@ def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path
         wait_for(lambda: pf1.message_ids(box)["<ad2@pf2.example>"] == 1, what="AD2 -> BOX1")
         probes["ad2"] = "<ad2@pf2.example>"
 
+    def at_state_4() -> None:  # pf2 knows AD1 now, but its local users' mail goes via fed
+        send(pf2.smtp_port, address, "<carol4@pf2.example>", "carol@corp.example")
+        wait_for(lambda: pf1.message_ids(box)["<carol4@pf2.example>"] == 1,
+                 what="pf2's local mail for AD1 routed by fed to BOX1 before the flip")
+        assert pf2.message_ids(box)["<carol4@pf2.example>"] == 0
+        probes["carol4"] = "<carol4@pf2.example>"
+
+    def at_state_5() -> None:  # held: pf1's local user's mail for AD1 must wait in fed too
+        send(pf1.smtp_port, address, "<bob0@corp.example>", colleague)
+        assert pf1.wait_queue_empty(), "pf1 did not hand bob0 on"
+        assert pf1.message_ids(box)["<bob0@corp.example>"] == 0, "stored in BOX1 past the hold"
+        assert f"to=<{address}>, relay=127.0.0.1[127.0.0.1]:{fed_port}" in pf1.maillog()
+        probes["bob0"] = "<bob0@corp.example>"
+
     def at_state_6() -> None:  # E9 redirect BOX1 -> BOX2 on pf1, for pf1's local user bob
         send(pf1.smtp_port, address, "<bob1@corp.example>", colleague)
         wait_for(lambda: pf2.message_ids(box)["<bob1@corp.example>"] == 1, what="BOX1 -> BOX2")
@@ -259,7 +273,7 @@ def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path
     sender = Sender(fed_port, [address, alias])
     started = time.monotonic()
     sender.start()
-    drive(engine, address, {1: at_state_1, 6: at_state_6})
+    drive(engine, address, {1: at_state_1, 4: at_state_4, 5: at_state_5, 6: at_state_6})
     sender.join(40)
     assert not sender.is_alive()
     assert state_of(engine, address) == 13

@@ -154,6 +154,15 @@ class MailSystemDriver(abc.ABC):
     def set_redirect(self, mailbox_id: str, target: str | None) -> None:
         """Redirect every message of the mailbox to `target` (None: store locally again)."""
 
+    def set_via_fed(self, mailbox_id: str, value: bool) -> None:
+        """Route the system's own users' mail for the mailbox's addresses through fed.
+
+        A system that delivers its local users' mail to a local address by itself would, from
+        E4 (target) or E5 (source) until the flip, put it where fed's directory does not say,
+        past fed's hold. Drivers of such systems turn that off here; the default is for
+        systems whose local mail already passes fed (or that mailferry cannot administer)."""
+        return None
+
     @abc.abstractmethod
     def set_syncfed(self, mailbox_id: str, value: bool) -> None:
         """Set or clear the syncfed marker (E4)."""

@@ -134,6 +134,11 @@ class MaildirDriver(MailSystemDriver):
         self._call(f"set redirect of {mailbox_id}",
                    lambda: self.store.set_redirect(mailbox_id, target))
 
+    def set_via_fed(self, mailbox_id: str, value: bool) -> None:
+        """Local users' mail for the mailbox's addresses goes through fed (or not)."""
+        self._call(f"set via_fed of {mailbox_id}",
+                   lambda: self.store.set_via_fed(mailbox_id, value))
+
     def set_syncfed(self, mailbox_id: str, value: bool) -> None:
         """Set or clear the syncfed marker."""
         self._call(f"set syncfed of {mailbox_id}",

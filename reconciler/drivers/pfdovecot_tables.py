@@ -17,7 +17,9 @@ table, and every change regenerates the files from it:
   whatever its domain: each access address, alias and internal address -> the mailbox's
   physical address; and for a redirected mailbox, physical address -> redirect target.
   Postfix expands aliases recursively, so ``AD1 -> ADP1 -> ADP2`` sends both outside mail
-  and the system's own local users' mail for AD1 to the new mailbox, through fed.
+  and the system's own local users' mail for AD1 to the new mailbox, through fed. A mailbox
+  marked ``via_fed`` (during its cutover) gets no line for its access addresses and aliases:
+  Postfix then relays local users' mail for them to fed, like any shared-domain address.
 
 New users are written to the passwd-file first and the Postfix maps only once `doveadm user`
 resolves them (Dovecot re-reads the file at most once a second): otherwise Postfix could hand
@@ -53,7 +55,8 @@ CREATE TABLE IF NOT EXISTS accounts (
     aliases TEXT NOT NULL DEFAULT '[]',
     internal_address TEXT,
     redirect_to TEXT,
-    syncfed INTEGER NOT NULL DEFAULT 0
+    syncfed INTEGER NOT NULL DEFAULT 0,
+    via_fed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS contacts (address TEXT PRIMARY KEY, addresses TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS address_book (address TEXT PRIMARY KEY, physical TEXT NOT NULL);
@@ -78,12 +81,13 @@ class Row:
     internal_address: str | None
     redirect_to: str | None
     syncfed: bool
+    via_fed: bool = False  # access addresses and aliases left to relayhost = fed (E4-E9)
 
 
 def row_of(r: sqlite3.Row) -> Row:
     return Row(r["mailbox_id"], tuple(json.loads(r["access_addresses"])),
                tuple(json.loads(r["aliases"])), r["internal_address"], r["redirect_to"],
-               bool(r["syncfed"]))
+               bool(r["syncfed"]), bool(r["via_fed"]))
 
 
 class Tables:
@@ -117,6 +121,9 @@ class Tables:
         try:
             conn.row_factory = sqlite3.Row
             conn.executescript(SCHEMA)
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(accounts)")}
+            if "via_fed" not in columns:  # a database made before the column existed
+                conn.execute("ALTER TABLE accounts ADD COLUMN via_fed INTEGER NOT NULL DEFAULT 0")
             yield conn
         finally:
             conn.close()
@@ -161,7 +168,9 @@ class Tables:
             passwd.append(f"{row.mailbox_id}:{password}:{self.uid}:{self.gid}::"
                           f"{self.home(row.mailbox_id)}::")
             mailbox.append(f"{adp}\t{row.mailbox_id}/")
-            local = [*row.access_addresses, *row.aliases]
+            # via_fed: no alias line, so Postfix hands local users' mail for these addresses
+            # to relayhost = fed, whose hold and directory decide (the shared-domain rule).
+            local = [] if row.via_fed else [*row.access_addresses, *row.aliases]
             if row.internal_address:
                 local.append(row.internal_address)
             alias.extend(f"{address}\t{adp}" for address in local)

@@ -292,6 +292,10 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         self._update(mailbox_id, "set redirect", "UPDATE accounts SET redirect_to = ?",
                      (target,))
 
+    def set_via_fed(self, mailbox_id: str, value: bool) -> None:
+        """Leave the mailbox's access addresses and aliases to relayhost = fed (or not)."""
+        self._update(mailbox_id, "set via_fed", "UPDATE accounts SET via_fed = ?", (int(value),))
+
     def set_syncfed(self, mailbox_id: str, value: bool) -> None:
         """Set or clear the syncfed marker."""
         self._update(mailbox_id, "set syncfed", "UPDATE accounts SET syncfed = ?", (int(value),))

@@ -9,6 +9,14 @@ mail (which therefore goes to BOX2) and redirects BOX1 to BOX2 for the source's 
 Order matters and every part is idempotent, so a crash between any two calls is harmless:
 flip before release (held mail must find the new address), redirect after flip (BOX1's
 redirect must not loop back to BOX1).
+
+Local mail. A system that delivers its own users' mail for a local address by itself (Postfix
+with an alias map, the embedded system's submission) would bypass fed: from E4 BOX2's system
+would store mail for AD1 in BOX2 while the directory still names BOX1, and between the hold
+and the flip BOX1's system would store it in BOX1 past the hold. So the target routes its
+local users' mail for the moved addresses through fed from E4 (before it learns them) until
+the flip, and the source does so from E5 (before the hold) on: fed's hold and directory then
+decide for every message, wherever it was written (``set_via_fed``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
     if account is None:
         raise PermanentError("BOX2 disappeared from the target", address=m.address, step="E4")
     wanted = set(addresses_of(m))
+    target.set_via_fed(m.target_mailbox, True)  # before BOX2 learns AD1: see the docstring
     if set(account.all_addresses) != wanted:
         # The patent's contacts table TC: fed's contact for AD1 arrives in TC, its addresses
         # become BOX2's access addresses, then the contact is deleted.
@@ -57,6 +66,8 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
     if not result.ok:  # E8 negative: the patent stops this migration
         raise PermanentError(f"fed's verification failed: {result.reason}",
                              address=m.address, step="E8")
+    # The source's local users' mail for AD1 must reach the hold too, not BOX1 directly.
+    ctx.driver(m.source_system).set_via_fed(m.source_mailbox, True)
     held = ctx.fed.hold(addresses_of(m))
     # The instant the hold took effect (in-flight deliveries finished), not when it was asked.
     since = datetime.fromisoformat(held.effective.replace("Z", "+00:00"))
@@ -68,13 +79,14 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
 def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     """E9: directory ADP1 -> ADP2, release the hold, redirect BOX1 -> BOX2."""
     old, new = old_physical(m), new_physical(m)
-    source = ctx.driver(m.source_system)
+    source, target = ctx.driver(m.source_system), ctx.driver(m.target_system)
     source.ping()  # before the flip: the redirect below must be possible right after it
-    ctx.driver(m.target_system).ping()
+    target.ping()
     flipped = ctx.fed.flip(addresses_of(m), old, new)
     account = source.get_account(m.source_mailbox)
     if account is not None and account.redirect_to != new:
         source.set_redirect(m.source_mailbox, new)
+    target.set_via_fed(m.target_mailbox, False)  # BOX2 is where the directory says now
     held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
     waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
     ctx.fed.release(addresses_of(m))

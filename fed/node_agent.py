@@ -1,0 +1,170 @@
+"""The node agent: keeps this node's copy of the shared state current and tells the others.
+
+Why a loop of its own: the hot path (RCPT checks, the delivery scheduler) reads only
+in-memory copies (``directory.py``, ``holds.py``), so something must notice changes made
+through other nodes. Every ``poll`` seconds the agent reads the version counters (one small
+SELECT); when one moved, when an acknowledgement is owed, or every quarter lease, it runs a
+*round*:
+
+1. note ``t0`` (monotonic), then write this node's heartbeat (database clock);
+2. read the counters and whatever moved (one snapshot), apply it on the event loop;
+3. extend the fencing deadline: ``fresh_until = t0 + lease``;
+4. write ``holds_seen`` = the loaded holds version and, if no delivery of a held address
+   is in flight here, ``idle_for`` = that version (the acknowledgement a hold waits for).
+
+Why this order is safe (docs/fed-multinode.md has the full argument): a view read in
+step 2 was read after a heartbeat committed in step 1, so a holder that finds this node's
+heartbeat older than ``dead_after`` (> lease) knows that view has expired here too, and
+this node will not start a delivery on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from .directory import Directory, read_snapshot
+from .holds import Holds
+from .nodes import NodeRegistry
+from .shared_db import SharedDB, counters
+
+log = logging.getLogger("fed.node")
+
+
+class NodeNameInUse(Exception):
+    """Another live node already uses this node's name."""
+
+class NodeAgent:
+    """Heartbeat, refresh and acknowledgement of one fed node."""
+
+    def __init__(self, name: str, shared: SharedDB, directory: Directory, holds: Holds,
+                 lease: float, dead_after: float, info: str = "", poll: float = 0.1,
+                 on_refresh: Callable[[], None] = lambda: None) -> None:
+        self.name = name
+        self.shared = shared
+        self.directory = directory
+        self.holds = holds
+        self.registry = NodeRegistry(shared)
+        self.lease = lease
+        self.dead_after = dead_after
+        self.info = info
+        self.poll = poll
+        self.on_refresh = on_refresh
+        self.started_at = time.time()
+        self.acked = (0, 0)  # (holds_seen, idle_for) last written
+        self._last_round = 0.0
+        self._kick = asyncio.Event()
+        self._stopping = False
+        self._failing = False
+        self._fresh = True
+        holds.on_change = self.kick
+
+    def kick(self) -> None:
+        """Something changed here (a hold, a delivery ended): act now, not at the next poll."""
+        self._kick.set()
+
+    async def start(self) -> None:
+        """Register, load the shared state and acknowledge it; before any delivery.
+
+        Refuses (NodeNameInUse) a name that a live node with another identity holds: two
+        nodes writing one row would acknowledge holds for each other."""
+        now, states = await asyncio.to_thread(self.registry.states)
+        for state in states:
+            if state.name == self.name and state.alive(now) and state.info != self.info:
+                raise NodeNameInUse(f"node name {self.name!r} is used by a live node "
+                                    f"({state.info}); give this one another --node-name")
+        await self._round()
+
+    async def run(self) -> None:
+        """Poll until stop()."""
+        while not self._stopping:
+            self._kick.clear()
+            try:
+                await self._tick()
+                if self._failing:
+                    log.info("shared database reachable again")
+                self._failing = False
+            except Exception as exc:  # the DB is down: keep trying; fencing stops delivery
+                if not self._failing:
+                    log.error("shared database unreachable (%s); deliveries stop when the "
+                              "lease runs out, mail is still accepted", exc)
+                self._failing = True
+            fresh = self.holds.fresh()
+            if fresh != self._fresh:
+                if fresh:
+                    log.info("view refreshed: deliveries resume")
+                else:
+                    log.warning("view older than the lease (%.1f s): no delivery starts until "
+                                "the shared database answers", self.lease)
+                self._fresh = fresh
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.poll)
+
+    async def stop(self) -> None:
+        """Stop polling; if nothing is in flight here, tell the others not to wait for us."""
+        self._stopping = True
+        self._kick.set()
+        if not self.holds.inflight:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.registry.leave, self.name)
+
+    async def _tick(self) -> None:
+        due = time.monotonic() - self._last_round >= self.lease / 4
+        if not due:
+            now = await asyncio.to_thread(self._counters)
+            loaded = (*self.directory.loaded, self.holds.loaded)
+            due = (now["version"], now["systems_version"], now["holds_version"]) != loaded
+        if due:
+            await self._round()
+        else:
+            await self._acknowledge()
+        self.holds.drain_check()
+
+    def _counters(self) -> dict[str, int]:
+        with self.shared.read() as db:
+            return counters(db)
+
+    async def _round(self) -> None:
+        t0 = time.monotonic()
+        await asyncio.to_thread(self._beat, *self.acked)
+        snap = await asyncio.to_thread(read_snapshot, self.shared, self.directory.loaded,
+                                       self.holds.loaded)
+        self.holds.apply(snap)
+        was_fresh = self.holds.fresh()
+        self.holds.fresh_until = max(self.holds.fresh_until, t0 + self.lease)
+        self._last_round = t0
+        if not was_fresh or snap.entries is not None or snap.systems is not None \
+                or snap.holds is not None:
+            self.on_refresh()
+        await self._acknowledge()
+
+    async def _acknowledge(self) -> None:
+        seen = self.holds.loaded
+        idle = seen if self.holds.busy_held() == 0 else self.acked[1]
+        if (seen, idle) != self.acked:
+            await asyncio.to_thread(self._beat, seen, idle)
+            self.acked = (seen, idle)
+
+    def _beat(self, seen: int, idle: int) -> None:
+        self.registry.heartbeat(self.name, seen, idle, self.dead_after, self.started_at,
+                                self.info)
+
+    # -- GET /v1/nodes ---------------------------------------------------------------
+    async def nodes_view(self, request: web.Request) -> web.Response:
+        """Every node: alive?, versions acknowledged, seconds since its heartbeat."""
+        now, states = await asyncio.to_thread(self.registry.states)
+        version = await asyncio.to_thread(self._counters)
+        body: dict[str, Any] = {"holds_version": version["holds_version"], "self": self.name,
+                                "nodes": [{
+                                    "name": n.name, "alive": n.alive(now),
+                                    "heartbeat_age": round(max(0.0, now - n.heartbeat_at), 3),
+                                    "dead_after": n.dead_after, "holds_seen": n.holds_seen,
+                                    "idle_for": n.idle_for, "info": n.info,
+                                } for n in states]}
+        return web.json_response(body)

@@ -1,0 +1,94 @@
+"""Pure helpers of fed's edge: address keys, relay networks, log records, metrics hooks."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from fed import addresses, metrics
+from fed.addresses import address_key, has_forbidden, is_valid, preserve
+from fed.logs import JsonFormatter, QueueIdFilter, TextFormatter
+from fed.policy import RelayPolicy, client_ip, is_loopback, parse_networks
+from fed.spool import new_queue_id
+
+
+@pytest.fixture
+def case_sensitive() -> Iterator[None]:
+    addresses.set_case_sensitive_local(True)
+    yield
+    addresses.set_case_sensitive_local(False)
+
+
+def test_address_key_and_preserve() -> None:
+    assert address_key(" <Jean.Dupont@Corp.EXAMPLE> ") == "jean.dupont@corp.example"
+    assert address_key("J\u00d6S\u00c9@Corp.Example") == "j\u00f6s\u00e9@corp.example"
+    assert preserve("<Jean.Dupont@Corp.EXAMPLE>") == "Jean.Dupont@corp.example"
+    assert addresses.normalize is address_key  # the directory's historical entry point
+    assert address_key("a@b@Corp.Example") == "a@b@corp.example"  # last @ splits
+
+
+def test_case_sensitive_local_parts(case_sensitive: None) -> None:
+    assert address_key("Jean@CORP.example") == "Jean@corp.example"
+    assert address_key("jean@corp.example") != address_key("Jean@corp.example")
+
+
+def test_validity_and_forbidden_characters() -> None:
+    assert is_valid("a@corp.example") and is_valid("Jean@corp.example")
+    assert is_valid("m\u00e9@ex\u00e4mple.example")
+    for bad in ("a\x00@corp.example", "a@corp.example\x00", "a b@corp.example", "<a>@x.y",
+                "nodomain", "a@", "a@[1.2.3.4]"):
+        assert not is_valid(bad), bad
+    assert has_forbidden("a\x00b") and has_forbidden("a\udcffb") and has_forbidden("a\rb")
+    assert not has_forbidden("j\u00f6@x.y")
+
+
+def test_relay_networks_and_client_ips() -> None:
+    policy = RelayPolicy(tuple(parse_networks(["10.1.0.0/16", "fd00::/8"])))
+    assert policy.in_networks(("10.1.2.3", 25)) and not policy.in_networks(("10.2.0.1", 25))
+    assert policy.in_networks(("::ffff:10.1.2.3", 25, 0, 0))  # IPv4-mapped
+    assert policy.in_networks(("fd00::5", 25, 0, 0)) and not policy.in_networks(("::1", 1))
+    assert not policy.in_networks(None) and client_ip("garbage") is None
+    assert parse_networks(["none"]) == []
+    assert is_loopback(("127.0.0.2", 1)) and is_loopback(("::1", 1, 0, 0))
+    assert not is_loopback(("192.0.2.7", 1))
+    # A local sender alone opens nothing; authentication alone does.
+    assert not policy.may_relay(("192.0.2.7", 1), False, True)
+    assert not policy.may_relay(("10.1.2.3", 1), False, False)
+    assert policy.may_relay(("10.1.2.3", 1), False, True)
+    assert policy.may_relay(("192.0.2.7", 1), True, False)
+
+
+def record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord("fed.delivery", logging.INFO, __file__, 1, msg, args, None)
+    for key, value in extra.items():
+        setattr(rec, key, value)
+    QueueIdFilter().filter(rec)
+    return rec
+
+
+def test_log_records_carry_the_queue_id() -> None:
+    qid = new_queue_id()
+    line = json.loads(JsonFormatter().format(record("%s <%s> -> %s: ok", qid, "a@x", "p")))
+    assert line["queue_id"] == qid and line["msg"].startswith(qid)
+    assert line["level"] == "info" and line["logger"] == "fed.delivery"
+    explicit = json.loads(JsonFormatter().format(record("spooled", queue_id="Q1", size=3)))
+    assert explicit["queue_id"] == "Q1" and explicit["size"] == 3
+    assert json.loads(JsonFormatter().format(record("%s things", "notaqid")))["queue_id"] \
+        is None
+    assert f"fed.delivery [{qid}]: {qid} x" in TextFormatter().format(record("%s x", qid))
+
+
+def test_queue_id_time_feeds_the_latency_histogram() -> None:
+    qid = new_queue_id()
+    at = metrics.queued_at(qid)
+    assert at is not None and abs(at - metrics.time.time()) < 60
+    assert metrics.queued_at("not-hex-at-all") is None
+    before = metrics.LATENCY.collect()[0].samples
+    count = next(s.value for s in before if s.name.endswith("_count"))
+    metrics.count_delivery("delivered", "s1", qid)
+    metrics.count_delivery("deferred", "s1", qid)
+    after = metrics.LATENCY.collect()[0].samples
+    assert next(s.value for s in after if s.name.endswith("_count")) == count + 1
