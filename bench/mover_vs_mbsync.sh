@@ -15,6 +15,10 @@
 #                                                         mover only, peak memory
 # Knobs: PARALLEL_MOVER (mailboxes at once, default 8), METHODS (peers, default
 # "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads (AVG_SIZE, ...).
+# COLD_RERUN=1 adds a third pass in a *new process* (Python start, state store, fresh
+# logins: what a later invocation pays; `--rerun` reuses the first pass's connections). It
+# runs inside the harness's timed wall too, so the mover's rates drop with it: compare
+# ratios from runs without it.
 # The last line is always `mover/mbsync-4 ratio: X.XX` (0.00 when a method failed).
 set -euo pipefail
 
@@ -35,9 +39,15 @@ chmod 755 "$WORK"
 
 # mover_cmd STATS_FILE: the EXTRA_CMD line (single-quoted variables expand in the harness)
 mover_cmd() {
-    echo "cd '$REPO' && exec '$PY' -m reconciler.mover copy --src 127.0.0.1:\$SRC_PORT" \
-        "--dst 127.0.0.1:\$DST_PORT --users \$USERS_FILE --state '$WORK/state-\$\$.db'" \
-        "--progress none --parallel $PARALLEL_MOVER --rerun --stats '$1'"
+    local copy="'$PY' -m reconciler.mover copy --src 127.0.0.1:\$SRC_PORT"
+    copy+=" --dst 127.0.0.1:\$DST_PORT --users \$USERS_FILE --state '$1.db'"
+    copy+=" --progress none --parallel $PARALLEL_MOVER"
+    if [[ ${COLD_RERUN:-0} == 1 ]]; then
+        echo "cd '$REPO' && $copy --rerun --stats '$1' && t0=\$(date +%s.%N) &&" \
+            "$copy --stats '$1.cold' && echo \$t0 \$(date +%s.%N) > '$1.coldwall'"
+    else
+        echo "cd '$REPO' && exec $copy --rerun --stats '$1'"
+    fi
 }
 
 run_harness() {  # run_harness OUT STATS USERS MSGS METHODS
@@ -66,11 +76,20 @@ done
 if [[ -s $WORK/stats.json ]]; then
     echo "mover's own stats: $(cat "$WORK/stats.json")"
     "$PY" - "$WORK/stats.json" <<'PY'
-import json, sys
+import json, os, sys
 s = json.load(open(sys.argv[1]))
 if s.get("rerun_s") is not None and s.get("first_s"):
     print(f"re-run / first run time: {s['rerun_s'] / s['first_s']:.3f} "
-          f"({s['rerun_s']:.2f} s / {s['first_s']:.2f} s, re-run copied {s['rerun_copied']})")
+          f"({s['rerun_s']:.3f} s / {s['first_s']:.2f} s, re-run copied {s['rerun_copied']}, "
+          f"logins saved {s.get('rerun_logins_saved')})")
+cold = sys.argv[1] + ".cold"
+if os.path.exists(cold) and s.get("first_s"):
+    c = json.load(open(cold))
+    t0, t1 = (float(x) for x in open(sys.argv[1] + ".coldwall").read().split())
+    print(f"cold re-run (new process): passes {c['first_s']:.3f} s = "
+          f"{c['first_s'] / s['first_s']:.3f} of the first run; whole process "
+          f"{t1 - t0:.2f} s = {(t1 - t0) / s['first_s']:.3f} (copied {c['copied']}, "
+          f"verified {c['verified']})")
 PY
 fi
 

@@ -13,12 +13,17 @@ The estimate, per window:
   recorded yet). The size is the one the station reported (E23) when there is one, else the
   source driver's `mailbox_info`; at most `MAX_LOOKUPS` mailboxes are measured per plan
   (each costs a walk of the mailbox) and the others are counted at the measured mean;
-- *rate*: bytes copied / seconds spent over the recent data mover runs (`transfer_runs`),
-  i.e. what this installation really achieves, not a nominal figure; no run yet, no
-  estimate (and no warning: a guess would be noise);
+- *messages still to move*: the message count the source driver reports with the size;
+  mailboxes known only by their size (a station's report) count at the measured mean;
+- *time*: the data mover's own estimate, `mover.manifest.estimate_seconds`: the bytes and
+  the messages at the byte and message rates of the recent data mover runs
+  (`transfer_runs`), whichever takes longer (a mailbox of many small messages is bound by
+  round trips, not bytes). What this installation really achieves, not a nominal figure;
+  no run yet, no estimate (and no warning: a guess would be noise);
 - *window length*: the open period containing now, or the next one if closed.
 
-`window_fit` is pure (numbers in, a message or None out); `window_warnings_for` gathers the
+`window_fit` is pure (numbers in, a message or None out, the time from the same
+`seconds_for` as `estimate_seconds`); `window_warnings_for` gathers the
 numbers (state store, drivers) for the engine. Sizes are read only for `--plan`, never in
 the apply passes.
 """
@@ -30,19 +35,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-
 from reconciler.drivers.base import split_physical
+from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
 from reconciler.plan import Plan
 from reconciler.spec.model import WindowSpec
 from reconciler.spec.windows import next_open, open_until
-from reconciler.state.model import TransferRun
 
 if TYPE_CHECKING:
     from reconciler.engine import Engine, Observed
 
 MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
-RECENT_RUNS = 500  # transfer runs the rate is measured over
 COPYING = ("copy", "validate-and-copy")
 
 
@@ -54,11 +56,18 @@ class WindowLoad:
     measured_bytes: int = 0
     measured: int = 0
     unknown: int = 0  # mailboxes whose size was not measured (counted at the mean)
+    measured_messages: int = 0
+    counted: int = 0  # mailboxes whose message count is known
 
     @property
     def estimated_bytes(self) -> float:
         mean = self.measured_bytes / self.measured if self.measured else 0.0
         return self.measured_bytes + mean * self.unknown
+
+    @property
+    def estimated_messages(self) -> float:
+        mean = self.measured_messages / self.counted if self.counted else 0.0
+        return self.measured_messages + mean * (self.mailboxes - self.counted)
 
 
 @dataclass
@@ -67,16 +76,18 @@ class _Sizes:
 
     engine: Engine
     budget: int = MAX_LOOKUPS
-    cache: dict[tuple[str, str], int | None] = field(default_factory=dict)
+    cache: dict[tuple[str, str], tuple[int, int] | None] = field(default_factory=dict)
 
-    def size(self, system: str, mailbox: str) -> int | None:
+    def size(self, system: str, mailbox: str) -> tuple[int, int] | None:
+        """(bytes, messages) of a mailbox, or None when it cannot be measured."""
         key = (system, mailbox)
         if key not in self.cache:
             if self.budget <= 0 or system not in self.engine.drivers:
                 return None
             self.budget -= 1
             try:
-                self.cache[key] = self.engine.drivers[system].mailbox_info(mailbox).size_bytes
+                info = self.engine.drivers[system].mailbox_info(mailbox)
+                self.cache[key] = (info.size_bytes, info.messages)
             except Exception:  # a system down or a mailbox gone: no estimate for it
                 self.cache[key] = None
         return self.cache[key]
@@ -102,9 +113,10 @@ def human_duration(seconds: float) -> str:
 
 
 def window_fit(window: WindowSpec, now: datetime, load: WindowLoad,
-               rate: float) -> str | None:
-    """PURE: a warning when `load` at `rate` bytes/s outlasts the window's (next) open period."""
-    if rate <= 0 or load.mailboxes == 0:
+               rates: tuple[float, float] | None) -> str | None:
+    """PURE: a warning when `load` at `rates` (bytes/s, messages/s, see `throughput`)
+    outlasts the window's (next) open period."""
+    if rates is None or max(rates) <= 0 or load.mailboxes == 0:
         return None
     opens = next_open(window, now)
     if opens is None:
@@ -113,7 +125,7 @@ def window_fit(window: WindowSpec, now: datetime, load: WindowLoad,
     if closes is None:
         return None
     length = (closes - opens).total_seconds()
-    needed = load.estimated_bytes / rate
+    needed = seconds_for(rates, load.estimated_messages, load.estimated_bytes)
     if needed <= length:
         return None
     when = "open now" if opens <= now else f"opens {opens:%Y-%m-%dT%H:%M}Z"
@@ -121,25 +133,14 @@ def window_fit(window: WindowSpec, now: datetime, load: WindowLoad,
     return (f"window {window.name} ({when}, {human_duration(length)} long): "
             f"{human_bytes(load.estimated_bytes)} still to copy for {load.mailboxes} mailboxes"
             f"{guess} take about {human_duration(needed)} at the measured "
-            f"{human_bytes(rate)}/s: it will not fit")
-
-
-def measured_rate(engine: Engine) -> float:
-    """Bytes per second over the recent data mover runs that copied something (0: none)."""
-    with engine.store.session() as session:
-        rows = session.execute(
-            select(TransferRun.bytes_copied, TransferRun.seconds)
-            .where(TransferRun.bytes_copied > 0).order_by(TransferRun.id.desc())
-            .limit(RECENT_RUNS)).all()
-    total_bytes = sum(int(b) for b, _ in rows)
-    total_seconds = sum(float(s) for _, s in rows)
-    return total_bytes / total_seconds if total_seconds > 0 else 0.0
+            f"{human_bytes(rates[0])}/s and {rates[1]:.0f} messages/s: it will not fit")
 
 
 def window_warnings_for(engine: Engine, plan: Plan, observed: Observed) -> list[str]:
     """The window-fit warnings of `plan` (reads the rate and the mailbox sizes)."""
-    rate = measured_rate(engine)
-    if rate <= 0:
+    with engine.store.session() as session:
+        rates = throughput(session, RECENT_RUNS)
+    if rates is None:
         return []
     latest = {m.address: m for m in observed.migrations}
     loads: dict[str, WindowLoad] = defaultdict(WindowLoad)
@@ -166,15 +167,19 @@ def window_warnings_for(engine: Engine, plan: Plan, observed: Observed) -> list[
         load = loads[want.window.name]
         windows[want.window.name] = want.window
         load.mailboxes += 1
-        size = known if known is not None else sizes.size(system, mailbox)
+        measured = sizes.size(system, mailbox) if known is None else None
+        size = known if known is not None else (measured[0] if measured else None)
         if size is None:
             load.unknown += 1
         else:
             load.measured += 1
             load.measured_bytes += size
+        if measured is not None:
+            load.counted += 1
+            load.measured_messages += measured[1]
     warnings = []
     for name in sorted(loads):
-        text = window_fit(windows[name], plan.at, loads[name], rate)
+        text = window_fit(windows[name], plan.at, loads[name], rates)
         if text:
             warnings.append(text)
     return warnings

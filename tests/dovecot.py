@@ -65,13 +65,14 @@ class Dovecot:
 
     def __init__(self, root: Path, name: str, users: dict[str, str], *,
                  master: tuple[str, str] | None = None, separator: str = "/",
-                 prefix: str = "") -> None:
+                 prefix: str = "", tls: tuple[Path, Path] | None = None) -> None:
         self.dir = root / name
         self.name = name
         self.users = dict(users)
         self.master = master
         self.separator = separator
         self.prefix = prefix
+        self.tls = tls  # (certificate, key) PEM files: offer STARTTLS with them
         self.port = free_port()
         self.uid, self.gid = _mail_ids()
         self.conf = self.dir / "dovecot.conf"
@@ -100,7 +101,7 @@ state_dir = {d / 'state'}
 protocols = imap
 listen = 127.0.0.1
 log_path = {d / 'dovecot.log'}
-ssl = no
+{self._ssl()}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 first_valid_uid = {self.uid}
@@ -142,6 +143,12 @@ service imap-login {{
   }}
 }}
 """)
+
+    def _ssl(self) -> str:
+        if self.tls is None:
+            return "ssl = no"
+        cert, key = self.tls
+        return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}"
 
     def start(self) -> Dovecot:
         """Write the config, start the master, wait until the port answers (bounded)."""

@@ -90,17 +90,61 @@ def test_suspended_placement_takes_no_step() -> None:
     assert new.changes[0].action == "suspended"
 
 
-def test_window_fit() -> None:
-    window = WindowSpec("friday", "UTC", (WindowRule(
+def _friday() -> WindowSpec:
+    return WindowSpec("friday", "UTC", (WindowRule(
         "allow", start=NOW + timedelta(days=1), end=NOW + timedelta(days=1, hours=4)),),
         SourceLocation("w.yaml", 1))
+
+
+def test_window_fit() -> None:
+    window = _friday()
     big = WindowLoad(mailboxes=100, measured_bytes=10**12, measured=90, unknown=10)
-    text = window_fit(window, NOW, big, rate=40e6)
+    text = window_fit(window, NOW, big, (40e6, 0.0))
     assert text is not None and "will not fit" in text and "friday" in text
     assert "10 of them counted at the mean size" in text
     small = WindowLoad(mailboxes=2, measured_bytes=10**6, measured=2)
-    assert window_fit(window, NOW, small, rate=40e6) is None
-    assert window_fit(window, NOW, big, rate=0.0) is None  # nothing measured: no guess
+    assert window_fit(window, NOW, small, (40e6, 500.0)) is None
+    assert window_fit(window, NOW, big, None) is None  # nothing measured: no guess
+    assert window_fit(window, NOW, big, (0.0, 0.0)) is None
+
+
+def test_window_fit_uses_the_movers_estimate_from_recorded_runs(tmp_path: Path) -> None:
+    from reconciler.mover.manifest import (
+        Manifest,
+        RunFigures,
+        estimate_seconds,
+        seconds_for,
+        throughput,
+    )
+    from reconciler.state.store import Store, default_url
+
+    store = Store(default_url(tmp_path / "state.db"))
+    manifest = Manifest(store)
+    with store.session() as session:
+        assert throughput(session) is None and estimate_seconds(session, 10, 10) is None
+
+    def run(copied: int, size: int, seconds: float) -> RunFigures:
+        return RunFigures("m", "copy", copied, 0, 0, 0, size, copied, size, seconds, True, {})
+
+    # 20 MB/s but only 100 messages/s: small messages are bound by round trips
+    manifest.record_run(run(1000, 200_000_000, 10.0))
+    manifest.record_run(run(1000, 200_000_000, 10.0))
+    manifest.record_run(run(0, 0, 0.5))  # a no-op re-run says nothing about the rate
+    with store.session() as session:
+        rates = throughput(session)
+        assert rates == (20e6, 100.0)
+        # 2 M messages of 1 kB: 100 s of bytes, 20 000 s (5h33m) of messages
+        assert estimate_seconds(session, 2_000_000, 2 * 10**9) == 20_000.0
+    assert seconds_for(rates, 2_000_000, 2 * 10**9) == 20_000.0
+    # 2 GB in 4 hours fits by bytes (100 s), not by messages: the window warns
+    load = WindowLoad(mailboxes=40, measured_bytes=2 * 10**9, measured=40,
+                      measured_messages=1_500_000, counted=30)
+    assert load.estimated_messages == 2_000_000  # 10 mailboxes counted at the mean
+    text = window_fit(_friday(), NOW, load, rates)
+    assert text is not None and "5h33m" in text and "100 messages/s" in text
+    few = WindowLoad(mailboxes=40, measured_bytes=2 * 10**9, measured=40,
+                     measured_messages=40_000, counted=40)
+    assert window_fit(_friday(), NOW, few, rates) is None  # 400 s: fits
 
 
 def test_consent_fields_load(tmp_path: Path) -> None:

@@ -1,19 +1,26 @@
-"""The data mover: copy, resume, verify, diary merge and source validation."""
+"""The data mover between two embedded maildir systems, through the pipeline and its
+`DriverEndpoint`s (what the steps use for drivers without IMAP): copy, resume after a
+crash, verify, diary merge and source validation. (These are the behaviours the first
+copier, `copy.py`, was tested for; it is gone, the pipeline keeps every one of them.)"""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from reconciler.drivers.base import StoredMessage
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.errors import PermanentError
-from reconciler.mover.calendar import merge_calendars
-from reconciler.mover.copy import copy_mailbox, verify_mailbox
+from reconciler.mover.calendar import copy_diary, merge_calendars, verify_diary
+from reconciler.mover.endpoints import AppendResult, DriverEndpoint, Outgoing
+from reconciler.mover.manifest import Manifest
+from reconciler.mover.pipeline import MailboxReport, Options
+from reconciler.mover.runner import Job, run_jobs
 from reconciler.mover.validate import validate_source
+from reconciler.state.store import Store, default_url
 
 BOX1 = "jean.dupont=corp.example"
 BOX2 = "jean.dupont=corp.example"
@@ -52,12 +59,30 @@ def content(driver: MaildirDriver, box: str) -> dict[str, Counter[tuple[str, str
             for f in driver.list_folders(box)}
 
 
+def count(driver: MaildirDriver, box: str) -> int:
+    return sum(len(driver.list_messages(box, f)) for f in driver.list_folders(box))
+
+
+def move(src: MaildirDriver, dst: MaildirDriver | DriverEndpoint, *,
+         manifest: Manifest | None = None, options: Options | None = None) -> MailboxReport:
+    """One pass of the pipeline from BOX1 to BOX2 (what `service.move_mail` runs)."""
+    target = dst if isinstance(dst, DriverEndpoint) else DriverEndpoint(dst, BOX2)
+    job = Job("jean", lambda: DriverEndpoint(src, BOX1), lambda: target,
+              options=options or Options())
+    return run_jobs([job], manifest=manifest, retries=0)[0]  # type: ignore[arg-type]
+
+
+def manifest_in(tmp_path: Path) -> Manifest:
+    return Manifest(Store(default_url(tmp_path / "state.db")))
+
+
 def test_copy_keeps_folders_flags_dates_and_bytes(tmp_path: Path) -> None:
     src, dst = drivers(tmp_path)
     total = fill(src)
     before = content(src, BOX1)
-    report = copy_mailbox(src, BOX1, dst, BOX2)
-    assert report.verified and report.copied == total and report.failed == []
+    manifest = manifest_in(tmp_path)
+    report = move(src, dst, manifest=manifest)
+    assert report.verified and report.copied == total and report.failed == 0
     assert report.bytes_copied == sum(len(msg(n, f)) for f in FOLDERS for n in range(4))
     assert sorted(dst.list_folders(BOX2)) == sorted(FOLDERS)
     assert content(dst, BOX2) == before
@@ -66,25 +91,37 @@ def test_copy_keeps_folders_flags_dates_and_bytes(tmp_path: Path) -> None:
         assert sorted(dst.read_message(BOX2, folder, m.key)
                       for m in dst.list_messages(BOX2, folder)) == \
             sorted(msg(n, folder) for n in range(4))
-    again = copy_mailbox(src, BOX1, dst, BOX2)
+    assert manifest.copied_count("jean") == total
+    again = move(src, dst, manifest=manifest)
     assert (again.copied, again.present, again.verified) == (0, total, True)
     assert content(dst, BOX2) == before
+
+
+class CrashingTarget(DriverEndpoint):
+    """BOX2 whose process dies right after its fifth message was stored, before the
+    manifest row of that batch is written (the worst instant of a kill -9)."""
+
+    def __init__(self, driver: MaildirDriver) -> None:
+        super().__init__(driver, BOX2)
+        self.stored = 0
+
+    async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
+        result = await super().append(name, messages)
+        self.stored += len(messages)
+        if self.stored >= 5:
+            raise SystemExit("killed")  # not retryable: the whole run stops here
+        return result
 
 
 def test_crash_mid_copy_then_resume_copies_each_once(tmp_path: Path) -> None:
     src, dst = drivers(tmp_path)
     total = fill(src)
-    seen: list[bool] = []
-
-    def crash_after_five(message: StoredMessage, copied: bool) -> None:
-        seen.append(copied)
-        if sum(seen) == 5:
-            raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError):
-        copy_mailbox(src, BOX1, dst, BOX2, on_message=crash_after_five)
-    assert sum(len(dst.list_messages(BOX2, f)) for f in dst.list_folders(BOX2)) == 5
-    report = copy_mailbox(src, BOX1, dst, BOX2)
+    manifest = manifest_in(tmp_path)
+    with pytest.raises(SystemExit):
+        move(src, CrashingTarget(dst), manifest=manifest,
+             options=Options(batch_messages=1, appends_in_flight=1))
+    assert count(dst, BOX2) == 5
+    report = move(src, dst, manifest=manifest)
     assert (report.copied, report.present, report.verified) == (total - 5, 5, True)
     assert content(dst, BOX2) == content(src, BOX1)
 
@@ -94,7 +131,7 @@ def test_identical_messages_are_a_multiset(tmp_path: Path) -> None:
     for _ in range(2):
         src.append_message(BOX1, "INBOX", msg(1), internal_date=1_600_000_000)
     dst.append_message(BOX2, "INBOX", msg(1), internal_date=1_600_000_000)  # one already there
-    report = copy_mailbox(src, BOX1, dst, BOX2)
+    report = move(src, dst)
     assert (report.copied, report.present, report.verified) == (1, 1, True)
     assert len(dst.list_messages(BOX2, "INBOX")) == 2
 
@@ -103,18 +140,36 @@ def test_new_mail_in_target_is_left_alone(tmp_path: Path) -> None:
     src, dst = drivers(tmp_path)
     src.append_message(BOX1, "INBOX", msg(1))
     dst.append_message(BOX2, "INBOX", msg(99))  # arrived in BOX2 after the flip
-    report = copy_mailbox(src, BOX1, dst, BOX2)
+    report = move(src, dst)
     assert report.verified and len(dst.list_messages(BOX2, "INBOX")) == 2
+    assert {m.sha256 for m in dst.list_messages(BOX2, "INBOX")} >= \
+        {m.sha256 for m in src.list_messages(BOX1, "INBOX")}
+
+
+class RefusingTarget(DriverEndpoint):
+    """BOX2 that accepts no append (full, or read-only): nothing can be repaired."""
+
+    async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
+        return AppendResult(None, [None] * len(messages), ["quota exceeded"] * len(messages))
 
 
 def test_missing_message_fails_verification(tmp_path: Path) -> None:
     src, dst = drivers(tmp_path)
     fill(src)
-    assert copy_mailbox(src, BOX1, dst, BOX2).verified
+    manifest = manifest_in(tmp_path)
+    assert move(src, dst, manifest=manifest).verified
     victim = dst.list_messages(BOX2, "Sent")[0]
-    path = dst.store.message_path(BOX2, "Sent", victim.key)
-    os.remove(path)
-    assert verify_mailbox(src, BOX1, dst, BOX2) == [("Sent", victim.sha256)]
+    os.remove(dst.store.message_path(BOX2, "Sent", victim.key))
+    # verification names the folder whose message is not in BOX2 any more (nothing else)
+    report = move(src, RefusingTarget(dst, BOX2), manifest=manifest)
+    assert not report.verified and report.missing == 1
+    assert {f.folder: f.missing for f in report.folders} == \
+        {"INBOX": 0, "Sent": 1, "Archive/2023": 0, "Éléments envoyés": 0}
+    sent = next(f for f in report.folders if f.folder == "Sent")
+    assert [reason for _, reason in sent.failed] == ["append refused: quota exceeded"]
+    healed = move(src, dst, manifest=manifest)  # a target that accepts appends again
+    assert healed.verified and healed.copied == 1
+    assert victim.sha256 in {m.sha256 for m in dst.list_messages(BOX2, "Sent")}
 
 
 class LossyDriver(MaildirDriver):
@@ -133,17 +188,21 @@ class LossyDriver(MaildirDriver):
 
 def test_lost_append_is_caught_by_verification(tmp_path: Path) -> None:
     src, _ = drivers(tmp_path)
-    fill(src)
+    total = fill(src)
     dst = LossyDriver("s2", tmp_path / "s2", ("127.0.0.1", 3), ("127.0.0.1", 4), "s2.internal")
-    report = copy_mailbox(src, BOX1, dst, BOX2)
-    assert not report.verified and len(report.missing) == 1
-    assert copy_mailbox(src, BOX1, dst, BOX2).verified  # the next run repairs it
+    manifest = manifest_in(tmp_path)
+    report = move(src, dst, manifest=manifest)
+    assert not report.verified and report.missing == 1 and report.copied == total
+    healed = move(src, dst, manifest=manifest)  # the next run repairs it
+    assert healed.verified and healed.copied == 1
+    assert content(dst, BOX2) == content(src, BOX1)
 
 
 def test_empty_source_folder_is_created(tmp_path: Path) -> None:
     src, dst = drivers(tmp_path)
     src.store.folder_dir(BOX1, "Drafts", create=True)
-    assert copy_mailbox(src, BOX1, dst, BOX2).verified
+    report = move(src, dst)
+    assert report.verified and "Drafts" in [f.folder for f in report.folders]
     assert "Drafts" in dst.list_folders(BOX2)
 
 
@@ -192,14 +251,15 @@ def test_diary_only_copy_leaves_mail_alone(tmp_path: Path) -> None:
     fill(src)
     src.write_diary(BOX1, vcal(vevent("a", "A edited", seq=3), vevent("c", "C")))
     dst.write_diary(BOX2, vcal(vevent("a", "A"), vevent("t", "T")))
-    report = copy_mailbox(src, BOX1, dst, BOX2, mail=False, diary=True)
-    assert report.verified and report.copied == 0 and report.diary_changes == 2
+    assert verify_diary(src, BOX1, dst, BOX2) == ["a", "c"]
+    assert copy_diary(src, BOX1, dst, BOX2) == 2
+    assert verify_diary(src, BOX1, dst, BOX2) == []
     assert dst.list_folders(BOX2) == ["INBOX"] and dst.list_messages(BOX2, "INBOX") == []
     diary = dst.read_diary(BOX2)
     assert diary is not None
     assert summaries(diary) == {"a": "A edited", "c": "C", "t": "T"}
     stamp = os.stat(dst.store.mailbox_dir(BOX2) / "calendar.ics").st_mtime_ns
-    assert copy_mailbox(src, BOX1, dst, BOX2, mail=False).diary_changes == 0
+    assert copy_diary(src, BOX1, dst, BOX2) == 0
     assert os.stat(dst.store.mailbox_dir(BOX2) / "calendar.ics").st_mtime_ns == stamp
 
 
@@ -223,4 +283,4 @@ def test_unparsable_diary_is_a_permanent_error(tmp_path: Path) -> None:
     src.write_diary(BOX1, b"not a calendar")
     dst.write_diary(BOX2, vcal(vevent("a", "A")))
     with pytest.raises(PermanentError, match="does not parse"):
-        copy_mailbox(src, BOX1, dst, BOX2, mail=False)
+        copy_diary(src, BOX1, dst, BOX2)

@@ -34,7 +34,8 @@ from dovecot import Dovecot, skip_unless_available
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
-USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan")
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
+         "kate", "liam")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -343,3 +344,172 @@ def test_unchanged_folders_are_not_listed_but_any_change_is_seen(
     changed = {f.folder: f.unchanged for f in healed.folders}
     assert healed.verified and healed.copied == 2 and changed == {"INBOX": False, "Sent": False}
     assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 10
+
+
+def logins(server: Dovecot, user: str) -> int:
+    """How many IMAP logins of this user the server has logged so far."""
+    time.sleep(0.3)  # the log process writes asynchronously
+    text = (server.dir / "dovecot.log").read_text(errors="replace")
+    return text.count(f"Login: user=<{user}>")
+
+
+def test_passes_in_one_process_reuse_logins_and_still_see_every_change(
+        pair: Pair, tmp_path: Path) -> None:
+    import asyncio
+
+    from reconciler.mover.pool import ConnectionPool
+    from reconciler.mover.runner import run_jobs_async
+
+    user = pair.user("jack")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(10)],
+                          "Work": [(message(20), "(\\Seen)")]})
+    st = store(tmp_path)
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+    seen: dict[str, object] = {}
+
+    async def go() -> list[MailboxReport]:
+        pool = ConnectionPool()
+
+        async def one() -> MailboxReport:
+            j = Job(user, lambda: ImapEndpoint(src, readonly=True, pool=pool),
+                    lambda: ImapEndpoint(dst, pool=pool))
+            return (await run_jobs_async([j], manifest=Manifest(st)))[0]
+
+        try:
+            first = await one()
+            seen["idle"] = len(pool)
+            seen["logins"] = logins(pair.src, user), logins(pair.dst, user)
+            quiet = await one()
+            seen["reused"] = pool.reused
+            seen["logins_after"] = logins(pair.src, user), logins(pair.dst, user)
+            await asyncio.to_thread(fill, pair.src, user, {"INBOX": [(message(30), "")]})
+            changed = await one()
+            pair.dst.doveadm("kick", user)  # the server drops the idle target connection
+            await asyncio.sleep(0.3)
+            kicked = await one()
+            return [first, quiet, changed, kicked]
+        finally:
+            await pool.close()
+
+    first, quiet, changed, kicked = asyncio.run(go())
+    assert first.verified and first.copied == 11 and seen["idle"] == 2
+    # the second pass logged in nowhere, listed no message, and still proved every folder
+    assert quiet.verified and quiet.copied == 0 and quiet.present == 11
+    assert all(f.unchanged for f in quiet.folders) and seen["reused"] == 2
+    assert seen["logins_after"] == seen["logins"] and 0 not in seen["logins"]  # type: ignore
+    # a pooled connection sees what changed since (no stale STATUS of a selected folder)
+    assert changed.verified and changed.copied == 1
+    assert {f.folder: f.unchanged for f in changed.folders} == {"INBOX": False, "Work": True}
+    # a connection the server dropped while idle costs a fresh login, not a wrong answer
+    assert kicked.verified and kicked.copied == 0 and kicked.present == 12
+    assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 12
+
+
+class NoListStatus(ImapEndpoint):
+    """An IMAP endpoint that ignores the server's LIST-STATUS (as if it had none)."""
+
+    async def open(self) -> None:
+        await super().open()
+        assert self.client is not None
+        self.client.capabilities.discard("LIST-STATUS")
+
+
+def test_without_list_status_pipelined_status_gives_the_same_states(
+        pair: Pair, tmp_path: Path) -> None:
+    import asyncio
+
+    user = pair.user("kate")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(4)],
+                          FRENCH: [(message(9), "")], "Empty": []})
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+
+    async def states() -> tuple[dict[str, str], dict[str, str]]:
+        with_ls, without = ImapEndpoint(src), NoListStatus(src)
+        await asyncio.gather(with_ls.open(), without.open())
+        try:
+            assert "LIST-STATUS" in (with_ls.client.capabilities if with_ls.client else ())
+            await asyncio.gather(with_ls.folders(), without.folders())
+            return with_ls.folder_status, without.folder_status
+        finally:
+            await asyncio.gather(with_ls.close(), without.close())
+
+    listed, polled = asyncio.run(states())
+    # Dovecot may answer UIDVALIDITY 0 for a folder never opened yet (Empty): no state then
+    both = set(listed) & set(polled)
+    assert {"INBOX", FRENCH} <= both and set(listed) | set(polled) <= {"INBOX", FRENCH, "Empty"}
+    assert {k: polled[k] for k in both} == {k: listed[k] for k in both}
+    assert listed["INBOX"].endswith("/5/4")  # UIDNEXT 5, 4 messages
+    st = store(tmp_path)
+
+    def once() -> MailboxReport:
+        j = Job(user, lambda: NoListStatus(src, readonly=True), lambda: NoListStatus(dst))
+        return run_jobs([j], manifest=Manifest(st))[0]
+
+    assert once().copied == 5
+    quiet = once()
+    assert quiet.verified and quiet.present == 5 and all(f.unchanged for f in quiet.folders)
+
+
+def test_only_a_quiet_connection_goes_back_to_the_pool(pair: Pair) -> None:
+    import asyncio
+
+    from reconciler.mover.pool import ConnectionPool
+
+    user = pair.user("kate")
+    account = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+
+    async def go() -> tuple[int, int, str]:
+        pool = ConnectionPool()
+        busy, calm = ImapEndpoint(account, pool=pool), ImapEndpoint(account, pool=pool)
+        await asyncio.gather(busy.open(), calm.open())
+        assert busy.client is not None
+        await busy.listing("INBOX")  # leaves INBOX selected
+        # a command still in flight: IDLE stays pending until DONE, which never comes
+        await busy.client.start([b"IDLE"], "IDLE")
+        await busy.close()
+        after_busy = len(pool)
+        await calm.listing("INBOX")
+        await calm.close()  # quiet: UNSELECT, then pooled
+        again = ImapEndpoint(account, pool=pool)
+        await again.open()
+        assert again.client is not None
+        # nothing is selected on the pooled connection: a FETCH must be refused
+        try:
+            await again.client.simple("UID FETCH 1:* (UID)")
+            answer = "accepted"
+        except Exception as exc:
+            answer = type(exc).__name__
+        await again.close()
+        pooled = len(pool)
+        await pool.close()
+        return after_busy, pooled, answer
+
+    after_busy, pooled, answer = asyncio.run(go())
+    assert after_busy == 0 and pooled == 1 and answer == "ImapCommandError"
+
+
+def test_merged_folders_are_never_half_skipped(pair: Pair, tmp_path: Path) -> None:
+    """Two source folders into one target folder: when one changes, both are listed, or the
+    changed one could count the unchanged one's copy of the same message as its own."""
+    user = pair.user("liam")
+    fill(pair.src, user, {"A": [(message(1), "")], "B": []})
+    rules = (FolderRule("A", "Merged"), FolderRule("B", "Merged"))
+    st = store(tmp_path)
+    first = copy(pair, user, st, options=Options(rules=rules))
+    assert first.verified and first.copied == 1
+    fill(pair.src, user, {"B": [(message(1), "")]})  # the same message, now in B too
+    second = copy(pair, user, st, options=Options(rules=rules))
+    assert second.verified and second.copied == 1
+    states = {f.folder: f.unchanged for f in second.folders}
+    assert states["A"] is False and states["B"] is False  # A unchanged itself, yet listed
+    got = snapshot(pair.dst, user, sep=".", prefix="INBOX.")
+    assert sum(n for k, n in got.items() if k[0] == "Merged") == 2
+    # Nothing changes any more. The folder listed first in the second pass recorded the
+    # target's state before its sibling appended, so the third pass may still list both
+    # (conservative: a stale state only costs a listing); from then on both are skipped.
+    third = copy(pair, user, st, options=Options(rules=rules))
+    assert third.verified and third.copied == 0
+    fourth = copy(pair, user, st, options=Options(rules=rules))
+    assert fourth.verified and fourth.copied == 0 and all(f.unchanged for f in fourth.folders)

@@ -40,9 +40,16 @@ from reconciler.drivers.base import (
     StoredMessage,
 )
 from reconciler.drivers.contacts import SqliteContactsMixin
-from reconciler.drivers.imapstore import ImapLogin, ImapSession, greeting, imap_session
+from reconciler.drivers.imapstore import (
+    ImapLogin,
+    ImapSession,
+    greeting,
+    imap_account,
+    imap_session,
+)
 from reconciler.drivers.pfdovecot_tables import Row, Tables, row_of
 from reconciler.errors import MailferryError, PermanentError, TemporaryError
+from reconciler.mover.endpoints import ImapAccount
 from reconciler.secrets import resolve
 from reconciler.spec.model import ImapOptions
 
@@ -90,6 +97,12 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
             raise PermanentError(f"{self.name}: login: master needs masterUser")
         return ImapLogin(login, lambda: resolve(
             master.password, what=f"{self.name} IMAP master user {master.user}"), master.user)
+
+    def imap_account(self, mailbox_id: str, address: str | None = None) -> ImapAccount:
+        """The same login for the data mover's pipelined client (master or per-user)."""
+        server = self.options.server
+        return imap_account(server.host, server.port, self.options.tls,
+                            self.login_for(mailbox_id, address), system=self.name)
 
     def _user_password(self, address: str) -> str:
         ref = self.options.passwords

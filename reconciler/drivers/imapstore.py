@@ -33,6 +33,7 @@ from typing import Any
 
 from reconciler.drivers.base import StoredMessage, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
+from reconciler.mover.endpoints import ImapAccount
 
 FLAG_TO_IMAP = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered",
                 "S": "\\Seen", "T": "\\Deleted"}
@@ -236,6 +237,23 @@ def imap_session(host: str, port: int, tls: str, login: ImapLogin, *,
     finally:
         with contextlib.suppress(Exception):
             conn.logout()
+
+
+def imap_account(host: str, port: int, tls: str, login: ImapLogin, *,
+                 system: str) -> ImapAccount:
+    """The same login for the data mover's pipelined client (`mover.endpoints`): what makes
+    the engine's copies between IMAP systems fast. The secret is read now, as at a login."""
+    try:
+        password = login.password()
+    except TemporaryError:
+        raise
+    except Exception as exc:  # a secret that cannot be read: same wait as a refused login
+        raise TemporaryError(f"{system}: IMAP {host}:{port}: credentials for "
+                             f"{login.login!r}: {exc}") from exc
+    if login.master_user is not None:
+        return ImapAccount(host, port, login.master_user, password, authorize_as=login.login,
+                           tls=tls, system=system)
+    return ImapAccount(host, port, login.login, password, tls=tls, system=system)
 
 
 def greeting(host: str, port: int, tls: str, *, system: str) -> None:

@@ -52,9 +52,16 @@ from reconciler.drivers.base import (
     StoredMessage,
 )
 from reconciler.drivers.contacts import SqliteContactsMixin
-from reconciler.drivers.imapstore import ImapLogin, ImapSession, greeting, imap_session
+from reconciler.drivers.imapstore import (
+    ImapLogin,
+    ImapSession,
+    greeting,
+    imap_account,
+    imap_session,
+)
 from reconciler.drivers.pfdovecot_tables import Row, TableError, Tables, row_of
 from reconciler.errors import PermanentError, TemporaryError
+from reconciler.mover.endpoints import ImapAccount
 from reconciler.secrets import resolve
 from reconciler.spec.model import Endpoint, PostfixDovecotOptions
 
@@ -145,6 +152,15 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         with imap_session(imap.host, imap.port, self.options.imap_tls,
                           self._login(mailbox_id), system=self.name) as session:
             return fn(session)
+
+    def imap_account(self, mailbox_id: str) -> ImapAccount:
+        """Dovecot IMAP with the master user on behalf of the mailbox: the data mover copies
+        this system's mailboxes over its pipelined client, not message by message."""
+        if self.get_account(mailbox_id) is None:
+            raise PermanentError(f"{self.name}: no mailbox {mailbox_id} (copy)")
+        imap = self.options.imap
+        return imap_account(imap.host, imap.port, self.options.imap_tls,
+                            self._login(mailbox_id), system=self.name)
 
     # -- configuration: the shared-domain setup -------------------------------------------
     def wanted_postfix(self) -> dict[str, str]:

@@ -98,6 +98,13 @@ def missing_items(source_ics: bytes, target_ics: bytes | None) -> list[str]:
             if _key(c)[0] and (_key(c) not in have or have[_key(c)] < _version(c))]
 
 
+def verify_diary(src: MailSystemDriver, src_id: str, dst: MailSystemDriver,
+                 dst_id: str) -> list[str]:
+    """UIDs of BOX1's diary components missing (or older) in BOX2's; empty = verified."""
+    source = src.read_diary(src_id)
+    return [] if source is None else missing_items(source, dst.read_diary(dst_id))
+
+
 def copy_diary(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id: str) -> int:
     """Merge BOX1's diary into BOX2's; write only when something changed; return the count."""
     source = src.read_diary(src_id)

@@ -10,7 +10,8 @@ from flags and a users file.
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
         [--parallel 8] [--state mover-state.db] [--progress auto|tty|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
-        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE]
+        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
+        [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
 
 `mover prestage --specs DIR --state URL [--all]` copies, before their cutover, the mailboxes
 of migrations in states 1-6 whose policy has ``prestageCopy: true`` (see `prestage.py`).
@@ -28,6 +29,7 @@ mailbox is verified, 1 otherwise; the per-mailbox report goes to stdout as JSON 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import resource
@@ -40,8 +42,9 @@ from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, Im
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
+from reconciler.mover.pool import ConnectionPool
 from reconciler.mover.progress import make_progress
-from reconciler.mover.runner import Job, run_jobs
+from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
 from reconciler.state.store import default_url, open_store
 
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     for side in ("src", "dst"):
         c.add_argument(f"--{side}-admin", help="admin/master user logging in for each user")
         c.add_argument(f"--{side}-admin-password-env", help="env variable with its password")
+        c.add_argument(f"--{side}-tls", default="none", choices=["none", "implicit", "starttls"],
+                       help="TLS to the IMAP server (starttls: required, no cleartext login)")
+        c.add_argument(f"--{side}-cafile", help="CA bundle for the server's certificate")
     c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
     c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
     c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
@@ -93,8 +99,10 @@ def _password(env: str | None) -> str:
     return value
 
 
-def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str | None,
-          timeout: float, readonly: bool) -> Callable[[], Endpoint]:
+def _side(args: argparse.Namespace, side: str, user: str, password: str, readonly: bool,
+          pool: ConnectionPool) -> Callable[[], Endpoint]:
+    spec, admin = getattr(args, side), getattr(args, f"{side}_admin")
+    tls, cafile = getattr(args, f"{side}_tls"), getattr(args, f"{side}_cafile")
     if spec.startswith("maildir:"):
         root = spec.split(":", 1)[1]
 
@@ -109,14 +117,16 @@ def _side(spec: str, user: str, password: str, admin: str | None, admin_env: str
     hostport = spec.removeprefix("imap://")
     host, _, port = hostport.rpartition(":")
     if admin:
-        account = ImapAccount(host, int(port), admin, _password(admin_env), authorize_as=user,
-                              timeout=timeout)
+        account = ImapAccount(host, int(port), admin,
+                              _password(getattr(args, f"{side}_admin_password_env")),
+                              authorize_as=user, timeout=args.timeout, tls=tls, cafile=cafile)
     else:
-        account = ImapAccount(host, int(port), user, password, timeout=timeout)
-    return lambda: ImapEndpoint(account, readonly=readonly)
+        account = ImapAccount(host, int(port), user, password, timeout=args.timeout, tls=tls,
+                              cafile=cafile)
+    return lambda: ImapEndpoint(account, readonly=readonly, pool=pool)
 
 
-def _jobs(args: argparse.Namespace) -> list[Job]:
+def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
     rules = tuple(FolderRule(*item.split("=", 1)) for item in args.folder_map)
     throttle = Throttle(args.max_msgs_per_s, args.max_bytes_per_s)
     options = Options(rules=rules, verify=args.verify, phase=args.phase,
@@ -131,10 +141,8 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
         du, dp = (cols[2], cols[3]) if len(cols) >= 4 else (su, sp)
         jobs.append(Job(
             key=su if su == du else f"{su}->{du}",
-            source=_side(args.src, su, sp, args.src_admin, args.src_admin_password_env,
-                         args.timeout, True),
-            target=_side(args.dst, du, dp, args.dst_admin, args.dst_admin_password_env,
-                         args.timeout, False),
+            source=_side(args, "src", su, sp, True, pool),
+            target=_side(args, "dst", du, dp, False, pool),
             throttle=throttle, options=options))
     return jobs
 
@@ -150,27 +158,41 @@ def _table(reports: list[MailboxReport]) -> None:
                 print(f"    {f.folder} uid {uid}: {reason}")
 
 
+async def _passes(args: argparse.Namespace, manifest: Manifest | None
+                  ) -> tuple[dict[str, object], list[MailboxReport]]:
+    """The copy and, with `--rerun`, a second full pass in the same event loop: the second
+    pass reuses the first one's logged-in connections (see `pool.py`)."""
+    pool = ConnectionPool()
+    try:
+        t0 = time.monotonic()
+        reports = await run_jobs_async(_jobs(args, pool), manifest=manifest,
+                                       progress=make_progress(args.progress),
+                                       parallel=args.parallel)
+        first = time.monotonic() - t0
+        stats: dict[str, object] = {"first_s": round(first, 3), "mailboxes": len(reports),
+                                    "copied": sum(r.copied for r in reports)}
+        if args.rerun:
+            t1 = time.monotonic()
+            again = await run_jobs_async(_jobs(args, pool), manifest=manifest,
+                                         progress=make_progress("none"),
+                                         parallel=args.parallel)
+            stats.update(rerun_s=round(time.monotonic() - t1, 3),
+                         rerun_copied=sum(r.copied for r in again),
+                         rerun_verified=all(r.verified for r in again),
+                         rerun_logins_saved=pool.reused)
+            reports = [a if not a.verified else r for r, a in zip(reports, again, strict=True)]
+        return stats, reports
+    finally:
+        await pool.close()
+
+
 def copy_command(args: argparse.Namespace) -> int:
     """Run the copy (and the optional re-run); print the report; 0 when all verified."""
     store = None if args.no_state else open_store(
         args.state if args.state and "://" in args.state
         else default_url(args.state or "mover-state.db"))
     manifest = Manifest(store) if store is not None else None
-    jobs = _jobs(args)
-    t0 = time.monotonic()
-    reports = run_jobs(jobs, manifest=manifest, progress=make_progress(args.progress),
-                       parallel=args.parallel)
-    first = time.monotonic() - t0
-    stats: dict[str, object] = {"first_s": round(first, 3), "mailboxes": len(reports),
-                                "copied": sum(r.copied for r in reports)}
-    if args.rerun:
-        t1 = time.monotonic()
-        again = run_jobs(_jobs(args), manifest=manifest, progress=make_progress("none"),
-                         parallel=args.parallel)
-        stats.update(rerun_s=round(time.monotonic() - t1, 3),
-                     rerun_copied=sum(r.copied for r in again),
-                     rerun_verified=all(r.verified for r in again))
-        reports = [a if not a.verified else r for r, a in zip(reports, again, strict=True)]
+    stats, reports = asyncio.run(_passes(args, manifest))
     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     stats["verified"] = all(r.verified for r in reports)
     if args.report == "json":

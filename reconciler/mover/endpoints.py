@@ -23,6 +23,7 @@ Dovecot master users, Cyrus admins and Zimbra admins accept).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,11 +38,15 @@ from reconciler.mover.folders import Folder, canonical, guess_special_use, nativ
 from reconciler.mover.imapclient import (
     ImapClient,
     ImapCommandError,
+    ImapError,
+    ImapLoginError,
     Untagged,
     as_int,
     fetch_items,
+    pending_text,
     quote_mailbox,
 )
+from reconciler.mover.pool import ConnectionPool, Idle
 
 # (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
 Sink = Callable[[str, bytes, "tuple[str, ...] | None", "str | None"], Awaitable[None]]
@@ -228,7 +233,16 @@ class ImapAccount:
     password: str
     authorize_as: str | None = None  # log in as `user` (an admin) on behalf of this mailbox
     timeout: float = 60.0
-    tls: bool = False  # implicit TLS (IMAPS, port 993); STARTTLS is not implemented
+    # "none", "implicit" (IMAPS, port 993) or "starttls" (required: no login in cleartext);
+    # True/False are accepted for "implicit"/"none"
+    tls: bool | str = False
+    cafile: str | None = None  # CA bundle for the server's certificate (else system roots)
+    system: str = ""  # the mail system's name, for messages
+
+    @property
+    def where(self) -> str:
+        """The server as errors name it: "system: IMAP host:port"."""
+        return f"{self.system + ': ' if self.system else ''}IMAP {self.host}:{self.port}"
 
     def __repr__(self) -> str:  # never print the password
         who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
@@ -238,9 +252,11 @@ class ImapAccount:
 class ImapEndpoint:
     """A mailbox on an IMAP server, over one pipelined connection."""
 
-    def __init__(self, account: ImapAccount, *, readonly: bool = False) -> None:
+    def __init__(self, account: ImapAccount, *, readonly: bool = False,
+                 pool: ConnectionPool | None = None) -> None:
         self.account = account
         self.readonly = readonly
+        self.pool = pool
         who = account.authorize_as or account.user
         self.label = f"imap://{who}@{account.host}:{account.port}"
         self.client: ImapClient | None = None
@@ -257,12 +273,28 @@ class ImapEndpoint:
         if self.client is not None:
             return
         a = self.account
-        client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls)
+        idle = self.pool.take(a) if self.pool is not None else None
+        if idle is not None:
+            self.client, self.separator, self.prefix = idle.client, idle.separator, idle.prefix
+            self._selected = None
+            return
         try:
-            if a.authorize_as:
+            client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls,
+                                              cafile=a.cafile)
+        except ImapError as exc:
+            if not a.system:
+                raise
+            raise type(exc)(f"{a.system}: {exc}") from exc
+        try:
+            try:
                 await client.login(a.user, a.password, authorize_as=a.authorize_as)
-            else:
-                await client.login(a.user, a.password)
+            except ImapCommandError as exc:
+                if "[UNAVAILABLE]" in exc.text.upper():
+                    raise  # the server's auth backend is down: worth a retry
+                who = (f"master user {a.user!r} for {a.authorize_as!r}" if a.authorize_as
+                       else repr(a.user))
+                raise ImapLoginError(f"{a.where}: login as {who} refused (bad credentials?): "
+                                     f"{exc.status} {exc.text}") from exc
             if "NAMESPACE" in client.capabilities:
                 for resp in await client.simple("NAMESPACE"):
                     personal = resp[1] if len(resp) > 1 and resp[0] == b"NAMESPACE" else None
@@ -283,10 +315,26 @@ class ImapEndpoint:
         self._selected = None
 
     async def close(self) -> None:
-        """Log out."""
-        if self.client is not None:
-            client, self.client = self.client, None
-            await client.logout()
+        """Log out, or hand the connection to the pool with no folder selected."""
+        if self.client is None:
+            return
+        client, self.client = self.client, None
+        selected, self._selected = self._selected, None
+        # Only a connection with nothing in flight (a pass that failed half-way may have left
+        # a FETCH running) goes back to the pool.
+        if self.pool is not None and client.quiet:
+            try:
+                if selected is not None:
+                    # UNSELECT (RFC 3691); else CLOSE, which expunges nothing in a folder
+                    # opened with EXAMINE, the only way this endpoint opens folders.
+                    await client.simple("UNSELECT" if "UNSELECT" in client.capabilities
+                                        else "CLOSE")
+            except ImapError:
+                client.close()
+                return
+            await self.pool.give(self.account, Idle(client, self.separator, self.prefix))
+            return
+        await client.logout()
 
     def _c(self) -> ImapClient:
         if self.client is None:
@@ -310,15 +358,7 @@ class ImapEndpoint:
         result: list[Folder] = []
         self.folder_status = {}
         responses = await client.simple(command)
-        for resp in responses:
-            if len(resp) >= 3 and resp[0] == b"STATUS" and isinstance(resp[1], bytes) \
-                    and isinstance(resp[2], list):
-                values = dict(zip(resp[2][::2], resp[2][1::2], strict=False))
-                name = canonical(mutf7.decode(resp[1].decode("utf-8", "replace")),
-                                 self.separator, self.prefix)
-                v, n, m = (values.get(k) for k in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"))
-                if isinstance(v, bytes) and isinstance(n, bytes) and isinstance(m, bytes):
-                    self.folder_status[name] = f"{v.decode()}/{n.decode()}/{m.decode()}"
+        self._statuses(responses)
         for resp in responses:
             if len(resp) < 4 or resp[0] != b"LIST" or not isinstance(resp[1], list):
                 continue
@@ -336,7 +376,40 @@ class ImapEndpoint:
                 use = guess_special_use(name)
             result.append(Folder(name, decoded, use,
                                  "\\noselect" not in lowered and "\\nonexistent" not in lowered))
+        if "LIST-STATUS" not in client.capabilities:
+            await self._status_each(result)
         return result
+
+    def _statuses(self, responses: list[Untagged]) -> None:
+        """Keep "UIDVALIDITY/UIDNEXT/MESSAGES" of each untagged STATUS response."""
+        for resp in responses:
+            if len(resp) >= 3 and resp[0] == b"STATUS" and isinstance(resp[1], bytes) \
+                    and isinstance(resp[2], list):
+                values = dict(zip(resp[2][::2], resp[2][1::2], strict=False))
+                name = canonical(mutf7.decode(resp[1].decode("utf-8", "replace")),
+                                 self.separator, self.prefix)
+                v, n, m = (values.get(k) for k in (b"UIDVALIDITY", b"UIDNEXT", b"MESSAGES"))
+                # UIDVALIDITY 0 is no validity (Dovecot's LIST-STATUS says so for a folder
+                # never opened): no state, no shortcut.
+                if isinstance(v, bytes) and isinstance(n, bytes) and isinstance(m, bytes) \
+                        and v.strip(b"0"):
+                    self.folder_status[name] = f"{v.decode()}/{n.decode()}/{m.decode()}"
+
+    async def _status_each(self, folders: list[Folder]) -> None:
+        """Without LIST-STATUS: one STATUS per folder, all in flight at once (one round
+        trip, not one per folder). Never for the selected folder: RFC 3501 6.3.10 does not
+        promise a current answer there, and a stale one could wrongly say "unchanged"."""
+        client = self._c()
+        started = []
+        for folder in folders:
+            if folder.selectable and folder.name != self._selected:
+                box = quote_mailbox(self._native(folder.name)).decode()
+                started.append(await client.start(
+                    [f"STATUS {box} (UIDVALIDITY UIDNEXT MESSAGES)".encode()], "STATUS"))
+        for pending in started:
+            # a folder gone since LIST gets no state, so no shortcut
+            with contextlib.suppress(ImapCommandError):
+                self._statuses(await client.finish(pending))
 
     async def create_folder(self, name: str) -> None:
         """CREATE, ignoring 'already exists'."""
@@ -465,14 +538,6 @@ class ImapEndpoint:
         except ImapCommandError as exc:
             return AppendResult(None, [None], [exc.text or exc.status])
         return _append_result([], pending_text(pending), 1)
-
-
-def pending_text(pending: object) -> str:
-    """The tagged OK text of a finished command (holds [APPENDUID ...])."""
-    done = getattr(pending, "done", None)
-    if done is None or not done.done() or done.exception() is not None:
-        return ""
-    return str(done.result()[1])
 
 
 _APPENDUID = re.compile(r"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)

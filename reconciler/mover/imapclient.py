@@ -14,7 +14,13 @@ a time (no LITERAL+, no MULTIAPPEND). So this module implements the subset we us
   reader stops reading the socket, and TCP back-pressure bounds memory;
 - literals read exactly (`{n}`), sent with LITERAL+ (`{n+}`) when the server has it,
   otherwise after the server's continuation request;
-- a parser for the response grammar we meet (atoms, quoted strings, literals, lists).
+- a parser for the response grammar we meet (atoms, quoted strings, literals, lists);
+- TLS: implicit (IMAPS) or STARTTLS, certificates always verified. With STARTTLS required,
+  a server that does not offer it, refuses it or shows an untrusted certificate gets no
+  login at all (`ImapTlsError`, naming host and reason, never retried): the password is
+  never sent in cleartext;
+- capabilities taken from the greeting and the login's OK when the server puts them there
+  (Dovecot does): two round trips fewer per connection.
 
 Errors: a NO or BAD answer raises `ImapCommandError` (the connection stays usable); a broken
 connection raises `ImapConnectionError` in every pending command (the caller reconnects and
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,6 +58,14 @@ class ImapError(Exception):
 
 class ImapConnectionError(ImapError):
     """The connection broke or timed out: reconnect and resume."""
+
+
+class ImapTlsError(ImapError):
+    """TLS was required and could not be had: never retried, never sent in cleartext."""
+
+
+class ImapLoginError(ImapError):
+    """The server refused the credentials: retrying with the same ones will not help."""
 
 
 class ImapCommandError(ImapError):
@@ -129,6 +144,23 @@ def parse_response(parts: Sequence[bytes]) -> Untagged:
     return stack[0]
 
 
+_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+
+
+def _capabilities_in(text: bytes) -> set[str] | None:
+    """The capabilities of a `[CAPABILITY ...]` response code (greeting, login OK)."""
+    match = _CAPABILITY_CODE.search(text)
+    return {c.decode().upper() for c in match.group(1).split()} if match else None
+
+
+def pending_text(pending: object) -> str:
+    """The tagged OK text of a finished command (holds [APPENDUID ...], [CAPABILITY ...])."""
+    done = getattr(pending, "done", None)
+    if done is None or not done.done() or done.exception() is not None:
+        return ""
+    return str(done.result()[1])
+
+
 def fetch_items(response: Untagged) -> dict[bytes, Value] | None:
     """The attribute dict of an untagged FETCH response (keys upper-cased), else None."""
     if len(response) < 3 or not isinstance(response[1], bytes) \
@@ -181,25 +213,77 @@ class ImapClient:
     # -- connection ---------------------------------------------------------------------
     @classmethod
     async def connect(cls, host: str, port: int, *, timeout: float = 60.0,
-                      tls: bool = False) -> ImapClient:
-        """Open a connection (implicit TLS with `tls`, certificates verified), read the
-        greeting, learn the capabilities."""
-        context = ssl.create_default_context() if tls else None
+                      tls: bool | str = False, cafile: str | None = None) -> ImapClient:
+        """Open a connection, read the greeting, learn the capabilities. `tls`: False or
+        "none" (cleartext), True or "implicit" (IMAPS), "starttls" (upgraded before anything
+        else is said; refused when the server does not offer it). Certificates are verified
+        against the system's roots, or `cafile`."""
+        mode = {True: "implicit", False: "none"}.get(tls, tls) if isinstance(tls, bool) else tls
+        if mode not in ("none", "implicit", "starttls"):
+            raise ValueError(f"tls: {tls!r} is not none, implicit or starttls")
+        context = ssl.create_default_context(cafile=cafile) if mode != "none" else None
+        where = f"IMAP {host}:{port}"
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=1 << 20, ssl=context), timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                host, port, limit=1 << 20, ssl=context if mode == "implicit" else None),
+                timeout)
             client = cls(reader, writer, timeout)
             client.greeting = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
+        except ssl.SSLError as exc:
+            raise ImapTlsError(f"{where}: TLS handshake failed: {exc}") from exc
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
-            raise ImapConnectionError(f"IMAP {host}:{port}: {exc!r}") from exc
+            raise ImapConnectionError(f"{where}: {exc!r}") from exc
         if not client.greeting.startswith(b"* OK"):
             writer.close()
-            raise ImapConnectionError(f"IMAP {host}:{port}: greeting {client.greeting!r}")
+            raise ImapConnectionError(f"{where}: greeting {client.greeting!r}")
+        # Most servers list their capabilities in the greeting: one round trip fewer.
+        client.capabilities = _capabilities_in(client.greeting) or set()
+        if mode == "starttls":
+            assert context is not None
+            try:
+                await client._starttls(where, host, context)
+            except BaseException:
+                writer.close()
+                raise
         client._last_rx = asyncio.get_running_loop().time()
         client._read_task = asyncio.create_task(client._read_loop())
         client._watch_task = asyncio.create_task(client._watchdog())
-        await client.refresh_capabilities()
+        if not client.capabilities:
+            await client.refresh_capabilities()
         return client
+
+    async def _starttls(self, where: str, host: str, context: ssl.SSLContext) -> None:
+        """STARTTLS (RFC 3501 6.2.1) before the reader task exists; capabilities learnt in
+        cleartext are forgotten afterwards (RFC 2595 3.1: they may have been tampered with)."""
+        reader = self._reader
+        try:
+            if not self.capabilities:
+                self._writer.write(b"M0 CAPABILITY\r\n")
+                while True:
+                    line = await asyncio.wait_for(reader.readuntil(b"\r\n"), self.timeout)
+                    if line.upper().startswith(b"* CAPABILITY "):
+                        self.capabilities = {c.decode().upper() for c in line[13:].split()}
+                    elif line.startswith(b"M0 "):
+                        break
+            if "STARTTLS" not in self.capabilities:
+                raise ImapTlsError(f"{where}: the server does not offer STARTTLS; refusing to "
+                                   f"send a login in cleartext")
+            self._writer.write(b"M0 STARTTLS\r\n")
+            while True:
+                line = await asyncio.wait_for(reader.readuntil(b"\r\n"), self.timeout)
+                if line.startswith(b"M0 "):
+                    break
+            if not line.upper().startswith(b"M0 OK"):
+                answer = line.strip().decode(errors="replace")
+                raise ImapTlsError(f"{where}: STARTTLS refused ({answer}); refusing to send "
+                                   f"a login in cleartext")
+            await self._writer.start_tls(context, server_hostname=host)
+        except ssl.SSLError as exc:
+            raise ImapTlsError(f"{where}: STARTTLS handshake failed: {exc}") from exc
+        except (TimeoutError, OSError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError) as exc:
+            raise ImapConnectionError(f"{where}: STARTTLS: {exc!r}") from exc
+        self.capabilities = set()
 
     async def refresh_capabilities(self) -> None:
         """Ask CAPABILITY (again: they change after login)."""
@@ -216,29 +300,48 @@ class ImapClient:
             token = base64.b64encode(
                 f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
             if "SASL-IR" in self.capabilities:
-                await self.simple(f"AUTHENTICATE PLAIN {token}", secret=True)
+                pending = await self._send([f"AUTHENTICATE PLAIN {token}".encode()],
+                                           "AUTHENTICATE")
+                await self._finish(pending)
             else:
-                await self._authenticate_continued(token)
+                pending = await self._authenticate_continued(token)
         else:
-            await self.simple(f"LOGIN {quote(user).decode()} {quote(password).decode()}",
-                              secret=True)
-        await self.refresh_capabilities()
+            pending = await self._send(
+                [f"LOGIN {quote(user).decode()} {quote(password).decode()}".encode()], "LOGIN")
+            await self._finish(pending)
+        # The tagged OK usually carries the new capabilities: no CAPABILITY round trip.
+        caps = _capabilities_in(pending_text(pending).encode())
+        if caps:
+            self.capabilities = caps
+        else:
+            await self.refresh_capabilities()
 
-    async def _authenticate_continued(self, token: str) -> None:
+    async def _authenticate_continued(self, token: str) -> _Pending:
         loop = asyncio.get_running_loop()
         self._continuation = loop.create_future()
         pending = await self._send([b"AUTHENTICATE PLAIN"], "AUTHENTICATE")
         await asyncio.wait_for(asyncio.shield(self._continuation), self.timeout)
         self._writer.write(token.encode() + b"\r\n")
         await self._finish(pending)
+        return pending
+
+    @property
+    def usable(self) -> bool:
+        """Neither broken nor closed (a pooled connection is checked with this)."""
+        return self._broken is None and not self._writer.is_closing()
+
+    @property
+    def quiet(self) -> bool:
+        """Usable with no command in flight: safe to hand to someone else."""
+        return self.usable and not self._pending and (
+            self._continuation is None or self._continuation.done())
 
     async def logout(self) -> None:
-        """Say goodbye and close (errors ignored: we are leaving anyway)."""
-        try:
-            if self._broken is None:
-                await asyncio.wait_for(self.simple("LOGOUT"), 5)
-        except (TimeoutError, ImapError):
-            pass
+        """Say goodbye and close without waiting for the answer (nothing in it matters, and
+        a re-run of many mailboxes would pay a round trip per connection)."""
+        if self.usable:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._writer.write(b"M%d LOGOUT\r\n" % (self._tag + 1))
         self.close()
 
     def close(self) -> None:

@@ -159,24 +159,34 @@ class Manifest:
                 TransferManifest.mailbox == mailbox, TransferManifest.copied.is_(True))) or 0)
 
 
-def throughput(session: Session) -> tuple[float, float] | None:
-    """(bytes/s, messages/s) over the recorded passes that copied something, or None: what
-    `--plan` uses to estimate how long a window's transfers will take."""
-    row = session.execute(
-        select(func.sum(TransferRun.bytes_copied), func.sum(TransferRun.copied),
-               func.sum(TransferRun.seconds))
-        .where(TransferRun.copied > 0, TransferRun.seconds > 0)).one()
+RECENT_RUNS = 500  # the passes the throughput is measured over: this installation, lately
+
+
+def throughput(session: Session, recent: int = RECENT_RUNS) -> tuple[float, float] | None:
+    """(bytes/s, messages/s) over the `recent` latest passes that copied something, or None:
+    what `--plan` uses to estimate how long a window's transfers will take. Rates are per
+    mailbox copy (a pass's seconds are its own wall time), so copies running side by side
+    make the estimate pessimistic, never optimistic."""
+    runs = (select(TransferRun.bytes_copied, TransferRun.copied, TransferRun.seconds)
+            .where(TransferRun.copied > 0, TransferRun.seconds > 0)
+            .order_by(TransferRun.id.desc()).limit(recent).subquery())
+    row = session.execute(select(func.sum(runs.c.bytes_copied), func.sum(runs.c.copied),
+                                 func.sum(runs.c.seconds))).one()
     total_bytes, total_msgs, seconds = row
     if not seconds:
         return None
     return float(total_bytes or 0) / float(seconds), float(total_msgs or 0) / float(seconds)
 
 
+def seconds_for(rates: tuple[float, float], messages: float, size: float) -> float:
+    """PURE: how long `messages` totalling `size` bytes take at (bytes/s, messages/s): the
+    slower of the two (many small messages are bound by round trips, big ones by bytes)."""
+    bps, mps = rates
+    return max(size / bps if bps > 0 else 0.0, messages / mps if mps > 0 else 0.0)
+
+
 def estimate_seconds(session: Session, messages: int, size: int) -> float | None:
     """How long copying `messages` totalling `size` bytes should take at the recorded
     throughput (the slower of the byte and message rates), or None without history."""
     rates = throughput(session)
-    if rates is None:
-        return None
-    bps, mps = rates
-    return max(size / bps if bps else 0.0, messages / mps if mps else 0.0)
+    return None if rates is None else seconds_for(rates, messages, size)

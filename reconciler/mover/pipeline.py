@@ -175,11 +175,12 @@ class MailboxCopy:
         """List, copy and verify every folder; record the figures."""
         started = time.monotonic()
         report = MailboxReport(self.key)
-        src_folders = await self.source.folders()
-        dst_folders = await self.target.folders()
+        # Both sides at once: on a re-run with nothing to do this is most of the time.
+        src_folders, dst_folders = await asyncio.gather(self.source.folders(),
+                                                        self.target.folders())
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
-        unchanged = self._unchanged()
+        unchanged = self._unchanged(src_folders, mapping)
         listings: list[tuple[Folder, Listing]] = []
         for folder in src_folders:
             if not folder.selectable or folder.name in unchanged:
@@ -205,14 +206,29 @@ class MailboxCopy:
         report.seconds = time.monotonic() - started
         return report
 
-    def _unchanged(self) -> dict[str, FolderReport]:
+    def _unchanged(self, src_folders: list[Folder],
+                   mapping: dict[str, str]) -> dict[str, FolderReport]:
         """Folders whose source and target are exactly as at the last verified pass.
 
-        IMAP messages never change; a folder whose UIDVALIDITY, UIDNEXT and message count
-        are all the same has had no append (UIDNEXT would grow) and no expunge (the count
-        would drop, or UIDNEXT grow with a compensating append): the same messages, so the
-        last pass's proof still holds. Both sides' figures come from one LIST-STATUS each,
-        so a re-run with nothing to do lists no message at all."""
+        Why no listing is needed, and the E41 rule ("every source message is in BOX2") still
+        holds. A state is "UIDVALIDITY/UIDNEXT/MESSAGES". RFC 3501 (2.3.1.1): under one
+        UIDVALIDITY a UID names one message forever, never reused; a message's content never
+        changes; every APPEND/COPY/delivery takes a UID >= UIDNEXT and UIDNEXT MUST then
+        grow, even if the new message is expunged again. So, per side, same UIDVALIDITY and
+        same UIDNEXT = no message added since; then the UIDs present are a subset of those
+        present then, and the same MESSAGES count = none removed: the very same messages.
+        The recorded states are those of the listings the proof was made from, taken at
+        their EXAMINE (before the UID FETCH), so a change racing with the listing can only
+        make the states differ later (a re-list), never hide a change. The last *verified*
+        pass proved every source message of the folder in its target folder; both folders
+        hold the same messages as then; so the proof still holds, message for message.
+        A UIDVALIDITY of 0 (no validity) gives no state. HIGHESTMODSEQ (CONDSTORE) is not
+        compared: it moves with every flag change, which changes no content and would only
+        defeat the shortcut on a live BOX2 whose owner reads mail.
+
+        Both sides' states come from one `LIST ... RETURN (STATUS ...)` each (RFC 5819), or
+        pipelined STATUS commands without it, so a re-run with nothing to do lists no
+        message at all. `verify: deep` never takes the shortcut."""
         if self.manifest is None or self.options.verify == "deep":
             return {}
         src_now = getattr(self.source, "folder_status", {})
@@ -220,13 +236,18 @@ class MailboxCopy:
         if not src_now or not dst_now:
             return {}
         result = {}
-        for folder, (src_state, target, dst_state, messages) in \
-                self.manifest.last_states(self.key).items():
+        last = self.manifest.last_states(self.key)
+        for folder, (src_state, target, dst_state, messages) in last.items():
             if src_now.get(folder) == src_state and dst_now.get(target) == dst_state:
                 result[folder] = FolderReport(folder, target, messages=messages,
                                               present=messages, src_state=src_state,
                                               dst_state=dst_state, unchanged=True)
-        return result
+        # Source folders merged into one target folder each need their own copies (the
+        # proof subtracts what an earlier folder claimed): when one of them is listed,
+        # all of them are, or a changed folder could count an unchanged one's copy.
+        busy = {last[f.name][1] if f.name in last else mapping.get(f.name)
+                for f in src_folders if f.selectable and f.name not in result}
+        return {name: r for name, r in result.items() if r.target not in busy}
 
     async def _target_listing(self, name: str) -> Listing:
         listing = await self.target.listing(name, full=False)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from reconciler.mover.endpoints import Endpoint
-from reconciler.mover.imapclient import ImapError
+from reconciler.mover.imapclient import ImapError, ImapLoginError, ImapTlsError
 from reconciler.mover.manifest import Manifest, RunFigures
 from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
 from reconciler.mover.progress import Progress
@@ -62,6 +62,11 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
         try:
             report = await _attempt(job, manifest, progress)
             report.attempts = attempt
+            break
+        except (ImapTlsError, ImapLoginError) as exc:
+            # Refused credentials, a missing STARTTLS, a bad certificate: no retry helps.
+            report = MailboxReport(job.key, error=f"{type(exc).__name__}: {exc}",
+                                   attempts=attempt)
             break
         except RETRYABLE as exc:
             last = exc

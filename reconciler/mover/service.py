@@ -5,8 +5,8 @@ the policy's modes; the pipeline is asyncio and knows endpoints and options. Thi
 turns the one into the other:
 
 - `endpoint_for(driver, mailbox)`: a driver that can give IMAP access to a mailbox (a
-  method ``imap_account(mailbox_id) -> ImapAccount``, which the Dovecot and generic IMAP
-  drivers are expected to offer) is copied over IMAP, pipelined; any other driver (the
+  method ``imap_account(mailbox_id) -> ImapAccount``, which the Postfix + Dovecot and the
+  generic IMAP drivers offer) is copied over IMAP, pipelined; any other driver (the
   embedded maildir system) through its own calls;
 - `options_from_modes(modes, phase)`: folderMap, verify, throttles of the policy;
 - `move_mail(...)`: one mailbox copied and verified, the manifest written into the step's

@@ -11,8 +11,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from reconciler.errors import NotReady, TemporaryError
-from reconciler.mover.calendar import copy_diary
-from reconciler.mover.copy import verify_diary
+from reconciler.mover.calendar import copy_diary, verify_diary
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import move_mail
 from reconciler.state.model import Migration, TransferRun

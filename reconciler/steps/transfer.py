@@ -12,8 +12,7 @@ state store, the policy's folderMap, throttle and verify mode applied.
 from __future__ import annotations
 
 from reconciler.errors import PermanentError, TemporaryError
-from reconciler.mover.calendar import copy_diary
-from reconciler.mover.copy import verify_diary
+from reconciler.mover.calendar import copy_diary, verify_diary
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import move_mail
 from reconciler.mover.validate import validate_source
