@@ -213,9 +213,11 @@ class Deliverer:
         self._admin_held = {str(r["queue_id"])
                             for r in self.store.query("SELECT queue_id FROM admin_holds")}
         now = time.time()
-        due = {(str(r["queue_id"]), str(r["rcpt"])) for r in self.store.query(
-            "SELECT queue_id, rcpt FROM recipients WHERE status = 'pending' AND attempts > 0 "
-            "AND next_try <= ?", (now,))}
+        due: set[tuple[str, str]] = set()
+        if self._deferred:  # only a recipient in back-off can be made due early
+            due = {(str(r["queue_id"]), str(r["rcpt"])) for r in self.store.query(
+                "SELECT queue_id, rcpt FROM recipients WHERE status = 'pending' "
+                "AND attempts > 0 AND next_try <= ?", (now,))}
         if due:
             keep = []
             for entry in self._deferred:
