@@ -260,3 +260,23 @@ def test_a_lean_session_knows_the_same_commands_as_aiosmtpd() -> None:
     assert lean._smtp_methods.keys() == plain._smtp_methods.keys()
     assert lean._auth_methods.keys() == plain._auth_methods.keys()
     assert lean._handle_hooks.keys() == plain._handle_hooks.keys() == {"DATA"}
+
+
+def test_a_recipient_waiting_in_a_queue_follows_a_directory_change(
+        tmp_path: Path, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
+    """The route is resolved when a connection takes the message, not when it was queued."""
+    s1, s2, _ = systems
+    fed = start_fed(tmp_path, systems, "--workers", "1")  # one connection to s1
+    try:
+        s1.delay = 3.0  # the only connection to s1 is busy with the first message ...
+        assert send(fed.smtp_port, [AD1], message("first", "first@t"))[0] == 250
+        assert s1.data_started.wait(10)
+        # ... so the second one waits in s1's queue while AD1 moves to s2.
+        assert send(fed.smtp_port, [AD1], message("second", "second@t"))[0] == 250
+        fed.client.put_entry(AD1, s2.physical("jean"))
+        wait_for(lambda: s2.ids() == ["<second@t>"], what="the second message at s2")
+        assert s2.received[0].rcpts == [s2.physical("jean")]
+        wait_for(lambda: s1.ids() == ["<first@t>"], what="the first message at s1")
+        s1.delay = 0
+    finally:
+        fed.kill()
