@@ -276,7 +276,7 @@ class Deliverer:
         physical = rcpt if split_physical(rcpt) else self.directory.lookup(rcpt)
         if physical is None:
             smarthost = self.settings.smarthost
-            if smarthost is not None and domain_of(rcpt) not in self._domains:
+            if smarthost is not None and domain_of(rcpt).lower() not in self._domains:
                 return Route(rcpt, System("smarthost", smarthost[0], smarthost[1], "smtp"),
                              dest=SMARTHOST)
             return Route(failure_code=550, failure=f"550 5.1.1 <{rcpt}>: not in the directory")
