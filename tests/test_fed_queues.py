@@ -280,3 +280,19 @@ def test_a_recipient_waiting_in_a_queue_follows_a_directory_change(
         s1.delay = 0
     finally:
         fed.kill()
+
+
+def test_outside_mail_of_a_local_sender_goes_to_the_smarthost(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
+    s1, s2, relay = systems
+    # The relay policy (server.py) lets a local sender on a relay network out; delivery
+    # routes every domain fed does not serve to the smarthost.
+    assert send(fed.smtp_port, ["Friend@Elsewhere.example", AD1], message("out", "out@t"),
+                mail_from=BOSS)[0] == 250
+    wait_for(lambda: relay.ids() == ["<out@t>"] and s1.ids() == ["<out@t>"],
+             what="one copy at the smarthost, one at s1")
+    assert relay.received[0].rcpts == ["Friend@elsewhere.example"]  # local part kept
+    assert relay.received[0].mail_from == BOSS
+    wait_for(lambda: any(d.system == "smarthost" and d.result == "delivered"
+                         for d in fed.client.deliveries()), what="the smarthost delivery logged")
+    assert s2.received == []
