@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# fed_vs_postfix.sh - fed next to Postfix and the aiosmtpd baselines, in the same run.
+# fed_vs_postfix.sh - fed next to Postfix, in the same run, at several concurrencies.
 #
 # Runs the peer harness ../shared/bench/postfix_relay.sh with fed plugged in as its extra
 # server: fed listens on $EXTRA_PORT, its directory maps the harness's recipient
 # b@example.test to a physical address on a system "sink" (the harness's smtp-sink), so
-# fed durably spools each message (fsync before 250) and then relays it, exactly the path
-# a migrated mailbox's mail takes. Prints the harness's table, then fed's rates as ratios
-# to Postfix's at each concurrency; the last line reads `fed/postfix e2e ratio (C=10): X.XX`.
+# fed durably spools each message (group commit, fsync before 250) and then relays it,
+# exactly the path a migrated mailbox's mail takes. Prints the harness's table, then fed's
+# accept and e2e rates as ratios to Postfix's at each concurrency; the LAST line is
+#   fed/postfix e2e ratio at 50 clients: X.XX
+# (or at the largest concurrency in the list, if 50 is not in it).
 #
 # Usage (as root, like the harness):  bench/fed_vs_postfix.sh [N] [CONCURRENCY_LIST]
+#   bench/fed_vs_postfix.sh 2000 "1 10 50"
+# Environment: SERVERS (default "postfix"; add the aiosmtpd baselines if wanted),
+# FED_WORKERS (connections per destination, default 16), ports (defaults differ from the
+# harness's so that a colleague's run of the harness does not collide), FED_ARGS (extra).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 HARNESS=${HARNESS:-$REPO/../shared/bench/postfix_relay.sh}
-[ -x "$HARNESS" ] || [ -f "$HARNESS" ] || { echo "peer harness not found: $HARNESS" >&2; exit 1; }
+[ -f "$HARNESS" ] || { echo "peer harness not found: $HARNESS" >&2; exit 1; }
 PY=${PY:-$REPO/.venv/bin/python}
-N=${1:-3000}
+N=${1:-2000}
 CONCS=${2:-"1 10 50"}
-export EXTRA_PORT=${EXTRA_PORT:-10030}
-CONTROL_PORT=${CONTROL_PORT:-10031}
+export SERVERS=${SERVERS-postfix}
+export RELAY_PORT=${RELAY_PORT:-12025} SINK_PORT=${SINK_PORT:-12026}
+export PY_PORT_BASE=${PY_PORT_BASE:-12027} EXTRA_PORT=${EXTRA_PORT:-12030}
+CONTROL_PORT=${CONTROL_PORT:-12031}
+FED_WORKERS=${FED_WORKERS:-16}
+FED_ARGS=${FED_ARGS:-}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 echo "bench-token-$$" > "$WORK/token"
@@ -31,7 +41,8 @@ set -euo pipefail
 serve() {
   "$PY" -m fed serve --smtp 127.0.0.1:\$1 --control 127.0.0.1:$CONTROL_PORT \\
     --state-dir "$WORK/state" --token-file "$WORK/token" --domain example.test \\
-    --system sink=127.0.0.1:\$SINK_PORT/smtp --workers 16 > "$WORK/fed.out" 2>> "$WORK/fed.err" &
+    --system sink=127.0.0.1:\$SINK_PORT/smtp --workers $FED_WORKERS $FED_ARGS \\
+    > "$WORK/fed.out" 2>> "$WORK/fed.err" &
   pid=\$!
   for _ in \$(seq 100); do grep -q ready "$WORK/fed.out" 2>/dev/null && break; sleep 0.1; done
 }
@@ -48,13 +59,22 @@ chmod +x "$WORK/fed.sh"
 
 OUT="$WORK/table.txt"
 EXTRA_NAME=fed EXTRA_CMD="exec $WORK/fed.sh" bash "$HARNESS" "$N" "$CONCS" | tee "$OUT"
+grep -h "group commit" "$WORK/fed.err" | tail -1 || true
 
 # Ratios: the harness prints "server conc N accept_s accept/s e2e_s e2e/s cpu% iow% status".
-awk '
+awk -v concs="$CONCS" '
   $1 == "postfix" { pa[$2]=$5; pe[$2]=$7 }
   $1 == "fed"     { fa[$2]=$5; fe[$2]=$7 }
+  function ratio(a, b) { return (a + 0 > 0 && b + 0 > 0) ? sprintf("%.2f", a / b) : "n/a" }
   END {
-    for (c in fa) if (pa[c] + 0 > 0 && pe[c] + 0 > 0)
-      printf "C=%s: fed/postfix accept %.2f, e2e %.2f\n", c, fa[c] / pa[c], fe[c] / pe[c];
-    if (pe[10] + 0 > 0) printf "fed/postfix e2e ratio (C=10): %.2f\n", fe[10] / pe[10];
+    n = split(concs, cs, " ");
+    printf "%-8s %12s %12s %12s %12s %14s %12s\n", "clients", "fed acc/s", "postfix acc/s",
+           "fed e2e/s", "postfix e2e/s", "accept ratio", "e2e ratio";
+    last = cs[n];
+    for (i = 1; i <= n; i++) {
+      c = cs[i]; if (c == 50) last = 50;
+      printf "%-8s %12s %12s %12s %12s %14s %12s\n", c, fa[c], pa[c], fe[c], pe[c],
+             ratio(fa[c], pa[c]), ratio(fe[c], pe[c]);
+    }
+    printf "fed/postfix e2e ratio at %s clients: %s\n", last, ratio(fe[last], pe[last]);
   }' "$OUT"

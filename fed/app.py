@@ -2,8 +2,9 @@
 
 Why one loop: the hold guarantee (``holds.py``) and the single-connection store
 (``store.py``) both rely on every decision being made on one thread, in order. Blocking
-work (file fsyncs, SMTP client transactions) goes to worker threads through
-``asyncio.to_thread`` and comes back to the loop to record its result.
+work (the spool's file fsyncs, big file reads) goes to worker threads through
+``asyncio.to_thread``; delivery's SMTP/LMTP client is asyncio itself. uvloop is used when
+installed (see ``_loop_factory``).
 
 Start-up: open the store, clean the spool after a possible crash (``Spool.recover``),
 open the shared database and load the directory and holds from it (``node_agent.py``: no
@@ -15,9 +16,9 @@ wait for).
 Shutdown on SIGTERM/SIGINT, in the order that loses nothing: stop accepting connections,
 refuse new DATA with 421, let messages already streaming finish and be spooled (their
 clients are owed an answer), tell the remaining SMTP sessions 421 and close them, stop
-the API, let in-flight deliveries record their outcome, close the store. A kill -9 skips
-all this and still loses nothing acknowledged; this order only avoids needless
-re-deliveries and half-answered clients.
+the API, let in-flight deliveries record their outcome, write the buffered outcomes, close
+the store. A kill -9 skips all this and still loses nothing acknowledged; this order only
+avoids needless re-deliveries and half-answered clients.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import signal
 import socket
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,9 +113,13 @@ async def serve(config: FedConfig) -> None:
         directory.put_system(name, host, port, protocol)
     deliverer = Deliverer(store, spool, directory, holds, config.delivery)
     agent.on_refresh = holds.on_slot = deliverer.wake
-    log.info("state %s: %d messages queued, %d holds", config.state_dir, queued, len(holds.held))
+    pending = deliverer.load()
+    log.info("state %s: %d messages (%d recipients) queued, %d holds", config.state_dir,
+             queued, pending, len(holds.held))
+    spool.start()
 
-    handler = FedHandler(directory, spool, config.domains, config.smtp, deliverer.wake)
+    # The spool's group commit hands new recipients to delivery itself (Spool.on_queued).
+    handler = FedHandler(directory, spool, config.domains, config.smtp, lambda: None)
     sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
     factory = make_factory(handler, config.smtp, sessions.add)
 
@@ -149,6 +155,8 @@ async def serve(config: FedConfig) -> None:
     await deliverer.stop(grace=max(0.0, deadline - time.monotonic()))
     delivery_task.cancel()
     await asyncio.gather(delivery_task, return_exceptions=True)
+    await spool.close()
+    log.info("group commit: %s", spool.stats())
     await agent.stop()
     agent_task.cancel()
     await asyncio.gather(agent_task, return_exceptions=True)
@@ -160,5 +168,19 @@ async def serve(config: FedConfig) -> None:
 def run(config: FedConfig) -> int:
     """Run fed in a fresh event loop; the process exit code."""
     logs.setup(config.log_format)
-    asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve(config))
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: the same asyncio API, with sockets, transports and timers
+    in C (libuv), which is most of what fed's single core spends per message."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    # Note: uvloop's transports are not asyncio.Transport subclasses (server.py's
+    # _writable() checks what a transport can do, not its class).
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

@@ -53,6 +53,19 @@ def system_arg(raw: str) -> tuple[str, str, int, str]:
     return name.lower(), host.strip("[]"), int(port), protocol or "lmtp"
 
 
+def duration(raw: str) -> float:
+    """'30', '30s', '15m', '12h', '5d' -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in units else (raw, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 5d, got {raw!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {raw!r}")
+    return value
+
+
 def network_arg(raw: str) -> str:
     """A CIDR (or 'none'), checked now so that a typo fails at start."""
     if raw != "none":
@@ -111,7 +124,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=("text", "json"), default="text")
     s.add_argument("--retry-base", type=float, default=1.0, help="first retry delay (s)")
     s.add_argument("--retry-max", type=float, default=60.0, help="longest retry delay (s)")
-    s.add_argument("--workers", type=int, default=8, help="concurrent deliveries")
+    s.add_argument("--workers", type=int, default=8,
+                   help="connections per destination (system or smarthost)")
+    s.add_argument("--smarthost", type=host_port, default=None, metavar="HOST:PORT",
+                   help="relay for recipients of domains fed does not serve")
+    s.add_argument("--queue-lifetime", type=duration, default=5 * 86400.0, metavar="TIME",
+                   help="give up and bounce after this long (e.g. 5d, 12h, 30s; default 5d)")
     s.add_argument("--delivery-timeout", type=float, default=30.0, help="SMTP/LMTP timeout (s)")
     s.add_argument("--hold-timeout", type=float, default=120.0,
                    help="how long a hold call waits for in-flight deliveries (s)")
@@ -209,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         domains=[d.lower() for d in args.domain], systems=args.system, smtp=smtp,
         delivery=DeliverySettings(retry_base=args.retry_base, retry_max=args.retry_max,
                                   concurrency=args.workers, timeout=args.delivery_timeout,
-                                  helo_name=args.hostname),
+                                  helo_name=args.hostname, smarthost=args.smarthost,
+                                  domains=tuple(d.lower() for d in args.domain),
+                                  queue_lifetime=args.queue_lifetime),
         hold_timeout=args.hold_timeout, metrics_public=args.metrics_public,
         log_format=args.log_format,
         shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,

@@ -1,56 +1,79 @@
-"""Delivery: resolve each pending recipient at delivery time and hand it to its system.
+"""Delivery: per-destination queues that resolve each recipient at the last moment.
 
 Invariant 2 says a message lands in the mailbox the directory names *at delivery time*, so
-the route is never computed at reception: a scheduler pass on the event loop takes the due
-recipients, skips the held ones, resolves the others (a physical address routes to itself,
-any other address through the directory, the physical's system through the systems
-registry) and starts one delivery task per recipient. The hold check, the in-flight
-registration and the route lookup happen in one synchronous stretch (see ``holds.py``).
+the route is never fixed at reception. Pending recipients live in memory (loaded from the
+store at start, then fed by the spool's group commit) and move through three stages:
 
-A delivery is one LMTP or SMTP transaction per recipient (smtplib, in a worker thread so
-the loop keeps serving SMTP and the API): MAIL FROM is the original envelope sender, RCPT is
-the physical address. LMTP gives one answer per recipient after DATA, which smtplib cannot
-read for several recipients; one recipient per transaction keeps the answer unambiguous.
+1. *Scheduler* (one task): recipients whose next try is due are routed (a physical address
+   routes to itself, any other address through the directory, an address of a domain fed
+   does not serve to the ``--smarthost``) and appended to their destination's queue.
+   Held ones are parked until a release (or any control change) wakes the scheduler.
+2. *Destination queues*, one per system and one for the smarthost, each with at most
+   ``concurrency`` connections. A slow, hanging or refusing system only ties up its own
+   connections: mail for the others keeps flowing.
+3. *Connection workers* take the next message's recipients from their queue and, in one
+   synchronous stretch (no ``await``), check the holds, resolve the route *again* (a flip
+   may have happened while the recipient waited in the queue; if it now goes elsewhere it
+   goes back to the scheduler) and register the delivery in flight (``holds.begin``). Then
+   one SMTP/LMTP transaction carries the message to all those recipients, on a connection
+   kept open for the next message (``smtpclient.py``). LMTP answers per recipient.
 
 Duplicate elimination (as Postfix does): when two recipients of one message resolve to the
-same physical address (an address and its alias, say), the mailbox gets the message once.
-The second recipient waits while the first is in flight, and is marked done without a
-second transaction once the delivery log shows the first delivered there.
+same physical address (an address and its alias, say), the mailbox gets the message once:
+in one transaction the physical is a single RCPT and the second recipient is logged as a
+``duplicate`` of the first; across transactions the second waits while the first is in
+flight and is marked done without a second copy once the first has been delivered.
 
-Outcome: 2xx -> done; 5xx -> the copy goes to the shunt folder with the reason; anything
-else (4xx, refused connection, timeout, unknown system) -> retry after a back-off that
-doubles from ``retry_base`` up to ``retry_max``. Every attempt is appended to the
-``deliveries`` log.
+Outcome per recipient: 2xx -> done; 5xx -> a copy goes to the shunt folder for the admin
+and the sender gets a DSN (``bounce.py``), itself queued durably like any message; anything
+else (4xx, refused or broken connection, timeout, unknown system) -> retry after a back-off
+that doubles from ``retry_base`` up to ``retry_max``, until the message is older than
+``queue_lifetime``: then it fails like a 5xx (DSN status 4.4.7). Outcomes go to the store in
+batches (``Spool`` buffers them), so a delivery costs no fsync of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
-import smtplib
 import time
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from . import metrics
-from .addresses import split_physical
+from .addresses import domain_of, is_valid, normalize, split_physical
+from .bounce import Failure, build_dsn, should_bounce
 from .directory import Directory, System
 from .holds import Holds
-from .spool import PendingRecipient, Spool
+from .smtpclient import ClientError, Connection, Reply
+from .spool import PendingRecipient, Spool, new_queue_id
 from .store import Store
 
 log = logging.getLogger("fed.delivery")
 
+SMARTHOST = "@smarthost"  # destination key of the smarthost ('@' is never in a system name)
+INLINE_READ = 1 << 20  # messages up to this size are read on the loop (cheaper than a thread)
+
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    """Tunables of the delivery workers."""
+    """Tunables of the delivery queues."""
 
     retry_base: float = 1.0
     retry_max: float = 60.0
-    concurrency: int = 8
+    concurrency: int = 8  # connections per destination
     timeout: float = 30.0
     helo_name: str = "fed.invalid"
+    smarthost: tuple[str, int] | None = None
+    domains: tuple[str, ...] = ()
+    queue_lifetime: float = 5 * 86400.0
+    idle_close: float = 5.0  # close a destination connection unused this long
+    max_rcpts: int = 50  # recipients of one message per transaction
 
 
 @dataclass(frozen=True)
@@ -61,54 +84,33 @@ class Route:
     system: System | None = None
     failure_code: int = 0
     failure: str = ""
+    dest: str = ""  # destination queue key
 
 
-def send(system: System, mail_from: str, rcpt: str, data: bytes, settings: DeliverySettings
-         ) -> tuple[int, str]:
-    """One SMTP/LMTP transaction; (code, text), code 0 for a connection-level failure."""
-    client: smtplib.SMTP
-    try:
-        if system.protocol == "lmtp":
-            client = smtplib.LMTP(system.host, system.port, local_hostname=settings.helo_name,
-                                  timeout=settings.timeout)
-        else:
-            client = smtplib.SMTP(system.host, system.port, local_hostname=settings.helo_name,
-                                  timeout=settings.timeout)
-    except smtplib.SMTPConnectError as exc:
-        return exc.smtp_code, _text(exc.smtp_error)
-    except OSError as exc:
-        return 0, f"cannot connect to {system.host}:{system.port}: {exc}"
-    try:
-        code, text = client.ehlo()
-        if not 200 <= code < 300:
-            return code, _text(text)
-        options: list[str] = []
-        if client.has_extn("8bitmime") and not data.isascii():
-            options.append("BODY=8BITMIME")
-        if client.has_extn("smtputf8") and not (mail_from + rcpt).isascii():
-            options.append("SMTPUTF8")
-        for code, text in (client.mail(mail_from, options), client.rcpt(rcpt)):
-            if code not in (250, 251):
-                return code, _text(text)
-        code, text = client.data(data)
-        return code, _text(text)
-    except smtplib.SMTPResponseException as exc:
-        return exc.smtp_code, _text(exc.smtp_error)
-    except (OSError, smtplib.SMTPException) as exc:
-        return 0, f"{system.host}:{system.port}: {exc or type(exc).__name__}"
-    finally:
-        try:
-            client.quit()
-        except (OSError, smtplib.SMTPException):
-            client.close()
+@dataclass
+class Job:
+    """One transaction to one destination: one message, one or more recipients."""
+
+    item: PendingRecipient  # the first recipient (envelope data)
+    primary: dict[str, PendingRecipient] = field(default_factory=dict)  # physical -> rcpt
+    dups: dict[str, list[PendingRecipient]] = field(default_factory=dict)
+    watched: list[list[str]] = field(default_factory=list)
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+@dataclass
+class Destination:
+    """A system (or the smarthost) and its queue of recipients waiting for a connection."""
+
+    key: str
+    system: System
+    queue: deque[PendingRecipient] = field(default_factory=deque)
+    workers: int = 0
+    idle: int = 0
+    event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Deliverer:
-    """The scheduler and its delivery tasks, all on the fed event loop."""
+    """The scheduler, the destination queues and their connection workers."""
 
     def __init__(self, store: Store, spool: Spool, directory: Directory, holds: Holds,
                  settings: DeliverySettings) -> None:
@@ -117,161 +119,477 @@ class Deliverer:
         self.directory = directory
         self.holds = holds
         self.settings = settings
-        self._wake = asyncio.Event()
-        self._active: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._physical: dict[tuple[str, str], str | None] = {}  # where each active one goes
+        self._domains = {d.lower() for d in settings.domains}
+        self._event = asyncio.Event()
+        self._recheck = False
+        self._ready: deque[PendingRecipient] = deque()
+        self._deferred: list[tuple[float, int, PendingRecipient]] = []
+        self._seq = itertools.count()
+        self._parked: list[PendingRecipient] = []
+        self._dup_wait: dict[str, list[PendingRecipient]] = {}
+        self._left: Counter[str] = Counter()  # pending recipients per message
+        self._delivered: dict[str, set[str]] = {}  # queue id -> physicals that took it
+        self._inflight: Counter[tuple[str, str]] = Counter()  # (queue id, physical)
+        self._dests: dict[str, Destination] = {}
+        self._hints: dict[str, Destination] = {}  # rcpt -> where it went last time
+        self._admin_held: set[str] = set()  # queue ids on admin hold (fed queue hold)
+        self._deleted_seen = 0  # last 'deleted' row of the delivery log looked at
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        spool.on_queued = self.enqueue
+
+    # -- feeding the scheduler ---------------------------------------------------------
+    def load(self) -> int:
+        """Take over the pending recipients in the store (at start); return their count."""
+        rows = self.store.query("SELECT MAX(id) AS n FROM deliveries")
+        self._deleted_seen = int(rows[0]["n"] or 0)
+        self._admin_held = {str(r["queue_id"])
+                            for r in self.store.query("SELECT queue_id FROM admin_holds")}
+        items = self.spool.pending()
+        for item in items:
+            self._left[item.queue_id] += 1
+            self._push_deferred(item)
+        for row in self.store.query(
+                "SELECT DISTINCT d.queue_id, d.physical FROM deliveries d "
+                "JOIN messages m ON m.queue_id = d.queue_id WHERE d.result = 'delivered'"):
+            self._delivered.setdefault(str(row["queue_id"]), set()).add(str(row["physical"]))
+        return len(items)
+
+    def enqueue(self, items: list[PendingRecipient]) -> None:
+        """New recipients, durably queued: deliver them now."""
+        for item in items:
+            self._left[item.queue_id] += 1
+        self._ready.extend(items)
+        self._event.set()
 
     def wake(self) -> None:
-        """Something changed (new mail, release, new system): schedule now."""
-        self._wake.set()
+        """Something changed (release, flip, new system): look at parked mail again."""
+        self._hints.clear()
+        self._recheck = True
+        self._event.set()
 
     def retrying(self) -> int:
         """Pending recipients that have failed at least once."""
+        self.spool.write_outcomes()
         rows = self.store.query(
             "SELECT COUNT(*) AS n FROM recipients WHERE status = 'pending' AND attempts > 0"
         )
         return int(rows[0]["n"])
 
+    def _push_deferred(self, item: PendingRecipient) -> None:
+        heapq.heappush(self._deferred, (item.next_try, next(self._seq), item))
+
+    # -- scheduler ------------------------------------------------------------------------
     async def run(self) -> None:
-        """Schedule due recipients until stop() is called."""
+        """Route due recipients to their destinations until stop() is called."""
+        last_recheck = time.monotonic()
         while not self._stopping:
-            self._wake.clear()
-            self._schedule()
-            # Whatever is due now was just started or is held or blocked by the concurrency
-            # limit; those wake us (end of a delivery, release). Only future retries need a
-            # timer, and the 1 s cap also covers holds on physical addresses.
-            next_due = self.spool.next_due(after=time.time())
-            delay = 1.0 if next_due is None else max(0.01, min(1.0, next_due - time.time()))
+            self._event.clear()
+            now = time.time()
+            while self._deferred and self._deferred[0][0] <= now:
+                self._ready.append(heapq.heappop(self._deferred)[2])
+            # Holds on physical addresses are not announced by a wake(): a 1 s recheck.
+            if self._recheck or time.monotonic() - last_recheck > 1.0:
+                self._recheck = False
+                self._hints.clear()
+                last_recheck = time.monotonic()
+                self._resync()
+                # Oldest first (queue ids sort by arrival): a released mailbox gets its
+                # backlog in the order it came, whichever stage had parked each message.
+                self._ready.extend(sorted(self._parked, key=lambda item: item.queue_id))
+                self._parked = []
+            while self._ready:
+                self._classify(self._ready.popleft())
+            delay = 1.0
+            if self._deferred:
+                delay = max(0.005, min(1.0, self._deferred[0][0] - time.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                await asyncio.wait_for(self._event.wait(), delay)
+
+    def _resync(self) -> None:
+        """Pick up what the queue admin changed in the store (``fed queue``, see
+        queueadmin.py): admin holds, recipients made due (release, flush), deletions."""
+        self.spool.write_outcomes()  # the store must not lag behind memory for this
+        self._admin_held = {str(r["queue_id"])
+                            for r in self.store.query("SELECT queue_id FROM admin_holds")}
+        now = time.time()
+        due: set[tuple[str, str]] = set()
+        if self._deferred:  # only a recipient in back-off can be made due early
+            due = {(str(r["queue_id"]), str(r["rcpt"])) for r in self.store.query(
+                "SELECT queue_id, rcpt FROM recipients WHERE status = 'pending' "
+                "AND attempts > 0 AND next_try <= ?", (now,))}
+        if due:
+            keep = []
+            for entry in self._deferred:
+                item = entry[2]
+                if (item.queue_id, item.rcpt) in due:
+                    item.next_try = now
+                    self._ready.append(item)
+                else:
+                    keep.append(entry)
+            heapq.heapify(keep)
+            self._deferred = keep
+        rows = self.store.query(
+            "SELECT id, queue_id FROM deliveries WHERE result = 'deleted' AND id > ? "
+            "ORDER BY id", (self._deleted_seen,))
+        if rows:
+            self._deleted_seen = int(rows[-1]["id"])
+            self._drop({str(r["queue_id"]) for r in rows})
+
+    def _drop(self, queue_ids: set[str]) -> None:
+        """Forget, in memory, messages an admin deleted from the queue."""
+        def keep(item: PendingRecipient) -> bool:
+            return item.queue_id not in queue_ids
+
+        self._ready = deque(filter(keep, self._ready))
+        self._parked = list(filter(keep, self._parked))
+        self._deferred = [e for e in self._deferred if keep(e[2])]
+        heapq.heapify(self._deferred)
+        for dest in self._dests.values():
+            dest.queue = deque(filter(keep, dest.queue))
+        for queue_id in queue_ids:
+            self._left.pop(queue_id, None)
+            self._delivered.pop(queue_id, None)
+            self._dup_wait.pop(queue_id, None)
+            self.spool.uncache(queue_id)
+        log.info("dropped deleted messages from delivery: %s", ", ".join(sorted(queue_ids)))
 
     async def stop(self, grace: float) -> None:
         """Stop scheduling and let in-flight deliveries record their outcome."""
         self._stopping = True
-        self._wake.set()
-        tasks = list(self._active.values())
+        self._event.set()
+        for dest in self._dests.values():
+            dest.event.set()
+        tasks = list(self._tasks)
         if tasks:
-            log.info("waiting for %d in-flight deliveries", len(tasks))
-            await asyncio.wait(tasks, timeout=grace)
+            log.info("waiting for %d delivery tasks", len(tasks))
+            _, late = await asyncio.wait(tasks, timeout=grace)
+            for task in late:  # a hanging system: its recipients stay pending for next time
+                task.cancel()
+            if late:
+                log.warning("cancelled %d deliveries still waiting after %.0f s", len(late),
+                            grace)
+                await asyncio.wait(late, timeout=5)
 
     def route(self, rcpt: str) -> Route:
-        """Resolve a recipient now: physical address, then its system's endpoint."""
+        """Resolve a recipient now: physical address, directory, or the smarthost."""
         physical = rcpt if split_physical(rcpt) else self.directory.lookup(rcpt)
         if physical is None:
+            smarthost = self.settings.smarthost
+            if smarthost is not None and domain_of(rcpt).lower() not in self._domains:
+                return Route(rcpt, System("smarthost", smarthost[0], smarthost[1], "smtp"),
+                             dest=SMARTHOST)
             return Route(failure_code=550, failure=f"550 5.1.1 <{rcpt}>: not in the directory")
         split = split_physical(physical)
         system = self.directory.system(split[0]) if split else None
         if system is None:
             return Route(physical, failure=f"no system registered for {physical}")
-        return Route(physical, system)
+        return Route(physical, system, dest=system.name)
 
-    def _schedule(self) -> None:
-        """Start deliveries for due recipients (synchronous: no await in here)."""
-        free = self.settings.concurrency - len(self._active)
-        if free <= 0 or self._stopping:
+    def _classify(self, item: PendingRecipient) -> None:
+        """Put one due recipient into its destination's queue (or park it)."""
+        if self.holds.is_held(item.rcpt) or item.queue_id in self._admin_held:
+            self._parked.append(item)
             return
-        for item in self.spool.due(time.time(), limit=free + len(self._active) + 50):
-            key = (item.queue_id, item.rcpt)
-            if key in self._active:
-                continue
-            if self.holds.is_held(item.rcpt):
-                continue
+        # Only a hint: the worker routes again, from the store, right before sending.
+        dest = self._hints.get(item.rcpt)
+        if dest is None:
             route = self.route(item.rcpt)
-            watched = [item.rcpt] + ([route.physical] if route.physical else [])
-            if self.holds.is_held(*watched):
-                continue
-            if route.physical is not None and self._same_mailbox(item, route.physical):
-                continue
-            self.holds.begin(watched)
-            task = asyncio.create_task(self._deliver(item, route, watched))
-            self._physical[key] = route.physical
-            self._active[key] = task
-            if len(self._active) >= self.settings.concurrency:
+            if route.system is None:
+                self._spawn(self._unroutable(item, route))
                 return
+            dest = self._dests.get(route.dest)
+            if dest is None:
+                dest = self._dests[route.dest] = Destination(route.dest, route.system)
+            dest.system = route.system
+            if len(self._hints) > 10000:
+                self._hints.clear()
+            self._hints[item.rcpt] = dest
+        dest.queue.append(item)
+        if dest.idle:
+            dest.event.set()
+        elif dest.workers < self.settings.concurrency:
+            dest.workers += 1
+            self._spawn(self._worker(dest))
 
-    def _same_mailbox(self, item: PendingRecipient, physical: str) -> bool:
-        """True when another recipient of this message covers `physical`: in flight (wait)
-        or already delivered there (then this one is done, logged as a duplicate)."""
-        if any(key[0] == item.queue_id and where == physical
-               for key, where in self._physical.items()):
-            return True
-        rows = self.store.query(
-            "SELECT rcpt FROM deliveries WHERE queue_id = ? AND physical = ? "
-            "AND result = 'delivered' LIMIT 1", (item.queue_id, physical))
-        if not rows:
-            return False
-        first = str(rows[0]["rcpt"])
-        self.spool.mark_done(item.queue_id, item.rcpt)
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO deliveries (at, queue_id, rcpt, physical, system, message_id, "
-                "result, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), item.queue_id, item.rcpt, physical, None, item.message_id,
-                 "duplicate", f"same mailbox as <{first}>: delivered once"),
-            )
-        log.info("%s <%s> -> %s: duplicate of <%s>, not delivered twice", item.queue_id,
-                 item.rcpt, physical, first)
-        return True
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, item: PendingRecipient, route: Route, watched: list[str]) -> None:
-        """Attempt one recipient and record the outcome."""
+    # -- connection workers --------------------------------------------------------------
+    async def _worker(self, dest: Destination) -> None:
+        """Deliver from one destination queue over one reused connection."""
+        conn: Connection | None = None
         try:
-            if route.system is None or route.physical is None:
-                code, text = route.failure_code, route.failure
-            else:
-                data = await asyncio.to_thread(self.spool.read, item.queue_id)
-                code, text = await asyncio.to_thread(
-                    send, route.system, item.mail_from, route.physical, data, self.settings
-                )
-            await self._record(item, route, code, text)
-        except Exception:
-            log.exception("delivery of %s to %s failed unexpectedly", item.queue_id, item.rcpt)
-            self._retry(item, "internal error, see fed log")
+            while not self._stopping:
+                job = self._take(dest)
+                if job is None:
+                    dest.event.clear()
+                    dest.idle += 1
+                    try:
+                        await asyncio.wait_for(dest.event.wait(), self.settings.idle_close)
+                    except TimeoutError:
+                        if not dest.queue:
+                            break
+                    finally:
+                        dest.idle -= 1
+                    continue
+                conn = await self._attempt(dest, job, conn)
         finally:
-            self._active.pop((item.queue_id, item.rcpt), None)
-            self._physical.pop((item.queue_id, item.rcpt), None)
-            await self.holds.end(watched)
-            self._wake.set()
+            dest.workers -= 1
+            if conn is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await conn.quit()
+                conn.close()
 
-    async def _record(self, item: PendingRecipient, route: Route, code: int, text: str) -> None:
-        """Turn an SMTP answer into done / shunted / retry, and log it."""
-        system = route.system.name if route.system else None
-        detail = f"{code} {text}".strip() if code else text
-        if 200 <= code < 300:
-            result = "delivered"
-            self.spool.mark_done(item.queue_id, item.rcpt)
-            log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, route.physical, detail)
-        elif 500 <= code < 600:
-            result = "shunted"
-            path = await asyncio.to_thread(self.spool.shunt, item.queue_id, item.rcpt, code, detail)
-            self.spool.mark_shunted(item.queue_id, item.rcpt, code, detail, path)
-            log.warning("%s <%s> -> %s refused, shunted to %s: %s", item.queue_id, item.rcpt,
-                        route.physical, path.name, detail)
+    def _take(self, dest: Destination) -> Job | None:
+        """The next message's recipients, checked and registered in flight (no await!)."""
+        while dest.queue:
+            first = dest.queue.popleft()
+            group = [first]
+            while (dest.queue and dest.queue[0].queue_id == first.queue_id
+                   and len(group) < self.settings.max_rcpts):
+                group.append(dest.queue.popleft())
+            job = Job(first)
+            for item in group:
+                if self.holds.is_held(item.rcpt) or item.queue_id in self._admin_held:
+                    self._parked.append(item)
+                    continue
+                route = self.route(item.rcpt)
+                if route.dest != dest.key or route.physical is None or route.system is None:
+                    self._hints.pop(item.rcpt, None)
+                    self._ready.append(item)  # moved (flip) or gone: route it afresh
+                    self._event.set()
+                    continue
+                physical = route.physical
+                watched = list(dict.fromkeys([item.rcpt, physical]))
+                if self.holds.is_held(*watched):
+                    self._parked.append(item)
+                    continue
+                if physical in job.primary:
+                    job.dups.setdefault(physical, []).append(item)
+                elif self._inflight[(item.queue_id, physical)]:
+                    self._dup_wait.setdefault(item.queue_id, []).append(item)
+                    continue
+                elif physical in self._delivered.get(item.queue_id, ()):
+                    self._duplicate(item, physical)
+                    continue
+                else:
+                    job.primary[physical] = item
+                    self._inflight[(item.queue_id, physical)] += 1
+                dest.system = route.system
+                self.holds.begin(watched)
+                job.watched.append(watched)
+            if job.primary:
+                return job
+        return None
+
+    async def _attempt(self, dest: Destination, job: Job, conn: Connection | None
+                       ) -> Connection | None:
+        """Send one job (reusing `conn` if it still points at the system); record it."""
+        physicals = list(job.primary)
+        try:
+            try:
+                data = await self._read(job.item)
+            except OSError as exc:
+                log.error("%s: cannot read the spool file: %s", job.item.queue_id, exc,
+                          extra={"queue_id": job.item.queue_id})
+                replies = dict.fromkeys(physicals, Reply(0, f"spool file unreadable: {exc}"))
+            else:
+                replies, conn = await self._transact(dest.system, conn, job, data)
+            await self._record(dest, job, replies)
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly", job.item.queue_id,
+                          extra={"queue_id": job.item.queue_id})
+            for item in [*job.primary.values(), *(d for ds in job.dups.values() for d in ds)]:
+                self._defer(item, None, None, Reply(0, "internal error, see fed log"), [])
+        finally:
+            for physical in physicals:
+                self._inflight[(job.item.queue_id, physical)] -= 1
+                if not self._inflight[(job.item.queue_id, physical)]:
+                    del self._inflight[(job.item.queue_id, physical)]
+            waiting = self._dup_wait.pop(job.item.queue_id, None)
+            if waiting:
+                self._ready.extend(waiting)
+                self._event.set()
+            for watched in job.watched:
+                await self.holds.end(watched)
+        return conn
+
+    async def _read(self, item: PendingRecipient) -> bytes:
+        if item.size and item.size <= INLINE_READ:
+            return self.spool.read(item.queue_id)
+        return await asyncio.to_thread(self.spool.read, item.queue_id)
+
+    async def _transact(self, system: System, conn: Connection | None, job: Job, data: bytes
+                        ) -> tuple[dict[str, Reply], Connection | None]:
+        """One transaction; a reused connection that turns out dead gets one fresh retry."""
+        physicals = list(job.primary)
+        endpoint = f"{system.host}:{system.port}"
+        if conn is not None and (conn.broken or conn.endpoint != endpoint
+                                 or conn.lmtp != (system.protocol == "lmtp")):
+            await conn.quit()
+            conn = None
+        for fresh in (False, True):
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await Connection.open(system.host, system.port,
+                                                 system.protocol == "lmtp",
+                                                 self.settings.helo_name, self.settings.timeout)
+                except ClientError as exc:
+                    return dict.fromkeys(physicals, exc.reply), None
+            try:
+                return await conn.send(job.item.mail_from, physicals, data), conn
+            except ClientError as exc:
+                data_sent = conn.data_sent
+                conn.close()
+                conn = None
+                # The system may have closed an idle connection: one retry on a new one,
+                # unless the message already went out (it may have been delivered).
+                if not reused or fresh or data_sent:
+                    return dict.fromkeys(physicals, exc.reply), None
+        raise AssertionError("unreachable")
+
+    # -- outcomes ------------------------------------------------------------------------
+    async def _record(self, dest: Destination, job: Job, replies: dict[str, Reply]) -> None:
+        """Turn the replies into done / failed (shunt + DSN) / retry."""
+        system = dest.system.name
+        failures: list[tuple[PendingRecipient, str | None, Reply, bool]] = []
+        for physical, item in job.primary.items():
+            reply = replies.get(physical, Reply(0, "no reply"))
+            dups = job.dups.get(physical, [])
+            if reply.ok:
+                self._delivered.setdefault(item.queue_id, set()).add(physical)
+                self.spool.mark_done(item.queue_id, item.rcpt)
+                self.spool.log_delivery(item.queue_id, item.rcpt, physical, system,
+                                        item.message_id, "delivered", str(reply))
+                metrics.count_delivery("delivered", system, item.queue_id, item.received_at)
+                log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply,
+                         extra={"queue_id": item.queue_id})
+                self._finish(item)
+                for dup in dups:
+                    self._duplicate(dup, physical, first=item.rcpt)
+            elif reply.permanent:
+                failures += [(it, physical, reply, False) for it in [item, *dups]]
+            else:
+                for it in [item, *dups]:
+                    self._defer(it, physical, system, reply, failures)
+        if failures:
+            await self._fail(failures, system)
+
+    def _duplicate(self, item: PendingRecipient, physical: str, first: str = "") -> None:
+        """Another recipient of this message already brought it to `physical`."""
+        self.spool.mark_done(item.queue_id, item.rcpt)
+        detail = f"same mailbox as <{first}>: delivered once" if first else (
+            "same mailbox as an earlier recipient: delivered once")
+        self.spool.log_delivery(item.queue_id, item.rcpt, physical, None, item.message_id,
+                                "duplicate", detail)
+        log.info("%s <%s> -> %s: duplicate, not delivered twice", item.queue_id, item.rcpt,
+                 physical, extra={"queue_id": item.queue_id})
+        self._finish(item)
+
+    def _finish(self, item: PendingRecipient) -> None:
+        """One recipient less; forget the message once none is left."""
+        self._left[item.queue_id] -= 1
+        if self._left[item.queue_id] <= 0:
+            del self._left[item.queue_id]
+            self._delivered.pop(item.queue_id, None)
+            self.spool.forget(item.queue_id)
+
+    def _defer(self, item: PendingRecipient, physical: str | None, system: str | None,
+               reply: Reply, failures: list[tuple[PendingRecipient, str | None, Reply, bool]]
+               ) -> None:
+        """Schedule the next attempt with doubling back-off, or give up after the lifetime."""
+        detail = str(reply)
+        if time.time() - item.received_at >= self.settings.queue_lifetime:
+            failures.append((item, physical, reply, True))
+            return
+        item.attempts += 1
+        delay = min(self.settings.retry_max,
+                    self.settings.retry_base * 2.0 ** (item.attempts - 1))
+        item.next_try = time.time() + delay
+        item.last_error = detail
+        self.spool.mark_retry(item.queue_id, item.rcpt, item.attempts, item.next_try, detail)
+        self.spool.log_delivery(item.queue_id, item.rcpt, physical, system, item.message_id,
+                                "deferred", detail)
+        metrics.count_delivery("deferred", system, item.queue_id)
+        log.info("%s <%s> -> %s deferred (retry in %.1fs): %s", item.queue_id, item.rcpt,
+                 physical, delay, detail, extra={"queue_id": item.queue_id})
+        self._push_deferred(item)
+        self._event.set()
+
+    async def _unroutable(self, item: PendingRecipient, route: Route) -> None:
+        """No destination now: 5xx (not in the directory) fails, the rest is retried."""
+        reply = Reply(route.failure_code, route.failure.removeprefix(
+            f"{route.failure_code} ")) if route.failure_code else Reply(0, route.failure)
+        failures: list[tuple[PendingRecipient, str | None, Reply, bool]] = []
+        if reply.permanent:
+            failures.append((item, route.physical, reply, False))
         else:
-            result = "deferred"
-            delay = self._retry(item, detail)
-            log.info("%s <%s> -> %s deferred (retry in %.1fs): %s", item.queue_id, item.rcpt,
-                     route.physical, delay, detail)
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO deliveries (at, queue_id, rcpt, physical, system, message_id, "
-                "result, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), item.queue_id, item.rcpt, route.physical, system,
-                 item.message_id, result, detail),
-            )
-        metrics.count_delivery(result, system, item.queue_id)
+            self._defer(item, route.physical, None, reply, failures)
+        if failures:
+            await self._fail(failures, None)
 
-    def _retry(self, item: PendingRecipient, error: str) -> float:
-        """Schedule the next attempt with doubling back-off; return the delay."""
-        attempts = item.attempts + 1
-        delay = min(self.settings.retry_max, self.settings.retry_base * 2.0 ** (attempts - 1))
-        self.spool.mark_retry(item.queue_id, item.rcpt, attempts, time.time() + delay, error)
-        return delay
+    async def _fail(self, failures: list[tuple[PendingRecipient, str | None, Reply, bool]],
+                    system: str | None) -> None:
+        """Shunt a copy for the admin, queue one DSN per message, then record the failure."""
+        by_message: dict[str, list[tuple[PendingRecipient, str | None, Reply, bool]]] = {}
+        for failure in failures:
+            by_message.setdefault(failure[0].queue_id, []).append(failure)
+        for queue_id, group in by_message.items():
+            first = group[0][0]
+            try:
+                paths = [await asyncio.to_thread(self.spool.shunt, queue_id, it.rcpt,
+                                                 reply.code, _why(reply, expired))
+                         for it, _, reply, expired in group]
+                bounced = await self._bounce(first, group)
+            except Exception as exc:
+                log.exception("%s: cannot shunt or bounce; will retry", queue_id,
+                              extra={"queue_id": queue_id})
+                for it, physical, _, _ in group:
+                    self._defer(it, physical, system, Reply(0, f"cannot bounce: {exc}"), [])
+                continue
+            note = f"; bounced to <{first.mail_from}>" if bounced else "; no bounce"
+            for (it, physical, reply, expired), path in zip(group, paths, strict=True):
+                why = _why(reply, expired)
+                self.spool.mark_shunted(queue_id, it.rcpt, reply.code, why, path)
+                self.spool.log_delivery(queue_id, it.rcpt, physical, system, it.message_id,
+                                        "shunted", why + note)
+                metrics.count_delivery("shunted", system, queue_id)
+                log.warning("%s <%s> -> %s failed, shunted to %s%s: %s", queue_id, it.rcpt,
+                            physical, path.name, note, why, extra={"queue_id": queue_id})
+                self._finish(it)
+
+    async def _bounce(self, first: PendingRecipient,
+                      group: list[tuple[PendingRecipient, str | None, Reply, bool]]) -> bool:
+        """Queue a DSN to the envelope sender (durably); False when none is due."""
+        sender = normalize(first.mail_from)
+        if not should_bounce(sender):
+            return False
+        if not is_valid(sender):
+            log.warning("%s: sender <%s> cannot get a bounce", first.queue_id, sender,
+                        extra={"queue_id": first.queue_id})
+            return False
+        original = await asyncio.to_thread(self.spool.read, first.queue_id)
+        dsn = build_dsn(
+            reporting_mta=self.settings.helo_name, queue_id=first.queue_id, sender=sender,
+            arrival=first.received_at, last_attempt=time.time(),
+            failures=[Failure(it.rcpt, physical, reply.code, reply.text or str(reply), expired)
+                      for it, physical, reply, expired in group],
+            original=original)
+        dsn_id = new_queue_id()
+        await self.spool.accept(dsn_id, "", [sender], dsn, None)
+        log.info("%s: bounce %s queued for <%s>", first.queue_id, dsn_id, sender,
+                 extra={"queue_id": first.queue_id})
+        return True
 
     def log_rows(self, rcpt: str | None, since: float | None, limit: int
                  ) -> list[dict[str, object]]:
         """Delivery log rows, oldest first, optionally for one recipient / after a time."""
+        self.spool.write_outcomes()
         sql = "SELECT * FROM deliveries WHERE 1=1"
         params: list[object] = []
         if rcpt:
@@ -283,3 +601,7 @@ class Deliverer:
         sql += " ORDER BY id LIMIT ?"
         params.append(limit)
         return [dict(r) for r in self.store.query(sql, tuple(params))]
+
+
+def _why(reply: Reply, expired: bool) -> str:
+    return f"queue lifetime expired; last error: {reply}" if expired else str(reply)

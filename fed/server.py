@@ -49,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -63,6 +63,7 @@ from .addresses import (
     split_physical,
 )
 from .auth import Authenticator
+from .dataphase import LeanSMTP
 from .directory import Directory
 from .policy import RelayPolicy, client_ip, is_loopback
 from .spool import Spool, new_queue_id
@@ -232,12 +233,14 @@ class FedHandler:
                 return "550 5.5.2 bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
             raw = normalize_eols(raw)
         queue_id = new_queue_id()
-        data = self.received_header(session, envelope, queue_id) + raw
+        # Header and body stay two pieces (the spool writes both): no copy of a big message.
+        data = [self.received_header(session, envelope, queue_id), raw]
+        size = sum(map(len, data))
         mail_from = envelope.mail_from or ""
         self.writing += 1
         try:
             await self.spool.accept(queue_id, mail_from, list(envelope.rcpt_tos), data,
-                                    message_id_of(data))
+                                    message_id_of(raw))
         except Exception:
             log.exception("could not spool a message from %s", session.peer,
                           extra={"queue_id": queue_id})
@@ -245,9 +248,9 @@ class FedHandler:
         finally:
             self.writing -= 1
         log.info("%s queued: from=<%s> rcpts=%s size=%d client=%s", queue_id, mail_from,
-                 ",".join(envelope.rcpt_tos), len(data), _ip(session),
+                 ",".join(envelope.rcpt_tos), size, _ip(session),
                  extra={"queue_id": queue_id})
-        metrics.count_accepted(len(data))
+        metrics.count_accepted(size)
         self.on_queued()
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
@@ -299,8 +302,9 @@ class Connections:
             del self.per_ip[ip]
 
 
-class FedSMTP(SMTP):
-    """aiosmtpd's SMTP with fed's connection limits, timeouts and AUTH placement."""
+class FedSMTP(LeanSMTP):
+    """aiosmtpd's SMTP (with dataphase.py's lean DATA) with fed's connection limits,
+    timeouts and AUTH placement."""
 
     def __init__(self, handler: FedHandler, settings: SmtpSettings,
                  connections: Connections) -> None:
@@ -352,7 +356,7 @@ class FedSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # Tell the client why (RFC 5321 4.5.3.2: a server may close after a timeout).
         transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if _writable(transport):
             transport.write(b"421 4.4.2 timeout exceeded, closing connection\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -378,6 +382,13 @@ class FedSMTP(SMTP):
             self.in_data = False
 
 
+def _writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
+    """An open transport we can still write to (asyncio's, or uvloop's, which does not
+    inherit from asyncio.WriteTransport)."""
+    return callable(getattr(transport, "write", None)) and not getattr(
+        transport, "is_closing", lambda: True)()
+
+
 async def drain(handler: FedHandler, sessions: Iterable[SMTP], deadline: float) -> None:
     """Shutdown: let messages already streaming finish (and be spooled and answered) until
     `deadline` (monotonic), then tell every remaining client 421 and close."""
@@ -390,7 +401,7 @@ async def drain(handler: FedHandler, sessions: Iterable[SMTP], deadline: float) 
         await asyncio.sleep(0.01)
     for session in list(sessions):
         transport = session.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        if _writable(transport):
             transport.write(SHUTDOWN_REPLY.encode() + b"\r\n")
             transport.close()
 

@@ -2,23 +2,38 @@
 
 Layout under ``<state dir>/spool``::
 
-    tmp/     messages being written (never trusted; emptied at start)
-    queue/   <queue id>.eml, one immutable file per accepted message
-    shunt/   <queue id>-<n>.eml + .json: a copy of a message a system refused with 5xx,
-             and why (a later issue turns these into bounces)
+    tmp/     shunt copies being written (never trusted; emptied at start)
+    queue/   <queue id>.eml, one immutable file per accepted message: the message, its
+             envelope and a checksummed footer (``queuefile.py``)
+    shunt/   <queue id>-<tag>.eml + .json: a copy of a message a system refused with 5xx
+             (or that expired in the queue), and why; the sender also gets a bounce
 
-Accepting a message is Mailman's recipe: write the bytes to ``tmp/``, ``fsync`` the file,
-``rename`` it into ``queue/``, ``fsync`` the directory (so the rename itself survives a
-power cut), then commit the envelope and one row per recipient to SQLite (``synchronous=FULL``,
-see ``store.py``). Only after that commit does the SMTP handler answer 250. A crash before
-the commit leaves a queue file without rows: it was never acknowledged, so start-up removes
-it. A crash after it loses nothing.
+Accepting is a group commit (``groupcommit.py``): every message that reaches the end of DATA
+while the previous batch is syncing joins the next batch. For a batch, a worker thread
+writes each message *with its envelope* straight to ``queue/<id>.eml`` (``O_EXCL``), then
+fsyncs every file and ``queue/`` itself, all concurrently from a pool of threads (they share
+the file system's journal commits). Message and envelope are durable now: back on the loop,
+one SQLite transaction indexes the batch (``messages``, one ``recipients`` row per
+recipient) without an fsync of its own, and every session of the batch gets its 250. One
+sync round per batch, like Postfix's one fsync per message, and shared.
 
-Per-recipient state (pending / done / shunted, attempts, next try) lives in SQLite because it
-changes often and must change atomically. Delivery marks a recipient done only after the
-system answered 250: a kill -9 between the two means that recipient is delivered again
-(at-least-once), never that it is skipped. The message file is removed only after the
-transaction that forgets the message has committed.
+Crash analysis (kill -9 or power cut at any instant):
+
+- file written but not yet synced: never acknowledged; its footer is missing or its
+  checksum wrong, so start-up removes it;
+- file synced, rows not (yet) durable: start-up rebuilds the rows from the envelope in the
+  file and delivers it;
+- rows without a file: the message was finished (files are unlinked before their rows are
+  deleted) or never acknowledged; start-up drops the rows.
+
+So every acknowledged message is delivered after a restart, at least once.
+
+Delivery outcomes (done, retry, shunted, the ``deliveries`` log, forgetting a finished
+message) are not worth an fsync each either: losing one only means delivering that
+recipient again (at-least-once, as before). They are buffered and written a few
+milliseconds later in one transaction with ``synchronous=NORMAL``; the file of a finished
+message is unlinked first, so a crash leaves rows without a file (dropped at start) rather
+than resurrecting a finished message from its file (which would only mean a duplicate).
 """
 
 from __future__ import annotations
@@ -28,18 +43,27 @@ import hashlib
 import json
 import logging
 import os
+import random
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .groupcommit import GroupCommitter
+from .queuefile import Envelope, crc_of, read_envelope, read_message, trailer
 from .store import Store
 
 log = logging.getLogger("fed.spool")
 
+FLUSH_DELAY = 0.005  # seconds outcomes wait to share one transaction
+CACHE_ONE = 256 * 1024  # messages up to this size stay in memory until delivered ...
+CACHE_ALL = 64 * 1024 * 1024  # ... as long as all of them together stay below this
 
-@dataclass(frozen=True)
+
+@dataclass
 class PendingRecipient:
     """One recipient of one queued message that still needs delivering."""
 
@@ -47,12 +71,25 @@ class PendingRecipient:
     rcpt: str
     mail_from: str
     message_id: str | None
-    attempts: int
+    attempts: int = 0
+    next_try: float = 0.0
+    received_at: float = 0.0
+    size: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message on its way into the spool."""
+
+    envelope: Envelope
+    parts: tuple[bytes, ...]  # the message is their concatenation (never built in memory)
 
 
 def new_queue_id() -> str:
     """A sortable, unique queue id: microseconds since the epoch + randomness, in hex."""
-    return f"{time.time_ns() // 1000:014X}{secrets.token_hex(3).upper()}"
+    # random, not secrets: uniqueness is all a queue id needs, and urandom is a syscall.
+    return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,14 +100,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _try_fsync(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _unlink_all(files: list[Path]) -> None:
+    for file in files:
+        try:
+            file.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", file, exc)
+
+
 def write_durably(tmp_dir: Path, final: Path, data: bytes) -> None:
     """Write `data` to `final` so that it exists complete or not at all after any crash."""
     tmp = tmp_dir / (final.name + f".{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -88,140 +145,183 @@ class Spool:
         self.shunt_dir = root / "shunt"
         for d in (self.tmp, self.queue, self.shunt_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self.on_queued: Callable[[list[PendingRecipient]], None] = lambda items: None
+        self._committer: GroupCommitter[Incoming] = GroupCommitter(
+            self._write_batch, self._commit_batch, self._undo)
+        self._ops: list[tuple[str, tuple[object, ...]]] = []
+        self._unlink: list[Path] = []  # files of finished messages, to remove
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
+        self._cache: dict[str, bytes] = {}  # queue id -> bytes of fresh small messages
+        self._cached = 0
 
     def path(self, queue_id: str) -> Path:
         """The queue file of a message."""
         return self.queue / f"{queue_id}.eml"
 
+    # -- start and stop ---------------------------------------------------------------
     def recover(self) -> int:
-        """Clean up after a crash; return the number of messages still queued."""
+        """Clean up after a crash and rebuild lost index rows; return the messages queued."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
         known = {str(r["queue_id"]) for r in self.store.query("SELECT queue_id FROM messages")}
-        for file in self.queue.glob("*.eml"):
-            if file.stem not in known:
-                # Never acknowledged (crash before the commit) or already fully delivered.
-                log.info("removing unacknowledged or finished spool file %s", file.name)
+        rebuilt: list[Envelope] = []
+        for file in sorted(self.queue.glob("*.eml")):
+            if file.stem in known:
+                continue
+            envelope = read_envelope(file)
+            if envelope is None or envelope.queue_id != file.stem:
+                log.info("removing incomplete (never acknowledged) spool file %s", file.name)
                 file.unlink(missing_ok=True)
-        for queue_id in sorted(known):
-            if not self.path(queue_id).exists():
-                log.error("queue entry %s has no spool file; it cannot be delivered", queue_id)
-        return len(known)
+            else:
+                rebuilt.append(envelope)
+        if rebuilt:
+            log.warning("re-queued %d acknowledged messages whose index rows a crash lost: %s",
+                        len(rebuilt), ", ".join(e.queue_id for e in rebuilt))
+            with self.store.transaction() as db:
+                self._index(db, rebuilt)
+        gone = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
+        if gone:
+            # Finished (the file goes before its rows) or never acknowledged.
+            log.info("dropping %d queue entries without a spool file", len(gone))
+            with self.store.transaction() as db:
+                db.executemany("DELETE FROM recipients WHERE queue_id = ?",
+                               [(q,) for q in gone])
+                db.executemany("DELETE FROM messages WHERE queue_id = ?", [(q,) for q in gone])
+        return len(known) - len(gone) + len(rebuilt)
 
+    @staticmethod
+    def _index(db: sqlite3.Connection, envelopes: Sequence[Envelope]) -> None:
+        db.executemany(
+            "INSERT INTO messages (queue_id, mail_from, received_at, message_id, size) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(e.queue_id, e.mail_from, e.received_at, e.message_id, e.size) for e in envelopes],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO recipients (queue_id, rcpt, status) VALUES (?, ?, 'pending')",
+            [(e.queue_id, rcpt) for e in envelopes for rcpt in dict.fromkeys(e.rcpts)],
+        )
+
+    def start(self) -> None:
+        """Start the group committer (on the running loop)."""
+        self._committer.start()
+
+    async def close(self) -> None:
+        """Answer the accepts in progress and write the buffered outcomes."""
+        await self._committer.close()
+        await self.flush()
+        self._fsyncs.shutdown()
+
+    def stats(self) -> str:
+        """Group commit statistics, for the log at shutdown."""
+        c = self._committer
+        n = max(1, c.batches)
+        return (f"{c.items} messages in {c.batches} batches; per batch: write+fsync "
+                f"{1000 * c.write_seconds / n:.2f} ms, index {1000 * c.commit_seconds / n:.2f} "
+                f"ms, whole cycle {1000 * c.cycle_seconds / n:.2f} ms")
+
+    # -- accepting ----------------------------------------------------------------------
     async def accept(
-        self, queue_id: str, mail_from: str, rcpts: list[str], data: bytes,
+        self, queue_id: str, mail_from: str, rcpts: list[str], data: bytes | Sequence[bytes],
         message_id: str | None,
     ) -> None:
-        """Make a message durable; return only when it is safe to answer 250."""
-        await asyncio.to_thread(write_durably, self.tmp, self.path(queue_id), data)
+        """Make a message durable (`data`: its bytes, or pieces of it in order); return only
+        when it is safe to answer 250."""
+        parts = (data,) if isinstance(data, bytes) else tuple(data)
+        envelope = Envelope(queue_id, mail_from, tuple(dict.fromkeys(rcpts)), message_id,
+                            time.time(), sum(len(part) for part in parts))
+        await self._committer.submit(Incoming(envelope, parts))
+
+    def _write_batch(self, batch: Sequence[Incoming]) -> list[BaseException | None]:
+        """Worker thread: write every file (message + envelope), fsync them and the folder."""
+        errors: list[BaseException | None] = []
+        fds: list[int] = []
+        for item in batch:
+            try:
+                fd = os.open(self.path(item.envelope.queue_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                errors.append(exc)
+                fds.append(-1)
+                continue
+            fds.append(fd)
+            try:
+                for part in item.parts:
+                    _write_all(fd, part)
+                _write_all(fd, trailer(item.envelope, crc_of(item.parts)))
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        # All fsyncs at once (the folder's too), from a pool of threads: concurrent fsyncs
+        # wait for the same journal commit, where one after the other each may force its
+        # own while other files (finished messages being unlinked) keep changing.
+        jobs = [fd for n, fd in enumerate(fds) if fd >= 0 and errors[n] is None]
+        dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY) if jobs else -1
+        try:
+            outcomes = list(self._fsyncs.map(_try_fsync, [*jobs, dir_fd] if jobs else []))
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            if dir_fd >= 0:
+                os.close(dir_fd)
+        if outcomes and outcomes[-1] is not None:  # the folder: nobody's name is durable
+            return [outcomes[-1]] * len(errors)
+        by_fd = dict(zip(jobs, outcomes, strict=False))
+        return [err if err is not None else by_fd.get(fd) for err, fd in zip(errors, fds,
+                                                                               strict=True)]
+
+    async def _commit_batch(self, batch: Sequence[Incoming]) -> None:
+        """Index the (already durable) batch: one transaction, no fsync of its own."""
+        conn = self.store.conn
+        conn.execute("PRAGMA synchronous=NORMAL")
         try:
             with self.store.transaction() as db:
-                db.execute(
-                    "INSERT INTO messages (queue_id, mail_from, received_at, message_id, size) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (queue_id, mail_from, time.time(), message_id, len(data)),
-                )
-                db.executemany(
-                    "INSERT OR IGNORE INTO recipients (queue_id, rcpt, status) "
-                    "VALUES (?, ?, 'pending')",
-                    [(queue_id, rcpt) for rcpt in rcpts],
-                )
-        except BaseException:
-            self.path(queue_id).unlink(missing_ok=True)
-            raise
+                self._index(db, [m.envelope for m in batch])
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+        for m in batch:
+            self._remember(m)
+        self.on_queued([
+            PendingRecipient(e.queue_id, rcpt, e.mail_from, e.message_id,
+                             received_at=e.received_at, size=e.size)
+            for e in (m.envelope for m in batch) for rcpt in e.rcpts
+        ])
 
+    def _remember(self, message: Incoming) -> None:
+        """Keep a small message's bytes for its delivery (saves reading the file back)."""
+        if message.envelope.size > CACHE_ONE:
+            return
+        self._cache[message.envelope.queue_id] = b"".join(message.parts)
+        self._cached += message.envelope.size
+        while self._cached > CACHE_ALL and self._cache:
+            self._cached -= len(self._cache.pop(next(iter(self._cache))))
+
+    def _undo(self, item: Incoming) -> None:
+        self.path(item.envelope.queue_id).unlink(missing_ok=True)
+
+    # -- reading ------------------------------------------------------------------------
     def read(self, queue_id: str) -> bytes:
-        """The spooled bytes of a message (call it in a thread)."""
-        return self.path(queue_id).read_bytes()
+        """The spooled bytes of a message (big ones: call it in a thread)."""
+        cached = self._cache.get(queue_id)
+        return cached if cached is not None else read_message(self.path(queue_id))
 
-    def due(self, now: float, limit: int) -> list[PendingRecipient]:
-        """Pending recipients whose next try is due, oldest message first."""
+    def pending(self) -> list[PendingRecipient]:
+        """Every pending recipient, oldest message first (at start-up)."""
         rows = self.store.query(
-            "SELECT r.queue_id, r.rcpt, r.attempts, m.mail_from, m.message_id "
+            "SELECT r.queue_id, r.rcpt, r.attempts, r.next_try, r.last_error, m.mail_from, "
+            "m.message_id, m.received_at, m.size "
             "FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
-            "WHERE r.status = 'pending' AND r.next_try <= ? "
-            "AND r.rcpt NOT IN (SELECT address FROM holds) "
-            "AND r.queue_id NOT IN (SELECT queue_id FROM admin_holds) "
-            "ORDER BY r.queue_id, r.rcpt LIMIT ?",
-            (now, limit),
-        )
+            "WHERE r.status = 'pending' ORDER BY r.queue_id, r.rcpt")
         return [
             PendingRecipient(
                 str(r["queue_id"]), str(r["rcpt"]), str(r["mail_from"]),
                 None if r["message_id"] is None else str(r["message_id"]), int(r["attempts"]),
+                float(r["next_try"]), float(r["received_at"]), int(r["size"]),
+                str(r["last_error"] or ""),
             )
             for r in rows
         ]
-
-    def next_due(self, after: float) -> float | None:
-        """The earliest retry time later than `after`, or None."""
-        rows = self.store.query(
-            "SELECT MIN(next_try) AS t FROM recipients WHERE status = 'pending' "
-            "AND next_try > ?", (after,)
-        )
-        value = rows[0]["t"] if rows else None
-        return None if value is None else float(value)
-
-    def mark_done(self, queue_id: str, rcpt: str) -> None:
-        """Record a successful delivery and forget the message once every recipient is done."""
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE recipients SET status = 'done' WHERE queue_id = ? AND rcpt = ?",
-                (queue_id, rcpt),
-            )
-            finished = self._forget_if_finished(db, queue_id)
-        if finished:
-            self.path(queue_id).unlink(missing_ok=True)
-
-    def mark_retry(self, queue_id: str, rcpt: str, attempts: int, next_try: float,
-                   error: str) -> None:
-        """Record a temporary failure and when to try again."""
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE recipients SET attempts = ?, next_try = ?, last_error = ? "
-                "WHERE queue_id = ? AND rcpt = ?",
-                (attempts, next_try, error, queue_id, rcpt),
-            )
-
-    def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:
-        """Set a refused recipient's copy aside with the reason (file work: call in a thread)."""
-        tag = hashlib.sha256(rcpt.encode()).hexdigest()[:10]
-        eml = self.shunt_dir / f"{queue_id}-{tag}.eml"
-        write_durably(self.tmp, eml, self.read(queue_id))
-        info = {"queue_id": queue_id, "rcpt": rcpt, "code": code, "reason": reason,
-                "at": time.time()}
-        write_durably(self.tmp, eml.with_suffix(".json"), json.dumps(info).encode())
-        return eml
-
-    def mark_shunted(self, queue_id: str, rcpt: str, code: int, reason: str, path: Path) -> None:
-        """Record that a recipient's copy is in the shunt folder."""
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE recipients SET status = 'shunted', last_error = ? "
-                "WHERE queue_id = ? AND rcpt = ?",
-                (reason, queue_id, rcpt),
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO shunted (queue_id, rcpt, at, code, reason, path) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (queue_id, rcpt, time.time(), code, reason, str(path)),
-            )
-            finished = self._forget_if_finished(db, queue_id)
-        if finished:
-            self.path(queue_id).unlink(missing_ok=True)
-
-    @staticmethod
-    def _forget_if_finished(db: sqlite3.Connection, queue_id: str) -> bool:
-        """Delete the rows of a message with no pending recipient left; True if done."""
-        left = db.execute(
-            "SELECT COUNT(*) FROM recipients WHERE queue_id = ? AND status = 'pending'",
-            (queue_id,),
-        ).fetchone()[0]
-        if left:
-            return False
-        db.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
-        db.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
-        return True
 
     def waiting(self, rcpt: str) -> int:
         """Number of messages pending for one recipient address."""
@@ -234,3 +334,100 @@ class Spool:
         """Every shunted recipient copy, newest first."""
         rows = self.store.query("SELECT * FROM shunted ORDER BY at DESC")
         return [dict(r) for r in rows]
+
+    # -- outcomes (buffered) ------------------------------------------------------------
+    def mark_done(self, queue_id: str, rcpt: str) -> None:
+        """Record a successful delivery."""
+        self._buffer("UPDATE recipients SET status = 'done' WHERE queue_id = ? AND rcpt = ?",
+                     (queue_id, rcpt))
+
+    def mark_retry(self, queue_id: str, rcpt: str, attempts: int, next_try: float,
+                   error: str) -> None:
+        """Record a temporary failure and when to try again."""
+        self._buffer("UPDATE recipients SET attempts = ?, next_try = ?, last_error = ? "
+                     "WHERE queue_id = ? AND rcpt = ?",
+                     (attempts, next_try, error, queue_id, rcpt))
+
+    def mark_shunted(self, queue_id: str, rcpt: str, code: int, reason: str, path: Path) -> None:
+        """Record that a recipient's copy is in the shunt folder."""
+        self._buffer("UPDATE recipients SET status = 'shunted', last_error = ? "
+                     "WHERE queue_id = ? AND rcpt = ?", (reason, queue_id, rcpt))
+        self._buffer("INSERT OR REPLACE INTO shunted (queue_id, rcpt, at, code, reason, path) "
+                     "VALUES (?, ?, ?, ?, ?, ?)",
+                     (queue_id, rcpt, time.time(), code, reason, str(path)))
+
+    def log_delivery(self, queue_id: str, rcpt: str, physical: str | None,
+                     system: str | None, message_id: str | None, result: str,
+                     detail: str) -> None:
+        """Append one row to the delivery log."""
+        self._buffer("INSERT INTO deliveries (at, queue_id, rcpt, physical, system, "
+                     "message_id, result, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (time.time(), queue_id, rcpt, physical, system, message_id, result,
+                      detail))
+
+    def uncache(self, queue_id: str) -> None:
+        """Drop a message's bytes from memory."""
+        cached = self._cache.pop(queue_id, None)
+        if cached is not None:
+            self._cached -= len(cached)
+
+    def forget(self, queue_id: str) -> None:
+        """Every recipient is finished: remove the file, then the rows."""
+        self.uncache(queue_id)
+        self._buffer("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
+        self._buffer("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+        self._unlink.append(self.path(queue_id))
+
+    def _buffer(self, sql: str, params: tuple[object, ...]) -> None:
+        self._ops.append((sql, params))
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        self.write_outcomes()
+
+    async def flush(self) -> None:
+        """Write the buffered outcomes (at shutdown)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self.write_outcomes()
+
+    def write_outcomes(self) -> None:
+        """Write the buffered outcomes now (readers of the log call this first)."""
+        if self._unlink:
+            # Files first: a crash then rather leaves rows without a file (dropped at start)
+            # than a finished message's file without rows (it would be delivered again).
+            # Neither is synced here; an unlink reaches the disk with the next journal
+            # commit (any acceptance batch forces one), the rows at the next checkpoint.
+            files, self._unlink = self._unlink, []
+            self._fsyncs.submit(_unlink_all, files)
+        ops, self._ops = self._ops, []
+        if ops:
+            conn = self.store.conn
+            # No fsync per outcome: losing one costs a redelivery, never a message.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self.store.transaction() as db:
+                    start = 0
+                    while start < len(ops):  # consecutive equal statements: one executemany
+                        end = start + 1
+                        while end < len(ops) and ops[end][0] == ops[start][0]:
+                            end += 1
+                        db.executemany(ops[start][0], [p for _, p in ops[start:end]])
+                        start = end
+            finally:
+                conn.execute("PRAGMA synchronous=FULL")
+
+    # -- shunt ----------------------------------------------------------------------------
+    def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:
+        """Set a refused recipient's copy aside with the reason (file work: call in a thread)."""
+        tag = hashlib.sha256(rcpt.encode()).hexdigest()[:10]
+        eml = self.shunt_dir / f"{queue_id}-{tag}.eml"
+        write_durably(self.tmp, eml, self.read(queue_id))
+        info = {"queue_id": queue_id, "rcpt": rcpt, "code": code, "reason": reason,
+                "at": time.time()}
+        write_durably(self.tmp, eml.with_suffix(".json"), json.dumps(info).encode())
+        return eml

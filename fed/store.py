@@ -78,6 +78,7 @@ class Store:
     """The SQLite connection; use it from the event loop thread only."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         # isolation_level=None: no implicit transactions, we open them explicitly.
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.row_factory = sqlite3.Row

@@ -75,6 +75,7 @@ class FakeSystem:
     """A mail system on loopback (aiosmtpd) that records what fed delivers to it.
 
     `reply` is what DATA answers ('250 ...', '451 ...', '550 ...'); `delay` makes DATA slow.
+    `refuse` gives single LMTP recipients their own DATA reply.
     """
 
     name: str
@@ -82,20 +83,32 @@ class FakeSystem:
     reply: str = "250 2.0.0 Ok"
     delay: float = 0.0
     received: list[Received] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+    sessions: set[int] = field(default_factory=set)  # connections that carried DATA
     data_started: threading.Event = field(default_factory=threading.Event)
     port: int = 0
     _controller: Controller | None = None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        """Record the message (if the configured reply is 2xx)."""
+        """Record the message for the recipients whose reply is 2xx.
+
+        LMTP answers once per recipient (RFC 2033), SMTP once for all; `refuse` maps a
+        recipient to its own reply.
+        """
         self.data_started.set()
+        self.sessions.add(id(session))
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.reply.startswith("2"):
-            raw = envelope.original_content or b""
-            assert isinstance(raw, bytes)
-            self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), raw))
-        return self.reply
+        raw = envelope.original_content or b""
+        assert isinstance(raw, bytes)
+        replies = [self.refuse.get(rcpt, self.reply) for rcpt in envelope.rcpt_tos]
+        if self.protocol != "lmtp":
+            replies = [self.reply] * len(replies)
+        taken = [r for r, reply in zip(envelope.rcpt_tos, replies, strict=True)
+                 if reply.startswith("2")]
+        if taken:
+            self.received.append(Received(str(envelope.mail_from), taken, raw))
+        return "\r\n".join(replies) if self.protocol == "lmtp" else self.reply
 
     def start(self) -> FakeSystem:
         """Listen on a free loopback port."""

@@ -1,0 +1,223 @@
+"""A small SMTP/LMTP client on asyncio streams, made for fed's delivery queues.
+
+Why not smtplib: it blocks, so every delivery needed a worker thread and a new connection.
+Why not aiosmtplib: it speaks no LMTP, and LMTP's defining feature, one reply *per
+recipient* after DATA, is exactly what fed needs to send one copy of a message to several
+mailboxes of a system and still know which of them took it. What fed needs is small:
+EHLO/LHLO, MAIL, RCPT, DATA, RSET, QUIT, PIPELINING when offered, and a connection that
+stays open for the next message. This module is that and nothing else (no TLS, no AUTH:
+fed talks to its systems and smarthost on a trusted network, as the patent's FED does).
+
+One ``Connection`` carries any number of transactions, one after the other. A transaction
+that ends without a 250 for DATA is followed by RSET, so the next one starts clean; a
+failed RSET, a timeout or any I/O error marks the connection broken (the queue opens a new
+one). Replies are never guessed: a recipient's final answer is either the server's reply
+for it, or ``code 0`` with the reason when the connection broke before it came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply; code 0 means no reply (connection failure), text says why."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code else self.text
+
+    @property
+    def ok(self) -> bool:
+        """2xx."""
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        """5xx."""
+        return 500 <= self.code < 600
+
+    @property
+    def status(self) -> str | None:
+        """The RFC 3463 enhanced status code in the text, if any."""
+        match = _ENHANCED.match(self.text)
+        return match.group(0) if match else None
+
+
+class ClientError(Exception):
+    """The connection failed or the server refused the session (the reply says how)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """DATA transparency (RFC 5321 4.5.2) plus the final CRLF; no copy when not needed."""
+    if data.startswith(b"."):
+        data = b"." + data
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+class Connection:
+    """An open SMTP or LMTP session after the greeting and EHLO/LHLO."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 lmtp: bool, timeout: float, extensions: set[str], endpoint: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.lmtp = lmtp
+        self.timeout = timeout
+        self.extensions = extensions
+        self.endpoint = endpoint
+        self.broken = False
+        self.transactions = 0
+        self.data_sent = False  # the current transaction's message went out
+
+    @classmethod
+    async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float
+                   ) -> Connection:
+        """Connect, read the greeting, say EHLO/LHLO; raise ClientError on any refusal."""
+        endpoint = f"{host}:{port}"
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+        except (OSError, TimeoutError) as exc:
+            raise ClientError(Reply(0, f"cannot connect to {endpoint}: "
+                                       f"{exc or type(exc).__name__}")) from exc
+        conn = cls(reader, writer, lmtp, timeout, set(), endpoint)
+        try:
+            greeting = await conn._reply()
+            if not greeting.ok:
+                raise ClientError(greeting)
+            conn._send(f"{'LHLO' if lmtp else 'EHLO'} {helo}\r\n".encode())
+            hello, lines = await conn._reply_lines()
+            if not hello.ok:
+                raise ClientError(hello)
+            conn.extensions = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+        except ClientError:
+            conn.close()
+            raise
+        return conn
+
+    def _send(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def _reply_lines(self) -> tuple[Reply, list[str]]:
+        """Read one (possibly multi-line) reply."""
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._writer.drain()
+                while len(lines) < 1000:
+                    raw = await self._reader.readuntil(b"\n")
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if len(line) < 3 or not line[:3].isdigit():
+                        raise ValueError(f"not an SMTP reply: {line[:80]!r}")
+                    lines.append(line[4:])
+                    if len(line) == 3 or line[3] != "-":
+                        return Reply(int(line[:3]), "\n".join(lines).strip()), lines
+                raise ValueError("reply longer than 1000 lines")
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError) as exc:
+            self.broken = True
+            self.close()
+            what = "timed out" if isinstance(exc, TimeoutError) else (
+                str(exc) or type(exc).__name__)
+            raise ClientError(Reply(0, f"{self.endpoint}: {what}")) from exc
+
+    async def _reply(self) -> Reply:
+        return (await self._reply_lines())[0]
+
+    async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> dict[str, Reply]:
+        """One transaction; each recipient's final reply. ClientError if the link broke."""
+        mail_from = mail_from.removeprefix("<").removesuffix(">")  # aiosmtpd keeps <> as is
+        options = ""
+        if "8BITMIME" in self.extensions and not data.isascii():
+            options += " BODY=8BITMIME"
+        if "SMTPUTF8" in self.extensions and not (mail_from + "".join(rcpts)).isascii():
+            options += " SMTPUTF8"
+        commands = [f"MAIL FROM:<{mail_from}>{options}\r\n".encode()]
+        commands += [f"RCPT TO:<{rcpt}>\r\n".encode() for rcpt in rcpts]
+        self.transactions += 1
+        self.data_sent = False
+        if "PIPELINING" in self.extensions:
+            # RFC 2920: MAIL, every RCPT and DATA in one write, then the replies in order.
+            self._send(b"".join([*commands, b"DATA\r\n"]))
+            mail = await self._reply()
+            rcpt_replies = [await self._reply() for _ in rcpts]
+            data_reply = await self._reply()
+        else:
+            self._send(commands[0])
+            mail = await self._reply()
+            rcpt_replies = []
+            if mail.ok:
+                for command in commands[1:]:
+                    self._send(command)
+                    rcpt_replies.append(await self._reply())
+            data_reply = Reply(503, "no DATA sent")
+            if any(r.ok for r in rcpt_replies):
+                self._send(b"DATA\r\n")
+                data_reply = await self._reply()
+        if not mail.ok:
+            await self._reset()
+            return dict.fromkeys(rcpts, mail)
+        final = {rcpt: reply for rcpt, reply in zip(rcpts, rcpt_replies, strict=False)}
+        accepted = [rcpt for rcpt, reply in final.items() if reply.ok]
+        if data_reply.code != 354:
+            if accepted:
+                for rcpt in accepted:
+                    final[rcpt] = data_reply
+                await self._reset()
+            elif data_reply.ok:  # a server that answered 2xx to DATA without recipients
+                self.broken = True
+            else:
+                await self._reset()
+            return final
+        self.data_sent = True
+        self._writer.writelines([dot_stuff(data), b".\r\n"])  # no copy of a big message
+        if not accepted:  # a confused server said 354 without a recipient: end it cleanly
+            await self._reply()
+            return final
+        if self.lmtp:
+            for rcpt in accepted:  # RFC 2033: one reply per accepted recipient, in order
+                final[rcpt] = await self._reply()
+        else:
+            reply = await self._reply()
+            for rcpt in accepted:
+                final[rcpt] = reply
+        if not any(final[rcpt].ok for rcpt in accepted):
+            await self._reset()
+        return final
+
+    async def _reset(self) -> None:
+        """RSET after a transaction that did not complete, so the next one starts clean."""
+        self._send(b"RSET\r\n")
+        if not (await self._reply()).ok:
+            self.broken = True
+
+    async def quit(self) -> None:
+        """QUIT politely (errors ignored) and close."""
+        if not self.broken:
+            try:
+                self._send(b"QUIT\r\n")
+                await self._reply()
+            except ClientError:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.broken = True
+        self._writer.close()
