@@ -20,7 +20,10 @@ a time (no LITERAL+, no MULTIAPPEND). So this module implements the subset we us
   login at all (`ImapTlsError`, naming host and reason, never retried): the password is
   never sent in cleartext;
 - capabilities taken from the greeting and the login's OK when the server puts them there
-  (Dovecot does): two round trips fewer per connection.
+  (Dovecot does): two round trips fewer per connection;
+- a login that can be sent in one line (LOGIN, or AUTHENTICATE PLAIN with SASL-IR) is sent
+  without waiting (`start_login`), so the caller can write the first commands of the session
+  behind it in the same round trip.
 
 Errors: a NO or BAD answer raises `ImapCommandError` (the connection stays usable); a broken
 connection raises `ImapConnectionError` in every pending command (the caller reconnects and
@@ -296,19 +299,30 @@ class ImapClient:
     async def login(self, user: str, password: str, *, authorize_as: str | None = None) -> None:
         """Log in: AUTHENTICATE PLAIN (with an authorization id for a master/admin user) when
         offered, else LOGIN."""
-        if "AUTH=PLAIN" in self.capabilities or authorize_as:
+        pending = await self.start_login(user, password, authorize_as=authorize_as)
+        if pending is None:
             token = base64.b64encode(
                 f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
-            if "SASL-IR" in self.capabilities:
-                pending = await self._send([f"AUTHENTICATE PLAIN {token}".encode()],
-                                           "AUTHENTICATE")
-                await self._finish(pending)
-            else:
-                pending = await self._authenticate_continued(token)
-        else:
-            pending = await self._send(
-                [f"LOGIN {quote(user).decode()} {quote(password).decode()}".encode()], "LOGIN")
-            await self._finish(pending)
+            pending = await self._authenticate_continued(token)
+        await self.finish_login(pending)
+
+    async def start_login(self, user: str, password: str, *,
+                          authorize_as: str | None = None) -> _Pending | None:
+        """Send the login in one line without waiting (commands may follow it in the same
+        write: the server runs them once logged in, or refuses them), or None when the
+        login needs a continuation (AUTHENTICATE PLAIN without SASL-IR)."""
+        if "AUTH=PLAIN" in self.capabilities or authorize_as:
+            if "SASL-IR" not in self.capabilities:
+                return None
+            token = base64.b64encode(
+                f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
+            return await self._send([f"AUTHENTICATE PLAIN {token}".encode()], "AUTHENTICATE")
+        return await self._send(
+            [f"LOGIN {quote(user).decode()} {quote(password).decode()}".encode()], "LOGIN")
+
+    async def finish_login(self, pending: _Pending) -> None:
+        """Wait for the login's answer (raise on NO/BAD) and take the new capabilities."""
+        await self._finish(pending)
         # The tagged OK usually carries the new capabilities: no CAPABILITY round trip.
         caps = _capabilities_in(pending_text(pending).encode())
         if caps:
@@ -371,6 +385,12 @@ class ImapClient:
         """Wait for a started command's tagged answer; raise on NO/BAD."""
         await self._finish(pending)
         return pending.untagged
+
+    @staticmethod
+    def abandon(pending: _Pending) -> None:
+        """Leave a started command's answer unread (a refused login's followers)."""
+        pending.done.add_done_callback(
+            lambda done: None if done.cancelled() else done.exception())
 
     async def _send(self, segments: Sequence[bytes], name: str, *,
                     handler: Handler | None = None,
