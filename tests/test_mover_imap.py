@@ -599,3 +599,30 @@ def test_merged_folders_are_never_half_skipped(pair: Pair, tmp_path: Path) -> No
     assert third.verified and third.copied == 0
     fourth = copy(pair, user, st, options=Options(rules=rules))
     assert fourth.verified and fourth.copied == 0 and all(f.unchanged for f in fourth.folders)
+
+
+def test_cli_rerun_in_a_new_process_proves_every_folder_unchanged(
+        pair: Pair, tmp_path: Path) -> None:
+    import json
+
+    user = pair.user("ivan")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(5)],
+                          "Work": [(message(7), "")]})
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+
+    def cli(state: str) -> subprocess.CompletedProcess[str]:  # a new process each time
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+             f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
+             str(users), "--state", state, "--progress", "none", "--report", "json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    first = cli(str(tmp_path / "state.db"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = cli(str(tmp_path / "state.db"))  # fresh logins, a store already at head
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = json.loads(again.stdout)
+    assert report["copied"] == 0 and report["present"] == 6 and report["verified"]
+    assert {f["folder"]: f["unchanged"] for f in report["folders"]} == {
+        "INBOX": True, "Work": True}
