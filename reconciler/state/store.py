@@ -3,7 +3,9 @@
 The store is any SQLAlchemy URL (SQLite file by default; PostgreSQL to scale out). Its schema
 is owned by Alembic: `open_store` upgrades the database to the newest revision before any
 use, so an old state file from a previous release keeps working and nobody runs
-`create_all` by hand.
+`create_all` by hand. A store already at the head revision (read from the scripts' text)
+opens without importing Alembic: a short command, such as a `mover copy` that finds
+nothing to copy, would otherwise spend a sixth of its time there.
 
 `record_transition` is the one way a migration changes state: the row update and the event
 row are written in the caller's transaction, so that either both are committed or neither
