@@ -38,6 +38,7 @@ from reconciler.mover.folders import Folder, canonical, guess_special_use, nativ
 from reconciler.mover.imapclient import (
     ImapClient,
     ImapCommandError,
+    ImapConnectionError,
     ImapError,
     ImapLoginError,
     Untagged,
@@ -56,6 +57,8 @@ _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
 _LIST_CHUNK = 500  # UIDs per FETCH command: keeps command lines short
 # What `folders` sends to a server with SPECIAL-USE and LIST-STATUS (Dovecot, Cyrus, ...)
 _LIST_ALL = 'LIST "" "*" RETURN (SPECIAL-USE STATUS (UIDVALIDITY UIDNEXT MESSAGES))'
+# Servers (host, port) whose session went silent after a pipelined login: log in alone there
+_LOGIN_ALONE: set[tuple[str, int]] = set()
 
 
 def wire_form(data: bytes) -> bytes:
@@ -295,17 +298,15 @@ class ImapEndpoint:
             # NAMESPACE and the folder LIST once logged in (they get NO/BAD if the login is
             # refused). Half the round trips of a fresh connection; what a cold re-run of
             # a far-away server mostly waits for.
-            login = await client.start_login(a.user, a.password,
-                                             authorize_as=a.authorize_as)
-            early = None
-            if login is not None:
-                early = (await client.start([b"NAMESPACE"], "NAMESPACE"),
-                         await client.start([_LIST_ALL.encode()], "LIST"))
+            started = None if (a.host, a.port) in _LOGIN_ALONE else await client.start_login(
+                a.user, a.password, authorize_as=a.authorize_as,
+                then=[(b"NAMESPACE", "NAMESPACE"), (_LIST_ALL.encode(), "LIST")])
+            early = started[1:] if started is not None else None
             try:
-                if login is None:
+                if started is None:
                     await client.login(a.user, a.password, authorize_as=a.authorize_as)
                 else:
-                    await client.finish_login(login)
+                    await client.finish_login(started[0])
             except ImapCommandError as exc:
                 if "[UNAVAILABLE]" in exc.text.upper():
                     raise  # the server's auth backend is down: worth a retry
@@ -315,12 +316,18 @@ class ImapEndpoint:
                                      f"{exc.status} {exc.text}") from exc
             namespace = None
             if early is not None:
-                with contextlib.suppress(ImapCommandError):  # no NAMESPACE: asked below
-                    namespace = await client.finish(early[0])
-                with contextlib.suppress(ImapCommandError):  # no RETURN options: later
-                    listed = await client.finish(early[1])
-                    if {"SPECIAL-USE", "LIST-STATUS"} <= client.capabilities:
-                        self._early_list = listed
+                try:
+                    with contextlib.suppress(ImapCommandError):  # no NAMESPACE: asked below
+                        namespace = await client.finish(early[0])
+                    with contextlib.suppress(ImapCommandError):  # no RETURN options: later
+                        listed = await client.finish(early[1])
+                        if {"SPECIAL-USE", "LIST-STATUS"} <= client.capabilities:
+                            self._early_list = listed
+                except ImapConnectionError:
+                    # A server that drops what followed the login (or a broken line): the
+                    # retry, and every later login to this server, go one command at a time.
+                    _LOGIN_ALONE.add((a.host, a.port))
+                    raise
             if namespace is None and "NAMESPACE" in client.capabilities:
                 namespace = await client.simple("NAMESPACE")
             if namespace is not None:

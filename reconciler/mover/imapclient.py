@@ -21,9 +21,9 @@ a time (no LITERAL+, no MULTIAPPEND). So this module implements the subset we us
   never sent in cleartext;
 - capabilities taken from the greeting and the login's OK when the server puts them there
   (Dovecot does): two round trips fewer per connection;
-- a login that can be sent in one line (LOGIN, or AUTHENTICATE PLAIN with SASL-IR) is sent
-  without waiting (`start_login`), so the caller can write the first commands of the session
-  behind it in the same round trip.
+- a login that can be sent in one line (LOGIN, or AUTHENTICATE PLAIN with SASL-IR) goes out
+  with the session's first commands behind it in one write (`start_login`): one round trip
+  where there were three.
 
 Errors: a NO or BAD answer raises `ImapCommandError` (the connection stays usable); a broken
 connection raises `ImapConnectionError` in every pending command (the caller reconnects and
@@ -299,26 +299,50 @@ class ImapClient:
     async def login(self, user: str, password: str, *, authorize_as: str | None = None) -> None:
         """Log in: AUTHENTICATE PLAIN (with an authorization id for a master/admin user) when
         offered, else LOGIN."""
-        pending = await self.start_login(user, password, authorize_as=authorize_as)
-        if pending is None:
+        started = await self.start_login(user, password, authorize_as=authorize_as)
+        if started is None:
             token = base64.b64encode(
                 f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
-            pending = await self._authenticate_continued(token)
-        await self.finish_login(pending)
+            await self.finish_login(await self._authenticate_continued(token))
+        else:
+            await self.finish_login(started[0])
 
-    async def start_login(self, user: str, password: str, *,
-                          authorize_as: str | None = None) -> _Pending | None:
-        """Send the login in one line without waiting (commands may follow it in the same
-        write: the server runs them once logged in, or refuses them), or None when the
-        login needs a continuation (AUTHENTICATE PLAIN without SASL-IR)."""
+    async def start_login(self, user: str, password: str, *, authorize_as: str | None = None,
+                          then: Sequence[tuple[bytes, str]] = ()) -> list[_Pending] | None:
+        """Send the login in one line without waiting, and the commands `then` (line, name)
+        behind it in the same write (the server runs them once logged in, or refuses them);
+        their pendings, login first. None when the login needs a continuation
+        (AUTHENTICATE PLAIN without SASL-IR): nothing sent."""
         if "AUTH=PLAIN" in self.capabilities or authorize_as:
             if "SASL-IR" not in self.capabilities:
                 return None
             token = base64.b64encode(
                 f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
-            return await self._send([f"AUTHENTICATE PLAIN {token}".encode()], "AUTHENTICATE")
-        return await self._send(
-            [f"LOGIN {quote(user).decode()} {quote(password).decode()}".encode()], "LOGIN")
+            login = (f"AUTHENTICATE PLAIN {token}".encode(), "AUTHENTICATE")
+        else:
+            login = (f"LOGIN {quote(user).decode()} {quote(password).decode()}".encode(), "LOGIN")
+        return await self._send_lines([login, *then])
+
+    async def _send_lines(self, commands: Sequence[tuple[bytes, str]]) -> list[_Pending]:
+        """Write several commands without literals in one write."""
+        if self._broken is not None:
+            raise ImapConnectionError(f"{commands[0][1]}: connection lost: {self._broken!r}")
+        async with self._write_lock:
+            loop = asyncio.get_running_loop()
+            pendings, lines = [], []
+            for line, name in commands:
+                self._tag += 1
+                pending = _Pending(b"M%d" % self._tag, name, loop.create_future())
+                pendings.append(pending)
+                lines.append(pending.tag + b" " + line + b"\r\n")
+            self._pending.extend(pendings)
+            self._writer.write(b"".join(lines))
+            try:
+                await asyncio.wait_for(self._writer.drain(), self.timeout)
+            except (TimeoutError, OSError) as exc:
+                self._fail(exc)
+                raise ImapConnectionError(f"{commands[0][1]}: {exc!r}") from exc
+        return pendings
 
     async def finish_login(self, pending: _Pending) -> None:
         """Wait for the login's answer (raise on NO/BAD) and take the new capabilities."""
