@@ -41,6 +41,7 @@ from reconciler.mover.imapclient import (
     ImapConnectionError,
     ImapError,
     ImapLoginError,
+    Pending,
     Untagged,
     as_int,
     fetch_items,
@@ -293,6 +294,7 @@ class ImapEndpoint:
             if not a.system:
                 raise
             raise type(exc)(f"{a.system}: {exc}") from exc
+        early: list[Pending] | None = None
         try:
             # The login and the session's first two commands in one write: the server runs
             # NAMESPACE and the folder LIST once logged in (they get NO/BAD if the login is
@@ -301,7 +303,7 @@ class ImapEndpoint:
             started = None if (a.host, a.port) in _LOGIN_ALONE else await client.start_login(
                 a.user, a.password, authorize_as=a.authorize_as,
                 then=[(b"NAMESPACE", "NAMESPACE"), (_LIST_ALL.encode(), "LIST")])
-            early = started[1:] if started is not None else None
+            early = started[1:] if started is not None else None  # NAMESPACE, LIST
             try:
                 if started is None:
                     await client.login(a.user, a.password, authorize_as=a.authorize_as)

@@ -193,6 +193,9 @@ class _Pending:
     untagged: list[Untagged] = field(default_factory=list)
 
 
+Pending = _Pending  # a command sent and not yet answered (`start`, `start_login`)
+
+
 class ImapClient:
     """One IMAP connection; several commands may be in flight at once."""
 
