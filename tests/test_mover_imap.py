@@ -11,8 +11,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,7 @@ from reconciler.mover.endpoints import (
     content_hash,
 )
 from reconciler.mover.folders import FolderRule
+from reconciler.mover.imapclient import ImapClient, ImapLoginError
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs
@@ -406,13 +408,97 @@ def test_passes_in_one_process_reuse_logins_and_still_see_every_change(
     assert sum(snapshot(pair.dst, user, sep=".", prefix="INBOX.").values()) == 12
 
 
-class NoListStatus(ImapEndpoint):
-    """An IMAP endpoint that ignores the server's LIST-STATUS (as if it had none)."""
+class NoListStatusClient(ImapClient):
+    """Dovecot as a server without LIST-STATUS: not in the login's capabilities, and the LIST
+    sent behind the login asks for a RETURN option the server refuses (BAD), as such a
+    server would refuse RETURN (STATUS ...)."""
 
-    async def open(self) -> None:
-        await super().open()
-        assert self.client is not None
-        self.client.capabilities.discard("LIST-STATUS")
+    async def finish_login(self, pending: Any) -> None:
+        await super().finish_login(pending)
+        self.capabilities.discard("LIST-STATUS")
+
+    async def start(self, segments: Sequence[bytes], name: str, **kw: Any) -> Any:
+        if segments[0].startswith(b'LIST "" "*" RETURN'):
+            segments = [b'LIST "" "*" RETURN (SPECIAL-USE NO-SUCH-OPTION)']
+        return await super().start(segments, name, **kw)
+
+
+class NoListStatus(ImapEndpoint):
+    """An IMAP endpoint on a server without LIST-STATUS."""
+
+    client_type = NoListStatusClient
+
+
+class GreetingWithout(ImapClient):
+    """A server whose greeting lacks some capabilities (`drop`): another login path."""
+
+    drop: tuple[str, ...] = ()
+
+    @classmethod
+    async def connect(cls, host: str, port: int, **kw: Any) -> ImapClient:
+        client = await super().connect(host, port, **kw)
+        client.capabilities -= set(cls.drop)
+        return client
+
+
+class Logins:
+    """Counts the LIST commands sent with `simple` (the ones not sent behind the login)."""
+
+    lists = 0
+
+
+@pytest.mark.parametrize("drop", [(), ("SASL-IR",), ("AUTH=PLAIN", "SASL-IR")],
+                         ids=["sasl-ir", "continuation", "login"])
+def test_login_pipelined_with_namespace_and_list_and_a_wrong_password_still_says_so(
+        pair: Pair, tmp_path: Path, drop: tuple[str, ...]) -> None:
+    import asyncio
+
+    user = pair.user("liam")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(3)], "Work": []})
+
+    class Client(GreetingWithout):
+        async def simple(self, command: str, **kw: Any) -> Any:
+            Logins.lists += command.startswith("LIST")
+            return await super().simple(command, **kw)
+
+    Client.drop = drop
+
+    class Endpoint(ImapEndpoint):
+        client_type = Client
+
+    def account(server: Dovecot, password: str) -> ImapAccount:
+        return ImapAccount("127.0.0.1", server.port, user, password, timeout=15)
+
+    async def folders(password: str) -> tuple[list[str], str, str | None, dict[str, str]]:
+        endpoint = Endpoint(account(pair.dst, password))
+        await endpoint.open()
+        try:
+            names = sorted(f.name for f in await endpoint.folders())
+            return names, endpoint.prefix, endpoint.separator, endpoint.folder_status
+        finally:
+            await endpoint.close()
+
+    Logins.lists = 0
+    names, prefix, sep, _ = asyncio.run(folders(f"pw-{user}"))
+    # the target's namespace (INBOX. prefix, "." separator) came from the early NAMESPACE
+    assert (prefix, sep) == ("INBOX.", ".") and "INBOX" in names
+    # behind a one-line login no LIST of its own; the continuation login sends it after
+    assert Logins.lists == (1 if drop == ("SASL-IR",) else 0)
+    with pytest.raises(ImapLoginError, match=f"login as '{user}' refused"):
+        asyncio.run(folders("not-the-password"))
+    st = store(tmp_path)
+
+    def once(password: str) -> MailboxReport:
+        j = Job(user, lambda: Endpoint(account(pair.src, password), readonly=True),
+                lambda: Endpoint(account(pair.dst, password)))
+        return run_jobs([j], manifest=Manifest(st))[0]
+
+    refused = once("not-the-password")
+    assert refused.error and "ImapLoginError" in refused.error and refused.attempts == 1
+    assert once(f"pw-{user}").copied == 3
+    quiet = once(f"pw-{user}")  # the early LIST-STATUS proves the folders unchanged
+    assert quiet.verified and quiet.copied == 0 and all(f.unchanged for f in quiet.folders
+                                                        if f.folder == "INBOX")
 
 
 def test_without_list_status_pipelined_status_gives_the_same_states(
@@ -513,3 +599,30 @@ def test_merged_folders_are_never_half_skipped(pair: Pair, tmp_path: Path) -> No
     assert third.verified and third.copied == 0
     fourth = copy(pair, user, st, options=Options(rules=rules))
     assert fourth.verified and fourth.copied == 0 and all(f.unchanged for f in fourth.folders)
+
+
+def test_cli_rerun_in_a_new_process_proves_every_folder_unchanged(
+        pair: Pair, tmp_path: Path) -> None:
+    import json
+
+    user = pair.user("ivan")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(5)],
+                          "Work": [(message(7), "")]})
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+
+    def cli(state: str) -> subprocess.CompletedProcess[str]:  # a new process each time
+        return subprocess.run(
+            [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+             f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
+             str(users), "--state", state, "--progress", "none", "--report", "json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    first = cli(str(tmp_path / "state.db"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = cli(str(tmp_path / "state.db"))  # fresh logins, a store already at head
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = json.loads(again.stdout)
+    assert report["copied"] == 0 and report["present"] == 6 and report["verified"]
+    assert {f["folder"]: f["unchanged"] for f in report["folders"]} == {
+        "INBOX": True, "Work": True}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from typing import Any
 
 import pytest
 
 from reconciler.mover import mutf7
 from reconciler.mover.endpoints import epoch_of, expand_uid_set, imap_date, uid_set, wire_form
 from reconciler.mover.folders import Folder, FolderRule, canonical, map_folders, native
-from reconciler.mover.imapclient import fetch_items, parse_response
+from reconciler.mover.imapclient import ImapClient, fetch_items, parse_response
 from reconciler.mover.progress import JsonProgress
 from reconciler.mover.throttle import Throttle
 
@@ -85,3 +86,101 @@ def test_json_progress_events() -> None:
     assert [e["event"] for e in events] == ["mailbox", "progress", "done", "run"]
     assert all(e["format"] == "mailferry.mover/v1" for e in events)
     assert events[-1]["copied"] == 4 and events[-1]["messages"] == 10
+
+
+def test_a_server_dropping_what_follows_the_login_gets_it_alone_on_the_retry() -> None:
+    """An IMAP server on 127.0.0.1 that throws away the rest of the read that carried the
+    login (some do after authentication): the first attempt times out waiting, the retry
+    sends the login alone and works."""
+    from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
+    from reconciler.mover.imapclient import ImapConnectionError
+
+    reads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] fake\r\n")
+        while data := await reader.read(65536):
+            reads.append(data)
+            line = data.split(b"\r\n", 1)[0]  # the rest of this read is dropped
+            tag, _, command = line.partition(b" ")
+            verb = command.split(b" ", 1)[0].upper()
+            if verb == b"AUTHENTICATE":
+                writer.write(tag + b" OK [CAPABILITY IMAP4rev1 NAMESPACE SPECIAL-USE "
+                             b"LIST-STATUS] in\r\n")
+            elif verb == b"NAMESPACE":
+                writer.write(b'* NAMESPACE (("" "/")) NIL NIL\r\n' + tag + b" OK done\r\n")
+            elif verb == b"LIST":
+                writer.write(b'* LIST () "/" INBOX\r\n'
+                             b"* STATUS INBOX (UIDVALIDITY 7 UIDNEXT 3 MESSAGES 2)\r\n"
+                             + tag + b" OK done\r\n")
+            elif verb == b"LOGOUT":
+                writer.write(b"* BYE\r\n" + tag + b" OK bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> tuple[str, list[str], dict[str, str]]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        account = ImapAccount("127.0.0.1", port, "u", "pw", timeout=0.5)
+        try:
+            first = ImapEndpoint(account)
+            with pytest.raises(ImapConnectionError) as failed:
+                await first.open()
+            again = ImapEndpoint(account)
+            await again.open()
+            names = [f.name for f in await again.folders()]
+            await again.close()
+            return str(failed.value), names, again.folder_status
+        finally:
+            server.close()
+
+    error, names, status = asyncio.run(scenario())
+    assert "NAMESPACE" in error
+    assert names == ["INBOX"] and status == {"INBOX": "7/3/2"}
+    assert reads[0].count(b"\r\n") == 3  # login, NAMESPACE, LIST in one write at first
+    assert all(r.count(b"\r\n") == 1 for r in reads[1:])  # then one command at a time
+
+
+
+class LateClient(ImapClient):
+    """Returns from `connect` only after `pause` seconds (the reader has seen what came)."""
+
+    pause = 0.0
+
+    @classmethod
+    async def connect(cls, host: str, port: int, **kw: Any) -> ImapClient:
+        client = await super().connect(host, port, **kw)
+        await asyncio.sleep(cls.pause)
+        return client
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.2])
+def test_a_server_gone_after_its_greeting_is_a_connection_error(pause: float) -> None:
+    """The close seen before the login is written (pause) or after: a retryable error."""
+    from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
+    from reconciler.mover.imapclient import ImapConnectionError
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] leaving\r\n")
+        await writer.drain()
+        writer.close()
+
+    class Late(LateClient):
+        pass
+
+    Late.pause = pause
+
+    class Endpoint(ImapEndpoint):
+        client_type = Late
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(ImapConnectionError):
+                await Endpoint(ImapAccount("127.0.0.1", port, "u", "pw", timeout=2)).open()
+        finally:
+            server.close()
+
+    asyncio.run(scenario())

@@ -22,3 +22,45 @@ def test_concurrent_first_open_of_a_new_store(tmp_path: Path) -> None:
     with create_engine(url).connect() as connection:
         versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
     assert len(versions) == 1
+
+
+def test_head_revision_read_from_the_scripts_is_alembics_head() -> None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from reconciler.state.store import ALEMBIC_DIR, head_revision
+
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    assert head_revision() == ScriptDirectory.from_config(config).get_current_head()
+
+
+def test_a_store_at_head_opens_without_alembic_an_older_one_is_upgraded(
+        tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from reconciler.state.store import ALEMBIC_DIR
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    code = (f"import sys; from reconciler.state.store import open_store; "
+            f"open_store({url!r}).close(); print('alembic' in sys.modules)")
+
+    def open_in_new_process() -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, timeout=60).stdout.strip()
+
+    assert open_in_new_process() == "True"  # a new store: created by Alembic
+    assert open_in_new_process() == "False"  # at head: Alembic not even imported
+    older = f"sqlite:///{tmp_path / 'older.db'}"  # a store of the release before the mover
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    with create_engine(older).begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+    code = code.replace(url, older)
+    assert open_in_new_process() == "True"
+    with create_engine(older).connect() as connection:
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0004"
+        columns = [r[1] for r in connection.execute(text("PRAGMA table_info(transfer_manifest)"))]
+    assert "dst_uid" in columns

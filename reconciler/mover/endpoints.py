@@ -38,8 +38,10 @@ from reconciler.mover.folders import Folder, canonical, guess_special_use, nativ
 from reconciler.mover.imapclient import (
     ImapClient,
     ImapCommandError,
+    ImapConnectionError,
     ImapError,
     ImapLoginError,
+    Pending,
     Untagged,
     as_int,
     fetch_items,
@@ -54,6 +56,10 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
 _LIST_CHUNK = 500  # UIDs per FETCH command: keeps command lines short
+# What `folders` sends to a server with SPECIAL-USE and LIST-STATUS (Dovecot, Cyrus, ...)
+_LIST_ALL = 'LIST "" "*" RETURN (SPECIAL-USE STATUS (UIDVALIDITY UIDNEXT MESSAGES))'
+# Servers (host, port) whose session went silent after a pipelined login: log in alone there
+_LOGIN_ALONE: set[tuple[str, int]] = set()
 
 
 def wire_form(data: bytes) -> bytes:
@@ -252,6 +258,8 @@ class ImapAccount:
 class ImapEndpoint:
     """A mailbox on an IMAP server, over one pipelined connection."""
 
+    client_type: type[ImapClient] = ImapClient  # tests give servers other capabilities
+
     def __init__(self, account: ImapAccount, *, readonly: bool = False,
                  pool: ConnectionPool | None = None) -> None:
         self.account = account
@@ -267,6 +275,7 @@ class ImapEndpoint:
         self._state = ""
         # canonical folder -> "UIDVALIDITY/UIDNEXT/MESSAGES" from LIST-STATUS (RFC 5819)
         self.folder_status: dict[str, str] = {}
+        self._early_list: list[Untagged] | None = None  # the LIST sent behind the login
 
     async def open(self) -> None:
         """Connect, log in, learn separator and personal namespace prefix."""
@@ -279,15 +288,27 @@ class ImapEndpoint:
             self._selected = None
             return
         try:
-            client = await ImapClient.connect(a.host, a.port, timeout=a.timeout, tls=a.tls,
+            client = await self.client_type.connect(a.host, a.port, timeout=a.timeout, tls=a.tls,
                                               cafile=a.cafile)
         except ImapError as exc:
             if not a.system:
                 raise
             raise type(exc)(f"{a.system}: {exc}") from exc
+        early: list[Pending] | None = None
         try:
+            # The login and the session's first two commands in one write: the server runs
+            # NAMESPACE and the folder LIST once logged in (they get NO/BAD if the login is
+            # refused). Half the round trips of a fresh connection; what a cold re-run of
+            # a far-away server mostly waits for.
+            started = None if (a.host, a.port) in _LOGIN_ALONE else await client.start_login(
+                a.user, a.password, authorize_as=a.authorize_as,
+                then=[(b"NAMESPACE", "NAMESPACE"), (_LIST_ALL.encode(), "LIST")])
+            early = started[1:] if started is not None else None  # NAMESPACE, LIST
             try:
-                await client.login(a.user, a.password, authorize_as=a.authorize_as)
+                if started is None:
+                    await client.login(a.user, a.password, authorize_as=a.authorize_as)
+                else:
+                    await client.finish_login(started[0])
             except ImapCommandError as exc:
                 if "[UNAVAILABLE]" in exc.text.upper():
                     raise  # the server's auth backend is down: worth a retry
@@ -295,8 +316,24 @@ class ImapEndpoint:
                        else repr(a.user))
                 raise ImapLoginError(f"{a.where}: login as {who} refused (bad credentials?): "
                                      f"{exc.status} {exc.text}") from exc
-            if "NAMESPACE" in client.capabilities:
-                for resp in await client.simple("NAMESPACE"):
+            namespace = None
+            if early is not None:
+                try:
+                    with contextlib.suppress(ImapCommandError):  # no NAMESPACE: asked below
+                        namespace = await client.finish(early[0])
+                    with contextlib.suppress(ImapCommandError):  # no RETURN options: later
+                        listed = await client.finish(early[1])
+                        if {"SPECIAL-USE", "LIST-STATUS"} <= client.capabilities:
+                            self._early_list = listed
+                except ImapConnectionError:
+                    # A server that drops what followed the login (or a broken line): the
+                    # retry, and every later login to this server, go one command at a time.
+                    _LOGIN_ALONE.add((a.host, a.port))
+                    raise
+            if namespace is None and "NAMESPACE" in client.capabilities:
+                namespace = await client.simple("NAMESPACE")
+            if namespace is not None:
+                for resp in namespace:
                     personal = resp[1] if len(resp) > 1 and resp[0] == b"NAMESPACE" else None
                     if isinstance(personal, list) and personal and isinstance(personal[0], list):
                         prefix, sep = (personal[0] + [None, None])[:2]
@@ -309,6 +346,8 @@ class ImapEndpoint:
                         sep = resp[2]
                         self.separator = sep.decode() if isinstance(sep, bytes) else None
         except BaseException:
+            for pending in early or ():
+                client.abandon(pending)
             client.close()
             raise
         self.client = client
@@ -357,7 +396,10 @@ class ImapEndpoint:
             command += f" RETURN ({' '.join(returns)})"
         result: list[Folder] = []
         self.folder_status = {}
-        responses = await client.simple(command)
+        # The LIST sent with the login answers the first call (same command, same moment
+        # of this pass: its states are server facts like any other LIST's).
+        early, self._early_list = self._early_list, None
+        responses = early if early is not None else await client.simple(command)
         self._statuses(responses)
         for resp in responses:
             if len(resp) < 4 or resp[0] != b"LIST" or not isinstance(resp[1], list):

@@ -1,7 +1,8 @@
 """Logged-in IMAP connections kept for the next pass over the same mailbox, per process.
 
 Why: a pass that finds nothing to copy costs, per mailbox, one `LIST ... RETURN (STATUS
-...)` per side, and before it a TCP connect, the greeting, a login and NAMESPACE per side.
+...)` per side, and before it a TCP connect, the greeting and a login per side (NAMESPACE
+and the LIST ride behind the login in the same write).
 On Dovecot a login also starts an `imap-login` and an `imap` process; for 20 small mailboxes
 that setup was most of a no-op re-run. A process that passes over the same mailboxes more
 than once keeps the connections of the previous pass and skips all of it (today `mover
