@@ -21,6 +21,7 @@ logged out first.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -35,13 +36,15 @@ class Idle:
     client: ImapClient
     separator: str | None
     prefix: str
+    since: float = 0.0  # monotonic time it went idle (set by the pool)
 
 
 class ConnectionPool:
     """Idle logged-in connections by login; use from one event loop."""
 
-    def __init__(self, max_idle: int = 512) -> None:
+    def __init__(self, max_idle: int = 512, max_age: float | None = None) -> None:
         self.max_idle = max_idle
+        self.max_age = max_age  # seconds an idle connection may wait (None: no limit)
         self._idle: OrderedDict[Hashable, list[Idle]] = OrderedDict()
         self.reused = 0  # connections handed out again (tests and stats)
 
@@ -53,7 +56,8 @@ class ConnectionPool:
         waiting = self._idle.get(key)
         while waiting:
             idle = waiting.pop()
-            if idle.client.usable:
+            fresh = self.max_age is None or time.monotonic() - idle.since <= self.max_age
+            if fresh and idle.client.usable:
                 self.reused += 1
                 return idle
             idle.client.close()
@@ -66,6 +70,7 @@ class ConnectionPool:
         if not idle.client.usable:
             idle.client.close()
             return
+        idle.since = time.monotonic()
         self._idle.setdefault(key, []).append(idle)
         self._idle.move_to_end(key)
         while len(self) > self.max_idle:
@@ -74,6 +79,14 @@ class ConnectionPool:
             if not oldest:
                 self._idle.popitem(last=False)
             await victim.client.logout()
+
+    def forget(self, key: Hashable) -> int:
+        """Drop the idle connections of one login (its mailbox was deleted or recreated: a
+        session opened on the old one must not serve the new one); how many."""
+        waiting = self._idle.pop(key, [])
+        for idle in waiting:
+            idle.client.close()
+        return len(waiting)
 
     async def close(self) -> None:
         """Log every idle connection out."""

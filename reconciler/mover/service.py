@@ -11,34 +11,112 @@ turns the one into the other:
 - `options_from_modes(modes, phase)`: folderMap, verify, throttles of the policy;
 - `move_mail(...)`: one mailbox copied and verified, the manifest written into the step's
   transaction, safe to call whether or not an event loop is running in this thread.
+
+Why one event loop thread per process (`mover_loop()`): the steps copy a mailbox twice in a
+row (E11-E14, then the delta E15 after the flip), and `reconcile --watch` copies again at
+every pass that finds something due. Logged-in IMAP connections belong to the loop that
+opened them, so copies that each ran in their own `asyncio.run` logged in again every time
+(on Dovecot a login starts two processes: most of what a copy that finds nothing to do
+costs). The steps' copies therefore all run on one long-lived loop with one connection pool;
+an idle connection is kept at most `IDLE_SECONDS` (well under servers' autologout) and every
+one is logged out at exit. The calling thread waits for the result, so the step's database
+session is still used by one thread at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
-from collections.abc import Mapping
-from typing import Any
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from reconciler.drivers.base import MailSystemDriver
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
+from reconciler.mover.pool import ConnectionPool
 from reconciler.mover.progress import Progress
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
 
 _THROTTLES: dict[str, Throttle] = {}  # per source system, shared by every copy of a process
+IDLE_SECONDS = 120.0  # how long a pooled connection may wait for the next copy
+T = TypeVar("T")
 
 
-def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool) -> Endpoint:
-    """IMAP when the driver offers it, else the driver's own calls."""
+class MoverLoop:
+    """A daemon thread running one event loop, and the connection pool that lives on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.pool = ConnectionPool(max_idle=64, max_age=IDLE_SECONDS)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mover-loop",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the loop and wait for its result in the calling thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Log the idle connections out and stop the loop."""
+        if not self.loop.is_running():
+            return
+        future = asyncio.run_coroutine_threadsafe(self.pool.close(), self.loop)
+        # On a timeout the servers end the sessions themselves (autologout).
+        with contextlib.suppress(concurrent.futures.TimeoutError, OSError):
+            future.result(timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout)
+
+
+_LOOP: MoverLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def mover_loop() -> MoverLoop:
+    """The process's mover loop, started on first use and closed at exit."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = MoverLoop()
+            atexit.register(_LOOP.close)
+        return _LOOP
+
+
+def forget_logins(driver: MailSystemDriver, mailbox_id: str) -> None:
+    """Drop pooled sessions of a mailbox that is being deleted or created (see `forget`).
+
+    Best effort and never raising: a mailbox the driver no longer knows has no login to drop,
+    and the pool's `max_age` bounds any session this misses."""
+    account = getattr(driver, "imap_account", None)
+    if _LOOP is None or not callable(account):
+        return
+    try:
+        value = account(mailbox_id)
+    except Exception:  # see the docstring
+        return
+    if isinstance(value, ImapAccount):
+        pool = _LOOP.pool
+        _LOOP.run(_call(lambda: pool.forget(value)))
+
+
+async def _call(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
+                 pool: ConnectionPool | None = None) -> Endpoint:
+    """IMAP when the driver offers it (pooled logins if `pool`), else the driver's calls."""
     account = getattr(driver, "imap_account", None)
     if callable(account):
         value = account(mailbox_id)
         if isinstance(value, ImapAccount):
-            return ImapEndpoint(value, readonly=readonly)
+            return ImapEndpoint(value, readonly=readonly, pool=pool)
     return DriverEndpoint(driver, mailbox_id)
 
 
@@ -65,18 +143,13 @@ def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id:
               key: str, modes: Mapping[str, Any], phase: str, manifest: Manifest | None,
               progress: Progress | None = None) -> MailboxReport:
     """Copy and verify one mailbox; the report says what was copied, present, failed."""
-    job = Job(key, lambda: endpoint_for(src, src_id, readonly=True),
-              lambda: endpoint_for(dst, dst_id, readonly=False),
+    mover = mover_loop()
+    job = Job(key, lambda: endpoint_for(src, src_id, readonly=True, pool=mover.pool),
+              lambda: endpoint_for(dst, dst_id, readonly=False, pool=mover.pool),
               throttle=throttle_for(src.name, modes), options=options_from_modes(modes, phase))
 
     async def go() -> MailboxReport:
         return (await run_jobs_async([job], manifest=manifest, progress=progress,
                                      parallel=1, retries=2))[0]
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(go())
-    # Called from code running inside an event loop: run ours in a thread of its own.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, go()).result()
+    return mover.run(go())

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from reconciler.errors import NotReady, TemporaryError
 from reconciler.mover.calendar import copy_diary, verify_diary
 from reconciler.mover.manifest import Manifest
-from reconciler.mover.service import move_mail
+from reconciler.mover.service import forget_logins, move_mail
 from reconciler.state.model import Migration, TransferRun
 from reconciler.steps.base import Outcome, StepContext
 
@@ -55,6 +55,7 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
                     + (f", {len(lacking)} diary entries missing" if lacking else ""),
                     address=m.address, step="E41", delay=30)
             detail["last_delta_copied"] = report.copied
+        forget_logins(source, m.source_mailbox)  # pooled sessions of BOX1 must not outlive it
         source.delete_mailbox(m.source_mailbox)
     ctx.changed(m.source_system)  # the pass's closing up-sync makes fed forget ADP1
     return Outcome(13, "E41-E42", detail)

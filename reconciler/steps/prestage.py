@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from reconciler.drivers.base import mailbox_id_for, split_physical
 from reconciler.errors import PermanentError
+from reconciler.mover.service import forget_logins
 from reconciler.spec.model import DesiredMailbox
 from reconciler.state.model import Migration
 from reconciler.steps.base import Outcome, StepContext, old_physical
@@ -56,6 +57,7 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
     redirect = None if diary_only else old_physical(m)
     account = target.get_account(m.target_mailbox)
     if account is None:
+        forget_logins(target, m.target_mailbox)  # a session on an earlier mailbox of that id
         account = target.create_mailbox(m.target_mailbox, internal_address=ad2,
                                         redirect_to=redirect)
     elif account.syncfed:
