@@ -12,6 +12,9 @@ import os
 import re
 import signal
 import smtplib
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import pytest
 
 from reconciler.fedclient import FedClient
 
-from fedutil import TOKEN, FakeSystem, Fed, message, wait_for
+from fedutil import REPO, TOKEN, FakeSystem, Fed, message, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -147,3 +150,22 @@ def test_a_child_killed_under_load_is_restarted_and_loses_nothing_acknowledged(
     wait_for(lambda: all(c.queue().pending == 0 for c in nodes), what="empty queues")
     # At least once: a message being delivered at the kill may arrive twice, nothing more.
     assert len(s1.ids()) - len(set(s1.ids())) <= 16
+
+
+def test_a_taken_port_or_a_node_that_cannot_start_fails_the_start(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    base = [sys.executable, "-m", "fed", "serve", "--processes", "2", "--control",
+            "127.0.0.1:0", "--state-dir", str(tmp_path / "state"), "--token-file", str(token),
+            "--domain", "corp.example"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([*base, "--smtp", f"127.0.0.1:{port}"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot listen" in done.stderr
+    done = subprocess.run([*base, "--smtp", "127.0.0.1:0", "--shared-db", "nosuchdb://x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "before it was ready" in done.stderr
+    assert "fed ready" not in done.stdout
