@@ -118,6 +118,7 @@ def test_one_port_two_nodes_hold_stops_both_and_release_delivers_all_once(
 def test_a_child_killed_under_load_is_restarted_and_loses_nothing_acknowledged(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, _ = systems
+    s1.delay = 0.1  # slower than acceptance: the killed node has a backlog in its spool
     fed.client.put_entry(AD1, s1.physical("jean"))
     wait_for(lambda: all(c.lookup(AD1) for c in node_clients(fed)), what="entry on both")
     acked: list[str] = []
@@ -144,7 +145,9 @@ def test_a_child_killed_under_load_is_restarted_and_loses_nothing_acknowledged(
     for sender in senders:
         sender.join(60)
     assert "restarting node" in fed.log()
-    wait_for(lambda: set(acked) <= set(s1.ids()), timeout=60,
+    recovered = re.findall(r"state \S+/node-1: (\d+) messages", fed.log())
+    assert len(recovered) == 2 and int(recovered[1]) > 0, recovered  # its spool, at restart
+    wait_for(lambda: set(acked) <= set(s1.ids()), timeout=90,
              what="every acknowledged message delivered")
     nodes = node_clients(fed)
     wait_for(lambda: all(c.queue().pending == 0 for c in nodes), what="empty queues")
