@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """fed under two loads Postfix's harness does not cover: big messages and mass holds.
 
-    bench/fed_load.py memory [--clients 50] [--size-mb 10]
+    bench/fed_load.py memory [--clients 50] [--size-mb 10] [--processes 1]
         50 clients each send one 10 MB message at the same time; prints fed's peak RSS
-        (VmHWM) once every message has reached the sink. Target: < 1 GB.
+        (VmHWM) once every message has reached the sink. Target: < 1 GB. With
+        --processes N, the sum of the peaks of the parent and its N nodes (an upper bound).
     bench/fed_load.py holds [--addresses 1000] [--senders 4]
         1,000 addresses (one mailbox each) on system s1 get mail from 4 senders without a
         pause; meanwhile one batch POST /v1/holds, POST /v1/flip per mailbox (8 in
@@ -41,6 +42,12 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
+def tree_peak_rss_mb(pid: int) -> float:
+    """Peak RSS of a process plus its children's (`fed serve --processes N`)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return peak_rss_mb(pid) + sum(peak_rss_mb(int(kid)) for kid in kids)
+
+
 def big_message(n: int, size: int) -> bytes:
     """An RFC 5322 message of about `size` bytes (76-character lines, CRLF)."""
     line = (b"0123456789" * 8)[:76] + b"\r\n"
@@ -54,11 +61,12 @@ def memory(args: argparse.Namespace) -> int:
     sink = FakeSystem("s1").start()
     with tempfile.TemporaryDirectory() as tmp:
         fed = Fed(Path(tmp) / "fed", [sink],
-                  extra=["--max-size", str(args.size_mb * 2 << 20)]).start()
+                  extra=["--max-size", str(args.size_mb * 2 << 20),
+                         "--processes", str(args.processes)]).start()
         try:
             assert fed.proc is not None
             fed.client.put_entry("a@corp.example", sink.physical("a"))
-            base = peak_rss_mb(fed.proc.pid)
+            base = tree_peak_rss_mb(fed.proc.pid)
             data = [big_message(n, args.size_mb << 20) for n in range(args.clients)]
             codes: list[int] = []
             barrier = threading.Barrier(args.clients)
@@ -80,10 +88,11 @@ def memory(args: argparse.Namespace) -> int:
             wait_for(lambda: len(sink.received) >= args.clients, timeout=600,
                      what="every big message at the sink")
             delivered = time.monotonic() - started
-            peak = peak_rss_mb(fed.proc.pid)
+            peak = tree_peak_rss_mb(fed.proc.pid)
             ok = codes.count(250) == args.clients and all(
                 len(m.data) >= args.size_mb << 20 for m in sink.received)
-            print(f"fed memory: {args.clients} clients x {args.size_mb} MB: accepted in "
+            print(f"fed memory ({args.processes} processes): {args.clients} clients x "
+                  f"{args.size_mb} MB: accepted in "
                   f"{accepted:.1f} s, delivered in {delivered:.1f} s, "
                   f"peak RSS {peak:.0f} MB (idle {base:.0f} MB), "
                   f"{'all delivered intact' if ok else 'MISSING OR DAMAGED MESSAGES'}")
@@ -160,6 +169,7 @@ def main() -> int:
     m = sub.add_parser("memory")
     m.add_argument("--clients", type=int, default=50)
     m.add_argument("--size-mb", type=int, default=10)
+    m.add_argument("--processes", type=int, default=1)
     h = sub.add_parser("holds")
     h.add_argument("--addresses", type=int, default=1000)
     h.add_argument("--senders", type=int, default=4)

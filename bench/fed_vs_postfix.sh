@@ -13,7 +13,8 @@
 # Usage (as root, like the harness):  bench/fed_vs_postfix.sh [N] [CONCURRENCY_LIST]
 #   bench/fed_vs_postfix.sh 2000 "1 10 50"
 # Environment: SERVERS (default "postfix"; add the aiosmtpd baselines if wanted),
-# FED_WORKERS (connections per destination, default 16), ports (defaults differ from the
+# FED_WORKERS (connections per destination, default 16), FED_PROCESSES (fed serve
+# --processes: node processes behind the one port, default 2), ports (defaults differ from the
 # harness's so that a colleague's run of the harness does not collide), FED_ARGS (extra).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -28,6 +29,7 @@ export RELAY_PORT=${RELAY_PORT:-12025} SINK_PORT=${SINK_PORT:-12026}
 export PY_PORT_BASE=${PY_PORT_BASE:-12027} EXTRA_PORT=${EXTRA_PORT:-12030}
 CONTROL_PORT=${CONTROL_PORT:-12031}
 FED_WORKERS=${FED_WORKERS:-16}
+FED_PROCESSES=${FED_PROCESSES:-2}
 FED_ARGS=${FED_ARGS:-}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -41,7 +43,7 @@ set -euo pipefail
 serve() {
   "$PY" -m fed serve --smtp 127.0.0.1:\$1 --control 127.0.0.1:$CONTROL_PORT \\
     --state-dir "$WORK/state" --token-file "$WORK/token" --domain example.test \\
-    --system sink=127.0.0.1:\$SINK_PORT/smtp --workers $FED_WORKERS $FED_ARGS \\
+    --system sink=127.0.0.1:\$SINK_PORT/smtp --workers $FED_WORKERS --processes $FED_PROCESSES $FED_ARGS \\
     > "$WORK/fed.out" 2>> "$WORK/fed.err" &
   pid=\$!
   for _ in \$(seq 100); do grep -q ready "$WORK/fed.out" 2>/dev/null && break; sleep 0.1; done
@@ -58,6 +60,7 @@ SH
 chmod +x "$WORK/fed.sh"
 
 OUT="$WORK/table.txt"
+echo "fed: --processes $FED_PROCESSES --workers $FED_WORKERS"
 EXTRA_NAME=fed EXTRA_CMD="exec $WORK/fed.sh" bash "$HARNESS" "$N" "$CONCS" | tee "$OUT"
 grep -h "group commit" "$WORK/fed.err" | tail -1 || true
 

@@ -51,6 +51,7 @@ from .spool import Spool
 from .store import Store
 
 log = logging.getLogger("fed")
+READY = "fed ready"  # the start of the line printed once serving
 
 
 @dataclass
@@ -75,6 +76,8 @@ class FedConfig:
     node_name: str | None = None  # None: host name + a hash of the state dir (stable)
     node_lease: float = 10.0
     node_poll: float = 0.1
+    smtp_fd: int | None = None  # a listening socket inherited from `--processes` (procs.py)
+    control_fd: int | None = None
 
 
 def node_name(config: FedConfig) -> str:
@@ -125,7 +128,12 @@ async def serve(config: FedConfig) -> None:
 
     agent_task = asyncio.create_task(agent.run(), name="node-agent")
     delivery_task = asyncio.create_task(deliverer.run(), name="delivery")
-    smtp_server = await loop.create_server(factory, config.smtp_host, config.smtp_port)
+    if config.smtp_fd is not None:
+        inherited = socket.socket(fileno=config.smtp_fd)
+        smtp_server = await loop.create_server(factory, sock=inherited)
+        loop.add_reader(0, _parent_watch, loop, stop)
+    else:
+        smtp_server = await loop.create_server(factory, config.smtp_host, config.smtp_port)
     api = ControlAPI(config.token, directory, spool, holds, deliverer, config.hold_timeout,
                      config.metrics_public)
     metrics.install_state(
@@ -135,14 +143,18 @@ async def serve(config: FedConfig) -> None:
     application.router.add_get("/v1/nodes", agent.nodes_view)
     runner = web.AppRunner(application, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.control_host, config.control_port)
+    site: web.BaseSite
+    if config.control_fd is not None:
+        site = web.SockSite(runner, socket.socket(fileno=config.control_fd))
+    else:
+        site = web.TCPSite(runner, config.control_host, config.control_port)
     await site.start()
 
     smtp_addr = smtp_server.sockets[0].getsockname()
     control_addr = runner.addresses[0]
     log.info("node %s (pid %d), shared database %s", agent.name, os.getpid(),
              shared.engine.url.render_as_string())
-    print(f"fed ready smtp={smtp_addr[0]}:{smtp_addr[1]} "
+    print(f"{READY} smtp={smtp_addr[0]}:{smtp_addr[1]} "
           f"control={control_addr[0]}:{control_addr[1]}", flush=True)
     log.info("serving domains %s", ", ".join(config.domains))
 
@@ -163,6 +175,14 @@ async def serve(config: FedConfig) -> None:
     shared.close()
     store.close()
     log.info("stopped")
+
+
+def _parent_watch(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """A node of `--processes`: its stdin closing means the parent is gone (even kill -9)."""
+    if not os.read(0, 4096):
+        loop.remove_reader(0)
+        log.warning("the parent process is gone: stopping")
+        stop.set()
 
 
 def run(config: FedConfig) -> int:

@@ -17,7 +17,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from . import queuectl
+from . import logs, procs, queuectl
 from .addresses import set_case_sensitive_local
 from .app import FedConfig, run
 from .auth import (
@@ -31,6 +31,7 @@ from .delivery import DeliverySettings
 from .node_agent import NodeNameInUse
 from .policy import DEFAULT_RELAY_NETWORKS, RelayPolicy, parse_networks
 from .server import SmtpSettings
+from .shared_db import default_url
 from .tls import server_context
 
 _SYSTEM = re.compile(r"^([A-Za-z0-9_.\-]+)=([^:/]+|\[[^\]]+\]):(\d+)(?:/(lmtp|smtp))?$")
@@ -75,6 +76,13 @@ def network_arg(raw: str) -> str:
             raise argparse.ArgumentTypeError(
                 f"expected a CIDR such as 10.0.0.0/24: {exc}") from exc
     return raw
+
+
+def positive_int(raw: str) -> int:
+    """An integer >= 1."""
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {raw!r}")
+    return int(raw)
 
 
 def _token_args(p: argparse.ArgumentParser) -> None:
@@ -139,6 +147,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--node-name", help="this node's name (default: host name + state dir hash)")
     s.add_argument("--node-lease", type=float, default=10.0,
                    help="a node that could not refresh for this long stops delivering (s)")
+    s.add_argument("--processes", type=positive_int, default=1,
+                   help="node processes on this machine, one SMTP port (docs/fed-multinode.md)")
+    s.add_argument("--smtp-fd", type=int, help=argparse.SUPPRESS)  # from --processes
+    s.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
 
     q = sub.add_parser("queue", help="inspect and manage the queue (like postqueue/postsuper)")
     q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
@@ -219,6 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"fed: {exc}", file=sys.stderr)
         return 2
+    if args.processes > 1:
+        logs.setup(args.log_format)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            return procs.supervise(
+                argv, args.processes, args.smtp, args.control, args.state_dir,
+                args.shared_db or default_url(str(args.state_dir.resolve())), args.node_name)
+        except OSError as exc:
+            print(f"fed: cannot listen: {exc}", file=sys.stderr)
+            return 2
     set_case_sensitive_local(args.case_sensitive_local)
     config = FedConfig(
         smtp_host=args.smtp[0], smtp_port=args.smtp[1],
@@ -233,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         hold_timeout=args.hold_timeout, metrics_public=args.metrics_public,
         log_format=args.log_format,
         shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,
+        smtp_fd=args.smtp_fd, control_fd=args.control_fd,
     )
     try:
         return run(config)
