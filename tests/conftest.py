@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from fedutil import FakeSystem
 from world import World
 
 
@@ -15,3 +16,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = World(tmp_path_factory.mktemp("world"))
     yield w
     w.stop()
+
+
+@pytest.fixture
+def systems() -> Iterator[tuple[FakeSystem, FakeSystem]]:
+    """Two fake mail systems on loopback for fed's tests: s1 speaks LMTP, s2 SMTP (a test
+    module may define its own `systems`)."""
+    s1, s2 = FakeSystem("s1").start(), FakeSystem("s2", protocol="smtp").start()
+    yield s1, s2
+    s1.stop()
+    s2.stop()

@@ -21,14 +21,6 @@ ALIAS = "jd@corp.example"
 
 
 @pytest.fixture
-def systems() -> Iterator[tuple[FakeSystem, FakeSystem]]:
-    s1, s2 = FakeSystem("s1").start(), FakeSystem("s2", protocol="smtp").start()
-    yield s1, s2
-    s1.stop()
-    s2.stop()
-
-
-@pytest.fixture
 def fed(tmp_path: Path, systems: tuple[FakeSystem, FakeSystem]) -> Iterator[Fed]:
     s1, _ = systems
     running = Fed(tmp_path / "fed", list(systems)).start()

@@ -68,14 +68,6 @@ def shared_url(postgres: PrivatePostgres) -> str:
     return postgres.url
 
 
-@pytest.fixture
-def systems() -> Iterator[tuple[FakeSystem, FakeSystem]]:
-    s1, s2 = FakeSystem("s1").start(), FakeSystem("s2", protocol="smtp").start()
-    yield s1, s2
-    s1.stop()
-    s2.stop()
-
-
 def start_node(tmp_path: Path, name: str, url: str, systems: list[FakeSystem],
                lease: float = 2.0, extra: tuple[str, ...] = ()) -> Fed:
     return Fed(tmp_path / name, systems, extra=[

@@ -60,14 +60,6 @@ def send_one(port: int, rcpt: str, msgid: str) -> bool:
 
 
 @pytest.fixture
-def systems() -> Iterator[tuple[FakeSystem, FakeSystem]]:
-    s1, s2 = FakeSystem("s1").start(), FakeSystem("s2", protocol="smtp").start()
-    yield s1, s2
-    s1.stop()
-    s2.stop()
-
-
-@pytest.fixture
 def fed(tmp_path: Path, systems: tuple[FakeSystem, FakeSystem]) -> Iterator[Fed]:
     started = Fed(tmp_path / "state", list(systems), extra=[
         "--processes", "2", "--node-lease", "2", "--delivery-timeout", "3"]).start()
