@@ -10,11 +10,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from aiosmtpd.controller import Controller
-from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP
-
-from fedutil import FakeSystem, free_port
+from fedutil import FakeSystem
 
 
 class Raw:
@@ -68,17 +64,4 @@ class Raw:
 class Utf8System(FakeSystem):
     """A FakeSystem whose listener advertises SMTPUTF8 (aiosmtpd's default does not)."""
 
-    def start(self) -> Utf8System:
-        """Listen on a free loopback port with SMTPUTF8 enabled."""
-        self.port = free_port()
-        protocol = self.protocol
-
-        class _Controller(Controller):
-            def factory(self) -> SMTP:
-                cls = LMTP if protocol == "lmtp" else SMTP
-                return cls(self.handler, **self.SMTP_kwargs)
-
-        self._controller = _Controller(self, hostname="127.0.0.1", port=self.port,
-                                       enable_SMTPUTF8=True)
-        self._controller.start()
-        return self
+    smtputf8: bool = True

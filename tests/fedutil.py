@@ -86,6 +86,7 @@ class FakeSystem:
     refuse: dict[str, str] = field(default_factory=dict)
     sessions: set[int] = field(default_factory=set)  # connections that carried DATA
     data_started: threading.Event = field(default_factory=threading.Event)
+    smtputf8: bool = False  # advertise SMTPUTF8 (aiosmtpd's default does not)
     port: int = 0
     _controller: Controller | None = None
 
@@ -120,7 +121,8 @@ class FakeSystem:
                 cls = LMTP if protocol == "lmtp" else SMTP
                 return cls(self.handler, **self.SMTP_kwargs)
 
-        self._controller = _Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller = _Controller(self, hostname="127.0.0.1", port=self.port,
+                                       enable_SMTPUTF8=self.smtputf8)
         self._controller.start()
         return self
 
