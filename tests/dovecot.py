@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def private_root() -> Path:
+    """A fresh 0755 folder for instances: not under pytest's tmp_path, whose root is 0700,
+    since Dovecot's unprivileged processes must traverse every level up to the mail."""
+    root = Path(tempfile.mkdtemp(prefix="mfty-dovecot-"))
+    root.chmod(0o755)
+    return root
 
 
 class Dovecot:

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,7 @@ from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs
 from reconciler.state.store import Store, default_url
 
-from dovecot import Dovecot, skip_unless_available
+from dovecot import Dovecot, private_root, skip_unless_available
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
@@ -45,10 +44,7 @@ class Pair:
     """A source and a target Dovecot; each test adds its own users."""
 
     def __init__(self) -> None:
-        # Not under pytest's tmp_path: its root is 0700 and Dovecot's unprivileged
-        # processes must traverse every level up to the mail.
-        root = Path(tempfile.mkdtemp(prefix="mfty-dovecot-"))
-        root.chmod(0o755)
+        root = private_root()
         # Every test's user exists from the start: Dovecot's auth process may not notice a
         # passwd-file rewritten within the same second.
         users = {u: f"pw-{u}" for u in USERS}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import imaplib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from station_agent.config import load as load_config
 from station_agent.imapupload import decode_mutf7
 from station_agent.thunderbird.prefs import Prefs
 
-from dovecot_kit import Dovecot
+from dovecot import Dovecot, private_root, skip_unless_available
 from tb_kit import (
     ADDRESS,
     EXPECTED,
@@ -44,9 +45,12 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[Dovecot]:
     """The target system's IMAP server, with jean's account."""
-    server = Dovecot({ADDRESS: PASSWORD})
+    skip_unless_available()
+    root = private_root()
+    server = Dovecot(root, "target", {ADDRESS: PASSWORD}).start()
     yield server
     server.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _setup(world: World, dovecot: Dovecot, tmp_path: Path) -> tuple[Installation, Path]:
