@@ -61,9 +61,12 @@ def scrape(fed: Fed, token: str | None = TOKEN) -> tuple[int, str]:
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, labels) -> value, parsed as Prometheus would."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    """(sample name, labels but `node`) -> value, parsed as Prometheus would; every sample
+    carries the one node's name in `node`."""
+    got = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert got and len({s.labels.get("node") for s in got}) == 1 and got[0].labels["node"]
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "node"))):
+            s.value for s in got}
 
 
 def test_queue_list_show_hold_flush_release(fed: Fed, s1: FakeSystem) -> None:
