@@ -53,7 +53,8 @@ class QueueCtlError(Exception):
 
 @dataclass(frozen=True)
 class Node:
-    """A node to call: its name ("" if unknown) and its control API's base URL."""
+    """A node to call: its name ("" if unknown) and its control API's base URL ("" if the
+    node has not recorded one)."""
 
     name: str
     base: str
@@ -144,16 +145,16 @@ def nodes(base: str, host: str, token: str, err: TextIO) -> list[Node]:
     for row in answer.get("nodes", []):
         if row["name"] == me or not row.get("alive"):
             continue
-        if not row.get("control"):
-            print(f"fed: node {row['name']} has not recorded its control port "
-                  "(an older fed?): skipped", file=err)
-            continue
-        found.append(Node(str(row["name"]), _base(str(row["control"]), host)))
+        control = row.get("control")
+        found.append(Node(str(row["name"]), _base(str(control), host) if control else ""))
     return found
 
 
 def _ask(node: Node, token: str, method: str, path: str) -> Any:
     """One call to one node; its answer must name that node."""
+    if not node.base:
+        raise QueueCtlError(f"fed: node {node.name} has not recorded its control endpoint "
+                            "(starting, or a fed from before this version)", 2)
     answer = call(node.base, token, method, path)
     said = answer.get("node") if isinstance(answer, dict) else None
     if node.name and said is not None and said != node.name:
