@@ -135,7 +135,8 @@ async def serve(config: FedConfig) -> None:
     else:
         smtp_server = await loop.create_server(factory, config.smtp_host, config.smtp_port)
     api = ControlAPI(config.token, directory, spool, holds, deliverer, config.hold_timeout,
-                     config.metrics_public)
+                     config.metrics_public, node=agent.name)
+    metrics.set_node(agent.name)
     metrics.install_state(
         lambda: api.admin.state(sum(1 for s in sessions if s.transport is not None)))
     # A hold call may be waiting for a slow delivery: do not let it delay shutdown long.
@@ -152,6 +153,9 @@ async def serve(config: FedConfig) -> None:
 
     smtp_addr = smtp_server.sockets[0].getsockname()
     control_addr = runner.addresses[0]
+    host = str(control_addr[0])
+    await agent.announce(f"[{host}]:{control_addr[1]}" if ":" in host
+                         else f"{host}:{control_addr[1]}")
     log.info("node %s (pid %d), shared database %s", agent.name, os.getpid(),
              shared.engine.url.render_as_string())
     print(f"{READY} smtp={smtp_addr[0]}:{smtp_addr[1]} "

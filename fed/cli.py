@@ -160,6 +160,8 @@ def parser() -> argparse.ArgumentParser:
     _token_args(q)
     q.add_argument("--yes", action="store_true", help="delete without asking")
     q.add_argument("--json", action="store_true", help="list/show as JSON")
+    q.add_argument("--this-node", action="store_true",
+                   help="only the node --control names (default: every live node)")
 
     sub.add_parser("auth-hash", help="read a password on stdin, print its --auth-file hash")
     return p

@@ -98,7 +98,7 @@ class ControlAPI:
 
     def __init__(self, token: str, directory: Directory, spool: Spool, holds: Holds,
                  deliverer: Deliverer, hold_timeout: float = 120.0,
-                 metrics_public: bool = False) -> None:
+                 metrics_public: bool = False, node: str = "") -> None:
         self.token = token.encode()
         self.directory = directory
         self.spool = spool
@@ -106,6 +106,7 @@ class ControlAPI:
         self.deliverer = deliverer
         self.hold_timeout = hold_timeout
         self.metrics_public = metrics_public
+        self.node = node  # this node's name: every queue answer carries it (fed queue)
         self.admin = QueueAdmin(spool, directory, holds)
 
     def app(self) -> web.Application:
@@ -346,8 +347,9 @@ class ControlAPI:
         except ValueError as exc:
             raise DirectoryError("limit must be an integer") from exc
         now = time.time()
-        return _json({"messages": [_message_json(m, now)
-                                   for m in self.admin.messages(max(1, min(limit, 10000)))]})
+        return _json({"node": self.node, "messages": [
+            {**_message_json(m, now), "node": self.node}
+            for m in self.admin.messages(max(1, min(limit, 10000)))]})
 
     async def queue_show(self, request: web.Request) -> web.Response:
         """One queued message: envelope, recipients' states, header section."""
@@ -356,7 +358,8 @@ class ControlAPI:
         if found is None:
             return self._not_queued(queue_id)
         headers = await asyncio.to_thread(self.admin.headers, queue_id)
-        return _json({**_message_json(found, time.time()), "headers": headers})
+        return _json({**_message_json(found, time.time()), "node": self.node,
+                      "headers": headers})
 
     async def queue_hold(self, request: web.Request) -> web.Response:
         """Admin-hold one queued message (idempotent)."""
@@ -364,7 +367,7 @@ class ControlAPI:
         if not self.admin.hold(queue_id):
             return self._not_queued(queue_id)
         log.info("%s put on hold by an admin", queue_id, extra={"queue_id": queue_id})
-        return _json({"queue_id": queue_id, "held": True})
+        return _json({"queue_id": queue_id, "node": self.node, "held": True})
 
     async def queue_release(self, request: web.Request) -> web.Response:
         """Lift an admin hold; the message is due at once."""
@@ -374,7 +377,7 @@ class ControlAPI:
         released = self.admin.release(queue_id)
         log.info("%s released by an admin", queue_id, extra={"queue_id": queue_id})
         self.deliverer.wake()
-        return _json({"queue_id": queue_id, "released": released})
+        return _json({"queue_id": queue_id, "node": self.node, "released": released})
 
     async def queue_delete(self, request: web.Request) -> web.Response:
         """Delete one queued message (logged in the delivery log as 'deleted')."""
@@ -384,14 +387,15 @@ class ControlAPI:
             return self._not_queued(queue_id)
         log.warning("%s deleted by an admin (%d pending recipients dropped)", queue_id,
                     dropped, extra={"queue_id": queue_id})
-        return _json({"queue_id": queue_id, "deleted": True, "recipients_dropped": dropped})
+        return _json({"queue_id": queue_id, "node": self.node, "deleted": True,
+                      "recipients_dropped": dropped})
 
     async def queue_flush(self, request: web.Request) -> web.Response:
         """Retry every pending recipient now (held ones stay held)."""
         due = self.admin.flush()
         log.info("queue flushed by an admin: %d recipients made due", due)
         self.deliverer.wake()
-        return _json({"flushed": due})
+        return _json({"node": self.node, "flushed": due})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition."""

@@ -15,6 +15,13 @@ Two kinds of numbers:
   from the store on each scrape by ``StateCollector``, so it is right after a restart.
 
 One registry per process (``REGISTRY``), served on ``GET /metrics`` by ``control.py``.
+
+Every sample carries a ``node`` label (this node's name, ``set_node``): with
+``fed serve --processes N`` or several machines, each node is scraped on its own control
+port, and the label keeps their series apart even where the scrape's ``instance`` label
+would not say which node it was (a port renumbered, a node moved); sum over ``node`` for
+the whole group. It is added at exposition (``_NodeLabelled``) because the node name is
+only known once ``fed serve`` started, after the collectors were created.
 """
 
 from __future__ import annotations
@@ -138,6 +145,28 @@ class StateCollector(Collector):
 
 
 _state: StateCollector | None = None
+_node: str | None = None
+
+
+def set_node(name: str) -> None:
+    """The node name every exposed sample is labelled with."""
+    global _node
+    _node = name
+
+
+class _NodeLabelled:
+    """The registry's metrics with ``node="<name>"`` added to every sample."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        """Copies of the registry's metrics, relabelled."""
+        for family in REGISTRY.collect():
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [s._replace(labels={**s.labels, "node": self.node})
+                            for s in family.samples]
+            yield copy
 
 
 def install_state(read: Callable[[], QueueState]) -> None:
@@ -151,4 +180,6 @@ def install_state(read: Callable[[], QueueState]) -> None:
 
 def exposition() -> bytes:
     """The metrics in Prometheus text format."""
-    return generate_latest(REGISTRY)
+    if _node is None:
+        return generate_latest(REGISTRY)
+    return generate_latest(_NodeLabelled(_node))

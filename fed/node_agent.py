@@ -57,6 +57,7 @@ class NodeAgent:
         self.poll = poll
         self.on_refresh = on_refresh
         self.started_at = time.time()
+        self.control: str | None = None  # HOST:PORT of the control API, once bound
         self.acked = (0, 0)  # (holds_seen, idle_for) last written
         self._last_round = 0.0
         self._kick = asyncio.Event()
@@ -106,6 +107,13 @@ class NodeAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.poll)
 
+    async def announce(self, control: str) -> None:
+        """Record this node's control endpoint in its row (``fed queue`` reaches every
+        node through it). Only that column is written: a whole heartbeat from here could
+        race with the loop's acknowledgement and write an older ``idle_for``."""
+        self.control = control
+        await asyncio.to_thread(self.registry.set_control, self.name, control)
+
     async def stop(self) -> None:
         """Stop polling; if nothing is in flight here, tell the others not to wait for us."""
         self._stopping = True
@@ -153,7 +161,7 @@ class NodeAgent:
 
     def _beat(self, seen: int, idle: int) -> None:
         self.registry.heartbeat(self.name, seen, idle, self.dead_after, self.started_at,
-                                self.info)
+                                self.info, self.control)
 
     # -- GET /v1/nodes ---------------------------------------------------------------
     async def nodes_view(self, request: web.Request) -> web.Response:
@@ -166,5 +174,6 @@ class NodeAgent:
                                     "heartbeat_age": round(max(0.0, now - n.heartbeat_at), 3),
                                     "dead_after": n.dead_after, "holds_seen": n.holds_seen,
                                     "idle_for": n.idle_for, "info": n.info,
+                                    "control": n.control,
                                 } for n in states]}
         return web.json_response(body)

@@ -34,6 +34,7 @@ class NodeState:
     idle_for: int
     started_at: float
     info: str
+    control: str | None = None  # HOST:PORT of its control API (None: not known yet)
 
     def alive(self, now: float) -> bool:
         """Might this node still deliver? (database clock)"""
@@ -53,16 +54,21 @@ class NodeRegistry:
         self.shared = shared
 
     def heartbeat(self, name: str, holds_seen: int, idle_for: int, dead_after: float,
-                  started_at: float, info: str) -> None:
+                  started_at: float, info: str, control: str | None = None) -> None:
         """Upsert this node's row with the database's current time."""
         values = {"heartbeat_at": self.shared.now(), "holds_seen": holds_seen,
                   "idle_for": idle_for, "dead_after": dead_after, "started_at": started_at,
-                  "info": info[:1000]}
+                  "info": info[:1000], "control": control}
         # Only this node writes its row, so update-then-insert does not race.
         with self.shared.engine.begin() as db:
             if db.execute(update(t.nodes).where(t.nodes.c.name == name)
                           .values(values)).rowcount == 0:
                 db.execute(insert(t.nodes).values(name=name, **values))
+
+    def set_control(self, name: str, control: str) -> None:
+        """Record where this node's control API listens (once it is bound)."""
+        with self.shared.engine.begin() as db:
+            db.execute(update(t.nodes).where(t.nodes.c.name == name).values(control=control))
 
     def leave(self, name: str) -> None:
         """Mark this node gone (clean shutdown, nothing in flight): holds stop waiting."""
@@ -77,7 +83,7 @@ class NodeRegistry:
             rows = db.execute(select(t.nodes).order_by(t.nodes.c.name)).all()
         return now, [NodeState(str(r.name), float(r.heartbeat_at), float(r.dead_after),
                                int(r.holds_seen), int(r.idle_for), float(r.started_at),
-                               str(r.info)) for r in rows]
+                               str(r.info), r.control) for r in rows]
 
     def blocking(self, version: int) -> list[str]:
         """Nodes a hold written at `version` still waits for."""

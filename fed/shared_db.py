@@ -42,6 +42,7 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
+    inspect,
     literal_column,
     select,
     update,
@@ -109,6 +110,9 @@ nodes = Table(
     Column("idle_for", BigInteger, nullable=False),    # ... and nothing held in flight
     Column("started_at", Float, nullable=False),
     Column("info", String(1000), nullable=False),
+    # HOST:PORT of its control API, as bound (fed queue reaches every node through it);
+    # added after the first release: _create() adds it to an older table.
+    Column("control", String(300), nullable=True),
 )
 
 COUNTERS = ("version", "systems_version", "holds_version")
@@ -133,6 +137,7 @@ class SharedDB:
         for attempt in range(5):
             try:
                 metadata.create_all(self.engine)
+                self._add_missing_columns()
                 with self.engine.begin() as conn:
                     have = set(conn.scalars(select(meta.c.key)))
                     for key in COUNTERS:
@@ -143,6 +148,17 @@ class SharedDB:
                 if attempt == 4:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to a table after a release, on a database created before: an
+        ``ALTER TABLE ... ADD COLUMN`` (nullable, so old nodes still running keep writing
+        their rows). Two nodes racing here: the loser's ALTER fails and ``_create``
+        retries, finding the column."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("nodes")}
+        if "control" not in have:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE nodes ADD COLUMN control VARCHAR(300)")
+            log.info("shared database: added the column nodes.control")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

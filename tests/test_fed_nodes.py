@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from fed.nodes import NodeState, blocking
-from fed.shared_db import metadata
+from fed.nodes import NodeRegistry, NodeState, blocking
+from fed.shared_db import SharedDB, metadata
 
 from fedutil import TOKEN, FakeSystem, Fed, message, send, wait_for
 from pgutil import PrivatePostgres, pg_bindir
@@ -50,6 +50,27 @@ def test_blocking_waits_for_live_nodes_that_have_not_acknowledged() -> None:
     assert blocking(nodes, 6, now=100.0) == []
     assert blocking(nodes, 8, now=100.0) == ["a", "b"]
     assert blocking([node("b", 99.0, 6, dead_after=0.5)], 7, now=100.0) == []
+
+
+def test_a_shared_db_from_before_the_control_column_gets_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    old = create_engine(url)
+    with old.begin() as db:  # the nodes table as the first release created it
+        db.exec_driver_sql(
+            "CREATE TABLE nodes (name VARCHAR(255) PRIMARY KEY, heartbeat_at FLOAT NOT NULL, "
+            "dead_after FLOAT NOT NULL, holds_seen BIGINT NOT NULL, idle_for BIGINT NOT NULL, "
+            "started_at FLOAT NOT NULL, info VARCHAR(1000) NOT NULL)")
+        db.exec_driver_sql("INSERT INTO nodes VALUES ('old', 1.0, 10.0, 3, 3, 0.0, 'h:/x')")
+    old.dispose()
+    shared = SharedDB(url)
+    registry = NodeRegistry(shared)
+    registry.heartbeat("new", 0, 0, 10.0, 0.0, "h:/y")
+    registry.set_control("new", "127.0.0.1:8026")
+    _, states = registry.states()
+    assert [(n.name, n.control, n.idle_for) for n in states] == [
+        ("new", "127.0.0.1:8026", 0), ("old", None, 3)]
+    SharedDB(url).close()  # a second start finds the column: nothing to add
+    shared.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ restarted by the parent and nothing it acknowledged is lost. Every wait is bound
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +166,77 @@ def test_a_taken_port_or_a_node_that_cannot_start_fails_the_start(tmp_path: Path
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "before it was ready" in done.stderr
     assert "fed ready" not in done.stdout
+
+
+def fedq(fed: Fed, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fed queue ...` pointed at node 0's control port (the one `fed ready` prints)."""
+    token_file = fed.state_dir.parent / f"{fed.state_dir.name}.token"
+    return subprocess.run(
+        [sys.executable, "-m", "fed", "queue", *args, "--control",
+         f"127.0.0.1:{fed.control_port}", "--token-file", str(token_file)],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_fed_queue_on_node_0_lists_shows_and_deletes_across_both_nodes(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, _ = systems
+    nodes = node_clients(fed)
+    fed.client.put_entry(AD1, s1.physical("jean"))
+    wait_for(lambda: nodes[1].lookup(AD1) == s1.physical("jean"), what="entry on node 1")
+    nodes[0].hold([AD1])  # queued, not delivered, on whichever node took each message
+    ids = [f"q-{n}@t" for n in range(16)]
+    assert all(send_one(fed.smtp_port, AD1, m) for m in ids)
+
+    def held() -> list[int] | None:
+        counts = [n.queue().held for n in nodes]
+        return counts if sum(counts) == 16 else None
+
+    counts = wait_for(held, what="16 held messages")
+    assert min(counts) > 0, counts  # both nodes hold some
+
+    listed = fedq(fed, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    messages = json.loads(listed.stdout)
+    assert sorted(m["message_id"] for m in messages) == sorted(f"<{m}>" for m in ids)
+    by_node: dict[str, list[str]] = {}
+    for m in messages:
+        by_node.setdefault(m["node"], []).append(m["queue_id"])
+    assert sorted(len(q) for q in by_node.values()) == sorted(counts), by_node
+
+    mine = fedq(fed, "list", "--json", "--this-node")  # node 0 alone
+    assert mine.returncode == 0, mine.stderr
+    own = {m["queue_id"] for m in json.loads(mine.stdout)}
+    (node0,) = {m["node"] for m in json.loads(mine.stdout)}
+    (node1,) = set(by_node) - {node0}
+    text = fedq(fed, "list")
+    assert text.returncode == 0 and "in 16 messages" in text.stdout
+    assert f"[{node0}]" in text.stdout and f"[{node1}]" in text.stdout
+
+    far = by_node[node1][0]  # lives on node 1; the command is pointed at node 0
+    assert far not in own
+    shown = fedq(fed, "show", far)
+    assert shown.returncode == 0, shown.stderr
+    assert f"queue id:    {far}" in shown.stdout and f"node:        {node1}" in shown.stdout
+    on_hold = fedq(fed, "hold", far)
+    assert on_hold.returncode == 0 and f"{far}: hold on node {node1}" in on_hold.stdout
+    deleted = fedq(fed, "delete", far, "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"{far}: deleted (1 pending recipients dropped) on node {node1}" in deleted.stdout
+    gone = fedq(fed, "show", far)
+    assert gone.returncode == 1 and "404" in gone.stderr
+    assert nodes[1].queue().held == len(by_node[node1]) - 1
+    flushed = fedq(fed, "flush")
+    assert flushed.returncode == 0 and "(2 nodes)" in flushed.stdout
+
+    # /metrics stays per node; each node's samples carry its own name.
+    names = set()
+    for client in nodes:
+        req = urllib.request.Request(client.base_url + "/metrics",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            found = set(re.findall(r'node="([^"]+)"', resp.read().decode()))
+        assert len(found) == 1
+        names |= found
+    assert names == {node0, node1}
+    assert fed.client.release([AD1]).released == [AD1]
+    wait_for(lambda: len(s1.received) >= 15, timeout=30, what="the 15 left delivered")

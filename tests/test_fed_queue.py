@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import sqlite3
 import subprocess
 import sys
 import urllib.error
@@ -61,9 +63,12 @@ def scrape(fed: Fed, token: str | None = TOKEN) -> tuple[int, str]:
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """(sample name, labels) -> value, parsed as Prometheus would."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    """(sample name, labels but `node`) -> value, parsed as Prometheus would; every sample
+    carries the one node's name in `node`."""
+    got = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert got and len({s.labels.get("node") for s in got}) == 1 and got[0].labels["node"]
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "node"))):
+            s.value for s in got}
 
 
 def test_queue_list_show_hold_flush_release(fed: Fed, s1: FakeSystem) -> None:
@@ -189,3 +194,25 @@ def test_json_logs_carry_the_queue_id(fed: Fed, s1: FakeSystem) -> None:
     assert len(queued) == 1 and "queued" in str(queued[0]["msg"])
     assert all({"ts", "level", "logger", "msg", "queue_id"} <= set(r) for r in lines())
     assert not [line for line in fed.log().splitlines() if line and not line.startswith("{")]
+
+
+def test_list_names_a_live_node_it_cannot_reach_and_still_shows_the_others(
+        fed: Fed, s1: FakeSystem) -> None:
+    qid = queue_id(send(fed.smtp_port, [A], message("one", "one@t"))[1])
+    wait_for(lambda: attempts(fed, qid), what="a deferred attempt")
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+    db = sqlite3.connect(fed.state_dir / "shared.db")
+    with db:  # two more "live" nodes: one unreachable, one whose port answers as another
+        for name, port in (("gone", dead_port), ("impostor", fed.control_port)):
+            db.execute("INSERT INTO nodes (name, heartbeat_at, dead_after, holds_seen, "
+                       "idle_for, started_at, info, control) VALUES (?, (julianday('now') - "
+                       "2440587.5) * 86400.0, 3600, 0, 0, 0, 'test', ?)",
+                       (name, f"127.0.0.1:{port}"))
+    db.close()
+    listed = fedq(fed, "list")
+    assert listed.returncode == 2 and qid in listed.stdout and "in 1 messages" in listed.stdout
+    assert "node gone" in listed.stderr and "not 'impostor'" in listed.stderr
+    alone = fedq(fed, "list", "--this-node")
+    assert alone.returncode == 0 and qid in alone.stdout and not alone.stderr
