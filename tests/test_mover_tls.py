@@ -14,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.drivers.imap import ImapDriver
+from reconciler.errors import TemporaryError
 from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport
 from reconciler.mover.runner import Job, run_jobs
+from reconciler.spec.model import Endpoint as SpecEndpoint
+from reconciler.spec.model import ImapOptions, SecretRef
 from reconciler.state.store import Store, default_url
 
 from dovecot import Dovecot, skip_unless_available
@@ -148,3 +152,27 @@ def test_command_line_starttls_source(servers: Servers, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert bodies(servers.plain, "otto") == bodies(servers.tls, "otto")
     assert len(bodies(servers.plain, "otto")) >= 3
+
+
+def test_imap_driver_trusts_a_private_ca_only_through_its_ca_file(
+        servers: Servers, tmp_path: Path) -> None:
+    """The drivers' `caFile` / `imapCaFile`: the engine's copies, logins and ping of a
+    server with a private certificate work with it and fail, naming STARTTLS, without it."""
+    passwords = tmp_path / "passwords"
+    passwords.write_text("tina@corp.example pw-tina\n")
+
+    def driver(name: str, cafile: str | None) -> ImapDriver:
+        return ImapDriver(name, ImapOptions(
+            server=SpecEndpoint("127.0.0.1", servers.tls.port), state_dir=str(tmp_path / name),
+            tls="starttls", cafile=cafile, login="per-user",
+            passwords=SecretRef(file=str(passwords)), login_format="{local}"))
+
+    trusted = driver("trusted", str(servers.cert))
+    trusted.ping()
+    assert "INBOX" in trusted.list_folders("tina=corp.example")
+    assert trusted.imap_account("tina=corp.example").cafile == str(servers.cert)
+    untrusted = driver("untrusted", None)
+    with pytest.raises(TemporaryError, match=r"STARTTLS failed.*CERTIFICATE_VERIFY_FAILED"):
+        untrusted.ping()
+    with pytest.raises(TemporaryError, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusted.list_folders("tina=corp.example")

@@ -66,6 +66,7 @@ def test_both_drivers_load_with_references(here: Path) -> None:
     assert options.state_dir == str(here / "pf1" / "mailferry")
     assert options.smtp == Endpoint("127.0.0.1", 10025) and pf1.submission == options.smtp
     assert options.mail_user == "vmail" and options.imap_tls == "none"
+    assert options.imap_cafile is None and old.imap.cafile is None  # the system's roots
     assert options.master.password == SecretRef(env="PF1_MASTER_PASSWORD")
     assert old.imap.passwords == SecretRef(file=str(here / "secrets" / "old-passwords"))
     assert old.imap.tls == "implicit" and old.imap.login == "per-user" and old.lmtp is None
@@ -74,6 +75,18 @@ def test_both_drivers_load_with_references(here: Path) -> None:
     assert isinstance(drivers["old"], ImapDriver)
     assert drivers["pf1"].delivery_endpoint().protocol == "smtp"
     assert drivers["pf1"].wanted_postfix()["relayhost"] == "[127.0.0.1]:2525"  # type: ignore[attr-defined]
+
+
+def test_private_ca_files_resolve_against_the_specs_folder(here: Path) -> None:
+    text = PF.replace("    imap: 127.0.0.1:10143\n", "    imap: 127.0.0.1:10143\n"
+                      "    imapTls: starttls\n    imapCaFile: pki/private-ca.pem\n")
+    text = text.replace("    stateDir: old-state\n", "    stateDir: old-state\n"
+                        "    caFile: /etc/ssl/old-ca.pem\n")
+    specs = load_specs(write_set(here, real_yaml=text))
+    pf1, old = specs.systems["pf1"].postfix_dovecot, specs.systems["old"].imap
+    assert pf1 is not None and old is not None
+    assert pf1.imap_tls == "starttls" and pf1.imap_cafile == str(here / "pki" / "private-ca.pem")
+    assert old.cafile == "/etc/ssl/old-ca.pem"
 
 
 def test_literal_password_is_refused_and_never_echoed(here: Path) -> None:

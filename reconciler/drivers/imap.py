@@ -102,7 +102,8 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
         """The same login for the data mover's pipelined client (master or per-user)."""
         server = self.options.server
         return imap_account(server.host, server.port, self.options.tls,
-                            self.login_for(mailbox_id, address), system=self.name)
+                            self.login_for(mailbox_id, address), system=self.name,
+                            cafile=self.options.cafile)
 
     def _user_password(self, address: str) -> str:
         ref = self.options.passwords
@@ -122,7 +123,8 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
               address: str | None = None) -> T:
         server = self.options.server
         with imap_session(server.host, server.port, self.options.tls,
-                          self.login_for(mailbox_id, address), system=self.name) as session:
+                          self.login_for(mailbox_id, address), system=self.name,
+                          cafile=self.options.cafile) as session:
             return fn(session)
 
     def _read(self, what: str, query: Callable[[sqlite3.Connection], T]) -> T:
@@ -143,7 +145,8 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
     def ping(self) -> None:
         """The IMAP server answers (logins are checked where a mailbox is used)."""
         server = self.options.server
-        greeting(server.host, server.port, self.options.tls, system=self.name)
+        greeting(server.host, server.port, self.options.tls, system=self.name,
+                 cafile=self.options.cafile)
 
     def delivery_endpoint(self) -> DeliveryEndpoint:
         """`smtp` if given; else the IMAP address, where fed's attempts fail and mail waits."""

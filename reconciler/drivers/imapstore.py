@@ -199,17 +199,17 @@ class ImapSession:
 
 @contextlib.contextmanager
 def imap_session(host: str, port: int, tls: str, login: ImapLogin, *,
-                 system: str) -> Iterator[ImapSession]:
+                 system: str, cafile: str | None = None) -> Iterator[ImapSession]:
     """A logged-in session; TemporaryError naming server, login and reason on any failure."""
     where = f"{system}: IMAP {host}:{port}"
     try:
         if tls == "implicit":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(host, port, timeout=TIMEOUT,
-                                                    ssl_context=ssl.create_default_context())
+            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
+                host, port, timeout=TIMEOUT, ssl_context=ssl.create_default_context(cafile=cafile))
         else:
             conn = imaplib.IMAP4(host, port, timeout=TIMEOUT)
             if tls == "starttls":
-                conn.starttls(ssl.create_default_context())
+                conn.starttls(ssl.create_default_context(cafile=cafile))
     except (OSError, imaplib.IMAP4.error) as exc:
         raise TemporaryError(f"{where} unreachable: {exc}") from exc
     try:
@@ -240,7 +240,7 @@ def imap_session(host: str, port: int, tls: str, login: ImapLogin, *,
 
 
 def imap_account(host: str, port: int, tls: str, login: ImapLogin, *,
-                 system: str) -> ImapAccount:
+                 system: str, cafile: str | None = None) -> ImapAccount:
     """The same login for the data mover's pipelined client (`mover.endpoints`): what makes
     the engine's copies between IMAP systems fast. The secret is read now, as at a login."""
     try:
@@ -252,17 +252,26 @@ def imap_account(host: str, port: int, tls: str, login: ImapLogin, *,
                              f"{login.login!r}: {exc}") from exc
     if login.master_user is not None:
         return ImapAccount(host, port, login.master_user, password, authorize_as=login.login,
-                           tls=tls, system=system)
-    return ImapAccount(host, port, login.login, password, tls=tls, system=system)
+                           tls=tls, system=system, cafile=cafile)
+    return ImapAccount(host, port, login.login, password, tls=tls, system=system,
+                       cafile=cafile)
 
 
-def greeting(host: str, port: int, tls: str, *, system: str) -> None:
+def greeting(host: str, port: int, tls: str, *, system: str, cafile: str | None = None) -> None:
     """Connect and read the greeting: TemporaryError naming host:port unless the server answers."""
     where = f"{system}: IMAP {host}:{port}"
     try:
-        conn = (imaplib.IMAP4_SSL(host, port, timeout=10, ssl_context=ssl.create_default_context())
+        context = ssl.create_default_context(cafile=cafile)
+        conn = (imaplib.IMAP4_SSL(host, port, timeout=10, ssl_context=context)
                 if tls == "implicit" else imaplib.IMAP4(host, port, timeout=10))
     except (OSError, imaplib.IMAP4.error) as exc:
         raise TemporaryError(f"{where} unreachable: {exc}") from exc
+    if tls == "starttls":  # a certificate the copies would refuse makes the server unusable
+        try:
+            conn.starttls(context)
+        except (OSError, imaplib.IMAP4.error) as exc:
+            with contextlib.suppress(OSError):  # a failed handshake may have closed it
+                conn.shutdown()
+            raise TemporaryError(f"{where}: STARTTLS failed: {exc}") from exc
     with contextlib.suppress(Exception):
         conn.logout()

@@ -150,7 +150,8 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
             raise PermanentError(f"{self.name}: no mailbox {mailbox_id} ({what})")
         imap = self.options.imap
         with imap_session(imap.host, imap.port, self.options.imap_tls,
-                          self._login(mailbox_id), system=self.name) as session:
+                          self._login(mailbox_id), system=self.name,
+                          cafile=self.options.imap_cafile) as session:
             return fn(session)
 
     def imap_account(self, mailbox_id: str) -> ImapAccount:
@@ -160,7 +161,8 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
             raise PermanentError(f"{self.name}: no mailbox {mailbox_id} (copy)")
         imap = self.options.imap
         return imap_account(imap.host, imap.port, self.options.imap_tls,
-                            self._login(mailbox_id), system=self.name)
+                            self._login(mailbox_id), system=self.name,
+                            cafile=self.options.imap_cafile)
 
     # -- configuration: the shared-domain setup -------------------------------------------
     def wanted_postfix(self) -> dict[str, str]:
@@ -227,7 +229,8 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         _ping_smtp(self.name, "Postfix SMTP", self.options.smtp, lmtp=False)
         _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True)
         imap = self.options.imap
-        greeting(imap.host, imap.port, self.options.imap_tls, system=self.name)
+        greeting(imap.host, imap.port, self.options.imap_tls, system=self.name,
+                 cafile=self.options.imap_cafile)
         self.configure()
 
     def delivery_endpoint(self) -> DeliveryEndpoint:

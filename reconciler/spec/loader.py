@@ -373,6 +373,7 @@ class _Loader:
                 imap=self.endpoint(doc, (*here, "imap"), box["imap"]),
                 master=cast(MasterUser, self.master_user(box["masterUser"])),
                 imap_tls=str(box.get("imapTls", "none")),
+                imap_cafile=self.path_value(box["imapCaFile"]) if "imapCaFile" in box else None,
             )
             system = replace(common, root=options.state_dir, lmtp=options.lmtp,
                              submission=options.smtp, postfix_dovecot=options)
@@ -387,6 +388,7 @@ class _Loader:
             imap = ImapOptions(
                 server=self.endpoint(doc, (*here, "server"), box["server"]),
                 state_dir=self.path_value(box["stateDir"]), tls=str(box.get("tls", "implicit")),
+                cafile=self.path_value(box["caFile"]) if "caFile" in box else None,
                 login=login, master=self.master_user(box.get("masterUser")),
                 passwords=self.secret(box["passwords"]) if "passwords" in box else None,
                 login_format=str(box.get("loginFormat", "{address}")), smtp=smtp,

@@ -99,6 +99,7 @@ class PostfixDovecotOptions:
     imap: Endpoint  # Dovecot IMAP: the data mover reads and writes here
     master: MasterUser
     imap_tls: str = "none"  # none | starttls | implicit
+    imap_cafile: str | None = None  # absolute: a private CA for Dovecot's certificate
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class ImapOptions:
     server: Endpoint
     state_dir: str  # absolute: the driver's own registry of the mailboxes it was given
     tls: str = "implicit"  # none | starttls | implicit
+    cafile: str | None = None  # absolute: a private CA for the server's certificate
     login: str = "master"  # master | per-user
     master: MasterUser | None = None
     passwords: SecretRef | None = None  # per-user: a file of "address password" lines
