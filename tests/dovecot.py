@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from sysutil import free_port
+
 MAIL_USER = "vmail"
 
 
@@ -53,12 +55,6 @@ def _mail_ids() -> tuple[int, int]:
                         nologin, MAIL_USER], check=True, timeout=30)
         entry = pwd.getpwnam(MAIL_USER)
     return entry.pw_uid, entry.pw_gid
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def private_root() -> Path:

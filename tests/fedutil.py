@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -30,16 +29,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from reconciler.fedclient import FedClient
 
+from sysutil import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
 READY = re.compile(r"fed ready smtp=([\d.]+):(\d+) control=([\d.]+):(\d+)")
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"

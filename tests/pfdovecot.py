@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sysutil import free_port
+
 MASTER = "/usr/lib/postfix/sbin/master"
 MAIL_USER = os.environ.get("MAILFERRY_TEST_MAIL_USER", "vmail")
 MASTER_USER = "mailferry"
@@ -57,12 +59,6 @@ def missing_prerequisites() -> str | None:
     if not Path("/usr/lib/dovecot/lmtp").exists():
         return "dovecot-lmtpd not installed"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15.0) -> bool:

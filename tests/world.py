@@ -8,7 +8,6 @@ addresses, so one world serves a whole module.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -23,13 +22,9 @@ from reconciler.embedded import Embedded, start_embedded
 from reconciler.engine import Engine
 from reconciler.spec.loader import load_specs
 
+from sysutil import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def base_documents(root: Path) -> list[dict[str, Any]]:
