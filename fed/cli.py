@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import ipaddress
-import os
 import re
 import ssl
 import sys
 from pathlib import Path
+
+from mailferry import secretfile
 
 from . import logs, procs, queuectl
 from .addresses import set_case_sensitive_local
@@ -168,16 +169,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def read_token(args: argparse.Namespace) -> str:
-    """The control API token, from the file or the environment variable."""
+    """The control API token, from the file or the environment variable (one line, checked
+    by `mailferry.secretfile`); SecretError names the source, never the token."""
     if args.token_file is not None:
-        token = Path(args.token_file).read_text().strip()
-        where = str(args.token_file)
-    else:
-        token = os.environ.get(args.token_env, "").strip()
-        where = f"${args.token_env}"
-    if not token:
-        raise SystemExit(f"fed: no token in {where}")
-    return token
+        return secretfile.read_file(args.token_file)
+    return secretfile.read_env(args.token_env)
 
 
 def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
@@ -220,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         token = read_token(args)
-    except OSError as exc:
-        print(f"fed: cannot read the token: {exc}", file=sys.stderr)
+    except secretfile.SecretError as exc:
+        print(f"fed: {exc}", file=sys.stderr)
         return 2
     if args.command == "queue":
         if args.action not in ("list", "flush") and not args.queue_id:
