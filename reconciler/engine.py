@@ -239,9 +239,12 @@ class Engine:
             return False
         if purge:
             progressed = self._purge(now) or progressed
-        for record in self._sync(cache, now):
+        failed_syncs = self._sync(cache, now)
+        for record in failed_syncs:
             self._report(report, record)
-        return progressed
+        # A failed closing sync ends apply: the next pass would see the same directory and
+        # redo the same steps (a create looks for its address in fed's directory).
+        return progressed and not failed_syncs
 
     def _report(self, report: ApplyReport, record: StepRecord) -> None:
         record.at = self.clock()
