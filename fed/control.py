@@ -43,6 +43,7 @@ from .directory import (
 )
 from .holds import HoldRefused, Holds
 from .queueadmin import QueueAdmin
+from .shared_db import Fenced, current_fence, fence_token
 from .spool import Spool
 
 log = logging.getLogger("fed.control")
@@ -50,6 +51,13 @@ log = logging.getLogger("fed.control")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
+FENCE_HEADER = "Mailferry-Fence"
+
+
+def check_fence_read(current: int, given: int) -> None:
+    """The early, read-only check of a fencing token (the write path checks again)."""
+    if given < current:
+        raise Fenced(given, current)
 
 
 def iso(ts: float) -> str:
@@ -111,7 +119,8 @@ class ControlAPI:
 
     def app(self) -> web.Application:
         """Build the aiohttp application."""
-        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=16 << 20)
+        app = web.Application(middlewares=[self._auth, self._fencing, self._errors],
+                              client_max_size=16 << 20)
         r = app.router
         r.add_get("/v1/health", self.health)
         r.add_get("/v1/directory", self.directory_all)
@@ -150,6 +159,30 @@ class ControlAPI:
                         request.path, request.remote)
             return _json({"error": "missing or wrong bearer token"}, 401)
         return await handler(request)
+
+    @web.middleware
+    async def _fencing(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A mutating call carrying `Mailferry-Fence: N` (the reconciler's lease generation)
+        is refused (409, "fenced": true) when fed has seen a higher N; every shared write it
+        makes checks N again in its own transaction (shared_db.fence_token). Calls without
+        the header (an admin's curl, `fed queue`) are not fenced."""
+        raw = request.headers.get(FENCE_HEADER)
+        if raw is None or request.method in ("GET", "HEAD"):
+            return await handler(request)
+        if not raw.strip().isdigit() or len(raw.strip()) > 18:
+            return _json({"error": f"{FENCE_HEADER} must be a non-negative integer"}, 400)
+        given = int(raw)
+        try:
+            with self.directory.shared.read() as db:
+                check_fence_read(current_fence(db), given)
+            token = fence_token.set(given)
+            try:
+                return await handler(request)
+            finally:
+                fence_token.reset(token)
+        except Fenced as exc:
+            log.warning("refused %s %s: %s", request.method, request.path, exc)
+            return _json({"error": str(exc), "fenced": True, "current": exc.current}, 409)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import (
@@ -116,6 +117,26 @@ nodes = Table(
 )
 
 COUNTERS = ("version", "systems_version", "holds_version")
+# The highest fencing token (the reconciler lease's generation) a mutating control call has
+# carried: a call with a lower one comes from a reconciler that lost its lease and is
+# refused (docs/fed-api.md, fencing). A row of `meta`, so it is shared by every node and
+# survives restarts like the directory it protects.
+FENCE_KEY = "fence"
+# The fencing token of the control request being served (set by the control API around
+# its handler; None for fed's own writes and for calls without one). Every `write()`
+# checks it inside its transaction, under the writers' lock: a check and the change it
+# guards are one atomic step, so no newer holder can slip in between.
+fence_token: ContextVar[int | None] = ContextVar("fence_token", default=None)
+
+
+class Fenced(Exception):
+    """A control call carried an older fencing token than fed has seen."""
+
+    def __init__(self, given: int, current: int) -> None:
+        super().__init__(f"fencing token {given} is older than {current}: another reconciler "
+                         "holds a newer lease; this one must stop")
+        self.given = given
+        self.current = current
 
 
 def default_url(state_dir: str) -> str:
@@ -140,7 +161,7 @@ class SharedDB:
                 self._add_missing_columns()
                 with self.engine.begin() as conn:
                     have = set(conn.scalars(select(meta.c.key)))
-                    for key in COUNTERS:
+                    for key in (*COUNTERS, FENCE_KEY):
                         if key not in have:
                             conn.execute(insert(meta).values(key=key, value=0))
                 return
@@ -170,6 +191,9 @@ class SharedDB:
                     if not self.sqlite:
                         conn.execute(select(meta.c.value).where(meta.c.key == "version")
                                      .with_for_update())
+                    given = fence_token.get()
+                    if given is not None:
+                        check_fence(conn, given)
                     yield conn
             finally:
                 conn.info.pop("immediate", None)
@@ -196,6 +220,22 @@ class SharedDB:
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def current_fence(conn: Connection) -> int:
+    """The highest fencing token seen so far (0: none yet)."""
+    return int(conn.scalar(select(meta.c.value).where(meta.c.key == FENCE_KEY)) or 0)
+
+
+def check_fence(conn: Connection, given: int) -> None:
+    """Fenced when `given` is older than the highest token seen; a newer one raises the
+    bar (inside the caller's write transaction)."""
+    current = current_fence(conn)
+    if given < current:
+        raise Fenced(given, current)
+    if given > current:
+        conn.execute(update(meta).where(meta.c.key == FENCE_KEY).values(value=given))
+        log.info("fencing token now %d (was %d)", given, current)
 
 
 def counters(conn: Connection) -> dict[str, int]:

@@ -192,6 +192,7 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
     if lease.took_over is not None:
         out.notice(f"took over the stale lease of {lease.took_over.holder}")
     engine.should_stop = lease.lost.is_set
+    engine.fed.fence = lease.generation  # fed refuses our calls once a newer holder called
     try:
         out.version("apply", engine)
         applier = Applier(out, reports_dir)
@@ -201,6 +202,8 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
             report = _apply_saved(engine, applier, saved)
     finally:
         lease.release()
+    if engine.lease_lost is not None:
+        out.notice(f"error: stopped, the lease is lost: {engine.lease_lost}")
     return EXIT_ERROR if report.errors else EXIT_OK
 
 

@@ -12,6 +12,7 @@ them into back-off or a frozen migration:
   the URL and which of these it was: the step is retried later, the migration keeps its
   state;
 - 401 -> ``PermanentError``: a wrong token will not fix itself;
+- 409 with ``"fenced": true`` -> ``LeaseLost``: another reconciler holds a newer lease;
 - verify's 409 is an *answer* (E8 negative), returned as ``VerifyResult(ok=False)``;
 - flip's 409 (an address at a third physical) -> ``PermanentError`` with fed's reason: the
   patent stops the migration there and an admin must look;
@@ -28,7 +29,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.errors import PermanentError, TemporaryError
+from reconciler.errors import LeaseLost, PermanentError, TemporaryError
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def _q(address: str) -> str:
     return urllib.parse.quote(address, safe="@")
 
 
+FENCE_HEADER = "Mailferry-Fence"  # fed/control.py reads it (docs/fed-api.md, fencing)
 DEFAULT_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 # Seconds to wait for fed's answer, by route, where 10 s is not enough by design: a hold
@@ -181,6 +183,9 @@ class FedClient:
         self._https = parts.scheme == "https"
         self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
         self._local = threading.local()  # .conn: this thread's kept-alive connection
+        # The lease generation of the reconciler using this client: sent with every
+        # mutating call so that fed refuses it once a newer holder has called (LeaseLost).
+        self.fence: int | None = None
 
     # -- transport ------------------------------------------------------------------
     def timeout_for(self, method: str, path: str) -> float:
@@ -219,6 +224,8 @@ class FedClient:
         data = None if body is None else json.dumps(body).encode()
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
                    "Accept": "application/json"}
+        if self.fence is not None and method not in ("GET", "HEAD"):
+            headers[FENCE_HEADER] = str(self.fence)
         wait = self.timeout_for(method, path)
         for attempt in (1, 2):
             conn, reused = self._connection(method, url)
@@ -261,6 +268,8 @@ class FedClient:
         reason = reason or phrase
         if status == 401:
             raise PermanentError(f"fed refused the token at {method} {url}: {reason}")
+        if status == 409 and isinstance(payload, dict) and payload.get("fenced") is True:
+            raise LeaseLost(f"fed refused {method} {url}: {reason}")
         if status >= 500:
             raise TemporaryError(f"fed failed {method} {url}: {status} {reason}")
         raise PermanentError(f"fed rejected {method} {url}: {status} {reason}")

@@ -20,7 +20,14 @@ How it works (the Kubernetes Lease / etcd election pattern, without a server):
   expires, and the next reconciler *takes it over* and says so; a holder on the same host
   whose process is gone (kill -9) is taken over at once, without waiting for the TTL;
 - a holder that finds its renewal refused (someone took over after it stalled) sets `lost`
-  and the engine stops after the current step.
+  and the engine stops after the current step;
+- every acquisition adds one to the row's `generation`, the *fencing token*: the holder
+  sends it with every mutating call to fed (`FedClient.fence`), and fed refuses a call with
+  a lower one than it has seen (docs/fed-api.md). A holder that stalled past its TTL (a
+  paused VM, a partition) and wakes up mid-step cannot notice in time that it lost the
+  lease -- its renewal thread may not even have run -- but fed can: the new holder's first
+  call raised the bar. Released leases keep their row (holder empty) so the generation
+  never goes back.
 
 Clocks: expiry compares the renewing reconciler's clock with the acquiring one's; keep hosts
 on NTP and the TTL (default 30 s) well above any skew.
@@ -36,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from reconciler.errors import MailferryError
@@ -75,6 +82,7 @@ class LeaseInfo:
     acquired_at: datetime
     renewed_at: datetime
     expires_at: datetime
+    generation: int = 0
 
     def describe(self, now: datetime) -> str:
         """`host:pid (since ..., renewed 3 s ago, expires in 27 s)` for messages."""
@@ -105,16 +113,13 @@ class Lease:
         self.clock = clock
         self.lost = threading.Event()
         self.took_over: LeaseInfo | None = None  # the stale holder we replaced, if any
+        self.generation = 0  # our fencing token, set by each acquisition
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def read(self) -> LeaseInfo | None:
         """The lease row, or None when nobody holds it."""
-        with self.store.session() as session:
-            row = session.get(LeaseRow, self.name)
-            if row is None:
-                return None
-            return LeaseInfo(row.holder, row.acquired_at, row.renewed_at, row.expires_at)
+        return current_holder(self.store, self.name)
 
     def try_acquire(self) -> LeaseInfo | None:
         """Take the lease if free, ours or expired; else return who holds it."""
@@ -125,21 +130,26 @@ class Lease:
             with self.store.session() as session:
                 session.execute(insert(LeaseRow).values(
                     name=self.name, holder=self.holder, acquired_at=now, renewed_at=now,
-                    expires_at=expires))
+                    expires_at=expires, generation=1))
+            self.generation = 1
             return None
         except IntegrityError:
             pass
         dead = before is not None and _dead_here(before.holder)
         with self.store.session() as session:
-            stale = (LeaseRow.holder == self.holder) | (LeaseRow.expires_at < now)
+            stale = ((LeaseRow.holder == self.holder) | (LeaseRow.expires_at < now)
+                     | (LeaseRow.holder == ""))
             if dead and before is not None:  # a holder on this host that no longer exists
                 stale = stale | (LeaseRow.holder == before.holder)
             done = session.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == self.name, stale)
                 .values(holder=self.holder, acquired_at=now, renewed_at=now,
-                        expires_at=expires))
+                        expires_at=expires, generation=LeaseRow.generation + 1))
             taken = getattr(done, "rowcount", 0) == 1
+            if taken:  # read in the same transaction: nobody can have bumped it since
+                self.generation = int(session.scalar(
+                    select(LeaseRow.generation).where(LeaseRow.name == self.name)) or 0)
         if taken:
             if before is not None and before.holder != self.holder:
                 self.took_over = before
@@ -206,9 +216,12 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        # Kept, emptied: its generation must survive for the next holder's fencing token.
+        now = self.clock()
         with self.store.session() as session:
-            session.execute(delete(LeaseRow).where(LeaseRow.name == self.name,
-                                                   LeaseRow.holder == self.holder))
+            session.execute(update(LeaseRow).where(LeaseRow.name == self.name,
+                                                   LeaseRow.holder == self.holder)
+                            .values(holder="", expires_at=now, renewed_at=now))
 
     def holds(self) -> bool:
         """True when the store says we hold the lease now."""
@@ -217,8 +230,10 @@ class Lease:
 
 
 def current_holder(store: Store, name: str = DEFAULT_NAME) -> LeaseInfo | None:
-    """Who holds the lease (for `reconcile status`)."""
+    """Who holds the lease (for `reconcile status`); None when free (or released)."""
     with store.session() as session:
         row = session.scalars(select(LeaseRow).where(LeaseRow.name == name)).first()
-        return None if row is None else LeaseInfo(row.holder, row.acquired_at, row.renewed_at,
-                                                   row.expires_at)
+        if row is None or not row.holder:
+            return None
+        return LeaseInfo(row.holder, row.acquired_at, row.renewed_at, row.expires_at,
+                         int(row.generation or 0))
