@@ -199,7 +199,8 @@ class Engine:
     def apply(self, *, max_passes: int = 100) -> ApplyReport:
         """Passes until one makes no progress (or `max_passes`): everything due now is done."""
         report = ApplyReport()
-        self.register_systems()
+        if not self._register_or_fenced():
+            return report
         for _ in range(max_passes):
             if self.should_stop() or self.lease_lost is not None:
                 break
@@ -209,6 +210,15 @@ class Engine:
                 break
         return report
 
+    def _register_or_fenced(self) -> bool:
+        """register_systems(); False (and `lease_lost` set) when fed fenced us out."""
+        try:
+            self.register_systems()
+        except LeaseLost as exc:
+            self.lease_lost = exc
+            return False
+        return True
+
     def apply_pass(self, report: ApplyReport) -> bool:
         """One pass; True when at least one state changed."""
         now = self.clock()
@@ -217,7 +227,8 @@ class Engine:
     def apply_changes(self, changes: list[Change]) -> ApplyReport:
         """Run exactly `changes` (a reviewed, saved plan), once each, in one pass."""
         report = ApplyReport(passes=1)
-        self.register_systems()
+        if not self._register_or_fenced():
+            return report
         self.run_changes(changes, report, self.clock(), purge=False)
         return report
 
