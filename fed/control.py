@@ -52,12 +52,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 FENCE_HEADER = "Mailferry-Fence"
-
-
-def check_fence_read(current: int, given: int) -> None:
-    """The early, read-only check of a fencing token (the write path checks again)."""
-    if given < current:
-        raise Fenced(given, current)
+_FENCE = re.compile(r"^([A-Za-z0-9._-]{1,64})/([0-9]{1,18})$")  # LEASE-ID/GENERATION
 
 
 def iso(ts: float) -> str:
@@ -162,20 +157,24 @@ class ControlAPI:
 
     @web.middleware
     async def _fencing(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """A mutating call carrying `Mailferry-Fence: N` (the reconciler's lease generation)
-        is refused (409, "fenced": true) when fed has seen a higher N; every shared write it
-        makes checks N again in its own transaction (shared_db.fence_token). Calls without
-        the header (an admin's curl, `fed queue`) are not fenced."""
+        """A mutating call carrying `Mailferry-Fence: LEASE/N` (the id of the reconciler's
+        lease and its generation) is refused (409, "fenced": true) when fed has seen a
+        higher N for that lease; every shared write it makes checks N again in its own
+        transaction (shared_db.fence_token). Calls without the header (an admin's curl,
+        `fed queue`) are not fenced."""
         raw = request.headers.get(FENCE_HEADER)
         if raw is None or request.method in ("GET", "HEAD"):
             return await handler(request)
-        if not raw.strip().isdigit() or len(raw.strip()) > 18:
-            return _json({"error": f"{FENCE_HEADER} must be a non-negative integer"}, 400)
-        given = int(raw)
+        match = _FENCE.fullmatch(raw.strip())
+        if match is None:
+            return _json({"error": f"{FENCE_HEADER} must be LEASE-ID/GENERATION"}, 400)
+        lease, given = match.group(1), int(match.group(2))
         try:
             with self.directory.shared.read() as db:
-                check_fence_read(current_fence(db), given)
-            token = fence_token.set(given)
+                current = current_fence(db, lease)
+            if given < current:  # early and read-only: the write path checks again
+                raise Fenced(given, current)
+            token = fence_token.set((lease, given))
             try:
                 return await handler(request)
             finally:

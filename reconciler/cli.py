@@ -192,7 +192,7 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
     if lease.took_over is not None:
         out.notice(f"took over the stale lease of {lease.took_over.holder}")
     engine.should_stop = lease.lost.is_set
-    engine.fed.fence = lease.generation  # fed refuses our calls once a newer holder called
+    engine.fed.fence = lease.fence  # fed refuses our calls once a newer holder called
     try:
         out.version("apply", engine)
         applier = Applier(out, reports_dir)

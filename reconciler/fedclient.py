@@ -183,9 +183,9 @@ class FedClient:
         self._https = parts.scheme == "https"
         self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
         self._local = threading.local()  # .conn: this thread's kept-alive connection
-        # The lease generation of the reconciler using this client: sent with every
+        # (lease id, generation) of the reconciler using this client: sent with every
         # mutating call so that fed refuses it once a newer holder has called (LeaseLost).
-        self.fence: int | None = None
+        self.fence: tuple[str, int] | None = None
 
     # -- transport ------------------------------------------------------------------
     def timeout_for(self, method: str, path: str) -> float:
@@ -225,7 +225,7 @@ class FedClient:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
                    "Accept": "application/json"}
         if self.fence is not None and method not in ("GET", "HEAD"):
-            headers[FENCE_HEADER] = str(self.fence)
+            headers[FENCE_HEADER] = f"{self.fence[0]}/{self.fence[1]}"
         wait = self.timeout_for(method, path)
         for attempt in (1, 2):
             conn, reused = self._connection(method, url)

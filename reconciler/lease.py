@@ -39,6 +39,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -114,6 +115,7 @@ class Lease:
         self.lost = threading.Event()
         self.took_over: LeaseInfo | None = None  # the stale holder we replaced, if any
         self.generation = 0  # our fencing token, set by each acquisition
+        self.fence_id = ""  # the lease row's id for fed (one fed, several state stores)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,8 +132,9 @@ class Lease:
             with self.store.session() as session:
                 session.execute(insert(LeaseRow).values(
                     name=self.name, holder=self.holder, acquired_at=now, renewed_at=now,
-                    expires_at=expires, generation=1))
+                    expires_at=expires, generation=1, fence_id=uuid.uuid4().hex))
             self.generation = 1
+            self.fence_id = self._fence_id()
             return None
         except IntegrityError:
             pass
@@ -148,13 +151,25 @@ class Lease:
                         expires_at=expires, generation=LeaseRow.generation + 1))
             taken = getattr(done, "rowcount", 0) == 1
             if taken:  # read in the same transaction: nobody can have bumped it since
-                self.generation = int(session.scalar(
-                    select(LeaseRow.generation).where(LeaseRow.name == self.name)) or 0)
+                row = session.get_one(LeaseRow, self.name)
+                if not row.fence_id:  # a row from before fencing: name it now, once
+                    row.fence_id = uuid.uuid4().hex
+                self.generation, self.fence_id = int(row.generation), row.fence_id
         if taken:
             if before is not None and before.holder != self.holder:
                 self.took_over = before
             return None
         return self.read() or LeaseInfo("(gone)", now, now, now)
+
+    def _fence_id(self) -> str:
+        with self.store.session() as session:
+            return str(session.scalar(select(LeaseRow.fence_id)
+                                      .where(LeaseRow.name == self.name)) or "")
+
+    @property
+    def fence(self) -> tuple[str, int]:
+        """What the holder sends fed with every mutating call: (lease id, generation)."""
+        return self.fence_id, self.generation
 
     def acquire(self, *, timeout: float | None,
                 on_wait: Callable[[LeaseInfo], None] | None = None,

@@ -207,7 +207,7 @@ class Watcher:
 
     def _pass(self) -> float:
         """One apply (with output); the seconds to sleep before the next one."""
-        self.engine.fed.fence = self.lease.generation  # this engine may be a reloaded one
+        self.engine.fed.fence = self.lease.fence  # this engine may be a reloaded one
         try:
             _, plan = self.applier.apply(self.engine, quiet_when_idle=True)
         except MailferryError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from reconciler.errors import LeaseLost
+from reconciler.errors import LeaseLost, PermanentError
 from reconciler.fedclient import FedClient
 from reconciler.lease import Lease
 from reconciler.state.model import Event, Migration
@@ -50,6 +50,7 @@ def test_generation_grows_on_every_acquisition_and_survives_release(tmp_path: Pa
     b.release()
     assert b.read() is None
     assert a.try_acquire() is None and a.generation == 3  # never back to 1
+    assert a.fence == (b.fence_id, 3) and len(b.fence_id) == 32  # one id for the lease row
 
 
 @pytest.fixture
@@ -61,9 +62,9 @@ def fed(tmp_path: Path) -> Iterator[Fed]:
     running.kill()
 
 
-def _client(fed: Fed, fence: int | None) -> FedClient:
+def _client(fed: Fed, generation: int | None, lease: str = "store-1") -> FedClient:
     client = FedClient(f"http://127.0.0.1:{fed.control_port}", TOKEN)
-    client.fence = fence
+    client.fence = None if generation is None else (lease, generation)
     return client
 
 
@@ -82,6 +83,10 @@ def test_fed_refuses_an_older_token_even_after_a_restart(fed: Fed) -> None:
     assert _client(fed, 8).release([ANN]).not_held == [ANN]  # a newer one raises the bar
     with pytest.raises(LeaseLost, match=r"fencing token 7 is older than 8"):
         new.put_entry(ANN, "ann@s2.invalid")
+    # Another state store's lease has its own generations: not fenced by this one's.
+    _client(fed, 1, lease="store-2").put_entry(ANN, "ann@s1.invalid")
+    with pytest.raises(PermanentError, match="400 Mailferry-Fence must be LEASE-ID/GENERATION"):
+        _raw_fence(fed, "7")  # a bare number: which lease?
 
 
 def test_a_paused_reconciler_is_refused_by_fed(world: World, tmp_path: Path) -> None:
@@ -96,7 +101,7 @@ def test_a_paused_reconciler_is_refused_by_fed(world: World, tmp_path: Path) -> 
     clock = Clock()
     lease_a = Lease(paused.store, holder="host-a:1", ttl=30, clock=clock)
     assert lease_a.try_acquire() is None  # no renewal thread: it will not renew (paused)
-    paused.fed.fence = lease_a.generation
+    paused.fed.fence = lease_a.fence
     reached = None
     for _ in range(10):  # bounded: one step per pass, up to the hold (E5 is next at 4)
         with paused.store.session() as session:
@@ -112,7 +117,7 @@ def test_a_paused_reconciler_is_refused_by_fed(world: World, tmp_path: Path) -> 
     other = world.engine(moved, state)
     lease_b = Lease(other.store, holder="host-b:2", ttl=30, clock=clock)
     assert lease_b.try_acquire() is None and lease_b.generation == lease_a.generation + 1
-    other.fed.fence = lease_b.generation
+    other.fed.fence = lease_b.fence
     other.fed.put_system("s1", *_endpoint(other, "s1"))
 
     # The paused one wakes up with E5 (verify and hold) due: fed refuses it.
@@ -127,6 +132,22 @@ def test_a_paused_reconciler_is_refused_by_fed(world: World, tmp_path: Path) -> 
         assert (m.state, m.failed_reason, m.last_error, m.attempts) == (4, None, None, 0)
         assert session.scalars(select(Event).where(Event.migration_id == m.id,
                                                    Event.step == "error")).all() == []
+
+
+def _raw_fence(fed: Fed, value: str) -> None:
+    """A release with a hand-written Mailferry-Fence header (fed's answer as the client's
+    error)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", fed.control_port, timeout=10)
+    conn.request("POST", "/v1/release", body=json.dumps({"addresses": [ANN]}), headers={
+        "Authorization": f"Bearer {TOKEN}", "Mailferry-Fence": value,
+        "Content-Type": "application/json"})
+    answer = conn.getresponse()
+    body = json.loads(answer.read())
+    conn.close()
+    raise PermanentError(f"{answer.status} {body['error']}")
 
 
 def _endpoint(engine, system: str) -> tuple[str, int, str]:  # type: ignore[no-untyped-def]

@@ -196,6 +196,8 @@ class Lease(Base):
     # The fencing token: +1 on every acquisition, never reused (a released lease keeps its
     # row). fed refuses a mutating call carrying a lower one (docs/fed-api.md, fencing).
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Names this lease to fed (one fed may serve several state stores): random, set once.
+    fence_id: Mapped[str] = mapped_column(String(64), default="")
 
 
 class AddressError(Base):

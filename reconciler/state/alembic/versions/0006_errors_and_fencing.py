@@ -27,6 +27,8 @@ def upgrade() -> None:
     with op.batch_alter_table('leases', schema=None) as batch_op:
         batch_op.add_column(sa.Column('generation', sa.BigInteger(), nullable=False,
                                       server_default='0'))
+        batch_op.add_column(sa.Column('fence_id', sa.String(length=64), nullable=False,
+                                      server_default=''))
     op.create_table('address_errors',
     sa.Column('address', sa.String(length=320), nullable=False),
     sa.Column('step', sa.String(length=16), nullable=False),
@@ -42,6 +44,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table('address_errors')
     with op.batch_alter_table('leases', schema=None) as batch_op:
+        batch_op.drop_column('fence_id')
         batch_op.drop_column('generation')
     with op.batch_alter_table('migrations', schema=None) as batch_op:
         batch_op.drop_column('error_since')
