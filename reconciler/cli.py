@@ -204,6 +204,7 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
         lease.release()
     if engine.lease_lost is not None:
         out.notice(f"error: stopped, the lease is lost: {engine.lease_lost}")
+        return EXIT_ERROR
     return EXIT_ERROR if report.errors else EXIT_OK
 
 

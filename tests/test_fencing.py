@@ -153,3 +153,34 @@ def _raw_fence(fed: Fed, value: str) -> None:
 def _endpoint(engine, system: str) -> tuple[str, int, str]:  # type: ignore[no-untyped-def]
     point = engine.drivers[system].delivery_endpoint()
     return point.host, point.port, point.protocol
+
+
+def test_apply_stops_with_exit_1_when_a_newer_holder_called_fed(world: World,
+                                                                 tmp_path: Path) -> None:
+    from world import run_cli
+
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    box = [{"address": "fenced-cli@corp.example"}]
+    specs = world.write(tmp_path / "v1", [placement("home", "s1", box)])
+    first = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    store = open_store(state)
+    with store.session() as session:
+        from reconciler.state.model import Lease as LeaseRow
+
+        row = session.get_one(LeaseRow, "reconciler")
+        fence_id, generation = row.fence_id, row.generation
+    assert (row.holder, generation) == ("", 1)  # released, generation kept
+    # A reconciler on this store with generation 5 (one that took over meanwhile) called fed.
+    newer = world.engine(specs, state)
+    newer.fed.fence = (fence_id, 5)
+    newer.fed.put_system("s1", *_endpoint(newer, "s1"))
+
+    moved = world.write(tmp_path / "v2", [placement("wave", "s2", box)])
+    second = run_cli("--specs", str(moved), "--state", state, "--apply", cwd=tmp_path)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "error: stopped, the lease is lost: fed refused PUT" in second.stderr
+    assert "fencing token 2 is older than 5" in second.stderr
+    with store.session() as session:  # nothing was done: not even the migration recorded
+        assert session.scalars(select(Migration).where(
+            Migration.address == "fenced-cli@corp.example")).all() == []
