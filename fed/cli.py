@@ -17,6 +17,9 @@ import ssl
 import sys
 from pathlib import Path
 
+from mailferry import __version__
+from mailferry.service import exposure, private_files
+
 from . import logs, procs, queuectl
 from .addresses import set_case_sensitive_local
 from .app import FedConfig, run
@@ -94,6 +97,7 @@ def _token_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="fed", description="mailferry's SMTP routing hub")
+    p.add_argument("--version", action="version", version=f"fed (mailferry) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the SMTP hub and its control API")
     s.add_argument("--smtp", type=host_port, default=("127.0.0.1", 2525), metavar="HOST:PORT")
@@ -177,6 +181,10 @@ def read_token(args: argparse.Namespace) -> str:
         where = f"${args.token_env}"
     if not token:
         raise SystemExit(f"fed: no token in {where}")
+    if args.token_file is not None:
+        warning = exposure(args.token_file)
+        if warning:  # as ssh says of a key; the token opens the whole control API
+            print(f"fed: warning: token file {warning}", file=sys.stderr)
     return token
 
 
@@ -210,6 +218,7 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fed` console script."""
     args = parser().parse_args(argv)
+    private_files()  # the spool, databases and logs: 0600/0700 whatever the umask
     if args.command == "auth-hash":
         password = getpass.getpass("password: ") if sys.stdin.isatty() \
             else sys.stdin.readline().rstrip("\n")
