@@ -296,6 +296,49 @@ def demo(workdir: str | None, mailboxes: int, old_messages: int, rate: float) ->
     sys.exit(EXIT_OK if ok else EXIT_ERROR)
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--systemd", is_flag=True,
+              help="Also write hardened systemd units for this folder into DIR/systemd/.")
+@click.option("--force", is_flag=True,
+              help="Replace files that differ (each old one is kept as FILE~ and named).")
+def init(directory: Path, systemd: bool, force: bool) -> None:
+    """Make DIR a specs repository: starter specs, schemas, CI, editor settings, git."""
+    from reconciler.scaffold import init_repo, install_commands
+
+    try:
+        result = init_repo(directory, force=force, systemd=systemd)
+    except MailferryError as exc:
+        _fail(str(exc))
+    for path in result.written:
+        click.echo(f"  wrote     {path}")
+    for path in result.replaced:
+        click.echo(f"  REPLACED  {path} (the old file is {path}~)")
+    if result.unchanged:
+        click.echo(f"  unchanged {len(result.unchanged)} file(s) already as init writes them")
+    if result.git_initialised:
+        click.echo(f"  git init  {directory} (branch main, nothing committed yet)")
+    click.echo(f"\nnext: cd {directory} && git add -A && git commit -m 'mailferry specs' "
+               "&& reconcile --specs . --plan   (see its README.md)")
+    if systemd:
+        click.echo("\nto run the embedded default and the watch loop as services (as root):")
+        for command in install_commands(directory.resolve()):
+            click.echo(f"  {command}")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script (e.g. `eval "$(reconcile completion bash)"`)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    if cls is None:  # pragma: no cover - the choices are click's own shells
+        _fail(f"no completion for {shell}")
+        return
+    click.echo(cls(main, {}, "reconcile", "_RECONCILE_COMPLETE").source())
+
+
 @main.group()
 def station() -> None:
     """Stations (user workstations running station-agent)."""

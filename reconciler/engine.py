@@ -196,7 +196,7 @@ class Engine:
         else:
             directory = self.fed.directory().entries
         if unreached:
-            unreached = tuple(f"{why}: fed's directory not read, so addresses fed already "
+            unreached = tuple(f"fed's directory not read ({why}): addresses fed already "
                               f"routes are not checked" for why in unreached)
         return Observed(self.migrations(), directory, self.suspended(), unreached)
 
