@@ -78,8 +78,8 @@ def planned_files(*, systemd: bool, repo: Path, bin_dir: Path) -> list[Planned]:
         editor_map.setdefault(f"./schemas/{schema}", []).append(name)
         modeline = f"# yaml-language-server: $schema=schemas/{schema}\n"
         files.append(Planned(name, (modeline + text).encode()))
-    for schema in sorted(data_path("schemas").glob("*.schema.json")):
-        files.append(Planned(f"schemas/{schema.name}", schema.read_bytes()))
+    for schema_file in sorted(data_path("schemas").glob("*.schema.json")):
+        files.append(Planned(f"schemas/{schema_file.name}", schema_file.read_bytes()))
     settings = {"yaml.schemas": editor_map, "files.exclude": {"var": True}}
     files.append(Planned(".vscode/settings.json",
                          (json.dumps(settings, indent=2) + "\n").encode()))
