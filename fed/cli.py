@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import ipaddress
+import logging
 import os
 import re
 import ssl
@@ -181,11 +182,19 @@ def read_token(args: argparse.Namespace) -> str:
         where = f"${args.token_env}"
     if not token:
         raise SystemExit(f"fed: no token in {where}")
-    if args.token_file is not None:
-        warning = exposure(args.token_file)
-        if warning:  # as ssh says of a key; the token opens the whole control API
-            print(f"fed: warning: token file {warning}", file=sys.stderr)
     return token
+
+
+def warn_exposed_token(args: argparse.Namespace) -> None:
+    """Warn, as ssh does of a key, when others can read the token file: the token opens the
+    whole control API. In fed's log for `serve` (JSON lines stay JSON), else on stderr."""
+    warning = exposure(args.token_file) if args.token_file is not None else None
+    if warning is None:
+        return
+    if args.command == "serve":
+        logging.getLogger("fed").warning("token file %s", warning)
+    else:
+        print(f"fed: warning: token file {warning}", file=sys.stderr)
 
 
 def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
@@ -227,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(hash_password(password))
         return 0
+    if args.command == "serve":
+        logs.setup(args.log_format)  # before the first warning
     try:
         token = read_token(args)
     except OSError as exc:
         print(f"fed: cannot read the token: {exc}", file=sys.stderr)
         return 2
+    warn_exposed_token(args)
     if args.command == "queue":
         if args.action not in ("list", "flush") and not args.queue_id:
             print(f"fed queue {args.action}: needs a QUEUE_ID", file=sys.stderr)

@@ -329,7 +329,7 @@ def init(directory: Path, systemd: bool, force: bool) -> None:
 @main.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
-    """Print the shell completion script (e.g. `eval "$(reconcile completion bash)"`)."""
+    """Print click's completion script: eval "$(reconcile completion bash)"."""
     from click.shell_completion import get_completion_class
 
     cls = get_completion_class(shell)

@@ -8,6 +8,7 @@ which `./bootstrap.sh test` runs: building and installing take longer than a uni
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -249,6 +250,22 @@ def test_fed_warns_about_a_token_file_others_can_read(tmp_path: Path) -> None:
     assert f"fed: warning: token file {token} is accessible by others (mode 0644)" \
         in loose.stderr
     assert "s3cret" not in loose.stderr + loose.stdout
+    # `fed serve` says it in its log, as a JSON line when the log is JSON.
+    log = tmp_path / "fed.log"
+    with open(log, "w") as err:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "fed", "serve", "--smtp", "127.0.0.1:0", "--control",
+             "127.0.0.1:0", "--state-dir", str(tmp_path / "state"), "--token-file",
+             str(token), "--domain", "corp.example", "--log-format", "json"],
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert serve.stdout is not None and "fed ready" in serve.stdout.readline()
+    finally:
+        stop_process(serve)  # type: ignore[arg-type]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    warned = [r for r in records if "accessible by others" in r["msg"]]
+    assert warned and warned[0]["level"] == "warning", records[:3]
+    assert "s3cret" not in log.read_text()
     token.chmod(0o600)
     assert exposure(token) is None
     tight = subprocess.run(queue, capture_output=True, text=True, timeout=30, check=False)
