@@ -312,8 +312,8 @@ def init(directory: Path, systemd: bool, force: bool) -> None:
         _fail(str(exc))
     for path in result.written:
         click.echo(f"  wrote     {path}")
-    for path in result.replaced:
-        click.echo(f"  REPLACED  {path} (the old file is {path}~)")
+    for replaced in result.replaced:
+        click.echo(f"  REPLACED  {replaced}")
     if result.unchanged:
         click.echo(f"  unchanged {len(result.unchanged)} file(s) already as init writes them")
     if result.git_initialised:

@@ -15,7 +15,8 @@ writes the same repository):
 
 Nothing is half-written: every target is compared first. A file that exists with other
 content stops the whole run (nothing written) unless `force`; with `force` it is replaced
-and the old content kept next to it as `FILE~`, and each such file is named in the output.
+and the old content kept next to it as `FILE~` (`FILE~2`... if that exists), and each such
+file is named in the output.
 Identical files are left alone, so running init twice is harmless.
 """
 
@@ -55,7 +56,7 @@ class Planned:
 class InitResult:
     written: list[str]
     unchanged: list[str]
-    replaced: list[str]  # with --force; the old file is FILE~
+    replaced: list[str]  # with --force: "FILE (the old file is FILE~)"
     git_initialised: bool
 
 
@@ -159,8 +160,9 @@ def init_repo(target: Path, *, force: bool = False, systemd: bool = False,
         path = repo / f.path
         path.parent.mkdir(parents=True, exist_ok=True)
         if f.path in conflicts:
-            os.replace(path, f"{path}~")
-            result.replaced.append(f.path)
+            backup = _free_backup(path)
+            os.replace(path, backup)
+            result.replaced.append(f"{f.path} (the old file is {backup.relative_to(repo)})")
         else:
             result.written.append(f.path)
         tmp = path.with_name(f".{path.name}.init-tmp")
@@ -174,6 +176,15 @@ def init_repo(target: Path, *, force: bool = False, systemd: bool = False,
         _git(repo, "symbolic-ref", "HEAD", "refs/heads/main")
         result.git_initialised = True
     return result
+
+
+def _free_backup(path: Path) -> Path:
+    """FILE~, or FILE~2, FILE~3... when an earlier --force left one: never overwritten."""
+    candidate, n = path.with_name(f"{path.name}~"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}~{n}")
+    return candidate
 
 
 def _umask() -> int:

@@ -121,6 +121,12 @@ def test_init_never_overwrites_silently(tmp_path: Path) -> None:
     assert "REPLACED  README.md" in forced.stdout and "wrote     policy.yaml" in forced.stdout
     assert (repo / "fed.yaml~").read_text() == edited
     assert (repo / "README.md~").read_text() == "ours\n"
+    # A second --force keeps the first backup too.
+    (repo / "fed.yaml").write_text("# edited again\n" + edited)
+    again = run_cli("init", "--force", str(repo), cwd=tmp_path)
+    assert "REPLACED  fed.yaml (the old file is fed.yaml~2)" in again.stdout, again.stdout
+    assert (repo / "fed.yaml~").read_text() == edited
+    assert (repo / "fed.yaml~2").read_text() == "# edited again\n" + edited
 
 
 def test_init_systemd_units_are_hardened_and_verify(tmp_path: Path) -> None:
