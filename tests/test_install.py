@@ -243,6 +243,25 @@ def test_fed_serve_is_ready_when_it_listens(tmp_path: Path, processes: int,
         assert _pending(sock) == []  # one READY, from the process systemd started
 
 
+def test_station_agent_is_ready_when_it_polls(tmp_path: Path) -> None:
+    (tmp_path / "station.token").write_text("a-station-token\n")
+    (tmp_path / "profile.json").write_text("{}")
+    with _notify_socket(tmp_path) as (sock, path):
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "station_agent", "run", "--api",
+             f"http://127.0.0.1:{free_port()}", "--station", "ws-1", "--token-file",
+             "station.token", "--client", "json", "--profile", "profile.json",
+             "--state-dir", "state"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "NOTIFY_SOCKET": path})
+        try:
+            sock.settimeout(30)
+            assert sock.recv(4096).startswith(b"READY=1\nSTATUS=polling http://127.0.0.1:")
+        finally:
+            stop_process(agent)  # type: ignore[arg-type]
+    # Its own folder (the outbox of the user's local mail) is the user's only.
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
 # -- private files --------------------------------------------------------------------------
 
 def test_fed_warns_about_a_token_file_others_can_read(tmp_path: Path) -> None:
