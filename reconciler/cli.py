@@ -72,7 +72,7 @@ def build_engine(specs: SpecSet, state: str | None, *,  # type: ignore[no-untype
 
     unavailable = None
     try:
-        token = resolve(specs.fed.token, what=f"fed {specs.fed.name} token")
+        token = resolve(specs.fed.token, what=f"the token of FedHub {specs.fed.name}")
     except MailferryError as exc:
         if not read_only:
             raise
