@@ -91,7 +91,7 @@ def test_reconcile_refuses_a_two_line_fed_token(tmp_path: Path) -> None:
                    cwd=tmp_path)
     output = _no_secret(done)
     assert done.returncode == 1, output
-    assert f"fed fed token: secret file {token}: more than one line" in output
+    assert f"the token of FedHub fed: secret file {token}: more than one line" in output
 
 
 def test_fed_refuses_a_two_line_token_file(tmp_path: Path) -> None:
