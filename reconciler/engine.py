@@ -18,8 +18,9 @@ import logging
 import os
 import signal
 import traceback
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -212,7 +213,7 @@ class Engine:
     def apply_pass(self, report: ApplyReport) -> bool:
         """One pass; True when at least one state changed."""
         now = self.clock()
-        return self.run_changes(self.plan(now).due(), report, now, purge=True)
+        return self.run_changes(self.plan(now).due(), report, now, purge=True, chain=True)
 
     def apply_changes(self, changes: list[Change]) -> ApplyReport:
         """Run exactly `changes` (a reviewed, saved plan), once each, in one pass."""
@@ -222,14 +223,24 @@ class Engine:
         return report
 
     def run_changes(self, changes: list[Change], report: ApplyReport, now: datetime, *,
-                    purge: bool) -> bool:
-        """Run `changes` in order, then the pass's up-syncs and down-sync; True on progress."""
+                    purge: bool, chain: bool = False) -> bool:
+        """Run `changes` in order, then the pass's up-syncs and down-sync; True on progress.
+
+        `chain`: a mailbox whose hold just took effect (E5-E8) is flipped and released (E9)
+        right away, before the next mailbox is held: each hold then lasts one E9, not the
+        holds of every other mailbox of the wave plus their flips (a saved plan runs exactly
+        its changes, without chaining)."""
         cache = PassCache()
         progressed = False
-        for change in changes:
+        queue = deque(changes)
+        while queue:
+            change = queue.popleft()
             if self.should_stop():
                 break
             record = self._run_change(change, now, cache)
+            if chain and record is not None and record.ok and change.step == "E5" \
+                    and record.to_state == 5:
+                queue.appendleft(replace(change, step="E9", state=5))
             if record is None:
                 continue
             record.at = self.clock()

@@ -58,13 +58,29 @@ class StepContext:
         self.cache.upsynced.discard(system)
         self.cache.changed.add(system)
 
+    def prove_delivery(self, system: str, physical: str, m: Migration, step: str) -> None:
+        """After a change to `system`'s tables, before fed may route `physical` there: fed
+        retires every connection it keeps open to the system (a Postfix smtpd serves a
+        session from the tables it had when the session began) and checks on a fresh
+        session that the system takes `physical` (RCPT accepted). A refusal is a
+        TemporaryError naming the address, the step and the system's reply: the step waits
+        and retries, nothing is flipped to a mailbox its system refuses (invariant 9)."""
+        try:
+            self.fed.refresh_system(system, [physical])
+        except TemporaryError as exc:
+            raise TemporaryError(f"{exc}; not routing mail there yet", delay=exc.delay,
+                                 address=m.address, step=step) from exc
+
     def upsync(self, system: str) -> None:
         """E6 for one system: send fed every mailbox it hosts with its addresses.
 
         Skipped when the system was up-synced in this pass and has not changed since: E5-E8
-        of many mailboxes in one pass share one up-sync per system."""
+        of many mailboxes in one pass share one up-sync per system. fed first retires its
+        pooled connections to the system: the up-sync may route mail to mailboxes the system
+        only just created, which an older session of its Postfix would refuse."""
         if system in self.cache.upsynced:
             return
+        self.fed.refresh_system(system)
         accounts = self.driver(system).list_accounts()
         self.fed.upsync(system, {a.physical_address: list(a.all_addresses) for a in accounts})
         self.cache.upsynced.add(system)

@@ -49,6 +49,7 @@ def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
         target.set_syncfed(m.target_mailbox, True)
     if account.redirect_to is not None:
         target.set_redirect(m.target_mailbox, None)
+    ctx.prove_delivery(m.target_system, new_physical(m), m, "E4")
     ctx.changed(m.target_system)
     return Outcome(4, "E4", {"addresses": sorted(wanted), "syncfed": True})
 
@@ -82,6 +83,9 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     source, target = ctx.driver(m.source_system), ctx.driver(m.target_system)
     source.ping()  # before the flip: the redirect below must be possible right after it
     target.ping()
+    # Invariant 9: the target takes ADP2 on fed's path, on a session opened after its last
+    # change, and no connection fed keeps to it predates that change.
+    ctx.prove_delivery(m.target_system, new, m, "E9")
     flipped = ctx.fed.flip(addresses_of(m), old, new)
     account = source.get_account(m.source_mailbox)
     if account is not None and account.redirect_to != new:
@@ -89,10 +93,11 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     target.set_via_fed(m.target_mailbox, False)  # BOX2 is where the directory says now
     held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
     waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
-    ctx.fed.release(addresses_of(m))
+    released = ctx.fed.release(addresses_of(m))
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
     return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped.flipped,
                              "address_migration_id": m.address_migration_id,
-                             "released_messages": waiting})
+                             "released_messages": waiting,
+                             "held_seconds": max(released.held_seconds.values(), default=0.0)})
