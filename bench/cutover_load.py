@@ -29,18 +29,12 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from sqlalchemy import select
-
-from reconciler.drivers.base import mailbox_id_for
-from reconciler.state.model import Event
-
 from pfworld import PfWorld
-from waves import Load, account, run_wave
+from waves import Load, account, collect, drain, longest_hold, run_wave
 from world import policy
 
 FAILPOINTS = [f"{step}:{where}" for step in ("E2", "E4", "E5", "E9", "E15", "E41")
@@ -96,20 +90,10 @@ def main() -> int:
         time.sleep(2)
         load.stop()
         engine = world.engine(root / f"specs-{args.waves}", state)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            queue = engine.fed.queue()
-            if queue.pending == 0 and all(h.queue_files() == 0 for h in world.hosts.values()):
-                break
-            time.sleep(0.5)
-        found: dict[str, Counter[str]] = {}
-        for name, host in world.hosts.items():
-            for address in addresses:
-                found[f"{name}/{address}"] = host.message_ids(mailbox_id_for(address))
-        result = account(load.acked, found, lambda rcpt: f"{layout[rcpt]}/{rcpt}")
-        with engine.store.session() as session:
-            holds = [float(json.loads(e.detail or "{}").get("held_seconds", 0.0))
-                     for e in session.scalars(select(Event).where(Event.step == "E9"))]
+        drain(engine, world.hosts.values(), timeout=300)
+        result = account(load.acked, collect(world.hosts, addresses),
+                         lambda rcpt: f"{layout[rcpt]}/{rcpt}")
+        holds = [longest_hold(engine)]
         queue = engine.fed.queue()
         shunt = list((Path(engine.specs.fed.state_dir) / "spool" / "shunt").glob("*"))
         log(f"fed: pending {queue.pending}, shunted {queue.shunted}, shunt files {len(shunt)}; "

@@ -271,6 +271,7 @@ class Engine:
                 ctx = self._context(session, now, cache, change.address)
                 if change.action == "create":
                     detail = prestage.create_mailbox(ctx, self.desired[change.address])
+                    detail.update(self._config_changes())
                     record_event(session, None, "create", address=change.address,
                                  detail=detail, commit=self.specs.commit, at=now)
                     return StepRecord(change.address, "create", True, None,
@@ -292,6 +293,7 @@ class Engine:
                     # commits with this session; the plan shows what it waits for.
                     return None
                 _failpoint(step, "after-action")
+                outcome.detail.update(self._config_changes())
                 self._record(session, m, outcome, now)
             _failpoint(step, "after-commit")
             return StepRecord(change.address, outcome.label, True, outcome.to_state)
@@ -306,6 +308,13 @@ class Engine:
             delay = exc.delay if isinstance(exc, TemporaryError) else 10.0
             self._backoff(change, message, delay, now)
             return StepRecord(change.address, step, False, None, message)
+
+    def _config_changes(self) -> dict[str, dict[str, list[str]]]:
+        """{"config_changes": {system: [diff, ...]}} when a driver changed a system's own
+        configuration during the step (recorded in its event for the admin), else {}."""
+        changes = {name: found for name, driver in sorted(self.drivers.items())
+                   if (found := driver.take_config_changes())}
+        return {"config_changes": changes} if changes else {}
 
     def _record(self, session: Session, m: Migration, outcome: Outcome, now: datetime) -> None:
         if outcome.to_state is None:
@@ -339,7 +348,8 @@ class Engine:
             if m.last_error != message:  # one event per distinct error, not one per retry
                 record_event(session, m, "error", from_state=m.state, to_state=m.state,
                              detail={"step": change.step, "error": message,
-                                     "retry_in_s": wait}, commit=self.specs.commit, at=now)
+                                     "retry_in_s": wait, **self._config_changes()},
+                             commit=self.specs.commit, at=now)
             m.last_error = message
 
     def _purge(self, now: datetime) -> bool:

@@ -12,6 +12,7 @@ and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import smtplib
 import threading
@@ -23,8 +24,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from reconciler.state.model import Migration
+from reconciler.drivers.base import mailbox_id_for
+from reconciler.engine import Engine
+from reconciler.state.model import Event, Migration
 
+from pfdovecot import MailHost
 from world import World, run_cli
 
 
@@ -202,3 +206,28 @@ def run_wave(world: World, directory: Path, state: str, layout: dict[str, str],
                 m.next_attempt_at = None
         time.sleep(0.5)
     raise AssertionError(f"still pending after 30 runs: {engine.plan().pending}")
+
+
+def drain(engine: Engine, hosts: Iterable[MailHost], timeout: float = 120.0) -> None:
+    """Until fed's queue and every Postfix queue are empty (bounded)."""
+    hosts = list(hosts)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.fed.queue().pending == 0 and all(h.queue_files() == 0 for h in hosts):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"queues not empty after {timeout:.0f} s: {engine.fed.queue()}")
+
+
+def collect(hosts: dict[str, MailHost], addresses: Iterable[str]) -> dict[str, Counter[str]]:
+    """'system/address' -> Message-ID counts, read by doveadm from every real mailbox."""
+    return {f"{name}/{address}": host.message_ids(mailbox_id_for(address))
+            for name, host in hosts.items() for address in addresses}
+
+
+def longest_hold(engine: Engine) -> float:
+    """The longest hold of any flip so far (E9 records how long its hold lasted)."""
+    with engine.store.session() as session:
+        return max((float(json.loads(e.detail or "{}").get("held_seconds", 0.0))
+                    for e in session.scalars(select(Event).where(Event.step == "E9"))),
+                   default=0.0)

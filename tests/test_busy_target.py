@@ -1,0 +1,195 @@
+"""Waves into a busy target, on real Postfix + Dovecot and fed (issue 12).
+
+A migration in waves always moves mailboxes into a system that already receives mail for the
+earlier waves. Here ten mailboxes move pf1 -> pf2 in two waves of five, then back in two
+waves, while mail flows the whole time through fed (outside senders) and into both
+Postfixes (their local users); the second wave of each direction lands on a target that is
+receiving mail for the first, and one wave is run as a real ``reconcile --apply`` killed
+with SIGKILL at a random step, then run again. Every acknowledged message is counted by
+Message-ID in every real mailbox: found exactly once, in the mailbox its address lives in,
+nothing in fed's shunt. Before the fix fed's pooled sessions to the target's Postfix, opened
+before its tables changed, answered ``550 5.1.1 User unknown in virtual mailbox table`` after
+the flip and fed shunted and bounced the mail.
+
+Also: a system the driver refuses keeps main.cf, master.cf, the maps and Dovecot's files
+byte-identical; a change it makes is in the step's event with the command that undoes it;
+and a target that refuses the new mailbox is never flipped to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from reconciler.drivers.base import mailbox_id_for, physical_address
+from reconciler.engine import ApplyReport
+from reconciler.state.model import Event, Migration
+
+from pfdovecot import MailHost, make_root
+from pfworld import WHY_NOT, PfWorld
+from waves import Load, Sent, Stream, account, collect, drain, longest_hold, run_wave
+from world import placement, policy, run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+if WHY_NOT and not os.environ.get("CI"):
+    pytest.skip(f"real Postfix + Dovecot unavailable: {WHY_NOT}", allow_module_level=True)
+
+FAILPOINTS = [f"{step}:{where}" for step in ("E2", "E4", "E5", "E9")
+              for where in ("after-action", "after-commit")]
+
+
+@pytest.fixture(scope="module")
+def pf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PfWorld]:
+    world = PfWorld(tmp_path_factory.mktemp("busy"))
+    yield world
+    world.stop()
+
+
+def test_waves_into_a_busy_target_both_ways_with_a_kill(pf: PfWorld, tmp_path: Path) -> None:
+    addresses = [f"w{n:02d}@corp.example" for n in range(1, 11)]
+    first, second = addresses[:5], addresses[5:]
+    pol = policy("waves", deleteSource={"after": "0s", "consent": True}, diary=False)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    layout = dict.fromkeys(addresses, "pf1")
+    run_wave(pf, tmp_path / "specs-0", state, layout, pol)
+    failpoint = random.choice(FAILPOINTS)
+    print(f"kill -9 at {failpoint}")  # shown on failure: the run to reproduce
+    load = Load(pf.fed_port, {n: h.smtp_port for n, h in pf.hosts.items()},
+                lambda: addresses, fed_rate=20, local_rate=10, limit=240).start()
+    try:
+        waves = [(first, "pf2", None), (second, "pf2", failpoint),  # pf2 busy with `first`
+                 (first, "pf1", None), (second, "pf1", None)]        # pf1 busy with `first`
+        for n, (group, target, kill) in enumerate(waves, 1):
+            layout.update(dict.fromkeys(group, target))
+            run_wave(pf, tmp_path / f"specs-{n}", state, layout, pol, failpoint=kill,
+                     log=print)
+    finally:
+        load.stop()
+    engine = pf.engine(tmp_path / "specs-4", state)
+    drain(engine, pf.hosts.values())
+    result = account(load.acked, collect(pf.hosts, addresses),
+                     lambda rcpt: f"{layout[rcpt]}/{rcpt}")
+    print(result.line(longest_hold(engine)))
+    assert result.acknowledged > 500 and not load.refused
+    assert (result.lost, result.duplicated, result.misplaced) == ([], [], []), result.line(0)
+    queue = engine.fed.queue()
+    assert queue.shunted == 0 and queue.pending == 0
+    assert not list((Path(engine.specs.fed.state_dir) / "spool" / "shunt").glob("*"))
+    for address in addresses:  # every migration finished where the specs say
+        assert engine.fed.lookup(address) == physical_address("pf1", mailbox_id_for(address))
+    with engine.store.session() as session:
+        assert {m.state for m in session.scalars(select(Migration))} == {13}
+
+
+def file_hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every configuration file under `roots` (logs, runtime and mailferry's own
+    database left out)."""
+    skip = {"mailferry.db", ".lock", "maillog", "dovecot.log", "stderr.log"}
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.name not in skip and "run" not in path.parts \
+                    and "state" not in path.relative_to(root).parts[:1]:
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def test_a_refused_system_is_left_byte_identical_and_changes_are_recorded(
+        pf: PfWorld, tmp_path: Path) -> None:
+    host = MailHost("pf3", make_root("mailferry-pf3-"), pf.fed_port)
+    try:
+        host.write_config()
+        conf = host.dovecot_conf.read_text()
+        host.dovecot_conf.write_text(conf.replace("0.-_@=\n", "0.-_@\n"))  # no '='
+        host.start_dovecot()
+        host.start_postfix()
+        pf.base.insert(1, host.spec_document())
+        try:
+            roots = (host.postfix_dir, host.dovecot_conf.parent, host.state_dir)
+            before = file_hashes(*roots)
+            assert str(host.postfix_dir / "main.cf") in before
+            state = f"sqlite:///{tmp_path / 'state.db'}"
+            pol = policy("p", deleteSource="never")
+            specs = pf.write(tmp_path / "v1", [pol, placement(
+                "h", "pf3", [{"address": "zed@corp.example"}], policy_name="p")])
+            result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+            assert result.returncode == 1
+            assert "pf3: configuration refused: Dovecot's auth_username_chars lacks '='" \
+                in result.stdout, result.stdout
+            assert file_hashes(*roots) == before  # not one byte changed
+            # Fixed by the admin: the driver configures, the event says how, the journal too.
+            host.dovecot_conf.write_text(conf)
+            host.doveadm("reload")
+            result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+            assert result.returncode == 0, result.stdout
+            engine = pf.engine(specs, state)
+            with engine.store.session() as session:
+                created = session.scalars(select(Event).where(
+                    Event.address == "zed@corp.example", Event.step == "create")).one()
+            diff = json.loads(created.detail)["config_changes"]["pf3"][0]
+            assert f"+relayhost = [127.0.0.1]:{pf.fed_port}" in diff
+            assert "+virtual_mailbox_domains = pf3.invalid" in diff
+            undo = diff.rsplit("undo: ", 1)[1].strip()
+            assert "-X" in undo and "relayhost" in undo and str(host.postfix_dir) in undo
+            assert undo in (host.state_dir / "postconf-changes.log").read_text()
+            subprocess.run(undo, shell=True, check=True)  # the admin's values are back
+            values = subprocess.run(["postconf", "-c", str(host.postfix_dir), "-h",
+                                     "relayhost", "virtual_mailbox_domains"], check=True,
+                                    capture_output=True, text=True).stdout.split("\n")
+            assert values[:2] == ["", "$virtual_mailbox_maps"]  # Postfix's defaults again
+        finally:
+            pf.base[:] = [d for d in pf.base if d["metadata"]["name"] != "pf3"]
+    finally:
+        host.stop()
+
+
+def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
+                                                               tmp_path: Path) -> None:
+    """An admin's hand in pf2's tables between E5 and E9: the hold stays, nothing is lost."""
+    address = "yan@corp.example"
+    box = mailbox_id_for(address)
+    pf1, pf2 = pf.hosts["pf1"], pf.hosts["pf2"]
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    pol = policy("p", deleteSource={"after": "0s", "consent": True}, diary=False)
+    run_wave(pf, tmp_path / "v1", state, {address: "pf1"}, pol)
+    specs = pf.write(tmp_path / "v2", [pol, placement("m", "pf2", [{"address": address}],
+                                                      policy_name="p")])
+    engine = pf.engine(specs, state)
+    engine.register_systems()
+    for _ in range(6):  # up to the hold (state 5)
+        engine.run_changes(engine.plan().due(), ApplyReport(), engine.clock(), purge=False)
+        with engine.store.session() as session:
+            m = session.scalars(select(Migration).where(Migration.address == address)).one()
+            if m.state == 5:
+                break
+    assert m.state == 5
+    table = pf2.state_dir / "virtual_mailbox"
+    kept = table.read_text()
+    table.write_text(kept.replace(f"{box}@pf2.invalid", f"gone-{box}@pf2.invalid"))
+    subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+    try:
+        acked: list[Sent] = []
+        Stream("held", pf.fed_port, lambda: [address], 20, "x@outside.test", acked, [],
+               limit=1.0).run()
+        report = engine.apply()
+        errors = [r.message for r in report.errors]
+        assert any("E9" in e and address in e and "User unknown" in e for e in errors), errors
+        assert engine.fed.lookup(address) == physical_address("pf1", box)
+        assert address in engine.fed.holds()
+    finally:
+        table.write_text(kept)
+        subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+    run_wave(pf, specs, state, {address: "pf2"}, pol)
+    drain(engine, pf.hosts.values())
+    found = pf2.message_ids(box)
+    assert acked and {s.mid: found[s.mid] for s in acked} == {s.mid: 1 for s in acked}
+    assert pf1.message_ids(box) == {} and engine.fed.queue().shunted == 0
