@@ -14,6 +14,7 @@ once (E4 -> E5-E8 -> E9 in a few hundred milliseconds, which keeps holds short).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -26,12 +27,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from reconciler.drivers.base import MailSystemDriver
+from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_address
 from reconciler.errors import NotReady, PermanentError, StepError, TemporaryError
-from reconciler.fedclient import FedClient
+from reconciler.fedclient import FedClient, Refusal
 from reconciler.plan import Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
-from reconciler.state.model import Migration, PlacementSuspension, utcnow
+from reconciler.state.model import Event, Migration, PlacementSuspension, utcnow
 from reconciler.state.store import Store, record_event, record_transition
 from reconciler.steps import cleanup, cutover, prestage, station, transfer
 from reconciler.steps.base import Outcome, PassCache, StepContext, StepFunction
@@ -185,7 +186,55 @@ class Engine:
             from reconciler.fit import window_warnings_for
 
             plan.warnings.extend(window_warnings_for(self, plan, seen))
+            plan.warnings.extend(
+                f"{address}: {r.system} refuses {r.physical}, where fed's directory routes "
+                f"its mail ({r.count} deliveries deferred since {r.first}, last {r.last}: "
+                f"{r.reply}); fed retries and bounces only after its queue lifetime: fix the "
+                "system" for address, r in self.refusals(seen.migrations))
         return plan
+
+    def refusals(self, migrations: list[MigrationView]) -> list[tuple[str, Refusal]]:
+        """(address, refusal) for every physical address a managed system answered 5xx for
+        in the last hour (fed deferred them: invariant 9), named by the migration it belongs
+        to or else by fed's directory. Empty if fed cannot say (an older fed, unreachable)."""
+        try:
+            found = self.fed.refusals()
+        except StepError:
+            return []
+        names: dict[str, str] = {}
+        for m in migrations:
+            names[physical_address(m.source_system, m.source_mailbox)] = m.address
+            names[physical_address(m.target_system, mailbox_id_for(m.address))] = m.address
+        if any(r.physical not in names for r in found):
+            for address, physical in self.fed.directory().entries.items():
+                names.setdefault(physical, address)
+        return [(names.get(r.physical, r.physical), r) for r in found]
+
+    def _record_refusals(self, now: datetime) -> None:
+        """A `refused` event on each migration whose mailbox a system refuses (once per
+        distinct reply), so that `reconcile events ADDRESS` shows it."""
+        found = self.refusals(self.migrations())
+        if not found:
+            return
+        with self.store.session() as session:
+            for address, refusal in found:
+                m = session.scalars(select(Migration).where(Migration.address == address)
+                                    .order_by(Migration.id.desc())).first()
+                if m is None:
+                    continue
+                last = session.scalars(select(Event).where(
+                    Event.migration_id == m.id, Event.step == "refused")
+                    .order_by(Event.id.desc())).first()
+                if last is not None and json.loads(last.detail or "{}").get("reply") \
+                        == refusal.reply:
+                    continue
+                log.warning("%s: %s refuses %s where fed routes its mail: %s", address,
+                            refusal.system, refusal.physical, refusal.reply)
+                record_event(session, m, "refused", from_state=m.state, to_state=m.state,
+                             detail={"physical": refusal.physical, "system": refusal.system,
+                                     "count": refusal.count, "since": refusal.first,
+                                     "reply": refusal.reply},
+                             commit=self.specs.commit, at=now)
 
     # -- apply ----------------------------------------------------------------------------
     def register_systems(self) -> None:
@@ -250,6 +299,7 @@ class Engine:
             progressed = progressed or record.ok
         if purge:
             progressed = self._purge(now) or progressed
+            self._record_refusals(now)
         if cache.changed:
             with self.store.session() as session:
                 ctx = self._context(session, now, cache, "")

@@ -1,11 +1,12 @@
 """Waves into a busy target, on real Postfix + Dovecot and fed (issue 12).
 
 A migration in waves always moves mailboxes into a system that already receives mail for the
-earlier waves. Here ten mailboxes move pf1 -> pf2 in two waves of five, then back in two
-waves, while mail flows the whole time through fed (outside senders) and into both
-Postfixes (their local users); the second wave of each direction lands on a target that is
-receiving mail for the first, and one wave is run as a real ``reconcile --apply`` killed
-with SIGKILL at a random step, then run again. Every acknowledged message is counted by
+earlier waves. Here ten mailboxes move pf1 -> pf2 in two waves of five, then the first five
+back, while mail flows the whole time through fed (outside senders) and into both Postfixes
+(their local users) for them and for one mailbox that stays on each system: every wave
+lands on a target that is receiving mail, the second on one receiving mail for the first,
+and the second is run as a real ``reconcile --apply`` killed with SIGKILL at a random step,
+then run again. Every acknowledged message is counted by
 Message-ID in every real mailbox: found exactly once, in the mailbox its address lives in,
 nothing in fed's shunt. Before the fix fed's pooled sessions to the target's Postfix, opened
 before its tables changed, answered ``550 5.1.1 User unknown in virtual mailbox table`` after
@@ -23,6 +24,7 @@ import json
 import os
 import random
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,26 +59,29 @@ def pf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PfWorld]:
 def test_waves_into_a_busy_target_both_ways_with_a_kill(pf: PfWorld, tmp_path: Path) -> None:
     addresses = [f"w{n:02d}@corp.example" for n in range(1, 11)]
     first, second = addresses[:5], addresses[5:]
+    # One mailbox that stays on each system: both are live targets from the start.
+    anchors = {"stay1@corp.example": "pf1", "stay2@corp.example": "pf2"}
     pol = policy("waves", deleteSource={"after": "0s", "consent": True}, diary=False)
     state = f"sqlite:///{tmp_path / 'state.db'}"
-    layout = dict.fromkeys(addresses, "pf1")
+    layout = {**dict.fromkeys(addresses, "pf1"), **anchors}
     run_wave(pf, tmp_path / "specs-0", state, layout, pol)
     failpoint = random.choice(FAILPOINTS)
     print(f"kill -9 at {failpoint}")  # shown on failure: the run to reproduce
+    everyone = sorted(layout)
     load = Load(pf.fed_port, {n: h.smtp_port for n, h in pf.hosts.items()},
-                lambda: addresses, fed_rate=20, local_rate=10, limit=240).start()
+                lambda: everyone, fed_rate=20, local_rate=10, limit=240).start()
     try:
-        waves = [(first, "pf2", None), (second, "pf2", failpoint),  # pf2 busy with `first`
-                 (first, "pf1", None), (second, "pf1", None)]        # pf1 busy with `first`
+        # pf2 receives for stay2, then for `first` too; pf1 for stay1 and `second`.
+        waves = [(first, "pf2", None), (second, "pf2", failpoint), (first, "pf1", None)]
         for n, (group, target, kill) in enumerate(waves, 1):
             layout.update(dict.fromkeys(group, target))
             run_wave(pf, tmp_path / f"specs-{n}", state, layout, pol, failpoint=kill,
                      log=print)
     finally:
         load.stop()
-    engine = pf.engine(tmp_path / "specs-4", state)
+    engine = pf.engine(tmp_path / f"specs-{len(waves)}", state)
     drain(engine, pf.hosts.values())
-    result = account(load.acked, collect(pf.hosts, addresses),
+    result = account(load.acked, collect(pf.hosts, everyone),
                      lambda rcpt: f"{layout[rcpt]}/{rcpt}")
     print(result.line(longest_hold(engine)))
     assert result.acknowledged > 500 and not load.refused
@@ -85,7 +90,8 @@ def test_waves_into_a_busy_target_both_ways_with_a_kill(pf: PfWorld, tmp_path: P
     assert queue.shunted == 0 and queue.pending == 0
     assert not list((Path(engine.specs.fed.state_dir) / "spool" / "shunt").glob("*"))
     for address in addresses:  # every migration finished where the specs say
-        assert engine.fed.lookup(address) == physical_address("pf1", mailbox_id_for(address))
+        assert engine.fed.lookup(address) == physical_address(layout[address],
+                                                              mailbox_id_for(address))
     with engine.store.session() as session:
         assert {m.state for m in session.scalars(select(Migration))} == {13}
 
@@ -193,3 +199,36 @@ def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
     found = pf2.message_ids(box)
     assert acked and {s.mid: found[s.mid] for s in acked} == {s.mid: 1 for s in acked}
     assert pf1.message_ids(box) == {} and engine.fed.queue().shunted == 0
+    # Later pf2 refuses the flipped mailbox (an admin's hand again): fed defers and alerts,
+    # the plan and the migration's events say so, and the mail arrives once it is fixed.
+    table.write_text(kept.replace(f"{box}@pf2.invalid", f"gone-{box}@pf2.invalid"))
+    subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+    try:
+        engine.fed.refresh_system("pf2")  # fed's next session sees the admin's table
+        late: list[Sent] = []
+        Stream("late", pf.fed_port, lambda: [address], 5, "x@outside.test", late, [],
+               limit=1.0).run()
+        wait_for_refusal = [r for r in engine.fed.deliveries(rcpt=address)
+                            if r.result == "refused"]
+        for _ in range(100):
+            if wait_for_refusal:
+                break
+            time.sleep(0.1)
+            wait_for_refusal = [r for r in engine.fed.deliveries(rcpt=address)
+                                if r.result == "refused"]
+        assert wait_for_refusal and "User unknown" in wait_for_refusal[0].detail
+        plan = run_cli("--specs", str(specs), "--state", state, "--plan", cwd=tmp_path)
+        assert f"{address}: pf2 refuses {box}@pf2.invalid" in plan.stdout, plan.stdout
+        engine.apply()
+        with engine.store.session() as session:
+            event = session.scalars(select(Event).where(Event.address == address,
+                                                        Event.step == "refused")).one()
+        assert "User unknown" in json.loads(event.detail)["reply"]
+        assert engine.fed.queue().shunted == 0
+    finally:
+        table.write_text(kept)
+        subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+    drain(engine, pf.hosts.values())
+    found = pf2.message_ids(box)
+    assert late and {s.mid: found[s.mid] for s in late} == {s.mid: 1 for s in late}
+    assert engine.fed.queue().shunted == 0
