@@ -37,8 +37,18 @@ from reconciler.state.model import Event, Migration
 
 from pfdovecot import MailHost, make_root
 from pfworld import WHY_NOT, PfWorld
-from waves import Load, Sent, Stream, account, collect, drain, longest_hold, run_wave
-from world import placement, policy, run_cli
+from waves import (
+    Load,
+    Sent,
+    Stream,
+    account,
+    collect,
+    drain,
+    layout_documents,
+    longest_hold,
+    run_wave,
+)
+from world import mailbox_message_ids, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -231,4 +241,66 @@ def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
     drain(engine, pf.hosts.values())
     found = pf2.message_ids(box)
     assert late and {s.mid: found[s.mid] for s in late} == {s.mid: 1 for s in late}
+    assert engine.fed.queue().shunted == 0
+
+
+def embedded_ports(pf: PfWorld) -> dict[str, int]:
+    """The embedded systems' submission ports (their local users write there)."""
+    return {d["metadata"]["name"]: int(d["spec"]["maildir"]["submission"].rsplit(":", 1)[1])
+            for d in pf.base if d["spec"].get("driver") == "maildir"}
+
+
+def test_waves_into_a_busy_embedded_target(pf: PfWorld, tmp_path: Path) -> None:
+    """The same into the embedded maildir system s1, from pf1: it reads its accounts at every
+    RCPT, so nothing there goes stale, and the refresh and the probes apply to it as to
+    any driver."""
+    addresses = [f"e{n}@corp.example" for n in range(1, 5)]
+    layout = {**dict.fromkeys(addresses, "pf1"), "stay.e@corp.example": "s1"}
+    pol = policy("emb", deleteSource={"after": "0s", "consent": True}, diary=False)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    run_wave(pf, tmp_path / "specs-0", state, layout, pol)
+    everyone = sorted(layout)
+    ports = {**embedded_ports(pf), "pf1": pf.hosts["pf1"].smtp_port}
+    load = Load(pf.fed_port, ports, lambda: everyone, fed_rate=20,
+                local_rate=10, limit=120).start()
+    try:
+        for n, group in enumerate((addresses[:2], addresses[2:]), 1):
+            layout.update(dict.fromkeys(group, "s1"))
+            run_wave(pf, tmp_path / f"specs-{n}", state, layout, pol)
+    finally:
+        load.stop()
+    engine = pf.engine(tmp_path / "specs-2", state)
+    drain(engine, pf.hosts.values())
+    found = {f"{s}/{a}": mailbox_message_ids(engine, s, a) for s in ("s1", "pf1")
+             for a in everyone}
+    result = account(load.acked, found, lambda rcpt: f"{layout[rcpt]}/{rcpt}")
+    assert result.acknowledged > 100 and not load.refused
+    assert (result.lost, result.duplicated, result.misplaced) == ([], [], []), result.line(0)
+    assert engine.fed.queue().shunted == 0
+
+
+def test_an_embedded_target_refusing_the_new_mailbox_is_not_flipped_to(
+        pf: PfWorld, tmp_path: Path) -> None:
+    address = "emb.gone@corp.example"
+    box = mailbox_id_for(address)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    pol = policy("p", deleteSource={"after": "0s", "consent": True}, diary=False)
+    run_wave(pf, tmp_path / "v1", state, {address: "pf1"}, pol)
+    engine = pf.engine(pf.write(tmp_path / "v2", layout_documents({address: "s1"}, pol)),
+                       state)
+    engine.register_systems()
+    for _ in range(6):  # up to the hold (state 5)
+        engine.run_changes(engine.plan().due(), ApplyReport(), engine.clock(), purge=False)
+        with engine.store.session() as session:
+            m = session.scalars(select(Migration).where(Migration.address == address)).one()
+            if m.state == 5:
+                break
+    assert m.state == 5
+    engine.drivers["s1"].delete_mailbox(box)  # BOX2 gone behind mailferry's back
+    errors = [r.message for r in engine.apply().errors]
+    assert any("E9" in e and "no such mailbox here" in e for e in errors), errors
+    assert engine.fed.lookup(address) == physical_address("pf1", box)
+    engine.drivers["s1"].create_mailbox(box, access_addresses=(address,))  # fixed
+    run_wave(pf, tmp_path / "v2", state, {address: "s1"}, pol)
+    assert engine.fed.lookup(address) == physical_address("s1", box)
     assert engine.fed.queue().shunted == 0
