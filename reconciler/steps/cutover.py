@@ -69,6 +69,7 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
                              address=m.address, step="E8")
     # The source's local users' mail for AD1 must reach the hold too, not BOX1 directly.
     ctx.driver(m.source_system).set_via_fed(m.source_mailbox, True)
+    ctx.fed.refresh_system(m.source_system)  # no session predating that change
     held = ctx.fed.hold(addresses_of(m))
     # The instant the hold took effect (in-flight deliveries finished), not when it was asked.
     since = datetime.fromisoformat(held.effective.replace("Z", "+00:00"))
@@ -91,6 +92,9 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     if account is not None and account.redirect_to != new:
         source.set_redirect(m.source_mailbox, new)
     target.set_via_fed(m.target_mailbox, False)  # BOX2 is where the directory says now
+    # Mail fed still sends to ADP1 (a physical address routes to itself) must meet the
+    # redirect: no session to the source that predates it.
+    ctx.fed.refresh_system(m.source_system)
     held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
     waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
     released = ctx.fed.release(addresses_of(m))
