@@ -10,6 +10,7 @@ and "stop this migration" with `PermanentError`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,7 @@ class PassCache:
     """Work done once per engine pass, shared by the steps of that pass."""
 
     upsynced: set[str] = field(default_factory=set)  # up-synced since their last change
+    pinged: dict[str, float] = field(default_factory=dict)  # system -> monotonic time
     changed: set[str] = field(default_factory=set)  # address lists changed in this pass
     downsync_needed: bool = False
 
@@ -57,6 +59,16 @@ class StepContext:
         the pass ends, so that a pass creating many mailboxes up-syncs once, not per box)."""
         self.cache.upsynced.discard(system)
         self.cache.changed.add(system)
+
+    def ping(self, system: str, fresh: float = 5.0) -> None:
+        """The system's ping, unless it answered one less than `fresh` seconds ago in this
+        pass (E9 follows E5 at once, inside the hold: the same checks twice would only
+        lengthen the hold)."""
+        last = self.cache.pinged.get(system)
+        if last is not None and time.monotonic() - last < fresh:
+            return
+        self.driver(system).ping()
+        self.cache.pinged[system] = time.monotonic()
 
     def prove_delivery(self, system: str, physical: str, m: Migration, step: str) -> None:
         """After a change to `system`'s tables, before fed may route `physical` there: fed

@@ -63,6 +63,8 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
                              address=m.address, step="E5")
     for system in sorted(ctx.specs.systems):  # E6: every system up-syncs
         ctx.upsync(system)
+    ctx.ping(m.source_system)  # E9 follows at once: its checks are done before the hold
+    ctx.ping(m.target_system)
     result = ctx.fed.verify(m.target_system, new_physical(m), addresses_of(m))  # E7
     if not result.ok:  # E8 negative: the patent stops this migration
         raise PermanentError(f"fed's verification failed: {result.reason}",
@@ -82,8 +84,10 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     """E9: directory ADP1 -> ADP2, release the hold, redirect BOX1 -> BOX2."""
     old, new = old_physical(m), new_physical(m)
     source, target = ctx.driver(m.source_system), ctx.driver(m.target_system)
-    source.ping()  # before the flip: the redirect below must be possible right after it
-    target.ping()
+    # Before the flip: the redirect below must be possible right after it (skipped when E5
+    # just pinged them in this pass: this runs inside the hold, every call lengthens it).
+    ctx.ping(m.source_system)
+    ctx.ping(m.target_system)
     # Invariant 9: the target takes ADP2 on fed's path, on a session opened after its last
     # change, and no connection fed keeps to it predates that change.
     ctx.prove_delivery(m.target_system, new, m, "E9")
@@ -91,13 +95,15 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     account = source.get_account(m.source_mailbox)
     if account is not None and account.redirect_to != new:
         source.set_redirect(m.source_mailbox, new)
-    target.set_via_fed(m.target_mailbox, False)  # BOX2 is where the directory says now
-    # Mail fed still sends to ADP1 (a physical address routes to itself) must meet the
-    # redirect: no session to the source that predates it.
+    # Mail fed still sends to ADP1 (a physical address routes to itself, held mail too)
+    # must meet the redirect: no session to the source that predates it.
     ctx.fed.refresh_system(m.source_system)
     held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
     waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
     released = ctx.fed.release(addresses_of(m))
+    # After the release (it need not lengthen the hold): the target's local users' mail for
+    # AD1 went through fed, whose directory names BOX2 now; from here Postfix keeps it.
+    target.set_via_fed(m.target_mailbox, False)
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
