@@ -108,8 +108,9 @@ def test_waves_into_a_busy_target_both_ways_with_a_kill(pf: PfWorld, tmp_path: P
 
 def shunted(engine: Engine, addresses: list[str]) -> list[str]:
     """fed's shunted deliveries for these addresses (the world's fed is shared)."""
-    return [f"{d.rcpt}: {d.detail}" for d in engine.fed.deliveries(limit=10000)
-            if d.result == "shunted" and d.rcpt in addresses]
+    return [f"{d.rcpt}: {d.detail}" for address in addresses
+            for d in engine.fed.deliveries(rcpt=address, limit=10000)
+            if d.result == "shunted"]
 
 
 def file_hashes(*roots: Path) -> dict[str, str]:
