@@ -8,7 +8,10 @@ mail (which therefore goes to BOX2) and redirects BOX1 to BOX2 for the source's 
 
 Order matters and every part is idempotent, so a crash between any two calls is harmless:
 flip before release (held mail must find the new address), redirect after flip (BOX1's
-redirect must not loop back to BOX1).
+redirect must not loop back to BOX1), and before the flip fed proves the target takes ADP2
+on a fresh session (invariant 9, `StepContext.prove_delivery`). What need not wait in the
+hold does not: the engine runs E9 right after E5-E8, whose pings E9 does not repeat, and the
+target's via_fed mark is cleared after the release.
 
 Local mail. A system that delivers its own users' mail for a local address by itself (Postfix
 with an alias map, the embedded system's submission) would bypass fed: from E4 BOX2's system
