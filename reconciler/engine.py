@@ -259,10 +259,11 @@ class Engine:
                 break
         return report
 
-    def apply_pass(self, report: ApplyReport) -> bool:
-        """One pass; True when at least one state changed."""
+    def apply_pass(self, report: ApplyReport, *, chain: bool = True) -> bool:
+        """One pass; True when at least one state changed. `chain=False`: no E9 right after
+        E5-E8 (a test that looks at the held state between passes)."""
         now = self.clock()
-        return self.run_changes(self.plan(now).due(), report, now, purge=True, chain=True)
+        return self.run_changes(self.plan(now).due(), report, now, purge=True, chain=chain)
 
     def apply_changes(self, changes: list[Change]) -> ApplyReport:
         """Run exactly `changes` (a reviewed, saved plan), once each, in one pass."""

@@ -92,7 +92,7 @@ def drive(engine: Engine, address: str, on_state: dict[int, Any], *, passes: int
     engine.register_systems()
     seen: set[int] = set()
     for _ in range(passes):  # bounded
-        engine.apply_pass(ApplyReport())
+        engine.apply_pass(ApplyReport(), chain=False)
         state = state_of(engine, address)
         for s, check in on_state.items():
             if state is not None and state >= s and s not in seen:
