@@ -193,7 +193,8 @@ class Engine:
                 "system" for address, r in self.refusals(seen.migrations))
         return plan
 
-    def refusals(self, migrations: list[MigrationView]) -> list[tuple[str, Refusal]]:
+    def refusals(self, migrations: list[MigrationView] | None = None
+                 ) -> list[tuple[str, Refusal]]:
         """(address, refusal) for every physical address a managed system answered 5xx for
         in the last hour (fed deferred them: invariant 9), named by the migration it belongs
         to or else by fed's directory. Empty if fed cannot say (an older fed, unreachable)."""
@@ -201,8 +202,10 @@ class Engine:
             found = self.fed.refusals()
         except StepError:
             return []
+        if not found:  # the usual case: no migration record read for nothing
+            return []
         names: dict[str, str] = {}
-        for m in migrations:
+        for m in self.migrations() if migrations is None else migrations:
             names[physical_address(m.source_system, m.source_mailbox)] = m.address
             names[physical_address(m.target_system, mailbox_id_for(m.address))] = m.address
         if any(r.physical not in names for r in found):
@@ -213,7 +216,7 @@ class Engine:
     def _record_refusals(self, now: datetime) -> None:
         """A `refused` event on each migration whose mailbox a system refuses (once per
         distinct reply), so that `reconcile events ADDRESS` shows it."""
-        found = self.refusals(self.migrations())
+        found = self.refusals()
         if not found:
             return
         with self.store.session() as session:
