@@ -8,6 +8,7 @@
     reconcile suspend PLACEMENT | resume PLACEMENT | retry ADDRESS
     reconcile events ADDRESS                             the event history of one address
     reconcile serve | demo | station enrol NAME --address ADDR
+    reconcile web [--listen 127.0.0.1:8027]              the read-only status page
 
 Every option is common (`--specs DIR`, `--state URL`); `docs/gitops.md` describes the
 saved plans, the lease, the JSON Lines format, the guard rails and the watch loop.
@@ -54,15 +55,22 @@ def _parse_at(value: str | None) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def build_engine(specs: SpecSet, state: str | None):  # type: ignore[no-untyped-def]
-    """The engine for a spec set: state store, fed client, drivers."""
+def build_engine(specs: SpecSet, state: str | None, *,  # type: ignore[no-untyped-def]
+                 token_optional: bool = False):
+    """The engine for a spec set: state store, fed client, drivers (`token_optional`: a
+    fed token that cannot be read leaves the client without one, for the read-only page)."""
     from reconciler.drivers.registry import make_drivers
     from reconciler.engine import Engine
     from reconciler.fedclient import FedClient
     from reconciler.secrets import resolve
     from reconciler.state.store import open_store
 
-    token = resolve(specs.fed.token, what=f"fed {specs.fed.name} token")
+    try:
+        token = resolve(specs.fed.token, what=f"fed {specs.fed.name} token")
+    except MailferryError:
+        if not token_optional:
+            raise
+        token = ""
     fed = FedClient(specs.fed.control_url, token)
     return Engine(specs, open_store(_state_url(state)), fed, make_drivers(specs))
 
@@ -111,11 +119,16 @@ def _load_or_exit(specs_dir: str) -> SpecSet:
               help="--watch: longest sleep when nothing is due.")
 @click.option("--station-api", default=None, metavar="HOST:PORT",
               help="--watch: also serve the station API here (e.g. 127.0.0.1:8026).")
+@click.option("--web", default=None, metavar="HOST:PORT",
+              help="--watch: also serve the status page here (e.g. 127.0.0.1:8027).")
+@click.option("--web-token-file", default=None, metavar="FILE",
+              help="--web: the page's bearer token (needed beyond 127.0.0.1).")
 @click.pass_context
 def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
          out_file: str | None, apply_file: str | None, do_watch: bool, as_json: bool,
          at: str | None, verbose: bool, allow_dirty: bool, lease_timeout: float,
-         lease_ttl: float, reports_dir: str, interval: float, station_api: str | None) -> None:
+         lease_ttl: float, reports_dir: str, interval: float, station_api: str | None,
+         web: str | None, web_token_file: str | None) -> None:
     """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
     ctx.ensure_object(dict)
     ctx.obj.update(specs=specs_dir, state=state)
@@ -144,7 +157,8 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
         options = WatchOptions(specs_dir=specs_dir, state_url=engine.store.url,
                                interval=interval, allow_dirty=allow_dirty,
                                reports_dir=reports_dir, lease_ttl=lease_ttl,
-                               station_api=station_api)
+                               station_api=station_api, web=web,
+                               web_token_file=web_token_file)
         sys.exit(Watcher(engine, options, Output(click.echo, as_json), build_engine).run())
     except MailferryError as exc:
         _fail(str(exc))
@@ -222,8 +236,12 @@ def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untype
     return report
 
 @main.command()
+@click.option("--web", default=None, metavar="HOST:PORT",
+              help="Also serve the status page here (e.g. 127.0.0.1:8027).")
+@click.option("--web-token-file", default=None, metavar="FILE",
+              help="--web: the page's bearer token (needed beyond 127.0.0.1).")
 @click.pass_context
-def serve(ctx: click.Context) -> None:
+def serve(ctx: click.Context, web: str | None, web_token_file: str | None) -> None:
     """Start the embedded default of the specs (fed and every maildir system) until Ctrl-C."""
     import signal
 
@@ -246,9 +264,51 @@ def serve(ctx: click.Context) -> None:
     with start_embedded(specs) as embedded:
         for server in embedded.servers:
             click.echo(f"{server.name}: pid {server.process.pid}: {server.ready_line}")
+        page = _status_page(specs, ctx.obj["state"], web, web_token_file) if web else None
         click.echo("embedded default running; Ctrl-C stops it")
         while not stop and all(s.process.poll() is None for s in embedded.servers):
             time.sleep(0.5)
+        if page is not None:
+            page.stop()
+
+
+def _status_page(specs: SpecSet, state: str | None, listen: str,  # type: ignore[no-untyped-def]
+                 token_file: str | None):
+    """The status page for these specs, started (its URL said), or exit 1 with the reason."""
+    from reconciler.web.server import status_page_for
+
+    try:
+        page = status_page_for(build_engine(specs, state, token_optional=True), listen,
+                               token_file=token_file).start()
+    except (MailferryError, OSError) as exc:
+        _fail(f"status page: {exc}")
+    click.echo(f"status page on {page.url}", err=True)
+    return page
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8027", show_default=True, metavar="HOST:PORT",
+              help="Where to serve the page; beyond 127.0.0.1 only with --token-file.")
+@click.option("--token-file", default=None, metavar="FILE",
+              help="A bearer token (also the password of HTTP Basic) the page asks for.")
+@click.pass_context
+def web(ctx: click.Context, listen: str, token_file: str | None) -> None:
+    """Serve the read-only status page (waves, mailboxes, fed, failures) until Ctrl-C."""
+    import signal
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    page = _status_page(specs, ctx.obj["state"], listen, token_file)
+    stop = False
+
+    def terminate(*_args: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    while not stop:
+        time.sleep(0.2)
+    page.stop()
 
 
 @main.command()

@@ -21,6 +21,7 @@ who paused what, with the specs' commit):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError
 from reconciler.output import when
-from reconciler.plan import Change
+from reconciler.plan import Change, MigrationView, Plan
 from reconciler.state.model import Migration, PlacementSuspension
 from reconciler.state.store import Store, record_event
 
@@ -81,15 +82,31 @@ def _matches(change: Change, state: str | None) -> bool:
     return change.action == state
 
 
-def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
-                state: str | None = None) -> list[StatusRow]:
-    """The status table, filtered (`state`: a number or one of STATE_FILTERS)."""
+def check_state_filter(state: str | None) -> None:
+    """Refuse an unknown `--state` value (a number or one of STATE_FILTERS)."""
     if state is not None and not state.isdigit() and state not in STATE_FILTERS:
         raise MailferryError(f"unknown state filter {state!r}: a state number or one of "
                              + ", ".join(STATE_FILTERS))
+
+
+def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
+                state: str | None = None) -> list[StatusRow]:
+    """The status table, filtered (`state`: a number or one of STATE_FILTERS)."""
+    check_state_filter(state)
     observed = engine.observe()
     plan = engine.plan(observed=observed)
-    errors = {m.address: (m.failed_reason or m.last_error or "") for m in observed.migrations}
+    return rows_of(plan, last_errors(observed.migrations), placement=placement, system=system,
+                   state=state)
+
+
+def last_errors(migrations: Iterable[MigrationView]) -> dict[str, str]:
+    """address -> the failure reason or last error of its newest migration."""
+    return {m.address: (m.failed_reason or m.last_error or "") for m in migrations}
+
+
+def rows_of(plan: Plan, errors: dict[str, str], *, placement: str | None = None,
+            system: str | None = None, state: str | None = None) -> list[StatusRow]:
+    """PURE: the status rows of a plan, filtered (the web page shares this)."""
     rows = []
     for change in plan.changes:
         if placement is not None and change.placement != placement:

@@ -65,6 +65,8 @@ class WatchOptions:
     reports_dir: str = "var/reports"
     lease_ttl: float = 30.0
     station_api: str | None = None
+    web: str | None = None  # serve the status page here (HOST:PORT)
+    web_token_file: str | None = None
 
 
 class Watcher:
@@ -127,6 +129,7 @@ class Watcher:
         signal.signal(signal.SIGTERM, self.terminate)
         signal.signal(signal.SIGINT, self.terminate)
         api = self._start_api()
+        page = self._start_web()
         observer = Observer()
         observer.schedule(Changed(), self.options.specs_dir, recursive=False)
         observer.start()
@@ -143,6 +146,8 @@ class Watcher:
             observer.join()
             if api is not None:
                 api.stop()
+            if page is not None:
+                page.stop()
             self.lease.release()
         self.out.notice("watch: stopped")
         return 0
@@ -157,6 +162,16 @@ class Watcher:
                               port=int(port)).start()
         self.out.notice(f"station API on {api.url}")
         return api
+
+    def _start_web(self) -> Any:
+        if not self.options.web:
+            return None
+        from reconciler.web.server import status_page_for
+
+        page = status_page_for(lambda: self.engine, self.options.web,
+                               token_file=self.options.web_token_file).start()
+        self.out.notice(f"status page on {page.url}")
+        return page
 
     def _hold_lease(self) -> bool:
         """Make sure we hold the lease (wait for it); False when asked to stop meanwhile."""

@@ -1,0 +1,204 @@
+"""Reading the world for the status page: the state store, fed, the running copies.
+
+Why a cache: a status page is open on several screens during a cutover weekend, each
+polling every two seconds; the plan over 10,000 mailboxes costs tens of milliseconds, so one
+snapshot is made at most once a second (`max_age`) and shared. The reads are the engine's
+own (`read_migrations`, `Engine.plan`, the mover's `throughput`), never a second copy of
+their queries.
+
+fed is read with a short timeout and every part separately: an unreachable fed, a missing
+token or an old fed without `/v1/nodes` leaves a note on the page, not an error page. The
+plan then uses the last directory fed gave (or none, said so on the page).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from reconciler.engine import Engine, Observed, read_migrations
+from reconciler.errors import MailferryError
+from reconciler.fedclient import FedClient
+from reconciler.mover.manifest import RECENT_RUNS, throughput
+from reconciler.state.model import Event, Migration, StationReport, TransferRun
+from reconciler.web.views import (
+    CopyFacts,
+    EventFacts,
+    FedPanel,
+    MailboxDetail,
+    PlacementInfo,
+    ReportFacts,
+    Snapshot,
+    mailbox_detail,
+)
+
+FED_TIMEOUT = 2.0  # seconds per fed call: the page must not hang on a dead fed
+COPY_PHASES = (None, "prestage", "copy", "final")
+
+
+class Source:
+    """The page's view of one engine (a callable: `--watch` rebuilds its engine)."""
+
+    def __init__(self, engine: Callable[[], Engine], *, max_age: float = 1.0,
+                 fed: Callable[[], FedClient | None] | None = None) -> None:
+        self.engine = engine
+        self.max_age = max_age
+        self._fed = fed
+        self._lock = threading.Lock()
+        self._cached: tuple[float, Snapshot] | None = None
+        self._directory: dict[str, str] | None = None
+
+    def fed_client(self) -> FedClient | None:
+        """fed's control API with a short timeout, or None without a token."""
+        if self._fed is not None:
+            return self._fed()
+        base = self.engine().fed
+        return FedClient(base.base_url, base.token, timeout=FED_TIMEOUT) if base.token else None
+
+    def snapshot(self) -> Snapshot:
+        """The newest snapshot, at most `max_age` seconds old."""
+        with self._lock:
+            cached = self._cached
+            if cached is not None and time.monotonic() - cached[0] < self.max_age:
+                return cached[1]
+            snap = self._read()
+            self._cached = (time.monotonic(), snap)
+            return snap
+
+    def _read(self) -> Snapshot:
+        engine = self.engine()
+        notes: list[str] = []
+        fed = self.fed_client()
+        panel = FedPanel(error="no fed token: fed's panel and directory are not shown"
+                         if fed is None else None)
+        directory = self._directory
+        if fed is not None:
+            try:
+                directory = fed.directory().entries
+                self._directory = directory
+            except MailferryError as exc:
+                panel.error = str(exc)
+            if panel.error is None:
+                fed_panel(fed, panel)
+        if directory is None:
+            directory = {}
+            notes.append("fed's directory could not be read: mailboxes without a migration "
+                         "record are shown as the specs want them, not as they are")
+        elif panel.error is not None:
+            notes.append("fed is not answering: the plan uses its last directory")
+        migrations = read_migrations(engine.store)
+        suspended = engine.suspended()
+        plan = engine.plan(observed=Observed(migrations, directory, suspended))
+        latest = {m.address: m for m in migrations if not m.purged}
+        with engine.store.session() as session:
+            copies = copy_facts(session, {m.id for m in latest.values()})
+            rates = throughput(session, RECENT_RUNS)
+        for key, box in dict(engine.progress.boxes).items():
+            m = latest.get(key)
+            if m is None or box.finished is not None:
+                continue
+            copies[m.id] = CopyFacts(box.messages_total, box.bytes_total, box.done_messages,
+                                     box.done_bytes, running=True)
+        desired = Counter(d.placement for d in engine.desired.values())
+        placements = {
+            name: PlacementInfo(name, p.system, engine.specs.windows.get(p.window)
+                                if p.window else None, desired[name])
+            for name, p in engine.specs.placements.items()}
+        return Snapshot(at=plan.at, plan=plan, migrations=latest, copies=copies, rates=rates,
+                        placements=placements, fed=panel, suspended=suspended,
+                        commit=engine.specs.commit, notes=notes)
+
+    def mailbox(self, address: str) -> MailboxDetail:
+        """The page of one mailbox."""
+        snap = self.snapshot()
+        address = address.lower()
+        engine = self.engine()
+        m = snap.migrations.get(address)
+        with engine.store.session() as session:
+            hold = session.scalar(select(Migration.hold_started_at).where(
+                Migration.id == m.id)) if m is not None else None
+            events = [EventFacts(e.at, e.step, e.from_state, e.to_state, e.specs_commit,
+                                 e.detail)
+                      for e in session.scalars(select(Event).where(Event.address == address)
+                                               .order_by(Event.id))]
+            folders: list[dict[str, Any]] = []
+            if m is not None:
+                report = session.scalar(
+                    select(TransferRun.report).where(TransferRun.migration_id == m.id,
+                                                     TransferRun.report.is_not(None))
+                    .order_by(TransferRun.id.desc()).limit(1))
+                folders = _folders(report)
+            reports = [ReportFacts(r.at, r.station, r.kind, r.ok,
+                                   json.dumps(r.detail, sort_keys=True)[:500])
+                       for r in session.scalars(select(StationReport)
+                                                .where(StationReport.address == address)
+                                                .order_by(StationReport.id.desc()).limit(50))]
+        return mailbox_detail(address, snap, hold_started=hold, events=events,
+                              folders=folders, reports=reports)
+
+    def version(self) -> str:
+        """Changes whenever something on the page may have: the live poll's ETag."""
+        snap = self.snapshot()
+        return f"{id(snap):x}"
+
+
+def copy_facts(session: Any, ids: set[int]) -> dict[int, CopyFacts]:
+    """migration id -> the figures of its newest copy pass (one query over transfer_runs)."""
+    rows = session.execute(
+        select(TransferRun.migration_id, TransferRun.phase, TransferRun.copied,
+               TransferRun.present, TransferRun.bytes_copied, TransferRun.messages_total,
+               TransferRun.bytes_total, TransferRun.verified).order_by(TransferRun.id))
+    facts: dict[int, CopyFacts] = {}
+    for mid, phase, copied, present, size, messages, total, verified in rows:
+        if mid in ids and phase in COPY_PHASES:
+            facts[mid] = CopyFacts(messages, total, (copied or 0) + (present or 0), size or 0,
+                                   bool(verified))
+    return facts
+
+
+def fed_panel(fed: FedClient, panel: FedPanel) -> None:
+    """Fill `panel` from fed: holds, queue counts, depth per destination, nodes."""
+    try:
+        now = time.time()
+        panel.holds = sorted(
+            ({"address": a, "since": h.since, "age_s": h.age_seconds, "waiting": h.waiting,
+              "covers": list(h.covers)} for a, h in fed.holds().items()),
+            key=lambda h: -float(h["age_s"]))
+        q = fed.queue()
+        panel.queue = {"pending": q.pending, "held": q.held, "retrying": q.retrying,
+                       "shunted": q.shunted}
+        depth: Counter[str] = Counter()
+        for message in fed.queue_messages(limit=10000):
+            for rcpt in message.get("recipients", []):
+                depth[str(rcpt.get("destination") or "-")] += 1
+        panel.destinations = sorted(depth.items())
+        del now
+    except MailferryError as exc:
+        panel.error = str(exc)
+        return
+    try:
+        panel.nodes = [{"name": n.get("name"), "alive": bool(n.get("alive")),
+                        "heartbeat_age": n.get("heartbeat_age")} for n in fed.nodes()]
+    except MailferryError as exc:
+        panel.nodes_error = str(exc)
+
+
+def _folders(report: str | None) -> list[dict[str, Any]]:
+    if not report:
+        return []
+    try:
+        folders = json.loads(report).get("folders", [])
+    except (ValueError, AttributeError):
+        return []
+    return [f for f in folders if isinstance(f, dict)]
+
+
+def stamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%SZ")
