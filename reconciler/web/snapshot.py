@@ -109,7 +109,7 @@ class Source:
         desired = Counter(d.placement for d in engine.desired.values())
         placements = {
             name: PlacementInfo(name, p.system, engine.specs.windows.get(p.window)
-                                if p.window else None, desired[name])
+                                if p.window else None, desired[name], p.description)
             for name, p in engine.specs.placements.items()}
         return Snapshot(at=plan.at, plan=plan, migrations=latest, copies=copies, rates=rates,
                         placements=placements, fed=panel, suspended=suspended,
@@ -166,7 +166,6 @@ def copy_facts(session: Any, ids: set[int]) -> dict[int, CopyFacts]:
 def fed_panel(fed: FedClient, panel: FedPanel) -> None:
     """Fill `panel` from fed: holds, queue counts, depth per destination, nodes."""
     try:
-        now = time.time()
         panel.holds = sorted(
             ({"address": a, "since": h.since, "age_s": h.age_seconds, "waiting": h.waiting,
               "covers": list(h.covers)} for a, h in fed.holds().items()),
@@ -179,7 +178,6 @@ def fed_panel(fed: FedClient, panel: FedPanel) -> None:
             for rcpt in message.get("recipients", []):
                 depth[str(rcpt.get("destination") or "-")] += 1
         panel.destinations = sorted(depth.items())
-        del now
     except MailferryError as exc:
         panel.error = str(exc)
         return

@@ -66,6 +66,7 @@ class PlacementInfo:
     system: str
     window: WindowSpec | None
     mailboxes: int
+    description: str = ""
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Bar:
 @dataclass
 class WaveView:
     name: str
+    description: str
     system: str
     window: str
     suspended: bool
@@ -231,7 +233,8 @@ def _wave(snap: Snapshot, name: str, changes: list[Change]) -> WaveView:
     window = info.window if info else None
     eta, fit, fits = _eta_fit(snap, window, left, remaining_m, remaining_b)
     return WaveView(
-        name=name, system=info.system if info else "-",
+        name=name, description=info.description if info else "",
+        system=info.system if info else "-",
         window=window.name if window else "-", suspended=name in snap.suspended,
         total=total, bars=bars, done=counts["done"], failed=counts["failed"],
         messages_done=msgs_done, messages_total=msgs_total, bytes_done=bytes_done,
