@@ -208,7 +208,9 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
     engine.should_stop = lease.lost.is_set
     try:
         out.version("apply", engine)
-        applier = Applier(out, reports_dir)
+        from reconciler.liveprogress import for_output
+
+        applier = Applier(out, reports_dir, bars=for_output(as_json))
         if saved is None:
             report, _ = applier.apply(engine)
         else:

@@ -42,6 +42,7 @@ from sqlalchemy import func, select
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError, SpecError
 from reconciler.lease import Lease, LeaseHeld, LeaseInfo
+from reconciler.liveprogress import for_output
 from reconciler.run import Applier, Output, dirty_refusal
 from reconciler.spec.gitinfo import git_state
 from reconciler.spec.loader import SPEC_SUFFIXES, load_specs
@@ -78,7 +79,7 @@ class Watcher:
         self.options = options
         self.out = out
         self.build = build  # (SpecSet, state url) -> Engine
-        self.applier = Applier(out, options.reports_dir)
+        self.applier = Applier(out, options.reports_dir, bars=for_output(out.as_json))
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.first_event: float | None = None

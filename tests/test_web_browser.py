@@ -133,7 +133,7 @@ def wave_counts(driver: webdriver.Chrome, name: str) -> tuple[int, int, int]:
 
 def no_alert(driver: webdriver.Chrome) -> bool:
     try:
-        driver.switch_to.alert
+        _ = driver.switch_to.alert
     except NoAlertPresentException:
         return True
     return False
