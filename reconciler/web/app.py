@@ -27,15 +27,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 from aiohttp import web
 
 from reconciler.errors import MailferryError
-from reconciler.fit import human_bytes, human_duration
-from reconciler.status import STATE_FILTERS, check_state_filter
-from reconciler.web import svg
-from reconciler.web.snapshot import Source, stamp
-from reconciler.web.views import SEGMENTS, STATES, failures, state_filters, suspended_commands
+from reconciler.status import check_state_filter
+from reconciler.web.snapshot import Source
+from reconciler.web.templating import templates
+from reconciler.web.views import STATES, failures, state_filters, suspended_commands
 from reconciler.web.views import table as mailbox_table
 from reconciler.web.views import waves as wave_views
 
@@ -44,16 +42,6 @@ STATIC = {"live.js": "text/javascript", "style.css": "text/css"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def templates() -> jinja2.Environment:
-    """The page templates, autoescaping everything (not only .html files)."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
-                             autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(bytes=human_bytes, duration=human_duration, stamp=stamp)
-    env.globals.update(svg=svg, SEGMENTS=SEGMENTS, STATE_FILTERS=STATE_FILTERS)
-    return env
 
 
 def is_loopback(host: str) -> bool:

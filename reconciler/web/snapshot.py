@@ -18,7 +18,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -196,7 +195,3 @@ def _folders(report: str | None) -> list[dict[str, Any]]:
     except (ValueError, AttributeError):
         return []
     return [f for f in folders if isinstance(f, dict)]
-
-
-def stamp(at: datetime) -> str:
-    return at.strftime("%Y-%m-%d %H:%M:%SZ")
