@@ -107,7 +107,19 @@ def last_errors(migrations: Iterable[MigrationView]) -> dict[str, str]:
 def rows_of(plan: Plan, errors: dict[str, str], *, placement: str | None = None,
             system: str | None = None, state: str | None = None) -> list[StatusRow]:
     """PURE: the status rows of a plan, filtered (the web page shares this)."""
-    rows = []
+    return [row_of(change, errors, plan.at)
+            for change in matching(plan, placement=placement, system=system, state=state)]
+
+
+def row_of(change: Change, errors: dict[str, str], now: datetime) -> StatusRow:
+    """PURE: the status row of one change."""
+    return _row(change, errors.get(change.address, ""), now)
+
+
+def matching(plan: Plan, *, placement: str | None = None, system: str | None = None,
+             state: str | None = None) -> list[Change]:
+    """PURE: the changes of a plan the status filters keep."""
+    kept = []
     for change in plan.changes:
         if placement is not None and change.placement != placement:
             continue
@@ -118,8 +130,8 @@ def rows_of(plan: Plan, errors: dict[str, str], *, placement: str | None = None,
                 continue
         elif not _matches(change, state):
             continue
-        rows.append(_row(change, errors.get(change.address, ""), plan.at))
-    return rows
+        kept.append(change)
+    return kept
 
 
 def table(rows: list[StatusRow]) -> list[str]:

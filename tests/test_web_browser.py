@@ -167,6 +167,11 @@ def test_page_follows_a_running_migration(world: World, tmp_path: Path,
         wait_for("every mailbox listed", lambda: page_states(browser) == store_states(
             engine, addresses))
         assert wave_counts(browser, "web-wave") == (5, 0, 0)
+        total = sum(old.values())
+        wave_text = lambda: browser.find_element(By.CSS_SELECTOR,  # noqa: E731
+                                                 '.wave[data-placement="web-wave"]').text
+        # Before any copy, the totals come from the source mailboxes themselves.
+        wait_for("the wave's totals measured", lambda: f"0 of {total} messages" in wave_text())
 
         # The spec's <script> is text: shown, not run, not an element.
         description = browser.find_element(By.CSS_SELECTOR, ".wave .description").text
@@ -194,8 +199,7 @@ def test_page_follows_a_running_migration(world: World, tmp_path: Path,
         assert len({tuple(s.values()) for s in seen}) >= 4  # the page followed several steps
         # Every update came through live.js: the page was never reloaded.
         assert browser.execute_script("return window.__loaded_once") == 1
-        copied = browser.find_element(By.CSS_SELECTOR, '.wave[data-placement="web-wave"]').text
-        assert f"copied: {sum(old.values())} of {sum(old.values())} messages" in copied
+        assert f"copied: {total} of {total} messages" in wave_text()
 
         browser.save_screenshot(str(SHOTS / "overview.png"))
         browser.get(f"{page.url}/mailbox/{addresses[0]}")

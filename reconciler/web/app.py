@@ -99,7 +99,8 @@ def make_app(source: Source, *, token: str | None = None) -> web.Application:
     def render(request: web.Request, name: str, **context: Any) -> web.Response:
         part = request.query.get("part") == "live"
         template = env.get_template(f"_{name}" if part else name)
-        return web.Response(text=template.render(**context), content_type="text/html")
+        return web.Response(text=template.render(stale=source.error, **context),
+                            content_type="text/html")
 
     async def overview(request: web.Request) -> web.Response:
         query = request.query

@@ -1,10 +1,14 @@
 """Reading the world for the status page: the state store, fed, the running copies.
 
-Why a cache: a status page is open on several screens during a cutover weekend, each
-polling every two seconds; the plan over 10,000 mailboxes costs tens of milliseconds, so one
-snapshot is made at most once a second (`max_age`) and shared. The reads are the engine's
-own (`read_migrations`, `Engine.plan`, the mover's `throughput`), never a second copy of
-their queries.
+Why a snapshot made in the background: a status page is open on several screens during a
+cutover weekend, each polling every two seconds, and reading 10,000 migrations, fed's
+directory and making the plan takes a few hundred milliseconds on a busy machine. So the
+page is served from the newest snapshot, and a request finding it older than `max_age`
+(one second) starts a refresh in a background thread instead of waiting for it: a page
+answers in the time it takes to render, its figures at most a refresh old (the time of the
+snapshot is on the page). Only the first request waits. The reads are the engine's own
+(`read_migrations`, `Engine.plan`, the mover's `throughput`), never a second copy of their
+queries.
 
 fed is read with a short timeout and every part separately: an unreachable fed, a missing
 token or an old fed without `/v1/nodes` leaves a note on the page, not an error page. The
@@ -14,6 +18,7 @@ plan then uses the last directory fed gave (or none, said so on the page).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -25,7 +30,9 @@ from sqlalchemy import select
 from reconciler.engine import Engine, Observed, read_migrations
 from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
+from reconciler.fit import COPYING
 from reconciler.mover.manifest import RECENT_RUNS, throughput
+from reconciler.plan import MigrationView
 from reconciler.state.model import Event, Migration, StationReport, TransferRun
 from reconciler.web.views import (
     CopyFacts,
@@ -38,7 +45,9 @@ from reconciler.web.views import (
     mailbox_detail,
 )
 
+log = logging.getLogger("reconciler.web")
 FED_TIMEOUT = 2.0  # seconds per fed call: the page must not hang on a dead fed
+MEASURE_PER_REFRESH = 100  # mailbox sizes read from the drivers per refresh
 COPY_PHASES = (None, "prestage", "copy", "final")
 
 
@@ -52,7 +61,10 @@ class Source:
         self._fed = fed
         self._lock = threading.Lock()
         self._cached: tuple[float, Snapshot] | None = None
+        self._refreshing = False
+        self.error: str | None = None  # why the last background refresh failed
         self._directory: dict[str, str] | None = None
+        self._sizes: dict[tuple[str, str], tuple[int, int] | None] = {}
 
     def fed_client(self) -> FedClient | None:
         """fed's control API with a short timeout, or None without a token."""
@@ -62,14 +74,33 @@ class Source:
         return FedClient(base.base_url, base.token, timeout=FED_TIMEOUT) if base.token else None
 
     def snapshot(self) -> Snapshot:
-        """The newest snapshot, at most `max_age` seconds old."""
+        """The newest snapshot; one older than `max_age` is refreshed in the background
+        (only the very first call waits for a read)."""
         with self._lock:
             cached = self._cached
-            if cached is not None and time.monotonic() - cached[0] < self.max_age:
-                return cached[1]
-            snap = self._read()
-            self._cached = (time.monotonic(), snap)
-            return snap
+            if cached is None:
+                return self.refresh()
+            if time.monotonic() - cached[0] >= self.max_age and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh_quietly, name="status-page-snapshot",
+                                 daemon=True).start()
+            return cached[1]
+
+    def refresh(self) -> Snapshot:
+        """Read a new snapshot now (and keep it)."""
+        snap = self._read()
+        self._cached = (time.monotonic(), snap)
+        return snap
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.refresh()
+            self.error = None
+        except Exception as exc:  # the state store away for a moment: keep the last one
+            log.exception("status page: snapshot not refreshed")
+            self.error = f"the page could not be refreshed: {type(exc).__name__}: {exc}"
+        finally:
+            self._refreshing = False
 
     def _read(self) -> Snapshot:
         engine = self.engine()
@@ -99,6 +130,7 @@ class Source:
         with engine.store.session() as session:
             copies = copy_facts(session, {m.id for m in latest.values()})
             rates = throughput(session, RECENT_RUNS)
+        self._measure(engine, latest, copies)
         for key, box in dict(engine.progress.boxes).items():
             m = latest.get(key)
             if m is None or box.finished is not None:
@@ -113,6 +145,30 @@ class Source:
         return Snapshot(at=plan.at, plan=plan, migrations=latest, copies=copies, rates=rates,
                         placements=placements, fed=panel, suspended=suspended,
                         commit=engine.specs.commit, notes=notes)
+
+    def _measure(self, engine: Engine, latest: dict[str, MigrationView],
+                 copies: dict[int, CopyFacts]) -> None:
+        """Source totals of mailboxes still to copy that no pass has measured yet: from the
+        driver (a walk of the mailbox), at most `MEASURE_PER_REFRESH` new ones per refresh
+        and each once (old mail hardly changes before its copy)."""
+        budget = MEASURE_PER_REFRESH
+        for m in latest.values():
+            if m.id in copies or m.state >= 8 or m.failed_reason \
+                    or str(m.modes.get("dataTransfer")) not in COPYING:
+                continue
+            key = (m.source_system, m.source_mailbox)
+            if key not in self._sizes:
+                if budget <= 0 or m.source_system not in engine.drivers:
+                    continue
+                budget -= 1
+                try:
+                    info = engine.drivers[m.source_system].mailbox_info(m.source_mailbox)
+                    self._sizes[key] = (info.size_bytes, info.messages)
+                except Exception:  # a system down or a mailbox gone: no total for it
+                    self._sizes[key] = None
+            size = self._sizes[key]
+            if size is not None:
+                copies[m.id] = CopyFacts(messages_total=size[1], bytes_total=size[0])
 
     def mailbox(self, address: str) -> MailboxDetail:
         """The page of one mailbox."""
@@ -141,11 +197,6 @@ class Source:
                                                 .order_by(StationReport.id.desc()).limit(50))]
         return mailbox_detail(address, snap, hold_started=hold, events=events,
                               folders=folders, reports=reports)
-
-    def version(self) -> str:
-        """Changes whenever something on the page may have: the live poll's ETag."""
-        snap = self.snapshot()
-        return f"{id(snap):x}"
 
 
 def copy_facts(session: Any, ids: set[int]) -> dict[int, CopyFacts]:

@@ -19,7 +19,7 @@ from reconciler.mover.manifest import seconds_for
 from reconciler.plan import BLOCKED, Change, MigrationView, Plan
 from reconciler.spec.model import WindowSpec
 from reconciler.spec.windows import next_open, open_until
-from reconciler.status import StatusRow, rows_of
+from reconciler.status import StatusRow, matching, row_of
 
 # The patent's states (DESIGN.md, "The state machine"): number, steps, what has happened.
 STATES: tuple[tuple[int, str, str], ...] = (
@@ -284,24 +284,29 @@ def copy_text(m: MigrationView | None, facts: CopyFacts | None) -> str:
 def table(snap: Snapshot, *, placement: str | None = None, system: str | None = None,
           state: str | None = None, page: int = 1) -> TableView:
     """The mailbox table, filtered like `reconcile status`, one page of it."""
-    errors = {a: (m.failed_reason or m.last_error or "") for a, m in snap.migrations.items()}
-    rows = rows_of(snap.plan, errors, placement=placement, system=system, state=state)
-    pages = max(1, -(-len(rows) // PAGE_ROWS))
+    kept = matching(snap.plan, placement=placement, system=system, state=state)
+    pages = max(1, -(-len(kept) // PAGE_ROWS))
     page = min(max(page, 1), pages)
-    shown = rows[(page - 1) * PAGE_ROWS: page * PAGE_ROWS]
     out = []
-    for row in shown:
-        m = snap.migrations.get(row.address)
+    for change in kept[(page - 1) * PAGE_ROWS: page * PAGE_ROWS]:  # rows only for the page
+        m = snap.migrations.get(change.address)
+        row = row_of(change, last_error(m), snap.plan.at)
         facts = snap.copies.get(m.id) if m is not None else None
         out.append(MailboxRow(row, copy_text(m, facts), row.action == "failed"))
-    return TableView(out, len(rows), page, pages)
+    return TableView(out, len(kept), page, pages)
 
 
-def failures(snap: Snapshot) -> list[Failure]:
-    """Every failed or blocked migration, with its reason and what gets it going again."""
+def last_error(m: MigrationView | None) -> dict[str, str]:
+    """The errors mapping `row_of` takes, for one migration."""
+    return {m.address: m.failed_reason or m.last_error or ""} if m is not None else {}
+
+
+def failures(snap: Snapshot, only: str | None = None) -> list[Failure]:
+    """Every failed or blocked migration (of `only`, an address, if given), with its reason
+    and what gets it going again."""
     found = []
     for change in snap.plan.changes:
-        if change.action not in BLOCKED:
+        if change.action not in BLOCKED or (only is not None and change.address != only):
             continue
         m = snap.migrations.get(change.address)
         reason = change.reason or (m.failed_reason if m else "") or ""
@@ -412,11 +417,11 @@ def mailbox_detail(address: str, snap: Snapshot, *, hold_started: datetime | Non
                    reports: list[ReportFacts]) -> MailboxDetail:
     """PURE: the mailbox page."""
     m = snap.migrations.get(address)
-    errors = {address: (m.failed_reason or m.last_error or "")} if m else {}
-    rows = [r for r in rows_of(snap.plan, errors) if r.address == address]
+    rows = [row_of(c, last_error(m), snap.plan.at) for c in snap.plan.changes
+            if c.address == address]
     facts = snap.copies.get(m.id) if m is not None else None
     fed_hold = next((h for h in snap.fed.holds if h["address"] == address), None)
-    failure = next((f for f in failures(snap) if f.address == address), None)
+    failure = next((f for f in failures(snap, only=address)), None)
     live = ""
     if facts is not None and facts.running:
         total = facts.bytes_total or 0
