@@ -12,11 +12,15 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
@@ -24,7 +28,7 @@ from reconciler.web.app import authorised, check_bind
 from reconciler.web.server import read_token, status_page_for
 
 from sysutil import free_port
-from world import World, placement, run_cli
+from world import World, placement, policy, run_cli
 
 TOKEN = "s3cret-token-for-the-status-page"
 
@@ -114,3 +118,86 @@ def test_page_answers_with_fed_away(world: World, tmp_path: Path) -> None:
     with status_page_for(engine, "127.0.0.1:0") as page:
         status, body = get(page.url + "/")
     assert status == 200 and "no fed token" in body
+
+
+def test_page_shows_a_copy_running_in_the_same_process(world: World, tmp_path: Path) -> None:
+    """In `--watch --web` the page reads the engine's own copy figures while E15 runs (the
+    manifest rows are committed only with the step)."""
+    address = "live1@corp.example"
+    state = f"sqlite:///{tmp_path / 's.db'}"
+    home = world.engine(world.write(tmp_path / "v1", [placement("live-home", "s1",
+                                                                [{"address": address}])]), state)
+    home.apply()
+    engine = world.engine(world.write(tmp_path / "v2", [
+        policy("live-p"), placement("live-wave", "s2", [{"address": address}],
+                                    policy_name="live-p")]), state)
+    engine.register_systems()
+    from reconciler.engine import ApplyReport
+
+    for _ in range(10):  # bounded: up to the copy step (state 7)
+        engine.apply_pass(ApplyReport())
+        if any(m.state == 7 for m in engine.migrations() if m.address == address):
+            break
+    engine.progress.mailbox_started(address, 40, 4_000_000)
+    engine.progress.advanced(address, 10, 1_000_000, copied=10)
+    with status_page_for(engine, "127.0.0.1:0") as page:
+        status, body = get(f"{page.url}/mailbox/{address}")
+        assert status == 200
+        assert "copying now: 10/40 messages, 1.0 MB of 4.0 MB" in body
+        assert "25% copying" in get(page.url + "/")[1]
+        engine.progress.mailbox_done(address, {"verified": True})
+        # The next snapshot no longer counts it as running.
+        wait = time.monotonic() + 10
+        while "25% copying" in get(page.url + "/")[1] and time.monotonic() < wait:
+            time.sleep(0.2)
+        assert "25% copying" not in get(page.url + "/")[1]
+
+
+def test_watch_and_serve_serve_the_page(world: World, tmp_path: Path) -> None:
+    address = "served1@corp.example"
+    specs = world.write(tmp_path / "specs", [placement("served-home", "s1",
+                                                       [{"address": address}])])
+    port = free_port()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "--specs", str(specs), "--state",
+         str(tmp_path / "s.db"), "--watch", "--allow-dirty", "--web", f"127.0.0.1:{port}"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        body = wait_page(f"http://127.0.0.1:{port}/", address + "</a>")
+        assert "served-home" in body
+    finally:
+        watch.terminate()
+        _, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0 and f"status page on http://127.0.0.1:{port}" in err
+
+    # `reconcile serve --web`: a spec set of its own (its own ports), its fed answering.
+    own = tmp_path / "own"
+    own.mkdir()
+    from world import base_documents
+
+    (own / "base.yaml").write_text(yaml.safe_dump_all(base_documents(own), sort_keys=False))
+    port = free_port()
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "--specs", str(own), "--state",
+         str(own / "s.db"), "serve", "--web", f"127.0.0.1:{port}"],
+        cwd=own, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = wait_page(f"http://127.0.0.1:{port}/", "Holds in force (0)")
+        assert "fed unreachable" not in body
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+
+
+def wait_page(url: str, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        try:
+            status, body = get(url)
+            if status == 200 and text in body:
+                return body
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} never showed {text!r}: {body[:500]}")
