@@ -24,6 +24,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +38,10 @@ pytestmark = pytest.mark.timeout(180)
 ESC = "\x1b["
 
 
-def on_tty(cmd: list[str], cwd: Path, timeout: float = 90) -> tuple[int, str]:
-    """Run `cmd` with a pty as stdin, stdout and stderr; (exit code, everything it wrote)."""
+def on_tty(cmd: list[str], cwd: Path, timeout: float = 90,
+           stop_when: str | None = None) -> tuple[int, str]:
+    """Run `cmd` with a pty as stdin, stdout and stderr; (exit code, everything it wrote).
+    `stop_when`: SIGTERM it once its output contains that text (a watch loop)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
@@ -59,6 +62,10 @@ def on_tty(cmd: list[str], cwd: Path, timeout: float = 90) -> tuple[int, str]:
                 if not data:
                     break
                 chunks.append(data)
+                if stop_when is not None and stop_when in b"".join(chunks).decode(
+                        "utf-8", "replace"):
+                    proc.terminate()
+                    stop_when = None
             elif proc.poll() is not None:
                 break
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -113,6 +120,11 @@ def test_mover_copy_plain_lines_off_a_terminal(two_users: Path) -> None:
                for line in lines)
 
 
+def back_again(doc: dict[str, Any]) -> dict[str, Any]:
+    doc["spec"]["allowMoveBack"] = True
+    return doc
+
+
 def test_apply_draws_wave_bars_on_a_terminal_and_not_with_json(world: World,
                                                                 tmp_path: Path) -> None:
     boxes = [{"address": f"bars{i}@corp.example"} for i in range(1, 5)]
@@ -136,10 +148,19 @@ def test_apply_draws_wave_bars_on_a_terminal_and_not_with_json(world: World,
     assert "  bars1@corp.example" in out and "ETA" in out  # a running copy's bar
     assert "E15" in out  # the step lines still print
 
+    # --watch on a terminal: the same bars for each pass that has something to do.
+    back = world.write(tmp_path / "v4", [
+        policy("bars-slow", throttle={"messagesPerSecond": 60}),
+        back_again(placement("bars-wave", "s1", boxes, policy_name="bars-slow"))])
+    code, out = on_tty([*base[:4], str(back), *base[5:], "--watch", "--allow-dirty",
+                        "--interval", "5"], tmp_path, stop_when="4 in sync")
+    assert "wave bars-wave" in out and "4/4 mailboxes at 10+" in out, out[-2000:]
+    assert "applied E41-E42" in out
+
     # Off a terminal and with --json on one: no bars, the lines as before.
     again = world.write(tmp_path / "v3", [
         policy("bars-slow", throttle={"messagesPerSecond": 60}),
-        placement("bars-wave", "s1", boxes, policy_name="bars-slow", window=None)])
+        back_again(placement("bars-wave", "s2", boxes, policy_name="bars-slow", window=None))])
     code, out = on_tty([sys.executable, "-m", "reconciler", "--specs", str(again), "--state",
                         state, "--apply", "--allow-dirty", "--json"], tmp_path)
     assert code in (0, 1), out
