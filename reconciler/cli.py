@@ -266,7 +266,8 @@ def serve(ctx: click.Context, web: str | None, web_token_file: str | None) -> No
     with start_embedded(specs) as embedded:
         for server in embedded.servers:
             click.echo(f"{server.name}: pid {server.process.pid}: {server.ready_line}")
-        page = _status_page(specs, ctx.obj["state"], web, web_token_file) if web else None
+        page = _status_page(build_engine(specs, ctx.obj["state"], token_optional=True), web,
+                            web_token_file) if web else None
         click.echo("embedded default running; Ctrl-C stops it")
         while not stop and all(s.process.poll() is None for s in embedded.servers):
             time.sleep(0.5)
@@ -274,14 +275,13 @@ def serve(ctx: click.Context, web: str | None, web_token_file: str | None) -> No
             page.stop()
 
 
-def _status_page(specs: SpecSet, state: str | None, listen: str,  # type: ignore[no-untyped-def]
-                 token_file: str | None):
-    """The status page for these specs, started (its URL said), or exit 1 with the reason."""
+def _status_page(engine, listen: str, token_file: str | None):  # type: ignore[no-untyped-def]
+    """The status page for an engine (or a callable giving the current one), started (its
+    URL said), or exit 1 with the reason."""
     from reconciler.web.server import status_page_for
 
     try:
-        page = status_page_for(build_engine(specs, state, token_optional=True), listen,
-                               token_file=token_file).start()
+        page = status_page_for(engine, listen, token_file=token_file).start()
     except (MailferryError, OSError) as exc:
         _fail(f"status page: {exc}")
     click.echo(f"status page on {page.url}", err=True)
@@ -298,8 +298,15 @@ def web(ctx: click.Context, listen: str, token_file: str | None) -> None:
     """Serve the read-only status page (waves, mailboxes, fed, failures) until Ctrl-C."""
     import signal
 
-    specs = _load_or_exit(ctx.obj["specs"])
-    page = _status_page(specs, ctx.obj["state"], listen, token_file)
+    from reconciler.web.server import FollowSpecs
+
+    _load_or_exit(ctx.obj["specs"])
+    try:
+        follow = FollowSpecs(ctx.obj["specs"], lambda specs: build_engine(
+            specs, ctx.obj["state"], token_optional=True))
+    except MailferryError as exc:
+        _fail(str(exc))
+    page = _status_page(follow, listen, token_file)
     stop = False
 
     def terminate(*_args: object) -> None:

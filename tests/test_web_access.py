@@ -201,3 +201,29 @@ def wait_page(url: str, text: str, timeout: float = 30) -> str:
             pass
         time.sleep(0.3)
     raise AssertionError(f"{url} never showed {text!r}: {body[:500]}")
+
+
+def test_web_follows_spec_edits_and_odd_addresses(world: World, tmp_path: Path) -> None:
+    """`reconcile web` picks up an edited spec folder; an address with "/" and "&" in its
+    local part has a working page (the link from the table leads to it)."""
+    odd = "sl/a&sh@corp.example"
+    specs = world.write(tmp_path / "specs", [placement("edit-one", "s1",
+                                                       [{"address": "edit1@corp.example"}])])
+    world.engine(specs, f"sqlite:///{tmp_path / 's.db'}").apply()
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "--specs", str(specs), "--state",
+         str(tmp_path / "s.db"), "web", "--listen", f"127.0.0.1:{port}"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_page(url + "/", "edit-one")
+        world.write(specs, [placement("edit-one", "s1", [{"address": "edit1@corp.example"}]),
+                            placement("edit-two", "s1", [{"address": odd}])])
+        body = wait_page(url + "/", "edit-two")
+        link = body.split('href="/mailbox/sl')[1].split('"')[0]
+        status, page = get(f"{url}/mailbox/sl{link}")
+        assert status == 200 and "sl/a&amp;sh@corp.example" in page
+    finally:
+        web.terminate()
+        web.wait(timeout=30)

@@ -144,6 +144,6 @@ def make_app(source: Source, *, token: str | None = None) -> web.Application:
 
     app = web.Application(middlewares=[guard])
     app.router.add_get("/", overview)
-    app.router.add_get("/mailbox/{address}", mailbox)
+    app.router.add_get("/mailbox/{address:.+}", mailbox)  # a local part may hold "/"
     app.router.add_get("/static/{name}", static)
     return app
