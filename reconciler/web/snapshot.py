@@ -48,18 +48,16 @@ from reconciler.web.views import (
 
 log = logging.getLogger("reconciler.web")
 FED_TIMEOUT = 2.0  # seconds per fed call: the page must not hang on a dead fed
-MEASURE_PER_REFRESH = 100  # mailbox sizes read from the drivers per refresh
+MEASURE_PER_REFRESH = 25  # mailbox sizes read from the drivers per refresh (a walk each)
 COPY_PHASES = (None, "prestage", "copy", "final")
 
 
 class Source:
     """The page's view of one engine (a callable: `--watch` rebuilds its engine)."""
 
-    def __init__(self, engine: Callable[[], Engine], *, max_age: float = 1.0,
-                 fed: Callable[[], FedClient | None] | None = None) -> None:
+    def __init__(self, engine: Callable[[], Engine], *, max_age: float = 1.0) -> None:
         self.engine = engine
         self.max_age = max_age
-        self._fed = fed
         self._lock = threading.Lock()
         self._cached: tuple[float, Snapshot] | None = None
         self._refreshing = False
@@ -70,8 +68,6 @@ class Source:
 
     def fed_client(self) -> FedClient | None:
         """fed's control API with a short timeout, or None without a token."""
-        if self._fed is not None:
-            return self._fed()
         base = self.engine().fed
         return FedClient(base.base_url, base.token, timeout=FED_TIMEOUT) if base.token else None
 
