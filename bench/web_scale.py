@@ -105,15 +105,18 @@ def browser_load(urls: list[str], rounds: int) -> list[dict[str, float]] | None:
     try:
         results = []
         for url in urls:
-            loads = []
+            loads, firsts = [], []
             for _ in range(rounds):
                 driver.get(url)
-                loads.append(float(driver.execute_script(
+                load, first = driver.execute_script(
                     "var t = performance.getEntriesByType('navigation')[0];"
-                    "return t.loadEventEnd - t.startTime;")))
+                    "return [t.loadEventEnd - t.startTime, t.responseStart - t.startTime];")
+                loads.append(float(load))
+                firsts.append(float(first))
             loads.sort()
             results.append({"median_ms": statistics.median(loads),
-                            "p95_ms": loads[min(len(loads) - 1, int(len(loads) * 0.95))]})
+                            "p95_ms": loads[min(len(loads) - 1, int(len(loads) * 0.95))],
+                            "first_byte_ms": statistics.median(firsts)})
         return results
     finally:
         driver.quit()
@@ -183,8 +186,10 @@ def main() -> None:
         if figures is None:
             print(f"  {name:40} (no chromium/selenium: skipped)")
             continue
+        first = (f"   (first byte {figures['first_byte_ms']:.1f} ms)"
+                 if "first_byte_ms" in figures else "")
         print(f"  {name:40} median {figures['median_ms']:7.1f} ms   "
-              f"p95 {figures['p95_ms']:7.1f} ms")
+              f"p95 {figures['p95_ms']:7.1f} ms{first}")
     front = results["/"]
     peer = results["peer: reconcile status (in-process)"]
     assert front is not None and peer is not None

@@ -17,6 +17,7 @@ from reconciler.web import svg
 from reconciler.web.views import SEGMENTS
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+FAILURES_SHOWN = 50  # on the overview; the table's "failed" filter lists them all
 
 
 def stamp(at: datetime) -> str:
@@ -29,5 +30,6 @@ def templates() -> jinja2.Environment:
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
     env.filters.update(bytes=human_bytes, duration=human_duration, stamp=stamp)
-    env.globals.update(svg=svg, SEGMENTS=SEGMENTS, STATE_FILTERS=STATE_FILTERS)
+    env.globals.update(svg=svg, SEGMENTS=SEGMENTS, STATE_FILTERS=STATE_FILTERS,
+                       FAILURES_SHOWN=FAILURES_SHOWN)
     return env

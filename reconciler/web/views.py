@@ -43,7 +43,7 @@ SEGMENTS: tuple[tuple[str, str], ...] = (
     ("copying", "copying 7"), ("copied", "copied 8-9"), ("done", "done 10-13"),
     ("failed", "failed"),
 )
-PAGE_ROWS = 200  # mailbox table rows per page: a page stays fast at 100,000 mailboxes
+PAGE_ROWS = 100  # mailbox table rows per page: a page stays fast at 100,000 mailboxes
 
 
 @dataclass(frozen=True)
