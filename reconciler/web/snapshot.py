@@ -109,7 +109,8 @@ class Source:
         engine = self.engine()
         notes: list[str] = []
         fed = self.fed_client()
-        panel = FedPanel(error="no fed token: fed's panel and directory are not shown"
+        why = f" ({engine.fed_unavailable})" if engine.fed_unavailable else ""
+        panel = FedPanel(error=f"no fed token{why}: fed's panel and directory are not shown"
                          if fed is None else None)
         directory = self._directory
         if fed is not None:
