@@ -153,8 +153,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
 
     q = sub.add_parser("queue", help="inspect and manage the queue (like postqueue/postsuper)")
-    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
-    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete")
+    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete",
+                                      "quarantine", "requeue"),
+                   help="quarantine: list the messages set aside as unreadable or corrupt; "
+                        "requeue ID: put one back into the queue (it must pass its checks)")
+    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete, requeue")
     q.add_argument("--control", type=host_port, default=("127.0.0.1", 8025),
                    metavar="HOST:PORT")
     _token_args(q)
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fed: cannot read the token: {exc}", file=sys.stderr)
         return 2
     if args.command == "queue":
-        if args.action not in ("list", "flush") and not args.queue_id:
+        if args.action not in ("list", "flush", "quarantine") and not args.queue_id:
             print(f"fed queue {args.action}: needs a QUEUE_ID", file=sys.stderr)
             return 2
         return queuectl.run(args, token)
