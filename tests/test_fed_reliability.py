@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from fed import metrics, queuefile, spool as spool_mod
+from fed import metrics, queuefile
+from fed import spool as spool_mod
 from fed.backoff import backoff
 from fed.delivery import Deliverer, DeliverySettings, Destination, Job
 from fed.directory import System

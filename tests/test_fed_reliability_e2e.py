@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -136,10 +137,8 @@ class BreakingLMTP:
             self.connections += 1
             with conn:
                 conn.settimeout(10)
-                try:
+                with contextlib.suppress(OSError):
                     self._session(conn, breaking=self.connections == 1)
-                except OSError:
-                    pass
 
     def _session(self, conn: socket.socket, breaking: bool) -> None:
         stream = conn.makefile("rb")
