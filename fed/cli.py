@@ -118,8 +118,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--case-sensitive-local", action="store_true",
                    help="compare local parts case-sensitively (domains never are)")
     s.add_argument("--relay-network", action="append", type=network_arg, metavar="CIDR",
-                   help="clients that may relay for the systems' own senders "
-                        f"(default: {' '.join(DEFAULT_RELAY_NETWORKS)}; 'none': nobody)")
+                   help="clients that may relay for the systems' own senders without "
+                        "SMTP AUTH (repeatable; default: none, not even loopback)")
     s.add_argument("--auth-file", type=Path,
                    help="SMTP AUTH credentials, user:scrypt-hash lines (fed auth-hash)")
     s.add_argument("--auth-max-failures", type=int, default=10,
@@ -200,7 +200,7 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
                                           AuthThrottle(args.auth_max_failures))
         except CredentialsError as exc:
             raise ValueError(str(exc)) from exc
-    networks = parse_networks(args.relay_network or DEFAULT_RELAY_NETWORKS)
+    networks = parse_networks(args.relay_network or list(DEFAULT_RELAY_NETWORKS))
     return SmtpSettings(
         hostname=args.hostname, max_size=args.max_size, max_rcpts=args.max_rcpts,
         timeout=args.smtp_timeout, bare_newline=args.bare_newline,

@@ -327,7 +327,7 @@ class ControlAPI:
         shunted = self.spool.store.query("SELECT COUNT(*) AS n FROM shunted")[0]["n"]
         return {"pending": counts.get(False, 0) + counts.get(True, 0),
                 "held": counts.get(True, 0), "retrying": self.deliverer.retrying(),
-                "shunted": int(shunted)}
+                "shunted": int(shunted), "parked": self.deliverer.parked()}
 
     async def queue(self, request: web.Request) -> web.Response:
         """Queue counters (pending includes held and retrying recipients)."""

@@ -176,6 +176,11 @@ class Deliverer:
         self._recheck = True
         self._event.set()
 
+    def parked(self) -> int:
+        """Recipients the scheduler has parked (held address, admin hold, stale view): the
+        decision not to deliver them, taken (tests wait for it instead of sleeping)."""
+        return len(self._parked)
+
     def retrying(self) -> int:
         """Pending recipients that have failed at least once."""
         self.spool.write_outcomes()
