@@ -36,7 +36,12 @@ So every acknowledged message is delivered after a restart, at least once.
 Delivery outcomes (done, retry, shunted, the ``deliveries`` log, forgetting a finished
 message) are not worth an fsync each either: losing one only means delivering that
 recipient again (at-least-once, as before). They are buffered and written a few
-milliseconds later in one transaction with ``synchronous=NORMAL``; the file of a finished
+milliseconds later in one transaction with ``synchronous=NORMAL``. A kill -9 loses that
+buffer, and with it the ``done`` marks of the deliveries of the last milliseconds (most of
+the duplicates of a kill -9 storm): so each ``done`` is also appended at once to
+``spool/done.log`` (one ``write``, no fsync: it survives a kill -9, which keeps the page
+cache), which start-up applies before loading the queue and which every flush empties
+once its transaction committed; the file of a finished
 message is unlinked first, and its rows are deleted only once the unlink returned (the
 unlinks run in a worker thread, the row deletes follow in a later flush), so a crash leaves
 rows without a file (dropped at start) and never a finished message's file without rows
@@ -176,6 +181,9 @@ class Spool:
         self._unlinking: set[asyncio.Future[None]] = set()  # unlinks in the thread pool
         self._flush_handle: asyncio.TimerHandle | None = None
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
+        self.done_log = root / "done.log"
+        self._done_fd = -1  # done.log, opened by start() (after recover() applied it)
+        self._done_logged = False
         self._cache: dict[str, bytes] = {}  # queue id -> bytes of fresh small messages
         self._cached = 0
 
@@ -191,6 +199,7 @@ class Spool:
         for info in self.quarantine_dir.glob("*.json"):  # a quarantine cut short
             if not info.with_suffix(".eml").exists():
                 info.unlink(missing_ok=True)
+        self._apply_done_log()
         known = {str(r["queue_id"]) for r in self.store.query("SELECT queue_id FROM messages")}
         rebuilt: list[Envelope] = []
         for file in sorted(self.queue.glob("*.eml")):
@@ -219,6 +228,12 @@ class Spool:
                         len(rebuilt), ", ".join(e.queue_id for e in rebuilt))
             with self.store.transaction() as db:
                 self._index(db, rebuilt)
+        finished = [str(r["queue_id"]) for r in self.store.query(
+            "SELECT queue_id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r "
+            "WHERE r.queue_id = m.queue_id AND r.status = 'pending')")]
+        if finished:  # every recipient done, the crash came before the file went
+            log.info("removing %d finished messages a crash left behind", len(finished))
+            _unlink_all([self.path(q) for q in finished])
         gone = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
         if gone:
             # Finished (the file goes before its rows), quarantined or never acknowledged.
@@ -228,6 +243,27 @@ class Spool:
                                [(q,) for q in gone])
                 db.executemany("DELETE FROM messages WHERE queue_id = ?", [(q,) for q in gone])
         return len(known) - len(gone) + len(rebuilt)
+
+    def _apply_done_log(self) -> None:
+        """Mark done what done.log says was delivered (its rows' transaction may not have
+        been written before the crash), then empty it."""
+        try:
+            raw = self.done_log.read_bytes()
+        except FileNotFoundError:
+            return
+        done: list[tuple[str, str]] = []
+        for line in raw.splitlines():
+            try:
+                queue_id, rcpt = json.loads(line)
+            except (ValueError, TypeError):
+                continue  # cannot happen with whole writes; a bad line costs a redelivery
+            done.append((str(rcpt), str(queue_id)))
+        if done:
+            with self.store.transaction() as db:
+                db.executemany("UPDATE recipients SET status = 'done' WHERE rcpt = ? AND "
+                               "queue_id = ? AND status = 'pending'", done)
+            log.info("applied %d delivery outcomes from %s", len(done), self.done_log.name)
+        self.done_log.unlink()
 
     def _quarantine_at_start(self, file: Path, reason: str) -> None:
         try:
@@ -359,6 +395,7 @@ class Spool:
 
     def start(self) -> None:
         """Start the group committer (on the running loop)."""
+        self._done_fd = os.open(self.done_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._committer.start()
 
     async def close(self) -> None:
@@ -369,6 +406,9 @@ class Spool:
             await asyncio.wait(set(self._unlinking))
             await self.flush()
         self._fsyncs.shutdown()
+        if self._done_fd >= 0:
+            os.close(self._done_fd)
+            self._done_fd = -1
 
     def stats(self) -> str:
         """Group commit statistics, for the log at shutdown."""
@@ -495,7 +535,14 @@ class Spool:
 
     # -- outcomes (buffered) ------------------------------------------------------------
     def mark_done(self, queue_id: str, rcpt: str) -> None:
-        """Record a successful delivery."""
+        """Record a successful delivery (at once in done.log, in the store with the next
+        flush)."""
+        if self._done_fd >= 0:
+            try:
+                os.write(self._done_fd, json.dumps([queue_id, rcpt]).encode() + b"\n")
+                self._done_logged = True
+            except OSError as exc:  # the store still gets it with the next flush
+                log.warning("cannot append to %s: %s", self.done_log, exc)
         self._buffer("UPDATE recipients SET status = 'done' WHERE queue_id = ? AND rcpt = ?",
                      (queue_id, rcpt))
 
@@ -593,6 +640,9 @@ class Spool:
                         start = end
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
+            if self._done_logged:  # every line in it is in the store now
+                os.ftruncate(self._done_fd, 0)
+                self._done_logged = False
 
     # -- shunt ----------------------------------------------------------------------------
     def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:

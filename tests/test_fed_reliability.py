@@ -245,3 +245,21 @@ def test_a_deferral_uses_the_jittered_back_off(tmp_path: Path) -> None:
     delays = asyncio.run(run())
     assert all(19.0 <= d <= 40.0 for d in delays), delays  # attempt 3: 20..40 s
     assert max(delays) - min(delays) > 1.0, delays
+
+
+def test_a_delivery_recorded_just_before_a_kill_is_not_delivered_again(tmp_path: Path) -> None:
+    """The outcome buffer dies with the process; done.log (written at once) does not."""
+    accept(tmp_path, {"A": ["a@corp.example", "b@corp.example"]})
+
+    async def deliver_then_die() -> None:
+        spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))
+        spool.recover()
+        spool.start()
+        spool.mark_done("A", "a@corp.example")  # buffered for the next flush ...
+        spool.store.close()  # ... which never comes: kill -9 (nothing more is written)
+
+    asyncio.run(deliver_then_die())
+    spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))
+    assert spool.recover() == 1
+    assert [(p.queue_id, p.rcpt) for p in spool.pending()] == [("A", "b@corp.example")]
+    assert not spool.done_log.exists()  # applied, then emptied
