@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from storm import FedStormServer, storm
 
 from fedutil import FakeSystem, Fed
+from storm import FedStormServer, storm
 
 pytestmark = pytest.mark.timeout(300)
 
