@@ -130,8 +130,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-public", action="store_true",
                    help="serve GET /metrics without the token")
     s.add_argument("--log-format", choices=("text", "json"), default="text")
-    s.add_argument("--retry-base", type=float, default=1.0, help="first retry delay (s)")
-    s.add_argument("--retry-max", type=float, default=60.0, help="longest retry delay (s)")
+    s.add_argument("--retry-base", "--minimal-backoff", dest="retry_base", type=float,
+                   default=1.0, help="first retry delay (s), doubling per attempt, with "
+                                     "jitter (Postfix: minimal_backoff_time)")
+    s.add_argument("--retry-max", "--maximal-backoff", dest="retry_max", type=float,
+                   default=600.0, help="longest retry delay (s) "
+                                       "(Postfix: maximal_backoff_time)")
     s.add_argument("--workers", type=int, default=8,
                    help="connections per destination (system or smarthost)")
     s.add_argument("--smarthost", type=host_port, default=None, metavar="HOST:PORT",

@@ -95,22 +95,27 @@ def _footer(fd: int, path: Path) -> tuple[int, int, int]:
     return size, env_len, crc
 
 
-def _read_checked(fd: int, path: Path, size: int, env_len: int, crc: int) -> bytes:
-    """Message and envelope bytes, their CRC verified (BadQueueFile(torn) on a mismatch)."""
-    want = size + env_len
+def _read_checked(fd: int, path: Path, size: int, env_len: int, crc: int
+                  ) -> tuple[bytes, bytes]:
+    """(message, envelope) bytes, their CRC verified (BadQueueFile(torn) on a mismatch).
+    The message is read in pieces and joined once (no further copy of a big message)."""
     chunks: list[bytes] = []
     value, got = 0, 0
-    while got < want:
-        chunk = os.pread(fd, min(1 << 22, want - got), got)
+    while got < size:
+        chunk = os.pread(fd, min(1 << 22, size - got), got)
         if not chunk:
             raise BadQueueFile(path, "shorter than its footer says", torn=True)
         value = zlib.crc32(chunk, value)
         chunks.append(chunk)
         got += len(chunk)
+    envelope = os.pread(fd, env_len, size)
+    if len(envelope) != env_len:
+        raise BadQueueFile(path, "shorter than its footer says", torn=True)
+    value = zlib.crc32(envelope, value)
     if value != crc:
         raise BadQueueFile(path, f"checksum mismatch (crc32 {value:08x}, footer says "
                            f"{crc:08x})", torn=True)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), envelope
 
 
 def _parse_envelope(path: Path, raw_json: bytes, size: int) -> Envelope:
@@ -134,11 +139,10 @@ def read_queue_file(path: Path) -> tuple[Envelope, bytes]:
     fd = os.open(path, os.O_RDONLY)
     try:
         size, env_len, crc = _footer(fd, path)
-        data = _read_checked(fd, path, size, env_len, crc)
+        message, raw_envelope = _read_checked(fd, path, size, env_len, crc)
     finally:
         os.close(fd)
-    envelope = _parse_envelope(path, data[size:], size)
-    return envelope, data[:size]
+    return _parse_envelope(path, raw_envelope, size), message
 
 
 def read_message(path: Path) -> bytes:
