@@ -199,7 +199,6 @@ class Spool:
         for info in self.quarantine_dir.glob("*.json"):  # a quarantine cut short
             if not info.with_suffix(".eml").exists():
                 info.unlink(missing_ok=True)
-        self._apply_done_log()
         known = {str(r["queue_id"]) for r in self.store.query("SELECT queue_id FROM messages")}
         rebuilt: list[Envelope] = []
         for file in sorted(self.queue.glob("*.eml")):
@@ -228,12 +227,14 @@ class Spool:
                         len(rebuilt), ", ".join(e.queue_id for e in rebuilt))
             with self.store.transaction() as db:
                 self._index(db, rebuilt)
+        self._apply_done_log()  # after the rebuild: a rebuilt message may have done ones
         finished = [str(r["queue_id"]) for r in self.store.query(
             "SELECT queue_id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r "
             "WHERE r.queue_id = m.queue_id AND r.status = 'pending')")]
         if finished:  # every recipient done, the crash came before the file went
             log.info("removing %d finished messages a crash left behind", len(finished))
             _unlink_all([self.path(q) for q in finished])
+        known |= {e.queue_id for e in rebuilt}
         gone = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
         if gone:
             # Finished (the file goes before its rows), quarantined or never acknowledged.
@@ -242,7 +243,7 @@ class Spool:
                 db.executemany("DELETE FROM recipients WHERE queue_id = ?",
                                [(q,) for q in gone])
                 db.executemany("DELETE FROM messages WHERE queue_id = ?", [(q,) for q in gone])
-        return len(known) - len(gone) + len(rebuilt)
+        return len(known) - len(gone)
 
     def _apply_done_log(self) -> None:
         """Mark done what done.log says was delivered (its rows' transaction may not have
