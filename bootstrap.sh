@@ -16,14 +16,15 @@ case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 # agent's IMAP upload) and a C compiler (the power-loss test's recorder). Only what is missing is installed, as root or through sudo, and the
 # packages' own services are kept from starting: debconf "No configuration" for Postfix, a
 # temporary policy-rc.d and RUNLEVEL=1 refuse every service start; nothing in /etc/postfix,
-# /etc/dovecot or the system's PostgreSQL cluster is ever used.
+# /etc/dovecot or the system's PostgreSQL cluster is ever used. Chromium and its driver: the
+# status page's tests load it in a real headless browser (tests/test_web_browser.py).
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
 if [ "$what" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-  for pkg in postfix dovecot-imapd dovecot-lmtpd; do
+  for pkg in postfix dovecot-imapd dovecot-lmtpd chromium chromium-driver; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
   done
   # A C compiler: the power-loss test builds its LD_PRELOAD recorder (tests/powerloss/).

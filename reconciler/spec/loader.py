@@ -560,6 +560,7 @@ class _Loader:
             policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
             allow_move_back=bool(spec.get("allowMoveBack", False)),
             report_to=tuple(str(a).lower() for a in spec.get("reportTo", [])),
+            description=str(doc.data.get("metadata", {}).get("description", "")),
         )
 
     def build_all(self) -> None:
