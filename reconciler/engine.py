@@ -28,8 +28,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_address
-from reconciler.errors import NotReady, PermanentError, StepError, TemporaryError
+from reconciler.errors import (
+    MailferryError,
+    NotReady,
+    PermanentError,
+    StepError,
+    TemporaryError,
+)
 from reconciler.fedclient import FedClient, Refusal
+from reconciler.mover.progress import Progress
 from reconciler.plan import Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
 from reconciler.state.model import Event, Migration, PlacementSuspension, utcnow
@@ -84,6 +91,9 @@ class Observed:
     migrations: list[MigrationView]
     directory: dict[str, str]
     suspended: frozenset[str]
+    # What a read-only look could not reach (fed without its token, fed down): said next to
+    # the plan, never a reason to fail it. Always empty for an apply.
+    unreached: tuple[str, ...] = ()
 
 
 @dataclass
@@ -153,9 +163,15 @@ class Engine:
         self.on_record = on_record
         self.desired: dict[str, DesiredMailbox] = specs.desired()
         self._systems_registered = False
+        # Why fed cannot be asked at all (its token is not set): a read-only command still
+        # plans from the state store; an apply refuses with this reason.
+        self.fed_unavailable: str | None = None
         # Checked between two changes: True stops apply after the current step (SIGTERM in
         # --watch, a lost lease).
         self.should_stop: Callable[[], bool] = lambda: False
+        # Figures of the copies this engine runs (E15): the terminal display and the status
+        # page served by the same process read them while a copy is running.
+        self.progress: Progress = Progress()
 
     # -- observe + plan -------------------------------------------------------------------
     def migrations(self) -> list[MigrationView]:
@@ -167,9 +183,28 @@ class Engine:
         with self.store.session() as session:
             return frozenset(session.scalars(select(PlacementSuspension.placement)))
 
-    def observe(self) -> Observed:
-        """One snapshot of the actual state: migrations, fed's directory, suspensions."""
-        return Observed(self.migrations(), self.fed.directory().entries, self.suspended())
+    def observe(self, *, best_effort: bool = False) -> Observed:
+        """One snapshot of the actual state: migrations, fed's directory, suspensions.
+
+        `best_effort` (plan, status: nothing is changed) reads what it can: fed's directory
+        missing (no token, fed down) leaves it empty and says so in `unreached`."""
+        if self.fed_unavailable is not None and not best_effort:
+            raise PermanentError(self.fed_unavailable)
+        unreached: tuple[str, ...] = ()
+        directory: dict[str, str] = {}
+        if self.fed_unavailable is not None:
+            unreached = (self.fed_unavailable,)
+        elif best_effort:
+            try:
+                directory = self.fed.directory().entries
+            except MailferryError as exc:
+                unreached = (str(exc),)
+        else:
+            directory = self.fed.directory().entries
+        if unreached:
+            unreached = tuple(f"fed's directory not read ({why}): addresses fed already "
+                              f"routes are not checked" for why in unreached)
+        return Observed(self.migrations(), directory, self.suspended(), unreached)
 
     def plan(self, at: datetime | None = None, *, observed: Observed | None = None,
              estimates: bool = False) -> Plan:
@@ -191,6 +226,7 @@ class Engine:
                 f"its mail ({r.count} deliveries deferred since {r.first}, last {r.last}: "
                 f"{r.reply}); fed retries and bounces only after its queue lifetime: fix the "
                 "system" for address, r in self.refusals(seen.migrations))
+        plan.warnings.extend(seen.unreached)
         return plan
 
     def refusals(self, migrations: list[MigrationView] | None = None
@@ -316,7 +352,8 @@ class Engine:
     def _context(self, session: Session, now: datetime, cache: PassCache,
                  address: str) -> StepContext:
         return StepContext(specs=self.specs, fed=self.fed, drivers=self.drivers,
-                           session=session, now=now, cache=cache, desired=self.desired.get(address))
+                           session=session, now=now, cache=cache, desired=self.desired.get(address),
+                           progress=self.progress)
 
     def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
         step = change.step or ""

@@ -21,6 +21,7 @@ who paused what, with the specs' commit):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError
 from reconciler.output import when
-from reconciler.plan import Change
+from reconciler.plan import Change, MigrationView, Plan
 from reconciler.state.model import Migration, PlacementSuspension
 from reconciler.state.store import Store, record_event
 
@@ -81,16 +82,48 @@ def _matches(change: Change, state: str | None) -> bool:
     return change.action == state
 
 
-def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
-                state: str | None = None) -> list[StatusRow]:
-    """The status table, filtered (`state`: a number or one of STATE_FILTERS)."""
+def check_state_filter(state: str | None) -> None:
+    """Refuse an unknown `--state` value (a number or one of STATE_FILTERS)."""
     if state is not None and not state.isdigit() and state not in STATE_FILTERS:
         raise MailferryError(f"unknown state filter {state!r}: a state number or one of "
                              + ", ".join(STATE_FILTERS))
-    observed = engine.observe()
+
+
+def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
+                state: str | None = None,
+                unreached: list[str] | None = None) -> list[StatusRow]:
+    """The status table, filtered (`state`: a number or one of STATE_FILTERS); what could
+    not be reached (fed without its token, say) is added to `unreached`."""
+    check_state_filter(state)
+    observed = engine.observe(best_effort=True)  # a look, not a change: no fed needed
+    if unreached is not None:
+        unreached.extend(observed.unreached)
     plan = engine.plan(observed=observed)
-    errors = {m.address: (m.failed_reason or m.last_error or "") for m in observed.migrations}
-    rows = []
+    return rows_of(plan, last_errors(observed.migrations), placement=placement, system=system,
+                   state=state)
+
+
+def last_errors(migrations: Iterable[MigrationView]) -> dict[str, str]:
+    """address -> the failure reason or last error of its newest migration."""
+    return {m.address: (m.failed_reason or m.last_error or "") for m in migrations}
+
+
+def rows_of(plan: Plan, errors: dict[str, str], *, placement: str | None = None,
+            system: str | None = None, state: str | None = None) -> list[StatusRow]:
+    """PURE: the status rows of a plan, filtered (the web page shares this)."""
+    return [row_of(change, errors, plan.at)
+            for change in matching(plan, placement=placement, system=system, state=state)]
+
+
+def row_of(change: Change, errors: dict[str, str], now: datetime) -> StatusRow:
+    """PURE: the status row of one change."""
+    return _row(change, errors.get(change.address, ""), now)
+
+
+def matching(plan: Plan, *, placement: str | None = None, system: str | None = None,
+             state: str | None = None) -> list[Change]:
+    """PURE: the changes of a plan the status filters keep."""
+    kept = []
     for change in plan.changes:
         if placement is not None and change.placement != placement:
             continue
@@ -101,14 +134,19 @@ def status_rows(engine: Engine, *, placement: str | None = None, system: str | N
                 continue
         elif not _matches(change, state):
             continue
-        rows.append(_row(change, errors.get(change.address, ""), plan.at))
-    return rows
+        kept.append(change)
+    return kept
+
+
+def route(row: StatusRow) -> str:
+    """`s1 -> s2` for a move, `= s1` for a mailbox that stays where it is (in sync)."""
+    return f"= {row.target}" if row.source == row.target else f"{row.source} -> {row.target}"
 
 
 def table(rows: list[StatusRow]) -> list[str]:
     """The rows as an aligned text table."""
     head = ("ADDRESS", "PLACEMENT", "SOURCE -> TARGET", "STATE", "NEXT", "WHEN", "LAST ERROR")
-    cells = [head] + [(r.address, r.placement, f"{r.source} -> {r.target}", r.state, r.next,
+    cells = [head] + [(r.address, r.placement, route(r), r.state, r.next,
                        r.due, r.last_error[:80]) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head) - 1)]
     return [("  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1])

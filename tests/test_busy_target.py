@@ -106,6 +106,18 @@ def test_waves_into_a_busy_target_both_ways_with_a_kill(pf: PfWorld, tmp_path: P
         assert {m.state for m in session.scalars(select(Migration))} == {13}
 
 
+def rewrite_map(host: MailHost, table: Path, text: str) -> None:
+    """An admin's hand in a map: the text, then postmap in place. Postfix notices an
+    in-place rewrite only by the .db's mtime in seconds: give it a later second than any
+    the driver stamped (it may stamp ahead of the clock), or smtpd keeps the old table."""
+    db = Path(f"{table}.db")
+    before = db.stat().st_mtime if db.exists() else 0.0
+    table.write_text(text)
+    subprocess.run(["postmap", "-c", str(host.postfix_dir), f"hash:{table}"], check=True)
+    stamp = int(max(before, time.time())) + 2
+    os.utime(db, (stamp, stamp))
+
+
 def shunted(engine: Engine, addresses: list[str]) -> list[str]:
     """fed's shunted deliveries for these addresses (the world's fed is shared)."""
     return [f"{d.rcpt}: {d.detail}" for address in addresses
@@ -197,8 +209,7 @@ def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
     assert m.state == 5
     table = pf2.state_dir / "virtual_mailbox"
     kept = table.read_text()
-    table.write_text(kept.replace(f"{box}@pf2.invalid", f"gone-{box}@pf2.invalid"))
-    subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+    rewrite_map(pf2, table, kept.replace(f"{box}@pf2.invalid", f"gone-{box}@pf2.invalid"))
     try:
         acked: list[Sent] = []
         Stream("held", pf.fed_port, lambda: [address], 20, "x@outside.test", acked, [],
@@ -209,8 +220,7 @@ def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
         assert engine.fed.lookup(address) == physical_address("pf1", box)
         assert address in engine.fed.holds()
     finally:
-        table.write_text(kept)
-        subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+        rewrite_map(pf2, table, kept)
     run_wave(pf, specs, state, {address: "pf2"}, pol)
     drain(engine, pf.hosts.values())
     found = pf2.message_ids(box)
@@ -218,8 +228,7 @@ def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
     assert pf1.message_ids(box) == {} and shunted(engine, [address]) == []
     # Later pf2 refuses the flipped mailbox (an admin's hand again): fed defers and alerts,
     # the plan and the migration's events say so, and the mail arrives once it is fixed.
-    table.write_text(kept.replace(f"{box}@pf2.invalid", f"gone-{box}@pf2.invalid"))
-    subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+    rewrite_map(pf2, table, kept.replace(f"{box}@pf2.invalid", f"gone-{box}@pf2.invalid"))
     try:
         engine.fed.refresh_system("pf2")  # fed's next session sees the admin's table
         late: list[Sent] = []
@@ -243,8 +252,7 @@ def test_a_target_refusing_the_new_mailbox_is_not_flipped_to(pf: PfWorld,
         assert "User unknown" in json.loads(event.detail)["reply"]
         assert shunted(engine, [address]) == []
     finally:
-        table.write_text(kept)
-        subprocess.run(["postmap", "-c", str(pf2.postfix_dir), f"hash:{table}"], check=True)
+        rewrite_map(pf2, table, kept)
     drain(engine, pf.hosts.values())
     found = pf2.message_ids(box)
     assert late and {s.mid: found[s.mid] for s in late} == {s.mid: 1 for s in late}

@@ -8,7 +8,7 @@ from flags and a users file.
 
     python -m reconciler.mover copy --src imap://127.0.0.1:11143 --dst 127.0.0.1:12143 \\
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
-        [--parallel 8] [--state mover-state.db] [--progress auto|tty|json|none] \\
+        [--parallel 8] [--state mover-state.db] [--progress auto|tty|plain|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
         [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mailferry import __version__
+from mailferry.service import private_files
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
@@ -51,6 +53,7 @@ from reconciler.state.store import default_url, open_store
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mover", description="mailferry data mover")
+    p.add_argument("--version", action="version", version=f"mover (mailferry) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("copy", help="copy mailboxes, verify, report")
     c.add_argument("--src", required=True, help="HOST:PORT or maildir:ROOT")
@@ -65,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
     c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
     c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
-    c.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    c.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
     c.add_argument("--report", default="table", choices=["table", "json"])
     c.add_argument("--verify", default="fast", choices=["fast", "deep"])
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
@@ -86,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--state", help="state store URL or SQLite file (default var/state.db)")
     pre.add_argument("--all", action="store_true", help="also policies without prestageCopy")
     pre.add_argument("--parallel", type=int, default=4)
-    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
     return p
 
 
@@ -226,4 +229,5 @@ def prestage_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parser().parse_args(argv)
+    private_files()  # the manifest store names every user's messages
     sys.exit(prestage_command(args) if args.command == "prestage" else copy_command(args))
