@@ -43,6 +43,7 @@ from .directory import (
 )
 from .holds import HoldRefused, Holds
 from .queueadmin import QueueAdmin
+from .smtpclient import ClientError, Connection, Reply
 from .spool import QuarantineError, Spool
 
 log = logging.getLogger("fed.control")
@@ -120,6 +121,8 @@ class ControlAPI:
         r.add_delete("/v1/directory/{address}", self.directory_delete)
         r.add_get("/v1/systems", self.systems_get)
         r.add_put("/v1/systems/{name}", self.systems_put)
+        r.add_post("/v1/systems/{name}/refresh", self.systems_refresh)
+        r.add_get("/v1/refusals", self.refusals)
         r.add_post("/v1/upsync", self.upsync)
         r.add_get("/v1/downsync", self.downsync)
         r.add_post("/v1/verify", self.verify)
@@ -212,6 +215,66 @@ class ControlAPI:
         system = self.directory.put_system(request.match_info["name"], host, port, protocol)
         self.deliverer.wake()
         return _json(vars(system))
+
+    async def systems_refresh(self, request: web.Request) -> web.Response:
+        """The system's tables changed: retire every pooled connection to it (on every node:
+        the generation is in the shared database), then, with ``probe``, ask it on a fresh
+        session whether it takes these physical addresses (MAIL, RCPT, RSET: no message).
+
+        409 when one is refused, with each reply: the reconciler must not flip to it."""
+        name = request.match_info["name"].lower()
+        data = await _body(request) if request.can_read_body else {}
+        raw = data.get("probe", [])
+        if not isinstance(raw, list):
+            raise DirectoryError("'probe' must be a list of physical addresses")
+        probe = list(dict.fromkeys(check_physical(a, "probe") for a in raw))
+        for physical in probe:
+            if split_physical(physical) != (name, physical.partition("@")[0]):
+                raise DirectoryError(f"{physical} is not a physical address of {name}")
+        system = self.directory.refresh_system(name)
+        if system is None:
+            return _json({"error": f"no system {name!r} is registered"}, 404)
+        replies: dict[str, Reply] = {}
+        if probe:
+            settings = self.deliverer.settings
+            try:
+                conn = await Connection.open(system.host, system.port,
+                                             system.protocol == "lmtp", settings.helo_name,
+                                             settings.timeout)
+                try:
+                    replies = await conn.check("", probe)
+                finally:
+                    await conn.quit()
+            except ClientError as exc:
+                replies = dict.fromkeys(probe, exc.reply)
+        answer = {"system": name, "generation": system.generation,
+                  "probe": {a: {"code": r.code, "reply": str(r)} for a, r in replies.items()}}
+        refused = {a: r for a, r in replies.items() if not r.ok}
+        log.info("refresh %s: generation %d%s", name, system.generation,
+                 f", probe {answer['probe']}" if probe else "")
+        if refused:
+            why = "; ".join(f"<{a}>: {r}" for a, r in refused.items())
+            return _json({**answer, "error": f"{name} refuses {why}"}, 409)
+        return _json(answer)
+
+    async def refusals(self, request: web.Request) -> web.Response:
+        """Physical addresses a managed system refused with 5xx (deferred, not bounced)
+        since ``?since=`` (default: the last hour), with counts and the last reply."""
+        since = request.query.get("since")
+        start = parse_time(since) if since else time.time() - 3600
+        self.spool.write_outcomes()
+        rows = self.spool.store.query(
+            "SELECT physical, system, COUNT(*) AS n, MIN(at) AS first, MAX(at) AS last, "
+            "MAX(id) AS id FROM deliveries WHERE result = 'refused' AND at >= ? "
+            "GROUP BY physical, system ORDER BY physical", (start,))
+        out = []
+        for r in rows:
+            detail = self.spool.store.query("SELECT detail FROM deliveries WHERE id = ?",
+                                            (r["id"],))[0]["detail"]
+            out.append({"physical": r["physical"], "system": r["system"], "count": r["n"],
+                        "first": iso(float(r["first"])), "last": iso(float(r["last"])),
+                        "reply": detail})
+        return _json({"refusals": out})
 
     # -- up-sync, down-sync, verify --------------------------------------------------
     async def upsync(self, request: web.Request) -> web.Response:

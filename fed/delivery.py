@@ -24,17 +24,32 @@ in one transaction the physical is a single RCPT and the second recipient is log
 ``duplicate`` of the first; across transactions the second waits while the first is in
 flight and is marked done without a second copy once the first has been delivered.
 
-Outcome per recipient: 2xx -> done; 5xx -> a copy goes to the shunt folder for the admin
-and the sender gets a DSN (``bounce.py``), itself queued durably like any message; anything
-else (4xx, refused or broken connection, timeout, unknown system) -> retry after a back-off
-that doubles from ``retry_base`` up to ``retry_max``, with jitter (``backoff.py``), until the
-message is older than ``queue_lifetime``: then it fails like a 5xx (DSN status 4.4.7). A
-connection that breaks during LMTP's per-recipient replies keeps the replies already
-received (those recipients are done); only the rest get the error. A queue file that fails
-its checksum when read for delivery is never sent: it goes to quarantine (``spool.py``).
-Each recipient of a transaction gets exactly one outcome, even when recording one raises
-(``Job.settled``): a done recipient is never put back, nor counted off twice. Outcomes go
-to the store in batches (``Spool`` buffers them), so a delivery costs no fsync of its own.
+Outcome per recipient: 2xx -> done; 5xx from the smarthost -> a copy goes to the shunt
+folder for the admin and the sender gets a DSN (``bounce.py``), itself queued durably like
+any message; anything else (4xx, refused or broken connection, timeout, unknown system) ->
+retry after a back-off that doubles from ``retry_base`` up to ``retry_max``, with jitter
+(``backoff.py``), until the message is older than ``queue_lifetime``: then it fails like a
+5xx (DSN status 4.4.7). A connection that breaks during LMTP's per-recipient replies keeps
+the replies already received (those recipients are done); only the rest get the error. A
+queue file that fails its checksum when read for delivery is never sent: it goes to
+quarantine (``spool.py``). Each recipient of a transaction gets exactly one outcome, even
+when recording one raises (``Job.settled``): a done recipient is never put back, nor
+counted off twice.
+
+A 5xx from a *managed* system (one fed routes to by its own directory) for a physical
+address the directory places there is not the sender's problem (DESIGN invariant 9): the
+system and mailferry disagree, typically a Postfix smtpd still serving fed's session from
+tables older than the change (docs/postfix-dovecot.md). It is deferred like a 4xx, logged
+as ``refused`` in the delivery log, counted in ``fed_system_refusals`` and warned about,
+and the connection that carried it is retired so that the retry gets a fresh session. Only
+what no retry can fix (the message itself: too big, bad content) is shunted at once.
+
+Connections remember the system's *generation* when they were opened; a refresh (``POST
+/v1/systems/{name}/refresh``, called by the reconciler whenever it changed the system's
+tables) bumps it, and a worker retires its connection before the next transaction.
+
+Outcomes go to the store in batches (``Spool`` buffers them), so a delivery costs no fsync
+of its own.
 """
 
 from __future__ import annotations
@@ -417,6 +432,9 @@ class Deliverer:
                 replies = dict.fromkeys(physicals, Reply(0, f"spool file unreadable: {exc}"))
             else:
                 replies, conn = await self._transact(dest.system, conn, job, data)
+                if conn is not None and any(self._inconsistent(dest, r) for r in replies.values()):
+                    await conn.quit()  # maybe served from old tables: retry on a new session
+                    conn = None
             await self._record(dest, job, replies)
         except Exception:
             log.exception("delivery of %s failed unexpectedly", job.item.queue_id,
@@ -450,7 +468,8 @@ class Deliverer:
         physicals = list(job.primary)
         endpoint = f"{system.host}:{system.port}"
         if conn is not None and (conn.broken or conn.endpoint != endpoint
-                                 or conn.lmtp != (system.protocol == "lmtp")):
+                                 or conn.lmtp != (system.protocol == "lmtp")
+                                 or conn.generation != system.generation):
             await conn.quit()
             conn = None
         for fresh in (False, True):
@@ -462,6 +481,7 @@ class Deliverer:
                                                  self.settings.helo_name, self.settings.timeout)
                 except ClientError as exc:
                     return dict.fromkeys(physicals, exc.reply), None
+                conn.generation = system.generation
             try:
                 return await conn.send(job.item.mail_from, physicals, data), conn
             except ClientError as exc:
@@ -500,16 +520,35 @@ class Deliverer:
                 for dup in dups:
                     job.settled.add(id(dup))
                     self._duplicate(dup, physical, first=item.rcpt)
-            elif reply.permanent:
+            elif reply.permanent and not self._inconsistent(dest, reply):
                 failures += [(it, physical, reply, False) for it in [item, *dups]]
             else:
+                refused = reply.permanent
+                if refused:
+                    log.warning("%s: %s refused <%s>, which fed's directory places there: %s; "
+                                "deferred (mailferry and the system disagree: fix the system "
+                                "or the directory; bounced only after the queue lifetime)",
+                                item.queue_id, system, physical, reply,
+                                extra={"queue_id": item.queue_id})
                 for it in [item, *dups]:
                     expired = len(failures)
-                    self._defer(it, physical, system, reply, failures)
+                    self._defer(it, physical, system, reply, failures,
+                                result="refused" if refused else "deferred")
                     if len(failures) == expired:  # else _fail settles it
                         job.settled.add(id(it))
         if failures:
             await self._fail(failures, system, job.settled)
+
+    @staticmethod
+    def _inconsistent(dest: Destination, reply: Reply) -> bool:
+        """A managed system's 5xx that a retry may fix: everything but the smarthost's and
+        what concerns the message itself (RFC 3463 5.2.3, 5.3.4 size, 5.6.x content)."""
+        if dest.key == SMARTHOST or not reply.permanent:
+            return False
+        status = reply.status
+        if status is None:
+            return reply.code != 552  # 552 without a status: "exceeded storage allocation"
+        return not (status in ("5.2.3", "5.3.4") or status.startswith("5.6."))
 
     def _duplicate(self, item: PendingRecipient, physical: str, first: str = "") -> None:
         """Another recipient of this message already brought it to `physical`."""
@@ -531,8 +570,8 @@ class Deliverer:
             self.spool.forget(item.queue_id)
 
     def _defer(self, item: PendingRecipient, physical: str | None, system: str | None,
-               reply: Reply, failures: list[tuple[PendingRecipient, str | None, Reply, bool]]
-               ) -> None:
+               reply: Reply, failures: list[tuple[PendingRecipient, str | None, Reply, bool]],
+               result: str = "deferred") -> None:
         """Schedule the next attempt (back-off with jitter), or give up after the lifetime."""
         detail = str(reply)
         if time.time() - item.received_at >= self.settings.queue_lifetime:
@@ -544,8 +583,8 @@ class Deliverer:
         item.last_error = detail
         self.spool.mark_retry(item.queue_id, item.rcpt, item.attempts, item.next_try, detail)
         self.spool.log_delivery(item.queue_id, item.rcpt, physical, system, item.message_id,
-                                "deferred", detail)
-        metrics.count_delivery("deferred", system, item.queue_id)
+                                result, detail)
+        metrics.count_delivery(result, system, item.queue_id)
         log.info("%s <%s> -> %s deferred (retry in %.1fs): %s", item.queue_id, item.rcpt,
                  physical, delay, detail, extra={"queue_id": item.queue_id})
         self._push_deferred(item)

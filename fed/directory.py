@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, Row, delete, insert, select, update
@@ -56,6 +56,8 @@ class System:
     host: str
     port: int
     protocol: str
+    # Bumped by a refresh: connections opened under an older generation are retired.
+    generation: int = 0
 
 
 @dataclass
@@ -152,9 +154,10 @@ class Directory:
             raise DirectoryError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not host or not (0 < port < 65536):
             raise DirectoryError(f"bad endpoint {host!r}:{port!r}")
-        system = System(name, host, port, protocol)
         with self.shared.write() as db:
             current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
+            system = System(name, host, port, protocol,
+                            0 if current is None else int(current.generation))
             if current is None:
                 db.execute(insert(t.systems).values(vars(system)))
             elif _system(current) != system:
@@ -162,6 +165,23 @@ class Directory:
                            .values(host=host, port=port, protocol=protocol))
             if current is None or _system(current) != system:
                 bump(db, "systems_version")
+            version = counters(db)["systems_version"]
+        self._systems[name] = system
+        self._own_systems.append((version, system))
+        return system
+
+    def refresh_system(self, name: str) -> System | None:
+        """Bump the system's generation (its tables changed): every node retires the
+        connections it holds to it before their next transaction. None: not registered."""
+        name = name.lower()
+        with self.shared.write() as db:
+            current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
+            if current is None:
+                return None
+            system = replace(_system(current), generation=int(current.generation) + 1)
+            db.execute(update(t.systems).where(t.systems.c.name == name)
+                       .values(generation=system.generation))
+            bump(db, "systems_version")
             version = counters(db)["systems_version"]
         self._systems[name] = system
         self._own_systems.append((version, system))
@@ -363,7 +383,8 @@ def _merge_claim(db: Connection, system: str, address: str, physical: str,
 
 
 def _system(r: Row[Any]) -> System:
-    return System(str(r.name), str(r.host), int(r.port), str(r.protocol))
+    return System(str(r.name), str(r.host), int(r.port), str(r.protocol),
+                  int(r.generation or 0))
 
 
 def _change(entries: dict[str, str], address: str, physical: str | None) -> None:

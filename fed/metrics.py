@@ -50,6 +50,10 @@ DELIVERED = Counter("fed_delivered", "Recipient deliveries that got a 2xx", ["de
                     registry=REGISTRY)
 DEFERRED = Counter("fed_deferred", "Delivery attempts that failed temporarily (retry later)",
                    ["destination"], registry=REGISTRY)
+SYSTEM_REFUSALS = Counter(
+    "fed_system_refusals", "5xx answers of a managed system for an address fed's directory "
+    "places there (deferred and retried, not bounced: mailferry and the system disagree)",
+    ["destination"], registry=REGISTRY)
 BOUNCED = Counter("fed_bounced", "Recipients refused for good (5xx: shunted or bounced)",
                   ["destination"], registry=REGISTRY)
 QUARANTINED = Counter("fed_quarantined", "Queue files set aside in spool/quarantine (unreadable "
@@ -83,15 +87,18 @@ def queued_at(queue_id: str) -> float | None:
 
 def count_delivery(result: str, destination: str | None, queue_id: str,
                    received_at: float | None = None) -> None:
-    """One recorded delivery outcome: 'delivered', 'deferred', 'shunted'/'bounced'."""
+    """One recorded delivery outcome: 'delivered', 'deferred', 'refused' (a managed
+    system's 5xx, deferred too), 'shunted'/'bounced'."""
     dest = destination or "unknown"
     if result == "delivered":
         DELIVERED.labels(destination=dest).inc()
         start = received_at if received_at is not None else queued_at(queue_id)
         if start is not None:
             LATENCY.observe(max(0.0, time.time() - start))
-    elif result == "deferred":
+    elif result in ("deferred", "refused"):
         DEFERRED.labels(destination=dest).inc()
+        if result == "refused":
+            SYSTEM_REFUSALS.labels(destination=dest).inc()
     elif result in ("shunted", "bounced"):
         BOUNCED.labels(destination=dest).inc()
 

@@ -66,6 +66,9 @@ systems = Table(
     Column("host", String(255), nullable=False),
     Column("port", Integer, nullable=False),
     Column("protocol", String(8), nullable=False),
+    # Bumped by a refresh (the system's tables changed): every node retires the connections
+    # it opened to the system under an older generation. Added after the first release.
+    Column("generation", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("protocol IN ('lmtp', 'smtp')", name="systems_protocol"),
 )
 # Version counters: 'version' (directory, the down-sync version), 'systems_version',
@@ -159,6 +162,11 @@ class SharedDB:
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("ALTER TABLE nodes ADD COLUMN control VARCHAR(300)")
             log.info("shared database: added the column nodes.control")
+        if "generation" not in {c["name"] for c in inspect(self.engine).get_columns("systems")}:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "ALTER TABLE systems ADD COLUMN generation BIGINT NOT NULL DEFAULT 0")
+            log.info("shared database: added the column systems.generation")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

@@ -84,6 +84,7 @@ class Connection:
         self.broken = False
         self.transactions = 0
         self.data_sent = False  # the current transaction's message went out
+        self.generation = 0  # the system's generation when this connection was opened
 
     @classmethod
     async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float
@@ -208,6 +209,20 @@ class Connection:
         if not any(final[rcpt].ok for rcpt in accepted):
             await self._reset()
         return final
+
+    async def check(self, mail_from: str, rcpts: list[str]) -> dict[str, Reply]:
+        """MAIL and RCPT for each recipient, then RSET: what the server would answer each
+        one, without sending a message (a probe before a flip). ClientError if the link
+        broke."""
+        self._send(f"MAIL FROM:<{mail_from}>\r\n".encode())
+        mail = await self._reply()
+        replies = dict.fromkeys(rcpts, mail)
+        if mail.ok:
+            for rcpt in rcpts:
+                self._send(f"RCPT TO:<{rcpt}>\r\n".encode())
+                replies[rcpt] = await self._reply()
+        await self._reset()
+        return replies
 
     async def _reset(self) -> None:
         """RSET after a transaction that did not complete, so the next one starts clean."""

@@ -38,6 +38,7 @@ class SystemInfo:
     host: str
     port: int
     protocol: str
+    generation: int = 0  # bumped by every refresh
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class ReleaseResult:
 
     released: list[str]
     not_held: list[str]
+    held_seconds: dict[str, float] = field(default_factory=dict)  # how long each hold lasted
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,18 @@ class Delivery:
     result: str
     detail: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A managed system answered 5xx for a physical address fed routes there (deferred)."""
+
+    physical: str
+    system: str
+    count: int
+    first: str
+    last: str
+    reply: str
 
 
 def _q(address: str) -> str:
@@ -229,6 +243,26 @@ class FedClient:
         body = {"host": host, "port": port, "protocol": protocol}
         return SystemInfo(**self._call("PUT", f"/v1/systems/{_q(name)}", body)[1])
 
+    def refresh_system(self, name: str, probe: list[str] | None = None) -> dict[str, str]:
+        """POST /v1/systems/{name}/refresh: fed retires its pooled connections to the system
+        (its tables changed) and, for `probe`, asks it on a fresh session whether it takes
+        these physical addresses. Returns address -> reply; a refusal is a TemporaryError
+        with the system's reply (the step waits and retries)."""
+        status, data = self._call("POST", f"/v1/systems/{_q(name)}/refresh",
+                                  {"probe": list(probe or [])}, ok=(409,))
+        replies = {str(a): str(r["reply"]) for a, r in data.get("probe", {}).items()}
+        if status == 409:
+            raise TemporaryError(f"fed's fresh session to {name}: {data.get('error')}",
+                                 delay=2.0)
+        return replies
+
+    def refusals(self, since: str | None = None) -> list[Refusal]:
+        """GET /v1/refusals: physical addresses a managed system refused (deferred)."""
+        query = "?" + urllib.parse.urlencode({"since": since}) if since else ""
+        return [Refusal(str(r["physical"]), str(r["system"]), int(r["count"]),
+                        str(r["first"]), str(r["last"]), str(r["reply"]))
+                for r in self._get("/v1/refusals" + query)["refusals"]]
+
     def upsync(self, system: str, mailboxes: dict[str, list[str]]) -> UpsyncResult:
         """POST /v1/upsync with `physical -> addresses` of every mailbox of `system`."""
         body = {"system": system, "mailboxes": [
@@ -271,7 +305,8 @@ class FedClient:
     def release(self, addresses: list[str]) -> ReleaseResult:
         """POST /v1/release."""
         data = self._call("POST", "/v1/release", {"addresses": addresses})[1]
-        return ReleaseResult(list(data["released"]), list(data["not_held"]))
+        return ReleaseResult(list(data["released"]), list(data["not_held"]),
+                             {str(a): float(s) for a, s in data.get("held_seconds", {}).items()})
 
     def flip(self, addresses: list[str], source: str, target: str) -> FlipResult:
         """POST /v1/flip (E9); PermanentError with fed's reason on 409."""

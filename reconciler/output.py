@@ -90,6 +90,8 @@ def print_plan(plan: Plan, echo: Callable[[str], None], *, color: bool, verbose:
         shown += 1
     if shown == 0:
         echo("  No changes: every mailbox is where the specs want it.")
+    for warning in plan.warnings:
+        echo(f"  warning: {warning}")
     echo("")
     echo(plan.summary())
 

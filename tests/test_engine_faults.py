@@ -89,7 +89,7 @@ def test_mail_sent_while_held_lands_in_box2_once(world: World, tmp_path: Path) -
     from reconciler.engine import ApplyReport
 
     for _ in range(10):  # pass by pass until the hold is active (state 5)
-        engine.apply_pass(ApplyReport())
+        engine.apply_pass(ApplyReport(), chain=False)
         with engine.store.session() as session:
             m = session.scalars(select(Migration).where(Migration.address == address)).first()
             if m is not None and m.state == 5:

@@ -106,7 +106,7 @@ def test_unreachable_system_is_retried(
 def test_permanent_refusal_is_shunted_with_the_reason(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, s2 = systems
-    s1.reply = "550 5.2.2 mailbox full"
+    s1.reply = "552 5.3.4 message too big for this mailbox"  # no retry can fix that
     fed.client.put_entry("boss@corp.example", s2.physical("boss"))
     assert send(fed.smtp_port, [AD1], message("full", "f@t"),
                 mail_from="boss@corp.example")[0] == 250
@@ -116,7 +116,7 @@ def test_permanent_refusal_is_shunted_with_the_reason(
     infos = list((fed.state_dir / "spool" / "shunt").glob("*.json"))
     assert len(infos) == 1
     info = json.loads(infos[0].read_text())
-    assert info["code"] == 550 and "mailbox full" in info["reason"]
+    assert info["code"] == 552 and "too big" in info["reason"]
     assert b"Message-ID: <f@t>" in infos[0].with_suffix(".eml").read_bytes()
     assert fed.client.deliveries(rcpt=AD1)[-1].result == "shunted"
 
