@@ -6,7 +6,9 @@ the user station transfer it to BOX2 (E30). Thunderbird stores each local folder
 file without extension (with a `.msf` index beside it, and subfolders in `<name>.sbd/`), so
 "an mbox file" is recognised by content (it starts with `From `), not by name; indexes and
 other files are ignored. Each file becomes the target folder `Local Folders/<name>` (nested
-`.sbd` folders become `Local Folders/<parent>/<name>`).
+`.sbd` folders become `Local Folders/<parent>/<name>`); a POP3 account's own folders go under
+a folder named for the account, or, with an empty prefix, into the mailbox itself (its
+`Inbox` is then the INBOX). Thunderbird's tags (`X-Mozilla-Keys`) travel as IMAP keywords.
 
 Messages are read with the standard library's `mailbox.mbox` and sent as their raw bytes, so
 BOX2 receives exactly what the user had. Messages Thunderbird marked expunged
@@ -76,9 +78,10 @@ def mbox_files(root: Path, prefix: str = LOCAL_ROOT) -> list[tuple[str, Path]]:
                 continue
             parts = [part.removesuffix(".sbd") for part in path.relative_to(root).parent.parts]
             stem = path.stem if path.suffix.lower() == ".mbox" else path.name
-            if not prefix and not parts and stem.lower() == "inbox":
-                stem = "INBOX"  # merged into the mailbox itself: its Inbox is the INBOX
-            found.append(("/".join([*([prefix] if prefix else []), *parts, stem]), path))
+            names = [*parts, stem]
+            if not prefix and names[0].lower() == "inbox":
+                names[0] = "INBOX"  # merged into the mailbox itself: its Inbox is the INBOX
+            found.append(("/".join([prefix, *names] if prefix else names), path))
     return sorted(found)
 
 
