@@ -22,6 +22,7 @@ Without the binary (`thunderbird`, installed by `bootstrap.sh test`) the tests s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -111,10 +112,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=20)
     # Its content processes are in the same group; none may outlive the test.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def prefs(profile: Path) -> Prefs | None:
