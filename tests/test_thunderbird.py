@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from station_agent import checks, localdata
+from station_agent import checks, config, localdata
 from station_agent.clients import Thunderbird
 from station_agent.imapupload import decode_mutf7, encode_mutf7
 from station_agent.thunderbird import profiles, switch
@@ -282,3 +282,16 @@ def test_refused_connection_is_said_without_a_code() -> None:
     assert not result.ok and result.code is None
     text = result.describe()
     assert "failed at connect: ConnectionRefusedError" in text and "None" not in text
+
+
+def test_pop3_folders_setting_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "station-agent.toml"
+    text = config.render(api="http://127.0.0.1:1", station="ws", address=ADDRESS,
+                         token_file="t")
+    path.write_text(text)
+    assert config.load(path)["pop3_folders"] == "account"  # the default, written out
+    path.write_text(text.replace('pop3_folders = "account"', 'pop3_folders = "merge"'))
+    assert config.load(path)["pop3_folders"] == "merge"
+    path.write_text(text.replace('pop3_folders = "account"', 'pop3_folders = "inbox"'))
+    with pytest.raises(config.ConfigError, match=r"station-agent\.toml: client\.pop3_folders"):
+        config.load(path)
