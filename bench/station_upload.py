@@ -61,20 +61,27 @@ def _body(rng: random.Random, size: int) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def make_corpus(root: Path, size_mb: int, avg_kb: int, seed: int = 20
-                ) -> list[tuple[str, bytes, str, float]]:
-    """Write the Local Folders mbox files; return (folder, message, flags, time) for each."""
+MAILDIR_NAMES = {"Inbox": ".Local Folders.Inbox", "Archive": ".Local Folders.Archive",
+                 "Archive.sbd/2019": ".Local Folders.Archive.2019", "Sent": ".Local Folders.Sent"}
+
+
+def make_corpus(root: Path, maildir: Path, size_mb: int, avg_kb: int, seed: int = 20
+                ) -> tuple[int, int]:
+    """Write the Local Folders mbox files, and the same messages as a Maildir++ under
+    `maildir` (the mover's source); (messages, bytes). Nothing is kept in memory: the
+    benchmark's own size must not be mistaken for the agent's (ru_maxrss is inherited
+    across fork and exec on Linux)."""
     rng = random.Random(seed)
     target = size_mb * 1024 * 1024
-    written = 0
-    corpus: list[tuple[str, bytes, str, float]] = []
+    written = total = n = 0
     handles = {}
     for name, _ in FOLDERS:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         handles[name] = path.open("wb")
+        for sub in ("cur", "new", "tmp"):
+            (maildir / MAILDIR_NAMES[name] / sub).mkdir(parents=True, exist_ok=True)
     weights = [w for _, w in FOLDERS]
-    n = 0
     try:
         while written < target:
             n += 1
@@ -94,36 +101,24 @@ def make_corpus(root: Path, size_mb: int, avg_kb: int, seed: int = 20
                        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime(when))}"
                        f"\n\n").encode() + _body(rng, int(avg_kb * 1024 * rng.uniform(0.5, 1.5)))
             handles[folder].write(head + message + b"\n")
-            flags = ("S" if seen else "") + ("F" if flagged else "")
-            corpus.append((folder, message, flags, float(when)))
+            flags = "".join(sorted(("S" if seen else "") + ("F" if flagged else "")))
+            path = (maildir / MAILDIR_NAMES[folder] / "cur" /
+                    f"{when}.M{n}P1.bench,S={len(message)}:2,{flags}")
+            path.write_bytes(message)
+            os.utime(path, (when, when))
             written += len(head) + len(message) + 1
+            total += len(message)
     finally:
         for handle in handles.values():
             handle.close()
-    return corpus
+    return n, total
 
 
-def write_maildir(dovecot: Dovecot, user: str, corpus: list[tuple[str, bytes, str, float]]
-                  ) -> None:
-    """The mover's source: the same messages as a Maildir++ of `user` (Dovecot indexes it)."""
-    base = dovecot.dir / "mail" / user / "Maildir"
-    names = {"Inbox": "", "Archive": ".Local Folders.Archive",
-             "Archive.sbd/2019": ".Local Folders.Archive.2019", "Sent": ".Local Folders.Sent"}
-    for i, (folder, message, flags, when) in enumerate(corpus):
-        box = base / names[folder] if names[folder] else base
-        cur = box / "cur"
-        if not cur.is_dir():
-            for sub in ("cur", "new", "tmp"):
-                (box / sub).mkdir(parents=True, exist_ok=True)
-        path = cur / f"{int(when)}.M{i}P1.bench,S={len(message)}:2,{''.join(sorted(flags))}"
-        path.write_bytes(message)
-        os.utime(path, (when, when))
-    for directory, _dirs, files in os.walk(dovecot.dir / "mail" / user):
-        os.chown(directory, dovecot.uid, dovecot.gid)
+def chown_tree(top: Path, uid: int, gid: int) -> None:
+    for directory, _dirs, files in os.walk(top):
+        os.chown(directory, uid, gid)
         for name in files:
-            os.chown(os.path.join(directory, name), dovecot.uid, dovecot.gid)
-    # Local Folders in the mover's source lands under "Local Folders/" as the agent's does;
-    # INBOX is the agent's "Local Folders/Inbox".
+            os.chown(os.path.join(directory, name), uid, gid)
 
 
 def agent_worker(args: argparse.Namespace) -> int:
@@ -169,23 +164,22 @@ def main() -> int:
     servers: list[Dovecot] = []
     try:
         local = work / "profile" / "Mail" / "Local Folders"
-        t0 = time.monotonic()
-        corpus = make_corpus(local, args.size_mb, args.avg_kb)
-        total_bytes = sum(len(m) for _, m, _, _ in corpus)
-        mbox_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
-        print(f"corpus: {len(corpus)} messages, {total_bytes / 1e6:.1f} MB of messages "
-              f"(mbox files {mbox_bytes / 1e6:.1f} MB), written in "
-              f"{time.monotonic() - t0:.0f} s", flush=True)
         target = Dovecot(work, "target", {AGENT_USER: PASSWORD, MOVER_USER: PASSWORD}).start()
         servers.append(target)
         source = Dovecot(work, "source", {MOVER_USER: PASSWORD})
         source.write()
-        write_maildir(source, MOVER_USER, corpus)
+        t0 = time.monotonic()
+        messages, total_bytes = make_corpus(local, source.dir / "mail" / MOVER_USER / "Maildir",
+                                            args.size_mb, args.avg_kb)
+        chown_tree(source.dir / "mail", source.uid, source.gid)
+        mbox_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+        print(f"corpus: {messages} messages, {total_bytes / 1e6:.1f} MB of messages "
+              f"(mbox files {mbox_bytes / 1e6:.1f} MB), written in "
+              f"{time.monotonic() - t0:.0f} s", flush=True)
         source.start()
         servers.append(source)
-        assert count(source, MOVER_USER) == len(corpus), "source Maildir not indexed"
+        assert count(source, MOVER_USER) == messages, "source Maildir not indexed"
 
-        del corpus  # the parent's memory is not the agent's
         state = work / "agent-state"
         state.mkdir()
         agent = subprocess.run(
@@ -204,7 +198,7 @@ def main() -> int:
             cwd=REPO, capture_output=True, text=True, timeout=args.timeout, check=True)
         m = json.loads(stats.read_text())
         n_agent, n_mover = count(target, AGENT_USER), count(target, MOVER_USER)
-        n = n_mover
+        n = messages
         rows = [("agent (E30 upload)", a["seconds"], n_agent, a["peak_rss_mb"]),
                 ("mover copy", float(m["first_s"]), n_mover, float(m["peak_rss_mb"]))]
         print(f"\n{'':20} {'seconds':>8} {'messages':>9} {'msg/s':>8} {'MB/s':>7} "
@@ -212,12 +206,14 @@ def main() -> int:
         for name, seconds, got, rss in rows:
             print(f"{name:20} {seconds:8.1f} {got:9d} {got / seconds:8.1f} "
                   f"{total_bytes / 1e6 / seconds:7.2f} {rss:12.1f}")
-        if n_agent != n or a["uploaded"] != n:
-            print(f"agent SHORT: {n_agent} on the target, {a['uploaded']} uploaded, {n} wanted")
+        if n_agent != n or a["uploaded"] != n or n_mover != n:
+            print(f"SHORT: agent {n_agent} on the target ({a['uploaded']} uploaded), mover "
+                  f"{n_mover}, {n} wanted")
             return 2
         ratio = float(m["first_s"]) / a["seconds"]
         print(f"\nagent/mover ratio (rate): {ratio:.2f}   (both to the same Dovecot, "
-              f"{args.size_mb} MB, avg {args.avg_kb} KB)")
+              f"{args.size_mb} MB, avg {args.avg_kb} KB; bench process "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
         return 0
     finally:
         for server in servers:
