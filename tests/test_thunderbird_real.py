@@ -31,6 +31,7 @@ from test_station_kit import (
     World,
     add_migration,
     reports,
+    set_action,
     world,
 )
 from test_thunderbird_station import PASSWORD, _imap_contents
@@ -63,11 +64,18 @@ def _kit(world: World, tmp_path: Path, station: str, address: str, ini: Path) ->
     return config
 
 
-def _migrate(world: World, config: Path, address: str) -> None:
-    mid = add_migration(world.store, address=address, action="local-migrate", state=8)
-    result = subprocess.run([sys.executable, "-m", "station_agent", "run", "--once",
-                             "--config", str(config)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, check=False)
+def _agent(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "station_agent", "run", "--once",
+                           "--config", str(config)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def _migrate(world: World, config: Path, address: str, mid: int | None = None) -> None:
+    if mid is None:
+        mid = add_migration(world.store, address=address, action="local-migrate", state=8)
+    else:
+        set_action(world.store, mid, "local-migrate")
+    result = _agent(config)
     log = (config.parent / "agent.log").read_text()
     assert result.returncode == 0, log
     kinds = [r.kind for r in reports(world.store) if r.migration_id == mid]
@@ -91,9 +99,17 @@ def test_real_thunderbird_profile_migrated_and_still_switched_after_a_run(
     assert written.get("mail.server.server1.spamActionTargetAccount") == tb_real.JEAN_URI
     assert (profile / "ImapMail" / tb_real.OLD_IMAP).is_dir()
 
+    # E22 on marie's station: her POP3 folder counts as local mail (E23's size).
+    marie = _kit(world, tmp_path, OTHER_STATION, tb_real.POP_USER, ini)
+    marie_mid = add_migration(world.store, address=tb_real.POP_USER, action="check2")
+    assert _agent(marie).returncode == 0, (marie.parent / "agent.log").read_text()
+    [check] = reports(world.store, "check2")
+    assert check.ok, check.detail
+    assert check.detail["mailbox_size"] == sum(
+        len(m) for folder in (tb_real.LOCAL, tb_real.POP) for ms in folder.values() for m in ms)
+
     _migrate(world, _kit(world, tmp_path, STATION, tb_real.IMAP_USER, ini), tb_real.IMAP_USER)
-    _migrate(world, _kit(world, tmp_path, OTHER_STATION, tb_real.POP_USER, ini),
-             tb_real.POP_USER)
+    _migrate(world, marie, tb_real.POP_USER, marie_mid)
 
     for user, expected in ((tb_real.IMAP_USER, tb_real.EXPECTED_JEAN),
                            (tb_real.POP_USER, tb_real.EXPECTED_MARIE)):
