@@ -34,6 +34,7 @@ from reconciler.errors import (
     TemporaryError,
 )
 from reconciler.fedclient import FedClient
+from reconciler.mover.progress import Progress
 from reconciler.plan import Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
 from reconciler.state.model import Migration, PlacementSuspension, utcnow
@@ -166,6 +167,9 @@ class Engine:
         # Checked between two changes: True stops apply after the current step (SIGTERM in
         # --watch, a lost lease).
         self.should_stop: Callable[[], bool] = lambda: False
+        # Figures of the copies this engine runs (E15): the terminal display and the status
+        # page served by the same process read them while a copy is running.
+        self.progress: Progress = Progress()
 
     # -- observe + plan -------------------------------------------------------------------
     def migrations(self) -> list[MigrationView]:
@@ -283,7 +287,8 @@ class Engine:
     def _context(self, session: Session, now: datetime, cache: PassCache,
                  address: str) -> StepContext:
         return StepContext(specs=self.specs, fed=self.fed, drivers=self.drivers,
-                           session=session, now=now, cache=cache, desired=self.desired.get(address))
+                           session=session, now=now, cache=cache, desired=self.desired.get(address),
+                           progress=self.progress)
 
     def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
         step = change.step or ""

@@ -120,6 +120,7 @@ class QueueCounts:
     held: int
     retrying: int
     shunted: int
+    parked: int = 0  # recipients fed decided not to deliver for now (held, fenced)
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,17 @@ class FedClient:
     def queue(self) -> QueueCounts:
         """GET /v1/queue."""
         return QueueCounts(**self._get("/v1/queue"))
+
+    def queue_messages(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """GET /v1/queue/messages: this node's queued messages (with each recipient's
+        status and destination), oldest first."""
+        rows: list[dict[str, Any]] = self._get(f"/v1/queue/messages?limit={limit}")["messages"]
+        return rows
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """GET /v1/nodes: every fed node with `alive` and `heartbeat_age`."""
+        rows: list[dict[str, Any]] = self._get("/v1/nodes")["nodes"]
+        return rows
 
     def deliveries(self, rcpt: str | None = None, since: str | None = None,
                    limit: int = 1000) -> list[Delivery]:

@@ -8,7 +8,7 @@ from flags and a users file.
 
     python -m reconciler.mover copy --src imap://127.0.0.1:11143 --dst 127.0.0.1:12143 \\
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
-        [--parallel 8] [--state mover-state.db] [--progress auto|tty|json|none] \\
+        [--parallel 8] [--state mover-state.db] [--progress auto|tty|plain|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
         [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
     c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
     c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
-    c.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    c.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
     c.add_argument("--report", default="table", choices=["table", "json"])
     c.add_argument("--verify", default="fast", choices=["fast", "deep"])
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--state", help="state store URL or SQLite file (default var/state.db)")
     pre.add_argument("--all", action="store_true", help="also policies without prestageCopy")
     pre.add_argument("--parallel", type=int, default=4)
-    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
     return p
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import difflib
 import gc
 import hashlib
+import ipaddress
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -409,6 +410,12 @@ class _Loader:
         """A FedHub document -> FedSpec."""
         spec = doc.spec
         token = spec["token"]
+        networks: list[str] = []
+        for i, raw in enumerate(spec.get("relayNetworks", [])):
+            try:
+                networks.append(str(ipaddress.ip_network(str(raw), strict=False)))
+            except ValueError as exc:
+                self.fail(doc, ("spec", "relayNetworks", i), f"not a network: {exc}")
         fed = FedSpec(
             name=cast(str, doc.name),
             smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
@@ -417,6 +424,7 @@ class _Loader:
             state_dir=self.path_value(spec["stateDir"]),
             domains=tuple(d.lower() for d in spec["domains"]),
             location=doc.location(),
+            relay_networks=tuple(networks),
         )
         if doc.valid:
             self.feds.append(fed)
@@ -552,6 +560,7 @@ class _Loader:
             policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
             allow_move_back=bool(spec.get("allowMoveBack", False)),
             report_to=tuple(str(a).lower() for a in spec.get("reportTo", [])),
+            description=str(doc.data.get("metadata", {}).get("description", "")),
         )
 
     def build_all(self) -> None:

@@ -140,6 +140,7 @@ class FedSpec:
     state_dir: str  # absolute
     domains: tuple[str, ...]
     location: SourceLocation
+    relay_networks: tuple[str, ...] = ()  # CIDRs that may relay without AUTH (fed serve)
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class PlacementSpec:
     location: SourceLocation
     allow_move_back: bool = False  # allowMoveBack: finished mailboxes may move again
     report_to: tuple[str, ...] = ()  # reportTo: who gets the wave report by mail
+    description: str = ""  # metadata.description: free text (the status page shows it)
 
 
 @dataclass(frozen=True)

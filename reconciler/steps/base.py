@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from reconciler.drivers.base import MailSystemDriver, physical_address
 from reconciler.errors import TemporaryError
 from reconciler.fedclient import FedClient
+from reconciler.mover.progress import Progress
 from reconciler.spec.model import DesiredMailbox, SpecSet
 from reconciler.state.model import Migration
 
@@ -45,6 +46,7 @@ class StepContext:
     cache: PassCache
     desired: DesiredMailbox | None = None
     log: Callable[[str], None] = lambda _line: None
+    progress: Progress | None = None  # the engine's copy figures (live display, status page)
 
     def driver(self, system: str) -> MailSystemDriver:
         try:

@@ -52,7 +52,7 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
         # kept with the event on success, with the error record on failure.
         report = move_mail(src, m.source_mailbox, dst, m.target_mailbox, key=m.address,
                            modes=m.modes, phase="copy",
-                           manifest=Manifest.in_session(ctx.session, m.id))
+                           manifest=Manifest.in_session(ctx.session, m.id), progress=ctx.progress)
         detail.update(copied=report.copied, present=report.present, failed=report.failed,
                       bytes=report.bytes_copied, missing=report.missing)
         if not report.verified:
