@@ -13,8 +13,10 @@ case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 # Debian packages. Always: Python with venv, and git (specs provenance, the demo's spec
 # repository). For the tests: PostgreSQL (the state store on a private server), Postfix and
 # Dovecot (private instances started by the tests: the Postfix + Dovecot driver, the station
-# agent's IMAP upload) and a C compiler (the power-loss test's recorder). Only what is missing is installed, as root or through sudo, and the
-# packages' own services are kept from starting: debconf "No configuration" for Postfix, a
+# agent's IMAP upload), a C compiler (the power-loss test's recorder) and Thunderbird (run
+# headless by the station agent's tests to make real profiles and to start on a switched
+# one; it has no service). Only what is missing is installed, as root or through sudo, and
+# the packages' own services are kept from starting: debconf "No configuration" for Postfix, a
 # temporary policy-rc.d and RUNLEVEL=1 refuse every service start; nothing in /etc/postfix,
 # /etc/dovecot or the system's PostgreSQL cluster is ever used. Chromium and its driver: the
 # status page's tests load it in a real headless browser (tests/test_web_browser.py).
@@ -24,7 +26,7 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
 if [ "$what" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-  for pkg in postfix dovecot-imapd dovecot-lmtpd chromium chromium-driver; do
+  for pkg in postfix dovecot-imapd dovecot-lmtpd chromium chromium-driver thunderbird; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
   done
   # A C compiler: the power-loss test builds its LD_PRELOAD recorder (tests/powerloss/).
