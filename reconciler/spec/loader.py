@@ -530,6 +530,8 @@ class _Loader:
             throttle_bytes_per_second=float(spec.get("throttle", {}).get("bytesPerSecond", 0)),
             prestage_copy=bool(spec.get("prestageCopy", base.prestage_copy)),
             verify=str(spec.get("verify", base.verify)),
+            accept_store_rewrites=tuple((str(r["system"]), str(r["rewrite"]))
+                                        for r in spec.get("acceptStoreRewrites", [])),
             location=doc.location(),
         )
         if doc.valid:
