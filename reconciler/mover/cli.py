@@ -43,8 +43,8 @@ from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
-from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.progress import make_progress
+from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
 from reconciler.state.store import default_url, open_store
