@@ -276,6 +276,10 @@ class ImapEndpoint:
         self.client: ImapClient | None = None
         self.separator: str | None = "/"
         self.prefix = ""
+        # Other users' and shared namespaces (NAMESPACE, RFC 2342): not this mailbox's mail.
+        # Cyrus lists another user's folder shared by ACL as user.NAME.FOLDER in the same
+        # LIST; copying it would put someone else's mail into BOX2.
+        self.foreign: tuple[str, ...] = ()
         self._selected: str | None = None
         self._validity = ""
         self._state = ""
@@ -291,6 +295,7 @@ class ImapEndpoint:
         idle = self.pool.take(a) if self.pool is not None else None
         if idle is not None:
             self.client, self.separator, self.prefix = idle.client, idle.separator, idle.prefix
+            self.foreign = idle.foreign
             self._selected = None
             return
         try:
@@ -339,6 +344,8 @@ class ImapEndpoint:
                         self.prefix = mutf7.decode(prefix.decode()) \
                             if isinstance(prefix, bytes) else ""
                         self.separator = sep.decode() if isinstance(sep, bytes) else None
+                    if personal is not None:
+                        self.foreign = _foreign_prefixes(resp[2:4])
             else:
                 for resp in await client.simple('LIST "" ""'):
                     if len(resp) > 2 and resp[0] == b"LIST":
@@ -370,7 +377,8 @@ class ImapEndpoint:
             except ImapError:
                 client.close()
                 return
-            await self.pool.give(self.account, Idle(client, self.separator, self.prefix))
+            await self.pool.give(self.account, Idle(client, self.separator, self.prefix,
+                                                    foreign=self.foreign))
             return
         await client.logout()
 
@@ -409,6 +417,8 @@ class ImapEndpoint:
                 continue
             sep = resp[2].decode() if isinstance(resp[2], bytes) else None
             decoded = mutf7.decode(raw.decode("utf-8", "replace"))
+            if any(decoded.startswith(p) for p in self.foreign):
+                continue  # another user's or a shared folder
             name = canonical(decoded, sep, self.prefix)
             use = next((a for a in attrs if a in ("\\Sent", "\\Drafts", "\\Trash", "\\Junk",
                                                    "\\Archive")), None)
@@ -610,6 +620,19 @@ def _append_result(_untagged: list[Untagged], text: str, count: int) -> AppendRe
     if len(uids) != count:
         uids = [None] * count  # a server that numbers oddly: verify by content instead
     return AppendResult(match.group(1), uids, [None] * count)
+
+
+def _foreign_prefixes(groups: Sequence[object]) -> tuple[str, ...]:
+    """The non-empty prefixes of NAMESPACE's other-users and shared groups (an empty
+    prefix, Cyrus's shared namespace, would match every name and is left out)."""
+    prefixes: list[str] = []
+    for group in groups:
+        if not isinstance(group, list):
+            continue
+        for entry in group:
+            if isinstance(entry, list) and entry and isinstance(entry[0], bytes) and entry[0]:
+                prefixes.append(mutf7.decode(entry[0].decode()))
+    return tuple(prefixes)
 
 
 def _flags_and_date(msg: Outgoing) -> bytes:

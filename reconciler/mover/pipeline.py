@@ -319,11 +319,15 @@ class MailboxCopy:
         return listing or Listing("")
 
     def _effective(self, proof: str) -> str:
-        """A recorded proof as it counts now: an equivalence the policy no longer accepts
-        is an alteration again."""
+        """A recorded proof as it counts now, under the rewrites the policy accepts now: an
+        equivalence no longer accepted is an alteration again, and an alteration recorded
+        as a known rewrite (its hash was recomputed from the source and matched the
+        read-back exactly) becomes an equivalence once the admin accepts that rewrite."""
         kind, _, name = proof.partition(":")
         if kind == "equivalent" and name not in self.options.accepted:
             return f"altered:{name}"
+        if kind == "altered" and name in REWRITES and name in self.options.accepted:
+            return f"equivalent:{name}"
         return proof
 
     def _holdings(self, cached: list[ManifestRow], dst_name: str,
