@@ -161,7 +161,10 @@ EVENTS {{
         self.process = subprocess.Popen(
             [str(BIN / "master"), "-C", str(self.conf), "-M", str(self.dir / "cyrus.conf"),
              "-p", str(self.dir / "master.pid")],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # its own process group: on TERM the master signals its whole group, which
+            # would otherwise be every other instance started by this test process
+            start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
