@@ -270,3 +270,84 @@ def test_shared_folders_of_other_users_are_not_copied(
     assert report.verified and report.copied == 1
     print(report.as_dict())
     assert [f.folder for f in report.folders] == ["INBOX"]
+
+
+# -- the reconciler's steps: E15 waits, E41 refuses, until the admin decides ---------------
+def test_e41_never_deletes_box1_on_copies_cyrus_altered(
+        servers: Servers, tmp_path: Path) -> None:
+    """BOX1 in the embedded maildir system, BOX2 on Cyrus (munge8bit: yes) through the
+    generic IMAP driver with the Cyrus admin. Before issue 21 the copies' sizes matched
+    and E41 deleted BOX1, the only intact copy. Now E15 and E41 wait with the reason (the
+    target, the count, an example, the two fixes) until the policy accepts the rewrite."""
+    from datetime import UTC, datetime
+    from typing import Any, cast
+
+    from sqlalchemy import select
+
+    from reconciler.drivers.imap import ImapDriver
+    from reconciler.drivers.maildir import MaildirDriver
+    from reconciler.errors import TemporaryError
+    from reconciler.spec.model import (
+        DesiredMailbox,
+        Endpoint,
+        ImapOptions,
+        MasterUser,
+        PolicySpec,
+        SecretRef,
+    )
+    from reconciler.state.model import Migration
+    from reconciler.steps.base import PassCache, StepContext
+    from reconciler.steps.cleanup import e41_delete_source
+    from reconciler.steps.transfer import ALTERED_DELAY, e15_copy_mail
+
+    box = "u7=corp.example"
+    s1 = MaildirDriver("s1", tmp_path / "s1", ("127.0.0.1", 1), ("127.0.0.1", 2), "s1.internal")
+    s1.create_mailbox(box)
+    for n in range(6):
+        s1.append_message(box, "INBOX" if n % 2 else "Sent", message(n, eight_bit=n < 2),
+                          flags="S", internal_date=978_307_200 + n)
+    secret = tmp_path / "cyrus-admin"
+    secret.write_text(servers.cyrus.admin[1] + "\n")
+    target = ImapDriver("cyrus1", ImapOptions(
+        server=Endpoint("127.0.0.1", servers.cyrus.port), state_dir=str(tmp_path / "c1"),
+        tls="none", login="master", login_format="{local}",
+        master=MasterUser(servers.cyrus.admin[0], SecretRef(file=str(secret)))))
+    target.create_mailbox(box, access_addresses=("u7@corp.example",))
+    drivers = {"s1": s1, "cyrus1": target}
+    store = Store(default_url(tmp_path / "state.db"))
+
+    def run(step: Any, policy: PolicySpec) -> Any:
+        with store.session() as session:
+            m = session.scalars(select(Migration)).first()
+            if m is None:
+                m = Migration(address="u7@corp.example", source_system="s1",
+                              target_system="cyrus1", source_mailbox=box, target_mailbox=box,
+                              placement="p", state=10,
+                              modes={"dataTransfer": "copy", "diary": False})
+                session.add(m)
+                session.flush()
+            desired = DesiredMailbox("u7@corp.example", (), "cyrus1", "p", None, policy, None)
+            ctx = StepContext(specs=cast(Any, None), fed=cast(Any, None), drivers=drivers,
+                              session=session, now=datetime.now(UTC), cache=PassCache(),
+                              desired=desired)
+            return step(ctx, m)
+
+    strict = PolicySpec("p", delete_consent=True)
+    with pytest.raises(TemporaryError) as waited:
+        run(e15_copy_mail, strict)
+    assert "target cyrus1 altered 2 messages on store: 8-bit header bytes replaced" \
+        in str(waited.value)
+    assert waited.value.delay == ALTERED_DELAY
+    with pytest.raises(TemporaryError) as refused:
+        run(e41_delete_source, strict)
+    text = str(refused.value)
+    assert "refusing to delete BOX1: target cyrus1 altered 2 messages on store" in text
+    assert "JXXrgen" in text and "munge8bit: no" in text
+    assert "acceptStoreRewrites: [{system: cyrus1, rewrite: 8bit-headers-as-x}]" in text
+    assert s1.get_account(box) is not None  # BOX1 kept: the only intact copy
+    # nothing was appended twice by the second pass
+    assert sum(len(target.list_messages(box, f)) for f in target.list_folders(box)) == 6
+    accepting = PolicySpec("p", delete_consent=True,
+                           accept_store_rewrites=(("cyrus1", "8bit-headers-as-x"),))
+    out = run(e41_delete_source, accepting)
+    assert out.to_state == 13 and s1.get_account(box) is None

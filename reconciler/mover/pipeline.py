@@ -62,6 +62,7 @@ from reconciler.mover.rewrites import (
     Judgement,
     describe,
     equivalent_hashes,
+    example,
     hint,
     judge,
 )
@@ -373,7 +374,7 @@ class MailboxCopy:
                 pool[d.sha256].append(d.uid)
         placed: dict[str, Held] = {}  # dst uid -> what its read-back proved (this pass)
 
-        def present(e: Entry, alternatives: dict[str, str] | None = None) -> bool:
+        def present(e: Entry, data: bytes | None = None) -> bool:
             """The target already holds a copy of `e`: by its hash, or (a copy stored by a
             target that rewrites, then lost from the manifest by a crash) by the hash of a
             known rewrite of it. Such a copy is never appended again; it proves `e` only
@@ -384,15 +385,21 @@ class MailboxCopy:
                 uid = uids.pop()
                 known = held.get(uid) or Held(e.sha256 or "", e.sha256, IDENTICAL)
             else:
-                match = next(((h, n) for h, n in (alternatives or {}).items() if pool.get(h)),
-                             None)
-                if match is None:
+                alternatives = equivalent_hashes(data, set(REWRITES)) if data else {}
+                match = next(((h, n) for h, n in alternatives.items() if pool.get(h)), None)
+                if match is None or data is None:
                     return False
                 uid = pool[match[0]].pop()
-                kind = "equivalent" if match[1] in self.options.accepted else "altered"
-                known = Held(e.sha256 or "", match[0], f"{kind}:{match[1]}",
-                             "found in the target after a restart (no example)")
+                rewrite = match[1]
+                kind = "equivalent" if rewrite in self.options.accepted else "altered"
+                # the target holds exactly rewrite(source): the example is recomputed
+                known = Held(e.sha256 or "", match[0], f"{kind}:{rewrite}",
+                             example(data, REWRITES[rewrite].apply(data)))
             claimed.add(uid)
+            # what this pass learnt about the UID counts in its verification, whether or
+            # not the manifest rows are written yet
+            placed[uid] = Held(known.source, known.stored, known.proof, known.note,
+                               dst.validity)
             report.present += 1
             proof = self._effective(known.proof or IDENTICAL)
             self._count_alteration(report, proof, known.note)
@@ -525,7 +532,7 @@ class MailboxCopy:
                 self.progress.advanced(self.key, 1, e.size, failed=1)
                 return
             e.sha256 = sha
-            if present(e, equivalent_hashes(wire_form(data), set(REWRITES))):
+            if present(e, wire_form(data)):
                 return
             await self.throttle.take(len(data))
             batch.append((e, Outgoing(data, e.flags, e.date)))
