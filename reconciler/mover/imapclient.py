@@ -683,6 +683,11 @@ class ImapClient:
         except (TimeoutError, OSError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, ValueError, ImapError) as exc:
             self._fail(exc)
+        except Exception as exc:
+            # A handler's own error (a bug downstream): every pending command learns it
+            # now, rather than the reader dying and the watchdog's timeout saying nothing.
+            self._fail(exc)
+            self._writer.transport.abort()
 
     async def _dispatch(self, parts: list[bytes]) -> None:
         response = parse_response([parts[0][2:], *parts[1:]])
