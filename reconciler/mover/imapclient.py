@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from reconciler.mover import mutf7
+from reconciler.mover.servers import family_of
 
 Value = Union[bytes, int, None, "list[Value]"]
 Untagged = list[Value]  # one untagged response, parsed: [b"12", b"FETCH", [...]]
@@ -461,7 +462,9 @@ class ImapClient:
             NO_PIPELINING.add(self.server)
         if self.pipelining:
             self.pipelining = False
-            log.warning("%s: %s: pipelining off for this server", self.where, why)
+            family = family_of(self.greeting)
+            log.warning("%s%s: %s: pipelining off for this server", self.where,
+                        f" ({family.name})" if family else "", why)
 
     async def finish_login(self, pending: _Pending) -> None:
         """Wait for the login's answer (raise on NO/BAD) and take the new capabilities."""
