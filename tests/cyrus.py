@@ -93,6 +93,7 @@ class Cyrus:
         self.unixhierarchysep = unixhierarchysep
         self.separator = "/" if unixhierarchysep else "."
         self.port = free_port()
+        self.lmtp_port = free_port()  # LMTP over TCP: where fed delivers for this system
         self.uid, self.gid = _run_ids()
         self.conf = self.dir / "imapd.conf"
         self.process: subprocess.Popen[bytes] | None = None
@@ -131,6 +132,7 @@ sasl_sasldb_path: {d / 'sasldb2'}
 sasl_mech_list: PLAIN LOGIN
 autocreate_quota: -1
 umask: 077
+lmtp_downcase_rcpt: yes
 syslog_prefix: mfty-cyrus-{self.name}
 """)
         (d / "cyrus.conf").write_text(f"""START {{
@@ -138,6 +140,7 @@ syslog_prefix: mfty-cyrus-{self.name}
 }}
 SERVICES {{
   imap cmd="{BIN / 'imapd'} -C {self.conf}" listen="127.0.0.1:{self.port}" prefork=0 maxchild=100
+  lmtp cmd="{BIN / 'lmtpd'} -a -C {self.conf}" listen="127.0.0.1:{self.lmtp_port}" prefork=0 maxchild=20
 }}
 EVENTS {{
 }}

@@ -115,6 +115,7 @@ class ImapOptions:
     passwords: SecretRef | None = None  # per-user: a file of "address password" lines
     login_format: str = "{address}"  # {address}, {local}, {domain}
     smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere
+    lmtp: Endpoint | None = None  # or over LMTP (Cyrus's lmtpd); wins over smtp
 
 
 @dataclass(frozen=True)
