@@ -172,3 +172,48 @@ def test_a_tag_answered_twice_fails_what_is_in_flight_at_once(
         assert "pipelining off" in caplog.text
     finally:
         NO_PIPELINING.clear()
+
+
+def test_nothing_is_written_behind_a_state_changing_command_until_it_completes() -> None:
+    """RFC 3501 5.5: a command started while EXAMINE is in flight goes out only after the
+    EXAMINE's tagged answer; commands that change no state still go together."""
+    reads: list[bytes] = []
+    early: list[bytes] = []  # what arrived while the EXAMINE was not yet answered
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1] fake\r\n")
+        pending = b""
+        while data := pending or await reader.read(65536):
+            pending = b""
+            reads.append(data)
+            for line in data.split(b"\r\n")[:-1]:
+                tag, _, command = line.partition(b" ")
+                if command.startswith(b"EXAMINE"):
+                    try:  # a slow EXAMINE: does anything come before its answer?
+                        pending = await asyncio.wait_for(reader.read(65536), 0.3)
+                        early.append(pending)
+                    except TimeoutError:
+                        pass
+                    writer.write(b"* 0 EXISTS\r\n")
+                writer.write(tag + b" OK done\r\n")
+            await writer.drain()
+
+    async def scenario() -> None:
+        server, port = await _server(serve)
+        try:
+            client = await ImapClient.connect("127.0.0.1", port, timeout=30)
+            examine = asyncio.create_task(client.simple('EXAMINE "INBOX"'))
+            await asyncio.sleep(0)  # the EXAMINE is written first
+            noop = asyncio.create_task(client.simple("NOOP"))
+            await asyncio.gather(examine, noop)
+            first, second = await client._send_lines([(b"NOOP", "NOOP"), (b"NOOP", "NOOP")])
+            await client.finish(first)
+            await client.finish(second)
+            client.close()
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
+    assert early == []  # nothing was written behind the EXAMINE before its answer
+    assert reads[0].startswith(b"M1 EXAMINE") and reads[1].startswith(b"M2 NOOP")
+    assert reads[2].count(b"\r\n") == 2  # stateless commands still pipelined
