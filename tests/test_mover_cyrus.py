@@ -241,14 +241,17 @@ def test_cyrus_to_dovecot_8bit_and_namespace_then_back(
     fill(servers.faithful.login(user), ".", "INBOX.")
     st = Store(default_url(tmp_path / "state.db"))
     report = copy(servers.faithful, servers.dovecot, user, st)
-    assert report.verified and report.copied == 12
+    assert report.verified and report.copied == 12 and report.attempts == 1
     source = contents(servers.faithful.login(user), ".", "INBOX.")
     assert contents(dovecot_login(servers.dovecot, user), "/", "") == source
     conn = servers.faithful.login(back)
     assert conn.list()[1] == [b'(\\HasNoChildren) "." INBOX']
     # Dovecot -> Cyrus: the folders appear as INBOX.Sent, INBOX.Archive.2023
+    moved = copy(servers.dovecot, servers.faithful, back, st)
+    assert moved.verified and moved.copied == 0  # u4 has nothing on Dovecot
     moved = copy(servers.dovecot, servers.faithful, user, st)
     assert moved.verified and moved.present == 12  # u3 on Cyrus already holds them
+    assert moved.attempts == 1
 
 
 def test_shared_folders_of_other_users_are_not_copied(
@@ -257,18 +260,26 @@ def test_shared_folders_of_other_users_are_not_copied(
     The mover copies u5's own folders only, never another user's mail into BOX2."""
     owner, reader = "u6", "u5"
     conn = servers.faithful.login(owner)
-    conn.create('"INBOX.Shared"')
-    conn.append('"INBOX.Shared"', None, None, message(99, eight_bit=False))
-    typ, _ = conn.setacl('"INBOX.Shared"', reader, "lr")
+    conn.create("INBOX.Shared")
+    conn.append("INBOX.Shared", None, None, message(99, eight_bit=False))
+    typ, _ = conn.setacl("INBOX.Shared", reader, "lr")
     assert typ == "OK"
     mine = servers.faithful.login(reader)
     mine.append("INBOX", None, None, message(98, eight_bit=False))
     listed = b" ".join(mine.list()[1])
     assert b"user.u6.Shared" in listed  # the shared folder is in the reader's LIST
+
+    async def folders() -> list[str]:
+        endpoint = ImapEndpoint(account(servers.faithful, reader), readonly=True)
+        await endpoint.open()
+        try:
+            return [f.name for f in await endpoint.folders()]
+        finally:
+            await endpoint.close()
+    assert asyncio.run(folders()) == ["INBOX"]  # not "user/u6/Shared"
     report = copy(servers.faithful, servers.dovecot, reader,
                   Store(default_url(tmp_path / "state.db")))
-    assert report.verified and report.copied == 1
-    print(report.as_dict())
+    assert report.verified and report.copied == 1 and report.attempts == 1
     assert [f.folder for f in report.folders] == ["INBOX"]
 
 
