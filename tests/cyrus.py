@@ -135,12 +135,13 @@ umask: 077
 lmtp_downcase_rcpt: yes
 syslog_prefix: mfty-cyrus-{self.name}
 """)
+        lmtp = f"{BIN / 'lmtpd'} -a -C {self.conf}"
         (d / "cyrus.conf").write_text(f"""START {{
   recover cmd="{BIN / 'ctl_cyrusdb'} -C {self.conf} -r"
 }}
 SERVICES {{
   imap cmd="{BIN / 'imapd'} -C {self.conf}" listen="127.0.0.1:{self.port}" prefork=0 maxchild=100
-  lmtp cmd="{BIN / 'lmtpd'} -a -C {self.conf}" listen="127.0.0.1:{self.lmtp_port}" prefork=0 maxchild=20
+  lmtp cmd="{lmtp}" listen="127.0.0.1:{self.lmtp_port}" prefork=0 maxchild=20
 }}
 EVENTS {{
 }}

@@ -40,7 +40,7 @@ from pfdovecot import MailHost, make_root, missing_prerequisites
 from world import World, base_documents, placement, policy
 
 pytestmark = pytest.mark.timeout(300)
-USERS = ("alice", "bob")
+USERS = ("alice", "bob", "carol")
 EIGHT_BIT = "From: J\u00fcrgen M\u00fcller <jm@example.org>"
 
 
@@ -236,3 +236,37 @@ def test_cyrus_to_dovecot_with_mail_flowing_through_fed(
     # the generic IMAP driver deletes nothing on a server it does not administer
     old = ids_in(engine, "cy", box)
     assert all(old[mid] == 1 for mid in expected[:5])
+
+
+def test_an_altering_target_makes_the_migration_wait_with_the_reason_in_the_plan(
+        world: CyrusWorld, tmp_path: Path) -> None:
+    """Without the policy's acceptance: E15 is not verified, the plan shows why (target,
+    count, example, the two fixes) and when it looks again, BOX1 stays, nothing is copied
+    twice by the retries."""
+    address = "carol@corp.example"
+    box = mailbox_id_for(address)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    pol = policy("p", diary=False)
+    boxes = [{"address": address}]
+    engine = world.engine(world.write(tmp_path / "v1", [pol, placement(
+        "home", "pf1", boxes, policy_name="p")]), state)
+    assert not engine.apply().errors
+    old = seed(engine, "pf1", box, address)
+    engine = world.engine(world.write(tmp_path / "v2", [pol, placement(
+        "wave", "cy", boxes, policy_name="p")]), state)
+    engine.register_systems()
+    reason = ""
+    for _ in range(20):  # bounded: until the plan says why it waits
+        engine.apply_pass(ApplyReport())
+        change = next(c for c in engine.plan().changes if c.address == address)
+        if "altered" in change.reason:
+            reason = change.reason
+            break
+    assert reason, "the plan never said why the copy waits"
+    assert "target cy altered 1 messages on store: 8-bit header bytes replaced" in reason
+    assert "JXXrgen" in reason and "munge8bit: no" in reason
+    assert "acceptStoreRewrites" in reason
+    assert change.due is not None and state_of(engine, address) == 7  # waits in E15
+    engine.apply_pass(ApplyReport())  # not due yet: nothing runs, nothing copied twice
+    assert ids_in(engine, "cy", box) == Counter(dict.fromkeys(old, 1))
+    assert world.pf1.message_ids(box) == Counter(dict.fromkeys(old, 1))  # BOX1 intact
