@@ -64,8 +64,16 @@ if [ "$what" = test ] && [ ! -x "$cyrus_root/usr/lib/cyrus/bin/imapd" ]; then
   mapfile -t cyrus_libs < <(apt-cache depends --no-recommends --no-suggests --no-conflicts \
     --no-breaks --no-replaces --no-enhances cyrus-imapd cyrus-common \
     | awk '/Depends: lib/ {print $2}' | sort -u)
+  cyrus_blocker=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then  # no service starts (saslauthd), as above
+    cyrus_blocker=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$cyrus_blocker" >/dev/null
+    $sudo chmod 755 "$cyrus_blocker"
+    trap '$sudo rm -f "$cyrus_blocker"' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $sudo apt-get install -y -qq --no-install-recommends \
     "${cyrus_libs[@]}" sasl2-bin libsasl2-modules >/dev/null
+  [ -z "$cyrus_blocker" ] || $sudo rm -f "$cyrus_blocker"
   if [ -d /run/systemd/system ]; then
     $sudo systemctl disable --now saslauthd >/dev/null 2>&1 || true
   fi
