@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything mailferry needs on a fresh Debian machine, then run one thing:
 #   ./bootstrap.sh demo    install, then `reconcile demo` (20 mailboxes moved with mail flowing)
-#   ./bootstrap.sh test    install, then the whole test suite (ruff, mypy, pytest)
+#   ./bootstrap.sh test    install, then the whole test suite (ruff, mypy, the wheel as users
+#                          install it: .ci/wheel-smoke.sh, pytest)
 # Idempotent: a second run only re-checks. Needs root (or sudo) only for missing Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +13,7 @@ case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 # Debian packages. Always: Python with venv, and git (specs provenance, the demo's spec
 # repository). For the tests: PostgreSQL (the state store on a private server), Postfix and
 # Dovecot (private instances started by the tests: the Postfix + Dovecot driver, the station
-# agent's IMAP upload). Only what is missing is installed, as root or through sudo, and the
+# agent's IMAP upload) and a C compiler (the power-loss test's recorder). Only what is missing is installed, as root or through sudo, and the
 # packages' own services are kept from starting: debconf "No configuration" for Postfix, a
 # temporary policy-rc.d and RUNLEVEL=1 refuse every service start; nothing in /etc/postfix,
 # /etc/dovecot or the system's PostgreSQL cluster is ever used.
@@ -25,6 +26,8 @@ if [ "$what" = test ]; then
   for pkg in postfix dovecot-imapd dovecot-lmtpd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
   done
+  # A C compiler: the power-loss test builds its LD_PRELOAD recorder (tests/powerloss/).
+  command -v cc >/dev/null || need+=(gcc libc6-dev)
 fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -106,4 +109,5 @@ if [ "$what" = demo ]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
+.ci/wheel-smoke.sh .venv/bin/python
 exec .venv/bin/pytest -q

@@ -61,7 +61,9 @@ def memory(args: argparse.Namespace) -> int:
     sink = FakeSystem("s1").start()
     with tempfile.TemporaryDirectory() as tmp:
         fed = Fed(Path(tmp) / "fed", [sink],
-                  extra=["--max-size", str(args.size_mb * 2 << 20),
+                  # loopback clients are not limited per IP (a relay network)
+                  extra=["--relay-network", "127.0.0.1/32",
+                         "--max-size", str(args.size_mb * 2 << 20),
                          "--processes", str(args.processes)]).start()
         try:
             assert fed.proc is not None

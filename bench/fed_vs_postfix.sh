@@ -43,7 +43,7 @@ set -euo pipefail
 serve() {
   "$PY" -m fed serve --smtp 127.0.0.1:\$1 --control 127.0.0.1:$CONTROL_PORT \\
     --state-dir "$WORK/state" --token-file "$WORK/token" --domain example.test \\
-    --system sink=127.0.0.1:\$SINK_PORT/smtp --workers $FED_WORKERS --processes $FED_PROCESSES $FED_ARGS \\
+    --system sink=127.0.0.1:\$SINK_PORT/smtp --relay-network 127.0.0.0/8 --workers $FED_WORKERS --processes $FED_PROCESSES $FED_ARGS \\
     > "$WORK/fed.out" 2>> "$WORK/fed.err" &
   pid=\$!
   for _ in \$(seq 100); do grep -q ready "$WORK/fed.out" 2>/dev/null && break; sleep 0.1; done

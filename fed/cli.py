@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import ipaddress
+import logging
 import os
 import re
 import ssl
 import sys
 from pathlib import Path
+
+from mailferry import __version__
+from mailferry.service import exposure, private_files
 
 from . import logs, procs, queuectl
 from .addresses import set_case_sensitive_local
@@ -94,6 +98,7 @@ def _token_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="fed", description="mailferry's SMTP routing hub")
+    p.add_argument("--version", action="version", version=f"fed (mailferry) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the SMTP hub and its control API")
     s.add_argument("--smtp", type=host_port, default=("127.0.0.1", 2525), metavar="HOST:PORT")
@@ -118,8 +123,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--case-sensitive-local", action="store_true",
                    help="compare local parts case-sensitively (domains never are)")
     s.add_argument("--relay-network", action="append", type=network_arg, metavar="CIDR",
-                   help="clients that may relay for the systems' own senders "
-                        f"(default: {' '.join(DEFAULT_RELAY_NETWORKS)}; 'none': nobody)")
+                   help="clients that may relay for the systems' own senders without "
+                        "SMTP AUTH (repeatable; default: none, not even loopback)")
     s.add_argument("--auth-file", type=Path,
                    help="SMTP AUTH credentials, user:scrypt-hash lines (fed auth-hash)")
     s.add_argument("--auth-max-failures", type=int, default=10,
@@ -130,8 +135,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-public", action="store_true",
                    help="serve GET /metrics without the token")
     s.add_argument("--log-format", choices=("text", "json"), default="text")
-    s.add_argument("--retry-base", type=float, default=1.0, help="first retry delay (s)")
-    s.add_argument("--retry-max", type=float, default=60.0, help="longest retry delay (s)")
+    s.add_argument("--retry-base", "--minimal-backoff", dest="retry_base", type=float,
+                   default=1.0, help="first retry delay (s), doubling per attempt, with "
+                                     "jitter (Postfix: minimal_backoff_time)")
+    s.add_argument("--retry-max", "--maximal-backoff", dest="retry_max", type=float,
+                   default=600.0, help="longest retry delay (s) "
+                                       "(Postfix: maximal_backoff_time)")
     s.add_argument("--workers", type=int, default=8,
                    help="connections per destination (system or smarthost)")
     s.add_argument("--smarthost", type=host_port, default=None, metavar="HOST:PORT",
@@ -153,8 +162,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
 
     q = sub.add_parser("queue", help="inspect and manage the queue (like postqueue/postsuper)")
-    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
-    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete")
+    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete",
+                                      "quarantine", "requeue"),
+                   help="quarantine: list the messages set aside as unreadable or corrupt; "
+                        "requeue ID: put one back into the queue (it must pass its checks)")
+    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete, requeue")
     q.add_argument("--control", type=host_port, default=("127.0.0.1", 8025),
                    metavar="HOST:PORT")
     _token_args(q)
@@ -180,6 +192,18 @@ def read_token(args: argparse.Namespace) -> str:
     return token
 
 
+def warn_exposed_token(args: argparse.Namespace) -> None:
+    """Warn, as ssh does of a key, when others can read the token file: the token opens the
+    whole control API. In fed's log for `serve` (JSON lines stay JSON), else on stderr."""
+    warning = exposure(args.token_file) if args.token_file is not None else None
+    if warning is None:
+        return
+    if args.command == "serve":
+        logging.getLogger("fed").warning("token file %s", warning)
+    else:
+        print(f"fed: warning: token file {warning}", file=sys.stderr)
+
+
 def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
     """The SMTP listener's settings; raises ValueError with a message for the admin."""
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -197,7 +221,7 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
                                           AuthThrottle(args.auth_max_failures))
         except CredentialsError as exc:
             raise ValueError(str(exc)) from exc
-    networks = parse_networks(args.relay_network or DEFAULT_RELAY_NETWORKS)
+    networks = parse_networks(args.relay_network or list(DEFAULT_RELAY_NETWORKS))
     return SmtpSettings(
         hostname=args.hostname, max_size=args.max_size, max_rcpts=args.max_rcpts,
         timeout=args.smtp_timeout, bare_newline=args.bare_newline,
@@ -210,6 +234,7 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fed` console script."""
     args = parser().parse_args(argv)
+    private_files()  # the spool, databases and logs: 0600/0700 whatever the umask
     if args.command == "auth-hash":
         password = getpass.getpass("password: ") if sys.stdin.isatty() \
             else sys.stdin.readline().rstrip("\n")
@@ -218,13 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(hash_password(password))
         return 0
+    if args.command == "serve":
+        logs.setup(args.log_format)  # before the first warning
     try:
         token = read_token(args)
     except OSError as exc:
         print(f"fed: cannot read the token: {exc}", file=sys.stderr)
         return 2
+    warn_exposed_token(args)
     if args.command == "queue":
-        if args.action not in ("list", "flush") and not args.queue_id:
+        if args.action not in ("list", "flush", "quarantine") and not args.queue_id:
             print(f"fed queue {args.action}: needs a QUEUE_ID", file=sys.stderr)
             return 2
         return queuectl.run(args, token)

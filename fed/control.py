@@ -43,7 +43,7 @@ from .directory import (
 )
 from .holds import HoldRefused, Holds
 from .queueadmin import QueueAdmin
-from .spool import Spool
+from .spool import QuarantineError, Spool
 
 log = logging.getLogger("fed.control")
 
@@ -134,6 +134,8 @@ class ControlAPI:
         r.add_post("/v1/queue/messages/{queue_id}/hold", self.queue_hold)
         r.add_post("/v1/queue/messages/{queue_id}/release", self.queue_release)
         r.add_post("/v1/queue/flush", self.queue_flush)
+        r.add_get("/v1/queue/quarantine", self.quarantine_list)
+        r.add_post("/v1/queue/quarantine/{queue_id}/requeue", self.quarantine_requeue)
         r.add_get("/v1/deliveries", self.deliveries)
         r.add_get("/metrics", self.metrics)
         return app
@@ -325,7 +327,7 @@ class ControlAPI:
         shunted = self.spool.store.query("SELECT COUNT(*) AS n FROM shunted")[0]["n"]
         return {"pending": counts.get(False, 0) + counts.get(True, 0),
                 "held": counts.get(True, 0), "retrying": self.deliverer.retrying(),
-                "shunted": int(shunted)}
+                "shunted": int(shunted), "parked": self.deliverer.parked()}
 
     async def queue(self, request: web.Request) -> web.Response:
         """Queue counters (pending includes held and retrying recipients)."""
@@ -396,6 +398,27 @@ class ControlAPI:
         log.info("queue flushed by an admin: %d recipients made due", due)
         self.deliverer.wake()
         return _json({"node": self.node, "flushed": due})
+
+    async def quarantine_list(self, request: web.Request) -> web.Response:
+        """Messages set aside in spool/quarantine, with the reason, oldest first."""
+        found = await asyncio.to_thread(self.spool.quarantined)
+        for info in found:
+            if isinstance(info.get("at"), int | float):
+                info["at"] = iso(float(str(info["at"])))
+            info["node"] = self.node
+        return _json({"node": self.node, "messages": found})
+
+    async def quarantine_requeue(self, request: web.Request) -> web.Response:
+        """Put a quarantined message back into the queue (it must pass its checks)."""
+        queue_id = self._queue_id(request)
+        if not (self.spool.quarantine_dir / f"{queue_id}.eml").exists():
+            return _json({"error": f"{queue_id} is not in quarantine"}, 404)
+        try:
+            queued = await self.spool.requeue(queue_id)
+        except QuarantineError as exc:
+            return _json({"error": str(exc)}, 409)
+        return _json({"queue_id": queue_id, "node": self.node, "requeued": True,
+                      "recipients": queued})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition."""

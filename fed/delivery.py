@@ -27,9 +27,14 @@ flight and is marked done without a second copy once the first has been delivere
 Outcome per recipient: 2xx -> done; 5xx -> a copy goes to the shunt folder for the admin
 and the sender gets a DSN (``bounce.py``), itself queued durably like any message; anything
 else (4xx, refused or broken connection, timeout, unknown system) -> retry after a back-off
-that doubles from ``retry_base`` up to ``retry_max``, until the message is older than
-``queue_lifetime``: then it fails like a 5xx (DSN status 4.4.7). Outcomes go to the store in
-batches (``Spool`` buffers them), so a delivery costs no fsync of its own.
+that doubles from ``retry_base`` up to ``retry_max``, with jitter (``backoff.py``), until the
+message is older than ``queue_lifetime``: then it fails like a 5xx (DSN status 4.4.7). A
+connection that breaks during LMTP's per-recipient replies keeps the replies already
+received (those recipients are done); only the rest get the error. A queue file that fails
+its checksum when read for delivery is never sent: it goes to quarantine (``spool.py``).
+Each recipient of a transaction gets exactly one outcome, even when recording one raises
+(``Job.settled``): a done recipient is never put back, nor counted off twice. Outcomes go
+to the store in batches (``Spool`` buffers them), so a delivery costs no fsync of its own.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ from typing import Any
 
 from . import metrics
 from .addresses import domain_of, is_valid, normalize, split_physical
+from .backoff import backoff
 from .bounce import Failure, build_dsn, should_bounce
 from .directory import Directory, System
 from .holds import Holds
+from .queuefile import BadQueueFile
 from .smtpclient import ClientError, Connection, Reply
 from .spool import PendingRecipient, Spool, new_queue_id
 from .store import Store
@@ -64,8 +71,8 @@ INLINE_READ = 1 << 20  # messages up to this size are read on the loop (cheaper 
 class DeliverySettings:
     """Tunables of the delivery queues."""
 
-    retry_base: float = 1.0
-    retry_max: float = 60.0
+    retry_base: float = 1.0  # like Postfix's minimal_backoff_time
+    retry_max: float = 600.0  # like Postfix's maximal_backoff_time
     concurrency: int = 8  # connections per destination
     timeout: float = 30.0
     helo_name: str = "fed.invalid"
@@ -95,6 +102,7 @@ class Job:
     primary: dict[str, PendingRecipient] = field(default_factory=dict)  # physical -> rcpt
     dups: dict[str, list[PendingRecipient]] = field(default_factory=dict)
     watched: list[list[str]] = field(default_factory=list)
+    settled: set[int] = field(default_factory=set)  # id() of recipients with an outcome
 
 
 @dataclass
@@ -167,6 +175,11 @@ class Deliverer:
         self._hints.clear()
         self._recheck = True
         self._event.set()
+
+    def parked(self) -> int:
+        """Recipients the scheduler has parked (held address, admin hold, stale view): the
+        decision not to deliver them, taken (tests wait for it instead of sleeping)."""
+        return len(self._parked)
 
     def retrying(self) -> int:
         """Pending recipients that have failed at least once."""
@@ -252,7 +265,8 @@ class Deliverer:
             self._delivered.pop(queue_id, None)
             self._dup_wait.pop(queue_id, None)
             self.spool.uncache(queue_id)
-        log.info("dropped deleted messages from delivery: %s", ", ".join(sorted(queue_ids)))
+        log.info("dropped deleted or quarantined messages from delivery: %s",
+                 ", ".join(sorted(queue_ids)))
 
     async def stop(self, grace: float) -> None:
         """Stop scheduling and let in-flight deliveries record their outcome."""
@@ -393,6 +407,10 @@ class Deliverer:
         try:
             try:
                 data = await self._read(job.item)
+            except BadQueueFile as exc:  # never relay what is not what was acknowledged
+                await self.spool.quarantine(job.item.queue_id, exc.reason)
+                self._drop({job.item.queue_id})
+                return conn
             except OSError as exc:
                 log.error("%s: cannot read the spool file: %s", job.item.queue_id, exc,
                           extra={"queue_id": job.item.queue_id})
@@ -403,8 +421,11 @@ class Deliverer:
         except Exception:
             log.exception("delivery of %s failed unexpectedly", job.item.queue_id,
                           extra={"queue_id": job.item.queue_id})
+            # Only the recipients without an outcome yet: a done one put back would be
+            # delivered again and counted off twice (forget() too early: a loss).
             for item in [*job.primary.values(), *(d for ds in job.dups.values() for d in ds)]:
-                self._defer(item, None, None, Reply(0, "internal error, see fed log"), [])
+                if id(item) not in job.settled:
+                    self._defer(item, None, None, Reply(0, "internal error, see fed log"), [])
         finally:
             for physical in physicals:
                 self._inflight[(job.item.queue_id, physical)] -= 1
@@ -462,23 +483,33 @@ class Deliverer:
             reply = replies.get(physical, Reply(0, "no reply"))
             dups = job.dups.get(physical, [])
             if reply.ok:
-                self._delivered.setdefault(item.queue_id, set()).add(physical)
-                self.spool.mark_done(item.queue_id, item.rcpt)
-                self.spool.log_delivery(item.queue_id, item.rcpt, physical, system,
-                                        item.message_id, "delivered", str(reply))
-                metrics.count_delivery("delivered", system, item.queue_id, item.received_at)
-                log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply,
-                         extra={"queue_id": item.queue_id})
-                self._finish(item)
+                # Delivered, whatever happens while recording it: settled first, and
+                # counted off exactly once (finally).
+                job.settled.add(id(item))
+                try:
+                    self._delivered.setdefault(item.queue_id, set()).add(physical)
+                    self.spool.mark_done(item.queue_id, item.rcpt)
+                    self.spool.log_delivery(item.queue_id, item.rcpt, physical, system,
+                                            item.message_id, "delivered", str(reply))
+                    metrics.count_delivery("delivered", system, item.queue_id,
+                                           item.received_at)
+                    log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply,
+                             extra={"queue_id": item.queue_id})
+                finally:
+                    self._finish(item)
                 for dup in dups:
+                    job.settled.add(id(dup))
                     self._duplicate(dup, physical, first=item.rcpt)
             elif reply.permanent:
                 failures += [(it, physical, reply, False) for it in [item, *dups]]
             else:
                 for it in [item, *dups]:
+                    expired = len(failures)
                     self._defer(it, physical, system, reply, failures)
+                    if len(failures) == expired:  # else _fail settles it
+                        job.settled.add(id(it))
         if failures:
-            await self._fail(failures, system)
+            await self._fail(failures, system, job.settled)
 
     def _duplicate(self, item: PendingRecipient, physical: str, first: str = "") -> None:
         """Another recipient of this message already brought it to `physical`."""
@@ -502,14 +533,13 @@ class Deliverer:
     def _defer(self, item: PendingRecipient, physical: str | None, system: str | None,
                reply: Reply, failures: list[tuple[PendingRecipient, str | None, Reply, bool]]
                ) -> None:
-        """Schedule the next attempt with doubling back-off, or give up after the lifetime."""
+        """Schedule the next attempt (back-off with jitter), or give up after the lifetime."""
         detail = str(reply)
         if time.time() - item.received_at >= self.settings.queue_lifetime:
             failures.append((item, physical, reply, True))
             return
         item.attempts += 1
-        delay = min(self.settings.retry_max,
-                    self.settings.retry_base * 2.0 ** (item.attempts - 1))
+        delay = backoff(item.attempts, self.settings.retry_base, self.settings.retry_max)
         item.next_try = time.time() + delay
         item.last_error = detail
         self.spool.mark_retry(item.queue_id, item.rcpt, item.attempts, item.next_try, detail)
@@ -534,7 +564,7 @@ class Deliverer:
             await self._fail(failures, None)
 
     async def _fail(self, failures: list[tuple[PendingRecipient, str | None, Reply, bool]],
-                    system: str | None) -> None:
+                    system: str | None, settled: set[int] | None = None) -> None:
         """Shunt a copy for the admin, queue one DSN per message, then record the failure."""
         by_message: dict[str, list[tuple[PendingRecipient, str | None, Reply, bool]]] = {}
         for failure in failures:
@@ -550,6 +580,8 @@ class Deliverer:
                 log.exception("%s: cannot shunt or bounce; will retry", queue_id,
                               extra={"queue_id": queue_id})
                 for it, physical, _, _ in group:
+                    if settled is not None:
+                        settled.add(id(it))
                     self._defer(it, physical, system, Reply(0, f"cannot bounce: {exc}"), [])
                 continue
             note = f"; bounced to <{first.mail_from}>" if bounced else "; no bounce"
@@ -561,6 +593,8 @@ class Deliverer:
                 metrics.count_delivery("shunted", system, queue_id)
                 log.warning("%s <%s> -> %s failed, shunted to %s%s: %s", queue_id, it.rcpt,
                             physical, path.name, note, why, extra={"queue_id": queue_id})
+                if settled is not None:
+                    settled.add(id(it))
                 self._finish(it)
 
     async def _bounce(self, first: PendingRecipient,

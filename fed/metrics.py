@@ -52,6 +52,9 @@ DEFERRED = Counter("fed_deferred", "Delivery attempts that failed temporarily (r
                    ["destination"], registry=REGISTRY)
 BOUNCED = Counter("fed_bounced", "Recipients refused for good (5xx: shunted or bounced)",
                   ["destination"], registry=REGISTRY)
+QUARANTINED = Counter("fed_quarantined", "Queue files set aside in spool/quarantine (unreadable "
+                      "or corrupt), by where it was found (start-up, delivery)", ["where"],
+                      registry=REGISTRY)
 LATENCY = Histogram(
     "fed_delivery_latency_seconds", "From acceptance to successful delivery, per recipient",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
@@ -93,6 +96,11 @@ def count_delivery(result: str, destination: str | None, queue_id: str,
         BOUNCED.labels(destination=dest).inc()
 
 
+def count_quarantined(where: str) -> None:
+    """A queue file went to quarantine (``spool.py``)."""
+    QUARANTINED.labels(where=where).inc()
+
+
 @dataclass
 class QueueState:
     """What the state gauges show, as read from the store."""
@@ -105,6 +113,7 @@ class QueueState:
     admin_held_messages: int = 0
     oldest_admin_hold: float | None = None
     connections: int = 0
+    quarantined: int = 0  # messages in spool/quarantine
 
 
 class StateCollector(Collector):
@@ -142,6 +151,9 @@ class StateCollector(Collector):
             else max(0.0, now - state.oldest_admin_hold))
         yield GaugeMetricFamily("fed_smtp_connections", "Open SMTP connections",
                                 value=state.connections)
+        yield GaugeMetricFamily("fed_quarantine_messages",
+                                "Messages in quarantine, waiting for an admin "
+                                "(fed queue quarantine)", value=state.quarantined)
 
 
 _state: StateCollector | None = None

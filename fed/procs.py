@@ -40,7 +40,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailferry.service import notify_ready
+
 from .app import READY
+from .backoff import backoff
 
 log = logging.getLogger("fed.procs")
 
@@ -159,6 +162,7 @@ def supervise(argv: list[str], count: int, smtp: tuple[str, int], control: tuple
         host, port = smtp_socks[0].getsockname()[:2]
         chost, cport = control_socks[0].getsockname()[:2]
         print(f"{READY} smtp={host}:{port} control={chost}:{cport}", flush=True)
+        notify_ready(f"{count} nodes serving smtp {host}:{port}")
         log.info("%d nodes ready, control ports %s", count,
                  " ".join(str(s.getsockname()[1]) for s in control_socks))
         _watch_children(children, stop)
@@ -213,7 +217,7 @@ def _watch_children(children: list[Child], stop: threading.Event) -> None:
             if rc is None:
                 continue
             lived = now - child.started_at
-            delay = 0.0 if lived > 10.0 else min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+            delay = 0.0 if lived > 10.0 else backoff(child.restarts + 1, 0.5, 30.0)
             log.error("node %d (pid %d) exited with %d after %.1f s; restart in %.1f s",
                       child.k, child.proc.pid, rc, lived, delay)
             due[child.k] = now + delay

@@ -141,7 +141,8 @@ class Connection:
         return (await self._reply_lines())[0]
 
     async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> dict[str, Reply]:
-        """One transaction; each recipient's final reply. ClientError if the link broke."""
+        """One transaction; each recipient's final reply. ClientError if the link broke
+        before any recipient's final reply was read."""
         mail_from = mail_from.removeprefix("<").removesuffix(">")  # aiosmtpd keeps <> as is
         options = ""
         if "8BITMIME" in self.extensions and not data.isascii():
@@ -191,8 +192,15 @@ class Connection:
             await self._reply()
             return final
         if self.lmtp:
-            for rcpt in accepted:  # RFC 2033: one reply per accepted recipient, in order
-                final[rcpt] = await self._reply()
+            for n, rcpt in enumerate(accepted):  # RFC 2033: one reply each, in order
+                try:
+                    final[rcpt] = await self._reply()
+                except ClientError as exc:
+                    # The replies already read stand (those mailboxes have the message:
+                    # a retry would deliver it twice); only the rest get the error.
+                    for rest in accepted[n:]:
+                        final[rest] = exc.reply
+                    return final
         else:
             reply = await self._reply()
             for rcpt in accepted:

@@ -120,6 +120,7 @@ class QueueCounts:
     held: int
     retrying: int
     shunted: int
+    parked: int = 0  # recipients fed decided not to deliver for now (held, fenced)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def test_hold_flip_release_delivers_to_the_new_mailbox_only(
     assert fed.client.hold([AD1]).held == [AD1]  # idempotent
     for n, rcpt in enumerate([AD1, ALIAS, AD1]):
         assert send(fed.smtp_port, [rcpt], message("held", f"h{n}@t"))[0] == 250
-    time.sleep(0.8)
+    # The scheduler's decision, observed: all three parked (a delivery would come first).
+    wait_for(lambda: fed.client.queue().parked == 3, what="three recipients parked")
     assert s1.received == [] and s2.received == []
     assert fed.client.holds()[AD1].waiting == 2
     assert fed.client.queue().held == 3
@@ -71,7 +72,7 @@ def test_hold_waits_for_the_delivery_in_flight(
     assert s1.ids() == ["<slow@t>"]
     s1.delay = 0
     assert send(fed.smtp_port, [AD1], message("after", "after@t"))[0] == 250
-    time.sleep(0.6)
+    wait_for(lambda: fed.client.queue().parked == 1, what="the new message parked")
     assert s1.ids() == ["<slow@t>"]
 
 
@@ -170,7 +171,7 @@ def test_holds_survive_a_restart(
     fed.start()
     holds = fed.client.holds()
     assert list(holds) == [AD1] and holds[AD1].waiting == 1
-    time.sleep(0.5)
+    wait_for(lambda: fed.client.queue().parked == 1, what="the reloaded message parked")
     assert s1.received == []
     fed.client.release([AD1])
     wait_for(lambda: s1.ids() == ["<k@t>"], what="delivery after release")
@@ -183,12 +184,15 @@ def test_address_and_alias_in_one_message_reach_the_mailbox_once(
     fed.client.put_entry(other, s1.physical("colleague"))
     assert send(fed.smtp_port, [AD1, ALIAS, other], message("both", "both@t"))[0] == 250
     wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
-    time.sleep(0.3)  # a second copy, if any, would arrive now
-    rcpts = sorted(r for m in s1.received for r in m.rcpts)
-    assert rcpts == [s1.physical("colleague"), s1.physical("jean")]
-    log = fed.client.deliveries()
+    # Every recipient has its outcome, and an outcome is recorded only after the system's
+    # reply: any copy fed sent has arrived by now (none can still be on its way).
+    log = wait_for(lambda: (rows := fed.client.deliveries()) and len(
+        [d for d in rows if d.queue_id == rows[0].queue_id]) == 3 and rows,
+        what="three outcomes logged")
     assert sorted(d.result for d in log if d.queue_id == log[0].queue_id) == [
         "delivered", "delivered", "duplicate"]
+    rcpts = sorted(r for m in s1.received for r in m.rcpts)
+    assert rcpts == [s1.physical("colleague"), s1.physical("jean")]
 
 
 def test_kill_9_under_concurrent_load_loses_no_acknowledged_message(

@@ -16,7 +16,6 @@ import signal
 import smtplib
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -359,7 +358,8 @@ def test_without_its_database_a_node_accepts_mail_and_delivers_only_once_it_is_b
         pg.process.wait(30)
         wait_for(lambda: "view older than the lease" in a.log(), timeout=30, what="fencing")
         assert send(a.smtp_port, [AD1], message("during", "during@t"))[0] == 250
-        time.sleep(0.5)  # a delivery, were it allowed, would take milliseconds
+        # The decision, observed: the fenced node parked it (else it would be delivered).
+        wait_for(lambda: a.client.queue().parked == 1, what="the message parked")
         assert s1.ids() == ["<before@t>"]
         restart_postgres(pg)
         wait_for(lambda: s1.ids() == ["<before@t>", "<during@t>"], timeout=30,

@@ -33,7 +33,8 @@ def systems() -> Iterator[tuple[FakeSystem, FakeSystem, FakeSystem]]:
 def start_fed(tmp_path: Path, systems: Sequence[FakeSystem], *extra: str) -> Fed:
     s1, s2, relay = systems
     fed = Fed(tmp_path / "fed", [s1, s2],
-              extra=["--smarthost", f"127.0.0.1:{relay.port}", *extra]).start()
+              extra=["--smarthost", f"127.0.0.1:{relay.port}",
+                     "--relay-network", "127.0.0.1/32", *extra]).start()
     fed.client.put_entry(AD1, s1.physical("jean"))
     fed.client.put_entry(BOSS, s2.physical("boss"))
     return fed

@@ -39,6 +39,7 @@ from __future__ import annotations
 import difflib
 import gc
 import hashlib
+import ipaddress
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -54,7 +55,7 @@ from croniter import croniter
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-import reconciler
+from mailferry.resources import schema_dir
 
 from ..errors import SpecError
 from .durations import parse_duration
@@ -81,7 +82,7 @@ from .model import (
 from .yamlpos import JsonPath, YamlDocument, parse_documents
 
 API_VERSION = "mailferry/v1"
-SCHEMA_DIR = Path(reconciler.__file__).resolve().parents[1] / "schemas"
+SCHEMA_DIR = schema_dir()  # the package data: the same files as the source tree's schemas/
 KINDS: dict[str, str] = {  # kind -> schema file stem
     "MailSystem": "mailsystem",
     "FedHub": "fedhub",
@@ -94,7 +95,7 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 
 @lru_cache(maxsize=1)
 def load_schemas() -> dict[str, dict[str, Any]]:
-    """kind -> JSON Schema, read from the repository's `schemas/` folder."""
+    """kind -> JSON Schema, read from the package data (the source tree's `schemas/`)."""
     schemas: dict[str, dict[str, Any]] = {}
     for kind, stem in KINDS.items():
         path = SCHEMA_DIR / f"{stem}.schema.json"
@@ -411,6 +412,12 @@ class _Loader:
         """A FedHub document -> FedSpec."""
         spec = doc.spec
         token = spec["token"]
+        networks: list[str] = []
+        for i, raw in enumerate(spec.get("relayNetworks", [])):
+            try:
+                networks.append(str(ipaddress.ip_network(str(raw), strict=False)))
+            except ValueError as exc:
+                self.fail(doc, ("spec", "relayNetworks", i), f"not a network: {exc}")
         fed = FedSpec(
             name=cast(str, doc.name),
             smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
@@ -419,6 +426,7 @@ class _Loader:
             state_dir=self.path_value(spec["stateDir"]),
             domains=tuple(d.lower() for d in spec["domains"]),
             location=doc.location(),
+            relay_networks=tuple(networks),
         )
         if doc.valid:
             self.feds.append(fed)

@@ -141,6 +141,7 @@ class FedSpec:
     state_dir: str  # absolute
     domains: tuple[str, ...]
     location: SourceLocation
+    relay_networks: tuple[str, ...] = ()  # CIDRs that may relay without AUTH (fed serve)
 
 
 @dataclass(frozen=True)
