@@ -1,7 +1,7 @@
 """Whole migrations between Cyrus IMAP and Postfix + Dovecot, with mail flowing through fed.
 
 The world: fed and the embedded systems as processes (`tests/world.py`), a private Postfix
-+ Dovecot `pf1` (`tests/pfdovecot.py`) and a private Cyrus `cy` (`tests/cyrus.py`) run
++ Dovecot `pf1` and `pf2` (`tests/pfdovecot.py`) and a private Cyrus `cy` (`tests/cyrus.py`) run
 through the generic IMAP driver with the Cyrus admin (authorization-id logins) and fed
 delivering to Cyrus's lmtpd. Cyrus keeps its default `munge8bit: yes`, so the policy that
 moves mail into it accepts that rewrite (`acceptStoreRewrites`), and the copy is proven
@@ -45,7 +45,7 @@ EIGHT_BIT = "From: J\u00fcrgen M\u00fcller <jm@example.org>"
 
 
 class CyrusWorld(World):
-    """fed + embedded systems + Postfix/Dovecot pf1 + Cyrus cy."""
+    """fed + embedded systems + Postfix/Dovecot pf1 and pf2 + Cyrus cy."""
 
     def __init__(self, root: Path) -> None:
         why = missing_prerequisites() or cyrus.available()
@@ -57,6 +57,10 @@ class CyrusWorld(World):
         docs = base_documents(root)
         fed_port = int(docs[2]["spec"]["smtp"].rsplit(":", 1)[1])
         self.pf1 = MailHost("pf1", make_root("mailferry-cypf1-"), fed_port)
+        # a second Postfix + Dovecot as the Cyrus -> Dovecot target: fed keeps its SMTP
+        # connection to a Postfix open, and that smtpd answers from the virtual mailbox
+        # table it opened with (550 5.1.1 for a mailbox created since): reported, not ours
+        self.pf2 = MailHost("pf2", make_root("mailferry-cypf2-"), fed_port)
         self.cyrus_root = cyrus.private_root()
         self.cy = cyrus.Cyrus(self.cyrus_root, "cy",
                               {mailbox_id_for(f"{u}@corp.example"): f"pw-{u}" for u in USERS},
@@ -70,12 +74,14 @@ class CyrusWorld(World):
                                      "password": {"file": str(secret)}},
                       "loginFormat": "{local}={domain}", "stateDir": str(root / "cy"),
                       "lmtp": f"127.0.0.1:{self.cy.lmtp_port}"}}}
-        self.base = [docs[0], self.pf1.spec_document(), cy_doc, docs[2], docs[3]]
+        self.base = [docs[0], self.pf1.spec_document(), self.pf2.spec_document(), cy_doc,
+                     docs[2], docs[3]]
         self.base_dir = root / "base-specs"
         self.write(self.base_dir, [])
         self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
         try:
             self.pf1.start()
+            self.pf2.start()
             self.cy.start()
         except BaseException:
             self.stop()
@@ -84,8 +90,10 @@ class CyrusWorld(World):
     def stop(self) -> None:
         self.cy.stop()
         self.pf1.stop()
+        self.pf2.stop()
         self.embedded.stop()
         shutil.rmtree(self.pf1.root, ignore_errors=True)
+        shutil.rmtree(self.pf2.root, ignore_errors=True)
         shutil.rmtree(self.cyrus_root, ignore_errors=True)
 
 
@@ -226,11 +234,17 @@ def test_dovecot_to_cyrus_with_mail_flowing_through_fed(
 def test_cyrus_to_dovecot_with_mail_flowing_through_fed(
         world: CyrusWorld, tmp_path: Path) -> None:
     pol = policy("p", diary=False)
-    engine, expected = migrate(world, tmp_path, "bob", "cy", "pf1", pol)
+    engine, expected = migrate(world, tmp_path, "bob", "cy", "pf2", pol)
     box = mailbox_id_for("bob@corp.example")
-    wait_for(lambda: sum(world.pf1.message_ids(box).values()) >= len(expected),
-             what="every message in BOX2 on pf1")
-    found = world.pf1.message_ids(box)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sum(world.pf2.message_ids(box).values()) < len(
+            expected):
+        time.sleep(0.1)
+    found = world.pf2.message_ids(box)
+    missing = [mid for mid in expected if not found[mid]]
+    in_cyrus = ids_in(engine, "cy", box)
+    assert not missing, (f"missing in BOX2: {missing}; in BOX1 on Cyrus: "
+                         f"{[m for m in missing if in_cyrus[m]]}; fed: {engine.fed.queue()}")
     assert {mid: found[mid] for mid in expected} == dict.fromkeys(expected, 1)
     assert sum(found.values()) == len(expected)
     # the generic IMAP driver deletes nothing on a server it does not administer
