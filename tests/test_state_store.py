@@ -61,6 +61,6 @@ def test_a_store_at_head_opens_without_alembic_an_older_one_is_upgraded(
     code = code.replace(url, older)
     assert open_in_new_process() == "True"
     with create_engine(older).connect() as connection:
-        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0004"
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0005"
         columns = [r[1] for r in connection.execute(text("PRAGMA table_info(transfer_manifest)"))]
     assert "dst_uid" in columns

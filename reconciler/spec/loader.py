@@ -386,15 +386,17 @@ class _Loader:
             if login == "per-user" and "passwords" not in box:
                 self.fail(doc, (*here, "passwords"), "required field missing (login: per-user)")
             smtp = self.endpoint(doc, (*here, "smtp"), box["smtp"]) if "smtp" in box else None
+            lmtp = self.endpoint(doc, (*here, "lmtp"), box["lmtp"]) if "lmtp" in box else None
             imap = ImapOptions(
                 server=self.endpoint(doc, (*here, "server"), box["server"]),
                 state_dir=self.path_value(box["stateDir"]), tls=str(box.get("tls", "implicit")),
                 cafile=self.path_value(box["caFile"]) if "caFile" in box else None,
                 login=login, master=self.master_user(box.get("masterUser")),
                 passwords=self.secret(box["passwords"]) if "passwords" in box else None,
-                login_format=str(box.get("loginFormat", "{address}")), smtp=smtp,
+                login_format=str(box.get("loginFormat", "{address}")), smtp=smtp, lmtp=lmtp,
             )
-            system = replace(common, root=imap.state_dir, submission=smtp, imap=imap)
+            system = replace(common, root=imap.state_dir, submission=smtp, lmtp=lmtp,
+                             imap=imap)
         else:
             box = spec["maildir"]
             system = replace(
@@ -538,6 +540,8 @@ class _Loader:
             throttle_bytes_per_second=float(spec.get("throttle", {}).get("bytesPerSecond", 0)),
             prestage_copy=bool(spec.get("prestageCopy", base.prestage_copy)),
             verify=str(spec.get("verify", base.verify)),
+            accept_store_rewrites=tuple((str(r["system"]), str(r["rewrite"]))
+                                        for r in spec.get("acceptStoreRewrites", [])),
             location=doc.location(),
         )
         if doc.valid:
