@@ -596,7 +596,8 @@ class _Loader:
 
     def check_placements(self) -> None:
         """References, addresses claimed twice, and domains served by the target system."""
-        claimed: dict[str, str] = {}  # address -> "FILE:LINE (field of placement)"
+        # address -> where it was first claimed; its text is made only for a problem.
+        claimed: dict[str, tuple[_Doc, JsonPath]] = {}
         for doc in self.docs:
             if doc.kind != "MailboxPlacement" or not doc.valid:
                 continue
@@ -610,16 +611,16 @@ class _Loader:
                     (("spec", "mailboxes", i, "address"), box.address)
                 ] + [(("spec", "mailboxes", i, "aliases", j), a) for j, a in enumerate(box.aliases)]
                 for path, address in claims:
-                    here = doc.at(*path)
-                    if address in claimed:
-                        self.report(doc.display, doc.order, here.line, path,
+                    first = claimed.setdefault(address, (doc, path))
+                    if first[1] is not path:
+                        other, other_path = first
+                        self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
                                     f"address {address!r} is claimed twice: also at "
-                                    f"{claimed[address]}")
-                    else:
-                        claimed[address] = f"{here} ({dotted(path)} of placement {doc.name})"
+                                    f"{other.at(*other_path)} ({dotted(other_path)} of "
+                                    f"placement {other.name})")
                     domain = address.rpartition("@")[2]
                     if system is not None and domain not in system.domains:
-                        self.report(doc.display, doc.order, here.line, path,
+                        self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
                                     f"domain {domain!r} is not served by MailSystem "
                                     f"{system.name!r} (domains: {', '.join(system.domains)})")
 
