@@ -42,6 +42,7 @@ import collections
 import email.parser
 import email.policy
 import email.utils
+import inspect
 import logging
 import re
 import ssl
@@ -308,6 +309,12 @@ class FedHandler:
                 f"with {proto} id {queue_id}{rcpt}; {date}\r\n").encode("utf-8", "replace")
 
 
+# aiosmtpd inspects the handler's EHLO hook in every session's __init__ to tell its old
+# 4-argument form from the 5-argument one; a signature computed once answers it at once.
+FedHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    FedHandler.handle_EHLO)
+
+
 def _ip(session: Session) -> str:
     ip = client_ip(session.peer)
     return str(ip) if ip is not None else "unknown"
@@ -356,6 +363,8 @@ class FedSMTP(LeanSMTP):
             authenticator=settings.authenticator,
             auth_exclude_mechanism=None if settings.authenticator else ["LOGIN", "PLAIN"],
             command_call_limit={**_CALL_LIMITS, "*": _CALL_LIMIT_DEFAULT},
+            # The running loop, given: aiosmtpd would look it up under catch_warnings.
+            loop=asyncio.get_running_loop(),
         )
         # aiosmtpd keeps these on the class and grows them on every EHLO: keep ours private.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
