@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything mailferry needs on a fresh Debian machine, then run one thing:
 #   ./bootstrap.sh demo    install, then `reconcile demo` (20 mailboxes moved with mail flowing)
-#   ./bootstrap.sh test    install, then the whole test suite (ruff, mypy, pytest)
+#   ./bootstrap.sh test    install, then the whole test suite (ruff, mypy, the wheel as users
+#                          install it: .ci/wheel-smoke.sh, pytest)
 # Idempotent: a second run only re-checks. Needs root (or sudo) only for missing Debian packages.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -66,4 +67,5 @@ if [ "$what" = demo ]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
+.ci/wheel-smoke.sh .venv/bin/python
 exec .venv/bin/pytest -q

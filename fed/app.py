@@ -38,6 +38,8 @@ from pathlib import Path
 from aiohttp import web
 from aiosmtpd.smtp import SMTP
 
+from mailferry.service import notify_ready
+
 from . import logs, metrics
 from .control import ControlAPI
 from .delivery import Deliverer, DeliverySettings
@@ -160,6 +162,8 @@ async def serve(config: FedConfig) -> None:
              shared.engine.url.render_as_string())
     print(f"{READY} smtp={smtp_addr[0]}:{smtp_addr[1]} "
           f"control={control_addr[0]}:{control_addr[1]}", flush=True)
+    if config.smtp_fd is None:  # a node of --processes: its parent tells systemd
+        notify_ready(f"serving smtp {smtp_addr[0]}:{smtp_addr[1]}")
     log.info("serving domains %s", ", ".join(config.domains))
 
     await stop.wait()

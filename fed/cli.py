@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import ipaddress
+import logging
 import os
 import re
 import ssl
 import sys
 from pathlib import Path
+
+from mailferry import __version__
+from mailferry.service import exposure, private_files
 
 from . import logs, procs, queuectl
 from .addresses import set_case_sensitive_local
@@ -94,6 +98,7 @@ def _token_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="fed", description="mailferry's SMTP routing hub")
+    p.add_argument("--version", action="version", version=f"fed (mailferry) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the SMTP hub and its control API")
     s.add_argument("--smtp", type=host_port, default=("127.0.0.1", 2525), metavar="HOST:PORT")
@@ -180,6 +185,18 @@ def read_token(args: argparse.Namespace) -> str:
     return token
 
 
+def warn_exposed_token(args: argparse.Namespace) -> None:
+    """Warn, as ssh does of a key, when others can read the token file: the token opens the
+    whole control API. In fed's log for `serve` (JSON lines stay JSON), else on stderr."""
+    warning = exposure(args.token_file) if args.token_file is not None else None
+    if warning is None:
+        return
+    if args.command == "serve":
+        logging.getLogger("fed").warning("token file %s", warning)
+    else:
+        print(f"fed: warning: token file {warning}", file=sys.stderr)
+
+
 def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
     """The SMTP listener's settings; raises ValueError with a message for the admin."""
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -210,6 +227,7 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fed` console script."""
     args = parser().parse_args(argv)
+    private_files()  # the spool, databases and logs: 0600/0700 whatever the umask
     if args.command == "auth-hash":
         password = getpass.getpass("password: ") if sys.stdin.isatty() \
             else sys.stdin.readline().rstrip("\n")
@@ -218,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(hash_password(password))
         return 0
+    if args.command == "serve":
+        logs.setup(args.log_format)  # before the first warning
     try:
         token = read_token(args)
     except OSError as exc:
         print(f"fed: cannot read the token: {exc}", file=sys.stderr)
         return 2
+    warn_exposed_token(args)
     if args.command == "queue":
         if args.action not in ("list", "flush") and not args.queue_id:
             print(f"fed queue {args.action}: needs a QUEUE_ID", file=sys.stderr)

@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailferry.service import notify_ready
+
 from .app import READY
 
 log = logging.getLogger("fed.procs")
@@ -159,6 +161,7 @@ def supervise(argv: list[str], count: int, smtp: tuple[str, int], control: tuple
         host, port = smtp_socks[0].getsockname()[:2]
         chost, cport = control_socks[0].getsockname()[:2]
         print(f"{READY} smtp={host}:{port} control={chost}:{cport}", flush=True)
+        notify_ready(f"{count} nodes serving smtp {host}:{port}")
         log.info("%d nodes ready, control ports %s", count,
                  " ".join(str(s.getsockname()[1]) for s in control_socks))
         _watch_children(children, stop)

@@ -13,10 +13,14 @@ import asyncio
 import logging
 
 from maildir_system.server import parse_endpoint, serve
+from mailferry import __version__
+from mailferry.service import private_files
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maildir-system", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version",
+                        version=f"maildir-system (mailferry) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("serve", help="run the LMTP and submission listeners")
     run.add_argument("--name", required=True, help="system name (physical domain NAME.invalid)")
@@ -33,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `maildir-system` console script."""
     args = _parser().parse_args(argv)
+    private_files()  # the Maildirs, accounts.db and journal are the users' mail
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "serve":

@@ -1,1 +1,1 @@
-"""mailferry's reconciler: specs in, patent steps out (see ../DESIGN in the README)."""
+"""mailferry's reconciler: specs in, patent steps out (docs/design.md)."""

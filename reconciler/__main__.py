@@ -2,4 +2,4 @@
 
 from reconciler.cli import main
 
-main()
+main(prog_name="reconcile")  # the same usage lines and completion variable

@@ -8,6 +8,8 @@
     reconcile suspend PLACEMENT | resume PLACEMENT | retry ADDRESS
     reconcile events ADDRESS                             the event history of one address
     reconcile serve | demo | station enrol NAME --address ADDR
+    reconcile init DIR [--systemd] [--force]             a new specs repository
+    reconcile completion bash|zsh|fish                   shell completion script
 
 Every option is common (`--specs DIR`, `--state URL`); `docs/gitops.md` describes the
 saved plans, the lease, the JSON Lines format, the guard rails and the watch loop.
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import click
 
+from mailferry import __version__
+from mailferry.service import notify_ready, private_files
 from reconciler.errors import MailferryError, SpecError
 from reconciler.run import Applier, Output, dirty_refusal
 from reconciler.spec.model import SpecSet
@@ -54,17 +58,29 @@ def _parse_at(value: str | None) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def build_engine(specs: SpecSet, state: str | None):  # type: ignore[no-untyped-def]
-    """The engine for a spec set: state store, fed client, drivers."""
+def build_engine(specs: SpecSet, state: str | None, *,  # type: ignore[no-untyped-def]
+                 read_only: bool = False):
+    """The engine for a spec set: state store, fed client, drivers.
+
+    `read_only` (plan, status): a fed token that is not set is no error, the engine plans
+    from the state store and says what it could not read (`Engine.fed_unavailable`)."""
     from reconciler.drivers.registry import make_drivers
     from reconciler.engine import Engine
     from reconciler.fedclient import FedClient
     from reconciler.secrets import resolve
     from reconciler.state.store import open_store
 
-    token = resolve(specs.fed.token, what=f"fed {specs.fed.name} token")
+    unavailable = None
+    try:
+        token = resolve(specs.fed.token, what=f"the token of FedHub {specs.fed.name}")
+    except MailferryError as exc:
+        if not read_only:
+            raise
+        token, unavailable = "", str(exc)
     fed = FedClient(specs.fed.control_url, token)
-    return Engine(specs, open_store(_state_url(state)), fed, make_drivers(specs))
+    engine = Engine(specs, open_store(_state_url(state)), fed, make_drivers(specs))
+    engine.fed_unavailable = unavailable
+    return engine
 
 
 def _fail(message: str) -> None:
@@ -85,6 +101,8 @@ def _load_or_exit(specs_dir: str) -> SpecSet:
 
 
 @click.group(invoke_without_command=True)
+@click.version_option(__version__, "--version", prog_name="reconcile (mailferry)",
+                      message="%(prog)s %(version)s")
 @click.option("--specs", "specs_dir", default="specs", show_default=True,
               help="Folder of YAML specs.")
 @click.option("--state", default=None, envvar="MAILFERRY_STATE",
@@ -119,6 +137,10 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
     """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
     ctx.ensure_object(dict)
     ctx.obj.update(specs=specs_dir, state=state)
+    if ctx.invoked_subcommand not in ("init", "completion"):
+        # The state store, reports, the embedded systems' mail and logs: owner only. (`init`
+        # writes a repository a team shares, with the user's own umask.)
+        private_files()
     if ctx.invoked_subcommand is not None:
         return
     do_apply = apply_file is not None
@@ -128,7 +150,7 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
     specs = _load_or_exit(specs_dir)
     try:
         if do_plan:
-            engine = build_engine(specs, state)
+            engine = build_engine(specs, state, read_only=True)
             sys.exit(_plan(engine, specs, as_json=as_json, at=_parse_at(at), verbose=verbose,
                            out_file=out_file))
         refusal = dirty_refusal(specs, allow_dirty)
@@ -153,9 +175,10 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
 def _plan(engine, specs: SpecSet, *, as_json: bool, at: datetime | None,  # type: ignore[no-untyped-def]
           verbose: bool, out_file: str | None) -> int:
     from reconciler.output import plan_jsonl, print_plan
+    from reconciler.spec.gitinfo import describe
     from reconciler.spec.loader import paused_gc
 
-    observed = engine.observe()
+    observed = engine.observe(best_effort=True)  # a dry run: what fed says, if reachable
     plan = engine.plan(at, observed=observed, estimates=True)
     if as_json:
         with paused_gc():
@@ -163,11 +186,15 @@ def _plan(engine, specs: SpecSet, *, as_json: bool, at: datetime | None,  # type
                                digest=specs.digest)
         click.echo("\n".join(lines))
     else:
-        commit = specs.commit[:10] if specs.commit else "not in git"
+        commit = describe(specs.root, specs.commit)
         dirty = " (uncommitted changes)" if specs.dirty else ""
         header = (f"mailferry plan: specs {specs.root} @ {commit}{dirty}, "
                   f"at {plan.at:%Y-%m-%dT%H:%M:%SZ}\n")
         print_plan(plan, click.echo, color=sys.stdout.isatty(), verbose=verbose, header=header)
+        for note in observed.unreached:  # stderr: stdout's last line stays the summary
+            click.echo(f"note: {note}", err=True)
+    if out_file and observed.unreached:
+        _fail("the plan is not saved: a saved plan must be made from fed's directory too")
     if out_file:
         from reconciler.savedplan import save
 
@@ -247,6 +274,7 @@ def serve(ctx: click.Context) -> None:
         for server in embedded.servers:
             click.echo(f"{server.name}: pid {server.process.pid}: {server.ready_line}")
         click.echo("embedded default running; Ctrl-C stops it")
+        notify_ready(f"{len(embedded.servers)} servers running")  # Type=notify
         while not stop and all(s.process.poll() is None for s in embedded.servers):
             time.sleep(0.5)
 
@@ -266,6 +294,49 @@ def demo(workdir: str | None, mailboxes: int, old_messages: int, rate: float) ->
     except MailferryError as exc:
         _fail(str(exc))
     sys.exit(EXIT_OK if ok else EXIT_ERROR)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--systemd", is_flag=True,
+              help="Also write hardened systemd units for this folder into DIR/systemd/.")
+@click.option("--force", is_flag=True,
+              help="Replace files that differ (each old one is kept as FILE~ and named).")
+def init(directory: Path, systemd: bool, force: bool) -> None:
+    """Make DIR a specs repository: starter specs, schemas, CI, editor settings, git."""
+    from reconciler.scaffold import init_repo, install_commands
+
+    try:
+        result = init_repo(directory, force=force, systemd=systemd)
+    except MailferryError as exc:
+        _fail(str(exc))
+    for path in result.written:
+        click.echo(f"  wrote     {path}")
+    for replaced in result.replaced:
+        click.echo(f"  REPLACED  {replaced}")
+    if result.unchanged:
+        click.echo(f"  unchanged {len(result.unchanged)} file(s) already as init writes them")
+    if result.git_initialised:
+        click.echo(f"  git init  {directory} (branch main, nothing committed yet)")
+    click.echo(f"\nnext: cd {directory} && git add -A && git commit -m 'mailferry specs' "
+               "&& reconcile --specs . --plan   (see its README.md)")
+    if systemd:
+        click.echo("\nto run the embedded default and the watch loop as services (as root):")
+        for command in install_commands(directory.resolve()):
+            click.echo(f"  {command}")
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print click's completion script: eval "$(reconcile completion bash)"."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    if cls is None:  # pragma: no cover - the choices are click's own shells
+        _fail(f"no completion for {shell}")
+        return
+    click.echo(cls(main, {}, "reconcile", "_RECONCILE_COMPLETE").source())
 
 
 @main.group()
@@ -322,13 +393,16 @@ def events(ctx: click.Context, address: str) -> None:
         rows = session.scalars(select(Event).where(Event.address == address.lower())
                                .order_by(Event.id))
         for e in rows:
-            states = "" if e.to_state is None else f"{e.from_state}->{e.to_state}"
+            # A migration's first event has no state before it: "new->0", not "None->0".
+            before = "new" if e.from_state is None else e.from_state
+            states = "" if e.to_state is None else f"{before}->{e.to_state}"
             click.echo(f"{e.at:%Y-%m-%dT%H:%M:%S.%fZ}  {e.step:<8} {states:<6} "
                        f"{(e.specs_commit or '')[:10]:<10} {e.detail}")
 
 
-def _engine_for(ctx: click.Context):  # type: ignore[no-untyped-def]
-    return build_engine(_load_or_exit(ctx.obj["specs"]), ctx.obj["state"])
+def _engine_for(ctx: click.Context, *,  # type: ignore[no-untyped-def]
+                read_only: bool = False):
+    return build_engine(_load_or_exit(ctx.obj["specs"]), ctx.obj["state"], read_only=read_only)
 
 
 def _who() -> str:
@@ -357,12 +431,16 @@ def status(ctx: click.Context, placement: str | None, system: str | None,
     from reconciler.lease import current_holder
     from reconciler.status import status_rows, table
 
+    unreached: list[str] = []
     try:
-        engine = _engine_for(ctx)
-        rows = status_rows(engine, placement=placement, system=system, state=state_filter)
+        engine = _engine_for(ctx, read_only=True)
+        rows = status_rows(engine, placement=placement, system=system, state=state_filter,
+                           unreached=unreached)
         holder = current_holder(engine.store)
     except MailferryError as exc:
         _fail(str(exc))
+    for note in unreached:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         for row in rows:
             click.echo(json.dumps({"type": "status", **row.as_dict()}))

@@ -39,11 +39,11 @@ from typing import Any
 import yaml
 from sqlalchemy import select
 
+from mailferry.resources import quickstart_dir
 from reconciler.drivers.base import MailSystemDriver
 from reconciler.errors import MailferryError
 from reconciler.state.model import Migration
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
 DEADLINE_S = 50.0  # the whole migration phase; the demo must finish in under a minute
 
 
@@ -64,7 +64,7 @@ def _git(cwd: Path, *args: str) -> None:
 def write_specs(specs_dir: Path, system: str, mailboxes: int) -> None:
     """The quickstart specs with free ports, `mailboxes` users, all placed on `system`."""
     specs_dir.mkdir(parents=True, exist_ok=True)
-    for source in sorted(QUICKSTART.glob("*.yaml")):
+    for source in sorted(quickstart_dir().glob("*.yaml")):
         target = specs_dir / source.name
         if target.exists() and source.name != "placement.yaml":
             continue  # ports chosen once, kept for the second commit
@@ -177,6 +177,21 @@ def _utc(seconds: float) -> Any:
 def run_demo(*, workdir: str | None, mailboxes: int, old_messages: int, rate: float,
              echo: Callable[[str], None]) -> bool:
     """Run the demo; True when nothing was lost, duplicated or delivered late."""
+    if workdir is not None:
+        return _run_in(Path(workdir), mailboxes=mailboxes, old_messages=old_messages,
+                       rate=rate, echo=echo)
+    root = Path(tempfile.mkdtemp(prefix="mailferry-demo-"))
+    try:
+        return _run_in(root, mailboxes=mailboxes, old_messages=old_messages, rate=rate,
+                       echo=echo)
+    finally:  # the temporary work folder goes; `--workdir DIR` keeps everything
+        shutil.rmtree(root, ignore_errors=True)
+        echo(f"demo: removed {root} (keep the files with --workdir DIR)")
+
+
+def _run_in(root: Path, *, mailboxes: int, old_messages: int, rate: float,
+            echo: Callable[[str], None]) -> bool:
+    """The demo in `root` (its specs repository, state store, logs, mailboxes)."""
     from maildir_system.store import Store as SystemStore
     from reconciler.cli import build_engine
     from reconciler.drivers.base import mailbox_id_for
@@ -184,7 +199,6 @@ def run_demo(*, workdir: str | None, mailboxes: int, old_messages: int, rate: fl
     from reconciler.spec.loader import load_specs
 
     began = time.monotonic()
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="mailferry-demo-"))
     specs_dir = root / "specs"
     if specs_dir.exists():
         raise MailferryError(f"{specs_dir} exists: give an empty --workdir")

@@ -65,8 +65,11 @@ def _start(name: str, argv: list[str], marker: str, log_path: Path,
     """Start `argv`, wait for a stdout line containing `marker`; stderr goes to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        # NOTIFY_SOCKET is this process's (`reconcile serve` under systemd): it says READY
+        # once every server is up, not each server on its own.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**env, "PYTHONUNBUFFERED": "1"})
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
     buffer = b""

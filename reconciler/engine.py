@@ -26,7 +26,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reconciler.drivers.base import MailSystemDriver
-from reconciler.errors import NotReady, PermanentError, StepError, TemporaryError
+from reconciler.errors import (
+    MailferryError,
+    NotReady,
+    PermanentError,
+    StepError,
+    TemporaryError,
+)
 from reconciler.fedclient import FedClient
 from reconciler.plan import Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
@@ -82,6 +88,9 @@ class Observed:
     migrations: list[MigrationView]
     directory: dict[str, str]
     suspended: frozenset[str]
+    # What a read-only look could not reach (fed without its token, fed down): said next to
+    # the plan, never a reason to fail it. Always empty for an apply.
+    unreached: tuple[str, ...] = ()
 
 
 @dataclass
@@ -153,6 +162,9 @@ class Engine:
         self.on_record = on_record
         self.desired: dict[str, DesiredMailbox] = specs.desired()
         self._systems_registered = False
+        # Why fed cannot be asked at all (its token is not set): a read-only command still
+        # plans from the state store; an apply refuses with this reason.
+        self.fed_unavailable: str | None = None
         # Checked between two changes: True stops apply after the current step (SIGTERM in
         # --watch, a lost lease).
         self.should_stop: Callable[[], bool] = lambda: False
@@ -167,9 +179,28 @@ class Engine:
         with self.store.session() as session:
             return frozenset(session.scalars(select(PlacementSuspension.placement)))
 
-    def observe(self) -> Observed:
-        """One snapshot of the actual state: migrations, fed's directory, suspensions."""
-        return Observed(self.migrations(), self.fed.directory().entries, self.suspended())
+    def observe(self, *, best_effort: bool = False) -> Observed:
+        """One snapshot of the actual state: migrations, fed's directory, suspensions.
+
+        `best_effort` (plan, status: nothing is changed) reads what it can: fed's directory
+        missing (no token, fed down) leaves it empty and says so in `unreached`."""
+        if self.fed_unavailable is not None and not best_effort:
+            raise PermanentError(self.fed_unavailable)
+        unreached: tuple[str, ...] = ()
+        directory: dict[str, str] = {}
+        if self.fed_unavailable is not None:
+            unreached = (self.fed_unavailable,)
+        elif best_effort:
+            try:
+                directory = self.fed.directory().entries
+            except MailferryError as exc:
+                unreached = (str(exc),)
+        else:
+            directory = self.fed.directory().entries
+        if unreached:
+            unreached = tuple(f"fed's directory not read ({why}): addresses fed already "
+                              f"routes are not checked" for why in unreached)
+        return Observed(self.migrations(), directory, self.suspended(), unreached)
 
     def plan(self, at: datetime | None = None, *, observed: Observed | None = None,
              estimates: bool = False) -> Plan:
@@ -186,6 +217,7 @@ class Engine:
             from reconciler.fit import window_warnings_for
 
             plan.warnings.extend(window_warnings_for(self, plan, seen))
+        plan.warnings.extend(seen.unreached)
         return plan
 
     # -- apply ----------------------------------------------------------------------------

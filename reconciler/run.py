@@ -72,7 +72,7 @@ class Output:
                                               passes=report.passes)))
             return
         self.echo(f"\nApply: {report.applied} steps applied, {len(report.errors)} errors "
-                  f"in {report.passes} passes.")
+                  f"in {report.passes} {'pass' if report.passes == 1 else 'passes'}.")
         self.echo(plan.summary())
 
 

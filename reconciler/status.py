@@ -82,12 +82,16 @@ def _matches(change: Change, state: str | None) -> bool:
 
 
 def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
-                state: str | None = None) -> list[StatusRow]:
-    """The status table, filtered (`state`: a number or one of STATE_FILTERS)."""
+                state: str | None = None,
+                unreached: list[str] | None = None) -> list[StatusRow]:
+    """The status table, filtered (`state`: a number or one of STATE_FILTERS); what could
+    not be reached (fed without its token, say) is added to `unreached`."""
     if state is not None and not state.isdigit() and state not in STATE_FILTERS:
         raise MailferryError(f"unknown state filter {state!r}: a state number or one of "
                              + ", ".join(STATE_FILTERS))
-    observed = engine.observe()
+    observed = engine.observe(best_effort=True)  # a look, not a change: no fed needed
+    if unreached is not None:
+        unreached.extend(observed.unreached)
     plan = engine.plan(observed=observed)
     errors = {m.address: (m.failed_reason or m.last_error or "") for m in observed.migrations}
     rows = []
@@ -105,10 +109,15 @@ def status_rows(engine: Engine, *, placement: str | None = None, system: str | N
     return rows
 
 
+def route(row: StatusRow) -> str:
+    """`s1 -> s2` for a move, `= s1` for a mailbox that stays where it is (in sync)."""
+    return f"= {row.target}" if row.source == row.target else f"{row.source} -> {row.target}"
+
+
 def table(rows: list[StatusRow]) -> list[str]:
     """The rows as an aligned text table."""
     head = ("ADDRESS", "PLACEMENT", "SOURCE -> TARGET", "STATE", "NEXT", "WHEN", "LAST ERROR")
-    cells = [head] + [(r.address, r.placement, f"{r.source} -> {r.target}", r.state, r.next,
+    cells = [head] + [(r.address, r.placement, route(r), r.state, r.next,
                        r.due, r.last_error[:80]) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head) - 1)]
     return [("  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1])

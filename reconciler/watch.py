@@ -39,6 +39,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from mailferry.service import notify_ready
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError, SpecError
 from reconciler.lease import Lease, LeaseHeld, LeaseInfo
@@ -130,6 +131,9 @@ class Watcher:
         observer = Observer()
         observer.schedule(Changed(), self.options.specs_dir, recursive=False)
         observer.start()
+        # Ready once the specs are watched and the station API listens (Type=notify); the
+        # first pass may take long and is not part of starting.
+        notify_ready(f"watching {self.options.specs_dir}")
         try:
             self.out.version("watch", self.engine)
             while not self.stop.is_set():

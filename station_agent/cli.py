@@ -29,6 +29,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from mailferry import __version__
+from mailferry.service import notify_ready, private_files
 from station_agent import config
 from station_agent.agent import Agent, AgentConfig
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="station-agent",
         description="mailferry station agent: checks, local mail upload and client profile "
                     "switch for the migration of this workstation's mailbox.")
+    parser.add_argument("--version", action="version",
+                        version=f"station-agent (mailferry) {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="poll the reconciler and do what it asks")
     run.add_argument("--config", type=Path, default=None,
@@ -130,6 +134,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `station-agent` console script."""
     args = build_parser().parse_args(argv)
+    private_files()  # its outbox holds the user's local mail
     try:
         settings = _settings(args)
     except config.ConfigError as exc:
@@ -172,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     log.info("station %s polling %s every %.0f s (client: %s)", settings["station"],
              settings["api"], settings["interval"], settings["client"])
+    notify_ready(f"polling {settings['api']}")  # Type=notify in the systemd unit
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C in a console: a clean stop
         agent.run_forever()
     log.info("station agent stopped")

@@ -158,6 +158,7 @@ class Fed:
         """Start fed and wait for its ready line."""
         token_file = self.state_dir.parent / f"{self.state_dir.name}.token"
         token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)  # as an admin must (fed warns otherwise)
         cmd = [sys.executable, "-m", "fed", "serve", "--smtp", "127.0.0.1:0",
                "--control", "127.0.0.1:0", "--state-dir", str(self.state_dir),
                "--token-file", str(token_file), "--retry-base", "0.1", "--retry-max", "0.5",

@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mailferry import __version__
+from mailferry.service import private_files
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
@@ -51,6 +53,7 @@ from reconciler.state.store import default_url, open_store
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mover", description="mailferry data mover")
+    p.add_argument("--version", action="version", version=f"mover (mailferry) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("copy", help="copy mailboxes, verify, report")
     c.add_argument("--src", required=True, help="HOST:PORT or maildir:ROOT")
@@ -226,4 +229,5 @@ def prestage_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = _parser().parse_args(argv)
+    private_files()  # the manifest store names every user's messages
     sys.exit(prestage_command(args) if args.command == "prestage" else copy_command(args))

@@ -51,3 +51,12 @@ def git_state(directory: str | Path) -> tuple[str | None, bool]:
     status = _git(folder, "status", "--porcelain", "--untracked-files=all", "--", ".")
     dirty = bool(status and status.strip())
     return commit, dirty
+
+
+def describe(directory: str | Path, commit: str | None) -> str:
+    """The specs' provenance for a person: the short commit, "no commits yet" for a fresh
+    `git init` (such as `reconcile init` makes), else "not in git"."""
+    if commit:
+        return commit[:10]
+    inside = _git(Path(directory).resolve(), "rev-parse", "--is-inside-work-tree")
+    return "no commits yet" if inside is not None and inside.strip() == "true" else "not in git"

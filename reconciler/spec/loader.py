@@ -54,7 +54,7 @@ from croniter import croniter
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-import reconciler
+from mailferry.resources import schema_dir
 
 from ..errors import SpecError
 from .durations import parse_duration
@@ -81,7 +81,7 @@ from .model import (
 from .yamlpos import JsonPath, YamlDocument, parse_documents
 
 API_VERSION = "mailferry/v1"
-SCHEMA_DIR = Path(reconciler.__file__).resolve().parents[1] / "schemas"
+SCHEMA_DIR = schema_dir()  # the package data: the same files as the source tree's schemas/
 KINDS: dict[str, str] = {  # kind -> schema file stem
     "MailSystem": "mailsystem",
     "FedHub": "fedhub",
@@ -94,7 +94,7 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 
 @lru_cache(maxsize=1)
 def load_schemas() -> dict[str, dict[str, Any]]:
-    """kind -> JSON Schema, read from the repository's `schemas/` folder."""
+    """kind -> JSON Schema, read from the package data (the source tree's `schemas/`)."""
     schemas: dict[str, dict[str, Any]] = {}
     for kind, stem in KINDS.items():
         path = SCHEMA_DIR / f"{stem}.schema.json"

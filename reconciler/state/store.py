@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from reconciler.state.model import Event, Migration, utcnow
 
-ALEMBIC_DIR = Path(__file__).resolve().parent / "alembic"
+# Package data read through importlib.resources; an unpacked install, as pip makes it, so
+# Alembic gets the real folder it needs.
+ALEMBIC_DIR = Path(str(resources.files("reconciler.state") / "alembic"))
 
 
 def default_url(path: str | Path = "mailferry-state.db") -> str:
