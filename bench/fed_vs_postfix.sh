@@ -19,7 +19,10 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
+# The shared benchmarks sit next to the main checkout (../shared); a worktree under wt/ finds
+# them one level further up.
 HARNESS=${HARNESS:-$REPO/../shared/bench/postfix_relay.sh}
+[ -f "$HARNESS" ] || HARNESS=$REPO/../../shared/bench/postfix_relay.sh
 [ -f "$HARNESS" ] || { echo "peer harness not found: $HARNESS" >&2; exit 1; }
 PY=${PY:-$REPO/.venv/bin/python}
 N=${1:-2000}

@@ -51,6 +51,7 @@ log = logging.getLogger("fed.control")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
+MAX_FLIPS = 10_000  # flips in one POST /v1/flips (a wave; the body is bounded anyway)
 
 
 def iso(ts: float) -> str:
@@ -130,6 +131,7 @@ class ControlAPI:
         r.add_post("/v1/holds", self.holds_post)
         r.add_post("/v1/release", self.release)
         r.add_post("/v1/flip", self.flip)
+        r.add_post("/v1/flips", self.flips)
         r.add_get("/v1/queue", self.queue)
         r.add_get("/v1/queue/messages", self.queue_list)
         r.add_get("/v1/queue/messages/{queue_id}", self.queue_show)
@@ -379,6 +381,24 @@ class ControlAPI:
         log.info("flip %s: %s -> %s (%s)", ", ".join(addresses), source, target, vars(result))
         self.deliverer.wake()
         return _json({**vars(result), "version": self.directory.version()})
+
+    async def flips(self, request: web.Request) -> web.Response:
+        """Several flips in one transaction, all or none (E9 of a whole wave)."""
+        raw = (await _body(request)).get("flips")
+        if not isinstance(raw, list) or not raw or len(raw) > MAX_FLIPS:
+            raise DirectoryError(f"'flips' must be a list of 1 to {MAX_FLIPS} flips")
+        flips: list[tuple[list[str], str, str]] = []
+        for n, entry in enumerate(raw, 1):
+            if not isinstance(entry, dict):
+                raise DirectoryError(f"flip {n}: must be an object with addresses, from, to")
+            flips.append((_addresses(entry), check_physical(entry.get("from"), f"flip {n}: from"),
+                          check_physical(entry.get("to"), f"flip {n}: to")))
+        results = self.directory.flip_many(flips)
+        log.info("%d flips in one transaction: %s", len(flips), "; ".join(
+            f"{', '.join(a)}: {s} -> {t}" for a, s, t in flips))
+        self.deliverer.wake()
+        return _json({"results": [vars(r) for r in results],
+                      "version": self.directory.version()})
 
     # -- queue, deliveries ------------------------------------------------------------
     def _queue_counts(self) -> dict[str, int]:

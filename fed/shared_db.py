@@ -211,9 +211,10 @@ def counters(conn: Connection) -> dict[str, int]:
     return {str(k): int(v) for k, v in conn.execute(select(meta.c.key, meta.c.value))}
 
 
-def bump(conn: Connection, key: str) -> int:
-    """Increment one counter inside the caller's write transaction; the new value."""
-    conn.execute(update(meta).where(meta.c.key == key).values(value=meta.c.value + 1))
+def bump(conn: Connection, key: str, by: int = 1) -> int:
+    """Increment one counter (by `by` changes) inside the caller's write transaction; the
+    new value."""
+    conn.execute(update(meta).where(meta.c.key == key).values(value=meta.c.value + by))
     return int(conn.scalar(select(meta.c.value).where(meta.c.key == key)) or 0)
 
 

@@ -131,7 +131,9 @@ def read_migrations(store: Store) -> list[MigrationView]:
 
     with paused_gc(), store.session() as session:
         rows = session.execute(select(*_VIEW_COLUMNS).order_by(Migration.id))
-        return [MigrationView(**row._mapping) for row in rows]
+        # Positional: _VIEW_COLUMNS lists MigrationView's fields in order (a test checks);
+        # building each row's mapping was a third of this read.
+        return [MigrationView(*row) for row in rows]
 
 
 def view(m: Migration) -> MigrationView:

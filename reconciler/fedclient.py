@@ -315,6 +315,15 @@ class FedClient:
         return FlipResult(list(data["flipped"]), list(data["already"]), list(data["created"]),
                           int(data["version"]))
 
+    def flip_many(self, flips: list[tuple[list[str], str, str]]) -> list[FlipResult]:
+        """POST /v1/flips: several (addresses, from, to) flips in one transaction, all or
+        none (a wave's E9 in one call); PermanentError with fed's reason on 409."""
+        body = {"flips": [{"addresses": a, "from": s, "to": t} for a, s, t in flips]}
+        data = self._call("POST", "/v1/flips", body)[1]
+        version = int(data["version"])
+        return [FlipResult(list(r["flipped"]), list(r["already"]), list(r["created"]), version)
+                for r in data["results"]]
+
     def queue(self) -> QueueCounts:
         """GET /v1/queue."""
         return QueueCounts(**self._get("/v1/queue"))

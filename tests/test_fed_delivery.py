@@ -59,6 +59,49 @@ def test_hold_flip_release_delivers_to_the_new_mailbox_only(
     assert s1.received == []
 
 
+def test_a_batch_of_flips_is_one_transaction_all_or_nothing(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, s2 = systems
+    boss = "boss@corp.example"
+    fed.client.put_entry(boss, s1.physical("boss"))
+    fed.client.hold([AD1, boss])
+    for n, rcpt in enumerate([AD1, ALIAS, boss]):
+        assert send(fed.smtp_port, [rcpt], message("held", f"b{n}@t"))[0] == 250
+    before = fed.client.directory()
+
+    # One flip of the batch conflicts (jean is not at s1's "other"): nothing is changed.
+    with pytest.raises(PermanentError, match="neither"):
+        fed.client.flip_many([([boss], s1.physical("boss"), s2.physical("boss")),
+                              ([AD1, ALIAS], s1.physical("other"), s2.physical("jean"))])
+    # An address in two flips of one batch: refused, nothing changed.
+    with pytest.raises(PermanentError, match="two flips"):
+        fed.client.flip_many([([boss], s1.physical("boss"), s2.physical("boss")),
+                              ([boss], s1.physical("boss"), s2.physical("boss2"))])
+    after = fed.client.directory()
+    assert after.entries == before.entries and after.version == before.version
+
+    results = fed.client.flip_many([
+        ([AD1, ALIAS], s1.physical("jean"), s2.physical("jean")),
+        ([boss, "new@corp.example"], s1.physical("boss"), s2.physical("boss"))])
+    assert [sorted(r.flipped) for r in results] == [[ALIAS, AD1], [boss]]
+    assert results[1].created == ["new@corp.example"]
+    assert results[0].version == before.version + 4  # one per changed entry, as one by one
+    entries = fed.client.directory().entries
+    assert {a: entries[a] for a in (AD1, ALIAS, boss, "new@corp.example")} == {
+        AD1: s2.physical("jean"), ALIAS: s2.physical("jean"), boss: s2.physical("boss"),
+        "new@corp.example": s2.physical("boss")}
+    again = fed.client.flip_many([([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))])
+    assert sorted(again[0].already) == [ALIAS, AD1] and again[0].flipped == []
+    assert s1.received == [] and s2.received == []  # still held: the flip released nothing
+
+    fed.client.release([AD1, boss])
+    wait_for(lambda: len(s2.received) == 3, what="held mail at s2")
+    assert sorted(s2.ids()) == ["<b0@t>", "<b1@t>", "<b2@t>"]
+    assert {r for m in s2.received for r in m.rcpts} == {s2.physical("jean"),
+                                                         s2.physical("boss")}
+    assert s1.received == []
+
+
 def test_hold_waits_for_the_delivery_in_flight(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, _ = systems

@@ -609,7 +609,9 @@ class _Loader:
 
     def check_placements(self) -> None:
         """References, addresses claimed twice, and domains served by the target system."""
-        claimed: dict[str, str] = {}  # address -> "FILE:LINE (field of placement)"
+        # address -> (document, mailbox index, 0 for the address or 1 + alias index) where
+        # it was first claimed; paths and texts are made only for a problem.
+        claimed: dict[str, tuple[_Doc, int, int]] = {}
         for doc in self.docs:
             if doc.kind != "MailboxPlacement" or not doc.valid:
                 continue
@@ -618,23 +620,25 @@ class _Loader:
             self.check_reference(doc, "window", "MigrationWindow", set(self.windows))
             self.check_reference(doc, "policy", "MigrationPolicy", set(self.policies))
             system = self.systems.get(placement.system)
+            served = None if system is None else set(system.domains)
             for i, box in enumerate(placement.mailboxes):
-                claims: list[tuple[JsonPath, str]] = [
-                    (("spec", "mailboxes", i, "address"), box.address)
-                ] + [(("spec", "mailboxes", i, "aliases", j), a) for j, a in enumerate(box.aliases)]
-                for path, address in claims:
-                    here = doc.at(*path)
-                    if address in claimed:
-                        self.report(doc.display, doc.order, here.line, path,
+                for j, address in enumerate((box.address, *box.aliases)):
+                    here = (doc, i, j)
+                    first = claimed.setdefault(address, here)
+                    if first is not here:
+                        other, other_path = first[0], _claim_path(first[1], first[2])
+                        path = _claim_path(i, j)
+                        self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
                                     f"address {address!r} is claimed twice: also at "
-                                    f"{claimed[address]}")
-                    else:
-                        claimed[address] = f"{here} ({dotted(path)} of placement {doc.name})"
-                    domain = address.rpartition("@")[2]
-                    if system is not None and domain not in system.domains:
-                        self.report(doc.display, doc.order, here.line, path,
-                                    f"domain {domain!r} is not served by MailSystem "
-                                    f"{system.name!r} (domains: {', '.join(system.domains)})")
+                                    f"{other.at(*other_path)} ({dotted(other_path)} of "
+                                    f"placement {other.name})")
+                    if served is not None and address.rpartition("@")[2] not in served:
+                        assert system is not None
+                        path = _claim_path(i, j)
+                        self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
+                                    f"domain {address.rpartition('@')[2]!r} is not served by "
+                                    f"MailSystem {system.name!r} (domains: "
+                                    f"{', '.join(system.domains)})")
 
     def check_reference(self, doc: _Doc, key: str, kind: str, known: set[str]) -> None:
         """spec.<key> names an existing object of `kind` (broken ones excepted)."""
@@ -668,6 +672,13 @@ class _Loader:
             dirty=dirty,
             digest=self.hasher.hexdigest(),
         )
+
+
+def _claim_path(box: int, claim: int) -> JsonPath:
+    """Where a placement's mailbox `box` claims an address: 0 its address, 1 + N alias N."""
+    if claim == 0:
+        return ("spec", "mailboxes", box, "address")
+    return ("spec", "mailboxes", box, "aliases", claim - 1)
 
 
 def load_specs(directory: str | Path) -> SpecSet:

@@ -275,8 +275,9 @@ class SpecSet:
             policy = self.policies.get(placement.policy, DEFAULT_POLICY) if placement.policy \
                 else DEFAULT_POLICY
             for box in placement.mailboxes:
-                result[box.address.lower()] = DesiredMailbox(
-                    address=box.address.lower(),
+                address = box.address.lower()
+                result[address] = DesiredMailbox(
+                    address=address,
                     aliases=tuple(a.lower() for a in box.aliases),
                     system=placement.system,
                     placement=placement.name,
