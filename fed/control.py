@@ -470,6 +470,7 @@ class ControlAPI:
         dropped = self.admin.delete(queue_id)
         if dropped is None:
             return self._not_queued(queue_id)
+        self.deliverer.drop({queue_id})
         log.warning("%s deleted by an admin (%d pending recipients dropped)", queue_id,
                     dropped, extra={"queue_id": queue_id})
         return _json({"queue_id": queue_id, "node": self.node, "deleted": True,

@@ -264,6 +264,12 @@ class Deliverer:
             self._deleted_seen = int(rows[-1]["id"])
             self._drop({str(r["queue_id"]) for r in rows})
 
+    def drop(self, queue_ids: set[str]) -> None:
+        """Forget deleted messages at once (the control API's delete, on this node): the
+        scheduler's own look at the delivery log comes a tick later, and a deferred
+        recipient retried in between would deliver a message the admin deleted."""
+        self._drop(queue_ids)
+
     def _drop(self, queue_ids: set[str]) -> None:
         """Forget, in memory, messages an admin deleted from the queue."""
         def keep(item: PendingRecipient) -> bool:
