@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from test_postfix_dovecot import state_of
 
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.embedded import start_embedded
 from reconciler.engine import ApplyReport, Engine
 from reconciler.spec.loader import load_specs
-from reconciler.state.model import Migration
 
 import cyrus
+from fedutil import wait_for
 from pfdovecot import MailHost, make_root, missing_prerequisites
 from world import World, base_documents, placement, policy
 
@@ -138,21 +138,6 @@ class Sender(threading.Thread):
             time.sleep(0.05)
 
 
-def wait_for(pred: Any, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def state_of(engine: Engine, address: str) -> int | None:
-    with engine.store.session() as session:
-        m = session.scalars(select(Migration).where(Migration.address == address)).first()
-        return None if m is None else m.state
-
-
 def drive(engine: Engine, address: str, passes: int = 40) -> None:
     engine.register_systems()
     for _ in range(passes):  # bounded
@@ -199,7 +184,7 @@ def migrate(world: CyrusWorld, tmp_path: Path, user: str, source: str, target: s
     fed_port = engine.specs.fed.smtp.port
     send(fed_port, address, f"<before.{user}@outside.example>")
     wait_for(lambda: ids_in(engine, source, box)[f"<before.{user}@outside.example>"] == 1,
-             what=f"the first mail in BOX1 on {source}")
+             timeout=30, what=f"the first mail in BOX1 on {source}")
     engine = world.engine(world.write(tmp_path / "v2", [pol, placement(
         "wave", target, boxes, policy_name="p")]), state)
     sender = Sender(fed_port, address, user)
@@ -208,7 +193,8 @@ def migrate(world: CyrusWorld, tmp_path: Path, user: str, source: str, target: s
     sender.join(40)
     assert not sender.is_alive() and sender.acked and not sender.refused
     assert state_of(engine, address) == 13
-    wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain")
+    wait_for(lambda: engine.fed.queue().pending == 0, timeout=30,
+             what="fed's queue to drain")
     return engine, [*old, f"<before.{user}@outside.example>", *sender.acked]
 
 
@@ -219,7 +205,7 @@ def test_dovecot_to_cyrus_with_mail_flowing_through_fed(
     engine, expected = migrate(world, tmp_path, "alice", "pf1", "cy", pol)
     box = mailbox_id_for("alice@corp.example")
     wait_for(lambda: sum(ids_in(engine, "cy", box).values()) >= len(expected),
-             what="every message in BOX2 on Cyrus")
+             timeout=30, what="every message in BOX2 on Cyrus")
     found = ids_in(engine, "cy", box)
     assert {mid: found[mid] for mid in expected} == dict.fromkeys(expected, 1)
     assert sum(found.values()) == len(expected)  # nothing else, nothing twice
