@@ -154,22 +154,28 @@ def plan_path(n: int, keep: Path | None) -> dict[str, Any]:
             "rss_before_mb": rss_before}
 
 
+def upsync_generated(specs: Any, directory: dict[str, str]) -> None:
+    """Tell the running fed where `generate`'s mailboxes live (s1 and s2)."""
+    from reconciler.fedclient import FedClient
+    from reconciler.secrets import resolve
+
+    fed = FedClient(specs.fed.control_url, resolve(specs.fed.token, what="fed token"),
+                    timeout=120)
+    for system in ("s1", "s2"):
+        fed.upsync(system, {p: [a] for a, p in directory.items()
+                            if p.endswith(f"@{system}.invalid")})
+
+
 def cli_end_to_end(n: int, keep: Path | None) -> dict[str, Any]:
     """Phase 2: `reconcile --plan --json` against a real fed holding the directory."""
     from reconciler.embedded import start_embedded
-    from reconciler.fedclient import FedClient
-    from reconciler.secrets import resolve
     from reconciler.spec.loader import load_specs
 
     root = keep / f"cli{n}" if keep else Path(tempfile.mkdtemp(prefix=f"mf-cli-{n}-"))
     specs_dir, state, directory = generate(root, n)
     specs = load_specs(specs_dir)
     with start_embedded(specs, log_dir=root / "logs"):
-        fed = FedClient(specs.fed.control_url, resolve(specs.fed.token, what="fed token"),
-                        timeout=120)
-        for system in ("s1", "s2"):
-            fed.upsync(system, {p: [a] for a, p in directory.items()
-                                if p.endswith(f"@{system}.invalid")})
+        upsync_generated(specs, directory)
         began = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "--specs", str(specs_dir), "--state",

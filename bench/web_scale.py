@@ -129,12 +129,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
 
-    from plan_scale import generate
+    from plan_scale import generate, upsync_generated
 
     from reconciler.cli import build_engine
     from reconciler.embedded import start_embedded
-    from reconciler.fedclient import FedClient
-    from reconciler.secrets import resolve
     from reconciler.spec.loader import load_specs
     from reconciler.status import status_rows, table
     from reconciler.web.app import make_app
@@ -147,11 +145,7 @@ def main() -> None:
         runs = add_runs(state)
         specs = load_specs(specs_dir)
         with start_embedded(specs, log_dir=root / "logs"):
-            fed = FedClient(specs.fed.control_url, resolve(specs.fed.token, what="fed token"),
-                            timeout=120)
-            for system in ("s1", "s2"):
-                fed.upsync(system, {p: [a] for a, p in directory.items()
-                                    if p.endswith(f"@{system}.invalid")})
+            upsync_generated(specs, directory)
             engine = build_engine(specs, str(state))
             failed = next(m.address for m in engine.migrations() if m.failed_reason)
             results: dict[str, dict[str, float] | None] = {}
