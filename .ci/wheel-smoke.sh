@@ -25,6 +25,10 @@ if ! ls "$work"/venv/lib/python3*/site-packages/mailferry/data/schemas/fedhub.sc
     >/dev/null 2>&1; then
   fail "the wheel has no schemas"
 fi
+for part in reconciler/web/templates/overview.html reconciler/web/static/live.js; do
+  ls "$work"/venv/lib/python3*/site-packages/$part >/dev/null 2>&1 \
+    || fail "the wheel has no $part (the status page)"
+done
 
 mkdir "$work/empty" && cd "$work/empty"
 "$bin/reconcile" --version

@@ -19,7 +19,10 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
+# The shared benchmarks sit next to the main checkout (../shared); a worktree under wt/ finds
+# them one level further up.
 HARNESS=${HARNESS:-$REPO/../shared/bench/postfix_relay.sh}
+[ -f "$HARNESS" ] || HARNESS=$REPO/../../shared/bench/postfix_relay.sh
 [ -f "$HARNESS" ] || { echo "peer harness not found: $HARNESS" >&2; exit 1; }
 PY=${PY:-$REPO/.venv/bin/python}
 N=${1:-2000}
@@ -43,7 +46,7 @@ set -euo pipefail
 serve() {
   "$PY" -m fed serve --smtp 127.0.0.1:\$1 --control 127.0.0.1:$CONTROL_PORT \\
     --state-dir "$WORK/state" --token-file "$WORK/token" --domain example.test \\
-    --system sink=127.0.0.1:\$SINK_PORT/smtp --workers $FED_WORKERS --processes $FED_PROCESSES $FED_ARGS \\
+    --system sink=127.0.0.1:\$SINK_PORT/smtp --relay-network 127.0.0.0/8 --workers $FED_WORKERS --processes $FED_PROCESSES $FED_ARGS \\
     > "$WORK/fed.out" 2>> "$WORK/fed.err" &
   pid=\$!
   for _ in \$(seq 100); do grep -q ready "$WORK/fed.out" 2>/dev/null && break; sleep 0.1; done

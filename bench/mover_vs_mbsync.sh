@@ -24,7 +24,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-HARNESS=$REPO/../shared/bench/imap_copy.sh
+HARNESS=${PEER_HARNESS:-$REPO/../shared/bench/imap_copy.sh}  # PEER_HARNESS: from a worktree
 [[ -f $HARNESS ]] || { echo "mover_vs_mbsync: peer harness not found at $HARNESS" \
     "(expected ../shared/bench/ next to the repository)" >&2; exit 1; }
 PY=${MOVER_PYTHON:-$REPO/.venv/bin/python}

@@ -122,8 +122,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--case-sensitive-local", action="store_true",
                    help="compare local parts case-sensitively (domains never are)")
     s.add_argument("--relay-network", action="append", type=network_arg, metavar="CIDR",
-                   help="clients that may relay for the systems' own senders "
-                        f"(default: {' '.join(DEFAULT_RELAY_NETWORKS)}; 'none': nobody)")
+                   help="clients that may relay for the systems' own senders without "
+                        "SMTP AUTH (repeatable; default: none, not even loopback)")
     s.add_argument("--auth-file", type=Path,
                    help="SMTP AUTH credentials, user:scrypt-hash lines (fed auth-hash)")
     s.add_argument("--auth-max-failures", type=int, default=10,
@@ -134,8 +134,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-public", action="store_true",
                    help="serve GET /metrics without the token")
     s.add_argument("--log-format", choices=("text", "json"), default="text")
-    s.add_argument("--retry-base", type=float, default=1.0, help="first retry delay (s)")
-    s.add_argument("--retry-max", type=float, default=60.0, help="longest retry delay (s)")
+    s.add_argument("--retry-base", "--minimal-backoff", dest="retry_base", type=float,
+                   default=1.0, help="first retry delay (s), doubling per attempt, with "
+                                     "jitter (Postfix: minimal_backoff_time)")
+    s.add_argument("--retry-max", "--maximal-backoff", dest="retry_max", type=float,
+                   default=600.0, help="longest retry delay (s) "
+                                       "(Postfix: maximal_backoff_time)")
     s.add_argument("--workers", type=int, default=8,
                    help="connections per destination (system or smarthost)")
     s.add_argument("--smarthost", type=host_port, default=None, metavar="HOST:PORT",
@@ -157,8 +161,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
 
     q = sub.add_parser("queue", help="inspect and manage the queue (like postqueue/postsuper)")
-    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete"))
-    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete")
+    q.add_argument("action", choices=("list", "show", "flush", "hold", "release", "delete",
+                                      "quarantine", "requeue"),
+                   help="quarantine: list the messages set aside as unreadable or corrupt; "
+                        "requeue ID: put one back into the queue (it must pass its checks)")
+    q.add_argument("queue_id", nargs="?", help="for show, hold, release, delete, requeue")
     q.add_argument("--control", type=host_port, default=("127.0.0.1", 8025),
                    metavar="HOST:PORT")
     _token_args(q)
@@ -208,7 +215,7 @@ def smtp_settings(args: argparse.Namespace) -> SmtpSettings:
                                           AuthThrottle(args.auth_max_failures))
         except CredentialsError as exc:
             raise ValueError(str(exc)) from exc
-    networks = parse_networks(args.relay_network or DEFAULT_RELAY_NETWORKS)
+    networks = parse_networks(args.relay_network or list(DEFAULT_RELAY_NETWORKS))
     return SmtpSettings(
         hostname=args.hostname, max_size=args.max_size, max_rcpts=args.max_rcpts,
         timeout=args.smtp_timeout, bare_newline=args.bare_newline,
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warn_exposed_token(args)
     if args.command == "queue":
-        if args.action not in ("list", "flush") and not args.queue_id:
+        if args.action not in ("list", "flush", "quarantine") and not args.queue_id:
             print(f"fed queue {args.action}: needs a QUEUE_ID", file=sys.stderr)
             return 2
         return queuectl.run(args, token)

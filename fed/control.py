@@ -44,7 +44,8 @@ from .directory import (
 from .holds import HoldRefused, Holds
 from .queueadmin import QueueAdmin
 from .shared_db import Fenced, current_fence, fence_token
-from .spool import Spool
+from .smtpclient import ClientError, Connection, Reply
+from .spool import QuarantineError, Spool
 
 log = logging.getLogger("fed.control")
 
@@ -53,6 +54,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 FENCE_HEADER = "Mailferry-Fence"
 _FENCE = re.compile(r"^([A-Za-z0-9._-]{1,64})/([0-9]{1,18})$")  # LEASE-ID/GENERATION
+MAX_FLIPS = 10_000  # flips in one POST /v1/flips (a wave; the body is bounded anyway)
 
 
 def iso(ts: float) -> str:
@@ -124,6 +126,8 @@ class ControlAPI:
         r.add_delete("/v1/directory/{address}", self.directory_delete)
         r.add_get("/v1/systems", self.systems_get)
         r.add_put("/v1/systems/{name}", self.systems_put)
+        r.add_post("/v1/systems/{name}/refresh", self.systems_refresh)
+        r.add_get("/v1/refusals", self.refusals)
         r.add_post("/v1/upsync", self.upsync)
         r.add_get("/v1/downsync", self.downsync)
         r.add_post("/v1/verify", self.verify)
@@ -131,6 +135,7 @@ class ControlAPI:
         r.add_post("/v1/holds", self.holds_post)
         r.add_post("/v1/release", self.release)
         r.add_post("/v1/flip", self.flip)
+        r.add_post("/v1/flips", self.flips)
         r.add_get("/v1/queue", self.queue)
         r.add_get("/v1/queue/messages", self.queue_list)
         r.add_get("/v1/queue/messages/{queue_id}", self.queue_show)
@@ -138,6 +143,8 @@ class ControlAPI:
         r.add_post("/v1/queue/messages/{queue_id}/hold", self.queue_hold)
         r.add_post("/v1/queue/messages/{queue_id}/release", self.queue_release)
         r.add_post("/v1/queue/flush", self.queue_flush)
+        r.add_get("/v1/queue/quarantine", self.quarantine_list)
+        r.add_post("/v1/queue/quarantine/{queue_id}/requeue", self.quarantine_requeue)
         r.add_get("/v1/deliveries", self.deliveries)
         r.add_get("/metrics", self.metrics)
         return app
@@ -243,6 +250,66 @@ class ControlAPI:
         self.deliverer.wake()
         return _json(vars(system))
 
+    async def systems_refresh(self, request: web.Request) -> web.Response:
+        """The system's tables changed: retire every pooled connection to it (on every node:
+        the generation is in the shared database), then, with ``probe``, ask it on a fresh
+        session whether it takes these physical addresses (MAIL, RCPT, RSET: no message).
+
+        409 when one is refused, with each reply: the reconciler must not flip to it."""
+        name = request.match_info["name"].lower()
+        data = await _body(request) if request.can_read_body else {}
+        raw = data.get("probe", [])
+        if not isinstance(raw, list):
+            raise DirectoryError("'probe' must be a list of physical addresses")
+        probe = list(dict.fromkeys(check_physical(a, "probe") for a in raw))
+        for physical in probe:
+            if split_physical(physical) != (name, physical.partition("@")[0]):
+                raise DirectoryError(f"{physical} is not a physical address of {name}")
+        system = self.directory.refresh_system(name)
+        if system is None:
+            return _json({"error": f"no system {name!r} is registered"}, 404)
+        replies: dict[str, Reply] = {}
+        if probe:
+            settings = self.deliverer.settings
+            try:
+                conn = await Connection.open(system.host, system.port,
+                                             system.protocol == "lmtp", settings.helo_name,
+                                             settings.timeout)
+                try:
+                    replies = await conn.check("", probe)
+                finally:
+                    await conn.quit()
+            except ClientError as exc:
+                replies = dict.fromkeys(probe, exc.reply)
+        answer = {"system": name, "generation": system.generation,
+                  "probe": {a: {"code": r.code, "reply": str(r)} for a, r in replies.items()}}
+        refused = {a: r for a, r in replies.items() if not r.ok}
+        log.info("refresh %s: generation %d%s", name, system.generation,
+                 f", probe {answer['probe']}" if probe else "")
+        if refused:
+            why = "; ".join(f"<{a}>: {r}" for a, r in refused.items())
+            return _json({**answer, "error": f"{name} refuses {why}"}, 409)
+        return _json(answer)
+
+    async def refusals(self, request: web.Request) -> web.Response:
+        """Physical addresses a managed system refused with 5xx (deferred, not bounced)
+        since ``?since=`` (default: the last hour), with counts and the last reply."""
+        since = request.query.get("since")
+        start = parse_time(since) if since else time.time() - 3600
+        self.spool.write_outcomes()
+        rows = self.spool.store.query(
+            "SELECT physical, system, COUNT(*) AS n, MIN(at) AS first, MAX(at) AS last, "
+            "MAX(id) AS id FROM deliveries WHERE result = 'refused' AND at >= ? "
+            "GROUP BY physical, system ORDER BY physical", (start,))
+        out = []
+        for r in rows:
+            detail = self.spool.store.query("SELECT detail FROM deliveries WHERE id = ?",
+                                            (r["id"],))[0]["detail"]
+            out.append({"physical": r["physical"], "system": r["system"], "count": r["n"],
+                        "first": iso(float(r["first"])), "last": iso(float(r["last"])),
+                        "reply": detail})
+        return _json({"refusals": out})
+
     # -- up-sync, down-sync, verify --------------------------------------------------
     async def upsync(self, request: web.Request) -> web.Response:
         """Store a system's address list and merge it into the directory."""
@@ -347,6 +414,24 @@ class ControlAPI:
         self.deliverer.wake()
         return _json({**vars(result), "version": self.directory.version()})
 
+    async def flips(self, request: web.Request) -> web.Response:
+        """Several flips in one transaction, all or none (E9 of a whole wave)."""
+        raw = (await _body(request)).get("flips")
+        if not isinstance(raw, list) or not raw or len(raw) > MAX_FLIPS:
+            raise DirectoryError(f"'flips' must be a list of 1 to {MAX_FLIPS} flips")
+        flips: list[tuple[list[str], str, str]] = []
+        for n, entry in enumerate(raw, 1):
+            if not isinstance(entry, dict):
+                raise DirectoryError(f"flip {n}: must be an object with addresses, from, to")
+            flips.append((_addresses(entry), check_physical(entry.get("from"), f"flip {n}: from"),
+                          check_physical(entry.get("to"), f"flip {n}: to")))
+        results = self.directory.flip_many(flips)
+        log.info("%d flips in one transaction: %s", len(flips), "; ".join(
+            f"{', '.join(a)}: {s} -> {t}" for a, s, t in flips))
+        self.deliverer.wake()
+        return _json({"results": [vars(r) for r in results],
+                      "version": self.directory.version()})
+
     # -- queue, deliveries ------------------------------------------------------------
     def _queue_counts(self) -> dict[str, int]:
         rows = self.spool.store.query(
@@ -357,7 +442,7 @@ class ControlAPI:
         shunted = self.spool.store.query("SELECT COUNT(*) AS n FROM shunted")[0]["n"]
         return {"pending": counts.get(False, 0) + counts.get(True, 0),
                 "held": counts.get(True, 0), "retrying": self.deliverer.retrying(),
-                "shunted": int(shunted)}
+                "shunted": int(shunted), "parked": self.deliverer.parked()}
 
     async def queue(self, request: web.Request) -> web.Response:
         """Queue counters (pending includes held and retrying recipients)."""
@@ -417,6 +502,7 @@ class ControlAPI:
         dropped = self.admin.delete(queue_id)
         if dropped is None:
             return self._not_queued(queue_id)
+        self.deliverer.drop({queue_id})
         log.warning("%s deleted by an admin (%d pending recipients dropped)", queue_id,
                     dropped, extra={"queue_id": queue_id})
         return _json({"queue_id": queue_id, "node": self.node, "deleted": True,
@@ -428,6 +514,27 @@ class ControlAPI:
         log.info("queue flushed by an admin: %d recipients made due", due)
         self.deliverer.wake()
         return _json({"node": self.node, "flushed": due})
+
+    async def quarantine_list(self, request: web.Request) -> web.Response:
+        """Messages set aside in spool/quarantine, with the reason, oldest first."""
+        found = await asyncio.to_thread(self.spool.quarantined)
+        for info in found:
+            if isinstance(info.get("at"), int | float):
+                info["at"] = iso(float(str(info["at"])))
+            info["node"] = self.node
+        return _json({"node": self.node, "messages": found})
+
+    async def quarantine_requeue(self, request: web.Request) -> web.Response:
+        """Put a quarantined message back into the queue (it must pass its checks)."""
+        queue_id = self._queue_id(request)
+        if not (self.spool.quarantine_dir / f"{queue_id}.eml").exists():
+            return _json({"error": f"{queue_id} is not in quarantine"}, 404)
+        try:
+            queued = await self.spool.requeue(queue_id)
+        except QuarantineError as exc:
+            return _json({"error": str(exc)}, 409)
+        return _json({"queue_id": queue_id, "node": self.node, "requeued": True,
+                      "recipients": queued})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition."""

@@ -24,12 +24,32 @@ in one transaction the physical is a single RCPT and the second recipient is log
 ``duplicate`` of the first; across transactions the second waits while the first is in
 flight and is marked done without a second copy once the first has been delivered.
 
-Outcome per recipient: 2xx -> done; 5xx -> a copy goes to the shunt folder for the admin
-and the sender gets a DSN (``bounce.py``), itself queued durably like any message; anything
-else (4xx, refused or broken connection, timeout, unknown system) -> retry after a back-off
-that doubles from ``retry_base`` up to ``retry_max``, until the message is older than
-``queue_lifetime``: then it fails like a 5xx (DSN status 4.4.7). Outcomes go to the store in
-batches (``Spool`` buffers them), so a delivery costs no fsync of its own.
+Outcome per recipient: 2xx -> done; 5xx from the smarthost -> a copy goes to the shunt
+folder for the admin and the sender gets a DSN (``bounce.py``), itself queued durably like
+any message; anything else (4xx, refused or broken connection, timeout, unknown system) ->
+retry after a back-off that doubles from ``retry_base`` up to ``retry_max``, with jitter
+(``backoff.py``), until the message is older than ``queue_lifetime``: then it fails like a
+5xx (DSN status 4.4.7). A connection that breaks during LMTP's per-recipient replies keeps
+the replies already received (those recipients are done); only the rest get the error. A
+queue file that fails its checksum when read for delivery is never sent: it goes to
+quarantine (``spool.py``). Each recipient of a transaction gets exactly one outcome, even
+when recording one raises (``Job.settled``): a done recipient is never put back, nor
+counted off twice.
+
+A 5xx from a *managed* system (one fed routes to by its own directory) for a physical
+address the directory places there is not the sender's problem (DESIGN invariant 9): the
+system and mailferry disagree, typically a Postfix smtpd still serving fed's session from
+tables older than the change (docs/postfix-dovecot.md). It is deferred like a 4xx, logged
+as ``refused`` in the delivery log, counted in ``fed_system_refusals`` and warned about,
+and the connection that carried it is retired so that the retry gets a fresh session. Only
+what no retry can fix (the message itself: too big, bad content) is shunted at once.
+
+Connections remember the system's *generation* when they were opened; a refresh (``POST
+/v1/systems/{name}/refresh``, called by the reconciler whenever it changed the system's
+tables) bumps it, and a worker retires its connection before the next transaction.
+
+Outcomes go to the store in batches (``Spool`` buffers them), so a delivery costs no fsync
+of its own.
 """
 
 from __future__ import annotations
@@ -47,9 +67,11 @@ from typing import Any
 
 from . import metrics
 from .addresses import domain_of, is_valid, normalize, split_physical
+from .backoff import backoff
 from .bounce import Failure, build_dsn, should_bounce
 from .directory import Directory, System
 from .holds import Holds
+from .queuefile import BadQueueFile
 from .smtpclient import ClientError, Connection, Reply
 from .spool import PendingRecipient, Spool, new_queue_id
 from .store import Store
@@ -64,8 +86,8 @@ INLINE_READ = 1 << 20  # messages up to this size are read on the loop (cheaper 
 class DeliverySettings:
     """Tunables of the delivery queues."""
 
-    retry_base: float = 1.0
-    retry_max: float = 60.0
+    retry_base: float = 1.0  # like Postfix's minimal_backoff_time
+    retry_max: float = 600.0  # like Postfix's maximal_backoff_time
     concurrency: int = 8  # connections per destination
     timeout: float = 30.0
     helo_name: str = "fed.invalid"
@@ -95,6 +117,7 @@ class Job:
     primary: dict[str, PendingRecipient] = field(default_factory=dict)  # physical -> rcpt
     dups: dict[str, list[PendingRecipient]] = field(default_factory=dict)
     watched: list[list[str]] = field(default_factory=list)
+    settled: set[int] = field(default_factory=set)  # id() of recipients with an outcome
 
 
 @dataclass
@@ -168,6 +191,11 @@ class Deliverer:
         self._recheck = True
         self._event.set()
 
+    def parked(self) -> int:
+        """Recipients the scheduler has parked (held address, admin hold, stale view): the
+        decision not to deliver them, taken (tests wait for it instead of sleeping)."""
+        return len(self._parked)
+
     def retrying(self) -> int:
         """Pending recipients that have failed at least once."""
         self.spool.write_outcomes()
@@ -236,6 +264,12 @@ class Deliverer:
             self._deleted_seen = int(rows[-1]["id"])
             self._drop({str(r["queue_id"]) for r in rows})
 
+    def drop(self, queue_ids: set[str]) -> None:
+        """Forget deleted messages at once (the control API's delete, on this node): the
+        scheduler's own look at the delivery log comes a tick later, and a deferred
+        recipient retried in between would deliver a message the admin deleted."""
+        self._drop(queue_ids)
+
     def _drop(self, queue_ids: set[str]) -> None:
         """Forget, in memory, messages an admin deleted from the queue."""
         def keep(item: PendingRecipient) -> bool:
@@ -252,7 +286,8 @@ class Deliverer:
             self._delivered.pop(queue_id, None)
             self._dup_wait.pop(queue_id, None)
             self.spool.uncache(queue_id)
-        log.info("dropped deleted messages from delivery: %s", ", ".join(sorted(queue_ids)))
+        log.info("dropped deleted or quarantined messages from delivery: %s",
+                 ", ".join(sorted(queue_ids)))
 
     async def stop(self, grace: float) -> None:
         """Stop scheduling and let in-flight deliveries record their outcome."""
@@ -393,18 +428,28 @@ class Deliverer:
         try:
             try:
                 data = await self._read(job.item)
+            except BadQueueFile as exc:  # never relay what is not what was acknowledged
+                await self.spool.quarantine(job.item.queue_id, exc.reason)
+                self._drop({job.item.queue_id})
+                return conn
             except OSError as exc:
                 log.error("%s: cannot read the spool file: %s", job.item.queue_id, exc,
                           extra={"queue_id": job.item.queue_id})
                 replies = dict.fromkeys(physicals, Reply(0, f"spool file unreadable: {exc}"))
             else:
                 replies, conn = await self._transact(dest.system, conn, job, data)
+                if conn is not None and any(self._inconsistent(dest, r) for r in replies.values()):
+                    await conn.quit()  # maybe served from old tables: retry on a new session
+                    conn = None
             await self._record(dest, job, replies)
         except Exception:
             log.exception("delivery of %s failed unexpectedly", job.item.queue_id,
                           extra={"queue_id": job.item.queue_id})
+            # Only the recipients without an outcome yet: a done one put back would be
+            # delivered again and counted off twice (forget() too early: a loss).
             for item in [*job.primary.values(), *(d for ds in job.dups.values() for d in ds)]:
-                self._defer(item, None, None, Reply(0, "internal error, see fed log"), [])
+                if id(item) not in job.settled:
+                    self._defer(item, None, None, Reply(0, "internal error, see fed log"), [])
         finally:
             for physical in physicals:
                 self._inflight[(job.item.queue_id, physical)] -= 1
@@ -429,7 +474,8 @@ class Deliverer:
         physicals = list(job.primary)
         endpoint = f"{system.host}:{system.port}"
         if conn is not None and (conn.broken or conn.endpoint != endpoint
-                                 or conn.lmtp != (system.protocol == "lmtp")):
+                                 or conn.lmtp != (system.protocol == "lmtp")
+                                 or conn.generation != system.generation):
             await conn.quit()
             conn = None
         for fresh in (False, True):
@@ -441,6 +487,7 @@ class Deliverer:
                                                  self.settings.helo_name, self.settings.timeout)
                 except ClientError as exc:
                     return dict.fromkeys(physicals, exc.reply), None
+                conn.generation = system.generation
             try:
                 return await conn.send(job.item.mail_from, physicals, data), conn
             except ClientError as exc:
@@ -462,23 +509,52 @@ class Deliverer:
             reply = replies.get(physical, Reply(0, "no reply"))
             dups = job.dups.get(physical, [])
             if reply.ok:
-                self._delivered.setdefault(item.queue_id, set()).add(physical)
-                self.spool.mark_done(item.queue_id, item.rcpt)
-                self.spool.log_delivery(item.queue_id, item.rcpt, physical, system,
-                                        item.message_id, "delivered", str(reply))
-                metrics.count_delivery("delivered", system, item.queue_id, item.received_at)
-                log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply,
-                         extra={"queue_id": item.queue_id})
-                self._finish(item)
+                # Delivered, whatever happens while recording it: settled first, and
+                # counted off exactly once (finally).
+                job.settled.add(id(item))
+                try:
+                    self._delivered.setdefault(item.queue_id, set()).add(physical)
+                    self.spool.mark_done(item.queue_id, item.rcpt)
+                    self.spool.log_delivery(item.queue_id, item.rcpt, physical, system,
+                                            item.message_id, "delivered", str(reply))
+                    metrics.count_delivery("delivered", system, item.queue_id,
+                                           item.received_at)
+                    log.info("%s <%s> -> %s: %s", item.queue_id, item.rcpt, physical, reply,
+                             extra={"queue_id": item.queue_id})
+                finally:
+                    self._finish(item)
                 for dup in dups:
+                    job.settled.add(id(dup))
                     self._duplicate(dup, physical, first=item.rcpt)
-            elif reply.permanent:
+            elif reply.permanent and not self._inconsistent(dest, reply):
                 failures += [(it, physical, reply, False) for it in [item, *dups]]
             else:
+                refused = reply.permanent
+                if refused:
+                    log.warning("%s: %s refused <%s>, which fed's directory places there: %s; "
+                                "deferred (mailferry and the system disagree: fix the system "
+                                "or the directory; bounced only after the queue lifetime)",
+                                item.queue_id, system, physical, reply,
+                                extra={"queue_id": item.queue_id})
                 for it in [item, *dups]:
-                    self._defer(it, physical, system, reply, failures)
+                    expired = len(failures)
+                    self._defer(it, physical, system, reply, failures,
+                                result="refused" if refused else "deferred")
+                    if len(failures) == expired:  # else _fail settles it
+                        job.settled.add(id(it))
         if failures:
-            await self._fail(failures, system)
+            await self._fail(failures, system, job.settled)
+
+    @staticmethod
+    def _inconsistent(dest: Destination, reply: Reply) -> bool:
+        """A managed system's 5xx that a retry may fix: everything but the smarthost's and
+        what concerns the message itself (RFC 3463 5.2.3, 5.3.4 size, 5.6.x content)."""
+        if dest.key == SMARTHOST or not reply.permanent:
+            return False
+        status = reply.status
+        if status is None:
+            return reply.code != 552  # 552 without a status: "exceeded storage allocation"
+        return not (status in ("5.2.3", "5.3.4") or status.startswith("5.6."))
 
     def _duplicate(self, item: PendingRecipient, physical: str, first: str = "") -> None:
         """Another recipient of this message already brought it to `physical`."""
@@ -500,22 +576,21 @@ class Deliverer:
             self.spool.forget(item.queue_id)
 
     def _defer(self, item: PendingRecipient, physical: str | None, system: str | None,
-               reply: Reply, failures: list[tuple[PendingRecipient, str | None, Reply, bool]]
-               ) -> None:
-        """Schedule the next attempt with doubling back-off, or give up after the lifetime."""
+               reply: Reply, failures: list[tuple[PendingRecipient, str | None, Reply, bool]],
+               result: str = "deferred") -> None:
+        """Schedule the next attempt (back-off with jitter), or give up after the lifetime."""
         detail = str(reply)
         if time.time() - item.received_at >= self.settings.queue_lifetime:
             failures.append((item, physical, reply, True))
             return
         item.attempts += 1
-        delay = min(self.settings.retry_max,
-                    self.settings.retry_base * 2.0 ** (item.attempts - 1))
+        delay = backoff(item.attempts, self.settings.retry_base, self.settings.retry_max)
         item.next_try = time.time() + delay
         item.last_error = detail
         self.spool.mark_retry(item.queue_id, item.rcpt, item.attempts, item.next_try, detail)
         self.spool.log_delivery(item.queue_id, item.rcpt, physical, system, item.message_id,
-                                "deferred", detail)
-        metrics.count_delivery("deferred", system, item.queue_id)
+                                result, detail)
+        metrics.count_delivery(result, system, item.queue_id)
         log.info("%s <%s> -> %s deferred (retry in %.1fs): %s", item.queue_id, item.rcpt,
                  physical, delay, detail, extra={"queue_id": item.queue_id})
         self._push_deferred(item)
@@ -534,7 +609,7 @@ class Deliverer:
             await self._fail(failures, None)
 
     async def _fail(self, failures: list[tuple[PendingRecipient, str | None, Reply, bool]],
-                    system: str | None) -> None:
+                    system: str | None, settled: set[int] | None = None) -> None:
         """Shunt a copy for the admin, queue one DSN per message, then record the failure."""
         by_message: dict[str, list[tuple[PendingRecipient, str | None, Reply, bool]]] = {}
         for failure in failures:
@@ -550,6 +625,8 @@ class Deliverer:
                 log.exception("%s: cannot shunt or bounce; will retry", queue_id,
                               extra={"queue_id": queue_id})
                 for it, physical, _, _ in group:
+                    if settled is not None:
+                        settled.add(id(it))
                     self._defer(it, physical, system, Reply(0, f"cannot bounce: {exc}"), [])
                 continue
             note = f"; bounced to <{first.mail_from}>" if bounced else "; no bounce"
@@ -561,6 +638,8 @@ class Deliverer:
                 metrics.count_delivery("shunted", system, queue_id)
                 log.warning("%s <%s> -> %s failed, shunted to %s%s: %s", queue_id, it.rcpt,
                             physical, path.name, note, why, extra={"queue_id": queue_id})
+                if settled is not None:
+                    settled.add(id(it))
                 self._finish(it)
 
     async def _bounce(self, first: PendingRecipient,

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
 
 from . import shared_db as t
 from .addresses import is_valid, normalize, split_physical
@@ -56,6 +56,8 @@ class System:
     host: str
     port: int
     protocol: str
+    # Bumped by a refresh: connections opened under an older generation are retired.
+    generation: int = 0
 
 
 @dataclass
@@ -152,9 +154,10 @@ class Directory:
             raise DirectoryError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not host or not (0 < port < 65536):
             raise DirectoryError(f"bad endpoint {host!r}:{port!r}")
-        system = System(name, host, port, protocol)
         with self.shared.write() as db:
             current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
+            system = System(name, host, port, protocol,
+                            0 if current is None else int(current.generation))
             if current is None:
                 db.execute(insert(t.systems).values(vars(system)))
             elif _system(current) != system:
@@ -162,6 +165,23 @@ class Directory:
                            .values(host=host, port=port, protocol=protocol))
             if current is None or _system(current) != system:
                 bump(db, "systems_version")
+            version = counters(db)["systems_version"]
+        self._systems[name] = system
+        self._own_systems.append((version, system))
+        return system
+
+    def refresh_system(self, name: str) -> System | None:
+        """Bump the system's generation (its tables changed): every node retires the
+        connections it holds to it before their next transaction. None: not registered."""
+        name = name.lower()
+        with self.shared.write() as db:
+            current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
+            if current is None:
+                return None
+            system = replace(_system(current), generation=int(current.generation) + 1)
+            db.execute(update(t.systems).where(t.systems.c.name == name)
+                       .values(generation=system.generation))
+            bump(db, "systems_version")
             version = counters(db)["systems_version"]
         self._systems[name] = system
         self._own_systems.append((version, system))
@@ -210,27 +230,56 @@ class Directory:
     # -- flip (E9) -------------------------------------------------------------------
     def flip(self, addresses: list[str], source: str, target: str) -> FlipResult:
         """Move every address from `source` to `target` in one transaction, or none."""
-        result = FlipResult()
-        with self.shared.write() as db:
-            current = _physicals(db, addresses)
+        return self.flip_many([(addresses, source, target)])[0]
+
+    def flip_many(self, flips: list[tuple[list[str], str, str]]) -> list[FlipResult]:
+        """Several flips (addresses, source, target) in one transaction: all of them or none.
+
+        Why: a wave cuts over many mailboxes under one hold; one transaction for all of them
+        is one commit (and one refresh for the other nodes) instead of one per mailbox. The
+        rules are those of a single flip, checked for every address before anything is
+        written; an address named by two flips of the batch is refused (which one wins
+        would be a guess)."""
+        seen: dict[str, int] = {}
+        for n, (addresses, _, _) in enumerate(flips):
             for address in addresses:
-                where = current.get(address)
-                if where == target:
-                    result.already.append(address)
-                elif where == source:
-                    _set(db, address, target)
-                    result.flipped.append(address)
-                elif where is None:
-                    _set(db, address, target)
-                    result.created.append(address)
-                else:
-                    # Raising rolls the whole transaction back: nothing was flipped.
-                    raise DirectoryConflict(
-                        f"{address} routes to {where}, neither {source} nor {target}"
-                    )
+                if seen.setdefault(address, n) != n:
+                    raise DirectoryError(f"{address} is in two flips of the batch "
+                                         f"(number {seen[address] + 1} and {n + 1})")
+        results = [FlipResult() for _ in flips]
+        moved: list[tuple[str, str]] = []
+        created: list[tuple[str, str]] = []
+        with self.shared.write() as db:
+            current = _physicals(db, list(seen))
+            for (addresses, source, target), result in zip(flips, results, strict=True):
+                for address in dict.fromkeys(addresses):
+                    where = current.get(address)
+                    if where == target:
+                        result.already.append(address)
+                    elif where == source:
+                        moved.append((address, target))
+                        result.flipped.append(address)
+                    elif where is None:
+                        created.append((address, target))
+                        result.created.append(address)
+                    else:
+                        # Raising rolls the whole transaction back: nothing was flipped.
+                        raise DirectoryConflict(
+                            f"{address} routes to {where}, neither {source} nor {target}"
+                        )
+            if moved:
+                db.execute(update(t.directory)
+                           .where(t.directory.c.address == bindparam("key"))
+                           .values(physical=bindparam("to")),
+                           [{"key": a, "to": p} for a, p in moved])
+            if created:
+                db.execute(insert(t.directory),
+                           [{"address": a, "physical": p} for a, p in created])
+            if moved or created:
+                bump(db, "version", len(moved) + len(created))  # one per change, as _set
             version = counters(db)["version"]
-        self._apply(((a, target) for a in result.flipped + result.created), version)
-        return result
+        self._apply([*moved, *created], version)
+        return results
 
     # -- up-sync / down-sync / verify (E5-E8) ---------------------------------------
     def upsync(self, system: str, mailboxes: list[tuple[str, list[str]]]) -> UpsyncResult:
@@ -363,7 +412,8 @@ def _merge_claim(db: Connection, system: str, address: str, physical: str,
 
 
 def _system(r: Row[Any]) -> System:
-    return System(str(r.name), str(r.host), int(r.port), str(r.protocol))
+    return System(str(r.name), str(r.host), int(r.port), str(r.protocol),
+                  int(r.generation or 0))
 
 
 def _change(entries: dict[str, str], address: str, physical: str | None) -> None:
@@ -385,9 +435,15 @@ def _entries(db: Connection) -> dict[str, str]:
 
 
 def _physicals(db: Connection, addresses: list[str]) -> dict[str, str]:
-    rows = db.execute(select(t.directory.c.address, t.directory.c.physical)
-                      .where(t.directory.c.address.in_(addresses)))
-    return {str(a): str(p) for a, p in rows}
+    found: dict[str, str] = {}
+    for start in range(0, len(addresses), _IN_CHUNK):
+        rows = db.execute(select(t.directory.c.address, t.directory.c.physical)
+                          .where(t.directory.c.address.in_(addresses[start:start + _IN_CHUNK])))
+        found.update((str(a), str(p)) for a, p in rows)
+    return found
+
+
+_IN_CHUNK = 900  # addresses per IN (...): below SQLite's oldest limit of 999 parameters
 
 
 def _other_claim(db: Connection, system: str, address: str) -> str | None:

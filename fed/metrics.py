@@ -50,8 +50,15 @@ DELIVERED = Counter("fed_delivered", "Recipient deliveries that got a 2xx", ["de
                     registry=REGISTRY)
 DEFERRED = Counter("fed_deferred", "Delivery attempts that failed temporarily (retry later)",
                    ["destination"], registry=REGISTRY)
+SYSTEM_REFUSALS = Counter(
+    "fed_system_refusals", "5xx answers of a managed system for an address fed's directory "
+    "places there (deferred and retried, not bounced: mailferry and the system disagree)",
+    ["destination"], registry=REGISTRY)
 BOUNCED = Counter("fed_bounced", "Recipients refused for good (5xx: shunted or bounced)",
                   ["destination"], registry=REGISTRY)
+QUARANTINED = Counter("fed_quarantined", "Queue files set aside in spool/quarantine (unreadable "
+                      "or corrupt), by where it was found (start-up, delivery)", ["where"],
+                      registry=REGISTRY)
 LATENCY = Histogram(
     "fed_delivery_latency_seconds", "From acceptance to successful delivery, per recipient",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
@@ -80,17 +87,25 @@ def queued_at(queue_id: str) -> float | None:
 
 def count_delivery(result: str, destination: str | None, queue_id: str,
                    received_at: float | None = None) -> None:
-    """One recorded delivery outcome: 'delivered', 'deferred', 'shunted'/'bounced'."""
+    """One recorded delivery outcome: 'delivered', 'deferred', 'refused' (a managed
+    system's 5xx, deferred too), 'shunted'/'bounced'."""
     dest = destination or "unknown"
     if result == "delivered":
         DELIVERED.labels(destination=dest).inc()
         start = received_at if received_at is not None else queued_at(queue_id)
         if start is not None:
             LATENCY.observe(max(0.0, time.time() - start))
-    elif result == "deferred":
+    elif result in ("deferred", "refused"):
         DEFERRED.labels(destination=dest).inc()
+        if result == "refused":
+            SYSTEM_REFUSALS.labels(destination=dest).inc()
     elif result in ("shunted", "bounced"):
         BOUNCED.labels(destination=dest).inc()
+
+
+def count_quarantined(where: str) -> None:
+    """A queue file went to quarantine (``spool.py``)."""
+    QUARANTINED.labels(where=where).inc()
 
 
 @dataclass
@@ -105,6 +120,7 @@ class QueueState:
     admin_held_messages: int = 0
     oldest_admin_hold: float | None = None
     connections: int = 0
+    quarantined: int = 0  # messages in spool/quarantine
 
 
 class StateCollector(Collector):
@@ -142,6 +158,9 @@ class StateCollector(Collector):
             else max(0.0, now - state.oldest_admin_hold))
         yield GaugeMetricFamily("fed_smtp_connections", "Open SMTP connections",
                                 value=state.connections)
+        yield GaugeMetricFamily("fed_quarantine_messages",
+                                "Messages in quarantine, waiting for an admin "
+                                "(fed queue quarantine)", value=state.quarantined)
 
 
 _state: StateCollector | None = None

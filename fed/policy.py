@@ -5,11 +5,17 @@ the outside world, and nobody else's. "A sender claiming a local address" proves
 (envelope senders are free text), so a claim alone never opens the relay. Relaying to a
 foreign domain is allowed only for
 
-(a) a client in one of the configured relay networks (``--relay-network CIDR``, default
-    loopback only: 127.0.0.0/8 and ::1) whose envelope sender is one of the mail systems'
-    own addresses (a directory entry or a physical address of a registered system), or the
-    null sender ``<>`` (the systems' own bounces and DSNs must get out); or
+(a) a client in one of the configured relay networks (``--relay-network CIDR``,
+    repeatable) whose envelope sender is one of the mail systems' own addresses (a
+    directory entry or a physical address of a registered system), or the null sender
+    ``<>`` (the systems' own bounces and DSNs must get out); or
 (b) a client that authenticated with SMTP AUTH (``auth.py``), whatever its address.
+
+There is **no default relay network**, not even loopback: on a shared host any local
+process could otherwise forge a directory sender and relay. The networks are named
+explicitly: by the admin (``--relay-network``), or by the specs (``reconcile serve`` passes
+the FedHub's ``relayNetworks`` and the submission hosts of the maildir systems it starts
+itself). Submission from anywhere else needs SMTP AUTH.
 
 Everything else gets ``550 5.7.1 relaying denied``. The decision is taken at RCPT time;
 routing accepted outside mail (smarthost, MX) is delivery's job.
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1/128")
+DEFAULT_RELAY_NETWORKS: tuple[str, ...] = ()  # explicit only (see above)
 
 
 def parse_networks(raw: Iterable[str]) -> list[Network]:

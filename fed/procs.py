@@ -43,6 +43,7 @@ from pathlib import Path
 from mailferry.service import notify_ready
 
 from .app import READY
+from .backoff import backoff
 
 log = logging.getLogger("fed.procs")
 
@@ -216,7 +217,7 @@ def _watch_children(children: list[Child], stop: threading.Event) -> None:
             if rc is None:
                 continue
             lived = now - child.started_at
-            delay = 0.0 if lived > 10.0 else min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+            delay = 0.0 if lived > 10.0 else backoff(child.restarts + 1, 0.5, 30.0)
             log.error("node %d (pid %d) exited with %d after %.1f s; restart in %.1f s",
                       child.k, child.proc.pid, rc, lived, delay)
             due[child.k] = now + delay

@@ -160,4 +160,5 @@ class QueueAdmin:
         admin = self.admin_holds()
         state.admin_held_messages = len(admin)
         state.oldest_admin_hold = min(admin.values(), default=None)
+        state.quarantined = self.spool.count_quarantined()
         return state

@@ -2,9 +2,11 @@
 
 An admin on call knows ``postqueue -p``, ``postqueue -f``, ``postsuper -h/-H/-d``; this
 is the same vocabulary for fed (``list``, ``flush``, ``hold``, ``release``, ``delete``, plus
-``show`` for one message), so it works from any host that reaches the control API and
-never touches fed's files behind its back. The token comes from ``--token-file`` or
-``--token-env``, as for ``fed serve``; ``delete`` asks for confirmation unless ``--yes``.
+``show`` for one message, and ``quarantine`` / ``requeue`` for the files fed set aside as
+unreadable or corrupt, like Mailman's ``bad`` queue), so it works from any host that
+reaches the control API and never touches fed's files behind its back. The token comes
+from ``--token-file`` or ``--token-env``, as for ``fed serve``; ``delete`` asks for
+confirmation unless ``--yes``.
 
 Exit codes: 0 done, 1 fed refused (unknown queue id, bad token, ...), 2 fed unreachable or
 bad usage (also: a live node could not be reached; what the others answered is shown).
@@ -14,8 +16,9 @@ bad usage (also: a live node could not be reached; what the others answered is s
 all of them, wherever it is pointed: it asks that node for ``GET /v1/nodes`` (the shared
 ``nodes`` table), where every node records the ``HOST:PORT`` its control API is bound to,
 and calls each *live* node itself, with the same token (the nodes of a group share it).
-``list`` merges the queues, oldest first, each message labelled with its node; ``flush``
-flushes every node; ``show``, ``hold``, ``release`` and ``delete`` try the nodes in turn
+``list`` and ``quarantine`` merge the nodes' answers, oldest first, each message labelled
+with its node; ``flush`` flushes every node; ``show``, ``hold``, ``release``, ``delete``
+and ``requeue`` try the nodes in turn
 (the one pointed at first) until one has the queue id (ids are unique; the others answer
 404 and change nothing). ``--this-node`` keeps to the node pointed at.
 
@@ -122,6 +125,19 @@ def print_show(m: dict[str, Any], out: TextIO) -> None:
     out.write("\n" + m.get("headers", "").replace("\r\n", "\n") + "\n")
 
 
+def print_quarantine(messages: list[dict[str, Any]], out: TextIO) -> None:
+    """One line per quarantined message: id, when, where it was found, why; then its file."""
+    for m in messages:
+        node = f"  [{m['node']}]" if m.get("node") else ""
+        rcpts = m.get("rcpts")
+        out.write(f"{m['queue_id']}  {m.get('at') or '?'}  ({m.get('where') or '?'}){node}\n"
+                  f"        {m['reason']}\n        file: {m['path']}\n")
+        if rcpts:
+            out.write(f"        pending: {', '.join(rcpts)}\n")
+    out.write(f"-- {len(messages)} messages in quarantine.\n" if messages
+              else "Quarantine is empty\n")
+
+
 def _base(endpoint: str, asked_host: str) -> str:
     """The base URL of a recorded HOST:PORT; a wildcard host is the host we asked."""
     host, _, port = endpoint.rpartition(":")
@@ -225,6 +241,18 @@ def run(args: argparse.Namespace, token: str, out: TextIO = sys.stdout,
                 out.write(json.dumps(messages, indent=2) + "\n")
             else:
                 print_list(messages, out)
+        elif action == "quarantine":
+            held = [m for answer in each("GET", "/v1/queue/quarantine")
+                    for m in answer["messages"]]
+            held.sort(key=lambda m: (str(m.get("at") or ""), m["queue_id"]))
+            if args.json:
+                out.write(json.dumps(held, indent=2) + "\n")
+            else:
+                print_quarantine(held, out)
+        elif action == "requeue":
+            answer = on_holder("POST", f"/v1/queue/quarantine/{qid}/requeue")
+            out.write(f"{answer['queue_id']}: requeued for {answer['recipients']} recipients"
+                      + _on(answer) + "\n")
         elif action == "show":
             message = on_holder("GET", f"/v1/queue/messages/{qid}")
             if args.json:

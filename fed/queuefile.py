@@ -13,7 +13,11 @@ Layout of ``queue/<queue id>.eml``::
     \\nFED1 <message size: 16 hex> <envelope size: 8 hex> <crc32 of message+envelope: 8 hex>\\n
 
 A file cut short by a crash (written, not yet synced, so never acknowledged) has no valid
-footer or a wrong checksum, whatever the file system did: start-up removes it.
+footer or a wrong checksum, whatever the file system did: start-up removes it. Anything
+else that goes wrong reading a file (it cannot be opened or read, its envelope makes no
+sense) is *not* proof that it was never acknowledged: ``BadQueueFile.torn`` tells the two
+apart, and the spool quarantines the second kind (``spool.py``). Delivery reads a file
+through the same checks, so a file corrupted on disk is never relayed.
 """
 
 from __future__ import annotations
@@ -61,67 +65,111 @@ def trailer(envelope: Envelope, message_crc: int) -> bytes:
     return body + b"\nFED1 %016x %08x %08x\n" % (envelope.size, len(body), crc)
 
 
-def _footer(fd: int) -> tuple[int, int, int, int] | None:
-    """(file size, message size, envelope size, crc) from the footer, or None."""
+class BadQueueFile(Exception):
+    """A queue file that is not what fed wrote and synced.
+
+    ``torn`` is True when the file is exactly what a crash before the fsync leaves (no
+    valid footer, or a checksum that does not match): such a file was never acknowledged.
+    False means a complete file whose content makes no sense (a checksum that matches over
+    an envelope that does not parse): never the result of a crash, so never deleted.
+    """
+
+    def __init__(self, path: Path, reason: str, torn: bool) -> None:
+        super().__init__(f"{path.name}: {reason}")
+        self.reason = reason
+        self.torn = torn
+
+
+def _footer(fd: int, path: Path) -> tuple[int, int, int]:
+    """(message size, envelope size, crc) from the footer; BadQueueFile(torn) if none."""
     total = os.fstat(fd).st_size
     if total < FOOTER_LEN:
-        return None
+        raise BadQueueFile(path, "no footer (shorter than one)", torn=True)
     match = _FOOTER.match(os.pread(fd, FOOTER_LEN, total - FOOTER_LEN))
     if match is None:
-        return None
+        raise BadQueueFile(path, "no valid footer", torn=True)
     size, env_len, crc = (int(g, 16) for g in match.groups())
     if size + env_len + FOOTER_LEN != total:
-        return None
-    return total, size, env_len, crc
+        raise BadQueueFile(path, f"{total} bytes where the footer says "
+                           f"{size + env_len + FOOTER_LEN}", torn=True)
+    return size, env_len, crc
 
 
-def read_message(path: Path) -> bytes:
-    """The message bytes of a queue file (without envelope and footer)."""
-    fd = os.open(path, os.O_RDONLY)
+def _read_checked(fd: int, path: Path, size: int, env_len: int, crc: int
+                  ) -> tuple[bytes, bytes]:
+    """(message, envelope) bytes, their CRC verified (BadQueueFile(torn) on a mismatch).
+    The message is read in pieces and joined once (no further copy of a big message)."""
+    chunks: list[bytes] = []
+    value, got = 0, 0
+    while got < size:
+        chunk = os.pread(fd, min(1 << 22, size - got), got)
+        if not chunk:
+            raise BadQueueFile(path, "shorter than its footer says", torn=True)
+        value = zlib.crc32(chunk, value)
+        chunks.append(chunk)
+        got += len(chunk)
+    envelope = os.pread(fd, env_len, size)
+    if len(envelope) != env_len:
+        raise BadQueueFile(path, "shorter than its footer says", torn=True)
+    value = zlib.crc32(envelope, value)
+    if value != crc:
+        raise BadQueueFile(path, f"checksum mismatch (crc32 {value:08x}, footer says "
+                           f"{crc:08x})", torn=True)
+    return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), envelope
+
+
+def _parse_envelope(path: Path, raw_json: bytes, size: int) -> Envelope:
     try:
-        footer = _footer(fd)
-        if footer is None:
-            raise OSError(f"{path.name}: not a complete queue file")
-        size = footer[1]
-        chunks: list[bytes] = []
-        got = 0
-        while got < size:
-            chunk = os.pread(fd, size - got, got)
-            if not chunk:
-                raise OSError(f"{path.name}: shorter than its footer says")
-            chunks.append(chunk)
-            got += len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def read_envelope(path: Path) -> Envelope | None:
-    """The envelope of a complete queue file (checksum verified), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        footer = _footer(fd)
-        if footer is None:
-            return None
-        _, size, env_len, crc = footer
-        value, offset = 0, 0
-        while offset < size + env_len:
-            chunk = os.pread(fd, min(1 << 20, size + env_len - offset), offset)
-            if not chunk:
-                return None
-            value = zlib.crc32(chunk, value)
-            offset += len(chunk)
-        if value != crc:
-            return None
-        raw = json.loads(os.pread(fd, env_len, size))
+        raw = json.loads(raw_json)
         return Envelope(str(raw["queue_id"]), str(raw["mail_from"]),
                         tuple(str(r) for r in raw["rcpts"]),
                         None if raw["message_id"] is None else str(raw["message_id"]),
                         float(raw["received_at"]), size)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadQueueFile(path, f"envelope does not parse: {exc!r}", torn=False) from exc
+
+
+def read_queue_file(path: Path) -> tuple[Envelope, bytes]:
+    """Envelope and message bytes of a queue file, its checksum verified.
+
+    Raises BadQueueFile (see ``torn``) for a file that is not a complete queue file and
+    OSError when the file cannot be read at all (EMFILE, EIO, EACCES, ...): the caller
+    must never take the latter for "never acknowledged".
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, env_len, crc = _footer(fd, path)
+        message, raw_envelope = _read_checked(fd, path, size, env_len, crc)
     finally:
         os.close(fd)
+    return _parse_envelope(path, raw_envelope, size), message
+
+
+def read_message(path: Path) -> bytes:
+    """The message bytes of a queue file (checksum verified; see read_queue_file)."""
+    return read_queue_file(path)[1]
+
+
+def read_envelope(path: Path) -> Envelope:
+    """The envelope of a queue file (checksum verified; see read_queue_file).
+
+    Reads the file in pieces without keeping them: start-up checks every file it does not
+    know, and a big message need not be in memory for that.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, env_len, crc = _footer(fd, path)
+        value, offset = 0, 0
+        while offset < size + env_len:
+            chunk = os.pread(fd, min(1 << 20, size + env_len - offset), offset)
+            if not chunk:
+                raise BadQueueFile(path, "shorter than its footer says", torn=True)
+            value = zlib.crc32(chunk, value)
+            offset += len(chunk)
+        if value != crc:
+            raise BadQueueFile(path, f"checksum mismatch (crc32 {value:08x}, footer says "
+                               f"{crc:08x})", torn=True)
+        raw_json = os.pread(fd, env_len, size)
+    finally:
+        os.close(fd)
+    return _parse_envelope(path, raw_json, size)

@@ -67,6 +67,9 @@ systems = Table(
     Column("host", String(255), nullable=False),
     Column("port", Integer, nullable=False),
     Column("protocol", String(8), nullable=False),
+    # Bumped by a refresh (the system's tables changed): every node retires the connections
+    # it opened to the system under an older generation. Added after the first release.
+    Column("generation", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("protocol IN ('lmtp', 'smtp')", name="systems_protocol"),
 )
 # Version counters: 'version' (directory, the down-sync version), 'systems_version',
@@ -185,6 +188,11 @@ class SharedDB:
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("ALTER TABLE nodes ADD COLUMN control VARCHAR(300)")
             log.info("shared database: added the column nodes.control")
+        if "generation" not in {c["name"] for c in inspect(self.engine).get_columns("systems")}:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(
+                    "ALTER TABLE systems ADD COLUMN generation BIGINT NOT NULL DEFAULT 0")
+            log.info("shared database: added the column systems.generation")
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
@@ -252,9 +260,10 @@ def counters(conn: Connection) -> dict[str, int]:
     return {str(k): int(v) for k, v in conn.execute(select(meta.c.key, meta.c.value))}
 
 
-def bump(conn: Connection, key: str) -> int:
-    """Increment one counter inside the caller's write transaction; the new value."""
-    conn.execute(update(meta).where(meta.c.key == key).values(value=meta.c.value + 1))
+def bump(conn: Connection, key: str, by: int = 1) -> int:
+    """Increment one counter (by `by` changes) inside the caller's write transaction; the
+    new value."""
+    conn.execute(update(meta).where(meta.c.key == key).values(value=meta.c.value + by))
     return int(conn.scalar(select(meta.c.value).where(meta.c.key == key)) or 0)
 
 

@@ -84,6 +84,7 @@ class Connection:
         self.broken = False
         self.transactions = 0
         self.data_sent = False  # the current transaction's message went out
+        self.generation = 0  # the system's generation when this connection was opened
 
     @classmethod
     async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float
@@ -141,7 +142,8 @@ class Connection:
         return (await self._reply_lines())[0]
 
     async def send(self, mail_from: str, rcpts: list[str], data: bytes) -> dict[str, Reply]:
-        """One transaction; each recipient's final reply. ClientError if the link broke."""
+        """One transaction; each recipient's final reply. ClientError if the link broke
+        before any recipient's final reply was read."""
         mail_from = mail_from.removeprefix("<").removesuffix(">")  # aiosmtpd keeps <> as is
         options = ""
         if "8BITMIME" in self.extensions and not data.isascii():
@@ -191,8 +193,15 @@ class Connection:
             await self._reply()
             return final
         if self.lmtp:
-            for rcpt in accepted:  # RFC 2033: one reply per accepted recipient, in order
-                final[rcpt] = await self._reply()
+            for n, rcpt in enumerate(accepted):  # RFC 2033: one reply each, in order
+                try:
+                    final[rcpt] = await self._reply()
+                except ClientError as exc:
+                    # The replies already read stand (those mailboxes have the message:
+                    # a retry would deliver it twice); only the rest get the error.
+                    for rest in accepted[n:]:
+                        final[rest] = exc.reply
+                    return final
         else:
             reply = await self._reply()
             for rcpt in accepted:
@@ -200,6 +209,20 @@ class Connection:
         if not any(final[rcpt].ok for rcpt in accepted):
             await self._reset()
         return final
+
+    async def check(self, mail_from: str, rcpts: list[str]) -> dict[str, Reply]:
+        """MAIL and RCPT for each recipient, then RSET: what the server would answer each
+        one, without sending a message (a probe before a flip). ClientError if the link
+        broke."""
+        self._send(f"MAIL FROM:<{mail_from}>\r\n".encode())
+        mail = await self._reply()
+        replies = dict.fromkeys(rcpts, mail)
+        if mail.ok:
+            for rcpt in rcpts:
+                self._send(f"RCPT TO:<{rcpt}>\r\n".encode())
+                replies[rcpt] = await self._reply()
+        await self._reset()
+        return replies
 
     async def _reset(self) -> None:
         """RSET after a transaction that did not complete, so the next one starts clean."""

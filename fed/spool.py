@@ -7,6 +7,9 @@ Layout under ``<state dir>/spool``::
              envelope and a checksummed footer (``queuefile.py``)
     shunt/   <queue id>-<tag>.eml + .json: a copy of a message a system refused with 5xx
              (or that expired in the queue), and why; the sender also gets a bounce
+    quarantine/  <queue id>.eml + .json: a queue file fed could not trust or read (like
+             Mailman's ``bad`` queue): never deleted, never delivered until an admin
+             requeues it (``fed queue quarantine`` / ``fed queue requeue``)
 
 Accepting is a group commit (``groupcommit.py``): every message that reaches the end of DATA
 while the previous batch is syncing joins the next batch. For a batch, a worker thread
@@ -20,7 +23,9 @@ sync round per batch, like Postfix's one fsync per message, and shared.
 Crash analysis (kill -9 or power cut at any instant):
 
 - file written but not yet synced: never acknowledged; its footer is missing or its
-  checksum wrong, so start-up removes it;
+  checksum wrong, so start-up removes it. Nothing else is taken for that: a file that
+  cannot be read (EMFILE, EIO, EACCES), whose envelope does not parse or names another
+  queue id goes to ``quarantine/``, logged and counted (``fed_quarantined``);
 - file synced, rows not (yet) durable: start-up rebuilds the rows from the envelope in the
   file and delivers it;
 - rows without a file: the message was finished (files are unlinked before their rows are
@@ -31,9 +36,18 @@ So every acknowledged message is delivered after a restart, at least once.
 Delivery outcomes (done, retry, shunted, the ``deliveries`` log, forgetting a finished
 message) are not worth an fsync each either: losing one only means delivering that
 recipient again (at-least-once, as before). They are buffered and written a few
-milliseconds later in one transaction with ``synchronous=NORMAL``; the file of a finished
-message is unlinked first, so a crash leaves rows without a file (dropped at start) rather
-than resurrecting a finished message from its file (which would only mean a duplicate).
+milliseconds later in one transaction with ``synchronous=NORMAL``. A kill -9 loses that
+buffer, and with it the ``done`` marks of the deliveries of the last milliseconds (most of
+the duplicates of a kill -9 storm): so each ``done`` is also appended at once to
+``spool/done.log`` (one ``write``, no fsync: it survives a kill -9, which keeps the page
+cache), which start-up applies before loading the queue and which every flush empties
+once its transaction committed; the file of a finished
+message is unlinked first, and its rows are deleted only once the unlink returned (the
+unlinks run in a worker thread, the row deletes follow in a later flush), so a crash leaves
+rows without a file (dropped at start) and never a finished message's file without rows
+(start-up would rebuild and deliver it again). The unlink is not synced: after a power cut
+it may come back, but then so may the ``done`` marks, which are not synced either; the
+cost is a redelivery, never a message (``tests/test_fed_powerloss.py``).
 """
 
 from __future__ import annotations
@@ -52,8 +66,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import metrics
 from .groupcommit import GroupCommitter
-from .queuefile import Envelope, crc_of, read_envelope, read_message, trailer
+from .queuefile import (
+    BadQueueFile,
+    Envelope,
+    crc_of,
+    read_envelope,
+    read_message,
+    read_queue_file,
+    trailer,
+)
 from .store import Store
 
 log = logging.getLogger("fed.spool")
@@ -122,6 +145,10 @@ def _unlink_all(files: list[Path]) -> None:
             log.warning("cannot remove %s: %s", file, exc)
 
 
+class QuarantineError(Exception):
+    """A quarantined message cannot be requeued (the message says why)."""
+
+
 def write_durably(tmp_dir: Path, final: Path, data: bytes) -> None:
     """Write `data` to `final` so that it exists complete or not at all after any crash."""
     tmp = tmp_dir / (final.name + f".{secrets.token_hex(4)}.tmp")
@@ -143,15 +170,20 @@ class Spool:
         self.tmp = root / "tmp"
         self.queue = root / "queue"
         self.shunt_dir = root / "shunt"
-        for d in (self.tmp, self.queue, self.shunt_dir):
+        self.quarantine_dir = root / "quarantine"
+        for d in (self.tmp, self.queue, self.shunt_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.on_queued: Callable[[list[PendingRecipient]], None] = lambda items: None
         self._committer: GroupCommitter[Incoming] = GroupCommitter(
             self._write_batch, self._commit_batch, self._undo)
         self._ops: list[tuple[str, tuple[object, ...]]] = []
-        self._unlink: list[Path] = []  # files of finished messages, to remove
+        self._unlink: list[str] = []  # queue ids of finished messages: file, then rows
+        self._unlinking: set[asyncio.Future[None]] = set()  # unlinks in the thread pool
         self._flush_handle: asyncio.TimerHandle | None = None
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
+        self.done_log = root / "done.log"
+        self._done_fd = -1  # done.log, opened by start() (after recover() applied it)
+        self._done_logged = False
         self._cache: dict[str, bytes] = {}  # queue id -> bytes of fresh small messages
         self._cached = 0
 
@@ -164,31 +196,191 @@ class Spool:
         """Clean up after a crash and rebuild lost index rows; return the messages queued."""
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
+        for info in self.quarantine_dir.glob("*.json"):  # a quarantine cut short
+            if not info.with_suffix(".eml").exists():
+                info.unlink(missing_ok=True)
         known = {str(r["queue_id"]) for r in self.store.query("SELECT queue_id FROM messages")}
         rebuilt: list[Envelope] = []
         for file in sorted(self.queue.glob("*.eml")):
             if file.stem in known:
                 continue
-            envelope = read_envelope(file)
-            if envelope is None or envelope.queue_id != file.stem:
-                log.info("removing incomplete (never acknowledged) spool file %s", file.name)
-                file.unlink(missing_ok=True)
-            else:
-                rebuilt.append(envelope)
+            try:
+                envelope = read_envelope(file)
+            except BadQueueFile as exc:
+                if exc.torn:  # what a crash before the fsync leaves: never acknowledged
+                    log.info("removing incomplete (never acknowledged) spool file %s: %s",
+                             file.name, exc.reason)
+                    file.unlink(missing_ok=True)
+                else:
+                    self._quarantine_at_start(file, exc.reason)
+                continue
+            except OSError as exc:  # proves nothing about the file: keep it
+                self._quarantine_at_start(file, f"cannot read: {exc}")
+                continue
+            if envelope.queue_id != file.stem:
+                self._quarantine_at_start(
+                    file, f"its envelope names queue id {envelope.queue_id}")
+                continue
+            rebuilt.append(envelope)
         if rebuilt:
             log.warning("re-queued %d acknowledged messages whose index rows a crash lost: %s",
                         len(rebuilt), ", ".join(e.queue_id for e in rebuilt))
             with self.store.transaction() as db:
                 self._index(db, rebuilt)
+        self._apply_done_log()  # after the rebuild: a rebuilt message may have done ones
+        finished = [str(r["queue_id"]) for r in self.store.query(
+            "SELECT queue_id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r "
+            "WHERE r.queue_id = m.queue_id AND r.status = 'pending')")]
+        if finished:  # every recipient done, the crash came before the file went
+            log.info("removing %d finished messages a crash left behind", len(finished))
+            _unlink_all([self.path(q) for q in finished])
+        known |= {e.queue_id for e in rebuilt}
         gone = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
         if gone:
-            # Finished (the file goes before its rows) or never acknowledged.
+            # Finished (the file goes before its rows), quarantined or never acknowledged.
             log.info("dropping %d queue entries without a spool file", len(gone))
             with self.store.transaction() as db:
                 db.executemany("DELETE FROM recipients WHERE queue_id = ?",
                                [(q,) for q in gone])
                 db.executemany("DELETE FROM messages WHERE queue_id = ?", [(q,) for q in gone])
-        return len(known) - len(gone) + len(rebuilt)
+        return len(known) - len(gone)
+
+    def _apply_done_log(self) -> None:
+        """Mark done what done.log says was delivered (its rows' transaction may not have
+        been written before the crash), then empty it."""
+        try:
+            raw = self.done_log.read_bytes()
+        except FileNotFoundError:
+            return
+        done: list[tuple[str, str]] = []
+        for line in raw.splitlines():
+            try:
+                queue_id, rcpt = json.loads(line)
+            except (ValueError, TypeError):
+                continue  # cannot happen with whole writes; a bad line costs a redelivery
+            done.append((str(rcpt), str(queue_id)))
+        if done:
+            with self.store.transaction() as db:
+                db.executemany("UPDATE recipients SET status = 'done' WHERE rcpt = ? AND "
+                               "queue_id = ? AND status = 'pending'", done)
+            log.info("applied %d delivery outcomes from %s", len(done), self.done_log.name)
+        self.done_log.unlink()
+
+    def _quarantine_at_start(self, file: Path, reason: str) -> None:
+        try:
+            self._move_to_quarantine(file, reason, None, "start-up")
+        except OSError as exc:  # left where it is: the next start tries again
+            log.error("cannot quarantine %s (%s): %s; left in the queue folder", file.name,
+                      reason, exc)
+
+    # -- quarantine -----------------------------------------------------------------------
+    def _move_to_quarantine(self, file: Path, reason: str, rcpts: list[str] | None,
+                            where: str) -> Path:
+        """Set a queue file aside with why (file work); `rcpts`: the recipients still
+        pending (None: every recipient of its envelope). Raises OSError."""
+        queue_id = file.stem
+        info = {"queue_id": queue_id, "reason": reason, "at": time.time(), "where": where,
+                "rcpts": rcpts}
+        target = self.quarantine_dir / file.name
+        # The reason first: a crash in between leaves a .json without .eml (removed at
+        # start) and the file still in the queue, where the next start finds it again.
+        write_durably(self.tmp, target.with_suffix(".json"), json.dumps(info).encode())
+        os.rename(file, target)
+        _fsync_dir(self.quarantine_dir)
+        _fsync_dir(self.queue)
+        log.error("%s quarantined (%s): %s; see fed queue quarantine", queue_id, where,
+                  reason, extra={"queue_id": queue_id})
+        metrics.count_quarantined(where)
+        return target
+
+    async def quarantine(self, queue_id: str, reason: str) -> list[str]:
+        """Take a queued message out of delivery into quarantine (a file that failed its
+        checksum); its pending recipients, which are logged as ``quarantined``."""
+        self.write_outcomes()
+        pending = [str(r["rcpt"]) for r in self.store.query(
+            "SELECT rcpt FROM recipients WHERE queue_id = ? AND status = 'pending' "
+            "ORDER BY rcpt", (queue_id,))]
+        message_id = next((r["message_id"] for r in self.store.query(
+            "SELECT message_id FROM messages WHERE queue_id = ?", (queue_id,))), None)
+        await asyncio.to_thread(self._move_to_quarantine, self.path(queue_id), reason,
+                                pending, "delivery")
+        self.uncache(queue_id)
+        now = time.time()
+        with self.store.transaction() as db:
+            db.executemany(
+                "INSERT INTO deliveries (at, queue_id, rcpt, physical, system, message_id, "
+                "result, detail) VALUES (?, ?, ?, NULL, NULL, ?, 'quarantined', ?)",
+                [(now, queue_id, rcpt, message_id, reason) for rcpt in pending])
+            db.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
+            db.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+        return pending
+
+    def quarantined(self) -> list[dict[str, object]]:
+        """Every quarantined message with the reason, oldest first."""
+        found: list[dict[str, object]] = []
+        for file in sorted(self.quarantine_dir.glob("*.eml")):
+            info: dict[str, object] = {"queue_id": file.stem, "reason": "unknown",
+                                       "at": None, "where": None, "rcpts": None}
+            try:
+                info.update(json.loads(file.with_suffix(".json").read_bytes()))
+                info["size"] = file.stat().st_size
+            except (OSError, ValueError) as exc:
+                info["reason"] = f"{info['reason']} (info unreadable: {exc})"
+            info["path"] = str(file)
+            found.append(info)
+        found.sort(key=lambda i: (i["at"] if isinstance(i["at"], int | float) else 0.0,
+                                  str(i["queue_id"])))
+        return found
+
+    def count_quarantined(self) -> int:
+        """Messages in quarantine (for the metrics gauge)."""
+        return sum(1 for _ in self.quarantine_dir.glob("*.eml"))
+
+    async def requeue(self, queue_id: str) -> int:
+        """Put a quarantined message back into the queue if its file checks out now (its
+        checksum, its envelope); the number of recipients queued. QuarantineError if not."""
+        file = self.quarantine_dir / f"{queue_id}.eml"
+        if not file.exists():
+            raise QuarantineError(f"{queue_id} is not in quarantine")
+        if queue_id in {str(r["queue_id"]) for r in self.store.query(
+                "SELECT queue_id FROM messages WHERE queue_id = ?", (queue_id,))}:
+            raise QuarantineError(f"{queue_id} is already queued")
+
+        def check_and_move() -> Envelope:
+            try:
+                envelope, _ = read_queue_file(file)
+            except (BadQueueFile, OSError) as exc:
+                raise QuarantineError(f"{queue_id} still fails its check: {exc}") from exc
+            if envelope.queue_id != queue_id:
+                raise QuarantineError(f"{queue_id}: its envelope names queue id "
+                                      f"{envelope.queue_id}")
+            try:
+                info = json.loads(file.with_suffix(".json").read_bytes())
+            except (OSError, ValueError):
+                info = {}
+            rcpts = info.get("rcpts")
+            if isinstance(rcpts, list) and rcpts:
+                envelope = Envelope(envelope.queue_id, envelope.mail_from,
+                                    tuple(str(r) for r in rcpts), envelope.message_id,
+                                    envelope.received_at, envelope.size)
+            target = self.path(queue_id)
+            if target.exists():
+                raise QuarantineError(f"{queue_id} is already in the queue folder")
+            os.rename(file, target)
+            _fsync_dir(self.queue)
+            _fsync_dir(self.quarantine_dir)
+            return envelope
+
+        envelope = await asyncio.to_thread(check_and_move)
+        with self.store.transaction() as db:  # synced: the rows say which recipients
+            self._index(db, [envelope])
+        (self.quarantine_dir / f"{queue_id}.json").unlink(missing_ok=True)
+        log.warning("%s requeued from quarantine for %s", queue_id, ", ".join(envelope.rcpts),
+                    extra={"queue_id": queue_id})
+        self.on_queued([PendingRecipient(queue_id, rcpt, envelope.mail_from,
+                                         envelope.message_id, received_at=envelope.received_at,
+                                         size=envelope.size) for rcpt in envelope.rcpts])
+        return len(envelope.rcpts)
 
     @staticmethod
     def _index(db: sqlite3.Connection, envelopes: Sequence[Envelope]) -> None:
@@ -204,13 +396,20 @@ class Spool:
 
     def start(self) -> None:
         """Start the group committer (on the running loop)."""
+        self._done_fd = os.open(self.done_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._committer.start()
 
     async def close(self) -> None:
         """Answer the accepts in progress and write the buffered outcomes."""
         await self._committer.close()
         await self.flush()
+        while self._unlinking:  # their row deletes come after them (write_outcomes)
+            await asyncio.wait(set(self._unlinking))
+            await self.flush()
         self._fsyncs.shutdown()
+        if self._done_fd >= 0:
+            os.close(self._done_fd)
+            self._done_fd = -1
 
     def stats(self) -> str:
         """Group commit statistics, for the log at shutdown."""
@@ -337,7 +536,14 @@ class Spool:
 
     # -- outcomes (buffered) ------------------------------------------------------------
     def mark_done(self, queue_id: str, rcpt: str) -> None:
-        """Record a successful delivery."""
+        """Record a successful delivery (at once in done.log, in the store with the next
+        flush)."""
+        if self._done_fd >= 0:
+            try:
+                os.write(self._done_fd, json.dumps([queue_id, rcpt]).encode() + b"\n")
+                self._done_logged = True
+            except OSError as exc:  # the store still gets it with the next flush
+                log.warning("cannot append to %s: %s", self.done_log, exc)
         self._buffer("UPDATE recipients SET status = 'done' WHERE queue_id = ? AND rcpt = ?",
                      (queue_id, rcpt))
 
@@ -372,11 +578,18 @@ class Spool:
             self._cached -= len(cached)
 
     def forget(self, queue_id: str) -> None:
-        """Every recipient is finished: remove the file, then the rows."""
+        """Every recipient is finished: remove the file, then (once it is gone) the rows."""
         self.uncache(queue_id)
-        self._buffer("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
-        self._buffer("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
-        self._unlink.append(self.path(queue_id))
+        self._unlink.append(queue_id)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush_soon)
+
+    def _unlinked(self, queue_ids: list[str]) -> None:
+        """The files are gone: now their rows may go (next flush)."""
+        for queue_id in queue_ids:
+            self._buffer("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
+            self._buffer("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
 
     def _buffer(self, sql: str, params: tuple[object, ...]) -> None:
         self._ops.append((sql, params))
@@ -398,12 +611,20 @@ class Spool:
     def write_outcomes(self) -> None:
         """Write the buffered outcomes now (readers of the log call this first)."""
         if self._unlink:
-            # Files first: a crash then rather leaves rows without a file (dropped at start)
-            # than a finished message's file without rows (it would be delivered again).
-            # Neither is synced here; an unlink reaches the disk with the next journal
-            # commit (any acceptance batch forces one), the rows at the next checkpoint.
-            files, self._unlink = self._unlink, []
-            self._fsyncs.submit(_unlink_all, files)
+            # Files first, rows after the unlinks returned: a crash then leaves rows without
+            # a file (dropped at start), never a finished message's file without rows (it
+            # would be delivered again). The unlinks run in a thread (they can wait for the
+            # journal); their rows are deleted by the flush after they finished.
+            queue_ids, self._unlink = self._unlink, []
+            files = [self.path(q) for q in queue_ids]
+            future = asyncio.wrap_future(self._fsyncs.submit(_unlink_all, files))
+            self._unlinking.add(future)
+
+            def unlinked(done: asyncio.Future[None]) -> None:
+                self._unlinking.discard(done)
+                self._unlinked(queue_ids)
+
+            future.add_done_callback(unlinked)
         ops, self._ops = self._ops, []
         if ops:
             conn = self.store.conn
@@ -420,6 +641,9 @@ class Spool:
                         start = end
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
+            if self._done_logged:  # every line in it is in the store now
+                os.ftruncate(self._done_fd, 0)
+                self._done_logged = False
 
     # -- shunt ----------------------------------------------------------------------------
     def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:

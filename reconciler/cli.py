@@ -8,6 +8,7 @@
     reconcile suspend PLACEMENT | resume PLACEMENT | retry ADDRESS
     reconcile events ADDRESS                             the event history of one address
     reconcile serve | demo | station enrol NAME --address ADDR
+    reconcile web [--listen 127.0.0.1:8027]              the read-only status page
     reconcile init DIR [--systemd] [--force]             a new specs repository
     reconcile completion bash|zsh|fish                   shell completion script
 
@@ -129,11 +130,16 @@ def _load_or_exit(specs_dir: str) -> SpecSet:
               help="--watch: longest sleep when nothing is due.")
 @click.option("--station-api", default=None, metavar="HOST:PORT",
               help="--watch: also serve the station API here (e.g. 127.0.0.1:8026).")
+@click.option("--web", default=None, metavar="HOST:PORT",
+              help="--watch: also serve the status page here (e.g. 127.0.0.1:8027).")
+@click.option("--web-token-file", default=None, metavar="FILE",
+              help="--web: the page's bearer token (needed beyond 127.0.0.1).")
 @click.pass_context
 def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
          out_file: str | None, apply_file: str | None, do_watch: bool, as_json: bool,
          at: str | None, verbose: bool, allow_dirty: bool, lease_timeout: float,
-         lease_ttl: float, reports_dir: str, interval: float, station_api: str | None) -> None:
+         lease_ttl: float, reports_dir: str, interval: float, station_api: str | None,
+         web: str | None, web_token_file: str | None) -> None:
     """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
     ctx.ensure_object(dict)
     ctx.obj.update(specs=specs_dir, state=state)
@@ -166,7 +172,8 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
         options = WatchOptions(specs_dir=specs_dir, state_url=engine.store.url,
                                interval=interval, allow_dirty=allow_dirty,
                                reports_dir=reports_dir, lease_ttl=lease_ttl,
-                               station_api=station_api)
+                               station_api=station_api, web=web,
+                               web_token_file=web_token_file)
         sys.exit(Watcher(engine, options, Output(click.echo, as_json), build_engine).run())
     except MailferryError as exc:
         _fail(str(exc))
@@ -222,7 +229,9 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
     engine.fed.fence = lease.fence  # fed refuses our calls once a newer holder called
     try:
         out.version("apply", engine)
-        applier = Applier(out, reports_dir)
+        from reconciler.liveprogress import for_output
+
+        applier = Applier(out, reports_dir, bars=for_output(as_json))
         if saved is None:
             report, _ = applier.apply(engine)
         else:
@@ -253,8 +262,12 @@ def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untype
     return report
 
 @main.command()
+@click.option("--web", default=None, metavar="HOST:PORT",
+              help="Also serve the status page here (e.g. 127.0.0.1:8027).")
+@click.option("--web-token-file", default=None, metavar="FILE",
+              help="--web: the page's bearer token (needed beyond 127.0.0.1).")
 @click.pass_context
-def serve(ctx: click.Context) -> None:
+def serve(ctx: click.Context, web: str | None, web_token_file: str | None) -> None:
     """Start the embedded default of the specs (fed and every maildir system) until Ctrl-C."""
     import signal
 
@@ -277,10 +290,59 @@ def serve(ctx: click.Context) -> None:
     with start_embedded(specs) as embedded:
         for server in embedded.servers:
             click.echo(f"{server.name}: pid {server.process.pid}: {server.ready_line}")
+        page = _status_page(build_engine(specs, ctx.obj["state"], read_only=True), web,
+                            web_token_file) if web else None
         click.echo("embedded default running; Ctrl-C stops it")
         notify_ready(f"{len(embedded.servers)} servers running")  # Type=notify
         while not stop and all(s.process.poll() is None for s in embedded.servers):
             time.sleep(0.5)
+        if page is not None:
+            page.stop()
+
+
+def _status_page(engine, listen: str, token_file: str | None):  # type: ignore[no-untyped-def]
+    """The status page for an engine (or a callable giving the current one), started (its
+    URL said), or exit 1 with the reason."""
+    from reconciler.web.server import status_page_for
+
+    try:
+        page = status_page_for(engine, listen, token_file=token_file).start()
+    except (MailferryError, OSError) as exc:
+        _fail(f"status page: {exc}")
+    click.echo(f"status page on {page.url}", err=True)
+    return page
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8027", show_default=True, metavar="HOST:PORT",
+              help="Where to serve the page; beyond 127.0.0.1 only with --token-file.")
+@click.option("--token-file", default=None, metavar="FILE",
+              help="A bearer token (also the password of HTTP Basic) the page asks for.")
+@click.pass_context
+def web(ctx: click.Context, listen: str, token_file: str | None) -> None:
+    """Serve the read-only status page (waves, mailboxes, fed, failures) until Ctrl-C."""
+    import signal
+
+    from reconciler.web.server import FollowSpecs
+
+    _load_or_exit(ctx.obj["specs"])
+    try:
+        follow = FollowSpecs(ctx.obj["specs"], lambda specs: build_engine(
+            specs, ctx.obj["state"], read_only=True))
+    except MailferryError as exc:
+        _fail(str(exc))
+    page = _status_page(follow, listen, token_file)
+    stop = False
+
+    def terminate(*_args: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    while not stop:
+        time.sleep(0.2)
+    page.stop()
 
 
 @main.command()

@@ -8,9 +8,11 @@ process is stopped by its PID, never by name.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,6 +98,38 @@ def _hostport(url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
+def _host_network(host: str) -> str:
+    """A host (IP or name) -> IP/32 or IP/128."""
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # a name: its loopback resolution is what connects from here
+        ip = ipaddress.ip_address(socket.gethostbyname(host))
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def fed_argv(specs: SpecSet) -> list[str]:
+    """The `fed serve` command line for the specs' FedHub."""
+    fed = specs.fed
+    argv = [sys.executable, "-m", "fed", "serve", "--smtp", str(fed.smtp),
+            "--control", _hostport(fed.control_url), "--state-dir", fed.state_dir]
+    argv += ["--token-file", fed.token.file] if fed.token.file else \
+        ["--token-env", str(fed.token.env)]
+    for domain in fed.domains:
+        argv += ["--domain", domain]
+    relay = list(fed.relay_networks)
+    for system in specs.systems.values():  # others are registered by the engine
+        if system.driver == "maildir":
+            argv += ["--system", f"{system.name}={system.lmtp}/lmtp"]
+            # The systems started here submit their outgoing mail to fed from their
+            # submission host: those, and only those, relay without AUTH (invariant 8).
+            if system.submission is not None:
+                relay.append(_host_network(system.submission.host))
+    for network in dict.fromkeys(relay):
+        argv += ["--relay-network", network]
+    return argv
+
+
 def start_embedded(specs: SpecSet, *, log_dir: Path | None = None) -> Embedded:
     """Start fed and every maildir system of the specs; stop them all if one fails."""
     fed = specs.fed
@@ -103,16 +137,7 @@ def start_embedded(specs: SpecSet, *, log_dir: Path | None = None) -> Embedded:
     ensure_file_secret(fed.token)
     embedded = Embedded()
     try:
-        argv = [sys.executable, "-m", "fed", "serve", "--smtp", str(fed.smtp),
-                "--control", _hostport(fed.control_url), "--state-dir", fed.state_dir]
-        argv += ["--token-file", fed.token.file] if fed.token.file else \
-            ["--token-env", str(fed.token.env)]
-        for domain in fed.domains:
-            argv += ["--domain", domain]
-        for system in specs.systems.values():  # others are registered by the engine
-            if system.driver == "maildir":
-                argv += ["--system", f"{system.name}={system.lmtp}/lmtp"]
-        embedded.servers.append(_start("fed", argv, "ready", logs / "fed.log"))
+        embedded.servers.append(_start("fed", fed_argv(specs), "ready", logs / "fed.log"))
         for system in specs.systems.values():
             if system.driver != "maildir":  # real servers are started by their admins
                 continue

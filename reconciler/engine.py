@@ -18,18 +18,20 @@ once (E4 -> E5-E8 -> E9 in a few hundred milliseconds, which keeps holds short).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import traceback
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from reconciler.drivers.base import MailSystemDriver
+from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_address
 from reconciler.errors import (
     LeaseLost,
     MailferryError,
@@ -38,10 +40,17 @@ from reconciler.errors import (
     StepError,
     TemporaryError,
 )
-from reconciler.fedclient import FedClient
+from reconciler.fedclient import FedClient, Refusal
+from reconciler.mover.progress import Progress
 from reconciler.plan import AddressErrorView, Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
-from reconciler.state.model import AddressError, Migration, PlacementSuspension, utcnow
+from reconciler.state.model import (
+    AddressError,
+    Event,
+    Migration,
+    PlacementSuspension,
+    utcnow,
+)
 from reconciler.state.store import Store, record_event, record_transition
 from reconciler.steps import prestage
 from reconciler.steps.base import Outcome, PassCache, StepContext
@@ -116,7 +125,9 @@ def read_migrations(store: Store) -> list[MigrationView]:
 
     with paused_gc(), store.session() as session:
         rows = session.execute(select(*_VIEW_COLUMNS).order_by(Migration.id))
-        return [MigrationView(**row._mapping) for row in rows]
+        # Positional: _VIEW_COLUMNS lists MigrationView's fields in order (a test checks);
+        # building each row's mapping was a third of this read.
+        return [MigrationView(*row) for row in rows]
 
 
 def view(m: Migration) -> MigrationView:
@@ -158,6 +169,9 @@ class Engine:
         # A pass's closing up-syncs / down-sync that failed: done first in the next pass.
         self._upsync_pending: set[str] = set()
         self._downsync_pending = False
+        # Figures of the copies this engine runs (E15): the terminal display and the status
+        # page served by the same process read them while a copy is running.
+        self.progress: Progress = Progress()
 
     # -- observe + plan -------------------------------------------------------------------
     def migrations(self) -> list[MigrationView]:
@@ -216,8 +230,59 @@ class Engine:
             from reconciler.fit import window_warnings_for
 
             plan.warnings.extend(window_warnings_for(self, plan, seen))
+            plan.warnings.extend(
+                f"{address}: {r.system} refuses {r.physical}, where fed's directory routes "
+                f"its mail ({r.count} deliveries deferred since {r.first}, last {r.last}: "
+                f"{r.reply}); fed retries and bounces only after its queue lifetime: fix the "
+                "system" for address, r in self.refusals(seen.migrations))
         plan.warnings.extend(seen.unreached)
         return plan
+
+    def refusals(self, migrations: list[MigrationView] | None = None
+                 ) -> list[tuple[str, Refusal]]:
+        """(address, refusal) for every physical address a managed system answered 5xx for
+        in the last hour (fed deferred them: invariant 9), named by the migration it belongs
+        to or else by fed's directory. Empty if fed cannot say (an older fed, unreachable)."""
+        try:
+            found = self.fed.refusals()
+        except StepError:
+            return []
+        if not found:  # the usual case: no migration record read for nothing
+            return []
+        names: dict[str, str] = {}
+        for m in self.migrations() if migrations is None else migrations:
+            names[physical_address(m.source_system, m.source_mailbox)] = m.address
+            names[physical_address(m.target_system, mailbox_id_for(m.address))] = m.address
+        if any(r.physical not in names for r in found):
+            for address, physical in self.fed.directory().entries.items():
+                names.setdefault(physical, address)
+        return [(names.get(r.physical, r.physical), r) for r in found]
+
+    def _record_refusals(self, now: datetime) -> None:
+        """A `refused` event on each migration whose mailbox a system refuses (once per
+        distinct reply), so that `reconcile events ADDRESS` shows it."""
+        found = self.refusals()
+        if not found:
+            return
+        with self.store.session() as session:
+            for address, refusal in found:
+                m = session.scalars(select(Migration).where(Migration.address == address)
+                                    .order_by(Migration.id.desc())).first()
+                if m is None:
+                    continue
+                last = session.scalars(select(Event).where(
+                    Event.migration_id == m.id, Event.step == "refused")
+                    .order_by(Event.id.desc())).first()
+                if last is not None and json.loads(last.detail or "{}").get("reply") \
+                        == refusal.reply:
+                    continue
+                log.warning("%s: %s refuses %s where fed routes its mail: %s", address,
+                            refusal.system, refusal.physical, refusal.reply)
+                record_event(session, m, "refused", from_state=m.state, to_state=m.state,
+                             detail={"physical": refusal.physical, "system": refusal.system,
+                                     "count": refusal.count, "since": refusal.first,
+                                     "reply": refusal.reply},
+                             commit=self.specs.commit, at=now)
 
     # -- apply ----------------------------------------------------------------------------
     def register_systems(self) -> None:
@@ -252,10 +317,11 @@ class Engine:
             return False
         return True
 
-    def apply_pass(self, report: ApplyReport) -> bool:
-        """One pass; True when at least one state changed."""
+    def apply_pass(self, report: ApplyReport, *, chain: bool = True) -> bool:
+        """One pass; True when at least one state changed. `chain=False`: no E9 right after
+        E5-E8 (a test that looks at the held state between passes)."""
         now = self.clock()
-        return self.run_changes(self.plan(now).due(), report, now, purge=True)
+        return self.run_changes(self.plan(now).due(), report, now, purge=True, chain=chain)
 
     def apply_changes(self, changes: list[Change]) -> ApplyReport:
         """Run exactly `changes` (a reviewed, saved plan), once each, in one pass."""
@@ -266,15 +332,25 @@ class Engine:
         return report
 
     def run_changes(self, changes: list[Change], report: ApplyReport, now: datetime, *,
-                    purge: bool) -> bool:
-        """Run `changes` in order, then the pass's up-syncs and down-sync; True on progress."""
+                    purge: bool, chain: bool = False) -> bool:
+        """Run `changes` in order, then the pass's up-syncs and down-sync; True on progress.
+
+        `chain`: a mailbox whose hold just took effect (E5-E8) is flipped and released (E9)
+        right away, before the next mailbox is held: each hold then lasts one E9, not the
+        holds of every other mailbox of the wave plus their flips (a saved plan runs exactly
+        its changes, without chaining)."""
         cache = PassCache(changed=set(self._upsync_pending),
                           downsync_needed=self._downsync_pending)
         progressed = False
-        for change in changes:
+        queue = deque(changes)
+        while queue:
+            change = queue.popleft()
             if self.should_stop() or self.lease_lost is not None:
                 break
             record = self._run_change(change, now, cache)
+            if chain and record is not None and record.ok and change.step == "E5" \
+                    and record.to_state == 5:
+                queue.appendleft(replace(change, step="E9", state=5))
             if record is None:
                 continue
             self._report(report, record)
@@ -283,6 +359,7 @@ class Engine:
             return False
         if purge:
             progressed = self._purge(now) or progressed
+            self._record_refusals(now)
         failed_syncs = self._sync(cache, now)
         for record in failed_syncs:
             self._report(report, record)
@@ -328,7 +405,8 @@ class Engine:
     def _context(self, session: Session, now: datetime, cache: PassCache,
                  address: str) -> StepContext:
         return StepContext(specs=self.specs, fed=self.fed, drivers=self.drivers,
-                           session=session, now=now, cache=cache, desired=self.desired.get(address))
+                           session=session, now=now, cache=cache, desired=self.desired.get(address),
+                           progress=self.progress)
 
     def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
         step = change.step or ""
@@ -347,6 +425,7 @@ class Engine:
                         session.delete(error)  # committed with the success, not before
                 if change.action == "create":
                     detail = prestage.create_mailbox(ctx, self.desired[change.address])
+                    detail.update(self._config_changes())
                     record_event(session, None, "create", address=change.address,
                                  detail=detail, commit=self.specs.commit, at=now)
                     return StepRecord(change.address, "create", True, None,
@@ -370,6 +449,7 @@ class Engine:
                     # commits with this session; the plan shows what it waits for.
                     return None
                 _failpoint(step, "after-action")
+                outcome.detail.update(self._config_changes())
                 self._record(session, m, outcome, now)
             _failpoint(step, "after-commit")
             return StepRecord(change.address, outcome.label, True, outcome.to_state)
@@ -388,6 +468,13 @@ class Engine:
             delay = exc.delay if isinstance(exc, TemporaryError) else None
             frozen = self._backoff(change, spec, message, delay, bug, now)
             return StepRecord(change.address, step, False, None, frozen or message)
+
+    def _config_changes(self) -> dict[str, dict[str, list[str]]]:
+        """{"config_changes": {system: [diff, ...]}} when a driver changed a system's own
+        configuration during the step (recorded in its event for the admin), else {}."""
+        changes = {name: found for name, driver in sorted(self.drivers.items())
+                   if (found := driver.take_config_changes())}
+        return {"config_changes": changes} if changes else {}
 
     def _record(self, session: Session, m: Migration, outcome: Outcome, now: datetime) -> None:
         if outcome.to_state is None:
@@ -446,7 +533,8 @@ class Engine:
                     record_event(session, m, "error", address=change.address,
                                  from_state=change.state, to_state=change.state,
                                  detail={"step": spec.name, "error": message,
-                                         "retry_in_s": wait}, commit=self.specs.commit, at=now)
+                                         "retry_in_s": wait, **self._config_changes()},
+                                 commit=self.specs.commit, at=now)
                 row.last_error = message
                 return None
         reason = f"{message} ({why})"

@@ -40,6 +40,7 @@ class SystemInfo:
     host: str
     port: int
     protocol: str
+    generation: int = 0  # bumped by every refresh
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class ReleaseResult:
 
     released: list[str]
     not_held: list[str]
+    held_seconds: dict[str, float] = field(default_factory=dict)  # how long each hold lasted
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class QueueCounts:
     held: int
     retrying: int
     shunted: int
+    parked: int = 0  # recipients fed decided not to deliver for now (held, fenced)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,18 @@ class Delivery:
     result: str
     detail: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A managed system answered 5xx for a physical address fed routes there (deferred)."""
+
+    physical: str
+    system: str
+    count: int
+    first: str
+    last: str
+    reply: str
 
 
 def _q(address: str) -> str:
@@ -261,15 +276,17 @@ class FedClient:
         if 200 <= status < 300:
             return status, _decode(raw, url)
         payload = _decode(raw, url, strict=False)
-        if status in ok:
-            return status, payload
         reason = payload.get("error") if isinstance(payload, dict) else None
         reason = reason or (payload.get("reason") if isinstance(payload, dict) else None)
         reason = reason or phrase
-        if status == 401:
-            raise PermanentError(f"fed refused the token at {method} {url}: {reason}")
+        # Fenced before a route's own 409 (refresh, verify, flip): that answer would read a
+        # lost lease as the route's refusal and retry it.
         if status == 409 and isinstance(payload, dict) and payload.get("fenced") is True:
             raise LeaseLost(f"fed refused {method} {url}: {reason}")
+        if status in ok:
+            return status, payload
+        if status == 401:
+            raise PermanentError(f"fed refused the token at {method} {url}: {reason}")
         if status >= 500:
             raise TemporaryError(f"fed failed {method} {url}: {status} {reason}")
         raise PermanentError(f"fed rejected {method} {url}: {status} {reason}")
@@ -323,6 +340,26 @@ class FedClient:
         body = {"host": host, "port": port, "protocol": protocol}
         return SystemInfo(**self._call("PUT", f"/v1/systems/{_q(name)}", body)[1])
 
+    def refresh_system(self, name: str, probe: list[str] | None = None) -> dict[str, str]:
+        """POST /v1/systems/{name}/refresh: fed retires its pooled connections to the system
+        (its tables changed) and, for `probe`, asks it on a fresh session whether it takes
+        these physical addresses. Returns address -> reply; a refusal is a TemporaryError
+        with the system's reply (the step waits and retries)."""
+        status, data = self._call("POST", f"/v1/systems/{_q(name)}/refresh",
+                                  {"probe": list(probe or [])}, ok=(409,))
+        replies = {str(a): str(r["reply"]) for a, r in data.get("probe", {}).items()}
+        if status == 409:
+            raise TemporaryError(f"fed's fresh session to {name}: {data.get('error')}",
+                                 delay=2.0)
+        return replies
+
+    def refusals(self, since: str | None = None) -> list[Refusal]:
+        """GET /v1/refusals: physical addresses a managed system refused (deferred)."""
+        query = "?" + urllib.parse.urlencode({"since": since}) if since else ""
+        return [Refusal(str(r["physical"]), str(r["system"]), int(r["count"]),
+                        str(r["first"]), str(r["last"]), str(r["reply"]))
+                for r in self._get("/v1/refusals" + query)["refusals"]]
+
     def upsync(self, system: str, mailboxes: dict[str, list[str]]) -> UpsyncResult:
         """POST /v1/upsync with `physical -> addresses` of every mailbox of `system`."""
         body = {"system": system, "mailboxes": [
@@ -365,7 +402,8 @@ class FedClient:
     def release(self, addresses: list[str]) -> ReleaseResult:
         """POST /v1/release."""
         data = self._call("POST", "/v1/release", {"addresses": addresses})[1]
-        return ReleaseResult(list(data["released"]), list(data["not_held"]))
+        return ReleaseResult(list(data["released"]), list(data["not_held"]),
+                             {str(a): float(s) for a, s in data.get("held_seconds", {}).items()})
 
     def flip(self, addresses: list[str], source: str, target: str) -> FlipResult:
         """POST /v1/flip (E9); PermanentError with fed's reason on 409."""
@@ -374,9 +412,29 @@ class FedClient:
         return FlipResult(list(data["flipped"]), list(data["already"]), list(data["created"]),
                           int(data["version"]))
 
+    def flip_many(self, flips: list[tuple[list[str], str, str]]) -> list[FlipResult]:
+        """POST /v1/flips: several (addresses, from, to) flips in one transaction, all or
+        none (a wave's E9 in one call); PermanentError with fed's reason on 409."""
+        body = {"flips": [{"addresses": a, "from": s, "to": t} for a, s, t in flips]}
+        data = self._call("POST", "/v1/flips", body)[1]
+        version = int(data["version"])
+        return [FlipResult(list(r["flipped"]), list(r["already"]), list(r["created"]), version)
+                for r in data["results"]]
+
     def queue(self) -> QueueCounts:
         """GET /v1/queue."""
         return QueueCounts(**self._get("/v1/queue"))
+
+    def queue_messages(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """GET /v1/queue/messages: this node's queued messages (with each recipient's
+        status and destination), oldest first."""
+        rows: list[dict[str, Any]] = self._get(f"/v1/queue/messages?limit={limit}")["messages"]
+        return rows
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """GET /v1/nodes: every fed node with `alive` and `heartbeat_age`."""
+        rows: list[dict[str, Any]] = self._get("/v1/nodes")["nodes"]
+        return rows
 
     def deliveries(self, rcpt: str | None = None, since: str | None = None,
                    limit: int = 1000) -> list[Delivery]:

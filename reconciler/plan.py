@@ -364,8 +364,8 @@ def _change_for(
     where = split_physical(directory.get(address, "") or "")
     actual_system = where[0] if where else None
     change = _decide(address, want, m, actual_system, clock, active)
-    if change.placement is None and want is not None:
-        change = replace(change, placement=want.placement)
+    if change.placement is None and want is not None:  # (most changes name it already:
+        change = replace(change, placement=want.placement)  # replace() is costly)
     return change
 
 
@@ -431,15 +431,16 @@ def _decide(
                         f"placement {want.placement}"))
         return Change(address=address, action="migrate", source=actual_system,
                       target=want.system, step="E1", due=clock.now, destructive=True,
-                      reason=f"move back: the migration to {m.target_system} had finished")
+                      reason=f"move back: the migration to {m.target_system} had finished",
+                      placement=want.placement)
     if actual_system is None:
         return Change(address=address, action="create", source=None, target=want.system,
-                      step="create", due=clock.now)
+                      step="create", due=clock.now, placement=want.placement)
     if actual_system == want.system:
         return Change(address=address, action="in-sync", source=actual_system,
-                      target=want.system)
+                      target=want.system, placement=want.placement)
     return Change(address=address, action="migrate", source=actual_system, target=want.system,
-                  state=None, step="E1", due=clock.now)
+                  state=None, step="E1", due=clock.now, placement=want.placement)
 
 
 def _finished_at_10(m: MigrationView) -> bool:

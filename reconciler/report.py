@@ -13,7 +13,10 @@ the report lists them). Each report is recorded in `wave_reports` with the newes
 id it covers, so it is written once; a mailbox added to the placement later makes a new
 report when that one is done too.
 
-Files: `<reports dir>/wave-<placement>-<UTC time>.txt` (for people) and `.json` (for tools).
+Files: `<reports dir>/wave-<placement>-<UTC time>.txt` (for people), `.html` (the same
+figures with three charts drawn as inline SVG on the server: mean time per step, held time
+per mailbox, copy rate per mailbox; one self-contained file, no script, opens anywhere) and
+`.json` (for tools).
 Mail: when the placement has `reportTo`, the text goes through fed's SMTP port like any
 mail, from `mailferry@<fed's first domain>`; a failure to send is said and recorded, never
 fatal (the file is there).
@@ -58,6 +61,9 @@ class WaveSummary:
     started: str | None = None
     finished: str | None = None
     longest_hold_s: float = 0.0
+    step_seconds: dict[str, float] = field(default_factory=dict)  # step -> mean seconds
+    held_seconds: dict[str, float] = field(default_factory=dict)  # address -> held
+    copy_rates: dict[str, float] = field(default_factory=dict)  # address -> messages/s
 
     def text(self) -> str:
         lines = [
@@ -75,6 +81,13 @@ class WaveSummary:
         ]
         lines += [f"    {f['address']} at {f['step']}: {f['reason']}" for f in self.failed]
         return "\n".join(lines) + "\n"
+
+
+    def html(self) -> str:
+        """The report as one HTML page with its charts as inline SVG (escaped values)."""
+        from reconciler.web.templating import templates
+
+        return templates().get_template("report.html").render(r=self)
 
 
 def _finished(m: Migration, refused: set[str]) -> bool:
@@ -117,16 +130,35 @@ def summarise(engine: Engine, placement: str, rows: list[Migration]) -> WaveSumm
             .where(TransferRun.migration_id.in_(ids))).one()
     summary.messages_copied, summary.bytes_copied = int(copied[0]), int(copied[1])
     hold_start = {m.id: m.hold_started_at for m in rows}
+    address = {m.id: m.address for m in rows}
+    previous: dict[int, datetime] = {}
+    step_times: dict[str, list[float]] = {}
     for e in events:
         detail = _detail(e.detail)
+        mid = e.migration_id or 0
+        if e.to_state is not None and mid in previous:
+            step_times.setdefault(e.step, []).append((e.at - previous[mid]).total_seconds())
+        if e.to_state is not None:
+            previous[mid] = e.at
         if e.step == "E9":
             summary.held_and_released += int(detail.get("released_messages", 0) or 0)
-            since = hold_start.get(e.migration_id or 0)
+            since = hold_start.get(mid)
             if since is not None:
-                summary.longest_hold_s = max(summary.longest_hold_s,
-                                             (e.at - since).total_seconds())
+                held = (e.at - since).total_seconds()
+                summary.longest_hold_s = max(summary.longest_hold_s, held)
+                summary.held_seconds[address[mid]] = round(held, 3)
         elif e.step == "E41-E42":
             summary.source_deleted += 1
+    summary.step_seconds = {step: round(sum(times) / len(times), 3)
+                            for step, times in step_times.items()}
+    with engine.store.session() as session:
+        for mid, messages, seconds in session.execute(
+                select(TransferRun.migration_id, func.sum(TransferRun.copied),
+                       func.sum(TransferRun.seconds))
+                .where(TransferRun.migration_id.in_(ids), TransferRun.copied > 0)
+                .group_by(TransferRun.migration_id)):
+            if seconds:
+                summary.copy_rates[address[mid]] = round(float(messages) / float(seconds), 1)
     if events:
         summary.started = _iso(events[0].at)
         summary.finished = _iso(events[-1].at)
@@ -158,6 +190,7 @@ def write_finished(engine: Engine, plan: Plan, reports_dir: str | Path,
         path.write_text(summary.text(), encoding="utf-8")
         path.with_suffix(".json").write_text(json.dumps(asdict(summary), indent=1) + "\n",
                                              encoding="utf-8")
+        path.with_suffix(".html").write_text(summary.html(), encoding="utf-8")
         recipients = engine.specs.placements[name].report_to
         mailed = _mail(engine, summary, recipients, notice) if recipients else ""
         with engine.store.session() as session:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from reconciler.engine import ApplyReport, Engine, StepRecord
 from reconciler.errors import MailferryError
+from reconciler.liveprogress import WaveBars
 from reconciler.output import (
     blocked_json,
     blocked_text,
@@ -92,6 +93,7 @@ class Applier:
     reports_dir: str | Path
     reported_once: bool = False
     last_summary: str = field(default="")
+    bars: WaveBars | None = None  # live bars on a terminal (liveprogress.for_output)
 
     def apply(self, engine: Engine, *, quiet_when_idle: bool = False) -> tuple[ApplyReport, Plan]:
         """Everything due now; then blocked changes, the summary and the wave reports.
@@ -99,10 +101,24 @@ class Applier:
         `quiet_when_idle` (watch): print the summary only when something happened or it
         changed since the last pass."""
         engine.on_record = self.out.record
-        report = engine.apply()
+        report = engine.apply() if self.bars is None else self._with_bars(engine, self.bars)
         plan = engine.plan()
         self.finish(engine, plan, report, quiet_when_idle=quiet_when_idle)
         return report, plan
+
+    def _with_bars(self, engine: Engine, bars: WaveBars) -> ApplyReport:
+        """apply, with the waves' and the copies' bars on the screen meanwhile."""
+        def record(step: StepRecord) -> None:
+            self.out.record(step)
+            bars.record(step)
+
+        engine.on_record = record
+        engine.progress = bars
+        bars.begin(engine.plan())
+        try:
+            return engine.apply()
+        finally:
+            bars.end()
 
     def finish(self, engine: Engine, plan: Plan, report: ApplyReport, *,
                quiet_when_idle: bool = False) -> None:

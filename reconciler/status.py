@@ -21,6 +21,7 @@ who paused what, with the specs' commit):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError
 from reconciler.output import when
-from reconciler.plan import Change
+from reconciler.plan import Change, MigrationView, Plan
 from reconciler.state.model import AddressError, Migration, PlacementSuspension
 from reconciler.state.store import Store, record_event
 
@@ -81,20 +82,48 @@ def _matches(change: Change, state: str | None) -> bool:
     return change.action == state
 
 
+def check_state_filter(state: str | None) -> None:
+    """Refuse an unknown `--state` value (a number or one of STATE_FILTERS)."""
+    if state is not None and not state.isdigit() and state not in STATE_FILTERS:
+        raise MailferryError(f"unknown state filter {state!r}: a state number or one of "
+                             + ", ".join(STATE_FILTERS))
+
+
 def status_rows(engine: Engine, *, placement: str | None = None, system: str | None = None,
                 state: str | None = None,
                 unreached: list[str] | None = None) -> list[StatusRow]:
     """The status table, filtered (`state`: a number or one of STATE_FILTERS); what could
     not be reached (fed without its token, say) is added to `unreached`."""
-    if state is not None and not state.isdigit() and state not in STATE_FILTERS:
-        raise MailferryError(f"unknown state filter {state!r}: a state number or one of "
-                             + ", ".join(STATE_FILTERS))
+    check_state_filter(state)
     observed = engine.observe(best_effort=True)  # a look, not a change: no fed needed
     if unreached is not None:
         unreached.extend(observed.unreached)
     plan = engine.plan(observed=observed)
-    errors = {m.address: (m.failed_reason or m.last_error or "") for m in observed.migrations}
-    rows = []
+    return rows_of(plan, last_errors(observed.migrations), placement=placement, system=system,
+                   state=state)
+
+
+def last_errors(migrations: Iterable[MigrationView]) -> dict[str, str]:
+    """address -> the failure reason or last error of its newest migration."""
+    return {m.address: (m.failed_reason or m.last_error or "") for m in migrations}
+
+
+def rows_of(plan: Plan, errors: dict[str, str], *, placement: str | None = None,
+            system: str | None = None, state: str | None = None) -> list[StatusRow]:
+    """PURE: the status rows of a plan, filtered (the web page shares this)."""
+    return [row_of(change, errors, plan.at)
+            for change in matching(plan, placement=placement, system=system, state=state)]
+
+
+def row_of(change: Change, errors: dict[str, str], now: datetime) -> StatusRow:
+    """PURE: the status row of one change."""
+    return _row(change, errors.get(change.address, ""), now)
+
+
+def matching(plan: Plan, *, placement: str | None = None, system: str | None = None,
+             state: str | None = None) -> list[Change]:
+    """PURE: the changes of a plan the status filters keep."""
+    kept = []
     for change in plan.changes:
         if placement is not None and change.placement != placement:
             continue
@@ -105,8 +134,8 @@ def status_rows(engine: Engine, *, placement: str | None = None, system: str | N
                 continue
         elif not _matches(change, state):
             continue
-        rows.append(_row(change, errors.get(change.address, ""), plan.at))
-    return rows
+        kept.append(change)
+    return kept
 
 
 def route(row: StatusRow) -> str:

@@ -43,6 +43,7 @@ from mailferry.service import notify_ready
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError, SpecError
 from reconciler.lease import Lease, LeaseHeld, LeaseInfo
+from reconciler.liveprogress import for_output
 from reconciler.run import Applier, Output, dirty_refusal
 from reconciler.spec.gitinfo import git_state
 from reconciler.spec.loader import SPEC_SUFFIXES, load_specs
@@ -66,6 +67,8 @@ class WatchOptions:
     reports_dir: str = "var/reports"
     lease_ttl: float = 30.0
     station_api: str | None = None
+    web: str | None = None  # serve the status page here (HOST:PORT)
+    web_token_file: str | None = None
 
 
 class Watcher:
@@ -77,7 +80,7 @@ class Watcher:
         self.options = options
         self.out = out
         self.build = build  # (SpecSet, state url) -> Engine
-        self.applier = Applier(out, options.reports_dir)
+        self.applier = Applier(out, options.reports_dir, bars=for_output(out.as_json))
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.first_event: float | None = None
@@ -128,6 +131,7 @@ class Watcher:
         signal.signal(signal.SIGTERM, self.terminate)
         signal.signal(signal.SIGINT, self.terminate)
         api = self._start_api()
+        page = self._start_web()
         observer = Observer()
         observer.schedule(Changed(), self.options.specs_dir, recursive=False)
         observer.start()
@@ -147,6 +151,8 @@ class Watcher:
             observer.join()
             if api is not None:
                 api.stop()
+            if page is not None:
+                page.stop()
             self.lease.release()
         self.out.notice("watch: stopped")
         return 0
@@ -161,6 +167,16 @@ class Watcher:
                               port=int(port)).start()
         self.out.notice(f"station API on {api.url}")
         return api
+
+    def _start_web(self) -> Any:
+        if not self.options.web:
+            return None
+        from reconciler.web.server import status_page_for
+
+        page = status_page_for(lambda: self.engine, self.options.web,
+                               token_file=self.options.web_token_file).start()
+        self.out.notice(f"status page on {page.url}")
+        return page
 
     def _hold_lease(self) -> bool:
         """Make sure we hold the lease (wait for it); False when asked to stop meanwhile."""

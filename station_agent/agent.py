@@ -76,12 +76,14 @@ class AgentConfig:
     imap_password_file: Path | None = None
     ca_file: str | None = None
     cleanup_delay: float = 0.0
+    pop3_folders: str = "account"  # account | merge: where a POP3 account's folders go
 
     def mail_client(self) -> MailClient:
         """The mail client this configuration names."""
         if self.client == "thunderbird":
             return Thunderbird(profile_dir=self.profile, profile_name=self.profile_name,
-                               profiles_ini=self.profiles_ini, archives=self.archives)
+                               profiles_ini=self.profiles_ini, archives=self.archives,
+                               pop3_folders=self.pop3_folders)
         if self.client != "json" or self.profile is None:
             raise ValueError("client must be 'thunderbird', or 'json' with a profile file")
         return JsonProfile(self.profile, self.local_mail, self.archives)
@@ -288,14 +290,15 @@ class Agent:
                                       self.config.ca_file)
 
     def _messages(self) -> Iterator[localdata.LocalMessage | tuple[str, str]]:
-        for root, prefix in self.mail_client.local_roots():
+        for root, prefix in self.mail_client.local_roots(self._address()):
             yield from localdata.iter_messages(root, prefix)
 
     def _upload(self, mid: int, imap: imapupload.ImapAccount | None) -> dict[str, Any]:
         """E30: send every local message not yet acknowledged (IMAP, else the API)."""
         manifest = localdata.Manifest(self.config.state_dir, mid)
         if imap is not None:
-            progress = imapupload.Progress(checks.local_size(self.mail_client))
+            progress = imapupload.Progress(checks.local_size(self.mail_client,
+                                                             self._address()))
             return imapupload.upload(imap, self._messages(), manifest, progress)
         counts = {"messages": 0, "uploaded": 0, "present": 0, "skipped": 0, "expunged": 0,
                   "bytes_uploaded": 0}
@@ -444,8 +447,9 @@ class Agent:
                 new: dict[str, Any]) -> None:
         """E33: delete the old parameterization now (or after the delay), report done."""
         done = {"uploaded": uploaded["uploaded"], "messages": uploaded["messages"], **new}
+        address = self._address()
         if self.config.cleanup_delay <= 0:
-            self._cleanup(mid)
+            self._cleanup(mid, address)
             self.report(mid, "done", True, done)
             self.memory.finish(key, "done")
             return
@@ -454,14 +458,25 @@ class Agent:
                  self.mail_client.backup_path(),
                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(due)))
         self.report(mid, "done", True, {**done, "cleanup_after": due})
-        self.memory.cleanups[key] = {"migration": mid, "due": due}
+        self.memory.cleanups[key] = {"migration": mid, "due": due, "address": address}
         self.memory.finish(key, "done")
 
-    def _cleanup(self, mid: int) -> None:
+    def _cleanup(self, mid: int, address: str) -> None:
+        """E33: the old account's folder (IMAP cache, POP3 mbox files), then the backup."""
         backup = self.mail_client.backup_path()
+        # The folder first: the backup is what names it (a crash in between repeats this).
+        folders, kept = self.mail_client.remove_old_data(address) if address else ([], None)
+        if kept:
+            log.warning("old mail folder kept: %s", kept)
+        for folder in folders:
+            log.info("old account folder %s removed", folder)
         removed = self.mail_client.remove_backup()
         log.info("old settings %s removed", backup)
-        self.report(mid, "cleanup", True, {"removed": str(backup), "existed": removed})
+        detail: dict[str, Any] = {"removed": str(backup), "existed": removed,
+                                  "old_folders": [str(f) for f in folders]}
+        if kept:
+            detail["old_folder_kept"] = kept
+        self.report(mid, "cleanup", True, detail)
 
     def _due_cleanups(self) -> None:
         """E33 after the delay: remove the old settings of every migration now due."""
@@ -470,7 +485,8 @@ class Agent:
             if float(item.get("due", 0)) > now:
                 continue
             try:
-                self._cleanup(int(item["migration"]))
+                self._cleanup(int(item["migration"]),
+                              str(item.get("address") or self._address()))
             except (OSError, ClientError) as exc:
                 log.error("cannot remove the old settings yet (%s): retrying next poll", exc)
                 continue

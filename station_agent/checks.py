@@ -103,9 +103,10 @@ class CheckResult:
                 "problems": list(self.problems)}
 
 
-def local_size(client: MailClient) -> int:
-    """Bytes of local mail the client has (every root)."""
-    return sum(localdata.local_bytes(root, prefix) for root, prefix in client.local_roots())
+def local_size(client: MailClient, address: str) -> int:
+    """Bytes of local mail the client has for `address` (every root)."""
+    return sum(localdata.local_bytes(root, prefix)
+               for root, prefix in client.local_roots(address))
 
 
 def run_checks(*, state_dir: Path, client: MailClient, address: str, target: Target,
@@ -147,7 +148,7 @@ def run_checks(*, state_dir: Path, client: MailClient, address: str, target: Tar
     if problem is not None:
         problems.append(problem)
     try:
-        size = local_size(client)
+        size = local_size(client, address)
     except (OSError, ClientError) as exc:
         size = 0
         problems.append(f"local mail unreadable: {exc}")
@@ -174,7 +175,8 @@ class SmtpTest:
         """One sentence for the log and the rollback report."""
         if self.ok:
             return f"{self.smtp} accepted RCPT ({self.code})"
-        where = f"{self.code} {self.reply}".strip()
+        # No SMTP code when the connection itself failed: the reason alone, not "None ...".
+        where = self.reply if self.code is None else f"{self.code} {self.reply}".strip()
         return f"{self.smtp} failed at {self.stage}: {where}"
 
 

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON client: directory of local mbox folders to upload")
     run.add_argument("--archive", type=Path, action="append", dest="archives",
                      help="another folder of mbox files to upload (repeatable)")
+    run.add_argument("--pop3-folders", choices=("account", "merge"),
+                     help="where a POP3 account's local folders go in the new mailbox: "
+                          "under a folder named for the account (default) or merged "
+                          "into it (Inbox into INBOX, Sent into Sent, ...)")
     run.add_argument("--imap-password-file", type=Path,
                      help="the user's password on the new system, for IMAP upload and test")
     run.add_argument("--state-dir", type=Path,
@@ -110,7 +114,8 @@ def _terminate(_signum: int, _frame: FrameType | None) -> None:
 
 _OPTION_KEYS = ("api", "station", "token_file", "client", "profile", "profiles_ini",
                 "local_mail", "archives", "imap_password_file", "state_dir", "interval",
-                "min_free_mb", "retries", "retry_delay", "cleanup_delay", "timeout")
+                "min_free_mb", "retries", "retry_delay", "cleanup_delay", "timeout",
+                "pop3_folders")
 _DEFAULTS: dict[str, Any] = {"interval": 30.0, "min_free_mb": 100, "retries": 3,
                              "retry_delay": 30.0, "timeout": 30.0, "cleanup_delay": 0.0}
 

@@ -18,6 +18,8 @@ from station_agent import localdata, profile
 from station_agent.thunderbird import profiles, switch
 from station_agent.thunderbird.switch import Endpoint
 
+POP3_POLICIES = ("account", "merge")
+
 
 class ClientError(Exception):
     """The client's settings cannot be read or switched."""
@@ -41,11 +43,12 @@ class MailClient(Protocol):
 
     def running(self) -> str | None: ...
     def problem(self, address: str) -> str | None: ...
-    def local_roots(self) -> list[tuple[Path, str]]: ...
+    def local_roots(self, address: str) -> list[tuple[Path, str]]: ...
     def switch(self, address: str, target: Target, username: str
                ) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def rollback(self) -> bool: ...
     def remove_backup(self) -> bool: ...
+    def remove_old_data(self, address: str) -> tuple[list[Path], str | None]: ...
     def backup_path(self) -> Path: ...
 
 
@@ -77,7 +80,7 @@ class JsonProfile:
             return f"profile unreadable: {exc}"
         return None
 
-    def local_roots(self) -> list[tuple[Path, str]]:
+    def local_roots(self, address: str) -> list[tuple[Path, str]]:
         roots = [(self.local_mail, localdata.LOCAL_ROOT)] if self.local_mail else []
         return roots + _archive_roots(self.archives)
 
@@ -100,6 +103,9 @@ class JsonProfile:
     def remove_backup(self) -> bool:
         return profile.remove_backup(self.path)
 
+    def remove_old_data(self, address: str) -> tuple[list[Path], str | None]:
+        return [], None  # the JSON profile caches nothing of the old system
+
     def backup_path(self) -> Path:
         return profile.backup_path(self.path)
 
@@ -111,11 +117,15 @@ class Thunderbird:
     uses_imap = True
 
     def __init__(self, *, profile_dir: Path | None, profile_name: str | None,
-                 profiles_ini: Path | None, archives: list[Path]) -> None:
+                 profiles_ini: Path | None, archives: list[Path],
+                 pop3_folders: str = "account") -> None:
+        if pop3_folders not in POP3_POLICIES:
+            raise ValueError(f"pop3_folders must be one of {', '.join(POP3_POLICIES)}")
         self._explicit = profile_dir
         self._name = profile_name
         self._roots = [profiles_ini] if profiles_ini else None
         self.archives = archives
+        self.pop3_folders = pop3_folders
 
     @property
     def directory(self) -> Path:
@@ -146,13 +156,25 @@ class Thunderbird:
             return "Thunderbird stores mail as maildir here: only mbox storage is supported"
         return None
 
-    def local_roots(self) -> list[tuple[Path, str]]:
+    def local_roots(self, address: str) -> list[tuple[Path, str]]:
+        """Local Folders, the migrating POP3 account's own folders, the archives.
+
+        A POP3 account's folders go under a folder named for the account (`pop3_folders =
+        "account"`, the default: nothing mixes with what the server already has) or into
+        the mailbox itself (`"merge"`: its Inbox into INBOX, Sent into Sent, ...).
+        """
         directory = self.directory
         try:
-            local = switch.local_folders_dir(switch.load(directory), directory)
+            prefs = switch.load(directory)
+            local = switch.local_folders_dir(prefs, directory)
+            pop3 = switch.pop3_mail(prefs, directory, address) if address else None
         except switch.SwitchError as exc:
             raise ClientError(str(exc)) from None
         roots = [(local, localdata.LOCAL_ROOT)] if local is not None else []
+        if pop3 is not None:
+            folder, name = pop3
+            account_folder = name.replace("/", "_").strip() or address
+            roots.append((folder, "" if self.pop3_folders == "merge" else account_folder))
         return roots + _archive_roots(self.archives)
 
     def switch(self, address: str, target: Target, username: str
@@ -171,6 +193,12 @@ class Thunderbird:
 
     def remove_backup(self) -> bool:
         return switch.remove_backup(self.directory)
+
+    def remove_old_data(self, address: str) -> tuple[list[Path], str | None]:
+        try:
+            return switch.remove_old_store(self.directory, address)
+        except switch.SwitchError as exc:
+            raise ClientError(str(exc)) from None
 
     def backup_path(self) -> Path:
         return switch.backup_path(self.directory)

@@ -60,6 +60,12 @@ def load(path: Path) -> dict[str, Any]:
                       ("profiles_ini", "profiles_ini")):
         if client.get(key):
             out[name] = expand(_str(client[key], f"client.{key}", path), base)
+    if "pop3_folders" in client:
+        policy = _str(client["pop3_folders"], "client.pop3_folders", path)
+        if policy not in ("account", "merge"):
+            raise ConfigError(f"{path}: client.pop3_folders must be \"account\" or "
+                              f"\"merge\", not {policy!r}")
+        out["pop3_folders"] = policy
     if client.get("profile_name"):
         out["profile_name"] = _str(client["profile_name"], "client.profile_name", path)
     archives = client.get("archives", [])
@@ -126,6 +132,10 @@ kind = {q(client)}                # "thunderbird", or "json" (a simple JSON prof
 # profile_name = "default-release"
 # profiles_ini = "~/.thunderbird/profiles.ini"
 archives = []                     # more mbox folders to upload, e.g. ["~/Mail-archive"]
+# A POP3 account's local folders (Mail/<pop server>/) go into the new mailbox under a
+# folder named for the account ("account"), or merged into it: Inbox into INBOX, Sent into
+# Sent, the others beside them ("merge").
+pop3_folders = "account"
 
 [imap]
 # Where the target system has IMAP, local mail is uploaded and the switch tested with the

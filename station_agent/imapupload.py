@@ -9,7 +9,9 @@ reconciler and keeps gigabytes of archives off the station API. Where the target
 
 What is preserved. APPEND carries the raw message, its flags (Maildir letters S R F D P ->
 \\Seen \\Answered \\Flagged \\Draft $Forwarded; T is not sent: a message marked deleted would
-vanish at the next EXPUNGE) and its INTERNALDATE (the mbox `From ` line's date). Folders are
+vanish at the next EXPUNGE), Thunderbird's tags as keywords (`$label1`..`$label5` and user
+tags, from `X-Mozilla-Keys`: Thunderbird reads the same keys back from an IMAP server) and
+its INTERNALDATE (the mbox `From ` line's date). Folders are
 created as needed under `Local Folders/...`, their names encoded in modified UTF-7 (RFC 3501
 5.1.3) and joined with the server's hierarchy separator; a name part that contains the
 server's separator gets it replaced by `_` (logged), or it would split into two levels.
@@ -36,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from station_agent.localdata import LocalMessage, Manifest
+from station_agent.localdata import LocalMessage, Manifest, valid_keyword
 
 log = logging.getLogger("station_agent")
 
@@ -183,6 +185,7 @@ class Uploader:
         self.separator = self._separator()
         self.existing = self._list()
         self.created: list[str] = []
+        self.refused_keywords: set[str] = set()
 
     def _check(self, what: str, result: tuple[str, list[Any]]) -> list[Any]:
         typ, data = result
@@ -253,6 +256,16 @@ class Uploader:
         return any(isinstance(item, tuple) and _normalised_sha(item[1]) == wanted
                    for item in fetched)
 
+    def _keywords(self, message: LocalMessage) -> list[str]:
+        """The message's Thunderbird tags that can be IMAP keywords (the others logged)."""
+        kept = [key for key in message.keywords if valid_keyword(key)]
+        for key in message.keywords:
+            if key not in kept and key not in self.refused_keywords:
+                self.refused_keywords.add(key)
+                log.warning("Thunderbird tag key %r is not a valid IMAP keyword: messages in "
+                            "%s keep everything but this tag", key, message.folder)
+        return kept
+
     def append(self, message: LocalMessage) -> bool:
         """Append one message unless the manifest says it is there; True if appended."""
         key = (message.sha256, message.folder)
@@ -262,7 +275,8 @@ class Uploader:
         if self.manifest.uncertain(*key) and self._already_there(name, message):
             self.manifest.add(*key)
             return False
-        flags = " ".join(FLAG_MAP[f] for f in message.flags if f in FLAG_MAP)
+        flags = " ".join([FLAG_MAP[f] for f in message.flags if f in FLAG_MAP]
+                         + self._keywords(message))
         when = imaplib.Time2Internaldate(message.internal_date) \
             if message.internal_date is not None else None
         self.manifest.intend(*key)

@@ -6,7 +6,9 @@ the user station transfer it to BOX2 (E30). Thunderbird stores each local folder
 file without extension (with a `.msf` index beside it, and subfolders in `<name>.sbd/`), so
 "an mbox file" is recognised by content (it starts with `From `), not by name; indexes and
 other files are ignored. Each file becomes the target folder `Local Folders/<name>` (nested
-`.sbd` folders become `Local Folders/<parent>/<name>`).
+`.sbd` folders become `Local Folders/<parent>/<name>`); a POP3 account's own folders go under
+a folder named for the account, or, with an empty prefix, into the mailbox itself (its
+`Inbox` is then the INBOX). Thunderbird's tags (`X-Mozilla-Keys`) travel as IMAP keywords.
 
 Messages are read with the standard library's `mailbox.mbox` and sent as their raw bytes, so
 BOX2 receives exactly what the user had. Messages Thunderbird marked expunged
@@ -46,6 +48,7 @@ class LocalMessage:
     flags: str
     internal_date: float | None
     sha256: str
+    keywords: tuple[str, ...] = ()  # Thunderbird's tags ($label1..5, user tags)
 
 
 def _looks_like_mbox(path: Path) -> bool:
@@ -75,7 +78,10 @@ def mbox_files(root: Path, prefix: str = LOCAL_ROOT) -> list[tuple[str, Path]]:
                 continue
             parts = [part.removesuffix(".sbd") for part in path.relative_to(root).parent.parts]
             stem = path.stem if path.suffix.lower() == ".mbox" else path.name
-            found.append(("/".join([prefix, *parts, stem]), path))
+            names = [*parts, stem]
+            if not prefix and names[0].lower() == "inbox":
+                names[0] = "INBOX"  # merged into the mailbox itself: its Inbox is the INBOX
+            found.append(("/".join([prefix, *names] if prefix else names), path))
     return sorted(found)
 
 
@@ -95,6 +101,30 @@ def _flags(message: mailbox.mboxMessage) -> str:
         if moz & MOZ_MARKED:
             letters.add("F")
     return "".join(sorted(letters & set("DFPRST")))
+
+
+def _keywords(message: mailbox.mboxMessage) -> tuple[str, ...]:
+    """Thunderbird's tags of a local message: the keys of its `X-Mozilla-Keys` header.
+
+    Thunderbird stores a local message's tags in that header, space-separated and padded
+    with spaces it keeps for rewriting in place: `$label1` ... `$label5` (Important, Work,
+    Personal, To Do, Later) and the keys of the user's own tags (`mailnews.tags.<key>.tag`).
+    On IMAP Thunderbird reads the very same keys as keywords, so they are sent as they
+    are. A key that is not a valid IMAP atom (RFC 3501 `flag-keyword`) cannot be stored as
+    a keyword: it is left out (and logged by the uploader), the message still goes.
+    """
+    found: list[str] = []
+    for value in message.get_all("X-Mozilla-Keys") or []:
+        for key in str(value).split():
+            if key not in found:
+                found.append(key)
+    return tuple(found)
+
+
+def valid_keyword(key: str) -> bool:
+    """True if `key` can be an IMAP keyword (an atom, not a system flag)."""
+    return bool(key) and not key.startswith("\\") and all(
+        0x21 <= ord(ch) <= 0x7E and ch not in '(){%*"\\]' for ch in key)
 
 
 def _moz_status(message: mailbox.mboxMessage) -> int | None:
@@ -139,7 +169,8 @@ def iter_messages(root: Path, prefix: str = LOCAL_ROOT
                 data = box.get_bytes(key)
                 yield LocalMessage(folder=folder, data=data, flags=_flags(message),
                                    internal_date=_internal_date(message),
-                                   sha256=hashlib.sha256(data).hexdigest())
+                                   sha256=hashlib.sha256(data).hexdigest(),
+                                   keywords=_keywords(message))
         finally:
             box.close()
 

@@ -60,14 +60,17 @@ user_pref("mail.server.server1.name", "Work");
 user_pref("mail.server.server1.namespace.personal", "\\"\\"");
 user_pref("mail.server.server1.port", 143);
 user_pref("mail.server.server1.socketType", 2);
+user_pref("mail.server.server1.spamActionTargetAccount", "imap://jdupont@old-mail.corp.example");
 user_pref("mail.server.server1.spamActionTargetFolder", "imap://jdupont@old-mail.corp.example/Junk");
 user_pref("mail.server.server1.type", "imap");
 user_pref("mail.server.server1.userName", "jdupont");
 user_pref("mail.server.server2.directory-rel", "[ProfD]ImapMail/imap.gmail.com");
 user_pref("mail.server.server2.hostname", "imap.gmail.com");
 user_pref("mail.server.server2.name", "Private");
+user_pref("mail.server.server2.moveOnSpam", true);
 user_pref("mail.server.server2.port", 993);
 user_pref("mail.server.server2.socketType", 3);
+user_pref("mail.server.server2.spamActionTargetFolder", "imap://JDupont@OLD-MAIL.corp.example/Junk");
 user_pref("mail.server.server2.type", "imap");
 user_pref("mail.server.server2.userName", "jean.perso@gmail.com");
 user_pref("mail.server.server3.directory-rel", "[ProfD]Mail/Local Folders");
@@ -89,11 +92,16 @@ user_pref("mail.smtpserver.smtp2.username", "jean.perso@gmail.com");
 user_pref("mail.smtpservers", "smtp1,smtp2");
 user_pref("mail.spellcheck.inline", false);
 user_pref("mailnews.start_page.enabled", false);
+user_pref("mailnews.tags.$label1.color", "#FF0000");
+user_pref("mailnews.tags.$label1.tag", "Important");
+user_pref("mailnews.tags.projet_x.color", "#00AA00");
+user_pref("mailnews.tags.projet_x.tag", "Projet X");
 """
 
 ARCHIVE = (
     b"From alice@x.example Mon Jan  2 10:00:00 2023\n"
     b"X-Mozilla-Status: 0001\nX-Mozilla-Status2: 00000000\n"
+    b"X-Mozilla-Keys: $label1 projet_x                                            \n"
     b"From: alice@x.example\nTo: jean.dupont@corp.example\nSubject: kept for years\n"
     b"Message-ID: <tb-a1@x.example>\nDate: Mon, 2 Jan 2023 10:00:00 +0000\n\n"
     b"old but precious\n>From the start, quoted\n\n"
@@ -202,3 +210,59 @@ def hold_parentlock(profile: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"locked\n"
     return proc
+
+
+# The same user with a POP3 work account instead: its mail lives only in Mail/<pop server>/.
+POP_HOST = "pop.corp.example"
+POP3_PREFS = (PREFS
+              .replace("imap://jdupont@old-mail.corp.example", f"mailbox://jdupont@{POP_HOST}")
+              .replace("imap://JDupont@OLD-MAIL.corp.example", f"mailbox://JDupont@{POP_HOST}")
+              .replace('"[ProfD]ImapMail/old-mail.corp.example"', f'"[ProfD]Mail/{POP_HOST}"')
+              .replace('server1.hostname", "old-mail.corp.example"',
+                       f'server1.hostname", "{POP_HOST}"')
+              .replace('server1.name", "Work"', 'server1.name", "Work POP"')
+              .replace('server1.port", 143', 'server1.port", 110')
+              .replace('server1.type", "imap"', 'server1.type", "pop3"')
+              .replace('user_pref("mail.server.server1.namespace.personal", "\\"\\"");\n', ""))
+POP_INBOX = (b"From gina@t.example Mon Feb  5 08:00:00 2018\n"
+             b"X-Mozilla-Status: 0001\nX-Mozilla-Status2: 00000000\n"
+             b"X-Mozilla-Keys: $label2                                                    \n"
+             b"From: gina@t.example\nSubject: popped in 2018\nMessage-ID: <pop-g1@t.example>\n\n"
+             b"the only copy\n\n"
+             b"From hugo@s.example Tue Feb  6 09:00:00 2018\n"
+             b"X-Mozilla-Status: 0000\nX-Mozilla-Keys: \n"
+             b"From: hugo@s.example\nSubject: unread\nMessage-ID: <pop-h1@s.example>\n\n"
+             b"unread\n\n"
+             b"From ines@r.example Wed Feb  7 10:00:00 2018\n"
+             b"X-Mozilla-Status: 0009\n"
+             b"From: ines@r.example\nSubject: deleted\nMessage-ID: <pop-i1@r.example>\n\nx\n\n")
+POP_SENT = (b"From - Thu Feb  8 11:00:00 2018\n"
+            b"X-Mozilla-Status: 0001\n"
+            b"From: Jean <jean.dupont@corp.example>\nTo: gina@t.example\nSubject: Re: popped\n"
+            b"Message-ID: <pop-j1@corp.example>\n\nanswer\n\n")
+POP_PROJECT = (b"From kim@q.example Fri Feb  9 12:00:00 2018\n"
+               b"X-Mozilla-Status: 0005\nX-Mozilla-Keys: projet_x\n"
+               b"From: kim@q.example\nSubject: projet\nMessage-ID: <pop-k1@q.example>\n\np\n\n")
+# POP3 folder (relative to the account's folder) -> Message-IDs that must arrive
+POP_EXPECTED = {
+    "Inbox": {"<pop-g1@t.example>", "<pop-h1@s.example>"},
+    "Sent": {"<pop-j1@corp.example>"},
+    "Inbox/Projets": {"<pop-k1@q.example>"},
+}
+
+
+def make_pop3_installation(home: Path) -> Installation:
+    """`make_installation`, with the work account on POP3 and its mail in Mail/<server>/."""
+    inst = make_installation(home)
+    inst.prefs.write_text(POP3_PREFS, encoding="utf-8")
+    os.rmdir(inst.profile / "ImapMail" / OLD_HOST)
+    pop = inst.profile / "Mail" / POP_HOST
+    (pop / "Inbox.sbd").mkdir(parents=True)
+    (pop / "Inbox").write_bytes(POP_INBOX)
+    (pop / "Inbox.msf").write_bytes(b"// <!-- <mdb:mork:z v=\"1.4\"/> -->\n")
+    (pop / "Sent").write_bytes(POP_SENT)
+    (pop / "Trash").write_bytes(b"")
+    (pop / "Inbox.sbd" / "Projets").write_bytes(POP_PROJECT)
+    (pop / "popstate.dat").write_text("# POP3 State File\n*pop.corp.example jdupont\n")
+    (inst.profile / "Mail" / f"{POP_HOST}.msf").write_bytes(b"")
+    return inst

@@ -138,3 +138,13 @@ def test_every_mode_combination(world: World, tmp_path: Path, station: bool, tra
         assert account is not None
         assert account.redirect_to == physical_address("s2", mailbox_id_for(address))
     assert engine.fed.holds() == {}
+
+
+def test_the_plan_snapshot_columns_are_migration_views_fields_in_order() -> None:
+    """read_migrations builds MigrationView positionally from _VIEW_COLUMNS."""
+    from dataclasses import fields
+
+    from reconciler.engine import _VIEW_COLUMNS
+    from reconciler.plan import MigrationView
+
+    assert [c.key for c in _VIEW_COLUMNS] == [f.name for f in fields(MigrationView)]

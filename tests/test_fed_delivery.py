@@ -38,7 +38,8 @@ def test_hold_flip_release_delivers_to_the_new_mailbox_only(
     assert fed.client.hold([AD1]).held == [AD1]  # idempotent
     for n, rcpt in enumerate([AD1, ALIAS, AD1]):
         assert send(fed.smtp_port, [rcpt], message("held", f"h{n}@t"))[0] == 250
-    time.sleep(0.8)
+    # The scheduler's decision, observed: all three parked (a delivery would come first).
+    wait_for(lambda: fed.client.queue().parked == 3, what="three recipients parked")
     assert s1.received == [] and s2.received == []
     assert fed.client.holds()[AD1].waiting == 2
     assert fed.client.queue().held == 3
@@ -58,6 +59,49 @@ def test_hold_flip_release_delivers_to_the_new_mailbox_only(
     assert s1.received == []
 
 
+def test_a_batch_of_flips_is_one_transaction_all_or_nothing(
+        fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, s2 = systems
+    boss = "boss@corp.example"
+    fed.client.put_entry(boss, s1.physical("boss"))
+    fed.client.hold([AD1, boss])
+    for n, rcpt in enumerate([AD1, ALIAS, boss]):
+        assert send(fed.smtp_port, [rcpt], message("held", f"b{n}@t"))[0] == 250
+    before = fed.client.directory()
+
+    # One flip of the batch conflicts (jean is not at s1's "other"): nothing is changed.
+    with pytest.raises(PermanentError, match="neither"):
+        fed.client.flip_many([([boss], s1.physical("boss"), s2.physical("boss")),
+                              ([AD1, ALIAS], s1.physical("other"), s2.physical("jean"))])
+    # An address in two flips of one batch: refused, nothing changed.
+    with pytest.raises(PermanentError, match="two flips"):
+        fed.client.flip_many([([boss], s1.physical("boss"), s2.physical("boss")),
+                              ([boss], s1.physical("boss"), s2.physical("boss2"))])
+    after = fed.client.directory()
+    assert after.entries == before.entries and after.version == before.version
+
+    results = fed.client.flip_many([
+        ([AD1, ALIAS], s1.physical("jean"), s2.physical("jean")),
+        ([boss, "new@corp.example"], s1.physical("boss"), s2.physical("boss"))])
+    assert [sorted(r.flipped) for r in results] == [[ALIAS, AD1], [boss]]
+    assert results[1].created == ["new@corp.example"]
+    assert results[0].version == before.version + 4  # one per changed entry, as one by one
+    entries = fed.client.directory().entries
+    assert {a: entries[a] for a in (AD1, ALIAS, boss, "new@corp.example")} == {
+        AD1: s2.physical("jean"), ALIAS: s2.physical("jean"), boss: s2.physical("boss"),
+        "new@corp.example": s2.physical("boss")}
+    again = fed.client.flip_many([([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))])
+    assert sorted(again[0].already) == [ALIAS, AD1] and again[0].flipped == []
+    assert s1.received == [] and s2.received == []  # still held: the flip released nothing
+
+    fed.client.release([AD1, boss])
+    wait_for(lambda: len(s2.received) == 3, what="held mail at s2")
+    assert sorted(s2.ids()) == ["<b0@t>", "<b1@t>", "<b2@t>"]
+    assert {r for m in s2.received for r in m.rcpts} == {s2.physical("jean"),
+                                                         s2.physical("boss")}
+    assert s1.received == []
+
+
 def test_hold_waits_for_the_delivery_in_flight(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, _ = systems
@@ -71,7 +115,7 @@ def test_hold_waits_for_the_delivery_in_flight(
     assert s1.ids() == ["<slow@t>"]
     s1.delay = 0
     assert send(fed.smtp_port, [AD1], message("after", "after@t"))[0] == 250
-    time.sleep(0.6)
+    wait_for(lambda: fed.client.queue().parked == 1, what="the new message parked")
     assert s1.ids() == ["<slow@t>"]
 
 
@@ -105,7 +149,7 @@ def test_unreachable_system_is_retried(
 def test_permanent_refusal_is_shunted_with_the_reason(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, s2 = systems
-    s1.reply = "550 5.2.2 mailbox full"
+    s1.reply = "552 5.3.4 message too big for this mailbox"  # no retry can fix that
     fed.client.put_entry("boss@corp.example", s2.physical("boss"))
     assert send(fed.smtp_port, [AD1], message("full", "f@t"),
                 mail_from="boss@corp.example")[0] == 250
@@ -115,7 +159,7 @@ def test_permanent_refusal_is_shunted_with_the_reason(
     infos = list((fed.state_dir / "spool" / "shunt").glob("*.json"))
     assert len(infos) == 1
     info = json.loads(infos[0].read_text())
-    assert info["code"] == 550 and "mailbox full" in info["reason"]
+    assert info["code"] == 552 and "too big" in info["reason"]
     assert b"Message-ID: <f@t>" in infos[0].with_suffix(".eml").read_bytes()
     assert fed.client.deliveries(rcpt=AD1)[-1].result == "shunted"
 
@@ -170,7 +214,7 @@ def test_holds_survive_a_restart(
     fed.start()
     holds = fed.client.holds()
     assert list(holds) == [AD1] and holds[AD1].waiting == 1
-    time.sleep(0.5)
+    wait_for(lambda: fed.client.queue().parked == 1, what="the reloaded message parked")
     assert s1.received == []
     fed.client.release([AD1])
     wait_for(lambda: s1.ids() == ["<k@t>"], what="delivery after release")
@@ -183,12 +227,15 @@ def test_address_and_alias_in_one_message_reach_the_mailbox_once(
     fed.client.put_entry(other, s1.physical("colleague"))
     assert send(fed.smtp_port, [AD1, ALIAS, other], message("both", "both@t"))[0] == 250
     wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
-    time.sleep(0.3)  # a second copy, if any, would arrive now
-    rcpts = sorted(r for m in s1.received for r in m.rcpts)
-    assert rcpts == [s1.physical("colleague"), s1.physical("jean")]
-    log = fed.client.deliveries()
+    # Every recipient has its outcome, and an outcome is recorded only after the system's
+    # reply: any copy fed sent has arrived by now (none can still be on its way).
+    log = wait_for(lambda: (rows := fed.client.deliveries()) and len(
+        [d for d in rows if d.queue_id == rows[0].queue_id]) == 3 and rows,
+        what="three outcomes logged")
     assert sorted(d.result for d in log if d.queue_id == log[0].queue_id) == [
         "delivered", "delivered", "duplicate"]
+    rcpts = sorted(r for m in s1.received for r in m.rcpts)
+    assert rcpts == [s1.physical("colleague"), s1.physical("jean")]
 
 
 def test_kill_9_under_concurrent_load_loses_no_acknowledged_message(

@@ -16,7 +16,6 @@ import signal
 import smtplib
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from sqlalchemy import create_engine
 
 from fed.nodes import NodeRegistry, NodeState, blocking
 from fed.shared_db import SharedDB, metadata
+from reconciler.errors import PermanentError
 
 from fedutil import TOKEN, FakeSystem, Fed, message, send, wait_for
 from pgutil import PrivatePostgres, pg_bindir
@@ -219,6 +219,39 @@ def test_hold_on_one_node_stops_both_and_release_on_the_other_delivers_all_once(
         b.kill()
 
 
+def test_a_batch_of_flips_through_one_node_routes_the_other_on_postgresql(
+        tmp_path: Path, shared_url: str, systems: tuple[FakeSystem, FakeSystem]) -> None:
+    s1, s2 = systems
+    a = start_node(tmp_path, "a", shared_url, [s1, s2])
+    b = start_node(tmp_path, "b", shared_url, [s1, s2])
+    try:
+        users = [f"user{n}@corp.example" for n in range(300)]  # more than one IN (...) chunk
+        for n, address in enumerate(users):
+            a.client.put_entry(address, s1.physical(f"u{n}"))
+        wait_for(lambda: b.client.lookup(users[-1]) == s1.physical("u299"), what="b's copy")
+        a.client.hold(users)
+        for n in (0, 150, 299):
+            assert send(b.smtp_port, [users[n]], message("held", f"p{n}@t"))[0] == 250
+        a.client.put_entry(OTHER, s1.physical("colleague"))
+        with pytest.raises(PermanentError, match="neither"):  # one bad flip: none applied
+            a.client.flip_many([([u], s1.physical(f"u{n}"), s2.physical(f"u{n}"))
+                                for n, u in enumerate(users)]
+                               + [([OTHER], s1.physical("x"), s2.physical("y"))])
+        assert b.client.lookup(users[0]) == s1.physical("u0")
+        results = a.client.flip_many([([u], s1.physical(f"u{n}"), s2.physical(f"u{n}"))
+                                      for n, u in enumerate(users)])
+        assert [r.flipped for r in results] == [[u] for u in users]
+        b.client.release(users)  # b must route the held mail by a's flips
+        wait_for(lambda: len(s2.received) == 3, what="held mail at s2")
+        assert sorted(s2.ids()) == ["<p0@t>", "<p150@t>", "<p299@t>"]
+        assert {r for m in s2.received for r in m.rcpts} == {
+            s2.physical("u0"), s2.physical("u150"), s2.physical("u299")}
+        assert s1.received == []
+    finally:
+        a.kill()
+        b.kill()
+
+
 def test_a_paused_node_is_fenced_and_a_killed_one_honours_the_hold_on_restart(
         tmp_path: Path, shared_url: str, systems: tuple[FakeSystem, FakeSystem]) -> None:
     s1, s2 = systems
@@ -359,7 +392,8 @@ def test_without_its_database_a_node_accepts_mail_and_delivers_only_once_it_is_b
         pg.process.wait(30)
         wait_for(lambda: "view older than the lease" in a.log(), timeout=30, what="fencing")
         assert send(a.smtp_port, [AD1], message("during", "during@t"))[0] == 250
-        time.sleep(0.5)  # a delivery, were it allowed, would take milliseconds
+        # The decision, observed: the fenced node parked it (else it would be delivered).
+        wait_for(lambda: a.client.queue().parked == 1, what="the message parked")
         assert s1.ids() == ["<before@t>"]
         restart_postgres(pg)
         wait_for(lambda: s1.ids() == ["<before@t>", "<during@t>"], timeout=30,

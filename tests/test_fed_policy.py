@@ -37,9 +37,12 @@ def start(tmp_path: Path, s1: FakeSystem, extra: list[str] | None = None,
     return running
 
 
+LOOPBACK_RELAY = ["--relay-network", "127.0.0.0/8", "--relay-network", "::1/128"]
+
+
 @pytest.fixture
 def fed(tmp_path: Path, s1: FakeSystem) -> Iterator[Fed]:
-    running = start(tmp_path, s1)
+    running = start(tmp_path, s1, LOOPBACK_RELAY)
     yield running
     running.kill()
 
@@ -105,7 +108,7 @@ def test_relay_only_for_the_systems_own_senders_from_the_relay_networks(fed: Fed
     assert rcpt_reply(fed.smtp_port, "nobody@corp.example", "friend@elsewhere.example") \
         == denied
     # A system's own address (any case), a physical address, the null sender: from
-    # loopback, the default relay network, they may relay.
+    # loopback, named a relay network here, they may relay.
     for sender in ("a@corp.example", "A@Corp.Example", s1.physical("a"), "<>"):
         assert rcpt_reply(fed.smtp_port, sender, "Friend@Elsewhere.example")[0] == 250, sender
     # The relayed recipient keeps its local part as written (only the domain is folded).
@@ -118,8 +121,10 @@ def test_relay_only_for_the_systems_own_senders_from_the_relay_networks(fed: Fed
 
 def test_a_local_sender_from_outside_the_relay_networks_is_denied(tmp_path: Path,
                                                                   s1: FakeSystem) -> None:
+    """No relay network unless named: not even loopback (any local process could forge a
+    directory sender), so the default is like 'none'."""
     for networks in (["--relay-network", "10.0.0.0/8", "--relay-network", "fd00::/8"],
-                     ["--relay-network", "none"]):
+                     ["--relay-network", "none"], []):
         running = start(tmp_path, s1, networks, name=f"fed{len(networks)}")
         try:
             assert rcpt_reply(running.smtp_port, "a@corp.example", "friend@elsewhere.example") \
@@ -257,3 +262,33 @@ def test_password_guessing_is_throttled_per_client(tmp_path: Path, s1: FakeSyste
             assert raw.cmd(bogus).startswith(b"421 4.7.0 AUTH sent too many times")
     finally:
         running.kill()
+
+
+# -- who the specs let relay -----------------------------------------------------------
+
+def test_the_specs_name_the_relay_networks(tmp_path: Path) -> None:
+    """`reconcile serve` lets relay exactly the FedHub's relayNetworks and the maildir
+    systems it starts (their submission hosts); a bad network is refused with FILE:LINE."""
+    import shutil
+
+    from reconciler.embedded import fed_argv
+    from reconciler.errors import SpecError
+    from reconciler.spec.loader import load_specs
+
+    specs_dir = tmp_path / "specs"
+    shutil.copytree(REPO / "specs", specs_dir)
+    fed_yaml = specs_dir / "fed.yaml"
+    plain = fed_yaml.read_text()
+
+    def relay_networks() -> list[str]:
+        argv = fed_argv(load_specs(specs_dir))
+        return [argv[n + 1] for n, arg in enumerate(argv) if arg == "--relay-network"]
+
+    assert relay_networks() == ["127.0.0.1/32"]  # only the maildir systems' host
+    fed_yaml.write_text(plain + "  relayNetworks: [10.1.2.0/24, '::1']\n")
+    assert relay_networks() == ["10.1.2.0/24", "::1/128", "127.0.0.1/32"]
+    fed_yaml.write_text(plain + "  relayNetworks: [10.1.2.300/24]\n")
+    with pytest.raises(SpecError) as refused:
+        load_specs(specs_dir)
+    line = len(plain.splitlines()) + 1
+    assert f"fed.yaml:{line}" in str(refused.value) and "not a network" in str(refused.value)

@@ -33,7 +33,8 @@ def systems() -> Iterator[tuple[FakeSystem, FakeSystem, FakeSystem]]:
 def start_fed(tmp_path: Path, systems: Sequence[FakeSystem], *extra: str) -> Fed:
     s1, s2, relay = systems
     fed = Fed(tmp_path / "fed", [s1, s2],
-              extra=["--smarthost", f"127.0.0.1:{relay.port}", *extra]).start()
+              extra=["--smarthost", f"127.0.0.1:{relay.port}",
+                     "--relay-network", "127.0.0.1/32", *extra]).start()
     fed.client.put_entry(AD1, s1.physical("jean"))
     fed.client.put_entry(BOSS, s2.physical("boss"))
     return fed
@@ -68,7 +69,7 @@ def test_lmtp_one_transaction_with_a_reply_per_recipient(
     s1, _, _ = systems
     for local in ("anna", "bert", "carl"):
         fed.client.put_entry(f"{local}@corp.example", s1.physical(local))
-    s1.refuse[s1.physical("bert")] = "550 5.1.1 no such mailbox"
+    s1.refuse[s1.physical("bert")] = "552 5.3.4 too big for bert's mailbox"
     rcpts = ["anna@corp.example", "bert@corp.example", "carl@corp.example"]
     assert send(fed.smtp_port, rcpts, message("three", "three@t"), mail_from=BOSS)[0] == 250
     wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
@@ -108,7 +109,7 @@ def dsn_parts(data: bytes) -> tuple[email.message.Message, str, str]:
 def test_permanent_refusal_bounces_to_an_outside_sender_through_the_smarthost(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
     s1, s2, relay = systems
-    s1.reply = "550 5.2.2 mailbox full"
+    s1.reply = "552 5.3.4 message too big"
     assert send(fed.smtp_port, [AD1], message("full", "full@t"),
                 mail_from="someone@outside.example")[0] == 250
     wait_for(lambda: len(relay.received) == 1, what="the DSN at the smarthost")
@@ -119,8 +120,8 @@ def test_permanent_refusal_bounces_to_an_outside_sender_through_the_smarthost(
     assert dsn["Auto-Submitted"] == "auto-replied"
     assert "Reporting-MTA: dns; fed.invalid" in status
     assert f"Final-Recipient: rfc822; {AD1}" in status
-    assert "Action: failed" in status and "Status: 5.2.2" in status
-    assert "Diagnostic-Code: smtp; 550 5.2.2 mailbox full" in status
+    assert "Action: failed" in status and "Status: 5.3.4" in status
+    assert "Diagnostic-Code: smtp; 552 5.3.4 message too big" in status
     assert "Message-ID: <full@t>" in headers and "hello" not in headers
     # The admin keeps the copy; nothing else is left in the queue.
     wait_for(lambda: fed.client.queue().pending == 0, what="empty queue")
@@ -153,7 +154,7 @@ def test_a_message_older_than_the_queue_lifetime_bounces(
 def test_a_bounce_is_never_bounced(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
     s1, s2, relay = systems
-    s1.reply = "550 5.1.1 gone"
+    s1.reply = "554 5.6.0 content refused"
     assert send(fed.smtp_port, [AD1], message("dsn", "dsn@t"), mail_from="")[0] == 250
     wait_for(lambda: fed.client.queue().shunted == 1, what="the shunt")
     # A DSN would have been queued (durably) before the shunt was recorded.

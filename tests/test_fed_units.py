@@ -12,6 +12,7 @@ from fed import addresses, metrics
 from fed.addresses import address_key, has_forbidden, is_valid, preserve
 from fed.logs import JsonFormatter, QueueIdFilter, TextFormatter
 from fed.policy import RelayPolicy, client_ip, is_loopback, parse_networks
+from fed.server import _message_id_parsed, message_id_of
 from fed.spool import new_queue_id
 
 
@@ -92,3 +93,23 @@ def test_queue_id_time_feeds_the_latency_histogram() -> None:
     metrics.count_delivery("deferred", "s1", qid)
     after = metrics.LATENCY.collect()[0].samples
     assert next(s.value for s in after if s.name.endswith("_count")) == count + 1
+
+
+@pytest.mark.parametrize("data", [
+    b"Subject: x\r\nMessage-ID:   <a@b>  \r\nX: y\r\n\r\nbody",
+    b"Message-id: <c@d>\r\n\r\n",
+    b"From: a\r\n\r\nMessage-ID: <in-the-body@x>\r\n",
+    b"Subject: x\r\nMessage-ID:\r\n <folded@b>\r\n\r\n",
+    b"Message-ID: <first@b>\r\nMessage-ID: <second@d>\r\n\r\n",
+    b"not a header\r\nMessage-ID: <a@b>\r\n\r\n",
+    b"Subject: \xc3\xa9t\xc3\xa9\r\nMessage-ID: <utf8@b>\r\n\r\n",
+    b"Message-ID: <no-body@b>",
+    b"X-Message-ID: <q@x>\r\nMessage-ID: <r@x>\r\n\r\n",
+    b"Message-ID : <space-before-colon@b>\r\n\r\n",
+    b"\r\n\r\nMessage-ID: <x@x>\r\n",
+    b"From someone Thu Dec  3\r\nMessage-ID: <mbox@x>\r\n\r\n",
+    b"Message-ID: " + b"<" + b"x" * 2000 + b"@long>\r\n\r\n",
+])
+def test_message_id_fast_path_answers_as_the_parser(data: bytes) -> None:
+    end = data.find(b"\r\n\r\n")
+    assert message_id_of(data) == _message_id_parsed(data if end < 0 else data[:end])

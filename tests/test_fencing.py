@@ -122,7 +122,7 @@ def test_a_paused_reconciler_is_refused_by_fed(world: World, tmp_path: Path) -> 
 
     # The paused one wakes up with E5 (verify and hold) due: fed refuses it.
     report = paused.apply_changes(paused.plan().due())
-    assert paused.lease_lost is not None
+    assert paused.lease_lost is not None, report
     [refused] = report.errors
     assert refused.step == "E5" and "fencing token" in refused.message, refused
     assert paused.fed.holds() == {}

@@ -32,11 +32,12 @@ from reconciler.mover.runner import Job, run_jobs
 from reconciler.state.store import Store, default_url
 
 from dovecot import Dovecot, private_root, skip_unless_available
+from fedutil import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
-         "kate", "liam")
+         "kate", "liam", "marker")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -345,9 +346,18 @@ def test_unchanged_folders_are_not_listed_but_any_change_is_seen(
 
 
 def logins(server: Dovecot, user: str) -> int:
-    """How many IMAP logins of this user the server has logged so far."""
-    time.sleep(0.3)  # the log process writes asynchronously
-    text = (server.dir / "dovecot.log").read_text(errors="replace")
+    """How many IMAP logins of this user the server has logged so far.
+
+    Dovecot's log process writes asynchronously, so a count read at once may miss the
+    last login. A login of the user "marker", made after every login to count completed,
+    is waited for in the log: once its line is there, the earlier ones are too.
+    """
+    path = server.dir / "dovecot.log"
+    mark = "Login: user=<marker>"
+    before = path.read_text(errors="replace").count(mark)
+    login(server, "marker").logout()
+    text: str = wait_for(lambda: (t := path.read_text(errors="replace")).count(mark) > before
+                         and t, timeout=15, what="the marker login in dovecot.log")
     return text.count(f"Login: user=<{user}>")
 
 
@@ -377,14 +387,18 @@ def test_passes_in_one_process_reuse_logins_and_still_see_every_change(
         try:
             first = await one()
             seen["idle"] = len(pool)
-            seen["logins"] = logins(pair.src, user), logins(pair.dst, user)
+            seen["logins"] = (await asyncio.to_thread(logins, pair.src, user),
+                              await asyncio.to_thread(logins, pair.dst, user))
             quiet = await one()
             seen["reused"] = pool.reused
-            seen["logins_after"] = logins(pair.src, user), logins(pair.dst, user)
+            seen["logins_after"] = (await asyncio.to_thread(logins, pair.src, user),
+                                    await asyncio.to_thread(logins, pair.dst, user))
             await asyncio.to_thread(fill, pair.src, user, {"INBOX": [(message(30), "")]})
             changed = await one()
             pair.dst.doveadm("kick", user)  # the server drops the idle target connection
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(  # gone from the server's own list of sessions
+                wait_for, lambda: user not in pair.dst.doveadm("who", user),
+                15, "the kicked session gone")
             kicked = await one()
             return [first, quiet, changed, kicked]
         finally:

@@ -38,53 +38,20 @@ from sqlalchemy import select
 from reconciler.drivers.base import Contact, mailbox_id_for, physical_address
 from reconciler.drivers.imap import ImapDriver
 from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
-from reconciler.embedded import start_embedded
 from reconciler.engine import ApplyReport, Engine
 from reconciler.errors import TemporaryError
 from reconciler.mover.service import mover_loop
-from reconciler.spec.loader import load_specs
 from reconciler.spec.model import Endpoint, ImapOptions, MasterUser, SecretRef
 from reconciler.state.model import Event, Migration
 
-from pfdovecot import MailHost, make_root, missing_prerequisites
-from world import World, base_documents, placement, policy, run_cli
+from pfdovecot import MailHost, make_root
+from pfworld import WHY_NOT, PfWorld
+from world import placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(240)
 
-WHY_NOT = missing_prerequisites()
 if WHY_NOT and not os.environ.get("CI"):
     pytest.skip(f"real Postfix + Dovecot unavailable: {WHY_NOT}", allow_module_level=True)
-
-
-class PfWorld(World):
-    """fed + embedded s1 + private Postfix/Dovecot systems pf1 and pf2."""
-
-    def __init__(self, root: Path) -> None:
-        if WHY_NOT:  # in CI a missing server is a failure, not a skip
-            raise RuntimeError(f"real Postfix + Dovecot unavailable: {WHY_NOT}")
-        self.root = root
-        docs = base_documents(root)
-        fed_port = int(docs[2]["spec"]["smtp"].rsplit(":", 1)[1])
-        self.hosts = {name: MailHost(name, make_root(f"mailferry-{name}-"), fed_port)
-                      for name in ("pf1", "pf2")}
-        self.base = [docs[0], *(h.spec_document() for h in self.hosts.values()), docs[2], docs[3]]
-        self.base_dir = root / "base-specs"
-        self.write(self.base_dir, [])
-        self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
-        try:
-            for host in self.hosts.values():
-                host.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        for host in self.hosts.values():
-            host.stop()
-        self.embedded.stop()
-        for host in self.hosts.values():
-            if not os.environ.get("MAILFERRY_KEEP_TMP"):
-                shutil.rmtree(host.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +92,7 @@ def drive(engine: Engine, address: str, on_state: dict[int, Any], *, passes: int
     engine.register_systems()
     seen: set[int] = set()
     for _ in range(passes):  # bounded
-        engine.apply_pass(ApplyReport())
+        engine.apply_pass(ApplyReport(), chain=False)
         state = state_of(engine, address)
         for s, check in on_state.items():
             if state is not None and state >= s and s not in seen:

@@ -114,6 +114,11 @@ def test_wave_report_written_and_mailed(world: World, tmp_path: Path) -> None:
     state = str(tmp_path / "state.db")
     home = world.write(tmp_path / "v1", [placement("home", "s1", [*boxes, {"address": ops}])])
     run_cli("--specs", str(home), "--state", state, "--apply", cwd=tmp_path)
+    old = world.engine(home, f"sqlite:///{state}").drivers["s1"]
+    for n, box in enumerate(boxes):  # old mail to copy: the report charts its copy rate
+        old.append_message(mailbox_id_for(box["address"]), "INBOX",
+                           f"Subject: old {n}\r\nMessage-ID: <old{n}@st>\r\n\r\nold\r\n"
+                           .encode())
     wave = placement("wave", "s2", boxes, policy_name="p")
     wave["spec"]["reportTo"] = [ops]
     specs = world.write(tmp_path / "v2", [policy("p"), wave,
@@ -130,6 +135,19 @@ def test_wave_report_written_and_mailed(world: World, tmp_path: Path) -> None:
     assert "failures:                         0" in body
     data = json.loads(text.with_suffix(".json").read_text())
     assert data["moved"] == 3 and data["failed"] == []
+    # The HTML version: the same figures and three charts as inline SVG, one bar per
+    # mailbox for the held time and the copy rate, one per step for the step times.
+    page = text.with_suffix(".html").read_text()
+    assert "<script" not in page and "http" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")  # self-contained: nothing fetched
+    assert set(data["held_seconds"]) == {b["address"] for b in boxes}
+    assert set(data["copy_rates"]) == {b["address"] for b in boxes}
+    assert {"E9", "E15", "E41-E42"} <= set(data["step_seconds"])
+    for chart, bars in (("held-seconds", 3), ("copy-rates", 3),
+                        ("step-seconds", len(data["step_seconds"]))):
+        svg = page.split(f'<div id="{chart}">')[1].split("</div>")[0]
+        assert svg.startswith("<svg") and svg.count("<rect") == bars, chart
+    assert all(f">{b['address']}</text>" in page for b in boxes)
     again = run_cli("--specs", str(specs), "--state", state, "--apply", "--reports",
                     str(reports), cwd=tmp_path)
     assert "wave report" not in again.stderr and len(list(reports.glob("*.txt"))) == 1

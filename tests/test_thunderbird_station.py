@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.api.enrolment import write_station_kit
+from station_agent.clients import POP3_POLICIES
 from station_agent.config import load as load_config
 from station_agent.imapupload import decode_mutf7
 from station_agent.thunderbird.prefs import Prefs
@@ -26,6 +27,10 @@ from dovecot import Dovecot, private_root, skip_unless_available
 from tb_kit import (
     ADDRESS,
     EXPECTED,
+    OLD_HOST,
+    POP3_PREFS,
+    POP_EXPECTED,
+    POP_HOST,
     PREFS,
     UPLOADABLE,
     Installation,
@@ -33,6 +38,7 @@ from tb_kit import (
     local_bytes,
     lock_like_thunderbird,
     make_installation,
+    make_pop3_installation,
     sleeper,
 )
 from test_station_kit import REPO, STATION, World, add_migration, reports, set_action, world
@@ -47,16 +53,18 @@ def dovecot() -> Iterator[Dovecot]:
     """The target system's IMAP server, with jean's account."""
     skip_unless_available()
     root = private_root()
-    server = Dovecot(root, "target", {ADDRESS: PASSWORD}).start()
+    users = {ADDRESS: PASSWORD, **{f"pop-{p}@corp.example": PASSWORD for p in POP3_POLICIES}}
+    server = Dovecot(root, "target", users).start()
     yield server
     server.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _setup(world: World, dovecot: Dovecot, tmp_path: Path) -> tuple[Installation, Path]:
+def _setup(world: World, dovecot: Dovecot, tmp_path: Path, *, pop3: bool = False,
+           extra: str = "") -> tuple[Installation, Path]:
     """A workstation enrolled the help-desk way: the kit `reconcile station enrol --out` writes."""
     world.imap = {"host": "127.0.0.1", "port": dovecot.port, "tls": "none"}
-    inst = make_installation(tmp_path / "home")
+    inst = (make_pop3_installation if pop3 else make_installation)(tmp_path / "home")
     kit = tmp_path / "kit"
     _, config = write_station_kit(kit, api=world.api, station=STATION, address=ADDRESS,
                                   token=world.tokens[STATION])
@@ -64,7 +72,7 @@ def _setup(world: World, dovecot: Dovecot, tmp_path: Path) -> tuple[Installation
     text = config.read_text()
     text = text.replace('archives = []', f'archives = ["{inst.archive}"]\n'
                         f'profiles_ini = "{inst.ini}"')
-    text = text.replace("min_free_mb = 100", "min_free_mb = 1")
+    text = text.replace("min_free_mb = 100", "min_free_mb = 1") + extra
     text = text.replace("retry_delay = 30", "retry_delay = 0.05").replace("retries = 3",
                                                                           "retries = 1")
     config.write_text(text)
@@ -83,12 +91,13 @@ def _log(config: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def _imap_contents(dovecot: Dovecot) -> dict[str, list[tuple[str, str, str]]]:
+def _imap_contents(dovecot: Dovecot, user: str = ADDRESS
+                   ) -> dict[str, list[tuple[str, str, str]]]:
     """folder -> [(Message-ID, flags, INTERNALDATE)] as jean's IMAP client sees them."""
     out: dict[str, list[tuple[str, str, str]]] = {}
     conn = imaplib.IMAP4("127.0.0.1", dovecot.port, timeout=30)
     try:
-        conn.login(ADDRESS, PASSWORD)
+        conn.login(user, PASSWORD)
         _, listing = conn.list('""', "*")
         for line in listing:
             assert isinstance(line, bytes)
@@ -151,6 +160,9 @@ def test_checks_switch_upload_and_cleanup(world: World, dovecot: Dovecot,
     flags = {m: f for items in seen.values() for m, f, _ in items}
     assert "\\Seen" in flags["<tb-a1@x.example>"] and "\\Flagged" in flags["<tb-c1@z.example>"]
     assert "\\Seen" not in flags["<tb-d1@w.example>"]
+    # Thunderbird's tags (X-Mozilla-Keys) are keywords Thunderbird will show again.
+    assert {"$label1", "projet_x"} <= set(flags["<tb-a1@x.example>"].split())
+    assert "$label1" not in flags["<tb-c1@z.example>"]
     dates = {m: d for items in seen.values() for m, _, d in items}
     expected_when = time.strftime("%d-%b-%Y %H:%M:%S",
                                   time.localtime(time.mktime((2019, 3, 1, 9, 30, 0, 0, 0, -1))))
@@ -163,6 +175,10 @@ def test_checks_switch_upload_and_cleanup(world: World, dovecot: Dovecot,
     assert prefs.get("mail.smtpserver.smtp1.port") == int(world.accepting.rsplit(":")[1])
     assert prefs.get("mail.server.server2.hostname") == "imap.gmail.com"
     assert not (inst.profile / "prefs.js.mailferry-backup").exists()  # E33
+    assert not (inst.profile / "ImapMail" / OLD_HOST).exists()  # the old server's cache too
+    [cleanup] = reports(world.store, "cleanup")
+    assert cleanup.detail["old_folders"] == [str(inst.profile / "ImapMail" / OLD_HOST)]
+    assert not [k for k in prefs.keys("") if OLD_HOST in str(prefs.get(k))]
     assert inst.prefs.read_bytes() != original
     log = _log(config)
     assert "local mail upload:" in log and "profile test passed" in log
@@ -232,6 +248,49 @@ def test_a_running_thunderbird_is_waited_for_a_dead_one_is_not(world: World, dov
     lock_like_thunderbird(inst.profile, dead_pid())
     assert _run(config).returncode == 0, _log(config)
     assert reports(world.store)[-1].kind == "done", _log(config)
+
+
+@pytest.mark.parametrize("policy", POP3_POLICIES)
+def test_pop3_mail_is_uploaded_and_kept_until_cleanup(world: World, dovecot: Dovecot,
+                                                     tmp_path: Path, policy: str) -> None:
+    user = f"pop-{policy}@corp.example"  # a mailbox of its own per policy
+    inst, config = _setup(world, dovecot, tmp_path, pop3=True)
+    text = config.read_text().replace('pop3_folders = "account"', f'pop3_folders = "{policy}"')
+    text = text.replace("cleanup_delay = 0", "cleanup_delay = 1")
+    config.write_text(text.replace("# user = ", f'user = "{user}"\n# user = '))
+    add_migration(world.store, action="local-migrate", state=8)
+    result = _run(config)
+    assert result.returncode == 0, _log(config)
+    assert [r.kind for r in reports(world.store)] == ["local-data", "switch", "test", "done"], \
+        [(r.kind, r.detail) for r in reports(world.store)]
+    seen = _imap_contents(dovecot, user)
+    root = "Work POP/" if policy == "account" else ""
+    for folder, ids in POP_EXPECTED.items():
+        name = root + (folder if root else folder.replace("Inbox", "INBOX"))
+        assert {m for m, _, _ in seen[name]} == ids, (name, seen)
+    for folder, ids in EXPECTED.items():  # Local Folders as ever
+        assert {m for m, _, _ in seen[folder]} == ids, (folder, seen)
+    flags = {m: f for items in seen.values() for m, f, _ in items}
+    assert "$label2" in flags["<pop-g1@t.example>"] and "\\Seen" in flags["<pop-g1@t.example>"]
+    assert "projet_x" in flags["<pop-k1@q.example>"]
+    assert "<pop-i1@r.example>" not in flags  # deleted in Thunderbird: not uploaded
+    prefs = Prefs.load(inst.prefs)
+    assert prefs.get("mail.server.server1.type") == "imap"
+    assert prefs.get("mail.server.server1.port") == dovecot.port
+    assert not [k for k in prefs.keys("") if POP_HOST in str(prefs.get(k))]
+    # Until the cleanup the old mbox files and settings stay (the help desk's way back).
+    pop_dir = inst.profile / "Mail" / POP_HOST
+    assert (pop_dir / "Inbox").read_bytes().startswith(b"From gina@")
+    assert (inst.profile / "prefs.js.mailferry-backup").read_bytes() == POP3_PREFS.encode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not reports(world.store, "cleanup"):
+        time.sleep(0.3)
+        assert _run(config).returncode == 0, _log(config)
+    [cleanup] = reports(world.store, "cleanup")
+    assert str(pop_dir) in cleanup.detail["old_folders"], cleanup.detail
+    assert not pop_dir.exists() and not (inst.profile / "Mail" / f"{POP_HOST}.msf").exists()
+    assert (inst.profile / "Mail" / "Local Folders" / "Archive").exists()
+    assert not (inst.profile / "prefs.js.mailferry-backup").exists()
 
 
 def test_enrol_is_one_command(tmp_path: Path) -> None:

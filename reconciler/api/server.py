@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 from aiohttp import web
 
@@ -24,14 +26,17 @@ from reconciler.api.stations import DriverFor, TargetInfo, make_app
 from reconciler.state.store import Store
 
 
-class StationApiServer:
-    """The station API served from a background thread (port 0: a free port)."""
+class BackgroundApp:
+    """An aiohttp application served from a background thread (port 0: a free port); the
+    station API and the status page (`reconciler.web`) both run this way."""
 
-    def __init__(self, store: Store, driver_for: DriverFor, target_info: TargetInfo, *,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+    name = "app"
+
+    def __init__(self, make: Callable[[], web.Application], *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.host = host
         self.port = port
-        self._args = (store, driver_for, target_info)
+        self._make = make
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -43,10 +48,10 @@ class StationApiServer:
         """The base URL, e.g. `http://127.0.0.1:41234`."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> StationApiServer:
+    def start(self, timeout: float = 10.0) -> Self:
         """Listen and serve; return when the socket accepts connections."""
         if self._thread is not None:
-            raise RuntimeError("station API server already started")
+            raise RuntimeError(f"{self.name} server already started")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # SO_REUSEADDR lets a restarted server take the same port again (tests do this to
         # simulate an API outage; an operator restarting the reconciler does too).
@@ -60,12 +65,12 @@ class StationApiServer:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, args=(sock,),
-                                        name=f"station-api:{self.port}", daemon=True)
+                                        name=f"{self.name}:{self.port}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
-            raise RuntimeError("station API server did not start in time")
+            raise RuntimeError(f"{self.name} server did not start in time")
         if self._error is not None:
-            raise RuntimeError(f"station API server failed to start: {self._error}")
+            raise RuntimeError(f"{self.name} server failed to start: {self._error}")
         return self
 
     def _serve(self, sock: socket.socket) -> None:
@@ -74,7 +79,7 @@ class StationApiServer:
         self._loop = loop
         try:
             # A fresh application per start: aiohttp apps are frozen once served.
-            runner = web.AppRunner(make_app(*self._args), access_log=None)
+            runner = web.AppRunner(self._make(), access_log=None)
             loop.run_until_complete(runner.setup())
             loop.run_until_complete(web.SockSite(runner, sock).start())
             self._runner = runner
@@ -106,9 +111,20 @@ class StationApiServer:
         self._ready.clear()
         self._error = None
 
-    def __enter__(self) -> StationApiServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class StationApiServer(BackgroundApp):
+    """The station API served from a background thread (port 0: a free port)."""
+
+    name = "station API"
+
+    def __init__(self, store: Store, driver_for: DriverFor, target_info: TargetInfo, *,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self._args = (store, driver_for, target_info)
+        super().__init__(lambda: make_app(*self._args), host=host, port=port)

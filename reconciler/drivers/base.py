@@ -163,6 +163,12 @@ class MailSystemDriver(abc.ABC):
         systems whose local mail already passes fed (or that mailferry cannot administer)."""
         return None
 
+    def take_config_changes(self) -> list[str]:
+        """Changes the driver made to the system's own configuration since the last call
+        (a ``postconf -n`` diff, say), for the step's event: an admin sees and can undo
+        them. Drivers that change no configuration of someone else's have none."""
+        return []
+
     @abc.abstractmethod
     def set_syncfed(self, mailbox_id: str, value: bool) -> None:
         """Set or clear the syncfed marker (E4)."""

@@ -149,7 +149,10 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
                  cafile=self.options.cafile)
 
     def delivery_endpoint(self) -> DeliveryEndpoint:
-        """`smtp` if given; else the IMAP address, where fed's attempts fail and mail waits."""
+        """`lmtp` (Cyrus's lmtpd) or `smtp` if given; else the IMAP address, where fed's
+        attempts fail and mail waits."""
+        if self.options.lmtp is not None:
+            return DeliveryEndpoint(self.options.lmtp.host, self.options.lmtp.port, "lmtp")
         where = self.options.smtp or self.options.server
         return DeliveryEndpoint(where.host, where.port, "smtp")
 

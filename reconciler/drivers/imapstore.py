@@ -14,8 +14,9 @@ referenced secret, and picks it up on the next attempt (secrets are read at ever
 
 Keys: a message's key is `UIDVALIDITY:UID`; a key whose UIDVALIDITY no longer matches is
 refused rather than silently reading another message. Folders use '/' as separator whatever
-the server's hierarchy delimiter is; names are exchanged as the server lists them (modified
-UTF-7 is not decoded).
+the server's hierarchy delimiter is, without the personal namespace's prefix (Cyrus's
+`INBOX.`); other users' and shared namespaces are left out; names are exchanged as the
+server lists them (modified UTF-7 is not decoded).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 from reconciler.drivers.base import StoredMessage, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.mover.endpoints import ImapAccount
+from reconciler.mover.imapclient import parse_response
 
 FLAG_TO_IMAP = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered",
                 "S": "\\Seen", "T": "\\Deleted"}
@@ -77,6 +79,32 @@ class ImapSession:
         self.delimiter = "/"
         self._selected: str | None = None
         self._uidvalidity = ""
+        # The personal namespace's prefix (Cyrus: "INBOX.") and the other users' and shared
+        # ones (Cyrus: "user."), from NAMESPACE: names are given without the personal
+        # prefix, and folders of other namespaces are not this mailbox's.
+        self.prefix = ""
+        self.foreign: tuple[str, ...] = ()
+        self._namespace_read = False
+
+    def _namespace(self) -> None:
+        if self._namespace_read:
+            return
+        self._namespace_read = True
+        if "NAMESPACE" not in self.conn.capabilities:
+            return
+        typ, data = self.conn.namespace()
+        if typ != "OK" or not data or not isinstance(data[0], bytes):
+            return
+        parsed = parse_response([b"NAMESPACE " + data[0]])
+        personal = parsed[1] if len(parsed) > 1 else None
+        if isinstance(personal, list) and personal and isinstance(personal[0], list) \
+                and personal[0] and isinstance(personal[0][0], bytes):
+            self.prefix = personal[0][0].decode()
+        for group in parsed[2:4]:
+            for entry in group if isinstance(group, list) else ():
+                if isinstance(entry, list) and entry and isinstance(entry[0], bytes) \
+                        and entry[0]:
+                    self.foreign += (entry[0].decode(),)
 
     def _ok(self, what: str, result: tuple[str, Any]) -> list[Any]:
         typ, data = result[0], list(result[1] or [])
@@ -86,11 +114,15 @@ class ImapSession:
         return data
 
     def _server_name(self, folder: str) -> str:
-        return "INBOX" if folder == "INBOX" else folder.replace("/", self.delimiter)
+        self._namespace()
+        if folder == "INBOX":
+            return "INBOX"
+        return self.prefix + folder.replace("/", self.delimiter)
 
     # -- folders ---------------------------------------------------------------------------
     def folders(self) -> list[str]:
         """Every selectable folder, '/'-separated, INBOX first."""
+        self._namespace()
         found: list[str] = []
         for line in self._ok("LIST", self.conn.list('""', "*")):
             if not isinstance(line, bytes):
@@ -105,6 +137,10 @@ class ImapSession:
             if delim != b"NIL":
                 self.delimiter = _unquote(delim) or "/"
             name = _unquote(match["name"])
+            if any(name.startswith(p) for p in self.foreign):
+                continue  # another user's folder shared with this one, or a public one
+            if self.prefix and name.startswith(self.prefix):
+                name = name[len(self.prefix):]
             folder = "INBOX" if name.upper() == "INBOX" else name.replace(self.delimiter, "/")
             found.append(folder)
         return sorted(set(found), key=lambda f: (f != "INBOX", f))

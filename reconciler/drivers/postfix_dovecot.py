@@ -34,12 +34,15 @@ only reached through the guarded step (`steps.cleanup`).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import pwd
+import shlex
 import shutil
 import smtplib
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -94,6 +97,7 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         self.domains = domains
         self._tables: Tables | None = None
         self._configured = False
+        self._config_changes: list[str] = []  # main.cf diffs not yet in an event
 
     # -- plumbing -------------------------------------------------------------------------
     @property
@@ -183,44 +187,91 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         return self._run(argv + names, "postconf").splitlines()
 
     def configure(self) -> None:
-        """Set the routing parameters in main.cf (reload if changed) and check the domains."""
+        """Check the system, then set the routing parameters in main.cf (reload if changed).
+
+        Nothing is written before every check passed: a refusal leaves main.cf, master.cf,
+        the maps and Dovecot's files as they were. A change is journalled for the admin
+        (``<stateDir>/postconf-changes.log``: the ``postconf -n`` diff and the ``postconf
+        -e`` that undoes it) and handed to the engine for the step's event
+        (`take_config_changes`). If Postfix does not take a value (an override elsewhere),
+        main.cf gets its old bytes back and the step waits with the reason."""
         if self._configured:
             return
-        wanted = self.wanted_postfix()
-        self.tables.repair()  # the maps must exist before Postfix is pointed at them
-        current = dict(zip(wanted, self._postconf(list(wanted)), strict=False))
-        changes = [f"{k}={v}" for k, v in wanted.items() if current.get(k, "").strip() != v]
-        if changes:
-            self._run(["postconf", "-c", self.options.postfix_config_dir, "-e", *changes],
-                      "postconf -e")
         problems = self.check_config()
         if problems:
             raise TemporaryError(f"{self.name}: configuration refused: " + "; ".join(problems))
+        wanted = self.wanted_postfix()
+        current = dict(zip(wanted, self._postconf(list(wanted)), strict=False))
+        changes = {k: v for k, v in wanted.items() if current.get(k, "").strip() != v}
+        self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
-            self._run(["postfix", "-c", self.options.postfix_config_dir, "reload"],
-                      "postfix reload")
+            config_dir = self.options.postfix_config_dir
+            main_cf = Path(config_dir) / "main.cf"
+            saved = main_cf.read_bytes()
+            before = self._run(["postconf", "-c", config_dir, "-n"], "postconf -n")
+            self._run(["postconf", "-c", config_dir, "-e",
+                       *(f"{k}={v}" for k, v in changes.items())], "postconf -e")
+            got = dict(zip(wanted, self._postconf(list(wanted)), strict=False))
+            wrong = [f"{k} is {got.get(k, '').strip()!r} after postconf -e, expected {v!r}"
+                     for k, v in wanted.items() if got.get(k, "").strip() != v]
+            if wrong:
+                main_cf.write_bytes(saved)  # back to the admin's bytes
+                raise TemporaryError(f"{self.name}: configuration refused: " + "; ".join(wrong))
+            after = self._run(["postconf", "-c", config_dir, "-n"], "postconf -n")
+            self._journal(before, after, {k: current.get(k, "").strip() for k in changes})
+            self._run(["postfix", "-c", config_dir, "reload"], "postfix reload")
         self._configured = True
 
+    def _journal(self, before: str, after: str, old: dict[str, str]) -> None:
+        """Record a main.cf change where the admin finds it, with the command undoing it."""
+        diff = "".join(difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True),
+            "postconf -n (before mailferry)", "postconf -n (after mailferry)"))
+        # Parameters the admin had set get their value back; the others lose ours (-X).
+        explicit = {line.split("=", 1)[0].strip() for line in before.splitlines()}
+        config_dir = self.options.postfix_config_dir
+        undo = " && ".join(shlex.join(argv) for argv in (
+            ["postconf", "-c", config_dir, "-e",
+             *(f"{k}={v}" for k, v in old.items() if k in explicit)],
+            ["postconf", "-c", config_dir, "-X", *(k for k in old if k not in explicit)],
+        ) if len(argv) > 4)
+        self._config_changes.append(f"{diff}undo: {undo}\n")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        state = Path(self.options.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        with open(state / "postconf-changes.log", "a", encoding="utf-8") as log:
+            log.write(f"# {stamp} mailferry changed main.cf of {self.name}\n{diff}"
+                      f"# undo: {undo}\n")
+
+    def take_config_changes(self) -> list[str]:
+        """The configuration changes made since the last call (for the step's event)."""
+        changes, self._config_changes = self._config_changes, []
+        return changes
+
     def check_config(self) -> list[str]:
-        """What in main.cf or dovecot.conf contradicts the split-domain setup (empty: fine)."""
+        """What in main.cf or Dovecot's configuration the driver cannot work with (empty:
+        fine). Reads only: run before anything is changed."""
         problems = []
-        values = self._postconf(list(LOCAL_CLASSES), expand=True)
+        # virtual_alias_domains and virtual_mailbox_domains are the driver's (set below):
+        # only the classes it leaves to the admin must not claim its domains.
+        admin_classes = [c for c in LOCAL_CLASSES if c not in self.wanted_postfix()]
+        values = self._postconf(admin_classes, expand=True)
         ours = {*self.domains, self.internal_domain}
-        for name, value in zip(LOCAL_CLASSES, values, strict=False):
+        for name, value in zip(admin_classes, values, strict=False):
             listed = {v.strip().lower() for v in value.replace(",", " ").split()}
             clash = sorted(ours & listed)
             if clash:
                 problems.append(f"{name} lists {', '.join(clash)}: Postfix would answer 550 "
                                 "for that domain's addresses hosted on other systems; remove it")
-        wanted = self.wanted_postfix()
-        for name, value in zip(wanted, self._postconf(list(wanted)), strict=False):
-            if value.strip() != wanted[name]:
-                problems.append(f"{name} is {value.strip()!r}, expected {wanted[name]!r}")
-        chars = self._run(["doveconf", "-c", self.options.dovecot_config, "-h",
-                           "auth_username_chars"], "doveconf").strip()
+        dovecot = self.options.dovecot_config
+        chars = self._run(["doveconf", "-c", dovecot, "-h", "auth_username_chars"],
+                          "doveconf").strip()
         if chars and "=" not in chars:
             problems.append("Dovecot's auth_username_chars lacks '=' (mailbox ids are "
                             "local=domain)")
+        passwd = str(Path(self.options.state_dir) / "passwd")
+        if passwd not in self._run(["doveconf", "-c", dovecot, "-n"], "doveconf -n"):
+            problems.append(f"Dovecot's passdb/userdb do not read {passwd} (passwd-file)")
         return problems
 
     # -- health -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from flags and a users file.
 
     python -m reconciler.mover copy --src imap://127.0.0.1:11143 --dst 127.0.0.1:12143 \\
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
-        [--parallel 8] [--state mover-state.db] [--progress auto|tty|json|none] \\
+        [--parallel 8] [--state mover-state.db] [--progress auto|tty|plain|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
         [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
@@ -45,6 +45,7 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
 from reconciler.mover.progress import make_progress
+from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
 from reconciler.state.store import default_url, open_store
@@ -67,9 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
     c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
     c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
-    c.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    c.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
     c.add_argument("--report", default="table", choices=["table", "json"])
     c.add_argument("--verify", default="fast", choices=["fast", "deep"])
+    c.add_argument("--accept-rewrite", action="append", default=[], metavar="NAME",
+                   choices=sorted(REWRITES),
+                   help="a change the target makes on store accepted as equivalent "
+                        "(8bit-headers-as-x: Cyrus munge8bit); the proof checks it")
+    c.add_argument("--dst-name", default="",
+                   help="the target's name in the report (default its host:port)")
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
     c.add_argument("--max-msgs-per-s", type=float, default=0.0)
     c.add_argument("--max-bytes-per-s", type=float, default=0.0)
@@ -88,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--state", help="state store URL or SQLite file (default var/state.db)")
     pre.add_argument("--all", action="store_true", help="also policies without prestageCopy")
     pre.add_argument("--parallel", type=int, default=4)
-    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "json", "none"])
+    pre.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
     return p
 
 
@@ -133,7 +140,9 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
     throttle = Throttle(args.max_msgs_per_s, args.max_bytes_per_s)
     options = Options(rules=rules, verify=args.verify, phase=args.phase,
                       batch_messages=args.batch_messages, batch_bytes=args.batch_bytes,
-                      appends_in_flight=args.appends_in_flight)
+                      appends_in_flight=args.appends_in_flight,
+                      accepted=frozenset(args.accept_rewrite),
+                      target_name=args.dst_name or args.dst.removeprefix("imap://"))
     jobs: list[Job] = []
     for line in args.users.read_text().splitlines():
         cols = line.split()
@@ -155,6 +164,11 @@ def _table(reports: list[MailboxReport]) -> None:
     for r in reports:
         print(f"{r.key[:32]:32} {r.copied:>8} {r.present:>8} {r.failed:>7} {r.missing:>8} "
               f"{r.seconds:>8.2f}  {'yes' if r.verified else 'NO: ' + (r.error or 'see report')}")
+        if r.altered:
+            print(f"    {r.alteration()}")
+        if r.equivalent:
+            print(f"    {r.equivalent} proven equivalent under {', '.join(r.accepted)} "
+                  f"(not byte-identical)")
         for f in r.folders:
             for uid, reason in f.failed[:5]:
                 print(f"    {f.folder} uid {uid}: {reason}")

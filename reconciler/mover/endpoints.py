@@ -36,9 +36,9 @@ from reconciler.drivers.base import MailSystemDriver
 from reconciler.mover import mutf7
 from reconciler.mover.folders import Folder, canonical, guess_special_use, native
 from reconciler.mover.imapclient import (
+    Digest,
     ImapClient,
     ImapCommandError,
-    ImapConnectionError,
     ImapError,
     ImapLoginError,
     Pending,
@@ -56,10 +56,9 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
 _LIST_CHUNK = 500  # UIDs per FETCH command: keeps command lines short
+DIGEST_OVER = 1 << 20  # a read-back body larger than this is hashed as it streams in
 # What `folders` sends to a server with SPECIAL-USE and LIST-STATUS (Dovecot, Cyrus, ...)
 _LIST_ALL = 'LIST "" "*" RETURN (SPECIAL-USE STATUS (UIDVALIDITY UIDNEXT MESSAGES))'
-# Servers (host, port) whose session went silent after a pipelined login: log in alone there
-_LOGIN_ALONE: set[tuple[str, int]] = set()
 
 
 def wire_form(data: bytes) -> bytes:
@@ -143,6 +142,13 @@ class Endpoint(Protocol):
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """Append messages in order."""
+
+    async def read_back(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+        """Stream what the target stored under these UIDs, as it serves it now (the proof
+        of a copy); a large body may arrive as a `Digest` (hashed while it streamed)."""
+
+
+__all__ = ["Digest"]  # re-exported: the pipeline tells hashed-in-flight bodies apart
 
 
 # -- dates and flags ----------------------------------------------------------------------
@@ -270,6 +276,10 @@ class ImapEndpoint:
         self.client: ImapClient | None = None
         self.separator: str | None = "/"
         self.prefix = ""
+        # Other users' and shared namespaces (NAMESPACE, RFC 2342): not this mailbox's mail.
+        # Cyrus lists another user's folder shared by ACL as user.NAME.FOLDER in the same
+        # LIST; copying it would put someone else's mail into BOX2.
+        self.foreign: tuple[str, ...] = ()
         self._selected: str | None = None
         self._validity = ""
         self._state = ""
@@ -285,6 +295,7 @@ class ImapEndpoint:
         idle = self.pool.take(a) if self.pool is not None else None
         if idle is not None:
             self.client, self.separator, self.prefix = idle.client, idle.separator, idle.prefix
+            self.foreign = idle.foreign
             self._selected = None
             return
         try:
@@ -296,11 +307,10 @@ class ImapEndpoint:
             raise type(exc)(f"{a.system}: {exc}") from exc
         early: list[Pending] | None = None
         try:
-            # The login and the session's first two commands in one write: the server runs
-            # NAMESPACE and the folder LIST once logged in (they get NO/BAD if the login is
-            # refused). Half the round trips of a fresh connection; what a cold re-run of
-            # a far-away server mostly waits for.
-            started = None if (a.host, a.port) in _LOGIN_ALONE else await client.start_login(
+            # The login alone (RFC 3501 5.5: nothing behind a state-changing command until
+            # it completes; Cyrus answers BAD to what follows AUTHENTICATE and loses the
+            # command after that), then NAMESPACE and the folder LIST in one write.
+            started = await client.start_login(
                 a.user, a.password, authorize_as=a.authorize_as,
                 then=[(b"NAMESPACE", "NAMESPACE"), (_LIST_ALL.encode(), "LIST")])
             early = started[1:] if started is not None else None  # NAMESPACE, LIST
@@ -318,18 +328,12 @@ class ImapEndpoint:
                                      f"{exc.status} {exc.text}") from exc
             namespace = None
             if early is not None:
-                try:
-                    with contextlib.suppress(ImapCommandError):  # no NAMESPACE: asked below
-                        namespace = await client.finish(early[0])
-                    with contextlib.suppress(ImapCommandError):  # no RETURN options: later
-                        listed = await client.finish(early[1])
-                        if {"SPECIAL-USE", "LIST-STATUS"} <= client.capabilities:
-                            self._early_list = listed
-                except ImapConnectionError:
-                    # A server that drops what followed the login (or a broken line): the
-                    # retry, and every later login to this server, go one command at a time.
-                    _LOGIN_ALONE.add((a.host, a.port))
-                    raise
+                with contextlib.suppress(ImapCommandError):  # no NAMESPACE: asked below
+                    namespace = await client.finish(early[0])
+                with contextlib.suppress(ImapCommandError):  # no RETURN options: later
+                    listed = await client.finish(early[1])
+                    if {"SPECIAL-USE", "LIST-STATUS"} <= client.capabilities:
+                        self._early_list = listed
             if namespace is None and "NAMESPACE" in client.capabilities:
                 namespace = await client.simple("NAMESPACE")
             if namespace is not None:
@@ -340,6 +344,8 @@ class ImapEndpoint:
                         self.prefix = mutf7.decode(prefix.decode()) \
                             if isinstance(prefix, bytes) else ""
                         self.separator = sep.decode() if isinstance(sep, bytes) else None
+                    if personal is not None:
+                        self.foreign = _foreign_prefixes(resp[2:4])
             else:
                 for resp in await client.simple('LIST "" ""'):
                     if len(resp) > 2 and resp[0] == b"LIST":
@@ -371,7 +377,8 @@ class ImapEndpoint:
             except ImapError:
                 client.close()
                 return
-            await self.pool.give(self.account, Idle(client, self.separator, self.prefix))
+            await self.pool.give(self.account, Idle(client, self.separator, self.prefix,
+                                                    foreign=self.foreign))
             return
         await client.logout()
 
@@ -410,6 +417,8 @@ class ImapEndpoint:
                 continue
             sep = resp[2].decode() if isinstance(resp[2], bytes) else None
             decoded = mutf7.decode(raw.decode("utf-8", "replace"))
+            if any(decoded.startswith(p) for p in self.foreign):
+                continue  # another user's or a shared folder
             name = canonical(decoded, sep, self.prefix)
             use = next((a for a in attrs if a in ("\\Sent", "\\Drafts", "\\Trash", "\\Junk",
                                                    "\\Archive")), None)
@@ -515,9 +524,10 @@ class ImapEndpoint:
         return listing
 
     async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
-                    meta: bool = False) -> None:
+                    meta: bool = False, digest: bool = False) -> None:
         """Pipelined UID FETCH BODY.PEEK[] (with FLAGS and INTERNALDATE when `meta`); the
-        sink's back-pressure stops the reading."""
+        sink's back-pressure stops the reading. `digest`: bodies over `DIGEST_OVER` bytes
+        reach the sink as a `Digest` (only their hash is wanted)."""
         if not uids:
             return
         if not await self._select(name):
@@ -543,7 +553,7 @@ class ImapEndpoint:
         started = [
             await client.start(
                 [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} ({what})".encode()],
-                "UID FETCH", handler=deliver)
+                "UID FETCH", handler=deliver, digest_over=DIGEST_OVER if digest else None)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
         for pending in started:
@@ -571,6 +581,23 @@ class ImapEndpoint:
         return AppendResult(validity, [r.uids[0] for r in results],
                             [r.errors[0] for r in results])
 
+    async def read_back(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+        """NOOP, then UID FETCH BODY.PEEK[] of the UIDs an APPEND gave, pipelined behind it.
+
+        Why the NOOP: the folder is selected (EXAMINE) while appends to it complete; a
+        server updates a selected folder's view of new messages at a command that may send
+        EXISTS, and RFC 3501 lets FETCH skip that. A body larger than `DIGEST_OVER` comes as
+        a `Digest` (hashed in flight): a read-back never holds a second copy of a big
+        message."""
+        if not uids:
+            return
+        if not await self._select(name):
+            raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
+        client = self._c()
+        noop = await client.start([b"NOOP"], "NOOP")
+        await self.fetch(name, uids, sink, digest=True)
+        await client.finish(noop)
+
     async def _append_one(self, box: bytes, msg: Outgoing) -> AppendResult:
         client = self._c()
         try:
@@ -593,6 +620,19 @@ def _append_result(_untagged: list[Untagged], text: str, count: int) -> AppendRe
     if len(uids) != count:
         uids = [None] * count  # a server that numbers oddly: verify by content instead
     return AppendResult(match.group(1), uids, [None] * count)
+
+
+def _foreign_prefixes(groups: Sequence[object]) -> tuple[str, ...]:
+    """The non-empty prefixes of NAMESPACE's other-users and shared groups (an empty
+    prefix, Cyrus's shared namespace, would match every name and is left out)."""
+    prefixes: list[str] = []
+    for group in groups:
+        if not isinstance(group, list):
+            continue
+        for entry in group:
+            if isinstance(entry, list) and entry and isinstance(entry[0], bytes) and entry[0]:
+                prefixes.append(mutf7.decode(entry[0].decode()))
+    return tuple(prefixes)
 
 
 def _flags_and_date(msg: Outgoing) -> bytes:
@@ -653,6 +693,17 @@ class DriverEndpoint:
         for uid in uids:
             data = await asyncio.to_thread(self.driver.read_message, self.mailbox_id, name, uid)
             await sink(uid, data, None, None)  # flags and date came with the listing
+
+    async def read_back(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+        """What the driver stored, read from it again; a key it cannot read (an append
+        it acknowledged without storing) is left out: that copy is not proven."""
+        for uid in uids:
+            try:
+                data = await asyncio.to_thread(self.driver.read_message, self.mailbox_id,
+                                               name, uid)
+            except Exception:  # see the docstring: unproven, not an error
+                continue
+            await sink(uid, data, None, None)
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """Store each message byte for byte with its flags and date."""

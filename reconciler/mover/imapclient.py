@@ -21,9 +21,17 @@ a time (no LITERAL+, no MULTIAPPEND). So this module implements the subset we us
   never sent in cleartext;
 - capabilities taken from the greeting and the login's OK when the server puts them there
   (Dovecot does): two round trips fewer per connection;
-- a login that can be sent in one line (LOGIN, or AUTHENTICATE PLAIN with SASL-IR) goes out
-  with the session's first commands behind it in one write (`start_login`): one round trip
-  where there were three.
+- pipelining that every server accepts (RFC 3501 5.5): nothing is sent behind a command
+  that changes the session's state (LOGIN, AUTHENTICATE, STARTTLS, SELECT, EXAMINE,
+  UNSELECT, CLOSE) until it completes; Cyrus answers a command pipelined behind
+  AUTHENTICATE with BAD and loses the one after it (issue 21);
+- a protocol error stops pipelining on the connection with a logged warning, never a
+  silent wait for a timeout: a BAD to a command sent while others were in flight is sent
+  once more alone; a tagged reply for no command in flight (the server misread the stream)
+  fails what is in flight at once (`ImapProtocolError`, retried on a new connection, which
+  does not pipeline to that server either);
+- bodies whose only use is their hash (a read-back) may be hashed as they stream in
+  (`digest_over`): a `Digest` instead of the bytes, so a big message is not held twice.
 
 Errors: a NO or BAD answer raises `ImapCommandError` (the connection stays usable); a broken
 connection raises `ImapConnectionError` in every pending command (the caller reconnects and
@@ -35,6 +43,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
+import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from reconciler.mover import mutf7
+from reconciler.mover.servers import family_of
 
 Value = Union[bytes, int, None, "list[Value]"]
 Untagged = list[Value]  # one untagged response, parsed: [b"12", b"FETCH", [...]]
@@ -53,6 +64,49 @@ _TOKEN = re.compile(
 )
 _LITERAL_MARK = object()
 MAX_LITERAL = 1 << 31  # a message larger than 2 GiB is refused rather than read
+_CHUNK = 1 << 16
+# Commands that change the session's state: nothing may follow them on the wire until they
+# complete (RFC 3501 5.5; servers differ in what they do otherwise).
+BARRIERS = frozenset({"LOGIN", "AUTHENTICATE", "STARTTLS", "SELECT", "EXAMINE", "UNSELECT",
+                      "CLOSE", "LOGOUT"})
+# Servers (host, port) that made a protocol error in this process: no pipelining to them
+NO_PIPELINING: set[tuple[str, int]] = set()
+log = logging.getLogger("mailferry.mover.imap")
+
+
+class Digest(bytes):
+    """A body that was hashed as it streamed in and not kept: empty bytes carrying its
+    content hash (sha256 of its wire form) and size."""
+
+    sha256: str
+    size: int
+
+    @classmethod
+    def of(cls, sha256: str, size: int) -> Digest:
+        made = cls(b"")
+        made.sha256, made.size = sha256, size
+        return made
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+async def _digest_literal(reader: asyncio.StreamReader, size: int) -> Digest:
+    """Read a literal in chunks into sha256 of its wire form (bare LF as CRLF, as
+    `endpoints.content_hash` does), keeping none of it."""
+    digest = hashlib.sha256()
+    left, after_cr = size, False
+    while left:
+        chunk = await reader.readexactly(min(left, _CHUNK))
+        left -= len(chunk)
+        if b"\n" in chunk:
+            fixed = _BARE_LF.sub(b"\r\n", chunk)
+            if after_cr and chunk.startswith(b"\n"):
+                fixed = fixed[1:]  # the CR ended the previous chunk
+            chunk = fixed
+        digest.update(chunk)
+        after_cr = chunk.endswith(b"\r")
+    return Digest.of(digest.hexdigest(), size)
 
 
 class ImapError(Exception):
@@ -61,6 +115,11 @@ class ImapError(Exception):
 
 class ImapConnectionError(ImapError):
     """The connection broke or timed out: reconnect and resume."""
+
+
+class ImapProtocolError(ImapConnectionError):
+    """The server's answers no longer match our commands (a tag answered twice or never
+    sent): what was in flight fails now, the mailbox is retried on a new connection."""
 
 
 class ImapTlsError(ImapError):
@@ -164,6 +223,11 @@ def pending_text(pending: object) -> str:
     return str(done.result()[1])
 
 
+def _verb(line: bytes) -> str:
+    """The command's name: 'UID FETCH ...' -> 'UID', 'SELECT x' -> 'SELECT'."""
+    return line.split(b" ", 1)[0].decode("ascii", "replace").upper()
+
+
 def fetch_items(response: Untagged) -> dict[bytes, Value] | None:
     """The attribute dict of an untagged FETCH response (keys upper-cased), else None."""
     if len(response) < 3 or not isinstance(response[1], bytes) \
@@ -191,6 +255,9 @@ class _Pending:
     handler: Handler | None = None
     accepts: Callable[[Untagged], bool] | None = None
     untagged: list[Untagged] = field(default_factory=list)
+    segments: Sequence[bytes] = ()  # what was sent, to send it once more alone after a BAD
+    pipelined: bool = False  # other commands were in flight when this one was sent
+    digest_over: int | None = None  # bodies larger than this arrive as a `Digest`
 
 
 Pending = _Pending  # a command sent and not yet answered (`start`, `start_login`)
@@ -214,7 +281,12 @@ class ImapClient:
         self._last_rx = 0.0
         self._in_handler = False
         self._write_lock = asyncio.Lock()
+        self._quiet_event = asyncio.Event()
+        self._quiet_event.set()
         self.greeting: bytes = b""
+        self.where = "IMAP"  # "IMAP host:port", for warnings
+        self.server: tuple[str, int] | None = None
+        self.pipelining = True  # off after a protocol error on this connection
 
     # -- connection ---------------------------------------------------------------------
     @classmethod
@@ -234,6 +306,8 @@ class ImapClient:
                 host, port, limit=1 << 20, ssl=context if mode == "implicit" else None),
                 timeout)
             client = cls(reader, writer, timeout)
+            client.where, client.server = where, (host, port)
+            client.pipelining = (host, port) not in NO_PIPELINING
             client.greeting = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
         except ssl.SSLError as exc:
             raise ImapTlsError(f"{where}: TLS handshake failed: {exc}") from exc
@@ -327,25 +401,70 @@ class ImapClient:
         return await self._send_lines([login, *then])
 
     async def _send_lines(self, commands: Sequence[tuple[bytes, str]]) -> list[_Pending]:
-        """Write several commands without literals in one write."""
+        """Write several commands without literals, as few writes as RFC 3501 5.5 allows:
+        a state-changing command (a login) goes out alone and the rest only once it
+        completed; after a refused one the rest are not sent (answered NO here)."""
         if self._broken is not None:
             raise ImapConnectionError(f"{commands[0][1]}: connection lost: {self._broken!r}")
         async with self._write_lock:
             loop = asyncio.get_running_loop()
-            pendings, lines = [], []
+            pendings: list[_Pending] = []
+            lines: list[bytes] = []
+            refused = ""
             for line, name in commands:
                 self._tag += 1
-                pending = _Pending(b"M%d" % self._tag, name, loop.create_future())
+                pending = _Pending(b"M%d" % self._tag, name, loop.create_future(),
+                                   segments=(line,))
                 pendings.append(pending)
+                if refused:
+                    pending.done.set_result(("NO", f"not sent: {refused}"))
+                    continue
+                barrier = _verb(line) in BARRIERS
+                if lines and (barrier or not self.pipelining):
+                    await self._write(lines, name)
+                    lines = []
+                if barrier or not self.pipelining:
+                    await self._wait_quiet()
+                pending.pipelined = bool(self._pending)
+                self._register(pending)
                 lines.append(pending.tag + b" " + line + b"\r\n")
-            self._pending.extend(pendings)
-            self._writer.write(b"".join(lines))
-            try:
-                await asyncio.wait_for(self._writer.drain(), self.timeout)
-            except (TimeoutError, OSError) as exc:
-                self._fail(exc)
-                raise ImapConnectionError(f"{commands[0][1]}: {exc!r}") from exc
+                if barrier:
+                    await self._write(lines, name)
+                    lines = []
+                    await asyncio.wait([pending.done])
+                    if pending.done.exception() is None and pending.done.result()[0] != "OK":
+                        refused = f"{name} answered {pending.done.result()[0]}"
+            if lines:
+                await self._write(lines, commands[-1][1])
         return pendings
+
+    async def _write(self, chunks: Sequence[bytes], name: str) -> None:
+        self._writer.writelines(chunks)
+        try:
+            await asyncio.wait_for(self._writer.drain(), self.timeout)
+        except (TimeoutError, OSError) as exc:
+            self._fail(exc)
+            raise ImapConnectionError(f"{name}: {exc!r}") from exc
+
+    def _register(self, pending: _Pending) -> None:
+        self._pending.append(pending)
+        self._quiet_event.clear()
+
+    async def _wait_quiet(self) -> None:
+        """Until no command is in flight (the watchdog ends a silent connection)."""
+        while self._pending and self._broken is None:
+            await self._quiet_event.wait()
+
+    def stop_pipelining(self, why: str) -> None:
+        """No more pipelining on this connection, nor on later ones to this server in this
+        process; logged: a person sees why a server became slower."""
+        if self.server is not None:
+            NO_PIPELINING.add(self.server)
+        if self.pipelining:
+            self.pipelining = False
+            family = family_of(self.greeting)
+            log.warning("%s%s: %s: pipelining off for this server", self.where,
+                        f" ({family.name})" if family else "", why)
 
     async def finish_login(self, pending: _Pending) -> None:
         """Wait for the login's answer (raise on NO/BAD) and take the new capabilities."""
@@ -360,7 +479,7 @@ class ImapClient:
     async def _authenticate_continued(self, token: str) -> _Pending:
         loop = asyncio.get_running_loop()
         self._continuation = loop.create_future()
-        pending = await self._send([b"AUTHENTICATE PLAIN"], "AUTHENTICATE")
+        pending = await self._send([b"AUTHENTICATE PLAIN"], "AUTHENTICATE", hold=False)
         await asyncio.wait_for(asyncio.shield(self._continuation), self.timeout)
         self._writer.write(token.encode() + b"\r\n")
         await self._finish(pending)
@@ -404,9 +523,12 @@ class ImapClient:
 
     async def start(self, segments: Sequence[bytes], name: str, *,
                     handler: Handler | None = None,
-                    accepts: Callable[[Untagged], bool] | None = None) -> _Pending:
-        """Send a command (segments joined by literals, see `send_literal`) without waiting."""
-        return await self._send(segments, name, handler=handler, accepts=accepts)
+                    accepts: Callable[[Untagged], bool] | None = None,
+                    digest_over: int | None = None) -> _Pending:
+        """Send a command (segments joined by literals, see `_send`) without waiting for its
+        answer (a state-changing command is waited for: see `_send`)."""
+        return await self._send(segments, name, handler=handler, accepts=accepts,
+                                digest_over=digest_over)
 
     async def finish(self, pending: _Pending) -> list[Untagged]:
         """Wait for a started command's tagged answer; raise on NO/BAD."""
@@ -421,17 +543,27 @@ class ImapClient:
 
     async def _send(self, segments: Sequence[bytes], name: str, *,
                     handler: Handler | None = None,
-                    accepts: Callable[[Untagged], bool] | None = None) -> _Pending:
-        """Write a command. Odd-indexed segments are literals; the even ones around them."""
+                    accepts: Callable[[Untagged], bool] | None = None,
+                    digest_over: int | None = None, hold: bool = True) -> _Pending:
+        """Write a command. Odd-indexed segments are literals; the even ones around them.
+        A state-changing command waits until nothing is in flight and holds the line until
+        it completes (`hold=False`: the caller must answer a continuation first); with
+        pipelining off every command waits for the one before."""
         if self._broken is not None:
             raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
         plus = "LITERAL+" in self.capabilities or "LITERAL-" in self.capabilities
+        barrier = _verb(segments[0]) in BARRIERS
         async with self._write_lock:
+            if barrier or not self.pipelining:
+                await self._wait_quiet()
+                if self._broken is not None:
+                    raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
             self._tag += 1
             tag = b"M%d" % self._tag
             pending = _Pending(tag, name, asyncio.get_running_loop().create_future(),
-                               handler, accepts)
-            self._pending.append(pending)
+                               handler, accepts, segments=segments,
+                               pipelined=bool(self._pending), digest_over=digest_over)
+            self._register(pending)
             head = tag + b" " + segments[0]
             if len(segments) == 1:
                 self._writer.write(head + b"\r\n")
@@ -457,6 +589,8 @@ class ImapClient:
             except (TimeoutError, OSError) as exc:
                 self._fail(exc)
                 raise ImapConnectionError(f"{name}: {exc!r}") from exc
+            if barrier and hold:
+                await asyncio.wait([pending.done])  # nothing behind it until it completes
         return pending
 
     async def _await(self, future: asyncio.Future[bytes], name: str) -> None:
@@ -467,9 +601,18 @@ class ImapClient:
             raise ImapConnectionError(f"{name}: no continuation") from exc
 
     async def _finish(self, pending: _Pending) -> None:
-        # No overall timeout here: a big FETCH may legitimately take long; the reader's
-        # per-read timeout detects a dead server.
+        # No overall timeout here: a big FETCH may legitimately take long; the watchdog
+        # detects a dead server.
         status, text = await pending.done
+        if status == "BAD" and pending.pipelined and pending.segments:
+            # BAD: not executed. Sent behind other commands, it may be the pipelining the
+            # server did not take: once more alone, and no more pipelining here.
+            self.stop_pipelining(f"BAD to a pipelined {pending.name} ({text[:80]})")
+            again = await self._send(pending.segments, pending.name, handler=pending.handler,
+                                     accepts=pending.accepts,
+                                     digest_over=pending.digest_over)
+            status, text = await again.done
+            pending.done, pending.untagged = again.done, again.untagged
         if status != "OK":
             raise ImapCommandError(pending.name, status, text)
 
@@ -492,7 +635,19 @@ class ImapClient:
             if size > MAX_LITERAL:
                 raise ImapConnectionError(f"literal of {size} bytes refused")
             parts.append(line)
-            parts.append(await reader.readexactly(size))
+            over = self._digest_over()
+            if over is not None and size > over:
+                parts.append(await _digest_literal(reader, size))
+            else:
+                parts.append(await reader.readexactly(size))
+
+    def _digest_over(self) -> int | None:
+        """The size above which a literal is only hashed: when every body fetch in flight
+        wants nothing but hashes (a read-back), else None."""
+        fetches = [p.digest_over for p in self._pending if p.name.startswith("UID FETCH")]
+        if not fetches or any(f is None for f in fetches):
+            return None
+        return min(f for f in fetches if f is not None)
 
     async def _watchdog(self) -> None:
         """Abort the connection when commands are pending and the server sent nothing for
@@ -502,6 +657,11 @@ class ImapClient:
             await asyncio.sleep(max(self.timeout / 4, 0.05))
             idle = loop.time() - self._last_rx
             if self._pending and not self._in_handler and idle > self.timeout:
+                if any(p.pipelined for p in self._pending):
+                    # Perhaps a server that threw away what we pipelined: the retry, and
+                    # later connections to it, send one command at a time.
+                    self.stop_pipelining(f"no answer for {idle:.0f} s to commands sent "
+                                         f"pipelined")
                 self._fail(TimeoutError(f"no answer for {idle:.0f} s"))
                 self._writer.transport.abort()
                 return
@@ -526,6 +686,11 @@ class ImapClient:
         except (TimeoutError, OSError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError, ValueError, ImapError) as exc:
             self._fail(exc)
+        except Exception as exc:
+            # A handler's own error (a bug downstream): every pending command learns it
+            # now, rather than the reader dying and the watchdog's timeout saying nothing.
+            self._fail(exc)
+            self._writer.transport.abort()
 
     async def _dispatch(self, parts: list[bytes]) -> None:
         response = parse_response([parts[0][2:], *parts[1:]])
@@ -533,7 +698,12 @@ class ImapClient:
                 p.name.startswith("LOGOUT") for p in self._pending):
             raise ImapConnectionError(f"server said {parts[0][:200]!r}")
         target = None
-        for pending in self._pending:
+        # A FETCH response belongs to a FETCH in flight, not to an APPEND or NOOP sent
+        # before it (a target connection reads back while its appends are in flight).
+        fetch = len(response) > 1 and isinstance(response[1], bytes) \
+            and response[1].upper() == b"FETCH"
+        candidates = [p for p in self._pending if "FETCH" in p.name] if fetch else []
+        for pending in candidates or self._pending:
             if pending.accepts is None or pending.accepts(response):
                 target = pending
                 break
@@ -557,10 +727,20 @@ class ImapClient:
         for i, pending in enumerate(self._pending):
             if pending.tag == tag:
                 del self._pending[i]
+                if not self._pending:
+                    self._quiet_event.set()
                 if not pending.done.done():
                     pending.done.set_result((status.decode(errors="replace").upper(),
                                              text.decode(errors="replace")))
                 return
+        # A tag we have no command for (answered twice, or never sent): the server read
+        # our stream differently from how we wrote it, and what is in flight may never be
+        # answered. Fail it now instead of waiting for the timeout.
+        shown = line[:80].decode("ascii", "replace")
+        self.stop_pipelining(f"tagged reply for no command in flight ({shown!r})")
+        self._fail(ImapProtocolError(f"{self.where}: protocol error: tagged reply for no "
+                                     f"command in flight ({shown!r})"))
+        self._writer.transport.abort()
 
     def _fail(self, exc: BaseException) -> None:
         if self._broken is None:
@@ -568,7 +748,10 @@ class ImapClient:
         for pending in self._pending:
             if not pending.done.done():
                 pending.done.set_exception(
+                    ImapProtocolError(f"{pending.name}: {exc}")
+                    if isinstance(exc, ImapProtocolError) else
                     ImapConnectionError(f"{pending.name}: connection lost: {exc!r}"))
         self._pending.clear()
+        self._quiet_event.set()
         if self._continuation is not None and not self._continuation.done():
             self._continuation.set_exception(ImapConnectionError(f"connection lost: {exc!r}"))

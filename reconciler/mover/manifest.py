@@ -52,6 +52,12 @@ class ManifestRow:
     dst_folder: str
     dst_validity: str | None
     dst_uid: str | None
+    # The proof from the target's own bytes (revision 0005): the hash of what the target
+    # returned for dst_uid, and what it showed ("identical", "equivalent:REWRITE",
+    # "altered:KIND"), with an example of an alteration. None: never read back, not a proof.
+    dst_sha256: str | None = None
+    proof: str | None = None
+    proof_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class RunFigures:
     verified: bool
     report: dict[str, Any]
 
+
+# What a run's report says its "verified" rests on: every copy read back from the target
+# and hashed (revision 0005). A verified run without it (sizes trusted) proves nothing now.
+PROOF = "target-bytes"
 
 Sessions = Callable[[], AbstractContextManager[Session]]
 
@@ -104,11 +114,13 @@ class Manifest:
                        TransferManifest.message_id, TransferManifest.copied,
                        TransferManifest.src_validity, TransferManifest.src_uid,
                        TransferManifest.dst_folder, TransferManifest.dst_validity,
-                       TransferManifest.dst_uid)
+                       TransferManifest.dst_uid, TransferManifest.dst_sha256,
+                       TransferManifest.proof, TransferManifest.proof_note)
                 .where(TransferManifest.mailbox == mailbox, TransferManifest.folder == folder)
                 .order_by(TransferManifest.id)).all()
         return [ManifestRow(r[0], r[1], r[2], r[3] or "", bool(r[4]), r[5] or "", r[6] or "",
-                            r[7] or r[0], r[8], r[9]) for r in rows]
+                            r[7] or r[0], r[8], r[9], r[10], r[11], r[12] or "")
+                for r in rows]
 
     def add(self, mailbox: str, rows: Iterable[ManifestRow], at: datetime | None = None) -> int:
         """Append rows in one transaction; return how many."""
@@ -118,7 +130,8 @@ class Manifest:
             migration_id=self.migration_id, mailbox=mailbox, folder=r.folder, sha256=r.sha256,
             size=r.size, message_id=r.message_id[:998] or None, copied=r.copied, at=now,
             src_validity=r.src_validity, src_uid=r.src_uid, dst_folder=r.dst_folder,
-            dst_validity=r.dst_validity, dst_uid=r.dst_uid) for r in rows]
+            dst_validity=r.dst_validity, dst_uid=r.dst_uid, dst_sha256=r.dst_sha256,
+            proof=r.proof, proof_note=r.proof_note[:512] or None) for r in rows]
         if batch:
             with self.sessions() as session:
                 session.execute(insert(TransferManifest), batch)
@@ -145,8 +158,11 @@ class Manifest:
                 .order_by(TransferRun.id.desc()).limit(1)).first()
         if not text:
             return {}
+        report = json.loads(text)
+        if report.get("proof") != PROOF:
+            return {}  # verified before proofs came from the target's bytes: list again
         result = {}
-        for f in json.loads(text).get("folders", []):
+        for f in report.get("folders", []):
             if f.get("src_state") and f.get("dst_state"):
                 result[f["folder"]] = (f["src_state"], f["target"], f["dst_state"],
                                        int(f.get("messages", 0)))

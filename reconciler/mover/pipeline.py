@@ -17,10 +17,17 @@ Per source folder:
    batched into MULTIAPPENDs kept several in flight. A bounded number of batches in flight
    is the back-pressure that bounds memory by (batches x batch size + the largest message),
    never by the mailbox.
-5. **Verify**: list the target folder again; every source hash must be in it. A target UID
-   counts with the hash of the bytes we appended under it (APPENDUID, RFC 4315) only when
-   its size still agrees; anything unresolved is fetched and hashed. ``verify="deep"``
-   fetches and hashes every target message instead.
+5. **Read back**: as each MULTIAPPEND completes, the UIDs the target gave (APPENDUID,
+   RFC 4315) are fetched back on the same connection (`UID FETCH ... BODY.PEEK[]`, while
+   the next batches are in flight) and hashed: a message counts as copied only when the
+   bytes the *target returns* hash to the source's hash (or, for a target whose rewrite
+   the policy accepted, to the hash of the source after that rewrite: `rewrites.py`). The
+   read-back hash and what it proved go into the manifest; an altered copy is recorded
+   too (so it is never appended again) but proves nothing.
+6. **Verify**: list the target folder again; every source hash must be held by a target
+   UID whose *recorded read-back hash* proves it (never a size); anything unresolved is
+   fetched and hashed. ``verify="deep"`` fetches and hashes every target message instead
+   and checks it against the recorded read-back.
 
 Nothing is ever deleted or changed on the source (it is opened read-only, EXAMINE and
 BODY.PEEK) nor on the target (append only). Flags of messages already present are not
@@ -37,16 +44,28 @@ from typing import Any
 
 from reconciler.mover.endpoints import (
     AppendResult,
+    Digest,
     Endpoint,
     Entry,
     Listing,
     Outgoing,
     content_hash,
     header_message_id,
+    wire_form,
 )
 from reconciler.mover.folders import Folder, FolderRule, map_folders, ruled
-from reconciler.mover.manifest import Manifest, ManifestRow
+from reconciler.mover.manifest import PROOF, Manifest, ManifestRow
 from reconciler.mover.progress import Progress
+from reconciler.mover.rewrites import (
+    IDENTICAL,
+    REWRITES,
+    Judgement,
+    describe,
+    equivalent_hashes,
+    example,
+    hint,
+    judge,
+)
 from reconciler.mover.throttle import Throttle
 
 
@@ -61,6 +80,10 @@ class Options:
     batch_bytes: int = 2 << 20
     appends_in_flight: int = 3
     flush_rows: int = 1000
+    # Rewrites on store the policy accepts for this target (names of `rewrites.REWRITES`):
+    # a copy then proves the source when the target holds rewrite(source) byte for byte.
+    accepted: frozenset[str] = frozenset()
+    target_name: str = ""  # the target system's name, for the report ("" -> its label)
 
 
 @dataclass
@@ -78,6 +101,10 @@ class FolderReport:
     src_state: str = ""  # UIDVALIDITY/UIDNEXT/MESSAGES of the listings that were proven
     dst_state: str = ""
     unchanged: bool = False  # both sides as at the last verified pass: nothing listed
+    equivalent: int = 0  # proven under an accepted rewrite, not byte for byte
+    altered: int = 0  # the target holds a changed copy: present, never a proof
+    alteration: str = ""  # proof kind of the first altered copy ("altered:8bit-headers-as-x")
+    example: str = ""  # an example of that change
 
 
 @dataclass
@@ -92,6 +119,8 @@ class MailboxReport:
     verified: bool = False
     error: str | None = None
     attempts: int = 1
+    target: str = ""  # the target system, as the alteration message names it
+    accepted: tuple[str, ...] = ()  # the rewrites the policy accepted for it
 
     @property
     def copied(self) -> int:
@@ -113,6 +142,32 @@ class MailboxReport:
     def bytes_copied(self) -> int:
         return sum(f.bytes_copied for f in self.folders)
 
+    @property
+    def altered(self) -> int:
+        return sum(f.altered for f in self.folders)
+
+    @property
+    def equivalent(self) -> int:
+        return sum(f.equivalent for f in self.folders)
+
+    def alteration(self) -> str:
+        """What the admin must read when the target changed what it stored, or ""."""
+        first = next((f for f in self.folders if f.altered), None)
+        if first is None:
+            return ""
+        kind = first.alteration
+        text = (f"target {self.target or '?'} altered {self.altered} messages on store: "
+                f"{describe(kind)}")
+        if first.example:
+            text += f" (e.g. {first.example})"
+        fix = hint(kind)
+        name = kind.partition(":")[2]
+        text += "; fix the server" + (f" ({fix})" if fix else "")
+        if name in REWRITES:
+            text += (f" or accept the equivalence in the policy (acceptStoreRewrites: "
+                     f"[{{system: {self.target or '?'}, rewrite: {name}}}])")
+        return text
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary (failures listed with their reasons, 20 at most per folder)."""
         return {
@@ -121,10 +176,15 @@ class MailboxReport:
             "bytes_copied": self.bytes_copied, "messages": self.messages_total,
             "bytes": self.bytes_total, "seconds": round(self.seconds, 3),
             "attempts": self.attempts, "error": self.error,
+            "altered": self.altered, "equivalent": self.equivalent,
+            "alteration": self.alteration() or None, "accepted": list(self.accepted),
+            "proof": PROOF,
             "folders": [{"folder": f.folder, "target": f.target, "messages": f.messages,
                          "copied": f.copied, "present": f.present, "missing": f.missing,
                          "src_state": f.src_state, "dst_state": f.dst_state,
-                         "unchanged": f.unchanged,
+                         "unchanged": f.unchanged, "altered": f.altered,
+                         "equivalent": f.equivalent, "alteration": f.alteration,
+                         "example": f.example,
                          "failed": [{"uid": u, "reason": r} for u, r in f.failed[:20]]}
                         for f in self.folders],
         }
@@ -202,7 +262,10 @@ class MailboxCopy:
                     keep_prior=not ruled(folder.name, folder.native, self.options.rules)))
         finally:
             self.rows.flush()
-        report.verified = report.missing == 0 and report.failed == 0
+        report.target = self.options.target_name or self.target.label
+        report.accepted = tuple(sorted(self.options.accepted))
+        # Verified: every source message held by a target copy whose read-back proved it.
+        report.verified = report.missing == 0 and report.failed == 0 and report.altered == 0
         report.seconds = time.monotonic() - started
         return report
 
@@ -256,6 +319,35 @@ class MailboxCopy:
             listing = await self.target.listing(name, full=False)
         return listing or Listing("")
 
+    def _effective(self, proof: str) -> str:
+        """A recorded proof as it counts now, under the rewrites the policy accepts now: an
+        equivalence no longer accepted is an alteration again, and an alteration recorded
+        as a known rewrite (its hash was recomputed from the source and matched the
+        read-back exactly) becomes an equivalence once the admin accepts that rewrite."""
+        kind, _, name = proof.partition(":")
+        if kind == "equivalent" and name not in self.options.accepted:
+            return f"altered:{name}"
+        if kind == "altered" and name in REWRITES and name in self.options.accepted:
+            return f"equivalent:{name}"
+        return proof
+
+    def _holdings(self, cached: list[ManifestRow], dst_name: str,
+                  validity: str) -> dict[str, Held]:
+        """Target UID -> what the manifest proved it holds: only rows with a read-back hash
+        (revision 0005) under the target's current UIDVALIDITY. A row without one (an
+        APPEND whose read-back never came, or a row from before read-backs) proves nothing:
+        that target message is fetched and hashed again when it matters."""
+        return {r.dst_uid: Held(r.sha256, r.dst_sha256, r.proof, r.proof_note)
+                for r in cached
+                if r.dst_folder == dst_name and r.dst_validity == validity and r.dst_uid
+                and r.dst_sha256 and r.proof}
+
+    def _count_alteration(self, report: FolderReport, proof: str, note: str) -> None:
+        if proof.startswith("altered:"):
+            report.altered += 1
+            if not report.alteration:
+                report.alteration, report.example = proof, note
+
     async def _folder(self, name: str, src: Listing, dst_name: str,
                       keep_prior: bool = True) -> FolderReport:
         cached = self.manifest.load(self.key, name) if self.manifest is not None else []
@@ -266,13 +358,13 @@ class MailboxCopy:
         report = FolderReport(name, dst_name, messages=len(src.entries))
         src_cache = {r.src_uid: r.sha256 for r in cached if r.src_validity == src.validity}
         dst = await self._target_listing(dst_name)
-        dst_cache = {r.dst_uid: r.sha256 for r in cached
-                     if r.dst_folder == dst_name and r.dst_validity == dst.validity and r.dst_uid}
+        held = self._holdings(cached, dst_name, dst.validity)
         for e in src.entries:
             e.sha256 = e.sha256 or src_cache.get(e.uid)
         claimed = self.claimed[dst_name]
         for d in dst.entries:
-            d.sha256 = d.sha256 or dst_cache.get(d.uid)
+            known = held.get(d.uid)
+            d.sha256 = known.source if known is not None else d.sha256
         await self._resolve(dst_name, [d for d in dst.entries if d.uid not in claimed],
                             src.entries, deep=False)
 
@@ -280,19 +372,43 @@ class MailboxCopy:
         for d in dst.entries:
             if d.sha256 and d.uid not in claimed:
                 pool[d.sha256].append(d.uid)
-        placed: dict[str, tuple[str, str | None, int]] = {}  # dst uid -> (sha, validity, size)
+        placed: dict[str, Held] = {}  # dst uid -> what its read-back proved (this pass)
 
-        def present(e: Entry) -> bool:
+        def present(e: Entry, data: bytes | None = None) -> bool:
+            """The target already holds a copy of `e`: by its hash, or (a copy stored by a
+            target that rewrites, then lost from the manifest by a crash) by the hash of a
+            known rewrite of it. Such a copy is never appended again; it proves `e` only
+            when identical, or equivalent under an accepted rewrite."""
             uids = pool.get(e.sha256 or "")
-            if not uids:
-                return False
-            uid = uids.pop()
+            known: Held
+            if uids:
+                uid = uids.pop()
+                known = held.get(uid) or Held(e.sha256 or "", e.sha256, IDENTICAL)
+            else:
+                alternatives = equivalent_hashes(data, set(REWRITES)) if data else {}
+                match = next(((h, n) for h, n in alternatives.items() if pool.get(h)), None)
+                if match is None or data is None:
+                    return False
+                uid = pool[match[0]].pop()
+                rewrite = match[1]
+                kind = "equivalent" if rewrite in self.options.accepted else "altered"
+                # the target holds exactly rewrite(source): the example is recomputed
+                known = Held(e.sha256 or "", match[0], f"{kind}:{rewrite}",
+                             example(data, REWRITES[rewrite].apply(data)))
             claimed.add(uid)
+            # what this pass learnt about the UID counts in its verification, whether or
+            # not the manifest rows are written yet
+            placed[uid] = Held(known.source, known.stored, known.proof, known.note,
+                               dst.validity)
             report.present += 1
+            proof = self._effective(known.proof or IDENTICAL)
+            self._count_alteration(report, proof, known.note)
+            report.equivalent += proof.startswith("equivalent:")
             self.progress.advanced(self.key, 1, e.size)
-            if src_cache.get(e.uid) != e.sha256 or dst_cache.get(uid) != e.sha256:
+            if src_cache.get(e.uid) != e.sha256 or uid not in held:
                 self.rows.add(ManifestRow(name, e.sha256 or "", e.size, e.message_id, False,
-                                          src.validity, e.uid, dst_name, dst.validity, uid))
+                                          src.validity, e.uid, dst_name, dst.validity, uid,
+                                          known.stored, known.proof, known.note))
             return True
 
         to_read = [e for e in src.entries if not present(e)]
@@ -302,7 +418,8 @@ class MailboxCopy:
             report.dst_state = await self._verify(name, src, dst_name, placed, report)
         else:
             # The listing just taken proves it: every source message is matched to its own
-            # target UID whose size agrees and whose hash is the source's.
+            # target UID, whose recorded read-back hash (or a hash just read) is the
+            # source's; altered copies were counted by `present`.
             self.consumed[dst_name].update(e.sha256 for e in src.entries if e.sha256)
         return report
 
@@ -318,14 +435,43 @@ class MailboxCopy:
 
         async def hashed(uid: str, data: bytes, _f: object, _d: object) -> None:
             if uid in todo:
-                todo[uid].sha256 = content_hash(data)
+                todo[uid].sha256 = body_hash(data)
 
-        await self.target.fetch(folder, list(todo), hashed)
+        await self.target.read_back(folder, list(todo), hashed)
+
+    async def _read_back(self, dst_name: str, items: list[tuple[Entry, Outgoing, str]],
+                         validity: str | None, placed: dict[str, Held]) -> dict[str, Held]:
+        """Fetch what the target stored under the UIDs it gave, hash it, judge each copy.
+
+        Why this and not the size: the only proof that the target holds the source's
+        message is the target's own bytes. Bytes are kept only for a copy whose hash
+        differs (to show an example); big bodies are hashed as they stream by."""
+        expected = {uid: e.sha256 for e, _, uid in items}
+        stored: dict[str, tuple[str, bytes | None]] = {}
+
+        async def got(uid: str, data: bytes, _f: object, _d: object) -> None:
+            if uid in expected and uid not in stored:
+                sha = body_hash(data)
+                keep = None if sha == expected[uid] or isinstance(data, Digest) else data
+                stored[uid] = (sha, keep)
+
+        await self.target.read_back(dst_name, list(expected), got)
+        result: dict[str, Held] = {}
+        for e, out, uid in items:
+            if uid not in stored:
+                continue  # never came back: unproven, the verification fetches it again
+            sha, data = stored[uid]
+            verdict: Judgement = judge(e.sha256 or "", wire_form(out.data), sha, data,
+                                       self.options.accepted)
+            result[uid] = placed[uid] = Held(e.sha256 or "", sha, verdict.proof, verdict.note,
+                                             validity)
+        return result
 
     async def _stream(self, name: str, src: Listing, dst_name: str, to_read: list[Entry],
-                      present: Any, placed: dict[str, tuple[str, str | None, int]],
+                      present: Any, placed: dict[str, Held],
                       report: FolderReport) -> None:
-        """Fetch, hash and append what the target lacks, several batches in flight."""
+        """Fetch, hash and append what the target lacks, several batches in flight; read
+        each batch back from the target as soon as its APPEND completes."""
         if not to_read:
             return
         by_uid = {e.uid: e for e in to_read}
@@ -338,6 +484,11 @@ class MailboxCopy:
         async def append(items: list[tuple[Entry, Outgoing]]) -> None:
             try:
                 result: AppendResult = await self.target.append(dst_name, [o for _, o in items])
+                given = [(e, out, uid) for (e, out), uid, error
+                         in zip(items, result.uids, result.errors, strict=True)
+                         if error is None and uid is not None]
+                proofs = await self._read_back(dst_name, given, result.validity, placed) \
+                    if given else {}
             finally:
                 slots.release()
             copied = size = 0
@@ -348,10 +499,11 @@ class MailboxCopy:
                     continue
                 copied += 1
                 size += len(out.data)
-                if uid is not None:
-                    placed[uid] = (e.sha256 or "", result.validity, e.size)
-                self.rows.add(ManifestRow(name, e.sha256 or "", e.size, e.message_id, True,
-                                          src.validity, e.uid, dst_name, result.validity, uid))
+                proof = proofs.get(uid or "")
+                self.rows.add(ManifestRow(
+                    name, e.sha256 or "", e.size, e.message_id, True, src.validity, e.uid,
+                    dst_name, result.validity, uid, proof.stored if proof else None,
+                    proof.proof if proof else None, proof.note if proof else ""))
             report.copied += copied
             report.bytes_copied += size
             self.progress.advanced(self.key, copied, size, copied=copied)
@@ -380,7 +532,7 @@ class MailboxCopy:
                 self.progress.advanced(self.key, 1, e.size, failed=1)
                 return
             e.sha256 = sha
-            if present(e):
+            if present(e, wire_form(data)):
                 return
             await self.throttle.take(len(data))
             batch.append((e, Outgoing(data, e.flags, e.date)))
@@ -401,34 +553,87 @@ class MailboxCopy:
             if e.uid not in seen:
                 report.failed.append((e.uid, "vanished from the source during the copy"))
 
-    async def _verify(self, name: str, src: Listing, dst_name: str,
-                      placed: dict[str, tuple[str, str | None, int]],
+    async def _verify(self, name: str, src: Listing, dst_name: str, placed: dict[str, Held],
                       report: FolderReport) -> str:
-        """Every source hash must be in the target folder's listing taken now; return that
-        listing's state."""
+        """Every source hash must be held, in the target folder's listing taken now, by a
+        UID whose read-back proved it; return that listing's state.
+
+        What counts for a target UID: its recorded read-back (this pass's, or the
+        manifest's under the same UIDVALIDITY: a UID's content never changes), never its
+        size; else the hash of its bytes fetched now. `deep` fetches every target message
+        and trusts a recorded proof only when the bytes still hash to the recorded hash."""
         final = await self._target_listing(dst_name)
         deep = self.options.verify == "deep"
         cached = self.manifest.load(self.key, name) if self.manifest is not None else []
-        known = {r.dst_uid: (r.sha256, r.size) for r in cached
-                 if r.dst_folder == dst_name and r.dst_validity == final.validity and r.dst_uid}
-        known.update({uid: (sha, size) for uid, (sha, validity, size) in placed.items()
-                      if validity is None or validity == final.validity})
+        held = self._holdings(cached, dst_name, final.validity)
+        held.update({uid: h for uid, h in placed.items()
+                     if h.validity is None or h.validity == final.validity})
+        proof_of: dict[str, Held] = {}
         for d in final.entries:
-            if deep:
-                d.sha256 = None
-            elif d.sha256 is None and d.uid in known and known[d.uid][1] == d.size:
-                d.sha256 = known[d.uid][0]
+            d.sha256 = None
+            if not deep and d.uid in held:
+                proof_of[d.uid] = held[d.uid]
+                d.sha256 = held[d.uid].source
         need = Counter(e.sha256 for e in src.entries if e.sha256)
         unknown_source = sum(1 for e in src.entries if not e.sha256)
-        # Two source folders merged into one target folder each need their own copies.
         consumed = self.consumed[dst_name]
-        have = Counter(d.sha256 for d in final.entries if d.sha256) - consumed
-        lacking = need - have
+
+        def tally() -> tuple[Counter[str], Counter[str], Counter[str]]:
+            proven: Counter[str] = Counter()
+            equivalent: Counter[str] = Counter()
+            altered: Counter[str] = Counter()
+            for d in final.entries:
+                if not d.sha256:
+                    continue
+                known = proof_of.get(d.uid)
+                proof = self._effective(known.proof or IDENTICAL) if known else IDENTICAL
+                if proof.startswith("altered:"):
+                    altered[d.sha256] += 1
+                else:
+                    proven[d.sha256] += 1
+                    equivalent[d.sha256] += proof.startswith("equivalent:")
+            return proven - consumed, equivalent, altered
+
+        proven, equivalent, altered = tally()
+        lacking = need - proven
         if lacking or deep:
             wanted = [e for e in src.entries if e.sha256 in lacking] if not deep else []
             await self._resolve(dst_name, final.entries, wanted, deep=deep)
-            have = Counter(d.sha256 for d in final.entries if d.sha256) - consumed
-            lacking = need - have
+            if deep:
+                for d in final.entries:
+                    known = held.get(d.uid)
+                    if known is not None and known.stored == d.sha256:
+                        proof_of[d.uid] = known  # the bytes are still those read back
+                        d.sha256 = known.source
+            proven, equivalent, altered = tally()
+            lacking = need - proven
         consumed.update(need - lacking)
-        report.missing = sum(lacking.values()) + unknown_source
+        changed = lacking & altered
+        report.altered = sum(changed.values())
+        report.equivalent = sum((need & equivalent).values())
+        report.alteration = report.example = ""
+        if changed:
+            first = next(proof_of[d.uid] for d in final.entries
+                         if d.uid in proof_of and d.sha256 in changed
+                         and self._effective(proof_of[d.uid].proof or "").startswith("altered:"))
+            report.alteration = self._effective(first.proof or "")
+            report.example = first.note
+        report.missing = sum((lacking - altered).values()) + unknown_source
         return final.state
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a target UID holds, as its read-back proved: a copy of source message `source`
+    whose stored bytes hash to `stored`, and the proof kind (see `rewrites.judge`)."""
+
+    source: str
+    stored: str | None
+    proof: str | None
+    note: str = ""
+    validity: str | None = None  # the target UIDVALIDITY of a UID read back in this pass
+
+
+def body_hash(data: bytes) -> str:
+    """The content hash of fetched bytes (a `Digest` was hashed as it streamed in)."""
+    return data.sha256 if isinstance(data, Digest) else content_hash(data)

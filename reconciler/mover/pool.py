@@ -37,6 +37,7 @@ class Idle:
     separator: str | None
     prefix: str
     since: float = 0.0  # monotonic time it went idle (set by the pool)
+    foreign: tuple[str, ...] = ()  # other users' and shared namespace prefixes
 
 
 class ConnectionPool:

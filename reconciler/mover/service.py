@@ -120,12 +120,19 @@ def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
     return DriverEndpoint(driver, mailbox_id)
 
 
-def options_from_modes(modes: Mapping[str, Any], phase: str) -> Options:
-    """The policy's folderMap and verify mode, as mover options."""
+def options_from_modes(modes: Mapping[str, Any], phase: str, target: str = "",
+                       accepted: frozenset[str] | None = None) -> Options:
+    """The policy's folderMap, verify mode and the store rewrites it accepts for the
+    target system (`accepted` when the caller read them from the specs as they are now,
+    else from the recorded modes), as mover options."""
     rules = tuple(FolderRule(str(r["from"]), str(r["to"]))
                   for r in modes.get("folderMap") or [] if "from" in r and "to" in r)
     verify = "deep" if modes.get("verify") == "deep" else "fast"
-    return Options(rules=rules, verify=verify, phase=phase)
+    if accepted is None:
+        accepted = frozenset(str(r.get("rewrite")) for r in modes.get("acceptStoreRewrites") or []
+                             if r.get("system") == target)
+    return Options(rules=rules, verify=verify, phase=phase, accepted=accepted,
+                   target_name=target)
 
 
 def throttle_for(system: str, modes: Mapping[str, Any]) -> Throttle:
@@ -141,12 +148,15 @@ def throttle_for(system: str, modes: Mapping[str, Any]) -> Throttle:
 
 def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id: str, *,
               key: str, modes: Mapping[str, Any], phase: str, manifest: Manifest | None,
-              progress: Progress | None = None) -> MailboxReport:
-    """Copy and verify one mailbox; the report says what was copied, present, failed."""
+              progress: Progress | None = None,
+              accepted: frozenset[str] | None = None) -> MailboxReport:
+    """Copy and verify one mailbox; the report says what was copied, present, failed,
+    and what the target altered on store (`accepted`: its rewrites the policy accepts)."""
     mover = mover_loop()
     job = Job(key, lambda: endpoint_for(src, src_id, readonly=True, pool=mover.pool),
               lambda: endpoint_for(dst, dst_id, readonly=False, pool=mover.pool),
-              throttle=throttle_for(src.name, modes), options=options_from_modes(modes, phase))
+              throttle=throttle_for(src.name, modes),
+              options=options_from_modes(modes, phase, dst.name, accepted))
 
     async def go() -> MailboxReport:
         return (await run_jobs_async([job], manifest=manifest, progress=progress,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import difflib
 import gc
 import hashlib
+import ipaddress
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -402,15 +403,17 @@ class _Loader:
             if login == "per-user" and "passwords" not in box:
                 self.fail(doc, (*here, "passwords"), "required field missing (login: per-user)")
             smtp = self.endpoint(doc, (*here, "smtp"), box["smtp"]) if "smtp" in box else None
+            lmtp = self.endpoint(doc, (*here, "lmtp"), box["lmtp"]) if "lmtp" in box else None
             imap = ImapOptions(
                 server=self.endpoint(doc, (*here, "server"), box["server"]),
                 state_dir=self.path_value(box["stateDir"]), tls=str(box.get("tls", "implicit")),
                 cafile=self.path_value(box["caFile"]) if "caFile" in box else None,
                 login=login, master=self.master_user(box.get("masterUser")),
                 passwords=self.secret(box["passwords"]) if "passwords" in box else None,
-                login_format=str(box.get("loginFormat", "{address}")), smtp=smtp,
+                login_format=str(box.get("loginFormat", "{address}")), smtp=smtp, lmtp=lmtp,
             )
-            system = replace(common, root=imap.state_dir, submission=smtp, imap=imap)
+            system = replace(common, root=imap.state_dir, submission=smtp, lmtp=lmtp,
+                             imap=imap)
         else:
             box = spec["maildir"]
             system = replace(
@@ -426,6 +429,12 @@ class _Loader:
         """A FedHub document -> FedSpec."""
         spec = doc.spec
         token = spec["token"]
+        networks: list[str] = []
+        for i, raw in enumerate(spec.get("relayNetworks", [])):
+            try:
+                networks.append(str(ipaddress.ip_network(str(raw), strict=False)))
+            except ValueError as exc:
+                self.fail(doc, ("spec", "relayNetworks", i), f"not a network: {exc}")
         fed = FedSpec(
             name=cast(str, doc.name),
             smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
@@ -434,6 +443,7 @@ class _Loader:
             state_dir=self.path_value(spec["stateDir"]),
             domains=tuple(d.lower() for d in spec["domains"]),
             location=doc.location(),
+            relay_networks=tuple(networks),
         )
         if doc.valid:
             self.feds.append(fed)
@@ -547,6 +557,8 @@ class _Loader:
             throttle_bytes_per_second=float(spec.get("throttle", {}).get("bytesPerSecond", 0)),
             prestage_copy=bool(spec.get("prestageCopy", base.prestage_copy)),
             verify=str(spec.get("verify", base.verify)),
+            accept_store_rewrites=tuple((str(r["system"]), str(r["rewrite"]))
+                                        for r in spec.get("acceptStoreRewrites", [])),
             location=doc.location(),
         )
         if doc.valid:
@@ -569,6 +581,7 @@ class _Loader:
             policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
             allow_move_back=bool(spec.get("allowMoveBack", False)),
             report_to=tuple(str(a).lower() for a in spec.get("reportTo", [])),
+            description=str(doc.data.get("metadata", {}).get("description", "")),
         )
 
     def build_all(self) -> None:
@@ -613,7 +626,9 @@ class _Loader:
 
     def check_placements(self) -> None:
         """References, addresses claimed twice, and domains served by the target system."""
-        claimed: dict[str, str] = {}  # address -> "FILE:LINE (field of placement)"
+        # address -> (document, mailbox index, 0 for the address or 1 + alias index) where
+        # it was first claimed; paths and texts are made only for a problem.
+        claimed: dict[str, tuple[_Doc, int, int]] = {}
         for doc in self.docs:
             if doc.kind != "MailboxPlacement" or not doc.valid:
                 continue
@@ -622,23 +637,25 @@ class _Loader:
             self.check_reference(doc, "window", "MigrationWindow", set(self.windows))
             self.check_reference(doc, "policy", "MigrationPolicy", set(self.policies))
             system = self.systems.get(placement.system)
+            served = None if system is None else set(system.domains)
             for i, box in enumerate(placement.mailboxes):
-                claims: list[tuple[JsonPath, str]] = [
-                    (("spec", "mailboxes", i, "address"), box.address)
-                ] + [(("spec", "mailboxes", i, "aliases", j), a) for j, a in enumerate(box.aliases)]
-                for path, address in claims:
-                    here = doc.at(*path)
-                    if address in claimed:
-                        self.report(doc.display, doc.order, here.line, path,
+                for j, address in enumerate((box.address, *box.aliases)):
+                    here = (doc, i, j)
+                    first = claimed.setdefault(address, here)
+                    if first is not here:
+                        other, other_path = first[0], _claim_path(first[1], first[2])
+                        path = _claim_path(i, j)
+                        self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
                                     f"address {address!r} is claimed twice: also at "
-                                    f"{claimed[address]}")
-                    else:
-                        claimed[address] = f"{here} ({dotted(path)} of placement {doc.name})"
-                    domain = address.rpartition("@")[2]
-                    if system is not None and domain not in system.domains:
-                        self.report(doc.display, doc.order, here.line, path,
-                                    f"domain {domain!r} is not served by MailSystem "
-                                    f"{system.name!r} (domains: {', '.join(system.domains)})")
+                                    f"{other.at(*other_path)} ({dotted(other_path)} of "
+                                    f"placement {other.name})")
+                    if served is not None and address.rpartition("@")[2] not in served:
+                        assert system is not None
+                        path = _claim_path(i, j)
+                        self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
+                                    f"domain {address.rpartition('@')[2]!r} is not served by "
+                                    f"MailSystem {system.name!r} (domains: "
+                                    f"{', '.join(system.domains)})")
 
     def check_reference(self, doc: _Doc, key: str, kind: str, known: set[str]) -> None:
         """spec.<key> names an existing object of `kind` (broken ones excepted)."""
@@ -672,6 +689,13 @@ class _Loader:
             dirty=dirty,
             digest=self.hasher.hexdigest(),
         )
+
+
+def _claim_path(box: int, claim: int) -> JsonPath:
+    """Where a placement's mailbox `box` claims an address: 0 its address, 1 + N alias N."""
+    if claim == 0:
+        return ("spec", "mailboxes", box, "address")
+    return ("spec", "mailboxes", box, "aliases", claim - 1)
 
 
 def load_specs(directory: str | Path) -> SpecSet:

@@ -115,6 +115,7 @@ class ImapOptions:
     passwords: SecretRef | None = None  # per-user: a file of "address password" lines
     login_format: str = "{address}"  # {address}, {local}, {domain}
     smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere
+    lmtp: Endpoint | None = None  # or over LMTP (Cyrus's lmtpd); wins over smtp
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class FedSpec:
     state_dir: str  # absolute
     domains: tuple[str, ...]
     location: SourceLocation
+    relay_networks: tuple[str, ...] = ()  # CIDRs that may relay without AUTH (fed serve)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,14 @@ class PolicySpec:
     throttle_bytes_per_second: float = 0.0
     prestage_copy: bool = False  # bulk copy before the cutover
     verify: str = "fast"  # fast | deep
+    # (target system, rewrite name): changes that target makes on store which the admin
+    # accepts as equivalent (reconciler/mover/rewrites.py); the proof then checks them
+    accept_store_rewrites: tuple[tuple[str, str], ...] = ()
     location: SourceLocation | None = None
+
+    def accepted_rewrites(self, system: str) -> frozenset[str]:
+        """The rewrites accepted for a target system."""
+        return frozenset(r for s, r in self.accept_store_rewrites if s == system)
 
     def modes(self) -> dict[str, object]:
         """The modes recorded with a migration (E1), JSON-ready."""
@@ -201,6 +210,8 @@ class PolicySpec:
                          "bytesPerSecond": self.throttle_bytes_per_second},
             "prestageCopy": self.prestage_copy,
             "verify": self.verify,
+            "acceptStoreRewrites": [{"system": s, "rewrite": r}
+                                    for s, r in self.accept_store_rewrites],
         }
 
 
@@ -225,6 +236,7 @@ class PlacementSpec:
     location: SourceLocation
     allow_move_back: bool = False  # allowMoveBack: finished mailboxes may move again
     report_to: tuple[str, ...] = ()  # reportTo: who gets the wave report by mail
+    description: str = ""  # metadata.description: free text (the status page shows it)
 
 
 @dataclass(frozen=True)
@@ -263,8 +275,9 @@ class SpecSet:
             policy = self.policies.get(placement.policy, DEFAULT_POLICY) if placement.policy \
                 else DEFAULT_POLICY
             for box in placement.mailboxes:
-                result[box.address.lower()] = DesiredMailbox(
-                    address=box.address.lower(),
+                address = box.address.lower()
+                result[address] = DesiredMailbox(
+                    address=address,
                     aliases=tuple(a.lower() for a in box.aliases),
                     system=placement.system,
                     placement=placement.name,

@@ -44,6 +44,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 JsonPath = tuple[str | int, ...]
 
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_DEPTH = 100  # specs are shallow; this only stops alias cycles and pathological input
 MAX_ALIAS_NODES = 10_000  # nodes built a second time through aliases, per spec set
@@ -88,7 +89,10 @@ class YamlDocument:
 
     def line_of(self, path: JsonPath) -> int:
         """Line of the node at `path`, or of its nearest recorded ancestor."""
-        for cut in range(len(path), -1, -1):
+        line = self.lines.get(path)  # the usual case, without slicing the path
+        if line is not None:
+            return line
+        for cut in range(len(path) - 1, -1, -1):
             line = self.lines.get(tuple(path[:cut]))
             if line is not None:
                 return line
@@ -163,6 +167,8 @@ class _Builder:
 
     def scalar(self, node: ScalarNode, path: JsonPath) -> Any:
         """A scalar converted like `yaml.safe_load` does, except timestamps."""
+        if node.tag == _STR_TAG:  # most of a spec (addresses, names): the text as written
+            return node.value
         try:
             return self.scalars.construct_object(node, deep=True)
         except yaml.YAMLError as exc:  # e.g. an unknown !tag

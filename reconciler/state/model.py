@@ -157,6 +157,12 @@ class TransferManifest(Base):
     dst_folder: Mapped[str | None] = mapped_column(String(512), nullable=True)
     dst_validity: Mapped[str | None] = mapped_column(String(64), nullable=True)
     dst_uid: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Added by revision 0005 (proof from the target's own bytes): the hash of what the target
+    # returned for dst_uid, what that proved (identical | equivalent:REWRITE | altered:KIND)
+    # and, for an alteration, an example of the change. NULL: never read back.
+    dst_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    proof: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    proof_note: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class TransferRun(Base):

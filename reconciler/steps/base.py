@@ -10,6 +10,7 @@ and "stop this migration" with `PermanentError`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 from reconciler.drivers.base import MailSystemDriver, physical_address
 from reconciler.errors import TemporaryError
 from reconciler.fedclient import FedClient
+from reconciler.mover.progress import Progress
 from reconciler.spec.model import DesiredMailbox, SpecSet
 from reconciler.state.model import Migration
 
@@ -29,6 +31,7 @@ class PassCache:
     """Work done once per engine pass, shared by the steps of that pass."""
 
     upsynced: set[str] = field(default_factory=set)  # up-synced since their last change
+    pinged: dict[str, float] = field(default_factory=dict)  # system -> monotonic time
     changed: set[str] = field(default_factory=set)  # address lists changed in this pass
     downsync_needed: bool = False
 
@@ -45,6 +48,7 @@ class StepContext:
     cache: PassCache
     desired: DesiredMailbox | None = None
     log: Callable[[str], None] = lambda _line: None
+    progress: Progress | None = None  # the engine's copy figures (live display, status page)
 
     def driver(self, system: str) -> MailSystemDriver:
         try:
@@ -58,13 +62,39 @@ class StepContext:
         self.cache.upsynced.discard(system)
         self.cache.changed.add(system)
 
+    def ping(self, system: str, fresh: float = 5.0) -> None:
+        """The system's ping, unless it answered one less than `fresh` seconds ago in this
+        pass (E9 follows E5 at once, inside the hold: the same checks twice would only
+        lengthen the hold)."""
+        last = self.cache.pinged.get(system)
+        if last is not None and time.monotonic() - last < fresh:
+            return
+        self.driver(system).ping()
+        self.cache.pinged[system] = time.monotonic()
+
+    def prove_delivery(self, system: str, physical: str, m: Migration, step: str) -> None:
+        """After a change to `system`'s tables, before fed may route `physical` there: fed
+        retires every connection it keeps open to the system (a Postfix smtpd serves a
+        session from the tables it had when the session began) and checks on a fresh
+        session that the system takes `physical` (RCPT accepted). A refusal is a
+        TemporaryError naming the address, the step and the system's reply: the step waits
+        and retries, nothing is flipped to a mailbox its system refuses (invariant 9)."""
+        try:
+            self.fed.refresh_system(system, [physical])
+        except TemporaryError as exc:
+            raise TemporaryError(f"{exc}; not routing mail there yet", delay=exc.delay,
+                                 address=m.address, step=step) from exc
+
     def upsync(self, system: str) -> None:
         """E6 for one system: send fed every mailbox it hosts with its addresses.
 
         Skipped when the system was up-synced in this pass and has not changed since: E5-E8
-        of many mailboxes in one pass share one up-sync per system."""
+        of many mailboxes in one pass share one up-sync per system. fed first retires its
+        pooled connections to the system: the up-sync may route mail to mailboxes the system
+        only just created, which an older session of its Postfix would refuse."""
         if system in self.cache.upsynced:
             return
+        self.fed.refresh_system(system)
         accounts = self.driver(system).list_accounts()
         self.fed.upsync(system, {a.physical_address: list(a.all_addresses) for a in accounts})
         self.cache.upsynced.add(system)

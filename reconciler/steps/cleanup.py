@@ -16,6 +16,7 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import forget_logins, move_mail
 from reconciler.state.model import Migration, TransferRun
 from reconciler.steps.base import Outcome, StepContext
+from reconciler.steps.transfer import ALTERED_DELAY, accepted_rewrites
 
 
 def e40_done(ctx: StepContext, m: Migration) -> Outcome:
@@ -41,11 +42,17 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
             target = ctx.driver(m.target_system)
             report = move_mail(source, m.source_mailbox, target, m.target_mailbox,
                                key=m.address, modes=m.modes, phase="final",
-                               manifest=Manifest.in_session(ctx.session, m.id))
+                               manifest=Manifest.in_session(ctx.session, m.id),
+                               accepted=accepted_rewrites(ctx, m))
             lacking: list[str] = []
             if m.modes.get("diary", True):
                 copy_diary(source, m.source_mailbox, target, m.target_mailbox)
                 lacking = verify_diary(source, m.source_mailbox, target, m.target_mailbox)
+            if report.altered:
+                # Never delete on a copy the target changed: the only intact copy is BOX1.
+                ctx.session.flush()
+                raise TemporaryError(f"refusing to delete BOX1: {report.alteration()}",
+                                     address=m.address, step="E41", delay=ALTERED_DELAY)
             if not report.verified or lacking:
                 ctx.session.flush()  # keep the failed run's figures with the error record
                 raise TemporaryError(

@@ -8,7 +8,10 @@ mail (which therefore goes to BOX2) and redirects BOX1 to BOX2 for the source's 
 
 Order matters and every part is idempotent, so a crash between any two calls is harmless:
 flip before release (held mail must find the new address), redirect after flip (BOX1's
-redirect must not loop back to BOX1).
+redirect must not loop back to BOX1), and before the flip fed proves the target takes ADP2
+on a fresh session (invariant 9, `StepContext.prove_delivery`). What need not wait in the
+hold does not: the engine runs E9 right after E5-E8, whose pings E9 does not repeat, and the
+target's via_fed mark is cleared after the release.
 
 Local mail. A system that delivers its own users' mail for a local address by itself (Postfix
 with an alias map, the embedded system's submission) would bypass fed: from E4 BOX2's system
@@ -49,6 +52,7 @@ def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
         target.set_syncfed(m.target_mailbox, True)
     if account.redirect_to is not None:
         target.set_redirect(m.target_mailbox, None)
+    ctx.prove_delivery(m.target_system, new_physical(m), m, "E4")
     ctx.changed(m.target_system)
     return Outcome(4, "E4", {"addresses": sorted(wanted), "syncfed": True})
 
@@ -62,12 +66,15 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
                              address=m.address, step="E5")
     for system in sorted(ctx.specs.systems):  # E6: every system up-syncs
         ctx.upsync(system)
+    ctx.ping(m.source_system)  # E9 follows at once: its checks are done before the hold
+    ctx.ping(m.target_system)
     result = ctx.fed.verify(m.target_system, new_physical(m), addresses_of(m))  # E7
     if not result.ok:  # E8 negative: the patent stops this migration
         raise PermanentError(f"fed's verification failed: {result.reason}",
                              address=m.address, step="E8")
     # The source's local users' mail for AD1 must reach the hold too, not BOX1 directly.
     ctx.driver(m.source_system).set_via_fed(m.source_mailbox, True)
+    ctx.fed.refresh_system(m.source_system)  # no session predating that change
     held = ctx.fed.hold(addresses_of(m))
     # The instant the hold took effect (in-flight deliveries finished), not when it was asked.
     since = datetime.fromisoformat(held.effective.replace("Z", "+00:00"))
@@ -80,19 +87,30 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     """E9: directory ADP1 -> ADP2, release the hold, redirect BOX1 -> BOX2."""
     old, new = old_physical(m), new_physical(m)
     source, target = ctx.driver(m.source_system), ctx.driver(m.target_system)
-    source.ping()  # before the flip: the redirect below must be possible right after it
-    target.ping()
+    # Before the flip: the redirect below must be possible right after it (skipped when E5
+    # just pinged them in this pass: this runs inside the hold, every call lengthens it).
+    ctx.ping(m.source_system)
+    ctx.ping(m.target_system)
+    # Invariant 9: the target takes ADP2 on fed's path, on a session opened after its last
+    # change, and no connection fed keeps to it predates that change.
+    ctx.prove_delivery(m.target_system, new, m, "E9")
     flipped = ctx.fed.flip(addresses_of(m), old, new)
     account = source.get_account(m.source_mailbox)
     if account is not None and account.redirect_to != new:
         source.set_redirect(m.source_mailbox, new)
-    target.set_via_fed(m.target_mailbox, False)  # BOX2 is where the directory says now
+    # Mail fed still sends to ADP1 (a physical address routes to itself, held mail too)
+    # must meet the redirect: no session to the source that predates it.
+    ctx.fed.refresh_system(m.source_system)
     held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
     waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
-    ctx.fed.release(addresses_of(m))
+    released = ctx.fed.release(addresses_of(m))
+    # After the release (it need not lengthen the hold): the target's local users' mail for
+    # AD1 went through fed, whose directory names BOX2 now; from here Postfix keeps it.
+    target.set_via_fed(m.target_mailbox, False)
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
     return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped.flipped,
                              "address_migration_id": m.address_migration_id,
-                             "released_messages": waiting})
+                             "released_messages": waiting,
+                             "held_seconds": max(released.held_seconds.values(), default=0.0)})

@@ -12,7 +12,7 @@ from reconciler.errors import PermanentError
 from reconciler.mover.service import forget_logins
 from reconciler.spec.model import DesiredMailbox
 from reconciler.state.model import Migration
-from reconciler.steps.base import Outcome, StepContext, old_physical
+from reconciler.steps.base import Outcome, StepContext, new_physical, old_physical
 
 
 def internal_address(ctx: StepContext, m: Migration) -> str:
@@ -66,6 +66,7 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
             "addresses (syncfed set) outside this migration", address=m.address, step="E2")
     if account.redirect_to != redirect:
         target.set_redirect(m.target_mailbox, redirect)
+    ctx.prove_delivery(m.target_system, new_physical(m), m, "E2")  # early: days before the flip
     return Outcome(1, "E2", {"mailbox": m.target_mailbox, "internal_address": ad2,
                              "redirect": redirect})
 

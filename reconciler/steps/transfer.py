@@ -19,6 +19,17 @@ from reconciler.mover.validate import validate_source
 from reconciler.state.model import Migration, TransferRun
 from reconciler.steps.base import Outcome, StepContext
 
+ALTERED_DELAY = 300.0  # seconds before looking again at a target that altered copies
+
+
+def accepted_rewrites(ctx: StepContext, m: Migration) -> frozenset[str] | None:
+    """The store rewrites the policy accepts for the target, from the specs as they are
+    now (like deleteSource's consent: withdrawing an acceptance counts at once); None
+    without specs (the recorded modes are used)."""
+    if ctx.desired is None:
+        return None
+    return ctx.desired.policy.accepted_rewrites(m.target_system)
+
 
 def e11_take_mailbox(ctx: StepContext, m: Migration) -> Outcome:
     """E11-E14: validate the source if asked, check the address migrated, take the mailbox."""
@@ -52,9 +63,17 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
         # kept with the event on success, with the error record on failure.
         report = move_mail(src, m.source_mailbox, dst, m.target_mailbox, key=m.address,
                            modes=m.modes, phase="copy",
-                           manifest=Manifest.in_session(ctx.session, m.id))
+                           manifest=Manifest.in_session(ctx.session, m.id), progress=ctx.progress,
+                           accepted=accepted_rewrites(ctx, m))
         detail.update(copied=report.copied, present=report.present, failed=report.failed,
-                      bytes=report.bytes_copied, missing=report.missing)
+                      bytes=report.bytes_copied, missing=report.missing,
+                      altered=report.altered, equivalent=report.equivalent)
+        if report.altered:
+            # Not a retry that might heal by itself: the admin must fix the server or
+            # accept the equivalence; the plan shows this reason while it waits.
+            ctx.session.flush()
+            raise TemporaryError(f"copy not verified: {report.alteration()}",
+                                 address=m.address, step=label, delay=ALTERED_DELAY)
         if not report.verified:
             first = next(((f.folder, u, r) for f in report.folders for u, r in f.failed), None)
             problems.append(f"{report.missing} source messages not proven in BOX2, "

@@ -33,10 +33,13 @@ is touched while Thunderbird runs: it rewrites prefs.js when it exits and would 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from station_agent.fsutil import atomic_write, fsync_dir
 from station_agent.thunderbird.prefs import Prefs, PrefsError
@@ -126,25 +129,89 @@ def find_account(prefs: Prefs, address: str) -> Account:
     return found[0]
 
 
+def server_dir(prefs: Prefs, server: str, profile_dir: Path) -> Path:
+    """Where Thunderbird keeps server `server`'s mail (mbox store, or IMAP cache).
+
+    `directory-rel` (`[ProfD]...`) wins over the absolute `directory`, as in Thunderbird;
+    with neither, its default: `Mail/<host>` (POP3, Local Folders) or `ImapMail/<host>`.
+    """
+    base = f"mail.server.{server}."
+    rel = prefs.get_str(base + "directory-rel")
+    if rel.startswith("[ProfD]"):
+        return profile_dir / rel[len("[ProfD]"):]
+    absolute = prefs.get_str(base + "directory")
+    if absolute:
+        return Path(absolute)
+    root = "ImapMail" if prefs.get_str(base + "type") == "imap" else "Mail"
+    return profile_dir / root / (prefs.get_str(base + "hostname") or server)
+
+
 def local_folders_dir(prefs: Prefs, profile_dir: Path) -> Path | None:
     """The Local Folders directory (the account of type "none"), or None."""
     for key in prefs.keys("mail.server."):
-        if not key.endswith(".type") or prefs.get_str(key) != "none":
-            continue
-        base = key[: -len("type")]
-        rel = prefs.get_str(base + "directory-rel")
-        if rel.startswith("[ProfD]"):
-            return profile_dir / rel[len("[ProfD]"):]
-        absolute = prefs.get_str(base + "directory")
-        if absolute:
-            return Path(absolute)
-        return profile_dir / "Mail" / "Local Folders"
+        if key.endswith(".type") and prefs.get_str(key) == "none":
+            return server_dir(prefs, key.split(".")[2], profile_dir)
     return None
+
+
+def pop3_mail(prefs: Prefs, profile_dir: Path, address: str) -> tuple[Path, str] | None:
+    """(mbox folder, account name) of the migrating account if it is POP3, else None.
+
+    A POP3 account keeps the only copy of its mail in its own folder (`Mail/<server>/`:
+    Inbox, Sent, its subfolders) unless it hands its mail to Local Folders' Inbox
+    (`deferred_to_account`, the "global inbox"), where Local Folders' upload takes it.
+    """
+    account = find_account(prefs, address)
+    if account.server_type != "pop3":
+        return None
+    base = f"mail.server.{account.server}."
+    if prefs.get_str(base + "deferred_to_account"):
+        return None
+    name = prefs.get_str(base + "name") or account.address
+    return server_dir(prefs, account.server, profile_dir), name
 
 
 def _uri_base(kind: str, user: str, host: str) -> str:
     scheme = {"imap": "imap", "pop3": "mailbox"}.get(kind, kind)
     return f"{scheme}://{quote(user, safe='')}@{host}"
+
+
+# scheme://user@host[:port] followed by the end, a path or a separator. The user part may
+# itself hold a raw '@' (`alice@corp.example@host`) or be percent-encoded (`alice%40...`).
+_URI = re.compile(r"(?P<scheme>imap|mailbox|pop3)://(?P<user>[^/@\s\"',]*(?:@[^/@\s\"',]*)?)"
+                  r"@(?P<host>[^/:@\s\"',?#]+)(?::\d+)?(?=$|[/?#\s\"',;])", re.IGNORECASE)
+
+
+def rewrite_uris(prefs: Prefs, account: Account, new_uri: str) -> list[str]:
+    """Point every pref naming the account's old server at `new_uri`; the keys changed.
+
+    Thunderbird names a server and its folders by URI in many prefs, not only the account's
+    own: `spamActionTargetAccount` holds the bare server URI (`imap://alice%40corp@host`,
+    written on the first run), `spamActionTargetFolder`, the identity's `fcc_folder` etc. a
+    folder URI, and another account may file its junk or sent mail into this one. A pref
+    still naming the old host after the switch makes Thunderbird talk to a server that is
+    gone (and it does not repair it), so every pref is looked at, and a URI counts as the
+    old server's when its host and its (percent-decoded) user are the account's, in any
+    case and spelling. URIs of other users or hosts are left alone.
+    """
+    user, host = account.username.lower(), account.hostname.lower()
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group("host").lower() != host or \
+                unquote(match.group("user")).lower() != user:
+            return match.group(0)
+        return new_uri
+
+    changed: list[str] = []
+    for key in prefs.keys(""):
+        value = prefs.get(key)
+        if not isinstance(value, str) or "://" not in value:
+            continue
+        new_value = _URI.sub(replace, value)
+        if new_value != value:
+            prefs.set(key, new_value)
+            changed.append(key)
+    return changed
 
 
 def _smtp_shared(prefs: Prefs, smtp: str, identity: str) -> bool:
@@ -187,7 +254,6 @@ def switch(profile_dir: Path, address: str, *, imap: Endpoint, smtp: Endpoint,
     old = account.settings(prefs)
 
     base = f"mail.server.{account.server}."
-    old_uri = _uri_base(account.server_type, account.username, account.hostname)
     new_uri = _uri_base("imap", username, imap.host)
     for key in ("hostname", "realhostname"):
         if key == "hostname" or key in prefs:
@@ -203,10 +269,10 @@ def switch(profile_dir: Path, address: str, *, imap: Endpoint, smtp: Endpoint,
         if key in (base + "directory", base + "directory-rel") or \
                 key.startswith(base + "namespace."):
             prefs.delete(key)
-    for key in prefs.keys(base) + prefs.keys(f"mail.identity.{account.identity}."):
-        value = prefs.get(key)
-        if isinstance(value, str) and value.lower().startswith(old_uri.lower() + "/"):
-            prefs.set(key, new_uri + value[len(old_uri):])
+    if account.server_type == "pop3":
+        # A POP3 account can hand its mail to another account's Inbox; IMAP cannot.
+        prefs.delete(base + "deferred_to_account")
+    rewrite_uris(prefs, account, new_uri)
 
     smtp_key = account.smtp
     if smtp_key is None or _smtp_shared(prefs, smtp_key, account.identity):
@@ -263,3 +329,51 @@ def remove_backup(profile_dir: Path) -> bool:
         fsync_dir(profile_dir)
         return True
     return False
+
+
+def remove_old_store(profile_dir: Path, address: str) -> tuple[list[Path], str | None]:
+    """E33: delete the switched account's old folder; (paths removed, why kept if kept).
+
+    The old folder is what the backup's prefs name for the account: the IMAP cache
+    `ImapMail/<old host>` (copies of the old server's mail, now useless and taking disk)
+    or the POP3 account's mbox files `Mail/<pop server>` (uploaded by E30; kept until this
+    cleanup so a help desk can still put the user back). Its `.msf` summary beside it goes
+    too. Kept, with the reason, when the current prefs.js still uses that folder -- a help
+    desk copied the backup back, or another account shares it -- or when it is not inside
+    the profile (never delete what we did not find there). Called before `remove_backup`:
+    the backup is what names the folder, and a crash in between only repeats the removal.
+    """
+    backup = backup_path(profile_dir)
+    if not backup.exists():
+        return [], None
+    old_prefs = _parse(backup.read_bytes(), backup)
+    try:
+        account = find_account(old_prefs, address)
+    except SwitchError as exc:
+        return [], str(exc)
+    old_dir = server_dir(old_prefs, account.server, profile_dir)
+    current = load(profile_dir)
+    for key in current.keys("mail.server."):
+        if key.endswith(".type"):
+            other = key.split(".")[2]
+            if _same_path(server_dir(current, other, profile_dir), old_dir):
+                return [], f"{old_dir} is still used by mail.server.{other}"
+    try:
+        old_dir.resolve().relative_to(profile_dir.resolve())
+    except ValueError:
+        return [], f"{old_dir} is outside the profile"
+    removed: list[Path] = []
+    for path in (old_dir, old_dir.with_name(old_dir.name + ".msf")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            removed.append(path)
+        elif path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    if removed:
+        fsync_dir(old_dir.parent)
+    return removed, None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
