@@ -65,8 +65,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailferry.mail.addresses import domain_of, is_valid, normalize, split_physical
+
 from . import metrics
-from .addresses import domain_of, is_valid, normalize, split_physical
 from .backoff import backoff
 from .bounce import Failure, build_dsn, should_bounce
 from .directory import Directory, System

@@ -26,7 +26,6 @@ normalised: the server stores CRLF) before deciding to append.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import imaplib
@@ -38,13 +37,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mailferry.mail.imap import flags as maildir_flags
+from mailferry.mail.imap import mutf7
+from mailferry.mail.imap.quoting import quote
 from station_agent.localdata import LocalMessage, Manifest, valid_keyword
 
 log = logging.getLogger("station_agent")
 
 IMAP_TIMEOUT = 30.0
-FLAG_MAP = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "D": "\\Draft",
-            "P": "$Forwarded"}
 RECHECK_LAST = 5
 _LIST_LINE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<sep>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.+)$')
 
@@ -63,44 +63,6 @@ class ImapAccount:
     user: str
     password: str
     ca_file: str | None = None
-
-
-def encode_mutf7(name: str) -> str:
-    """A folder name in IMAP's modified UTF-7 (RFC 3501 5.1.3)."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(raw).decode("ascii").rstrip("=")
-                       .replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in name:
-        if 0x20 <= ord(ch) <= 0x7E:
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
-
-
-def decode_mutf7(name: str) -> str:
-    """The inverse of `encode_mutf7`."""
-    def repl(match: re.Match[str]) -> str:
-        body = match.group(1)
-        if not body:
-            return "&"
-        padded = body.replace(",", "/") + "=" * (-len(body) % 4)
-        return base64.b64decode(padded).decode("utf-16-be")
-    return re.sub(r"&([^-]*)-", repl, name)
-
-
-def quote(text: str) -> str:
-    """An IMAP quoted string (imaplib sends mailbox arguments as they are)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _context(account: ImapAccount) -> ssl.SSLContext:
@@ -221,7 +183,7 @@ class Uploader:
                 log.warning("folder part %r contains the server's separator %r: stored as %r",
                             part, self.separator, part.replace(self.separator, "_"))
                 part = part.replace(self.separator, "_")
-            parts.append(encode_mutf7(part))
+            parts.append(mutf7.encode(part))
         return self.separator.join(parts)
 
     def ensure(self, folder: str) -> str:
@@ -239,7 +201,7 @@ class Uploader:
                 raise ImapError(f"IMAP CREATE {partial} answered {typ}: {data!r}")
             self.conn.subscribe(quote(partial))
             self.existing.add(partial)
-            self.created.append(decode_mutf7(partial))
+            self.created.append(mutf7.decode(partial))
         return name
 
     def _already_there(self, name: str, message: LocalMessage) -> bool:
@@ -275,8 +237,8 @@ class Uploader:
         if self.manifest.uncertain(*key) and self._already_there(name, message):
             self.manifest.add(*key)
             return False
-        flags = " ".join([FLAG_MAP[f] for f in message.flags if f in FLAG_MAP]
-                         + self._keywords(message))
+        flags = " ".join([*maildir_flags.to_imap(message.flags, deleted=False),
+                          *self._keywords(message)])
         when = imaplib.Time2Internaldate(message.internal_date) \
             if message.internal_date is not None else None
         self.manifest.intend(*key)

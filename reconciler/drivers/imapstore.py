@@ -22,8 +22,6 @@ server lists them (modified UTF-7 is not decoded).
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
 import imaplib
 import re
 import ssl
@@ -32,14 +30,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mailferry.mail.imap import flags as maildir_flags
+from mailferry.mail.imap.client import parse_response
+from mailferry.mail.imap.quoting import quote, unquote
+from mailferry.mail.messageid import message_id_of
 from reconciler.drivers.base import StoredMessage, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.mover.endpoints import ImapAccount
-from reconciler.mover.imapclient import parse_response
 
-FLAG_TO_IMAP = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered",
-                "S": "\\Seen", "T": "\\Deleted"}
-IMAP_TO_FLAG = {v.lower(): k for k, v in FLAG_TO_IMAP.items()}
 LIST_RE = re.compile(rb'\((?P<flags>[^)]*)\) (?P<delim>"[^"]*"|NIL) (?P<name>.+)$')
 TIMEOUT = 30.0
 
@@ -51,23 +49,6 @@ class ImapLogin:
     login: str
     password: Callable[[], str]  # read at every login (secrets by reference, invariant 7)
     master_user: str | None = None  # SASL PLAIN authcid; `login` is then the authzid
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _unquote(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    if text.startswith('"') and text.endswith('"'):
-        text = text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-    return text
-
-
-def _message_id(data: bytes) -> str | None:
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
-    value = headers.get("Message-ID")
-    return str(value).strip() if value else None
 
 
 class ImapSession:
@@ -135,8 +116,8 @@ class ImapSession:
                 continue
             delim = match["delim"]
             if delim != b"NIL":
-                self.delimiter = _unquote(delim) or "/"
-            name = _unquote(match["name"])
+                self.delimiter = unquote(delim.decode("utf-8", "replace")) or "/"
+            name = unquote(match["name"].decode("utf-8", "replace"))
             if any(name.startswith(p) for p in self.foreign):
                 continue  # another user's folder shared with this one, or a public one
             if self.prefix and name.startswith(self.prefix):
@@ -149,12 +130,12 @@ class ImapSession:
         """Create a folder unless it exists."""
         if folder == "INBOX" or folder in self.folders():
             return
-        self._ok(f"CREATE {folder}", self.conn.create(_quote(self._server_name(folder))))
+        self._ok(f"CREATE {folder}", self.conn.create(quote(self._server_name(folder))))
 
     def select(self, folder: str, *, readonly: bool = True) -> None:
         if self._selected == folder:
             return
-        typ, _data = self.conn.select(_quote(self._server_name(folder)), readonly=readonly)
+        typ, _data = self.conn.select(quote(self._server_name(folder)), readonly=readonly)
         if typ != "OK":
             raise PermanentError(f"{self.where}: no folder {folder!r}")
         _, validity = self.conn.response("UIDVALIDITY")
@@ -174,7 +155,7 @@ class ImapSession:
             result.append(StoredMessage(
                 folder=folder, key=f"{self._uidvalidity}:{uid}", flags=flags,
                 internal_date=date, size=len(body), sha256=content_sha256(body),
-                message_id=_message_id(body)))
+                message_id=message_id_of(body)))
         return result
 
     def _fetch(self, uid: int) -> tuple[bytes, str, float]:
@@ -183,9 +164,7 @@ class ImapSession:
         for part in data:
             if isinstance(part, tuple) and len(part) == 2:
                 meta, body = part
-                flags = " ".join(f.decode().lower() for f in imaplib.ParseFlags(meta))
-                letters = "".join(sorted(letter for name, letter in IMAP_TO_FLAG.items()
-                                         if name in flags.split()))
+                letters = maildir_flags.to_maildir(f.decode() for f in imaplib.ParseFlags(meta))
                 stamp = imaplib.Internaldate2tuple(meta)
                 date = time.mktime(stamp) if stamp else 0.0
                 return bytes(body), letters, date
@@ -203,11 +182,11 @@ class ImapSession:
     def append(self, folder: str, data: bytes, flags: str, internal_date: float | None) -> str:
         """APPEND with flags and INTERNALDATE; the key when the server reports APPENDUID."""
         self.create(folder)
-        imap_flags = "(" + " ".join(FLAG_TO_IMAP[f] for f in flags if f in FLAG_TO_IMAP) + ")"
+        imap_flags = "(" + " ".join(maildir_flags.to_imap(flags)) + ")"
         when = imaplib.Time2Internaldate(internal_date if internal_date is not None
                                          else time.time())
         self._ok(f"APPEND to {folder}", self.conn.append(
-            _quote(self._server_name(folder)), imap_flags, when, data))
+            quote(self._server_name(folder)), imap_flags, when, data))
         self._selected = None  # the folder changed under a SELECT
         _, code = self.conn.response("APPENDUID")
         if code and isinstance(code[0], bytes):

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mailferry.mail.imap.client import ImapError, ImapLoginError, ImapTlsError
 from reconciler.mover.endpoints import Endpoint
-from reconciler.mover.imapclient import ImapError, ImapLoginError, ImapTlsError
 from reconciler.mover.manifest import Manifest, RunFigures
 from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
 from reconciler.mover.progress import Progress
