@@ -9,7 +9,8 @@ expressions: email's parser costs 2 % of fed's CPU per message. Anything else go
 parser (``email.policy.compat32``, which never raises on garbage), whose answer this is
 (tests/test_fed_units.py compares both on odd headers). The value is stripped, cut at 998
 characters (RFC 5322's line limit) and None when the header is missing or empty; bytes that
-are not ASCII read as Latin-1, so that the result can always be stored and compared.
+are not ASCII read as Latin-1 (as the mover always did), so that the result can always be
+stored and compared.
 """
 
 from __future__ import annotations
@@ -52,11 +53,10 @@ def message_id_of(data: bytes) -> str | None:
 
 def message_id_parsed(head: bytes) -> str | None:
     """`message_id_of` through email's parser only (the reference the fast path matches)."""
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-    value = parser.parsebytes(head).get("Message-ID")
+    # Read as Latin-1 text: every byte maps to one character, so an 8-bit Message-ID keeps
+    # its bytes (the bytes parser would turn them into U+FFFD) and ASCII parses as before.
+    parser = email.parser.HeaderParser(policy=email.policy.compat32)
+    value = parser.parsestr(head.decode("latin-1")).get("Message-ID")
     if value is None:
         return None
-    text = str(value)
-    if not text.isascii():  # surrogate escapes of raw 8-bit bytes, or decoded words
-        text = text.encode("utf-8", "surrogateescape").decode("latin-1")
-    return text.strip()[:MAX_LENGTH] or None
+    return str(value).strip()[:MAX_LENGTH] or None
