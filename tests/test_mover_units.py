@@ -11,7 +11,8 @@ import pytest
 
 from mailferry.mail.imap import mutf7
 from mailferry.mail.imap.client import ImapClient, fetch_items, parse_response
-from reconciler.mover.endpoints import epoch_of, expand_uid_set, imap_date, uid_set, wire_form
+from mailferry.mail.imap.dates import epoch_of, imap_date
+from reconciler.mover.endpoints import expand_uid_set, uid_set, wire_form
 from reconciler.mover.folders import Folder, FolderRule, canonical, map_folders, native
 from reconciler.mover.progress import JsonProgress
 from reconciler.mover.throttle import Throttle

@@ -28,8 +28,6 @@ import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 from mailferry.mail.imap import flags as maildir_flags
@@ -46,6 +44,7 @@ from mailferry.mail.imap.client import (
     fetch_items,
     pending_text,
 )
+from mailferry.mail.imap.dates import epoch_of, imap_date
 from mailferry.mail.imap.quoting import quote_mailbox
 from mailferry.mail.messageid import message_id_of
 from reconciler.drivers.base import MailSystemDriver
@@ -154,24 +153,6 @@ __all__ = ["Digest"]  # re-exported: the pipeline tells hashed-in-flight bodies 
 
 
 # -- dates and flags ----------------------------------------------------------------------
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-def imap_date(epoch: float) -> str:
-    """Epoch seconds -> INTERNALDATE text (UTC)."""
-    t = datetime.fromtimestamp(epoch, UTC)
-    return f"{t.day:02d}-{_MONTHS[t.month - 1]}-{t.year} {t:%H:%M:%S} +0000"
-
-
-def epoch_of(date: str | None) -> float | None:
-    """INTERNALDATE text -> epoch seconds (None when absent or unparsable)."""
-    if not date:
-        return None
-    try:
-        day, rest = date.strip().split("-", 1)
-        return parsedate_to_datetime(f"{int(day):02d}-{rest}".replace("-", " ", 2)).timestamp()
-    except (ValueError, TypeError, IndexError):
-        return None
-
-
 def header_message_id(data: bytes) -> str:
     """The Message-ID of a whole message or a fetched header section ('' when none)."""
     return message_id_of(data) or ""

@@ -437,6 +437,11 @@ class ImapClient:
             raise ImapConnectionError(f"{name}: {exc!r}") from exc
 
     def _register(self, pending: _Pending) -> None:
+        if not self._pending:
+            # The watchdog counts silence from the first question on a quiet connection: an
+            # answer is not overdue because the connection sat idle before (a pooled one,
+            # or the blocking wrapper's between two calls).
+            self._last_rx = asyncio.get_running_loop().time()
         self._pending.append(pending)
         self._quiet_event.clear()
 
