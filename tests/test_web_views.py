@@ -92,3 +92,30 @@ def test_table_pages() -> None:
     assert (first.matching, first.pages, len(first.rows)) == (len(many), 3, views.PAGE_ROWS)
     assert (last.page, len(last.rows)) == (3, 5)
     assert last.rows[-1].status.address == many[-1].address
+
+
+def test_table_filters_the_whole_set_before_paging() -> None:
+    """Filters keep from every mailbox, the page is cut from what they keep: failures and a
+    second placement far past the first page are all on page 1 of their filter, counted."""
+    snap = snapshot(hours=10, rates=None)
+    many = [Change(f"u{i:04d}@x.example", "failed" if i % 10 == 9 else "create", None,
+                   "s1", placement="w", reason="refused" if i % 10 == 9 else None)
+            for i in range(views.PAGE_ROWS * 2 + 50)]
+    tail = [Change(f"z{i}@x.example", "create", None, "s2", placement="late")
+            for i in range(3)]
+    snap.plan = Plan(NOW, many + tail)
+    whole = views.table(snap)
+    assert (whole.first, whole.last, whole.matching) == (1, views.PAGE_ROWS, len(many) + 3)
+    assert (whole.previous, whole.next) == (None, 2)
+    third = views.table(snap, page=3)
+    assert (third.first, third.last, third.previous, third.next) == (
+        2 * views.PAGE_ROWS + 1, len(many) + 3, 2, None)
+    failed = views.table(snap, state="failed")
+    assert (failed.matching, failed.pages, failed.first, failed.last) == (25, 1, 1, 25)
+    assert failed.rows[-1].status.address == "u0249@x.example" and all(
+        r.failed for r in failed.rows)
+    for late in (views.table(snap, placement="late"), views.table(snap, system="s2")):
+        assert [r.status.address for r in late.rows] == [c.address for c in tail]
+        assert (late.first, late.last, late.matching, late.next) == (1, 3, 3, None)
+    empty = views.table(snap, placement="nowhere")
+    assert (empty.first, empty.last, empty.matching, empty.pages) == (0, 0, 0, 1)

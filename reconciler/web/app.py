@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 STATIC = {"live.js": "text/javascript", "style.css": "text/css"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+RENDERED_KEPT = 64  # rendered overviews kept per snapshot (distinct filter/page queries)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -96,11 +97,19 @@ def make_app(source: Source, *, token: str | None = None) -> web.Application:
         """The reads are blocking (SQLAlchemy, fed over HTTP): run them off the loop."""
         return await asyncio.get_running_loop().run_in_executor(None, call)
 
+    # The rendered overview of the current snapshot, per query: several screens polling
+    # every two seconds between two refreshes get the same bytes without a second render.
+    rendered: dict[str, Any] = {"snap": None, "pages": {}}
+
+    def html(text: str) -> web.Response:
+        response = web.Response(text=text, content_type="text/html")
+        response.enable_compression()  # gzip/deflate when the browser asks (a remote screen)
+        return response
+
     def render(request: web.Request, name: str, **context: Any) -> web.Response:
         part = request.query.get("part") == "live"
         template = env.get_template(f"_{name}" if part else name)
-        return web.Response(text=template.render(stale=source.error, **context),
-                            content_type="text/html")
+        return html(template.render(stale=source.error, **context))
 
     async def overview(request: web.Request) -> web.Response:
         query = request.query
@@ -118,15 +127,24 @@ def make_app(source: Source, *, token: str | None = None) -> web.Application:
         except ValueError:
             page = 1
         snap = await off_loop(source.snapshot)
-        return render(request, "overview.html", snap=snap, waves=wave_views(snap),
-                      failures=failures(snap), suspended=suspended_commands(snap),
-                      table=mailbox_table(snap, placement=placement, system=system,
-                                          state=state, page=page),
-                      filters=state_filters(snap),
-                      chosen={"placement": placement or "", "system": system or "",
-                              "state": "" if query.get("failed") else (state or ""),
-                              "failed": bool(query.get("failed"))},
-                      query=dict(query))
+        if rendered["snap"] is not snap:
+            rendered.update(snap=snap, pages={})
+        key = f"{source.error}\n{request.path_qs}"
+        if key in rendered["pages"]:
+            return html(rendered["pages"][key])
+        if len(rendered["pages"]) >= RENDERED_KEPT:
+            rendered["pages"].clear()
+        response = render(request, "overview.html", snap=snap, waves=wave_views(snap),
+                          failures=failures(snap), suspended=suspended_commands(snap),
+                          table=mailbox_table(snap, placement=placement, system=system,
+                                              state=state, page=page),
+                          filters=state_filters(snap),
+                          chosen={"placement": placement or "", "system": system or "",
+                                  "state": "" if query.get("failed") else (state or ""),
+                                  "failed": bool(query.get("failed"))},
+                          query=dict(query))
+        rendered["pages"][key] = response.text
+        return response
 
     async def mailbox(request: web.Request) -> web.Response:
         address = request.match_info["address"]
