@@ -9,9 +9,11 @@ plus one data mover pass recorded for every migration past state 6, and a real f
 embedded one) whose directory holds every address (an up-sync). The page runs in this
 process as `reconcile web` runs it (`reconciler.web`), on 127.0.0.1.
 
-Measured, each `--rounds` times, median and 95th percentile of the whole HTTP response, the
-page as shipped (served from the newest snapshot; a request finding it older than a second
-starts a refresh in the background, which shares the cores: `reconciler/web/snapshot.py`):
+Measured, each `--rounds` times, median, 95th percentile and worst of the whole HTTP
+response, the page as shipped (served from the newest snapshot; a request finding it older
+than a second starts a refresh in the background, which shares the cores:
+`reconciler/web/snapshot.py`; the overview is rendered once per snapshot and query,
+`reconciler/web/app.py`):
 
 - `/`; `/?part=live` (what `live.js` fetches every two seconds); `/?state=failed`; one
   mailbox page;
@@ -19,7 +21,8 @@ starts a refresh in the background, which shares the cores: `reconciler/web/snap
   the plan, the copy figures): how old the page's figures can be;
 - in headless Chromium (when Selenium and /usr/bin/chromium are there): the browser's own
   load time of `/` (navigation start to the load event, the stylesheet and script
-  included), and of a small page (one mailbox's) as the floor of this browser here;
+  included; with its DOM node count and the bytes on the wire, gzipped), and of a small
+  page (one mailbox's) as the floor of this browser here;
 - the peer, in the same run: `reconcile status` doing the same work in-process
   (`status_rows` + `table`, one fed directory read and the plan) — the text table that
   existed before the page. The ratio page/peer says what the HTML costs on top.
@@ -78,7 +81,8 @@ def timed(call: Any, rounds: int) -> dict[str, float]:
         times.append((time.perf_counter() - began) * 1000)
     times.sort()
     return {"median_ms": statistics.median(times),
-            "p95_ms": times[min(len(times) - 1, int(len(times) * 0.95))]}
+            "p95_ms": times[min(len(times) - 1, int(len(times) * 0.95))],
+            "worst_ms": times[-1]}
 
 
 def fetch(url: str) -> int:
@@ -106,17 +110,20 @@ def browser_load(urls: list[str], rounds: int) -> list[dict[str, float]] | None:
         results = []
         for url in urls:
             loads, firsts = [], []
+            nodes = wire = 0.0
             for _ in range(rounds):
                 driver.get(url)
-                load, first = driver.execute_script(
+                load, first, nodes, wire = driver.execute_script(
                     "var t = performance.getEntriesByType('navigation')[0];"
-                    "return [t.loadEventEnd - t.startTime, t.responseStart - t.startTime];")
+                    "return [t.loadEventEnd - t.startTime, t.responseStart - t.startTime,"
+                    " document.getElementsByTagName('*').length, t.transferSize];")
                 loads.append(float(load))
                 firsts.append(float(first))
             loads.sort()
             results.append({"median_ms": statistics.median(loads),
                             "p95_ms": loads[min(len(loads) - 1, int(len(loads) * 0.95))],
-                            "first_byte_ms": statistics.median(firsts)})
+                            "worst_ms": loads[-1], "first_byte_ms": statistics.median(firsts),
+                            "dom_nodes": float(nodes), "wire_bytes": float(wire)})
         return results
     finally:
         driver.quit()
@@ -180,10 +187,12 @@ def main() -> None:
         if figures is None:
             print(f"  {name:40} (no chromium/selenium: skipped)")
             continue
-        first = (f"   (first byte {figures['first_byte_ms']:.1f} ms)"
+        first = (f"   (first byte {figures['first_byte_ms']:.1f} ms, "
+                 f"{figures['dom_nodes']:.0f} DOM nodes, "
+                 f"{figures['wire_bytes'] / 1000:.0f} kB on the wire)"
                  if "first_byte_ms" in figures else "")
         print(f"  {name:40} median {figures['median_ms']:7.1f} ms   "
-              f"p95 {figures['p95_ms']:7.1f} ms{first}")
+              f"p95 {figures['p95_ms']:7.1f} ms   worst {figures['worst_ms']:7.1f} ms{first}")
     front = results["/"]
     peer = results["peer: reconcile status (in-process)"]
     assert front is not None and peer is not None
