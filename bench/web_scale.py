@@ -200,7 +200,7 @@ def main() -> None:
     front = results["/"]
     peer = results["peer: reconcile status (in-process)"]
     assert front is not None and peer is not None
-    print(f"  ratio page/peer (median): {front['median_ms'] / peer['median_ms']:.2f}")
+    print(f"  ratio page/peer (median): {front['median_ms'] / peer['median_ms']:.3f}")
     print(f"status page {args.mailboxes} mailboxes: {front['median_ms']:.0f} ms (median)")
 
 
