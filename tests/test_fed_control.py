@@ -16,7 +16,8 @@ import pytest
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.fedclient import FedClient
 
-from fedutil import TOKEN, FakeSystem, Fed, free_port, wait_for
+from fedutil import TOKEN, FakeSystem, Fed, free_port
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,7 +29,8 @@ from fed.nodes import NodeRegistry, NodeState, blocking
 from fed.shared_db import SharedDB, metadata
 from reconciler.errors import PermanentError
 
-from fedutil import TOKEN, FakeSystem, Fed, message, send, wait_for
+from fedutil import TOKEN, FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 from pgutil import PrivatePostgres, pg_bindir
 
 pytestmark = pytest.mark.timeout(180)

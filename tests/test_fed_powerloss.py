@@ -36,7 +36,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from fed.spool import Spool
 from fed.store import Store
 
-from fedutil import FakeSystem, Fed, message, wait_for
+from fedutil import FakeSystem, Fed, message
+from helpers.waiting import wait_for
 from powerloss.replay import Model, build, crash_points, parse
 
 pytestmark = pytest.mark.timeout(240)

@@ -26,7 +26,8 @@ import pytest
 
 from reconciler.fedclient import FedClient
 
-from fedutil import REPO, TOKEN, FakeSystem, Fed, message, wait_for
+from fedutil import REPO, TOKEN, FakeSystem, Fed, message
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

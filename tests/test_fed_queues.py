@@ -13,7 +13,8 @@ import pytest
 
 from fed.groupcommit import GroupCommitter
 
-from fedutil import FakeSystem, Fed, message, send, wait_for
+from fedutil import FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

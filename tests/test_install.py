@@ -28,7 +28,8 @@ from mailferry.service import exposure, notify_ready
 from reconciler.status import StatusRow, table
 
 from fedutil import FakeSystem, Fed
-from sysutil import free_port, stop_process
+from helpers.processes import stop_process
+from sysutil import free_port
 from world import REPO, run_cli
 
 pytestmark = pytest.mark.timeout(120)
