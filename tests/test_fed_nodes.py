@@ -19,6 +19,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +186,14 @@ def test_hold_on_one_node_stops_both_and_release_on_the_other_delivers_all_once(
 
         counts = [len(s.acked) for s in senders]
         for sender, count in zip(senders, counts, strict=True):
-            wait_for(lambda s=sender, c=count: s.more_than(c + 10), timeout=30,
+            wait_for(partial(sender.more_than, count + 10), timeout=30,
                      what="mail accepted during the hold")
         assert len(s1.received) == at_hold
         flipped = a.client.flip([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))
         assert sorted(flipped.flipped) == [ALIAS, AD1]
         counts = [len(s.acked) for s in senders]
         for sender, count in zip(senders, counts, strict=True):
-            wait_for(lambda s=sender, c=count: s.more_than(c + 5), timeout=30,
+            wait_for(partial(sender.more_than, count + 5), timeout=30,
                      what="mail accepted after the flip")
         acked = {s.prefix: s.finish() for s in senders}
         assert len(s1.received) == at_hold and s2.received == []

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fed import metrics, queuefile
+from fed import metrics
 from fed import spool as spool_mod
 from fed.backoff import backoff
 from fed.delivery import Deliverer, DeliverySettings, Destination, Job
@@ -73,7 +73,7 @@ def test_start_up_quarantines_a_file_it_cannot_read(tmp_path: Path, code: int,
         return real_open(path, flags, *args, **kwargs)
 
     before = quarantined_count("start-up")
-    monkeypatch.setattr(queuefile.os, "open", failing_open)
+    monkeypatch.setattr(os, "open", failing_open)  # what queuefile opens with
     spool = Spool(tmp_path / "spool", store)
     assert spool.recover() == 1  # B; A is not queued, but not gone either
     monkeypatch.undo()

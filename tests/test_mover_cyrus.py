@@ -265,7 +265,7 @@ def test_shared_folders_of_other_users_are_not_copied(
     assert typ == "OK"
     mine = servers.faithful.login(reader)
     mine.append("INBOX", None, None, message(98, eight_bit=False))
-    listed = b" ".join(mine.list()[1])
+    listed = b" ".join(mine.list()[1])  # type: ignore[arg-type]  # imaplib's stubs: None|tuple
     assert b"user.u6.Shared" in listed  # the shared folder is in the reader's LIST
 
     async def folders() -> list[str]:

@@ -32,10 +32,7 @@ from reconciler.drivers.maildir import MaildirDriver
 from reconciler.state.model import Migration, StationReport
 from reconciler.state.store import Store, open_store
 
-try:
-    from tests.sysutil import free_port
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from sysutil import free_port  # type: ignore[no-redef]
+from sysutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ADDR = "jean.dupont@corp.example"

@@ -158,8 +158,9 @@ def test_page_follows_a_running_migration(world: World, tmp_path: Path,
             engine, addresses))
         assert wave_counts(browser, "web-wave") == (5, 0, 0)
         total = sum(old.values())
-        wave_text = lambda: browser.find_element(By.CSS_SELECTOR,  # noqa: E731
-                                                 '.wave[data-placement="web-wave"]').text
+        def wave_text() -> str:
+            return str(browser.find_element(By.CSS_SELECTOR,
+                                            '.wave[data-placement="web-wave"]').text)
 
         # The spec's <script> is text: shown, not run, not an element.
         description = browser.find_element(By.CSS_SELECTOR, ".wave .description").text
