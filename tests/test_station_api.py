@@ -10,7 +10,7 @@ from sqlalchemy import select
 from reconciler.api.stations import enrol_station
 from reconciler.state.model import Migration, Station
 
-from test_station_kit import (
+from stationkit import (
     ADDR,
     BOX,
     OTHER_ADDR,

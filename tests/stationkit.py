@@ -1,4 +1,5 @@
-"""Shared fixtures of the station API and station agent tests (this file holds no tests).
+"""Shared fixtures and world of the station API and station agent tests (a harness, not a test
+module: test_station_api, test_station_agent, test_station_fuzz and the Thunderbird tests use it).
 
 Why real pieces: the station's contract is on the wire -- HTTP with tokens, an SMTP dialogue
 with the target's submission server, files on the workstation -- so the tests run the real
