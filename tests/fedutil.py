@@ -195,6 +195,17 @@ class Fed:
         return (self.state_dir.parent / f"{self.state_dir.name}.log").read_text()
 
 
+def fed_queue(fed: Fed, *args: str, timeout: float = 60.0
+              ) -> subprocess.CompletedProcess[str]:
+    """`fed queue ARGS` as an admin runs it, pointed at `fed`'s control port (node 0's, the
+    one `fed ready` prints) with its token file."""
+    token_file = fed.state_dir.parent / f"{fed.state_dir.name}.token"
+    return subprocess.run(
+        [sys.executable, "-m", "fed", "queue", *args, "--control",
+         f"127.0.0.1:{fed.control_port}", "--token-file", str(token_file)],
+        capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
 def message(subject: str, msgid: str, body: str = "hello") -> bytes:
     """A small message as fed's tests send it: helpers.mail's, from and to fed's addresses."""
     return mail.message(subject, msgid, body, sender="sender@outside.example",
