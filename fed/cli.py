@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 from mailferry import __version__, secretfile
+from mailferry.mail.addresses import set_case_sensitive_local
 from mailferry.service import exposure, private_files
 
 from . import logs, procs, queuectl
-from .addresses import set_case_sensitive_local
 from .app import FedConfig, run
 from .auth import (
     Authenticator,

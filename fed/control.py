@@ -31,8 +31,9 @@ from typing import Any
 
 from aiohttp import web
 
+from mailferry.mail.addresses import split_physical
+
 from . import metrics
-from .addresses import split_physical
 from .delivery import Deliverer
 from .directory import (
     Directory,

@@ -22,7 +22,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .addresses import domain_of, split_physical
+from mailferry.mail.addresses import domain_of, split_physical
+
 from .directory import Directory
 from .holds import Holds
 from .metrics import QueueState

@@ -22,13 +22,13 @@ import pytest
 
 from fed import metrics
 from fed import spool as spool_mod
-from fed.backoff import backoff
 from fed.delivery import Deliverer, DeliverySettings, Destination, Job
 from fed.directory import System
 from fed.queuefile import BadQueueFile, read_envelope
 from fed.smtpclient import Reply
 from fed.spool import PendingRecipient, QuarantineError, Spool
 from fed.store import Store
+from mailferry.mail.backoff import backoff
 
 BODY = b"Subject: a\r\nMessage-ID: <a@t>\r\n\r\nbody a\r\n"
 

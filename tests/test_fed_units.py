@@ -9,12 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from fed import addresses, metrics
-from fed.addresses import address_key, has_forbidden, is_valid, preserve
+from fed import metrics
 from fed.logs import JsonFormatter, QueueIdFilter, TextFormatter
 from fed.policy import RelayPolicy, client_ip, is_loopback, parse_networks
-from fed.server import _message_id_parsed, message_id_of
 from fed.spool import new_queue_id
+from mailferry.mail import addresses
+from mailferry.mail.addresses import address_key, has_forbidden, is_valid, preserve
+from mailferry.mail.messageid import message_id_of
+from mailferry.mail.messageid import message_id_parsed as _message_id_parsed
 
 
 @pytest.fixture
