@@ -43,7 +43,7 @@ from pathlib import Path
 from mailferry.service import notify_ready
 
 from .app import READY
-from .backoff import backoff
+from .delivery.backoff import backoff
 
 log = logging.getLogger("fed.procs")
 

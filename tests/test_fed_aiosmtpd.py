@@ -21,7 +21,7 @@ import aiosmtpd
 from aiosmtpd.smtp import SMTP
 from packaging.requirements import Requirement
 
-from fed.dataphase import LeanSMTP
+from fed.smtp.dataphase import LeanSMTP
 
 # sha256 (first 16 hex) of inspect.getsource(SMTP.<member>) in aiosmtpd 1.4.6.
 KNOWN = {

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from fed import addresses, metrics
-from fed.addresses import address_key, has_forbidden, is_valid, preserve
-from fed.logs import JsonFormatter, QueueIdFilter, TextFormatter
-from fed.policy import RelayPolicy, client_ip, is_loopback, parse_networks
-from fed.server import _message_id_parsed, message_id_of
-from fed.spool import new_queue_id
+from fed.queue.spool import new_queue_id
+from fed.routing import addresses
+from fed.routing.addresses import address_key, has_forbidden, is_valid, preserve
+from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
+from fed.smtp.server import _message_id_parsed, message_id_of
+from fed.telemetry import metrics
+from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter
 
 
 @pytest.fixture

@@ -31,20 +31,20 @@ from typing import Any
 
 from aiohttp import web
 
-from . import metrics
-from .addresses import split_physical
-from .delivery import Deliverer
-from .directory import (
+from ..delivery.scheduler import Deliverer
+from ..delivery.smtpclient import ClientError, Connection, Reply
+from ..queue.spool import QuarantineError, Spool
+from ..routing.addresses import split_physical
+from ..routing.directory import (
     Directory,
     DirectoryConflict,
     DirectoryError,
     check_address,
     check_physical,
 )
-from .holds import HoldRefused, Holds
+from ..routing.holds import HoldRefused, Holds
+from ..telemetry import metrics
 from .queueadmin import QueueAdmin
-from .smtpclient import ClientError, Connection, Reply
-from .spool import QuarantineError, Spool
 
 log = logging.getLogger("fed.control")
 

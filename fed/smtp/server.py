@@ -54,8 +54,8 @@ from typing import Any, Literal, TypeGuard
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from . import metrics
-from .addresses import (
+from ..queue.spool import Spool, new_queue_id
+from ..routing.addresses import (
     address_key,
     domain_of,
     has_forbidden,
@@ -63,11 +63,11 @@ from .addresses import (
     preserve,
     split_physical,
 )
+from ..routing.directory import Directory
+from ..telemetry import metrics
 from .auth import Authenticator
 from .dataphase import LeanSMTP
-from .directory import Directory
 from .policy import RelayPolicy, client_ip, is_loopback
-from .spool import Spool, new_queue_id
 
 log = logging.getLogger("fed.smtp")
 

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, delete, insert, select
 
+from ..queue.store import Store
 from . import shared_db as t
 from .addresses import split_physical
 from .directory import Directory, DirectoryConflict, Snapshot, read_snapshot, upsync_missing
 from .nodes import NodeRegistry
 from .shared_db import SharedDB, bump, counters
-from .store import Store
 
 log = logging.getLogger("fed.holds")
 

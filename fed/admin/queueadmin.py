@@ -22,11 +22,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .addresses import domain_of, split_physical
-from .directory import Directory
-from .holds import Holds
-from .metrics import QueueState
-from .spool import Spool
+from ..queue.spool import Spool
+from ..routing.addresses import domain_of, split_physical
+from ..routing.directory import Directory
+from ..routing.holds import Holds
+from ..telemetry.metrics import QueueState
 
 HEADER_LIMIT = 64 * 1024
 

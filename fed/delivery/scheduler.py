@@ -65,16 +65,16 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import metrics
-from .addresses import domain_of, is_valid, normalize, split_physical
+from ..queue.queuefile import BadQueueFile
+from ..queue.spool import PendingRecipient, Spool, new_queue_id
+from ..queue.store import Store
+from ..routing.addresses import domain_of, is_valid, normalize, split_physical
+from ..routing.directory import Directory, System
+from ..routing.holds import Holds
+from ..telemetry import metrics
 from .backoff import backoff
 from .bounce import Failure, build_dsn, should_bounce
-from .directory import Directory, System
-from .holds import Holds
-from .queuefile import BadQueueFile
 from .smtpclient import ClientError, Connection, Reply
-from .spool import PendingRecipient, Spool, new_queue_id
-from .store import Store
 
 log = logging.getLogger("fed.delivery")
 
