@@ -12,13 +12,12 @@ import argparse
 import getpass
 import ipaddress
 import logging
-import os
 import re
 import ssl
 import sys
 from pathlib import Path
 
-from mailferry import __version__
+from mailferry import __version__, secretfile
 from mailferry.service import exposure, private_files
 
 from . import procs
@@ -182,16 +181,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def read_token(args: argparse.Namespace) -> str:
-    """The control API token, from the file or the environment variable."""
+    """The control API token, from the file or the environment variable (one line, checked
+    by `mailferry.secretfile`); SecretError names the source, never the token."""
     if args.token_file is not None:
-        token = Path(args.token_file).read_text().strip()
-        where = str(args.token_file)
-    else:
-        token = os.environ.get(args.token_env, "").strip()
-        where = f"${args.token_env}"
-    if not token:
-        raise SystemExit(f"fed: no token in {where}")
-    return token
+        return secretfile.read_file(args.token_file)
+    return secretfile.read_env(args.token_env)
 
 
 def warn_exposed_token(args: argparse.Namespace) -> None:
@@ -249,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(args.log_format)  # before the first warning
     try:
         token = read_token(args)
-    except OSError as exc:
-        print(f"fed: cannot read the token: {exc}", file=sys.stderr)
+    except secretfile.SecretError as exc:
+        print(f"fed: {exc}", file=sys.stderr)
         return 2
     warn_exposed_token(args)
     if args.command == "queue":

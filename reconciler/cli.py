@@ -226,6 +226,7 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
     if lease.took_over is not None:
         out.notice(f"took over the stale lease of {lease.took_over.holder}")
     engine.should_stop = lease.lost.is_set
+    engine.fed.fence = lease.fence  # fed refuses our calls once a newer holder called
     try:
         out.version("apply", engine)
         from reconciler.liveprogress import for_output
@@ -237,6 +238,9 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
             report = _apply_saved(engine, applier, saved)
     finally:
         lease.release()
+    if engine.lease_lost is not None:
+        out.notice(f"error: stopped, the lease is lost: {engine.lease_lost}")
+        return EXIT_ERROR
     return EXIT_ERROR if report.errors else EXIT_OK
 
 
@@ -416,15 +420,22 @@ def station() -> None:
               help="--out: the station API URL the workstation reaches.")
 @click.option("--client", type=click.Choice(["thunderbird", "json"]), default="thunderbird",
               show_default=True, help="--out: the workstation's mail client.")
+@click.option("--move", is_flag=True,
+              help="The address is enrolled for another station: move it here (that "
+                   "station is unenrolled, its token stops working).")
 @click.pass_context
 def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | None, api: str,
-                  client: str) -> None:
+                  client: str, move: bool) -> None:
     """Enrol a station; print its token, or write its token and agent configuration."""
     from reconciler.api.stations import enrol_station
     from reconciler.state.store import open_store
 
     store = open_store(_state_url(ctx.obj["state"]))
-    token = enrol_station(store, name, address.lower())
+    try:
+        token = enrol_station(store, name, address.lower(), move=move)
+    except ValueError as exc:  # a taken address, a bad name: nothing was changed
+        _fail(f"station enrol {name}: {exc}")
+        return
     if out_dir is None:
         click.echo(token)
         return

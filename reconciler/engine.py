@@ -4,9 +4,13 @@ One *pass* observes the world (the state store's migrations, fed's directory), c
 pure plan and runs every change due now, each in its own transaction: the step looks at the
 real component, acts where needed, and only then are the new state and its event committed
 together. A step that fails temporarily leaves the state as it was and records the error
-with a growing back-off; a permanent failure freezes the migration with its reason (the plan
-shows it, an admin decides). A kill -9 at any instant therefore leaves either the old state
-(the step will check the world and redo only what is missing) or the new one.
+with a growing back-off; a permanent failure -- a PermanentError, or a step past its retry
+limit or timeout (`reconciler.steps.registry`) -- freezes the migration with its reason (the
+plan shows it as a `!` line, an admin decides). A `create` or `E1` has no migration row yet:
+its back-off and failure are kept in `address_errors`. A kill -9 at any instant therefore
+leaves either the old state (the step will check the world and redo only what is missing)
+or the new one. A pass's closing up-syncs and down-sync are retried at the next pass when
+they fail, and reported. `LeaseLost` (fed fenced us out) stops apply, recording nothing.
 
 `apply()` repeats passes while they make progress: one step often makes the next one due at
 once (E4 -> E5-E8 -> E9 in a few hundred milliseconds, which keeps holds short).
@@ -29,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_address
 from reconciler.errors import (
+    LeaseLost,
     MailferryError,
     NotReady,
     PermanentError,
@@ -37,33 +42,21 @@ from reconciler.errors import (
 )
 from reconciler.fedclient import FedClient, Refusal
 from reconciler.mover.progress import Progress
-from reconciler.plan import Change, MigrationView, Plan, make_plan, purge_due
+from reconciler.plan import AddressErrorView, Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
-from reconciler.state.model import Event, Migration, PlacementSuspension, utcnow
+from reconciler.state.model import (
+    AddressError,
+    Event,
+    Migration,
+    PlacementSuspension,
+    utcnow,
+)
 from reconciler.state.store import Store, record_event, record_transition
-from reconciler.steps import cleanup, cutover, prestage, station, transfer
-from reconciler.steps.base import Outcome, PassCache, StepContext, StepFunction
+from reconciler.steps import prestage
+from reconciler.steps.base import Outcome, PassCache, StepContext
+from reconciler.steps.registry import STEPS, StepSpec
 
 log = logging.getLogger("mailferry.engine")
-
-STEPS: dict[str, StepFunction] = {
-    "E2": prestage.e2_create_target,
-    "E20": station.e20_first_check,
-    "E21": station.e21_schedule_recheck,
-    "E22": station.e22_second_check,
-    "E4": cutover.e4_form_addresses,
-    "E5": cutover.e5_verify_and_hold,
-    "E9": cutover.e9_flip,
-    "E11": transfer.e11_take_mailbox,
-    "E15": transfer.e15_copy_mail,
-    "E16": transfer.e16_take_diary,
-    "E17": transfer.e17_copy_diary,
-    "E30": station.e30_local_data,
-    "E40": cleanup.e40_done,
-    "E41": cleanup.e41_delete_source,
-}
-
-MAX_BACKOFF = 300.0
 
 
 def _failpoint(step: str, where: str) -> None:
@@ -94,6 +87,7 @@ class Observed:
     # What a read-only look could not reach (fed without its token, fed down): said next to
     # the plan, never a reason to fail it. Always empty for an apply.
     unreached: tuple[str, ...] = ()
+    address_errors: dict[str, AddressErrorView] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +165,10 @@ class Engine:
         # Checked between two changes: True stops apply after the current step (SIGTERM in
         # --watch, a lost lease).
         self.should_stop: Callable[[], bool] = lambda: False
+        self.lease_lost: LeaseLost | None = None  # fed fenced us out: nothing more is run
+        # A pass's closing up-syncs / down-sync that failed: done first in the next pass.
+        self._upsync_pending: set[str] = set()
+        self._downsync_pending = False
         # Figures of the copies this engine runs (E15): the terminal display and the status
         # page served by the same process read them while a copy is running.
         self.progress: Progress = Progress()
@@ -184,6 +182,13 @@ class Engine:
         """The placements an admin suspended."""
         with self.store.session() as session:
             return frozenset(session.scalars(select(PlacementSuspension.placement)))
+
+    def address_errors(self) -> dict[str, AddressErrorView]:
+        """The back-off or failure of every `create` / `E1` that failed."""
+        with self.store.session() as session:
+            return {e.address: AddressErrorView(e.step, e.last_error, e.next_attempt_at,
+                                                e.failed_reason)
+                    for e in session.scalars(select(AddressError))}
 
     def observe(self, *, best_effort: bool = False) -> Observed:
         """One snapshot of the actual state: migrations, fed's directory, suspensions.
@@ -206,7 +211,8 @@ class Engine:
         if unreached:
             unreached = tuple(f"fed's directory not read ({why}): addresses fed already "
                               f"routes are not checked" for why in unreached)
-        return Observed(self.migrations(), directory, self.suspended(), unreached)
+        return Observed(self.migrations(), directory, self.suspended(), unreached,
+                        self.address_errors())
 
     def plan(self, at: datetime | None = None, *, observed: Observed | None = None,
              estimates: bool = False) -> Plan:
@@ -218,7 +224,8 @@ class Engine:
         from reconciler.spec.loader import paused_gc
 
         with paused_gc():
-            plan = make_plan(self.desired, seen.migrations, seen.directory, now, seen.suspended)
+            plan = make_plan(self.desired, seen.migrations, seen.directory, now, seen.suspended,
+                             seen.address_errors)
         if estimates:
             from reconciler.fit import window_warnings_for
 
@@ -290,15 +297,25 @@ class Engine:
     def apply(self, *, max_passes: int = 100) -> ApplyReport:
         """Passes until one makes no progress (or `max_passes`): everything due now is done."""
         report = ApplyReport()
-        self.register_systems()
+        if not self._register_or_fenced():
+            return report
         for _ in range(max_passes):
-            if self.should_stop():
+            if self.should_stop() or self.lease_lost is not None:
                 break
             report.passes += 1
             progressed = self.apply_pass(report)
             if not progressed:
                 break
         return report
+
+    def _register_or_fenced(self) -> bool:
+        """register_systems(); False (and `lease_lost` set) when fed fenced us out."""
+        try:
+            self.register_systems()
+        except LeaseLost as exc:
+            self.lease_lost = exc
+            return False
+        return True
 
     def apply_pass(self, report: ApplyReport, *, chain: bool = True) -> bool:
         """One pass; True when at least one state changed. `chain=False`: no E9 right after
@@ -309,7 +326,8 @@ class Engine:
     def apply_changes(self, changes: list[Change]) -> ApplyReport:
         """Run exactly `changes` (a reviewed, saved plan), once each, in one pass."""
         report = ApplyReport(passes=1)
-        self.register_systems()
+        if not self._register_or_fenced():
+            return report
         self.run_changes(changes, report, self.clock(), purge=False)
         return report
 
@@ -321,12 +339,13 @@ class Engine:
         right away, before the next mailbox is held: each hold then lasts one E9, not the
         holds of every other mailbox of the wave plus their flips (a saved plan runs exactly
         its changes, without chaining)."""
-        cache = PassCache()
+        cache = PassCache(changed=set(self._upsync_pending),
+                          downsync_needed=self._downsync_pending)
         progressed = False
         queue = deque(changes)
         while queue:
             change = queue.popleft()
-            if self.should_stop():
+            if self.should_stop() or self.lease_lost is not None:
                 break
             record = self._run_change(change, now, cache)
             if chain and record is not None and record.ok and change.step == "E5" \
@@ -334,22 +353,54 @@ class Engine:
                 queue.appendleft(replace(change, step="E9", state=5))
             if record is None:
                 continue
-            record.at = self.clock()
-            report.records.append(record)
-            if self.on_record is not None:
-                self.on_record(record)
+            self._report(report, record)
             progressed = progressed or record.ok
+        if self.lease_lost is not None:
+            return False
         if purge:
             progressed = self._purge(now) or progressed
             self._record_refusals(now)
-        if cache.changed:
-            with self.store.session() as session:
-                ctx = self._context(session, now, cache, "")
-                for system in sorted(cache.changed):
-                    ctx.upsync(system)
+        failed_syncs = self._sync(cache, now)
+        for record in failed_syncs:
+            self._report(report, record)
+        # A failed closing sync ends apply: the next pass would see the same directory and
+        # redo the same steps (a create looks for its address in fed's directory).
+        return progressed and not failed_syncs
+
+    def _report(self, report: ApplyReport, record: StepRecord) -> None:
+        record.at = self.clock()
+        report.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _sync(self, cache: PassCache, now: datetime) -> list[StepRecord]:
+        """The pass's closing E6 up-syncs and down-sync. One that fails is reported and
+        kept for the next pass (nothing else depends on it finishing now: E5 up-syncs for
+        itself, and the down-sync is only the systems' copy of fed's address book)."""
+        failed: list[StepRecord] = []
+        self._upsync_pending = set()
+        for system in sorted(cache.changed):
+            try:
+                with self.store.session() as session:
+                    self._context(session, now, cache, "").upsync(system)
+            except LeaseLost as exc:
+                self.lease_lost = exc
+                return failed
+            except Exception as exc:
+                self._upsync_pending.add(system)
+                failed.append(StepRecord(f"system {system}", "E6", False, None,
+                                         _error_text(exc, f"up-sync of {system}")))
+        self._downsync_pending = False
         if cache.downsync_needed:
-            self._downsync()
-        return progressed
+            try:
+                self._downsync()
+            except LeaseLost as exc:
+                self.lease_lost = exc
+            except Exception as exc:
+                self._downsync_pending = True
+                failed.append(StepRecord("every system", "down-sync", False, None,
+                                         _error_text(exc, "down-sync")))
+        return failed
 
     def _context(self, session: Session, now: datetime, cache: PassCache,
                  address: str) -> StepContext:
@@ -359,9 +410,19 @@ class Engine:
 
     def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
         step = change.step or ""
+        if change.action == "create":
+            step = "create"
+        spec = STEPS[step] if step in STEPS else StepSpec(step, None)
         try:
             with self.store.session() as session:
                 ctx = self._context(session, now, cache, change.address)
+                if change.action in ("create", "migrate"):
+                    error = session.get(AddressError, change.address)
+                    if error is not None and (error.failed_reason is not None or (
+                            error.next_attempt_at is not None and error.next_attempt_at > now)):
+                        return None  # frozen or backing off (a saved plan made before)
+                    if error is not None:
+                        session.delete(error)  # committed with the success, not before
                 if change.action == "create":
                     detail = prestage.create_mailbox(ctx, self.desired[change.address])
                     detail.update(self._config_changes())
@@ -379,8 +440,10 @@ class Engine:
                 m = session.get(Migration, change.migration_id)
                 if m is None or m.state != change.state or m.failed or m.purged:
                     return None  # someone else moved it since we planned
+                if spec.run is None:
+                    raise PermanentError(f"no step {step!r} in the registry", step=step)
                 try:
-                    outcome = STEPS[step](ctx, m)
+                    outcome = spec.run(ctx, m)
                 except NotReady:
                     # Not an error: the step may have asked a station for something, which
                     # commits with this session; the plan shows what it waits for.
@@ -390,17 +453,21 @@ class Engine:
                 self._record(session, m, outcome, now)
             _failpoint(step, "after-commit")
             return StepRecord(change.address, outcome.label, True, outcome.to_state)
+        except LeaseLost as exc:
+            # Not this migration's error: another reconciler acts now. Record nothing.
+            self.lease_lost = exc
+            return StepRecord(change.address, step, False, None, str(exc))
         except PermanentError as exc:
-            self._fail(change, exc, now)
+            self._fail(change, str(exc), exc.step or step, now)
             return StepRecord(change.address, exc.step or step, False, None, str(exc))
-        except Exception as exc:  # TemporaryError and anything unexpected: retry later
-            message = str(exc) if isinstance(exc, StepError) else (
-                f"{change.address} {step}: unexpected {type(exc).__name__}: {exc}")
-            if not isinstance(exc, StepError):
+        except Exception as exc:  # TemporaryError and anything unexpected: retry, bounded
+            bug = not isinstance(exc, StepError)
+            if bug:
                 log.error("unexpected error\n%s", traceback.format_exc())
-            delay = exc.delay if isinstance(exc, TemporaryError) else 10.0
-            self._backoff(change, message, delay, now)
-            return StepRecord(change.address, step, False, None, message)
+            message = _error_text(exc, f"{change.address} {step}")
+            delay = exc.delay if isinstance(exc, TemporaryError) else None
+            frozen = self._backoff(change, spec, message, delay, bug, now)
+            return StepRecord(change.address, step, False, None, frozen or message)
 
     def _config_changes(self) -> dict[str, dict[str, list[str]]]:
         """{"config_changes": {system: [diff, ...]}} when a driver changed a system's own
@@ -411,39 +478,68 @@ class Engine:
 
     def _record(self, session: Session, m: Migration, outcome: Outcome, now: datetime) -> None:
         if outcome.to_state is None:
+            # The step succeeded without a transition: its run of errors is over.
+            m.attempts, m.error_since, m.last_error, m.next_attempt_at = 0, None, None, None
             record_event(session, m, outcome.label, detail=outcome.detail,
                          commit=self.specs.commit, at=now)
             return
         record_transition(session, m, outcome.label, outcome.to_state,
                           detail=outcome.detail, commit=self.specs.commit, at=now)
 
-    def _fail(self, change: Change, exc: PermanentError, now: datetime) -> None:
+    def _fail(self, change: Change, reason: str, step: str, now: datetime) -> None:
+        """Freeze: the migration (or, for a create / E1, the address) with its reason."""
         with self.store.session() as session:
             m = session.get(Migration, change.migration_id) if _own(change) else None
             if m is None:
-                record_event(session, None, "failed", address=change.address, detail=str(exc),
+                error = session.get(AddressError, change.address) or AddressError(
+                    address=change.address, step=step, attempts=0, error_since=now,
+                    last_error=reason)
+                error.step, error.failed_reason, error.next_attempt_at = step, reason, None
+                session.add(error)
+                record_event(session, None, "failed", address=change.address,
+                             detail={"step": step, "reason": reason},
                              commit=self.specs.commit, at=now)
                 return
-            m.failed_reason = str(exc)
-            m.failed_step = exc.step or change.step
+            m.failed_reason = reason
+            m.failed_step = step
+            m.next_attempt_at = None
             record_event(session, m, "failed", from_state=m.state, to_state=None,
-                         detail={"step": m.failed_step, "reason": str(exc)},
+                         detail={"step": m.failed_step, "reason": reason},
                          commit=self.specs.commit, at=now)
 
-    def _backoff(self, change: Change, message: str, delay: float, now: datetime) -> None:
+    def _backoff(self, change: Change, spec: StepSpec, message: str, delay: float | None,
+                 bug: bool, now: datetime) -> str | None:
+        """Count one more error; the back-off, or the frozen reason once the step's limits
+        are spent (returned, and recorded like a PermanentError)."""
         with self.store.session() as session:
             m = session.get(Migration, change.migration_id) if _own(change) else None
-            if m is None:
-                return
-            m.attempts += 1
-            wait = min(delay * (2 ** min(m.attempts - 1, 8)), MAX_BACKOFF)
-            m.next_attempt_at = now + timedelta(seconds=wait)
-            if m.last_error != message:  # one event per distinct error, not one per retry
-                record_event(session, m, "error", from_state=m.state, to_state=m.state,
-                             detail={"step": change.step, "error": message,
-                                     "retry_in_s": wait, **self._config_changes()},
-                             commit=self.specs.commit, at=now)
-            m.last_error = message
+            row: Migration | AddressError
+            if m is not None:
+                row = m
+            else:
+                row = session.get(AddressError, change.address) or AddressError(
+                    address=change.address, step=spec.name, attempts=0, error_since=now,
+                    last_error="")
+                session.add(row)
+            row.attempts = (row.attempts or 0) + 1
+            if row.error_since is None:
+                row.error_since = now
+            why = spec.exhausted(row.attempts, (now - row.error_since).total_seconds(),
+                                 bug=bug)
+            if why is None:
+                wait = spec.delay(row.attempts, delay)
+                row.next_attempt_at = now + timedelta(seconds=wait)
+                if row.last_error != message:  # one event per distinct error, not per retry
+                    record_event(session, m, "error", address=change.address,
+                                 from_state=change.state, to_state=change.state,
+                                 detail={"step": spec.name, "error": message,
+                                         "retry_in_s": wait, **self._config_changes()},
+                                 commit=self.specs.commit, at=now)
+                row.last_error = message
+                return None
+        reason = f"{message} ({why})"
+        self._fail(change, reason, spec.name, now)
+        return reason
 
     def _purge(self, now: datetime) -> bool:
         """E43: records at 13 past their retention are purged (events are kept)."""
@@ -463,3 +559,11 @@ class Engine:
         entries = self.fed.downsync().entries
         for driver in self.drivers.values():
             driver.apply_address_book(entries)
+
+
+def _error_text(exc: BaseException, where: str) -> str:
+    """A mailferry error's own text (it names its address and step), or, for anything
+    else, `where: unexpected TypeError: ...`."""
+    if isinstance(exc, StepError):
+        return str(exc)
+    return f"{where}: unexpected {type(exc).__name__}: {exc}"

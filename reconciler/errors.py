@@ -5,8 +5,14 @@ down, a lock is held: retry after a delay, the migration keeps its state) or *pe
 (the patent says stop: a negative E8 verification, a negative second station check, E32
 exhausted; the migration is frozen as failed with the reason until an admin acts).
 Step code raises these; the engine turns them into back-off or a `failed` record. Anything
-else escaping a step is treated as temporary, recorded with its traceback summary, and
-retried: an unexpected bug must never silently advance or drop a migration.
+else escaping a step is an unexpected error (a bug, or a driver error nobody classified): it
+is logged with its traceback and retried a few times, then permanent -- it must never
+silently advance or drop a migration, nor be retried forever. How often and how long each
+step may fail before it is permanent is `reconciler.steps.registry`.
+
+`LeaseLost` is neither: fed refused a call because another reconciler holds a newer lease
+(the fencing token, docs/fed-api.md). This reconciler must stop acting at once and record
+nothing: the migration is fine, it is just not ours any more.
 """
 
 from __future__ import annotations
@@ -54,3 +60,7 @@ class PermanentError(StepError):
 
 class NotReady(TemporaryError):
     """A precondition is not met yet (a station has not reported, a window is closed)."""
+
+
+class LeaseLost(MailferryError):
+    """Another reconciler took the lease over: fed refused our older fencing token."""

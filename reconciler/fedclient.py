@@ -1,15 +1,18 @@
 """Client of fed's control API: how the reconciler reads and drives the routing hub.
 
 fed is a separate server (DESIGN.md, rule 2), so the reconciler reaches it only over HTTP,
-with the stdlib (``urllib.request``) to keep this dependency-free and easy to fake. Each
-route of ``docs/fed-api.md`` is one method returning a typed value.
+with the stdlib (``http.client``, one kept-alive connection per thread) to keep this
+dependency-free and easy to fake. Each route of ``docs/fed-api.md`` is one method returning
+a typed value, with its own time to wait for the answer (`ROUTE_TIMEOUTS`).
 
 Errors follow the reconciler's hierarchy (``reconciler.errors``), because the engine turns
 them into back-off or a frozen migration:
 
-- fed unreachable, timed out, or answering 5xx -> ``TemporaryError`` naming the URL and the
-  reason: the step is retried later, the migration keeps its state;
+- cannot connect, no answer yet, connection broken, or 5xx -> ``TemporaryError`` naming
+  the URL and which of these it was: the step is retried later, the migration keeps its
+  state;
 - 401 -> ``PermanentError``: a wrong token will not fix itself;
+- 409 with ``"fenced": true`` -> ``LeaseLost``: another reconciler holds a newer lease;
 - verify's 409 is an *answer* (E8 negative), returned as ``VerifyResult(ok=False)``;
 - flip's 409 (an address at a third physical) -> ``PermanentError`` with fed's reason: the
   patent stops the migration there and an admin must look;
@@ -20,14 +23,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.errors import PermanentError, TemporaryError
+from reconciler.errors import LeaseLost, PermanentError, TemporaryError
 
 
 @dataclass(frozen=True)
@@ -156,43 +158,138 @@ def _q(address: str) -> str:
     return urllib.parse.quote(address, safe="@")
 
 
-class FedClient:
-    """One method per route of fed's control API."""
+FENCE_HEADER = "Mailferry-Fence"  # fed/control.py reads it (docs/fed-api.md, fencing)
+DEFAULT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+# Seconds to wait for fed's answer, by route, where 10 s is not enough by design: a hold
+# answers once no delivery for the addresses is in flight on any node, which fed waits for up
+# to its --hold-timeout (120 s by default); the directory, up-sync and down-sync carry every
+# mailbox (100,000 of them are a few MB). Keep fed's --hold-timeout below the hold's.
+ROUTE_TIMEOUTS: dict[tuple[str, str], float] = {
+    ("POST", "/v1/holds"): 150.0,
+    ("POST", "/v1/upsync"): 120.0,
+    ("GET", "/v1/directory"): 60.0,
+    ("GET", "/v1/downsync"): 60.0,
+    ("POST", "/v1/flip"): 30.0,
+}
 
-    def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
+
+class FedClient:
+    """One method per route of fed's control API, over one kept-alive connection per thread.
+
+    Transport errors say which of three things happened, because an admin acts differently:
+    *cannot connect* (fed is down or the URL is wrong), *no answer yet* (fed took the
+    request and is still working on it -- a hold waiting for deliveries in flight -- so the
+    step is retried later, not reported as an outage), *the connection broke* (fed died or
+    restarted mid-request). A kept-alive connection fed closed while idle is re-opened once
+    and the request sent again: every route of fed's API is idempotent (docs/fed-api.md)."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = DEFAULT_TIMEOUT, *,
+                 timeouts: dict[tuple[str, str], float] | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self.timeout = timeout
+        self.timeout = timeout  # routes without an entry in `timeouts`
+        self.timeouts = {**ROUTE_TIMEOUTS, **(timeouts or {})}
+        self.connect_timeout = min(connect_timeout, timeout)
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PermanentError(f"fed control URL {base_url!r}: expected http(s)://HOST:PORT")
+        self._https = parts.scheme == "https"
+        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
+        self._local = threading.local()  # .conn: this thread's kept-alive connection
+        # (lease id, generation) of the reconciler using this client: sent with every
+        # mutating call so that fed refuses it once a newer holder has called (LeaseLost).
+        self.fence: tuple[str, int] | None = None
 
     # -- transport ------------------------------------------------------------------
+    def timeout_for(self, method: str, path: str) -> float:
+        """Seconds to wait for fed's answer to `method path` (its query string ignored)."""
+        return self.timeouts.get((method, path.partition("?")[0]), self.timeout)
+
+    def close(self) -> None:
+        """Close this thread's connection (the next call opens a new one)."""
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _connection(self, method: str, url: str) -> tuple[http.client.HTTPConnection, bool]:
+        """(this thread's connection, True when it was kept alive from an earlier call)."""
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None:
+            return conn, True
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = kind(self._host, self._port, timeout=self.connect_timeout)
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            why = "timed out" if isinstance(exc, TimeoutError) else getattr(exc, "strerror",
+                                                                             None) or exc
+            raise TemporaryError(f"cannot connect to fed at {self.base_url} ({method} {url}): "
+                                 f"{why}") from exc
+        self._local.conn = conn
+        return conn, False
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               ok: tuple[int, ...] = ()) -> tuple[int, Any]:
         """(status, decoded JSON); statuses in `ok` are returned instead of raised."""
         url = self.base_url + path
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
-            "Accept": "application/json",
-        })
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, _decode(response.read(), url)
-        except urllib.error.HTTPError as exc:
-            payload = _decode(exc.read(), url, strict=False)
-            if exc.code in ok:
-                return exc.code, payload
-            reason = payload.get("error") if isinstance(payload, dict) else None
-            reason = reason or (payload.get("reason") if isinstance(payload, dict) else None)
-            reason = reason or exc.reason
-            if exc.code == 401:
-                raise PermanentError(f"fed refused the token at {method} {url}: {reason}") \
-                    from exc
-            if exc.code >= 500:
-                raise TemporaryError(f"fed failed {method} {url}: {exc.code} {reason}") from exc
-            raise PermanentError(f"fed rejected {method} {url}: {exc.code} {reason}") from exc
-        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
-            why = getattr(exc, "reason", exc)
-            raise TemporaryError(f"fed unreachable at {method} {url}: {why}") from exc
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json",
+                   "Accept": "application/json"}
+        if self.fence is not None and method not in ("GET", "HEAD"):
+            headers[FENCE_HEADER] = f"{self.fence[0]}/{self.fence[1]}"
+        wait = self.timeout_for(method, path)
+        for attempt in (1, 2):
+            conn, reused = self._connection(method, url)
+            try:
+                conn.request(method, self._prefix + path, body=data, headers=headers)
+                if conn.sock is not None:
+                    conn.sock.settimeout(wait)
+                response = conn.getresponse()
+                raw = response.read()
+            except ValueError:  # http.client refuses the header: it would echo the token
+                self.close()
+                raise PermanentError(f"cannot send {method} {url}: the fed token is not a "
+                                     "valid HTTP header value") from None
+            except TimeoutError as exc:
+                self.close()
+                raise TemporaryError(
+                    f"no answer yet from fed to {method} {url} after {wait:g} s (fed may still "
+                    "be working on it; the step is tried again)", delay=5.0) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if reused and attempt == 1:
+                    continue  # fed closed the idle kept-alive connection: once more, fresh
+                raise TemporaryError(f"fed closed the connection during {method} {url}: "
+                                     f"{exc or type(exc).__name__}") from exc
+            if response.will_close:
+                self.close()
+            return self._answer(method, url, response.status, response.reason, raw, ok)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _answer(self, method: str, url: str, status: int, phrase: str, raw: bytes,
+                ok: tuple[int, ...]) -> tuple[int, Any]:
+        """The decoded answer, or the error `status` means (module docstring)."""
+        if 200 <= status < 300:
+            return status, _decode(raw, url)
+        payload = _decode(raw, url, strict=False)
+        reason = payload.get("error") if isinstance(payload, dict) else None
+        reason = reason or (payload.get("reason") if isinstance(payload, dict) else None)
+        reason = reason or phrase
+        # Fenced before a route's own 409 (refresh, verify, flip): that answer would read a
+        # lost lease as the route's refusal and retry it.
+        if status == 409 and isinstance(payload, dict) and payload.get("fenced") is True:
+            raise LeaseLost(f"fed refused {method} {url}: {reason}")
+        if status in ok:
+            return status, payload
+        if status == 401:
+            raise PermanentError(f"fed refused the token at {method} {url}: {reason}")
+        if status >= 500:
+            raise TemporaryError(f"fed failed {method} {url}: {status} {reason}")
+        raise PermanentError(f"fed rejected {method} {url}: {status} {reason}")
 
     def _get(self, path: str) -> Any:
         return self._call("GET", path)[1]

@@ -20,7 +20,14 @@ How it works (the Kubernetes Lease / etcd election pattern, without a server):
   expires, and the next reconciler *takes it over* and says so; a holder on the same host
   whose process is gone (kill -9) is taken over at once, without waiting for the TTL;
 - a holder that finds its renewal refused (someone took over after it stalled) sets `lost`
-  and the engine stops after the current step.
+  and the engine stops after the current step;
+- every acquisition adds one to the row's `generation`, the *fencing token*: the holder
+  sends it with every mutating call to fed (`FedClient.fence`), and fed refuses a call with
+  a lower one than it has seen (docs/fed-api.md). A holder that stalled past its TTL (a
+  paused VM, a partition) and wakes up mid-step cannot notice in time that it lost the
+  lease -- its renewal thread may not even have run -- but fed can: the new holder's first
+  call raised the bar. Released leases keep their row (holder empty) so the generation
+  never goes back.
 
 Clocks: expiry compares the renewing reconciler's clock with the acquiring one's; keep hosts
 on NTP and the TTL (default 30 s) well above any skew.
@@ -32,11 +39,12 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from reconciler.errors import MailferryError
@@ -75,6 +83,7 @@ class LeaseInfo:
     acquired_at: datetime
     renewed_at: datetime
     expires_at: datetime
+    generation: int = 0
 
     def describe(self, now: datetime) -> str:
         """`host:pid (since ..., renewed 3 s ago, expires in 27 s)` for messages."""
@@ -105,16 +114,14 @@ class Lease:
         self.clock = clock
         self.lost = threading.Event()
         self.took_over: LeaseInfo | None = None  # the stale holder we replaced, if any
+        self.generation = 0  # our fencing token, set by each acquisition
+        self.fence_id = ""  # the lease row's id for fed (one fed, several state stores)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def read(self) -> LeaseInfo | None:
         """The lease row, or None when nobody holds it."""
-        with self.store.session() as session:
-            row = session.get(LeaseRow, self.name)
-            if row is None:
-                return None
-            return LeaseInfo(row.holder, row.acquired_at, row.renewed_at, row.expires_at)
+        return current_holder(self.store, self.name)
 
     def try_acquire(self) -> LeaseInfo | None:
         """Take the lease if free, ours or expired; else return who holds it."""
@@ -125,26 +132,44 @@ class Lease:
             with self.store.session() as session:
                 session.execute(insert(LeaseRow).values(
                     name=self.name, holder=self.holder, acquired_at=now, renewed_at=now,
-                    expires_at=expires))
+                    expires_at=expires, generation=1, fence_id=uuid.uuid4().hex))
+            self.generation = 1
+            self.fence_id = self._fence_id()
             return None
         except IntegrityError:
             pass
         dead = before is not None and _dead_here(before.holder)
         with self.store.session() as session:
-            stale = (LeaseRow.holder == self.holder) | (LeaseRow.expires_at < now)
+            stale = ((LeaseRow.holder == self.holder) | (LeaseRow.expires_at < now)
+                     | (LeaseRow.holder == ""))
             if dead and before is not None:  # a holder on this host that no longer exists
                 stale = stale | (LeaseRow.holder == before.holder)
             done = session.execute(
                 update(LeaseRow)
                 .where(LeaseRow.name == self.name, stale)
                 .values(holder=self.holder, acquired_at=now, renewed_at=now,
-                        expires_at=expires))
+                        expires_at=expires, generation=LeaseRow.generation + 1))
             taken = getattr(done, "rowcount", 0) == 1
+            if taken:  # read in the same transaction: nobody can have bumped it since
+                row = session.get_one(LeaseRow, self.name)
+                if not row.fence_id:  # a row from before fencing: name it now, once
+                    row.fence_id = uuid.uuid4().hex
+                self.generation, self.fence_id = int(row.generation), row.fence_id
         if taken:
             if before is not None and before.holder != self.holder:
                 self.took_over = before
             return None
         return self.read() or LeaseInfo("(gone)", now, now, now)
+
+    def _fence_id(self) -> str:
+        with self.store.session() as session:
+            return str(session.scalar(select(LeaseRow.fence_id)
+                                      .where(LeaseRow.name == self.name)) or "")
+
+    @property
+    def fence(self) -> tuple[str, int]:
+        """What the holder sends fed with every mutating call: (lease id, generation)."""
+        return self.fence_id, self.generation
 
     def acquire(self, *, timeout: float | None,
                 on_wait: Callable[[LeaseInfo], None] | None = None,
@@ -206,9 +231,12 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        # Kept, emptied: its generation must survive for the next holder's fencing token.
+        now = self.clock()
         with self.store.session() as session:
-            session.execute(delete(LeaseRow).where(LeaseRow.name == self.name,
-                                                   LeaseRow.holder == self.holder))
+            session.execute(update(LeaseRow).where(LeaseRow.name == self.name,
+                                                   LeaseRow.holder == self.holder)
+                            .values(holder="", expires_at=now, renewed_at=now))
 
     def holds(self) -> bool:
         """True when the store says we hold the lease now."""
@@ -217,8 +245,10 @@ class Lease:
 
 
 def current_holder(store: Store, name: str = DEFAULT_NAME) -> LeaseInfo | None:
-    """Who holds the lease (for `reconcile status`)."""
+    """Who holds the lease (for `reconcile status`); None when free (or released)."""
     with store.session() as session:
         row = session.scalars(select(LeaseRow).where(LeaseRow.name == name)).first()
-        return None if row is None else LeaseInfo(row.holder, row.acquired_at, row.renewed_at,
-                                                   row.expires_at)
+        if row is None or not row.holder:
+            return None
+        return LeaseInfo(row.holder, row.acquired_at, row.renewed_at, row.expires_at,
+                         int(row.generation or 0))

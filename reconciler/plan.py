@@ -83,6 +83,16 @@ class MigrationView:
 
 
 @dataclass(frozen=True)
+class AddressErrorView:
+    """The errors of a `create` or `E1` not yet done (no migration row to keep them in)."""
+
+    step: str
+    last_error: str
+    next_attempt_at: datetime | None = None
+    failed_reason: str | None = None
+
+
+@dataclass(frozen=True)
 class Change:
     """One line of the plan: a mailbox, where it stands and what comes next."""
 
@@ -295,12 +305,14 @@ def make_plan(
     directory: dict[str, str],
     now: datetime,
     suspended: frozenset[str] = frozenset(),
+    address_errors: dict[str, AddressErrorView] | None = None,
 ) -> Plan:
     """The plan for every desired address and every migration still on record.
 
     `migrations` may include purged records (the newest per address counts): a purged
     finished migration still tells that moving the address again is a move back.
-    `suspended` names the placements an admin suspended."""
+    `suspended` names the placements an admin suspended; `address_errors` the back-off or
+    failure of a `create` or `E1` that failed."""
     clock = WindowClock(now)
     plan = Plan(at=now)
     by_address: dict[str, MigrationView] = {}
@@ -316,6 +328,9 @@ def make_plan(
         want = desired.get(address)
         current = by_address.get(address)
         change = _change_for(address, want, current, directory, clock, active)
+        if address_errors and address in address_errors and change.action in ("create",
+                                                                               "migrate"):
+            change = _with_error(change, address_errors[address])
         if change.action != "in-sync" and (
                 (current is not None and (current.suspended or current.placement in suspended))
                 or (want is not None and want.placement in suspended)):
@@ -327,6 +342,19 @@ def make_plan(
             active[str(current.modes.get("policy"))] += 1  # later mailboxes see this one's slot
         plan.changes.append(change)
     return plan
+
+
+def _with_error(change: Change, error: AddressErrorView) -> Change:
+    """A create or E1 after its errors: frozen (`!`) once permanent, else due after its
+    back-off."""
+    if error.failed_reason is not None:
+        return replace(change, action="failed", step=error.step, reason=error.failed_reason,
+                       due=None)
+    if error.next_attempt_at is not None and (change.due is None
+                                              or error.next_attempt_at > change.due):
+        return replace(change, due=error.next_attempt_at,
+                       reason=f"retry after error: {error.last_error}")
+    return change
 
 
 def _change_for(

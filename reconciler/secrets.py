@@ -6,22 +6,21 @@ import os
 import secrets
 from pathlib import Path
 
+from mailferry import secretfile
 from reconciler.errors import MailferryError
 from reconciler.spec.model import SecretRef
 
 
 def resolve(ref: SecretRef, *, what: str) -> str:
-    """The secret's value; a clear error names the variable or file when it is missing."""
-    if ref.env is not None:
-        value = os.environ.get(ref.env)
-        if not value:
-            raise MailferryError(f"{what}: environment variable {ref.env} is not set")
-        return value.strip()
-    if ref.file is not None:
-        try:
-            return Path(ref.file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise MailferryError(f"{what}: cannot read {ref.file}: {exc.strerror}") from None
+    """The secret's value, read and checked by `mailferry.secretfile` (one line, no control
+    characters); the error names `what` and the variable or file, never the value."""
+    try:
+        if ref.env is not None:
+            return secretfile.read_env(ref.env, "secret")
+        if ref.file is not None:
+            return secretfile.read_file(ref.file, "secret")
+    except secretfile.SecretError as exc:
+        raise MailferryError(f"{what}: {exc}") from None
     raise MailferryError(f"{what}: no env or file reference")
 
 

@@ -32,7 +32,7 @@ from reconciler.engine import Engine
 from reconciler.errors import MailferryError
 from reconciler.output import when
 from reconciler.plan import Change, MigrationView, Plan
-from reconciler.state.model import Migration, PlacementSuspension
+from reconciler.state.model import AddressError, Migration, PlacementSuspension
 from reconciler.state.store import Store, record_event
 
 STATE_FILTERS = ("failed", "suspended", "pending", "in-sync", "refused", "waiting")
@@ -199,6 +199,15 @@ def _mark(session: Session, placement: str, step: str, by: str, reason: str,
 def retry(store: Store, address: str, *, by: str, commit: str | None, now: datetime) -> str:
     """Clear the failure (or back-off) of the newest migration of `address`; what was done."""
     with store.session() as session:
+        error = session.get(AddressError, address.lower())
+        if error is not None:  # a create or E1 that failed: no migration row to clear
+            what = (f"failure at {error.step} cleared" if error.failed_reason is not None
+                    else "back-off cleared")
+            record_event(session, None, "retry", address=address.lower(), detail={
+                "by": by, "failed_step": error.step, "reason": error.failed_reason,
+                "last_error": error.last_error}, commit=commit, at=now)
+            session.delete(error)
+            return f"{address}: {what}; {error.step} runs again at the next apply"
         m = session.scalars(select(Migration).where(Migration.address == address.lower())
                             .order_by(Migration.id.desc()).limit(1)).first()
         if m is None:
@@ -215,6 +224,7 @@ def retry(store: Store, address: str, *, by: str, commit: str | None, now: datet
         m.last_error = None
         m.next_attempt_at = None
         m.attempts = 0
+        m.error_since = None
         m.station_action = None  # a station step asks its station again, afresh
         record_event(session, m, "retry", from_state=m.state, to_state=m.state,
                      detail=detail, commit=commit, at=now)

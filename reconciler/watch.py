@@ -227,6 +227,7 @@ class Watcher:
 
     def _pass(self) -> float:
         """One apply (with output); the seconds to sleep before the next one."""
+        self.engine.fed.fence = self.lease.fence  # this engine may be a reloaded one
         try:
             _, plan = self.applier.apply(self.engine, quiet_when_idle=True)
         except MailferryError as exc:
@@ -235,6 +236,10 @@ class Watcher:
             self.out.notice(f"error: {exc} (retry in {delay:.0f} s)")
             return delay
         self.errors = 0
+        if self.engine.lease_lost is not None:  # fed fenced us out: someone took over
+            self.out.notice(f"watch: {self.engine.lease_lost}")
+            self.engine.lease_lost = None
+            self.lease.lost.set()
         if self.lease.lost.is_set():
             self.out.notice("watch: the lease was lost (stalled past its TTL); waiting for it")
             return 0.0

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailferry import secretfile
 from station_agent import checks, imapupload, localdata
 from station_agent.client import ApiRefused, ApiUnreachable, StationApiClient
 from station_agent.clients import ClientError, JsonProfile, MailClient, Target, Thunderbird
@@ -92,8 +93,9 @@ class AgentConfig:
         if self.imap_password_file is None:
             return None
         try:
-            return self.imap_password_file.read_text(encoding="utf-8").strip() or None
-        except OSError:
+            return secretfile.read_file(self.imap_password_file, "IMAP password")
+        except secretfile.SecretError as exc:
+            log.warning("%s", exc)  # names the file and the problem, never the password
             return None
 
 

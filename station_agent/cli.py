@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mailferry import __version__
+from mailferry import __version__, secretfile
 from mailferry.service import notify_ready, private_files
 from station_agent import config
 from station_agent.agent import Agent, AgentConfig
@@ -155,14 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("missing setting(s): %s (options or the configuration file)",
                   ", ".join(missing))
         return 1
-    token_file: Path = settings["token_file"]
     try:
-        token = token_file.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        log.error("cannot read the token file %s: %s", token_file, exc.strerror or exc)
-        return 1
-    if not token:
-        log.error("the token file %s is empty", token_file)
+        token = secretfile.read_file(settings["token_file"])
+    except secretfile.SecretError as exc:  # names the file and the problem, never the token
+        log.error("%s", exc)
         return 1
     if settings["retries"] < 0 or settings["interval"] <= 0 or settings["retry_delay"] < 0:
         log.error("--retries, --interval and --retry-delay must not be negative")

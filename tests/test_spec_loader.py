@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import typing
@@ -762,3 +763,75 @@ def test_git_state_commit_and_dirty(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     loaded = load_specs(specs)
     assert (loaded.commit, loaded.dirty) == (head, True)
     assert git_state(tmp_path) == (None, False)
+
+
+# -- hostile input: bounded in memory and time --------------------------------------------------
+
+# 406 bytes (the report's was 666, with longer items): nine levels of nine aliases each are
+# 9**9 (387 million) lists once expanded.
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n"
+    for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def _run_plan_limited(specs: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`reconcile --plan` in a child with 1 GiB of address space and 60 s: without the
+    bounds, the bomb ends in MemoryError (a traceback, not FILE:LINE) or the timeout."""
+    import resource
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", "--specs", str(specs), "--plan"],
+        cwd=cwd, capture_output=True, text=True, timeout=60, preexec_fn=limit, check=False)
+
+
+def test_yaml_alias_bomb_is_refused_with_file_and_line(here: Path) -> None:
+    assert len(ALIAS_BOMB) < 700
+    write_set(here / "specs", bomb_yaml=ALIAS_BOMB)
+    done = _run_plan_limited(here / "specs", here)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    bomb = [line for line in done.stderr.splitlines() if line.startswith("specs/bomb.yaml:")]
+    assert len(bomb) == 1, done.stderr
+    assert re.match(r"specs/bomb\.yaml:\d+: -: YAML aliases expand to more than 10,000 nodes",
+                    bomb[0]), bomb
+
+
+def test_a_few_aliases_still_work(here: Path) -> None:
+    write_set(here, p_yaml="""\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: p}
+spec:
+  system: s1
+  mailboxes:
+    - &ann {address: ann@corp.example, aliases: &al [a.x@corp.example]}
+    - {address: bob@corp.example, aliases: *al}
+""")
+    problems = problems_of(here)  # bob reuses ann's alias: the aliased value was built
+    assert any("a.x@corp.example" in p and "also at" in p for p in problems), problems
+
+
+def test_node_count_of_a_spec_set_is_bounded(here: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.spec import yamlpos
+
+    monkeypatch.setattr(yamlpos, "MAX_NODES", 60)
+    boxes = "".join(f"    - {{address: u{i}@corp.example}}\n" for i in range(40))
+    write_set(here, p_yaml="apiVersion: mailferry/v1\nkind: MailboxPlacement\n"
+              "metadata: {name: p}\nspec:\n  system: s1\n  mailboxes:\n" + boxes)
+    problems = problems_of(here)
+    over = [p for p in problems if "more than 60 YAML nodes" in p]
+    assert len(over) == 1 and over[0].startswith("p.yaml:"), problems
+
+
+def test_size_of_a_spec_set_is_bounded(here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loader, "MAX_SPEC_BYTES", 2000)
+    write_set(here, z_yaml="# padding\n" * 300)
+    problems = problems_of(here)
+    assert problems == ["z.yaml:1: -: the spec set is larger than 2,000 bytes; not read further"], \
+        problems

@@ -159,3 +159,77 @@ def test_openapi_describes_the_routes(world: World) -> None:
     assert "409" in doc["paths"]["/v1/stations/{name}/messages"]["post"]["responses"]
     status, answer = http("GET", f"{world.api}/v1/nowhere")
     assert status == 404 and "error" in answer
+
+
+def test_report_bodies_and_details_are_bounded(world: World) -> None:
+    """A 55 MB detail used to be stored as is (the state store grew 640x): now 413."""
+    import http.client as httpc
+    import json
+    import urllib.parse
+
+    from reconciler.api.stations import MAX_DETAIL_BYTES, MAX_REPORT_BYTES
+
+    token = world.tokens[STATION]
+    url = _url(world, STATION, "reports")
+    big_detail = {"report_id": "big-1", "migration_id": None, "kind": "check1", "ok": True,
+                  "detail": {"log": "x" * (MAX_DETAIL_BYTES + 1)}}
+    status, body = http("POST", url, token, big_detail)
+    assert status == 413 and body["error"].startswith("detail is 262,") \
+        and "at most 262,144" in body["error"], body
+    padded = {**big_detail, "report_id": "big-2", "detail": {}, "pad": "x" * MAX_REPORT_BYTES}
+    status, body = http("POST", url, token, padded)
+    assert status == 413 and body["error"] == "request body larger than 1,048,576 bytes", body
+
+    # Chunked, without a Content-Length: refused while reading, not after.
+    parts = urllib.parse.urlsplit(url)
+    conn = httpc.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    chunks = (json.dumps(padded).encode()[i:i + 65536] for i in range(0, 2 * MAX_REPORT_BYTES,
+                                                                      65536))
+    conn.request("POST", parts.path, body=chunks, encode_chunked=True, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    answer = conn.getresponse()
+    assert answer.status == 413, answer.read()
+    conn.close()
+
+    assert reports(world.store) == []
+    ok = {**big_detail, "report_id": "ok-1", "detail": {"folders": ["INBOX"] * 1000}}
+    assert http("POST", url, token, ok)[0] == 201
+    assert [r.report_id for r in reports(world.store)] == ["ok-1"]
+
+
+def test_an_address_enrolled_for_another_station_is_refused_unless_moved(world: World) -> None:
+    import pytest
+
+    from reconciler.api.stations import AddressTaken
+
+    with pytest.raises(AddressTaken, match=f"^{OTHER_ADDR} is already enrolled for station "
+                       f"{OTHER_STATION}; to move it to ws-new, enrol again with --move"):
+        enrol_station(world.store, "ws-new", OTHER_ADDR)
+    with world.store.session() as session:
+        assert session.get(Station, "ws-new") is None
+    assert http("GET", _url(world, OTHER_STATION, "task"), world.tokens[OTHER_STATION])[0] == 200
+
+    token = enrol_station(world.store, "ws-new", OTHER_ADDR, move=True)
+    assert http("GET", _url(world, OTHER_STATION, "task"), world.tokens[OTHER_STATION])[0] == 401
+    status, body = http("GET", _url(world, "ws-new", "task"), token)
+    assert status == 200 and body["address"] == OTHER_ADDR
+    # Re-enrolling a station for its own address is not a conflict.
+    assert enrol_station(world.store, "ws-new", OTHER_ADDR)
+
+
+def test_cli_enrol_refuses_a_taken_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from world import run_cli
+
+    state = str(tmp_path / "state.db")
+    first = run_cli("--state", state, "station", "enrol", "ws-a", "--address", "b@x.example",
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = run_cli("--state", state, "station", "enrol", "ws-b", "--address", "B@x.example",
+                    cwd=tmp_path)
+    assert again.returncode == 1 and again.stdout == "", again
+    assert again.stderr.strip() == ("error: station enrol ws-b: b@x.example is already enrolled "
+                                    "for station ws-a; to move it to ws-b, enrol again with "
+                                    "--move (that station's token stops working)")
+    moved = run_cli("--state", state, "station", "enrol", "ws-b", "--address", "b@x.example",
+                    "--move", cwd=tmp_path)
+    assert moved.returncode == 0, moved.stderr

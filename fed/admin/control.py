@@ -43,6 +43,7 @@ from ..routing.directory import (
     check_physical,
 )
 from ..routing.holds import HoldRefused, Holds
+from ..routing.shared_db import Fenced, current_fence, fence_token
 from ..telemetry import metrics
 from .queueadmin import QueueAdmin
 
@@ -51,6 +52,8 @@ log = logging.getLogger("fed.control")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
+FENCE_HEADER = "Mailferry-Fence"
+_FENCE = re.compile(r"^([A-Za-z0-9._-]{1,64})/([0-9]{1,18})$")  # LEASE-ID/GENERATION
 MAX_FLIPS = 10_000  # flips in one POST /v1/flips (a wave; the body is bounded anyway)
 
 
@@ -113,7 +116,8 @@ class ControlAPI:
 
     def app(self) -> web.Application:
         """Build the aiohttp application."""
-        app = web.Application(middlewares=[self._auth, self._errors], client_max_size=16 << 20)
+        app = web.Application(middlewares=[self._auth, self._fencing, self._errors],
+                              client_max_size=16 << 20)
         r = app.router
         r.add_get("/v1/health", self.health)
         r.add_get("/v1/directory", self.directory_all)
@@ -157,6 +161,34 @@ class ControlAPI:
                         request.path, request.remote)
             return _json({"error": "missing or wrong bearer token"}, 401)
         return await handler(request)
+
+    @web.middleware
+    async def _fencing(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A mutating call carrying `Mailferry-Fence: LEASE/N` (the id of the reconciler's
+        lease and its generation) is refused (409, "fenced": true) when fed has seen a
+        higher N for that lease; every shared write it makes checks N again in its own
+        transaction (shared_db.fence_token). Calls without the header (an admin's curl,
+        `fed queue`) are not fenced."""
+        raw = request.headers.get(FENCE_HEADER)
+        if raw is None or request.method in ("GET", "HEAD"):
+            return await handler(request)
+        match = _FENCE.fullmatch(raw.strip())
+        if match is None:
+            return _json({"error": f"{FENCE_HEADER} must be LEASE-ID/GENERATION"}, 400)
+        lease, given = match.group(1), int(match.group(2))
+        try:
+            with self.directory.shared.read() as db:
+                current = current_fence(db, lease)
+            if given < current:  # early and read-only: the write path checks again
+                raise Fenced(given, current)
+            token = fence_token.set((lease, given))
+            try:
+                return await handler(request)
+            finally:
+                fence_token.reset(token)
+        except Fenced as exc:
+            log.warning("refused %s %s: %s", request.method, request.path, exc)
+            return _json({"error": str(exc), "fenced": True, "current": exc.current}, 409)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import (
@@ -119,6 +120,31 @@ nodes = Table(
 )
 
 COUNTERS = ("version", "systems_version", "holds_version")
+# The highest fencing token (a reconciler lease's generation) a mutating control call has
+# carried, per lease (the id of the lease row in that reconciler's state store: one fed may
+# serve several state stores, each with its own lease). A call with a lower one comes from
+# a reconciler that lost its lease and is refused (docs/fed-api.md, fencing). In the shared
+# database, so it is the same for every node and survives restarts like the directory.
+fences = Table(
+    "fences", metadata,
+    Column("lease", String(64), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+)
+# The fencing token (lease, generation) of the control request being served (set by the
+# control API around its handler; None for fed's own writes and for calls without one).
+# Every `write()` checks it inside its transaction, under the writers' lock: the check and
+# the change it guards are one atomic step, so no newer holder can slip in between.
+fence_token: ContextVar[tuple[str, int] | None] = ContextVar("fence_token", default=None)
+
+
+class Fenced(Exception):
+    """A control call carried an older fencing token than fed has seen for its lease."""
+
+    def __init__(self, given: int, current: int) -> None:
+        super().__init__(f"fencing token {given} is older than {current}: another reconciler "
+                         "holds a newer lease; this one must stop")
+        self.given = given
+        self.current = current
 
 
 def default_url(state_dir: str) -> str:
@@ -178,6 +204,9 @@ class SharedDB:
                     if not self.sqlite:
                         conn.execute(select(meta.c.value).where(meta.c.key == "version")
                                      .with_for_update())
+                    given = fence_token.get()
+                    if given is not None:
+                        check_fence(conn, *given)
                     yield conn
             finally:
                 conn.info.pop("immediate", None)
@@ -204,6 +233,26 @@ class SharedDB:
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def current_fence(conn: Connection, lease: str) -> int:
+    """The highest fencing token seen so far for `lease` (0: none yet)."""
+    return int(conn.scalar(select(fences.c.generation).where(fences.c.lease == lease)) or 0)
+
+
+def check_fence(conn: Connection, lease: str, given: int) -> None:
+    """Fenced when `given` is older than the highest token seen for `lease`; a newer one
+    raises the bar (inside the caller's write transaction)."""
+    current = current_fence(conn, lease)
+    if given < current:
+        raise Fenced(given, current)
+    if given == current:
+        return
+    if current == 0:
+        conn.execute(insert(fences).values(lease=lease, generation=given))
+    else:
+        conn.execute(update(fences).where(fences.c.lease == lease).values(generation=given))
+    log.info("fencing token of lease %s now %d (was %d)", lease, given, current)
 
 
 def counters(conn: Connection) -> dict[str, int]:

@@ -63,6 +63,11 @@ REPORT_KINDS = frozenset(
 )
 # A 40 MB message is about 54 MB once base64-encoded in JSON; larger ones are refused (413).
 MAX_BODY_BYTES = 60 * 1024 * 1024
+# Every other body is small: a report is a few hundred bytes (a local-data report lists the
+# folders). Its detail is stored as is in the state store, so it is bounded on its own, and a
+# report body is refused (413) before it is read whole, not after 60 MB.
+MAX_REPORT_BYTES = 1024 * 1024
+MAX_DETAIL_BYTES = 256 * 1024
 MAX_FOLDER_CHARS = 512
 MAX_ID = 2**63 - 1  # a SQL BIGINT
 MAX_DATE = 253402300799  # 9999-12-31T23:59:59Z, the last instant every platform's time_t takes
@@ -88,14 +93,32 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def enrol_station(store: Store, name: str, address: str) -> str:
-    """Enrol (or re-enrol) station `name` for `address`; return its new token, shown once."""
+class AddressTaken(ValueError):
+    """The address is enrolled for another station (invariant 8: one station acts for it)."""
+
+
+def enrol_station(store: Store, name: str, address: str, *, move: bool = False) -> str:
+    """Enrol (or re-enrol) station `name` for `address`; return its new token, shown once.
+
+    An address another station is enrolled for is refused (AddressTaken): two workstations
+    uploading local mail into one mailbox, or the wrong desk's agent switching a mail
+    client, is exactly the mistake a help desk makes with a typo. `move=True` moves the
+    address: the other station is unenrolled (its token stops working at once)."""
     if not name or len(name) > 128 or "/" in name:
         raise ValueError(f"invalid station name {name!r}")
     if "@" not in address:
         raise ValueError(f"invalid address {address!r}")
     token = secrets.token_urlsafe(32)
     with store.session() as session:
+        others = session.scalars(select(Station).where(
+            func.lower(Station.address) == address.lower(), Station.name != name)).all()
+        if others and not move:
+            names = ", ".join(sorted(o.name for o in others))
+            raise AddressTaken(f"{address} is already enrolled for station {names}; to move "
+                               f"it to {name}, enrol again with --move (that station's token "
+                               "stops working)")
+        for other in others:
+            session.delete(other)
         row = session.get(Station, name)
         if row is None:
             session.add(Station(name=name, address=address, token_sha256=token_hash(token)))
@@ -112,6 +135,12 @@ def enrol_station(store: Store, name: str, address: str) -> str:
 def _fail(cls: type[web.HTTPException], message: str) -> web.HTTPException:
     """An HTTP error whose body is `{"error": message}`."""
     return cls(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _too_large(message: str, limit: int, size: int) -> web.HTTPException:
+    """A 413 whose body is `{"error": message}` (aiohttp's class wants both sizes)."""
+    return web.HTTPRequestEntityTooLarge(limit, size, text=json.dumps({"error": message}),
+                                         content_type="application/json")
 
 
 @web.middleware
@@ -179,9 +208,19 @@ async def _station(request: web.Request) -> tuple[str, str]:
     return await asyncio.to_thread(_authenticate, store, request.match_info["name"], header)
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def _json_object(request: web.Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The body as a JSON object; 413 as soon as it is longer than `limit` bytes (by its
+    Content-Length, or while reading a chunked one), never after reading it whole."""
+    too_large = f"request body larger than {limit:,} bytes"
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(too_large, limit, request.content_length)
+    raw = bytearray()
+    while chunk := await request.content.read(64 * 1024):
+        raw += chunk
+        if len(raw) > limit:
+            raise _too_large(too_large, limit, len(raw))
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise _fail(web.HTTPBadRequest, "body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -240,13 +279,18 @@ def _validate_report(body: dict[str, Any]) -> tuple[str, int | None, str, bool, 
     detail = body.get("detail", {})
     if not isinstance(detail, dict):
         raise _fail(web.HTTPBadRequest, "detail must be a JSON object")
+    size = len(json.dumps(detail, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_DETAIL_BYTES:
+        raise _too_large(f"detail is {size:,} bytes as JSON; at most {MAX_DETAIL_BYTES:,}",
+                         MAX_DETAIL_BYTES, size)
     return report_id, migration_id, str(kind), ok, detail
 
 
 async def post_report(request: web.Request) -> web.Response:
     """Store one report; a resend of a stored report_id answers 200 and stores nothing."""
     name, address = await _station(request)
-    report_id, migration_id, kind, ok, detail = _validate_report(await _json_object(request))
+    body = await _json_object(request, MAX_REPORT_BYTES)
+    report_id, migration_id, kind, ok, detail = _validate_report(body)
     store = request.app[STORE_KEY]
 
     def save() -> tuple[int, dict[str, Any]]:
@@ -427,6 +471,10 @@ OPENAPI: dict[str, Any] = {
                             "content": {"application/json": {
                                 "schema": {"$ref": "#/components/schemas/ReportAck"}}}},
                     "400": _ERROR, "401": _ERROR, "403": _ERROR, "409": _ERROR,
+                    "413": {"description": "The body is larger than 1 MiB, or the detail "
+                                           "larger than 256 KiB as JSON.",
+                            "content": {"application/json": {
+                                "schema": {"$ref": "#/components/schemas/Error"}}}},
                 },
             },
         },
@@ -500,7 +548,8 @@ OPENAPI: dict[str, Any] = {
                                      "maximum": MAX_ID},
                     "kind": {"enum": sorted(REPORT_KINDS)},
                     "ok": {"type": "boolean"},
-                    "detail": {"type": "object", "additionalProperties": True},
+                    "detail": {"type": "object", "additionalProperties": True,
+                               "description": "At most 256 KiB as JSON (else 413)."},
                 },
             },
             "ReportAck": {"type": "object", "required": ["stored"],

@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mailferry import __version__
+from mailferry import __version__, secretfile
 from mailferry.service import private_files
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
 from reconciler.mover.folders import FolderRule
@@ -103,10 +102,10 @@ def _parser() -> argparse.ArgumentParser:
 def _password(env: str | None) -> str:
     if not env:
         raise SystemExit("mover: --*-admin needs --*-admin-password-env")
-    value = os.environ.get(env)
-    if value is None:
-        raise SystemExit(f"mover: environment variable {env} is not set")
-    return value
+    try:  # one line, no control characters (mailferry.secretfile); never echoed
+        return secretfile.read_env(env, "password")
+    except secretfile.SecretError as exc:
+        raise SystemExit(f"mover: {exc}") from None
 
 
 def _side(args: argparse.Namespace, side: str, user: str, password: str, readonly: bool,

@@ -79,7 +79,7 @@ from .model import (
     WindowRule,
     WindowSpec,
 )
-from .yamlpos import JsonPath, YamlDocument, parse_documents
+from .yamlpos import Budget, JsonPath, YamlDocument, parse_documents
 
 API_VERSION = "mailferry/v1"
 SCHEMA_DIR = schema_dir()  # the package data: the same files as the source tree's schemas/
@@ -91,6 +91,9 @@ KINDS: dict[str, str] = {  # kind -> schema file stem
     "MigrationPolicy": "migrationpolicy",
 }
 SPEC_SUFFIXES = (".yaml", ".yml")
+# A spec set is read whole into memory (and by CI, on pull requests anyone may open): 100,000
+# mailboxes are about 8 MiB, so 64 MiB is room to grow, and a bound on what a file can cost.
+MAX_SPEC_BYTES = 64 * 1024 * 1024
 
 
 @lru_cache(maxsize=1)
@@ -205,6 +208,9 @@ class _Loader:
         self.windows: dict[str, WindowSpec] = {}
         self.policies: dict[str, PolicySpec] = {}
         self.placements: dict[str, PlacementSpec] = {}
+        self.budget = Budget()  # YAML nodes and alias expansions left for the whole set
+        self.bytes_left = MAX_SPEC_BYTES
+        self.over_budget = False  # a bound was reached: the remaining files are not read
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -232,12 +238,21 @@ class _Loader:
             if p.suffix in SPEC_SUFFIXES and not p.name.startswith(".") and p.is_file()
         )
         for order, path in enumerate(files):
+            if self.over_budget:
+                break
             self.read_file(path, order)
 
     def read_file(self, path: Path, order: int) -> None:
         """Parse one file and check each of its documents up to the schema."""
         display = display_path(path)
         try:
+            size = path.stat().st_size
+            if size > self.bytes_left:
+                self.report(display, order, 1, "-", f"the spec set is larger than "
+                            f"{MAX_SPEC_BYTES:,} bytes; not read further")
+                self.uncertain = self.over_budget = True
+                return
+            self.bytes_left -= size
             raw = path.read_bytes()
             self.hasher.update(f"{path.name}\0{len(raw)}\0".encode())
             self.hasher.update(raw)
@@ -246,10 +261,12 @@ class _Loader:
             self.report(display, order, 1, "-", f"cannot read file: {exc}")
             self.uncertain = True
             return
-        parsed = parse_documents(text)
+        parsed = parse_documents(text, self.budget)
         if parsed.error is not None:
             self.uncertain = True
-            self.report(display, order, parsed.error_line or 1, "-", f"YAML syntax: {parsed.error}")
+            self.over_budget = parsed.over_budget
+            label = "" if parsed.over_budget else "YAML syntax: "
+            self.report(display, order, parsed.error_line or 1, "-", f"{label}{parsed.error}")
         for ydoc in parsed.documents:
             self.check_document(display, order, ydoc)
 

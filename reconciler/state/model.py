@@ -9,7 +9,9 @@
 - `stations`: enrolled stations with their token hash (never the token).
 - `transfer_manifest`: what the data mover copied, per mailbox and folder.
 - `transfer_runs`: the data mover's figures per pass, for the plan's estimates.
-- `leases`: who may act (one reconciler at a time; `reconciler.lease`).
+- `leases`: who may act (one reconciler at a time; `reconciler.lease`), with the fencing
+  token every mutating call to fed carries.
+- `address_errors`: back-off and failure of a `create` or `E1` (no migration row yet).
 - `placement_suspensions`: placements an admin suspended (`reconcile suspend`).
 - `wave_reports`: the reports written when a placement finished (`reconciler.report`).
 
@@ -77,6 +79,9 @@ class Migration(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the current run of errors of this state's step began (its retry timeout counts
+    # from here); None while the step has not failed since the state was entered.
+    error_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     mailbox_type: Mapped[str | None] = mapped_column(String(64), nullable=True)
     mailbox_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # What the station agent must do next (set by the engine, served by the station API):
@@ -194,6 +199,26 @@ class Lease(Base):
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
     renewed_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The fencing token: +1 on every acquisition, never reused (a released lease keeps its
+    # row). fed refuses a mutating call carrying a lower one (docs/fed-api.md, fencing).
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Names this lease to fed (one fed may serve several state stores): random, set once.
+    fence_id: Mapped[str] = mapped_column(String(64), default="")
+
+
+class AddressError(Base):
+    """The errors of a change that has no migration row yet (`create`, `E1`): its back-off,
+    and once its retries are spent its permanent failure (`reconcile retry` clears it)."""
+
+    __tablename__ = "address_errors"
+
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    step: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_since: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    failed_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class PlacementSuspension(Base):

@@ -169,5 +169,6 @@ def record_transition(
     migration.last_error = None
     migration.next_attempt_at = None
     migration.attempts = 0
+    migration.error_since = None
     record_event(session, migration, step, from_state=from_state, to_state=to_state,
                  detail=detail, commit=commit, at=now)
