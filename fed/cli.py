@@ -18,13 +18,13 @@ import sys
 from pathlib import Path
 
 from mailferry import __version__, secretfile
+from mailferry.mail.addresses import set_case_sensitive_local
 from mailferry.service import exposure, private_files
 
 from . import procs
 from .admin import queuectl
 from .app import FedConfig, run
 from .delivery.scheduler import DeliverySettings
-from .routing.addresses import set_case_sensitive_local
 from .routing.node_agent import NodeNameInUse
 from .routing.shared_db import default_url
 from .smtp.auth import (

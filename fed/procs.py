@@ -40,10 +40,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailferry.mail.backoff import backoff
 from mailferry.service import notify_ready
 
 from .app import READY
-from .delivery.backoff import backoff
 
 log = logging.getLogger("fed.procs")
 

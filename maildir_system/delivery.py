@@ -32,17 +32,10 @@ import logging
 import sys
 
 from maildir_system.relay import relay
-from maildir_system.store import INBOX, AccountRow, Store, parse_message_id
+from maildir_system.store import INBOX, AccountRow, Store
+from mailferry.mail.messageid import message_id_of
 
 log = logging.getLogger("maildir_system")
-
-
-def _header_section(data: bytes) -> bytes:
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        pos = data.find(sep)
-        if pos >= 0:
-            return data[:pos + len(sep)]
-    return data
 
 
 class Deliverer:
@@ -74,7 +67,7 @@ class Deliverer:
         # (that would duplicate it), so it is only logged.
         try:
             self.store.record_delivery(
-                account.mailbox_id, rcpt, parse_message_id(_header_section(data)),
+                account.mailbox_id, rcpt, message_id_of(data),
                 hashlib.sha256(data).hexdigest(), action, detail,
             )
         except Exception as exc:

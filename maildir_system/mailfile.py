@@ -10,13 +10,13 @@ Hashing and Message-ID parsing stream the file, so a 50 MB attachment never sits
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import itertools
 import os
-import re
-from email.parser import BytesHeaderParser
 from pathlib import Path
+
+from mailferry.mail.imap import mutf7
+from mailferry.mail.messageid import message_id_of
 
 MAILDIR_FLAGS = "DFPRST"
 INBOX = "INBOX"
@@ -29,43 +29,6 @@ class BadFolderName(ValueError):
     """A folder name that cannot be mapped to a Maildir++ directory."""
 
 
-def _mutf7_encode(text: str) -> str:
-    """IMAP modified UTF-7 (RFC 3501 5.1.3), also encoding '.' (the Maildir++ separator)."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(raw).decode().rstrip("=").replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in text:
-        if ch == "&":
-            flush()
-            out.append("&-")
-        elif 0x20 <= ord(ch) <= 0x7E and ch != ".":
-            flush()
-            out.append(ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
-
-
-def _mutf7_decode(text: str) -> str:
-    """Inverse of `_mutf7_encode` (any standard modified UTF-7 decodes too)."""
-    def repl(match: re.Match[str]) -> str:
-        body = match.group(1)
-        if not body:
-            return "&"
-        b64 = body.replace(",", "/")
-        b64 += "=" * (-len(b64) % 4)
-        return base64.b64decode(b64).decode("utf-16-be")
-
-    return re.sub(r"&([A-Za-z0-9+,]*)-", repl, text)
-
-
 def folder_dirname(folder: str) -> str:
     """Maildir++ directory name of a folder ('' for INBOX, '.Archive.2023' for Archive/2023)."""
     if folder.upper() == INBOX:
@@ -73,12 +36,12 @@ def folder_dirname(folder: str) -> str:
     parts = folder.split("/")
     if any(not p for p in parts):
         raise BadFolderName(f"bad folder name {folder!r}")
-    return "." + ".".join(_mutf7_encode(p) for p in parts)
+    return "." + ".".join(mutf7.encode(p, also=".") for p in parts)
 
 
 def folder_from_dirname(dirname: str) -> str:
     """Folder name of a Maildir++ directory name (inverse of `folder_dirname`)."""
-    return "/".join(_mutf7_decode(p) for p in dirname[1:].split("."))
+    return "/".join(mutf7.decode(p) for p in dirname[1:].split("."))
 
 
 def normalize_flags(flags: str) -> str:
@@ -155,13 +118,4 @@ def hash_file(path: Path) -> tuple[str, int, str | None]:
                 if len(head) > _HEADER_LIMIT:
                     del head[_HEADER_LIMIT:]
                     header_done = True
-    return digest.hexdigest(), size, parse_message_id(bytes(head))
-
-
-def parse_message_id(header_bytes: bytes) -> str | None:
-    """The Message-ID header of a header section, or None."""
-    try:
-        value = BytesHeaderParser().parsebytes(header_bytes).get("Message-ID")
-    except Exception:  # a garbage header must not break listing
-        return None
-    return str(value).strip() if value else None
+    return digest.hexdigest(), size, message_id_of(bytes(head))

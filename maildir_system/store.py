@@ -47,13 +47,12 @@ from maildir_system.mailfile import (
     fsync_dir,
     hash_file,
     normalize_flags,
-    parse_message_id,
 )
 
 # Names other modules (the server, the driver, tests) take from here: one import for the format.
 __all__ = [
     "INBOX", "AccountRow", "Delivery", "MessageFile", "Store", "StoreError", "folder_dirname",
-    "folder_from_dirname", "hash_file", "normalize_flags", "parse_message_id",
+    "folder_from_dirname", "hash_file", "normalize_flags",
 ]
 
 DIARY_FILE = "calendar.ics"

@@ -1,8 +1,8 @@
 """Client of fed's control API: how the reconciler reads and drives the routing hub.
 
 fed is a separate server (DESIGN.md, rule 2), so the reconciler reaches it only over HTTP,
-with the stdlib (``http.client``, one kept-alive connection per thread) to keep this
-dependency-free and easy to fake. Each route of ``docs/fed-api.md`` is one method returning
+through the shared client (``mailferry.mail.http``: one kept-alive connection per thread,
+a timeout per route). Each route of ``docs/fed-api.md`` is one method returning
 a typed value, with its own time to wait for the answer (`ROUTE_TIMEOUTS`).
 
 Errors follow the reconciler's hierarchy (``reconciler.errors``), because the engine turns
@@ -21,14 +21,13 @@ them into back-off or a frozen migration:
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailferry.mail.http import BadHeader, HttpClient, HttpError, NoAnswerYet
 from reconciler.errors import LeaseLost, PermanentError, TemporaryError
 
 
@@ -190,14 +189,12 @@ class FedClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout  # routes without an entry in `timeouts`
-        self.timeouts = {**ROUTE_TIMEOUTS, **(timeouts or {})}
-        self.connect_timeout = min(connect_timeout, timeout)
         parts = urllib.parse.urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise PermanentError(f"fed control URL {base_url!r}: expected http(s)://HOST:PORT")
-        self._https = parts.scheme == "https"
-        self._host, self._port, self._prefix = parts.hostname, parts.port, parts.path
-        self._local = threading.local()  # .conn: this thread's kept-alive connection
+        self.http = HttpClient(self.base_url, name="fed", timeout=timeout,
+                               timeouts={**ROUTE_TIMEOUTS, **(timeouts or {})},
+                               connect_timeout=connect_timeout, retry_idle="all")
         # (lease id, generation) of the reconciler using this client: sent with every
         # mutating call so that fed refuses it once a newer holder has called (LeaseLost).
         self.fence: tuple[str, int] | None = None
@@ -205,32 +202,11 @@ class FedClient:
     # -- transport ------------------------------------------------------------------
     def timeout_for(self, method: str, path: str) -> float:
         """Seconds to wait for fed's answer to `method path` (its query string ignored)."""
-        return self.timeouts.get((method, path.partition("?")[0]), self.timeout)
+        return self.http.timeout_for(method, path)
 
     def close(self) -> None:
         """Close this thread's connection (the next call opens a new one)."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            conn.close()
-
-    def _connection(self, method: str, url: str) -> tuple[http.client.HTTPConnection, bool]:
-        """(this thread's connection, True when it was kept alive from an earlier call)."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.sock is not None:
-            return conn, True
-        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = kind(self._host, self._port, timeout=self.connect_timeout)
-        try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            why = "timed out" if isinstance(exc, TimeoutError) else getattr(exc, "strerror",
-                                                                             None) or exc
-            raise TemporaryError(f"cannot connect to fed at {self.base_url} ({method} {url}): "
-                                 f"{why}") from exc
-        self._local.conn = conn
-        return conn, False
+        self.http.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,
               ok: tuple[int, ...] = ()) -> tuple[int, Any]:
@@ -241,34 +217,17 @@ class FedClient:
                    "Accept": "application/json"}
         if self.fence is not None and method not in ("GET", "HEAD"):
             headers[FENCE_HEADER] = f"{self.fence[0]}/{self.fence[1]}"
-        wait = self.timeout_for(method, path)
-        for attempt in (1, 2):
-            conn, reused = self._connection(method, url)
-            try:
-                conn.request(method, self._prefix + path, body=data, headers=headers)
-                if conn.sock is not None:
-                    conn.sock.settimeout(wait)
-                response = conn.getresponse()
-                raw = response.read()
-            except ValueError:  # http.client refuses the header: it would echo the token
-                self.close()
-                raise PermanentError(f"cannot send {method} {url}: the fed token is not a "
-                                     "valid HTTP header value") from None
-            except TimeoutError as exc:
-                self.close()
-                raise TemporaryError(
-                    f"no answer yet from fed to {method} {url} after {wait:g} s (fed may still "
-                    "be working on it; the step is tried again)", delay=5.0) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                if reused and attempt == 1:
-                    continue  # fed closed the idle kept-alive connection: once more, fresh
-                raise TemporaryError(f"fed closed the connection during {method} {url}: "
-                                     f"{exc or type(exc).__name__}") from exc
-            if response.will_close:
-                self.close()
-            return self._answer(method, url, response.status, response.reason, raw, ok)
-        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+        try:
+            answer = self.http.request(method, path, data, headers=headers)
+        except BadHeader:
+            raise PermanentError(f"cannot send {method} {url}: the fed token is not a "
+                                 "valid HTTP header value") from None
+        except NoAnswerYet as exc:
+            raise TemporaryError(f"{exc} (fed may still be working on it; the step is tried "
+                                 "again)", delay=5.0) from exc
+        except HttpError as exc:  # cannot connect, or closed mid-request: its own words
+            raise TemporaryError(str(exc)) from exc
+        return self._answer(method, url, answer.status, answer.reason, answer.body, ok)
 
     def _answer(self, method: str, url: str, status: int, phrase: str, raw: bytes,
                 ok: tuple[int, ...]) -> tuple[int, Any]:

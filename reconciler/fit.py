@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from reconciler.drivers.base import split_physical
+from mailferry.mail.addresses import split_physical
 from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
 from reconciler.plan import Plan
 from reconciler.spec.model import WindowSpec

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from reconciler.drivers.base import split_physical
+from mailferry.mail.addresses import split_physical
 from reconciler.spec.model import DesiredMailbox, WindowSpec
 from reconciler.spec.windows import is_open, next_open
 

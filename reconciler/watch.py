@@ -39,6 +39,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from mailferry.mail.backoff import backoff
 from mailferry.service import notify_ready
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError, SpecError
@@ -232,7 +233,7 @@ class Watcher:
             _, plan = self.applier.apply(self.engine, quiet_when_idle=True)
         except MailferryError as exc:
             self.errors += 1
-            delay = min(2.0 ** (self.errors - 1), MAX_BACKOFF)
+            delay = backoff(self.errors, 1.0, MAX_BACKOFF, jitter=False)
             self.out.notice(f"error: {exc} (retry in {delay:.0f} s)")
             return delay
         self.errors = 0

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from mailferry import secretfile
+from mailferry.mail.backoff import backoff
 from station_agent import checks, imapupload, localdata
 from station_agent.client import ApiRefused, ApiUnreachable, StationApiClient
 from station_agent.clients import ClientError, JsonProfile, MailClient, Target, Thunderbird
@@ -435,7 +436,7 @@ class Agent:
                 "error": last_error, "attempt": attempt, "restored": restored,
                 **({"rollback_error": rollback_error} if rollback_error else {})})
             if attempt < attempts:
-                delay = self.config.retry_delay * 2 ** (attempt - 1)
+                delay = backoff(attempt, self.config.retry_delay, jitter=False)
                 log.info("retrying local migration in %.1f s", delay)
                 self.sleep(delay)
         log.error("local migration for migration %s FAILED after %d attempt(s): %s; the old "

@@ -1,9 +1,12 @@
 """The station agent's HTTP client for the reconciler's station API.
 
-Why stdlib `urllib`. The agent is installed on every workstation of a company; the fewer
-dependencies it drags along, the easier it is to package and to get past a workstation
-security review. Its traffic is a poll every half minute and a few uploads, which plain
-blocking HTTP handles well.
+Why the shared blocking client (`mailferry.mail.http`, on the stdlib's `http.client`). The
+agent is installed on every workstation of a company; the fewer dependencies it drags
+along, the easier it is to package and to get past a workstation security review. Its
+traffic is a poll every half minute and a few uploads, which plain blocking HTTP over one
+kept-alive connection handles well. Every call of the station API is idempotent (a report
+carries its id, a message already there is "present"), so a kept-alive connection that
+broke is re-opened and the call sent once more.
 
 Why two error classes. What the agent must do with a failure depends on who failed:
 `ApiUnreachable` (connection refused, timeout, 5xx) means "try again later, keep the result"
@@ -16,10 +19,10 @@ from __future__ import annotations
 
 import base64
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import quote
+
+from mailferry.mail.http import HttpClient, HttpError
 
 USER_AGENT = "mailferry-station-agent/1"
 
@@ -49,6 +52,11 @@ class StationApiClient:
         self.station = station
         self.token = token
         self.timeout = timeout
+        self.http = HttpClient(self.base_url, name="station API",
+                               timeout=timeout, retry_idle="all", headers={
+                                   "Accept": "application/json",
+                                   "Content-Type": "application/json",
+                                   "User-Agent": USER_AGENT})
 
     def _url(self, tail: str) -> str:
         return f"{self.base_url}/v1/stations/{quote(self.station, safe='')}/{tail}"
@@ -56,22 +64,17 @@ class StationApiClient:
     def _call(self, method: str, url: str, body: dict[str, Any] | None = None,
               timeout: float | None = None) -> tuple[int, dict[str, Any]]:
         data = None if body is None else json.dumps(body).encode("utf-8")
-        request = urllib.request.Request(url, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Accept": "application/json",
-            "Content-Type": "application/json", "User-Agent": USER_AGENT,
-        })
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-                status = int(response.status)
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            message = _error_message(exc.read(), exc.reason)
-            if exc.code >= 500:
-                raise ApiUnreachable(f"HTTP {exc.code}: {message}") from None
-            raise ApiRefused(exc.code, message) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiUnreachable(f"station API {self.base_url} unreachable: {reason}") from None
+            answer = self.http.request(method, url, data, timeout=timeout or self.timeout,
+                                       headers={"Authorization": f"Bearer {self.token}"})
+        except HttpError as exc:
+            raise ApiUnreachable(f"station API unreachable: {exc}") from None
+        status, payload = answer.status, answer.body
+        if status >= 400:
+            message = _error_message(payload, answer.reason)
+            if status >= 500:
+                raise ApiUnreachable(f"HTTP {status}: {message}") from None
+            raise ApiRefused(status, message) from None
         try:
             parsed = json.loads(payload or b"{}")
         except json.JSONDecodeError:

@@ -26,27 +26,27 @@ normalised: the server stores CRLF) before deciding to append.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import imaplib
 import logging
-import re
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from mailferry.mail.imap import flags as maildir_flags
+from mailferry.mail.imap import mutf7
+from mailferry.mail.imap.blocking import BlockingImap, Tls
+from mailferry.mail.imap.client import ImapCommandError, ImapTlsError
+from mailferry.mail.imap.client import ImapError as ClientError
+from mailferry.mail.imap.quoting import quote
 from station_agent.localdata import LocalMessage, Manifest, valid_keyword
 
 log = logging.getLogger("station_agent")
 
 IMAP_TIMEOUT = 30.0
-FLAG_MAP = {"S": "\\Seen", "R": "\\Answered", "F": "\\Flagged", "D": "\\Draft",
-            "P": "$Forwarded"}
 RECHECK_LAST = 5
-_LIST_LINE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<sep>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.+)$')
+T = TypeVar("T")
 
 
 class ImapError(Exception):
@@ -65,91 +65,45 @@ class ImapAccount:
     ca_file: str | None = None
 
 
-def encode_mutf7(name: str) -> str:
-    """A folder name in IMAP's modified UTF-7 (RFC 3501 5.1.3)."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(raw).decode("ascii").rstrip("=")
-                       .replace("/", ",") + "-")
-            pending.clear()
-
-    for ch in name:
-        if 0x20 <= ord(ch) <= 0x7E:
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
+def _mode(tls: str) -> Tls:
+    """The shared client's TLS mode for the agent's setting (none | starttls | tls)."""
+    return "implicit" if tls == "tls" else "starttls" if tls == "starttls" else "none"
 
 
-def decode_mutf7(name: str) -> str:
-    """The inverse of `encode_mutf7`."""
-    def repl(match: re.Match[str]) -> str:
-        body = match.group(1)
-        if not body:
-            return "&"
-        padded = body.replace(",", "/") + "=" * (-len(body) % 4)
-        return base64.b64decode(padded).decode("utf-16-be")
-    return re.sub(r"&([^-]*)-", repl, name)
+def _text(exc: BaseException, where: str = "") -> str:
+    """The reason, without the client's own ``IMAP host:port: `` in front of it."""
+    text = str(exc) or type(exc).__name__
+    return text.removeprefix(f"{where}: ") if where else text
 
 
-def quote(text: str) -> str:
-    """An IMAP quoted string (imaplib sends mailbox arguments as they are)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _context(account: ImapAccount) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=account.ca_file)
-
-
-def connect(account: ImapAccount, timeout: float = IMAP_TIMEOUT) -> imaplib.IMAP4:
+def connect(account: ImapAccount, timeout: float = IMAP_TIMEOUT) -> BlockingImap:
     """Connected (TLS as configured) and logged in; ImapError with the reason otherwise."""
-    stage = "connect"
+    where = f"IMAP {account.host}:{account.port}"
+    stage = "STARTTLS" if account.tls == "starttls" else "connect"
     try:
-        if account.tls == "tls":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(account.host, account.port,
-                                                    ssl_context=_context(account),
-                                                    timeout=timeout)
-        else:
-            conn = imaplib.IMAP4(account.host, account.port, timeout=timeout)
-            if account.tls == "starttls":
-                stage = "STARTTLS"
-                conn.starttls(_context(account))
-        stage = "LOGIN"
+        conn = BlockingImap.connect(account.host, account.port, tls=_mode(account.tls),
+                                    cafile=account.ca_file, timeout=timeout)
+    except ImapTlsError as exc:
+        raise ImapError(f"{where} {stage} failed: {_text(exc, where)}") from None
+    except ClientError as exc:
+        raise ImapError(f"{where} connect failed: {_text(exc, where)}") from None
+    try:
         conn.login(account.user, account.password)
-    except (OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
-        raise ImapError(f"IMAP {account.host}:{account.port} {stage} failed: "
-                        f"{_text(exc)}") from None
+    except ClientError as exc:
+        conn.logout()
+        raise ImapError(f"{where} LOGIN failed: {_text(exc, where)}") from None
     return conn
-
-
-def _text(exc: BaseException) -> str:
-    if exc.args and isinstance(exc.args[0], bytes):
-        return exc.args[0].decode(errors="replace")
-    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, imaplib.IMAP4.error) \
-        else str(exc)
 
 
 def reachable(host: str, port: int, tls: str, ca_file: str | None = None,
               timeout: float = IMAP_TIMEOUT) -> str | None:
     """None if the IMAP server greets (and TLS works as configured), else why not."""
-    dummy = ImapAccount(host, port, tls, "", "", ca_file)
     try:
-        if tls == "tls":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(host, port, ssl_context=_context(dummy),
-                                                    timeout=timeout)
-        else:
-            conn = imaplib.IMAP4(host, port, timeout=timeout)
-            if tls == "starttls":
-                conn.starttls(_context(dummy))
-        conn.logout()
-    except (OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
-        return _text(exc)
+        conn = BlockingImap.connect(host, port, tls=_mode(tls), cafile=ca_file,
+                                    timeout=timeout)
+    except ClientError as exc:
+        return _text(exc, f"IMAP {host}:{port}")
+    conn.logout()
     return None
 
 
@@ -160,16 +114,15 @@ def login_test(account: ImapAccount) -> tuple[bool, str]:
     except ImapError as exc:
         return False, str(exc)
     try:
-        typ, data = conn.select("INBOX", readonly=True)
-        if typ != "OK":
-            return False, f"IMAP SELECT INBOX answered {typ} {data!r}"
+        selected = conn.select("INBOX", readonly=True)
         return True, f"IMAP {account.host}:{account.port} login as {account.user} and " \
-                     f"SELECT INBOX ok ({int(data[0] or 0)} messages)"
-    except (OSError, imaplib.IMAP4.error) as exc:
-        return False, f"IMAP SELECT INBOX failed: {_text(exc)}"
+                     f"SELECT INBOX ok ({selected.exists} messages)"
+    except ImapCommandError as exc:
+        return False, f"IMAP SELECT INBOX answered {exc.status} {exc.text}"
+    except ClientError as exc:
+        return False, f"IMAP SELECT INBOX failed: {_text(exc, conn.where)}"
     finally:
-        with contextlib.suppress(OSError, imaplib.IMAP4.error):
-            conn.logout()
+        conn.logout()
 
 
 def _normalised_sha(data: bytes) -> str:
@@ -179,7 +132,7 @@ def _normalised_sha(data: bytes) -> str:
 class Uploader:
     """One IMAP session appending local messages into `Local Folders/...` of the mailbox."""
 
-    def __init__(self, conn: imaplib.IMAP4, manifest: Manifest) -> None:
+    def __init__(self, conn: BlockingImap, manifest: Manifest) -> None:
         self.conn = conn
         self.manifest = manifest
         self.separator = self._separator()
@@ -187,30 +140,24 @@ class Uploader:
         self.created: list[str] = []
         self.refused_keywords: set[str] = set()
 
-    def _check(self, what: str, result: tuple[str, list[Any]]) -> list[Any]:
-        typ, data = result
-        if typ != "OK":
-            detail = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
-            raise ImapError(f"IMAP {what} answered {typ}: {detail}")
-        return data
+    def _check(self, what: str, command: Callable[[], T]) -> T:
+        try:
+            return command()
+        except ImapCommandError as exc:
+            raise ImapError(f"IMAP {what} answered {exc.status}: {exc.text}") from None
 
     def _separator(self) -> str:
-        data = self._check('LIST "" ""', self.conn.list('""', '""'))
-        match = _LIST_LINE.match(data[0] or b"") if data and data[0] else None
-        if match is None or match.group("sep") == b"NIL":
-            return "/"
-        return match.group("sep")[1:-1].decode().replace("\\\\", "\\")
+        for resp in self._check('LIST "" ""', lambda: self.conn.command('LIST "" ""')):
+            if len(resp) > 2 and resp[0] == b"LIST":
+                sep = resp[2]
+                return sep.decode() if isinstance(sep, bytes) and sep else "/"
+        return "/"
 
     def _list(self) -> set[str]:
         names: set[str] = set()
-        for line in self._check("LIST", self.conn.list('""', "*")):
-            if not isinstance(line, bytes):
-                continue
-            match = _LIST_LINE.match(line)
-            if match:
-                raw = match.group("name").decode(errors="replace")
-                names.add(raw[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-                          if raw.startswith('"') else raw)
+        for resp in self._check("LIST", lambda: self.conn.command('LIST "" "*"')):
+            if len(resp) > 3 and resp[0] == b"LIST" and isinstance(resp[3], bytes):
+                names.add(resp[3].decode(errors="replace"))
         return names
 
     def mailbox_name(self, folder: str) -> str:
@@ -221,7 +168,7 @@ class Uploader:
                 log.warning("folder part %r contains the server's separator %r: stored as %r",
                             part, self.separator, part.replace(self.separator, "_"))
                 part = part.replace(self.separator, "_")
-            parts.append(encode_mutf7(part))
+            parts.append(mutf7.encode(part))
         return self.separator.join(parts)
 
     def ensure(self, folder: str) -> str:
@@ -234,27 +181,33 @@ class Uploader:
             partial = self.separator.join(parts[:depth])
             if partial in self.existing:
                 continue
-            typ, data = self.conn.create(quote(partial))
-            if typ != "OK" and partial not in self._list():
-                raise ImapError(f"IMAP CREATE {partial} answered {typ}: {data!r}")
-            self.conn.subscribe(quote(partial))
+            try:
+                self.conn.command(f"CREATE {quote(partial)}")
+            except ImapCommandError as exc:
+                if partial not in self._list():
+                    raise ImapError(f"IMAP CREATE {partial} answered {exc.status}: "
+                                    f"{exc.text}") from None
+            with contextlib.suppress(ImapCommandError):  # as before: a refusal is harmless
+                self.conn.command(f"SUBSCRIBE {quote(partial)}")
             self.existing.add(partial)
-            self.created.append(decode_mutf7(partial))
+            self.created.append(mutf7.decode(partial))
         return name
 
     def _already_there(self, name: str, message: LocalMessage) -> bool:
         """After a crash: is `message` among the last messages of mailbox `name`?"""
-        typ, data = self.conn.select(quote(name), readonly=True)
-        if typ != "OK":
+        try:
+            total = self.conn.select(name, readonly=True).exists
+        except ImapCommandError:
             return False
-        total = int(data[0] or 0)
         if total == 0:
             return False
         first = max(1, total - RECHECK_LAST + 1)
-        fetched = self._check("FETCH", self.conn.fetch(f"{first}:{total}", "(BODY.PEEK[])"))
+        fetched = self._check("FETCH", lambda: self.conn.fetch(f"{first}:{total}",
+                                                               "(BODY.PEEK[])"))
         wanted = _normalised_sha(message.data)
-        return any(isinstance(item, tuple) and _normalised_sha(item[1]) == wanted
-                   for item in fetched)
+        bodies = [item.get(b"BODY[]") for item in fetched]
+        return any(isinstance(body, bytes) and _normalised_sha(body) == wanted
+                   for body in bodies)
 
     def _keywords(self, message: LocalMessage) -> list[str]:
         """The message's Thunderbird tags that can be IMAP keywords (the others logged)."""
@@ -275,13 +228,10 @@ class Uploader:
         if self.manifest.uncertain(*key) and self._already_there(name, message):
             self.manifest.add(*key)
             return False
-        flags = " ".join([FLAG_MAP[f] for f in message.flags if f in FLAG_MAP]
-                         + self._keywords(message))
-        when = imaplib.Time2Internaldate(message.internal_date) \
-            if message.internal_date is not None else None
+        flags = [*maildir_flags.to_imap(message.flags, deleted=False), *self._keywords(message)]
         self.manifest.intend(*key)
-        self._check(f"APPEND {name}", self.conn.append(quote(name), f"({flags})", when,
-                                                       message.data))
+        self._check(f"APPEND {name}", lambda: self.conn.append(
+            name, message.data, flags, message.internal_date))
         self.manifest.add(*key)
         return True
 
@@ -341,10 +291,9 @@ def upload(account: ImapAccount, items: Iterable[LocalMessage | tuple[str, str]]
         if current:
             log.info("%s", progress.line(current))
         counts["created"] = uploader.created
-    except (OSError, imaplib.IMAP4.error) as exc:
-        raise ImapError(f"IMAP upload interrupted: {_text(exc)}") from None
+    except ClientError as exc:
+        raise ImapError(f"IMAP upload interrupted: {_text(exc, conn.where)}") from None
     finally:
-        with contextlib.suppress(OSError, imaplib.IMAP4.error):
-            conn.logout()
+        conn.logout()
     counts["folders"] = sorted(folders)
     return counts

@@ -164,6 +164,11 @@ def test_a_refused_system_is_left_byte_identical_and_changes_are_recorded(
             # Fixed by the admin: the driver configures, the event says how, the journal too.
             host.dovecot_conf.write_text(conf)
             host.doveadm("reload")
+            # The refused create backs off (the engine's error model); the admin who fixed
+            # the cause says so instead of waiting for the retry.
+            result = run_cli("--specs", str(specs), "--state", state, "retry",
+                             "zed@corp.example", cwd=tmp_path)
+            assert result.returncode == 0 and "back-off cleared" in result.stdout, result
             result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
             assert result.returncode == 0, result.stdout
             engine = pf.engine(specs, state)

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from fed.delivery.backoff import backoff
 from fed.delivery.scheduler import Deliverer, DeliverySettings, Destination, Job
 from fed.delivery.smtpclient import Reply
 from fed.queue import queuefile
@@ -30,6 +29,7 @@ from fed.queue.spool import PendingRecipient, QuarantineError, Spool
 from fed.queue.store import Store
 from fed.routing.directory import System
 from fed.telemetry import metrics
+from mailferry.mail.backoff import backoff
 
 BODY = b"Subject: a\r\nMessage-ID: <a@t>\r\n\r\nbody a\r\n"
 

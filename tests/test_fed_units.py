@@ -9,12 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from fed.queue.spool import new_queue_id
-from fed.routing import addresses
-from fed.routing.addresses import address_key, has_forbidden, is_valid, preserve
 from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
-from fed.smtp.server import _message_id_parsed, message_id_of
 from fed.telemetry import metrics
 from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter
+from mailferry.mail import addresses
+from mailferry.mail.addresses import address_key, has_forbidden, is_valid, preserve
+from mailferry.mail.messageid import message_id_of
+from mailferry.mail.messageid import message_id_parsed as _message_id_parsed
 
 
 @pytest.fixture

@@ -74,15 +74,15 @@ def test_one_connection_is_kept_alive_and_reopened_after_a_restart(tmp_path: Pat
     try:
         client = _client(fed)
         client.health()
-        first = client._local.conn.sock.getsockname()
+        first = client.http.local_address()
         for _ in range(5):
             client.directory()
             client.queue()
-        assert client._local.conn.sock.getsockname() == first  # one connection for all
+        assert client.http.local_address() == first  # one connection for all
         assert fed.stop() == 0
         fed.start()
         # fed closed the kept-alive connection: the next call opens a new one, once.
         assert client.health()
-        assert client._local.conn.sock.getsockname() != first
+        assert client.http.local_address() != first
     finally:
         fed.kill()

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from mailferry.mail.imap.client import ImapClient, ImapLoginError
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import (
     DriverEndpoint,
@@ -25,7 +26,6 @@ from reconciler.mover.endpoints import (
     content_hash,
 )
 from reconciler.mover.folders import FolderRule
-from reconciler.mover.imapclient import ImapClient, ImapLoginError
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs
@@ -79,7 +79,7 @@ def login(server: Dovecot, user: str) -> imaplib.IMAP4:
 
 def q(name: str) -> str:
     """An IMAP quoted mailbox name for imaplib (modified UTF-7)."""
-    from reconciler.mover.mutf7 import encode
+    from mailferry.mail.imap.mutf7 import encode
     return '"' + encode(name) + '"'
 
 
@@ -108,7 +108,7 @@ def fill(server: Dovecot, user: str, folders: dict[str, list[tuple[bytes, str]]]
 
 def snapshot(server: Dovecot, user: str, *, sep: str = "/", prefix: str = "") -> Snapshot:
     """(canonical folder, bytes, flags, INTERNALDATE) of every message of a user."""
-    from reconciler.mover.mutf7 import decode
+    from mailferry.mail.imap.mutf7 import decode
     conn = login(server, user)
     found: Snapshot = Counter()
     _, boxes = conn.list()

@@ -13,14 +13,14 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from reconciler.mover.endpoints import content_hash
-from reconciler.mover.imapclient import (
+from mailferry.mail.imap.client import (
     NO_PIPELINING,
     Digest,
     ImapClient,
     ImapProtocolError,
     _digest_literal,
 )
+from reconciler.mover.endpoints import content_hash
 from reconciler.mover.rewrites import eight_bit_headers_as_x, example, judge
 
 MUNGED = "8bit-headers-as-x"
@@ -63,7 +63,7 @@ def test_a_body_hashed_as_it_streams_equals_the_content_hash(
         chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bare LF, CRLF split across chunks, CR at a chunk's end: the streamed hash is the
     hash of the wire form, like `content_hash` of the whole."""
-    monkeypatch.setattr("reconciler.mover.imapclient._CHUNK", chunk)
+    monkeypatch.setattr("mailferry.mail.imap.client._CHUNK", chunk)
     data = b"a\nb\r\nc\r\n\r\nd\n\ne\r" + b"x" * 100 + b"\r\n\n"
 
     async def go() -> Digest:

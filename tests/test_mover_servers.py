@@ -1,4 +1,4 @@
-"""The server family table (`reconciler/mover/servers.py`) checked against the real
+"""The server family table (`mailferry/mail/imap/servers.py`) checked against the real
 servers the suite runs: a private Dovecot and a private Cyrus on 127.0.0.1. A row that no
 longer matches its server fails here."""
 
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconciler.mover.imapclient import parse_response
-from reconciler.mover.servers import CYRUS, DOVECOT, ServerFamily, family_of
+from mailferry.mail.imap.client import parse_response
+from mailferry.mail.imap.servers import CYRUS, DOVECOT, ServerFamily, family_of
 
 import cyrus
 import dovecot

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from reconciler.mover import mutf7
-from reconciler.mover.endpoints import epoch_of, expand_uid_set, imap_date, uid_set, wire_form
+from mailferry.mail.imap import mutf7
+from mailferry.mail.imap.client import ImapClient, fetch_items, parse_response
+from mailferry.mail.imap.dates import epoch_of, imap_date
+from reconciler.mover.endpoints import expand_uid_set, uid_set, wire_form
 from reconciler.mover.folders import Folder, FolderRule, canonical, map_folders, native
-from reconciler.mover.imapclient import ImapClient, fetch_items, parse_response
 from reconciler.mover.progress import JsonProgress
 from reconciler.mover.throttle import Throttle
 
@@ -93,8 +94,8 @@ def test_a_server_dropping_pipelined_commands_gets_one_at_a_time_on_the_retry() 
     command: the login goes alone anyway (RFC 3501 5.5), NAMESPACE and LIST go together and
     the LIST is lost; that silence costs one timeout, and the retry (and every later
     connection to that server) sends one command at a time and works."""
+    from mailferry.mail.imap.client import NO_PIPELINING, ImapConnectionError
     from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
-    from reconciler.mover.imapclient import NO_PIPELINING, ImapConnectionError
 
     reads: list[bytes] = []
 
@@ -161,8 +162,8 @@ class LateClient(ImapClient):
 @pytest.mark.parametrize("pause", [0.0, 0.2])
 def test_a_server_gone_after_its_greeting_is_a_connection_error(pause: float) -> None:
     """The close seen before the login is written (pause) or after: a retryable error."""
+    from mailferry.mail.imap.client import ImapConnectionError
     from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
-    from reconciler.mover.imapclient import ImapConnectionError
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] leaving\r\n")

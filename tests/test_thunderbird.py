@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from mailferry.mail.imap.mutf7 import decode as decode_mutf7
+from mailferry.mail.imap.mutf7 import encode as encode_mutf7
 from station_agent import checks, config, localdata
 from station_agent.clients import Thunderbird
-from station_agent.imapupload import decode_mutf7, encode_mutf7
 from station_agent.thunderbird import profiles, switch
 from station_agent.thunderbird.prefs import Prefs, PrefsError
 from station_agent.thunderbird.switch import Endpoint

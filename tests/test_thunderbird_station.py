@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from mailferry.mail.imap.mutf7 import decode as decode_mutf7
 from reconciler.api.enrolment import write_station_kit
 from station_agent.clients import POP3_POLICIES
 from station_agent.config import load as load_config
-from station_agent.imapupload import decode_mutf7
 from station_agent.thunderbird.prefs import Prefs
 
 from dovecot import Dovecot, private_root, skip_unless_available

@@ -112,7 +112,7 @@ def test_page_answers_with_fed_away(world: World, tmp_path: Path) -> None:
     with status_page_for(engine, "127.0.0.1:0") as page:
         status, body = get(page.url + "/")
     assert status == 200
-    assert "fed unreachable" in body and "away1@corp.example" in body
+    assert "cannot connect to fed at http://127.0.0.1:" in body and "away1@corp.example" in body
     assert "could not be read" in body  # the plan is made without fed's directory, said
     engine.fed = FedClient(engine.specs.fed.control_url, "", timeout=2)
     with status_page_for(engine, "127.0.0.1:0") as page:
@@ -183,7 +183,7 @@ def test_watch_and_serve_serve_the_page(world: World, tmp_path: Path) -> None:
         cwd=own, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         body = wait_page(f"http://127.0.0.1:{port}/", "Holds in force (0)")
-        assert "fed unreachable" not in body
+        assert "cannot connect to fed" not in body
     finally:
         serve.terminate()
         serve.wait(timeout=30)

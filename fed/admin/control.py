@@ -31,10 +31,11 @@ from typing import Any
 
 from aiohttp import web
 
+from mailferry.mail.addresses import split_physical
+
 from ..delivery.scheduler import Deliverer
 from ..delivery.smtpclient import ClientError, Connection, Reply
 from ..queue.spool import QuarantineError, Spool
-from ..routing.addresses import split_physical
 from ..routing.directory import (
     Directory,
     DirectoryConflict,

@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mailferry.mail.addresses import domain_of, split_physical
+
 from ..queue.spool import Spool
-from ..routing.addresses import domain_of, split_physical
 from ..routing.directory import Directory
 from ..routing.holds import Holds
 from ..telemetry.metrics import QueueState

@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+from mailferry.mail.http import HttpClient, HttpError
 
 
 class QueueCtlError(Exception):
@@ -65,19 +65,21 @@ class Node:
 
 def call(base: str, token: str, method: str, path: str, timeout: float = 30.0) -> Any:
     """One control API request; the decoded JSON answer."""
-    req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST"
-                                 else None, headers={"Authorization": f"Bearer {token}"})
+    client = HttpClient(base, name="fed", timeout=timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = json.loads(exc.read()).get("error", exc.reason)
-        except (ValueError, AttributeError):
-            reason = exc.reason
-        raise QueueCtlError(f"fed: {exc.code} {reason}", 1, exc.code) from exc
-    except (urllib.error.URLError, OSError) as exc:
+        answer = client.request(method, path, b"" if method == "POST" else None,
+                                headers={"Authorization": f"Bearer {token}"})
+    except HttpError as exc:
         raise QueueCtlError(f"fed: cannot reach {base}: {exc}", 2) from exc
+    finally:
+        client.close()
+    if answer.status >= 400:
+        try:
+            reason = json.loads(answer.body).get("error", answer.reason)
+        except (ValueError, AttributeError):
+            reason = answer.reason
+        raise QueueCtlError(f"fed: {answer.status} {reason}", 1, answer.status)
+    return answer.json()
 
 
 def _rcpt_line(r: dict[str, Any]) -> str:

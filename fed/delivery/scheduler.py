@@ -28,7 +28,8 @@ Outcome per recipient: 2xx -> done; 5xx from the smarthost -> a copy goes to the
 folder for the admin and the sender gets a DSN (``bounce.py``), itself queued durably like
 any message; anything else (4xx, refused or broken connection, timeout, unknown system) ->
 retry after a back-off that doubles from ``retry_base`` up to ``retry_max``, with jitter
-(``backoff.py``), until the message is older than ``queue_lifetime``: then it fails like a
+(``mailferry.mail.backoff``), until the message is older than ``queue_lifetime``:
+then it fails like a
 5xx (DSN status 4.4.7). A connection that breaks during LMTP's per-recipient replies keeps
 the replies already received (those recipients are done); only the rest get the error. A
 queue file that fails its checksum when read for delivery is never sent: it goes to
@@ -65,14 +66,15 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mailferry.mail.addresses import domain_of, is_valid, normalize, split_physical
+from mailferry.mail.backoff import backoff
+
 from ..queue.queuefile import BadQueueFile
 from ..queue.spool import PendingRecipient, Spool, new_queue_id
 from ..queue.store import Store
-from ..routing.addresses import domain_of, is_valid, normalize, split_physical
 from ..routing.directory import Directory, System
 from ..routing.holds import Holds
 from ..telemetry import metrics
-from .backoff import backoff
 from .bounce import Failure, build_dsn, should_bounce
 from .smtpclient import ClientError, Connection, Reply
 

@@ -33,8 +33,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
 
+from mailferry.mail.addresses import is_valid, normalize, split_physical
+
 from . import shared_db as t
-from .addresses import is_valid, normalize, split_physical
 from .shared_db import SharedDB, bump, counters
 
 PROTOCOLS = ("lmtp", "smtp")

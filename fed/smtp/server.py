@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.parser
-import email.policy
 import email.utils
 import inspect
 import logging
@@ -54,8 +52,7 @@ from typing import Any, Literal, TypeGuard
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from ..queue.spool import Spool, new_queue_id
-from ..routing.addresses import (
+from mailferry.mail.addresses import (
     address_key,
     domain_of,
     has_forbidden,
@@ -63,6 +60,9 @@ from ..routing.addresses import (
     preserve,
     split_physical,
 )
+from mailferry.mail.messageid import message_id_of
+
+from ..queue.spool import Spool, new_queue_id
 from ..routing.directory import Directory
 from ..telemetry import metrics
 from .auth import Authenticator
@@ -74,10 +74,6 @@ log = logging.getLogger("fed.smtp")
 _BARE_EOL = re.compile(rb"\r\n|\r|\n")
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
-# A header section email's parser reads as header fields only: "Name:" lines (the name in
-# the parser's own character class) and their continuation lines, all ending in CRLF.
-_HEADER_SECTION = re.compile(rb"(?:[!-9;-~]+:[^\r\n]*\r\n|[ \t][^\r\n]*\r\n)*")
-_MESSAGE_ID_LINE = re.compile(rb"^message-id:[ \t]*([^\r\n]*)\r\n", re.IGNORECASE | re.MULTILINE)
 # Commands a normal session sends a handful of times; a client looping on them is hostile.
 _CALL_LIMITS = {"EHLO": 10, "HELO": 10, "NOOP": 50, "RSET": 100, "VRFY": 10, "AUTH": 3,
                 "STARTTLS": 2, "HELP": 10, "EXPN": 10}
@@ -93,32 +89,6 @@ def normalize_eols(data: bytes) -> bytes:
 def has_bare_newline(data: bytes) -> bool:
     """True if the data holds a CR not followed by LF or an LF not preceded by CR."""
     return _BARE.search(data) is not None
-
-
-def message_id_of(data: bytes) -> str | None:
-    """The Message-ID header of a message, if any (headers only are parsed).
-
-    The everyday header section (ASCII, every line a ``Name: value`` or a continuation,
-    the Message-ID on one line) is read with two regular expressions: email's parser costs
-    2 % of fed's CPU per message. Anything else goes to the parser, whose answer this is
-    (tests/test_fed_smtp.py compares both)."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return _message_id_parsed(data)
-    head = data[:end + 2]
-    if head.isascii() and _HEADER_SECTION.fullmatch(head):
-        found = _MESSAGE_ID_LINE.search(head)
-        if found is None:
-            return None
-        if not head.startswith((b" ", b"\t"), found.end()):
-            return found.group(1).decode("ascii").strip()[:998]
-    return _message_id_parsed(data[:end])
-
-
-def _message_id_parsed(head: bytes) -> str | None:
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-    value = parser.parsebytes(head).get("Message-ID")
-    return None if value is None else str(value).strip()[:998]
 
 
 def rfc2822_now() -> str:

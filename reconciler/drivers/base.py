@@ -26,7 +26,13 @@ import abc
 import hashlib
 from dataclasses import dataclass, field
 
-PHYSICAL_TLD = "invalid"
+# The address vocabulary of this interface comes from the one parser (re-exported for the
+# drivers and their callers).
+from mailferry.mail.addresses import PHYSICAL_TLD, mailbox_id_for, physical_address, split_physical
+
+__all__ = ["PHYSICAL_TLD", "Account", "Contact", "DeliveryEndpoint", "MailSystemDriver",
+           "MailboxInfo", "StoredMessage", "content_sha256", "mailbox_id_for",
+           "physical_address", "split_physical"]
 
 
 def content_sha256(data: bytes) -> str:
@@ -35,26 +41,6 @@ def content_sha256(data: bytes) -> str:
     Line endings are left out because IMAP always transports CRLF while Maildir files may hold
     bare LF: one message must keep one digest whichever driver lists it."""
     return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
-
-
-def mailbox_id_for(address: str) -> str:
-    """The mailbox id mailferry gives the mailbox of an access address."""
-    local, _, domain = address.lower().partition("@")
-    return f"{local}={domain}" if domain else local
-
-
-def physical_address(system: str, mailbox_id: str) -> str:
-    """ADP: the routable physical address of mailbox `mailbox_id` on `system`."""
-    return f"{mailbox_id}@{system}.{PHYSICAL_TLD}"
-
-
-def split_physical(address: str) -> tuple[str, str] | None:
-    """(system, mailbox id) of a physical address, or None for any other address."""
-    local, _, domain = address.lower().rpartition("@")
-    suffix = "." + PHYSICAL_TLD
-    if not local or not domain.endswith(suffix):
-        return None
-    return domain[: -len(suffix)], local
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ directory when the address moves (fed resolves at delivery time).
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
     DeliveryEndpoint,
@@ -47,7 +47,7 @@ from reconciler.drivers.imapstore import (
     imap_account,
     imap_session,
 )
-from reconciler.drivers.pfdovecot_tables import Row, Tables, row_of
+from reconciler.drivers.pfdovecot_tables import Tables
 from reconciler.errors import MailferryError, PermanentError, TemporaryError
 from reconciler.mover.endpoints import ImapAccount
 from reconciler.secrets import resolve
@@ -69,7 +69,7 @@ def read_passwords(text: str) -> dict[str, str]:
     return found
 
 
-class ImapDriver(SqliteContactsMixin, MailSystemDriver):
+class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
     """Read mailboxes of any IMAP server; keep mailferry's own registry of them."""
 
     def __init__(self, name: str, options: ImapOptions) -> None:
@@ -157,23 +157,6 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
         return DeliveryEndpoint(where.host, where.port, "smtp")
 
     # -- accounts (mailferry's registry) ----------------------------------------------------
-    def _account(self, row: Row) -> Account:
-        return Account(mailbox_id=row.mailbox_id,
-                       physical_address=self.tables.physical(row.mailbox_id),
-                       access_addresses=row.access_addresses, aliases=row.aliases,
-                       internal_address=row.internal_address, redirect_to=row.redirect_to,
-                       syncfed=row.syncfed)
-
-    def list_accounts(self) -> list[Account]:
-        """Every registered mailbox."""
-        return [self._account(r) for r in self._read("list accounts", self.tables.rows)]
-
-    def get_account(self, mailbox_id: str) -> Account | None:
-        """One registered mailbox or None."""
-        r = self._read(f"get {mailbox_id}", lambda conn: conn.execute(
-            "SELECT * FROM accounts WHERE mailbox_id = ?", (mailbox_id,)).fetchone())
-        return None if r is None else self._account(row_of(r))
-
     def create_mailbox(
         self, mailbox_id: str, *, internal_address: str | None = None,
         access_addresses: tuple[str, ...] = (), redirect_to: str | None = None,
@@ -182,37 +165,11 @@ class ImapDriver(SqliteContactsMixin, MailSystemDriver):
         if self.get_account(mailbox_id) is None:
             address = access_addresses[0] if access_addresses else None
             self._imap(mailbox_id, lambda s: s.folders(), address)  # proves the login works
-            self._write(f"register {mailbox_id}", lambda conn: conn.execute(
-                "INSERT OR IGNORE INTO accounts (mailbox_id, access_addresses, "
-                "internal_address, redirect_to) VALUES (?, ?, ?, ?)",
-                (mailbox_id, json.dumps(list(access_addresses)), internal_address,
-                 redirect_to)))
+            self._insert_account(f"register {mailbox_id}", mailbox_id, internal_address,
+                                 access_addresses, redirect_to)
         account = self.get_account(mailbox_id)
         assert account is not None
         return account
-
-    def _update(self, mailbox_id: str, what: str, sql: str, args: tuple[object, ...]) -> None:
-        def change(conn: sqlite3.Connection) -> None:
-            if conn.execute(sql + " WHERE mailbox_id = ?", (*args, mailbox_id)).rowcount == 0:
-                raise PermanentError(f"{self.name}: no mailbox {mailbox_id} ({what})")
-        self._write(f"{what} of {mailbox_id}", change)
-
-    def set_addresses(
-        self, mailbox_id: str, access_addresses: tuple[str, ...], aliases: tuple[str, ...]
-    ) -> None:
-        """Record the addresses (what up-sync tells fed)."""
-        self._update(mailbox_id, "set addresses",
-                     "UPDATE accounts SET access_addresses = ?, aliases = ?",
-                     (json.dumps(list(access_addresses)), json.dumps(list(aliases))))
-
-    def set_redirect(self, mailbox_id: str, target: str | None) -> None:
-        """Record the redirect; the server itself cannot be told (see the module docstring)."""
-        self._update(mailbox_id, "set redirect", "UPDATE accounts SET redirect_to = ?",
-                     (target,))
-
-    def set_syncfed(self, mailbox_id: str, value: bool) -> None:
-        """Record the syncfed marker."""
-        self._update(mailbox_id, "set syncfed", "UPDATE accounts SET syncfed = ?", (int(value),))
 
     def delete_mailbox(self, mailbox_id: str) -> None:
         """Forget the mailbox; nothing is deleted on the server."""

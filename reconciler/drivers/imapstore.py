@@ -7,40 +7,41 @@ stores a message with both, which is all the data mover needs.
 
 Logins: a *master* login authenticates with SASL PLAIN as an admin user and names the
 mailbox's login as the authorization identity (RFC 4616), which is how Dovecot master users
-and Cyrus admins read any mailbox without its password; a *per-user* login is a plain LOGIN
-with the mailbox's own password. A refused login is a TemporaryError that says which server,
-which login and that the credentials were refused: the migration waits for an admin to fix the
-referenced secret, and picks it up on the next attempt (secrets are read at every login).
+and Cyrus admins read any mailbox without its password; a *per-user* login uses the mailbox's
+own password (AUTHENTICATE PLAIN when offered, else LOGIN). A refused login is a
+TemporaryError that says which server, which login and that the credentials were refused: the
+migration waits for an admin to fix the referenced secret, and picks it up on the next attempt
+(secrets are read at every login).
 
 Keys: a message's key is `UIDVALIDITY:UID`; a key whose UIDVALIDITY no longer matches is
 refused rather than silently reading another message. Folders use '/' as separator whatever
 the server's hierarchy delimiter is, without the personal namespace's prefix (Cyrus's
 `INBOX.`); other users' and shared namespaces are left out; names are exchanged as the
 server lists them (modified UTF-7 is not decoded).
+
+The connection is the shared blocking session (`mailferry.mail.imap.blocking`) over the one
+IMAP client the mover uses: one parser, one TLS policy, one set of errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
-import imaplib
-import re
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar, cast
 
+from mailferry.mail.imap import flags as maildir_flags
+from mailferry.mail.imap.blocking import BlockingImap, Tls
+from mailferry.mail.imap.client import ImapCommandError, ImapError, ImapTlsError, as_int
+from mailferry.mail.imap.dates import epoch_of
+from mailferry.mail.imap.quoting import quote
+from mailferry.mail.messageid import message_id_of
 from reconciler.drivers.base import StoredMessage, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.mover.endpoints import ImapAccount
-from reconciler.mover.imapclient import parse_response
 
-FLAG_TO_IMAP = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered",
-                "S": "\\Seen", "T": "\\Deleted"}
-IMAP_TO_FLAG = {v.lower(): k for k, v in FLAG_TO_IMAP.items()}
-LIST_RE = re.compile(rb'\((?P<flags>[^)]*)\) (?P<delim>"[^"]*"|NIL) (?P<name>.+)$')
+T = TypeVar("T")
 TIMEOUT = 30.0
 
 
@@ -53,32 +54,16 @@ class ImapLogin:
     master_user: str | None = None  # SASL PLAIN authcid; `login` is then the authzid
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _unquote(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    if text.startswith('"') and text.endswith('"'):
-        text = text[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-    return text
-
-
-def _message_id(data: bytes) -> str | None:
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
-    value = headers.get("Message-ID")
-    return str(value).strip() if value else None
-
-
 class ImapSession:
     """One logged-in IMAP connection to one mailbox."""
 
-    def __init__(self, where: str, conn: imaplib.IMAP4) -> None:
+    def __init__(self, where: str, conn: BlockingImap) -> None:
         self.where = where
         self.conn = conn
         self.delimiter = "/"
         self._selected: str | None = None
         self._uidvalidity = ""
+        self._exists = 0
         # The personal namespace's prefix (Cyrus: "INBOX.") and the other users' and shared
         # ones (Cyrus: "user."), from NAMESPACE: names are given without the personal
         # prefix, and folders of other namespaces are not this mailbox's.
@@ -92,10 +77,13 @@ class ImapSession:
         self._namespace_read = True
         if "NAMESPACE" not in self.conn.capabilities:
             return
-        typ, data = self.conn.namespace()
-        if typ != "OK" or not data or not isinstance(data[0], bytes):
+        try:
+            responses = self.conn.command("NAMESPACE")
+        except ImapCommandError:
             return
-        parsed = parse_response([b"NAMESPACE " + data[0]])
+        parsed = next((r for r in responses if r and r[0] == b"NAMESPACE"), None)
+        if parsed is None:
+            return
         personal = parsed[1] if len(parsed) > 1 else None
         if isinstance(personal, list) and personal and isinstance(personal[0], list) \
                 and personal[0] and isinstance(personal[0][0], bytes):
@@ -106,12 +94,12 @@ class ImapSession:
                         and entry[0]:
                     self.foreign += (entry[0].decode(),)
 
-    def _ok(self, what: str, result: tuple[str, Any]) -> list[Any]:
-        typ, data = result[0], list(result[1] or [])
-        if typ != "OK":
-            detail = b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
-            raise TemporaryError(f"{self.where}: {what}: {typ} {detail}")
-        return data
+    def _ok(self, what: str, command: Callable[[], T]) -> T:
+        """Run one exchange; a NO or BAD is a TemporaryError naming the server and what."""
+        try:
+            return command()
+        except ImapCommandError as exc:
+            raise TemporaryError(f"{self.where}: {what}: {exc.status} {exc.text}") from exc
 
     def _server_name(self, folder: str) -> str:
         self._namespace()
@@ -124,19 +112,16 @@ class ImapSession:
         """Every selectable folder, '/'-separated, INBOX first."""
         self._namespace()
         found: list[str] = []
-        for line in self._ok("LIST", self.conn.list('""', "*")):
-            if not isinstance(line, bytes):
+        for resp in self._ok("LIST", lambda: self.conn.command('LIST "" "*"')):
+            if len(resp) < 4 or resp[0] != b"LIST" or not isinstance(resp[1], list) \
+                    or not isinstance(resp[3], bytes):
                 continue
-            match = LIST_RE.match(line)
-            if match is None:
+            attributes = {f.lower() for f in resp[1] if isinstance(f, bytes)}
+            if {b"\\noselect", b"\\nonexistent"} & attributes:
                 continue
-            if b"\\noselect" in match["flags"].lower() or b"\\nonexistent" in match[
-                    "flags"].lower():
-                continue
-            delim = match["delim"]
-            if delim != b"NIL":
-                self.delimiter = _unquote(delim) or "/"
-            name = _unquote(match["name"])
+            if isinstance(resp[2], bytes):
+                self.delimiter = resp[2].decode("utf-8", "replace") or "/"
+            name = resp[3].decode("utf-8", "replace")
             if any(name.startswith(p) for p in self.foreign):
                 continue  # another user's folder shared with this one, or a public one
             if self.prefix and name.startswith(self.prefix):
@@ -149,46 +134,50 @@ class ImapSession:
         """Create a folder unless it exists."""
         if folder == "INBOX" or folder in self.folders():
             return
-        self._ok(f"CREATE {folder}", self.conn.create(_quote(self._server_name(folder))))
+        name = quote(self._server_name(folder))
+        self._ok(f"CREATE {folder}", lambda: self.conn.command(f"CREATE {name}"))
 
     def select(self, folder: str, *, readonly: bool = True) -> None:
         if self._selected == folder:
             return
-        typ, _data = self.conn.select(_quote(self._server_name(folder)), readonly=readonly)
-        if typ != "OK":
-            raise PermanentError(f"{self.where}: no folder {folder!r}")
-        _, validity = self.conn.response("UIDVALIDITY")
-        self._uidvalidity = (validity[0] or b"0").decode() if validity and isinstance(
-            validity[0], bytes) else "0"
+        try:
+            selected = self.conn.select(self._server_name(folder), readonly=readonly)
+        except ImapCommandError:
+            raise PermanentError(f"{self.where}: no folder {folder!r}") from None
+        self._uidvalidity = selected.uidvalidity or "0"
+        self._exists = selected.exists
         self._selected = folder
 
     # -- messages --------------------------------------------------------------------------
     def messages(self, folder: str) -> list[StoredMessage]:
         """Every message of the folder with flags, INTERNALDATE, size and SHA-256."""
         self.select(folder)
-        data = self._ok("UID SEARCH", self.conn.uid("SEARCH", "ALL"))
-        uids = [int(u) for u in (data[0] or b"").split()] if isinstance(data[0], bytes) else []
+        uids: list[int] = []
+        for resp in self._ok("UID SEARCH", lambda: self.conn.command("UID SEARCH ALL")):
+            if resp and resp[0] == b"SEARCH":
+                uids += [int(u) for u in resp[1:] if isinstance(u, bytes) and u.isdigit()]
         result = []
         for uid in uids:  # one at a time: no whole folder in memory
             body, flags, date = self._fetch(uid)
             result.append(StoredMessage(
                 folder=folder, key=f"{self._uidvalidity}:{uid}", flags=flags,
                 internal_date=date, size=len(body), sha256=content_sha256(body),
-                message_id=_message_id(body)))
+                message_id=message_id_of(body)))
         return result
 
     def _fetch(self, uid: int) -> tuple[bytes, str, float]:
-        data = self._ok(f"UID FETCH {uid}", self.conn.uid(
-            "FETCH", str(uid), "(FLAGS INTERNALDATE BODY.PEEK[])"))
-        for part in data:
-            if isinstance(part, tuple) and len(part) == 2:
-                meta, body = part
-                flags = " ".join(f.decode().lower() for f in imaplib.ParseFlags(meta))
-                letters = "".join(sorted(letter for name, letter in IMAP_TO_FLAG.items()
-                                         if name in flags.split()))
-                stamp = imaplib.Internaldate2tuple(meta)
-                date = time.mktime(stamp) if stamp else 0.0
-                return bytes(body), letters, date
+        found = self._ok(f"UID FETCH {uid}", lambda: self.conn.fetch(
+            str(uid), "(FLAGS INTERNALDATE BODY.PEEK[])", uid=True))
+        for items in found:
+            body = items.get(b"BODY[]")
+            if isinstance(body, bytes) and as_int(items.get(b"UID")) == uid:
+                flags = items.get(b"FLAGS")
+                letters = maildir_flags.to_maildir(
+                    f.decode() for f in (flags if isinstance(flags, list) else ())
+                    if isinstance(f, bytes))
+                stamp = items.get(b"INTERNALDATE")
+                date = epoch_of(stamp.decode() if isinstance(stamp, bytes) else None)
+                return bytes(body), letters, date or 0.0
         raise PermanentError(f"{self.where}: message UID {uid} is gone")
 
     def read(self, folder: str, key: str) -> bytes:
@@ -203,34 +192,32 @@ class ImapSession:
     def append(self, folder: str, data: bytes, flags: str, internal_date: float | None) -> str:
         """APPEND with flags and INTERNALDATE; the key when the server reports APPENDUID."""
         self.create(folder)
-        imap_flags = "(" + " ".join(FLAG_TO_IMAP[f] for f in flags if f in FLAG_TO_IMAP) + ")"
-        when = imaplib.Time2Internaldate(internal_date if internal_date is not None
-                                         else time.time())
-        self._ok(f"APPEND to {folder}", self.conn.append(
-            _quote(self._server_name(folder)), imap_flags, when, data))
+        name = self._server_name(folder)
+        when = internal_date if internal_date is not None else time.time()
+        stored = self._ok(f"APPEND to {folder}", lambda: self.conn.append(
+            name, data, maildir_flags.to_imap(flags), when))
         self._selected = None  # the folder changed under a SELECT
-        _, code = self.conn.response("APPENDUID")
-        if code and isinstance(code[0], bytes):
-            validity, _, uid = code[0].decode().partition(" ")
-            return f"{validity}:{uid}"
-        return ""
+        return f"{stored[0]}:{stored[1]}" if stored else ""
 
     def size(self) -> tuple[int, int]:
         """(bytes, messages) over every folder, from RFC822.SIZE."""
         total = count = 0
         for folder in self.folders():
             self.select(folder)
-            data = self._ok("FETCH sizes", self.conn.fetch("1:*", "(RFC822.SIZE)")) \
-                if self._count() else []
-            for line in data:
-                if isinstance(line, bytes) and (match := re.search(rb"RFC822\.SIZE (\d+)", line)):
-                    total += int(match[1])
+            found = self._ok("FETCH sizes", lambda: self.conn.fetch(
+                "1:*", "(RFC822.SIZE)")) if self._exists else []
+            for items in found:
+                if b"RFC822.SIZE" in items:
+                    total += as_int(items[b"RFC822.SIZE"])
                     count += 1
         return total, count
 
-    def _count(self) -> int:
-        _, exists = self.conn.response("EXISTS")
-        return int(exists[-1]) if exists and isinstance(exists[-1], bytes) else 0
+
+def _login_refused(where: str, login: ImapLogin, exc: ImapCommandError) -> TemporaryError:
+    who = (f"master user {login.master_user!r} for {login.login!r}"
+           if login.master_user else f"{login.login!r}")
+    return TemporaryError(f"{where}: login as {who} refused (bad credentials?): "
+                          f"{exc.status} {exc.text}")
 
 
 @contextlib.contextmanager
@@ -239,28 +226,18 @@ def imap_session(host: str, port: int, tls: str, login: ImapLogin, *,
     """A logged-in session; TemporaryError naming server, login and reason on any failure."""
     where = f"{system}: IMAP {host}:{port}"
     try:
-        if tls == "implicit":
-            conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
-                host, port, timeout=TIMEOUT, ssl_context=ssl.create_default_context(cafile=cafile))
-        else:
-            conn = imaplib.IMAP4(host, port, timeout=TIMEOUT)
-            if tls == "starttls":
-                conn.starttls(ssl.create_default_context(cafile=cafile))
-    except (OSError, imaplib.IMAP4.error) as exc:
+        conn = BlockingImap.connect(host, port, tls=_mode(tls), cafile=cafile, timeout=TIMEOUT)
+    except ImapError as exc:
         raise TemporaryError(f"{where} unreachable: {exc}") from exc
     try:
         try:
             password = login.password()
             if login.master_user is not None:
-                token = f"{login.login}\0{login.master_user}\0{password}".encode()
-                conn.authenticate("PLAIN", lambda _challenge: token)
+                conn.login(login.master_user, password, authorize_as=login.login)
             else:
                 conn.login(login.login, password)
-        except imaplib.IMAP4.error as exc:
-            who = (f"master user {login.master_user!r} for {login.login!r}"
-                   if login.master_user else f"{login.login!r}")
-            raise TemporaryError(f"{where}: login as {who} refused (bad credentials?): "
-                                 f"{exc}") from exc
+        except ImapCommandError as exc:
+            raise _login_refused(where, login, exc) from exc
         except Exception as exc:  # a secret that cannot be read: same wait, clear message
             if isinstance(exc, TemporaryError):
                 raise
@@ -268,11 +245,17 @@ def imap_session(host: str, port: int, tls: str, login: ImapLogin, *,
         session = ImapSession(where, conn)
         try:
             yield session
-        except (OSError, imaplib.IMAP4.error) as exc:
+        except ImapError as exc:
             raise TemporaryError(f"{where}: {exc}") from exc
     finally:
-        with contextlib.suppress(Exception):
-            conn.logout()
+        conn.logout()
+
+
+def _mode(tls: str) -> Tls:
+    """The client's TLS mode for a spec's `tls` (none, implicit, starttls)."""
+    if tls not in ("none", "implicit", "starttls"):
+        raise PermanentError(f"IMAP tls: {tls!r} is not none, implicit or starttls")
+    return cast(Tls, tls)
 
 
 def imap_account(host: str, port: int, tls: str, login: ImapLogin, *,
@@ -297,17 +280,12 @@ def greeting(host: str, port: int, tls: str, *, system: str, cafile: str | None 
     """Connect and read the greeting: TemporaryError naming host:port unless the server answers."""
     where = f"{system}: IMAP {host}:{port}"
     try:
-        context = ssl.create_default_context(cafile=cafile)
-        conn = (imaplib.IMAP4_SSL(host, port, timeout=10, ssl_context=context)
-                if tls == "implicit" else imaplib.IMAP4(host, port, timeout=10))
-    except (OSError, imaplib.IMAP4.error) as exc:
+        # With STARTTLS the upgrade is part of it: a certificate the copies would refuse
+        # makes the server unusable.
+        conn = BlockingImap.connect(host, port, tls=_mode(tls), cafile=cafile, timeout=10)
+    except ImapTlsError as exc:
+        raise TemporaryError(f"{where}: STARTTLS failed: {exc}" if tls == "starttls"
+                             else f"{where} unreachable: {exc}") from exc
+    except ImapError as exc:
         raise TemporaryError(f"{where} unreachable: {exc}") from exc
-    if tls == "starttls":  # a certificate the copies would refuse makes the server unusable
-        try:
-            conn.starttls(context)
-        except (OSError, imaplib.IMAP4.error) as exc:
-            with contextlib.suppress(OSError):  # a failed handshake may have closed it
-                conn.shutdown()
-            raise TemporaryError(f"{where}: STARTTLS failed: {exc}") from exc
-    with contextlib.suppress(Exception):
-        conn.logout()
+    conn.logout()

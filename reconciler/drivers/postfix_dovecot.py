@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
     DeliveryEndpoint,
@@ -62,7 +63,7 @@ from reconciler.drivers.imapstore import (
     imap_account,
     imap_session,
 )
-from reconciler.drivers.pfdovecot_tables import Row, TableError, Tables, row_of
+from reconciler.drivers.pfdovecot_tables import TableError, Tables
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.mover.endpoints import ImapAccount
 from reconciler.secrets import resolve
@@ -85,7 +86,7 @@ def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool) -> None:
         raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
 
 
-class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
+class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
     """Administer one Postfix + Dovecot system through its tables, postconf and IMAP."""
 
     def __init__(self, name: str, options: PostfixDovecotOptions, fed_smtp: Endpoint,
@@ -289,26 +290,6 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         return DeliveryEndpoint(self.options.smtp.host, self.options.smtp.port, "smtp")
 
     # -- accounts -----------------------------------------------------------------------
-    def _account(self, row: Row) -> Account:
-        return Account(mailbox_id=row.mailbox_id,
-                       physical_address=self.tables.physical(row.mailbox_id),
-                       access_addresses=row.access_addresses, aliases=row.aliases,
-                       internal_address=row.internal_address, redirect_to=row.redirect_to,
-                       syncfed=row.syncfed)
-
-    def list_accounts(self) -> list[Account]:
-        """Every mailbox with its physical address."""
-        return [self._account(r) for r in self._read("list accounts", self.tables.rows)]
-
-    def get_account(self, mailbox_id: str) -> Account | None:
-        """One account or None."""
-        def query(conn: sqlite3.Connection) -> Row | None:
-            r = conn.execute("SELECT * FROM accounts WHERE mailbox_id = ?",
-                             (mailbox_id,)).fetchone()
-            return None if r is None else row_of(r)
-        row = self._read(f"get {mailbox_id}", query)
-        return None if row is None else self._account(row)
-
     def create_mailbox(
         self, mailbox_id: str, *, internal_address: str | None = None,
         access_addresses: tuple[str, ...] = (), redirect_to: str | None = None,
@@ -316,43 +297,15 @@ class PostfixDovecotDriver(SqliteContactsMixin, MailSystemDriver):
         """Dovecot account + Postfix routes unless present; an existing account is left as is."""
         if "/" in mailbox_id or ":" in mailbox_id or mailbox_id.startswith("."):
             raise PermanentError(f"{self.name}: mailbox id {mailbox_id!r} is not usable")
-
-        def change(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR IGNORE INTO accounts (mailbox_id, access_addresses, "
-                "internal_address, redirect_to) VALUES (?, ?, ?, ?)",
-                (mailbox_id, json.dumps(list(access_addresses)), internal_address, redirect_to))
-        self._write(f"create {mailbox_id}", change)
+        self._insert_account(f"create {mailbox_id}", mailbox_id, internal_address,
+                             access_addresses, redirect_to)
         account = self.get_account(mailbox_id)
         assert account is not None
         return account
 
-    def _update(self, mailbox_id: str, what: str, sql: str, args: tuple[object, ...]) -> None:
-        def change(conn: sqlite3.Connection) -> None:
-            if conn.execute(sql + " WHERE mailbox_id = ?", (*args, mailbox_id)).rowcount == 0:
-                raise PermanentError(f"{self.name}: no mailbox {mailbox_id} ({what})")
-        self._write(f"{what} of {mailbox_id}", change)
-
-    def set_addresses(
-        self, mailbox_id: str, access_addresses: tuple[str, ...], aliases: tuple[str, ...]
-    ) -> None:
-        """Replace the access addresses and aliases (the alias map follows)."""
-        self._update(mailbox_id, "set addresses",
-                     "UPDATE accounts SET access_addresses = ?, aliases = ?",
-                     (json.dumps(list(access_addresses)), json.dumps(list(aliases))))
-
-    def set_redirect(self, mailbox_id: str, target: str | None) -> None:
-        """Physical address -> target in the alias map (None: deliver to Dovecot again)."""
-        self._update(mailbox_id, "set redirect", "UPDATE accounts SET redirect_to = ?",
-                     (target,))
-
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Leave the mailbox's access addresses and aliases to relayhost = fed (or not)."""
         self._update(mailbox_id, "set via_fed", "UPDATE accounts SET via_fed = ?", (int(value),))
-
-    def set_syncfed(self, mailbox_id: str, value: bool) -> None:
-        """Set or clear the syncfed marker."""
-        self._update(mailbox_id, "set syncfed", "UPDATE accounts SET syncfed = ?", (int(value),))
 
     def queued_for(self, address: str) -> int:
         """Messages in Postfix's queue still addressed to `address` (postqueue -j)."""

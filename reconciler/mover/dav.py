@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import base64
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from icalendar import Calendar, Component
 
+from mailferry.mail.http import HttpClient, HttpError
 from reconciler.drivers.base import MailSystemDriver
 from reconciler.mover.calendar import ITEM_KINDS, _version, merge_calendars
 
@@ -101,22 +100,19 @@ class DavClient:
         self.account = account
         token = base64.b64encode(f"{account.user}:{account.password}".encode()).decode()
         self._auth = f"Basic {token}"
+        # One kept-alive connection for the whole copy of a mailbox's calendars.
+        self.http = HttpClient(account.base_url, name="DAV server", timeout=account.timeout)
 
     def request(self, method: str, url: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body); HTTP errors are returned, network errors raise."""
-        req = urllib.request.Request(urllib.parse.urljoin(self.account.base_url, url),
-                                     data=body, method=method)
-        req.add_header("Authorization", self._auth)
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
         try:
-            with urllib.request.urlopen(req, timeout=self.account.timeout) as resp:
-                return resp.status, dict(resp.headers.items()), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers.items()), exc.read()
-        except (OSError, urllib.error.URLError) as exc:
+            answer = self.http.request(method, urllib.parse.urljoin(self.account.base_url, url),
+                                       body, headers={"Authorization": self._auth,
+                                                      **(headers or {})})
+        except HttpError as exc:
             raise DavError(f"{method} {url}: {exc}") from exc
+        return answer.status, answer.headers, answer.body
 
     def propfind(self, url: str, depth: str = "1") -> list[tuple[str, set[str], str]]:
         """(href, resource types, etag) of a collection and its members."""

@@ -28,14 +28,11 @@ import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Protocol
 
-from reconciler.drivers.base import MailSystemDriver
-from reconciler.mover import mutf7
-from reconciler.mover.folders import Folder, canonical, guess_special_use, native
-from reconciler.mover.imapclient import (
+from mailferry.mail.imap import flags as maildir_flags
+from mailferry.mail.imap import mutf7
+from mailferry.mail.imap.client import (
     Digest,
     ImapClient,
     ImapCommandError,
@@ -46,8 +43,12 @@ from reconciler.mover.imapclient import (
     as_int,
     fetch_items,
     pending_text,
-    quote_mailbox,
 )
+from mailferry.mail.imap.dates import epoch_of, imap_date
+from mailferry.mail.imap.quoting import quote_mailbox
+from mailferry.mail.messageid import message_id_of
+from reconciler.drivers.base import MailSystemDriver
+from reconciler.mover.folders import Folder, canonical, guess_special_use, native
 from reconciler.mover.pool import ConnectionPool, Idle
 
 # (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
@@ -152,57 +153,9 @@ __all__ = ["Digest"]  # re-exported: the pipeline tells hashed-in-flight bodies 
 
 
 # -- dates and flags ----------------------------------------------------------------------
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_MAILDIR_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "P": "$Forwarded", "R": "\\Answered",
-                  "S": "\\Seen", "T": "\\Deleted"}
-_IMAP_TO_MAILDIR = {v.lower(): k for k, v in _MAILDIR_FLAGS.items()}
-
-
-def imap_date(epoch: float) -> str:
-    """Epoch seconds -> INTERNALDATE text (UTC)."""
-    t = datetime.fromtimestamp(epoch, UTC)
-    return f"{t.day:02d}-{_MONTHS[t.month - 1]}-{t.year} {t:%H:%M:%S} +0000"
-
-
-def epoch_of(date: str | None) -> float | None:
-    """INTERNALDATE text -> epoch seconds (None when absent or unparsable)."""
-    if not date:
-        return None
-    try:
-        day, rest = date.strip().split("-", 1)
-        return parsedate_to_datetime(f"{int(day):02d}-{rest}".replace("-", " ", 2)).timestamp()
-    except (ValueError, TypeError, IndexError):
-        return None
-
-
-def flags_from_maildir(letters: str) -> tuple[str, ...]:
-    """Maildir flag letters -> IMAP flags."""
-    return tuple(_MAILDIR_FLAGS[c] for c in letters if c in _MAILDIR_FLAGS)
-
-
-def flags_to_maildir(flags: Sequence[str]) -> str:
-    """IMAP flags -> Maildir letters (keywords other than $Forwarded have no letter)."""
-    return "".join(sorted({_IMAP_TO_MAILDIR[f.lower()] for f in flags
-                           if f.lower() in _IMAP_TO_MAILDIR}))
-
-
-def message_id_of(header: bytes) -> str:
-    """The Message-ID in a fetched `HEADER.FIELDS (MESSAGE-ID)` section ('' when none)."""
-    text = header.decode("latin-1").replace("\r\n", "\n").replace("\n ", " ")
-    text = text.replace("\n\t", " ")
-    for line in text.splitlines():
-        name, sep, value = line.partition(":")
-        if sep and name.strip().lower() == "message-id":
-            return value.strip()
-    return ""
-
-
 def header_message_id(data: bytes) -> str:
-    """The Message-ID of a whole message (looked for in its header section only)."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    return message_id_of(data[: end if end >= 0 else len(data)])
+    """The Message-ID of a whole message or a fetched header section ('' when none)."""
+    return message_id_of(data) or ""
 
 
 def uid_set(uids: Sequence[str]) -> str:
@@ -512,7 +465,7 @@ class ImapEndpoint:
             date = items.get(b"INTERNALDATE")
             listing.entries.append(Entry(
                 uid=str(as_int(items[b"UID"])), size=as_int(items.get(b"RFC822.SIZE")),
-                message_id=message_id_of(header) if isinstance(header, bytes) else "",
+                message_id=header_message_id(header) if isinstance(header, bytes) else "",
                 flags=tuple(f.decode() for f in flags if isinstance(f, bytes)
                             and f.lower() != b"\\recent") if isinstance(flags, list) else (),
                 date=date.decode() if isinstance(date, bytes) else None,
@@ -682,7 +635,7 @@ class DriverEndpoint:
             for msg in self.driver.list_messages(self.mailbox_id, name):
                 data = wire_form(self.driver.read_message(self.mailbox_id, name, msg.key))
                 listing.entries.append(Entry(
-                    msg.key, len(data), msg.message_id or "", flags_from_maildir(msg.flags),
+                    msg.key, len(data), msg.message_id or "", maildir_flags.to_imap(msg.flags),
                     imap_date(msg.internal_date), hashlib.sha256(data).hexdigest()))
             return listing
         return await asyncio.to_thread(read)
@@ -713,7 +666,7 @@ class DriverEndpoint:
             try:
                 key = await asyncio.to_thread(
                     self.driver.append_message, self.mailbox_id, name, msg.data,
-                    flags=flags_to_maildir(msg.flags), internal_date=epoch_of(msg.date))
+                    flags=maildir_flags.to_maildir(msg.flags), internal_date=epoch_of(msg.date))
                 uids.append(key)
                 errors.append(None)
             except Exception as exc:

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from reconciler.mover.imapclient import ImapClient
+from mailferry.mail.imap.client import ImapClient
 
 
 @dataclass

@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from mailferry.mail.backoff import backoff
+from mailferry.mail.imap.client import ImapError, ImapLoginError, ImapTlsError
 from reconciler.mover.endpoints import Endpoint
-from reconciler.mover.imapclient import ImapError, ImapLoginError, ImapTlsError
 from reconciler.mover.manifest import Manifest, RunFigures
 from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
 from reconciler.mover.progress import Progress
@@ -71,7 +72,7 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
         except RETRYABLE as exc:
             last = exc
             if attempt <= retries:
-                await asyncio.sleep(min(pause * 2 ** (attempt - 1), 15.0))
+                await asyncio.sleep(backoff(attempt, pause, 15.0, jitter=False))
     else:
         report = MailboxReport(job.key, error=f"{type(last).__name__}: {last}",
                                attempts=retries + 1)

@@ -7,7 +7,7 @@ the user where the user still reads mail.
 
 from __future__ import annotations
 
-from reconciler.drivers.base import mailbox_id_for, split_physical
+from mailferry.mail.addresses import mailbox_id_for, split_physical
 from reconciler.errors import PermanentError
 from reconciler.mover.service import forget_logins
 from reconciler.spec.model import DesiredMailbox

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mailferry.mail.backoff import backoff as exponential_backoff
 from reconciler.steps import cleanup, cutover, prestage, station, transfer
 from reconciler.steps.base import StepFunction
 
@@ -49,7 +50,7 @@ class StepSpec:
     def delay(self, attempts: int, suggested: float | None = None) -> float:
         """Seconds before attempt `attempts + 1` (`attempts` >= 1 failed so far)."""
         first = max(self.backoff, suggested or 0.0)
-        return float(min(first * 2 ** min(attempts - 1, 16), self.max_backoff))
+        return exponential_backoff(attempts, first, self.max_backoff, jitter=False)
 
     def exhausted(self, attempts: int, failing_for: float, *, bug: bool) -> str | None:
         """Why the step is now permanent after `attempts` errors over `failing_for`

@@ -51,8 +51,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
-from reconciler.mover import mutf7
-from reconciler.mover.servers import family_of
+from mailferry.mail.imap.quoting import quote
+from mailferry.mail.imap.servers import family_of
 
 Value = Union[bytes, int, None, "list[Value]"]
 Untagged = list[Value]  # one untagged response, parsed: [b"12", b"FETCH", [...]]
@@ -137,16 +137,6 @@ class ImapCommandError(ImapError):
         super().__init__(f"{command}: {status} {text}")
         self.status = status
         self.text = text
-
-
-def quote(text: str) -> bytes:
-    """An IMAP quoted string (names of ASCII after mUTF-7 encoding)."""
-    return b'"' + text.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"'
-
-
-def quote_mailbox(name: str) -> bytes:
-    """A mailbox name on the wire: modified UTF-7, quoted."""
-    return quote(mutf7.encode(name))
 
 
 # The FETCH response of a body fetch, as Dovecot and most servers send it: parsed without
@@ -397,7 +387,7 @@ class ImapClient:
                 f"{authorize_as or ''}\0{user}\0{password}".encode()).decode()
             login = (f"AUTHENTICATE PLAIN {token}".encode(), "AUTHENTICATE")
         else:
-            login = (f"LOGIN {quote(user).decode()} {quote(password).decode()}".encode(), "LOGIN")
+            login = (f"LOGIN {quote(user)} {quote(password)}".encode(), "LOGIN")
         return await self._send_lines([login, *then])
 
     async def _send_lines(self, commands: Sequence[tuple[bytes, str]]) -> list[_Pending]:
@@ -447,6 +437,11 @@ class ImapClient:
             raise ImapConnectionError(f"{name}: {exc!r}") from exc
 
     def _register(self, pending: _Pending) -> None:
+        if not self._pending:
+            # The watchdog counts silence from the first question on a quiet connection: an
+            # answer is not overdue because the connection sat idle before (a pooled one,
+            # or the blocking wrapper's between two calls).
+            self._last_rx = asyncio.get_running_loop().time()
         self._pending.append(pending)
         self._quiet_event.clear()
 
