@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from fed.nodes import NodeRegistry, NodeState, blocking
-from fed.shared_db import SharedDB, metadata
+from fed.routing.nodes import NodeRegistry, NodeState, blocking
+from fed.routing.shared_db import SharedDB, metadata
 from reconciler.errors import PermanentError
 
 from fedutil import TOKEN, FakeSystem, Fed, message, send
@@ -503,8 +503,8 @@ def test_holds_of_a_fed_from_before_the_shared_database_are_kept(
 
 
 def test_a_node_keeps_its_own_writes_over_a_reload_read_before_them(tmp_path: Path) -> None:
-    from fed.directory import Directory, read_snapshot
-    from fed.shared_db import SharedDB
+    from fed.routing.directory import Directory, read_snapshot
+    from fed.routing.shared_db import SharedDB
 
     shared = SharedDB(f"sqlite:///{tmp_path}/shared.db")
     mine, other = Directory(shared), Directory(shared)

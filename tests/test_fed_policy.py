@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fed.auth import hash_password, load_credentials, verify_password
+from fed.smtp.auth import hash_password, load_credentials, verify_password
 
 from fedraw import Raw
 from fedutil import REPO, FakeSystem, Fed, message, send

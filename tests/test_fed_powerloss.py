@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from fed.spool import Spool
-from fed.store import Store
+from fed.queue.spool import Spool
+from fed.queue.store import Store
 
 from fedutil import FakeSystem, Fed, message
 from helpers.waiting import wait_for

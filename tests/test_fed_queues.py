@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fed.groupcommit import GroupCommitter
+from fed.queue.groupcommit import GroupCommitter
 
 from fedutil import FakeSystem, Fed, message, send
 from helpers.waiting import wait_for
@@ -227,7 +227,7 @@ def test_leading_dots_survive_both_hops(
 def test_the_quick_address_parser_agrees_with_aiosmtpd(arg: str) -> None:
     from aiosmtpd.smtp import SMTP
 
-    from fed.dataphase import LeanSMTP
+    from fed.smtp.dataphase import LeanSMTP
 
     class Handler:
         pass
@@ -257,7 +257,7 @@ def test_one_connection_carries_message_after_message(
 def test_a_lean_session_knows_the_same_commands_as_aiosmtpd() -> None:
     from aiosmtpd.smtp import SMTP
 
-    from fed.dataphase import LeanSMTP
+    from fed.smtp.dataphase import LeanSMTP
 
     class Handler:
         async def handle_DATA(self, *args: object) -> str:

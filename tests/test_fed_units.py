@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from fed import metrics
-from fed.logs import JsonFormatter, QueueIdFilter, TextFormatter
-from fed.policy import RelayPolicy, client_ip, is_loopback, parse_networks
-from fed.spool import new_queue_id
+from fed.queue.spool import new_queue_id
+from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
+from fed.telemetry import metrics
+from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter
 from mailferry.mail import addresses
 from mailferry.mail.addresses import address_key, has_forbidden, is_valid, preserve
 from mailferry.mail.messageid import message_id_of
