@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything mailferry needs on a fresh Debian machine, then run one thing:
 #   ./bootstrap.sh demo    install, then `reconcile demo` (20 mailboxes moved with mail flowing)
-#   ./bootstrap.sh test    install, then the whole test suite (ruff, mypy, the wheel as users
+#   ./bootstrap.sh test    install, then the whole test suite (ruff, mypy, lint-imports, the wheel as users
 #                          install it: .ci/wheel-smoke.sh, pytest)
 # Idempotent: a second run only re-checks. Needs root (or sudo) only for missing Debian packages.
 set -euo pipefail
@@ -112,5 +112,6 @@ if [ "$what" = demo ]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/lint-imports --no-cache
 .ci/wheel-smoke.sh .venv/bin/python
 exec .venv/bin/pytest -q

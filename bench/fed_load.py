@@ -32,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from fedutil import FakeSystem, Fed, message, wait_for  # noqa: E402
+from fedutil import FakeSystem, Fed, message  # noqa: E402
+from helpers.waiting import wait_for  # noqa: E402
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fedutil import FakeSystem, Fed, message, wait_for
+from fedutil import FakeSystem, Fed, message
+from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
 
 

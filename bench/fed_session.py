@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
-from fed.server import FedHandler, SmtpSettings, make_factory  # noqa: E402
+from fed.smtp.server import FedHandler, SmtpSettings, make_factory  # noqa: E402
 
 
 async def main() -> None:

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
 from fed.app import _loop_factory  # noqa: E402
-from fed.spool import Spool, new_queue_id  # noqa: E402
-from fed.store import Store  # noqa: E402
+from fed.queue.spool import Spool, new_queue_id  # noqa: E402
+from fed.queue.store import Store  # noqa: E402
 
 BODY = b"Subject: bench\r\nMessage-ID: <x@bench>\r\n\r\n" + b"x" * 76 * 27 + b"\r\n"
 

@@ -40,17 +40,17 @@ from aiosmtpd.smtp import SMTP
 
 from mailferry.service import notify_ready
 
-from . import logs, metrics
-from .control import ControlAPI
-from .delivery import Deliverer, DeliverySettings
-from .directory import Directory
-from .holds import Holds
-from .node_agent import NodeAgent
-from .nodes import NodeRegistry
-from .server import FedHandler, SmtpSettings, drain, make_factory
-from .shared_db import SharedDB, default_url, import_legacy
-from .spool import Spool
-from .store import Store
+from .admin.control import ControlAPI
+from .delivery.scheduler import Deliverer, DeliverySettings
+from .queue.spool import Spool
+from .queue.store import Store
+from .routing.directory import Directory
+from .routing.holds import Holds
+from .routing.node_agent import NodeAgent
+from .routing.nodes import NodeRegistry
+from .routing.shared_db import SharedDB, default_url, import_legacy
+from .smtp.server import FedHandler, SmtpSettings, drain, make_factory
+from .telemetry import logs, metrics
 
 log = logging.getLogger("fed")
 READY = "fed ready"  # the start of the line printed once serving

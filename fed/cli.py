@@ -21,21 +21,23 @@ from mailferry import __version__, secretfile
 from mailferry.mail.addresses import set_case_sensitive_local
 from mailferry.service import exposure, private_files
 
-from . import logs, procs, queuectl
+from . import procs
+from .admin import queuectl
 from .app import FedConfig, run
-from .auth import (
+from .delivery.scheduler import DeliverySettings
+from .routing.node_agent import NodeNameInUse
+from .routing.shared_db import default_url
+from .smtp.auth import (
     Authenticator,
     AuthThrottle,
     CredentialsError,
     hash_password,
     load_credentials,
 )
-from .delivery import DeliverySettings
-from .node_agent import NodeNameInUse
-from .policy import DEFAULT_RELAY_NETWORKS, RelayPolicy, parse_networks
-from .server import SmtpSettings
-from .shared_db import default_url
-from .tls import server_context
+from .smtp.policy import DEFAULT_RELAY_NETWORKS, RelayPolicy, parse_networks
+from .smtp.server import SmtpSettings
+from .smtp.tls import server_context
+from .telemetry import logs
 
 _SYSTEM = re.compile(r"^([A-Za-z0-9_.\-]+)=([^:/]+|\[[^\]]+\]):(\d+)(?:/(lmtp|smtp))?$")
 

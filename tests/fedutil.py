@@ -17,11 +17,8 @@ import smtplib
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
@@ -29,24 +26,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from reconciler.fedclient import FedClient
 
+from helpers import mail
 from sysutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789abcdef"
 READY = re.compile(r"fed ready smtp=([\d.]+):(\d+) control=([\d.]+):(\d+)")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-             ) -> Any:
-    """Poll `predicate` until truthy (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -60,8 +45,7 @@ class Received:
     @property
     def message_id(self) -> str:
         """The Message-ID header value."""
-        match = re.search(rb"(?im)^message-id:\s*(\S+)", self.data)
-        return match.group(1).decode() if match else ""
+        return mail.message_id(self.data)
 
 
 @dataclass
@@ -211,10 +195,21 @@ class Fed:
         return (self.state_dir.parent / f"{self.state_dir.name}.log").read_text()
 
 
+def fed_queue(fed: Fed, *args: str, timeout: float = 60.0
+              ) -> subprocess.CompletedProcess[str]:
+    """`fed queue ARGS` as an admin runs it, pointed at `fed`'s control port (node 0's, the
+    one `fed ready` prints) with its token file."""
+    token_file = fed.state_dir.parent / f"{fed.state_dir.name}.token"
+    return subprocess.run(
+        [sys.executable, "-m", "fed", "queue", *args, "--control",
+         f"127.0.0.1:{fed.control_port}", "--token-file", str(token_file)],
+        capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
 def message(subject: str, msgid: str, body: str = "hello") -> bytes:
-    """A small RFC 5322 message."""
-    return (f"From: sender@outside.example\r\nTo: someone@corp.example\r\n"
-            f"Subject: {subject}\r\nMessage-ID: <{msgid}>\r\n\r\n{body}\r\n").encode()
+    """A small message as fed's tests send it: helpers.mail's, from and to fed's addresses."""
+    return mail.message(subject, msgid, body, sender="sender@outside.example",
+                        to="someone@corp.example")
 
 
 def send(port: int, rcpts: list[str], data: bytes, mail_from: str = "sender@outside.example"

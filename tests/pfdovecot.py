@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from helpers.processes import stop_process
 from sysutil import free_port
 
 MASTER = "/usr/lib/postfix/sbin/master"
@@ -71,18 +71,6 @@ def wait_port(port: int, timeout: float = 15.0) -> bool:
         except OSError:
             time.sleep(0.05)
     return False
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    """SIGTERM by PID, wait, then SIGKILL."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
 
 
 MASTER_CF = """\

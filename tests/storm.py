@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fedutil import Fed
+from helpers import mail
 
 
 class Server(Protocol):
@@ -58,9 +59,9 @@ class StormResult:
                 f"% of acked)  {self.kills} kills in {self.seconds:.1f} s")
 
 
-def message(msgid: str) -> bytes:
-    return (f"From: storm@outside.example\r\nTo: b@example.test\r\nSubject: storm\r\n"
-            f"Message-ID: <{msgid}>\r\n\r\nkill -9 storm\r\n").encode()
+def storm_message(msgid: str) -> bytes:
+    return mail.message("storm", msgid, "kill -9 storm", sender="storm@outside.example",
+                        to="b@example.test")
 
 
 def storm(server: Server, sink_ids: Callable[[], list[str]], rcpt: str, *, messages: int,
@@ -95,7 +96,7 @@ def storm(server: Server, sink_ids: Callable[[], list[str]], rcpt: str, *, messa
                 while n is not None:
                     msgid = f"s{n}@storm"
                     try:
-                        client.sendmail(mail_from, [rcpt], message(msgid))
+                        client.sendmail(mail_from, [rcpt], storm_message(msgid))
                     except (smtplib.SMTPResponseException, smtplib.SMTPRecipientsRefused):
                         n = next_id()  # refused with a reply: not acknowledged
                         continue

@@ -14,10 +14,8 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import random
-import signal
 import smtplib
 import socket
 import subprocess
@@ -31,6 +29,8 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 from reconciler.drivers.maildir import MaildirDriver
+
+from helpers.processes import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0
@@ -64,14 +64,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         found: int = sock.getsockname()[1]
         return found
-
-
-def message(subject: str = "hello", msgid: str | None = None, body: str = "body") -> bytes:
-    """A small RFC 5322 message with CRLF line ends."""
-    msgid = msgid or f"<{subject.replace(' ', '.')}.{os.urandom(4).hex()}@test.example>"
-    lines = ["From: a@x.example", "To: b@y.example", f"Subject: {subject}",
-             f"Message-ID: {msgid}", "", body, ""]
-    return "\r\n".join(lines).encode()
 
 
 @dataclass
@@ -162,20 +154,6 @@ def _ready_line(proc: subprocess.Popen[str], errpath: Path) -> str:
         proc.wait(timeout=5)
         raise RuntimeError(f"system failed to start: {line!r} {errpath.read_text()}")
     return line
-
-
-def stop_process(proc: subprocess.Popen[str], timeout: float = 10.0) -> int:
-    """SIGTERM by PID, wait, SIGKILL if it does not stop; the exit code."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-    if proc.stdout:
-        proc.stdout.close()
-    return proc.returncode
 
 
 def lmtp_send(

@@ -35,13 +35,14 @@ from reconciler.engine import ApplyReport, Engine
 from reconciler.spec.loader import load_specs
 
 import cyrus
-from fedutil import wait_for
+from helpers import mail
+from helpers.waiting import wait_for
 from pfdovecot import MailHost, make_root, missing_prerequisites
 from world import World, base_documents, placement, policy
 
 pytestmark = pytest.mark.timeout(300)
 USERS = ("alice", "bob", "carol")
-EIGHT_BIT = "From: J\u00fcrgen M\u00fcller <jm@example.org>"
+EIGHT_BIT = "J\u00fcrgen M\u00fcller <jm@example.org>"
 
 
 class CyrusWorld(World):
@@ -105,9 +106,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CyrusWorld]:
 
 
 def message(mid: str, to: str, n: int = 0, *, eight_bit: bool = False) -> bytes:
-    sender = EIGHT_BIT if eight_bit else "From: x@outside.example"
-    return (f"{sender}\r\nTo: {to}\r\nMessage-ID: {mid}\r\nSubject: m {n}\r\n\r\n"
-            f"body \u00e9\r\n").encode()
+    sender = EIGHT_BIT if eight_bit else "x@outside.example"
+    return mail.message(f"m {n}", mid, "body \u00e9", sender=sender, to=to)
 
 
 def send(port: int, rcpt: str, mid: str) -> None:

@@ -172,7 +172,7 @@ def test_a_failing_create_backs_off_and_freezes(world: World, tmp_path: Path) ->
         tries.append(clock.now)
         raise TemporaryError("s1 refused the new mailbox: quota of accounts reached")
 
-    engine.drivers["s1"].create_mailbox = refuse  # type: ignore[method-assign]
+    engine.drivers["s1"].create_mailbox = refuse  # type: ignore[method-assign,assignment]
     report = engine.apply()
     assert len(tries) == 1 and report.passes == 1
     assert "retry after error: s1 refused" in _line(engine, address)
@@ -210,7 +210,7 @@ def test_a_failed_closing_upsync_is_reported_and_done_next_pass(world: World,
         refused.append(system)
         raise TemporaryError(f"cannot connect to fed at {engine.fed.base_url}: refused")
 
-    engine.fed.upsync = fed_down  # type: ignore[method-assign]
+    engine.fed.upsync = fed_down  # type: ignore[method-assign,assignment]
     report = engine.apply()  # used to escape apply with the traceback
     assert refused == ["s1"] and report.passes == 1
     [failed] = report.errors

@@ -24,7 +24,7 @@ from maildir_system.store import Store as SystemStore
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.state.model import Event, Migration
 
-from fedutil import wait_for
+from helpers.waiting import wait_for
 from test_engine_modes import seed_source
 from world import World, mailbox_message_ids, placement, policy, run_cli
 

@@ -1,6 +1,6 @@
 """fed leans on aiosmtpd's private members: this test fails loudly when they change.
 
-fed's session class (``fed/dataphase.py``'s ``LeanSMTP``, ``fed/server.py``'s ``FedSMTP``)
+fed's session class (``fed/smtp/dataphase.py``'s ``LeanSMTP``, ``fed/smtp/server.py``'s ``FedSMTP``)
 re-implements ``smtp_DATA`` and ``_getaddr``, replaces ``__dir__`` (aiosmtpd builds its
 command table from ``dir(self)``), and overrides or uses ``connection_made``,
 ``connection_lost``, ``data_received``, ``_handle_client``, ``_timeout_cb``,
@@ -21,7 +21,7 @@ import aiosmtpd
 from aiosmtpd.smtp import SMTP
 from packaging.requirements import Requirement
 
-from fed.dataphase import LeanSMTP
+from fed.smtp.dataphase import LeanSMTP
 
 # sha256 (first 16 hex) of inspect.getsource(SMTP.<member>) in aiosmtpd 1.4.6.
 KNOWN = {
@@ -59,8 +59,8 @@ def test_the_private_members_fed_relies_on_are_unchanged() -> None:
             changed[name] = now
     assert not changed, (
         f"aiosmtpd {aiosmtpd.__version__} changed SMTP members fed overrides or relies on: "
-        f"{changed}; re-check fed/dataphase.py and fed/server.py against them, then update "
-        "KNOWN in this test")
+        f"{changed}; re-check fed/smtp/dataphase.py and fed/smtp/server.py against them, "
+        "then update KNOWN in this test")
     init = inspect.getsource(SMTP.__init__)
     for needle in ("dir(self)", "inspect.getmembers", "self._auth_require_tls",
                    "self._handle_hooks", "self.command_size_limits.clear()"):

@@ -16,7 +16,9 @@ import pytest
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.fedclient import FedClient
 
-from fedutil import TOKEN, FakeSystem, Fed, free_port, wait_for
+from fedutil import TOKEN, FakeSystem, Fed
+from helpers.waiting import wait_for
+from sysutil import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

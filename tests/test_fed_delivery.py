@@ -12,7 +12,8 @@ import pytest
 
 from reconciler.errors import PermanentError
 
-from fedutil import FakeSystem, Fed, message, send, wait_for
+from fedutil import FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

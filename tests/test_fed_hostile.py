@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from fedraw import Raw
-from fedutil import FakeSystem, Fed, message, wait_for
+from fedutil import FakeSystem, Fed, message
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

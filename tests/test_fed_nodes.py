@@ -19,17 +19,19 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 
-from fed.nodes import NodeRegistry, NodeState, blocking
-from fed.shared_db import SharedDB, metadata
+from fed.routing.nodes import NodeRegistry, NodeState, blocking
+from fed.routing.shared_db import SharedDB, metadata
 from reconciler.errors import PermanentError
 
-from fedutil import TOKEN, FakeSystem, Fed, message, send, wait_for
+from fedutil import TOKEN, FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 from pgutil import PrivatePostgres, pg_bindir
 
 pytestmark = pytest.mark.timeout(180)
@@ -184,14 +186,14 @@ def test_hold_on_one_node_stops_both_and_release_on_the_other_delivers_all_once(
 
         counts = [len(s.acked) for s in senders]
         for sender, count in zip(senders, counts, strict=True):
-            wait_for(lambda s=sender, c=count: s.more_than(c + 10), timeout=30,
+            wait_for(partial(sender.more_than, count + 10), timeout=30,
                      what="mail accepted during the hold")
         assert len(s1.received) == at_hold
         flipped = a.client.flip([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))
         assert sorted(flipped.flipped) == [ALIAS, AD1]
         counts = [len(s.acked) for s in senders]
         for sender, count in zip(senders, counts, strict=True):
-            wait_for(lambda s=sender, c=count: s.more_than(c + 5), timeout=30,
+            wait_for(partial(sender.more_than, count + 5), timeout=30,
                      what="mail accepted after the flip")
         acked = {s.prefix: s.finish() for s in senders}
         assert len(s1.received) == at_hold and s2.received == []
@@ -501,8 +503,8 @@ def test_holds_of_a_fed_from_before_the_shared_database_are_kept(
 
 
 def test_a_node_keeps_its_own_writes_over_a_reload_read_before_them(tmp_path: Path) -> None:
-    from fed.directory import Directory, read_snapshot
-    from fed.shared_db import SharedDB
+    from fed.routing.directory import Directory, read_snapshot
+    from fed.routing.shared_db import SharedDB
 
     shared = SharedDB(f"sqlite:///{tmp_path}/shared.db")
     mine, other = Directory(shared), Directory(shared)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from fed.auth import hash_password, load_credentials, verify_password
+from fed.smtp.auth import hash_password, load_credentials, verify_password
 
 from fedraw import Raw
-from fedutil import REPO, FakeSystem, Fed, message, send, wait_for
+from fedutil import REPO, FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

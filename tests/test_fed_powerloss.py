@@ -33,10 +33,11 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from fed.spool import Spool
-from fed.store import Store
+from fed.queue.spool import Spool
+from fed.queue.store import Store
 
-from fedutil import FakeSystem, Fed, message, wait_for
+from fedutil import FakeSystem, Fed, message
+from helpers.waiting import wait_for
 from powerloss.replay import Model, build, crash_points, parse
 
 pytestmark = pytest.mark.timeout(240)

@@ -26,7 +26,8 @@ import pytest
 
 from reconciler.fedclient import FedClient
 
-from fedutil import REPO, TOKEN, FakeSystem, Fed, message, wait_for
+from fedutil import REPO, TOKEN, FakeSystem, Fed, fed_queue, message
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -168,13 +169,6 @@ def test_a_taken_port_or_a_node_that_cannot_start_fails_the_start(tmp_path: Path
     assert "fed ready" not in done.stdout
 
 
-def fedq(fed: Fed, *args: str) -> subprocess.CompletedProcess[str]:
-    """`fed queue ...` pointed at node 0's control port (the one `fed ready` prints)."""
-    token_file = fed.state_dir.parent / f"{fed.state_dir.name}.token"
-    return subprocess.run(
-        [sys.executable, "-m", "fed", "queue", *args, "--control",
-         f"127.0.0.1:{fed.control_port}", "--token-file", str(token_file)],
-        capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
 def test_fed_queue_on_node_0_lists_shows_and_deletes_across_both_nodes(
@@ -194,7 +188,7 @@ def test_fed_queue_on_node_0_lists_shows_and_deletes_across_both_nodes(
     counts = wait_for(held, what="16 held messages")
     assert min(counts) > 0, counts  # both nodes hold some
 
-    listed = fedq(fed, "list", "--json")
+    listed = fed_queue(fed, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     messages = json.loads(listed.stdout)
     assert sorted(m["message_id"] for m in messages) == sorted(f"<{m}>" for m in ids)
@@ -203,29 +197,29 @@ def test_fed_queue_on_node_0_lists_shows_and_deletes_across_both_nodes(
         by_node.setdefault(m["node"], []).append(m["queue_id"])
     assert sorted(len(q) for q in by_node.values()) == sorted(counts), by_node
 
-    mine = fedq(fed, "list", "--json", "--this-node")  # node 0 alone
+    mine = fed_queue(fed, "list", "--json", "--this-node")  # node 0 alone
     assert mine.returncode == 0, mine.stderr
     own = {m["queue_id"] for m in json.loads(mine.stdout)}
     (node0,) = {m["node"] for m in json.loads(mine.stdout)}
     (node1,) = set(by_node) - {node0}
-    text = fedq(fed, "list")
+    text = fed_queue(fed, "list")
     assert text.returncode == 0 and "in 16 messages" in text.stdout
     assert f"[{node0}]" in text.stdout and f"[{node1}]" in text.stdout
 
     far = by_node[node1][0]  # lives on node 1; the command is pointed at node 0
     assert far not in own
-    shown = fedq(fed, "show", far)
+    shown = fed_queue(fed, "show", far)
     assert shown.returncode == 0, shown.stderr
     assert f"queue id:    {far}" in shown.stdout and f"node:        {node1}" in shown.stdout
-    on_hold = fedq(fed, "hold", far)
+    on_hold = fed_queue(fed, "hold", far)
     assert on_hold.returncode == 0 and f"{far}: hold on node {node1}" in on_hold.stdout
-    deleted = fedq(fed, "delete", far, "--yes")
+    deleted = fed_queue(fed, "delete", far, "--yes")
     assert deleted.returncode == 0, deleted.stderr
     assert f"{far}: deleted (1 pending recipients dropped) on node {node1}" in deleted.stdout
-    gone = fedq(fed, "show", far)
+    gone = fed_queue(fed, "show", far)
     assert gone.returncode == 1 and "404" in gone.stderr
     assert nodes[1].queue().held == len(by_node[node1]) - 1
-    flushed = fedq(fed, "flush")
+    flushed = fed_queue(fed, "flush")
     assert flushed.returncode == 0 and "(2 nodes)" in flushed.stdout
 
     # /metrics stays per node; each node's samples carry its own name.

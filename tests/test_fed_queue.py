@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedutil import REPO, TOKEN, FakeSystem, Fed, message, queue_id, send, wait_for
+from fedutil import REPO, TOKEN, FakeSystem, Fed, message, queue_id, send
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fed.groupcommit import GroupCommitter
+from fed.queue.groupcommit import GroupCommitter
 
-from fedutil import FakeSystem, Fed, message, send, wait_for
+from fedutil import FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -100,10 +101,12 @@ def dsn_parts(data: bytes) -> tuple[email.message.Message, str, str]:
     assert dsn.get_param("report-type") == "delivery-status"
     parts = dsn.get_payload()
     assert isinstance(parts, list)
-    types = [p.get_content_type() for p in parts]
+    blocks = [p for p in parts if isinstance(p, email.message.Message)]
+    assert len(blocks) == len(parts)
+    types = [p.get_content_type() for p in blocks]
     assert types == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
-    status = "\n".join(str(block) for block in parts[1].get_payload())
-    return dsn, status, str(parts[2].get_payload())
+    status = "\n".join(str(block) for block in blocks[1].get_payload())
+    return dsn, status, str(blocks[2].get_payload())
 
 
 def test_permanent_refusal_bounces_to_an_outside_sender_through_the_smarthost(
@@ -177,7 +180,7 @@ def test_group_commit_shares_one_write_among_the_waiting() -> None:
 
     committed: list[int] = []
 
-    async def scenario() -> list[object]:
+    async def scenario() -> list[BaseException | None]:
         async def commit(batch: Sequence[int]) -> None:
             committed.extend(batch)
 
@@ -224,7 +227,7 @@ def test_leading_dots_survive_both_hops(
 def test_the_quick_address_parser_agrees_with_aiosmtpd(arg: str) -> None:
     from aiosmtpd.smtp import SMTP
 
-    from fed.dataphase import LeanSMTP
+    from fed.smtp.dataphase import LeanSMTP
 
     class Handler:
         pass
@@ -237,7 +240,10 @@ def test_one_connection_carries_message_after_message(
     s1, _, _ = systems
     for n in range(5):
         assert send(fed.smtp_port, [AD1], message("reuse", f"reuse{n}@t"))[0] == 250
-        wait_for(lambda n=n: len(s1.received) == n + 1, what=f"message {n} delivered")
+        def delivered(count: int = n + 1) -> bool:
+            return len(s1.received) == count
+
+        wait_for(delivered, what=f"message {n} delivered")
     assert len(s1.sessions) == 1
     s1.reply = "451 4.3.0 try later"  # a failed transaction (then RSET) keeps it open too
     assert send(fed.smtp_port, [AD1], message("reuse", "refused@t"))[0] == 250
@@ -251,7 +257,7 @@ def test_one_connection_carries_message_after_message(
 def test_a_lean_session_knows_the_same_commands_as_aiosmtpd() -> None:
     from aiosmtpd.smtp import SMTP
 
-    from fed.dataphase import LeanSMTP
+    from fed.smtp.dataphase import LeanSMTP
 
     class Handler:
         async def handle_DATA(self, *args: object) -> str:

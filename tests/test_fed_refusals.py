@@ -16,7 +16,8 @@ import pytest
 
 from reconciler.errors import PermanentError
 
-from fedutil import FakeSystem, Fed, message, send, wait_for
+from fedutil import FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 from test_fed_queue import samples, scrape
 
 pytestmark = pytest.mark.timeout(90)

@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from fed import metrics, queuefile
-from fed import spool as spool_mod
-from fed.delivery import Deliverer, DeliverySettings, Destination, Job
-from fed.directory import System
-from fed.queuefile import BadQueueFile, read_envelope
-from fed.smtpclient import Reply
-from fed.spool import PendingRecipient, QuarantineError, Spool
-from fed.store import Store
+from fed.delivery.scheduler import Deliverer, DeliverySettings, Destination, Job
+from fed.delivery.smtpclient import Reply
+from fed.queue import spool as spool_mod
+from fed.queue.queuefile import BadQueueFile, read_envelope
+from fed.queue.spool import PendingRecipient, QuarantineError, Spool
+from fed.queue.store import Store
+from fed.routing.directory import System
+from fed.telemetry import metrics
 from mailferry.mail.backoff import backoff
 
 BODY = b"Subject: a\r\nMessage-ID: <a@t>\r\n\r\nbody a\r\n"
@@ -73,7 +73,7 @@ def test_start_up_quarantines_a_file_it_cannot_read(tmp_path: Path, code: int,
         return real_open(path, flags, *args, **kwargs)
 
     before = quarantined_count("start-up")
-    monkeypatch.setattr(queuefile.os, "open", failing_open)
+    monkeypatch.setattr(os, "open", failing_open)  # what queuefile opens with
     spool = Spool(tmp_path / "spool", store)
     assert spool.recover() == 1  # B; A is not queued, but not gone either
     monkeypatch.undo()

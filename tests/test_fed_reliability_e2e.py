@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +19,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedutil import REPO, TOKEN, FakeSystem, Fed, message, queue_id, send, wait_for
+from fedutil import TOKEN, FakeSystem, Fed, fed_queue, message, queue_id, send
+from helpers.waiting import wait_for
 from sysutil import free_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,12 +28,6 @@ pytestmark = pytest.mark.timeout(90)
 A = "a@corp.example"
 
 
-def fedq(fed: Fed, *args: str) -> subprocess.CompletedProcess[str]:
-    token_file = fed.state_dir.parent / f"{fed.state_dir.name}.token"
-    return subprocess.run(
-        [sys.executable, "-m", "fed", "queue", *args, "--control",
-         f"127.0.0.1:{fed.control_port}", "--token-file", str(token_file)],
-        capture_output=True, text=True, cwd=REPO, timeout=30)
 
 
 def metric(fed: Fed, name: str, labels: dict[str, str] | None = None) -> float:
@@ -80,7 +73,7 @@ def test_a_corrupted_queue_file_is_quarantined_not_relayed(tmp_path: Path,
         assert s1.received == []  # the corrupted bytes never left
         assert not file.exists()
         assert fed.client.queue().pending == 0
-        listed = fedq(fed, "quarantine")
+        listed = fed_queue(fed, "quarantine", timeout=30)
         assert listed.returncode == 0, listed.stderr
         assert qid in listed.stdout and "checksum mismatch" in listed.stdout
         assert A in listed.stdout  # the recipient still owed the message
@@ -88,16 +81,16 @@ def test_a_corrupted_queue_file_is_quarantined_not_relayed(tmp_path: Path,
         assert metric(fed, "fed_quarantine_messages") == 1
 
         # Still corrupt: requeue refuses (exit 1) and leaves it in quarantine.
-        refused = fedq(fed, "requeue", qid)
+        refused = fed_queue(fed, "requeue", qid, timeout=30)
         assert refused.returncode == 1 and "still fails its check" in refused.stderr
         # The admin restored the file from a backup: it checks out and is delivered.
         (fed.state_dir / "spool" / "quarantine" / f"{qid}.eml").write_bytes(good)
-        requeued = fedq(fed, "requeue", qid)
+        requeued = fed_queue(fed, "requeue", qid, timeout=30)
         assert requeued.returncode == 0, requeued.stderr
         assert f"{qid}: requeued for 1 recipients" in requeued.stdout
         wait_for(lambda: s1.ids() == ["<rot@t>"], what="delivery after requeue")
         assert b"original" in s1.received[0].data
-        assert "Quarantine is empty" in fedq(fed, "quarantine").stdout
+        assert "Quarantine is empty" in fed_queue(fed, "quarantine", timeout=30).stdout
     finally:
         fed.kill()
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fedraw import Raw, Utf8System
-from fedutil import FakeSystem, Fed, message, queue_id, send, wait_for
+from fedutil import FakeSystem, Fed, message, queue_id, send
+from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

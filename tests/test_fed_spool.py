@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from fed.queuefile import read_envelope, read_message
-from fed.spool import Spool
-from fed.store import Store
+from fed.queue.queuefile import read_envelope, read_message
+from fed.queue.spool import Spool
+from fed.queue.store import Store
 
 
 def accept_two(root: Path) -> None:

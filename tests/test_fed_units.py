@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from fed import metrics
-from fed.logs import JsonFormatter, QueueIdFilter, TextFormatter
-from fed.policy import RelayPolicy, client_ip, is_loopback, parse_networks
-from fed.spool import new_queue_id
+from fed.queue.spool import new_queue_id
+from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
+from fed.telemetry import metrics
+from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter
 from mailferry.mail import addresses
 from mailferry.mail.addresses import address_key, has_forbidden, is_valid, preserve
 from mailferry.mail.messageid import message_id_of
@@ -87,13 +88,13 @@ def test_log_records_carry_the_queue_id() -> None:
 def test_queue_id_time_feeds_the_latency_histogram() -> None:
     qid = new_queue_id()
     at = metrics.queued_at(qid)
-    assert at is not None and abs(at - metrics.time.time()) < 60
+    assert at is not None and abs(at - time.time()) < 60
     assert metrics.queued_at("not-hex-at-all") is None
-    before = metrics.LATENCY.collect()[0].samples
+    before = next(iter(metrics.LATENCY.collect())).samples
     count = next(s.value for s in before if s.name.endswith("_count"))
     metrics.count_delivery("delivered", "s1", qid)
     metrics.count_delivery("deferred", "s1", qid)
-    after = metrics.LATENCY.collect()[0].samples
+    after = next(iter(metrics.LATENCY.collect())).samples
     assert next(s.value for s in after if s.name.endswith("_count")) == count + 1
 
 

@@ -16,7 +16,8 @@ import pytest
 from reconciler.errors import TemporaryError
 from reconciler.fedclient import FedClient
 
-from fedutil import TOKEN, FakeSystem, Fed, free_port, message, send
+from fedutil import TOKEN, FakeSystem, Fed, message, send
+from sysutil import free_port
 
 pytestmark = pytest.mark.timeout(90)
 

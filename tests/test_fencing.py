@@ -22,7 +22,8 @@ from reconciler.lease import Lease
 from reconciler.state.model import Event, Migration
 from reconciler.state.store import open_store
 
-from fedutil import TOKEN, FakeSystem, Fed, free_port
+from fedutil import TOKEN, FakeSystem, Fed
+from sysutil import free_port
 from world import World, placement, policy
 
 pytestmark = pytest.mark.timeout(120)

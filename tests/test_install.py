@@ -28,7 +28,8 @@ from mailferry.service import exposure, notify_ready
 from reconciler.status import StatusRow, table
 
 from fedutil import FakeSystem, Fed
-from sysutil import free_port, stop_process
+from helpers.processes import stop_process
+from sysutil import free_port
 from world import REPO, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -207,7 +208,7 @@ def test_reconcile_serve_is_ready_when_its_servers_are(tmp_path: Path) -> None:
             for port in ports:
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
         finally:
-            stop_process(proc)  # type: ignore[arg-type]
+            stop_process(proc)
         # Every process has exited: only `reconcile serve` spoke to systemd, not each server
         # it started (whatever they sent is queued by now).
         assert _pending(sock) == []
@@ -257,7 +258,7 @@ def test_station_agent_is_ready_when_it_polls(tmp_path: Path) -> None:
             sock.settimeout(30)
             assert sock.recv(4096).startswith(b"READY=1\nSTATUS=polling http://127.0.0.1:")
         finally:
-            stop_process(agent)  # type: ignore[arg-type]
+            stop_process(agent)
     # Its own folder (the outbox of the user's local mail) is the user's only.
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
 
@@ -286,7 +287,7 @@ def test_fed_warns_about_a_token_file_others_can_read(tmp_path: Path) -> None:
     try:
         assert serve.stdout is not None and "fed ready" in serve.stdout.readline()
     finally:
-        stop_process(serve)  # type: ignore[arg-type]
+        stop_process(serve)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     warned = [r for r in records if "accessible by others" in r["msg"]]
     assert warned and warned[0]["level"] == "warning", records[:3]
@@ -394,7 +395,7 @@ def test_apply_says_one_pass() -> None:
     lines: list[str] = []
 
     class Report:
-        applied, errors, passes = 0, [], 1
+        applied, errors, passes = 0, list[str](), 1
 
     class Plan:
         @staticmethod

@@ -21,7 +21,7 @@ from mailferry.mail.http import (
     _closed_by_peer,
 )
 
-from fedutil import wait_for
+from helpers.waiting import wait_for
 from sysutil import free_port
 
 pytestmark = pytest.mark.timeout(60)

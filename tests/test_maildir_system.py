@@ -14,7 +14,8 @@ from reconciler.drivers.maildir import MaildirDriver
 from reconciler.errors import PermanentError, TemporaryError
 
 # tests/ is not a package: pytest puts tests/ itself on sys.path, so helpers import flat.
-from sysutil import FakeFed, free_port, lmtp_send, message, smtp_send, start_system
+from helpers.mail import message
+from sysutil import FakeFed, free_port, lmtp_send, smtp_send, start_system
 
 BOX = "jean.dupont=corp.example"
 ADDR = "jean.dupont@corp.example"

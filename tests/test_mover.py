@@ -69,7 +69,7 @@ def move(src: MaildirDriver, dst: MaildirDriver | DriverEndpoint, *,
     target = dst if isinstance(dst, DriverEndpoint) else DriverEndpoint(dst, BOX2)
     job = Job("jean", lambda: DriverEndpoint(src, BOX1), lambda: target,
               options=options or Options())
-    return run_jobs([job], manifest=manifest, retries=0)[0]  # type: ignore[arg-type]
+    return run_jobs([job], manifest=manifest, retries=0)[0]
 
 
 def manifest_in(tmp_path: Path) -> Manifest:

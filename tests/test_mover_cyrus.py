@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
-import re
 import shutil
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ import cyrus
 import dovecot
 from cyrus import Cyrus
 from dovecot import Dovecot
+from helpers import mail
 
 pytestmark = pytest.mark.timeout(300)
 TIMEOUT = 20.0  # the mover's IMAP timeout here: a stall would cost at least this
@@ -73,11 +73,11 @@ def servers() -> Iterator[Servers]:
 def message(n: int, *, eight_bit: bool) -> bytes:
     name = "J\u00fcrgen M\u00fcller" if eight_bit else "Juergen Mueller"
     subject = "Gr\u00fc\u00dfe" if eight_bit else "Greetings"
-    return (f"From: {name} <jm@example.org>\r\nTo: u@example.org\r\n"
-            f"Subject: {subject} {n}\r\n"
-            f"Message-ID: <m{n}@cyrus.test>\r\nDate: Mon, 1 Jan 2001 10:00:00 +0000\r\n"
-            f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Transfer-Encoding: 8bit\r\n\r\nbody {n} \u00e9t\u00e9\r\n").encode()
+    return mail.message(f"{subject} {n}", f"m{n}@cyrus.test", f"body {n} \u00e9t\u00e9",
+                        sender=f"{name} <jm@example.org>", to="u@example.org", headers=(
+                            "Date: Mon, 1 Jan 2001 10:00:00 +0000", "MIME-Version: 1.0",
+                            "Content-Type: text/plain; charset=utf-8",
+                            "Content-Transfer-Encoding: 8bit"))
 
 
 # folder (canonical) -> messages; flags, keywords and old dates on some
@@ -119,8 +119,7 @@ def contents(conn: imaplib.IMAP4, sep: str, prefix: str) -> Counter[tuple[str, s
         for item in data:
             if isinstance(item, tuple):
                 body = item[1]
-                found = re.search(rb"Message-ID: (<[^>]+>)", body)
-                result[(folder, found.group(1).decode() if found else "", body)] += 1
+                result[(folder, mail.message_id(body), body)] += 1
     return result
 
 
@@ -266,7 +265,7 @@ def test_shared_folders_of_other_users_are_not_copied(
     assert typ == "OK"
     mine = servers.faithful.login(reader)
     mine.append("INBOX", None, None, message(98, eight_bit=False))
-    listed = b" ".join(mine.list()[1])
+    listed = b" ".join(mine.list()[1])  # type: ignore[arg-type]  # imaplib's stubs: None|tuple
     assert b"user.u6.Shared" in listed  # the shared folder is in the reader's LIST
 
     async def folders() -> list[str]:

@@ -128,7 +128,8 @@ def test_postfix_dovecot_to_imap_and_back_take_the_pipelined_path(
     # IMAP UIDVALIDITYs on both sides: the pipelined path wrote these rows, not the
     # driver fallback (whose validity is the constant "key")
     assert len(written) == 5 and all(r.copied for r in written)
-    assert all(r.src_validity.isdigit() and (r.dst_validity or "").isdigit() for r in written)
+    assert all((r.src_validity or "").isdigit() and (r.dst_validity or "").isdigit()
+               for r in written)
     assert {r.sha256 for r in written} == {content_hash(b) for _, b in contents(pf, BOX)}
     again = move_mail(pf, BOX, imap, BOX, key="zoe", modes={}, phase="copy",
                       manifest=Manifest(st))
@@ -143,7 +144,7 @@ def test_postfix_dovecot_to_imap_and_back_take_the_pipelined_path(
                      manifest=Manifest(st))
     assert back.verified and back.copied == 5
     assert contents(pf, BACK) == contents(pf, BOX)
-    assert all(r.src_validity.isdigit() for r in rows(st, "back"))
+    assert all((r.src_validity or "").isdigit() for r in rows(st, "back"))
 
 
 def test_refused_master_password_names_system_server_and_login(

@@ -32,7 +32,8 @@ from reconciler.mover.runner import Job, run_jobs
 from reconciler.state.store import Store, default_url
 
 from dovecot import Dovecot, private_root, skip_unless_available
-from fedutil import wait_for
+from helpers import mail
+from helpers.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
@@ -84,12 +85,8 @@ def q(name: str) -> str:
 
 
 def message(n: int, *, msgid: str | None = "auto", body: str = "") -> bytes:
-    head = f"From: a@x.example\r\nSubject: n{n}\r\n"
-    if msgid == "auto":
-        head += f"Message-ID: <{n}@x.example>\r\n"
-    elif msgid is not None:
-        head += f"Message-ID: {msgid}\r\n"
-    return (head + f"\r\nbody {n} {body}\r\n").encode()
+    return mail.message(f"n{n}", f"<{n}@x.example>" if msgid == "auto" else msgid,
+                        f"body {n} {body}", to=None, auto_id=False)
 
 
 def fill(server: Dovecot, user: str, folders: dict[str, list[tuple[bytes, str]]]) -> None:

@@ -18,6 +18,7 @@ from mailferry.mail.imap.client import (
     Digest,
     ImapClient,
     ImapProtocolError,
+    Untagged,
     _digest_literal,
 )
 from reconciler.mover.endpoints import content_hash
@@ -102,7 +103,7 @@ def test_bad_to_a_pipelined_command_is_sent_again_alone_and_pipelining_stops(
                     writer.write(b"* STATUS x (MESSAGES 1)\r\n" + tag + b" OK done\r\n")
             await writer.drain()
 
-    async def scenario() -> tuple[list[list[object]], bool, bool]:
+    async def scenario() -> tuple[list[list[Untagged]], bool, bool]:
         server, port = await _server(serve)
         try:
             client = await ImapClient.connect("127.0.0.1", port, timeout=30)
@@ -114,7 +115,7 @@ def test_bad_to_a_pipelined_command_is_sent_again_alone_and_pipelining_stops(
             answers.append(third)
             usable, pipelining = client.usable, client.pipelining
             client.close()
-            return answers, usable, pipelining  # type: ignore[return-value]
+            return answers, usable, pipelining
         finally:
             server.close()
 

@@ -90,7 +90,7 @@ def copy(src: ImapAccount, dst: ImapAccount, folder: Path) -> MailboxReport:
     folder.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(Store(default_url(folder / "state.db")))
     job = Job(src.user, lambda: ImapEndpoint(src, readonly=True), lambda: ImapEndpoint(dst))
-    return run_jobs([job], manifest=manifest, retries=1)[0]  # type: ignore[arg-type]
+    return run_jobs([job], manifest=manifest, retries=1)[0]
 
 
 def test_starttls_both_sides_copies_byte_identical_and_logs_in_over_tls(

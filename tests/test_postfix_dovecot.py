@@ -44,6 +44,8 @@ from reconciler.mover.service import mover_loop
 from reconciler.spec.model import Endpoint, ImapOptions, MasterUser, SecretRef
 from reconciler.state.model import Event, Migration
 
+from helpers import mail
+from helpers.waiting import wait_for
 from pfdovecot import MailHost, make_root
 from pfworld import WHY_NOT, PfWorld
 from world import placement, policy, run_cli
@@ -61,24 +63,13 @@ def pf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PfWorld]:
     world.stop()
 
 
-def message(mid: str, to: str, n: int = 0) -> str:
-    return (f"From: x@outside.example\r\nTo: {to}\r\nMessage-ID: {mid}\r\n"
-            f"Subject: m {n}\r\n\r\nbody\r\n")
+def message(mid: str, to: str, n: int = 0) -> bytes:
+    return mail.message(f"m {n}", mid, sender="x@outside.example", to=to)
 
 
 def send(port: int, rcpt: str, mid: str, sender: str = "x@outside.example") -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
         smtp.sendmail(sender, [rcpt], message(mid, rcpt))
-
-
-def wait_for(pred: Any, timeout: float = 20.0, what: str = "") -> None:
-    """Poll `pred` until true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def state_of(engine: Engine, address: str) -> int | None:
@@ -108,7 +99,7 @@ def seed(driver: Any, box: str, address: str) -> list[str]:
     ids = []
     for n, folder in enumerate(["INBOX", "INBOX", "Sent"]):
         mid = f"<old{n}.{box}@corp.example>"
-        driver.append_message(box, folder, message(mid, address, n).encode(), flags="S",
+        driver.append_message(box, folder, message(mid, address, n), flags="S",
                               internal_date=1_600_000_000.0 + n)
         ids.append(mid)
     return ids

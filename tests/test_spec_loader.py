@@ -94,6 +94,7 @@ def test_working_set_loads_with_concrete_values(monkeypatch: pytest.MonkeyPatch)
     assert s1.internal_domain == "s1.internal" and s2.internal_domain == "s2.internal"
     assert s1.root == str(REPO / "var" / "s1") and s2.root == str(REPO / "var" / "s2")
     assert s1.lmtp == Endpoint("127.0.0.1", 2401) and s2.lmtp == Endpoint("127.0.0.1", 2402)
+    assert s1.submission is not None and s2.submission is not None
     assert s1.submission.port == 2501 and s2.submission.port == 2502
     assert s1.location.file == "specs/systems.yaml" and s1.location.line == 4
 

@@ -74,7 +74,7 @@ def test_both_drivers_load_with_references(here: Path) -> None:
     assert isinstance(drivers["pf1"], PostfixDovecotDriver)
     assert isinstance(drivers["old"], ImapDriver)
     assert drivers["pf1"].delivery_endpoint().protocol == "smtp"
-    assert drivers["pf1"].wanted_postfix()["relayhost"] == "[127.0.0.1]:2525"  # type: ignore[attr-defined]
+    assert drivers["pf1"].wanted_postfix()["relayhost"] == "[127.0.0.1]:2525"
 
 
 def test_private_ca_files_resolve_against_the_specs_folder(here: Path) -> None:

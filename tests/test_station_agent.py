@@ -9,7 +9,7 @@ from station_agent.agent import Agent, AgentConfig
 from station_agent.client import StationApiClient
 from station_agent.outbox import Outbox
 
-from test_station_kit import (
+from stationkit import (
     BOX,
     MBOX_ARCHIVE,
     MBOX_SENT,

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from reconciler.api.stations import enrol_station
 from reconciler.state.model import Migration, Station
 
-from test_station_kit import (
+from stationkit import (
     ADDR,
     BOX,
     OTHER_ADDR,
@@ -182,6 +182,7 @@ def test_report_bodies_and_details_are_bounded(world: World) -> None:
 
     # Chunked, without a Content-Length: refused while reading, not after.
     parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None
     conn = httpc.HTTPConnection(parts.hostname, parts.port, timeout=30)
     chunks = (json.dumps(padded).encode()[i:i + 65536] for i in range(0, 2 * MAX_REPORT_BYTES,
                                                                       65536))

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 
 from reconciler.api.stations import OPENAPI
 
-from test_station_kit import STATION, World, add_migration, world
+from stationkit import STATION, World, add_migration, world
 
 __all__ = ["world"]  # the fixture, imported for pytest
 

@@ -24,7 +24,7 @@ from station_agent.thunderbird.prefs import Prefs
 
 import tb_real
 from dovecot import Dovecot, private_root, skip_unless_available
-from test_station_kit import (
+from stationkit import (
     OTHER_STATION,
     REPO,
     STATION,

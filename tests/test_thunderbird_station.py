@@ -24,6 +24,7 @@ from station_agent.config import load as load_config
 from station_agent.thunderbird.prefs import Prefs
 
 from dovecot import Dovecot, private_root, skip_unless_available
+from stationkit import REPO, STATION, World, add_migration, reports, set_action, world
 from tb_kit import (
     ADDRESS,
     EXPECTED,
@@ -41,7 +42,6 @@ from tb_kit import (
     make_pop3_installation,
     sleeper,
 )
-from test_station_kit import REPO, STATION, World, add_migration, reports, set_action, world
 
 __all__ = ["world"]  # the fixture, imported for pytest
 PASSWORD = "s3cret-jean"

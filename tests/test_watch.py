@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -26,6 +25,7 @@ from reconciler.lease import current_holder
 from reconciler.state.model import Event
 from reconciler.state.store import open_store
 
+from helpers.waiting import wait_seconds
 from world import World, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,16 +38,6 @@ def _events(state: Path, address: str) -> list[Event]:
     with open_store(f"sqlite:///{state}").session() as session:
         return list(session.scalars(select(Event).where(Event.address == address)
                                     .order_by(Event.id)))
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> float:
-    """Poll `predicate` until true; the seconds it took (fails after `timeout`)."""
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        if predicate():
-            return time.monotonic() - began
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture
@@ -78,7 +68,7 @@ def test_watch_reacts_to_an_edit_and_stops_on_sigterm(
     state = tmp_path / "state.db"
     specs = world.write(tmp_path / "specs", [placement("home", "s1", box)])
     proc = _start(specs, state, tmp_path, watch_proc)
-    _wait_for(lambda: any(e.step == "create" for e in _events(state, address)), 30,
+    wait_seconds(lambda: any(e.step == "create" for e in _events(state, address)), 30,
               "the mailbox to be created")
 
     # A second reconciler meanwhile: refused, naming the watcher.
@@ -89,7 +79,7 @@ def test_watch_reacts_to_an_edit_and_stops_on_sigterm(
 
     time.sleep(0.5)
     world.write(specs, [KEEP, placement("wave", "s2", box, policy_name="keep")])
-    took = _wait_for(lambda: any(e.step == "E40" for e in _events(state, address)), 30,
+    took = wait_seconds(lambda: any(e.step == "E40" for e in _events(state, address)), 30,
                      "the edit to be applied through E40")
     print(f"watch: edit -> E40 applied in {took:.2f} s")  # the benchmark measures this
 
@@ -119,10 +109,10 @@ def test_watch_wakes_when_a_window_opens(
     specs = world.write(tmp_path / "v2", [KEEP, window, placement(
         "wave", "s2", box, policy_name="keep", window="soon")])
     proc = _start(specs, state, tmp_path, watch_proc)
-    _wait_for(lambda: any(e.step == "E1" for e in _events(state, address)), 30,
+    wait_seconds(lambda: any(e.step == "E1" for e in _events(state, address)), 30,
               "E1 (recorded at once, the window closed)")
     assert not any(e.step == "E2" for e in _events(state, address))
-    _wait_for(lambda: any(e.step == "E2" for e in _events(state, address)), 30,
+    wait_seconds(lambda: any(e.step == "E2" for e in _events(state, address)), 30,
               "E2 once the window opens")
     [e2] = [e for e in _events(state, address) if e.step == "E2"]
     late = (e2.at - opens).total_seconds()

@@ -22,7 +22,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from reconciler.drivers.base import mailbox_id_for
 from reconciler.engine import ApplyReport, Engine
 from reconciler.state.model import Migration
 
+from helpers import waiting
 from sysutil import free_port
 from world import REPO, World, placement, policy
 
@@ -69,18 +69,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except WebDriverException as exc:  # the live part swapped under us: look again
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    """helpers' wait_for, looking again when the live part swapped under us."""
+    return waiting.wait_for(check, timeout, what, interval=0.2, retry_on=(WebDriverException,))
 
 
 class WebPage:
@@ -168,8 +158,9 @@ def test_page_follows_a_running_migration(world: World, tmp_path: Path,
             engine, addresses))
         assert wave_counts(browser, "web-wave") == (5, 0, 0)
         total = sum(old.values())
-        wave_text = lambda: browser.find_element(By.CSS_SELECTOR,  # noqa: E731
-                                                 '.wave[data-placement="web-wave"]').text
+        def wave_text() -> str:
+            return str(browser.find_element(By.CSS_SELECTOR,
+                                            '.wave[data-placement="web-wave"]').text)
 
         # The spec's <script> is text: shown, not run, not an element.
         description = browser.find_element(By.CSS_SELECTOR, ".wave .description").text

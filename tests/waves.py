@@ -28,13 +28,13 @@ from reconciler.drivers.base import mailbox_id_for
 from reconciler.engine import Engine
 from reconciler.state.model import Event, Migration
 
+from helpers import mail
 from pfdovecot import MailHost
 from world import World, run_cli
 
 
 def message(mid: str, to: str, sender: str) -> bytes:
-    return (f"From: {sender}\r\nTo: {to}\r\nMessage-ID: {mid}\r\nSubject: load\r\n\r\n"
-            f"{mid}\r\n").encode()
+    return mail.message("load", mid, mid, sender=sender, to=to)
 
 
 @dataclass

@@ -148,7 +148,9 @@ class Model:
             started = self.syncing.get(r.fd)
             if not started:
                 return False
-            target, state = started.pop(0)  # type: ignore[misc]
+            snapshot = started.pop(0)
+            assert isinstance(snapshot, tuple)
+            target, state = snapshot
             if isinstance(target, File):
                 content, version = state
                 if version > target.durable_version:

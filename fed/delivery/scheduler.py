@@ -64,19 +64,19 @@ import time
 from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from mailferry.mail.addresses import domain_of, is_valid, normalize, split_physical
 from mailferry.mail.backoff import backoff
 
-from . import metrics
+from ..queue.queuefile import BadQueueFile
+from ..queue.spool import PendingRecipient, Spool, new_queue_id
+from ..queue.store import Store
+from ..routing.directory import Directory, System
+from ..routing.holds import Holds
+from ..telemetry import metrics
 from .bounce import Failure, build_dsn, should_bounce
-from .directory import Directory, System
-from .holds import Holds
-from .queuefile import BadQueueFile
 from .smtpclient import ClientError, Connection, Reply
-from .spool import PendingRecipient, Spool, new_queue_id
-from .store import Store
 
 log = logging.getLogger("fed.delivery")
 
@@ -134,11 +134,25 @@ class Destination:
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class Clock(Protocol):
+    """Where the scheduler reads the time: the ``time`` module itself, or a test's fake
+    clock (retries, back-off and the queue lifetime then run without waiting)."""
+
+    def time(self) -> float:
+        """Wall-clock seconds: due times and ages stored with the recipients."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds for intervals only (the periodic recheck)."""
+        ...
+
+
 class Deliverer:
     """The scheduler, the destination queues and their connection workers."""
 
     def __init__(self, store: Store, spool: Spool, directory: Directory, holds: Holds,
-                 settings: DeliverySettings) -> None:
+                 settings: DeliverySettings, clock: Clock = time) -> None:
+        self._clock = clock
         self.store = store
         self.spool = spool
         self.directory = directory
@@ -212,17 +226,17 @@ class Deliverer:
     # -- scheduler ------------------------------------------------------------------------
     async def run(self) -> None:
         """Route due recipients to their destinations until stop() is called."""
-        last_recheck = time.monotonic()
+        last_recheck = self._clock.monotonic()
         while not self._stopping:
             self._event.clear()
-            now = time.time()
+            now = self._clock.time()
             while self._deferred and self._deferred[0][0] <= now:
                 self._ready.append(heapq.heappop(self._deferred)[2])
             # Holds on physical addresses are not announced by a wake(): a 1 s recheck.
-            if self._recheck or time.monotonic() - last_recheck > 1.0:
+            if self._recheck or self._clock.monotonic() - last_recheck > 1.0:
                 self._recheck = False
                 self._hints.clear()
-                last_recheck = time.monotonic()
+                last_recheck = self._clock.monotonic()
                 self._resync()
                 # Oldest first (queue ids sort by arrival): a released mailbox gets its
                 # backlog in the order it came, whichever stage had parked each message.
@@ -232,7 +246,7 @@ class Deliverer:
                 self._classify(self._ready.popleft())
             delay = 1.0
             if self._deferred:
-                delay = max(0.005, min(1.0, self._deferred[0][0] - time.time()))
+                delay = max(0.005, min(1.0, self._deferred[0][0] - self._clock.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._event.wait(), delay)
 
@@ -242,7 +256,7 @@ class Deliverer:
         self.spool.write_outcomes()  # the store must not lag behind memory for this
         self._admin_held = {str(r["queue_id"])
                             for r in self.store.query("SELECT queue_id FROM admin_holds")}
-        now = time.time()
+        now = self._clock.time()
         due: set[tuple[str, str]] = set()
         if self._deferred:  # only a recipient in back-off can be made due early
             due = {(str(r["queue_id"]), str(r["rcpt"])) for r in self.store.query(
@@ -582,12 +596,12 @@ class Deliverer:
                result: str = "deferred") -> None:
         """Schedule the next attempt (back-off with jitter), or give up after the lifetime."""
         detail = str(reply)
-        if time.time() - item.received_at >= self.settings.queue_lifetime:
+        if self._clock.time() - item.received_at >= self.settings.queue_lifetime:
             failures.append((item, physical, reply, True))
             return
         item.attempts += 1
         delay = backoff(item.attempts, self.settings.retry_base, self.settings.retry_max)
-        item.next_try = time.time() + delay
+        item.next_try = self._clock.time() + delay
         item.last_error = detail
         self.spool.mark_retry(item.queue_id, item.rcpt, item.attempts, item.next_try, detail)
         self.spool.log_delivery(item.queue_id, item.rcpt, physical, system, item.message_id,
@@ -657,7 +671,7 @@ class Deliverer:
         original = await asyncio.to_thread(self.spool.read, first.queue_id)
         dsn = build_dsn(
             reporting_mta=self.settings.helo_name, queue_id=first.queue_id, sender=sender,
-            arrival=first.received_at, last_attempt=time.time(),
+            arrival=first.received_at, last_attempt=self._clock.time(),
             failures=[Failure(it.rcpt, physical, reply.code, reply.text or str(reply), expired)
                       for it, physical, reply, expired in group],
             original=original)

@@ -66,7 +66,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import metrics
+from ..telemetry import metrics
 from .groupcommit import GroupCommitter
 from .queuefile import (
     BadQueueFile,

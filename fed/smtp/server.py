@@ -62,12 +62,12 @@ from mailferry.mail.addresses import (
 )
 from mailferry.mail.messageid import message_id_of
 
-from . import metrics
+from ..queue.spool import Spool, new_queue_id
+from ..routing.directory import Directory
+from ..telemetry import metrics
 from .auth import Authenticator
 from .dataphase import LeanSMTP
-from .directory import Directory
 from .policy import RelayPolicy, client_ip, is_loopback
-from .spool import Spool, new_queue_id
 
 log = logging.getLogger("fed.smtp")
 

@@ -1,4 +1,5 @@
-"""Shared fixtures of the station API and station agent tests (this file holds no tests).
+"""Shared fixtures and world of the station API and station agent tests (a harness, not a test
+module: test_station_api, test_station_agent, test_station_fuzz and the Thunderbird tests use it).
 
 Why real pieces: the station's contract is on the wire -- HTTP with tokens, an SMTP dialogue
 with the target's submission server, files on the workstation -- so the tests run the real
@@ -32,10 +33,7 @@ from reconciler.drivers.maildir import MaildirDriver
 from reconciler.state.model import Migration, StationReport
 from reconciler.state.store import Store, open_store
 
-try:
-    from tests.sysutil import free_port
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from sysutil import free_port  # type: ignore[no-redef]
+from sysutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ADDR = "jean.dupont@corp.example"

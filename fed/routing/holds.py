@@ -41,11 +41,11 @@ from sqlalchemy import Connection, delete, insert, select
 
 from mailferry.mail.addresses import split_physical
 
+from ..queue.store import Store
 from . import shared_db as t
 from .directory import Directory, DirectoryConflict, Snapshot, read_snapshot, upsync_missing
 from .nodes import NodeRegistry
 from .shared_db import SharedDB, bump, counters
-from .store import Store
 
 log = logging.getLogger("fed.holds")
 

@@ -33,20 +33,20 @@ from aiohttp import web
 
 from mailferry.mail.addresses import split_physical
 
-from . import metrics
-from .delivery import Deliverer
-from .directory import (
+from ..delivery.scheduler import Deliverer
+from ..delivery.smtpclient import ClientError, Connection, Reply
+from ..queue.spool import QuarantineError, Spool
+from ..routing.directory import (
     Directory,
     DirectoryConflict,
     DirectoryError,
     check_address,
     check_physical,
 )
-from .holds import HoldRefused, Holds
+from ..routing.holds import HoldRefused, Holds
+from ..routing.shared_db import Fenced, current_fence, fence_token
+from ..telemetry import metrics
 from .queueadmin import QueueAdmin
-from .shared_db import Fenced, current_fence, fence_token
-from .smtpclient import ClientError, Connection, Reply
-from .spool import QuarantineError, Spool
 
 log = logging.getLogger("fed.control")
 

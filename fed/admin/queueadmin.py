@@ -24,10 +24,10 @@ from typing import Any
 
 from mailferry.mail.addresses import domain_of, split_physical
 
-from .directory import Directory
-from .holds import Holds
-from .metrics import QueueState
-from .spool import Spool
+from ..queue.spool import Spool
+from ..routing.directory import Directory
+from ..routing.holds import Holds
+from ..telemetry.metrics import QueueState
 
 HEADER_LIMIT = 64 * 1024
 
