@@ -99,7 +99,7 @@ def test_table_filters_the_whole_set_before_paging() -> None:
     second placement far past the first page are all on page 1 of their filter, counted."""
     snap = snapshot(hours=10, rates=None)
     many = [Change(f"u{i:04d}@x.example", "failed" if i % 10 == 9 else "create", None,
-                   "s1", placement="w", reason="refused" if i % 10 == 9 else None)
+                   "s1", placement="w", reason="refused" if i % 10 == 9 else "")
             for i in range(views.PAGE_ROWS * 2 + 50)]
     tail = [Change(f"z{i}@x.example", "create", None, "s2", placement="late")
             for i in range(3)]
