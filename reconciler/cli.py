@@ -31,6 +31,8 @@ import click
 
 from mailferry import __version__
 from mailferry.service import notify_ready, private_files
+from reconciler.build import build_engine as build_engine  # re-exported: tests, bench
+from reconciler.build import state_url
 from reconciler.errors import MailferryError, SpecError
 from reconciler.run import Applier, Output, dirty_refusal
 from reconciler.spec.model import SpecSet
@@ -44,44 +46,11 @@ def _load(specs_dir: str) -> SpecSet:
     return load_specs(specs_dir)
 
 
-def _state_url(state: str | None) -> str:
-    if state:
-        return state if "://" in state else f"sqlite:///{Path(state).resolve()}"
-    path = Path("var/state.db").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
 def _parse_at(value: str | None) -> datetime | None:
     if value is None:
         return None
     when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def build_engine(specs: SpecSet, state: str | None, *,  # type: ignore[no-untyped-def]
-                 read_only: bool = False):
-    """The engine for a spec set: state store, fed client, drivers.
-
-    `read_only` (plan, status): a fed token that is not set is no error, the engine plans
-    from the state store and says what it could not read (`Engine.fed_unavailable`)."""
-    from reconciler.drivers.registry import make_drivers
-    from reconciler.engine import Engine
-    from reconciler.fedclient import FedClient
-    from reconciler.secrets import resolve
-    from reconciler.state.store import open_store
-
-    unavailable = None
-    try:
-        token = resolve(specs.fed.token, what=f"the token of FedHub {specs.fed.name}")
-    except MailferryError as exc:
-        if not read_only:
-            raise
-        token, unavailable = "", str(exc)
-    fed = FedClient(specs.fed.control_url, token)
-    engine = Engine(specs, open_store(_state_url(state)), fed, make_drivers(specs))
-    engine.fed_unavailable = unavailable
-    return engine
 
 
 def _fail(message: str) -> None:
@@ -430,7 +399,7 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
     from reconciler.api.stations import enrol_station
     from reconciler.state.store import open_store
 
-    store = open_store(_state_url(ctx.obj["state"]))
+    store = open_store(state_url(ctx.obj["state"]))
     try:
         token = enrol_station(store, name, address.lower(), move=move)
     except ValueError as exc:  # a taken address, a bad name: nothing was changed
@@ -461,7 +430,7 @@ def events(ctx: click.Context, address: str) -> None:
     from reconciler.state.model import Event
     from reconciler.state.store import open_store
 
-    store = open_store(_state_url(ctx.obj["state"]))
+    store = open_store(state_url(ctx.obj["state"]))
     with store.session() as session:
         rows = session.scalars(select(Event).where(Event.address == address.lower())
                                .order_by(Event.id))
@@ -531,7 +500,7 @@ def _admin(ctx: click.Context, act) -> None:  # type: ignore[no-untyped-def]
 
     specs = _load_or_exit(ctx.obj["specs"])
     try:
-        click.echo(act(open_store(_state_url(ctx.obj["state"])), specs, _who(), utcnow()))
+        click.echo(act(open_store(state_url(ctx.obj["state"])), specs, _who(), utcnow()))
     except MailferryError as exc:
         _fail(str(exc))
 

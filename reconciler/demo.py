@@ -193,7 +193,7 @@ def _run_in(root: Path, *, mailboxes: int, old_messages: int, rate: float,
             echo: Callable[[str], None]) -> bool:
     """The demo in `root` (its specs repository, state store, logs, mailboxes)."""
     from maildir_system.store import Store as SystemStore
-    from reconciler.cli import build_engine
+    from reconciler.build import build_engine
     from reconciler.drivers.base import mailbox_id_for
     from reconciler.embedded import start_embedded
     from reconciler.spec.loader import load_specs

@@ -41,6 +41,7 @@ from reconciler.errors import (
     TemporaryError,
 )
 from reconciler.fedclient import FedClient, Refusal
+from reconciler.fit import window_warnings_for
 from reconciler.mover.progress import Progress
 from reconciler.plan import AddressErrorView, Change, MigrationView, Plan, make_plan, purge_due
 from reconciler.spec.model import DesiredMailbox, SpecSet
@@ -227,9 +228,8 @@ class Engine:
             plan = make_plan(self.desired, seen.migrations, seen.directory, now, seen.suspended,
                              seen.address_errors)
         if estimates:
-            from reconciler.fit import window_warnings_for
-
-            plan.warnings.extend(window_warnings_for(self, plan, seen))
+            plan.warnings.extend(window_warnings_for(
+                self.store, self.drivers, self.desired, plan, seen.migrations, seen.directory))
             plan.warnings.extend(
                 f"{address}: {r.system} refuses {r.physical}, where fed's directory routes "
                 f"its mail ({r.count} deliveries deferred since {r.first}, last {r.last}: "

@@ -31,18 +31,21 @@ the apply passes.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from mailferry.mail.addresses import split_physical
 from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
-from reconciler.plan import Plan
+from reconciler.plan import MigrationView, Plan
 from reconciler.spec.model import WindowSpec
 from reconciler.spec.windows import next_open, open_until
 
 if TYPE_CHECKING:
-    from reconciler.engine import Engine, Observed
+    from reconciler.drivers.base import MailSystemDriver
+    from reconciler.spec.model import DesiredMailbox
+    from reconciler.state.store import Store
 
 MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
 COPYING = ("copy", "validate-and-copy")
@@ -74,7 +77,7 @@ class WindowLoad:
 class _Sizes:
     """Mailbox sizes, measured at most `budget` times."""
 
-    engine: Engine
+    drivers: Mapping[str, MailSystemDriver]
     budget: int = MAX_LOOKUPS
     cache: dict[tuple[str, str], tuple[int, int] | None] = field(default_factory=dict)
 
@@ -82,11 +85,11 @@ class _Sizes:
         """(bytes, messages) of a mailbox, or None when it cannot be measured."""
         key = (system, mailbox)
         if key not in self.cache:
-            if self.budget <= 0 or system not in self.engine.drivers:
+            if self.budget <= 0 or system not in self.drivers:
                 return None
             self.budget -= 1
             try:
-                info = self.engine.drivers[system].mailbox_info(mailbox)
+                info = self.drivers[system].mailbox_info(mailbox)
                 self.cache[key] = (info.size_bytes, info.messages)
             except Exception:  # a system down or a mailbox gone: no estimate for it
                 self.cache[key] = None
@@ -136,24 +139,29 @@ def window_fit(window: WindowSpec, now: datetime, load: WindowLoad,
             f"{human_bytes(rates[0])}/s and {rates[1]:.0f} messages/s: it will not fit")
 
 
-def window_warnings_for(engine: Engine, plan: Plan, observed: Observed) -> list[str]:
-    """The window-fit warnings of `plan` (reads the rate and the mailbox sizes)."""
-    with engine.store.session() as session:
+def window_warnings_for(
+    store: Store, drivers: Mapping[str, MailSystemDriver], desired: Mapping[str, DesiredMailbox],
+    plan: Plan, migrations: Sequence[MigrationView], directory: Mapping[str, str],
+) -> list[str]:
+    """The window-fit warnings of `plan` (reads the rate and the mailbox sizes).
+
+    Given the engine's parts, not the engine: the engine imports this module."""
+    with store.session() as session:
         rates = throughput(session, RECENT_RUNS)
     if rates is None:
         return []
-    latest = {m.address: m for m in observed.migrations}
+    latest = {m.address: m for m in migrations}
     loads: dict[str, WindowLoad] = defaultdict(WindowLoad)
     windows: dict[str, WindowSpec] = {}
-    sizes = _Sizes(engine)
+    sizes = _Sizes(drivers)
     for change in plan.changes:
-        want = engine.desired.get(change.address)
+        want = desired.get(change.address)
         if want is None or want.window is None:
             continue
         if change.action == "migrate":
             if want.policy.data_transfer not in COPYING:
                 continue
-            where = split_physical(observed.directory.get(change.address, ""))
+            where = split_physical(directory.get(change.address, ""))
             system, mailbox = where if where else ("", "")
             known: int | None = None
         elif change.action in ("step", "wait") and change.state is not None \

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from mailferry.mail.addresses import split_physical
 from reconciler.spec.model import DesiredMailbox, WindowSpec
 from reconciler.spec.windows import is_open, next_open
+from reconciler.state.states import ACTIVE_STATES, MigrationState
 
 Action = Literal[
     "in-sync", "create", "migrate", "step", "wait", "failed", "conflict", "orphan", "suspended",
@@ -55,7 +56,6 @@ STEP_TITLES: dict[str, str] = {
     "create": "create the mailbox on its system",
 }
 
-ACTIVE_STATES = frozenset({4, 5, 6, 7, 8, 9})  # between "addresses formed" and "done"
 
 
 @dataclass(frozen=True)
@@ -232,45 +232,46 @@ def next_step(
         return step(name, now)
 
     state = m.state
-    if state == 0:
+    S = MigrationState
+    if state == S.RECORDED:
         opening = clock.next_open(window)
         if opening is None:
             return step("E2", wait=True, reason="the window never opens")
         return step("E2", max(now, opening - _seconds(modes, "prestageLead")))
-    if state == 1:
+    if state == S.PRESTAGED:
         if diary_only:
             return step("E16", now)
         if modes.get("stationChecks"):
             return step("E20", wait=True, poll=True, reason="waiting for the first station check")
         return window_step("E4")
-    if state == 2:
+    if state == S.FIRST_CHECK:
         if m.station_action == "check2":
             return step("E22", wait=True, poll=True, reason="waiting for the second station check")
         opening = clock.next_open(window)
         if opening is None:
             return step("E21", wait=True, reason="the window never opens")
         return step("E21", max(now, opening - _seconds(modes, "recheckLead")))
-    if state == 3:
+    if state == S.SECOND_CHECK:
         return window_step("E4")
-    if state == 4:
+    if state == S.ADDRESSES_FORMED:
         return step("E5", now)
-    if state == 5:
+    if state == S.HELD:
         return step("E9", now)
-    if state == 6:
+    if state == S.FLIPPED:
         if transfer in ("copy", "validate-and-copy"):
             return step("E11", now)
         if modes.get("localStationData"):
             return step("E30", wait=True, poll=True, reason="waiting for the station's local data")
         return step("E40", now)
-    if state == 7:
+    if state == S.MOVER_TOOK:
         return step("E17" if diary_only else "E15", now)
-    if state == 8:
+    if state == S.DATA_COPIED:
         if modes.get("localStationData") and not diary_only:
             return step("E30", wait=True, poll=True, reason="waiting for the station's local data")
         return step("E40", now)
-    if state == 9:
+    if state == S.STATION_DONE:
         return step("E40", now)
-    if state == 10:
+    if state == S.DONE:
         delay = modes.get("deleteSourceAfter")
         if diary_only or delay is None:
             return _in_sync(m)
@@ -296,7 +297,8 @@ def _in_sync(m: MigrationView, reason: str = "") -> Change:
 
 def purge_due(m: MigrationView, now: datetime) -> bool:
     """E43: a finished record older than the retention period is purged (housekeeping)."""
-    return m.state == 13 and m.state_since + _seconds(m.modes, "retention") <= now
+    return (m.state == MigrationState.SOURCE_DELETED
+            and m.state_since + _seconds(m.modes, "retention") <= now)
 
 
 def make_plan(
@@ -374,7 +376,8 @@ def _decide(
     actual_system: str | None, clock: WindowClock, active: Counter[str],
 ) -> Change:
     """The change for one address (see `_change_for`)."""
-    if m is not None and not (m.state == 13 or (m.state == 10 and _finished_at_10(m))):
+    if m is not None and not (m.state == MigrationState.SOURCE_DELETED
+                              or (m.state == MigrationState.DONE and _finished_at_10(m))):
         # A migration is in progress: it decides, whatever the directory says.
         if m.failed_reason is not None:
             return Change(
@@ -386,14 +389,14 @@ def _decide(
             return Change(address=address, action="suspended", source=m.source_system,
                           target=m.target_system, state=m.state, migration_id=m.id,
                           reason="suspended by an admin", placement=m.placement)
-        if want is not None and want.system != m.target_system and m.state < 5:
+        if want is not None and want.system != m.target_system and m.state < MigrationState.HELD:
             return Change(
                 address=address, action="conflict", source=m.source_system,
                 target=want.system, state=m.state, migration_id=m.id,
                 reason=(f"the specs now want {want.system}, but a migration to "
                         f"{m.target_system} is in progress (state {m.state})"),
             )
-        if want is None and m.state < 5:
+        if want is None and m.state < MigrationState.HELD:
             return Change(
                 address=address, action="orphan", source=m.source_system,
                 target=m.target_system, state=m.state, migration_id=m.id,
@@ -411,11 +414,12 @@ def _decide(
     if want is None:
         # Not desired any more, nothing in progress: mailferry never deletes on removal.
         if m is not None:
-            return next_step(m, None, clock, 0) if m.state == 10 else _in_sync(m)
+            return next_step(m, None, clock, 0) if m.state == MigrationState.DONE else _in_sync(m)
         return Change(address=address, action="in-sync", source=actual_system, target=None)
 
     if m is not None and m.target_system == want.system:
-        if m.state == 13 or str(m.modes.get("dataTransfer")) == "diary-only":
+        if (m.state == MigrationState.SOURCE_DELETED
+                or str(m.modes.get("dataTransfer")) == "diary-only"):
             return _in_sync(m)
         return next_step(m, want, clock, active[str(m.modes.get("policy"))])
     if (m is not None and actual_system is not None and actual_system != want.system

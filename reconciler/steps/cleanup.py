@@ -15,6 +15,7 @@ from reconciler.mover.calendar import copy_diary, verify_diary
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import forget_logins, move_mail
 from reconciler.state.model import Migration, TransferRun
+from reconciler.state.states import MigrationState
 from reconciler.steps.base import Outcome, StepContext
 from reconciler.steps.transfer import ALTERED_DELAY, accepted_rewrites
 
@@ -27,7 +28,7 @@ def e40_done(ctx: StepContext, m: Migration) -> Outcome:
                                          TransferRun.verified.is_(True)).limit(1)).first()
         if verified is None:
             raise TemporaryError("no verified transfer recorded", address=m.address, step="E40")
-    return Outcome(10, "E40", {})
+    return Outcome(MigrationState.DONE, "E40", {})
 
 
 def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
@@ -65,4 +66,4 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
         forget_logins(source, m.source_mailbox)  # pooled sessions of BOX1 must not outlive it
         source.delete_mailbox(m.source_mailbox)
     ctx.changed(m.source_system)  # the pass's closing up-sync makes fed forget ADP1
-    return Outcome(13, "E41-E42", detail)
+    return Outcome(MigrationState.SOURCE_DELETED, "E41-E42", detail)

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from reconciler.drivers.base import Contact
 from reconciler.errors import PermanentError
 from reconciler.state.model import Migration
+from reconciler.state.states import MigrationState
 from reconciler.steps.base import Outcome, StepContext, addresses_of, new_physical, old_physical
 
 
@@ -54,7 +55,8 @@ def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
         target.set_redirect(m.target_mailbox, None)
     ctx.prove_delivery(m.target_system, new_physical(m), m, "E4")
     ctx.changed(m.target_system)
-    return Outcome(4, "E4", {"addresses": sorted(wanted), "syncfed": True})
+    return Outcome(MigrationState.ADDRESSES_FORMED, "E4",
+                   {"addresses": sorted(wanted), "syncfed": True})
 
 
 def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
@@ -80,7 +82,7 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
     since = datetime.fromisoformat(held.effective.replace("Z", "+00:00"))
     if m.hold_started_at is None:
         m.hold_started_at = since if since.tzinfo else since.replace(tzinfo=UTC)
-    return Outcome(5, "E5-E8", {"held": held.held, "since": held.since})
+    return Outcome(MigrationState.HELD, "E5-E8", {"held": held.held, "since": held.since})
 
 
 def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
@@ -110,7 +112,8 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
-    return Outcome(6, "E9", {"from": old, "to": new, "flipped": flipped.flipped,
-                             "address_migration_id": m.address_migration_id,
-                             "released_messages": waiting,
-                             "held_seconds": max(released.held_seconds.values(), default=0.0)})
+    return Outcome(MigrationState.FLIPPED, "E9",
+                   {"from": old, "to": new, "flipped": flipped.flipped,
+                    "address_migration_id": m.address_migration_id,
+                    "released_messages": waiting,
+                    "held_seconds": max(released.held_seconds.values(), default=0.0)})

@@ -12,6 +12,7 @@ from reconciler.errors import PermanentError
 from reconciler.mover.service import forget_logins
 from reconciler.spec.model import DesiredMailbox
 from reconciler.state.model import Migration
+from reconciler.state.states import MigrationState
 from reconciler.steps.base import Outcome, StepContext, new_physical, old_physical
 
 
@@ -40,7 +41,7 @@ def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> M
         target_system=want.system, source_mailbox=source_mailbox,
         target_mailbox=mailbox_id_for(want.address), placement=want.placement,
         window=want.window.name if want.window else None, modes=want.policy.modes(),
-        station=want.station, state=0, state_since=ctx.now,
+        station=want.station, state=MigrationState.RECORDED, state_since=ctx.now,
     )
     m.modes["maxParallel"] = want.policy.max_parallel
     ctx.session.add(m)
@@ -67,8 +68,9 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
     if account.redirect_to != redirect:
         target.set_redirect(m.target_mailbox, redirect)
     ctx.prove_delivery(m.target_system, new_physical(m), m, "E2")  # early: days before the flip
-    return Outcome(1, "E2", {"mailbox": m.target_mailbox, "internal_address": ad2,
-                             "redirect": redirect})
+    return Outcome(MigrationState.PRESTAGED, "E2",
+                   {"mailbox": m.target_mailbox, "internal_address": ad2,
+                    "redirect": redirect})
 
 
 def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> dict[str, object]:

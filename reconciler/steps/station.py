@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from reconciler.errors import NotReady, PermanentError
 from reconciler.state.model import Migration, StationReport
+from reconciler.state.states import MigrationState
 from reconciler.state.store import record_event
 from reconciler.steps.base import Outcome, StepContext
 
@@ -49,7 +50,8 @@ def e20_first_check(ctx: StepContext, m: Migration) -> Outcome:
         raise NotReady(f"first station check negative: {problems}", address=m.address,
                        step="E20", delay=60)
     m.station_action = None
-    return Outcome(2, "E20", {"station": m.station, "report": report.detail})
+    return Outcome(MigrationState.FIRST_CHECK, "E20",
+                   {"station": m.station, "report": report.detail})
 
 
 def e21_schedule_recheck(ctx: StepContext, m: Migration) -> Outcome:
@@ -72,7 +74,7 @@ def e22_second_check(ctx: StepContext, m: Migration) -> Outcome:
     size = report.detail.get("mailbox_size")
     m.mailbox_size = int(size) if isinstance(size, int | float) else None
     m.station_action = None
-    return Outcome(3, "E22-E23", {"mailbox_type": m.mailbox_type,
+    return Outcome(MigrationState.SECOND_CHECK, "E22-E23", {"mailbox_type": m.mailbox_type,
                                   "mailbox_size": m.mailbox_size})
 
 
@@ -87,4 +89,5 @@ def e30_local_data(ctx: StepContext, m: Migration) -> Outcome:
         raise PermanentError(f"station gave up after its retries (E32): {report.detail}",
                              address=m.address, step="E32")
     m.station_action = None
-    return Outcome(9, "E30-E33", {"station": m.station, "report": report.detail})
+    return Outcome(MigrationState.STATION_DONE, "E30-E33",
+                   {"station": m.station, "report": report.detail})

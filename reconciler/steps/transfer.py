@@ -17,6 +17,7 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import move_mail
 from reconciler.mover.validate import validate_source
 from reconciler.state.model import Migration, TransferRun
+from reconciler.state.states import MigrationState
 from reconciler.steps.base import Outcome, StepContext
 
 ALTERED_DELAY = 300.0  # seconds before looking again at a target that altered copies
@@ -44,13 +45,13 @@ def e11_take_mailbox(ctx: StepContext, m: Migration) -> Outcome:
         raise PermanentError("no address-migration id: E9 was not recorded",
                              address=m.address, step="E14")
     detail["address_migration_id"] = m.address_migration_id
-    return Outcome(7, "E11-E14", detail)
+    return Outcome(MigrationState.MOVER_TOOK, "E11-E14", detail)
 
 
 def e16_take_diary(ctx: StepContext, m: Migration) -> Outcome:
     """E13/E14 negative/E16: the address does not move; the mover takes the diary data."""
     ctx.driver(m.source_system).ping()
-    return Outcome(7, "E13-E16", {"diary_only": True})
+    return Outcome(MigrationState.MOVER_TOOK, "E13-E16", {"diary_only": True})
 
 
 def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
@@ -92,7 +93,7 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
         ctx.session.flush()
         raise TemporaryError("copy not verified: " + "; ".join(problems),
                              address=m.address, step=label, delay=10)
-    return Outcome(8, label, detail)
+    return Outcome(MigrationState.DATA_COPIED, label, detail)
 
 
 def e15_copy_mail(ctx: StepContext, m: Migration) -> Outcome:
