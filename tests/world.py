@@ -90,7 +90,7 @@ class World:
         return directory
 
     def engine(self, directory: Path, state: str) -> Engine:
-        return build_engine(load_specs(directory), state)  # type: ignore[no-any-return]
+        return build_engine(load_specs(directory), state)
 
     def stop(self) -> None:
         self.embedded.stop()
