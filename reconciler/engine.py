@@ -52,10 +52,10 @@ from reconciler.state.model import (
     PlacementSuspension,
     utcnow,
 )
+from reconciler.state.states import MigrationState
 from reconciler.state.store import Store, record_event, record_transition
-from reconciler.steps import prestage
 from reconciler.steps.base import Outcome, PassCache, StepContext
-from reconciler.steps.registry import STEPS, StepSpec
+from reconciler.steps.registry import StepSpec, step_for
 
 log = logging.getLogger("mailferry.engine")
 
@@ -341,8 +341,27 @@ class Engine:
         its changes, without chaining)."""
         cache = PassCache(changed=set(self._upsync_pending),
                           downsync_needed=self._downsync_pending)
+        progressed = self._run_queue(deque(changes), report, now, cache, chain=chain)
+        if self.lease_lost is not None:
+            return False
+        if purge:
+            # After the plan's changes: a record they just finished may be due at once.
+            progressed = self._run_queue(deque(self._due_purges(now)), report, now, cache,
+                                         chain=False) or progressed
+            if self.lease_lost is not None:
+                return False
+            self._record_refusals(now)
+        failed_syncs = self._sync(cache, now)
+        for record in failed_syncs:
+            self._report(report, record)
+        # A failed closing sync ends apply: the next pass would see the same directory and
+        # redo the same steps (a create looks for its address in fed's directory).
+        return progressed and not failed_syncs
+
+    def _run_queue(self, queue: deque[Change], report: ApplyReport, now: datetime,
+                   cache: PassCache, *, chain: bool) -> bool:
+        """Run the queued changes in order (until a stop); True when one succeeded."""
         progressed = False
-        queue = deque(changes)
         while queue:
             change = queue.popleft()
             if self.should_stop() or self.lease_lost is not None:
@@ -355,17 +374,7 @@ class Engine:
                 continue
             self._report(report, record)
             progressed = progressed or record.ok
-        if self.lease_lost is not None:
-            return False
-        if purge:
-            progressed = self._purge(now) or progressed
-            self._record_refusals(now)
-        failed_syncs = self._sync(cache, now)
-        for record in failed_syncs:
-            self._report(report, record)
-        # A failed closing sync ends apply: the next pass would see the same directory and
-        # redo the same steps (a create looks for its address in fed's directory).
-        return progressed and not failed_syncs
+        return progressed
 
     def _report(self, report: ApplyReport, record: StepRecord) -> None:
         record.at = self.clock()
@@ -409,50 +418,31 @@ class Engine:
                            progress=self.progress)
 
     def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
+        """One change through the step registry, in its own transaction: the step, then its
+        new state and event; an error is recorded as the registry's limits say."""
         step = change.step or ""
-        if change.action == "create":
-            step = "create"
-        spec = STEPS[step] if step in STEPS else StepSpec(step, None)
+        try:
+            spec = step_for(change.step)
+        except PermanentError as exc:  # a step the registry does not have: nothing is run
+            self._fail(change, str(exc), step, now)
+            return StepRecord(change.address, step, False, None, str(exc))
         try:
             with self.store.session() as session:
                 ctx = self._context(session, now, cache, change.address)
-                if change.action in ("create", "migrate"):
-                    error = session.get(AddressError, change.address)
-                    if error is not None and (error.failed_reason is not None or (
-                            error.next_attempt_at is not None and error.next_attempt_at > now)):
-                        return None  # frozen or backing off (a saved plan made before)
-                    if error is not None:
-                        session.delete(error)  # committed with the success, not before
-                if change.action == "create":
-                    detail = prestage.create_mailbox(ctx, self.desired[change.address])
-                    detail.update(self._config_changes())
-                    record_event(session, None, "create", address=change.address,
-                                 detail=detail, commit=self.specs.commit, at=now)
-                    return StepRecord(change.address, "create", True, None,
-                                      f"created on {change.target}")
-                if change.action == "migrate":
-                    physical = self.fed.lookup(change.address) or ""
-                    new = prestage.record_migration(ctx, self.desired[change.address], physical)
-                    record_event(session, new, "E1", to_state=0, commit=self.specs.commit,
-                                 detail={"source": new.source_system, "target": new.target_system,
-                                         "window": new.window, "modes": new.modes}, at=now)
-                    return StepRecord(change.address, "E1", True, 0, "migration recorded")
-                m = session.get(Migration, change.migration_id)
-                if m is None or m.state != change.state or m.failed or m.purged:
-                    return None  # someone else moved it since we planned
-                if spec.run is None:
-                    raise PermanentError(f"no step {step!r} in the registry", step=step)
                 try:
-                    outcome = spec.run(ctx, m)
+                    outcome = spec.run(ctx, change)
                 except NotReady:
                     # Not an error: the step may have asked a station for something, which
                     # commits with this session; the plan shows what it waits for.
                     return None
+                if outcome is None:
+                    return None  # someone else moved it since we planned
                 _failpoint(step, "after-action")
                 outcome.detail.update(self._config_changes())
-                self._record(session, m, outcome, now)
+                self._record(session, change, outcome, now)
             _failpoint(step, "after-commit")
-            return StepRecord(change.address, outcome.label, True, outcome.to_state)
+            return StepRecord(change.address, outcome.label, True, outcome.to_state,
+                              outcome.message)
         except LeaseLost as exc:
             # Not this migration's error: another reconciler acts now. Record nothing.
             self.lease_lost = exc
@@ -476,7 +466,21 @@ class Engine:
                    if (found := driver.take_config_changes())}
         return {"config_changes": changes} if changes else {}
 
-    def _record(self, session: Session, m: Migration, outcome: Outcome, now: datetime) -> None:
+    def _record(self, session: Session, change: Change, outcome: Outcome,
+                now: datetime) -> None:
+        m = outcome.migration
+        if m is None or not _own(change):
+            # create, E1: the address had no migration (E1's event is the new row's first).
+            record_event(session, m, outcome.label, address=change.address,
+                         to_state=outcome.to_state, detail=outcome.detail,
+                         commit=self.specs.commit, at=now)
+            return
+        if outcome.to_state == m.state:
+            # An arrow back to the same state (E43 at 13): the state's time stays.
+            m.attempts, m.error_since, m.last_error, m.next_attempt_at = 0, None, None, None
+            record_event(session, m, outcome.label, from_state=m.state, to_state=m.state,
+                         detail=outcome.detail, commit=self.specs.commit, at=now)
+            return
         if outcome.to_state is None:
             # The step succeeded without a transition: its run of errors is over.
             m.attempts, m.error_since, m.last_error, m.next_attempt_at = 0, None, None, None
@@ -541,18 +545,18 @@ class Engine:
         self._fail(change, reason, spec.name, now)
         return reason
 
-    def _purge(self, now: datetime) -> bool:
-        """E43: records at 13 past their retention are purged (events are kept)."""
-        purged = False
+    def _due_purges(self, now: datetime) -> list[Change]:
+        """E43 for every record at 13 past its retention (not failed, not backing off): the
+        plan leaves finished records in sync, the engine finds this housekeeping due."""
         with self.store.session() as session:
-            for m in session.scalars(select(Migration).where(Migration.state == 13,
-                                                             Migration.purged.is_(False))):
-                if purge_due(view(m), now):
-                    m.purged = True
-                    record_event(session, m, "E43", from_state=13, to_state=13,
-                                 commit=self.specs.commit, at=now)
-                    purged = True
-        return purged
+            found = session.scalars(select(Migration).where(
+                Migration.state == MigrationState.SOURCE_DELETED, Migration.purged.is_(False),
+                Migration.failed_reason.is_(None)).order_by(Migration.id))
+            return [Change(address=m.address, action="step", source=m.source_system,
+                           target=m.target_system, state=m.state, step="E43", due=now,
+                           migration_id=m.id, placement=m.placement)
+                    for m in found if purge_due(view(m), now)
+                    and (m.next_attempt_at is None or m.next_attempt_at <= now)]
 
     def _downsync(self) -> None:
         """Down-sync: every system's address book gets fed's merged directory."""

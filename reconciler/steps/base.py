@@ -109,9 +109,16 @@ class Outcome:
     to_state: int | None
     label: str
     detail: dict[str, Any] = field(default_factory=dict)
+    message: str = ""  # the line apply prints for it, when the label is not enough
+    # The row the event belongs to: the migration the step ran on, or the one E1 recorded
+    # (None for a create: the address has no migration).
+    migration: Migration | None = None
 
 
-StepFunction = Callable[[StepContext, Migration], Outcome]
+# The two kinds of step (`reconciler.steps.registry` runs both): one arrow of a recorded
+# migration, or a step for a desired address that has no migration row yet.
+MigrationStep = Callable[[StepContext, Migration], Outcome]
+AddressStep = Callable[[StepContext, DesiredMailbox], Outcome]
 
 
 def old_physical(m: Migration) -> str:

@@ -67,3 +67,10 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
         source.delete_mailbox(m.source_mailbox)
     ctx.changed(m.source_system)  # the pass's closing up-sync makes fed forget ADP1
     return Outcome(MigrationState.SOURCE_DELETED, "E41-E42", detail)
+
+
+def e43_purge(ctx: StepContext, m: Migration) -> Outcome:
+    """E43: a finished record past its retention is purged (the engine finds it due; its
+    events are kept). The state stays 13: the event goes from 13 to 13."""
+    m.purged = True
+    return Outcome(MigrationState.SOURCE_DELETED, "E43")

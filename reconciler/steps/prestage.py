@@ -22,8 +22,16 @@ def internal_address(ctx: StepContext, m: Migration) -> str:
     return f"{m.address.partition('@')[0]}@{system.internal_domain}"
 
 
+def e1_record_migration(ctx: StepContext, want: DesiredMailbox) -> Outcome:
+    """E1: a new migration row (state 0) from the specs and fed's directory."""
+    m = record_migration(ctx, want, ctx.fed.lookup(want.address) or "")
+    return Outcome(MigrationState.RECORDED, "E1",
+                   {"source": m.source_system, "target": m.target_system, "window": m.window,
+                    "modes": m.modes}, message="migration recorded", migration=m)
+
+
 def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> Migration:
-    """E1: a new migration row (state 0) from the specs and the directory's physical address."""
+    """The migration row of E1, from the specs and the directory's physical address."""
     where = split_physical(physical)
     if where is None:
         raise PermanentError(f"fed's directory gives no physical address: {physical!r}",
@@ -73,7 +81,7 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
                     "redirect": redirect})
 
 
-def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> dict[str, object]:
+def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> Outcome:
     """A new address in the specs: create its mailbox and register it in fed's directory."""
     driver = ctx.driver(want.system)
     mailbox_id = mailbox_id_for(want.address)
@@ -85,5 +93,6 @@ def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> dict[str, object]:
     # fed learns it from the up-sync at the end of this pass; the next plan checks that the
     # directory has it (and would simply run this idempotent step again if not).
     ctx.changed(want.system)
-    return {"system": want.system, "mailbox": mailbox_id,
-            "physical": account.physical_address}
+    return Outcome(None, "create", {"system": want.system, "mailbox": mailbox_id,
+                                    "physical": account.physical_address},
+                   message=f"created on {want.system}")

@@ -22,17 +22,61 @@ delivers it as soon as it can (DESIGN.md: the hold is short and always ends in a
 
 A permanent failure freezes the migration with the reason (`failed_reason`); the plan shows
 it as a `!` line and `reconcile retry ADDRESS` clears it.
+
+Every step is here, and the engine runs every change through this table (`step_for`): the
+steps of a recorded migration (E2-E41, and E43, the purge of a finished record, which the
+engine finds due itself), and the two that come before any migration row, `create` (a new
+address) and `E1` (record the migration). What a step runs on is the spec's `run`, made by
+`on_migration` or `on_address`: they fetch the row or the desired mailbox and skip a change
+the world has moved past since it was planned. A name not in the table is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from mailferry.mail.backoff import backoff as exponential_backoff
+from reconciler.errors import PermanentError
+from reconciler.plan import Change
+from reconciler.state.model import AddressError, Migration
 from reconciler.steps import cleanup, cutover, prestage, station, transfer
-from reconciler.steps.base import StepFunction
+from reconciler.steps.base import AddressStep, MigrationStep, Outcome, StepContext
 
 HOUR = 3600.0
+
+# A planned change run in the step's session: its outcome, or None when the world moved
+# past the plan since (nothing to record).
+StepRun = Callable[[StepContext, Change], Outcome | None]
+
+
+def on_migration(step: MigrationStep) -> StepRun:
+    """A step of a recorded migration: it runs on the row the plan saw, if that row is still
+    in the planned state, neither frozen nor purged (else someone else moved it since)."""
+    def run(ctx: StepContext, change: Change) -> Outcome | None:
+        m = ctx.session.get(Migration, change.migration_id)
+        if m is None or m.state != change.state or m.failed or m.purged:
+            return None
+        return replace(step(ctx, m), migration=m)
+    return run
+
+
+def on_address(step: AddressStep) -> StepRun:
+    """A step before any migration row (`create`, `E1`): it runs on the address's desired
+    mailbox, unless the address's earlier failure is frozen or still backing off (a saved
+    plan made before it). That failure's record goes with the success, not before it."""
+    def run(ctx: StepContext, change: Change) -> Outcome | None:
+        error = ctx.session.get(AddressError, change.address)
+        if error is not None:
+            if error.failed_reason is not None or (
+                    error.next_attempt_at is not None and error.next_attempt_at > ctx.now):
+                return None
+            ctx.session.delete(error)
+        if ctx.desired is None:
+            raise PermanentError("the address is not in the specs", address=change.address,
+                                 step=change.step or "")
+        return step(ctx, ctx.desired)
+    return run
 
 
 @dataclass(frozen=True)
@@ -40,7 +84,7 @@ class StepSpec:
     """One step: what runs it and its error limits (the module docstring)."""
 
     name: str
-    run: StepFunction | None  # None: `create` and `E1`, which have no migration row yet
+    run: StepRun
     retries: int | None = 20
     timeout: float | None = 6 * HOUR
     backoff: float = 5.0
@@ -70,24 +114,34 @@ def _specs(*specs: StepSpec) -> dict[str, StepSpec]:
 
 
 STEPS: dict[str, StepSpec] = _specs(
-    StepSpec("create", None),
-    StepSpec("E1", None),
-    StepSpec("E2", prestage.e2_create_target),
-    StepSpec("E20", station.e20_first_check, timeout=24 * HOUR),
-    StepSpec("E21", station.e21_schedule_recheck, timeout=24 * HOUR),
-    StepSpec("E22", station.e22_second_check, timeout=24 * HOUR),
-    StepSpec("E4", cutover.e4_form_addresses),
+    StepSpec("create", on_address(prestage.create_mailbox)),
+    StepSpec("E1", on_address(prestage.e1_record_migration)),
+    StepSpec("E2", on_migration(prestage.e2_create_target)),
+    StepSpec("E20", on_migration(station.e20_first_check), timeout=24 * HOUR),
+    StepSpec("E21", on_migration(station.e21_schedule_recheck), timeout=24 * HOUR),
+    StepSpec("E22", on_migration(station.e22_second_check), timeout=24 * HOUR),
+    StepSpec("E4", on_migration(cutover.e4_form_addresses)),
     # Held: retried until fed answers, never frozen (the module docstring).
-    StepSpec("E5", cutover.e5_verify_and_hold, retries=None, timeout=None, bug_retries=None,
-             max_backoff=30.0, backoff=2.0),
-    StepSpec("E9", cutover.e9_flip, retries=None, timeout=None, bug_retries=None,
-             max_backoff=30.0, backoff=2.0),
-    StepSpec("E11", transfer.e11_take_mailbox),
+    StepSpec("E5", on_migration(cutover.e5_verify_and_hold), retries=None, timeout=None,
+             bug_retries=None, max_backoff=30.0, backoff=2.0),
+    StepSpec("E9", on_migration(cutover.e9_flip), retries=None, timeout=None,
+             bug_retries=None, max_backoff=30.0, backoff=2.0),
+    StepSpec("E11", on_migration(transfer.e11_take_mailbox)),
     # A copy of a big mailbox meets every kind of hiccup: more patience.
-    StepSpec("E15", transfer.e15_copy_mail, retries=50, timeout=24 * HOUR),
-    StepSpec("E16", transfer.e16_take_diary),
-    StepSpec("E17", transfer.e17_copy_diary, retries=50, timeout=24 * HOUR),
-    StepSpec("E30", station.e30_local_data, timeout=24 * HOUR),
-    StepSpec("E40", cleanup.e40_done, timeout=24 * HOUR),
-    StepSpec("E41", cleanup.e41_delete_source, timeout=24 * HOUR),
+    StepSpec("E15", on_migration(transfer.e15_copy_mail), retries=50, timeout=24 * HOUR),
+    StepSpec("E16", on_migration(transfer.e16_take_diary)),
+    StepSpec("E17", on_migration(transfer.e17_copy_diary), retries=50, timeout=24 * HOUR),
+    StepSpec("E30", on_migration(station.e30_local_data), timeout=24 * HOUR),
+    StepSpec("E40", on_migration(cleanup.e40_done), timeout=24 * HOUR),
+    StepSpec("E41", on_migration(cleanup.e41_delete_source), timeout=24 * HOUR),
+    StepSpec("E43", on_migration(cleanup.e43_purge), timeout=24 * HOUR),
 )
+
+
+def step_for(name: str | None) -> StepSpec:
+    """The registered step `name`; a name the table does not have is refused, permanently
+    (a plan naming it is a bug or a hand-edited file: nothing is run for it)."""
+    spec = STEPS.get(name or "")
+    if spec is None:
+        raise PermanentError(f"no step {name!r} in the registry", step=name or "")
+    return spec
