@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from mailferry.mail.addresses import split_physical
+from reconciler.humanize import human_bytes, human_duration
 from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
 from reconciler.plan import MigrationView, Plan
 from reconciler.spec.model import WindowSpec
@@ -94,25 +95,6 @@ class _Sizes:
             except Exception:  # a system down or a mailbox gone: no estimate for it
                 self.cache[key] = None
         return self.cache[key]
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
-def human_duration(seconds: float) -> str:
-    minutes = int(seconds // 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m" if minutes else f"{seconds:.0f}s"
 
 
 def window_fit(window: WindowSpec, now: datetime, load: WindowLoad,

@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 
 from reconciler.engine import StepRecord
-from reconciler.fit import human_duration
+from reconciler.humanize import human_duration
 from reconciler.mover.progress import TerminalProgress
 from reconciler.plan import Plan
 

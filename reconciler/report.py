@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from reconciler.fit import human_bytes
+from reconciler.humanize import human_bytes
 from reconciler.plan import Plan
 from reconciler.state.model import Event, Migration, TransferRun, WaveReport
 

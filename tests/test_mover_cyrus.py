@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
+from reconciler.drivers.base import ImapAccount
+from reconciler.mover.endpoints import ImapEndpoint
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.progress import Progress

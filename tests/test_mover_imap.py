@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from mailferry.mail.imap.client import ImapClient, ImapLoginError
+from reconciler.drivers.base import ImapAccount
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import (
     DriverEndpoint,
     Endpoint,
-    ImapAccount,
     ImapEndpoint,
     content_hash,
 )

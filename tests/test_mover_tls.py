@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.drivers.base import ImapAccount
 from reconciler.drivers.imap import ImapDriver
 from reconciler.errors import TemporaryError
-from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
+from reconciler.mover.endpoints import ImapEndpoint
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport
 from reconciler.mover.runner import Job, run_jobs

@@ -95,7 +95,8 @@ def test_a_server_dropping_pipelined_commands_gets_one_at_a_time_on_the_retry() 
     the LIST is lost; that silence costs one timeout, and the retry (and every later
     connection to that server) sends one command at a time and works."""
     from mailferry.mail.imap.client import NO_PIPELINING, ImapConnectionError
-    from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
+    from reconciler.drivers.base import ImapAccount
+    from reconciler.mover.endpoints import ImapEndpoint
 
     reads: list[bytes] = []
 
@@ -163,7 +164,8 @@ class LateClient(ImapClient):
 def test_a_server_gone_after_its_greeting_is_a_connection_error(pause: float) -> None:
     """The close seen before the login is written (pause) or after: a retryable error."""
     from mailferry.mail.imap.client import ImapConnectionError
-    from reconciler.mover.endpoints import ImapAccount, ImapEndpoint
+    from reconciler.drivers.base import ImapAccount
+    from reconciler.mover.endpoints import ImapEndpoint
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] leaving\r\n")

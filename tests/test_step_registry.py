@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from test_plan_table import MODES, NOW, SINCE, A, plan_line
 
 from reconciler.engine import Engine
 from reconciler.errors import PermanentError, TemporaryError
@@ -31,7 +32,6 @@ from reconciler.state.states import MigrationState
 from reconciler.steps import registry
 from reconciler.steps.base import Outcome, StepContext
 
-from test_plan_table import MODES, NOW, SINCE, A, plan_line
 from world import World, placement, policy
 
 pytestmark = pytest.mark.timeout(180)

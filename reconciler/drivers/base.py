@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 # drivers and their callers).
 from mailferry.mail.addresses import PHYSICAL_TLD, mailbox_id_for, physical_address, split_physical
 
-__all__ = ["PHYSICAL_TLD", "Account", "Contact", "DeliveryEndpoint", "MailSystemDriver",
+__all__ = ["PHYSICAL_TLD", "Account", "Contact", "DeliveryEndpoint", "ImapAccount",
+           "MailSystemDriver",
            "MailboxInfo", "StoredMessage", "content_sha256", "mailbox_id_for",
            "physical_address", "split_physical"]
 
@@ -41,6 +42,35 @@ def content_sha256(data: bytes) -> str:
     Line endings are left out because IMAP always transports CRLF while Maildir files may hold
     bare LF: one message must keep one digest whichever driver lists it."""
     return hashlib.sha256(data.replace(b"\r\n", b"\n")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImapAccount:
+    """How to log in to one mailbox on an IMAP server: what an IMAP-backed driver's
+    `imap_account(mailbox_id)` gives the mover (its password resolved from a reference by
+    the driver, never read from the specs; `authorize_as` logs in as an admin or master
+    user on behalf of the mailbox's owner)."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    authorize_as: str | None = None  # log in as `user` (an admin) on behalf of this mailbox
+    timeout: float = 60.0
+    # "none", "implicit" (IMAPS, port 993) or "starttls" (required: no login in cleartext);
+    # True/False are accepted for "implicit"/"none"
+    tls: bool | str = False
+    cafile: str | None = None  # CA bundle for the server's certificate (else system roots)
+    system: str = ""  # the mail system's name, for messages
+
+    @property
+    def where(self) -> str:
+        """The server as errors name it: "system: IMAP host:port"."""
+        return f"{self.system + ': ' if self.system else ''}IMAP {self.host}:{self.port}"
+
+    def __repr__(self) -> str:  # never print the password
+        who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
+        return f"ImapAccount({who}@{self.host}:{self.port})"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
     DeliveryEndpoint,
+    ImapAccount,
     MailboxInfo,
     MailSystemDriver,
     StoredMessage,
@@ -49,7 +50,6 @@ from reconciler.drivers.imapstore import (
 )
 from reconciler.drivers.pfdovecot_tables import Tables
 from reconciler.errors import MailferryError, PermanentError, TemporaryError
-from reconciler.mover.endpoints import ImapAccount
 from reconciler.secrets import resolve
 from reconciler.spec.model import ImapOptions
 

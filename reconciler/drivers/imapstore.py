@@ -37,9 +37,8 @@ from mailferry.mail.imap.client import ImapCommandError, ImapError, ImapTlsError
 from mailferry.mail.imap.dates import epoch_of
 from mailferry.mail.imap.quoting import quote
 from mailferry.mail.messageid import message_id_of
-from reconciler.drivers.base import StoredMessage, content_sha256
+from reconciler.drivers.base import ImapAccount, StoredMessage, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
-from reconciler.mover.endpoints import ImapAccount
 
 T = TypeVar("T")
 TIMEOUT = 30.0

@@ -51,6 +51,7 @@ from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
     DeliveryEndpoint,
+    ImapAccount,
     MailboxInfo,
     MailSystemDriver,
     StoredMessage,
@@ -65,7 +66,6 @@ from reconciler.drivers.imapstore import (
 )
 from reconciler.drivers.pfdovecot_tables import TableError, Tables
 from reconciler.errors import PermanentError, TemporaryError
-from reconciler.mover.endpoints import ImapAccount
 from reconciler.secrets import resolve
 from reconciler.spec.model import Endpoint, PostfixDovecotOptions
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from mailferry import __version__, secretfile
 from mailferry.service import private_files
-from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
+from reconciler.drivers.base import ImapAccount
+from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options

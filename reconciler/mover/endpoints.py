@@ -14,10 +14,11 @@ IMAP serves every message), so a message copied from a Maildir file with bare LF
 IMAP server, which stores and serves it with CRLF, is still recognised as the same one.
 The bytes appended are exactly the bytes read: the mover never rewrites a message.
 
-Credentials: `ImapAccount` holds a password resolved from a reference (environment
-variable or file) by the caller, never read from the specs; `authorize_as` logs in as an
-admin or master user on behalf of the mailbox's owner (SASL PLAIN authorization id, what
-Dovecot master users, Cyrus admins and Zimbra admins accept).
+Credentials: `ImapAccount` (in `reconciler.drivers.base`, the drivers give it) holds a
+password resolved from a reference (environment variable or file) by the caller, never read
+from the specs; `authorize_as` logs in as an admin or master user on behalf of the mailbox's
+owner (SASL PLAIN authorization id, what Dovecot master users, Cyrus admins and Zimbra
+admins accept).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from mailferry.mail.imap.client import (
 from mailferry.mail.imap.dates import epoch_of, imap_date
 from mailferry.mail.imap.quoting import quote_mailbox
 from mailferry.mail.messageid import message_id_of
-from reconciler.drivers.base import MailSystemDriver
+from reconciler.drivers.base import ImapAccount, MailSystemDriver
 from reconciler.mover.folders import Folder, canonical, guess_special_use, native
 from reconciler.mover.pool import ConnectionPool, Idle
 
@@ -188,32 +189,6 @@ def expand_uid_set(text: str) -> list[str]:
 
 
 # -- IMAP ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImapAccount:
-    """How to log in to one mailbox on an IMAP server."""
-
-    host: str
-    port: int
-    user: str
-    password: str
-    authorize_as: str | None = None  # log in as `user` (an admin) on behalf of this mailbox
-    timeout: float = 60.0
-    # "none", "implicit" (IMAPS, port 993) or "starttls" (required: no login in cleartext);
-    # True/False are accepted for "implicit"/"none"
-    tls: bool | str = False
-    cafile: str | None = None  # CA bundle for the server's certificate (else system roots)
-    system: str = ""  # the mail system's name, for messages
-
-    @property
-    def where(self) -> str:
-        """The server as errors name it: "system: IMAP host:port"."""
-        return f"{self.system + ': ' if self.system else ''}IMAP {self.host}:{self.port}"
-
-    def __repr__(self) -> str:  # never print the password
-        who = f"{self.user}->{self.authorize_as}" if self.authorize_as else self.user
-        return f"ImapAccount({who}@{self.host}:{self.port})"
-
-
 class ImapEndpoint:
     """A mailbox on an IMAP server, over one pipelined connection."""
 

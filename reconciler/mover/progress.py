@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from reconciler.humanize import human_bytes, human_duration
+
 
 @dataclass
 class MailboxProgress:
@@ -131,8 +133,6 @@ class JsonProgress(Progress):
 
 def figures(done_bytes: int, total_bytes: int, seconds: float) -> str:
     """'1.2 MB of 3.4 MB, 0.8 MB/s, ETA 3s' (the rate since the start, the ETA from it)."""
-    from reconciler.fit import human_bytes, human_duration
-
     rate = done_bytes / seconds if seconds > 0 else 0.0
     left = max(total_bytes - done_bytes, 0)
     eta = human_duration(left / rate) if rate > 0 and left else ("-" if left else "0s")

@@ -33,8 +33,8 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from reconciler.drivers.base import MailSystemDriver
-from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapAccount, ImapEndpoint
+from reconciler.drivers.base import ImapAccount, MailSystemDriver
+from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jinja2
 
-from reconciler.fit import human_bytes, human_duration
+from reconciler.humanize import human_bytes, human_duration
 from reconciler.status import STATE_FILTERS
 from reconciler.web import svg
 from reconciler.web.views import SEGMENTS

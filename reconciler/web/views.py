@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from reconciler.fit import WindowLoad, human_bytes, human_duration, window_fit
+from reconciler.fit import WindowLoad, window_fit
+from reconciler.humanize import human_bytes, human_duration
 from reconciler.mover.manifest import seconds_for
 from reconciler.plan import BLOCKED, Change, MigrationView, Plan
 from reconciler.spec.model import WindowSpec
