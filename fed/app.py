@@ -205,7 +205,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when installed: the same asyncio API, with sockets, transports and timers
     in C (libuv), which is most of what fed's single core spends per message."""
     try:
-        import uvloop
+        import uvloop  # optional: not installed on Windows (pyproject marks it so)
     except ImportError:
         return None
     # Note: uvloop's transports are not asyncio.Transport subclasses (server.py's

@@ -31,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
@@ -39,9 +40,13 @@ from typing import Any
 import yaml
 from sqlalchemy import select
 
+from maildir_system.store import Store as SystemStore
 from mailferry.resources import quickstart_dir
-from reconciler.drivers.base import MailSystemDriver
+from reconciler.build import build_engine
+from reconciler.drivers.base import MailSystemDriver, mailbox_id_for
+from reconciler.embedded import start_embedded
 from reconciler.errors import MailferryError
+from reconciler.spec.loader import load_specs
 from reconciler.state.model import Migration
 
 DEADLINE_S = 50.0  # the whole migration phase; the demo must finish in under a minute
@@ -169,8 +174,6 @@ def fill_old_mail(driver: MailSystemDriver, mailbox_id: str, owner: str, count: 
 
 
 def _utc(seconds: float) -> Any:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(seconds, UTC)
 
 
@@ -192,12 +195,6 @@ def run_demo(*, workdir: str | None, mailboxes: int, old_messages: int, rate: fl
 def _run_in(root: Path, *, mailboxes: int, old_messages: int, rate: float,
             echo: Callable[[str], None]) -> bool:
     """The demo in `root` (its specs repository, state store, logs, mailboxes)."""
-    from maildir_system.store import Store as SystemStore
-    from reconciler.build import build_engine
-    from reconciler.drivers.base import mailbox_id_for
-    from reconciler.embedded import start_embedded
-    from reconciler.spec.loader import load_specs
-
     began = time.monotonic()
     specs_dir = root / "specs"
     if specs_dir.exists():
@@ -296,8 +293,6 @@ def _wait_drained(engine: Any, echo: Callable[[str], None], timeout: float = 20.
 def _report(echo: Callable[[str], None], sender: Sender, old: dict[str, str],
             addresses: list[str], s2: MailSystemDriver, journal: Any,
             holds: dict[str, Any], states: Counter[int], converged: bool) -> bool:
-    from reconciler.drivers.base import mailbox_id_for
-
     found: Counter[tuple[str, str]] = Counter()  # (mailbox address, Message-ID) -> copies
     for address in addresses:
         mailbox = mailbox_id_for(address)

@@ -34,19 +34,15 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from mailferry.mail.addresses import split_physical
+from reconciler.drivers.base import MailSystemDriver
 from reconciler.humanize import human_bytes, human_duration
 from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
 from reconciler.plan import MigrationView, Plan
-from reconciler.spec.model import WindowSpec
+from reconciler.spec.model import DesiredMailbox, WindowSpec
 from reconciler.spec.windows import next_open, open_until
-
-if TYPE_CHECKING:
-    from reconciler.drivers.base import MailSystemDriver
-    from reconciler.spec.model import DesiredMailbox
-    from reconciler.state.store import Store
+from reconciler.state.store import Store
 
 MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
 COPYING = ("copy", "validate-and-copy")

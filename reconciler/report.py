@@ -31,16 +31,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, select
 
+from reconciler.engine import Engine
 from reconciler.humanize import human_bytes
 from reconciler.plan import Plan
 from reconciler.state.model import Event, Migration, TransferRun, WaveReport
-
-if TYPE_CHECKING:
-    from reconciler.engine import Engine
+from reconciler.web.templating import templates
 
 TERMINAL_AT_10 = ("diary-only",)
 
@@ -85,8 +84,6 @@ class WaveSummary:
 
     def html(self) -> str:
         """The report as one HTML page with its charts as inline SVG (escaped values)."""
-        from reconciler.web.templating import templates
-
         return templates().get_template("report.html").render(r=self)
 
 

@@ -12,6 +12,7 @@ so a stream always starts with its version line and ends with its summary line.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from reconciler.output import (
     warning_json,
 )
 from reconciler.plan import BLOCKED, Plan
+from reconciler.report import write_finished
 from reconciler.spec.model import SpecSet
 
 Echo = Callable[[str], None]
@@ -66,8 +68,6 @@ class Output:
 
     def summary(self, plan: Plan, report: ApplyReport) -> None:
         if self.as_json:
-            import json
-
             self.echo(json.dumps(summary_json(plan, applied=report.applied,
                                               errors=len(report.errors),
                                               passes=report.passes)))
@@ -130,8 +130,6 @@ class Applier:
             self.out.summary(plan, report)
         self.last_summary = text
         if report.applied or not self.reported_once:
-            from reconciler.report import write_finished
-
             try:
                 write_finished(engine, plan, self.reports_dir, self.out.notice)
             except (OSError, MailferryError) as exc:

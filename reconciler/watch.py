@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
 
 from mailferry.mail.backoff import backoff
 from mailferry.service import notify_ready
@@ -117,9 +119,6 @@ class Watcher:
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> int:
         """Watch until SIGTERM; the exit code."""
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
-        from watchdog.observers import Observer
-
         watcher = self
 
         class Changed(FileSystemEventHandler):
@@ -161,7 +160,7 @@ class Watcher:
     def _start_api(self) -> Any:
         if not self.options.station_api:
             return None
-        from reconciler.api.wiring import station_api_for
+        from reconciler.api.wiring import station_api_for  # aiohttp: +0.15 s to every start
 
         host, _, port = self.options.station_api.rpartition(":")
         api = station_api_for(lambda: self.engine, host=host or "127.0.0.1",
@@ -172,7 +171,7 @@ class Watcher:
     def _start_web(self) -> Any:
         if not self.options.web:
             return None
-        from reconciler.web.server import status_page_for
+        from reconciler.web.server import status_page_for  # aiohttp, jinja2: +0.2 s to every start
 
         page = status_page_for(lambda: self.engine, self.options.web,
                                token_file=self.options.web_token_file).start()

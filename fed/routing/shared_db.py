@@ -21,6 +21,7 @@ row. Times that nodes compare (heartbeats, lease expiry) come from the database'
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -298,8 +299,6 @@ def import_legacy(shared: SharedDB, local_db: str) -> bool:
 
     Why: an upgraded single-node fed must keep its routes and, above all, its holds (a
     hold lost mid-migration would deliver to the old mailbox)."""
-    import sqlite3
-
     try:
         old = sqlite3.connect(f"file:{local_db}?mode=ro", uri=True)
     except sqlite3.Error:

@@ -40,15 +40,19 @@ from pathlib import Path
 from mailferry import __version__, secretfile
 from mailferry.service import private_files
 from reconciler.drivers.base import ImapAccount
+from reconciler.drivers.maildir import MaildirDriver
+from reconciler.drivers.registry import make_drivers
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
+from reconciler.mover.prestage import prestage
 from reconciler.mover.progress import make_progress
 from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
+from reconciler.spec.loader import load_specs
 from reconciler.state.store import default_url, open_store
 
 
@@ -117,8 +121,6 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
         root = spec.split(":", 1)[1]
 
         def maildir() -> Endpoint:
-            from reconciler.drivers.maildir import MaildirDriver  # only when used: startup
-
             driver = MaildirDriver("maildir", root, ("127.0.0.1", 0), ("127.0.0.1", 0), "local")
             if driver.get_account(user) is None:
                 driver.create_mailbox(user)
@@ -227,10 +229,6 @@ def copy_command(args: argparse.Namespace) -> int:
 
 def prestage_command(args: argparse.Namespace) -> int:
     """Prestage copy of every due migration; 0 when all verified."""
-    from reconciler.drivers.registry import make_drivers
-    from reconciler.mover.prestage import prestage
-    from reconciler.spec.loader import load_specs
-
     state = args.state or "var/state.db"
     store = open_store(state if "://" in state else default_url(state))
     reports = prestage(store, make_drivers(load_specs(args.specs)), everything=args.all,

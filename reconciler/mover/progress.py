@@ -20,6 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn
+from rich.progress import Progress as Bars
+
 from reconciler.humanize import human_bytes, human_duration
 
 
@@ -147,10 +151,6 @@ class TerminalProgress(Progress):
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         super().__init__()
-        from rich.console import Console
-        from rich.progress import BarColumn, TaskProgressColumn, TextColumn
-        from rich.progress import Progress as Bars
-
         self.console = Console(file=stream, highlight=False)
         self.bars = Bars(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                          TextColumn("{task.fields[figures]}"), console=self.console,

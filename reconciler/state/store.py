@@ -102,7 +102,7 @@ def upgrade(engine: Engine) -> None:
     if at_head(engine):
         return
     from alembic import command  # only when there is something to upgrade: startup time
-    from alembic.config import Config
+    from alembic.config import Config  # (the same: +0.12 s)
 
     config = Config()
     config.set_main_option("script_location", str(ALEMBIC_DIR))
