@@ -39,7 +39,6 @@ from reconciler.engine import Engine
 from reconciler.humanize import human_bytes
 from reconciler.plan import Plan
 from reconciler.state.model import Event, Migration, TransferRun, WaveReport
-from reconciler.web.templating import templates
 
 TERMINAL_AT_10 = ("diary-only",)
 
@@ -84,6 +83,8 @@ class WaveSummary:
 
     def html(self) -> str:
         """The report as one HTML page with its charts as inline SVG (escaped values)."""
+        from reconciler.web.templating import templates  # jinja2: +0.05 s to every start
+
         return templates().get_template("report.html").render(r=self)
 
 

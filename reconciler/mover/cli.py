@@ -41,7 +41,6 @@ from mailferry import __version__, secretfile
 from mailferry.service import private_files
 from reconciler.drivers.base import ImapAccount
 from reconciler.drivers.maildir import MaildirDriver
-from reconciler.drivers.registry import make_drivers
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
@@ -52,7 +51,6 @@ from reconciler.mover.progress import make_progress
 from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
-from reconciler.spec.loader import load_specs
 from reconciler.state.store import default_url, open_store
 
 
@@ -229,6 +227,10 @@ def copy_command(args: argparse.Namespace) -> int:
 
 def prestage_command(args: argparse.Namespace) -> int:
     """Prestage copy of every due migration; 0 when all verified."""
+    # The specs (jsonschema) and every driver: +0.15 s to `copy`, which needs neither.
+    from reconciler.drivers.registry import make_drivers
+    from reconciler.spec.loader import load_specs
+
     state = args.state or "var/state.db"
     store = open_store(state if "://" in state else default_url(state))
     reports = prestage(store, make_drivers(load_specs(args.specs)), everything=args.all,
