@@ -62,6 +62,7 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
     from sqlalchemy import insert
 
     from reconciler.drivers.base import mailbox_id_for, physical_address
+    from reconciler.spec.modes import Modes
     from reconciler.state.model import Migration
     from reconciler.state.store import open_store
 
@@ -88,6 +89,8 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
         + "\n")
 
     state = root / "state.db"
+    modes = Modes(policy="bench", delete_source_after=timedelta(days=7),
+                  retention=timedelta(days=30))
     store = open_store(f"sqlite:///{state}")
     now = datetime.now(UTC)
     rows = []
@@ -103,9 +106,7 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
         rows.append({
             "address": a, "aliases": [], "source_system": "s1", "target_system": "s2",
             "source_mailbox": box, "target_mailbox": box, "placement": f"wave-{i // PER_FILE}",
-            "window": "always", "modes": {"policy": "bench", "dataTransfer": "copy",
-                                          "deleteSourceAfter": 604800.0, "maxParallel": 10,
-                                          "retention": 2592000.0},
+            "window": "always", "modes": modes,
             "station": None, "state": st, "state_since": now - timedelta(hours=i % 200),
             "failed_reason": "bench failure" if i % 50 == 3 else None,
             "attempts": 0, "suspended": False, "purged": False, "created_at": now,

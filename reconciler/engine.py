@@ -50,6 +50,7 @@ from reconciler.state.model import (
     Event,
     Migration,
     PlacementSuspension,
+    shared_modes,
     utcnow,
 )
 from reconciler.state.store import Store, record_event, record_transition
@@ -112,7 +113,7 @@ def _own(change: Change) -> bool:
 
 _VIEW_COLUMNS = (
     Migration.id, Migration.address, Migration.source_system, Migration.target_system,
-    Migration.state, Migration.state_since, Migration.modes, Migration.placement,
+    Migration.state, Migration.state_since, shared_modes(), Migration.placement,
     Migration.failed_reason, Migration.failed_step, Migration.next_attempt_at,
     Migration.last_error, Migration.station, Migration.station_action, Migration.suspended,
     Migration.purged, Migration.source_mailbox, Migration.mailbox_size,
@@ -136,7 +137,7 @@ def view(m: Migration) -> MigrationView:
     return MigrationView(
         id=m.id, address=m.address, source_system=m.source_system,
         target_system=m.target_system, state=m.state, state_since=m.state_since,
-        modes=dict(m.modes), placement=m.placement, failed_reason=m.failed_reason,
+        modes=m.modes, placement=m.placement, failed_reason=m.failed_reason,
         failed_step=m.failed_step, next_attempt_at=m.next_attempt_at,
         last_error=m.last_error, station=m.station, station_action=m.station_action,
         suspended=m.suspended, purged=m.purged, source_mailbox=m.source_mailbox,
@@ -435,7 +436,8 @@ class Engine:
                     new = prestage.record_migration(ctx, self.desired[change.address], physical)
                     record_event(session, new, "E1", to_state=0, commit=self.specs.commit,
                                  detail={"source": new.source_system, "target": new.target_system,
-                                         "window": new.window, "modes": new.modes}, at=now)
+                                         "window": new.window, "modes": new.modes.to_json()},
+                                 at=now)
                     return StepRecord(change.address, "E1", True, 0, "migration recorded")
                 m = session.get(Migration, change.migration_id)
                 if m is None or m.state != change.state or m.failed or m.purged:

@@ -40,6 +40,7 @@ from mailferry.mail.addresses import split_physical
 from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
 from reconciler.plan import MigrationView, Plan
 from reconciler.spec.model import WindowSpec
+from reconciler.spec.modes import COPYING
 from reconciler.spec.windows import next_open, open_until
 
 if TYPE_CHECKING:
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
     from reconciler.state.store import Store
 
 MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
-COPYING = ("copy", "validate-and-copy")
 
 
 @dataclass
@@ -167,7 +167,7 @@ def window_warnings_for(
         elif change.action in ("step", "wait") and change.state is not None \
                 and change.state < 8 and change.address in latest:
             m = latest[change.address]
-            if str(m.modes.get("dataTransfer")) not in COPYING:
+            if not m.modes.copies_mail:
                 continue
             system, mailbox, known = m.source_system, m.source_mailbox, m.mailbox_size
         else:
