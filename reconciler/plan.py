@@ -60,7 +60,7 @@ STEP_TITLES: dict[str, str] = {
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MigrationView:
     """What the plan needs of a migration row (a snapshot, detached from the database)."""
 
@@ -94,7 +94,7 @@ class AddressErrorView:
     failed_reason: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """One line of the plan: a mailbox, where it stands and what comes next."""
 
@@ -163,9 +163,10 @@ class Plan:
         """True when the world differs from the specs (Terraform's exit code 2)."""
         return any(c.action != "in-sync" for c in self.changes)
 
-    def summary(self) -> str:
-        """The frozen summary line (tools may parse it; do not change its shape)."""
-        c = self.counts()
+    def summary(self, counts: Counter[str] | None = None) -> str:
+        """The frozen summary line (tools may parse it; do not change its shape); `counts`
+        when the caller has them already (a walk over every change)."""
+        c = self.counts() if counts is None else counts
         return (
             f"Plan: {len(self.changes)} mailboxes, {c['due now']} due now, "
             f"{c['waiting']} waiting, {c['failed']} failed, {c['in sync']} in sync, "

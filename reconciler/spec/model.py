@@ -258,9 +258,19 @@ class SpecSet:
     commit: str | None = None  # git commit of the specs folder, None outside git
     dirty: bool = False  # uncommitted changes in the specs folder
     digest: str = ""  # sha256 of every spec file's name and bytes (saved plans compare it)
+    # desired(), built once (the specs are frozen): the loader builds it with the rest
+    _desired: dict[str, DesiredMailbox] = field(default_factory=dict, init=False, repr=False,
+                                                compare=False)
 
     def desired(self) -> dict[str, DesiredMailbox]:
-        """address -> desired mailbox, over every placement (addresses are unique)."""
+        """address -> desired mailbox, over every placement (addresses are unique).
+
+        The same dict on every call: read it, do not change it."""
+        if not self._desired:
+            self._desired.update(self._build_desired())
+        return self._desired
+
+    def _build_desired(self) -> dict[str, DesiredMailbox]:
         result: dict[str, DesiredMailbox] = {}
         for placement in self.placements.values():
             window = self.windows.get(placement.window) if placement.window else None
@@ -270,7 +280,7 @@ class SpecSet:
                 address = box.address.lower()
                 result[address] = DesiredMailbox(
                     address=address,
-                    aliases=tuple(a.lower() for a in box.aliases),
+                    aliases=tuple([a.lower() for a in box.aliases]) if box.aliases else (),
                     system=placement.system,
                     placement=placement.name,
                     window=window,
