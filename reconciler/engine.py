@@ -430,10 +430,9 @@ class Engine:
                 if change.action == "migrate":
                     physical = self.fed.lookup(change.address) or ""
                     new = prestage.record_migration(ctx, self.desired[change.address], physical)
-                    record_event(session, new, "E1", to_state=0, commit=self.specs.commit,
+                    record_event(session, new, "E1", to_state=0, commit=self.specs.commit, at=now,
                                  detail={"source": new.source_system, "target": new.target_system,
-                                         "window": new.window, "modes": new.modes.to_json()},
-                                 at=now)
+                                         "window": new.window, "modes": new.modes.to_json()})
                     return StepRecord(change.address, "E1", True, 0, "migration recorded")
                 m = session.get(Migration, change.migration_id)
                 if m is None or m.state != change.state or m.failed or m.purged:
