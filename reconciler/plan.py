@@ -14,7 +14,10 @@ The state machine is the patent's Figure 2 (DESIGN.md):
 with the modes of the migration deciding which arrows exist: without station checks
 1 -E3/E4-> 4; without data transfer 6 goes straight to the station steps or E40; without
 local station data 8 -E40-> 10; diary-only migrations never move the address:
-1 -E13/E14/E16-> 7 -E17-> 8 -E40-> 10 and stop there; "delete never" stops at 10.
+1 -E13/E14/E16-> 7 -E17-> 8 -E40-> 10 and stop there; "delete never" stops at 10. The code
+holds this as data: `TRANSITIONS` (state -> its arrows, each with its guard and when it is
+due), which `next_step` looks up; `tests/test_plan_table.py` checks every state in every
+mode combination against DESIGN.md.
 """
 
 from __future__ import annotations
@@ -203,14 +206,15 @@ class WindowClock:
 # no arrow that holds is where the migration rests (in sync). An arrow says *when* its step
 # is due:
 #
-#   NOW       at once (the steps after the window opened run back to back: short holds)
-#   WINDOW    when the placement's window is open and the policy's maxParallel allows
-#   PRESTAGE  the policy's prestageLead before the window opens (E2 pre-creates BOX2)
-#   RECHECK   the policy's recheckLead before the window opens (E21 asks the second check)
-#   STATION   when the station agent reports (no time: the engine polls its reports)
-#   DELETE    deleteSource.after past state 10, with deleteSource.consent (invariant 6)
+#   "now"       at once (the steps after the window opened run back to back: short holds)
+#   "window"    when the placement's window is open and the policy's maxParallel allows
+#   "prestage"  the policy's prestageLead before the window opens (E2 pre-creates BOX2)
+#   "recheck"   the policy's recheckLead before the window opens (E21 asks the second check)
+#   "station"   when the station agent reports (no time: the engine polls its reports)
+#   "delete"    deleteSource.after past state 10, with deleteSource.consent (invariant 6)
 #
-# and a step that failed temporarily is due no earlier than its back-off (`_step`).
+# (`_DUE` maps each to its function), and a step that failed temporarily is due no earlier
+# than its back-off (`_step`).
 Guard = Callable[["MigrationView"], bool]
 When = Literal["now", "window", "prestage", "recheck", "station", "delete"]
 

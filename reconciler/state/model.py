@@ -107,7 +107,7 @@ class Migration(Base):
     target_mailbox: Mapped[str] = mapped_column(String(320))
     placement: Mapped[str] = mapped_column(String(128))
     window: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    modes: Mapped[Modes] = mapped_column(ModesJSON, default=Modes)
+    modes: Mapped[Modes] = mapped_column(ModesJSON, default=Modes())
     station: Mapped[str | None] = mapped_column(String(128), nullable=True)
     state: Mapped[int] = mapped_column(Integer, default=0)
     state_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
