@@ -62,6 +62,7 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
     from sqlalchemy import insert
 
     from reconciler.drivers.base import mailbox_id_for, physical_address
+    from reconciler.spec.modes import Modes
     from reconciler.state.model import Migration
     from reconciler.state.store import open_store
 
@@ -88,6 +89,8 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
         + "\n")
 
     state = root / "state.db"
+    modes = Modes(policy="bench", delete_source_after=timedelta(days=7),
+                  retention=timedelta(days=30))
     store = open_store(f"sqlite:///{state}")
     now = datetime.now(UTC)
     rows = []
@@ -103,9 +106,7 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
         rows.append({
             "address": a, "aliases": [], "source_system": "s1", "target_system": "s2",
             "source_mailbox": box, "target_mailbox": box, "placement": f"wave-{i // PER_FILE}",
-            "window": "always", "modes": {"policy": "bench", "dataTransfer": "copy",
-                                          "deleteSourceAfter": 604800.0, "maxParallel": 10,
-                                          "retention": 2592000.0},
+            "window": "always", "modes": modes,
             "station": None, "state": st, "state_since": now - timedelta(hours=i % 200),
             "failed_reason": "bench failure" if i % 50 == 3 else None,
             "attempts": 0, "suspended": False, "purged": False, "created_at": now,
@@ -126,7 +127,7 @@ def plan_path(n: int, keep: Path | None) -> dict[str, Any]:
     from reconciler.engine import read_migrations
     from reconciler.output import plan_jsonl
     from reconciler.plan import make_plan
-    from reconciler.spec.loader import load_specs, paused_gc
+    from reconciler.spec.loader import load_specs
     from reconciler.state.store import open_store
 
     root = keep / f"n{n}" if keep else Path(tempfile.mkdtemp(prefix=f"mf-bench-{n}-"))
@@ -134,16 +135,15 @@ def plan_path(n: int, keep: Path | None) -> dict[str, Any]:
     rss_before = _rss_mb()
     cpu0 = time.process_time()  # on a shared machine wall time also counts others' load
     t0 = time.perf_counter()
-    specs = load_specs(specs_dir)
+    specs = load_specs(specs_dir, long_lived=True)  # as the CLI loads them
+    desired = specs.desired()
     t1 = time.perf_counter()
     store = open_store(f"sqlite:///{state}")
     migrations = read_migrations(store)
     t2 = time.perf_counter()
-    with paused_gc():  # as Engine.plan does
-        plan = make_plan(specs.desired(), migrations, directory, datetime.now(UTC))
+    plan = make_plan(desired, migrations, directory, datetime.now(UTC))
     t3 = time.perf_counter()
-    with paused_gc():
-        lines = plan_jsonl(plan, commit=specs.commit)
+    lines = plan_jsonl(plan, commit=specs.commit)
     t4 = time.perf_counter()
     cpu = time.process_time() - cpu0
     if not keep:

@@ -34,7 +34,7 @@ CHILD = textwrap.dedent("""
     run = (lambda: yaml.load(text, Loader=yaml.CSafeLoader)) if which == "pyyaml" \\
         else (lambda: parse_documents(text))
     best = float("inf")
-    gc.disable()  # as load_specs does (loader.paused_gc)
+    gc.disable()  # as load_specs does (loader._paused_gc)
     for _ in range(5):
         t = time.perf_counter()
         result = run()

@@ -62,7 +62,7 @@ EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
 
 
 def _load(specs_dir: str) -> SpecSet:
-    return load_specs(specs_dir)
+    return load_specs(specs_dir, long_lived=True)  # this process plans with them
 
 
 def _parse_at(value: str | None) -> datetime | None:
@@ -167,14 +167,10 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
 
 def _plan(engine, specs: SpecSet, *, as_json: bool, at: datetime | None,  # type: ignore[no-untyped-def]
           verbose: bool, out_file: str | None) -> int:
-    from reconciler.spec.loader import paused_gc
-
     observed = engine.observe(best_effort=True)  # a dry run: what fed says, if reachable
     plan = engine.plan(at, observed=observed, estimates=True)
     if as_json:
-        with paused_gc():
-            lines = plan_jsonl(plan, commit=specs.commit, dirty=specs.dirty,
-                               digest=specs.digest)
+        lines = plan_jsonl(plan, commit=specs.commit, dirty=specs.dirty, digest=specs.digest)
         click.echo("\n".join(lines))
     else:
         commit = describe(specs.root, specs.commit)

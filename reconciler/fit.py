@@ -41,11 +41,11 @@ from reconciler.humanize import human_bytes, human_duration
 from reconciler.mover.manifest import RECENT_RUNS, seconds_for, throughput
 from reconciler.plan import MigrationView, Plan
 from reconciler.spec.model import DesiredMailbox, WindowSpec
+from reconciler.spec.modes import COPYING
 from reconciler.spec.windows import next_open, open_until
 from reconciler.state.store import Store
 
 MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
-COPYING = ("copy", "validate-and-copy")
 
 
 @dataclass
@@ -145,7 +145,7 @@ def window_warnings_for(
         elif change.action in ("step", "wait") and change.state is not None \
                 and change.state < 8 and change.address in latest:
             m = latest[change.address]
-            if str(m.modes.get("dataTransfer")) not in COPYING:
+            if not m.modes.copies_mail:
                 continue
             system, mailbox, known = m.source_system, m.source_mailbox, m.mailbox_size
         else:

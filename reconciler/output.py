@@ -131,7 +131,7 @@ def summary_json(plan: Plan, **extra: object) -> dict[str, object]:
         "type": "summary", "mailboxes": len(plan.changes), "due_now": counts["due now"],
         "waiting": counts["waiting"], "failed": counts["failed"], "in_sync": counts["in sync"],
         "destructive": counts["destructive"], "pending": plan.pending,
-        "warnings": len(plan.warnings), "text": plan.summary(), **extra,
+        "warnings": len(plan.warnings), "text": plan.summary(counts), **extra,
     }
 
 

@@ -14,18 +14,23 @@ The state machine is the patent's Figure 2 (DESIGN.md):
 with the modes of the migration deciding which arrows exist: without station checks
 1 -E3/E4-> 4; without data transfer 6 goes straight to the station steps or E40; without
 local station data 8 -E40-> 10; diary-only migrations never move the address:
-1 -E13/E14/E16-> 7 -E17-> 8 -E40-> 10 and stop there; "delete never" stops at 10.
+1 -E13/E14/E16-> 7 -E17-> 8 -E40-> 10 and stop there; "delete never" stops at 10. The code
+holds this as data: `TRANSITIONS` (state -> its arrows, each with its guard and when it is
+due), which `next_step` looks up; `tests/test_plan_table.py` checks every state in every
+mode combination against DESIGN.md.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 from mailferry.mail.addresses import split_physical
 from reconciler.spec.model import DesiredMailbox, WindowSpec
+from reconciler.spec.modes import Modes
 from reconciler.spec.windows import is_open, next_open
 from reconciler.state.states import ACTIVE_STATES, MigrationState
 
@@ -58,7 +63,7 @@ STEP_TITLES: dict[str, str] = {
 
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MigrationView:
     """What the plan needs of a migration row (a snapshot, detached from the database)."""
 
@@ -68,7 +73,7 @@ class MigrationView:
     target_system: str
     state: int
     state_since: datetime
-    modes: dict[str, Any]
+    modes: Modes
     placement: str
     failed_reason: str | None = None
     failed_step: str | None = None
@@ -92,7 +97,7 @@ class AddressErrorView:
     failed_reason: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Change:
     """One line of the plan: a mailbox, where it stands and what comes next."""
 
@@ -161,9 +166,10 @@ class Plan:
         """True when the world differs from the specs (Terraform's exit code 2)."""
         return any(c.action != "in-sync" for c in self.changes)
 
-    def summary(self) -> str:
-        """The frozen summary line (tools may parse it; do not change its shape)."""
-        c = self.counts()
+    def summary(self, counts: Counter[str] | None = None) -> str:
+        """The frozen summary line (tools may parse it; do not change its shape); `counts`
+        when the caller has them already (a walk over every change)."""
+        c = self.counts() if counts is None else counts
         return (
             f"Plan: {len(self.changes)} mailboxes, {c['due now']} due now, "
             f"{c['waiting']} waiting, {c['failed']} failed, {c['in sync']} in sync, "
@@ -194,98 +200,186 @@ class WindowClock:
         return self._next[window.name]
 
 
-def _seconds(modes: dict[str, Any], key: str) -> timedelta:
-    value = modes.get(key)
-    return timedelta(seconds=float(value)) if value is not None else timedelta(0)
+# -- the state machine as a table ------------------------------------------------------------
+# TRANSITIONS[state] lists the arrows leaving that state of the patent's Figure 2 (DESIGN.md,
+# "The state machine"), in order: the first whose guard holds is the next step; a state with
+# no arrow that holds is where the migration rests (in sync). An arrow says *when* its step
+# is due:
+#
+#   "now"       at once (the steps after the window opened run back to back: short holds)
+#   "window"    when the placement's window is open and the policy's maxParallel allows
+#   "prestage"  the policy's prestageLead before the window opens (E2 pre-creates BOX2)
+#   "recheck"   the policy's recheckLead before the window opens (E21 asks the second check)
+#   "station"   when the station agent reports (no time: the engine polls its reports)
+#   "delete"    deleteSource.after past state 10, with deleteSource.consent (invariant 6)
+#
+# (`_DUE` maps each to its function), and a step that failed temporarily is due no earlier
+# than its back-off (`_step`).
+Guard = Callable[["MigrationView"], bool]
+When = Literal["now", "window", "prestage", "recheck", "station", "delete"]
+
+
+def _always(m: MigrationView) -> bool:
+    return True
+
+
+def _diary_only(m: MigrationView) -> bool:
+    return m.modes.diary_only
+
+
+def _station_checks(m: MigrationView) -> bool:
+    return m.modes.station_checks
+
+
+def _second_check_asked(m: MigrationView) -> bool:
+    return m.station_action == "check2"
+
+
+def _copies_mail(m: MigrationView) -> bool:
+    return m.modes.copies_mail
+
+
+def _local_station_data(m: MigrationView) -> bool:
+    return m.modes.local_station_data
+
+
+def _local_data_after_copy(m: MigrationView) -> bool:
+    return m.modes.local_station_data and not m.modes.diary_only  # diary only: 8 -E40-> 10
+
+
+def _deletes_source(m: MigrationView) -> bool:
+    return not m.modes.ends_at_10
+
+
+@dataclass(frozen=True, slots=True)
+class Arrow:
+    """One arrow of Figure 2: the step taken when `guard` holds, due by `when`."""
+
+    step: str
+    when: When
+    guard: Guard = _always
+    waiting_for: str = ""  # STATION arrows: what the migration waits for
+
+
+S = MigrationState
+TRANSITIONS: dict[int, tuple[Arrow, ...]] = {
+    S.RECORDED: (Arrow("E2", "prestage"),),
+    S.PRESTAGED: (
+        Arrow("E16", "now", _diary_only),  # diary only: 1 -E13/E14/E16-> 7
+        Arrow("E20", "station", _station_checks, "the first station check"),
+        Arrow("E4", "window"),  # without station checks: 1 -E3/E4-> 4
+    ),
+    S.FIRST_CHECK: (
+        Arrow("E22", "station", _second_check_asked, "the second station check"),
+        Arrow("E21", "recheck"),
+    ),
+    S.SECOND_CHECK: (Arrow("E4", "window"),),
+    S.ADDRESSES_FORMED: (Arrow("E5", "now"),),
+    S.HELD: (Arrow("E9", "now"),),
+    S.FLIPPED: (
+        Arrow("E11", "now", _copies_mail),
+        Arrow("E30", "station", _local_station_data, "the station's local data"),
+        Arrow("E40", "now"),  # no data to move: 6 -E40-> 10
+    ),
+    S.MOVER_TOOK: (Arrow("E17", "now", _diary_only), Arrow("E15", "now")),
+    S.DATA_COPIED: (
+        Arrow("E30", "station", _local_data_after_copy, "the station's local data"),
+        Arrow("E40", "now"),  # without local station data: 8 -E40-> 10
+    ),
+    S.STATION_DONE: (Arrow("E40", "now"),),
+    S.DONE: (Arrow("E41", "delete", _deletes_source),),  # delete never, diary only: rest at 10
+    S.SOURCE_DELETED: (),  # E43 purges the record later: housekeeping (`purge_due`)
+}
+del S
 
 
 def next_step(
     m: MigrationView, desired: DesiredMailbox | None, clock: WindowClock, active_count: int,
 ) -> Change:
     """The next step of one migration, by the state machine and its recorded modes."""
-    now = clock.now
-    modes = m.modes
-    transfer = str(modes.get("dataTransfer", "copy"))
-    diary_only = transfer == "diary-only"
-    window = desired.window if desired is not None else None
-
-    def step(name: str, due: datetime | None = None, *, destructive: bool = False,
-             wait: bool = False, reason: str = "", poll: bool = False) -> Change:
-        if m.next_attempt_at is not None and (due is None or m.next_attempt_at > due):
-            due = m.next_attempt_at
-            reason = reason or f"retry after error: {m.last_error}"
-        return Change(
-            address=m.address, action="wait" if wait else "step", source=m.source_system,
-            target=m.target_system, state=m.state, step=name, due=due,
-            destructive=destructive, reason=reason, migration_id=m.id, poll=poll,
-            placement=m.placement,
-        )
-
-    def window_step(name: str) -> Change:
-        opening = clock.next_open(window)
-        if opening is None:
-            return step(name, wait=True, reason="the window never opens")
-        if opening > now:
-            return step(name, opening, reason=f"window {window.name if window else ''} closed")
-        if active_count >= int(modes.get("maxParallel", 10)):
-            return step(name, wait=True, reason="max parallel migrations reached")
-        return step(name, now)
-
-    state = m.state
-    S = MigrationState
-    if state == S.RECORDED:
-        opening = clock.next_open(window)
-        if opening is None:
-            return step("E2", wait=True, reason="the window never opens")
-        return step("E2", max(now, opening - _seconds(modes, "prestageLead")))
-    if state == S.PRESTAGED:
-        if diary_only:
-            return step("E16", now)
-        if modes.get("stationChecks"):
-            return step("E20", wait=True, poll=True, reason="waiting for the first station check")
-        return window_step("E4")
-    if state == S.FIRST_CHECK:
-        if m.station_action == "check2":
-            return step("E22", wait=True, poll=True, reason="waiting for the second station check")
-        opening = clock.next_open(window)
-        if opening is None:
-            return step("E21", wait=True, reason="the window never opens")
-        return step("E21", max(now, opening - _seconds(modes, "recheckLead")))
-    if state == S.SECOND_CHECK:
-        return window_step("E4")
-    if state == S.ADDRESSES_FORMED:
-        return step("E5", now)
-    if state == S.HELD:
-        return step("E9", now)
-    if state == S.FLIPPED:
-        if transfer in ("copy", "validate-and-copy"):
-            return step("E11", now)
-        if modes.get("localStationData"):
-            return step("E30", wait=True, poll=True, reason="waiting for the station's local data")
-        return step("E40", now)
-    if state == S.MOVER_TOOK:
-        return step("E17" if diary_only else "E15", now)
-    if state == S.DATA_COPIED:
-        if modes.get("localStationData") and not diary_only:
-            return step("E30", wait=True, poll=True, reason="waiting for the station's local data")
-        return step("E40", now)
-    if state == S.STATION_DONE:
-        return step("E40", now)
-    if state == S.DONE:
-        delay = modes.get("deleteSourceAfter")
-        if diary_only or delay is None:
-            return _in_sync(m)
-        if desired is None:
-            return _in_sync(m, "the address left the specs: the old mailbox is kept")
-        if not desired.policy.delete_consent:
-            return Change(
-                address=m.address, action="refused", source=m.source_system,
-                target=m.target_system, state=m.state, step="E41", destructive=True,
-                migration_id=m.id, placement=m.placement,
-                reason=(f"deleting the old mailbox needs consent: set deleteSource.consent: "
-                        f"true in policy {desired.policy.name}, or deleteSource: never"))
-        return step("E41", m.state_since + timedelta(seconds=float(delay)), destructive=True)
+    for arrow in TRANSITIONS.get(m.state, ()):
+        if arrow.guard(m):
+            return _DUE[arrow.when](m, arrow, desired, clock, active_count)
     return _in_sync(m)
+
+
+def _step(m: MigrationView, name: str, due: datetime | None = None, *,
+          destructive: bool = False, wait: bool = False, reason: str = "",
+          poll: bool = False) -> Change:
+    """The change taking step `name`, due no earlier than the back-off of its last error."""
+    if m.next_attempt_at is not None and (due is None or m.next_attempt_at > due):
+        due = m.next_attempt_at
+        reason = reason or f"retry after error: {m.last_error}"
+    return Change(
+        address=m.address, action="wait" if wait else "step", source=m.source_system,
+        target=m.target_system, state=m.state, step=name, due=due,
+        destructive=destructive, reason=reason, migration_id=m.id, poll=poll,
+        placement=m.placement,
+    )
+
+
+Due = Callable[["MigrationView", Arrow, "DesiredMailbox | None", WindowClock, int], Change]
+
+
+def _due_now(m: MigrationView, arrow: Arrow, desired: DesiredMailbox | None,
+             clock: WindowClock, active_count: int) -> Change:
+    return _step(m, arrow.step, clock.now)
+
+
+def _due_in_window(m: MigrationView, arrow: Arrow, desired: DesiredMailbox | None,
+                   clock: WindowClock, active_count: int) -> Change:
+    window = desired.window if desired is not None else None
+    opening = clock.next_open(window)
+    if opening is None:
+        return _step(m, arrow.step, wait=True, reason="the window never opens")
+    if opening > clock.now:
+        return _step(m, arrow.step, opening,
+                     reason=f"window {window.name if window else ''} closed")
+    if active_count >= m.modes.max_parallel:
+        return _step(m, arrow.step, wait=True, reason="max parallel migrations reached")
+    return _step(m, arrow.step, clock.now)
+
+
+def _due_before_window(lead: Callable[[Modes], timedelta]) -> Due:
+    """Due `lead` before the window opens (at once when it is open or the lead is past)."""
+    def due(m: MigrationView, arrow: Arrow, desired: DesiredMailbox | None,
+            clock: WindowClock, active_count: int) -> Change:
+        opening = clock.next_open(desired.window if desired is not None else None)
+        if opening is None:
+            return _step(m, arrow.step, wait=True, reason="the window never opens")
+        return _step(m, arrow.step, max(clock.now, opening - lead(m.modes)))
+    return due
+
+
+def _due_on_report(m: MigrationView, arrow: Arrow, desired: DesiredMailbox | None,
+                   clock: WindowClock, active_count: int) -> Change:
+    return _step(m, arrow.step, wait=True, poll=True, reason=f"waiting for {arrow.waiting_for}")
+
+
+def _due_for_deletion(m: MigrationView, arrow: Arrow, desired: DesiredMailbox | None,
+                      clock: WindowClock, active_count: int) -> Change:
+    """E41: destructive, so only for an address still in the specs, with the consent."""
+    if desired is None:
+        return _in_sync(m, "the address left the specs: the old mailbox is kept")
+    if not desired.policy.delete_consent:
+        return Change(
+            address=m.address, action="refused", source=m.source_system,
+            target=m.target_system, state=m.state, step=arrow.step, destructive=True,
+            migration_id=m.id, placement=m.placement,
+            reason=(f"deleting the old mailbox needs consent: set deleteSource.consent: "
+                    f"true in policy {desired.policy.name}, or deleteSource: never"))
+    delay = m.modes.delete_source_after or timedelta(0)  # not None: the guard checked
+    return _step(m, arrow.step, m.state_since + delay, destructive=True)
+
+
+_DUE: dict[When, Due] = {
+    "now": _due_now,
+    "window": _due_in_window,
+    "prestage": _due_before_window(lambda modes: modes.prestage_lead),
+    "recheck": _due_before_window(lambda modes: modes.recheck_lead),
+    "station": _due_on_report,
+    "delete": _due_for_deletion,
+}
 
 
 def _in_sync(m: MigrationView, reason: str = "") -> Change:
@@ -298,7 +392,7 @@ def _in_sync(m: MigrationView, reason: str = "") -> Change:
 def purge_due(m: MigrationView, now: datetime) -> bool:
     """E43: a finished record older than the retention period is purged (housekeeping)."""
     return (m.state == MigrationState.SOURCE_DELETED
-            and m.state_since + _seconds(m.modes, "retention") <= now)
+            and m.state_since + m.modes.retention <= now)
 
 
 def make_plan(
@@ -321,7 +415,7 @@ def make_plan(
     for view in migrations:  # newest wins: callers pass them ordered by id
         by_address[view.address] = view
     active: Counter[str] = Counter(
-        str(m.modes.get("policy")) for m in by_address.values()
+        m.modes.policy for m in by_address.values()
         if m.state in ACTIVE_STATES and m.failed_reason is None
     )
 
@@ -341,7 +435,7 @@ def make_plan(
                             migration_id=change.migration_id, placement=change.placement,
                             reason="suspended by an admin (reconcile resume PLACEMENT)")
         if change.step == "E4" and change.due_at(now) and current is not None:
-            active[str(current.modes.get("policy"))] += 1  # later mailboxes see this one's slot
+            active[current.modes.policy] += 1  # later mailboxes see this one's slot
         plan.changes.append(change)
     return plan
 
@@ -377,66 +471,18 @@ def _decide(
 ) -> Change:
     """The change for one address (see `_change_for`)."""
     if m is not None and not (m.state == MigrationState.SOURCE_DELETED
-                              or (m.state == MigrationState.DONE and _finished_at_10(m))):
+                              or (m.state == MigrationState.DONE and m.modes.ends_at_10)):
         # A migration is in progress: it decides, whatever the directory says.
-        if m.failed_reason is not None:
-            return Change(
-                address=address, action="failed", source=m.source_system,
-                target=m.target_system, state=m.state, step=m.failed_step,
-                reason=m.failed_reason, migration_id=m.id, placement=m.placement,
-            )
-        if m.suspended:
-            return Change(address=address, action="suspended", source=m.source_system,
-                          target=m.target_system, state=m.state, migration_id=m.id,
-                          reason="suspended by an admin", placement=m.placement)
-        if want is not None and want.system != m.target_system and m.state < MigrationState.HELD:
-            return Change(
-                address=address, action="conflict", source=m.source_system,
-                target=want.system, state=m.state, migration_id=m.id,
-                reason=(f"the specs now want {want.system}, but a migration to "
-                        f"{m.target_system} is in progress (state {m.state})"),
-            )
-        if want is None and m.state < MigrationState.HELD:
-            return Change(
-                address=address, action="orphan", source=m.source_system,
-                target=m.target_system, state=m.state, migration_id=m.id,
-                reason="the address left the specs: the migration is paused before the hold",
-            )
-        change = next_step(m, want, clock, active[str(m.modes.get("policy"))])
-        if want is not None and want.system != m.target_system:
-            # Past the hold (state >= 5) the addresses already belong to the target: going
-            # back half-way would lose the guarantees. Finish as recorded, refuse the edit.
-            change = replace(change, refused=(
-                f"the specs now want {want.system}: refused, the hold began (state "
-                f"{m.state}); the migration to {m.target_system} continues as recorded"))
-        return change
-
+        return _blocked(address, want, m) or _in_progress(want, m, clock, active)
     if want is None:
         # Not desired any more, nothing in progress: mailferry never deletes on removal.
         if m is not None:
             return next_step(m, None, clock, 0) if m.state == MigrationState.DONE else _in_sync(m)
         return Change(address=address, action="in-sync", source=actual_system, target=None)
-
-    if m is not None and m.target_system == want.system:
-        if (m.state == MigrationState.SOURCE_DELETED
-                or str(m.modes.get("dataTransfer")) == "diary-only"):
-            return _in_sync(m)
-        return next_step(m, want, clock, active[str(m.modes.get("policy"))])
-    if (m is not None and actual_system is not None and actual_system != want.system
-            and str(m.modes.get("dataTransfer")) != "diary-only"):
-        # A move back: the last migration finished (13, or 10 by its modes) and the specs
-        # now place the address elsewhere. A new migration, destructive, needing consent.
-        if not want.allow_move_back:
-            return Change(
-                address=address, action="refused", source=actual_system, target=want.system,
-                step="E1", destructive=True, migration_id=m.id,
-                reason=(f"moving back a mailbox whose migration to {m.target_system} finished "
-                        f"(state {m.state}) needs consent: set allowMoveBack: true in "
-                        f"placement {want.placement}"))
-        return Change(address=address, action="migrate", source=actual_system,
-                      target=want.system, step="E1", due=clock.now, destructive=True,
-                      reason=f"move back: the migration to {m.target_system} had finished",
-                      placement=want.placement)
+    if m is not None:
+        after = _after_migration(address, want, m, actual_system, clock, active)
+        if after is not None:
+            return after
     if actual_system is None:
         return Change(address=address, action="create", source=None, target=want.system,
                       step="create", due=clock.now, placement=want.placement)
@@ -447,7 +493,72 @@ def _decide(
                   state=None, step="E1", due=clock.now, placement=want.placement)
 
 
-def _finished_at_10(m: MigrationView) -> bool:
-    """A migration that stops at 10 by its modes (delete never, or diary only)."""
-    return (m.modes.get("deleteSourceAfter") is None
-            or str(m.modes.get("dataTransfer")) == "diary-only")
+def _blocked(address: str, want: DesiredMailbox | None, m: MigrationView) -> Change | None:
+    """A migration in progress that waits for an admin: failed, suspended, or the specs
+    changed under it before the hold (a conflict, an orphan); None when it may go on."""
+    if m.failed_reason is not None:
+        return Change(
+            address=address, action="failed", source=m.source_system,
+            target=m.target_system, state=m.state, step=m.failed_step,
+            reason=m.failed_reason, migration_id=m.id, placement=m.placement,
+        )
+    if m.suspended:
+        return Change(address=address, action="suspended", source=m.source_system,
+                      target=m.target_system, state=m.state, migration_id=m.id,
+                      reason="suspended by an admin", placement=m.placement)
+    if m.state >= MigrationState.HELD:
+        return None
+    if want is None:
+        return Change(
+            address=address, action="orphan", source=m.source_system,
+            target=m.target_system, state=m.state, migration_id=m.id,
+            reason="the address left the specs: the migration is paused before the hold",
+        )
+    if want.system != m.target_system:
+        return Change(
+            address=address, action="conflict", source=m.source_system,
+            target=want.system, state=m.state, migration_id=m.id,
+            reason=(f"the specs now want {want.system}, but a migration to "
+                    f"{m.target_system} is in progress (state {m.state})"),
+        )
+    return None
+
+
+def _in_progress(want: DesiredMailbox | None, m: MigrationView, clock: WindowClock,
+                 active: Counter[str]) -> Change:
+    """The next step of a migration in progress that is not blocked."""
+    change = next_step(m, want, clock, active[m.modes.policy])
+    if want is not None and want.system != m.target_system:
+        # Past the hold (state >= 5) the addresses already belong to the target: going
+        # back half-way would lose the guarantees. Finish as recorded, refuse the edit.
+        change = replace(change, refused=(
+            f"the specs now want {want.system}: refused, the hold began (state "
+            f"{m.state}); the migration to {m.target_system} continues as recorded"))
+    return change
+
+
+def _after_migration(
+    address: str, want: DesiredMailbox, m: MigrationView, actual_system: str | None,
+    clock: WindowClock, active: Counter[str],
+) -> Change | None:
+    """A desired address whose last migration finished (13, or 10 by its modes): in sync
+    where it went, a move back where the specs now place it elsewhere; None otherwise."""
+    if m.target_system == want.system:
+        if m.state == MigrationState.SOURCE_DELETED or m.modes.diary_only:
+            return _in_sync(m)
+        return next_step(m, want, clock, active[m.modes.policy])
+    if actual_system is None or actual_system == want.system or m.modes.diary_only:
+        return None
+    # A move back: the specs now place the address elsewhere. A new migration,
+    # destructive, needing consent.
+    if not want.allow_move_back:
+        return Change(
+            address=address, action="refused", source=actual_system, target=want.system,
+            step="E1", destructive=True, migration_id=m.id,
+            reason=(f"moving back a mailbox whose migration to {m.target_system} finished "
+                    f"(state {m.state}) needs consent: set allowMoveBack: true in "
+                    f"placement {want.placement}"))
+    return Change(address=address, action="migrate", source=actual_system,
+                  target=want.system, step="E1", due=clock.now, destructive=True,
+                  reason=f"move back: the migration to {m.target_system} had finished",
+                  placement=want.placement)

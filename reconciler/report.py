@@ -40,7 +40,6 @@ from reconciler.humanize import human_bytes
 from reconciler.plan import Plan
 from reconciler.state.model import Event, Migration, TransferRun, WaveReport
 
-TERMINAL_AT_10 = ("diary-only",)
 
 
 @dataclass
@@ -91,8 +90,7 @@ class WaveSummary:
 def _finished(m: Migration, refused: set[str]) -> bool:
     """Failed, at 13, or at 10 where it stops (modes, or a deletion refused for consent)."""
     return m.failed or m.state == 13 or (m.state == 10 and (
-        m.modes.get("deleteSourceAfter") is None
-        or str(m.modes.get("dataTransfer")) in TERMINAL_AT_10 or m.address in refused))
+        m.modes.ends_at_10 or m.address in refused))
 
 
 def finished_placements(engine: Engine, plan: Plan) -> dict[str, list[Migration]]:

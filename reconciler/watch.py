@@ -207,7 +207,7 @@ class Watcher:
             return
         self.first_event = self.last_event = None
         try:
-            specs = load_specs(self.options.specs_dir)
+            specs = load_specs(self.options.specs_dir, long_lived=True)  # the old ones go
         except SpecError as exc:
             for problem in exc.problems:
                 self.out.notice(problem)

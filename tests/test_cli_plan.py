@@ -72,10 +72,8 @@ def _desired(address: str, *, window: WindowSpec | None, pol: PolicySpec) -> Des
 
 
 def _migration(mid: int, address: str, state: int, pol: PolicySpec) -> MigrationView:
-    modes = pol.modes()
-    modes["maxParallel"] = pol.max_parallel
     return MigrationView(id=mid, address=address, source_system="s1", target_system="s2",
-                         state=state, state_since=NOW - timedelta(hours=1), modes=modes,
+                         state=state, state_since=NOW - timedelta(hours=1), modes=pol.modes(),
                          placement="p")
 
 

@@ -29,6 +29,7 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.progress import Progress
 from reconciler.mover.runner import Job, run_jobs_async
+from reconciler.spec.modes import Modes
 from reconciler.state.store import Store, default_url
 
 import cyrus
@@ -334,7 +335,7 @@ def test_e41_never_deletes_box1_on_copies_cyrus_altered(
                 m = Migration(address="u7@corp.example", source_system="s1",
                               target_system="cyrus1", source_mailbox=box, target_mailbox=box,
                               placement="p", state=10,
-                              modes={"dataTransfer": "copy", "diary": False})
+                              modes=Modes(data_transfer="copy", diary=False))
                 session.add(m)
                 session.flush()
             desired = DesiredMailbox("u7@corp.example", (), "cyrus1", "p", None, policy, None)

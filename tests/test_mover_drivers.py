@@ -29,6 +29,7 @@ from reconciler.spec.model import (
     PostfixDovecotOptions,
     SecretRef,
 )
+from reconciler.spec.modes import Modes
 from reconciler.state.model import TransferManifest
 from reconciler.state.store import Store, default_url
 
@@ -120,7 +121,7 @@ def test_postfix_dovecot_to_imap_and_back_take_the_pipelined_path(
     assert (src.account.user, src.account.authorize_as) == (MASTER_USER, BOX)
     assert (dst.account.user, dst.account.authorize_as) == ("admin", "zoe")
     st = Store(default_url(tmp_path / "state.db"))
-    report = move_mail(pf, BOX, imap, BOX, key="zoe", modes={}, phase="copy",
+    report = move_mail(pf, BOX, imap, BOX, key="zoe", modes=Modes(), phase="copy",
                        manifest=Manifest(st))
     assert report.verified and report.copied == 5 and report.error is None
     assert contents(imap, BOX) == contents(pf, BOX)  # byte-identical, folder by folder
@@ -131,7 +132,7 @@ def test_postfix_dovecot_to_imap_and_back_take_the_pipelined_path(
     assert all((r.src_validity or "").isdigit() and (r.dst_validity or "").isdigit()
                for r in written)
     assert {r.sha256 for r in written} == {content_hash(b) for _, b in contents(pf, BOX)}
-    again = move_mail(pf, BOX, imap, BOX, key="zoe", modes={}, phase="copy",
+    again = move_mail(pf, BOX, imap, BOX, key="zoe", modes=Modes(), phase="copy",
                       manifest=Manifest(st))
     assert again.verified and (again.copied, again.present) == (0, 5)
     # and back, from the generic IMAP driver with per-user passwords into a new PF mailbox
@@ -140,7 +141,7 @@ def test_postfix_dovecot_to_imap_and_back_take_the_pipelined_path(
     back_src = endpoint_for(systems.per_user, BOX, readonly=True)
     assert isinstance(back_src, ImapEndpoint)
     assert (back_src.account.user, back_src.account.authorize_as) == ("zoe", None)
-    back = move_mail(systems.per_user, BOX, pf, BACK, key="back", modes={}, phase="copy",
+    back = move_mail(systems.per_user, BOX, pf, BACK, key="back", modes=Modes(), phase="copy",
                      manifest=Manifest(st))
     assert back.verified and back.copied == 5
     assert contents(pf, BACK) == contents(pf, BOX)
@@ -156,7 +157,7 @@ def test_refused_master_password_names_system_server_and_login(
         tls="none", login="master", master=MasterUser("admin", SecretRef(file=str(wrong))),
         login_format="{local}"))
     systems.pf.create_mailbox(BOX, access_addresses=("zoe@corp.example",))
-    report = move_mail(bad, "zoe=corp.example", systems.pf, BOX, key="bad", modes={},
+    report = move_mail(bad, "zoe=corp.example", systems.pf, BOX, key="bad", modes=Modes(),
                        phase="copy", manifest=None)
     assert not report.verified and report.attempts == 1 and report.error is not None
     assert f"old-bad: IMAP 127.0.0.1:{systems.plain.port}" in report.error

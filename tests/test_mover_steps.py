@@ -12,6 +12,7 @@ from sqlalchemy import select
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.errors import TemporaryError
 from reconciler.spec.model import DesiredMailbox, PolicySpec
+from reconciler.spec.modes import Modes
 from reconciler.state.model import Migration, TransferManifest, TransferRun
 from reconciler.state.store import Store, default_url
 from reconciler.steps.base import PassCache, StepContext
@@ -52,7 +53,7 @@ def run(store: Store, drivers: dict[str, Any], step: Any) -> Any:
         if m is None:
             m = Migration(address="jean@corp.example", source_system="s1", target_system="s2",
                           source_mailbox=BOX, target_mailbox=BOX, placement="p", state=10,
-                          modes={"dataTransfer": "copy", "diary": True})
+                          modes=Modes(data_transfer="copy", diary=True))
             session.add(m)
             session.flush()
         desired = DesiredMailbox("jean@corp.example", (), "s2", "p", None,
@@ -98,7 +99,7 @@ def test_prestage_moves_the_bulk_then_e15_copies_only_the_delta(tmp_path: Path) 
         session.add(Migration(address="jean@corp.example", source_system="s1",
                               target_system="s2", source_mailbox=BOX, target_mailbox=BOX,
                               placement="p", state=1,
-                              modes={"dataTransfer": "copy", "prestageCopy": True}))
+                              modes=Modes(data_transfer="copy", prestage_copy=True)))
     drivers: dict[str, Any] = {"s1": s1, "s2": s2}
     reports = prestage(store, drivers)
     assert [(r.copied, r.verified) for r in reports] == [(5, True)]

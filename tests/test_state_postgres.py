@@ -7,14 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from reconciler.drivers.base import mailbox_id_for, physical_address
+from reconciler.engine import read_migrations
 from reconciler.state.model import Event, Migration
 from reconciler.state.store import open_store
 
 from pgutil import PrivatePostgres
 from test_engine_modes import seed_source
+from test_modes import POLICY, WRITTEN_BEFORE
 from world import World, mailbox_message_ids, placement, policy
 
 pytestmark = pytest.mark.timeout(180)
@@ -60,3 +62,24 @@ def test_a_migration_runs_with_its_state_in_postgres(
     found = mailbox_message_ids(engine, "s2", address)
     assert all(found[mid] == 1 for mid in old_ids)
     assert engine.fed.lookup(address) == physical_address("s2", mailbox_id_for(address))
+
+
+def test_modes_are_stored_as_json_and_read_back_typed_on_postgres(
+        postgres: PrivatePostgres) -> None:
+    """PostgreSQL's json column, read whole (the ORM) and as text (the plan's snapshot)."""
+    store = open_store(postgres.url)
+    address = "modes@corp.example"
+    with store.session() as session:
+        session.add(Migration(address=address, aliases=[], source_system="s1",
+                              target_system="s2", source_mailbox="m", target_mailbox="m",
+                              placement="p", modes=POLICY.modes(), state=4))
+    with store.engine.connect() as conn:
+        raw = conn.execute(text("SELECT modes FROM migrations WHERE address = :a"),
+                           {"a": address}).scalar_one()
+    assert raw == WRITTEN_BEFORE  # psycopg decodes json: the object E1 always wrote
+    with store.session() as session:
+        m = session.scalars(select(Migration).where(Migration.address == address)).one()
+        assert m.modes == POLICY.modes()
+    views = [v for v in read_migrations(store) if v.address == address]
+    assert [v.modes for v in views] == [POLICY.modes()]
+    store.close()

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from reconciler.plan import Change, MigrationView, Plan
 from reconciler.spec.model import SourceLocation, WindowRule, WindowSpec
+from reconciler.spec.modes import Modes
 from reconciler.web import views
 from reconciler.web.views import CopyFacts, FedPanel, PlacementInfo, Snapshot
 
@@ -26,7 +27,7 @@ def window(hours: float) -> WindowSpec:
 
 def migration(mid: int, address: str, state: int, failed: str | None = None) -> MigrationView:
     return MigrationView(id=mid, address=address, source_system="s1", target_system="s2",
-                         state=state, state_since=NOW, modes={"dataTransfer": "copy"},
+                         state=state, state_since=NOW, modes=Modes(data_transfer="copy"),
                          placement="w", failed_reason=failed, failed_step="E12" if failed
                          else None)
 

@@ -32,7 +32,6 @@ from reconciler.state.model import Migration
 from reconciler.state.store import Store, record_event
 
 PRESTAGE_STATES = (1, 2, 3, 4, 5, 6)
-COPY_MODES = ("copy", "validate-and-copy")
 
 
 def due(store: Store, *, everything: bool = False) -> list[Migration]:
@@ -41,8 +40,7 @@ def due(store: Store, *, everything: bool = False) -> list[Migration]:
         rows = session.scalars(select(Migration).where(
             Migration.state.in_(PRESTAGE_STATES), Migration.failed_reason.is_(None),
             Migration.purged.is_(False)).order_by(Migration.id)).all()
-    return [m for m in rows if m.modes.get("dataTransfer") in COPY_MODES
-            and (everything or m.modes.get("prestageCopy"))]
+    return [m for m in rows if m.modes.copies_mail and (everything or m.modes.prestage_copy)]
 
 
 async def _prestage(store: Store, drivers: Mapping[str, MailSystemDriver],

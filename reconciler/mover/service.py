@@ -30,7 +30,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from reconciler.drivers.base import ImapAccount, MailSystemDriver
@@ -42,6 +42,7 @@ from reconciler.mover.pool import ConnectionPool
 from reconciler.mover.progress import Progress
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
+from reconciler.spec.modes import Modes
 
 _THROTTLES: dict[str, Throttle] = {}  # per source system, shared by every copy of a process
 IDLE_SECONDS = 120.0  # how long a pooled connection may wait for the next copy
@@ -120,26 +121,21 @@ def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
     return DriverEndpoint(driver, mailbox_id)
 
 
-def options_from_modes(modes: Mapping[str, Any], phase: str, target: str = "",
+def options_from_modes(modes: Modes, phase: str, target: str = "",
                        accepted: frozenset[str] | None = None) -> Options:
     """The policy's folderMap, verify mode and the store rewrites it accepts for the
     target system (`accepted` when the caller read them from the specs as they are now,
     else from the recorded modes), as mover options."""
-    rules = tuple(FolderRule(str(r["from"]), str(r["to"]))
-                  for r in modes.get("folderMap") or [] if "from" in r and "to" in r)
-    verify = "deep" if modes.get("verify") == "deep" else "fast"
+    rules = tuple(FolderRule(a, b) for a, b in modes.folder_map)
     if accepted is None:
-        accepted = frozenset(str(r.get("rewrite")) for r in modes.get("acceptStoreRewrites") or []
-                             if r.get("system") == target)
-    return Options(rules=rules, verify=verify, phase=phase, accepted=accepted,
+        accepted = modes.accepted_rewrites(target)
+    return Options(rules=rules, verify=modes.verify, phase=phase, accepted=accepted,
                    target_name=target)
 
 
-def throttle_for(system: str, modes: Mapping[str, Any]) -> Throttle:
+def throttle_for(system: str, modes: Modes) -> Throttle:
     """The throttle of a source system (one per system and process, limits from the modes)."""
-    limits = modes.get("throttle") or {}
-    mps = float(limits.get("messagesPerSecond") or 0)
-    bps = float(limits.get("bytesPerSecond") or 0)
+    mps, bps = modes.throttle_messages_per_second, modes.throttle_bytes_per_second
     current = _THROTTLES.get(system)
     if current is None or (current.mps, current.bps) != (mps, bps):
         current = _THROTTLES[system] = Throttle(mps, bps)
@@ -147,7 +143,7 @@ def throttle_for(system: str, modes: Mapping[str, Any]) -> Throttle:
 
 
 def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id: str, *,
-              key: str, modes: Mapping[str, Any], phase: str, manifest: Manifest | None,
+              key: str, modes: Modes, phase: str, manifest: Manifest | None,
               progress: Progress | None = None,
               accepted: frozenset[str] | None = None) -> MailboxReport:
     """Copy and verify one mailbox; the report says what was copied, present, failed,

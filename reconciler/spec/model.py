@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-DataTransfer = Literal["none", "copy", "validate-and-copy", "diary-only"]
+from .modes import DataTransfer as DataTransfer  # re-exported: the loader names it here
+from .modes import Modes
+
 WindowKind = Literal["allow", "deny"]
 
 
@@ -189,30 +191,20 @@ class PolicySpec:
         """The rewrites accepted for a target system."""
         return frozenset(r for s, r in self.accept_store_rewrites if s == system)
 
-    def modes(self) -> dict[str, object]:
-        """The modes recorded with a migration (E1), JSON-ready."""
-        return {
-            "policy": self.name,
-            "stationChecks": self.station_checks,
-            "dataTransfer": self.data_transfer,
-            "diary": self.diary,
-            "localStationData": self.local_station_data,
-            "deleteSourceAfter": (
-                None if self.delete_source_after is None
-                else self.delete_source_after.total_seconds()
-            ),
-            "prestageLead": self.prestage_lead.total_seconds(),
-            "recheckLead": self.recheck_lead.total_seconds(),
-            "retention": self.retention.total_seconds(),
-            "stationRetries": self.station_retries,
-            "folderMap": [{"from": a, "to": b} for a, b in self.folder_map],
-            "throttle": {"messagesPerSecond": self.throttle_messages_per_second,
-                         "bytesPerSecond": self.throttle_bytes_per_second},
-            "prestageCopy": self.prestage_copy,
-            "verify": self.verify,
-            "acceptStoreRewrites": [{"system": s, "rewrite": r}
-                                    for s, r in self.accept_store_rewrites],
-        }
+    def modes(self) -> Modes:
+        """The modes recorded with a migration (E1)."""
+        return Modes(
+            policy=self.name, station_checks=self.station_checks,
+            data_transfer=self.data_transfer, diary=self.diary,
+            local_station_data=self.local_station_data,
+            delete_source_after=self.delete_source_after, prestage_lead=self.prestage_lead,
+            recheck_lead=self.recheck_lead, retention=self.retention,
+            station_retries=self.station_retries, folder_map=self.folder_map,
+            throttle_messages_per_second=self.throttle_messages_per_second,
+            throttle_bytes_per_second=self.throttle_bytes_per_second,
+            prestage_copy=self.prestage_copy, verify="deep" if self.verify == "deep" else "fast",
+            accept_store_rewrites=self.accept_store_rewrites, max_parallel=self.max_parallel,
+        )
 
 
 DEFAULT_POLICY = PolicySpec(name="(default)")
@@ -266,9 +258,19 @@ class SpecSet:
     commit: str | None = None  # git commit of the specs folder, None outside git
     dirty: bool = False  # uncommitted changes in the specs folder
     digest: str = ""  # sha256 of every spec file's name and bytes (saved plans compare it)
+    # desired(), built once (the specs are frozen): the loader builds it with the rest
+    _desired: dict[str, DesiredMailbox] = field(default_factory=dict, init=False, repr=False,
+                                                compare=False)
 
     def desired(self) -> dict[str, DesiredMailbox]:
-        """address -> desired mailbox, over every placement (addresses are unique)."""
+        """address -> desired mailbox, over every placement (addresses are unique).
+
+        The same dict on every call: read it, do not change it."""
+        if not self._desired:
+            self._desired.update(self._build_desired())
+        return self._desired
+
+    def _build_desired(self) -> dict[str, DesiredMailbox]:
         result: dict[str, DesiredMailbox] = {}
         for placement in self.placements.values():
             window = self.windows.get(placement.window) if placement.window else None
@@ -278,7 +280,7 @@ class SpecSet:
                 address = box.address.lower()
                 result[address] = DesiredMailbox(
                     address=address,
-                    aliases=tuple(a.lower() for a in box.aliases),
+                    aliases=tuple([a.lower() for a in box.aliases]) if box.aliases else (),
                     system=placement.system,
                     placement=placement.name,
                     window=window,

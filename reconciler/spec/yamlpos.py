@@ -157,13 +157,27 @@ class _Builder:
         self.stack.append(id(node))
         try:
             if isinstance(node, SequenceNode):
-                return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+                return [self.text(item, (*path, i)) for i, item in enumerate(node.value)]
             if isinstance(node, MappingNode):
                 return self.mapping(node, path)
             return None  # pragma: no cover - PyYAML has no other node kinds
         finally:
             self.stack.pop()
             self.aliased -= again
+
+    def text(self, node: Node, path: JsonPath) -> Any:
+        """`build`, with a short way for the most common node of a spec: a plain string
+        (an address, a name) outside any alias. At 100,000 mailboxes a third of the nodes
+        are such strings, and the calls `build` makes for each were a tenth of the load."""
+        if type(node) is not ScalarNode or node.tag != _STR_TAG or self.aliased:
+            return self.build(node, path)
+        budget = self.budget
+        budget.nodes -= 1
+        if budget.nodes < 0:
+            budget.nodes += 1
+            self.spend(node)  # raises, naming the bound
+        self.doc.lines[path] = node.start_mark.line + 1
+        return node.value
 
     def scalar(self, node: ScalarNode, path: JsonPath) -> Any:
         """A scalar converted like `yaml.safe_load` does, except timestamps."""
@@ -184,7 +198,7 @@ class _Builder:
                     (_line(key_node), path, "mapping keys must be plain names (no '<<' merges)")
                 )
                 continue
-            key = str(self.scalar(key_node, path))
+            key = key_node.value if key_node.tag == _STR_TAG else str(self.scalar(key_node, path))
             child: JsonPath = (*path, key)
             if key in result:
                 first = self.doc.key_lines.get(child, _line(node))
@@ -193,7 +207,7 @@ class _Builder:
                 )
                 continue
             self.doc.key_lines[child] = _line(key_node)
-            result[key] = self.build(value_node, child)
+            result[key] = self.text(value_node, child)
         return result
 
 

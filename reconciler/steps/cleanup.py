@@ -22,7 +22,7 @@ from reconciler.steps.transfer import ALTERED_DELAY, accepted_rewrites
 
 def e40_done(ctx: StepContext, m: Migration) -> Outcome:
     """E40: addresses and data done, as the modes require."""
-    if m.modes.get("dataTransfer") in ("copy", "validate-and-copy", "diary-only"):
+    if m.modes.copies_mail or m.modes.diary_only:
         verified = ctx.session.scalars(
             select(TransferRun.id).where(TransferRun.migration_id == m.id,
                                          TransferRun.verified.is_(True)).limit(1)).first()
@@ -39,14 +39,14 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
     source = ctx.driver(m.source_system)
     detail: dict[str, object] = {"mailbox": m.source_mailbox}
     if source.get_account(m.source_mailbox) is not None:
-        if m.modes.get("dataTransfer") in ("copy", "validate-and-copy"):
+        if m.modes.copies_mail:
             target = ctx.driver(m.target_system)
             report = move_mail(source, m.source_mailbox, target, m.target_mailbox,
                                key=m.address, modes=m.modes, phase="final",
                                manifest=Manifest.in_session(ctx.session, m.id),
                                accepted=accepted_rewrites(ctx, m))
             lacking: list[str] = []
-            if m.modes.get("diary", True):
+            if m.modes.diary:
                 copy_diary(source, m.source_mailbox, target, m.target_mailbox)
                 lacking = verify_diary(source, m.source_mailbox, target, m.target_mailbox)
             if report.altered:

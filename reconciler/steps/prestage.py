@@ -27,7 +27,7 @@ def e1_record_migration(ctx: StepContext, want: DesiredMailbox) -> Outcome:
     m = record_migration(ctx, want, ctx.fed.lookup(want.address) or "")
     return Outcome(MigrationState.RECORDED, "E1",
                    {"source": m.source_system, "target": m.target_system, "window": m.window,
-                    "modes": m.modes}, message="migration recorded", migration=m)
+                    "modes": m.modes.to_json()}, message="migration recorded", migration=m)
 
 
 def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> Migration:
@@ -51,7 +51,6 @@ def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> M
         window=want.window.name if want.window else None, modes=want.policy.modes(),
         station=want.station, state=MigrationState.RECORDED, state_since=ctx.now,
     )
-    m.modes["maxParallel"] = want.policy.max_parallel
     ctx.session.add(m)
     ctx.session.flush()
     return m
@@ -62,7 +61,7 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
     target = ctx.driver(m.target_system)
     target.ping()
     ad2 = internal_address(ctx, m)
-    diary_only = m.modes.get("dataTransfer") == "diary-only"
+    diary_only = m.modes.diary_only
     redirect = None if diary_only else old_physical(m)
     account = target.get_account(m.target_mailbox)
     if account is None:

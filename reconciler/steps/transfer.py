@@ -35,7 +35,7 @@ def accepted_rewrites(ctx: StepContext, m: Migration) -> frozenset[str] | None:
 def e11_take_mailbox(ctx: StepContext, m: Migration) -> Outcome:
     """E11-E14: validate the source if asked, check the address migrated, take the mailbox."""
     detail: dict[str, object] = {}
-    if m.modes.get("dataTransfer") == "validate-and-copy":  # E11 yes -> E12
+    if m.modes.data_transfer == "validate-and-copy":  # E11 yes -> E12
         problems = validate_source(ctx.driver(m.source_system), m.source_mailbox)
         if problems:
             raise PermanentError("source data failed validation (E12): " + "; ".join(problems[:5]),
@@ -55,7 +55,7 @@ def e16_take_diary(ctx: StepContext, m: Migration) -> Outcome:
 
 
 def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
-    diary = bool(m.modes.get("diary", True)) or not mail
+    diary = m.modes.diary or not mail
     src, dst = ctx.driver(m.source_system), ctx.driver(m.target_system)
     detail: dict[str, object] = {"copied": 0, "present": 0, "failed": 0, "bytes": 0}
     problems: list[str] = []

@@ -55,7 +55,7 @@ class FollowSpecs:
         self.specs_dir = Path(specs_dir)
         self.build = build
         self._stamp = self._files()
-        self.engine = build(load_specs(self.specs_dir))
+        self.engine = build(load_specs(self.specs_dir, long_lived=True))
         self._lock = threading.Lock()
 
     def _files(self) -> tuple[tuple[str, int, int], ...]:
@@ -72,7 +72,7 @@ class FollowSpecs:
             if stamp != self._stamp:
                 self._stamp = stamp
                 try:
-                    self.engine = self.build(load_specs(self.specs_dir))
+                    self.engine = self.build(load_specs(self.specs_dir, long_lived=True))
                 except MailferryError as exc:
                     log.warning("status page: specs not reloaded, keeping the last good "
                                 "ones: %s", exc)

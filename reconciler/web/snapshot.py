@@ -31,7 +31,6 @@ from sqlalchemy import select
 from reconciler.engine import Engine, Observed, read_migrations
 from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
-from reconciler.fit import COPYING
 from reconciler.mover.manifest import RECENT_RUNS, throughput
 from reconciler.plan import MigrationView
 from reconciler.state.model import Event, Migration, StationReport, TransferRun
@@ -158,7 +157,7 @@ class Source:
         budget = MEASURE_PER_REFRESH
         for m in latest.values():
             if m.id in copies or m.state >= 8 or m.failed_reason \
-                    or str(m.modes.get("dataTransfer")) not in COPYING:
+                    or not m.modes.copies_mail:
                 continue
             key = (m.source_system, m.source_mailbox)
             if key not in self._sizes:
