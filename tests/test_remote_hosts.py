@@ -68,7 +68,6 @@ class NetnsWorld(World):
                         "-C", "mailferry reconciler"], check=True, timeout=30)
         self.fed_port = free_port()
         self.ns: dict[str, NetnsHost] = {}
-        self.embedded = None
         try:
             first = free_subnet()
             for n, name in enumerate(("pfa", "pfb")):
@@ -114,7 +113,7 @@ class NetnsWorld(World):
     def stop(self) -> None:
         for host in self.ns.values():
             host.stop()
-        if self.embedded is not None:
+        if hasattr(self, "embedded"):  # not yet when a host failed to start
             self.embedded.stop()
 
 
