@@ -41,7 +41,6 @@ from reconciler.plan import Plan
 from reconciler.state.model import Event, Migration, TransferRun, WaveReport
 
 
-
 @dataclass
 class WaveSummary:
     """The figures of one finished placement."""

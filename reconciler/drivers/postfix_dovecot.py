@@ -36,12 +36,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
-import pwd
 import shlex
-import shutil
 import smtplib
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +54,7 @@ from reconciler.drivers.base import (
     StoredMessage,
 )
 from reconciler.drivers.contacts import SqliteContactsMixin
+from reconciler.drivers.hosts import Host, HostError, LocalHost
 from reconciler.drivers.imapstore import (
     ImapLogin,
     ImapSession,
@@ -72,6 +70,15 @@ from reconciler.spec.model import Endpoint, PostfixDovecotOptions
 T = TypeVar("T")
 LOCAL_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_domains",
                  "relay_domains")
+
+
+def _host_of(options: PostfixDovecotOptions) -> Host:
+    """The machine the system's servers run on: over SSH when the spec names a host."""
+    if options.host is None:
+        return LocalHost()
+    from reconciler.drivers.sshhost import shared_host  # only systems on other hosts need it
+
+    return shared_host(options.host)
 
 
 def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool) -> None:
@@ -90,8 +97,10 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     """Administer one Postfix + Dovecot system through its tables, postconf and IMAP."""
 
     def __init__(self, name: str, options: PostfixDovecotOptions, fed_smtp: Endpoint,
-                 internal_domain: str, domains: tuple[str, ...]) -> None:
+                 internal_domain: str, domains: tuple[str, ...], *,
+                 host: Host | None = None) -> None:
         self.name = name
+        self.host: Host = host or _host_of(options)  # where Postfix and Dovecot run
         self.options = options
         self.fed_smtp = fed_smtp
         self.internal_domain = internal_domain
@@ -106,14 +115,16 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         """The account tables, made on first use (the mail user must exist)."""
         if self._tables is None:
             try:
-                user = pwd.getpwnam(self.options.mail_user)
-            except KeyError:
+                ids = self.host.user_ids(self.options.mail_user)
+            except HostError as exc:
+                raise TemporaryError(f"{self.name}: mail user: {exc}") from exc
+            if ids is None:
                 raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
-                                     "does not exist on this host") from None
+                                     f"does not exist on this host ({self.host.label})")
             self._tables = Tables(Path(self.options.state_dir), self.name,
                                   self.options.postfix_config_dir, self.options.mail_root,
-                                  user.pw_uid, user.pw_gid,
-                                  dovecot_config=self.options.dovecot_config)
+                                  *ids, dovecot_config=self.options.dovecot_config,
+                                  host=self.host, tables_dir=self.options.tables_folder)
         return self._tables
 
     def _write(self, what: str, change: Callable[[sqlite3.Connection], T]) -> T:
@@ -136,14 +147,11 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
 
     def _run(self, argv: list[str], what: str) -> str:
+        """A command on the system's host; a failure is temporary, naming system and host."""
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
+            return self.host.run(argv, timeout=60)
+        except HostError as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
-        if result.returncode != 0:
-            raise TemporaryError(f"{self.name}: {what} failed: "
-                                 f"{(result.stderr or result.stdout).strip()[:300]}")
-        return result.stdout
 
     def _login(self, mailbox_id: str) -> ImapLogin:
         master = self.options.master
@@ -172,7 +180,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     # -- configuration: the shared-domain setup -------------------------------------------
     def wanted_postfix(self) -> dict[str, str]:
         """The main.cf parameters this driver owns, and their values."""
-        state, lmtp, fed = self.options.state_dir, self.options.lmtp, self.fed_smtp
+        state, lmtp, fed = self.options.tables_folder, self.options.lmtp, self.fed_smtp
         return {
             "virtual_alias_maps": f"hash:{state}/virtual_alias",
             "virtual_alias_domains": "",
@@ -207,8 +215,14 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
             config_dir = self.options.postfix_config_dir
-            main_cf = Path(config_dir) / "main.cf"
-            saved = main_cf.read_bytes()
+            main_cf = f"{config_dir.rstrip('/')}/main.cf"
+            try:
+                saved = self.host.read_file(main_cf)
+            except HostError as exc:
+                raise TemporaryError(f"{self.name}: read main.cf: {exc}") from exc
+            if saved is None:
+                raise TemporaryError(f"{self.name}: {main_cf} does not exist "
+                                     f"({self.host.label})")
             before = self._run(["postconf", "-c", config_dir, "-n"], "postconf -n")
             self._run(["postconf", "-c", config_dir, "-e",
                        *(f"{k}={v}" for k, v in changes.items())], "postconf -e")
@@ -216,7 +230,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             wrong = [f"{k} is {got.get(k, '').strip()!r} after postconf -e, expected {v!r}"
                      for k, v in wanted.items() if got.get(k, "").strip() != v]
             if wrong:
-                main_cf.write_bytes(saved)  # back to the admin's bytes
+                self.host.replace_file(main_cf, saved)  # back to the admin's bytes
                 raise TemporaryError(f"{self.name}: configuration refused: " + "; ".join(wrong))
             after = self._run(["postconf", "-c", config_dir, "-n"], "postconf -n")
             self._journal(before, after, {k: current.get(k, "").strip() for k in changes})
@@ -236,6 +250,8 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
              *(f"{k}={v}" for k, v in old.items() if k in explicit)],
             ["postconf", "-c", config_dir, "-X", *(k for k in old if k not in explicit)],
         ) if len(argv) > 4)
+        if self.options.host is not None:  # run where main.cf is
+            undo = shlex.join(["ssh", self.options.host.url, undo])
         self._config_changes.append(f"{diff}undo: {undo}\n")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         state = Path(self.options.state_dir)
@@ -270,7 +286,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         if chars and "=" not in chars:
             problems.append("Dovecot's auth_username_chars lacks '=' (mailbox ids are "
                             "local=domain)")
-        passwd = str(Path(self.options.state_dir) / "passwd")
+        passwd = f"{self.options.tables_folder.rstrip('/')}/passwd"
         if passwd not in self._run(["doveconf", "-c", dovecot, "-n"], "doveconf -n"):
             problems.append(f"Dovecot's passdb/userdb do not read {passwd} (passwd-file)")
         return problems
@@ -335,8 +351,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             # The files are rewritten before the commit; the data goes with them, so a
             # crash before the commit re-creates routes to an empty home, never the reverse.
             self.tables.install(conn)
-            if home.exists():
-                shutil.rmtree(home)
+            self.host.remove_tree(str(home))
         self._write(f"delete {mailbox_id}", change)
 
     # -- data -----------------------------------------------------------------------------
