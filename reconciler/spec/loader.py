@@ -392,6 +392,7 @@ class _Loader:
                 master=cast(MasterUser, self.master_user(box["masterUser"])),
                 imap_tls=str(box.get("imapTls", "none")),
                 imap_cafile=self.path_value(box["imapCaFile"]) if "imapCaFile" in box else None,
+                adopt=bool(box.get("adopt", False)),
             )
             system = replace(common, root=options.state_dir, lmtp=options.lmtp,
                              submission=options.smtp, postfix_dovecot=options)

@@ -100,6 +100,7 @@ class PostfixDovecotOptions:
     master: MasterUser
     imap_tls: str = "none"  # none | starttls | implicit
     imap_cafile: str | None = None  # absolute: a private CA for Dovecot's certificate
+    adopt: bool = False  # the admin's own system: learn it, overlay what mailferry adds
 
 
 @dataclass(frozen=True)
