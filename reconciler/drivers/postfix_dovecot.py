@@ -135,11 +135,17 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         except (OSError, sqlite3.Error) as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
 
-    def _run(self, argv: list[str], what: str) -> str:
+    def _run(self, argv: list[str], what: str, *, stdin: str | None = None,
+             none_found_ok: bool = False) -> str:
+        """stdout of a command; `none_found_ok`: exit 1 with nothing on stderr is an empty
+        answer (postmap -q finding no key), not a failure."""
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                    input=stdin)
         except (OSError, subprocess.SubprocessError) as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
+        if none_found_ok and result.returncode == 1 and not result.stderr.strip():
+            return result.stdout
         if result.returncode != 0:
             raise TemporaryError(f"{self.name}: {what} failed: "
                                  f"{(result.stderr or result.stdout).strip()[:300]}")

@@ -1,0 +1,145 @@
+"""The overlay tables mailferry keeps on an adopted Postfix + Dovecot system.
+
+On a system the admin built (`pfdovecot_adopt`), the admin's tables stay theirs, byte for
+byte. What mailferry must add lives in its state folder, in tables that main.cf lists
+*first* (``virtual_alias_maps = hash:<stateDir>/virtual_alias, <admin's>``, the same for
+``virtual_mailbox_maps`` and ``transport_maps``; ``<system>.invalid`` appended to
+``virtual_mailbox_domains``), so that Postfix consults them before the admin's and removing
+them restores the system:
+
+- ``virtual_alias``: each adopted mailbox's physical address -> its access address (fed
+  delivers ``<mailbox id>@<system>.invalid``, Dovecot knows the access address), or -> the
+  redirect target once redirected; for the mailboxes mailferry created here, what the owned
+  layout writes (`pfdovecot_tables`); and ``address address`` for each address that lives on
+  another system (fed's address book, down-sync), which makes it a valid recipient even in a
+  ``virtual_mailbox_domains`` domain, so that colleagues who moved are accepted, not refused
+  with 550, and ...
+- ``transport``: ... sent to fed (``smtp:[fed]:port``), with every address of a mailbox in
+  its cutover (``via_fed``) or redirected, and the domains of redirect targets;
+- ``virtual_mailbox`` and ``passwd``: the mailboxes mailferry creates here, exactly as the
+  owned layout (Dovecot reads ``passwd`` through the passdb/userdb the admin added for it).
+
+The crash-safety order is `Tables`': one transaction, files replaced before the commit. The
+transport table is replaced first: an address gets its route to fed before its alias line
+makes it valid.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.drivers.pfdovecot_tables import Tables
+
+ADOPTED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adopted (
+    mailbox_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    address TEXT NOT NULL,
+    admin_aliases TEXT NOT NULL DEFAULT '[]',
+    aliases TEXT NOT NULL DEFAULT '[]',
+    home TEXT NOT NULL DEFAULT '',
+    redirect_to TEXT,
+    syncfed INTEGER NOT NULL DEFAULT 0,
+    via_fed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass(frozen=True)
+class AdoptedRow:
+    """One of the admin's mailboxes as mailferry tracks it."""
+
+    mailbox_id: str
+    user: str  # Dovecot user name
+    address: str  # access address (Postfix delivers it to Dovecot by the admin's maps)
+    admin_aliases: tuple[str, ...]  # the admin's single-target aliases (their maps)
+    aliases: tuple[str, ...]  # the aliases mailferry reports (admin's + any it added)
+    home: str
+    redirect_to: str | None
+    syncfed: bool
+    via_fed: bool
+
+
+def adopted_of(r: sqlite3.Row) -> AdoptedRow:
+    return AdoptedRow(r["mailbox_id"], r["user"], r["address"],
+                      tuple(json.loads(r["admin_aliases"])), tuple(json.loads(r["aliases"])),
+                      r["home"], r["redirect_to"], bool(r["syncfed"]), bool(r["via_fed"]))
+
+
+class OverlayTables(Tables):
+    """`Tables` for an adopted system: the created mailboxes plus the overlay lines."""
+
+    header = "# mailferry's overlay (reconcile release removes it): edits are overwritten\n"
+
+    def __init__(self, state_dir: Path, system: str, postfix_dir: str, mail_root: str,
+                 uid: int, gid: int, *, fed: str, dovecot_config: str | None = None) -> None:
+        super().__init__(state_dir, system, postfix_dir, mail_root, uid, gid,
+                         dovecot_config=dovecot_config)
+        self.fed = fed  # the transport to fed: smtp:[host]:port
+
+    def adopted(self, conn: sqlite3.Connection) -> list[AdoptedRow]:
+        conn.executescript(ADOPTED_SCHEMA)
+        return [adopted_of(r) for r in conn.execute("SELECT * FROM adopted ORDER BY mailbox_id")]
+
+    def render(self, conn: sqlite3.Connection) -> dict[str, str]:
+        files = super().render(conn)
+        alias: list[str] = []
+        transport: dict[str, str] = {}
+        local: set[str] = set()
+        for row in self.rows(conn):  # mailboxes mailferry created here
+            if row.via_fed:  # valid recipient, routed through fed (hold and directory decide)
+                for address in (*row.access_addresses, *row.aliases):
+                    alias.append(f"{address}\t{address}")
+                    transport[address] = self.fed
+            else:
+                local.update(row.access_addresses + row.aliases)
+            if row.redirect_to:
+                transport.setdefault(_domain(row.redirect_to), self.fed)
+        for a in self.adopted(conn):
+            adp = self.physical(a.mailbox_id)
+            extra = [x for x in a.aliases if x not in a.admin_aliases and x != a.address]
+            if a.redirect_to:
+                alias.append(f"{adp}\t{a.redirect_to}")
+                transport.setdefault(_domain(a.redirect_to), self.fed)
+            else:
+                alias.append(f"{adp}\t{a.address}")
+            alias.extend(f"{x}\t{a.address}" for x in extra)
+            if a.via_fed or a.redirect_to:
+                transport[a.address] = self.fed
+            else:
+                local.add(a.address)
+                local.update(a.aliases)
+        here = f"@{self.system}.invalid"
+        for address, physical in sorted(_address_book(conn).items()):
+            if physical.endswith(here) or address in local or address in transport:
+                continue
+            alias.append(f"{address}\t{address}")
+            transport[address] = self.fed
+        files["virtual_alias"] += "".join(f"{line}\n" for line in alias)
+        files["transport"] = self.header + "".join(
+            f"{k}\t{v}\n" for k, v in sorted(transport.items()))
+        return files
+
+    def install(self, conn: sqlite3.Connection) -> None:
+        """The transport table first, then `Tables.install` (passwd, mailbox, alias)."""
+        if not self.files:
+            return
+        self._replace("transport", self.render(conn)["transport"], postmap=True)
+        super().install(conn)
+
+    def overlay_files(self) -> list[Path]:
+        """Every file of the overlay (the maps and their .db)."""
+        return [self.dir / f"{name}{ext}" for name in ("virtual_alias", "virtual_mailbox",
+                                                        "transport") for ext in ("", ".db")]
+
+
+def _domain(address: str) -> str:
+    return address.rsplit("@", 1)[-1]
+
+
+def _address_book(conn: sqlite3.Connection) -> dict[str, str]:
+    return {str(r["address"]): str(r["physical"])
+            for r in conn.execute("SELECT address, physical FROM address_book")}
