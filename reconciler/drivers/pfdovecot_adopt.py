@@ -26,18 +26,17 @@ E41 on one is refused with what to do.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
 import os
-import pwd
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.drivers.base import Account
+from reconciler.drivers.hosts import HostError
 from reconciler.drivers.imapstore import ImapLogin, imap_session
 from reconciler.drivers.pfdovecot_learn import (
     Learned,
@@ -94,15 +93,18 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
     def tables(self) -> OverlayTables:
         if self._tables is None:
             try:
-                user = pwd.getpwnam(self.options.mail_user)
-            except KeyError:
+                ids = self.host.user_ids(self.options.mail_user)
+            except HostError as exc:
+                raise TemporaryError(f"{self.name}: mail user: {exc}") from exc
+            if ids is None:
                 raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
-                                     "does not exist on this host") from None
+                                     f"does not exist on this host ({self.host.label})")
             fed = f"smtp:[{self.fed_smtp.host}]:{self.fed_smtp.port}"
             self._tables = OverlayTables(Path(self.options.state_dir), self.name,
                                          self.options.postfix_config_dir,
-                                         self.options.mail_root, user.pw_uid, user.pw_gid,
-                                         fed=fed, dovecot_config=self.options.dovecot_config)
+                                         self.options.mail_root, *ids, fed=fed,
+                                         dovecot_config=self.options.dovecot_config,
+                                         host=self.host)
         assert isinstance(self._tables, OverlayTables)
         return self._tables
 
@@ -129,10 +131,10 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                         strict=True))
 
     def _ours(self) -> dict[str, str]:
-        state = self.options.state_dir
-        return {"virtual_alias_maps": f"hash:{state}/virtual_alias",
-                "virtual_mailbox_maps": f"hash:{state}/virtual_mailbox",
-                "transport_maps": f"hash:{state}/transport",
+        table = self.tables.table_path  # on the mail host
+        return {"virtual_alias_maps": f"hash:{table('virtual_alias')}",
+                "virtual_mailbox_maps": f"hash:{table('virtual_mailbox')}",
+                "transport_maps": f"hash:{table('transport')}",
                 "virtual_mailbox_domains": f"{self.name}.invalid"}
 
     def wanted_postfix(self) -> dict[str, str]:
@@ -172,7 +174,7 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
     def _check_into(self, result: AdoptionCheck) -> None:
         config, dovecot = self.options.postfix_config_dir, self.options.dovecot_config
         state = Path(self.options.state_dir)
-        passwd = state / "passwd"
+        passwd = self.tables.table_path("passwd")
         admin = self._admin_values()
         transport = self._postconf(["virtual_transport"])[0].strip()
         if not transport.startswith("lmtp:"):
@@ -195,7 +197,7 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                 f"user ({self.options.master.user}). fix: add to {dovecot}: passdb {{ driver "
                 "= passwd-file  master = yes  pass = yes  args = scheme=CRYPT "
                 "username_format=%u /etc/dovecot/master-users }} with that user's password")
-        if str(passwd) not in doveconf:
+        if passwd not in doveconf:
             result.blockers.append(
                 f"Dovecot reads no passdb/userdb from {passwd}: the mailboxes mailferry "
                 f"creates here live there. fix: add to {dovecot}: passdb {{ driver = "
@@ -209,9 +211,8 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                 "named local=domain. fix: append = to auth_username_chars")
         if result.blockers:
             return  # the rest needs a Dovecot that can list its users with the overlay
-        if not passwd.exists():  # mailferry's own folder: Dovecot's iteration needs the file
-            state.mkdir(parents=True, exist_ok=True)
-            passwd.write_text("", encoding="utf-8")
+        if not self.host.exists(passwd):  # mailferry's own file: Dovecot's iteration needs it
+            self.host.replace_file(passwd, b"")
         try:
             learned = self.learn()
         except TemporaryError as exc:
@@ -227,7 +228,8 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         for name in OVERLAID:
             if admin[name] != wanted[name]:
                 result.adds.append(f"set {name} = {wanted[name]}")
-        result.adds.append(f"keep its overlay tables in {state} (virtual_alias, "
+        result.adds.append(f"keep its overlay tables in {self.tables.tables_dir} ("
+                           f"{self.host.label}: virtual_alias, "
                            "virtual_mailbox, transport, passwd): reconcile release removes them")
         result.adds.append(f"record the system as adopted in {state / RECORD}")
 
@@ -279,7 +281,9 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         config = self.options.postfix_config_dir
         values = dict(zip(OVERLAID, (v.strip() for v in self._postconf(list(OVERLAID))),
                           strict=True))
-        main_cf = Path(config) / "main.cf"
+        main_cf = self.host.read_file(f"{config.rstrip('/')}/main.cf")
+        if main_cf is None:
+            raise TemporaryError(f"{self.name}: no main.cf in {config} ({self.host.label})")
         record = {
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "values": values,
@@ -287,7 +291,7 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                 ["postconf", "-c", config, "-n"], "postconf -n").splitlines()
                 if line.split("=", 1)[0].strip() in OVERLAID),
             "postconf_n": self._run(["postconf", "-c", config, "-n"], "postconf -n"),
-            "main_cf": main_cf.read_text(encoding="utf-8"),
+            "main_cf": main_cf.decode("utf-8"),
             "files": self.admin_file_hashes(values),
         }
         state = Path(self.options.state_dir)
@@ -299,17 +303,18 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
     def admin_file_hashes(self, values: dict[str, str] | None = None) -> dict[str, str]:
         """SHA-256 of the admin's files mailferry reads: main.cf, master.cf, dovecot.conf and
         every file-based map of the overlaid parameters (source and .db)."""
-        config = Path(self.options.postfix_config_dir)
-        paths = [config / "main.cf", config / "master.cf", Path(self.options.dovecot_config)]
+        config = self.options.postfix_config_dir.rstrip("/")
+        paths = [f"{config}/main.cf", f"{config}/master.cf", self.options.dovecot_config]
         for tables in self._admin_tables(values or self._admin_values()).values():
             for table in tables:
                 path = table.split(":")[-1]
                 if path.startswith("/"):
-                    paths += [Path(path), Path(f"{path}.db")]
+                    paths += [path, f"{path}.db"]
         found: dict[str, str] = {}
-        for file in paths:
-            with contextlib.suppress(OSError):
-                found[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+        for path in paths:
+            data = self.host.read_file(path)
+            if data is not None:
+                found[path] = hashlib.sha256(data).hexdigest()
         return found
 
     def release(self, *, force: bool = False) -> list[str]:
@@ -331,8 +336,7 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         values = rec["values"]
         explicit = set(rec["explicit"])  # type: ignore[call-overload]
         assert isinstance(values, dict)
-        lines_before = {name: self._overlay_lines(name) for name in
-                        ("virtual_alias", "virtual_mailbox", "transport")}
+        lines_before, routine = self._in_flight()
         restore = [f"{k}={values[k]}" for k in OVERLAID if k in explicit]
         drop = [k for k in OVERLAID if k not in explicit]
         if restore:
@@ -340,12 +344,9 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         if drop:
             self._run(["postconf", "-c", config, "-X", *drop], "postconf -X")
         after = self._run(["postconf", "-c", config, "-n"], "postconf -n")
-        main_cf = Path(config) / "main.cf"
         if after == rec["postconf_n"]:  # nothing else changed: the admin's very bytes
-            tmp = main_cf.with_name(".main.cf.mailferry")
-            tmp.write_text(str(rec["main_cf"]), encoding="utf-8")
-            os.chmod(tmp, main_cf.stat().st_mode & 0o7777)
-            os.replace(tmp, main_cf)
+            self.host.replace_file(f"{config.rstrip('/')}/main.cf",
+                                   str(rec["main_cf"]).encode("utf-8"))
         self._run(["postfix", "-c", config, "reload"], "postfix reload")
         report = ["".join(difflib.unified_diff(
             str(rec["postconf_n"]).splitlines(keepends=True), after.splitlines(keepends=True),
@@ -353,12 +354,12 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         for name, lines in lines_before.items():
             if lines:
                 report.append("".join(difflib.unified_diff(
-                    lines, [], f"{name} (mailferry's overlay)", f"{name} (released)")))
+                    lines, [], f"{name} (mailferry's overlay, in flight)", f"{name} (released)")))
+        report.append(routine)
         for path in self.tables.overlay_files():
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            self.host.remove_file(path)
         if force:
-            (Path(self.options.state_dir) / "passwd").write_text("", encoding="utf-8")
+            self.host.replace_file(self.tables.table_path("passwd"), b"")
             self._write("forget created mailboxes", lambda conn: conn.execute(
                 "DELETE FROM accounts"))
         changed = [p for p, h in self.admin_file_hashes(
@@ -370,13 +371,34 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         self._configured = False
         return [r for r in report if r]
 
-    def _overlay_lines(self, name: str) -> list[str]:
-        path = Path(self.options.state_dir) / name
-        try:
-            return [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if not line.startswith("#")]
-        except FileNotFoundError:
-            return []
+    def _in_flight(self) -> tuple[dict[str, list[str]], str]:
+        """The overlay's lines that carry a migration (redirects, routes through fed for a
+        moving mailbox, mailboxes created here), per table; and a sentence counting the
+        routine ones (physical address -> access address, colleagues on other systems
+        through fed), which exist whenever the system is adopted."""
+        adopted = self._read("list adopted", self.tables.adopted)
+        book = self._read("read address book", lambda conn: {
+            str(r["address"]) for r in conn.execute("SELECT address FROM address_book")})
+        fed = self.tables.fed
+        structural = {f"{self.tables.physical(a.mailbox_id)}\t{a.address}\n" for a in adopted}
+        moving = {a.address for a in adopted if a.via_fed or a.redirect_to}
+        lines: dict[str, list[str]] = {}
+        routine = 0
+        for name in ("virtual_alias", "virtual_mailbox", "transport"):
+            data = self.host.read_file(self.tables.table_path(name)) or b""
+            kept = []
+            for line in data.decode("utf-8").splitlines(keepends=True):
+                if line.startswith("#"):
+                    continue
+                key, _, value = line.rstrip("\n").partition("\t")
+                if line in structural or (key in book and key not in moving and (
+                        value == key or (name == "transport" and value == fed))):
+                    routine += 1
+                else:
+                    kept.append(line)
+            lines[name] = kept
+        return lines, (f"overlay: {routine} routine line(s) removed (physical addresses, "
+                       "colleagues on other systems through fed)")
 
     # -- accounts -------------------------------------------------------------------------
     def refresh(self) -> None:

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mailferry.mail.addresses import mailbox_id_for
+from reconciler.errors import TemporaryError
 
 
 class Runner(Protocol):
     """Run a command on the system's host: stdout, or a TemporaryError naming `what`."""
 
-    def __call__(self, argv: list[str], what: str, *, stdin: str | None = None,
-                 none_found_ok: bool = False) -> str: ...
+    def __call__(self, argv: list[str], what: str, *, stdin: str | None = None) -> str: ...
 
 
 # Map types postmap -s can list (indexed files); every other type can only be asked (-q).
@@ -102,9 +102,13 @@ def query_map(run: Runner, postfix_dir: str, table: str, keys: Iterable[str]) ->
     wanted = "".join(f"{k}\n" for k in sorted(set(keys)))
     if not wanted:
         return {}
-    # Exit 1 without a word on stderr: no key found (not a failure).
-    out = run(["postmap", "-c", postfix_dir, "-q", "-", table], f"postmap -q - {table}",
-              stdin=wanted, none_found_ok=True)
+    # postmap exits 1 both when no key is found and on a fatal error: the shell turns the
+    # first into 0, and the second shows as postmap's own words in the merged output.
+    out = run(["sh", "-c", 'postmap "$@" 2>&1; [ $? -le 1 ]', "postmap", "-c", postfix_dir,
+               "-q", "-", table], f"postmap -q - {table}", stdin=wanted)
+    said = [line for line in out.splitlines() if line.startswith("postmap: ")]
+    if said:
+        raise TemporaryError(f"postmap -q - {table}: {'; '.join(said)[:300]}")
     return _pairs(out)
 
 

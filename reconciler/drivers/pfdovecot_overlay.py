@@ -31,6 +31,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.drivers.hosts import Host
 from reconciler.drivers.pfdovecot_tables import Tables
 
 ADOPTED_SCHEMA = """
@@ -75,9 +76,10 @@ class OverlayTables(Tables):
     header = "# mailferry's overlay (reconcile release removes it): edits are overwritten\n"
 
     def __init__(self, state_dir: Path, system: str, postfix_dir: str, mail_root: str,
-                 uid: int, gid: int, *, fed: str, dovecot_config: str | None = None) -> None:
+                 uid: int, gid: int, *, fed: str, dovecot_config: str | None = None,
+                 host: Host | None = None, tables_dir: str | None = None) -> None:
         super().__init__(state_dir, system, postfix_dir, mail_root, uid, gid,
-                         dovecot_config=dovecot_config)
+                         dovecot_config=dovecot_config, host=host, tables_dir=tables_dir)
         self.fed = fed  # the transport to fed: smtp:[host]:port
 
     def adopted(self, conn: sqlite3.Connection) -> list[AdoptedRow]:
@@ -130,10 +132,10 @@ class OverlayTables(Tables):
         self._replace("transport", self.render(conn)["transport"], postmap=True)
         super().install(conn)
 
-    def overlay_files(self) -> list[Path]:
-        """Every file of the overlay (the maps and their .db)."""
-        return [self.dir / f"{name}{ext}" for name in ("virtual_alias", "virtual_mailbox",
-                                                        "transport") for ext in ("", ".db")]
+    def overlay_files(self) -> list[str]:
+        """Every file of the overlay on the mail host (the maps and their .db)."""
+        return [self.table_path(f"{name}{ext}") for name in ("virtual_alias", "virtual_mailbox",
+                                                              "transport") for ext in ("", ".db")]
 
 
 def _domain(address: str) -> str:

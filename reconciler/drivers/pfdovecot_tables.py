@@ -26,10 +26,15 @@ resolves them (Dovecot re-reads the file at most once a second): otherwise Postf
 Dovecot mail for a user it does not know yet, which bounces. Removed users leave the maps
 first and the passwd-file last, for the same reason.
 
+Where things live: ``mailferry.db`` and its ``.lock`` are always in the state folder on the
+reconciler's machine; the rendered files are written through a `Host` (`hosts.py`) into the
+*tables folder* on the mail host (the state folder itself when the system is local).
+
 Crash safety, in this order, all under an exclusive `fcntl` lock on ``.lock`` and inside one
 SQLite ``BEGIN IMMEDIATE`` transaction: change the rows, render the files from the changed
-rows, replace every file that differs (write a temporary file, fsync, `postmap` it under the
-temporary name, rename the ``.db`` then the source into place), and only then commit. A
+rows, replace every file that differs (`Host.replace_file`: write a temporary file, fsync,
+`postmap` it under the temporary name, rename the ``.db`` then the source into place), and
+only then commit. A
 crash leaves the files ahead of the database, never behind: the step that was interrupted
 finds the database unchanged, does its change again and rewrites the same files. Each
 driver also re-renders once at first use, which repairs any leftover difference.
@@ -40,13 +45,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from reconciler.drivers.hosts import Host, HostError, LocalHost
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -97,8 +102,11 @@ class Tables:
 
     def __init__(self, state_dir: Path, system: str, postfix_dir: str, mail_root: str,
                  uid: int, gid: int, *, files: bool = True,
-                 dovecot_config: str | None = None) -> None:
-        self.dir = state_dir
+                 dovecot_config: str | None = None, host: Host | None = None,
+                 tables_dir: str | None = None) -> None:
+        self.dir = state_dir  # mailferry.db and .lock: always on the reconciler's machine
+        self.host: Host = host or LocalHost()
+        self.tables_dir = tables_dir or str(state_dir)  # the rendered files, on the host
         self.system = system
         self.postfix_dir = postfix_dir
         self.mail_root = mail_root
@@ -183,15 +191,24 @@ class Tables:
                 "virtual_mailbox": header + "".join(f"{line}\n" for line in mailbox),
                 "virtual_alias": header + "".join(f"{line}\n" for line in alias)}
 
+    def table_path(self, name: str) -> str:
+        """Where a rendered file lives on the host."""
+        return f"{self.tables_dir.rstrip('/')}/{name}"
+
+    def _read_table(self, name: str) -> str | None:
+        try:
+            data = self.host.read_file(self.table_path(name))
+        except HostError as exc:
+            raise TableError(str(exc)) from exc
+        return None if data is None else data.decode("utf-8")
+
     def _current_passwords(self) -> dict[str, str]:
         """Password fields of the current passwd-file (an admin may have set some)."""
-        path = self.dir / "passwd"
         found: dict[str, str] = {}
-        with contextlib.suppress(FileNotFoundError):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                parts = line.split(":")
-                if len(parts) >= 2 and parts[0]:
-                    found[parts[0]] = parts[1]
+        for line in (self._read_table("passwd") or "").splitlines():
+            parts = line.split(":")
+            if len(parts) >= 2 and parts[0]:
+                found[parts[0]] = parts[1]
         return found
 
     def install(self, conn: sqlite3.Connection) -> None:
@@ -212,11 +229,8 @@ class Tables:
         self._replace("passwd", files["passwd"], postmap=False)  # removals last
 
     def _current_lines(self) -> dict[str, str]:
-        path = self.dir / "passwd"
-        if not path.exists():
-            return {}
         return {line.split(":", 1)[0]: line
-                for line in path.read_text(encoding="utf-8").splitlines() if line}
+                for line in (self._read_table("passwd") or "").splitlines() if line}
 
     def _wait_visible(self, users: list[str], timeout: float = 5.0) -> None:
         """Until Dovecot's auth resolves every new user (it re-reads passwd-file at most once
@@ -226,56 +240,23 @@ class Tables:
         deadline = time.monotonic() + timeout
         for user in users:
             while True:
-                result = subprocess.run(["doveadm", "-c", self.dovecot_config, "user", user],
-                                        capture_output=True, text=True, timeout=30)
-                if result.returncode == 0:
+                try:
+                    self.host.run(["doveadm", "-c", self.dovecot_config, "user", user],
+                                  timeout=30)
                     break
-                if time.monotonic() > deadline:
-                    raise TableError(f"Dovecot does not see the new user {user}: "
-                                     f"{(result.stderr or result.stdout).strip()[:200]}")
+                except HostError as exc:
+                    if time.monotonic() > deadline:
+                        raise TableError(f"Dovecot does not see the new user {user}: "
+                                         f"{exc}") from exc
                 time.sleep(0.1)
 
     def _replace(self, name: str, text: str, *, postmap: bool) -> None:
-        path = self.dir / name
+        path = self.table_path(name)
         try:
-            current = path.read_text(encoding="utf-8") if path.exists() else None
-            if current == text and (not postmap or Path(f"{path}.db").exists()):
+            current = self._read_table(name)
+            if current == text and (not postmap or self.host.exists(f"{path}.db")):
                 return
-            tmp = self.dir / f".{name}.tmp"
-            with open(tmp, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            tmp.chmod(0o644)
-            if postmap:
-                result = subprocess.run(["postmap", "-c", self.postfix_dir, f"hash:{tmp}"],
-                                        capture_output=True, text=True, timeout=60)
-                if result.returncode != 0:
-                    raise TableError(f"postmap {name}: {result.stderr.strip()}")
-                _newer_than(Path(f"{tmp}.db"), Path(f"{path}.db"))
-                os.replace(f"{tmp}.db", f"{path}.db")  # Postfix reads the .db: effective now
-            _newer_than(tmp, path)
-            os.replace(tmp, path)
-            dir_fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            raise TableError(f"write {path}: {exc}") from exc
-        except subprocess.SubprocessError as exc:
-            raise TableError(f"postmap {name}: {exc}") from exc
-
-
-def _newer_than(new: Path, old: Path) -> None:
-    """Give `new` an mtime in a later second than `old`'s.
-
-    Dovecot (passwd-file) and Postfix (dict_changed) notice a changed table by its mtime in
-    whole seconds (Dovecot also by size): two rewrites within one second, the second of the
-    same size, would otherwise go unnoticed and the servers would keep the older table."""
-    try:
-        before = int(old.stat().st_mtime)
-    except FileNotFoundError:
-        return
-    stamp = max(int(new.stat().st_mtime), before + 1)
-    os.utime(new, (stamp, stamp))
+            self.host.replace_file(path, text.encode("utf-8"), mode=0o644,
+                                   postmap_config=self.postfix_dir if postmap else None)
+        except HostError as exc:
+            raise TableError(str(exc)) from exc

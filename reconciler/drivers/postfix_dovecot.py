@@ -36,12 +36,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
-import pwd
 import shlex
-import shutil
 import smtplib
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +53,7 @@ from reconciler.drivers.base import (
     StoredMessage,
 )
 from reconciler.drivers.contacts import SqliteContactsMixin
+from reconciler.drivers.hosts import Host, HostError, LocalHost
 from reconciler.drivers.imapstore import (
     ImapLogin,
     ImapSession,
@@ -90,8 +88,10 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     """Administer one Postfix + Dovecot system through its tables, postconf and IMAP."""
 
     def __init__(self, name: str, options: PostfixDovecotOptions, fed_smtp: Endpoint,
-                 internal_domain: str, domains: tuple[str, ...]) -> None:
+                 internal_domain: str, domains: tuple[str, ...], *,
+                 host: Host | None = None) -> None:
         self.name = name
+        self.host: Host = host or LocalHost()  # where Postfix and Dovecot run
         self.options = options
         self.fed_smtp = fed_smtp
         self.internal_domain = internal_domain
@@ -106,14 +106,16 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         """The account tables, made on first use (the mail user must exist)."""
         if self._tables is None:
             try:
-                user = pwd.getpwnam(self.options.mail_user)
-            except KeyError:
+                ids = self.host.user_ids(self.options.mail_user)
+            except HostError as exc:
+                raise TemporaryError(f"{self.name}: mail user: {exc}") from exc
+            if ids is None:
                 raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
-                                     "does not exist on this host") from None
+                                     f"does not exist on this host ({self.host.label})")
             self._tables = Tables(Path(self.options.state_dir), self.name,
                                   self.options.postfix_config_dir, self.options.mail_root,
-                                  user.pw_uid, user.pw_gid,
-                                  dovecot_config=self.options.dovecot_config)
+                                  *ids, dovecot_config=self.options.dovecot_config,
+                                  host=self.host)
         return self._tables
 
     def _write(self, what: str, change: Callable[[sqlite3.Connection], T]) -> T:
@@ -135,21 +137,13 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         except (OSError, sqlite3.Error) as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
 
-    def _run(self, argv: list[str], what: str, *, stdin: str | None = None,
-             none_found_ok: bool = False) -> str:
-        """stdout of a command; `none_found_ok`: exit 1 with nothing on stderr is an empty
-        answer (postmap -q finding no key), not a failure."""
+    def _run(self, argv: list[str], what: str, *, stdin: str | None = None) -> str:
+        """A command on the system's host; a failure is temporary, naming system and host."""
         try:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                                    input=stdin)
-        except (OSError, subprocess.SubprocessError) as exc:
+            return self.host.run(argv, timeout=60,
+                                 stdin=None if stdin is None else stdin.encode())
+        except HostError as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
-        if none_found_ok and result.returncode == 1 and not result.stderr.strip():
-            return result.stdout
-        if result.returncode != 0:
-            raise TemporaryError(f"{self.name}: {what} failed: "
-                                 f"{(result.stderr or result.stdout).strip()[:300]}")
-        return result.stdout
 
     def _login(self, mailbox_id: str) -> ImapLogin:
         master = self.options.master
@@ -213,8 +207,14 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
             config_dir = self.options.postfix_config_dir
-            main_cf = Path(config_dir) / "main.cf"
-            saved = main_cf.read_bytes()
+            main_cf = f"{config_dir.rstrip('/')}/main.cf"
+            try:
+                saved = self.host.read_file(main_cf)
+            except HostError as exc:
+                raise TemporaryError(f"{self.name}: read main.cf: {exc}") from exc
+            if saved is None:
+                raise TemporaryError(f"{self.name}: {main_cf} does not exist "
+                                     f"({self.host.label})")
             before = self._run(["postconf", "-c", config_dir, "-n"], "postconf -n")
             self._run(["postconf", "-c", config_dir, "-e",
                        *(f"{k}={v}" for k, v in changes.items())], "postconf -e")
@@ -222,7 +222,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             wrong = [f"{k} is {got.get(k, '').strip()!r} after postconf -e, expected {v!r}"
                      for k, v in wanted.items() if got.get(k, "").strip() != v]
             if wrong:
-                main_cf.write_bytes(saved)  # back to the admin's bytes
+                self.host.replace_file(main_cf, saved)  # back to the admin's bytes
                 raise TemporaryError(f"{self.name}: configuration refused: " + "; ".join(wrong))
             after = self._run(["postconf", "-c", config_dir, "-n"], "postconf -n")
             self._journal(before, after, {k: current.get(k, "").strip() for k in changes})
@@ -341,8 +341,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             # The files are rewritten before the commit; the data goes with them, so a
             # crash before the commit re-creates routes to an empty home, never the reverse.
             self.tables.install(conn)
-            if home.exists():
-                shutil.rmtree(home)
+            self.host.remove_tree(str(home))
         self._write(f"delete {mailbox_id}", change)
 
     # -- data -----------------------------------------------------------------------------
