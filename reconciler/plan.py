@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from mailferry.mail.addresses import split_physical
+from mailferry.mail.addresses import mailbox_id_for, split_physical
 from reconciler.spec.model import DesiredMailbox, WindowSpec
 from reconciler.spec.windows import is_open, next_open
 from reconciler.state.states import ACTIVE_STATES, MigrationState
@@ -375,8 +375,9 @@ def unmanaged(desired: dict[str, DesiredMailbox], recorded: set[str],
     found = []
     for physical, addresses in sorted(groups.items()):
         where = split_physical(physical)
-        if where is not None:
-            found.append(Unmanaged(physical, where[0], tuple(sorted(addresses))))
+        if where is not None:  # the access address (the mailbox id's) first, then aliases
+            first = sorted(addresses, key=lambda a: (mailbox_id_for(a) != where[1], a))
+            found.append(Unmanaged(physical, where[0], tuple(first)))
     return found
 
 

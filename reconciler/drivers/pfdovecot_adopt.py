@@ -45,11 +45,11 @@ from reconciler.drivers.pfdovecot_learn import (
     split_list,
 )
 from reconciler.drivers.pfdovecot_overlay import (
-    ADOPTED_SCHEMA,
     AdoptedRow,
     OverlayTables,
     adopted_of,
 )
+from reconciler.drivers.pfdovecot_tables import TableError
 from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
 from reconciler.errors import MailferryError, PermanentError, TemporaryError
 from reconciler.secrets import resolve
@@ -337,6 +337,12 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         explicit = set(rec["explicit"])  # type: ignore[call-overload]
         assert isinstance(values, dict)
         lines_before, routine = self._in_flight()
+        if created:  # forced: their rows go (the overlay passwd-file is rendered empty)
+            try:
+                with self.tables.write() as conn:
+                    conn.execute("DELETE FROM accounts")
+            except (TableError, OSError, sqlite3.Error) as exc:
+                raise TemporaryError(f"{self.name}: release: {exc}") from exc
         restore = [f"{k}={values[k]}" for k in OVERLAID if k in explicit]
         drop = [k for k in OVERLAID if k not in explicit]
         if restore:
@@ -358,10 +364,6 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         report.append(routine)
         for path in self.tables.overlay_files():
             self.host.remove_file(path)
-        if force:
-            self.host.replace_file(self.tables.table_path("passwd"), b"")
-            self._write("forget created mailboxes", lambda conn: conn.execute(
-                "DELETE FROM accounts"))
         changed = [p for p, h in self.admin_file_hashes(
             {str(k): str(v) for k, v in values.items()}).items()
             if rec["files"].get(p) != h]  # type: ignore[attr-defined]
@@ -406,7 +408,6 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         learned = self.learn()
 
         def change(conn: sqlite3.Connection) -> None:
-            conn.executescript(ADOPTED_SCHEMA)
             seen = []
             for m in learned.mailboxes:
                 seen.append(m.mailbox_id)
@@ -432,7 +433,6 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
 
     def _adopted(self, mailbox_id: str) -> AdoptedRow | None:
         def query(conn: sqlite3.Connection) -> AdoptedRow | None:
-            conn.executescript(ADOPTED_SCHEMA)
             r = conn.execute("SELECT * FROM adopted WHERE mailbox_id = ?",
                              (mailbox_id,)).fetchone()
             return None if r is None else adopted_of(r)

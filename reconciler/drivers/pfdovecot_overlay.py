@@ -15,7 +15,8 @@ them restores the system:
   ``virtual_mailbox_domains`` domain, so that colleagues who moved are accepted, not refused
   with 550, and ...
 - ``transport``: ... sent to fed (``smtp:[fed]:port``), with every address of a mailbox in
-  its cutover (``via_fed``) or redirected, and the domains of redirect targets;
+  its cutover (``via_fed``) or redirected, and the domains of redirect targets (a change is
+  followed by ``postfix reload``: trivial-rewrite does not notice it by itself);
 - ``virtual_mailbox`` and ``passwd``: the mailboxes mailferry creates here, exactly as the
   owned layout (Dovecot reads ``passwd`` through the passdb/userdb the admin added for it).
 
@@ -26,13 +27,15 @@ makes it valid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.drivers.hosts import Host
-from reconciler.drivers.pfdovecot_tables import Tables
+from reconciler.drivers.hosts import Host, HostError
+from reconciler.drivers.pfdovecot_tables import TableError, Tables
 
 ADOPTED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS adopted (
@@ -82,8 +85,15 @@ class OverlayTables(Tables):
                          dovecot_config=dovecot_config, host=host, tables_dir=tables_dir)
         self.fed = fed  # the transport to fed: smtp:[host]:port
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """`Tables.read` with the adopted table (made outside any transaction: executescript
+        commits)."""
+        with super().read() as conn:
+            conn.executescript(ADOPTED_SCHEMA)
+            yield conn
+
     def adopted(self, conn: sqlite3.Connection) -> list[AdoptedRow]:
-        conn.executescript(ADOPTED_SCHEMA)
         return [adopted_of(r) for r in conn.execute("SELECT * FROM adopted ORDER BY mailbox_id")]
 
     def render(self, conn: sqlite3.Connection) -> dict[str, str]:
@@ -129,8 +139,23 @@ class OverlayTables(Tables):
         """The transport table first, then `Tables.install` (passwd, mailbox, alias)."""
         if not self.files:
             return
-        self._replace("transport", self.render(conn)["transport"], postmap=True)
+        text = self.render(conn)["transport"]
+        changed = self._read_table("transport") != text
+        self._replace("transport", text, postmap=True)
         super().install(conn)
+        if changed:
+            self._reload()
+
+    def _reload(self) -> None:
+        """`postfix reload` after a transport change. Unlike the alias maps (cleanup and
+        smtpd restart when theirs changes), trivial-rewrite only notices a changed table on a
+        new connection, and qmgr keeps its connection open: without the reload a moved
+        address would still be delivered to BOX1 by the old route."""
+        try:
+            self.host.run(["postfix", "-c", self.postfix_dir, "reload"], timeout=60)
+        except HostError as exc:
+            if "not running" not in str(exc):  # nothing to reload: the next start reads it
+                raise TableError(f"postfix reload: {exc}") from exc
 
     def overlay_files(self) -> list[str]:
         """Every file of the overlay on the mail host (the maps and their .db)."""
