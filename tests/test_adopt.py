@@ -35,11 +35,11 @@ from typing import Any
 
 import pytest
 import yaml
+from adminlayouts import AdminHost
 
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver
 
-from adminlayouts import AdminHost
 from helpers import mail
 from helpers.waiting import wait_for
 from pfdovecot import MailHost, make_root
@@ -144,8 +144,8 @@ def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path:
 
 def test_malformed_import_target_writes_nothing(world: PfWorld, tmp_path: Path) -> None:
     pa = admin(world, "pa")
-    owned = {"apiVersion": "mailferry/v1", "kind": "MailSystem", "metadata": {"name": "own"},
-             "spec": {**pa.spec_document()["spec"]}}
+    owned: dict[str, Any] = {"apiVersion": "mailferry/v1", "kind": "MailSystem",
+                             "metadata": {"name": "own"}, "spec": {**pa.spec_document()["spec"]}}
     owned["spec"]["postfixDovecot"] = {**owned["spec"]["postfixDovecot"], "adopt": False,
                                        "stateDir": str(tmp_path / "own")}
     specs = world.write(tmp_path / "specs", [owned])
@@ -287,9 +287,9 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
         found = message_ids(pb, mailbox_id_for(user))
         every.update(found)
         for mid, count in expected[user].items():
-            if found[mid] == 0:
+            if found[mid] < count:
                 lost.append(f"{mid} for {user}")
-            elif found[mid] > 1:
+            elif found[mid] > count:
                 duplicated.append(f"{mid} x{found[mid]} for {user}")
         misplaced += [f"{mid} in {user}" for mid in found if mid not in expected[user]]
     assert (lost, duplicated, misplaced) == ([], [], [])
