@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from reconciler.drivers.base import Account
 from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver, AdoptionCheck
 from reconciler.engine import Engine
 from reconciler.errors import PermanentError, SpecError
@@ -41,21 +42,21 @@ def check(specs: SpecSet, drivers: dict[str, Any], system: str) -> AdoptionCheck
     return adopted_driver(specs, drivers, system).check()
 
 
-def publish(engine: Engine, system: str) -> int:
-    """Tell fed where the system's mailboxes are (register + up-sync); how many."""
+def publish(engine: Engine, system: str) -> list[Account]:
+    """Tell fed where the system's mailboxes are (register + up-sync); the accounts."""
     driver = adopted_driver(engine.specs, engine.drivers, system)
     engine.register_systems()
     engine.fed.refresh_system(system)
     accounts = driver.list_accounts()
     engine.fed.upsync(system, {a.physical_address: list(a.all_addresses) for a in accounts})
-    return len(accounts)
+    return accounts
 
 
 def adopt(engine: Engine, system: str) -> tuple[AdoptionCheck, int]:
     """Check, record, install the overlay, then publish the mailboxes to fed."""
     driver = adopted_driver(engine.specs, engine.drivers, system)
     found = driver.adopt()
-    return found, publish(engine, system)
+    return found, len(publish(engine, system))
 
 
 def import_specs(engine: Engine, system: str, out: Path | None, *, force: bool = False
@@ -72,11 +73,11 @@ def import_specs(engine: Engine, system: str, out: Path | None, *, force: bool =
     if path.resolve().parent != root.resolve():
         raise PermanentError(f"{path} is not in the specs folder {root}: the import must be "
                              "part of the spec set it is checked against")
-    publish(engine, system)
+    accounts = publish(engine, system)
     name = f"{system}-imported"
     desired = {a: d for a, d in engine.specs.desired().items() if d.placement != name}
     mailboxes = []
-    for account in driver.list_accounts():
+    for account in accounts:
         address = account.access_addresses[0] if account.access_addresses else None
         if address is None or (address in desired and desired[address].system != system):
             continue  # another placement places it elsewhere: a migration, not an import

@@ -88,6 +88,8 @@ class AdoptionCheck:
 class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
     """The admin's Postfix + Dovecot system with mailferry's overlay (module docstring)."""
 
+    _checked = False  # `check` passed just now: `configure` need not run it again
+
     # -- plumbing -------------------------------------------------------------------------
     @property
     def tables(self) -> OverlayTables:
@@ -249,9 +251,11 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                 "masterUser.password")
 
     def check_config(self) -> list[str]:
-        """`configure` (the owned driver's) calls this before any change."""
-        found = self.check()
-        return found.blockers
+        """`configure` (the owned driver's) calls this before any change (not twice when
+        `adopt` has just checked)."""
+        if self._checked:
+            return []
+        return self.check().blockers
 
     # -- adoption and release --------------------------------------------------------------
     def adopt(self) -> AdoptionCheck:
@@ -262,8 +266,11 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         if self.record() is None:
             self._write_record()
         self._configured = False
-        self.configure()
-        self.refresh()
+        self._checked = True
+        try:
+            self.configure()
+        finally:
+            self._checked = False
         return found
 
     def configure(self) -> None:
@@ -275,7 +282,11 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                 raise TemporaryError(f"{self.name}: adoption refused: "
                                      + "; ".join(found.blockers))
             self._write_record()
-        super().configure()
+            self._checked = True
+        try:
+            super().configure()
+        finally:
+            self._checked = False
 
     def _write_record(self) -> None:
         config = self.options.postfix_config_dir
