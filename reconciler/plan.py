@@ -373,12 +373,12 @@ def unmanaged(desired: dict[str, DesiredMailbox], recorded: set[str],
         if physical not in managed and address not in known:
             groups.setdefault(physical, []).append(address)
     found = []
-    for physical, addresses in sorted(groups.items()):
+    for physical, addresses in groups.items():
         where = split_physical(physical)
         if where is not None:  # the access address (the mailbox id's) first, then aliases
             first = sorted(addresses, key=lambda a: (mailbox_id_for(a) != where[1], a))
             found.append(Unmanaged(physical, where[0], tuple(first)))
-    return found
+    return sorted(found, key=lambda b: (b.system, b.addresses[0]))
 
 
 def _with_error(change: Change, error: AddressErrorView) -> Change:
