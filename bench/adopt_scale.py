@@ -56,17 +56,21 @@ def timed_process(argv: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, out.decode()
 
 
+def run(argv: list[str]) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise SystemExit(f"{argv[:4]} failed ({done.returncode}): {done.stderr[-1000:]}")
+
+
 def floor(host: AdminHost, users: list[str]) -> float:
     """The bare tools' reads of what import reads."""
     conf = str(host.dovecot_conf)
     started = time.perf_counter()
-    subprocess.run(["doveadm", "-c", conf, "user", "*"], check=True, capture_output=True)
+    run(["doveadm", "-c", conf, "user", "*"])
     for start in range(0, len(users), BATCH):
-        subprocess.run(["doveadm", "-c", conf, "user", "-f", "home",
-                        *users[start:start + BATCH]], check=True, capture_output=True)
+        run(["doveadm", "-c", conf, "user", "-f", "home", *users[start:start + BATCH]])
     for name in ("vmailbox", "virtual"):
-        subprocess.run(["postmap", "-c", str(host.etc), "-s", f"hash:{host.etc}/{name}"],
-                       check=True, capture_output=True)
+        run(["postmap", "-c", str(host.etc), "-s", f"hash:{host.etc}/{name}"])
     return time.perf_counter() - started
 
 

@@ -250,17 +250,21 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     outside = Senders("out", [(fed_port, u) for u in MOVING]
                       + [(fed_port, f"info.{u}") for u in MOVING[:3]], 40)
     local_a = Senders("loca", [(pa.smtp_port, u) for u in MOVING], 20)
-    outside.start()
-    local_a.start()
+    # pb's own users keep mailing each other (and their SQL alias) while its overlay changes
+    local_b = Senders("locb", [(pb.smtp_port, u) for u in USERS_B]
+                      + [(pb.smtp_port, "sales@corp.example")], 16)
+    senders = (outside, local_a, local_b)
+    for sender in senders:
+        sender.start()
     report = engine.apply()
-    outside.join(70)
-    local_a.join(70)
-    assert not outside.is_alive() and not local_a.is_alive()
+    for sender in senders:
+        sender.join(70)
+    assert not any(sender.is_alive() for sender in senders)
     assert not report.errors, [r.message for r in report.errors]
     assert not engine.plan().pending, [c for c in engine.plan().changes
                                        if c.action != "in-sync"]
-    assert outside.acked and local_a.acked
-    assert not outside.refused and not local_a.refused, outside.refused + local_a.refused
+    assert all(sender.acked for sender in senders)
+    assert not [r for sender in senders for r in sender.refused]
     # -- after the move: colleagues who moved are accepted on pa and relayed ---------------
     send(pa.smtp_port, "u01@corp.example", "<after.pa@corp.example>", "u15@corp.example")
     send(pa.smtp_port, "info.u02@corp.example", "<after.alias@corp.example>",
@@ -273,18 +277,19 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     wait_for(lambda: message_ids(pa, "u15@corp.example")["<to.u15@corp.example>"] == 1,
              what="pb -> fed -> pa for a colleague on pa")
     # -- exact accounting by Message-ID ----------------------------------------------------
-    expected: dict[str, Counter[str]] = {u: Counter() for u in USERS_A}
+    expected: dict[str, Counter[str]] = {u: Counter() for u in (*USERS_A, *USERS_B)}
     for n, user in enumerate(MOVING):
         expected[user].update([*old[user], f"<before{n}@outside.example>"])
-    for mid, rcpt in outside.acked + local_a.acked:
+    for mid, rcpt in outside.acked + local_a.acked + local_b.acked:
+        rcpt = "b01@corp.example" if rcpt == "sales@corp.example" else rcpt
         expected[rcpt.removeprefix("info.")][mid] += 1
     expected["u01@corp.example"].update(["<team0@corp.example>", "<after.pa@corp.example>"])
     expected["u02@corp.example"].update(["<team0@corp.example>", "<after.alias@corp.example>"])
     expected["u03@corp.example"]["<after.pb@corp.example>"] += 1
     lost, duplicated, misplaced = [], [], []
     every = Counter[str]()
-    for user in MOVING:
-        found = message_ids(pb, mailbox_id_for(user))
+    for user in (*MOVING, *USERS_B):
+        found = message_ids(pb, mailbox_id_for(user) if user in MOVING else user)
         every.update(found)
         for mid, count in expected[user].items():
             if found[mid] < count:
@@ -294,7 +299,7 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
         misplaced += [f"{mid} in {user}" for mid in found if mid not in expected[user]]
     assert (lost, duplicated, misplaced) == ([], [], [])
     assert sum(every.values()) == sum(sum(c.values()) for u, c in expected.items()
-                                      if u in MOVING)
+                                      if u in MOVING or u in USERS_B)
     # BOX1 got nothing after the flip (E9's redirect and the transport through fed)
     for mid in ("<after.pa@corp.example>", "<after.alias@corp.example>"):
         assert all(message_ids(pa, u)[mid] == 0 for u in MOVING)
