@@ -15,10 +15,13 @@ case "$what" in demo|test) ;; *) echo "usage: $0 demo|test" >&2; exit 64 ;; esac
 # Dovecot (private instances started by the tests: the Postfix + Dovecot driver, the station
 # agent's IMAP upload), a C compiler (the power-loss test's recorder) and Thunderbird (run
 # headless by the station agent's tests to make real profiles and to start on a switched
-# one; it has no service). Only what is missing is installed, as root or through sudo, and
-# the packages' own services are kept from starting: debconf "No configuration" for Postfix, a
-# temporary policy-rc.d and RUNLEVEL=1 refuse every service start; nothing in /etc/postfix,
-# /etc/dovecot or the system's PostgreSQL cluster is ever used. Chromium and its driver: the
+# one; it has no service). OpenSSH (client and server) and iproute2: the remote-host tests
+# (tests/test_remote_hosts.py) put two mail hosts in network namespaces, each with a private
+# sshd of its own config (the package's sshd service is never started). Only what is
+# missing is installed, as root or through sudo, and the packages' own services are kept
+# from starting: debconf "No configuration" for Postfix, a temporary policy-rc.d and
+# RUNLEVEL=1 refuse every service start; nothing in /etc/postfix, /etc/dovecot, /etc/ssh or
+# the system's PostgreSQL cluster is ever used. Chromium and its driver: the
 # status page's tests load it in a real headless browser (tests/test_web_browser.py).
 need=()
 command -v python3 >/dev/null || need+=(python3)
@@ -29,7 +32,7 @@ if [ "$what" = test ]; then
   # postfix-sqlite, dovecot-sqlite: the adopted SQL layout of tests/test_adopt.py (sqlite: maps,
   # Dovecot's sql driver)
   for pkg in postfix dovecot-imapd dovecot-lmtpd postfix-sqlite dovecot-sqlite chromium \
-             chromium-driver thunderbird; do
+             chromium-driver thunderbird openssh-client openssh-server iproute2; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
   done
   # A C compiler: the power-loss test builds its LD_PRELOAD recorder (tests/powerloss/).
@@ -52,7 +55,7 @@ if [ "${#need[@]}" -gt 0 ]; then
     "${need[@]}" >/dev/null
   [ -z "$blocker" ] || $sudo rm -f "$blocker"
   if [ -d /run/systemd/system ]; then  # and not at the next boot either
-    $sudo systemctl disable --now postfix dovecot >/dev/null 2>&1 || true
+    $sudo systemctl disable --now postfix dovecot ssh >/dev/null 2>&1 || true
   fi
 fi
 if [ "$what" = test ]; then  # the owner of the private Dovecots' Maildirs

@@ -61,12 +61,12 @@ def missing_prerequisites() -> str | None:
     return None
 
 
-def wait_port(port: int, timeout: float = 15.0) -> bool:
-    """True once something accepts on 127.0.0.1:port (bounded)."""
+def wait_port(port: int, timeout: float = 15.0, address: str = "127.0.0.1") -> bool:
+    """True once something accepts on address:port (bounded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((address, port), timeout=0.5):
                 return True
         except OSError:
             time.sleep(0.05)
@@ -74,7 +74,7 @@ def wait_port(port: int, timeout: float = 15.0) -> bool:
 
 
 MASTER_CF = """\
-127.0.0.1:{smtp} inet n - n - - smtpd
+{address}:{smtp} inet n - n - - smtpd
 pickup     unix  n - n 60    1 pickup
 cleanup    unix  n - n -     0 cleanup
 qmgr       unix  n - n 300   1 qmgr
@@ -108,13 +108,13 @@ maillog_file_prefixes = {root}
 myhostname = {name}.mail.invalid
 mydomain = {name}.mail.invalid
 myorigin = $myhostname
-inet_interfaces = 127.0.0.1
+inet_interfaces = {address}
 inet_protocols = ipv4
 mydestination =
 local_recipient_maps =
 alias_maps =
 alias_database =
-mynetworks = 127.0.0.0/8
+mynetworks = {networks}
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 smtpd_peername_lookup = no
 smtp_dns_support_level = disabled
@@ -132,7 +132,7 @@ instance_name = mailferry-{name}
 base_dir = {root}/dovecot/run
 state_dir = {root}/dovecot/state
 protocols = imap lmtp
-listen = 127.0.0.1
+listen = {address}
 log_path = {root}/dovecot/dovecot.log
 ssl = no
 disable_plaintext_auth = no
@@ -164,7 +164,7 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    address = 127.0.0.1
+    address = {address}
     port = {imap}
   }}
   inet_listener imaps {{
@@ -173,7 +173,7 @@ service imap-login {{
 }}
 service lmtp {{
   inet_listener lmtp {{
-    address = 127.0.0.1
+    address = {address}
     port = {lmtp}
   }}
   unix_listener lmtp {{
@@ -185,7 +185,10 @@ service lmtp {{
 
 @dataclass
 class MailHost:
-    """One Postfix + Dovecot system on 127.0.0.1, configured under `root`."""
+    """One Postfix + Dovecot system on 127.0.0.1 (or `address`), configured under `root`.
+
+    `wrap` prefixes the servers' commands (``ip netns exec NS``: a host in a network
+    namespace, `tests/netns.py`); `networks` is Postfix's mynetworks (who may relay)."""
 
     name: str
     root: Path
@@ -197,6 +200,9 @@ class MailHost:
     master_password: str = "master-secret"
     postfix: subprocess.Popen[bytes] | None = None
     dovecot: subprocess.Popen[bytes] | None = None
+    address: str = "127.0.0.1"
+    wrap: tuple[str, ...] = ()
+    networks: str = "127.0.0.0/8"
 
     @property
     def postfix_dir(self) -> Path:
@@ -228,7 +234,8 @@ class MailHost:
         os.chown(self.root / "mail", user.pw_uid, user.pw_gid)
         values = {"name": self.name, "root": self.root, "smtp": self.smtp_port,
                   "lmtp": self.lmtp_port, "imap": self.imap_port, "uid": user.pw_uid,
-                  "state": self.state_dir}
+                  "state": self.state_dir, "address": self.address,
+                  "networks": self.networks}
         (self.postfix_dir / "main.cf").write_text(MAIN_CF.format(**values))
         (self.postfix_dir / "master.cf").write_text(MASTER_CF.format(**values))
         self.dovecot_conf.write_text(DOVECOT_CONF.format(**values))
@@ -251,21 +258,25 @@ class MailHost:
     def start_dovecot(self) -> None:
         log = open(self.root / "dovecot" / "stderr.log", "ab")  # noqa: SIM115
         with log:
-            self.dovecot = subprocess.Popen(["dovecot", "-F", "-c", str(self.dovecot_conf)],
+            self.dovecot = subprocess.Popen([*self.wrap, "dovecot", "-F", "-c",
+                                             str(self.dovecot_conf)],
                                             stdout=log, stderr=log, start_new_session=True)
-        if not (wait_port(self.imap_port) and wait_port(self.lmtp_port)):
+        if not (wait_port(self.imap_port, address=self.address)
+                and wait_port(self.lmtp_port, address=self.address)):
             raise RuntimeError(f"{self.name}: dovecot did not listen; see {self.root}/dovecot")
 
     def start_postfix(self) -> None:
-        check = subprocess.run(["script", "-qc", f"postfix -c {self.postfix_dir} check",
+        wrap = "".join(f"{part} " for part in self.wrap)
+        check = subprocess.run(["script", "-qc", f"{wrap}postfix -c {self.postfix_dir} check",
                                 "/dev/null"], capture_output=True, text=True, timeout=60)
         if check.returncode != 0:
             raise RuntimeError(f"{self.name}: postfix check failed: {check.stdout}")
         log = open(self.root / "postfix" / "stderr.log", "ab")  # noqa: SIM115
         with log:
-            self.postfix = subprocess.Popen([MASTER, "-c", str(self.postfix_dir), "-d"],
+            self.postfix = subprocess.Popen([*self.wrap, MASTER, "-c", str(self.postfix_dir),
+                                             "-d"],
                                             stdout=log, stderr=log, start_new_session=True)
-        if not wait_port(self.smtp_port):
+        if not wait_port(self.smtp_port, address=self.address):
             raise RuntimeError(f"{self.name}: postfix did not listen; see {self.root}/postfix")
 
     def stop_dovecot(self) -> None:
@@ -333,9 +344,9 @@ class MailHost:
                          "dovecotConfig": str(self.dovecot_conf),
                          "mailRoot": str(self.root / "mail"),
                          "mailUser": MAIL_USER,
-                         "smtp": f"127.0.0.1:{self.smtp_port}",
-                         "lmtp": f"127.0.0.1:{self.lmtp_port}",
-                         "imap": f"127.0.0.1:{self.imap_port}",
+                         "smtp": f"{self.address}:{self.smtp_port}",
+                         "lmtp": f"{self.address}:{self.lmtp_port}",
+                         "imap": f"{self.address}:{self.imap_port}",
                          "masterUser": {"user": MASTER_USER,
                                         "password": {"file": str(self.password_file)}}}}}
 

@@ -115,6 +115,51 @@ def test_master_login_needs_its_master_user(here: Path) -> None:
                      "(login: master)"], found
 
 
+REMOTE = PF.replace("    stateDir: pf1/mailferry\n", "    stateDir: pf1/mailferry\n"
+                    "    host: ssh://vmadmin@mail1.example:2222\n"
+                    "    tablesDir: /srv/mail/pf1/mailferry\n"
+                    "    sshIdentityFile: keys/id_ed25519\n"
+                    "    sshKnownHostsFile: keys/known_hosts\n")
+
+
+def test_a_remote_host_loads_with_its_ssh_settings(here: Path) -> None:
+    specs = load_specs(write_set(here, real_yaml=REMOTE))
+    options = specs.systems["pf1"].postfix_dovecot
+    assert options is not None and options.host is not None
+    assert options.host.url == "ssh://vmadmin@mail1.example:2222"
+    assert options.host.identity_file == str(here / "keys" / "id_ed25519")
+    assert options.host.known_hosts_file == str(here / "keys" / "known_hosts")
+    assert options.state_dir == str(here / "pf1" / "mailferry")  # the database stays here
+    assert options.tables_folder == "/srv/mail/pf1/mailferry"  # the tables go to the host
+    driver = make_drivers(specs)["pf1"]
+    assert isinstance(driver, PostfixDovecotDriver)
+    assert driver.host.label == "ssh://vmadmin@mail1.example:2222"  # nothing connected yet
+    assert driver.wanted_postfix()["virtual_alias_maps"] == \
+        "hash:/srv/mail/pf1/mailferry/virtual_alias"
+    default_port = REMOTE.replace("mail1.example:2222", "mail1.example")
+    options = load_specs(write_set(here, real_yaml=default_port)).systems["pf1"].postfix_dovecot
+    assert options is not None and options.host is not None and options.host.port == 22
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("ssh://vmadmin@mail1.example:2222", "mail1.example:22",
+     "real.yaml:9: spec.postfixDovecot.host: must be ssh://user@host:port"),
+    ("ssh://vmadmin@mail1.example:2222", "ssh://vmadmin@mail1.example:70000",
+     "real.yaml:9: spec.postfixDovecot.host: port is outside 1-65535"),
+    ("    postfixConfigDir: /etc/postfix-pf1", "    postfixConfigDir: etc/postfix-pf1",
+     "real.yaml:13: spec.postfixDovecot.postfixConfigDir: 'etc/postfix-pf1' is a path on the "
+     "host (spec.postfixDovecot.host): it must be absolute"),
+    ("    tablesDir: /srv/mail/pf1/mailferry\n", "",
+     "real.yaml:7: spec.postfixDovecot: required field missing: tablesDir"),
+    ("    host: ssh://vmadmin@mail1.example:2222\n", "",
+     "real.yaml:9: spec.postfixDovecot.tablesDir: only with host (ssh://...)"),
+])
+def test_remote_host_mistakes_give_file_and_line(here: Path, old: str, new: str,
+                                                 expected: str) -> None:
+    found = problems_of(write_set(here, real_yaml=REMOTE.replace(old, new)))
+    assert any(p.startswith(expected) for p in found), found
+
+
 def test_passwords_file_format() -> None:
     text = "# comment\n\nFrank@Corp.example  pw with spaces \nbad-line\n"
     assert read_passwords(text) == {"frank@corp.example": "pw with spaces"}

@@ -53,8 +53,9 @@ class Stream(threading.Thread):
 
     def __init__(self, name: str, port: int, rcpts: Callable[[], list[str]], rate: float,
                  sender: str, acked: list[Sent], refused: list[tuple[str, str]],
-                 limit: float = 600.0, seed: int = 0) -> None:
+                 limit: float = 600.0, seed: int = 0, host: str = "127.0.0.1") -> None:
         super().__init__(daemon=True, name=name)
+        self.host = host
         self.port, self.rcpts, self.rate, self.sender = port, rcpts, rate, sender
         self.acked, self.refused, self.limit = acked, refused, limit
         self.halt = threading.Event()
@@ -80,7 +81,7 @@ class Stream(threading.Thread):
             n += 1
             try:
                 if client is None:
-                    client = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+                    client = smtplib.SMTP(self.host, self.port, timeout=30)
                     client.ehlo("load.test")
                 client.sendmail(self.sender, [rcpt], message(mid, rcpt, self.sender))
                 self.acked.append(Sent(mid, rcpt, self.name, time.time()))
@@ -109,17 +110,21 @@ class Load:
     acked: list[Sent] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     threads: list[Stream] = field(default_factory=list)
+    fed_host: str = "127.0.0.1"
+    local_hosts: dict[str, str] = field(default_factory=dict)  # system -> address (default lo)
 
     def start(self) -> Load:
         for i in range(self.streams):
             self.threads.append(Stream(f"fed{i}", self.fed_port, self.rcpts,
                                        self.fed_rate / self.streams, "loadgen@outside.test",
-                                       self.acked, self.refused, self.limit, seed=i))
+                                       self.acked, self.refused, self.limit, seed=i,
+                                       host=self.fed_host))
         for i, (system, port) in enumerate(sorted(self.local_ports.items())):
             self.threads.append(Stream(f"local-{system}", port, self.rcpts,
                                        self.local_rate / len(self.local_ports),
                                        f"local-{system}@corp.example", self.acked,
-                                       self.refused, self.limit, seed=100 + i))
+                                       self.refused, self.limit, seed=100 + i,
+                                       host=self.local_hosts.get(system, "127.0.0.1")))
         for thread in self.threads:
             thread.start()
         return self

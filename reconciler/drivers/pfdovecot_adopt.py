@@ -106,7 +106,8 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
                                          self.options.postfix_config_dir,
                                          self.options.mail_root, *ids, fed=fed,
                                          dovecot_config=self.options.dovecot_config,
-                                         host=self.host)
+                                         host=self.host,
+                                         tables_dir=self.options.tables_folder)
         assert isinstance(self._tables, OverlayTables)
         return self._tables
 

@@ -72,6 +72,15 @@ LOCAL_CLASSES = ("mydestination", "virtual_alias_domains", "virtual_mailbox_doma
                  "relay_domains")
 
 
+def _host_of(options: PostfixDovecotOptions) -> Host:
+    """The machine the system's servers run on: over SSH when the spec names a host."""
+    if options.host is None:
+        return LocalHost()
+    from reconciler.drivers.sshhost import shared_host  # only systems on other hosts need it
+
+    return shared_host(options.host)
+
+
 def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool) -> None:
     """EHLO/LHLO; TemporaryError naming the server unless it answers 250."""
     try:
@@ -91,7 +100,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
                  internal_domain: str, domains: tuple[str, ...], *,
                  host: Host | None = None) -> None:
         self.name = name
-        self.host: Host = host or LocalHost()  # where Postfix and Dovecot run
+        self.host: Host = host or _host_of(options)  # where Postfix and Dovecot run
         self.options = options
         self.fed_smtp = fed_smtp
         self.internal_domain = internal_domain
@@ -115,7 +124,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             self._tables = Tables(Path(self.options.state_dir), self.name,
                                   self.options.postfix_config_dir, self.options.mail_root,
                                   *ids, dovecot_config=self.options.dovecot_config,
-                                  host=self.host)
+                                  host=self.host, tables_dir=self.options.tables_folder)
         return self._tables
 
     def _write(self, what: str, change: Callable[[sqlite3.Connection], T]) -> T:
@@ -172,7 +181,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     # -- configuration: the shared-domain setup -------------------------------------------
     def wanted_postfix(self) -> dict[str, str]:
         """The main.cf parameters this driver owns, and their values."""
-        state, lmtp, fed = self.options.state_dir, self.options.lmtp, self.fed_smtp
+        state, lmtp, fed = self.options.tables_folder, self.options.lmtp, self.fed_smtp
         return {
             "virtual_alias_maps": f"hash:{state}/virtual_alias",
             "virtual_alias_domains": "",
@@ -242,6 +251,8 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
              *(f"{k}={v}" for k, v in old.items() if k in explicit)],
             ["postconf", "-c", config_dir, "-X", *(k for k in old if k not in explicit)],
         ) if len(argv) > 4)
+        if self.options.host is not None:  # run where main.cf is
+            undo = shlex.join(["ssh", self.options.host.url, undo])
         self._config_changes.append(f"{diff}undo: {undo}\n")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         state = Path(self.options.state_dir)
@@ -276,7 +287,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         if chars and "=" not in chars:
             problems.append("Dovecot's auth_username_chars lacks '=' (mailbox ids are "
                             "local=domain)")
-        passwd = str(Path(self.options.state_dir) / "passwd")
+        passwd = f"{self.options.tables_folder.rstrip('/')}/passwd"
         if passwd not in self._run(["doveconf", "-c", dovecot, "-n"], "doveconf -n"):
             problems.append(f"Dovecot's passdb/userdb do not read {passwd} (passwd-file)")
         return problems

@@ -49,6 +49,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -75,6 +76,7 @@ from .model import (
     SecretRef,
     SourceLocation,
     SpecSet,
+    SshTarget,
     WindowKind,
     WindowRule,
     WindowSpec,
@@ -364,6 +366,38 @@ class _Loader:
             return None
         return MasterUser(user=str(raw["user"]), password=self.secret(raw["password"]))
 
+    def host_path(self, doc: _Doc, path: JsonPath, value: str) -> str:
+        """A path on a remote host: absolute as written (no specs folder over there)."""
+        if not value.startswith("/"):
+            self.fail(doc, path, f"{value!r} is a path on the host (spec.postfixDovecot.host): "
+                      "it must be absolute")
+        return os.path.normpath(value)
+
+    def ssh_target(self, doc: _Doc, here: JsonPath, box: dict[str, Any]) -> SshTarget | None:
+        """spec.postfixDovecot.host (ssh://user@host:port) and its SSH options, or None."""
+        ssh_only = ("tablesDir", "sshIdentityFile", "sshKnownHostsFile")
+        if "host" not in box:
+            for key in ssh_only:
+                if key in box:
+                    self.fail(doc, (*here, key), "only with host (ssh://...): without it the "
+                              "driver works on this machine", key_line=True)
+            return None
+        url = urlsplit(str(box["host"]))
+        try:
+            port = url.port or 22
+        except ValueError:
+            port = 0
+        if not 1 <= port <= 65535:
+            self.fail(doc, (*here, "host"), "port is outside 1-65535")
+        if "tablesDir" not in box:
+            self.fail(doc, here, "required field missing: tablesDir (with host: the folder on "
+                      "the host for the tables Postfix and Dovecot read)", key_line=True)
+        identity, known = box.get("sshIdentityFile"), box.get("sshKnownHostsFile")
+        return SshTarget(
+            user=url.username, hostname=url.hostname or "", port=port,
+            identity_file=self.path_value(identity) if identity else None,
+            known_hosts_file=self.path_value(known) if known else None)
+
     def build_system(self, doc: _Doc) -> None:
         """A MailSystem document -> MailSystemSpec (with its driver's settings object)."""
         spec, name = doc.spec, cast(str, doc.name)
@@ -380,11 +414,14 @@ class _Loader:
             root="", lmtp=None, submission=None, location=doc.location())
         if driver == "postfix-dovecot":
             box = spec["postfixDovecot"]
+            ssh = self.ssh_target(doc, here, box)
+            on_host = self.path_value if ssh is None else (
+                lambda key: self.host_path(doc, (*here, key), box[key]))
             options = PostfixDovecotOptions(
                 state_dir=self.path_value(box["stateDir"]),
-                postfix_config_dir=self.path_value(box["postfixConfigDir"]),
-                dovecot_config=self.path_value(box["dovecotConfig"]),
-                mail_root=self.path_value(box["mailRoot"]),
+                postfix_config_dir=on_host("postfixConfigDir"),
+                dovecot_config=on_host("dovecotConfig"),
+                mail_root=on_host("mailRoot"),
                 mail_user=str(box.get("mailUser", "vmail")),
                 smtp=self.endpoint(doc, (*here, "smtp"), box["smtp"]),
                 lmtp=self.endpoint(doc, (*here, "lmtp"), box["lmtp"]),
@@ -393,6 +430,9 @@ class _Loader:
                 imap_tls=str(box.get("imapTls", "none")),
                 imap_cafile=self.path_value(box["imapCaFile"]) if "imapCaFile" in box else None,
                 adopt=bool(box.get("adopt", False)),
+                host=ssh,
+                tables_dir=on_host("tablesDir") if ssh is not None and "tablesDir" in box
+                else None,
             )
             system = replace(common, root=options.state_dir, lmtp=options.lmtp,
                              submission=options.smtp, postfix_dovecot=options)

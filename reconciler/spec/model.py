@@ -86,6 +86,23 @@ class MasterUser:
 
 
 @dataclass(frozen=True)
+class SshTarget:
+    """A mail host reached over SSH (``host: ssh://user@mail1.example:22``)."""
+
+    user: str | None  # None: the OpenSSH client's default (ssh_config, then the local user)
+    hostname: str
+    port: int = 22
+    identity_file: str | None = None  # absolute, on the reconciler's machine
+    known_hosts_file: str | None = None  # absolute; None: the client's own known_hosts
+
+    @property
+    def url(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        host = f"[{self.hostname}]" if ":" in self.hostname else self.hostname
+        return f"ssh://{user}{host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class PostfixDovecotOptions:
     """Where a Postfix + Dovecot system keeps what the driver administers (driver-specific)."""
 
@@ -101,6 +118,13 @@ class PostfixDovecotOptions:
     imap_tls: str = "none"  # none | starttls | implicit
     imap_cafile: str | None = None  # absolute: a private CA for Dovecot's certificate
     adopt: bool = False  # the admin's own system: learn it, overlay what mailferry adds
+    host: SshTarget | None = None  # None: Postfix and Dovecot run on this machine
+    tables_dir: str | None = None  # on the host: the rendered tables (None: state_dir)
+
+    @property
+    def tables_folder(self) -> str:
+        """Where Postfix and Dovecot read the tables mailferry renders (on their host)."""
+        return self.tables_dir or self.state_dir
 
 
 @dataclass(frozen=True)
