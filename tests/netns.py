@@ -31,9 +31,17 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from reconciler.drivers.sshhost import close_shared_hosts
+from reconciler.embedded import start_embedded
+from reconciler.spec.loader import load_specs
 
 from helpers.processes import stop_process
 from pfdovecot import MailHost, make_root
+from pfdovecot import missing_prerequisites as mail_missing
+from sysutil import free_port
+from world import World, base_documents
 
 SSHD = "/usr/sbin/sshd"
 
@@ -209,3 +217,70 @@ class NetnsHost:
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, timeout=30)
         if not os.environ.get("MAILFERRY_KEEP_TMP"):
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+WHY_NOT = missing_prerequisites() or mail_missing()
+
+
+class NetnsWorld(World):
+    """fed + embedded s1 in the root namespace, mail hosts pfa and pfb in namespaces."""
+
+    def __init__(self, root: Path) -> None:
+        if WHY_NOT:  # in CI a missing prerequisite is a failure, not a skip
+            raise RuntimeError(f"two hosts in network namespaces unavailable: {WHY_NOT}")
+        self.root = root
+        self.keys = root / "reconciler-ssh"
+        self.keys.mkdir(mode=0o700)
+        self.key = self.keys / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key),
+                        "-C", "mailferry reconciler"], check=True, timeout=30)
+        self.fed_port = free_port()
+        self.ns: dict[str, NetnsHost] = {}
+        try:
+            first = free_subnet()
+            for n, name in enumerate(("pfa", "pfb")):
+                host = NetnsHost(name, self.fed_port, first + n, self.key)
+                self.ns[name] = host
+                host.create()
+                host.start_sshd()
+            self.known_hosts = self.keys / "known_hosts"
+            self.known_hosts.write_text("".join(h.known_hosts_line() for h in self.ns.values()))
+            self.hosts: dict[str, MailHost] = {n: h.start_mail() for n, h in self.ns.items()}
+            docs = base_documents(root)
+            # fed listens on pfa's veth address in the root namespace: both hosts reach it
+            # through their default route (a local address here, nothing forwarded).
+            self.fed_host = self.ns["pfa"].outside
+            docs[2]["spec"]["smtp"] = f"{self.fed_host}:{self.fed_port}"
+            self.base = [docs[0], *(self.system_document(n) for n in self.hosts), docs[2],
+                         docs[3]]
+            self.base_dir = root / "base-specs"
+            self.write(self.base_dir, [])
+            self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
+        except BaseException:
+            self.stop()
+            raise
+
+    def state_dir(self, name: str) -> Path:
+        """The driver's account database, on the reconciler's side."""
+        return self.root / "reconciler-state" / name
+
+    def system_document(self, name: str, known_hosts: Path | None = None) -> dict[str, Any]:
+        host, ns = self.hosts[name], self.ns[name]
+        doc = host.spec_document()
+        box = doc["spec"]["postfixDovecot"]
+        secret = self.root / "secrets" / f"{name}.master"  # a copy: nothing read off the host
+        secret.parent.mkdir(exist_ok=True)
+        shutil.copy(host.password_file, secret)
+        box.update({"host": f"ssh://root@{ns.address}:22", "stateDir": str(self.state_dir(name)),
+                    "tablesDir": str(host.state_dir), "sshIdentityFile": str(self.key),
+                    "sshKnownHostsFile": str(known_hosts or self.known_hosts),
+                    "masterUser": {"user": box["masterUser"]["user"],
+                                   "password": {"file": str(secret)}}})
+        return doc
+
+    def stop(self) -> None:
+        close_shared_hosts()  # our SSH masters first: no sshd process outlives its host
+        for host in self.ns.values():
+            host.stop()
+        if hasattr(self, "embedded"):  # not yet when a host failed to start
+            self.embedded.stop()

@@ -22,99 +22,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
 from reconciler.drivers.sshhost import SshHost
-from reconciler.embedded import start_embedded
 from reconciler.errors import TemporaryError
-from reconciler.spec.loader import load_specs
 
 from helpers import mail
-from netns import NetnsHost, free_subnet
-from netns import missing_prerequisites as netns_missing
-from pfdovecot import MailHost
-from pfdovecot import missing_prerequisites as mail_missing
-from sysutil import free_port
+from netns import WHY_NOT, NetnsWorld
 from waves import Load, account, collect, drain, run_wave
-from world import World, base_documents, placement, policy, run_cli
+from world import placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(420)
 
-WHY_NOT = netns_missing() or mail_missing()
 if WHY_NOT and not os.environ.get("CI"):
     pytest.skip(f"two hosts in network namespaces unavailable: {WHY_NOT}",
                 allow_module_level=True)
-
-
-class NetnsWorld(World):
-    """fed + embedded s1 in the root namespace, mail hosts pfa and pfb in namespaces."""
-
-    def __init__(self, root: Path) -> None:
-        if WHY_NOT:  # in CI a missing prerequisite is a failure, not a skip
-            raise RuntimeError(f"two hosts in network namespaces unavailable: {WHY_NOT}")
-        self.root = root
-        self.keys = root / "reconciler-ssh"
-        self.keys.mkdir(mode=0o700)
-        self.key = self.keys / "id_ed25519"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key),
-                        "-C", "mailferry reconciler"], check=True, timeout=30)
-        self.fed_port = free_port()
-        self.ns: dict[str, NetnsHost] = {}
-        try:
-            first = free_subnet()
-            for n, name in enumerate(("pfa", "pfb")):
-                host = NetnsHost(name, self.fed_port, first + n, self.key)
-                self.ns[name] = host
-                host.create()
-                host.start_sshd()
-            self.known_hosts = self.keys / "known_hosts"
-            self.known_hosts.write_text("".join(h.known_hosts_line() for h in self.ns.values()))
-            self.hosts: dict[str, MailHost] = {n: h.start_mail() for n, h in self.ns.items()}
-            docs = base_documents(root)
-            # fed listens on pfa's veth address in the root namespace: both hosts reach it
-            # through their default route (a local address here, nothing forwarded).
-            self.fed_host = self.ns["pfa"].outside
-            docs[2]["spec"]["smtp"] = f"{self.fed_host}:{self.fed_port}"
-            self.base = [docs[0], *(self.system_document(n) for n in self.hosts), docs[2],
-                         docs[3]]
-            self.base_dir = root / "base-specs"
-            self.write(self.base_dir, [])
-            self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
-        except BaseException:
-            self.stop()
-            raise
-
-    def state_dir(self, name: str) -> Path:
-        """The driver's account database, on the reconciler's side."""
-        return self.root / "reconciler-state" / name
-
-    def system_document(self, name: str, known_hosts: Path | None = None) -> dict[str, Any]:
-        host, ns = self.hosts[name], self.ns[name]
-        doc = host.spec_document()
-        box = doc["spec"]["postfixDovecot"]
-        secret = self.root / "secrets" / f"{name}.master"  # a copy: nothing read off the host
-        secret.parent.mkdir(exist_ok=True)
-        shutil.copy(host.password_file, secret)
-        box.update({"host": f"ssh://root@{ns.address}:22", "stateDir": str(self.state_dir(name)),
-                    "tablesDir": str(host.state_dir), "sshIdentityFile": str(self.key),
-                    "sshKnownHostsFile": str(known_hosts or self.known_hosts),
-                    "masterUser": {"user": box["masterUser"]["user"],
-                                   "password": {"file": str(secret)}}})
-        return doc
-
-    def stop(self) -> None:
-        for host in self.ns.values():
-            host.stop()
-        if hasattr(self, "embedded"):  # not yet when a host failed to start
-            self.embedded.stop()
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,8 @@ def test_both_drivers_load_with_references(here: Path) -> None:
     assert pf1.postfix_dovecot is not None and old.imap is not None
     options = pf1.postfix_dovecot
     assert options.state_dir == str(here / "pf1" / "mailferry")
+    assert (options.postfix_config_dir, options.mail_root) == ("/etc/postfix-pf1", "/srv/mail/pf1")
+    assert options.host is None and options.tables_folder == options.state_dir
     assert options.smtp == Endpoint("127.0.0.1", 10025) and pf1.submission == options.smtp
     assert options.mail_user == "vmail" and options.imap_tls == "none"
     assert options.imap_cafile is None and old.imap.cafile is None  # the system's roots

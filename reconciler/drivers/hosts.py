@@ -52,6 +52,14 @@ class Host(Protocol):
         """Whether a file or folder exists."""
         ...
 
+    def read_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        """Several files at once (one round trip on a remote host); None for an absent one."""
+        ...
+
+    def existing(self, paths: Sequence[str]) -> set[str]:
+        """Which of `paths` exist (one round trip on a remote host)."""
+        ...
+
     def replace_file(self, path: str, data: bytes, *, mode: int = 0o644,
                      owner: tuple[int, int] | None = None,
                      postmap_config: str | None = None) -> None:
@@ -116,6 +124,12 @@ class LocalHost:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def read_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        return {path: self.read_file(path) for path in paths}
+
+    def existing(self, paths: Sequence[str]) -> set[str]:
+        return {path for path in paths if os.path.exists(path)}
 
     def replace_file(self, path: str, data: bytes, *, mode: int = 0o644,
                      owner: tuple[int, int] | None = None,

@@ -115,6 +115,10 @@ class Tables:
         self.files = files  # False: only the database (a system mailferry cannot administer)
         self.db_path = state_dir / "mailferry.db"
         self._repaired = False
+        # During `install`: the tables as read once from the host (name -> text) and which
+        # compiled maps exist, so that a write costs one read round trip, not one per look.
+        self._snapshot: dict[str, str | None] | None = None
+        self._compiled: set[str] = set()
 
     def physical(self, mailbox_id: str) -> str:
         return f"{mailbox_id}@{self.system}.invalid"
@@ -196,6 +200,8 @@ class Tables:
         return f"{self.tables_dir.rstrip('/')}/{name}"
 
     def _read_table(self, name: str) -> str | None:
+        if self._snapshot is not None and name in self._snapshot:
+            return self._snapshot[name]
         try:
             data = self.host.read_file(self.table_path(name))
         except HostError as exc:
@@ -215,6 +221,21 @@ class Tables:
         """Replace every rendered file whose content differs (maps compiled by postmap)."""
         if not self.files:
             return
+        names = ("passwd", "virtual_mailbox", "virtual_alias")
+        try:
+            raw = self.host.read_files([self.table_path(n) for n in names])
+            dbs = self.host.existing([f"{self.table_path(n)}.db" for n in names[1:]])
+        except HostError as exc:
+            raise TableError(str(exc)) from exc
+        self._snapshot = {n: None if raw[self.table_path(n)] is None
+                          else (raw[self.table_path(n)] or b"").decode("utf-8") for n in names}
+        self._compiled = {n for n in names if f"{self.table_path(n)}.db" in dbs}
+        try:
+            self._install(conn)
+        finally:
+            self._snapshot = None
+
+    def _install(self, conn: sqlite3.Connection) -> None:
         files = self.render(conn)
         old = self._current_passwords()
         new_lines = {line.split(":", 1)[0]: line for line in files["passwd"].splitlines()}
@@ -254,9 +275,14 @@ class Tables:
         path = self.table_path(name)
         try:
             current = self._read_table(name)
-            if current == text and (not postmap or self.host.exists(f"{path}.db")):
+            compiled = name in self._compiled if self._snapshot is not None \
+                else self.host.exists(f"{path}.db")
+            if current == text and (not postmap or compiled):
                 return
             self.host.replace_file(path, text.encode("utf-8"), mode=0o644,
                                    postmap_config=self.postfix_dir if postmap else None)
+            if self._snapshot is not None:
+                self._snapshot[name] = text
+                self._compiled.add(name)
         except HostError as exc:
             raise TableError(str(exc)) from exc

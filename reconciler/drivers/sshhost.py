@@ -53,8 +53,9 @@ ABSENT = 44  # read_file's "no such file" (a code no tool here uses)
 
 def _connect_log_tail(log: Path) -> str:
     with contextlib.suppress(OSError):
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        return " / ".join(lines[-3:])[:300]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith(" ")]  # not ssh's indented hints
+        return " / ".join(lines[-2:])[:300]
     return ""
 
 
@@ -189,6 +190,41 @@ class SshHost:
         result = self._exec(f"test -e {shlex.quote(path)}", ["test", "-e", path])
         return result.returncode == 0
 
+    def read_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
+        """One round trip: for each path a line "<size>" or "-" (absent), then its bytes
+        (copied first, so that size and bytes are of the same version of the file)."""
+        if not paths:
+            return {}
+        script = "".join(
+            f'if [ -e {q} ]; then cat -- {q} > "$t"; wc -c < "$t"; cat "$t"; else echo -; fi\n'
+            for q in map(shlex.quote, paths))
+        result = self._exec('set -e\nt=$(mktemp)\ntrap \'rm -f "$t"\' EXIT\n' + script,
+                            ["cat", *paths])
+        if result.returncode != 0:
+            raise failure(self.label, ["cat", *paths], result.stderr.decode("utf-8", "replace"))
+        out, at = result.stdout, 0
+        found: dict[str, bytes | None] = {}
+        for path in paths:
+            end = out.index(b"\n", at)
+            head, at = out[at:end].strip(), end + 1
+            if head == b"-":
+                found[path] = None
+                continue
+            size = int(head)
+            found[path], at = out[at:at + size], at + size
+        return found
+
+    def existing(self, paths: Sequence[str]) -> set[str]:
+        if not paths:
+            return set()
+        script = "".join(f"[ ! -e {q} ] || printf '%s\\0' {q}\n"
+                         for q in map(shlex.quote, paths))
+        result = self._exec(script + "true", ["test", "-e", *paths])
+        if result.returncode != 0:
+            raise failure(self.label, ["test", "-e", *paths],
+                          result.stderr.decode("utf-8", "replace"))
+        return {p for p in result.stdout.decode("utf-8", "replace").split("\0") if p}
+
     def replace_file(self, path: str, data: bytes, *, mode: int = 0o644,
                      owner: tuple[int, int] | None = None,
                      postmap_config: str | None = None) -> None:
@@ -247,3 +283,13 @@ def shared_host(target: SshTarget) -> SshHost:
         if host is None:
             host = _SHARED[target] = SshHost(target)
         return host
+
+
+def close_shared_hosts() -> None:
+    """Close every shared connection (at exit this happens anyway; a test or a service that
+    stops its hosts' sshd first calls this)."""
+    with _SHARED_LOCK:
+        hosts = list(_SHARED.values())
+        _SHARED.clear()
+    for host in hosts:
+        host.close()

@@ -415,8 +415,12 @@ class _Loader:
         if driver == "postfix-dovecot":
             box = spec["postfixDovecot"]
             ssh = self.ssh_target(doc, here, box)
-            on_host = self.path_value if ssh is None else (
-                lambda key: self.host_path(doc, (*here, key), box[key]))
+
+            def on_host(key: str) -> str:  # a path where Postfix and Dovecot run
+                if ssh is None:
+                    return self.path_value(box[key])
+                return self.host_path(doc, (*here, key), box[key])
+
             options = PostfixDovecotOptions(
                 state_dir=self.path_value(box["stateDir"]),
                 postfix_config_dir=on_host("postfixConfigDir"),
