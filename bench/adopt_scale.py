@@ -33,11 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from adminlayouts import AdminHost
-
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.drivers.pfdovecot_learn import BATCH
 
+from adminlayouts import AdminHost
 from pfdovecot import MailHost, make_root
 from pfworld import PfWorld
 

@@ -213,8 +213,9 @@ class AdminHost(MailHost):
         (self.etc / "virtual").write_text(
             "".join(f"{a}\t{t}\n" for a, t in self.aliases.items()))
         for name in ("vmailbox", "virtual"):
-            subprocess.run(["postmap", "-c", str(self.etc), f"hash:{self.etc}/{name}"],
-                           check=True, timeout=60)
+            # on the host (inet_interfaces names its address: postmap checks it)
+            subprocess.run([*self.wrap, "postmap", "-c", str(self.etc),
+                            f"hash:{self.etc}/{name}"], check=True, timeout=60)
         (self.root / "mail").mkdir(exist_ok=True)
         os.chown(self.root / "mail", uid, gid)
 

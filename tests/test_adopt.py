@@ -35,11 +35,11 @@ from typing import Any
 
 import pytest
 import yaml
-from adminlayouts import AdminHost
 
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver
 
+from adminlayouts import AdminHost
 from helpers import mail
 from helpers.waiting import wait_for
 from pfdovecot import MailHost, make_root
