@@ -16,14 +16,14 @@ from typing import Any
 
 import yaml
 
-from reconciler.drivers.base import Account
+from reconciler.drivers.base import Account, MailSystemDriver
 from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver, AdoptionCheck
 from reconciler.engine import Engine
 from reconciler.errors import PermanentError, SpecError
 from reconciler.spec.model import SpecSet
 
 
-def adopted_driver(specs: SpecSet, drivers: dict[str, Any],
+def adopted_driver(specs: SpecSet, drivers: dict[str, MailSystemDriver],
                    system: str) -> AdoptedPostfixDovecotDriver:
     """The adopted driver of `system`, or a PermanentError saying why it is none."""
     spec = specs.systems.get(system)
@@ -37,7 +37,8 @@ def adopted_driver(specs: SpecSet, drivers: dict[str, Any],
     return driver
 
 
-def check(specs: SpecSet, drivers: dict[str, Any], system: str) -> AdoptionCheck:
+def check(specs: SpecSet, drivers: dict[str, MailSystemDriver], system: str
+          ) -> AdoptionCheck:
     """The dry run: what adoption would add, what blocks it (nothing is changed)."""
     return adopted_driver(specs, drivers, system).check()
 
