@@ -12,7 +12,9 @@ the hosts reach through their default route (traffic to a local address, no forw
 
 Every process is our child, stopped by its PID (``ip netns exec`` execs, so the PID is the
 server's); `delete` removes the namespace, which takes its veth pair with it. A `kill -9` of
-the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`).
+the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`). `NetnsWorld` is
+the whole world of `tests/test_remote_hosts.py` and `bench/remote_hosts.py`: two such hosts,
+fed and the embedded system in the root namespace, the specs with ``host: ssh://...``.
 
 Fault injection without fakes: the host's sshd gives sessions a PATH starting with
 ``<root>/faultbin``, whose ``postmap`` runs the real one unless the test armed
@@ -103,7 +105,9 @@ UsePAM no
 StrictModes no
 MaxSessions 50
 MaxStartups 50:30:100
-SetEnv PATH={root}/faultbin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# The host's own HOME for its sessions: this machine's /root/.bashrc (which bash reads for
+# every command sshd runs) is not the mail host's; PATH puts the fault postmap first.
+SetEnv PATH={root}/faultbin:{path} HOME={root}/home
 LogLevel VERBOSE
 """
 
@@ -156,8 +160,12 @@ class NetnsHost:
     def wrap(self) -> list[str]:
         return ["ip", "netns", "exec", self.ns]
 
+    @property
+    def outer_link(self) -> str:
+        return f"mfo{self.subnet}x{os.getpid() % 1000}"
+
     def create(self) -> None:
-        outer, inner = f"mfo{self.subnet}x{os.getpid() % 1000}", f"mfi{self.subnet}"
+        outer, inner = self.outer_link, f"mfi{self.subnet}"
         _ip("netns", "add", self.ns)
         _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         _ip("link", "set", inner, "netns", self.ns)
@@ -171,13 +179,15 @@ class NetnsHost:
     def start_sshd(self) -> None:
         ssh = self.root / "ssh"
         ssh.mkdir(mode=0o700, exist_ok=True)
+        (self.root / "home").mkdir(mode=0o700, exist_ok=True)
         key = ssh / "host_ed25519_key"
         if not key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key),
                             "-C", f"host {self.name}"], check=True, timeout=30)
         shutil.copy(f"{self.client_key}.pub", ssh / "authorized_keys")
         (ssh / "sshd_config").write_text(SSHD_CONFIG.format(
-            name=self.name, address=self.address, root=self.root))
+            name=self.name, address=self.address, root=self.root,
+            path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
         fault = self.root / "faultbin"
         fault.mkdir(exist_ok=True)
         (fault / "postmap").write_text(FAULT_POSTMAP.format(root=self.root))
@@ -215,6 +225,8 @@ class NetnsHost:
         stop_process(self.sshd)
         self.sshd = None
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, timeout=30)
+        # Gone with the namespace, unless creation failed before its peer moved in there.
+        subprocess.run(["ip", "link", "delete", self.outer_link], capture_output=True, timeout=30)
         if not os.environ.get("MAILFERRY_KEEP_TMP"):
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -230,16 +242,15 @@ class NetnsWorld(World):
             raise RuntimeError(f"two hosts in network namespaces unavailable: {WHY_NOT}")
         self.root = root
         self.keys = root / "reconciler-ssh"
-        self.keys.mkdir(mode=0o700)
+        self.keys.mkdir(mode=0o700, parents=True)
         self.key = self.keys / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key),
                         "-C", "mailferry reconciler"], check=True, timeout=30)
         self.fed_port = free_port()
         self.ns: dict[str, NetnsHost] = {}
         try:
-            first = free_subnet()
-            for n, name in enumerate(("pfa", "pfb")):
-                host = NetnsHost(name, self.fed_port, first + n, self.key)
+            for name in ("pfa", "pfb"):
+                host = NetnsHost(name, self.fed_port, free_subnet(), self.key)
                 self.ns[name] = host
                 host.create()
                 host.start_sshd()

@@ -60,6 +60,11 @@ class Host(Protocol):
         """Which of `paths` exist (one round trip on a remote host)."""
         ...
 
+    def snapshot(self, read: Sequence[str], exist: Sequence[str]
+                 ) -> tuple[dict[str, bytes | None], set[str]]:
+        """`read_files(read)` and `existing(exist)` in one round trip on a remote host."""
+        ...
+
     def replace_file(self, path: str, data: bytes, *, mode: int = 0o644,
                      owner: tuple[int, int] | None = None,
                      postmap_config: str | None = None) -> None:
@@ -130,6 +135,10 @@ class LocalHost:
 
     def existing(self, paths: Sequence[str]) -> set[str]:
         return {path for path in paths if os.path.exists(path)}
+
+    def snapshot(self, read: Sequence[str], exist: Sequence[str]
+                 ) -> tuple[dict[str, bytes | None], set[str]]:
+        return self.read_files(read), self.existing(exist)
 
     def replace_file(self, path: str, data: bytes, *, mode: int = 0o644,
                      owner: tuple[int, int] | None = None,

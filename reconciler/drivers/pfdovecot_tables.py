@@ -223,8 +223,8 @@ class Tables:
             return
         names = ("passwd", "virtual_mailbox", "virtual_alias")
         try:
-            raw = self.host.read_files([self.table_path(n) for n in names])
-            dbs = self.host.existing([f"{self.table_path(n)}.db" for n in names[1:]])
+            raw, dbs = self.host.snapshot([self.table_path(n) for n in names],
+                                          [f"{self.table_path(n)}.db" for n in names[1:]])
         except HostError as exc:
             raise TableError(str(exc)) from exc
         self._snapshot = {n: None if raw[self.table_path(n)] is None

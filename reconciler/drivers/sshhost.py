@@ -191,20 +191,29 @@ class SshHost:
         return result.returncode == 0
 
     def read_files(self, paths: Sequence[str]) -> dict[str, bytes | None]:
-        """One round trip: for each path a line "<size>" or "-" (absent), then its bytes
-        (copied first, so that size and bytes are of the same version of the file)."""
-        if not paths:
-            return {}
-        script = "".join(
+        return self.snapshot(paths, ())[0]
+
+    def existing(self, paths: Sequence[str]) -> set[str]:
+        return self.snapshot((), paths)[1]
+
+    def snapshot(self, read: Sequence[str], exist: Sequence[str]
+                 ) -> tuple[dict[str, bytes | None], set[str]]:
+        """One round trip: for each path to read a line "<size>" or "-" (absent), then its
+        bytes (copied first, so that size and bytes are of the same version of the file);
+        then for each path to test a line "1" or "0"."""
+        if not read and not exist:
+            return {}, set()
+        script = 'set -e\nt=$(mktemp)\ntrap \'rm -f "$t"\' EXIT\n' + "".join(
             f'if [ -e {q} ]; then cat -- {q} > "$t"; wc -c < "$t"; cat "$t"; else echo -; fi\n'
-            for q in map(shlex.quote, paths))
-        result = self._exec('set -e\nt=$(mktemp)\ntrap \'rm -f "$t"\' EXIT\n' + script,
-                            ["cat", *paths])
+            for q in map(shlex.quote, read)) + "".join(
+            f"if [ -e {q} ]; then echo 1; else echo 0; fi\n" for q in map(shlex.quote, exist))
+        what = ["cat", *read, *(f"(test -e {p})" for p in exist)]
+        result = self._exec(script, what)
         if result.returncode != 0:
-            raise failure(self.label, ["cat", *paths], result.stderr.decode("utf-8", "replace"))
+            raise failure(self.label, what, result.stderr.decode("utf-8", "replace"))
         out, at = result.stdout, 0
         found: dict[str, bytes | None] = {}
-        for path in paths:
+        for path in read:
             end = out.index(b"\n", at)
             head, at = out[at:end].strip(), end + 1
             if head == b"-":
@@ -212,18 +221,8 @@ class SshHost:
                 continue
             size = int(head)
             found[path], at = out[at:at + size], at + size
-        return found
-
-    def existing(self, paths: Sequence[str]) -> set[str]:
-        if not paths:
-            return set()
-        script = "".join(f"[ ! -e {q} ] || printf '%s\\0' {q}\n"
-                         for q in map(shlex.quote, paths))
-        result = self._exec(script + "true", ["test", "-e", *paths])
-        if result.returncode != 0:
-            raise failure(self.label, ["test", "-e", *paths],
-                          result.stderr.decode("utf-8", "replace"))
-        return {p for p in result.stdout.decode("utf-8", "replace").split("\0") if p}
+        flags = out[at:].split()
+        return found, {path for path, flag in zip(exist, flags, strict=True) if flag == b"1"}
 
     def replace_file(self, path: str, data: bytes, *, mode: int = 0o644,
                      owner: tuple[int, int] | None = None,
