@@ -29,8 +29,10 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 command -v git >/dev/null || need+=(git)
 if [ "$what" = test ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-  for pkg in postfix dovecot-imapd dovecot-lmtpd chromium chromium-driver thunderbird \
-             openssh-client openssh-server iproute2; do
+  # postfix-sqlite, dovecot-sqlite: the adopted SQL layout of tests/test_adopt.py (sqlite: maps,
+  # Dovecot's sql driver)
+  for pkg in postfix dovecot-imapd dovecot-lmtpd postfix-sqlite dovecot-sqlite chromium \
+             chromium-driver thunderbird openssh-client openssh-server iproute2; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
   done
   # A C compiler: the power-loss test builds its LD_PRELOAD recorder (tests/powerloss/).

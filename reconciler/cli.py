@@ -10,6 +10,9 @@
     reconcile serve | demo | station enrol NAME --address ADDR
     reconcile web [--listen 127.0.0.1:8027]              the read-only status page
     reconcile init DIR [--systemd] [--force]             a new specs repository
+    reconcile adopt [--check] SYSTEM                     take over an admin's Postfix + Dovecot
+    reconcile import SYSTEM [--out FILE]                 MailboxPlacement specs of what it holds
+    reconcile release SYSTEM [--force]                   remove what mailferry added to it
     reconcile completion bash|zsh|fish                   shell completion script
 
 Every option is common (`--specs DIR`, `--state URL`); `docs/gitops.md` describes the
@@ -506,3 +509,76 @@ def retry(ctx: click.Context, address: str) -> None:
     """Retry a failed migration: clear its failure so it resumes at its state."""
     _admin(ctx, lambda store, specs, by, now: levers.retry(
         store, address, by=by, commit=specs.commit, now=now))
+
+
+@main.command()
+@click.argument("system")
+@click.option("--check", "dry_run", is_flag=True,
+              help="Only list what adoption would add and what blocks it (changes nothing).")
+@click.pass_context
+def adopt(ctx: click.Context, system: str, dry_run: bool) -> None:
+    """Adopt an admin's Postfix + Dovecot system (postfixDovecot.adopt: true)."""
+    from reconciler import adoption
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        if dry_run:
+            from reconciler.drivers.registry import make_drivers
+
+            found = adoption.check(specs, make_drivers(specs), system)
+            for line in found.lines():
+                click.echo(line)
+            sys.exit(EXIT_OK if found.ok else EXIT_ERROR)
+        engine = build_engine(specs, ctx.obj["state"])
+        found, count = adoption.adopt(engine, system)
+    except MailferryError as exc:
+        _fail(f"{exc}; nothing changed on {system}" if dry_run else str(exc))
+    for line in found.lines()[:-1]:
+        click.echo(line)
+    click.echo(f"{system}: adopted; fed knows its {count} mailboxes "
+               f"(next: reconcile import {system})")
+
+
+@main.command("import")
+@click.argument("system")
+@click.option("--out", "out_file", default=None, metavar="FILE",
+              help="Where to write the placement (default SPECS/imported-SYSTEM.yaml).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.pass_context
+def import_(ctx: click.Context, system: str, out_file: str | None, force: bool) -> None:
+    """Write MailboxPlacement specs for what an adopted system already holds."""
+    from reconciler import adoption
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        engine = build_engine(specs, ctx.obj["state"])
+        path, count = adoption.import_specs(engine, system,
+                                            Path(out_file) if out_file else None, force=force)
+    except SpecError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        _fail("the imported placement does not fit the spec set; nothing written")
+    except MailferryError as exc:
+        _fail(f"{exc}; nothing written")
+    click.echo(f"{path}: {count} mailboxes of {system}; reconcile --plan should now say "
+               "no changes")
+
+
+@main.command()
+@click.argument("system")
+@click.option("--force", is_flag=True,
+              help="Also drop the mailboxes mailferry created on the system.")
+@click.pass_context
+def release(ctx: click.Context, system: str, force: bool) -> None:
+    """Remove everything mailferry added to an adopted system; show the diff to adoption."""
+    from reconciler import adoption
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        engine = build_engine(specs, ctx.obj["state"])
+        report = adoption.release(engine, system, force=force)
+    except MailferryError as exc:
+        _fail(f"{exc}; nothing changed")
+    for part in report:
+        click.echo(part.rstrip("\n"))
+    click.echo(f"{system}: released")

@@ -1,7 +1,8 @@
 """How plans and apply results look: Terraform-like text for people, JSON Lines for machines.
 
 The text form prints one line per mailbox with a symbol (`+` create, `~` migrating, `-`
-destructive, `!` failed or refused, `=` in sync when `--verbose`), the state and the next
+destructive, `!` failed or refused, `=` in sync when `--verbose`, `?` unmanaged: on a system
+but in no spec, never touched), the state and the next
 patent step with when it is due, then the frozen summary line (`Plan.summary`).
 
 The JSON Lines form is versioned (`{"type": "version", "format": "mailferry.plan/v1"}` first)
@@ -19,10 +20,11 @@ from collections.abc import Callable
 from datetime import datetime
 
 from reconciler.engine import StepRecord
-from reconciler.plan import Change, Plan
+from reconciler.plan import Change, Plan, Unmanaged
 
 FORMAT_VERSION = "mailferry.plan/v1"
-COLORS = {"+": "\033[32m", "~": "\033[33m", "-": "\033[31m", "!": "\033[31;1m", "=": "\033[2m"}
+COLORS = {"+": "\033[32m", "~": "\033[33m", "-": "\033[31m", "!": "\033[31;1m", "=": "\033[2m",
+          "?": "\033[36m"}
 RESET = "\033[0m"
 
 
@@ -79,6 +81,14 @@ def change_line(change: Change, now: datetime, *, color: bool) -> str:
     return f"{COLORS[mark]}{text}{RESET}" if color else text
 
 
+def unmanaged_line(box: Unmanaged, *, color: bool) -> str:
+    """`?`: a mailbox on a system that no spec names (mailferry leaves it alone)."""
+    first, *more = box.addresses
+    also = f" (also {', '.join(more)})" if more else ""
+    text = f"  ? {first:<32} {box.system:<14} {'':<9} unmanaged: in no spec, left alone{also}"
+    return f"{COLORS['?']}{text}{RESET}" if color else text
+
+
 def print_plan(plan: Plan, echo: Callable[[str], None], *, color: bool, verbose: bool,
                header: str) -> None:
     echo(header)
@@ -88,6 +98,8 @@ def print_plan(plan: Plan, echo: Callable[[str], None], *, color: bool, verbose:
             continue
         echo(change_line(change, plan.at, color=color))
         shown += 1
+    for box in plan.unmanaged:
+        echo(unmanaged_line(box, color=color))
     if shown == 0:
         echo("  No changes: every mailbox is where the specs want it.")
     for warning in plan.warnings:
@@ -131,7 +143,8 @@ def summary_json(plan: Plan, **extra: object) -> dict[str, object]:
         "type": "summary", "mailboxes": len(plan.changes), "due_now": counts["due now"],
         "waiting": counts["waiting"], "failed": counts["failed"], "in_sync": counts["in sync"],
         "destructive": counts["destructive"], "pending": plan.pending,
-        "warnings": len(plan.warnings), "text": plan.summary(counts), **extra,
+        "warnings": len(plan.warnings), "unmanaged": len(plan.unmanaged),
+        "text": plan.summary(counts), **extra,
     }
 
 
@@ -150,6 +163,9 @@ def plan_jsonl(plan: Plan, *, commit: str | None, dirty: bool = False,
     for change in plan.changes:
         line = change_json(change, plan.at, times)
         lines.append(encode(line))
+    lines += [json.dumps({"type": "unmanaged", "symbol": "?", "system": b.system,
+                          "physical": b.physical, "addresses": list(b.addresses)})
+              for b in plan.unmanaged]
     lines += [warning_json(w) for w in plan.warnings]
     lines.append(json.dumps(summary_json(plan)))
     return lines

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
-from mailferry.mail.addresses import split_physical
+from mailferry.mail.addresses import mailbox_id_for, split_physical
 from reconciler.spec.model import DesiredMailbox, WindowSpec
 from reconciler.spec.modes import Modes
 from reconciler.spec.windows import is_open, next_open
@@ -126,6 +126,16 @@ class Change:
         return STEP_TITLES.get(self.step or "", "")
 
 
+@dataclass(frozen=True)
+class Unmanaged:
+    """A mailbox a system holds (fed's directory knows it) that no spec and no migration
+    names: shown by the plan, never touched (an adopted system's mailboxes not imported)."""
+
+    physical: str
+    system: str
+    addresses: tuple[str, ...]
+
+
 @dataclass
 class Plan:
     """Every mailbox's change, plus the figures of the summary line."""
@@ -133,6 +143,7 @@ class Plan:
     at: datetime
     changes: list[Change] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. a window the data will not fit
+    unmanaged: list[Unmanaged] = field(default_factory=list)
 
     def due(self) -> list[Change]:
         """What the engine runs now: due steps, and station waits to poll."""
@@ -170,10 +181,13 @@ class Plan:
         """The frozen summary line (tools may parse it; do not change its shape); `counts`
         when the caller has them already (a walk over every change)."""
         c = self.counts() if counts is None else counts
+        # The unmanaged count is a sentence of its own, only when there are some: the
+        # first sentence keeps its frozen shape.
+        extra = f" {len(self.unmanaged)} unmanaged." if self.unmanaged else ""
         return (
             f"Plan: {len(self.changes)} mailboxes, {c['due now']} due now, "
             f"{c['waiting']} waiting, {c['failed']} failed, {c['in sync']} in sync, "
-            f"{c['destructive']} destructive."
+            f"{c['destructive']} destructive.{extra}"
         )
 
 
@@ -437,7 +451,28 @@ def make_plan(
         if change.step == "E4" and change.due_at(now) and current is not None:
             active[current.modes.policy] += 1  # later mailboxes see this one's slot
         plan.changes.append(change)
+    plan.unmanaged = unmanaged(desired, recorded, directory)
     return plan
+
+
+def unmanaged(desired: dict[str, DesiredMailbox], recorded: set[str],
+              directory: dict[str, str]) -> list[Unmanaged]:
+    """The mailboxes of fed's directory none of whose addresses a spec or migration names."""
+    known = set(desired) | recorded
+    for want in desired.values():
+        known.update(want.aliases)
+    managed = {directory[a] for a in known if a in directory}
+    groups: dict[str, list[str]] = {}
+    for address, physical in directory.items():
+        if physical not in managed and address not in known:
+            groups.setdefault(physical, []).append(address)
+    found = []
+    for physical, addresses in groups.items():
+        where = split_physical(physical)
+        if where is not None:  # the access address (the mailbox id's) first, then aliases
+            first = sorted(addresses, key=lambda a: (mailbox_id_for(a) != where[1], a))
+            found.append(Unmanaged(physical, where[0], tuple(first)))
+    return sorted(found, key=lambda b: (b.system, b.addresses[0]))
 
 
 def _with_error(change: Change, error: AddressErrorView) -> Change:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from reconciler.embedded import start_embedded
@@ -23,15 +24,19 @@ WHY_NOT = missing_prerequisites()
 class PfWorld(World):
     """fed + embedded s1 + private Postfix/Dovecot systems pf1 and pf2."""
 
-    def __init__(self, root: Path, names: tuple[str, ...] = ("pf1", "pf2")) -> None:
+    def __init__(self, root: Path, names: tuple[str, ...] = ("pf1", "pf2"), *,
+                 hosts: Callable[[int], dict[str, MailHost]] | None = None) -> None:
+        """`hosts(fed_port)`: other systems than `names`' (the admins' layouts of
+        tests/adminlayouts.py), started the same way."""
         if WHY_NOT:  # in CI a missing server is a failure, not a skip
             raise RuntimeError(f"real Postfix + Dovecot unavailable: {WHY_NOT}")
         self.root = root
         docs = base_documents(root)
         fed_port = int(docs[2]["spec"]["smtp"].rsplit(":", 1)[1])
         self.fed_port = fed_port
-        self.hosts = {name: MailHost(name, make_root(f"mailferry-{name}-"), fed_port)
-                      for name in names}
+        self.hosts = (hosts(fed_port) if hosts is not None else
+                      {name: MailHost(name, make_root(f"mailferry-{name}-"), fed_port)
+                       for name in names})
         self.base = [docs[0], *(h.spec_document() for h in self.hosts.values()), docs[2], docs[3]]
         self.base_dir = root / "base-specs"
         self.write(self.base_dir, [])

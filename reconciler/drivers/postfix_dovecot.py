@@ -146,10 +146,11 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         except (OSError, sqlite3.Error) as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
 
-    def _run(self, argv: list[str], what: str) -> str:
+    def _run(self, argv: list[str], what: str, *, stdin: str | None = None) -> str:
         """A command on the system's host; a failure is temporary, naming system and host."""
         try:
-            return self.host.run(argv, timeout=60)
+            return self.host.run(argv, timeout=60,
+                                 stdin=None if stdin is None else stdin.encode())
         except HostError as exc:
             raise TemporaryError(f"{self.name}: {what}: {exc}") from exc
 

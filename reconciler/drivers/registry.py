@@ -22,6 +22,11 @@ def make_driver(system: MailSystemSpec, fed_smtp: Endpoint | None = None) -> Mai
     if system.driver == "postfix-dovecot" and system.postfix_dovecot and fed_smtp:
         from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver  # (the same)
 
+        if system.postfix_dovecot.adopt:
+            from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver
+
+            return AdoptedPostfixDovecotDriver(system.name, system.postfix_dovecot, fed_smtp,
+                                               system.internal_domain, system.domains)
         return PostfixDovecotDriver(system.name, system.postfix_dovecot, fed_smtp,
                                     system.internal_domain, system.domains)
     if system.driver == "imap" and system.imap:

@@ -433,6 +433,7 @@ class _Loader:
                 master=cast(MasterUser, self.master_user(box["masterUser"])),
                 imap_tls=str(box.get("imapTls", "none")),
                 imap_cafile=self.path_value(box["imapCaFile"]) if "imapCaFile" in box else None,
+                adopt=bool(box.get("adopt", False)),
                 host=ssh,
                 tables_dir=on_host("tablesDir") if ssh is not None and "tablesDir" in box
                 else None,

@@ -119,6 +119,7 @@ class PostfixDovecotOptions:
     master: MasterUser
     imap_tls: str = "none"  # none | starttls | implicit
     imap_cafile: str | None = None  # absolute: a private CA for Dovecot's certificate
+    adopt: bool = False  # the admin's own system: learn it, overlay what mailferry adds
     host: SshTarget | None = None  # None: Postfix and Dovecot run on this machine
     tables_dir: str | None = None  # on the host: the rendered tables (None: state_dir)
 

@@ -1,0 +1,335 @@
+"""Adopting the Postfix + Dovecot systems admins already run (`postfixDovecot.adopt: true`).
+
+One module-wide world (`PfWorld` with the hosts of `tests/adminlayouts.py`): fed and the
+embedded s1 as processes, and two real systems built with plain files as an admin would:
+
+- ``pa``: layout a, users as full addresses in a Dovecot passwd-file, homes at
+  ``mail/DOMAIN/LOCAL``, ``corp.example`` in ``virtual_mailbox_domains``, a ``hash:``
+  ``virtual_mailbox_maps`` and a ``hash:`` ``virtual_alias_maps`` (an alias per user, a list);
+- ``pb``: layout b, users, domains and aliases in SQLite through Dovecot's ``sql`` driver and
+  Postfix's ``sqlite:`` maps, Maildirs at ``vmail/DOMAIN/LOCAL``.
+
+What is proved, on the real servers: ``adopt --check`` lists what it would add and changes
+nothing, and on a system that lacks what it needs lists each blocker with its fix and
+changes nothing; ``adopt`` + ``import`` give specs after which ``--plan`` has no changes;
+a mailbox in no spec shows as unmanaged; ten users move pa -> pb while mail flows through
+fed and from local senders on both systems, counted by Message-ID (lost 0, duplicated 0,
+misplaced 0), old mail byte-identical; colleagues who moved are accepted and relayed, not
+refused with 550; ``release`` refuses to drop the mailboxes it created unless forced, and
+leaves every file the admin wrote byte-identical to adoption day; a malformed import target
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reconciler.drivers.base import mailbox_id_for, physical_address
+from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver
+
+from adminlayouts import AdminHost
+from helpers import mail
+from helpers.waiting import wait_for
+from pfdovecot import MailHost, make_root
+from pfworld import WHY_NOT, PfWorld
+from world import placement, policy, run_cli
+
+pytestmark = pytest.mark.timeout(300)
+
+if WHY_NOT and not os.environ.get("CI"):
+    pytest.skip(f"real Postfix + Dovecot unavailable: {WHY_NOT}", allow_module_level=True)
+
+USERS_A = tuple(f"u{n:02d}@corp.example" for n in range(1, 21))
+MOVING = USERS_A[:10]
+USERS_B = ("b01@corp.example", "b02@corp.example", "b03@corp.example")
+
+
+def hosts(fed_port: int) -> dict[str, MailHost]:
+    aliases_a = {f"info.{u}": u for u in USERS_A}
+    aliases_a["team@corp.example"] = "u01@corp.example, u02@corp.example"
+    return {
+        "pa": AdminHost("pa", make_root("mailferry-pa-"), fed_port, layout="passwd",
+                        users=USERS_A, aliases=aliases_a),
+        "pb": AdminHost("pb", make_root("mailferry-pb-"), fed_port, layout="sql",
+                        users=USERS_B, aliases={"sales@corp.example": "b01@corp.example"}),
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PfWorld]:
+    made = PfWorld(tmp_path_factory.mktemp("adopt"), hosts=hosts)
+    yield made
+    made.stop()
+
+
+def admin(world: PfWorld, name: str) -> AdminHost:
+    host = world.hosts[name]
+    assert isinstance(host, AdminHost)
+    return host
+
+
+def send(port: int, rcpt: str, mid: str, sender: str = "x@outside.example") -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.sendmail(sender, [rcpt], mail.message(f"to {rcpt}", mid, sender=sender, to=rcpt))
+
+
+def cli(world: PfWorld, specs: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("--specs", str(specs), "--state", str(state), *args, cwd=world.root,
+                   timeout=120)
+
+
+class Senders(threading.Thread):
+    """Bounded mail to (port, recipient) pairs in turn: at most `count`, within 60 s."""
+
+    def __init__(self, name: str, targets: list[tuple[int, str]], count: int) -> None:
+        super().__init__(daemon=True)
+        self.tag, self.targets, self.count = name, targets, count
+        self.acked: list[tuple[str, str]] = []  # (Message-ID, recipient)
+        self.refused: list[str] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 60
+        for n in range(self.count):
+            if self.stop_flag.is_set() or time.monotonic() > deadline:
+                break
+            port, rcpt = self.targets[n % len(self.targets)]
+            mid = f"<{self.tag}{n}@live.example>"
+            try:
+                send(port, rcpt, mid, sender=f"{self.tag}@corp.example")
+                self.acked.append((mid, rcpt))
+            except (OSError, smtplib.SMTPException) as exc:
+                self.refused.append(f"{mid} -> {rcpt}: {exc}")
+            time.sleep(0.05)
+
+
+def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path: Path) -> None:
+    """No master user, no overlay passdb/userdb, a map type Postfix cannot read here."""
+    bare = AdminHost("pc", make_root("mailferry-pc-"), world.fed_port, layout="passwd",
+                     users=("c01@corp.example",), ready=False)
+    bare.write_config()  # nothing needs to run: every check before any change is a read
+    main_cf = bare.etc / "main.cf"
+    main_cf.write_text(main_cf.read_text().replace(
+        f"virtual_alias_maps = hash:{bare.etc}/virtual",
+        f"virtual_alias_maps = hash:{bare.etc}/virtual, pgsql:{bare.etc}/pgsql-aliases.cf"))
+    before = bare.admin_files()
+    specs = world.write(tmp_path / "specs", [bare.spec_document()])
+    done = cli(world, specs, tmp_path / "state.db", "adopt", "--check", "pc")
+    assert done.returncode == 1, done.stdout + done.stderr
+    out = done.stdout
+    assert "blocks: Dovecot has no master passdb" in out and "fix: add to" in out
+    assert f"reads no passdb/userdb from {bare.state_dir}/passwd" in out
+    assert "lacks '='" in out
+    assert "cannot read pgsql: maps" in out and "postfix-pgsql" in out
+    assert "4 blocker(s); nothing changed" in out
+    # adopt itself refuses the same way: nothing recorded, main.cf as the admin wrote it
+    done = cli(world, specs, tmp_path / "state.db", "adopt", "pc")
+    assert done.returncode == 1 and "adoption refused" in done.stderr
+    assert bare.admin_files() == before
+    assert not (bare.state_dir / "adoption.json").exists()
+    shutil.rmtree(bare.root, ignore_errors=True)
+
+
+def test_malformed_import_target_writes_nothing(world: PfWorld, tmp_path: Path) -> None:
+    pa = admin(world, "pa")
+    owned: dict[str, Any] = {"apiVersion": "mailferry/v1", "kind": "MailSystem",
+                             "metadata": {"name": "own"}, "spec": {**pa.spec_document()["spec"]}}
+    owned["spec"]["postfixDovecot"] = {**owned["spec"]["postfixDovecot"], "adopt": False,
+                                       "stateDir": str(tmp_path / "own")}
+    specs = world.write(tmp_path / "specs", [owned])
+    state = tmp_path / "state.db"
+    done = cli(world, specs, state, "import", "nowhere")
+    assert done.returncode == 1 and "no MailSystem named 'nowhere'" in done.stderr
+    done = cli(world, specs, state, "import", "own")
+    assert done.returncode == 1 and "wanted.yaml:" in done.stderr  # FILE:LINE of the spec
+    assert "not adoptable" in done.stderr
+    done = cli(world, specs, state, "import", "pa")  # adoptable, not adopted yet
+    assert done.returncode == 1 and "reconcile adopt pa" in done.stderr
+    assert sorted(p.name for p in specs.iterdir()) == ["base.yaml", "wanted.yaml"]
+    assert not (pa.state_dir / "adoption.json").exists()
+
+
+def message_ids(host: AdminHost, user: str) -> Counter[str]:
+    return host.message_ids(user)
+
+
+def seed(driver: AdoptedPostfixDovecotDriver, box: str, address: str) -> dict[str, bytes]:
+    """Old mail in INBOX and Sent of an adopted mailbox; Message-ID -> the exact bytes."""
+    sent: dict[str, bytes] = {}
+    for n, folder in enumerate(["INBOX", "Sent"]):
+        mid = f"<old{n}.{box}@corp.example>"
+        data = mail.message(f"old {n}", mid, sender="x@outside.example", to=address,
+                            body=f"old mail {n} of {address}\r\nwith a second line")
+        driver.append_message(box, folder, data, flags="S", internal_date=1_600_000_000.0 + n)
+        sent[mid] = data
+    return sent
+
+
+def stored(driver: Any, box: str) -> dict[str, bytes]:
+    """Message-ID -> bytes of every message of a mailbox, read over IMAP."""
+    found: dict[str, bytes] = {}
+    for folder in driver.list_folders(box):
+        for msg in driver.list_messages(box, folder):
+            found[msg.message_id or ""] = driver.read_message(box, folder, msg.key)
+    return found
+
+
+def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
+    pa, pb = admin(world, "pa"), admin(world, "pb")
+    fed_port = world.fed_port
+    before = {"pa": pa.admin_files(), "pb": pb.admin_files()}
+    state = tmp_path / "state.db"
+    specs = world.write(tmp_path / "specs", [])
+    # -- check, adopt --------------------------------------------------------------------
+    done = cli(world, specs, state, "adopt", "--check", "pa")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "pa: 20 mailboxes found" in done.stdout
+    assert (f"would set virtual_alias_maps = hash:{pa.state_dir}/virtual_alias, "
+            f"hash:{pa.etc}/virtual") in done.stdout
+    assert "would set virtual_mailbox_domains = corp.example, pa.invalid" in done.stdout
+    assert pa.admin_files() == before["pa"]
+    for name in ("pa", "pb"):
+        done = cli(world, specs, state, "adopt", name)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{name}: adopted; fed knows its" in done.stdout
+    assert "sqlite-aliases.cf: a sqlite map cannot be listed" in done.stdout
+    main_cf = (pa.etc / "main.cf").read_text()
+    assert f"virtual_alias_maps = hash:{pa.state_dir}/virtual_alias, hash:{pa.etc}/virtual" \
+        in main_cf
+    # -- import: --plan has no changes -----------------------------------------------------
+    for name in ("pa", "pb"):
+        done = cli(world, specs, state, "import", name)
+        assert done.returncode == 0, done.stdout + done.stderr
+    imported = yaml.safe_load((specs / "imported-pa.yaml").read_text())
+    boxes = imported["spec"]["mailboxes"]
+    assert [b["address"] for b in boxes] == list(USERS_A)
+    assert boxes[0] == {"address": "u01@corp.example", "aliases": ["info.u01@corp.example"]}
+    done = cli(world, specs, state, "--plan")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No changes" in done.stdout and "23 mailboxes" in done.stdout
+    assert "unmanaged" not in done.stdout
+    done = cli(world, specs, state, "import", "pa")  # again: the file is there
+    assert done.returncode == 1 and "exists" in done.stderr
+    # -- a mailbox in no spec: unmanaged, never touched ------------------------------------
+    partial = dict(imported, spec={**imported["spec"], "mailboxes": boxes[:-1]})
+    trimmed = world.write(tmp_path / "trimmed", [partial])
+    (trimmed / "imported-pb.yaml").write_text((specs / "imported-pb.yaml").read_text())
+    done = cli(world, trimmed, state, "--plan")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "? u20@corp.example" in done.stdout and "unmanaged: in no spec" in done.stdout
+    assert done.stdout.rstrip().endswith("1 unmanaged.")
+    # -- old mail and mail before the move -------------------------------------------------
+    engine = world.engine(specs, f"sqlite:///{state}")
+    source = engine.drivers["pa"]
+    assert isinstance(source, AdoptedPostfixDovecotDriver)
+    old = {u: seed(source, mailbox_id_for(u), u) for u in MOVING}
+    for n, user in enumerate(MOVING):
+        send(fed_port, user, f"<before{n}@outside.example>")
+    send(pa.smtp_port, "team@corp.example", "<team0@corp.example>", "u15@corp.example")
+    wait_for(lambda: all(message_ids(pa, u)[f"<before{n}@outside.example>"] == 1
+                         for n, u in enumerate(MOVING)), what="mail before the move in BOX1")
+    # -- move ten users pa -> pb while mail flows ------------------------------------------
+    pol = policy("move", deleteSource="never")
+    stay = dict(imported, spec={**imported["spec"], "mailboxes": boxes[10:]})
+    wave = placement("wave", "pb", boxes[:10], policy_name="move")
+    moved_specs = world.write(tmp_path / "moved", [pol, stay, wave])
+    (moved_specs / "imported-pb.yaml").write_text((specs / "imported-pb.yaml").read_text())
+    engine = world.engine(moved_specs, f"sqlite:///{state}")
+    outside = Senders("out", [(fed_port, u) for u in MOVING]
+                      + [(fed_port, f"info.{u}") for u in MOVING[:3]], 40)
+    local_a = Senders("loca", [(pa.smtp_port, u) for u in MOVING], 20)
+    # pb's own users keep mailing each other (and their SQL alias) while its overlay changes
+    local_b = Senders("locb", [(pb.smtp_port, u) for u in USERS_B]
+                      + [(pb.smtp_port, "sales@corp.example")], 16)
+    senders = (outside, local_a, local_b)
+    for sender in senders:
+        sender.start()
+    report = engine.apply()
+    for sender in senders:
+        sender.join(70)
+    assert not any(sender.is_alive() for sender in senders)
+    assert not report.errors, [r.message for r in report.errors]
+    assert not engine.plan().pending, [c for c in engine.plan().changes
+                                       if c.action != "in-sync"]
+    assert all(sender.acked for sender in senders)
+    assert not [r for sender in senders for r in sender.refused]
+    # -- after the move: colleagues who moved are accepted on pa and relayed ---------------
+    send(pa.smtp_port, "u01@corp.example", "<after.pa@corp.example>", "u15@corp.example")
+    send(pa.smtp_port, "info.u02@corp.example", "<after.alias@corp.example>",
+         "u15@corp.example")
+    send(pb.smtp_port, "u03@corp.example", "<after.pb@corp.example>", "b01@corp.example")
+    # pb's local user writes to a colleague still on pa: accepted, relayed through fed
+    send(pb.smtp_port, "u15@corp.example", "<to.u15@corp.example>", "b01@corp.example")
+    wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain", timeout=40)
+    assert pa.wait_queue_empty() and pb.wait_queue_empty()
+    wait_for(lambda: message_ids(pa, "u15@corp.example")["<to.u15@corp.example>"] == 1,
+             what="pb -> fed -> pa for a colleague on pa")
+    # -- exact accounting by Message-ID ----------------------------------------------------
+    expected: dict[str, Counter[str]] = {u: Counter() for u in (*USERS_A, *USERS_B)}
+    for n, user in enumerate(MOVING):
+        expected[user].update([*old[user], f"<before{n}@outside.example>"])
+    for mid, rcpt in outside.acked + local_a.acked + local_b.acked:
+        rcpt = "b01@corp.example" if rcpt == "sales@corp.example" else rcpt
+        expected[rcpt.removeprefix("info.")][mid] += 1
+    expected["u01@corp.example"].update(["<team0@corp.example>", "<after.pa@corp.example>"])
+    expected["u02@corp.example"].update(["<team0@corp.example>", "<after.alias@corp.example>"])
+    expected["u03@corp.example"]["<after.pb@corp.example>"] += 1
+    lost, duplicated, misplaced = [], [], []
+    every = Counter[str]()
+    for user in (*MOVING, *USERS_B):
+        found = message_ids(pb, mailbox_id_for(user) if user in MOVING else user)
+        every.update(found)
+        for mid, count in expected[user].items():
+            if found[mid] < count:
+                lost.append(f"{mid} for {user}")
+            elif found[mid] > count:
+                duplicated.append(f"{mid} x{found[mid]} for {user}")
+        misplaced += [f"{mid} in {user}" for mid in found if mid not in expected[user]]
+    assert (lost, duplicated, misplaced) == ([], [], [])
+    assert sum(every.values()) == sum(sum(c.values()) for u, c in expected.items()
+                                      if u in MOVING or u in USERS_B)
+    # BOX1 got nothing after the flip (E9's redirect and the transport through fed)
+    for mid in ("<after.pa@corp.example>", "<after.alias@corp.example>"):
+        assert all(message_ids(pa, u)[mid] == 0 for u in MOVING)
+    # old mail byte-identical on the target
+    target = engine.drivers["pb"]
+    for user in MOVING:
+        box = mailbox_id_for(user)
+        copied = stored(target, box)
+        assert {mid: copied.get(mid) for mid in old[user]} == old[user]
+        assert engine.fed.lookup(user) == physical_address("pb", box)
+        assert engine.fed.lookup(f"info.{user}") == physical_address("pb", box)
+    # the admin's tables were never rewritten
+    assert pa.admin_files() == {**before["pa"], str(pa.etc / "main.cf"):
+                                pa.admin_files()[str(pa.etc / "main.cf")]}
+    assert pb.admin_files() == {**before["pb"], str(pb.etc / "main.cf"):
+                                pb.admin_files()[str(pb.etc / "main.cf")]}
+    # -- release ---------------------------------------------------------------------------
+    done = cli(world, moved_specs, state, "release", "pb")
+    assert done.returncode == 1 and "10 mailbox(es) mailferry created" in done.stderr
+    assert "pb.invalid" in (pb.etc / "main.cf").read_text()  # refused: nothing changed
+    done = cli(world, moved_specs, state, "release", "pa")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "transport (mailferry's overlay, in flight)" in done.stdout  # the ten redirects
+    assert "+++ postconf -n (now)" not in done.stdout  # postconf -n as at adoption
+    assert "byte-identical to adoption" in done.stdout
+    done = cli(world, moved_specs, state, "release", "pb", "--force")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert pa.admin_files() == before["pa"]
+    assert pb.admin_files() == before["pb"]
+    # released: the systems are the admin's again (pa delivers u01 to BOX1 by its own maps)
+    send(pa.smtp_port, "u01@corp.example", "<released@corp.example>", "u15@corp.example")
+    wait_for(lambda: message_ids(pa, "u01@corp.example")["<released@corp.example>"] == 1,
+             what="pa's own delivery after release")
