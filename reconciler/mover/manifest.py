@@ -143,14 +143,20 @@ class Manifest:
 
     def record_run(self, figures: RunFigures, at: datetime | None = None) -> None:
         """Keep one pass's figures."""
-        with self.sessions() as session:
-            session.execute(insert(_RUNS).values(
-                migration_id=self.migration_id, mailbox=figures.mailbox, phase=figures.phase,
-                copied=figures.copied, present=figures.present, failed=figures.failed,
-                missing=figures.missing, bytes_copied=figures.bytes_copied,
-                messages_total=figures.messages_total, bytes_total=figures.bytes_total,
-                seconds=figures.seconds, verified=figures.verified,
-                report=json.dumps(figures.report, sort_keys=True), at=at or utcnow()))
+        self.record_runs([figures], at)
+
+    def record_runs(self, runs: Iterable[RunFigures], at: datetime | None = None) -> None:
+        """Keep several passes' figures in one transaction (one commit, one fsync)."""
+        now = at or utcnow()
+        batch = [dict(
+            migration_id=self.migration_id, mailbox=f.mailbox, phase=f.phase,
+            copied=f.copied, present=f.present, failed=f.failed, missing=f.missing,
+            bytes_copied=f.bytes_copied, messages_total=f.messages_total,
+            bytes_total=f.bytes_total, seconds=f.seconds, verified=f.verified,
+            report=json.dumps(f.report, sort_keys=True), at=now) for f in runs]
+        if batch:
+            with self.sessions() as session:
+                session.execute(insert(_RUNS), batch)
 
     def last_states(self, mailbox: str) -> dict[str, tuple[str, str, str, int]]:
         """Per source folder of the last verified pass of a job: (source state, target
