@@ -170,6 +170,7 @@ ROUTE_TIMEOUTS: dict[tuple[str, str], float] = {
     ("GET", "/v1/directory"): 60.0,
     ("GET", "/v1/downsync"): 60.0,
     ("POST", "/v1/flip"): 30.0,
+    ("POST", "/v1/flips"): 60.0,  # a whole wave (up to 10,000 flips) in one transaction
 }
 
 

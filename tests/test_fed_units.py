@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fed.queue.spool import new_queue_id
 from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
+from fed.smtp.server import has_bare_newline, normalize_eols
 from fed.telemetry import metrics
 from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter
 from mailferry.mail import addresses
@@ -116,3 +120,19 @@ def test_queue_id_time_feeds_the_latency_histogram() -> None:
 def test_message_id_fast_path_answers_as_the_parser(data: bytes) -> None:
     end = data.find(b"\r\n\r\n")
     assert message_id_of(data) == _message_id_parsed(data if end < 0 else data[:end])
+
+
+@given(st.binary(max_size=40).map(lambda raw: bytes(b"ab\r\n"[c % 4] for c in raw)))
+def test_the_bare_newline_check_agrees_with_its_definition(data: bytes) -> None:
+    # A CR not followed by LF, or an LF not preceded by CR (the regular expression the
+    # three counts replaced); inputs of CR, LF and two letters only, where it is hard.
+    expected = re.search(rb"\r(?!\n)|(?<!\r)\n", data) is not None
+    assert has_bare_newline(data) is expected
+    assert not has_bare_newline(normalize_eols(data))
+
+
+def test_a_client_address_is_parsed_once_and_the_same_for_every_form() -> None:
+    assert client_ip(("::ffff:127.0.0.1", 25, 0, 0)) == client_ip(("127.0.0.1", 25))
+    assert client_ip(("fe80::1%eth0", 25, 0, 2)) == client_ip(("fe80::1", 25))
+    assert client_ip(("not an address", 25)) is None and client_ip(None) is None
+    assert client_ip(("10.0.0.7", 1)) is client_ip(("10.0.0.7", 2))  # cached per address

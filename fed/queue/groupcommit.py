@@ -54,6 +54,12 @@ class GroupCommitter(Generic[T]):
         self.write_seconds = 0.0  # time in write (thread) and commit (loop + sync), summed
         self.commit_seconds = 0.0
         self.cycle_seconds = 0.0  # from taking a batch to answering it
+        # The same for batches of one message only: what a lone client waits for. The
+        # averages above mix them with the big batches of busy moments (one batch of 50
+        # takes longer than one of 1, and is worth 50 answers).
+        self.single_batches = 0
+        self.single_write_seconds = 0.0
+        self.single_cycle_seconds = 0.0
 
     def start(self) -> None:
         """Start the committer task on the running loop."""
@@ -107,7 +113,8 @@ class GroupCommitter(Generic[T]):
             errors = await asyncio.to_thread(self._write, items)
         except BaseException as exc:  # the writer itself broke: nobody is durable
             errors = [exc] * len(items)
-        self.write_seconds += time.perf_counter() - started
+        wrote = time.perf_counter() - started
+        self.write_seconds += wrote
         written = [(item, fut) for (item, fut), err in zip(batch, errors, strict=True)
                    if err is None]
         failed = [(item, fut, err) for (item, fut), err in zip(batch, errors, strict=True)
@@ -120,7 +127,12 @@ class GroupCommitter(Generic[T]):
                 failed += [(item, fut, exc) for item, fut in written]
                 written = []
             self.commit_seconds += time.perf_counter() - committing
-        self.cycle_seconds += time.perf_counter() - started
+        cycle = time.perf_counter() - started
+        self.cycle_seconds += cycle
+        if len(batch) == 1:
+            self.single_batches += 1
+            self.single_write_seconds += wrote
+            self.single_cycle_seconds += cycle
         for item, fut, err in failed:
             try:
                 self._undo(item)

@@ -415,9 +415,12 @@ class Spool:
         """Group commit statistics, for the log at shutdown."""
         c = self._committer
         n = max(1, c.batches)
+        ones = max(1, c.single_batches)
         return (f"{c.items} messages in {c.batches} batches; per batch: write+fsync "
                 f"{1000 * c.write_seconds / n:.2f} ms, index {1000 * c.commit_seconds / n:.2f} "
-                f"ms, whole cycle {1000 * c.cycle_seconds / n:.2f} ms")
+                f"ms, whole cycle {1000 * c.cycle_seconds / n:.2f} ms; the {c.single_batches} "
+                f"batches of one message: write+fsync {1000 * c.single_write_seconds / ones:.2f}"
+                f" ms, whole cycle {1000 * c.single_cycle_seconds / ones:.2f} ms")
 
     # -- accepting ----------------------------------------------------------------------
     async def accept(
