@@ -16,7 +16,8 @@
 # Knobs: PARALLEL_MOVER (mailboxes at once, default 8), METHODS (peers, default
 # "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads (AVG_SIZE, ...).
 # COLD_RERUN=1 adds a third pass in a *new process* (Python start, state store, fresh
-# logins: what a later invocation pays; `--rerun` reuses the first pass's connections). It
+# logins: what a later invocation pays; `--rerun` reuses the first pass's connections), then
+# bench/imap_login_floor.py: the same logins and LIST-STATUS and nothing else (the floor). It
 # runs inside the harness's timed wall too, so the mover's rates drop with it: compare
 # ratios from runs without it.
 # The last line is always `mover/mbsync-4 ratio: X.XX` (0.00 when a method failed).
@@ -44,7 +45,8 @@ mover_cmd() {
     copy+=" --progress none --parallel $PARALLEL_MOVER"
     if [[ ${COLD_RERUN:-0} == 1 ]]; then
         echo "cd '$REPO' && $copy --rerun --stats '$1' && t0=\$(date +%s.%N) &&" \
-            "$copy --stats '$1.cold' && echo \$t0 \$(date +%s.%N) > '$1.coldwall'"
+            "$copy --stats '$1.cold' && echo \$t0 \$(date +%s.%N) > '$1.coldwall' &&" \
+            "'$PY' bench/imap_login_floor.py $PARALLEL_MOVER > '$1.floor'"
     else
         echo "cd '$REPO' && exec $copy --rerun --stats '$1'"
     fi
@@ -90,6 +92,12 @@ if os.path.exists(cold) and s.get("first_s"):
           f"{c['first_s'] / s['first_s']:.3f} of the first run; whole process "
           f"{t1 - t0:.2f} s = {(t1 - t0) / s['first_s']:.3f} (copied {c['copied']}, "
           f"verified {c['verified']})")
+floor = sys.argv[1] + ".floor"
+if os.path.exists(floor) and s.get("first_s"):
+    text = open(floor).read().strip()
+    seconds = float(text.split()[2])
+    print(f"{text}: the server's floor for those passes = {seconds / s['first_s']:.3f} "
+          f"of the first run")
 PY
 fi
 

@@ -424,7 +424,7 @@ class NoListStatusClient(ImapClient):
         await super().finish_login(pending)
         self.capabilities.discard("LIST-STATUS")
 
-    async def start(self, segments: Sequence[bytes], name: str, **kw: Any) -> Any:
+    async def start(self, segments: Sequence[Any], name: str, **kw: Any) -> Any:
         if segments[0].startswith(b'LIST "" "*" RETURN'):
             segments = [b'LIST "" "*" RETURN (SPECIAL-USE NO-SUCH-OPTION)']
         return await super().start(segments, name, **kw)

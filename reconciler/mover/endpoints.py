@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +39,8 @@ from mailferry.mail.imap.client import (
     ImapCommandError,
     ImapError,
     ImapLoginError,
+    Literal,
+    LiteralOut,
     Pending,
     Untagged,
     as_int,
@@ -54,6 +56,14 @@ from reconciler.mover.pool import ConnectionPool, Idle
 
 # (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
 Sink = Callable[[str, bytes, "tuple[str, ...] | None", "str | None"], Awaitable[None]]
+# A big body about to arrive (uid, flags, INTERNALDATE, size): a coroutine function that
+# streams its `Literal` on (into an APPEND) and returns its `Digest`, or None (read whole).
+BodyStreamer = Callable[[str, "tuple[str, ...]", "str | None", int],
+                        "Callable[[Literal], Awaitable[bytes]] | None"]
+# The announcing line of a body whose flags and date came before it (Dovecot's order for
+# `UID FLAGS INTERNALDATE BODY.PEEK[]`); another order is read whole, never streamed.
+_BODY_AHEAD = re.compile(rb'\* \d+ FETCH \(UID (\d+) FLAGS \(([^()]*)\) INTERNALDATE "([^"]*)" '
+                         rb"BODY\[\] \{\d+\+?\}\r\n$")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
@@ -145,9 +155,22 @@ class Endpoint(Protocol):
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """Append messages in order."""
 
-    async def read_back(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+    async def read_back(self, name: str, uids: Sequence[str], sink: Sink, *,
+                        raw: bool = False) -> None:
         """Stream what the target stored under these UIDs, as it serves it now (the proof
-        of a copy); a large body may arrive as a `Digest` (hashed while it streamed)."""
+        of a copy); a large body may arrive as a `Digest` (hashed while it streamed;
+        with `raw` the hash may be of the bytes as served, not of their wire form)."""
+
+
+class StreamingTarget(Protocol):
+    """A target that takes an APPEND whose literal streams in (`ImapEndpoint`)."""
+
+    async def append_stream(self, name: str, flags: tuple[str, ...], date: str | None,
+                            size: int, chunks: AsyncIterator[bytes]) -> Pending:
+        """Start the APPEND, writing the literal as `chunks` yields it."""
+
+    async def append_finish(self, pending: Pending) -> AppendResult:
+        """Its answer."""
 
 
 __all__ = ["Digest"]  # re-exported: the pipeline tells hashed-in-flight bodies apart
@@ -193,6 +216,7 @@ class ImapEndpoint:
     """A mailbox on an IMAP server, over one pipelined connection."""
 
     client_type: type[ImapClient] = ImapClient  # tests give servers other capabilities
+    streams = True  # `fetch` can hand a big body over chunk by chunk (`BodyStreamer`)
 
     def __init__(self, account: ImapAccount, *, readonly: bool = False,
                  pool: ConnectionPool | None = None) -> None:
@@ -452,10 +476,14 @@ class ImapEndpoint:
         return listing
 
     async def fetch(self, name: str, uids: Sequence[str], sink: Sink, *,
-                    meta: bool = False, digest: bool = False) -> None:
+                    meta: bool = False, digest: bool = False, raw: bool = False,
+                    stream: BodyStreamer | None = None) -> None:
         """Pipelined UID FETCH BODY.PEEK[] (with FLAGS and INTERNALDATE when `meta`); the
         sink's back-pressure stops the reading. `digest`: bodies over `DIGEST_OVER` bytes
-        reach the sink as a `Digest` (only their hash is wanted)."""
+        reach the sink as a `Digest` (only their hash is wanted; `raw`: the hash of the
+        bytes as served, see `Digest.raw`). `stream` (with `meta`)
+        may take a body as it arrives, chunk by chunk (see `BodyStreamer`); the sink then
+        gets its `Digest`."""
         if not uids:
             return
         if not await self._select(name):
@@ -475,13 +503,23 @@ class ImapEndpoint:
                            if isinstance(flags, list) else None,
                            date.decode() if isinstance(date, bytes) else None)
 
+        def streamer(line: bytes, size: int) -> Callable[[Literal], Awaitable[bytes]] | None:
+            ahead = _BODY_AHEAD.match(line)
+            if ahead is None or stream is None:
+                return None
+            flags = tuple(f.decode() for f in ahead.group(2).split()
+                          if f.lower() != b"\\recent")
+            return stream(ahead.group(1).decode(), flags, ahead.group(3).decode(), size)
+
         client = self._c()
         what = "UID FLAGS INTERNALDATE BODY.PEEK[]" if meta else "UID BODY.PEEK[]"
         ordered = sorted(uids, key=int)
         started = [
             await client.start(
                 [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} ({what})".encode()],
-                "UID FETCH", handler=deliver, digest_over=DIGEST_OVER if digest else None)
+                "UID FETCH", handler=deliver, digest_over=DIGEST_OVER if digest else None,
+                digest_raw=raw,
+                streamer=streamer if stream is not None and meta else None)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
         for pending in started:
@@ -509,7 +547,8 @@ class ImapEndpoint:
         return AppendResult(validity, [r.uids[0] for r in results],
                             [r.errors[0] for r in results])
 
-    async def read_back(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+    async def read_back(self, name: str, uids: Sequence[str], sink: Sink, *,
+                        raw: bool = False) -> None:
         """NOOP, then UID FETCH BODY.PEEK[] of the UIDs an APPEND gave, pipelined behind it.
 
         Why the NOOP: the folder is selected (EXAMINE) while appends to it complete; a
@@ -523,8 +562,25 @@ class ImapEndpoint:
             raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
         client = self._c()
         noop = await client.start([b"NOOP"], "NOOP")
-        await self.fetch(name, uids, sink, digest=True)
+        await self.fetch(name, uids, sink, digest=True, raw=raw)
         await client.finish(noop)
+
+    async def append_stream(self, name: str, flags: tuple[str, ...], date: str | None,
+                            size: int, chunks: AsyncIterator[bytes]) -> Pending:
+        """Start an APPEND whose literal (`size` bytes) is written as `chunks` yields it
+        (a source's FETCH literal arriving); `append_finish` waits for its answer."""
+        box = quote_mailbox(self._native(name))
+        return await self._c().start(
+            [b"APPEND " + box + b" " + _flags_and_date(Outgoing(b"", flags, date)),
+             LiteralOut(size, chunks), b""], "APPEND")
+
+    async def append_finish(self, pending: Pending) -> AppendResult:
+        """The answer of an `append_stream`: its UID, or the server's refusal."""
+        try:
+            await self._c().finish(pending)
+        except ImapCommandError as exc:
+            return AppendResult(None, [None], [exc.text or exc.status])
+        return _append_result([], pending_text(pending), 1)
 
     async def _append_one(self, box: bytes, msg: Outgoing) -> AppendResult:
         client = self._c()
@@ -622,7 +678,8 @@ class DriverEndpoint:
             data = await asyncio.to_thread(self.driver.read_message, self.mailbox_id, name, uid)
             await sink(uid, data, None, None)  # flags and date came with the listing
 
-    async def read_back(self, name: str, uids: Sequence[str], sink: Sink) -> None:
+    async def read_back(self, name: str, uids: Sequence[str], sink: Sink, *,
+                        raw: bool = False) -> None:
         """What the driver stored, read from it again; a key it cannot read (an append
         it acknowledged without storing) is left out: that copy is not proven."""
         for uid in uids:

@@ -22,6 +22,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 IDENTICAL = "identical"
 CR = b"\r"
@@ -99,16 +100,68 @@ class Judgement:
         return self.proof.startswith("altered:")
 
 
+class StreamedRewrites:
+    """`equivalent_hashes` of a message that is never held whole (it streams from the source
+    into the target): fed the message's wire form chunk by chunk. Why it can: every rewrite
+    in `REWRITES` changes the top-level header only and keeps the length, so once the
+    header's end is seen, rewrite(header) followed by the rest hashes like rewrite(message).
+    A header not ended within `limit` bytes gives no equivalence (such a copy is reported
+    altered, never proven by a guess)."""
+
+    def __init__(self, limit: int = 1 << 18) -> None:
+        self.limit = limit
+        self._head = bytearray()
+        self._digests: dict[str, Any] | None = None  # name -> sha256 of rewrite(message)
+
+    def update(self, wire_chunk: bytes) -> None:
+        if self._digests is not None:
+            for digest in self._digests.values():
+                digest.update(wire_chunk)
+            return
+        self._head += wire_chunk
+        if b"\r\n\r\n" in self._head or b"\n\n" in self._head:
+            self._start(bytes(self._head))
+        elif len(self._head) > self.limit:
+            self._digests, self._head = {}, bytearray()
+
+    def _start(self, head: bytes) -> None:
+        self._digests, self._head = {}, bytearray()
+        for name in sorted(REWRITES):
+            changed = REWRITES[name].apply(head)
+            if changed != head:
+                self._digests[name] = hashlib.sha256(changed)
+
+    def hashes(self) -> dict[str, str]:
+        """{hash of rewrite(message): rewrite name}, as `equivalent_hashes` gives it."""
+        if self._digests is None:  # the message ended inside its header: it all is header
+            self._start(bytes(self._head))
+        assert self._digests is not None
+        result: dict[str, str] = {}
+        for name, digest in self._digests.items():
+            result.setdefault(digest.hexdigest(), name)
+        return result
+
+
 def judge(source_sha: str, sent: bytes | None, stored_sha: str, stored: bytes | None,
-          accepted: frozenset[str] | set[str]) -> Judgement:
+          accepted: frozenset[str] | set[str], *,
+          alternatives: dict[str, str] | None = None) -> Judgement:
     """Compare the source's hash with the hash the target's bytes gave. `sent`/`stored` are
     the bytes when at hand (for the equivalences and the example), None when a big message
-    was only hashed as it streamed by."""
+    was only hashed as it streamed by; `alternatives` are the equivalences of a message
+    that was streamed (`StreamedRewrites.hashes`)."""
     if stored_sha == source_sha:
         return Judgement(IDENTICAL)
-    if sent is None:
+    if sent is None and alternatives is None:
         return Judgement("altered:other", "content differs (a large message: no example)")
-    for digest, name in equivalent_hashes(sent, set(REWRITES)).items():
+    known = equivalent_hashes(sent, set(REWRITES)) if sent is not None else alternatives or {}
+    if sent is None:
+        for digest, name in known.items():
+            if digest == stored_sha:
+                if name in accepted:
+                    return Judgement(f"equivalent:{name}")
+                return Judgement(f"altered:{name}", "(a large message: no example)")
+        return Judgement("altered:other", "content differs (a large message: no example)")
+    for digest, name in known.items():
         if digest == stored_sha:
             if name in accepted:
                 return Judgement(f"equivalent:{name}")

@@ -47,9 +47,9 @@ import hashlib
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Union, cast
 
 from mailferry.mail.imap.quoting import quote
 from mailferry.mail.imap.servers import family_of
@@ -64,7 +64,7 @@ _TOKEN = re.compile(
 )
 _LITERAL_MARK = object()
 MAX_LITERAL = 1 << 31  # a message larger than 2 GiB is refused rather than read
-_CHUNK = 1 << 16
+_CHUNK = 1 << 18  # what one read of a literal read in chunks asks for (it may get less)
 # Commands that change the session's state: nothing may follow them on the wire until they
 # complete (RFC 3501 5.5; servers differ in what they do otherwise).
 BARRIERS = frozenset({"LOGIN", "AUTHENTICATE", "STARTTLS", "SELECT", "EXAMINE", "UNSELECT",
@@ -80,33 +80,110 @@ class Digest(bytes):
 
     sha256: str
     size: int
+    raw: bool  # sha256 of the bytes as received, not of their wire form (`digest_raw`)
 
     @classmethod
-    def of(cls, sha256: str, size: int) -> Digest:
+    def of(cls, sha256: str, size: int, *, raw: bool = False) -> Digest:
         made = cls(b"")
-        made.sha256, made.size = sha256, size
+        made.sha256, made.size, made.raw = sha256, size, raw
         return made
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
-async def _digest_literal(reader: asyncio.StreamReader, size: int) -> Digest:
-    """Read a literal in chunks into sha256 of its wire form (bare LF as CRLF, as
-    `endpoints.content_hash` does), keeping none of it."""
-    digest = hashlib.sha256()
-    left, after_cr = size, False
-    while left:
-        chunk = await reader.readexactly(min(left, _CHUNK))
-        left -= len(chunk)
-        if b"\n" in chunk:
+class WireHash:
+    """sha256 of a message's wire form (bare LF as CRLF, as `endpoints.content_hash` does),
+    fed chunk by chunk. Why counting first: IMAP serves CRLF, so a chunk almost never has a
+    bare LF; two `count`s (memchr speed) prove that, where the regex ran at a tenth of the
+    hash's speed and was most of the mover's CPU on big messages."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._after_cr = False
+        self.size = 0  # bytes fed (as received, before any LF -> CRLF)
+
+    def update(self, chunk: bytes) -> bytes:
+        """Feed a chunk; return it in wire form (itself when it had no bare LF)."""
+        self.size += len(chunk)
+        if not chunk:
+            return chunk
+        lfs = chunk.count(b"\n")
+        joined = self._after_cr and chunk[0] == 0x0A  # the CR ended the previous chunk
+        if lfs and lfs != chunk.count(b"\r\n") + joined:
             fixed = _BARE_LF.sub(b"\r\n", chunk)
-            if after_cr and chunk.startswith(b"\n"):
-                fixed = fixed[1:]  # the CR ended the previous chunk
-            chunk = fixed
-        digest.update(chunk)
-        after_cr = chunk.endswith(b"\r")
-    return Digest.of(digest.hexdigest(), size)
+            chunk = fixed[1:] if joined else fixed
+        self._digest.update(chunk)
+        self._after_cr = chunk[-1] == 0x0D
+        return chunk
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+async def _digest_literal(reader: asyncio.StreamReader, size: int, *,
+                         raw: bool = False) -> Digest:
+    """Read a literal in chunks into sha256 of its wire form (`raw`: of its bytes as they
+    are, a third of the CPU: no line-end counting), keeping none of it."""
+    wire = WireHash()
+    digest = hashlib.sha256()
+    left = size
+    while left:
+        chunk = await reader.read(min(left, _CHUNK))  # what is there: no copy to fill it
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", left)
+        left -= len(chunk)
+        if raw:
+            digest.update(chunk)
+        else:
+            wire.update(chunk)
+    return Digest.of(digest.hexdigest() if raw else wire.hexdigest(), size, raw=raw)
+
+
+class Literal:
+    """A literal being received, read in chunks by whoever streams it on (`stream_over`):
+    never held whole. `read()` gives the next chunk, b"" at the end; the client reads
+    whatever the consumer left unread before it parses on."""
+
+    def __init__(self, reader: asyncio.StreamReader, size: int,
+                 touch: Callable[[], None]) -> None:
+        self._reader = reader
+        self.size = size
+        self.left = size
+        self._touch = touch  # the connection is alive: the watchdog counts from now
+
+    async def read(self) -> bytes:
+        if not self.left:
+            return b""
+        self._touch()
+        chunk = await self._reader.read(min(self.left, _CHUNK))
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"", self.left)
+        self.left -= len(chunk)
+        self._touch()
+        return chunk
+
+    async def skip(self) -> None:
+        """Read and drop what is left."""
+        while await self.read():
+            pass
+
+
+class LiteralOut:
+    """A literal to send whose bytes come from an async iterator of chunks (a FETCH
+    literal being received): `size` bytes exactly, written as they come, with the
+    connection's back-pressure."""
+
+    def __init__(self, size: int, chunks: AsyncIterator[bytes]) -> None:
+        self.size = size
+        self.chunks = chunks
+
+
+# Decides, from the line announcing a literal (`* 5 FETCH (UID 9 ... BODY[] {n}`) and its
+# size, whether someone streams it on: a coroutine function that consumes the `Literal`
+# and returns what stands for it in the parsed response (a `Digest`), or None (read whole).
+Streamer = Callable[[bytes, int], "Callable[[Literal], Awaitable[bytes]] | None"]
+Segment = bytes | LiteralOut
 
 
 class ImapError(Exception):
@@ -248,6 +325,8 @@ class _Pending:
     segments: Sequence[bytes] = ()  # what was sent, to send it once more alone after a BAD
     pipelined: bool = False  # other commands were in flight when this one was sent
     digest_over: int | None = None  # bodies larger than this arrive as a `Digest`
+    digest_raw: bool = False  # ... of their bytes as received (see `Digest.raw`)
+    streamer: Streamer | None = None  # literals it claims are streamed on, not read whole
 
 
 Pending = _Pending  # a command sent and not yet answered (`start`, `start_login`)
@@ -516,14 +595,18 @@ class ImapClient:
         await self._finish(pending)
         return pending.untagged
 
-    async def start(self, segments: Sequence[bytes], name: str, *,
+    async def start(self, segments: Sequence[Segment], name: str, *,
                     handler: Handler | None = None,
                     accepts: Callable[[Untagged], bool] | None = None,
-                    digest_over: int | None = None) -> _Pending:
+                    digest_over: int | None = None, digest_raw: bool = False,
+                    streamer: Streamer | None = None) -> _Pending:
         """Send a command (segments joined by literals, see `_send`) without waiting for its
-        answer (a state-changing command is waited for: see `_send`)."""
+        answer (a state-changing command is waited for: see `_send`). A literal may be a
+        `LiteralOut` (streamed from elsewhere); `streamer` may claim the literals of the
+        responses to stream them on (see `Streamer`)."""
         return await self._send(segments, name, handler=handler, accepts=accepts,
-                                digest_over=digest_over)
+                                digest_over=digest_over, digest_raw=digest_raw,
+                                streamer=streamer)
 
     async def finish(self, pending: _Pending) -> list[Untagged]:
         """Wait for a started command's tagged answer; raise on NO/BAD."""
@@ -536,10 +619,11 @@ class ImapClient:
         pending.done.add_done_callback(
             lambda done: None if done.cancelled() else done.exception())
 
-    async def _send(self, segments: Sequence[bytes], name: str, *,
+    async def _send(self, segments: Sequence[Segment], name: str, *,
                     handler: Handler | None = None,
                     accepts: Callable[[Untagged], bool] | None = None,
-                    digest_over: int | None = None, hold: bool = True) -> _Pending:
+                    digest_over: int | None = None, hold: bool = True,
+                    streamer: Streamer | None = None, digest_raw: bool = False) -> _Pending:
         """Write a command. Odd-indexed segments are literals; the even ones around them.
         A state-changing command waits until nothing is in flight and holds the line until
         it completes (`hold=False`: the caller must answer a continuation first); with
@@ -547,7 +631,7 @@ class ImapClient:
         if self._broken is not None:
             raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
         plus = "LITERAL+" in self.capabilities or "LITERAL-" in self.capabilities
-        barrier = _verb(segments[0]) in BARRIERS
+        barrier = _verb(cast(bytes, segments[0])) in BARRIERS
         async with self._write_lock:
             if barrier or not self.pipelining:
                 await self._wait_quiet()
@@ -555,29 +639,38 @@ class ImapClient:
                     raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
             self._tag += 1
             tag = b"M%d" % self._tag
+            streamed = any(isinstance(s, LiteralOut) for s in segments)
             pending = _Pending(tag, name, asyncio.get_running_loop().create_future(),
-                               handler, accepts, segments=segments,
-                               pipelined=bool(self._pending), digest_over=digest_over)
+                               handler, accepts,
+                               # a streamed literal cannot be sent again after a BAD
+                               segments=() if streamed else cast(Sequence[bytes], segments),
+                               pipelined=bool(self._pending), digest_over=digest_over,
+                               digest_raw=digest_raw, streamer=streamer)
             self._register(pending)
-            head = tag + b" " + segments[0]
+            head = tag + b" " + cast(bytes, segments[0])
             if len(segments) == 1:
                 self._writer.write(head + b"\r\n")
+            elif streamed:
+                await self._write_streamed(head, segments, plus, name)
             elif plus:
                 chunks = [head]
                 for i in range(1, len(segments), 2):
-                    chunks.append(b"{%d+}\r\n" % len(segments[i]))
-                    chunks.append(segments[i])
-                    chunks.append(segments[i + 1] if i + 1 < len(segments) else b"")
+                    literal = cast(bytes, segments[i])
+                    chunks.append(b"{%d+}\r\n" % len(literal))
+                    chunks.append(literal)
+                    chunks.append(cast(bytes, segments[i + 1]) if i + 1 < len(segments)
+                                  else b"")
                 chunks.append(b"\r\n")
                 self._writer.writelines(chunks)
             else:
                 text = head
                 for i in range(1, len(segments), 2):
+                    literal = cast(bytes, segments[i])
                     self._continuation = asyncio.get_running_loop().create_future()
-                    self._writer.write(text + b"{%d}\r\n" % len(segments[i]))
+                    self._writer.write(text + b"{%d}\r\n" % len(literal))
                     await self._await(self._continuation, name)
-                    self._writer.write(segments[i])
-                    text = segments[i + 1] if i + 1 < len(segments) else b""
+                    self._writer.write(literal)
+                    text = cast(bytes, segments[i + 1]) if i + 1 < len(segments) else b""
                 self._writer.write(text + b"\r\n")
             try:
                 await asyncio.wait_for(self._writer.drain(), self.timeout)
@@ -587,6 +680,46 @@ class ImapClient:
             if barrier and hold:
                 await asyncio.wait([pending.done])  # nothing behind it until it completes
         return pending
+
+    async def _write_streamed(self, head: bytes, segments: Sequence[Segment], plus: bool,
+                              name: str) -> None:
+        """Write a command with streamed literals: each chunk as it comes, waiting for the
+        socket to take it (memory: a chunk, not the message). A literal that cannot be
+        finished (its source broke, the task was cancelled) leaves the server in the middle
+        of it: the connection is aborted, so the server drops the half command (an APPEND
+        is stored only once complete) and nothing is half-done."""
+        text = head
+        try:
+            for i in range(1, len(segments), 2):
+                literal = segments[i]
+                size = literal.size if isinstance(literal, LiteralOut) else len(literal)
+                if plus:
+                    self._writer.write(text + b"{%d+}\r\n" % size)
+                else:
+                    self._continuation = asyncio.get_running_loop().create_future()
+                    self._writer.write(text + b"{%d}\r\n" % size)
+                    await self._await(self._continuation, name)
+                if isinstance(literal, LiteralOut):
+                    sent = 0
+                    async for chunk in literal.chunks:
+                        sent += len(chunk)
+                        if sent > size:
+                            raise ValueError(f"{name}: literal longer than its {size} bytes")
+                        self._writer.write(chunk)
+                        await asyncio.wait_for(self._writer.drain(), self.timeout)
+                    if sent != size:
+                        raise ValueError(f"{name}: literal of {sent} bytes, {size} announced")
+                else:
+                    self._writer.write(literal)
+                text = cast(bytes, segments[i + 1]) if i + 1 < len(segments) else b""
+            self._writer.write(text + b"\r\n")
+        except BaseException as exc:
+            self._fail(exc)
+            self._writer.transport.abort()
+            if isinstance(exc, Exception) and not isinstance(exc, ImapError):
+                raise ImapConnectionError(f"{self.where}: {name}: streamed literal broke off: "
+                                          f"{exc!r}") from exc
+            raise
 
     async def _await(self, future: asyncio.Future[bytes], name: str) -> None:
         try:
@@ -605,7 +738,8 @@ class ImapClient:
             self.stop_pipelining(f"BAD to a pipelined {pending.name} ({text[:80]})")
             again = await self._send(pending.segments, pending.name, handler=pending.handler,
                                      accepts=pending.accepts,
-                                     digest_over=pending.digest_over)
+                                     digest_over=pending.digest_over,
+                                     digest_raw=pending.digest_raw)
             status, text = await again.done
             pending.done, pending.untagged = again.done, again.untagged
         if status != "OK":
@@ -629,20 +763,37 @@ class ImapClient:
             size = int(match.group(1))
             if size > MAX_LITERAL:
                 raise ImapConnectionError(f"literal of {size} bytes refused")
+            streamed = self._streamer(line, size) if not parts else None
             parts.append(line)
-            over = self._digest_over()
-            if over is not None and size > over:
-                parts.append(await _digest_literal(reader, size))
+            over, raw = self._digest_over()
+            if streamed is not None:
+                literal = Literal(reader, size, self._touch)
+                parts.append(await streamed(literal))
+                await literal.skip()
+            elif over is not None and size > over:
+                parts.append(await _digest_literal(reader, size, raw=raw))
             else:
                 parts.append(await reader.readexactly(size))
 
-    def _digest_over(self) -> int | None:
+    def _touch(self) -> None:
+        self._last_rx = asyncio.get_running_loop().time()
+
+    def _streamer(self, line: bytes, size: int) -> Callable[[Literal], Awaitable[bytes]] | None:
+        """Who streams this literal on, if a FETCH in flight wants to (the first that does:
+        a connection runs one mailbox's fetches)."""
+        for pending in self._pending:
+            if pending.streamer is not None:
+                return pending.streamer(line, size)
+        return None
+
+    def _digest_over(self) -> tuple[int | None, bool]:
         """The size above which a literal is only hashed: when every body fetch in flight
-        wants nothing but hashes (a read-back), else None."""
-        fetches = [p.digest_over for p in self._pending if p.name.startswith("UID FETCH")]
-        if not fetches or any(f is None for f in fetches):
-            return None
-        return min(f for f in fetches if f is not None)
+        wants nothing but hashes (a read-back), else None; and whether raw hashes do."""
+        fetches = [p for p in self._pending if p.name.startswith("UID FETCH")]
+        if not fetches or any(p.digest_over is None for p in fetches):
+            return None, False
+        return (min(p.digest_over for p in fetches if p.digest_over is not None),
+                all(p.digest_raw for p in fetches))
 
     async def _watchdog(self) -> None:
         """Abort the connection when commands are pending and the server sent nothing for
