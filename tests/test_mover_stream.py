@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from test_mover_imap import REPO, fill, snapshot, store
 
-from reconciler.mover.endpoints import ImapAccount, ImapEndpoint, content_hash
+from reconciler.drivers.base import ImapAccount
+from reconciler.mover.endpoints import ImapEndpoint, content_hash
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs_async
