@@ -28,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from reconciler.embedded import start_embedded
 from reconciler.spec.loader import load_specs
 
 from helpers.processes import stop_process
-from pfdovecot import MailHost, make_root
+from pfdovecot import MailHost, make_root, wait_port
 from pfdovecot import missing_prerequisites as mail_missing
 from sysutil import free_port
 from world import World, base_documents
@@ -78,17 +76,6 @@ def free_subnet() -> int:
         if f"10.77.{n}." not in used:
             return n
     raise RuntimeError("no free 10.77.N.0/24")
-
-
-def wait_tcp(address: str, port: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((address, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 SSHD_CONFIG = """\
@@ -198,7 +185,7 @@ class NetnsHost:
             self.sshd = subprocess.Popen([*self.wrap(), SSHD, "-D", "-e", "-f",
                                           str(ssh / "sshd_config")],
                                          stdout=log, stderr=log, start_new_session=True)
-        if not wait_tcp(self.address, 22):
+        if not wait_port(22, address=self.address):
             raise RuntimeError(f"{self.name}: sshd did not listen; see {ssh}/sshd.log")
 
     def known_hosts_line(self) -> str:

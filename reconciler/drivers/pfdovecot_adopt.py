@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.drivers.base import Account
-from reconciler.drivers.hosts import HostError
 from reconciler.drivers.imapstore import ImapLogin, imap_session
 from reconciler.drivers.pfdovecot_learn import (
     Learned,
@@ -94,17 +93,11 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
     @property
     def tables(self) -> OverlayTables:
         if self._tables is None:
-            try:
-                ids = self.host.user_ids(self.options.mail_user)
-            except HostError as exc:
-                raise TemporaryError(f"{self.name}: mail user: {exc}") from exc
-            if ids is None:
-                raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
-                                     f"does not exist on this host ({self.host.label})")
             fed = f"smtp:[{self.fed_smtp.host}]:{self.fed_smtp.port}"
             self._tables = OverlayTables(Path(self.options.state_dir), self.name,
                                          self.options.postfix_config_dir,
-                                         self.options.mail_root, *ids, fed=fed,
+                                         self.options.mail_root, *self._mail_user_ids(),
+                                         fed=fed,
                                          dovecot_config=self.options.dovecot_config,
                                          host=self.host,
                                          tables_dir=self.options.tables_folder)

@@ -114,18 +114,23 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     def tables(self) -> Tables:
         """The account tables, made on first use (the mail user must exist)."""
         if self._tables is None:
-            try:
-                ids = self.host.user_ids(self.options.mail_user)
-            except HostError as exc:
-                raise TemporaryError(f"{self.name}: mail user: {exc}") from exc
-            if ids is None:
-                raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
-                                     f"does not exist on this host ({self.host.label})")
             self._tables = Tables(Path(self.options.state_dir), self.name,
                                   self.options.postfix_config_dir, self.options.mail_root,
-                                  *ids, dovecot_config=self.options.dovecot_config,
+                                  *self._mail_user_ids(),
+                                  dovecot_config=self.options.dovecot_config,
                                   host=self.host, tables_dir=self.options.tables_folder)
         return self._tables
+
+    def _mail_user_ids(self) -> tuple[int, int]:
+        """uid and gid of the mail user on the system's host (it must exist there)."""
+        try:
+            ids = self.host.user_ids(self.options.mail_user)
+        except HostError as exc:
+            raise TemporaryError(f"{self.name}: mail user: {exc}") from exc
+        if ids is None:
+            raise TemporaryError(f"{self.name}: mail user {self.options.mail_user!r} "
+                                 f"does not exist on this host ({self.host.label})")
+        return ids
 
     def _write(self, what: str, change: Callable[[sqlite3.Connection], T]) -> T:
         """Run `change` in a table transaction; files and database move together."""
