@@ -1,8 +1,8 @@
 """Client of fed's control API: how the reconciler reads and drives the routing hub.
 
 fed is a separate server (DESIGN.md, rule 2), so the reconciler reaches it only over HTTP,
-through the shared client (``mailferry.mail.http``: one kept-alive connection per thread,
-a timeout per route). Each route of ``docs/fed-api.md`` is one method returning
+through the shared client (``mailferry.mail.http``, on aiohttp: a pool of kept-alive
+connections, a timeout per route). Each route of ``docs/fed-api.md`` is one method returning
 a typed value, with its own time to wait for the answer (`ROUTE_TIMEOUTS`).
 
 Errors follow the reconciler's hierarchy (``reconciler.errors``), because the engine turns
@@ -175,7 +175,8 @@ ROUTE_TIMEOUTS: dict[tuple[str, str], float] = {
 
 
 class FedClient:
-    """One method per route of fed's control API, over one kept-alive connection per thread.
+    """One method per route of fed's control API, over kept-alive connections (one per call
+    in flight, reused by the next).
 
     Transport errors say which of three things happened, because an admin acts differently:
     *cannot connect* (fed is down or the URL is wrong), *no answer yet* (fed took the
@@ -206,7 +207,7 @@ class FedClient:
         return self.http.timeout_for(method, path)
 
     def close(self) -> None:
-        """Close this thread's connection (the next call opens a new one)."""
+        """Close the connections and the client's loop thread (the next call opens new ones)."""
         self.http.close()
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None,

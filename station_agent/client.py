@@ -1,12 +1,12 @@
 """The station agent's HTTP client for the reconciler's station API.
 
-Why the shared blocking client (`mailferry.mail.http`, on the stdlib's `http.client`). The
-agent is installed on every workstation of a company; the fewer dependencies it drags
-along, the easier it is to package and to get past a workstation security review. Its
-traffic is a poll every half minute and a few uploads, which plain blocking HTTP over one
-kept-alive connection handles well. Every call of the station API is idempotent (a report
-carries its id, a message already there is "present"), so a kept-alive connection that
-broke is re-opened and the call sent once more.
+Why the shared blocking client (`mailferry.mail.http`, the package's one HTTP client, on
+aiohttp like the station API it talks to). The agent's traffic is a poll every half minute
+and a few uploads: blocking calls over one kept-alive connection, the client's loop thread
+doing the I/O (it ends with `close()` or the process). Every call of the station API is
+idempotent (a report carries its id, a message already there is "present"), so a
+kept-alive connection that broke as a call went out is re-opened and the call sent once
+more (``retry_idle="all"``).
 
 Why two error classes. What the agent must do with a failure depends on who failed:
 `ApiUnreachable` (connection refused, timeout, 5xx) means "try again later, keep the result"

@@ -6,8 +6,8 @@ then runs `station-agent run --config FILE` with nothing else to type. Command-l
 still override the file, which keeps scripted and test runs explicit.
 
 Why TOML. It is readable and editable by a technician, comments are allowed (the generated
-file explains itself), and Python reads it with the standard library (`tomllib`): the agent
-stays free of dependencies. Relative paths are taken relative to the file's folder; `~` and
+file explains itself), and Python reads it with the standard library (`tomllib`): no TOML
+library to install on workstations. Relative paths are taken relative to the file's folder; `~` and
 environment variables (`%APPDATA%`, `$HOME`) are expanded, so one file fits a fleet.
 
 Secrets are never in this file: the station token and the user's IMAP password each live in

@@ -8,11 +8,12 @@ own errors. Now there is one: the same parser, STARTTLS rules (a required STARTT
 fails never sends the password), literal handling (LITERAL+ or a continuation), SASL PLAIN
 with an authorization identity and watchdog as the mover's.
 
-How: each session runs the client in an event loop of its own, in a private thread, and
-every method hands one coroutine to that loop and waits for its result. A thread per
-session rather than ``asyncio.run`` per call: the client's reader task must stay alive
-between calls (the connection is one conversation), and a caller may itself be running in
-an event loop's thread (``asyncio.to_thread``), where a nested loop cannot run.
+How: each session runs the client in an event loop of its own, in a private thread
+(`mailferry.mail.loopthread.LoopThread`, as the blocking HTTP client does), and every
+method hands one coroutine to that loop and waits for its result. A thread per session
+rather than ``asyncio.run`` per call: the client's reader task must stay alive between
+calls (the connection is one conversation), and a caller may itself be running in an event
+loop's thread (``asyncio.to_thread``), where a nested loop cannot run.
 
 Values are the client's parsed responses (`client.Untagged`: bytes, lists, None for NIL);
 mailbox names are given and returned as on the wire (modified UTF-7, see `mutf7`), quoted
@@ -23,10 +24,8 @@ here. Errors are the client's: `ImapCommandError` for NO/BAD (the session stays 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
-import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,6 +41,7 @@ from mailferry.mail.imap.client import (
 )
 from mailferry.mail.imap.dates import imap_date
 from mailferry.mail.imap.quoting import quote_bytes
+from mailferry.mail.loopthread import LoopThread
 
 T = TypeVar("T")
 Tls = Literal["none", "implicit", "starttls"]
@@ -61,11 +61,9 @@ class Selected:
 class BlockingImap:
     """One IMAP connection, used from synchronous code (see the module docstring)."""
 
-    def __init__(self, client: ImapClient, loop: asyncio.AbstractEventLoop,
-                 thread: threading.Thread) -> None:
+    def __init__(self, client: ImapClient, runner: LoopThread) -> None:
         self._client = client
-        self._loop = loop
-        self._thread = thread
+        self._runner = runner
 
     # -- life ------------------------------------------------------------------------------
     @classmethod
@@ -73,17 +71,14 @@ class BlockingImap:
                 timeout: float = 30.0) -> BlockingImap:
         """Connected, greeted, TLS as asked (certificates verified against the system's
         roots or `cafile`); not yet logged in."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name=f"imap {host}:{port}",
-                                  daemon=True)
-        thread.start()
+        runner = LoopThread(f"imap {host}:{port}")
         try:
-            client = _call(loop, ImapClient.connect(host, port, timeout=timeout, tls=tls,
-                                                    cafile=cafile))
+            client = runner.run(ImapClient.connect(host, port, timeout=timeout, tls=tls,
+                                                   cafile=cafile))
         except BaseException:
-            _stop(loop, thread)
+            runner.stop()
             raise
-        return cls(client, loop, thread)
+        return cls(client, runner)
 
     def __enter__(self) -> BlockingImap:
         return self
@@ -94,18 +89,18 @@ class BlockingImap:
 
     def logout(self) -> None:
         """Say goodbye, close the connection and end the session's thread (idempotent)."""
-        if self._thread.is_alive():
+        if self._runner.alive:
             with contextlib.suppress(Exception):
                 self._run(self._client.logout())
-            _stop(self._loop, self._thread)
+            self._runner.stop()
 
     close = logout
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if not self._thread.is_alive():
+        if not self._runner.alive:  # logged out, or inherited through fork
             coro.close()
             raise ImapConnectionError(f"{self._client.where}: session closed")
-        return _call(self._loop, coro)
+        return self._runner.run(coro)
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -175,23 +170,3 @@ class BlockingImap:
 def _atom(resp: Untagged, index: int) -> bytes:
     value = resp[index] if len(resp) > index else None
     return value if isinstance(value, bytes) else b""
-
-
-def _call(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run_coroutine_threadsafe(coro, loop).result()
-
-
-def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Cancel what is left on the loop, stop it and wait for its thread (bounded)."""
-    async def cancel_rest() -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(cancel_rest(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    if not thread.is_alive():
-        loop.close()
