@@ -33,6 +33,7 @@ import sys
 
 from maildir_system.relay import relay
 from maildir_system.store import INBOX, AccountRow, Store
+from mailferry.mail.addresses import split_physical, unbracket
 from mailferry.mail.messageid import message_id_of
 
 log = logging.getLogger("maildir_system")
@@ -85,7 +86,9 @@ class Deliverer:
         return f"451 4.4.1 redirect to <{target}> deferred: fed said {result.code} {result.text}"
 
     def _is_physical(self, rcpt: str) -> bool:
-        return rcpt.strip().strip("<>").lower().endswith(f"@{self.name.lower()}.invalid")
+        """True for a physical address of this system (`<mailbox id>@<name>.invalid`)."""
+        physical = split_physical(unbracket(rcpt))
+        return physical is not None and physical[0] == self.name.lower()
 
     def _deliver_account(self, account: AccountRow, mail_from: str, rcpt: str, data: bytes) -> str:
         if account.redirect_to:

@@ -48,6 +48,7 @@ from maildir_system.mailfile import (
     hash_file,
     normalize_flags,
 )
+from mailferry.mail.addresses import split_physical, unbracket
 
 # Names other modules (the server, the driver, tests) take from here: one import for the format.
 __all__ = [
@@ -257,11 +258,11 @@ class Store:
 
     def resolve(self, address: str, system_name: str) -> AccountRow | None:
         """The account an address reaches: physical address, access address, alias, internal."""
-        addr = address.strip().strip("<>").lower()
-        local, _, domain = addr.rpartition("@")
+        addr = unbracket(address).lower()
         accounts = self.accounts()
-        if domain == f"{system_name.lower()}.invalid":
-            return next((a for a in accounts if a.mailbox_id.lower() == local), None)
+        physical = split_physical(addr)
+        if physical is not None and physical[0] == system_name.lower():
+            return next((a for a in accounts if a.mailbox_id.lower() == physical[1]), None)
         return next((a for a in accounts if addr in a.addresses()), None)
 
     # -- contacts and address book -----------------------------------------------------------
