@@ -365,7 +365,7 @@ class Engine:
                 break
             record = self._run_change(change, now, cache)
             if chain and record is not None and record.ok and change.step == "E5" \
-                    and record.to_state == 5:
+                    and record.to_state == MigrationState.HELD:
                 queue.appendleft(replace(change, step="E9", state=5))
             if record is None:
                 continue

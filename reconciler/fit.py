@@ -43,6 +43,7 @@ from reconciler.plan import MigrationView, Plan
 from reconciler.spec.model import DesiredMailbox, WindowSpec
 from reconciler.spec.modes import COPYING
 from reconciler.spec.windows import next_open, open_until
+from reconciler.state.states import MigrationState
 from reconciler.state.store import Store
 
 MAX_LOOKUPS = 2000  # mailbox sizes measured per plan; the rest count at the mean
@@ -143,7 +144,7 @@ def window_warnings_for(
             system, mailbox = where if where else ("", "")
             known: int | None = None
         elif change.action in ("step", "wait") and change.state is not None \
-                and change.state < 8 and change.address in latest:
+                and change.state < MigrationState.DATA_COPIED and change.address in latest:
             m = latest[change.address]
             if not m.modes.copies_mail:
                 continue

@@ -22,10 +22,11 @@ from reconciler.engine import StepRecord
 from reconciler.humanize import human_duration
 from reconciler.mover.progress import TerminalProgress
 from reconciler.plan import Plan
+from reconciler.state.states import MigrationState
 
 
 def _done(state: int | None, action: str) -> bool:
-    return action == "in-sync" or (state is not None and state >= 10)
+    return action == "in-sync" or (state is not None and state >= MigrationState.DONE)
 
 
 class WaveBars(TerminalProgress):
@@ -72,7 +73,7 @@ class WaveBars(TerminalProgress):
         placement = self._where.get(record.address)
         if placement is None or not record.ok or record.to_state is None:
             return
-        done = record.to_state >= 10
+        done = record.to_state >= MigrationState.DONE
         if done != self._state.get(record.address, False):
             self._state[record.address] = done
             self._done[placement] += 1 if done else -1

@@ -39,6 +39,7 @@ from reconciler.engine import Engine
 from reconciler.humanize import human_bytes
 from reconciler.plan import Plan
 from reconciler.state.model import Event, Migration, TransferRun, WaveReport
+from reconciler.state.states import MigrationState
 
 
 @dataclass
@@ -88,8 +89,8 @@ class WaveSummary:
 
 def _finished(m: Migration, refused: set[str]) -> bool:
     """Failed, at 13, or at 10 where it stops (modes, or a deletion refused for consent)."""
-    return m.failed or m.state == 13 or (m.state == 10 and (
-        m.modes.ends_at_10 or m.address in refused))
+    return m.failed or m.state == MigrationState.SOURCE_DELETED or (
+        m.state == MigrationState.DONE and (m.modes.ends_at_10 or m.address in refused))
 
 
 def finished_placements(engine: Engine, plan: Plan) -> dict[str, list[Migration]]:
@@ -161,7 +162,7 @@ def summarise(engine: Engine, placement: str, rows: list[Migration]) -> WaveSumm
         if m.failed:
             summary.failed.append({"address": m.address, "step": m.failed_step or "-",
                                    "reason": m.failed_reason or ""})
-        elif m.state >= 10:
+        elif m.state >= MigrationState.DONE:
             summary.moved += 1
     return summary
 

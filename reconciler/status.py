@@ -33,6 +33,7 @@ from reconciler.errors import MailferryError
 from reconciler.output import when
 from reconciler.plan import Change, MigrationView, Plan
 from reconciler.state.model import AddressError, Migration, PlacementSuspension
+from reconciler.state.states import MigrationState
 from reconciler.state.store import Store, record_event
 
 STATE_FILTERS = ("failed", "suspended", "pending", "in-sync", "refused", "waiting")
@@ -188,7 +189,7 @@ def _mark(session: Session, placement: str, step: str, by: str, reason: str,
     count = 0
     for m in session.scalars(select(Migration).where(Migration.placement == placement,
                                                      Migration.purged.is_(False))):
-        if m.state in (10, 13) or m.failed:
+        if m.state in (MigrationState.DONE, MigrationState.SOURCE_DELETED) or m.failed:
             continue
         record_event(session, m, step, from_state=m.state, to_state=m.state, detail=detail,
                      commit=commit, at=now)

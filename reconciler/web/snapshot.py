@@ -34,6 +34,7 @@ from reconciler.fedclient import FedClient
 from reconciler.mover.manifest import RECENT_RUNS, throughput
 from reconciler.plan import MigrationView
 from reconciler.state.model import Event, Migration, StationReport, TransferRun
+from reconciler.state.states import MigrationState
 from reconciler.web.views import (
     CopyFacts,
     EventFacts,
@@ -156,7 +157,7 @@ class Source:
         and each once (old mail hardly changes before its copy)."""
         budget = MEASURE_PER_REFRESH
         for m in latest.values():
-            if m.id in copies or m.state >= 8 or m.failed_reason \
+            if m.id in copies or m.state >= MigrationState.DATA_COPIED or m.failed_reason \
                     or not m.modes.copies_mail:
                 continue
             key = (m.source_system, m.source_mailbox)

@@ -20,6 +20,7 @@ from reconciler.mover.manifest import seconds_for
 from reconciler.plan import BLOCKED, Change, MigrationView, Plan
 from reconciler.spec.model import WindowSpec
 from reconciler.spec.windows import next_open, open_until
+from reconciler.state.states import MigrationState
 from reconciler.status import StatusRow, matching, row_of
 
 # The patent's states (DESIGN.md, "The state machine"): number, steps, what has happened.
@@ -185,17 +186,17 @@ def segment(change: Change) -> str:
     if change.action == "failed":
         return "failed"
     state = change.state
-    if state is None or (state == 0 and change.action == "migrate"):
+    if state is None or (state == MigrationState.RECORDED and change.action == "migrate"):
         return "done" if change.action == "in-sync" else "waiting"
-    if state >= 10:
+    if state >= MigrationState.DONE:
         return "done"
-    if state >= 8:
+    if state >= MigrationState.DATA_COPIED:
         return "copied"
-    if state == 7:
+    if state == MigrationState.MOVER_TOOK:
         return "copying"
-    if state >= 4:
+    if state >= MigrationState.ADDRESSES_FORMED:
         return "cutover"
-    return "prestaged" if state >= 1 else "waiting"
+    return "prestaged" if state >= MigrationState.PRESTAGED else "waiting"
 
 
 def _percent(part: float, whole: float) -> float:
@@ -241,13 +242,13 @@ def _wave(snap: Snapshot, name: str, changes: list[Change]) -> WaveView:
                 else m.mailbox_size or 0)
         count = facts.messages_total if facts and facts.messages_total is not None else 0
         done_b = bytes_total_done(facts, size, m.state)
-        done_m = count if (m.state >= 8 or (facts and facts.verified)) else (
-            facts.messages_done if facts else 0)
+        copied = m.state >= MigrationState.DATA_COPIED or (facts and facts.verified)
+        done_m = count if copied else (facts.messages_done if facts else 0)
         msgs_total += count
         bytes_total += size
         msgs_done += min(done_m, count) if count else done_m
         bytes_done += min(done_b, size) if size else done_b
-        if m.state < 8 and not m.failed_reason:
+        if m.state < MigrationState.DATA_COPIED and not m.failed_reason:
             left += 1
     remaining_b = max(bytes_total - bytes_done, 0)
     remaining_m = max(msgs_total - msgs_done, 0)
@@ -266,7 +267,7 @@ def _wave(snap: Snapshot, name: str, changes: list[Change]) -> WaveView:
 
 def bytes_total_done(facts: CopyFacts | None, size: int, state: int) -> int:
     """Bytes of a migration's old mail known to be in the target."""
-    if state >= 8 or (facts is not None and facts.verified):
+    if state >= MigrationState.DATA_COPIED or (facts is not None and facts.verified):
         return size
     return facts.bytes_done if facts is not None else 0
 
@@ -293,7 +294,7 @@ def copy_text(m: MigrationView | None, facts: CopyFacts | None) -> str:
     """The copy column of a mailbox row."""
     if m is None or facts is None:
         return ""
-    if facts.verified or m.state >= 8:
+    if facts.verified or m.state >= MigrationState.DATA_COPIED:
         return "verified"
     size = facts.bytes_total if facts.bytes_total is not None else m.mailbox_size or 0
     if size:
@@ -410,7 +411,7 @@ def timeline(events: list[EventFacts], m: MigrationView | None) -> list[Timeline
     for e in events:
         if e.to_state is not None and e.to_state != e.from_state:
             reached_at[e.to_state] = e.at
-        elif e.to_state == 0 and e.from_state is None:
+        elif e.to_state == MigrationState.RECORDED and e.from_state is None:
             reached_at[0] = e.at
     current = m.state if m is not None else None
     return [TimelineStep(n, steps, text, reached_at.get(n),
