@@ -58,7 +58,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import aiohttp
 from yarl import URL
@@ -236,44 +236,46 @@ class AsyncHttpClient:
         limits = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
                                        sock_connect=self.connect_timeout, sock_read=wait)
         retry = self.retry_idle == "all" or method in IDEMPOTENT
-        session = self._open()
         for attempt in (1, 2):
             trace = SimpleNamespace(reused=False)
             try:
-                async with session.request(
-                        method, URL(url, encoded=True), data=body, headers=sent,
-                        timeout=limits, allow_redirects=False,
-                        trace_request_ctx=trace) as answer:
-                    raw = await answer.read()
-                    return Response(answer.status, answer.reason or "", raw,
-                                    dict(answer.headers))
-            except aiohttp.ConnectionTimeoutError as exc:
-                raise self._cannot_connect(method, url, "timed out") from exc
-            except aiohttp.ClientConnectorCertificateError as exc:
-                failed = exc.certificate_error
-                why = getattr(failed, "verify_message", "") or str(failed)
-                raise self._cannot_connect(method, url, f"TLS refused: certificate verify "
-                                                        f"failed ({why})") from exc
-            except aiohttp.ClientConnectorError as exc:
-                raise self._cannot_connect(method, url, _why(exc.os_error)) from exc
-            except TimeoutError as exc:  # aiohttp's SocketTimeoutError (sock_read) among them
-                raise NoAnswerYet(f"no answer yet from {self.name} to {method} {url} after "
-                                  f"{wait:g} s", method, url, wait) from exc
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if trace.reused and attempt == 1 and retry:
-                    continue  # the kept-alive connection broke as the request went out
-                raise self._closed(method, url, exc) from exc
-            except aiohttp.ClientError as exc:  # a malformed answer, a body cut short
-                raise self._closed(method, url, exc) from exc
+                return await self._send(method, url, body, sent, limits, trace)
+            except ClosedMidRequest as exc:
+                if not (retry and attempt == 1 and trace.reused and isinstance(
+                        exc.__cause__, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)):
+                    raise
+                # the kept-alive connection broke as the request went out: once more
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+                    limits: aiohttp.ClientTimeout, trace: SimpleNamespace) -> Response:
+        """One attempt; aiohttp's errors as the three kinds (module docstring)."""
+        try:
+            async with self._open().request(
+                    method, URL(url, encoded=True), data=body, headers=headers,
+                    timeout=limits, allow_redirects=False, trace_request_ctx=trace) as answer:
+                raw = await answer.read()
+                return Response(answer.status, answer.reason or "", raw, dict(answer.headers))
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._cannot_connect(method, url, "timed out") from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            failed = exc.certificate_error
+            why = getattr(failed, "verify_message", "") or str(failed)
+            raise self._cannot_connect(method, url, f"TLS refused: certificate verify failed "
+                                                    f"({why})") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise self._cannot_connect(method, url, _why(exc.os_error)) from exc
+        except TimeoutError as exc:  # aiohttp's SocketTimeoutError (sock_read) among them
+            wait = limits.sock_read or 0.0
+            raise NoAnswerYet(f"no answer yet from {self.name} to {method} {url} after "
+                              f"{wait:g} s", method, url, wait) from exc
+        except aiohttp.ClientError as exc:  # disconnected, reset, a malformed answer, ...
+            raise ClosedMidRequest(f"{self.name} closed the connection during {method} {url}: "
+                                   f"{exc or type(exc).__name__}", method, url) from exc
 
     def _cannot_connect(self, method: str, url: str, why: str) -> CannotConnect:
         return CannotConnect(f"cannot connect to {self.name} at {self.base_url} "
                              f"({method} {url}): {why}", method, url)
-
-    def _closed(self, method: str, url: str, exc: BaseException) -> ClosedMidRequest:
-        return ClosedMidRequest(f"{self.name} closed the connection during {method} {url}: "
-                                f"{exc or type(exc).__name__}", method, url)
 
 
 def _why(error: OSError) -> str:
@@ -309,19 +311,25 @@ class _Runner:
             thread.stop(self.client.close)
 
 
+class Options(TypedDict, total=False):
+    """`AsyncHttpClient`'s keyword arguments, which `HttpClient` takes as they are."""
+
+    name: str
+    timeout: float
+    timeouts: Mapping[tuple[str, str], float] | None
+    connect_timeout: float
+    headers: Mapping[str, str] | None
+    context: ssl.SSLContext | None
+    cafile: str | None
+    retry_idle: Literal["idempotent", "all"]
+
+
 class HttpClient:
     """The blocking facade over `AsyncHttpClient` (module docstring): the same arguments,
     the same `request`, from any number of threads."""
 
-    def __init__(self, base_url: str, *, name: str = "", timeout: float = DEFAULT_TIMEOUT,
-                 timeouts: Mapping[tuple[str, str], float] | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT,
-                 headers: Mapping[str, str] | None = None,
-                 context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 retry_idle: Literal["idempotent", "all"] = "idempotent") -> None:
-        self.client = AsyncHttpClient(base_url, name=name, timeout=timeout, timeouts=timeouts,
-                                      connect_timeout=connect_timeout, headers=headers,
-                                      context=context, cafile=cafile, retry_idle=retry_idle)
+    def __init__(self, base_url: str, **options: Unpack[Options]) -> None:
+        self.client = AsyncHttpClient(base_url, **options)
         self._runner = _Runner(self.client)
         weakref.finalize(self, self._runner.stop)  # also at interpreter exit
 
