@@ -55,6 +55,7 @@ class Learned:
     mailboxes: list[AdminMailbox] = field(default_factory=list)
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> targets
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the admin should fix, with how
 
 
 def split_list(value: str) -> list[str]:
@@ -123,10 +124,12 @@ def _pairs(out: str) -> dict[str, str]:
 
 def learn(run: Runner, *, postfix_dir: str, dovecot_config: str, domains: tuple[str, ...],
           mailbox_maps: list[str], alias_maps: list[str], skip: frozenset[str] = frozenset(),
-          ) -> Learned:
+          alias_keys: dict[str, set[str]] | None = None) -> Learned:
     """The admin's mailboxes: Dovecot's users whose address Postfix delivers.
 
-    `skip`: tables that are mailferry's own overlay (never the admin's state)."""
+    `skip`: tables that are mailferry's own overlay (never the admin's state).
+    `alias_keys`: for alias maps that cannot be listed, the candidate keys to ask Postfix
+    (`pfdovecot_keys`), besides the Dovecot users' addresses."""
     learned = Learned()
     users = list_users(run, dovecot_config)
     domain_set = {d.lower() for d in domains}
@@ -152,10 +155,10 @@ def learn(run: Runner, *, postfix_dir: str, dovecot_config: str, domains: tuple[
         if map_type(table) in LISTABLE:
             for key, value in dump_map(run, postfix_dir, table).items():
                 aliases.setdefault(key, value)
-        else:
-            learned.notes.append(f"{table}: a {map_type(table)} map cannot be listed; its "
-                                 "aliases keep working but are not imported (add them to "
-                                 "the specs by hand)")
+        else:  # Postfix answers for each candidate: its answer decides, not our reading
+            keys = every | (alias_keys or {}).get(table, set())
+            for key, value in query_map(run, postfix_dir, table, keys).items():
+                aliases.setdefault(key, value)
     homes_of = homes(run, dovecot_config, list(candidates))
     by_address: dict[str, AdminMailbox] = {}
     for user, options in candidates.items():

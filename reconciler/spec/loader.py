@@ -437,6 +437,8 @@ class _Loader:
                 host=ssh,
                 tables_dir=on_host("tablesDir") if ssh is not None and "tablesDir" in box
                 else None,
+                alias_candidates=self.path_value(box["aliasCandidates"])
+                if "aliasCandidates" in box else None,
             )
             system = replace(common, root=options.state_dir, lmtp=options.lmtp,
                              submission=options.smtp, postfix_dovecot=options)
