@@ -76,7 +76,10 @@ def hosts(fed_port: int) -> dict[str, MailHost]:
                         users=USERS_A, aliases=aliases_a),
         "pb": AdminHost("pb", make_root("mailferry-pb-"), fed_port, layout="sql",
                         users=USERS_B, aliases=ALIASES_B, forwards=FORWARDS_B,
-                        inactive={"old.b03@corp.example": "b03@corp.example"}),
+                        inactive={"old.b03@corp.example": "b03@corp.example"},
+                        extra={"support@corp.example": "b03@corp.example",
+                               "unlisted@corp.example": "b03@corp.example"},
+                        alias_candidates=("support@corp.example", "nobody@corp.example")),
     }
 
 
@@ -129,14 +132,18 @@ class Senders(threading.Thread):
 
 
 def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path: Path) -> None:
-    """No master user, no overlay passdb/userdb, a map type Postfix cannot read here."""
+    """No master user, no overlay passdb/userdb, a map type Postfix cannot read here; and
+    alias maps whose keys mailferry cannot list (a malformed .cf): warnings with the fix."""
     bare = AdminHost("pc", make_root("mailferry-pc-"), world.fed_port, layout="passwd",
                      users=("c01@corp.example",), ready=False)
     bare.write_config()  # nothing needs to run: every check before any change is a read
     main_cf = bare.etc / "main.cf"
     main_cf.write_text(main_cf.read_text().replace(
         f"virtual_alias_maps = hash:{bare.etc}/virtual",
-        f"virtual_alias_maps = hash:{bare.etc}/virtual, pgsql:{bare.etc}/pgsql-aliases.cf"))
+        f"virtual_alias_maps = hash:{bare.etc}/virtual, pgsql:{bare.etc}/pgsql-aliases.cf, "
+        f"sqlite:{bare.etc}/broken.cf"))
+    broken = bare.etc / "broken.cf"
+    broken.write_text("dbpath = /nonexistent.sqlite\nresult_format = %s\n")  # no query
     before = bare.admin_files()
     specs = world.write(tmp_path / "specs", [bare.spec_document()])
     done = cli(world, specs, tmp_path / "state.db", "adopt", "--check", "pc")
@@ -147,11 +154,22 @@ def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path:
     assert "lacks '='" in out
     assert "cannot read pgsql: maps" in out and "postfix-pgsql" in out
     assert "4 blocker(s); nothing changed" in out
+    assert (f"~ warns: sqlite:{broken}: mailferry cannot list its keys ({broken}: no query "
+            "(and no table/where_field))") in out
+    assert f"({bare.etc}/pgsql-aliases.cf: does not exist (local))" in out
+    assert out.count("fix: list the aliases' addresses") == 2
     # adopt itself refuses the same way: nothing recorded, main.cf as the admin wrote it
     done = cli(world, specs, tmp_path / "state.db", "adopt", "pc")
     assert done.returncode == 1 and "adoption refused" in done.stderr
     assert bare.admin_files() == before
     assert not (bare.state_dir / "adoption.json").exists()
+    # a .cf Postfix itself cannot parse: postconf is fatal, a blocker naming its line
+    broken.write_text("dbpath = /nonexistent.sqlite\nSELECT goto FROM alias\n")
+    done = cli(world, specs, tmp_path / "state.db", "adopt", "--check", "pc")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{broken}, line 2: missing '=' after attribute name" in done.stdout
+    assert "fix: correct what Postfix names" in done.stdout
+    assert "1 blocker(s); nothing changed" in done.stdout
     shutil.rmtree(bare.root, ignore_errors=True)
 
 
@@ -221,7 +239,13 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     assert f"sqlite:{pb.etc}/sqlite-aliases.cf: 3 key(s) in alias (address)" in done.stdout
     assert (f"sqlite:{pb.etc}/sqlite-forwards.cf: 1 key(s) in forward (local @ domain)"
             in done.stdout)
-    assert "warns" not in done.stdout
+    # the third map's query is not a plain lookup: a warning with its fix, not a blocker;
+    # the aliasCandidates file's addresses are asked of it (unlisted@ is in no list: missed)
+    assert (f"~ warns: sqlite:{pb.etc}/sqlite-extra.cf: mailferry cannot list its keys "
+            f"({pb.etc}/sqlite-extra.cf: the condition \"lower(address) = lower('%s')\"" in
+            done.stdout), done.stdout
+    assert "fix: list the aliases' addresses, one a line, in a file and name it in " \
+        "postfixDovecot.aliasCandidates" in done.stdout
     main_cf = (pa.etc / "main.cf").read_text()
     assert f"virtual_alias_maps = hash:{pa.state_dir}/virtual_alias, hash:{pa.etc}/virtual" \
         in main_cf
@@ -235,10 +259,11 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     assert boxes[0] == {"address": "u01@corp.example", "aliases": ["info.u01@corp.example"]}
     imported_b = yaml.safe_load((specs / "imported-pb.yaml").read_text())
     boxes_b = imported_b["spec"]["mailboxes"]
-    # Postfix decided each key: old.b03 (active = 0) is none, desk@ (two targets) a list
+    # Postfix decided each key: old.b03 (active = 0) is none, desk@ (two targets) a list;
+    # support@ came from aliasCandidates (nobody@ there is in no map: nothing)
     assert boxes_b == [{"address": "b01@corp.example", "aliases": ["sales@corp.example"]},
                        {"address": "b02@corp.example", "aliases": ["help@corp.example"]},
-                       {"address": "b03@corp.example"}]
+                       {"address": "b03@corp.example", "aliases": ["support@corp.example"]}]
     done = cli(world, specs, state, "--plan")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "No changes" in done.stdout and "23 mailboxes" in done.stdout

@@ -187,7 +187,9 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         try:
             self._check_into(result)
         except MailferryError as exc:
-            result.blockers.append(f"{exc}. fix: make the servers answer, then check again")
+            fix = ("correct what Postfix names (postconf must run without a fatal error)"
+                   if "fatal:" in str(exc) else "make the servers answer")
+            result.blockers.append(f"{exc}. fix: {fix}, then check again")
         return result
 
     def _check_into(self, result: AdoptionCheck) -> None:
