@@ -415,6 +415,10 @@ class _Loader:
         if driver == "postfix-dovecot":
             box = spec["postfixDovecot"]
             ssh = self.ssh_target(doc, here, box)
+            if "aliasCandidates" in box and not box.get("adopt", False):
+                self.fail(doc, (*here, "aliasCandidates"), "only with adopt: true (the "
+                          "addresses to ask the admin's alias maps mailferry cannot list)",
+                          key_line=True)
 
             def on_host(key: str) -> str:  # a path where Postfix and Dovecot run
                 if ssh is None:
