@@ -145,7 +145,9 @@ def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path:
     broken = bare.etc / "broken.cf"
     broken.write_text("dbpath = /nonexistent.sqlite\nresult_format = %s\n")  # no query
     before = bare.admin_files()
-    specs = world.write(tmp_path / "specs", [bare.spec_document()])
+    doc = bare.spec_document()
+    doc["spec"]["postfixDovecot"]["aliasCandidates"] = str(tmp_path / "missing.txt")
+    specs = world.write(tmp_path / "specs", [doc])
     done = cli(world, specs, tmp_path / "state.db", "adopt", "--check", "pc")
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
@@ -158,6 +160,8 @@ def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path:
             "(and no table/where_field))") in out
     assert f"({bare.etc}/pgsql-aliases.cf: does not exist (local))" in out
     assert out.count("fix: list the aliases' addresses") == 2
+    assert (f"~ warns: aliasCandidates {tmp_path}/missing.txt: No such file or directory. "
+            "fix: give a readable UTF-8 file") in out
     # adopt itself refuses the same way: nothing recorded, main.cf as the admin wrote it
     done = cli(world, specs, tmp_path / "state.db", "adopt", "pc")
     assert done.returncode == 1 and "adoption refused" in done.stderr

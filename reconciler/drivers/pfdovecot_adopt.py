@@ -159,14 +159,17 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         tables = self._admin_tables(self._admin_values())["virtual_alias_maps"]
         asked = [(t, map_type(t)) for t in tables if map_type(t) not in LISTABLE]
         given: list[str] = []
+        unread: list[str] = []
         path = self.options.alias_candidates
         if asked and path is not None:
             try:
                 given = read_candidates(path)
-            except OSError as exc:
-                return AliasKeys(warnings=[f"aliasCandidates {path}: {exc.strerror or exc}. "
-                                           "fix: give a readable file, one address a line"])
-        return find_alias_keys(self.host, asked, self.domains, given)
+            except (OSError, UnicodeDecodeError) as exc:
+                unread.append(f"aliasCandidates {path}: {getattr(exc, 'strerror', None) or exc}"
+                              ". fix: give a readable UTF-8 file, one address a line")
+        found = find_alias_keys(self.host, asked, self.domains, given)
+        found.warnings[:0] = unread
+        return found
 
     def learn(self) -> Learned:
         """The admin's mailboxes as the servers know them now."""
