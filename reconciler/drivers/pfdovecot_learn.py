@@ -5,7 +5,8 @@ userdb behind it: passwd-file, SQL, LDAP) and their homes, and Postfix for the m
 ``virtual_mailbox_maps`` and ``virtual_alias_maps`` name (``postmap -s`` for indexed files,
 which can be listed; ``postmap -q -`` with the candidate addresses on stdin for SQL/LDAP
 maps, which can only be asked: the Dovecot users' addresses, and for alias maps the keys
-`pfdovecot_keys` finds in their database or the admin's list; Postfix's answer decides). Every command goes through a `Runner`, so that the same code
+`pfdovecot_keys` finds in their database or the admin's list; Postfix's answer decides).
+Every command goes through a `Runner`, so that the same code
 reads a system on this host or on another one.
 
 What comes out (`Learned`): one `AdminMailbox` per Dovecot user whose address Postfix
