@@ -44,12 +44,18 @@ def check(specs: SpecSet, drivers: dict[str, MailSystemDriver], system: str
 
 
 def publish(engine: Engine, system: str) -> list[Account]:
-    """Tell fed where the system's mailboxes are (register + up-sync); the accounts."""
+    """Tell fed where the system's mailboxes are (register + up-sync), and every system
+    where everyone is (down-sync); the accounts.
+
+    The down-sync at once, not at the next pass's end: an adopted system's domain is in
+    `virtual_mailbox_domains`, so until its overlay knows the colleagues on the other
+    systems (the address book), its Postfix refuses mail to them with 550."""
     driver = adopted_driver(engine.specs, engine.drivers, system)
     engine.register_systems()
     engine.fed.refresh_system(system)
     accounts = driver.list_accounts()
     engine.fed.upsync(system, {a.physical_address: list(a.all_addresses) for a in accounts})
+    engine.downsync()
     return accounts
 
 

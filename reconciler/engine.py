@@ -399,7 +399,7 @@ class Engine:
         self._downsync_pending = False
         if cache.downsync_needed:
             try:
-                self._downsync()
+                self.downsync()
             except LeaseLost as exc:
                 self.lease_lost = exc
             except Exception as exc:
@@ -555,7 +555,7 @@ class Engine:
                     for m in found if purge_due(view(m), now)
                     and (m.next_attempt_at is None or m.next_attempt_at <= now)]
 
-    def _downsync(self) -> None:
+    def downsync(self) -> None:
         """Down-sync: every system's address book gets fed's merged directory."""
         entries = self.fed.downsync().entries
         for driver in self.drivers.values():

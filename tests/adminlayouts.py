@@ -9,7 +9,11 @@ here write what the guides and distributions give, with plain files, as an admin
   list alias);
 - ``sql`` (layout b): users, domains and aliases in one SQLite database read by Dovecot's
   ``sql`` driver and by Postfix's ``sqlite:`` maps, Maildirs at ``vmail/DOMAIN/LOCAL``
-  (``mail_location = maildir:~``).
+  (``mail_location = maildir:~``). Aliases are in two tables, as admins split them: ``alias``
+  (full address, ``WHERE address = '%s' AND active = 1``) and ``forward`` (local part and
+  domain apart, ``WHERE local = '%u' AND domain = '%d'``), both in ``virtual_alias_maps``, and
+  a third map whose query mailferry cannot read (``lower(address) = lower('%s')`` over
+  ``extra``): its aliases are found through the spec's ``aliasCandidates`` file.
 
 Both have what `reconcile adopt --check` asks an admin for (a Dovecot master user, the overlay
 passdb/userdb lines, '=' among the username characters) unless built with ``ready=False``,
@@ -130,14 +134,20 @@ SQL_SCHEMA = """
 CREATE TABLE domain (domain TEXT PRIMARY KEY);
 CREATE TABLE mailbox (username TEXT PRIMARY KEY, password TEXT NOT NULL, local TEXT NOT NULL,
                       domain TEXT NOT NULL, active INTEGER NOT NULL DEFAULT 1);
-CREATE TABLE alias (address TEXT PRIMARY KEY, goto TEXT NOT NULL);
+CREATE TABLE alias (address TEXT PRIMARY KEY, goto TEXT NOT NULL,
+                    active INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE forward (local TEXT NOT NULL, domain TEXT NOT NULL, goto TEXT NOT NULL,
+                      PRIMARY KEY (local, domain));
+CREATE TABLE extra (address TEXT PRIMARY KEY, goto TEXT NOT NULL);
 """
 
 SQL_MAPS = {
     "sqlite-domains.cf": "SELECT domain FROM domain WHERE domain = '%s'",
     "sqlite-mailboxes.cf": "SELECT domain || '/' || local || '/' FROM mailbox "
                            "WHERE username = '%s' AND active = 1",
-    "sqlite-aliases.cf": "SELECT goto FROM alias WHERE address = '%s'",
+    "sqlite-aliases.cf": "SELECT goto FROM alias WHERE address = '%s' AND active = 1",
+    "sqlite-forwards.cf": "SELECT goto FROM forward\n  WHERE local = '%u' AND domain = '%d'",
+    "sqlite-extra.cf": "SELECT goto FROM extra WHERE lower(address) = lower('%s')",
 }
 
 
@@ -148,6 +158,10 @@ class AdminHost(MailHost):
     layout: str = "passwd"
     users: tuple[str, ...] = ()  # full addresses
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> target(s), comma-separated
+    forwards: dict[str, str] = field(default_factory=dict)  # sql: aliases in the forward table
+    inactive: dict[str, str] = field(default_factory=dict)  # sql: alias rows with active = 0
+    extra: dict[str, str] = field(default_factory=dict)  # sql: aliases behind sqlite-extra.cf
+    alias_candidates: tuple[str, ...] = ()  # the spec's aliasCandidates file, when given
     ready: bool = True  # False: without what mailferry asks for (no master user ...)
 
     @property
@@ -163,7 +177,8 @@ class AdminHost(MailHost):
                     f"virtual_transport = lmtp:inet:{address}:{lmtp}\n")
         return (f"virtual_mailbox_domains = sqlite:{etc}/sqlite-domains.cf\n"
                 f"virtual_mailbox_maps = sqlite:{etc}/sqlite-mailboxes.cf\n"
-                f"virtual_alias_maps = sqlite:{etc}/sqlite-aliases.cf\n"
+                f"virtual_alias_maps = sqlite:{etc}/sqlite-aliases.cf, "
+                f"sqlite:{etc}/sqlite-forwards.cf, sqlite:{etc}/sqlite-extra.cf\n"
                 f"virtual_transport = lmtp:inet:{address}:{lmtp}\n")
 
     def write_config(self) -> None:
@@ -227,11 +242,17 @@ class AdminHost(MailHost):
             conn.executemany("INSERT INTO mailbox (username, password, local, domain) "
                              "VALUES (?, ?, ?, ?)",
                              [(a, f"pw-{a.split('@')[0]}", *a.split("@")) for a in self.users])
-            conn.executemany("INSERT INTO alias VALUES (?, ?)", list(self.aliases.items()))
+            conn.executemany("INSERT INTO alias (address, goto) VALUES (?, ?)",
+                             list(self.aliases.items()))
+            conn.executemany("INSERT INTO alias VALUES (?, ?, 0)", list(self.inactive.items()))
+            conn.executemany("INSERT INTO extra VALUES (?, ?)", list(self.extra.items()))
+            conn.executemany("INSERT INTO forward VALUES (?, ?, ?)",
+                             [(*a.split("@"), t) for a, t in self.forwards.items()])
         conn.close()
         db.chmod(0o644)
         for name, query in SQL_MAPS.items():
-            (self.etc / name).write_text(f"dbpath = {db}\nquery = {query}\n")
+            (self.etc / name).write_text(f"# the admin's {name}\ndbpath = {db}\n"
+                                         f"query = {query}\n")
         sql_conf = self.root / "dovecot" / "sql.conf.ext"
         sql_conf.write_text(SQL_CONF.format(**values))
         sql_conf.chmod(0o600)
@@ -268,4 +289,9 @@ class AdminHost(MailHost):
         box = doc["spec"]["postfixDovecot"]
         box["adopt"] = True
         box["mailRoot"] = str(self.root / "mferry-mail")
+        if self.alias_candidates:
+            listed = self.root / "alias-candidates.txt"  # with the specs, not on the host
+            listed.write_text("# addresses to ask the maps mailferry cannot list\n"
+                              + "".join(f"{a}\n" for a in self.alias_candidates))
+            box["aliasCandidates"] = str(listed)
         return doc

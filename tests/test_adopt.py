@@ -7,17 +7,22 @@ embedded s1 as processes, and two real systems built with plain files as an admi
   ``mail/DOMAIN/LOCAL``, ``corp.example`` in ``virtual_mailbox_domains``, a ``hash:``
   ``virtual_mailbox_maps`` and a ``hash:`` ``virtual_alias_maps`` (an alias per user, a list);
 - ``pb``: layout b, users, domains and aliases in SQLite through Dovecot's ``sql`` driver and
-  Postfix's ``sqlite:`` maps, Maildirs at ``vmail/DOMAIN/LOCAL``.
+  Postfix's ``sqlite:`` maps (aliases in an ``alias`` table keyed by address and a ``forward``
+  table keyed by local part and domain), Maildirs at ``vmail/DOMAIN/LOCAL``.
 
 What is proved, on the real servers: ``adopt --check`` lists what it would add and changes
 nothing, and on a system that lacks what it needs lists each blocker with its fix and
 changes nothing; ``adopt`` + ``import`` give specs after which ``--plan`` has no changes;
-a mailbox in no spec shows as unmanaged; ten users move pa -> pb while mail flows through
-fed and from local senders on both systems, counted by Message-ID (lost 0, duplicated 0,
+the aliases in pb's SQL tables are imported (their keys read from the database the
+map's .cf names, each one decided by Postfix's own answer: an inactive row is not one);
+a mailbox in no spec shows as unmanaged; ten users move pa -> pb, and two of pb's with
+their SQL aliases pb -> pa, while mail flows through fed and from local senders on both
+systems (to the aliases too), counted by Message-ID (lost 0, duplicated 0,
 misplaced 0), old mail byte-identical; colleagues who moved are accepted and relayed, not
 refused with 550; ``release`` refuses to drop the mailboxes it created unless forced, and
-leaves every file the admin wrote byte-identical to adoption day; a malformed import target
-writes nothing.
+leaves every file the admin wrote byte-identical to adoption day (the SQLite database
+included); a malformed import target writes nothing; an alias map whose keys mailferry
+cannot read (a join, a malformed .cf) is a warning with its fix, and nothing changes.
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ if WHY_NOT and not os.environ.get("CI"):
 USERS_A = tuple(f"u{n:02d}@corp.example" for n in range(1, 21))
 MOVING = USERS_A[:10]
 USERS_B = ("b01@corp.example", "b02@corp.example", "b03@corp.example")
+MOVING_B = USERS_B[:2]  # pb -> pa, with their aliases from pb's SQL tables
+ALIASES_B = {"sales@corp.example": "b01@corp.example",
+             "desk@corp.example": "b01@corp.example, b02@corp.example"}  # desk: a list
+FORWARDS_B = {"help@corp.example": "b02@corp.example"}
+ALIAS_OF = {"sales@corp.example": "b01@corp.example", "help@corp.example": "b02@corp.example",
+            **{f"info.{u}": u for u in USERS_A}}
+LISTS = {"desk@corp.example": MOVING_B}
 
 
 def hosts(fed_port: int) -> dict[str, MailHost]:
@@ -63,7 +75,11 @@ def hosts(fed_port: int) -> dict[str, MailHost]:
         "pa": AdminHost("pa", make_root("mailferry-pa-"), fed_port, layout="passwd",
                         users=USERS_A, aliases=aliases_a),
         "pb": AdminHost("pb", make_root("mailferry-pb-"), fed_port, layout="sql",
-                        users=USERS_B, aliases={"sales@corp.example": "b01@corp.example"}),
+                        users=USERS_B, aliases=ALIASES_B, forwards=FORWARDS_B,
+                        inactive={"old.b03@corp.example": "b03@corp.example"},
+                        extra={"support@corp.example": "b03@corp.example",
+                               "unlisted@corp.example": "b03@corp.example"},
+                        alias_candidates=("support@corp.example", "nobody@corp.example")),
     }
 
 
@@ -116,16 +132,22 @@ class Senders(threading.Thread):
 
 
 def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path: Path) -> None:
-    """No master user, no overlay passdb/userdb, a map type Postfix cannot read here."""
+    """No master user, no overlay passdb/userdb, a map type Postfix cannot read here; and
+    alias maps whose keys mailferry cannot list (a malformed .cf): warnings with the fix."""
     bare = AdminHost("pc", make_root("mailferry-pc-"), world.fed_port, layout="passwd",
                      users=("c01@corp.example",), ready=False)
     bare.write_config()  # nothing needs to run: every check before any change is a read
     main_cf = bare.etc / "main.cf"
     main_cf.write_text(main_cf.read_text().replace(
         f"virtual_alias_maps = hash:{bare.etc}/virtual",
-        f"virtual_alias_maps = hash:{bare.etc}/virtual, pgsql:{bare.etc}/pgsql-aliases.cf"))
+        f"virtual_alias_maps = hash:{bare.etc}/virtual, pgsql:{bare.etc}/pgsql-aliases.cf, "
+        f"sqlite:{bare.etc}/broken.cf"))
+    broken = bare.etc / "broken.cf"
+    broken.write_text("dbpath = /nonexistent.sqlite\nresult_format = %s\n")  # no query
     before = bare.admin_files()
-    specs = world.write(tmp_path / "specs", [bare.spec_document()])
+    doc = bare.spec_document()
+    doc["spec"]["postfixDovecot"]["aliasCandidates"] = str(tmp_path / "missing.txt")
+    specs = world.write(tmp_path / "specs", [doc])
     done = cli(world, specs, tmp_path / "state.db", "adopt", "--check", "pc")
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
@@ -134,11 +156,24 @@ def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path:
     assert "lacks '='" in out
     assert "cannot read pgsql: maps" in out and "postfix-pgsql" in out
     assert "4 blocker(s); nothing changed" in out
+    assert (f"~ warns: sqlite:{broken}: mailferry cannot list its keys ({broken}: no query "
+            "(and no table/where_field))") in out
+    assert f"({bare.etc}/pgsql-aliases.cf: does not exist (local))" in out
+    assert out.count("fix: list the aliases' addresses") == 2
+    assert (f"~ warns: aliasCandidates {tmp_path}/missing.txt: No such file or directory. "
+            "fix: give a readable UTF-8 file") in out
     # adopt itself refuses the same way: nothing recorded, main.cf as the admin wrote it
     done = cli(world, specs, tmp_path / "state.db", "adopt", "pc")
     assert done.returncode == 1 and "adoption refused" in done.stderr
     assert bare.admin_files() == before
     assert not (bare.state_dir / "adoption.json").exists()
+    # a .cf Postfix itself cannot parse: postconf is fatal, a blocker naming its line
+    broken.write_text("dbpath = /nonexistent.sqlite\nSELECT goto FROM alias\n")
+    done = cli(world, specs, tmp_path / "state.db", "adopt", "--check", "pc")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{broken}, line 2: missing '=' after attribute name" in done.stdout
+    assert "fix: correct what Postfix names" in done.stdout
+    assert "1 blocker(s); nothing changed" in done.stdout
     shutil.rmtree(bare.root, ignore_errors=True)
 
 
@@ -204,7 +239,17 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
         done = cli(world, specs, state, "adopt", name)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"{name}: adopted; fed knows its" in done.stdout
-    assert "sqlite-aliases.cf: a sqlite map cannot be listed" in done.stdout
+    # pb's SQL aliases: the keys of both tables, read from the db its .cf files name
+    assert f"sqlite:{pb.etc}/sqlite-aliases.cf: 3 key(s) in alias (address)" in done.stdout
+    assert (f"sqlite:{pb.etc}/sqlite-forwards.cf: 1 key(s) in forward (local @ domain)"
+            in done.stdout)
+    # the third map's query is not a plain lookup: a warning with its fix, not a blocker;
+    # the aliasCandidates file's addresses are asked of it (unlisted@ is in no list: missed)
+    assert (f"~ warns: sqlite:{pb.etc}/sqlite-extra.cf: mailferry cannot list its keys "
+            f"({pb.etc}/sqlite-extra.cf: the condition \"lower(address) = lower('%s')\"" in
+            done.stdout), done.stdout
+    assert "fix: list the aliases' addresses, one a line, in a file and name it in " \
+        "postfixDovecot.aliasCandidates" in done.stdout
     main_cf = (pa.etc / "main.cf").read_text()
     assert f"virtual_alias_maps = hash:{pa.state_dir}/virtual_alias, hash:{pa.etc}/virtual" \
         in main_cf
@@ -216,6 +261,13 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     boxes = imported["spec"]["mailboxes"]
     assert [b["address"] for b in boxes] == list(USERS_A)
     assert boxes[0] == {"address": "u01@corp.example", "aliases": ["info.u01@corp.example"]}
+    imported_b = yaml.safe_load((specs / "imported-pb.yaml").read_text())
+    boxes_b = imported_b["spec"]["mailboxes"]
+    # Postfix decided each key: old.b03 (active = 0) is none, desk@ (two targets) a list;
+    # support@ came from aliasCandidates (nobody@ there is in no map: nothing)
+    assert boxes_b == [{"address": "b01@corp.example", "aliases": ["sales@corp.example"]},
+                       {"address": "b02@corp.example", "aliases": ["help@corp.example"]},
+                       {"address": "b03@corp.example", "aliases": ["support@corp.example"]}]
     done = cli(world, specs, state, "--plan")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "No changes" in done.stdout and "23 mailboxes" in done.stdout
@@ -235,24 +287,31 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     source = engine.drivers["pa"]
     assert isinstance(source, AdoptedPostfixDovecotDriver)
     old = {u: seed(source, mailbox_id_for(u), u) for u in MOVING}
+    old.update({u: seed(engine.drivers["pb"], mailbox_id_for(u), u)  # type: ignore[arg-type]
+                for u in MOVING_B})
     for n, user in enumerate(MOVING):
         send(fed_port, user, f"<before{n}@outside.example>")
     send(pa.smtp_port, "team@corp.example", "<team0@corp.example>", "u15@corp.example")
     wait_for(lambda: all(message_ids(pa, u)[f"<before{n}@outside.example>"] == 1
                          for n, u in enumerate(MOVING)), what="mail before the move in BOX1")
-    # -- move ten users pa -> pb while mail flows ------------------------------------------
+    # -- move ten users pa -> pb, and b01, b02 pb -> pa, while mail flows -----------------
     pol = policy("move", deleteSource="never")
     stay = dict(imported, spec={**imported["spec"], "mailboxes": boxes[10:]})
     wave = placement("wave", "pb", boxes[:10], policy_name="move")
-    moved_specs = world.write(tmp_path / "moved", [pol, stay, wave])
-    (moved_specs / "imported-pb.yaml").write_text((specs / "imported-pb.yaml").read_text())
+    stay_b = dict(imported_b, spec={**imported_b["spec"], "mailboxes": boxes_b[2:]})
+    wave_b = placement("wave-b", "pa", boxes_b[:2], policy_name="move")
+    moved_specs = world.write(tmp_path / "moved", [pol, stay, wave, stay_b, wave_b])
     engine = world.engine(moved_specs, f"sqlite:///{state}")
     outside = Senders("out", [(fed_port, u) for u in MOVING]
-                      + [(fed_port, f"info.{u}") for u in MOVING[:3]], 40)
-    local_a = Senders("loca", [(pa.smtp_port, u) for u in MOVING], 20)
-    # pb's own users keep mailing each other (and their SQL alias) while its overlay changes
+                      + [(fed_port, f"info.{u}") for u in MOVING[:3]]
+                      + [(fed_port, "sales@corp.example"), (fed_port, "help@corp.example")],
+                      45)
+    local_a = Senders("loca", [(pa.smtp_port, u) for u in (*MOVING, *MOVING_B)], 24)
+    # pb's users keep mailing each other and the SQL aliases while its overlay changes
     local_b = Senders("locb", [(pb.smtp_port, u) for u in USERS_B]
-                      + [(pb.smtp_port, "sales@corp.example")], 16)
+                      + [(pb.smtp_port, "sales@corp.example"),
+                         (pb.smtp_port, "help@corp.example"),
+                         (pb.smtp_port, "desk@corp.example")], 21)
     senders = (outside, local_a, local_b)
     for sender in senders:
         sender.start()
@@ -270,6 +329,8 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     send(pa.smtp_port, "info.u02@corp.example", "<after.alias@corp.example>",
          "u15@corp.example")
     send(pb.smtp_port, "u03@corp.example", "<after.pb@corp.example>", "b01@corp.example")
+    # b01's SQL alias on pb, its old system: to the new mailbox on pa, through fed
+    send(pb.smtp_port, "sales@corp.example", "<after.sales@corp.example>", "b03@corp.example")
     # pb's local user writes to a colleague still on pa: accepted, relayed through fed
     send(pb.smtp_port, "u15@corp.example", "<to.u15@corp.example>", "b01@corp.example")
     wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain", timeout=40)
@@ -280,16 +341,21 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     expected: dict[str, Counter[str]] = {u: Counter() for u in (*USERS_A, *USERS_B)}
     for n, user in enumerate(MOVING):
         expected[user].update([*old[user], f"<before{n}@outside.example>"])
+    for user in MOVING_B:
+        expected[user].update(list(old[user]))
     for mid, rcpt in outside.acked + local_a.acked + local_b.acked:
-        rcpt = "b01@corp.example" if rcpt == "sales@corp.example" else rcpt
-        expected[rcpt.removeprefix("info.")][mid] += 1
+        for user in LISTS.get(rcpt, (ALIAS_OF.get(rcpt, rcpt),)):
+            expected[user][mid] += 1
     expected["u01@corp.example"].update(["<team0@corp.example>", "<after.pa@corp.example>"])
     expected["u02@corp.example"].update(["<team0@corp.example>", "<after.alias@corp.example>"])
     expected["u03@corp.example"]["<after.pb@corp.example>"] += 1
+    expected["b01@corp.example"]["<after.sales@corp.example>"] += 1
+    where = {**{u: (pb, mailbox_id_for(u)) for u in MOVING},
+             **{u: (pa, mailbox_id_for(u)) for u in MOVING_B}, USERS_B[2]: (pb, USERS_B[2])}
     lost, duplicated, misplaced = [], [], []
     every = Counter[str]()
-    for user in (*MOVING, *USERS_B):
-        found = message_ids(pb, mailbox_id_for(user) if user in MOVING else user)
+    for user, (host, box) in where.items():
+        found = message_ids(host, box)
         every.update(found)
         for mid, count in expected[user].items():
             if found[mid] < count:
@@ -299,10 +365,11 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
         misplaced += [f"{mid} in {user}" for mid in found if mid not in expected[user]]
     assert (lost, duplicated, misplaced) == ([], [], [])
     assert sum(every.values()) == sum(sum(c.values()) for u, c in expected.items()
-                                      if u in MOVING or u in USERS_B)
+                                      if u in where)
     # BOX1 got nothing after the flip (E9's redirect and the transport through fed)
     for mid in ("<after.pa@corp.example>", "<after.alias@corp.example>"):
         assert all(message_ids(pa, u)[mid] == 0 for u in MOVING)
+    assert message_ids(pb, "b01@corp.example")["<after.sales@corp.example>"] == 0
     # old mail byte-identical on the target
     target = engine.drivers["pb"]
     for user in MOVING:
@@ -311,6 +378,13 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
         assert {mid: copied.get(mid) for mid in old[user]} == old[user]
         assert engine.fed.lookup(user) == physical_address("pb", box)
         assert engine.fed.lookup(f"info.{user}") == physical_address("pb", box)
+    for user in MOVING_B:
+        box = mailbox_id_for(user)
+        copied = stored(engine.drivers["pa"], box)
+        assert {mid: copied.get(mid) for mid in old[user]} == old[user]
+    for alias, user in (("sales@corp.example", "b01@corp.example"),
+                        ("help@corp.example", "b02@corp.example")):
+        assert engine.fed.lookup(alias) == physical_address("pa", mailbox_id_for(user))
     # the admin's tables were never rewritten
     assert pa.admin_files() == {**before["pa"], str(pa.etc / "main.cf"):
                                 pa.admin_files()[str(pa.etc / "main.cf")]}
@@ -321,6 +395,8 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     assert done.returncode == 1 and "10 mailbox(es) mailferry created" in done.stderr
     assert "pb.invalid" in (pb.etc / "main.cf").read_text()  # refused: nothing changed
     done = cli(world, moved_specs, state, "release", "pa")
+    assert done.returncode == 1 and "2 mailbox(es) mailferry created" in done.stderr
+    done = cli(world, moved_specs, state, "release", "pa", "--force")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "transport (mailferry's overlay, in flight)" in done.stdout  # the ten redirects
     assert "+++ postconf -n (now)" not in done.stdout  # postconf -n as at adoption
@@ -331,5 +407,8 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     assert pb.admin_files() == before["pb"]
     # released: the systems are the admin's again (pa delivers u01 to BOX1 by its own maps)
     send(pa.smtp_port, "u01@corp.example", "<released@corp.example>", "u15@corp.example")
-    wait_for(lambda: message_ids(pa, "u01@corp.example")["<released@corp.example>"] == 1,
-             what="pa's own delivery after release")
+    send(pb.smtp_port, "sales@corp.example", "<released.sales@corp.example>",
+         "b03@corp.example")  # and pb's SQL alias by pb's own tables
+    wait_for(lambda: message_ids(pa, "u01@corp.example")["<released@corp.example>"] == 1
+             and message_ids(pb, "b01@corp.example")["<released.sales@corp.example>"] == 1,
+             what="pa's and pb's own deliveries after release")

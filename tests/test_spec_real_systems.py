@@ -162,6 +162,18 @@ def test_remote_host_mistakes_give_file_and_line(here: Path, old: str, new: str,
     assert any(p.startswith(expected) for p in found), found
 
 
+def test_alias_candidates_with_adopt_only(here: Path) -> None:
+    with_list = PF.replace("    stateDir: pf1/mailferry\n", "    stateDir: pf1/mailferry\n"
+                           "    aliasCandidates: pf1/aliases.txt\n")
+    found = problems_of(write_set(here, real_yaml=with_list))
+    assert found == ["real.yaml:9: spec.postfixDovecot.aliasCandidates: only with adopt: "
+                     "true (the addresses to ask the admin's alias maps mailferry cannot "
+                     "list)"], found
+    adopted = with_list.replace("    aliasCandidates:", "    adopt: true\n    aliasCandidates:")
+    options = load_specs(write_set(here, real_yaml=adopted)).systems["pf1"].postfix_dovecot
+    assert options is not None and options.alias_candidates == str(here / "pf1/aliases.txt")
+
+
 def test_passwords_file_format() -> None:
     text = "# comment\n\nFrank@Corp.example  pw with spaces \nbad-line\n"
     assert read_passwords(text) == {"frank@corp.example": "pw with spaces"}

@@ -37,7 +37,9 @@ from pathlib import Path
 
 from reconciler.drivers.base import Account
 from reconciler.drivers.imapstore import ImapLogin, imap_session
+from reconciler.drivers.pfdovecot_keys import AliasKeys, find_alias_keys, read_candidates
 from reconciler.drivers.pfdovecot_learn import (
+    LISTABLE,
     Learned,
     learn,
     map_type,
@@ -66,6 +68,7 @@ class AdoptionCheck:
     system: str
     adds: list[str] = field(default_factory=list)
     blockers: list[str] = field(default_factory=list)  # "what: why. fix: how"
+    warnings: list[str] = field(default_factory=list)  # does not block; "... fix: how"
     notes: list[str] = field(default_factory=list)
     mailboxes: int = 0
 
@@ -77,6 +80,7 @@ class AdoptionCheck:
         out = [f"{self.system}: {self.mailboxes} mailboxes found on the system"]
         out += [f"  + would {a}" for a in self.adds]
         out += [f"  ! blocks: {b}" for b in self.blockers]
+        out += [f"  ~ warns: {w}" for w in self.warnings]
         out += [f"  note: {n}" for n in self.notes]
         out.append(f"{self.system}: " + ("ready to adopt (reconcile adopt "
                                           f"{self.system})" if self.ok else
@@ -149,13 +153,35 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         return {name: [t for t in split_list(values[name]) if t not in ours and ":" in t]
                 for name in OVERLAID}
 
+    def alias_keys(self) -> AliasKeys:
+        """Candidate keys of the admin's alias maps that cannot be listed (`pfdovecot_keys`):
+        from their backing store, and the file aliasCandidates names."""
+        tables = self._admin_tables(self._admin_values())["virtual_alias_maps"]
+        asked = [(t, map_type(t)) for t in tables if map_type(t) not in LISTABLE]
+        given: list[str] = []
+        unread: list[str] = []
+        path = self.options.alias_candidates
+        if asked and path is not None:
+            try:
+                given = read_candidates(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                unread.append(f"aliasCandidates {path}: {getattr(exc, 'strerror', None) or exc}"
+                              ". fix: give a readable UTF-8 file, one address a line")
+        found = find_alias_keys(self.host, asked, self.domains, given)
+        found.warnings[:0] = unread
+        return found
+
     def learn(self) -> Learned:
         """The admin's mailboxes as the servers know them now."""
         tables = self._admin_tables(self._admin_values())
-        return learn(self._run, postfix_dir=self.options.postfix_config_dir,
-                     dovecot_config=self.options.dovecot_config, domains=self.domains,
-                     mailbox_maps=tables["virtual_mailbox_maps"],
-                     alias_maps=tables["virtual_alias_maps"])
+        keys = self.alias_keys()
+        learned = learn(self._run, postfix_dir=self.options.postfix_config_dir,
+                        dovecot_config=self.options.dovecot_config, domains=self.domains,
+                        mailbox_maps=tables["virtual_mailbox_maps"],
+                        alias_maps=tables["virtual_alias_maps"], alias_keys=keys.keys)
+        learned.warnings += keys.warnings
+        learned.notes += keys.notes
+        return learned
 
     # -- checks ---------------------------------------------------------------------------
     def check(self) -> AdoptionCheck:
@@ -164,7 +190,9 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         try:
             self._check_into(result)
         except MailferryError as exc:
-            result.blockers.append(f"{exc}. fix: make the servers answer, then check again")
+            fix = ("correct what Postfix names (postconf must run without a fatal error)"
+                   if "fatal:" in str(exc) else "make the servers answer")
+            result.blockers.append(f"{exc}. fix: {fix}, then check again")
         return result
 
     def _check_into(self, result: AdoptionCheck) -> None:
@@ -205,8 +233,9 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
             result.blockers.append(
                 "Dovecot's auth_username_chars lacks '=': the mailboxes mailferry creates are "
                 "named local=domain. fix: append = to auth_username_chars")
-        if result.blockers:
-            return  # the rest needs a Dovecot that can list its users with the overlay
+        if result.blockers:  # the rest needs a Dovecot that can list its users with the overlay
+            result.warnings += self.alias_keys().warnings  # still worth saying (reads only)
+            return
         if not self.host.exists(passwd):  # mailferry's own file: Dovecot's iteration needs it
             self.host.replace_file(passwd, b"")
         try:
@@ -218,6 +247,7 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
             return
         result.mailboxes = len(learned.mailboxes)
         result.notes += learned.notes
+        result.warnings += learned.warnings
         if learned.mailboxes:
             self._check_master_login(learned.mailboxes[0].user, result)
         wanted = self.wanted_postfix()

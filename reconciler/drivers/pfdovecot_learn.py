@@ -4,7 +4,9 @@ Nothing here writes: it asks Dovecot for its users (``doveadm user '*'``, whatev
 userdb behind it: passwd-file, SQL, LDAP) and their homes, and Postfix for the maps its
 ``virtual_mailbox_maps`` and ``virtual_alias_maps`` name (``postmap -s`` for indexed files,
 which can be listed; ``postmap -q -`` with the candidate addresses on stdin for SQL/LDAP
-maps, which can only be asked). Every command goes through a `Runner`, so that the same code
+maps, which can only be asked: the Dovecot users' addresses, and for alias maps the keys
+`pfdovecot_keys` finds in their database or the admin's list; Postfix's answer decides).
+Every command goes through a `Runner`, so that the same code
 reads a system on this host or on another one.
 
 What comes out (`Learned`): one `AdminMailbox` per Dovecot user whose address Postfix
@@ -55,6 +57,7 @@ class Learned:
     mailboxes: list[AdminMailbox] = field(default_factory=list)
     lists: dict[str, tuple[str, ...]] = field(default_factory=dict)  # alias -> targets
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the admin should fix, with how
 
 
 def split_list(value: str) -> list[str]:
@@ -123,10 +126,12 @@ def _pairs(out: str) -> dict[str, str]:
 
 def learn(run: Runner, *, postfix_dir: str, dovecot_config: str, domains: tuple[str, ...],
           mailbox_maps: list[str], alias_maps: list[str], skip: frozenset[str] = frozenset(),
-          ) -> Learned:
+          alias_keys: dict[str, set[str]] | None = None) -> Learned:
     """The admin's mailboxes: Dovecot's users whose address Postfix delivers.
 
-    `skip`: tables that are mailferry's own overlay (never the admin's state)."""
+    `skip`: tables that are mailferry's own overlay (never the admin's state).
+    `alias_keys`: for alias maps that cannot be listed, the candidate keys to ask Postfix
+    (`pfdovecot_keys`), besides the Dovecot users' addresses."""
     learned = Learned()
     users = list_users(run, dovecot_config)
     domain_set = {d.lower() for d in domains}
@@ -152,10 +157,10 @@ def learn(run: Runner, *, postfix_dir: str, dovecot_config: str, domains: tuple[
         if map_type(table) in LISTABLE:
             for key, value in dump_map(run, postfix_dir, table).items():
                 aliases.setdefault(key, value)
-        else:
-            learned.notes.append(f"{table}: a {map_type(table)} map cannot be listed; its "
-                                 "aliases keep working but are not imported (add them to "
-                                 "the specs by hand)")
+        else:  # Postfix answers for each candidate: its answer decides, not our reading
+            keys = every | (alias_keys or {}).get(table, set())
+            for key, value in query_map(run, postfix_dir, table, keys).items():
+                aliases.setdefault(key, value)
     homes_of = homes(run, dovecot_config, list(candidates))
     by_address: dict[str, AdminMailbox] = {}
     for user, options in candidates.items():

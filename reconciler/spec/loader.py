@@ -415,6 +415,10 @@ class _Loader:
         if driver == "postfix-dovecot":
             box = spec["postfixDovecot"]
             ssh = self.ssh_target(doc, here, box)
+            if "aliasCandidates" in box and not box.get("adopt", False):
+                self.fail(doc, (*here, "aliasCandidates"), "only with adopt: true (the "
+                          "addresses to ask the admin's alias maps mailferry cannot list)",
+                          key_line=True)
 
             def on_host(key: str) -> str:  # a path where Postfix and Dovecot run
                 if ssh is None:
@@ -437,6 +441,8 @@ class _Loader:
                 host=ssh,
                 tables_dir=on_host("tablesDir") if ssh is not None and "tablesDir" in box
                 else None,
+                alias_candidates=self.path_value(box["aliasCandidates"])
+                if "aliasCandidates" in box else None,
             )
             system = replace(common, root=options.state_dir, lmtp=options.lmtp,
                              submission=options.smtp, postfix_dovecot=options)

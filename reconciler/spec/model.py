@@ -122,6 +122,7 @@ class PostfixDovecotOptions:
     adopt: bool = False  # the admin's own system: learn it, overlay what mailferry adds
     host: SshTarget | None = None  # None: Postfix and Dovecot run on this machine
     tables_dir: str | None = None  # on the host: the rendered tables (None: state_dir)
+    alias_candidates: str | None = None  # absolute, here: addresses to ask unlistable maps
 
     @property
     def tables_folder(self) -> str:
