@@ -1,4 +1,4 @@
-"""A local OAuth2 authorization server for tests, on authlib's server side, in a thread on 127.0.0.1.
+"""A local OAuth2 authorization server for tests (authlib's server side), a thread on 127.0.0.1.
 
 What it does: a token endpoint (`/token`) with the refresh_token and client_credentials
 grants (RFC 6749 6 and 4.4) issuing short-lived bearer tokens (`lifetime` seconds, set per

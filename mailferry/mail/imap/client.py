@@ -584,7 +584,10 @@ class ImapClient:
             self._continuation = loop.create_future()
             self._writer.write(response + b"\r\n")
         challenge = self._continuation
-        await asyncio.wait([pending.done, challenge], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[object]] = [
+            cast("asyncio.Future[object]", pending.done),
+            cast("asyncio.Future[object]", challenge)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         detail = ""
         if challenge.done() and not challenge.exception() and not pending.done.done():
             detail = failure_detail(challenge.result()[1:])
