@@ -268,7 +268,7 @@ def test_a_revoked_refresh_token_stops_the_mailbox_with_a_clear_error(
     fill(world, "frank", "INBOX", 3)
     caplog.set_level(logging.DEBUG)
     # the authorization server's own debug lines print what it issues: not ours
-    logging.getLogger("authlib.oauth2").setLevel(logging.WARNING)
+    caplog.set_level(logging.WARNING, logger="authlib.oauth2")
     tokens = world.tokens("frank")
     assert tokens.token()  # it worked once
     world.auth.revoke_refresh(world.refresh["frank"])
@@ -291,7 +291,7 @@ def test_a_revoked_refresh_token_stops_the_mailbox_with_a_clear_error(
 def test_the_imap_driver_logs_each_mailbox_in_with_its_own_refresh_token(
         world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    logging.getLogger("authlib.oauth2").setLevel(logging.WARNING)
+    caplog.set_level(logging.WARNING, logger="authlib.oauth2")
     fill(world, "alice", "Archive", 2)
     lines = tmp_path / "refresh-tokens"
     lines.write_text("# address token\n" + "".join(
