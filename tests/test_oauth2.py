@@ -361,3 +361,22 @@ def test_an_unreachable_token_endpoint_is_temporary(world: World) -> None:
     with pytest.raises(OAuth2Error) as failed:
         tokens.token()
     assert not failed.value.permanent and "failed: ConnectionError" in str(failed.value)
+
+
+def test_the_station_agents_oauth2_settings(tmp_path: Path) -> None:
+    from station_agent.config import ConfigError, load
+    (tmp_path / "rt").write_text("refresh-" + SECRET + "\n")
+    path = tmp_path / "agent.toml"
+    path.write_text('[imap.oauth2]\ntoken_url = "https://login.example/token"\n'
+                    'client_id = "app"\nrefresh_token_file = "rt"\n')
+    settings = load(path)["imap_oauth2"]
+    assert isinstance(settings, OAuth2Settings) and settings.mechanism == "oauthbearer"
+    assert settings.refresh_token is not None and settings.refresh_token() == "refresh-" + SECRET
+    assert settings.client_secret is None and SECRET not in repr(settings)
+    path.write_text('[imap.oauth2]\ntoken_url = "https://login.example/token"\n'
+                    'client_id = "app"\nrefresh_token_file = "rt"\nmechanism = "plain"\n')
+    with pytest.raises(ConfigError, match=r"imap\.oauth2\.mechanism must be"):
+        load(path)
+    path.write_text('[imap.oauth2]\nclient_id = "app"\nrefresh_token_file = "rt"\n')
+    with pytest.raises(ConfigError, match=r"imap\.oauth2\.token_url is missing"):
+        load(path)
