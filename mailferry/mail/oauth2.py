@@ -25,8 +25,9 @@ of a system (the application acts for all of them, the IMAP login names the mail
 refresh tokens it is one per mailbox, each with its own refresh token.
 
 Errors: `OAuth2Error`, with `permanent` set when the endpoint refused the grant or the
-client (`invalid_grant`, `invalid_client`, ...: an admin must act, retrying will not help),
-unset when the endpoint could not be reached or failed (retry later).
+client (`invalid_grant`, `invalid_client`, ...) or a secret could not be read (an admin
+must act, retrying will not help), unset when the endpoint could not be reached or failed
+(retry later).
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class TokenSource:
         except OAuth2Error:
             raise
         except Exception as exc:  # a secret that cannot be read: its reader's message
-            raise OAuth2Error(f"{step}: {exc}", permanent=False) from None
+            # (an admin must fix the file: no retry within this run helps)
+            raise OAuth2Error(f"{step}: {exc}", permanent=True) from None
         session = OAuth2Session(
             s.client_id, secret, scope=s.scope,
             token_endpoint_auth_method="client_secret_post" if secret else "none")
@@ -241,6 +243,9 @@ async def imap_login(client: ImapClient, user: str, tokens: TokenSource) -> None
     refuses a fresh token too."""
     from mailferry.mail.imap.client import ImapCommandError
 
+    if f"AUTH={tokens.mechanism.upper()}" not in client.capabilities:
+        raise ImapCommandError("AUTHENTICATE", "NO", f"the server does not offer "
+                               f"AUTH={tokens.mechanism.upper()}")
     token = await asyncio.to_thread(tokens.token)
     try:
         await client.login_oauth(user, token, mechanism=tokens.mechanism)
