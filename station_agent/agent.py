@@ -43,6 +43,7 @@ from typing import Any
 
 from mailferry import secretfile
 from mailferry.mail.backoff import backoff
+from mailferry.mail.oauth2 import OAuth2Settings, tokens_for
 from station_agent import checks, imapupload, localdata
 from station_agent.client import ApiRefused, ApiUnreachable, StationApiClient
 from station_agent.clients import ClientError, JsonProfile, MailClient, Target, Thunderbird
@@ -76,6 +77,8 @@ class AgentConfig:
     imap_user: str | None = None
     imap_password_file: Path | None = None
     ca_file: str | None = None
+    # [imap.oauth2]: log in to the new IMAP server with a bearer token instead of a password
+    imap_oauth2: OAuth2Settings | None = None
     cleanup_delay: float = 0.0
     pop3_folders: str = "account"  # account | merge: where a POP3 account's folders go
 
@@ -283,6 +286,11 @@ class Agent:
     # -- E30-E33 ------------------------------------------------------------------------
     def _imap_account(self, target: Target, address: str) -> imapupload.ImapAccount | None:
         """The user's login on the target's IMAP server, if it has one and we have it."""
+        if target.imap is not None and self.config.imap_oauth2 is not None:
+            return imapupload.ImapAccount(
+                target.imap.host, target.imap.port, target.imap.tls,
+                self.config.imap_user or address, "", self.config.ca_file,
+                oauth=tokens_for(self.config.imap_oauth2, where="IMAP login: "))
         password = self.config.imap_password()
         if target.imap is None or not password:
             return None

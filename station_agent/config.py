@@ -21,6 +21,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from mailferry import secretfile
+from mailferry.mail.oauth2 import MECHANISMS, OAuth2Settings
+
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or wrong."""
@@ -79,6 +82,8 @@ def load(path: Path) -> dict[str, Any]:
                                                 path), base)
     if imap.get("ca_file"):
         out["ca_file"] = str(expand(_str(imap["ca_file"], "imap.ca_file", path), base))
+    if "oauth2" in imap:
+        out["imap_oauth2"] = _oauth2(_table(imap, "oauth2", path), path, base)
     for key in ("retries",):
         if key in switch:
             out[key] = int(_num(switch[key], f"switch.{key}", path))
@@ -88,6 +93,32 @@ def load(path: Path) -> dict[str, Any]:
     if "min_free_mb" in checks:
         out["min_free_mb"] = int(_num(checks["min_free_mb"], "checks.min_free_mb", path))
     return out
+
+
+def _oauth2(box: dict[str, Any], path: Path, base: Path) -> OAuth2Settings:
+    """[imap.oauth2]: token_url, client_id, refresh_token_file, optional client_secret_file,
+    scope, mechanism (oauthbearer by default), ca_file; secrets only as files."""
+    for key in ("token_url", "client_id", "refresh_token_file"):
+        if not box.get(key):
+            raise ConfigError(f"{path}: imap.oauth2.{key} is missing")
+    mechanism = _str(box.get("mechanism", "oauthbearer"), "imap.oauth2.mechanism", path)
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"{path}: imap.oauth2.mechanism must be \"oauthbearer\" or "
+                          f"\"xoauth2\", not {mechanism!r}")
+    refresh = expand(_str(box["refresh_token_file"], "imap.oauth2.refresh_token_file", path),
+                     base)
+    secret = expand(_str(box["client_secret_file"], "imap.oauth2.client_secret_file", path),
+                    base) if box.get("client_secret_file") else None
+    ca = box.get("ca_file")
+    return OAuth2Settings(
+        token_url=_str(box["token_url"], "imap.oauth2.token_url", path),
+        client_id=_str(box["client_id"], "imap.oauth2.client_id", path),
+        client_secret=(lambda: secretfile.read_file(secret, "OAuth2 client secret"))
+        if secret is not None else None,
+        refresh_token=lambda: secretfile.read_file(refresh, "OAuth2 refresh token"),
+        scope=_str(box["scope"], "imap.oauth2.scope", path) if box.get("scope") else None,
+        mechanism=mechanism, refresh_ref=str(refresh),
+        cafile=str(expand(_str(ca, "imap.oauth2.ca_file", path), base)) if ca else None)
 
 
 def _table(data: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
@@ -143,6 +174,13 @@ pop3_folders = "account"
 # user = {q(address)}
 password_file = "imap.password"
 # ca_file = ""                    # a private CA for the new servers' TLS certificates
+# Or a bearer token instead of the password (SASL OAUTHBEARER; docs/oauth2.md):
+# [imap.oauth2]
+# token_url = "https://login.microsoftonline.com/TENANT/oauth2/v2.0/token"
+# client_id = "..."
+# refresh_token_file = "imap.refresh-token"
+# scope = "https://outlook.office.com/IMAP.AccessAsUser.All offline_access"
+# mechanism = "oauthbearer"       # or "xoauth2"
 
 [switch]
 retries = 3                       # retries of a failed switch test (E32)

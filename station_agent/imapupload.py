@@ -40,6 +40,7 @@ from mailferry.mail.imap.blocking import BlockingImap, Tls
 from mailferry.mail.imap.client import ImapCommandError, ImapTlsError
 from mailferry.mail.imap.client import ImapError as ClientError
 from mailferry.mail.imap.quoting import quote
+from mailferry.mail.oauth2 import OAuth2Error, TokenSource
 from station_agent.localdata import LocalMessage, Manifest, valid_keyword
 
 log = logging.getLogger("station_agent")
@@ -63,6 +64,10 @@ class ImapAccount:
     user: str
     password: str
     ca_file: str | None = None
+    oauth: TokenSource | None = None  # a bearer token instead of the password (OAUTHBEARER)
+
+    def __repr__(self) -> str:  # never the password
+        return f"ImapAccount({self.user}@{self.host}:{self.port})"
 
 
 def _mode(tls: str) -> Tls:
@@ -88,10 +93,17 @@ def connect(account: ImapAccount, timeout: float = IMAP_TIMEOUT) -> BlockingImap
     except ClientError as exc:
         raise ImapError(f"{where} connect failed: {_text(exc, where)}") from None
     try:
-        conn.login(account.user, account.password)
+        if account.oauth is not None:
+            conn.login_oauth(account.user, account.oauth)
+        else:
+            conn.login(account.user, account.password)
     except ClientError as exc:
         conn.logout()
-        raise ImapError(f"{where} LOGIN failed: {_text(exc, where)}") from None
+        how = f"AUTHENTICATE {account.oauth.mechanism.upper()}" if account.oauth else "LOGIN"
+        raise ImapError(f"{where} {how} failed: {_text(exc, where)}") from None
+    except OAuth2Error as exc:  # no token: the endpoint and the step, never a secret
+        conn.logout()
+        raise ImapError(f"{where} login: no OAuth2 token: {exc}") from None
     return conn
 
 

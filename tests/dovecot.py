@@ -70,7 +70,8 @@ class Dovecot:
 
     def __init__(self, root: Path, name: str, users: dict[str, str], *,
                  master: tuple[str, str] | None = None, separator: str = "/",
-                 prefix: str = "", tls: tuple[Path, Path] | None = None) -> None:
+                 prefix: str = "", tls: tuple[Path, Path] | None = None,
+                 oauth2: tuple[str, str, str] | None = None) -> None:
         self.dir = root / name
         self.name = name
         self.users = dict(users)
@@ -78,6 +79,9 @@ class Dovecot:
         self.separator = separator
         self.prefix = prefix
         self.tls = tls  # (certificate, key) PEM files: offer STARTTLS with them
+        # (introspection URL, client id, client secret): XOAUTH2 and OAUTHBEARER logins,
+        # tokens checked at that RFC 7662 endpoint (Dovecot's passdb oauth2)
+        self.oauth2 = oauth2
         self.port = free_port()
         self.uid, self.gid = _mail_ids()
         self.conf = self.dir / "dovecot.conf"
@@ -108,7 +112,7 @@ listen = 127.0.0.1
 log_path = {d / 'dovecot.log'}
 {self._ssl()}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+{self._auth()}
 first_valid_uid = {self.uid}
 last_valid_uid = {self.uid}
 mail_location = maildir:~/Maildir
@@ -130,8 +134,9 @@ namespace inbox {{
     special_use = \\Trash
   }}
 }}
-{master}passdb {{
+{master}{self._oauth2_passdb()}passdb {{
   driver = passwd-file
+{"  mechanisms = plain login" if self.oauth2 else ""}
   args = scheme=PLAIN username_format=%u {d / 'users'}
 }}
 userdb {{
@@ -148,6 +153,32 @@ service imap-login {{
   }}
 }}
 """)
+
+    def _auth(self) -> str:
+        if self.oauth2 is None:
+            return "auth_mechanisms = plain login"
+        # No failure delay and no per-IP penalty: a refused token is a step of the tests,
+        # not an attack, and must not slow the next login.
+        # (The penalty is anvil's: Dovecot's documented way off is its socket's mode 0.)
+        return ("auth_mechanisms = plain login xoauth2 oauthbearer\nauth_failure_delay = 0\n"
+                "service anvil {\n  unix_listener anvil-auth-penalty {\n    mode = 0\n  }\n}")
+
+    def _oauth2_passdb(self) -> str:
+        """Dovecot 2.3's passdb oauth2: every token POSTed (introspection_mode = post) to
+        the introspection endpoint with the client's credentials in the URL; the answer's
+        `username` must be the login's user and `active` true."""
+        if self.oauth2 is None:
+            return ""
+        url, client, secret = self.oauth2
+        scheme, _, rest = url.partition("://")
+        conf = self.dir / "oauth2.conf.ext"
+        conf.write_text(f"introspection_mode = post\n"
+                        f"introspection_url = {scheme}://{client}:{secret}@{rest}\n"
+                        f"username_attribute = username\nactive_attribute = active\n"
+                        f"active_value = true\ntimeout_msecs = 10000\n")
+        conf.chmod(0o600)
+        return (f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n"
+                f"  args = {conf}\n}}\n")
 
     def _ssl(self) -> str:
         if self.tls is None:

@@ -177,3 +177,48 @@ def test_alias_candidates_with_adopt_only(here: Path) -> None:
 def test_passwords_file_format() -> None:
     text = "# comment\n\nFrank@Corp.example  pw with spaces \nbad-line\n"
     assert read_passwords(text) == {"frank@corp.example": "pw with spaces"}
+
+
+OAUTH = PF.replace("""    login: per-user
+    passwords: {file: secrets/old-passwords}
+""", """    login: oauth2
+    oauth2:
+      tokenUrl: https://login.microsoftonline.com/tenant/oauth2/v2.0/token
+      clientId: 0c0ffee0-app
+      clientSecret: {env: OLD_OAUTH_SECRET}
+      refreshTokens: {file: secrets/old-refresh-tokens}
+      scope: https://outlook.office.com/IMAP.AccessAsUser.All offline_access
+""")
+
+
+def test_oauth2_login_loads_with_references(here: Path) -> None:
+    old = load_specs(write_set(here, real_yaml=OAUTH)).systems["old"].imap
+    assert old is not None and old.login == "oauth2" and old.oauth2 is not None
+    o = old.oauth2
+    assert o.grant == "refresh_token" and o.mechanism == "xoauth2" and o.refresh_token is None
+    assert o.client_secret == SecretRef(env="OLD_OAUTH_SECRET")
+    assert o.refresh_tokens == SecretRef(file=str(here / "secrets" / "old-refresh-tokens"))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("login: oauth2\n    oauth2:\n", "login: per-user\n    passwords: {file: p}\n    oauth2:\n"),
+     "real.yaml:27: spec.imap.oauth2: only with login: oauth2 (login is 'per-user')"),
+    (("      refreshTokens: {file: secrets/old-refresh-tokens}\n", ""),
+     "real.yaml:26: spec.imap.oauth2: grant refresh_token needs one of refreshToken (one "
+     "for every mailbox) or refreshTokens (a file of 'address token' lines)"),
+    (("tokenUrl: https://login", "tokenUrl: http://login"),
+     "real.yaml:27: spec.imap.oauth2.tokenUrl: must be https:// (the client secret and the "
+     "tokens travel in it); http:// only for 127.0.0.1 or localhost"),
+    (("      scope:", "      grant: client_credentials\n      scope:"),
+     "real.yaml:30: spec.imap.oauth2.refreshTokens: only with grant: refresh_token"),
+    (("      scope:", "      mechanism: plain\n      scope:"),
+     "real.yaml:31: spec.imap.oauth2.mechanism: 'plain' is not one of"),
+    (("clientSecret: {env: OLD_OAUTH_SECRET}", "clientSecret: s3cr3t-literal"),
+     "real.yaml:29: spec.imap.oauth2.clientSecret: must be {env: VARIABLE} or {file: path}; "
+     "never write the client secret itself in the specs"),
+])
+def test_bad_oauth2_settings_name_file_and_line(here: Path, change: tuple[str, str],
+                                                expected: str) -> None:
+    found = problems_of(write_set(here, real_yaml=OAUTH.replace(*change)))
+    assert len(found) == 1 and found[0].startswith(expected), found
+    assert "s3cr3t-literal" not in found[0]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 # The address vocabulary of this interface comes from the one parser (re-exported for the
 # drivers and their callers).
 from mailferry.mail.addresses import PHYSICAL_TLD, mailbox_id_for, physical_address, split_physical
+from mailferry.mail.oauth2 import TokenSource
 
 __all__ = ["PHYSICAL_TLD", "Account", "Contact", "DeliveryEndpoint", "ImapAccount",
            "MailSystemDriver",
@@ -62,6 +63,9 @@ class ImapAccount:
     tls: bool | str = False
     cafile: str | None = None  # CA bundle for the server's certificate (else system roots)
     system: str = ""  # the mail system's name, for messages
+    # OAuth2 instead of the password: a bearer token from this source (XOAUTH2 or
+    # OAUTHBEARER, `mailferry.mail.oauth2`), fetched and refreshed at each login
+    oauth: TokenSource | None = None
 
     @property
     def where(self) -> str:

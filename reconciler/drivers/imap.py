@@ -10,8 +10,11 @@ address moved. So this driver:
   specs first place an address on this system) records the address after proving the
   mailbox exists, by logging in to it; that registry is what up-sync sends fed;
 - logs in per mailbox, either with a master/admin user (SASL PLAIN with the mailbox's login
-  as authorization identity: Dovecot master users, Cyrus admins) or with each mailbox's own
-  password from a secrets file of ``address password`` lines (never in the specs);
+  as authorization identity: Dovecot master users, Cyrus admins), with each mailbox's own
+  password from a secrets file of ``address password`` lines (never in the specs), or with
+  an OAuth2 bearer token (`login: oauth2`: XOAUTH2 or OAUTHBEARER, tokens from the
+  provider's token endpoint for one refresh token, one per mailbox from a file of
+  ``address refresh-token`` lines, or the application's client credentials; docs/oauth2.md);
 - reads and writes mail over IMAP (`imapstore`), so it could even be a target;
 - records but cannot enforce redirects: BOX1 -> BOX2 after E9 only helps if the old
   system's MX or forwarding points at fed, which is the admin's part (the docs say so);
@@ -31,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from mailferry.mail.oauth2 import OAuth2Settings, TokenSource, tokens_for
 from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
@@ -51,7 +55,7 @@ from reconciler.drivers.imapstore import (
 from reconciler.drivers.pfdovecot_tables import Tables
 from reconciler.errors import MailferryError, PermanentError, TemporaryError
 from reconciler.secrets import resolve
-from reconciler.spec.model import ImapOptions
+from reconciler.spec.model import ImapOptions, SecretRef
 
 T = TypeVar("T")
 
@@ -67,6 +71,20 @@ def read_passwords(text: str) -> dict[str, str]:
         if password.strip():
             found[address.strip().lower()] = password.strip()
     return found
+
+
+def _line_for(ref: SecretRef, address: str, what: str) -> str:
+    """The secret of `address` in a file of ``address secret`` lines named by `ref` (the
+    file itself, or a variable holding its path); the error never shows a secret."""
+    path = ref.file if ref.file is not None else os.environ.get(ref.env or "", "")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MailferryError(f"{what}s file {path!r}: {exc.strerror}") from None
+    secret = read_passwords(text).get(address.lower())
+    if secret is None:
+        raise MailferryError(f"no {what} for {address} in the {what}s file")
+    return secret
 
 
 class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
@@ -92,6 +110,8 @@ class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
         login = self.options.login_format.format(address=address, local=local, domain=domain)
         if self.options.login == "per-user":
             return ImapLogin(login, lambda: self._user_password(address))
+        if self.options.login == "oauth2":
+            return ImapLogin(login, lambda: "", oauth=self._tokens(address))
         master = self.options.master
         if master is None:
             raise PermanentError(f"{self.name}: login: master needs masterUser")
@@ -109,15 +129,33 @@ class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
         ref = self.options.passwords
         if ref is None:
             raise MailferryError("login: per-user needs a passwords file")
-        path = ref.file if ref.file is not None else os.environ.get(ref.env or "", "")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise MailferryError(f"passwords file {path!r}: {exc.strerror}") from None
-        password = read_passwords(text).get(address.lower())
-        if password is None:
-            raise MailferryError(f"no password for {address} in the passwords file")
-        return password
+        return _line_for(ref, address, "password")
+
+    def _tokens(self, address: str) -> TokenSource:
+        """The token cache of this mailbox's logins (login: oauth2): with client credentials
+        or one refreshToken, one for the whole system; with refreshTokens, one per mailbox
+        (its line of that file, read at each refresh)."""
+        o = self.options.oauth2
+        if o is None:
+            raise PermanentError(f"{self.name}: login: oauth2 needs oauth2 settings")
+        what = f"{self.name} OAuth2"
+        secret_ref = o.client_secret
+        single, per_box = o.refresh_token, o.refresh_tokens
+        refresh: Callable[[], str] | None = None
+        key = ""
+        if o.grant == "refresh_token" and single is not None:
+            refresh, key = (lambda: resolve(single, what=f"{what} refresh token")), \
+                f"{single.env or single.file}"
+        elif o.grant == "refresh_token" and per_box is not None:
+            refresh = lambda: _line_for(per_box, address, "refresh token")  # noqa: E731
+            key = f"{per_box.env or per_box.file}#{address.lower()}"
+        settings = OAuth2Settings(
+            token_url=o.token_url, client_id=o.client_id, grant=o.grant,
+            client_secret=(lambda: resolve(secret_ref, what=f"{what} client secret"))
+            if secret_ref is not None else None,
+            refresh_token=refresh, scope=o.scope, mechanism=o.mechanism, cafile=o.cafile,
+            refresh_ref=key)
+        return tokens_for(settings, where=f"{self.name}: ")
 
     def _imap(self, mailbox_id: str, fn: Callable[[ImapSession], T],
               address: str | None = None) -> T:

@@ -8,7 +8,8 @@ stores a message with both, which is all the data mover needs.
 Logins: a *master* login authenticates with SASL PLAIN as an admin user and names the
 mailbox's login as the authorization identity (RFC 4616), which is how Dovecot master users
 and Cyrus admins read any mailbox without its password; a *per-user* login uses the mailbox's
-own password (AUTHENTICATE PLAIN when offered, else LOGIN). A refused login is a
+own password (AUTHENTICATE PLAIN when offered, else LOGIN); an *oauth2* login sends a bearer
+token (XOAUTH2 or OAUTHBEARER) from `mailferry.mail.oauth2`'s cache. A refused login is a
 TemporaryError that says which server, which login and that the credentials were refused: the
 migration waits for an admin to fix the referenced secret, and picks it up on the next attempt
 (secrets are read at every login).
@@ -37,6 +38,7 @@ from mailferry.mail.imap.client import ImapCommandError, ImapError, ImapTlsError
 from mailferry.mail.imap.dates import epoch_of
 from mailferry.mail.imap.quoting import quote
 from mailferry.mail.messageid import message_id_of
+from mailferry.mail.oauth2 import OAuth2Error, TokenSource
 from reconciler.drivers.base import ImapAccount, StoredMessage, content_sha256
 from reconciler.errors import PermanentError, TemporaryError
 
@@ -51,6 +53,8 @@ class ImapLogin:
     login: str
     password: Callable[[], str]  # read at every login (secrets by reference, invariant 7)
     master_user: str | None = None  # SASL PLAIN authcid; `login` is then the authzid
+    # OAuth2 instead: a bearer token for `login` from this source (`password` unused)
+    oauth: TokenSource | None = None
 
 
 class ImapSession:
@@ -215,6 +219,8 @@ class ImapSession:
 def _login_refused(where: str, login: ImapLogin, exc: ImapCommandError) -> TemporaryError:
     who = (f"master user {login.master_user!r} for {login.login!r}"
            if login.master_user else f"{login.login!r}")
+    if login.oauth is not None:
+        who += f" with an OAuth2 token ({login.oauth.mechanism.upper()})"
     return TemporaryError(f"{where}: login as {who} refused (bad credentials?): "
                           f"{exc.status} {exc.text}")
 
@@ -230,13 +236,17 @@ def imap_session(host: str, port: int, tls: str, login: ImapLogin, *,
         raise TemporaryError(f"{where} unreachable: {exc}") from exc
     try:
         try:
-            password = login.password()
-            if login.master_user is not None:
-                conn.login(login.master_user, password, authorize_as=login.login)
+            if login.oauth is not None:
+                conn.login_oauth(login.login, login.oauth)
+            elif login.master_user is not None:
+                conn.login(login.master_user, login.password(), authorize_as=login.login)
             else:
-                conn.login(login.login, password)
+                conn.login(login.login, login.password())
         except ImapCommandError as exc:
             raise _login_refused(where, login, exc) from exc
+        except OAuth2Error as exc:  # no token: the step and the endpoint, never a secret
+            raise TemporaryError(f"{where}: login as {login.login!r}: no OAuth2 token: "
+                                 f"{exc}") from None
         except Exception as exc:  # a secret that cannot be read: same wait, clear message
             if isinstance(exc, TemporaryError):
                 raise
@@ -260,7 +270,11 @@ def _mode(tls: str) -> Tls:
 def imap_account(host: str, port: int, tls: str, login: ImapLogin, *,
                  system: str, cafile: str | None = None) -> ImapAccount:
     """The same login for the data mover's pipelined client (`mover.endpoints`): what makes
-    the engine's copies between IMAP systems fast. The secret is read now, as at a login."""
+    the engine's copies between IMAP systems fast. The secret is read now, as at a login
+    (a token is fetched at each of the mover's logins instead)."""
+    if login.oauth is not None:
+        return ImapAccount(host, port, login.login, "", tls=tls, system=system, cafile=cafile,
+                           oauth=login.oauth)
     try:
         password = login.password()
     except TemporaryError:

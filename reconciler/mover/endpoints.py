@@ -18,7 +18,10 @@ Credentials: `ImapAccount` (in `reconciler.drivers.base`, the drivers give it) h
 password resolved from a reference (environment variable or file) by the caller, never read
 from the specs; `authorize_as` logs in as an admin or master user on behalf of the mailbox's
 owner (SASL PLAIN authorization id, what Dovecot master users, Cyrus admins and Zimbra
-admins accept).
+admins accept). Or, with `oauth`, a bearer token (XOAUTH2 or OAUTHBEARER) from the one
+token cache (`mailferry.mail.oauth2`): each login takes a token valid for a while yet, so a
+mailbox retried after its token expired (a reconnect mid-copy) logs in with a fresh one
+and resumes from the manifest; a refused token is replaced once.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mailferry.mail import oauth2
 from mailferry.mail.imap import flags as maildir_flags
 from mailferry.mail.imap import mutf7
 from mailferry.mail.imap.client import (
     Digest,
     ImapClient,
     ImapCommandError,
+    ImapConnectionError,
     ImapError,
     ImapLoginError,
     Literal,
@@ -259,25 +264,35 @@ class ImapEndpoint:
             raise type(exc)(f"{a.system}: {exc}") from exc
         early: list[Pending] | None = None
         try:
-            # The login alone (RFC 3501 5.5: nothing behind a state-changing command until
-            # it completes; Cyrus answers BAD to what follows AUTHENTICATE and loses the
-            # command after that), then NAMESPACE and the folder LIST in one write.
-            started = await client.start_login(
-                a.user, a.password, authorize_as=a.authorize_as,
-                then=[(b"NAMESPACE", "NAMESPACE"), (_LIST_ALL.encode(), "LIST")])
+            started: list[Pending] | None = None
+            if a.oauth is None:
+                # The login alone (RFC 3501 5.5: nothing behind a state-changing command until
+                # it completes; Cyrus answers BAD to what follows AUTHENTICATE and loses
+                # the command after that), then NAMESPACE and the folder LIST in one write.
+                started = await client.start_login(
+                    a.user, a.password, authorize_as=a.authorize_as,
+                    then=[(b"NAMESPACE", "NAMESPACE"), (_LIST_ALL.encode(), "LIST")])
             early = started[1:] if started is not None else None  # NAMESPACE, LIST
             try:
-                if started is None:
+                if a.oauth is not None:  # a bearer token; NAMESPACE and LIST asked below
+                    await oauth2.imap_login(client, a.user, a.oauth)
+                elif started is None:
                     await client.login(a.user, a.password, authorize_as=a.authorize_as)
                 else:
                     await client.finish_login(started[0])
+            except oauth2.OAuth2Error as exc:
+                # No token: a refused grant needs an admin (no retry), an endpoint that did
+                # not answer is retried like a broken connection.
+                kind = ImapLoginError if exc.permanent else ImapConnectionError
+                raise kind(f"{a.where}: login as {a.user!r}: no OAuth2 token: {exc}") from None
             except ImapCommandError as exc:
                 if "[UNAVAILABLE]" in exc.text.upper():
                     raise  # the server's auth backend is down: worth a retry
                 who = (f"master user {a.user!r} for {a.authorize_as!r}" if a.authorize_as
                        else repr(a.user))
-                raise ImapLoginError(f"{a.where}: login as {who} refused (bad credentials?): "
-                                     f"{exc.status} {exc.text}") from exc
+                how = f" with an OAuth2 token ({a.oauth.mechanism.upper()})" if a.oauth else ""
+                raise ImapLoginError(f"{a.where}: login as {who}{how} refused (bad "
+                                     f"credentials?): {exc.status} {exc.text}") from exc
             namespace = None
             if early is not None:
                 with contextlib.suppress(ImapCommandError):  # no NAMESPACE: asked below

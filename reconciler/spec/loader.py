@@ -70,6 +70,7 @@ from .model import (
     MailboxSpec,
     MailSystemSpec,
     MasterUser,
+    OAuth2Options,
     PlacementSpec,
     PolicySpec,
     PostfixDovecotOptions,
@@ -366,6 +367,37 @@ class _Loader:
             return None
         return MasterUser(user=str(raw["user"]), password=self.secret(raw["password"]))
 
+    def oauth2(self, doc: _Doc, here: JsonPath, box: dict[str, Any]) -> OAuth2Options:
+        """A schema-checked spec.imap.oauth2 object; what the schema cannot say (which
+        refresh token goes with which grant, https) reported at its line."""
+        grant = str(box.get("grant", "refresh_token"))
+        given = [k for k in ("refreshToken", "refreshTokens") if k in box]
+        if grant == "refresh_token" and len(given) != 1:
+            self.fail(doc, here, "grant refresh_token needs one of refreshToken (one for "
+                      "every mailbox) or refreshTokens (a file of 'address token' lines)"
+                      + (", not both" if given else ""), key_line=True)
+        if grant == "client_credentials":
+            if given:
+                self.fail(doc, (*here, given[0]), "only with grant: refresh_token",
+                          key_line=True)
+            if "clientSecret" not in box:
+                self.fail(doc, here, "grant client_credentials needs clientSecret",
+                          key_line=True)
+        url = urlsplit(str(box["tokenUrl"]))
+        if url.scheme != "https" and url.hostname not in ("127.0.0.1", "::1", "localhost"):
+            self.fail(doc, (*here, "tokenUrl"), "must be https:// (the client secret and "
+                      "the tokens travel in it); http:// only for 127.0.0.1 or localhost")
+        return OAuth2Options(
+            token_url=str(box["tokenUrl"]), client_id=str(box["clientId"]),
+            client_secret=self.secret(box["clientSecret"]) if "clientSecret" in box else None,
+            grant=grant,
+            refresh_token=self.secret(box["refreshToken"]) if "refreshToken" in box else None,
+            refresh_tokens=self.secret(box["refreshTokens"]) if "refreshTokens" in box
+            else None,
+            scope=str(box["scope"]) if "scope" in box else None,
+            mechanism=str(box.get("mechanism", "xoauth2")),
+            cafile=self.path_value(box["caFile"]) if "caFile" in box else None)
+
     def host_path(self, doc: _Doc, path: JsonPath, value: str) -> str:
         """A path on a remote host: absolute as written (no specs folder over there)."""
         if not value.startswith("/"):
@@ -453,6 +485,11 @@ class _Loader:
                 self.fail(doc, (*here, "masterUser"), "required field missing (login: master)")
             if login == "per-user" and "passwords" not in box:
                 self.fail(doc, (*here, "passwords"), "required field missing (login: per-user)")
+            if login == "oauth2" and "oauth2" not in box:
+                self.fail(doc, (*here, "oauth2"), "required field missing (login: oauth2)")
+            if login != "oauth2" and "oauth2" in box:
+                self.fail(doc, (*here, "oauth2"), f"only with login: oauth2 (login is "
+                          f"{login!r})", key_line=True)
             smtp = self.endpoint(doc, (*here, "smtp"), box["smtp"]) if "smtp" in box else None
             lmtp = self.endpoint(doc, (*here, "lmtp"), box["lmtp"]) if "lmtp" in box else None
             imap = ImapOptions(
@@ -461,6 +498,8 @@ class _Loader:
                 cafile=self.path_value(box["caFile"]) if "caFile" in box else None,
                 login=login, master=self.master_user(box.get("masterUser")),
                 passwords=self.secret(box["passwords"]) if "passwords" in box else None,
+                oauth2=self.oauth2(doc, (*here, "oauth2"), box["oauth2"])
+                if "oauth2" in box else None,
                 login_format=str(box.get("loginFormat", "{address}")), smtp=smtp, lmtp=lmtp,
             )
             system = replace(common, root=imap.state_dir, submission=smtp, lmtp=lmtp,

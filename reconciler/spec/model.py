@@ -131,6 +131,21 @@ class PostfixDovecotOptions:
 
 
 @dataclass(frozen=True)
+class OAuth2Options:
+    """login: oauth2 of a generic IMAP system: where its access tokens come from."""
+
+    token_url: str
+    client_id: str
+    client_secret: SecretRef | None = None  # None: a public client
+    grant: str = "refresh_token"  # refresh_token | client_credentials
+    refresh_token: SecretRef | None = None  # one for every mailbox
+    refresh_tokens: SecretRef | None = None  # a file of "address refresh-token" lines
+    scope: str | None = None
+    mechanism: str = "xoauth2"  # xoauth2 | oauthbearer
+    cafile: str | None = None  # absolute: a private CA for the token endpoint
+
+
+@dataclass(frozen=True)
 class ImapOptions:
     """A generic IMAP server mailferry can read but not administer (driver-specific)."""
 
@@ -138,8 +153,9 @@ class ImapOptions:
     state_dir: str  # absolute: the driver's own registry of the mailboxes it was given
     tls: str = "implicit"  # none | starttls | implicit
     cafile: str | None = None  # absolute: a private CA for the server's certificate
-    login: str = "master"  # master | per-user
+    login: str = "master"  # master | per-user | oauth2
     master: MasterUser | None = None
+    oauth2: OAuth2Options | None = None  # login: oauth2
     passwords: SecretRef | None = None  # per-user: a file of "address password" lines
     login_format: str = "{address}"  # {address}, {local}, {domain}
     smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere

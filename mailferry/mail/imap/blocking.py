@@ -6,7 +6,8 @@ reading and appending for the drivers) and the station agent's upload and login 
 they used `imaplib`, a second IMAP implementation with its own parser, its own TLS and its
 own errors. Now there is one: the same parser, STARTTLS rules (a required STARTTLS that
 fails never sends the password), literal handling (LITERAL+ or a continuation), SASL PLAIN
-with an authorization identity and watchdog as the mover's.
+with an authorization identity, OAuth2 bearer tokens (XOAUTH2, OAUTHBEARER: `login_oauth`)
+and watchdog as the mover's.
 
 How: each session runs the client in an event loop of its own, in a private thread
 (`mailferry.mail.loopthread.LoopThread`, as the blocking HTTP client does), and every
@@ -42,6 +43,7 @@ from mailferry.mail.imap.client import (
 from mailferry.mail.imap.dates import imap_date
 from mailferry.mail.imap.quoting import quote_bytes
 from mailferry.mail.loopthread import LoopThread
+from mailferry.mail.oauth2 import TokenSource, imap_login
 
 T = TypeVar("T")
 Tls = Literal["none", "implicit", "starttls"]
@@ -122,6 +124,12 @@ class BlockingImap:
         """AUTHENTICATE PLAIN (with an authorization identity: a master or admin user acting
         as `authorize_as`) when offered or needed, else LOGIN; ImapCommandError if refused."""
         self._run(self._client.login(user, password, authorize_as=authorize_as))
+
+    def login_oauth(self, user: str, tokens: TokenSource) -> None:
+        """AUTHENTICATE XOAUTH2 or OAUTHBEARER (`tokens.mechanism`) with a token from
+        `tokens`, a refused one replaced once (`oauth2.imap_login`); ImapCommandError if
+        refused, OAuth2Error when no token could be had."""
+        self._run(imap_login(self._client, user, tokens))
 
     def command(self, line: str) -> list[Untagged]:
         """Run one command without literals; its untagged responses."""

@@ -559,6 +559,52 @@ class ImapClient:
         await self._finish(pending)
         return pending
 
+    async def login_oauth(self, user: str, token: str, *, mechanism: str = "xoauth2") -> None:
+        """AUTHENTICATE XOAUTH2 or OAUTHBEARER with a bearer token (`mailferry.mail.oauth2`
+        gets it and retries a refused one). A refused token is answered with a challenge
+        (RFC 7628 3.2.2) that the client acknowledges before the server says NO; the NO's
+        text gets the challenge's status. The token is never part of a message."""
+        from mailferry.mail.oauth2 import failure_detail, initial_response
+
+        mech = mechanism.upper()
+        if f"AUTH={mech}" not in self.capabilities:
+            raise ImapCommandError("AUTHENTICATE", "NO",
+                                   f"the server does not offer AUTH={mech}")
+        host, port = self.server or ("", 0)
+        response = initial_response(mech, user, token, host, port).encode()
+        loop = asyncio.get_running_loop()
+        self._continuation = loop.create_future()
+        if "SASL-IR" in self.capabilities:
+            pending = await self._send([b"AUTHENTICATE " + mech.encode() + b" " + response],
+                                       "AUTHENTICATE", hold=False)
+        else:
+            pending = await self._send([b"AUTHENTICATE " + mech.encode()], "AUTHENTICATE",
+                                       hold=False)
+            await self._await(self._continuation, "AUTHENTICATE")
+            self._continuation = loop.create_future()
+            self._writer.write(response + b"\r\n")
+        challenge = self._continuation
+        waits: list[asyncio.Future[object]] = [
+            cast("asyncio.Future[object]", pending.done),
+            cast("asyncio.Future[object]", challenge)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        detail = ""
+        if challenge.done() and not challenge.exception() and not pending.done.done():
+            detail = failure_detail(challenge.result()[1:])
+            # XOAUTH2 wants an empty response, OAUTHBEARER a single %x01 (RFC 7628 3.2.3)
+            self._writer.write((b"AQ==" if mech == "OAUTHBEARER" else b"") + b"\r\n")
+        elif not challenge.done():
+            challenge.cancel()
+        try:
+            await self.finish_login(pending)
+        except ImapCommandError as exc:
+            if detail:
+                raise ImapCommandError("AUTHENTICATE", exc.status,
+                                       f"{exc.text} ({mech}: {detail})") from None
+            raise
+        finally:
+            self._continuation = None
+
     @property
     def usable(self) -> bool:
         """Neither broken nor closed (a pooled connection is checked with this)."""
