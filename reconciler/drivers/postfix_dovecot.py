@@ -39,11 +39,13 @@ import json
 import shlex
 import smtplib
 import sqlite3
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from mailferry.mail.tls import client_context, describe
 from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
@@ -81,14 +83,25 @@ def _host_of(options: PostfixDovecotOptions) -> Host:
     return shared_host(options.host)
 
 
-def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool) -> None:
-    """EHLO/LHLO; TemporaryError naming the server unless it answers 250."""
+def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool, *,
+               tls: str = "none", cafile: str | None = None) -> None:
+    """EHLO/LHLO (and with `tls` "starttls" the upgrade fed's deliveries will do, with the
+    same certificate check); TemporaryError naming the system and the hop unless it works."""
     try:
         client = smtplib.LMTP if lmtp else smtplib.SMTP
         with client(endpoint.host, endpoint.port, timeout=10) as conn:
             code, msg = conn.ehlo()
             if code != 250:
                 raise TemporaryError(f"{system}: {what} {endpoint} answered {code} {msg!r}")
+            if tls == "starttls":
+                if not conn.has_extn("starttls"):
+                    raise TemporaryError(f"{system}: {what} {endpoint}: TLS required "
+                                         "(smtpTls: starttls) but it offers no STARTTLS")
+                try:
+                    conn.starttls(context=client_context(cafile))
+                except (OSError, ssl.SSLError) as exc:
+                    raise TemporaryError(f"{system}: {what} {endpoint}: TLS handshake "
+                                         f"failed: {describe(exc)}") from exc
     except (OSError, smtplib.SMTPException) as exc:
         raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
 
@@ -300,8 +313,11 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     # -- health -------------------------------------------------------------------------
     def ping(self) -> None:
         """Postfix SMTP, Dovecot LMTP and IMAP answer, and the configuration is in place."""
-        _ping_smtp(self.name, "Postfix SMTP", self.options.smtp, lmtp=False)
-        _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True)
+        tls, cafile = self.options.smtp_tls, self.options.smtp_cafile
+        _ping_smtp(self.name, "Postfix SMTP", self.options.smtp, lmtp=False, tls=tls,
+                   cafile=cafile)
+        _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True, tls=tls,
+                   cafile=cafile)
         imap = self.options.imap
         greeting(imap.host, imap.port, self.options.imap_tls, system=self.name,
                  cafile=self.options.imap_cafile)
@@ -309,7 +325,8 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
 
     def delivery_endpoint(self) -> DeliveryEndpoint:
         """fed delivers over SMTP to Postfix, so Postfix's redirects apply to its mail too."""
-        return DeliveryEndpoint(self.options.smtp.host, self.options.smtp.port, "smtp")
+        return DeliveryEndpoint(self.options.smtp.host, self.options.smtp.port, "smtp",
+                                tls=self.options.smtp_tls, cafile=self.options.smtp_cafile)
 
     # -- accounts -----------------------------------------------------------------------
     def create_mailbox(
