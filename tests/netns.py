@@ -37,6 +37,7 @@ from reconciler.drivers.sshhost import close_shared_hosts
 from reconciler.embedded import start_embedded
 from reconciler.spec.loader import load_specs
 
+from helpers.pki import make_ca, server_cert
 from helpers.processes import stop_process
 from pfdovecot import MailHost, make_root, wait_port
 from pfdovecot import missing_prerequisites as mail_missing
@@ -192,10 +193,10 @@ class NetnsHost:
         pub = (self.root / "ssh" / "host_ed25519_key.pub").read_text().split()
         return f"{self.address} {pub[0]} {pub[1]}\n"
 
-    def start_mail(self) -> MailHost:
+    def start_mail(self, tls: tuple[Path, Path, Path] | None = None) -> MailHost:
         self.mail = MailHost(self.name, self.root / "mailhost", self.fed_port,
                              address=self.address, wrap=tuple(self.wrap()),
-                             networks=f"127.0.0.0/8 10.77.{self.subnet}.0/24")
+                             networks=f"127.0.0.0/8 10.77.{self.subnet}.0/24", tls=tls)
         self.mail.root.mkdir(mode=0o755)
         self.mail.start()
         return self.mail
@@ -222,9 +223,14 @@ WHY_NOT = missing_prerequisites() or mail_missing()
 
 
 class NetnsWorld(World):
-    """fed + embedded s1 in the root namespace, mail hosts pfa and pfb in namespaces."""
+    """fed + embedded s1 in the root namespace, mail hosts pfa and pfb in namespaces.
 
-    def __init__(self, root: Path) -> None:
+    With `tls` (the default: hosts elsewhere on the network), a private CA under
+    ``root/pki`` signs a certificate for each host's address and one for fed's; every hop
+    requires TLS with that CA: the reconciler's IMAP (STARTTLS), fed -> Postfix (smtpTls),
+    the driver's checks, Postfix -> fed (fed's tlsCert) and Postfix -> Dovecot LMTP."""
+
+    def __init__(self, root: Path, *, tls: bool = True) -> None:
         if WHY_NOT:  # in CI a missing prerequisite is a failure, not a skip
             raise RuntimeError(f"two hosts in network namespaces unavailable: {WHY_NOT}")
         self.root = root
@@ -234,6 +240,8 @@ class NetnsWorld(World):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key),
                         "-C", "mailferry reconciler"], check=True, timeout=30)
         self.fed_port = free_port()
+        self.tls = tls
+        self.ca = root / "pki" / "ca.pem"
         self.ns: dict[str, NetnsHost] = {}
         try:
             for name in ("pfa", "pfb"):
@@ -243,12 +251,22 @@ class NetnsWorld(World):
                 host.start_sshd()
             self.known_hosts = self.keys / "known_hosts"
             self.known_hosts.write_text("".join(h.known_hosts_line() for h in self.ns.values()))
-            self.hosts: dict[str, MailHost] = {n: h.start_mail() for n, h in self.ns.items()}
-            docs = base_documents(root)
             # fed listens on pfa's veth address in the root namespace: both hosts reach it
             # through their default route (a local address here, nothing forwarded).
             self.fed_host = self.ns["pfa"].outside
+            certs: dict[str, tuple[Path, Path, Path]] = {}
+            if tls:
+                make_ca(self.ca.parent)
+                for n, h in self.ns.items():
+                    certs[n] = (*server_cert(self.ca, n, f"IP:{h.address},DNS:{n}.mail.invalid"),
+                                self.ca)
+                fed_cert = server_cert(self.ca, "fed", f"IP:{self.fed_host}")
+            self.hosts: dict[str, MailHost] = {n: h.start_mail(certs.get(n))
+                                               for n, h in self.ns.items()}
+            docs = base_documents(root)
             docs[2]["spec"]["smtp"] = f"{self.fed_host}:{self.fed_port}"
+            if tls:
+                docs[2]["spec"].update(tlsCert=str(fed_cert[0]), tlsKey=str(fed_cert[1]))
             self.base = [docs[0], *(self.system_document(n) for n in self.hosts), docs[2],
                          docs[3]]
             self.base_dir = root / "base-specs"
@@ -262,7 +280,8 @@ class NetnsWorld(World):
         """The driver's account database, on the reconciler's side."""
         return self.root / "reconciler-state" / name
 
-    def system_document(self, name: str, known_hosts: Path | None = None) -> dict[str, Any]:
+    def system_document(self, name: str, known_hosts: Path | None = None,
+                        ca_file: Path | None = None) -> dict[str, Any]:
         host, ns = self.hosts[name], self.ns[name]
         doc = host.spec_document()
         box = doc["spec"]["postfixDovecot"]
@@ -274,6 +293,9 @@ class NetnsWorld(World):
                     "sshKnownHostsFile": str(known_hosts or self.known_hosts),
                     "masterUser": {"user": box["masterUser"]["user"],
                                    "password": {"file": str(secret)}}})
+        if self.tls:
+            box.update(imapTls="starttls", imapCaFile=str(ca_file or self.ca),
+                       smtpTls="starttls", smtpCaFile=str(ca_file or self.ca))
         return doc
 
     def stop(self) -> None:
