@@ -104,29 +104,27 @@ def main() -> int:
     figures: dict[str, Any] = {}
     for kind in ("local", "ssh", "tls"):
         (root / kind).mkdir()
+    def measure(kind: str, world: World, source: str, target: str) -> None:
+        engine = world.engine(world.base_dir, f"sqlite:///{root / kind / 'probe.db'}")
+        driver = engine.drivers[target]
+        assert isinstance(driver, PostfixDovecotDriver)
+        driver.ping()  # configured, connected: not part of the figures
+        figures[f"{kind}_command_ms"] = command_ms(driver, args.steps)
+        figures[f"{kind}_step_ms"] = step_ms(driver, args.steps)
+        figures[f"{kind}_wave_s"] = wave_s(world, root / kind, source, target, args.mailboxes)
+
     local = PfWorld(root / "local")
     try:
-        remote = NetnsWorld(root / "remote", tls=False)
-        secure: NetnsWorld | None = None
-        try:
-            secure = NetnsWorld(root / "remote-tls", tls=True)
-            pairs = {"local": (local, "pf1", "pf2"), "ssh": (remote, "pfa", "pfb"),
-                     "tls": (secure, "pfa", "pfb")}
-            for kind, (world, source, target) in pairs.items():
-                engine = world.engine(world.base_dir, f"sqlite:///{root / kind / 'probe.db'}")
-                driver = engine.drivers[target]
-                assert isinstance(driver, PostfixDovecotDriver)
-                driver.ping()  # configured, connected: not part of the figures
-                figures[f"{kind}_command_ms"] = command_ms(driver, args.steps)
-                figures[f"{kind}_step_ms"] = step_ms(driver, args.steps)
-                figures[f"{kind}_wave_s"] = wave_s(world, root / kind, source, target,
-                                                   args.mailboxes)
-        finally:
-            if secure is not None:
-                secure.stop()
-            remote.stop()
+        measure("local", local, "pf1", "pf2")
     finally:
         local.stop()
+    # One namespace world at a time: both would name their namespaces alike (per PID).
+    for kind, tls in (("ssh", False), ("tls", True)):
+        remote = NetnsWorld(root / f"remote-{kind}", tls=tls)
+        try:
+            measure(kind, remote, "pfa", "pfb")
+        finally:
+            remote.stop()
     figures["shell_start_ms"] = shell_start_ms()
     figures["mailboxes"] = args.mailboxes
     if args.json:
