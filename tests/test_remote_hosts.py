@@ -281,6 +281,6 @@ def test_plaintext_is_refused_where_tls_is_required(world: NetnsWorld) -> None:
             await Connection.open(address, int(port), True, "fed.test", 10, tls="starttls")
         return str(caught.value)
 
-    said = asyncio.run(attempt())
-    assert "TLS required but the server offers no STARTTLS; nothing sent in cleartext" in said
-    assert lmtp in said
+    refusal = asyncio.run(attempt())
+    assert "TLS required but the server offers no STARTTLS; nothing sent in cleartext" in refusal
+    assert lmtp in refusal

@@ -231,6 +231,14 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         wanted = self.wanted_postfix()
         current = dict(zip(wanted, self._postconf(list(wanted)), strict=False))
         changes = {k: v for k, v in wanted.items() if current.get(k, "").strip() != v}
+        if changes:  # a host with sudo: every privileged command allowed, or none run
+            config_dir = self.options.postfix_config_dir
+            refused = self.host.refused([
+                ["postconf", "-c", config_dir, "-e", *(f"{k}={v}" for k, v in changes.items())],
+                ["postfix", "-c", config_dir, "reload"]])
+            if refused:
+                raise TemporaryError(f"{self.name}: not allowed on {self.host.label}, nothing "
+                                     "changed: " + "; ".join(refused))
         self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
             config_dir = self.options.postfix_config_dir
@@ -374,7 +382,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             # The files are rewritten before the commit; the data goes with them, so a
             # crash before the commit re-creates routes to an empty home, never the reverse.
             self.tables.install(conn)
-            self.host.remove_tree(str(home))
+            self.host.remove_tree(str(home), as_user=self.options.mail_user)
         self._write(f"delete {mailbox_id}", change)
 
     # -- data -----------------------------------------------------------------------------

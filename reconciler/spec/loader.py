@@ -375,7 +375,7 @@ class _Loader:
 
     def ssh_target(self, doc: _Doc, here: JsonPath, box: dict[str, Any]) -> SshTarget | None:
         """spec.postfixDovecot.host (ssh://user@host:port) and its SSH options, or None."""
-        ssh_only = ("tablesDir", "sshIdentityFile", "sshKnownHostsFile")
+        ssh_only = ("tablesDir", "sshIdentityFile", "sshKnownHostsFile", "sshSudo")
         if "host" not in box:
             for key in ssh_only:
                 if key in box:
@@ -396,7 +396,8 @@ class _Loader:
         return SshTarget(
             user=url.username, hostname=url.hostname or "", port=port,
             identity_file=self.path_value(identity) if identity else None,
-            known_hosts_file=self.path_value(known) if known else None)
+            known_hosts_file=self.path_value(known) if known else None,
+            sudo=bool(box.get("sshSudo", False)))
 
     def build_system(self, doc: _Doc) -> None:
         """A MailSystem document -> MailSystemSpec (with its driver's settings object)."""

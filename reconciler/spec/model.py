@@ -96,6 +96,7 @@ class SshTarget:
     port: int = 22
     identity_file: str | None = None  # absolute, on the reconciler's machine
     known_hosts_file: str | None = None  # absolute; None: the client's own known_hosts
+    sudo: bool = False  # a non-root user: privileged commands through `sudo -n`
 
     @property
     def url(self) -> str:
