@@ -45,17 +45,21 @@ from sysutil import free_port
 from world import World, base_documents
 
 SSHD = "/usr/sbin/sshd"
+SUDO_USER = "mferry"  # the non-root SSH user of the sudo tests, known only inside the namespaces
+SUDO_UID = 59_877
 
 
 def missing_prerequisites() -> str | None:
     """Why the namespace tests cannot run here, or None."""
     if os.geteuid() != 0:
         return "network namespaces and a private sshd need root (CI runs as root)"
-    for tool in ("ip", "ssh", "ssh-keygen"):
+    for tool in ("ip", "ssh", "ssh-keygen", "sudo", "visudo"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (./bootstrap.sh test installs it)"
     if not Path(SSHD).exists():
         return "openssh-server not installed (./bootstrap.sh test installs it)"
+    if not Path("/etc/sudoers.d").is_dir():
+        return "sudo not installed (./bootstrap.sh test installs it)"
     probe = f"mfprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -84,7 +88,7 @@ SSHD_CONFIG = """\
 ListenAddress {address}:22
 HostKey {root}/ssh/host_ed25519_key
 PidFile {root}/ssh/sshd.pid
-AuthorizedKeysFile {root}/ssh/authorized_keys
+AuthorizedKeysFile {root}/authkeys/%u
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -152,8 +156,31 @@ class NetnsHost:
     def outer_link(self) -> str:
         return f"mfo{self.subnet}x{os.getpid() % 1000}"
 
+    @property
+    def etc(self) -> Path:
+        """``ip netns exec`` bind-mounts each entry of this folder over /etc/ENTRY for the
+        processes it starts: the namespace's own passwd (with the non-root `SUDO_USER`) and
+        sudoers.d, nothing of the machine's /etc changed."""
+        return Path("/etc/netns") / self.ns
+
     def create(self) -> None:
         outer, inner = self.outer_link, f"mfi{self.subnet}"
+        home = self.root / f"home-{SUDO_USER}"
+        home.mkdir(mode=0o700)
+        os.chown(home, SUDO_UID, SUDO_UID)
+        self.etc.mkdir(parents=True)
+        (self.etc / "passwd").write_text(Path("/etc/passwd").read_text()
+                                         + f"{SUDO_USER}:x:{SUDO_UID}:{SUDO_UID}::{home}:/bin/sh\n")
+        (self.etc / "group").write_text(Path("/etc/group").read_text()
+                                        + f"{SUDO_USER}:x:{SUDO_UID}:\n")
+        # sudo's PAM account check wants a shadow entry: one per user, no password ("*":
+        # nothing of the machine's shadow is read or copied).
+        names = [line.split(":", 1)[0] for line in
+                 (self.etc / "passwd").read_text().splitlines() if line]
+        shadow = self.etc / "shadow"
+        shadow.write_text("".join(f"{n}:*:19000:0:99999:7:::\n" for n in names))
+        shadow.chmod(0o640)
+        (self.etc / "sudoers.d").mkdir(mode=0o755)
         _ip("netns", "add", self.ns)
         _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         _ip("link", "set", inner, "netns", self.ns)
@@ -172,7 +199,13 @@ class NetnsHost:
         if not key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key),
                             "-C", f"host {self.name}"], check=True, timeout=30)
-        shutil.copy(f"{self.client_key}.pub", ssh / "authorized_keys")
+        # One file per user in a folder sshd can read as that user (it reads the file after
+        # dropping to the user): root, and the non-root SUDO_USER of the sudo tests.
+        keys = self.root / "authkeys"
+        keys.mkdir(mode=0o755, exist_ok=True)
+        for user in ("root", SUDO_USER):
+            shutil.copy(f"{self.client_key}.pub", keys / user)
+            (keys / user).chmod(0o644)
         (ssh / "sshd_config").write_text(SSHD_CONFIG.format(
             name=self.name, address=self.address, root=self.root,
             path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
@@ -201,6 +234,16 @@ class NetnsHost:
         self.mail.start()
         return self.mail
 
+    def grant(self, rules: str) -> None:
+        """The namespace's sudoers drop-in (as an admin writes /etc/sudoers.d/mailferry)."""
+        drop_in = self.etc / "sudoers.d" / "mailferry"
+        drop_in.write_text(rules)
+        drop_in.chmod(0o440)
+        check = subprocess.run(["visudo", "-c", "-f", str(drop_in)], capture_output=True,
+                               text=True, timeout=30)
+        if check.returncode != 0:
+            raise RuntimeError(f"sudoers drop-in refused: {check.stdout}{check.stderr}")
+
     def arm_connection_drop(self) -> Path:
         marker = self.root / "drop-ssh-at-postmap"
         marker.write_text("armed\n")
@@ -213,6 +256,7 @@ class NetnsHost:
         stop_process(self.sshd)
         self.sshd = None
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, timeout=30)
+        shutil.rmtree(self.etc, ignore_errors=True)
         # Gone with the namespace, unless creation failed before its peer moved in there.
         subprocess.run(["ip", "link", "delete", self.outer_link], capture_output=True, timeout=30)
         if not os.environ.get("MAILFERRY_KEEP_TMP"):
@@ -281,7 +325,7 @@ class NetnsWorld(World):
         return self.root / "reconciler-state" / name
 
     def system_document(self, name: str, known_hosts: Path | None = None,
-                        ca_file: Path | None = None) -> dict[str, Any]:
+                        ca_file: Path | None = None, sudo: bool = False) -> dict[str, Any]:
         host, ns = self.hosts[name], self.ns[name]
         doc = host.spec_document()
         box = doc["spec"]["postfixDovecot"]
@@ -293,6 +337,8 @@ class NetnsWorld(World):
                     "sshKnownHostsFile": str(known_hosts or self.known_hosts),
                     "masterUser": {"user": box["masterUser"]["user"],
                                    "password": {"file": str(secret)}}})
+        if sudo:
+            box.update(host=f"ssh://{SUDO_USER}@{ns.address}:22", sshSudo=True)
         if self.tls:
             box.update(imapTls="starttls", imapCaFile=str(ca_file or self.ca),
                        smtpTls="starttls", smtpCaFile=str(ca_file or self.ca))

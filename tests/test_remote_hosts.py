@@ -31,6 +31,7 @@ import asyncio
 import hashlib
 import imaplib
 import os
+import pwd
 import re
 import smtplib
 import subprocess
@@ -43,12 +44,12 @@ from fed.delivery.smtpclient import ClientError, Connection
 from mailferry.mail.tls import client_context
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
-from reconciler.drivers.sshhost import SshHost
+from reconciler.drivers.sshhost import SshHost, close_shared_hosts
 from reconciler.errors import TemporaryError
 
 from helpers import mail
 from helpers.pki import make_ca
-from netns import WHY_NOT, NetnsWorld
+from netns import SUDO_UID, SUDO_USER, WHY_NOT, NetnsWorld
 from waves import Load, account, collect, drain, run_wave
 from world import placement, policy, run_cli
 
@@ -284,3 +285,76 @@ def test_plaintext_is_refused_where_tls_is_required(world: NetnsWorld) -> None:
     refusal = asyncio.run(attempt())
     assert "TLS required but the server offers no STARTTLS; nothing sent in cleartext" in refusal
     assert lmtp in refusal
+
+
+def sudoers(host_dir: Path, postfix_dir: Path, dovecot_conf: Path, mail_root: Path, *,
+            reload: bool = True) -> str:
+    """The drop-in of docs/postfix-dovecot.md ("A non-root user with sudo"), for this host."""
+    lines = [f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postconf -c {postfix_dir} *",
+             f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/bin/doveadm -c {dovecot_conf} *",
+             f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/bin/doveconf -c {dovecot_conf} *",
+             f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postqueue -c {postfix_dir} -j",
+             f"{SUDO_USER} ALL=(vmail) NOPASSWD: /usr/bin/rm -rf -- {mail_root}/*"]
+    if reload:
+        lines.append(f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postfix -c {postfix_dir} reload")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_non_root_user_with_sudo_administers_the_host(world: NetnsWorld,
+                                                        tmp_path: Path) -> None:
+    """ssh://mferry@... with sshSudo: a missing sudoers rule fails naming the command and the
+    rule, main.cf and the tables untouched; with the rules, a mailbox is created and deleted
+    end to end, every privileged command through sudo -n, the home removed as vmail."""
+    ns, host = world.ns["pfa"], world.hosts["pfa"]
+    mail_root = host.root / "mail"
+    for path in [host.state_dir, *host.state_dir.iterdir()]:  # the admin: tablesDir is hers
+        os.chown(path, SUDO_UID, SUDO_UID)
+    main_cf = host.postfix_dir / "main.cf"
+    # The admin changed relayhost: mailferry's next configuration must put it back (a
+    # postconf -e and a postfix reload, both privileged).
+    subprocess.run(["postconf", "-c", str(host.postfix_dir), "-e", "relayhost="], check=True)
+    saved = list(world.base)
+    try:
+        world.base[1] = world.system_document("pfa", sudo=True)
+        specs = world.write(tmp_path / "specs", [policy("p", deleteSource="never"), placement(
+            "s", "pfa", [{"address": "sudo@corp.example"}], policy_name="p")])
+        state = f"sqlite:///{tmp_path / 'state.db'}"
+        ns.grant(sudoers(host.root, host.postfix_dir, host.dovecot_conf, mail_root,
+                         reload=False))
+        before = file_hashes(host.postfix_dir, host.state_dir)
+        result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+        assert result.returncode == 1, result.stdout
+        url = f"ssh://{SUDO_USER}@{ns.address}:22"
+        assert f"pfa: not allowed on {url}, nothing changed: postfix -c {host.postfix_dir} " \
+            f"reload (sudoers: {SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postfix -c " \
+            f"{host.postfix_dir} reload)" in result.stdout, result.stdout
+        assert file_hashes(host.postfix_dir, host.state_dir) == before  # nothing half-applied
+        assert "relayhost =" in main_cf.read_text()
+
+        ns.grant(sudoers(host.root, host.postfix_dir, host.dovecot_conf, mail_root))
+        state = f"sqlite:///{tmp_path / 'state-2.db'}"  # not waiting out the failed try's delay
+        result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout
+        assert "created on pfa" in result.stdout
+        assert f"relayhost = [{world.fed_host}]:{world.fed_port}" in main_cf.read_text()
+        box = mailbox_id_for("sudo@corp.example")
+        assert f"{box}:" in (host.state_dir / "passwd").read_text()
+        assert host.doveadm("user", box)
+        passwd = host.state_dir / "passwd"
+        assert passwd.stat().st_uid == SUDO_UID  # written as the user, not through sudo
+        engine = world.engine(specs, state)
+        driver = engine.drivers["pfa"]
+        assert isinstance(driver, PostfixDovecotDriver)
+        driver.append_message(box, "INBOX", mail.message("s", "<sudo.1@corp.example>",
+                                                         to="sudo@corp.example"))
+        home = mail_root / box
+        assert home.exists() and home.stat().st_uid == pwd.getpwnam("vmail").pw_uid
+        driver.delete_mailbox(box)  # sudo -n -u vmail rm -rf -- HOME
+        assert not home.exists() and driver.get_account(box) is None
+        sessions = (ns.root / "ssh" / "sshd.log").read_text(errors="replace")
+        assert f"Accepted publickey for {SUDO_USER}" in sessions
+    finally:
+        world.base[:] = saved
+        close_shared_hosts()
+        for path in [host.state_dir, *host.state_dir.iterdir()]:
+            os.chown(path, 0, 0)
