@@ -12,7 +12,9 @@ the hosts reach through their default route (traffic to a local address, no forw
 
 Every process is our child, stopped by its PID (``ip netns exec`` execs, so the PID is the
 server's); `delete` removes the namespace, which takes its veth pair with it. A `kill -9` of
-the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`). `NetnsWorld` is
+the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`) and its
+``/etc/netns/mf<pid>…`` folder (the namespace's own passwd, shadow without passwords and
+sudoers.d, bind-mounted by ``ip netns exec`` for a non-root ``SUDO_USER``). `NetnsWorld` is
 the whole world of `tests/test_remote_hosts.py` and `bench/remote_hosts.py`: two such hosts,
 fed and the embedded system in the root namespace, the specs with ``host: ssh://...``.
 

@@ -23,6 +23,10 @@ Postfix and Dovecot LMTP (``smtpTls: starttls``), Postfix's relay to fed and its
 to Dovecot LMTP. Proved from the servers' own logs that the move's mail went over TLS;
 a CA that did not sign the host's certificate fails naming the system and the hop with
 nothing changed; plaintext is refused by the servers and by fed's client.
+
+A non-root SSH user with ``sshSudo`` and a sudoers drop-in (the namespace's own, see
+`tests/netns.py`): a missing rule fails naming the command and the rule, nothing changed;
+with the rules a mailbox is created and deleted end to end.
 """
 
 from __future__ import annotations
