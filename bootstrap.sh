@@ -32,7 +32,7 @@ if [ "$what" = test ]; then
   # postfix-sqlite, dovecot-sqlite: the adopted SQL layout of tests/test_adopt.py (sqlite: maps,
   # Dovecot's sql driver)
   for pkg in postfix dovecot-imapd dovecot-lmtpd postfix-sqlite dovecot-sqlite chromium \
-             chromium-driver thunderbird openssh-client openssh-server iproute2; do
+             chromium-driver thunderbird openssh-client openssh-server iproute2 sudo; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || need+=("$pkg")
   done
   # A C compiler: the power-loss test builds its LD_PRELOAD recorder (tests/powerloss/).

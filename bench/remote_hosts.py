@@ -16,6 +16,11 @@ namespaces, each with its own sshd). Lines printed:
     command round trip: local X ms, ssh Y ms (+Z ms)
     step (table write): local X ms, ssh Y ms (+Z ms, ratio R)
     wave of N mailboxes: local X s, ssh Y s (+Z s, +W ms per mailbox, ratio R)
+    TLS on every hop: wave ssh Y s, ssh+tls T s (+V ms per mailbox, ratio R)
+
+"ssh" is the namespace world in cleartext (``tls=False``), "ssh+tls" the same with TLS
+required on every hop (IMAP STARTTLS, fed's and the driver's SMTP/LMTP STARTTLS, a private
+CA; `tests/netns.py`): what TLS adds per mailbox.
 
 No mail load: the figures are the reconciler's own time. Needs root and the packages of
 the tests (./bootstrap.sh test).
@@ -97,26 +102,29 @@ def main() -> int:
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mailferry-remote-bench-"))
     figures: dict[str, Any] = {}
-    for kind in ("local", "ssh"):
+    for kind in ("local", "ssh", "tls"):
         (root / kind).mkdir()
+    def measure(kind: str, world: World, source: str, target: str) -> None:
+        engine = world.engine(world.base_dir, f"sqlite:///{root / kind / 'probe.db'}")
+        driver = engine.drivers[target]
+        assert isinstance(driver, PostfixDovecotDriver)
+        driver.ping()  # configured, connected: not part of the figures
+        figures[f"{kind}_command_ms"] = command_ms(driver, args.steps)
+        figures[f"{kind}_step_ms"] = step_ms(driver, args.steps)
+        figures[f"{kind}_wave_s"] = wave_s(world, root / kind, source, target, args.mailboxes)
+
     local = PfWorld(root / "local")
     try:
-        remote = NetnsWorld(root / "remote")
-        try:
-            pairs = {"local": (local, "pf1", "pf2"), "ssh": (remote, "pfa", "pfb")}
-            for kind, (world, source, target) in pairs.items():
-                engine = world.engine(world.base_dir, f"sqlite:///{root / kind / 'probe.db'}")
-                driver = engine.drivers[target]
-                assert isinstance(driver, PostfixDovecotDriver)
-                driver.ping()  # configured, connected: not part of the figures
-                figures[f"{kind}_command_ms"] = command_ms(driver, args.steps)
-                figures[f"{kind}_step_ms"] = step_ms(driver, args.steps)
-                figures[f"{kind}_wave_s"] = wave_s(world, root / kind, source, target,
-                                                   args.mailboxes)
-        finally:
-            remote.stop()
+        measure("local", local, "pf1", "pf2")
     finally:
         local.stop()
+    # One namespace world at a time: both would name their namespaces alike (per PID).
+    for kind, tls in (("ssh", False), ("tls", True)):
+        remote = NetnsWorld(root / f"remote-{kind}", tls=tls)
+        try:
+            measure(kind, remote, "pfa", "pfb")
+        finally:
+            remote.stop()
     figures["shell_start_ms"] = shell_start_ms()
     figures["mailboxes"] = args.mailboxes
     if args.json:
@@ -132,6 +140,10 @@ def main() -> int:
     print(f"wave of {args.mailboxes} mailboxes: local {lw:.1f} s, ssh {sw:.1f} s "
           f"(+{sw - lw:.1f} s, +{(sw - lw) / args.mailboxes * 1000:.0f} ms per mailbox, "
           f"ratio {sw / lw:.2f})")
+    tc, ts, tw = figures["tls_command_ms"], figures["tls_step_ms"], figures["tls_wave_s"]
+    print(f"TLS on every hop: command {sc:.1f} -> {tc:.1f} ms, step {ss:.1f} -> {ts:.1f} ms, "
+          f"wave ssh {sw:.1f} s, ssh+tls {tw:.1f} s "
+          f"(+{(tw - sw) / args.mailboxes * 1000:.0f} ms per mailbox, ratio {tw / sw:.2f})")
     return 0
 
 

@@ -117,6 +117,8 @@ def fed_argv(specs: SpecSet) -> list[str]:
         ["--token-env", str(fed.token.env)]
     for domain in fed.domains:
         argv += ["--domain", domain]
+    if fed.tls_cert is not None and fed.tls_key is not None:
+        argv += ["--tls-cert", fed.tls_cert, "--tls-key", fed.tls_key]
     relay = list(fed.relay_networks)
     for system in specs.systems.values():  # others are registered by the engine
         if system.driver == "maildir":

@@ -288,7 +288,8 @@ class Engine:
             return
         for name, driver in self.drivers.items():
             endpoint = driver.delivery_endpoint()
-            self.fed.put_system(name, endpoint.host, endpoint.port, endpoint.protocol)
+            self.fed.put_system(name, endpoint.host, endpoint.port, endpoint.protocol,
+                                tls=endpoint.tls, cafile=endpoint.cafile)
         self._systems_registered = True
 
     def apply(self, *, max_passes: int = 100) -> ApplyReport:

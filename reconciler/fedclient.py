@@ -40,6 +40,8 @@ class SystemInfo:
     port: int
     protocol: str
     generation: int = 0  # bumped by every refresh
+    tls: str = "none"  # "starttls": fed requires it and verifies the certificate
+    cafile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -296,9 +298,11 @@ class FedClient:
         """GET /v1/systems."""
         return [SystemInfo(**s) for s in self._get("/v1/systems")["systems"]]
 
-    def put_system(self, name: str, host: str, port: int, protocol: str = "lmtp") -> SystemInfo:
+    def put_system(self, name: str, host: str, port: int, protocol: str = "lmtp", *,
+                   tls: str = "none", cafile: str | None = None) -> SystemInfo:
         """PUT /v1/systems/{name}."""
-        body = {"host": host, "port": port, "protocol": protocol}
+        body: dict[str, object] = {"host": host, "port": port, "protocol": protocol,
+                                   "tls": tls, "cafile": cafile}
         return SystemInfo(**self._call("PUT", f"/v1/systems/{_q(name)}", body)[1])
 
     def refresh_system(self, name: str, probe: list[str] | None = None) -> dict[str, str]:

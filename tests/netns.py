@@ -12,7 +12,9 @@ the hosts reach through their default route (traffic to a local address, no forw
 
 Every process is our child, stopped by its PID (``ip netns exec`` execs, so the PID is the
 server's); `delete` removes the namespace, which takes its veth pair with it. A `kill -9` of
-the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`). `NetnsWorld` is
+the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`) and its
+``/etc/netns/mf<pid>…`` folder (the namespace's own passwd, shadow without passwords and
+sudoers.d, bind-mounted by ``ip netns exec`` for a non-root ``SUDO_USER``). `NetnsWorld` is
 the whole world of `tests/test_remote_hosts.py` and `bench/remote_hosts.py`: two such hosts,
 fed and the embedded system in the root namespace, the specs with ``host: ssh://...``.
 
@@ -37,6 +39,7 @@ from reconciler.drivers.sshhost import close_shared_hosts
 from reconciler.embedded import start_embedded
 from reconciler.spec.loader import load_specs
 
+from helpers.pki import make_ca, server_cert
 from helpers.processes import stop_process
 from pfdovecot import MailHost, make_root, wait_port
 from pfdovecot import missing_prerequisites as mail_missing
@@ -44,17 +47,21 @@ from sysutil import free_port
 from world import World, base_documents
 
 SSHD = "/usr/sbin/sshd"
+SUDO_USER = "mferry"  # the non-root SSH user of the sudo tests, known only inside the namespaces
+SUDO_UID = 59_877
 
 
 def missing_prerequisites() -> str | None:
     """Why the namespace tests cannot run here, or None."""
     if os.geteuid() != 0:
         return "network namespaces and a private sshd need root (CI runs as root)"
-    for tool in ("ip", "ssh", "ssh-keygen"):
+    for tool in ("ip", "ssh", "ssh-keygen", "sudo", "visudo"):
         if shutil.which(tool) is None:
             return f"{tool} not installed (./bootstrap.sh test installs it)"
     if not Path(SSHD).exists():
         return "openssh-server not installed (./bootstrap.sh test installs it)"
+    if not Path("/etc/sudoers.d").is_dir():
+        return "sudo not installed (./bootstrap.sh test installs it)"
     probe = f"mfprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -83,7 +90,7 @@ SSHD_CONFIG = """\
 ListenAddress {address}:22
 HostKey {root}/ssh/host_ed25519_key
 PidFile {root}/ssh/sshd.pid
-AuthorizedKeysFile {root}/ssh/authorized_keys
+AuthorizedKeysFile {root}/authkeys/%u
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -151,8 +158,31 @@ class NetnsHost:
     def outer_link(self) -> str:
         return f"mfo{self.subnet}x{os.getpid() % 1000}"
 
+    @property
+    def etc(self) -> Path:
+        """``ip netns exec`` bind-mounts each entry of this folder over /etc/ENTRY for the
+        processes it starts: the namespace's own passwd (with the non-root `SUDO_USER`) and
+        sudoers.d, nothing of the machine's /etc changed."""
+        return Path("/etc/netns") / self.ns
+
     def create(self) -> None:
         outer, inner = self.outer_link, f"mfi{self.subnet}"
+        home = self.root / f"home-{SUDO_USER}"
+        home.mkdir(mode=0o700)
+        os.chown(home, SUDO_UID, SUDO_UID)
+        self.etc.mkdir(parents=True)
+        (self.etc / "passwd").write_text(Path("/etc/passwd").read_text()
+                                         + f"{SUDO_USER}:x:{SUDO_UID}:{SUDO_UID}::{home}:/bin/sh\n")
+        (self.etc / "group").write_text(Path("/etc/group").read_text()
+                                        + f"{SUDO_USER}:x:{SUDO_UID}:\n")
+        # sudo's PAM account check wants a shadow entry: one per user, no password ("*":
+        # nothing of the machine's shadow is read or copied).
+        names = [line.split(":", 1)[0] for line in
+                 (self.etc / "passwd").read_text().splitlines() if line]
+        shadow = self.etc / "shadow"
+        shadow.write_text("".join(f"{n}:*:19000:0:99999:7:::\n" for n in names))
+        shadow.chmod(0o640)
+        (self.etc / "sudoers.d").mkdir(mode=0o755)
         _ip("netns", "add", self.ns)
         _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         _ip("link", "set", inner, "netns", self.ns)
@@ -171,7 +201,13 @@ class NetnsHost:
         if not key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key),
                             "-C", f"host {self.name}"], check=True, timeout=30)
-        shutil.copy(f"{self.client_key}.pub", ssh / "authorized_keys")
+        # One file per user in a folder sshd can read as that user (it reads the file after
+        # dropping to the user): root, and the non-root SUDO_USER of the sudo tests.
+        keys = self.root / "authkeys"
+        keys.mkdir(mode=0o755, exist_ok=True)
+        for user in ("root", SUDO_USER):
+            shutil.copy(f"{self.client_key}.pub", keys / user)
+            (keys / user).chmod(0o644)
         (ssh / "sshd_config").write_text(SSHD_CONFIG.format(
             name=self.name, address=self.address, root=self.root,
             path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"))
@@ -192,13 +228,23 @@ class NetnsHost:
         pub = (self.root / "ssh" / "host_ed25519_key.pub").read_text().split()
         return f"{self.address} {pub[0]} {pub[1]}\n"
 
-    def start_mail(self) -> MailHost:
+    def start_mail(self, tls: tuple[Path, Path, Path] | None = None) -> MailHost:
         self.mail = MailHost(self.name, self.root / "mailhost", self.fed_port,
                              address=self.address, wrap=tuple(self.wrap()),
-                             networks=f"127.0.0.0/8 10.77.{self.subnet}.0/24")
+                             networks=f"127.0.0.0/8 10.77.{self.subnet}.0/24", tls=tls)
         self.mail.root.mkdir(mode=0o755)
         self.mail.start()
         return self.mail
+
+    def grant(self, rules: str) -> None:
+        """The namespace's sudoers drop-in (as an admin writes /etc/sudoers.d/mailferry)."""
+        drop_in = self.etc / "sudoers.d" / "mailferry"
+        drop_in.write_text(rules)
+        drop_in.chmod(0o440)
+        check = subprocess.run(["visudo", "-c", "-f", str(drop_in)], capture_output=True,
+                               text=True, timeout=30)
+        if check.returncode != 0:
+            raise RuntimeError(f"sudoers drop-in refused: {check.stdout}{check.stderr}")
 
     def arm_connection_drop(self) -> Path:
         marker = self.root / "drop-ssh-at-postmap"
@@ -212,6 +258,7 @@ class NetnsHost:
         stop_process(self.sshd)
         self.sshd = None
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, timeout=30)
+        shutil.rmtree(self.etc, ignore_errors=True)
         # Gone with the namespace, unless creation failed before its peer moved in there.
         subprocess.run(["ip", "link", "delete", self.outer_link], capture_output=True, timeout=30)
         if not os.environ.get("MAILFERRY_KEEP_TMP"):
@@ -222,9 +269,14 @@ WHY_NOT = missing_prerequisites() or mail_missing()
 
 
 class NetnsWorld(World):
-    """fed + embedded s1 in the root namespace, mail hosts pfa and pfb in namespaces."""
+    """fed + embedded s1 in the root namespace, mail hosts pfa and pfb in namespaces.
 
-    def __init__(self, root: Path) -> None:
+    With `tls` (the default: hosts elsewhere on the network), a private CA under
+    ``root/pki`` signs a certificate for each host's address and one for fed's; every hop
+    requires TLS with that CA: the reconciler's IMAP (STARTTLS), fed -> Postfix (smtpTls),
+    the driver's checks, Postfix -> fed (fed's tlsCert) and Postfix -> Dovecot LMTP."""
+
+    def __init__(self, root: Path, *, tls: bool = True) -> None:
         if WHY_NOT:  # in CI a missing prerequisite is a failure, not a skip
             raise RuntimeError(f"two hosts in network namespaces unavailable: {WHY_NOT}")
         self.root = root
@@ -234,6 +286,8 @@ class NetnsWorld(World):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key),
                         "-C", "mailferry reconciler"], check=True, timeout=30)
         self.fed_port = free_port()
+        self.tls = tls
+        self.ca = root / "pki" / "ca.pem"
         self.ns: dict[str, NetnsHost] = {}
         try:
             for name in ("pfa", "pfb"):
@@ -243,12 +297,22 @@ class NetnsWorld(World):
                 host.start_sshd()
             self.known_hosts = self.keys / "known_hosts"
             self.known_hosts.write_text("".join(h.known_hosts_line() for h in self.ns.values()))
-            self.hosts: dict[str, MailHost] = {n: h.start_mail() for n, h in self.ns.items()}
-            docs = base_documents(root)
             # fed listens on pfa's veth address in the root namespace: both hosts reach it
             # through their default route (a local address here, nothing forwarded).
             self.fed_host = self.ns["pfa"].outside
+            certs: dict[str, tuple[Path, Path, Path]] = {}
+            if tls:
+                make_ca(self.ca.parent)
+                for n, h in self.ns.items():
+                    certs[n] = (*server_cert(self.ca, n, f"IP:{h.address},DNS:{n}.mail.invalid"),
+                                self.ca)
+                fed_cert = server_cert(self.ca, "fed", f"IP:{self.fed_host}")
+            self.hosts: dict[str, MailHost] = {n: h.start_mail(certs.get(n))
+                                               for n, h in self.ns.items()}
+            docs = base_documents(root)
             docs[2]["spec"]["smtp"] = f"{self.fed_host}:{self.fed_port}"
+            if tls:
+                docs[2]["spec"].update(tlsCert=str(fed_cert[0]), tlsKey=str(fed_cert[1]))
             self.base = [docs[0], *(self.system_document(n) for n in self.hosts), docs[2],
                          docs[3]]
             self.base_dir = root / "base-specs"
@@ -262,7 +326,8 @@ class NetnsWorld(World):
         """The driver's account database, on the reconciler's side."""
         return self.root / "reconciler-state" / name
 
-    def system_document(self, name: str, known_hosts: Path | None = None) -> dict[str, Any]:
+    def system_document(self, name: str, known_hosts: Path | None = None,
+                        ca_file: Path | None = None, sudo: bool = False) -> dict[str, Any]:
         host, ns = self.hosts[name], self.ns[name]
         doc = host.spec_document()
         box = doc["spec"]["postfixDovecot"]
@@ -274,6 +339,11 @@ class NetnsWorld(World):
                     "sshKnownHostsFile": str(known_hosts or self.known_hosts),
                     "masterUser": {"user": box["masterUser"]["user"],
                                    "password": {"file": str(secret)}}})
+        if sudo:
+            box.update(host=f"ssh://{SUDO_USER}@{ns.address}:22", sshSudo=True)
+        if self.tls:
+            box.update(imapTls="starttls", imapCaFile=str(ca_file or self.ca),
+                       smtpTls="starttls", smtpCaFile=str(ca_file or self.ca))
         return doc
 
     def stop(self) -> None:

@@ -96,6 +96,7 @@ discard    unix  - - n -     - discard
 anvil      unix  - - n -     1 anvil
 scache     unix  - - n -     1 scache
 postlog    unix-dgram n - n - 1 postlogd
+tlsmgr     unix  - - n 1000? 1 tlsmgr
 """
 
 MAIN_CF = """\
@@ -182,6 +183,20 @@ service lmtp {{
 }}
 """
 
+TLS_MAIN_CF = """\
+# TLS required on every hop (tests/pfdovecot.py MailHost.tls)
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_tls_security_level = encrypt
+smtpd_tls_loglevel = 1
+smtp_tls_security_level = encrypt
+smtp_tls_CAfile = {ca}
+smtp_tls_loglevel = 1
+lmtp_tls_security_level = encrypt
+lmtp_tls_CAfile = {ca}
+lmtp_tls_loglevel = 1
+"""
+
 
 @dataclass
 class MailHost:
@@ -203,6 +218,10 @@ class MailHost:
     address: str = "127.0.0.1"
     wrap: tuple[str, ...] = ()
     networks: str = "127.0.0.0/8"
+    # (certificate, key, CA): TLS required on every hop of this host -- smtpd takes mail only
+    # after STARTTLS, Postfix relays to fed and hands to Dovecot LMTP only over verified TLS,
+    # Dovecot logs no one in without it (a host elsewhere on the network, tests/netns.py).
+    tls: tuple[Path, Path, Path] | None = None
 
     @property
     def postfix_dir(self) -> Path:
@@ -236,9 +255,17 @@ class MailHost:
                   "lmtp": self.lmtp_port, "imap": self.imap_port, "uid": user.pw_uid,
                   "state": self.state_dir, "address": self.address,
                   "networks": self.networks}
-        (self.postfix_dir / "main.cf").write_text(MAIN_CF.format(**values))
+        main_cf, dovecot_conf = MAIN_CF.format(**values), DOVECOT_CONF.format(**values)
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            main_cf += TLS_MAIN_CF.format(cert=cert, key=key, ca=ca)
+            dovecot_conf = dovecot_conf.replace(
+                "ssl = no\ndisable_plaintext_auth = no\n",
+                f"ssl = required\nssl_cert = <{cert}\nssl_key = <{key}\n"
+                "ssl_min_protocol = TLSv1.2\ndisable_plaintext_auth = yes\n")
+        (self.postfix_dir / "main.cf").write_text(main_cf)
         (self.postfix_dir / "master.cf").write_text(MASTER_CF.format(**values))
-        self.dovecot_conf.write_text(DOVECOT_CONF.format(**values))
+        self.dovecot_conf.write_text(dovecot_conf)
         master_users = self.root / "dovecot" / "master-users"
         master_users.write_text(f"{MASTER_USER}:{{PLAIN}}{self.master_password}\n")
         master_users.chmod(0o644)

@@ -83,6 +83,13 @@ def test_directory_and_systems_routes(fed: Fed) -> None:
         c.put_entry(J, "not-a-physical@corp.example")
     with pytest.raises(PermanentError, match="protocol"):
         c.put_system("s4", "127.0.0.1", 25, "uucp")
+    tls = c.put_system("s5", "127.0.0.1", 2601, "smtp", tls="starttls", cafile="/etc/ca.pem")
+    assert (tls.tls, tls.cafile) == ("starttls", "/etc/ca.pem")
+    assert {s.name: (s.tls, s.cafile) for s in c.systems()}["s5"] == ("starttls", "/etc/ca.pem")
+    with pytest.raises(PermanentError, match="tls must be one of"):
+        c.put_system("s6", "127.0.0.1", 25, "smtp", tls="maybe")
+    with pytest.raises(PermanentError, match="cafile must be an absolute path"):
+        c.put_system("s6", "127.0.0.1", 25, "smtp", tls="starttls", cafile="ca.pem")
     with pytest.raises(PermanentError, match="not a physical address of s1"):
         c.upsync("s1", {"jean@s2.invalid": [J]})
     with pytest.raises(PermanentError, match="non-empty"):

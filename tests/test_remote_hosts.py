@@ -16,25 +16,44 @@ and every command and file write goes through SSH. What is proved:
 - the same drop at the driver: the step fails, nothing is committed, the retry completes;
 - a host key that does not match known_hosts refuses before any change: the host's
   configuration and tables byte-identical, no account in the database.
+
+TLS is required on every hop (a private CA, `tests/netns.py`): the reconciler's IMAP to
+Dovecot (``imapTls: starttls``), fed's deliveries to Postfix and the driver's checks of
+Postfix and Dovecot LMTP (``smtpTls: starttls``), Postfix's relay to fed and its hand-off
+to Dovecot LMTP. Proved from the servers' own logs that the move's mail went over TLS;
+a CA that did not sign the host's certificate fails naming the system and the hop with
+nothing changed; plaintext is refused by the servers and by fed's client.
+
+A non-root SSH user with ``sshSudo`` and a sudoers drop-in (the namespace's own, see
+`tests/netns.py`): a missing rule fails naming the command and the rule, nothing changed;
+with the rules a mailbox is created and deleted end to end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import imaplib
 import os
+import pwd
+import re
+import smtplib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fed.delivery.smtpclient import ClientError, Connection
+from mailferry.mail.tls import client_context
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
-from reconciler.drivers.sshhost import SshHost
+from reconciler.drivers.sshhost import SshHost, close_shared_hosts
 from reconciler.errors import TemporaryError
 
 from helpers import mail
-from netns import WHY_NOT, NetnsWorld
+from helpers.pki import make_ca
+from netns import SUDO_UID, SUDO_USER, WHY_NOT, NetnsWorld
 from waves import Load, account, collect, drain, run_wave
 from world import placement, policy, run_cli
 
@@ -168,7 +187,8 @@ def test_ten_mailboxes_move_between_the_hosts_while_mail_flows(world: NetnsWorld
     load = Load(world.fed_port, {n: h.smtp_port for n, h in world.hosts.items()},
                 lambda: everyone, fed_rate=20, local_rate=10, limit=300,
                 fed_host=world.fed_host,
-                local_hosts={n: h.address for n, h in world.hosts.items()}).start()
+                local_hosts={n: h.address for n, h in world.hosts.items()},
+                local_tls=client_context(str(world.ca))).start()
     errors: list[str] = []
     marker = world.ns["pfb"].arm_connection_drop()  # at pfb's first table write of the wave
     try:
@@ -193,3 +213,152 @@ def test_ten_mailboxes_move_between_the_hosts_while_mail_flows(world: NetnsWorld
                  for m in target.list_messages(box, folder)}
         assert {mid: moved.get(mid) for mid in old[address]} == old[address]
         assert engine.drivers["pfa"].get_account(box) is None  # deleted on the source
+    assert_the_mail_went_over_tls(world)
+
+
+def assert_the_mail_went_over_tls(world: NetnsWorld) -> None:
+    """Every hop of the move's mail, from the servers' logs (not their configuration)."""
+    imap_logins = 0
+    for name, host in world.hosts.items():
+        log = host.maillog()
+        # fed -> Postfix and the local senders: smtpd took mail only after STARTTLS
+        # (smtpd_tls_security_level = encrypt), each session logged as TLS.
+        assert re.search(r"TLS connection established from \S+: TLSv1\.[23]", log), name
+        # Postfix -> fed: verified against the private CA.
+        assert f"Trusted TLS connection established to {world.fed_host}[{world.fed_host}]:" \
+            f"{world.fed_port}" in log, name
+        # Postfix -> Dovecot LMTP on the host.
+        assert re.search(rf"TLS connection established to {re.escape(host.address)}"
+                         rf"\[{re.escape(host.address)}\]:{host.lmtp_port}", log), name
+        assert "status=sent" in log and "Must issue a STARTTLS" not in log, name
+        dovecot = (host.root / "dovecot" / "dovecot.log").read_text(errors="replace")
+        logins = [line for line in dovecot.splitlines() if "imap-login: Info: Login:" in line]
+        assert logins and all(", TLS" in line for line in logins), name
+        imap_logins += len(logins)
+    assert imap_logins > 10
+
+
+def test_a_ca_that_did_not_sign_the_host_fails_naming_the_system_and_hop(
+        world: NetnsWorld, tmp_path: Path) -> None:
+    other_ca = make_ca(tmp_path / "other-pki")
+    host = world.hosts["pfb"]
+    roots = (host.postfix_dir, host.dovecot_conf.parent, host.state_dir)
+    before = file_hashes(*roots)
+    saved = list(world.base)
+    try:
+        world.base[2] = world.system_document("pfb", ca_file=other_ca)
+        specs = world.write(tmp_path / "specs", [policy("p", deleteSource="never"), placement(
+            "c", "pfb", [{"address": "ca@corp.example"}], policy_name="p")])
+        state = f"sqlite:///{tmp_path / 'state.db'}"
+        result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+    finally:
+        world.base[:] = saved
+    assert result.returncode == 1, result.stdout
+    hop = f"pfb: Postfix SMTP {host.address}:{host.smtp_port}: TLS handshake failed: " \
+        "certificate verify failed"
+    assert hop in result.stdout, result.stdout
+    assert file_hashes(*roots) == before  # nothing changed on the host
+    engine = world.engine(world.base_dir, f"sqlite:///{tmp_path / 'state.db'}")
+    assert engine.drivers["pfb"].get_account(mailbox_id_for("ca@corp.example")) is None
+
+
+def test_plaintext_is_refused_where_tls_is_required(world: NetnsWorld) -> None:
+    host = world.hosts["pfb"]
+    # Postfix takes no mail in cleartext ...
+    with smtplib.SMTP(host.address, host.smtp_port, timeout=10) as smtp:
+        smtp.ehlo("plain.test")
+        code, said = smtp.mail("x@outside.example")
+        assert code == 530 and b"STARTTLS" in said, (code, said)
+    # ... Dovecot logs no one in without TLS ...
+    imap = imaplib.IMAP4(host.address, host.imap_port, timeout=10)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match=r"(?i)plaintext|TLS"):
+            imap.login("master", host.master_password)
+    finally:
+        imap.shutdown()
+    # ... and fed's client, told TLS is required, refuses a server that does not offer it
+    # (the embedded maildir system's LMTP: plaintext only) before sending anything.
+    lmtp = world.base[0]["spec"]["maildir"]["lmtp"]
+    address, port = lmtp.rsplit(":", 1)
+
+    async def attempt() -> str:
+        with pytest.raises(ClientError) as caught:
+            await Connection.open(address, int(port), True, "fed.test", 10, tls="starttls")
+        return str(caught.value)
+
+    refusal = asyncio.run(attempt())
+    assert "TLS required but the server offers no STARTTLS; nothing sent in cleartext" in refusal
+    assert lmtp in refusal
+
+
+def sudoers(host_dir: Path, postfix_dir: Path, dovecot_conf: Path, mail_root: Path, *,
+            reload: bool = True) -> str:
+    """The drop-in of docs/postfix-dovecot.md ("A non-root user with sudo"), for this host."""
+    lines = [f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postconf -c {postfix_dir} *",
+             f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/bin/doveadm -c {dovecot_conf} *",
+             f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/bin/doveconf -c {dovecot_conf} *",
+             f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postqueue -c {postfix_dir} -j",
+             f"{SUDO_USER} ALL=(vmail) NOPASSWD: /usr/bin/rm -rf -- {mail_root}/*"]
+    if reload:
+        lines.append(f"{SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postfix -c {postfix_dir} reload")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_non_root_user_with_sudo_administers_the_host(world: NetnsWorld,
+                                                        tmp_path: Path) -> None:
+    """ssh://mferry@... with sshSudo: a missing sudoers rule fails naming the command and the
+    rule, main.cf and the tables untouched; with the rules, a mailbox is created and deleted
+    end to end, every privileged command through sudo -n, the home removed as vmail."""
+    ns, host = world.ns["pfa"], world.hosts["pfa"]
+    mail_root = host.root / "mail"
+    for path in [host.state_dir, *host.state_dir.iterdir()]:  # the admin: tablesDir is hers
+        os.chown(path, SUDO_UID, SUDO_UID)
+    main_cf = host.postfix_dir / "main.cf"
+    # The admin changed relayhost: mailferry's next configuration must put it back (a
+    # postconf -e and a postfix reload, both privileged).
+    subprocess.run(["postconf", "-c", str(host.postfix_dir), "-e", "relayhost="], check=True)
+    saved = list(world.base)
+    try:
+        world.base[1] = world.system_document("pfa", sudo=True)
+        specs = world.write(tmp_path / "specs", [policy("p", deleteSource="never"), placement(
+            "s", "pfa", [{"address": "sudo@corp.example"}], policy_name="p")])
+        state = f"sqlite:///{tmp_path / 'state.db'}"
+        ns.grant(sudoers(host.root, host.postfix_dir, host.dovecot_conf, mail_root,
+                         reload=False))
+        before = file_hashes(host.postfix_dir, host.state_dir)
+        result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+        assert result.returncode == 1, result.stdout
+        url = f"ssh://{SUDO_USER}@{ns.address}:22"
+        assert f"pfa: not allowed on {url}, nothing changed: postfix -c {host.postfix_dir} " \
+            f"reload (sudoers: {SUDO_USER} ALL=(root) NOPASSWD: /usr/sbin/postfix -c " \
+            f"{host.postfix_dir} reload)" in result.stdout, result.stdout
+        assert file_hashes(host.postfix_dir, host.state_dir) == before  # nothing half-applied
+        assert "relayhost =" in main_cf.read_text()
+
+        ns.grant(sudoers(host.root, host.postfix_dir, host.dovecot_conf, mail_root))
+        state = f"sqlite:///{tmp_path / 'state-2.db'}"  # not waiting out the failed try's delay
+        result = run_cli("--specs", str(specs), "--state", state, "--apply", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout
+        assert "created on pfa" in result.stdout
+        assert f"relayhost = [{world.fed_host}]:{world.fed_port}" in main_cf.read_text()
+        box = mailbox_id_for("sudo@corp.example")
+        assert f"{box}:" in (host.state_dir / "passwd").read_text()
+        assert host.doveadm("user", box)
+        passwd = host.state_dir / "passwd"
+        assert passwd.stat().st_uid == SUDO_UID  # written as the user, not through sudo
+        engine = world.engine(specs, state)
+        driver = engine.drivers["pfa"]
+        assert isinstance(driver, PostfixDovecotDriver)
+        driver.append_message(box, "INBOX", mail.message("s", "<sudo.1@corp.example>",
+                                                         to="sudo@corp.example"))
+        home = mail_root / box
+        assert home.exists() and home.stat().st_uid == pwd.getpwnam("vmail").pw_uid
+        driver.delete_mailbox(box)  # sudo -n -u vmail rm -rf -- HOME
+        assert not home.exists() and driver.get_account(box) is None
+        sessions = (ns.root / "ssh" / "sshd.log").read_text(errors="replace")
+        assert f"Accepted publickey for {SUDO_USER}" in sessions
+    finally:
+        world.base[:] = saved
+        close_shared_hosts()
+        for path in [host.state_dir, *host.state_dir.iterdir()]:
+            os.chown(path, 0, 0)

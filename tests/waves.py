@@ -15,6 +15,7 @@ import contextlib
 import json
 import random
 import smtplib
+import ssl
 import threading
 import time
 from collections import Counter
@@ -53,9 +54,10 @@ class Stream(threading.Thread):
 
     def __init__(self, name: str, port: int, rcpts: Callable[[], list[str]], rate: float,
                  sender: str, acked: list[Sent], refused: list[tuple[str, str]],
-                 limit: float = 600.0, seed: int = 0, host: str = "127.0.0.1") -> None:
+                 limit: float = 600.0, seed: int = 0, host: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__(daemon=True, name=name)
-        self.host = host
+        self.host, self.tls = host, tls  # tls: STARTTLS before anything is sent
         self.port, self.rcpts, self.rate, self.sender = port, rcpts, rate, sender
         self.acked, self.refused, self.limit = acked, refused, limit
         self.halt = threading.Event()
@@ -83,6 +85,9 @@ class Stream(threading.Thread):
                 if client is None:
                     client = smtplib.SMTP(self.host, self.port, timeout=30)
                     client.ehlo("load.test")
+                    if self.tls is not None:
+                        client.starttls(context=self.tls)
+                        client.ehlo("load.test")
                 client.sendmail(self.sender, [rcpt], message(mid, rcpt, self.sender))
                 self.acked.append(Sent(mid, rcpt, self.name, time.time()))
             except (OSError, smtplib.SMTPException) as exc:
@@ -112,6 +117,7 @@ class Load:
     threads: list[Stream] = field(default_factory=list)
     fed_host: str = "127.0.0.1"
     local_hosts: dict[str, str] = field(default_factory=dict)  # system -> address (default lo)
+    local_tls: ssl.SSLContext | None = None  # STARTTLS to the systems' own SMTP servers
 
     def start(self) -> Load:
         for i in range(self.streams):
@@ -124,7 +130,8 @@ class Load:
                                        self.local_rate / len(self.local_ports),
                                        f"local-{system}@corp.example", self.acked,
                                        self.refused, self.limit, seed=100 + i,
-                                       host=self.local_hosts.get(system, "127.0.0.1")))
+                                       host=self.local_hosts.get(system, "127.0.0.1"),
+                                       tls=self.local_tls))
         for thread in self.threads:
             thread.start()
         return self

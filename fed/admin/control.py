@@ -247,7 +247,11 @@ class ControlAPI:
         if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool) \
                 or not isinstance(protocol, str):
             raise DirectoryError("body needs 'host' (string), 'port' (integer), 'protocol'")
-        system = self.directory.put_system(request.match_info["name"], host, port, protocol)
+        tls, cafile = data.get("tls", "none"), data.get("cafile")
+        if not isinstance(tls, str) or not (cafile is None or isinstance(cafile, str)):
+            raise DirectoryError("'tls' must be a string, 'cafile' a string or null")
+        system = self.directory.put_system(request.match_info["name"], host, port, protocol,
+                                           tls=tls, cafile=cafile)
         self.deliverer.wake()
         return _json(vars(system))
 
@@ -275,7 +279,8 @@ class ControlAPI:
             try:
                 conn = await Connection.open(system.host, system.port,
                                              system.protocol == "lmtp", settings.helo_name,
-                                             settings.timeout)
+                                             settings.timeout, tls=system.tls,
+                                             cafile=system.cafile)
                 try:
                     replies = await conn.check("", probe)
                 finally:

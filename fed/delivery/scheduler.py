@@ -491,6 +491,7 @@ class Deliverer:
         endpoint = f"{system.host}:{system.port}"
         if conn is not None and (conn.broken or conn.endpoint != endpoint
                                  or conn.lmtp != (system.protocol == "lmtp")
+                                 or conn.tls != (system.tls == "starttls")
                                  or conn.generation != system.generation):
             await conn.quit()
             conn = None
@@ -500,7 +501,8 @@ class Deliverer:
                 try:
                     conn = await Connection.open(system.host, system.port,
                                                  system.protocol == "lmtp",
-                                                 self.settings.helo_name, self.settings.timeout)
+                                                 self.settings.helo_name, self.settings.timeout,
+                                                 tls=system.tls, cafile=system.cafile)
                 except ClientError as exc:
                     return dict.fromkeys(physicals, exc.reply), None
                 conn.generation = system.generation

@@ -5,8 +5,10 @@ Why not aiosmtplib: it speaks no LMTP, and LMTP's defining feature, one reply *p
 recipient* after DATA, is exactly what fed needs to send one copy of a message to several
 mailboxes of a system and still know which of them took it. What fed needs is small:
 EHLO/LHLO, MAIL, RCPT, DATA, RSET, QUIT, PIPELINING when offered, and a connection that
-stays open for the next message. This module is that and nothing else (no TLS, no AUTH:
-fed talks to its systems and smarthost on a trusted network, as the patent's FED does).
+stays open for the next message, and STARTTLS when a system's endpoint requires it (a
+system on another host: certificate verified against a CA file or the system's roots,
+`mailferry.mail.tls`; a server that does not offer it is refused, nothing is sent in
+cleartext). No AUTH: fed's systems relay by network, as the patent's FED does.
 
 One ``Connection`` carries any number of transactions, one after the other. A transaction
 that ends without a 250 for DATA is followed by RSET, so the next one starts clean; a
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from dataclasses import dataclass
+
+from mailferry.mail.tls import client_context, describe
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -85,12 +90,17 @@ class Connection:
         self.transactions = 0
         self.data_sent = False  # the current transaction's message went out
         self.generation = 0  # the system's generation when this connection was opened
+        self.tls = False  # upgraded with STARTTLS
 
     @classmethod
-    async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float
-                   ) -> Connection:
-        """Connect, read the greeting, say EHLO/LHLO; raise ClientError on any refusal."""
+    async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float, *,
+                   tls: str = "none", cafile: str | None = None) -> Connection:
+        """Connect, read the greeting, say EHLO/LHLO; with `tls` "starttls", upgrade
+        (RFC 3207) and say it again; raise ClientError on any refusal, a missing STARTTLS
+        or a certificate that does not verify (code 0: the message stays queued)."""
         endpoint = f"{host}:{port}"
+        if tls not in ("none", "starttls"):
+            raise ClientError(Reply(0, f"{endpoint}: tls {tls!r} is not none or starttls"))
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
@@ -107,10 +117,39 @@ class Connection:
             if not hello.ok:
                 raise ClientError(hello)
             conn.extensions = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+            if tls == "starttls":
+                await conn._starttls(host, helo, cafile)
         except ClientError:
             conn.close()
             raise
         return conn
+
+    async def _starttls(self, host: str, helo: str, cafile: str | None) -> None:
+        """STARTTLS, the handshake, EHLO/LHLO again (what was offered in cleartext is
+        forgotten, RFC 3207 4.2)."""
+        if "STARTTLS" not in self.extensions:
+            raise ClientError(Reply(0, f"{self.endpoint}: TLS required but the server offers "
+                                       "no STARTTLS; nothing sent in cleartext"))
+        self._send(b"STARTTLS\r\n")
+        ready = await self._reply()
+        if ready.code != 220:
+            raise ClientError(Reply(ready.code, f"{self.endpoint}: STARTTLS refused: "
+                                                f"{ready.text}"))
+        try:
+            context = client_context(cafile)
+            async with asyncio.timeout(self.timeout):
+                await self._writer.start_tls(context, server_hostname=host)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            self.broken = True
+            self.close()
+            raise ClientError(Reply(0, f"{self.endpoint}: TLS handshake failed: "
+                                       f"{describe(exc)}")) from exc
+        self.tls = True
+        self._send(f"{'LHLO' if self.lmtp else 'EHLO'} {helo}\r\n".encode())
+        hello, lines = await self._reply_lines()
+        if not hello.ok:
+            raise ClientError(hello)
+        self.extensions = {line.split(" ", 1)[0].upper() for line in lines[1:]}
 
     def _send(self, data: bytes) -> None:
         self._writer.write(data)

@@ -39,6 +39,7 @@ from . import shared_db as t
 from .shared_db import SharedDB, bump, counters
 
 PROTOCOLS = ("lmtp", "smtp")
+TLS_MODES = ("none", "starttls")
 
 
 class DirectoryError(Exception):
@@ -59,6 +60,8 @@ class System:
     protocol: str
     # Bumped by a refresh: connections opened under an older generation are retired.
     generation: int = 0
+    tls: str = "none"  # "starttls": required, the certificate verified (a system elsewhere)
+    cafile: str | None = None  # the CA that signed its certificate (None: system roots)
 
 
 @dataclass
@@ -146,7 +149,8 @@ class Directory:
             self._own.append((version, address, physical))
 
     # -- systems ---------------------------------------------------------------------
-    def put_system(self, name: str, host: str, port: int, protocol: str) -> System:
+    def put_system(self, name: str, host: str, port: int, protocol: str, *,
+                   tls: str = "none", cafile: str | None = None) -> System:
         """Create or replace a system's delivery endpoint."""
         name = name.lower()
         if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -155,15 +159,20 @@ class Directory:
             raise DirectoryError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if not host or not (0 < port < 65536):
             raise DirectoryError(f"bad endpoint {host!r}:{port!r}")
+        if tls not in TLS_MODES:
+            raise DirectoryError(f"tls must be one of {TLS_MODES}, got {tls!r}")
+        if cafile is not None and not cafile.startswith("/"):
+            raise DirectoryError(f"cafile must be an absolute path, got {cafile!r}")
         with self.shared.write() as db:
             current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
             system = System(name, host, port, protocol,
-                            0 if current is None else int(current.generation))
+                            0 if current is None else int(current.generation), tls, cafile)
             if current is None:
                 db.execute(insert(t.systems).values(vars(system)))
             elif _system(current) != system:
                 db.execute(update(t.systems).where(t.systems.c.name == name)
-                           .values(host=host, port=port, protocol=protocol))
+                           .values(host=host, port=port, protocol=protocol, tls=tls,
+                                   cafile=cafile))
             if current is None or _system(current) != system:
                 bump(db, "systems_version")
             version = counters(db)["systems_version"]
@@ -414,7 +423,8 @@ def _merge_claim(db: Connection, system: str, address: str, physical: str,
 
 def _system(r: Row[Any]) -> System:
     return System(str(r.name), str(r.host), int(r.port), str(r.protocol),
-                  int(r.generation or 0))
+                  int(r.generation or 0), str(r.tls or "none"),
+                  None if r.cafile is None else str(r.cafile))
 
 
 def _change(entries: dict[str, str], address: str, physical: str | None) -> None:

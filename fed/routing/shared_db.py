@@ -71,6 +71,10 @@ systems = Table(
     # Bumped by a refresh (the system's tables changed): every node retires the connections
     # it opened to the system under an older generation. Added after the first release.
     Column("generation", BigInteger, nullable=False, server_default="0"),
+    # STARTTLS required to the system ('none' or 'starttls') and the CA file that verifies
+    # its certificate (NULL: the roots of fed's machine). Added after the first release.
+    Column("tls", String(16), nullable=False, server_default="none"),
+    Column("cafile", String(1000), nullable=True),
     CheckConstraint("protocol IN ('lmtp', 'smtp')", name="systems_protocol"),
 )
 # Version counters: 'version' (directory, the down-sync version), 'systems_version',
@@ -194,6 +198,13 @@ class SharedDB:
                 conn.exec_driver_sql(
                     "ALTER TABLE systems ADD COLUMN generation BIGINT NOT NULL DEFAULT 0")
             log.info("shared database: added the column systems.generation")
+        have = {c["name"] for c in inspect(self.engine).get_columns("systems")}
+        for column, ddl in (("tls", "VARCHAR(16) NOT NULL DEFAULT 'none'"),
+                            ("cafile", "VARCHAR(1000)")):
+            if column not in have:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE systems ADD COLUMN {column} {ddl}")
+                log.info("shared database: added the column systems.%s", column)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

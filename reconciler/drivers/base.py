@@ -132,6 +132,8 @@ class DeliveryEndpoint:
     host: str
     port: int
     protocol: str = "lmtp"  # "lmtp" or "smtp"
+    tls: str = "none"  # "starttls": fed requires it and verifies the certificate
+    cafile: str | None = None  # the CA file fed verifies it with (None: system roots)
 
 
 class MailSystemDriver(abc.ABC):

@@ -78,8 +78,14 @@ class Host(Protocol):
         """Remove a file (absent is fine)."""
         ...
 
-    def remove_tree(self, path: str) -> None:
-        """Remove a folder and everything in it (absent is fine): a mailbox's home."""
+    def remove_tree(self, path: str, *, as_user: str | None = None) -> None:
+        """Remove a folder and everything in it (absent is fine): a mailbox's home, owned by
+        `as_user` (a host with sudo removes it as that user, not as root)."""
+        ...
+
+    def refused(self, argvs: Sequence[Sequence[str]]) -> list[str]:
+        """Which of these commands the host's user may not run (sudo's rules, checked with
+        ``sudo -n -l``, nothing run), each with the sudoers line that would allow it."""
         ...
 
     def user_ids(self, user: str) -> tuple[int, int] | None:
@@ -174,7 +180,10 @@ class LocalHost:
         except OSError as exc:
             raise HostError(f"{self.label}: remove {path}: {exc}") from exc
 
-    def remove_tree(self, path: str) -> None:
+    def refused(self, argvs: Sequence[Sequence[str]]) -> list[str]:
+        return []  # the reconciler's own user: what it may not do fails when it runs
+
+    def remove_tree(self, path: str, *, as_user: str | None = None) -> None:
         try:
             if os.path.exists(path):
                 shutil.rmtree(path)

@@ -39,11 +39,13 @@ import json
 import shlex
 import smtplib
 import sqlite3
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from mailferry.mail.tls import client_context, describe
 from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
     Account,
@@ -81,14 +83,25 @@ def _host_of(options: PostfixDovecotOptions) -> Host:
     return shared_host(options.host)
 
 
-def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool) -> None:
-    """EHLO/LHLO; TemporaryError naming the server unless it answers 250."""
+def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool, *,
+               tls: str = "none", cafile: str | None = None) -> None:
+    """EHLO/LHLO (and with `tls` "starttls" the upgrade fed's deliveries will do, with the
+    same certificate check); TemporaryError naming the system and the hop unless it works."""
     try:
         client = smtplib.LMTP if lmtp else smtplib.SMTP
         with client(endpoint.host, endpoint.port, timeout=10) as conn:
             code, msg = conn.ehlo()
             if code != 250:
                 raise TemporaryError(f"{system}: {what} {endpoint} answered {code} {msg!r}")
+            if tls == "starttls":
+                if not conn.has_extn("starttls"):
+                    raise TemporaryError(f"{system}: {what} {endpoint}: TLS required "
+                                         "(smtpTls: starttls) but it offers no STARTTLS")
+                try:
+                    conn.starttls(context=client_context(cafile))
+                except (OSError, ssl.SSLError) as exc:
+                    raise TemporaryError(f"{system}: {what} {endpoint}: TLS handshake "
+                                         f"failed: {describe(exc)}") from exc
     except (OSError, smtplib.SMTPException) as exc:
         raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
 
@@ -218,6 +231,14 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         wanted = self.wanted_postfix()
         current = dict(zip(wanted, self._postconf(list(wanted)), strict=False))
         changes = {k: v for k, v in wanted.items() if current.get(k, "").strip() != v}
+        if changes:  # a host with sudo: every privileged command allowed, or none run
+            config_dir = self.options.postfix_config_dir
+            refused = self.host.refused([
+                ["postconf", "-c", config_dir, "-e", *(f"{k}={v}" for k, v in changes.items())],
+                ["postfix", "-c", config_dir, "reload"]])
+            if refused:
+                raise TemporaryError(f"{self.name}: not allowed on {self.host.label}, nothing "
+                                     "changed: " + "; ".join(refused))
         self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
             config_dir = self.options.postfix_config_dir
@@ -300,8 +321,11 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
     # -- health -------------------------------------------------------------------------
     def ping(self) -> None:
         """Postfix SMTP, Dovecot LMTP and IMAP answer, and the configuration is in place."""
-        _ping_smtp(self.name, "Postfix SMTP", self.options.smtp, lmtp=False)
-        _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True)
+        tls, cafile = self.options.smtp_tls, self.options.smtp_cafile
+        _ping_smtp(self.name, "Postfix SMTP", self.options.smtp, lmtp=False, tls=tls,
+                   cafile=cafile)
+        _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True, tls=tls,
+                   cafile=cafile)
         imap = self.options.imap
         greeting(imap.host, imap.port, self.options.imap_tls, system=self.name,
                  cafile=self.options.imap_cafile)
@@ -309,7 +333,8 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
 
     def delivery_endpoint(self) -> DeliveryEndpoint:
         """fed delivers over SMTP to Postfix, so Postfix's redirects apply to its mail too."""
-        return DeliveryEndpoint(self.options.smtp.host, self.options.smtp.port, "smtp")
+        return DeliveryEndpoint(self.options.smtp.host, self.options.smtp.port, "smtp",
+                                tls=self.options.smtp_tls, cafile=self.options.smtp_cafile)
 
     # -- accounts -----------------------------------------------------------------------
     def create_mailbox(
@@ -357,7 +382,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             # The files are rewritten before the commit; the data goes with them, so a
             # crash before the commit re-creates routes to an empty home, never the reverse.
             self.tables.install(conn)
-            self.host.remove_tree(str(home))
+            self.host.remove_tree(str(home), as_user=self.options.mail_user)
         self._write(f"delete {mailbox_id}", change)
 
     # -- data -----------------------------------------------------------------------------

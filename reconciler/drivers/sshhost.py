@@ -17,7 +17,10 @@ install or audit. How it is used:
   writes known_hosts. ``ServerAliveInterval`` notices a dead connection within ~15 s.
 - **Commands** are quoted with `shlex.join` for the remote POSIX shell (``sh -c``); the
   remote user needs the rights the local driver would (run postconf/postmap/doveadm/postfix
-  reload, write the tables folder and main.cf, remove a mailbox's home).
+  reload, write the tables folder and main.cf, remove a mailbox's home). With ``sshSudo``
+  (a non-root user) every `run` is ``sudo -n -- ARGV`` (never a prompt), a home is removed
+  with ``sudo -n -u MAILUSER rm -rf -- HOME``, the tables are written as the user itself
+  (its own ``tablesDir``), and `refused` asks ``sudo -n -l ARGV`` before a change.
 - **Atomic writes** remotely, in one round trip: the bytes go on stdin into a temporary file
   beside the target (``cat >``), its size is checked (a connection dropped mid-transfer
   leaves a short temporary file that is never renamed), ``chmod``/``chown``, ``sync FILE``
@@ -169,12 +172,48 @@ class SshHost:
         return result
 
     # -- the Host protocol ----------------------------------------------------------------
+    def _privileged(self, argv: Sequence[str], as_user: str | None = None) -> list[str]:
+        if not self.target.sudo:
+            return list(argv)
+        return ["sudo", "-n", *(["-u", as_user] if as_user else []), "--", *argv]
+
+    def sudoers_line(self, argv: Sequence[str], as_user: str | None = None) -> str:
+        """The rule that allows `argv` (its program by absolute path, as sudo wants)."""
+        return f"{self.target.user or 'USER'} ALL=({as_user or 'root'}) NOPASSWD: " \
+            f"{command_text(argv)}"
+
     def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
             timeout: float = 60) -> str:
-        result = self._exec(shlex.join(list(argv)), argv, stdin=stdin, timeout=timeout)
+        full = self._privileged(argv)
+        result = self._exec(shlex.join(full), argv, stdin=stdin, timeout=timeout)
         out = result.stdout.decode("utf-8", "replace")
         if result.returncode != 0:
-            raise failure(self.label, argv, result.stderr.decode("utf-8", "replace"), out)
+            err = result.stderr.decode("utf-8", "replace")
+            if self.target.sudo and err.startswith("sudo:"):
+                raise HostError(f"{self.label}: sudo refused {command_text(argv)}: "
+                                f"{err.strip()[:200]}; the host's sudoers needs a rule like: "
+                                f"{self.sudoers_line(argv)}")
+            raise failure(self.label, argv, err, out)
+        return out
+
+    def refused(self, argvs: Sequence[Sequence[str]]) -> list[str]:
+        """One round trip: ``sudo -n -l ARGV`` for each (exit 0: allowed); nothing runs.
+        Each refused command comes back with the sudoers line that would allow it, its
+        program resolved on the host (``command -v``, what sudo's secure_path finds)."""
+        if not self.target.sudo or not argvs:
+            return []
+        script = "".join(
+            f'if sudo -n -l -- {shlex.join(list(a))} >/dev/null 2>&1; then echo ok; '
+            f'else echo "no $(command -v {shlex.quote(a[0])} || echo {shlex.quote(a[0])})"; fi\n'
+            for a in argvs)
+        result = self._exec(script, ["sudo", "-n", "-l", "..."])
+        lines = result.stdout.decode("utf-8", "replace").splitlines()
+        out = []
+        for argv, line in zip(argvs, lines, strict=False):
+            if line != "ok":
+                program = line.removeprefix("no ").strip() or argv[0]
+                out.append(f"{command_text(argv)} (sudoers: "
+                           f"{self.sudoers_line([program, *argv[1:]])})")
         return out
 
     def read_file(self, path: str) -> bytes | None:
@@ -253,11 +292,21 @@ class SshHost:
     def remove_file(self, path: str) -> None:
         self.run(["rm", "-f", "--", path])
 
-    def remove_tree(self, path: str) -> None:
+    def remove_tree(self, path: str, *, as_user: str | None = None) -> None:
         if not path.startswith("/") or path.rstrip("/") == "":
             raise HostError(f"{self.label}: refusing to remove {path!r} (not an absolute "
                             "folder below /)")
-        self.run(["rm", "-rf", "--", path])
+        argv = ["rm", "-rf", "--", path]
+        result = self._exec(shlex.join(self._privileged(argv, as_user)), argv)
+        if result.returncode != 0:
+            err = result.stderr.decode("utf-8", "replace")
+            if self.target.sudo and err.startswith("sudo:"):
+                rule = self.sudoers_line(["/bin/rm", "-rf", "--",
+                                          path.rsplit("/", 1)[0] + "/*"], as_user)
+                raise HostError(f"{self.label}: sudo refused {command_text(argv)} as "
+                                f"{as_user or 'root'}: {err.strip()[:200]}; the host's sudoers "
+                                f"needs: {rule}")
+            raise failure(self.label, argv, err)
 
     def user_ids(self, user: str) -> tuple[int, int] | None:
         result = self._exec(f"getent passwd {shlex.quote(user)}", ["getent", "passwd", user])

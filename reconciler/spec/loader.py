@@ -407,7 +407,7 @@ class _Loader:
 
     def ssh_target(self, doc: _Doc, here: JsonPath, box: dict[str, Any]) -> SshTarget | None:
         """spec.postfixDovecot.host (ssh://user@host:port) and its SSH options, or None."""
-        ssh_only = ("tablesDir", "sshIdentityFile", "sshKnownHostsFile")
+        ssh_only = ("tablesDir", "sshIdentityFile", "sshKnownHostsFile", "sshSudo")
         if "host" not in box:
             for key in ssh_only:
                 if key in box:
@@ -428,7 +428,8 @@ class _Loader:
         return SshTarget(
             user=url.username, hostname=url.hostname or "", port=port,
             identity_file=self.path_value(identity) if identity else None,
-            known_hosts_file=self.path_value(known) if known else None)
+            known_hosts_file=self.path_value(known) if known else None,
+            sudo=bool(box.get("sshSudo", False)))
 
     def build_system(self, doc: _Doc) -> None:
         """A MailSystem document -> MailSystemSpec (with its driver's settings object)."""
@@ -469,6 +470,8 @@ class _Loader:
                 master=cast(MasterUser, self.master_user(box["masterUser"])),
                 imap_tls=str(box.get("imapTls", "none")),
                 imap_cafile=self.path_value(box["imapCaFile"]) if "imapCaFile" in box else None,
+                smtp_tls=str(box.get("smtpTls", "none")),
+                smtp_cafile=self.path_value(box["smtpCaFile"]) if "smtpCaFile" in box else None,
                 adopt=bool(box.get("adopt", False)),
                 host=ssh,
                 tables_dir=on_host("tablesDir") if ssh is not None and "tablesDir" in box
@@ -525,6 +528,9 @@ class _Loader:
                 networks.append(str(ipaddress.ip_network(str(raw), strict=False)))
             except ValueError as exc:
                 self.fail(doc, ("spec", "relayNetworks", i), f"not a network: {exc}")
+        if ("tlsCert" in spec) != ("tlsKey" in spec):
+            self.fail(doc, ("spec", "tlsCert" if "tlsCert" in spec else "tlsKey"),
+                      "tlsCert and tlsKey go together", key_line=True)
         fed = FedSpec(
             name=cast(str, doc.name),
             smtp=self.endpoint(doc, ("spec", "smtp"), spec["smtp"]),
@@ -534,6 +540,8 @@ class _Loader:
             domains=tuple(d.lower() for d in spec["domains"]),
             location=doc.location(),
             relay_networks=tuple(networks),
+            tls_cert=self.path_value(spec["tlsCert"]) if "tlsCert" in spec else None,
+            tls_key=self.path_value(spec["tlsKey"]) if "tlsKey" in spec else None,
         )
         if doc.valid:
             self.feds.append(fed)

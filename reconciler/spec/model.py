@@ -96,6 +96,7 @@ class SshTarget:
     port: int = 22
     identity_file: str | None = None  # absolute, on the reconciler's machine
     known_hosts_file: str | None = None  # absolute; None: the client's own known_hosts
+    sudo: bool = False  # a non-root user: privileged commands through `sudo -n`
 
     @property
     def url(self) -> str:
@@ -119,6 +120,8 @@ class PostfixDovecotOptions:
     master: MasterUser
     imap_tls: str = "none"  # none | starttls | implicit
     imap_cafile: str | None = None  # absolute: a private CA for Dovecot's certificate
+    smtp_tls: str = "none"  # none | starttls: fed -> Postfix, the checks of Postfix and LMTP
+    smtp_cafile: str | None = None  # absolute: a private CA for Postfix's certificate
     adopt: bool = False  # the admin's own system: learn it, overlay what mailferry adds
     host: SshTarget | None = None  # None: Postfix and Dovecot run on this machine
     tables_dir: str | None = None  # on the host: the rendered tables (None: state_dir)
@@ -186,6 +189,8 @@ class FedSpec:
     domains: tuple[str, ...]
     location: SourceLocation
     relay_networks: tuple[str, ...] = ()  # CIDRs that may relay without AUTH (fed serve)
+    tls_cert: str | None = None  # absolute: fed's STARTTLS certificate chain (fed serve)
+    tls_key: str | None = None  # absolute: its private key
 
 
 @dataclass(frozen=True)

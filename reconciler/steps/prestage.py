@@ -86,6 +86,9 @@ def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> Outcome:
     mailbox_id = mailbox_id_for(want.address)
     account = driver.get_account(mailbox_id)
     if account is None:
+        # Nothing before the system answers as fed and the mover will reach it (its TLS
+        # and certificate too): a mailbox fed cannot deliver to is not created.
+        ctx.ping(want.system)
         account = driver.create_mailbox(mailbox_id, access_addresses=(want.address,))
     if set(account.all_addresses) != {want.address, *want.aliases}:
         driver.set_addresses(mailbox_id, (want.address,), want.aliases)

@@ -53,6 +53,7 @@ from typing import Union, cast
 
 from mailferry.mail.imap.quoting import quote
 from mailferry.mail.imap.servers import family_of
+from mailferry.mail.tls import client_context
 
 Value = Union[bytes, int, None, "list[Value]"]
 Untagged = list[Value]  # one untagged response, parsed: [b"12", b"FETCH", [...]]
@@ -368,7 +369,7 @@ class ImapClient:
         mode = {True: "implicit", False: "none"}.get(tls, tls) if isinstance(tls, bool) else tls
         if mode not in ("none", "implicit", "starttls"):
             raise ValueError(f"tls: {tls!r} is not none, implicit or starttls")
-        context = ssl.create_default_context(cafile=cafile) if mode != "none" else None
+        context = client_context(cafile) if mode != "none" else None
         where = f"IMAP {host}:{port}"
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
