@@ -122,9 +122,9 @@ def states(engine: Engine, addresses: set[str]) -> Counter[int]:
 
 def test_two_workers_share_a_wave_and_copy_each_mailbox_once(
         world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
-    throttled = {"throttle": {"messagesPerSecond": 60}}
+    throttled: dict[str, object] = {"throttle": {"messagesPerSecond": 60}}
     engine, seeded = prepared(world, postgres, tmp_path, "share", 6, 12, {"ps": throttled})
-    workers = Workers(engine.specs.root, postgres.url, tmp_path)
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
     try:
         workers.start()
         workers.start()
@@ -155,7 +155,7 @@ def test_a_rerun_or_a_second_reconciler_queues_a_step_once(
     engine, seeded = prepared(world, postgres, tmp_path, "once", 1, 5, {"po": {}})
     (address, ids), = seeded.items()
     for _ in range(2):
-        again = world.engine(engine.specs.root, postgres.url)
+        again = world.engine(Path(engine.specs.root), postgres.url)
         again.jobs = queue = Queue(again.store, max_wait=1.0)
         again.apply()
         queue.close()
@@ -166,7 +166,7 @@ def test_a_rerun_or_a_second_reconciler_queues_a_step_once(
     with engine.store.session() as session:
         rows = session.scalars(select(DataJob).where(DataJob.address == address)).all()
     assert jobs == 1 and [(r.step, r.status) for r in rows] == [("E15", "queued")]
-    workers = Workers(engine.specs.root, postgres.url, tmp_path)
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
     try:
         workers.start()
         queue = with_queue(engine)
@@ -182,11 +182,11 @@ def test_a_rerun_or_a_second_reconciler_queues_a_step_once(
 
 def test_a_worker_killed_mid_copy_hands_its_job_to_another(
         world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
-    slow = {"throttle": {"messagesPerSecond": 15},
+    slow: dict[str, object] = {"throttle": {"messagesPerSecond": 15},
             "deleteSource": {"after": "0s", "consent": False}}
     engine, seeded = prepared(world, postgres, tmp_path, "kill", 1, 60, {"pk": slow})
     (address, ids), = seeded.items()
-    workers = Workers(engine.specs.root, postgres.url, tmp_path)
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
     queue = with_queue(engine)
     outcome: list[ApplyReport] = []
     applying = threading.Thread(target=lambda: outcome.append(engine.apply(max_passes=200)))
@@ -229,10 +229,10 @@ def test_max_parallel_of_a_system_holds_across_workers(
         world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
     """Two policies of maxParallel 2 each let the plan run four copies from s1 at once;
     three workers of two jobs could run six; s1 (source) takes two at a time."""
-    spec = {"maxParallel": 2, "throttle": {"messagesPerSecond": 40}}
+    spec: dict[str, object] = {"maxParallel": 2, "throttle": {"messagesPerSecond": 40}}
     engine, seeded = prepared(world, postgres, tmp_path, "par", 8, 10,
                               {"pa": spec, "pb": spec})
-    workers = Workers(engine.specs.root, postgres.url, tmp_path)
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
     try:
         for _ in range(3):
             workers.start(concurrency=2)
