@@ -110,8 +110,9 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
         pair: Pair, tmp_path: Path) -> None:
     """Six mailboxes at once into a target whose proxy answers two APPENDs with
     `NO [THROTTLED]` and another with an early `BYE` (each in a different attempt): every
-    mailbox completes with each message exactly once, and after the first refusal the mover used fewer connections
-    at once and appended at a lower rate (both measured by the proxy)."""
+    mailbox completes with each message exactly once, and after the first refusal the
+    mover used fewer connections at once and appended at a lower rate (both measured by
+    the proxy)."""
     users = [f"p{i}" for i in range(6)]
     for user in users:
         fill(pair.src, user, {"INBOX": messages(user, 120)})

@@ -28,7 +28,7 @@ from reconciler.mover.manifest import Manifest, RunFigures
 from reconciler.mover.pace import BudgetSpent, Shed, SystemPace
 from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
 from reconciler.mover.progress import Progress
-from reconciler.mover.throttle import Throttle
+from reconciler.mover.throttle import Throttle, is_throttling
 
 RETRYABLE = (ImapError, OSError, asyncio.TimeoutError, EOFError)
 THROTTLED_RETRIES = 30  # throttled attempts of one mailbox before it is left for later
@@ -54,16 +54,19 @@ class Refused(Exception):
         self.pause, self.shed = pause, shed
 
 
-def _refused(exc: ImapThrottled, endpoints: tuple[Endpoint, ...]) -> Refused:
-    """Tell the pace of the system that refused us (the endpoint of that server); a copy
-    that gave its connection back (`Shed`) reconnects as soon as a slot is free."""
+def _refused(exc: ImapThrottled, endpoints: tuple[Endpoint, ...],
+             throttle: Throttle | None) -> Refused:
+    """Tell the pace of the system that refused us (the endpoint of that server; else the
+    job's throttle, the fleet's pace of its source in a worker); a copy that gave its
+    connection back (`Shed`) reconnects as soon as a slot is free."""
     if isinstance(exc, Shed):
         return Refused(exc, 0.0, "", shed=True)
     for endpoint in endpoints:
         pace: SystemPace | None = getattr(endpoint, "pace", None)
         if pace is not None and getattr(endpoint, "server", None) == exc.server:
             return Refused(exc, pace.throttled(str(exc)), pace.system)
-    return Refused(exc, 2.0, "")
+    keep_off = throttle.throttled(str(exc)) if throttle is not None else 0.0
+    return Refused(exc, max(keep_off, 2.0), "")
 
 
 async def _attempt(job: Job, manifest: Manifest | None, progress: Progress) -> MailboxReport:
@@ -73,7 +76,7 @@ async def _attempt(job: Job, manifest: Manifest | None, progress: Progress) -> M
         return await MailboxCopy(job.key, source, target, manifest=manifest, progress=progress,
                                  throttle=job.throttle, options=job.options).run()
     except ImapThrottled as exc:
-        raise _refused(exc, (source, target)) from exc
+        raise _refused(exc, (source, target), job.throttle) from exc
     finally:
         await asyncio.gather(source.close(), target.close(), return_exceptions=True)
 
@@ -150,7 +153,12 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
                 report = MailboxReport(job.key, error=f"{type(last).__name__}: {last}",
                                        attempts=attempt, throttled=refusals)
                 break
-            await asyncio.sleep(backoff(attempt - refusals, pause, 15.0, jitter=False))
+            # A throttling answer that is no IMAP one (a driver's): the job's throttle
+            # slows down (for every worker, when it is the fleet's) and says how long.
+            keep_off = job.throttle.throttled(str(exc)) \
+                if job.throttle is not None and is_throttling(str(exc)) else 0.0
+            await asyncio.sleep(max(keep_off, backoff(attempt - refusals, pause, 15.0,
+                                                      jitter=False)))
     report.seconds = time.monotonic() - started
     if manifest is not None:
         figures = RunFigures(

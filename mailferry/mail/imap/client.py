@@ -223,7 +223,8 @@ class ImapThrottled(ImapConnectionError):
 # "Too many simultaneous connections", Exchange Online's "Server Unavailable. 15",
 # "try again later"): read in NO answers, the greeting and BYE.
 _THROTTLE = re.compile(rb"\[(?:LIMIT|THROTTLED|UNAVAILABLE|INUSE)\b|too many (?:simultaneous )?"
-                       rb"(?:connections|sessions|logins)|server unavailable|try again later",
+                       rb"(?:connections|sessions|logins)|maximum number of connections"
+                       rb"|server unavailable|try again later",
                        re.IGNORECASE)
 
 
