@@ -202,8 +202,13 @@ def ascii_form(address: str) -> str | None:
 
 def check(address: str) -> str:
     """The key of an address from a person or another system, AddressError (saying why)
-    if it is none: what a spec or a directory entry may hold."""
-    parse(address)
+    if it is none: what a spec or a directory entry may hold. A-labels must decode."""
+    domain = parse(address).domain_ascii
+    if "xn--" in domain:
+        try:
+            idna.decode(domain, uts46=True)
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise AddressError(f"domain {domain!r} is not a valid IDN: {exc}") from None
     return address_key(address)
 
 
