@@ -4,7 +4,8 @@ mailbox still with its own transitions and events; against the real embedded fed
 
 - twelve mailboxes (with aliases) moving together: the pass calls fed's hold, flips and
   release once each and `POST /v1/flip` never; every row reaches 6 through 4 -> 5 -> 6, one
-  event per transition, fed's directory names BOX2 for every address, no hold is left;
+  event per transition, fed's directory names BOX2 for every address, every BOX1 redirects
+  to its BOX2 (one transaction of s1's store), no hold is left;
 - fed killed (-9) just as the batch flip is sent: nothing is flipped, every mailbox stays held
   (5) with its error recorded and no E9 event, fed's holds survive its restart, and the next
   pass flips and releases them all in one call;
@@ -134,6 +135,8 @@ def test_one_hold_one_flip_one_release_for_the_whole_wave(world: World, tmp_path
         assert path[box["address"]][-2:] == [("E5-E8", 5), ("E9", 6)]
         for address in (box["address"], *box["aliases"]):
             assert engine.fed.lookup(address) == box2(box["address"])
+        source = engine.drivers["s1"].get_account(mailbox_id_for(box["address"]))
+        assert source is not None and source.redirect_to == box2(box["address"])
     with engine.store.session() as session:  # each E9 event names its own mailbox only
         e9 = {e.address: json.loads(e.detail) for e in session.scalars(
             select(Event).where(Event.step == "E9", Event.address.like("wave%")))}
