@@ -56,6 +56,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from mailferry.mail.addresses import (
     address_key,
+    domain_key,
     domain_of,
     has_forbidden,
     is_valid,
@@ -143,7 +144,7 @@ class FedHandler:
                  settings: SmtpSettings, on_queued: Callable[[], None]) -> None:
         self.directory = directory
         self.spool = spool
-        self.domains = {d.lower() for d in domains}
+        self.domains = {domain_key(d) for d in domains}
         self.settings = settings
         self.hostname = settings.hostname
         self.max_rcpts = settings.max_rcpts

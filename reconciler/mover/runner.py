@@ -27,7 +27,7 @@ from reconciler.mover.endpoints import Endpoint
 from reconciler.mover.manifest import Manifest, RunFigures
 from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
 from reconciler.mover.progress import Progress
-from reconciler.mover.throttle import Throttle
+from reconciler.mover.throttle import Throttle, is_throttling
 
 RETRYABLE = (ImapError, OSError, asyncio.TimeoutError, EOFError)
 
@@ -96,8 +96,12 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
             break
         except RETRYABLE as exc:
             last = exc
+            # A throttling answer: the system's pace slows down (for every worker, when the
+            # pace is the fleet's) and says how long to keep off.
+            keep_off = job.throttle.throttled(str(exc)) \
+                if job.throttle is not None and is_throttling(str(exc)) else 0.0
             if attempt <= retries:
-                await asyncio.sleep(backoff(attempt, pause, 15.0, jitter=False))
+                await asyncio.sleep(max(keep_off, backoff(attempt, pause, 15.0, jitter=False)))
     else:
         report = MailboxReport(job.key, error=f"{type(last).__name__}: {last}",
                                attempts=retries + 1)

@@ -16,6 +16,17 @@ from __future__ import annotations
 import asyncio
 import time
 
+# What a provider answers when a client takes more than its share (Exchange Online's and
+# Gmail's response codes, Dovecot's and Cyrus's connection limits).
+THROTTLING = ("[THROTTLED]", "[LIMIT]", "[UNAVAILABLE]", "too many connections",
+              "maximum number of connections", "server unavailable")
+
+
+def is_throttling(answer: str) -> bool:
+    """Whether a server's answer (an error's text) says "slow down"."""
+    lowered = answer.lower()
+    return any(word.lower() in lowered for word in THROTTLING)
+
 
 class Throttle:
     """A token bucket on messages/s and bytes/s; 0 or None means unlimited."""
@@ -28,6 +39,12 @@ class Throttle:
         self._bytes = self.bps
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+
+    def throttled(self, reason: str) -> float:
+        """The system said "slow down": seconds to pause before the next attempt (this
+        process's bucket keeps no back-off; the fleet's, `reconciler.workers.fleet`,
+        makes every worker wait)."""
+        return 0.0
 
     @property
     def limited(self) -> bool:
