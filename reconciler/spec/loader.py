@@ -56,6 +56,7 @@ from croniter import croniter
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from mailferry import secretfile
 from mailferry.mail.addresses import (
     AddressError,
     address_key,
@@ -364,9 +365,13 @@ class _Loader:
             return timedelta(0)
 
     def secret(self, ref: dict[str, str]) -> SecretRef:
-        """{env: X} | {file: path} -> SecretRef (a file made absolute)."""
-        return SecretRef(env=ref.get("env"),
-                         file=self.path_value(ref["file"]) if "file" in ref else None)
+        """{env: X} | {file: path} -> SecretRef (a file made absolute, unless it is in
+        systemd's credentials directory: ``$CREDENTIALS_DIRECTORY/NAME``, resolved when
+        read, in the unit that reads it)."""
+        file = ref.get("file")
+        if file is not None and not file.startswith(secretfile.CREDENTIALS):
+            file = self.path_value(file)
+        return SecretRef(env=ref.get("env"), file=file)
 
     def master_user(self, raw: dict[str, Any] | None) -> MasterUser | None:
         """A schema-checked masterUser object, or None."""
