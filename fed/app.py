@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-from aiosmtpd.smtp import SMTP
 
 from mailferry.service import notify_ready
 
@@ -49,6 +48,7 @@ from .routing.holds import Holds
 from .routing.node_agent import NodeAgent
 from .routing.nodes import NodeRegistry
 from .routing.shared_db import SharedDB, default_url, import_legacy
+from .smtp.protocol import SMTPProtocol
 from .smtp.server import FedHandler, SmtpSettings, drain, make_factory
 from .telemetry import logs, metrics
 
@@ -77,7 +77,9 @@ class FedConfig:
     shared_db: str | None = None  # SQLAlchemy URL; None: sqlite:///<state dir>/shared.db
     node_name: str | None = None  # None: host name + a hash of the state dir (stable)
     node_lease: float = 10.0
-    node_poll: float = 0.1
+    node_poll: float = 0.1      # the version-counter poll without a listener (SQLite, ...)
+    node_notify: bool = True    # wake on PostgreSQL LISTEN/NOTIFY (routing/notify.py)
+    node_safety_poll: float = 5.0  # the poll while the listener is connected
     smtp_fd: int | None = None  # a listening socket inherited from `--processes` (procs.py)
     control_fd: int | None = None
 
@@ -112,7 +114,8 @@ async def serve(config: FedConfig) -> None:
     # The identity a restart of this node presents again (a pid would change).
     identity = f"{socket.gethostname()}:{config.state_dir.resolve()}"
     agent = NodeAgent(node_name(config), shared, directory, holds, config.node_lease,
-                      dead_after, identity, config.node_poll)
+                      dead_after, identity, config.node_poll, notify=config.node_notify,
+                      safety_poll=config.node_safety_poll)
     await agent.start()
     for name, host, port, protocol in config.systems:
         directory.put_system(name, host, port, protocol)
@@ -125,7 +128,7 @@ async def serve(config: FedConfig) -> None:
 
     # The spool's group commit hands new recipients to delivery itself (Spool.on_queued).
     handler = FedHandler(directory, spool, config.domains, config.smtp, lambda: None)
-    sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+    sessions: weakref.WeakSet[SMTPProtocol] = weakref.WeakSet()
     factory = make_factory(handler, config.smtp, sessions.add)
 
     agent_task = asyncio.create_task(agent.run(), name="node-agent")

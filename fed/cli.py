@@ -90,6 +90,17 @@ def positive_int(raw: str) -> int:
     return int(raw)
 
 
+def positive_float(raw: str) -> float:
+    """A number of seconds > 0."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {raw!r}")
+    return value
+
+
 def _token_args(p: argparse.ArgumentParser) -> None:
     token = p.add_mutually_exclusive_group(required=True)
     token.add_argument("--token-file", type=Path)
@@ -157,6 +168,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--node-name", help="this node's name (default: host name + state dir hash)")
     s.add_argument("--node-lease", type=float, default=10.0,
                    help="a node that could not refresh for this long stops delivering (s)")
+    s.add_argument("--node-poll", type=positive_float, default=0.1, metavar="S",
+                   help="how often a node reads the shared version counters when no "
+                        "notices wake it: SQLite, --no-node-notify, or while its LISTEN "
+                        "connection is down (s, default 0.1)")
+    s.add_argument("--node-safety-poll", type=positive_float, default=5.0, metavar="S",
+                   help="the same poll while PostgreSQL notices wake the node "
+                        "(LISTEN/NOTIFY; s, default 5)")
+    s.add_argument("--no-node-notify", dest="node_notify", action="store_false",
+                   help="do not LISTEN on a PostgreSQL shared database: poll every "
+                        "--node-poll seconds instead")
     s.add_argument("--processes", type=positive_int, default=1,
                    help="node processes on this machine, one SMTP port (docs/fed-multinode.md)")
     s.add_argument("--smtp-fd", type=int, help=argparse.SUPPRESS)  # from --processes
@@ -281,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         hold_timeout=args.hold_timeout, metrics_public=args.metrics_public,
         log_format=args.log_format,
         shared_db=args.shared_db, node_name=args.node_name, node_lease=args.node_lease,
+        node_poll=args.node_poll, node_notify=args.node_notify,
+        node_safety_poll=args.node_safety_poll,
         smtp_fd=args.smtp_fd, control_fd=args.control_fd,
     )
     try:

@@ -8,6 +8,8 @@
     reconcile status [--placement P] [--system S] [--state N|failed|...]
     reconcile suspend PLACEMENT | resume PLACEMENT | retry ADDRESS
     reconcile events ADDRESS                             the event history of one address
+    reconcile --apply --workers                          data steps queued for the workers
+    reconcile worker [--concurrency N]                   take data steps from the queue
     reconcile serve | demo | station enrol NAME --address ADDR
     reconcile web [--listen 127.0.0.1:8027]              the read-only status page
     reconcile init DIR [--systemd] [--force]             a new specs repository
@@ -127,12 +129,15 @@ def _load_or_exit(specs_dir: str) -> SpecSet:
               help="--watch: also serve the status page here (e.g. 127.0.0.1:8027).")
 @click.option("--web-token-file", default=None, metavar="FILE",
               help="--web: the page's bearer token (needed beyond 127.0.0.1).")
+@click.option("--workers", "use_workers", is_flag=True,
+              help="--apply/--watch: queue the data steps for `reconcile worker` processes "
+                   "(PostgreSQL state store).")
 @click.pass_context
 def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
          out_file: str | None, apply_file: str | None, do_watch: bool, as_json: bool,
          at: str | None, verbose: bool, allow_dirty: bool, lease_timeout: float,
          lease_ttl: float, reports_dir: str, interval: float, station_api: str | None,
-         web: str | None, web_token_file: str | None) -> None:
+         web: str | None, web_token_file: str | None, use_workers: bool) -> None:
     """mailferry's reconciler: move mailboxes as the specs say, losing nothing."""
     ctx.ensure_object(dict)
     ctx.obj.update(specs=specs_dir, state=state)
@@ -156,6 +161,11 @@ def main(ctx: click.Context, specs_dir: str, state: str | None, do_plan: bool,
         if refusal:
             _fail(f"{refusal}; nothing applied")
         engine = build_engine(specs, state)
+        if use_workers:  # imported here: the embedded default runs without procrastinate
+            from reconciler.workers.queue import Queue
+
+            engine.jobs = Queue(engine.store, notice=lambda line: click.echo(line, err=True),
+                                max_wait=None if do_apply else 5.0)
         if do_apply:
             sys.exit(_apply(engine, as_json=as_json, saved=apply_file or None,
                             lease_timeout=lease_timeout, lease_ttl=lease_ttl,
@@ -418,6 +428,30 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
                f"  config: {config_path}\n"
                f"copy both to the workstation, then run: "
                f"station-agent run --config {config_path.name}")
+
+
+@main.command()
+@click.option("--concurrency", default=4, show_default=True,
+              help="Data jobs this worker runs at once.")
+@click.option("--heartbeat", default=10.0, show_default=True,
+              help="Seconds between two heartbeats of this worker.")
+@click.option("--stalled", default=30.0, show_default=True,
+              help="Seconds without a heartbeat after which a worker's jobs go to another.")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int, heartbeat: float, stalled: float) -> None:
+    """Run data steps (copies, verifications) queued by `reconcile --apply --workers`."""
+    from reconciler.workers.worker import run_worker  # the extra `workers` (procrastinate)
+
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        store = open_store(state_url(ctx.obj["state"]))
+        click.echo(f"worker: taking data jobs from {store.engine.url.render_as_string()}",
+                   err=True)
+        notify_ready()
+        sys.exit(run_worker(specs, store, concurrency=concurrency, heartbeat=heartbeat,
+                            stalled=stalled))
+    except MailferryError as exc:
+        _fail(str(exc))
 
 
 @main.command()

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -56,7 +57,7 @@ from reconciler.state.model import (
 )
 from reconciler.state.states import MigrationState
 from reconciler.state.store import Store, record_event, record_transition
-from reconciler.steps.base import Outcome, PassCache, StepContext
+from reconciler.steps.base import DataJobs, Outcome, PassCache, StepContext
 from reconciler.steps.registry import StepSpec, step_for
 
 log = logging.getLogger("mailferry.engine")
@@ -66,6 +67,15 @@ def _failpoint(step: str, where: str) -> None:
     """Test hook: `MAILFERRY_FAILPOINT=E9:after-action` kills this process right there."""
     if os.environ.get("MAILFERRY_FAILPOINT") == f"{step}:{where}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WorkerQueue(DataJobs, Protocol):
+    """The workers' queue as the engine sees it (`reconciler.workers.queue.Queue`)."""
+
+    def wait(self, stop: Callable[[], bool]) -> bool:
+        """Wait until a worker finished a job the reconciler has not turned into a
+        transition yet: True then, False at once when no job is outstanding (or on stop)."""
+        ...
 
 
 @dataclass
@@ -174,6 +184,9 @@ class Engine:
         # Figures of the copies this engine runs (E15): the terminal display and the status
         # page served by the same process read them while a copy is running.
         self.progress: Progress = Progress()
+        # Workers (`reconcile --apply --workers`): the data parts of steps are queued for
+        # `reconcile worker` processes; None runs them in this process (the default).
+        self.jobs: WorkerQueue | None = None
 
     # -- observe + plan -------------------------------------------------------------------
     def migrations(self) -> list[MigrationView]:
@@ -300,13 +313,19 @@ class Engine:
         report = ApplyReport()
         if not self._register_or_fenced():
             return report
-        for _ in range(max_passes):
+        passes = 0
+        while passes < max_passes:
             if self.should_stop() or self.lease_lost is not None:
                 break
             report.passes += 1
+            passes += 1
             progressed = self.apply_pass(report)
             if not progressed:
-                break
+                # With workers: what they still run is progress to come; wait for a result
+                # (a pass that only turns results into transitions counts as no pass).
+                if self.jobs is None or not self.jobs.wait(self.should_stop):
+                    break
+                passes -= 1
         return report
 
     def _register_or_fenced(self) -> bool:
@@ -416,7 +435,7 @@ class Engine:
                  address: str) -> StepContext:
         return StepContext(specs=self.specs, fed=self.fed, drivers=self.drivers,
                            session=session, now=now, cache=cache, desired=self.desired.get(address),
-                           progress=self.progress)
+                           progress=self.progress, jobs=self.jobs)
 
     def _run_change(self, change: Change, now: datetime, cache: PassCache) -> StepRecord | None:
         """One change through the step registry, in its own transaction: the step, then its

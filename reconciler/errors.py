@@ -54,6 +54,19 @@ class TemporaryError(StepError):
         self.delay = delay
 
 
+class Throttled(TemporaryError):
+    """A mail system answered that it is busy or that we use too much of it (`NO [LIMIT]`,
+    `[THROTTLED]`, `[UNAVAILABLE]`, an early `BYE`, "too many connections") more often than
+    one copy retries: not a failure of the migration, retried after `delay` (the data
+    mover's pace for that system has slowed down meanwhile)."""
+
+
+class Waiting(TemporaryError):
+    """Not an error: a limit in the specs says wait until `delay` has passed (a system's
+    daily byte budget is spent). The step is retried then; the wait does not count
+    against the step's retries or timeout, and the plan shows why it waits."""
+
+
 class PermanentError(StepError):
     """Stop this migration: it is recorded as failed with this reason and needs an admin."""
 

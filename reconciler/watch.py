@@ -222,6 +222,7 @@ class Watcher:
         self.waiting_for_commit = False
         engine = self.build(specs, self.options.state_url)
         engine.should_stop = self._should_stop
+        engine.jobs = self.engine.jobs  # the workers' queue outlives a reload
         self.engine = engine
         self.out.notice(f"watch: specs reloaded (commit {(specs.commit or 'none')[:10]})")
 

@@ -95,6 +95,30 @@ def test_address_key_follows_the_case_setting() -> None:
         addresses.set_case_sensitive_local(False)
 
 
+def test_address_key_is_one_for_both_idn_forms_and_nfc() -> None:
+    key = "j\u00fcrgen@xn--bcher-kva.example"
+    for form in ("J\u00dcRGEN@B\u00fccher.Example", "j\u00fcrgen@xn--bcher-kva.example",
+                 "<ju\u0308rgen@b\u00fccher.example>"):  # U-labels, A-labels, NFD
+        assert addresses.address_key(form) == key
+    assert addresses.check("Info@B\u00fccher.example") == "info@xn--bcher-kva.example"
+    # no valid IDN: the key keeps the spelling (it matches nothing), check refuses it
+    bad = "j@b\u00fc\u00dfcher\u200d.example"
+    assert addresses.address_key(bad) == bad
+    with pytest.raises(AddressError, match="not a valid IDN"):
+        addresses.check(bad)
+
+
+@pytest.mark.parametrize(("text", "wire"), [
+    ("s@m\u00fcller.example", "s@xn--mller-kva.example"),
+    ("s@corp.example", "s@corp.example"),
+    ("", ""),
+    ("j\u00fcrgen@corp.example", None),  # a UTF-8 local part has no ASCII form
+    ("j@b\u00fc\u00dfcher\u200d.example", None),
+])
+def test_ascii_form_for_a_hop_without_smtputf8(text: str, wire: str | None) -> None:
+    assert addresses.ascii_form(text) == wire
+
+
 # -- modified UTF-7 -------------------------------------------------------------------------
 NAMES = ["INBOX", "Sent", "\u00c9l\u00e9ments envoy\u00e9s", "a&b", "&", "&&-", "Tom & Jerry",
          "\u65e5\u672c\u8a9e", "\U0001f4e7 mail", "mixed \U0001f600\u00e9&x", "~peter/mail",

@@ -66,7 +66,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mailferry.mail.addresses import domain_of, is_valid, normalize, split_physical
+from mailferry.mail.addresses import (
+    domain_key,
+    domain_of,
+    is_valid,
+    normalize,
+    split_physical,
+)
 from mailferry.mail.backoff import backoff
 
 from ..queue.queuefile import BadQueueFile
@@ -158,7 +164,7 @@ class Deliverer:
         self.directory = directory
         self.holds = holds
         self.settings = settings
-        self._domains = {d.lower() for d in settings.domains}
+        self._domains = {domain_key(d) for d in settings.domains}
         self._event = asyncio.Event()
         self._recheck = False
         self._ready: deque[PendingRecipient] = deque()
@@ -327,7 +333,7 @@ class Deliverer:
         physical = rcpt if split_physical(rcpt) else self.directory.lookup(rcpt)
         if physical is None:
             smarthost = self.settings.smarthost
-            if smarthost is not None and domain_of(rcpt).lower() not in self._domains:
+            if smarthost is not None and domain_key(domain_of(rcpt)) not in self._domains:
                 return Route(rcpt, System("smarthost", smarthost[0], smarthost[1], "smtp"),
                              dest=SMARTHOST)
             return Route(failure_code=550, failure=f"550 5.1.1 <{rcpt}>: not in the directory")

@@ -30,6 +30,7 @@ import re
 import ssl
 from dataclasses import dataclass
 
+from mailferry.mail.addresses import ascii_form
 from mailferry.mail.tls import client_context, describe
 from mailferry.secretfile import SecretError, read_file
 
@@ -250,8 +251,39 @@ class Connection:
         options = ""
         if "8BITMIME" in self.extensions and not data.isascii():
             options += " BODY=8BITMIME"
-        if "SMTPUTF8" in self.extensions and not (mail_from + "".join(rcpts)).isascii():
-            options += " SMTPUTF8"
+        if not (mail_from + "".join(rcpts)).isascii():
+            if "SMTPUTF8" in self.extensions:
+                options += " SMTPUTF8"
+            else:
+                return await self._send_downgraded(mail_from, rcpts, data, options)
+        return await self._transaction(mail_from, rcpts, data, options)
+
+    async def _send_downgraded(self, mail_from: str, rcpts: list[str], data: bytes,
+                               options: str) -> dict[str, Reply]:
+        """A non-ASCII envelope for a server without SMTPUTF8 (RFC 6531 3.2): domains go
+        as A-labels; an address that still is not ASCII (a UTF-8 local part) is refused
+        here with 553 5.6.7, nothing of it sent -- a permanent failure, as Postfix does."""
+        why = (f"needs SMTPUTF8 (non-ASCII local part, RFC 6531), which {self.endpoint} does "
+               "not offer (Postfix: smtputf8_enable = yes)")
+        sender = ascii_form(mail_from)
+        if sender is None:
+            return dict.fromkeys(rcpts, Reply(553, f"5.6.7 sender <{mail_from}> {why}"))
+        wire = {rcpt: ascii_form(rcpt) for rcpt in rcpts}
+        final = {rcpt: Reply(553, f"5.6.7 <{rcpt}> {why}")
+                 for rcpt, form in wire.items() if form is None}
+        sendable: dict[str, list[str]] = {}  # both spellings of one address: one RCPT
+        for rcpt, form in wire.items():
+            if form is not None:
+                sendable.setdefault(form, []).append(rcpt)
+        if sendable:
+            replies = await self._transaction(sender, list(sendable), data, options)
+            final.update((rcpt, reply) for form, reply in replies.items()
+                         for rcpt in sendable[form])
+        return final
+
+    async def _transaction(self, mail_from: str, rcpts: list[str], data: bytes,
+                           options: str) -> dict[str, Reply]:
+        """MAIL, RCPT, DATA as given (the envelope already in the server's form)."""
         commands = [f"MAIL FROM:<{mail_from}>{options}\r\n".encode()]
         commands += [f"RCPT TO:<{rcpt}>\r\n".encode() for rcpt in rcpts]
         self.transactions += 1

@@ -454,13 +454,20 @@ class Spool:
                 errors.append(None)
             except OSError as exc:
                 errors.append(exc)
-        # All fsyncs at once (the folder's too), from a pool of threads: concurrent fsyncs
-        # wait for the same journal commit, where one after the other each may force its
-        # own while other files (finished messages being unlinked) keep changing.
+        # All fsyncs at once: the folder's and every file's but the first from a pool of
+        # threads, the first file's here, meanwhile (concurrent fsyncs wait for the same
+        # journal commit, where one after the other each may force its own while other
+        # files, finished messages being unlinked, keep changing; and the one syncing here
+        # saves a batch of one message a hand-off to the pool and back).
         jobs = [fd for n, fd in enumerate(fds) if fd >= 0 and errors[n] is None]
         dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY) if jobs else -1
         try:
-            outcomes = list(self._fsyncs.map(_try_fsync, [*jobs, dir_fd] if jobs else []))
+            if jobs:
+                pooled = [self._fsyncs.submit(_try_fsync, fd) for fd in [*jobs[1:], dir_fd]]
+                first = _try_fsync(jobs[0])
+                outcomes = [first, *(f.result() for f in pooled)]
+            else:
+                outcomes = []
         finally:
             for fd in fds:
                 if fd >= 0:

@@ -34,10 +34,11 @@ from typing import Any
 from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
 
 from mailferry.mail.addresses import (
+    AddressError,
     address_of_mailbox,
+    check,
     format_address,
     is_valid,
-    normalize,
     split_physical,
 )
 from mailferry.mail.tls import MODES as TLS_MODES
@@ -102,13 +103,14 @@ class FlipResult:
 
 
 def check_address(raw: object, what: str = "address") -> str:
-    """Normalise and validate an address coming from outside."""
+    """Normalise and validate an address coming from outside: its key, so that both forms
+    of an IDN domain (``bücher.example``, ``xn--bcher-kva.example``) are one entry."""
     if not isinstance(raw, str):
         raise DirectoryError(f"{what} must be a string, got {raw!r}")
-    address = normalize(raw)
-    if not is_valid(address):
-        raise DirectoryError(f"{what} {raw!r} is not a valid address")
-    return address
+    try:
+        return check(raw)
+    except AddressError as exc:
+        raise DirectoryError(f"{what} {raw!r} is not a valid address: {exc}") from None
 
 
 def check_physical(raw: object, what: str = "physical") -> str:

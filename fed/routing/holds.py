@@ -95,7 +95,11 @@ class Holds:
         # Wakes the delivery scheduler when a serialised mailbox is free again (a scheduler
         # that parks what is_held refused looks at it again only when woken).
         self.on_slot: Callable[[], None] = lambda: None
-        self._changed = asyncio.Condition()
+        # How long wait_idle sleeps between two reads of the nodes table when nothing wakes
+        # it: 50 ms when polling; the node agent makes it its safety poll while its
+        # LISTEN connection is up (acknowledgements then wake it, see nodes_moved).
+        self.ack_poll: Callable[[], float] = lambda: 0.05
+        self._wake = asyncio.Event()  # set (and replaced) when a waiter should look again
 
     # -- the delivery scheduler's questions (synchronous, in memory) ------------------
     def fresh(self) -> bool:
@@ -132,8 +136,13 @@ class Holds:
             self.on_change()  # an acknowledgement may be owed now; otherwise stay quiet
         if any(a in self.serialised for a in addresses):
             self.on_slot()
-        async with self._changed:
-            self._changed.notify_all()
+        self.nodes_moved()
+
+    def nodes_moved(self) -> None:
+        """Wake every wait_idle now: a node acknowledged (its NOTIFY), a delivery ended, or
+        the listener (re)connected and may have missed acknowledgements."""
+        self._wake.set()
+        self._wake = asyncio.Event()
 
     def busy(self, addresses: Iterable[str]) -> int:
         """Deliveries in flight on this node for these addresses."""
@@ -202,16 +211,17 @@ class Holds:
         target = max((self.asked.get(a, self.loaded) for a in addresses), default=self.loaded)
         deadline = time.monotonic() + timeout
         while True:
+            woken = self._wake  # taken before the read: a wake-up during it is not lost
             self.on_change()  # our own agent acknowledges at once
             if self.busy(addresses) == 0:
                 self.blocking = await asyncio.to_thread(self.registry.blocking, target)
                 if not self.blocking:
                     return True
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), 0.05)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), min(left, self.ack_poll()))
 
     def why_busy(self, addresses: list[str]) -> str:
         """Why the last wait_idle timed out, for the API caller."""

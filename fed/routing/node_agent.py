@@ -2,9 +2,11 @@
 
 Why a loop of its own: the hot path (RCPT checks, the delivery scheduler) reads only
 in-memory copies (``directory.py``, ``holds.py``), so something must notice changes made
-through other nodes. Every ``poll`` seconds the agent reads the version counters (one small
-SELECT); when one moved, when an acknowledgement is owed, or every quarter lease, it runs a
-*round*:
+through other nodes. It wakes on a notice from PostgreSQL (``notify.py``: LISTEN/NOTIFY,
+the change announced itself at commit), else every ``safety_poll`` seconds; without a
+listener (SQLite, ``--no-node-notify``, or while the listener reconnects) every ``poll``
+seconds. Awake, it reads the version counters (one small SELECT); when one moved, when an
+acknowledgement is owed, or every quarter lease, it runs a *round*:
 
 1. note ``t0`` (monotonic), then write this node's heartbeat (database clock);
 2. read the counters and whatever moved (one snapshot), apply it on the event loop;
@@ -32,7 +34,8 @@ from aiohttp import web
 from .directory import Directory, read_snapshot
 from .holds import Holds
 from .nodes import NodeRegistry
-from .shared_db import SharedDB, counters
+from .notify import Listener, can_listen
+from .shared_db import COUNTERS, SharedDB, counters
 
 log = logging.getLogger("fed.node")
 
@@ -45,7 +48,8 @@ class NodeAgent:
 
     def __init__(self, name: str, shared: SharedDB, directory: Directory, holds: Holds,
                  lease: float, dead_after: float, info: str = "", poll: float = 0.1,
-                 on_refresh: Callable[[], None] = lambda: None) -> None:
+                 on_refresh: Callable[[], None] = lambda: None, notify: bool = True,
+                 safety_poll: float = 5.0) -> None:
         self.name = name
         self.shared = shared
         self.directory = directory
@@ -55,6 +59,7 @@ class NodeAgent:
         self.dead_after = dead_after
         self.info = info
         self.poll = poll
+        self.safety_poll = safety_poll
         self.on_refresh = on_refresh
         self.started_at = time.time()
         self.control: str | None = None  # HOST:PORT of the control API, once bound
@@ -64,11 +69,47 @@ class NodeAgent:
         self._stopping = False
         self._failing = False
         self._fresh = True
+        self._reread = False  # the listener (re)connected: run a round whatever the counters
+        self.notify_off: str | None = None if notify else "--no-node-notify"
+        if self.notify_off is None:
+            self.notify_off = can_listen(shared)
+        self.listener = None if self.notify_off is not None else Listener(
+            shared, name, self._notice, self._listened, self.kick, check=safety_poll)
         holds.on_change = self.kick
+        holds.ack_poll = self._ack_poll
 
     def kick(self) -> None:
         """Something changed here (a hold, a delivery ended): act now, not at the next poll."""
         self._kick.set()
+
+    def notified(self) -> bool:
+        """Is this node woken by notices now (a listener connected)?"""
+        return self.listener is not None and self.listener.listening
+
+    def _notice(self, key: str) -> None:
+        if key in COUNTERS:
+            self.kick()
+        elif key == "nodes":
+            self.holds.nodes_moved()
+
+    def _listened(self) -> None:
+        # Notices sent while the listener was away are lost: look at everything once.
+        self._reread = True
+        self.kick()
+        self.holds.nodes_moved()
+
+    def _ack_poll(self) -> float:
+        return self.safety_poll if self.notified() else 0.05
+
+    def _interval(self) -> float:
+        """How long to sleep when nothing wakes the loop: the safety poll with a listener,
+        the poll without; never past the next round (heartbeat, fencing deadline), and at
+        most 0.5 s while released mailboxes are serialised (drain_check)."""
+        interval = self.safety_poll if self.notified() else self.poll
+        if self.holds.drains:
+            interval = min(interval, 0.5)
+        until_round = self._last_round + self.lease / 4 - time.monotonic()
+        return max(0.0, min(interval, until_round))
 
     async def start(self) -> None:
         """Register, load the shared state and acknowledge it; before any delivery.
@@ -83,7 +124,17 @@ class NodeAgent:
         await self._round()
 
     async def run(self) -> None:
-        """Poll until stop()."""
+        """Poll (and listen) until stop()."""
+        listening = None if self.listener is None else asyncio.create_task(
+            self.listener.run(), name="node-notify")
+        try:
+            await self._loop()
+        finally:
+            if listening is not None:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
+
+    async def _loop(self) -> None:
         while not self._stopping:
             self._kick.clear()
             try:
@@ -105,7 +156,7 @@ class NodeAgent:
                                 "the shared database answers", self.lease)
                 self._fresh = fresh
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.poll)
+                await asyncio.wait_for(self._kick.wait(), self._interval())
 
     async def announce(self, control: str) -> None:
         """Record this node's control endpoint in its row (``fed queue`` reaches every
@@ -123,7 +174,8 @@ class NodeAgent:
                 await asyncio.to_thread(self.registry.leave, self.name)
 
     async def _tick(self) -> None:
-        due = time.monotonic() - self._last_round >= self.lease / 4
+        due = self._reread or time.monotonic() - self._last_round >= self.lease / 4
+        self._reread = False
         if not due:
             now = await asyncio.to_thread(self._counters)
             loaded = (*self.directory.loaded, self.holds.loaded)
@@ -156,12 +208,26 @@ class NodeAgent:
         seen = self.holds.loaded
         idle = seen if self.holds.busy_held() == 0 else self.acked[1]
         if (seen, idle) != self.acked:
-            await asyncio.to_thread(self._beat, seen, idle)
+            await asyncio.to_thread(self._beat, seen, idle, True)
             self.acked = (seen, idle)
 
-    def _beat(self, seen: int, idle: int) -> None:
+    def _beat(self, seen: int, idle: int, announce: bool = False) -> None:
         self.registry.heartbeat(self.name, seen, idle, self.dead_after, self.started_at,
-                                self.info, self.control)
+                                self.info, self.control, announce)
+
+    def wakeup(self) -> dict[str, Any]:
+        """How this node learns of changes, for GET /v1/nodes: ``notify`` (LISTEN/NOTIFY
+        with a safety poll) or ``poll``, and why when it is not ``notify``."""
+        body: dict[str, Any] = {
+            "mode": "notify" if self.listener is not None else "poll",
+            "in_use": "notify" if self.notified() else "poll",
+            "poll": self.poll, "safety_poll": self.safety_poll,
+        }
+        if self.listener is None:
+            body["why"] = self.notify_off
+        else:
+            body.update(self.listener.status())
+        return body
 
     # -- GET /v1/nodes ---------------------------------------------------------------
     async def nodes_view(self, request: web.Request) -> web.Response:
@@ -169,6 +235,7 @@ class NodeAgent:
         now, states = await asyncio.to_thread(self.registry.states)
         version = await asyncio.to_thread(self._counters)
         body: dict[str, Any] = {"holds_version": version["holds_version"], "self": self.name,
+                                "wakeup": self.wakeup(),
                                 "nodes": [{
                                     "name": n.name, "alive": n.alive(now),
                                     "heartbeat_age": round(max(0.0, now - n.heartbeat_at), 3),

@@ -54,8 +54,10 @@ class NodeRegistry:
         self.shared = shared
 
     def heartbeat(self, name: str, holds_seen: int, idle_for: int, dead_after: float,
-                  started_at: float, info: str, control: str | None = None) -> None:
-        """Upsert this node's row with the database's current time."""
+                  started_at: float, info: str, control: str | None = None,
+                  announce: bool = False) -> None:
+        """Upsert this node's row with the database's current time; with `announce`, tell
+        the listening nodes (an acknowledgement a hold call may be waiting for)."""
         values = {"heartbeat_at": self.shared.now(), "holds_seen": holds_seen,
                   "idle_for": idle_for, "dead_after": dead_after, "started_at": started_at,
                   "info": info[:1000], "control": control}
@@ -64,6 +66,8 @@ class NodeRegistry:
             if db.execute(update(t.nodes).where(t.nodes.c.name == name)
                           .values(values)).rowcount == 0:
                 db.execute(insert(t.nodes).values(name=name, **values))
+            if announce:
+                t.announce(db, "nodes")
 
     def set_control(self, name: str, control: str) -> None:
         """Record where this node's control API listens (once it is bound)."""
@@ -74,6 +78,7 @@ class NodeRegistry:
         """Mark this node gone (clean shutdown, nothing in flight): holds stop waiting."""
         with self.shared.engine.begin() as db:
             db.execute(update(t.nodes).where(t.nodes.c.name == name).values(heartbeat_at=0.0))
+            t.announce(db, "nodes")
 
     def states(self) -> tuple[float, list[NodeState]]:
         """(database time now, every node row): the time is read first, so a heartbeat

@@ -43,6 +43,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    func,
     insert,
     inspect,
     literal_column,
@@ -132,6 +133,9 @@ nodes = Table(
 )
 
 COUNTERS = ("version", "systems_version", "holds_version")
+# The PostgreSQL channel every change is announced on (``announce``); the payload is the
+# counter that moved, or ``nodes`` for a node's acknowledgement (fed/routing/notify.py).
+CHANNEL = "fed_shared"
 # The highest fencing token (a reconciler lease's generation) a mutating control call has
 # carried, per lease (the id of the lease row in that reconciler's state store: one fed may
 # serve several state stores, each with its own lease). A call with a lower one comes from
@@ -282,10 +286,20 @@ def counters(conn: Connection) -> dict[str, int]:
 
 
 def bump(conn: Connection, key: str, by: int = 1) -> int:
-    """Increment one counter (by `by` changes) inside the caller's write transaction; the
-    new value."""
+    """Increment one counter (by `by` changes) inside the caller's write transaction, and
+    announce it to the listening nodes; the new value."""
     conn.execute(update(meta).where(meta.c.key == key).values(value=meta.c.value + by))
+    announce(conn, key)
     return int(conn.scalar(select(meta.c.value).where(meta.c.key == key)) or 0)
+
+
+def announce(conn: Connection, key: str) -> None:
+    """``pg_notify(CHANNEL, key)`` inside the caller's transaction (PostgreSQL only; a no-op
+    elsewhere). PostgreSQL delivers it only when the transaction commits, after the change
+    is visible, so a node that reads on the notification sees the change; a rolled-back
+    change announces nothing. Several notices of one key in one transaction arrive as one."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(CHANNEL, key)))
 
 
 def _engine(url: str) -> Engine:

@@ -26,16 +26,23 @@ case-sensitive local parts, ``set_case_sensitive_local``: fed's ``--case-sensiti
 ``preserve`` keeps the local part as written and only lowercases the domain.
 
 IDN: a domain may be written with U-labels (``bücher.example``) or A-labels
-(``xn--bcher-kva.example``, RFC 5890). ``parse`` gives both forms (IDNA 2008 with UTS 46
-mapping, the ``idna`` package); ``same_domain`` compares through the A-label form. Today's
-acceptance is kept as it was (``is_valid``: a U-label domain is accepted as written, the SMTP
-layer decides whether a client may send non-ASCII at all); the SMTPUTF8 work builds on
-``parse``.
+(``xn--bcher-kva.example``, RFC 5890): one domain, two spellings. ``parse`` gives both forms
+(IDNA 2008 with UTS 46 mapping, the ``idna`` package; never hand-written punycode) and
+``address_key`` -- the form every lookup uses -- writes the domain with A-labels, so that
+fed's directory, its holds and queue, the reconciler's specs and the drivers find an address
+whichever form a sender or an admin wrote. A-labels rather than U-labels because the key
+then needs SMTPUTF8 only for what has no ASCII form: a mailbox id
+(``jean=xn--bcher-kva.example``) and its physical address stay ASCII when only the domain
+is international. A UTF-8 local part (RFC 6531, ``jürgen@corp.example``) has no ASCII form;
+the key keeps it, in Unicode NFC (one spelling of ``ü``) and lowercased unless local parts
+are case-sensitive. A non-ASCII domain that is not a valid IDN keeps its lowercased
+spelling in the key: it matches nothing the directory holds (``check`` refuses it there).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import idna
@@ -156,13 +163,53 @@ def preserve(address: str) -> str:
 
 
 def address_key(address: str) -> str:
-    """The comparison key of an address: what the directory, holds and queue look up."""
+    """The comparison key of an address: what the directory, holds and queue look up.
+
+    Domain lowercased, with A-labels; local part in NFC, lowercased unless case-sensitive
+    (see the module docstring). ASCII addresses cost two ``isascii`` checks more."""
     local, at, domain = unbracket(address).rpartition("@")
     if not at:
         return domain if _case_sensitive_local else domain.lower()
+    if not local.isascii():
+        local = unicodedata.normalize("NFC", local)
     if not _case_sensitive_local:
         local = local.lower()
-    return f"{local}@{domain.lower()}"
+    return f"{local}@{domain_key(domain)}"
+
+
+def domain_key(domain: str) -> str:
+    """A domain as a key holds it: A-labels, or as written when it is no valid IDN."""
+    try:
+        return domain_to_ascii(domain)
+    except AddressError:
+        return domain.lower()
+
+
+def ascii_form(address: str) -> str | None:
+    """The address with its domain in A-labels, for a server without SMTPUTF8 (RFC 6531
+    3.2); None when that is not enough: a UTF-8 local part has no ASCII form, and a
+    non-ASCII domain that is no valid IDN has none either. ``""`` (the null sender) stays."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address if address.isascii() else None
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain_to_ascii(domain)}"
+    except AddressError:
+        return None
+
+
+def check(address: str) -> str:
+    """The key of an address from a person or another system, AddressError (saying why)
+    if it is none: what a spec or a directory entry may hold. A-labels must decode."""
+    domain = parse(address).domain_ascii
+    if "xn--" in domain:
+        try:
+            idna.decode(domain, uts46=True)
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise AddressError(f"domain {domain!r} is not a valid IDN: {exc}") from None
+    return address_key(address)
 
 
 # The historical name: every caller of normalize wants the lookup key.

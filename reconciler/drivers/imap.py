@@ -44,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from mailferry import secretfile
 from mailferry.mail.addresses import address_of_mailbox, format_address
 from mailferry.mail.oauth2 import OAuth2Settings, TokenSource, tokens_for
 from reconciler.drivers.accounts import SqliteAccountsMixin
@@ -90,7 +91,9 @@ def _line_for(ref: SecretRef, address: str, what: str) -> str:
     file itself, or a variable holding its path); the error never shows a secret."""
     path = ref.file if ref.file is not None else os.environ.get(ref.env or "", "")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = secretfile.credential_path(path, f"{what}s").read_text(encoding="utf-8")
+    except secretfile.SecretError as exc:
+        raise MailferryError(str(exc)) from None
     except OSError as exc:
         raise MailferryError(f"{what}s file {path!r}: {exc.strerror}") from None
     secret = read_passwords(text).get(address.lower())

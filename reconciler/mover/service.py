@@ -145,13 +145,15 @@ def throttle_for(system: str, modes: Modes) -> Throttle:
 def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id: str, *,
               key: str, modes: Modes, phase: str, manifest: Manifest | None,
               progress: Progress | None = None,
-              accepted: frozenset[str] | None = None) -> MailboxReport:
+              accepted: frozenset[str] | None = None,
+              throttle: Throttle | None = None) -> MailboxReport:
     """Copy and verify one mailbox; the report says what was copied, present, failed,
-    and what the target altered on store (`accepted`: its rewrites the policy accepts)."""
+    and what the target altered on store (`accepted`: its rewrites the policy accepts).
+    `throttle`: the source's pace (default: this process's, from the modes)."""
     mover = mover_loop()
     job = Job(key, lambda: endpoint_for(src, src_id, readonly=True, pool=mover.pool),
               lambda: endpoint_for(dst, dst_id, readonly=False, pool=mover.pool),
-              throttle=throttle_for(src.name, modes),
+              throttle=throttle or throttle_for(src.name, modes),
               options=options_from_modes(modes, phase, dst.name, accepted))
 
     async def go() -> MailboxReport:

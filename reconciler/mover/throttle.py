@@ -16,6 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+from mailferry.mail.imap.client import throttle_answer
+
+
+def is_throttling(answer: str) -> bool:
+    """Whether a server's answer (an error's text) says "slow down" (the IMAP client's
+    one list: `mailferry.mail.imap.client.throttle_answer`)."""
+    return throttle_answer(answer)
+
 
 class Throttle:
     """A token bucket on messages/s and bytes/s; 0 or None means unlimited."""
@@ -28,6 +36,12 @@ class Throttle:
         self._bytes = self.bps
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+
+    def throttled(self, reason: str) -> float:
+        """The system said "slow down": seconds to pause before the next attempt (this
+        process's bucket keeps no back-off; the fleet's, `reconciler.workers.fleet`,
+        makes every worker wait)."""
+        return 0.0
 
     @property
     def limited(self) -> bool:

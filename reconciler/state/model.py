@@ -293,3 +293,42 @@ class WaveReport(Base):
     path: Mapped[str] = mapped_column(Text)
     mailed_to: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DataJob(Base):
+    """A data step handed to the workers (`reconcile worker`, `reconciler.workers`): one row
+    per migration, step and the state it was queued in. The reconciler queues it, a worker
+    marks it running and writes its result here; the reconciler's next pass turns a result
+    into the transition (with its event, in one transaction) and deletes the row."""
+
+    __tablename__ = "data_jobs"
+    __table_args__ = (Index("ux_data_jobs_step", "migration_id", "step", "state", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    migration_id: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(16))
+    state: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str] = mapped_column(String(320))
+    status: Mapped[str] = mapped_column(String(16))  # queued | running | done | error
+    job_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # procrastinate's
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # workers that started it
+    enqueued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # done: {"detail": {...}}; error: {"kind": "temporary"|"permanent", "message", "delay"}
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class SystemPace(Base):
+    """A mail system's pace shared by every worker (`reconciler.workers.fleet`): the next
+    instant a message may go (GCRA's theoretical arrival time) and the back-off after the
+    system's throttling answers."""
+
+    __tablename__ = "system_pace"
+
+    system: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tat: Mapped[datetime] = mapped_column(UTCDateTime)
+    strikes: Mapped[int] = mapped_column(Integer, default=0)
+    struck_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")

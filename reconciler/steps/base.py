@@ -11,17 +11,20 @@ and "stop this migration" with `PermanentError`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
 from reconciler.drivers.base import MailSystemDriver, physical_address
 from reconciler.errors import TemporaryError
 from reconciler.fedclient import FedClient
+from reconciler.mover.manifest import Manifest
 from reconciler.mover.progress import Progress
+from reconciler.mover.throttle import Throttle
 from reconciler.spec.model import DesiredMailbox, SpecSet
 from reconciler.state.model import Migration
 
@@ -34,6 +37,20 @@ class PassCache:
     pinged: dict[str, float] = field(default_factory=dict)  # system -> monotonic time
     changed: set[str] = field(default_factory=set)  # address lists changed in this pass
     downsync_needed: bool = False
+
+
+# The data part of a step (a copy, a verification): what a worker runs for it. It returns
+# the event's detail or raises like a step; it changes no state.
+DataPart = Callable[["StepContext", Migration], dict[str, Any]]
+
+
+class DataJobs(Protocol):
+    """Where the data parts of steps run when not in this process: the workers' queue
+    (`reconciler.workers.queue`). `offload` returns the part's detail once a worker has
+    finished it (in `ctx.session`: the caller's transaction records the transition),
+    raises the error the worker met, or raises NotReady while it is queued or running."""
+
+    def offload(self, ctx: StepContext, m: Migration, step: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -49,6 +66,26 @@ class StepContext:
     desired: DesiredMailbox | None = None
     log: Callable[[str], None] = lambda _line: None
     progress: Progress | None = None  # the engine's copy figures (live display, status page)
+    # Workers: the data parts are queued for them (None: they run here, as by default).
+    jobs: DataJobs | None = None
+    # In a worker: manifest rows committed batch by batch (a killed worker's successor
+    # resumes from them), and the fleet's pace for a system instead of this process's.
+    worker: bool = False
+    pace: Callable[[str, Migration], Throttle] | None = None
+
+    def data(self, m: Migration, step: str, part: DataPart) -> dict[str, Any]:
+        """The data part of `step`: run here, or by a worker when workers are in use."""
+        if self.jobs is not None:
+            return self.jobs.offload(self, m, step)
+        return part(self, m)
+
+    def manifest(self, m: Migration) -> Manifest:
+        """The mover's manifest of `m`: in the step's transaction here (kept with its
+        event); in a worker, committed as the copy goes (the session's store)."""
+        if self.worker:
+            bind = self.session.get_bind()
+            return Manifest(_sessions_of(bind), m.id)
+        return Manifest.in_session(self.session, m.id)
 
     def driver(self, system: str) -> MailSystemDriver:
         try:
@@ -100,6 +137,15 @@ class StepContext:
         self.cache.upsynced.add(system)
         self.cache.changed.discard(system)
         self.cache.downsync_needed = True
+
+
+def _sessions_of(bind: Any) -> Callable[[], Any]:
+    """Committing sessions on `bind` (an Engine): one transaction per use."""
+    @contextmanager
+    def sessions() -> Iterator[Session]:
+        with Session(bind) as session, session.begin():
+            yield session
+    return sessions
 
 
 @dataclass

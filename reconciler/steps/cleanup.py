@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from reconciler.errors import NotReady, TemporaryError
 from reconciler.mover.calendar import copy_diary, verify_diary
-from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import forget_logins, move_mail
 from reconciler.state.model import Migration, TransferRun
 from reconciler.state.states import MigrationState
@@ -31,6 +30,34 @@ def e40_done(ctx: StepContext, m: Migration) -> Outcome:
     return Outcome(MigrationState.DONE, "E40", {})
 
 
+def final_delta_part(ctx: StepContext, m: Migration) -> dict[str, object]:
+    """The data part of E41: the last delta copy and the verification that every message
+    of BOX1 is in BOX2 (a worker may run it; the deletion stays with the reconciler)."""
+    source, target = ctx.driver(m.source_system), ctx.driver(m.target_system)
+    report = move_mail(source, m.source_mailbox, target, m.target_mailbox,
+                       key=m.address, modes=m.modes, phase="final", manifest=ctx.manifest(m),
+                       accepted=accepted_rewrites(ctx, m),
+                       throttle=ctx.pace(m.source_system, m) if ctx.pace else None)
+    lacking: list[str] = []
+    if m.modes.diary:
+        copy_diary(source, m.source_mailbox, target, m.target_mailbox)
+        lacking = verify_diary(source, m.source_mailbox, target, m.target_mailbox)
+    if report.altered:
+        # Never delete on a copy the target changed: the only intact copy is BOX1.
+        ctx.session.flush()
+        raise TemporaryError(f"refusing to delete BOX1: {report.alteration()}",
+                             address=m.address, step="E41", delay=ALTERED_DELAY)
+    if not report.verified or lacking:
+        ctx.session.flush()  # keep the failed run's figures with the error record
+        raise TemporaryError(
+            f"refusing to delete BOX1: {report.missing} of its messages not proven "
+            f"in BOX2 ({report.failed} failed"
+            + (f", {report.error}" if report.error else "") + ")"
+            + (f", {len(lacking)} diary entries missing" if lacking else ""),
+            address=m.address, step="E41", delay=30)
+    return {"last_delta_copied": report.copied}
+
+
 def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
     """E41/E42: last delta copy, verification, then BOX1 (and its redirect) deleted."""
     if ctx.desired is None or not ctx.desired.policy.delete_consent:  # the plan refuses it too
@@ -40,29 +67,7 @@ def e41_delete_source(ctx: StepContext, m: Migration) -> Outcome:
     detail: dict[str, object] = {"mailbox": m.source_mailbox}
     if source.get_account(m.source_mailbox) is not None:
         if m.modes.copies_mail:
-            target = ctx.driver(m.target_system)
-            report = move_mail(source, m.source_mailbox, target, m.target_mailbox,
-                               key=m.address, modes=m.modes, phase="final",
-                               manifest=Manifest.in_session(ctx.session, m.id),
-                               accepted=accepted_rewrites(ctx, m))
-            lacking: list[str] = []
-            if m.modes.diary:
-                copy_diary(source, m.source_mailbox, target, m.target_mailbox)
-                lacking = verify_diary(source, m.source_mailbox, target, m.target_mailbox)
-            if report.altered:
-                # Never delete on a copy the target changed: the only intact copy is BOX1.
-                ctx.session.flush()
-                raise TemporaryError(f"refusing to delete BOX1: {report.alteration()}",
-                                     address=m.address, step="E41", delay=ALTERED_DELAY)
-            if not report.verified or lacking:
-                ctx.session.flush()  # keep the failed run's figures with the error record
-                raise TemporaryError(
-                    f"refusing to delete BOX1: {report.missing} of its messages not proven "
-                    f"in BOX2 ({report.failed} failed"
-                    + (f", {report.error}" if report.error else "") + ")"
-                    + (f", {len(lacking)} diary entries missing" if lacking else ""),
-                    address=m.address, step="E41", delay=30)
-            detail["last_delta_copied"] = report.copied
+            detail.update(ctx.data(m, "E41", final_delta_part))
         forget_logins(source, m.source_mailbox)  # pooled sessions of BOX1 must not outlive it
         source.delete_mailbox(m.source_mailbox)
     ctx.changed(m.source_system)  # the pass's closing up-sync makes fed forget ADP1

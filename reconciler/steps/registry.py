@@ -41,7 +41,7 @@ from reconciler.errors import PermanentError
 from reconciler.plan import Change
 from reconciler.state.model import AddressError, Migration
 from reconciler.steps import cleanup, cutover, prestage, station, transfer
-from reconciler.steps.base import AddressStep, MigrationStep, Outcome, StepContext
+from reconciler.steps.base import AddressStep, DataPart, MigrationStep, Outcome, StepContext
 
 HOUR = 3600.0
 
@@ -136,6 +136,16 @@ STEPS: dict[str, StepSpec] = _specs(
     StepSpec("E41", on_migration(cleanup.e41_delete_source), timeout=24 * HOUR),
     StepSpec("E43", on_migration(cleanup.e43_purge), timeout=24 * HOUR),
 )
+
+
+# The data parts a worker may run for a step (`StepContext.data`): the copies and their
+# verification, E12's validation, the final delta before E41, the diary merge.
+DATA_PARTS: dict[str, DataPart] = {
+    "E11": transfer.validate_part,
+    "E15": transfer.copy_mail_part,
+    "E17": transfer.copy_diary_part,
+    "E41": cleanup.final_delta_part,
+}
 
 
 def step_for(name: str | None) -> StepSpec:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from reconciler.errors import PermanentError, TemporaryError
 from reconciler.mover.calendar import copy_diary, verify_diary
-from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import move_mail
 from reconciler.mover.validate import validate_source
 from reconciler.state.model import Migration, TransferRun
@@ -32,15 +31,20 @@ def accepted_rewrites(ctx: StepContext, m: Migration) -> frozenset[str] | None:
     return ctx.desired.policy.accepted_rewrites(m.target_system)
 
 
+def validate_part(ctx: StepContext, m: Migration) -> dict[str, object]:
+    """E12, the data part of E11: the source's data validated (a worker may run it)."""
+    problems = validate_source(ctx.driver(m.source_system), m.source_mailbox)
+    if problems:
+        raise PermanentError("source data failed validation (E12): " + "; ".join(problems[:5]),
+                             address=m.address, step="E12")
+    return {"validated": True}
+
+
 def e11_take_mailbox(ctx: StepContext, m: Migration) -> Outcome:
     """E11-E14: validate the source if asked, check the address migrated, take the mailbox."""
     detail: dict[str, object] = {}
     if m.modes.data_transfer == "validate-and-copy":  # E11 yes -> E12
-        problems = validate_source(ctx.driver(m.source_system), m.source_mailbox)
-        if problems:
-            raise PermanentError("source data failed validation (E12): " + "; ".join(problems[:5]),
-                                 address=m.address, step="E12")
-        detail["validated"] = True
+        detail.update(ctx.data(m, "E11", validate_part))
     if m.address_migration_id is None:  # E14 negative with mail transfer: not ours to copy
         raise PermanentError("no address-migration id: E9 was not recorded",
                              address=m.address, step="E14")
@@ -54,18 +58,19 @@ def e16_take_diary(ctx: StepContext, m: Migration) -> Outcome:
     return Outcome(MigrationState.MOVER_TOOK, "E13-E16", {"diary_only": True})
 
 
-def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
+def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> dict[str, object]:
     diary = m.modes.diary or not mail
     src, dst = ctx.driver(m.source_system), ctx.driver(m.target_system)
     detail: dict[str, object] = {"copied": 0, "present": 0, "failed": 0, "bytes": 0}
     problems: list[str] = []
     if mail:
         # The manifest rows and the run's figures are written in this step's transaction:
-        # kept with the event on success, with the error record on failure.
+        # kept with the event on success, with the error record on failure (in a worker:
+        # committed as the copy goes, see StepContext.manifest).
         report = move_mail(src, m.source_mailbox, dst, m.target_mailbox, key=m.address,
-                           modes=m.modes, phase="copy",
-                           manifest=Manifest.in_session(ctx.session, m.id), progress=ctx.progress,
-                           accepted=accepted_rewrites(ctx, m))
+                           modes=m.modes, phase="copy", manifest=ctx.manifest(m),
+                           progress=ctx.progress, accepted=accepted_rewrites(ctx, m),
+                           throttle=ctx.pace(m.source_system, m) if ctx.pace else None)
         detail.update(copied=report.copied, present=report.present, failed=report.failed,
                       bytes=report.bytes_copied, missing=report.missing,
                       altered=report.altered, equivalent=report.equivalent)
@@ -93,14 +98,24 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> Outcome:
         ctx.session.flush()
         raise TemporaryError("copy not verified: " + "; ".join(problems),
                              address=m.address, step=label, delay=10)
-    return Outcome(MigrationState.DATA_COPIED, label, detail)
+    return detail
+
+
+def copy_mail_part(ctx: StepContext, m: Migration) -> dict[str, object]:
+    """The data part of E15: old mail (and diary data) copied and verified."""
+    return _copy(ctx, m, mail=True, label="E15")
+
+
+def copy_diary_part(ctx: StepContext, m: Migration) -> dict[str, object]:
+    """The data part of E17: diary data copied and verified."""
+    return _copy(ctx, m, mail=False, label="E17")
 
 
 def e15_copy_mail(ctx: StepContext, m: Migration) -> Outcome:
     """E15 (+E17): old mail and diary data copied and verified."""
-    return _copy(ctx, m, mail=True, label="E15")
+    return Outcome(MigrationState.DATA_COPIED, "E15", ctx.data(m, "E15", copy_mail_part))
 
 
 def e17_copy_diary(ctx: StepContext, m: Migration) -> Outcome:
     """E17 alone: diary data copied (diary-only mode)."""
-    return _copy(ctx, m, mail=False, label="E17")
+    return Outcome(MigrationState.DATA_COPIED, "E17", ctx.data(m, "E17", copy_diary_part))

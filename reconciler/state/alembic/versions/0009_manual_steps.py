@@ -1,7 +1,7 @@
 """manual steps: migrations.manual_step
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04 19:00:00
 
 Why: a step mailferry cannot do itself (a hosted target's mailbox that only its provider's
@@ -13,8 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0007'
-down_revision = '0006'
+revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

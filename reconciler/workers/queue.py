@@ -1,0 +1,209 @@
+"""The reconciler's side of the workers: data parts queued as procrastinate jobs.
+
+Why procrastinate (README, "Workers"): the state store already is a PostgreSQL when more
+than one machine works on a wave, and procrastinate is a job queue *in* PostgreSQL: claims
+with `SELECT ... FOR UPDATE SKIP LOCKED`, wake-ups with LISTEN/NOTIFY, per-job `lock`s and
+`queueing_lock`s, worker heartbeats. No broker to run, back up or secure; a job and the
+state it belongs to live in the same database.
+
+How a data step goes (the engine and its state machine are unchanged): the step calls
+`StepContext.data(m, step, part)`; with workers, that is `Queue.offload`, which
+
+1. finds no `data_jobs` row for (migration, step, state): inserts one (`queued`, in its own
+   committed transaction, so a worker never sees a job before its row) and defers the
+   procrastinate job with the queueing lock `migration:step:state` (a second reconciler, or
+   a re-run, cannot queue it twice: the row is unique and procrastinate refuses a second
+   `todo` job with the same queueing lock), then raises NotReady;
+2. finds the row `queued` or `running`: NotReady (and, if no procrastinate job is waiting
+   or running for it any more, queues it again);
+3. finds it `done`: deletes the row *in the step's session* and returns the worker's
+   detail, so the engine records the transition, its event and the row's removal in one
+   transaction;
+4. finds it `error`: deletes it (committed) and raises the error the worker met, so the
+   engine's back-off and failure rules apply exactly as to an in-process step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from procrastinate import App, PsycopgConnector
+from procrastinate.exceptions import AlreadyEnqueued
+from sqlalchemy import delete, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from reconciler.errors import MailferryError, NotReady, PermanentError, TemporaryError
+from reconciler.state.model import DataJob, Migration, utcnow
+from reconciler.state.store import Store
+from reconciler.steps.base import StepContext
+
+TASK = "mailferry.data_step"
+QUEUE = "mailferry-data"
+CHANNEL = "mailferry_data_jobs"  # a worker NOTIFYs it when it wrote a result
+SCHEMA_LOCK = 7316552  # pg_advisory_xact_lock key of the schema's creation
+RECHECK = 5.0  # seconds between two looks at the procrastinate job of a queued row
+
+
+class WorkerBug(Exception):
+    """An unexpected exception in a worker's part (the engine counts it as a bug)."""
+
+
+def conninfo(url: str) -> str:
+    """libpq's connection string for the state store's SQLAlchemy URL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise MailferryError(f"workers need a PostgreSQL state store, not {parsed.drivername} "
+                             "(--state postgresql+psycopg://...)")
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def make_app(url: str) -> App:
+    """A procrastinate app on the state store's database."""
+    return App(connector=PsycopgConnector(conninfo=conninfo(url)))
+
+
+def ensure_schema(url: str) -> None:
+    """procrastinate's tables in the state store's database, created once (serialised)."""
+    with psycopg.connect(conninfo(url)) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        found = conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+        if found is None or found[0] is None:
+            from procrastinate.schema import SchemaManager
+
+            conn.execute(SchemaManager.get_schema())
+
+
+def lock_of(m: Migration) -> str:
+    """procrastinate's `lock` of a migration's jobs: one at a time per mailbox."""
+    return f"mailbox:{m.target_system}/{m.target_mailbox}"
+
+
+def queueing_lock(migration_id: int, step: str, state: int) -> str:
+    return f"{migration_id}:{step}:{state}"
+
+
+def error_result(exc: BaseException) -> dict[str, Any]:
+    """What a worker records of the error its part raised (`raise_result` raises it again)."""
+    if isinstance(exc, PermanentError | TemporaryError):
+        result: dict[str, Any] = {
+            "kind": "permanent" if isinstance(exc, PermanentError) else "temporary",
+            "message": str(exc.args[0]) if exc.args else "", "address": exc.address,
+            "step": exc.step}
+        if isinstance(exc, TemporaryError):
+            result["delay"] = exc.delay
+        return result
+    return {"kind": "bug", "message": f"unexpected {type(exc).__name__} in a worker: {exc}"}
+
+
+def raise_result(result: dict[str, Any], address: str, step: str) -> None:
+    """Raise the error a worker recorded, as the step would have raised it here."""
+    kind, message = result.get("kind"), str(result.get("message", ""))
+    where = {"address": str(result.get("address") or address),
+             "step": str(result.get("step") or step)}
+    if kind == "permanent":
+        raise PermanentError(message, **where)
+    if kind == "temporary":
+        raise TemporaryError(message, delay=float(result.get("delay") or 5.0), **where)
+    raise WorkerBug(message)
+
+
+class Queue:
+    """The data parts of steps, queued for `reconcile worker` processes."""
+
+    def __init__(self, store: Store, *, notice: Callable[[str], None] | None = None,
+                 poll: float = 0.2, max_wait: float | None = None) -> None:
+        self.store = store
+        self.max_wait = max_wait  # `wait`'s default timeout (--watch: it has timers too)
+        ensure_schema(store.url)
+        self.app = make_app(store.url)
+        self.app.open()
+        self.notice = notice
+        self.poll = poll
+        self._checked: dict[int, float] = {}  # data_jobs.id -> monotonic time of last look
+        self._mark: datetime | None = None  # the newest result `wait` has seen
+
+    def close(self) -> None:
+        self.app.close()
+
+    def _defer(self, m: Migration, step: str) -> None:
+        with contextlib.suppress(AlreadyEnqueued):  # waiting already: that job will do
+            self.app.configure_task(TASK, queue=QUEUE, lock=lock_of(m),
+                                    queueing_lock=queueing_lock(m.id, step, m.state)).defer(
+                migration_id=m.id, step=step, state=m.state)
+
+    def _job_alive(self, ql: str) -> bool:
+        with self.store.engine.connect() as conn:
+            return conn.execute(text(
+                "SELECT 1 FROM procrastinate_jobs WHERE queueing_lock = :ql "
+                "AND status IN ('todo', 'doing') LIMIT 1"), {"ql": ql}).first() is not None
+
+    def offload(self, ctx: StepContext, m: Migration, step: str) -> dict[str, Any]:
+        where = (DataJob.migration_id == m.id, DataJob.step == step, DataJob.state == m.state)
+        with self.store.session() as session:
+            row = session.scalars(select(DataJob).where(*where)).first()
+            if row is not None:
+                status, result, row_id = row.status, row.result or {}, row.id
+        if row is None:
+            try:
+                with self.store.session() as session:
+                    session.add(DataJob(migration_id=m.id, step=step, state=m.state,
+                                        address=m.address, status="queued", attempts=0,
+                                        enqueued_at=utcnow()))
+            except IntegrityError:  # another reconciler queued it just now
+                raise NotReady(f"{step} queued for a worker", address=m.address,
+                               step=step) from None
+            self._defer(m, step)
+            raise NotReady(f"{step} queued for a worker", address=m.address, step=step)
+        if status == "done":
+            ctx.session.execute(delete(DataJob).where(DataJob.id == row_id))
+            self._checked.pop(row_id, None)
+            return dict(result.get("detail") or {})
+        if status == "error":
+            with self.store.session() as session:
+                session.execute(delete(DataJob).where(DataJob.id == row_id))
+            self._checked.pop(row_id, None)
+            raise_result(result, m.address, step)
+        last = self._checked.get(row_id)
+        if last is None or time.monotonic() - last >= RECHECK:
+            self._checked[row_id] = time.monotonic()
+            if not self._job_alive(queueing_lock(m.id, step, m.state)):
+                self._defer(m, step)  # its job ended without a result: queue it again
+        raise NotReady(f"{step} {status} on a worker", address=m.address, step=step)
+
+    def outstanding(self) -> int:
+        """Jobs queued or running on workers."""
+        with self.store.session() as session:
+            return int(session.scalar(select(func.count()).select_from(DataJob).where(
+                DataJob.status.in_(("queued", "running")))) or 0)
+
+    def wait(self, stop: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait for a result newer than the last one seen: True when one came, False
+        when nothing is outstanding any more, on `stop`, or after `timeout` seconds."""
+        timeout = self.max_wait if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        said = time.monotonic()
+        while not stop():
+            with self.store.session() as session:
+                newest = session.scalar(select(func.max(DataJob.finished_at)).where(
+                    DataJob.status.in_(("done", "error"))))
+                busy = session.scalar(select(func.count()).select_from(DataJob).where(
+                    DataJob.status.in_(("queued", "running")))) or 0
+            if newest is not None and (self._mark is None or newest > self._mark):
+                self._mark = newest
+                return True
+            if not busy:
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if self.notice is not None and time.monotonic() - said >= 30:
+                said = time.monotonic()
+                self.notice(f"waiting for {busy} data jobs on the workers "
+                            "(is a `reconcile worker` running?)")
+            time.sleep(self.poll)
+        return False
