@@ -41,6 +41,7 @@ from reconciler.errors import (
     PermanentError,
     StepError,
     TemporaryError,
+    Waiting,
 )
 from reconciler.fedclient import FedClient, FlipResult, Refusal
 from reconciler.fit import window_warnings_for
@@ -492,7 +493,8 @@ class Engine:
             log.error("unexpected error\n%s", "".join(traceback.format_exception(exc)))
         message = _error_text(exc, f"{change.address} {step}")
         delay = exc.delay if isinstance(exc, TemporaryError) else None
-        frozen = self._backoff(change, spec, message, delay, bug, now)
+        frozen = self._backoff(change, spec, message, delay, bug, now,
+                               counts=not isinstance(exc, Waiting))
         return StepRecord(change.address, step, False, None, frozen or message)
 
     # -- a wave's cutover: E5-E8 and E9 of many mailboxes, batched --------------------------
@@ -727,9 +729,11 @@ class Engine:
                          commit=self.specs.commit, at=now)
 
     def _backoff(self, change: Change, spec: StepSpec, message: str, delay: float | None,
-                 bug: bool, now: datetime) -> str | None:
+                 bug: bool, now: datetime, *, counts: bool = True) -> str | None:
         """Count one more error; the back-off, or the frozen reason once the step's limits
-        are spent (returned, and recorded like a PermanentError)."""
+        are spent (returned, and recorded like a PermanentError). A wait the specs ask for
+        (`Waiting`, `counts=False`) is recorded the same way but counts against nothing:
+        retried after exactly its delay."""
         with self.store.session() as session:
             m = session.get(Migration, change.migration_id) if _own(change) else None
             row: Migration | AddressError
@@ -740,13 +744,15 @@ class Engine:
                     address=change.address, step=spec.name, attempts=0, error_since=now,
                     last_error="")
                 session.add(row)
-            row.attempts = (row.attempts or 0) + 1
-            if row.error_since is None:
-                row.error_since = now
-            why = spec.exhausted(row.attempts, (now - row.error_since).total_seconds(),
-                                 bug=bug)
+            if counts:
+                row.attempts = (row.attempts or 0) + 1
+                if row.error_since is None:
+                    row.error_since = now
+            why = spec.exhausted(row.attempts or 0, (now - row.error_since).total_seconds()
+                                 if row.error_since is not None else 0.0, bug=bug) \
+                if counts else None
             if why is None:
-                wait = spec.delay(row.attempts, delay)
+                wait = spec.delay(row.attempts, delay) if counts else float(delay or 0.0)
                 row.next_attempt_at = now + timedelta(seconds=wait)
                 if row.last_error != message:  # one event per distinct error, not per retry
                     record_event(session, m, "error", address=change.address,

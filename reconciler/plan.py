@@ -330,7 +330,9 @@ def _step(m: MigrationView, name: str, due: datetime | None = None, *,
     """The change taking step `name`, due no earlier than the back-off of its last error."""
     if m.next_attempt_at is not None and (due is None or m.next_attempt_at > due):
         due = m.next_attempt_at
-        reason = reason or f"retry after error: {m.last_error}"
+        # A wait the specs ask for (a daily budget spent) is no error: its own words.
+        waiting = (m.last_error or "").startswith("waiting: ")
+        reason = reason or (m.last_error or "" if waiting else f"retry after error: {m.last_error}")
     return Change(
         address=m.address, action="wait" if wait else "step", source=m.source_system,
         target=m.target_system, state=m.state, step=name, due=due,
