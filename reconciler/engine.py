@@ -36,6 +36,7 @@ from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_a
 from reconciler.errors import (
     LeaseLost,
     MailferryError,
+    ManualStep,
     NotReady,
     PermanentError,
     StepError,
@@ -128,7 +129,7 @@ _VIEW_COLUMNS = (
     Migration.state, Migration.state_since, shared_modes(), Migration.placement,
     Migration.failed_reason, Migration.failed_step, Migration.next_attempt_at,
     Migration.last_error, Migration.station, Migration.station_action, Migration.suspended,
-    Migration.purged, Migration.source_mailbox, Migration.mailbox_size,
+    Migration.purged, Migration.source_mailbox, Migration.mailbox_size, Migration.manual_step,
 )
 
 
@@ -152,7 +153,7 @@ def view(m: Migration) -> MigrationView:
         failed_step=m.failed_step, next_attempt_at=m.next_attempt_at,
         last_error=m.last_error, station=m.station, station_action=m.station_action,
         suspended=m.suspended, purged=m.purged, source_mailbox=m.source_mailbox,
-        mailbox_size=m.mailbox_size,
+        mailbox_size=m.mailbox_size, manual_step=m.manual_step,
     )
 
 
@@ -304,7 +305,9 @@ class Engine:
         for name, driver in self.drivers.items():
             endpoint = driver.delivery_endpoint()
             self.fed.put_system(name, endpoint.host, endpoint.port, endpoint.protocol,
-                                tls=endpoint.tls, cafile=endpoint.cafile)
+                                tls=endpoint.tls, cafile=endpoint.cafile,
+                                auth_user=endpoint.auth_user, auth_file=endpoint.auth_file,
+                                rcpt=endpoint.rcpt)
         self._systems_registered = True
 
     def apply(self, *, max_passes: int = 100) -> ApplyReport:
@@ -471,13 +474,16 @@ class Engine:
             return self._error(change, spec, exc, now)
 
     def _error(self, change: Change, spec: StepSpec, exc: Exception,
-               now: datetime) -> StepRecord:
-        """Record a step's error as the registry's limits say; the record for apply."""
+               now: datetime) -> StepRecord | None:
+        """Record a step's error as the registry's limits say; the record for apply (None
+        for a manual step: the migration waits for a person, no error)."""
         step = change.step or ""
         if isinstance(exc, LeaseLost):
             # Not this migration's error: another reconciler acts now. Record nothing.
             self.lease_lost = exc
             return StepRecord(change.address, step, False, None, str(exc))
+        if isinstance(exc, ManualStep) and self._manual(change, exc, now):
+            return None  # not an error: the plan shows what the person must do
         if isinstance(exc, PermanentError):
             self._fail(change, str(exc), exc.step or step, now)
             return StepRecord(change.address, exc.step or step, False, None, str(exc))
@@ -542,7 +548,9 @@ class Engine:
                      now: datetime, records: list[StepRecord]) -> None:
         spec = step_for(step)
         for change, exc in errors:
-            records.append(self._error(change, spec, exc, now))
+            record = self._error(change, spec, exc, now)
+            if record is not None:
+                records.append(record)
 
     def _hold_wave(self, changes: list[Change], now: datetime, cache: PassCache,
                    records: list[StepRecord]) -> list[Change]:
@@ -663,6 +671,7 @@ class Engine:
                          to_state=outcome.to_state, detail=outcome.detail,
                          commit=self.specs.commit, at=now)
             return
+        m.manual_step = None  # whatever a person had to do is done: the step ran
         if outcome.to_state == m.state:
             # An arrow back to the same state (E43 at 13): the state's time stays.
             m.attempts, m.error_since, m.last_error, m.next_attempt_at = 0, None, None, None
@@ -677,6 +686,25 @@ class Engine:
             return
         record_transition(session, m, outcome.label, outcome.to_state,
                           detail=outcome.detail, commit=self.specs.commit, at=now)
+
+    def _manual(self, change: Change, exc: ManualStep, now: datetime) -> bool:
+        """A migration waits for a person (`Migration.manual_step`): its state is kept, the
+        step is rechecked after `exc.delay`, an event is recorded when the task is new.
+        Never exhausted like an error. False for a change without a migration row (a
+        create: backed off like a temporary error, with the task as its message)."""
+        with self.store.session() as session:
+            m = session.get(Migration, change.migration_id) if _own(change) else None
+            if m is None:
+                return False
+            if m.manual_step != exc.task:
+                record_event(session, m, "manual", from_state=m.state, to_state=m.state,
+                             detail={"step": change.step, "task": exc.task, "why": exc.why},
+                             commit=self.specs.commit, at=now)
+            m.manual_step = exc.task
+            m.last_error = exc.why or None
+            m.next_attempt_at = now + timedelta(seconds=exc.delay)
+            m.attempts, m.error_since = 0, None
+        return True
 
     def _fail(self, change: Change, reason: str, step: str, now: datetime) -> None:
         """Freeze: the migration (or, for a create / E1, the address) with its reason."""
@@ -695,6 +723,7 @@ class Engine:
             m.failed_reason = reason
             m.failed_step = step
             m.next_attempt_at = None
+            m.manual_step = None
             record_event(session, m, "failed", from_state=m.state, to_state=None,
                          detail={"step": m.failed_step, "reason": reason},
                          commit=self.specs.commit, at=now)

@@ -63,6 +63,7 @@ from mailferry.mail.addresses import (
     check,
     domain_key,
     domain_to_unicode,
+    format_address,
 )
 from mailferry.resources import schema_dir
 
@@ -162,6 +163,14 @@ def dotted(path: Iterable[str | int]) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or "-"
+
+
+def _address_format(template: str) -> bool:
+    """True if `template` fills in to an address-like text ({address}, {local}, {domain})."""
+    try:
+        return bool(format_address(template, "a@b.example").strip())
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 @dataclass(order=True)
@@ -540,7 +549,23 @@ class _Loader:
                 oauth2=self.oauth2(doc, (*here, "oauth2"), box["oauth2"])
                 if "oauth2" in box else None,
                 login_format=str(box.get("loginFormat", "{address}")), smtp=smtp, lmtp=lmtp,
+                smtp_tls=str(box.get("smtpTls", "none")),
+                smtp_cafile=self.path_value(box["smtpCaFile"]) if "smtpCaFile" in box else None,
+                smtp_auth=self.master_user(box.get("smtpAuth")),
+                smtp_recipient=str(box.get("smtpRecipient", "")),
             )
+            for key in ("smtpTls", "smtpCaFile", "smtpAuth", "smtpRecipient"):
+                if key in box and smtp is None:
+                    self.fail(doc, (*here, key), "only with smtp (where fed delivers)",
+                              key_line=True)
+            if imap.smtp_auth is not None and imap.smtp_tls == "none":
+                self.fail(doc, (*here, "smtpAuth"), "needs smtpTls starttls or implicit: fed "
+                          "never sends a password in cleartext", key_line=True)
+            for key, template in (("loginFormat", imap.login_format),
+                                  ("smtpRecipient", imap.smtp_recipient)):
+                if template and not _address_format(template):
+                    self.fail(doc, (*here, key), f"{template!r} is not a format of {{address}}, "
+                              "{local} and {domain}")
             system = replace(common, root=imap.state_dir, submission=smtp, lmtp=lmtp,
                              imap=imap)
         else:

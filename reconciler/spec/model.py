@@ -163,6 +163,10 @@ class ImapOptions:
     login_format: str = "{address}"  # {address}, {local}, {domain}
     smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere
     lmtp: Endpoint | None = None  # or over LMTP (Cyrus's lmtpd); wins over smtp
+    smtp_tls: str = "none"  # fed's TLS to smtp: none | starttls | implicit
+    smtp_cafile: str | None = None  # absolute: the CA of the SMTP server's certificate
+    smtp_auth: MasterUser | None = None  # fed's SMTP AUTH (the password: a file fed reads)
+    smtp_recipient: str = ""  # RCPT TO format ({address}, {local}, {domain}); "": physical
 
 
 @dataclass(frozen=True)
