@@ -56,8 +56,10 @@ class Guard:
     """One job's connection: its advisory locks, and the watchdog that notices its loss."""
 
     def __init__(self, conninfo: str, *, ping: float = 1.0, poll: float = 0.2,
-                 stop: Callable[[], bool] = lambda: False) -> None:
-        self.conn = psycopg.connect(conninfo, autocommit=True)
+                 stop: Callable[[], bool] = lambda: False, name: str = "") -> None:
+        # Named in pg_stat_activity: an admin (or a test) sees whose locks these are.
+        self.conn = psycopg.connect(conninfo, autocommit=True,
+                                    application_name=f"mailferry-guard {name}"[:63])
         self.lost = threading.Event()
         self.poll, self.stop = poll, stop
         self._lock = threading.Lock()

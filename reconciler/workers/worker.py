@@ -119,7 +119,8 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
             return
         address, source, target = m.address, m.source_system, m.target_system
         limit = m.modes.max_parallel
-    guard = Guard(conninfo(rt.store.url), ping=rt.ping, stop=rt.stopping.is_set)
+    guard = Guard(conninfo(rt.store.url), ping=rt.ping, stop=rt.stopping.is_set,
+                  name=f"{rt.name} {address} {step}")
     try:
         guard.mailbox(f"{target}/{address}")
         guard.slot(f"source:{source}", limit)
@@ -133,7 +134,7 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
                               cache=PassCache(), desired=rt.specs.desired().get(address),
                               worker=True, pace=rt.pace(guard))
             detail = dict(part(ctx, m))
-        detail.update(worker=rt.name, copy_started=started.isoformat(),
+        detail.update(worker=rt.name, attempt=attempt, copy_started=started.isoformat(),
                       copy_finished=utcnow().isoformat())
         status, result = "done", {"detail": detail}
     except Exception as exc:  # every error goes back to the reconciler, classified
