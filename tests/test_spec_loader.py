@@ -199,6 +199,53 @@ spec:
     assert policy.recheck_lead == DEFAULT_POLICY.recheck_lead  # absent: model default
 
 
+def test_system_limits_are_recorded_and_checked_with_file_and_line(here: Path) -> None:
+    """`systemLimits`: a valid entry reaches the recorded modes; an unknown system, a
+    system given twice, more connections per user than per system and a zero limit are
+    each named with file and line."""
+    write_set(here, pol_yaml="""\
+apiVersion: mailferry/v1
+kind: MigrationPolicy
+metadata: {name: hosted}
+spec:
+  systemLimits:
+    - {system: s2, connections: 20, connectionsPerUser: 3, bytesPerDay: 2500000000}
+""")
+    modes = load_specs(here).policies["hosted"].modes()
+    assert modes.limits_of("s2") == (20, 3, 2_500_000_000) and modes.limits_of("s1") == (0, 0, 0)
+    assert type(modes).from_json(modes.to_json()) == modes
+    write_set(here, pol_yaml="""\
+apiVersion: mailferry/v1
+kind: MigrationPolicy
+metadata: {name: hosted}
+spec:
+  systemLimits:
+    - system: gmail
+      connections: 15
+    - system: s2
+      connections: 2
+      connectionsPerUser: 3
+    - system: s2
+      bytesPerDay: 500000000
+""")
+    found = problems_of(here)
+    assert any(p.startswith("pol.yaml:6: spec.systemLimits[0].system: unknown MailSystem "
+                            "'gmail'") for p in found), found
+    assert "pol.yaml:10: spec.systemLimits[1].connectionsPerUser: 3 connections per user is " \
+        "more than the 2 connections the whole system allows" in found, found
+    assert any(p.startswith("pol.yaml:11: spec.systemLimits[2].system: limits for 's2' "
+                            "given twice: also at pol.yaml:8") for p in found), found
+    write_set(here, pol_yaml="""\
+apiVersion: mailferry/v1
+kind: MigrationPolicy
+metadata: {name: hosted}
+spec:
+  systemLimits: [{system: s2, connections: 0}]
+""")
+    assert any(p.startswith("pol.yaml:5:") and "connections" in p
+               for p in problems_of(here)), problems_of(here)
+
+
 def test_dotfiles_readme_and_subfolders_are_ignored(here: Path) -> None:
     write_set(here)
     (here / ".draft.yaml").write_text("not: [valid")
@@ -836,3 +883,82 @@ def test_size_of_a_spec_set_is_bounded(here: Path, monkeypatch: pytest.MonkeyPat
     problems = problems_of(here)
     assert problems == ["z.yaml:1: -: the spec set is larger than 2,000 bytes; not read further"], \
         problems
+
+
+# -- international addresses ----------------------------------------------------------------
+IDN_SYSTEM = """\
+apiVersion: mailferry/v1
+kind: MailSystem
+metadata: {name: s3}
+spec:
+  driver: maildir
+  domains: [B\u00fccher.example, corp.example]
+  maildir: {root: /srv/s3, lmtp: 127.0.0.1:2403, submission: 127.0.0.1:2503}
+"""
+
+
+def test_idn_and_utf8_addresses_load_as_keys(here: Path) -> None:
+    write_set(here, s3_yaml=IDN_SYSTEM, p_yaml="""\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: p}
+spec:
+  system: s3
+  reportTo: [Ops@B\u00fccher.example]
+  mailboxes:
+    - address: J\u00fcrgen@B\u00fccher.example
+      aliases: [info@xn--bcher-kva.example, ju\u0308rgen@corp.example]
+""")
+    specs = load_specs(here)
+    assert specs.systems["s3"].domains == ("xn--bcher-kva.example", "corp.example")
+    box = specs.placements["p"].mailboxes[0]
+    assert box.address == "j\u00fcrgen@xn--bcher-kva.example"
+    assert box.aliases == ("info@xn--bcher-kva.example", "j\u00fcrgen@corp.example")  # NFC
+    assert specs.placements["p"].report_to == ("ops@xn--bcher-kva.example",)
+
+
+def test_one_address_in_both_idn_forms_is_claimed_twice_with_file_and_line(here: Path) -> None:
+    write_set(here, s3_yaml=IDN_SYSTEM, a_yaml="""\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: a}
+spec:
+  system: s3
+  mailboxes:
+    - address: j\u00fcrgen@b\u00fccher.example
+""", b_yaml="""\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: b}
+spec:
+  system: s3
+  mailboxes:
+    - address: ann@corp.example
+      aliases: [J\u00fcrgen@xn--bcher-kva.example]
+""")
+    assert problems_of(here) == [
+        "b.yaml:8: spec.mailboxes[0].aliases[0]: address 'j\u00fcrgen@xn--bcher-kva.example'"
+        " is claimed twice: also at a.yaml:7 (spec.mailboxes[0].address of placement a)"
+        " (written 'J\u00fcrgen@xn--bcher-kva.example' here, 'j\u00fcrgen@b\u00fccher.example'"
+        " there: one domain in its two IDN forms, b\u00fccher.example and xn--bcher-kva.example)"
+    ]
+
+
+def test_bad_idn_is_refused_with_file_and_line(here: Path) -> None:
+    write_set(here, s3_yaml=IDN_SYSTEM.replace("corp.example]", "xn--zz.example]"),
+              p_yaml="""\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: p}
+spec:
+  system: s1
+  mailboxes:
+    - address: x@b\u00fc\u00dfcher\u200d.example
+    - address: y@xn--ls8h.example
+""")
+    problems = problems_of(here)
+    assert [p.split(" is not a valid IDN")[0] for p in problems] == [
+        "p.yaml:7: spec.mailboxes[0].address: domain 'b\u00fc\u00dfcher\\u200d.example'",  # repr
+        "p.yaml:8: spec.mailboxes[1].address: domain 'xn--ls8h.example'",
+        "s3.yaml:6: spec.domains[1]: domain 'xn--zz.example'",
+    ], problems

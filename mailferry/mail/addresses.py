@@ -202,8 +202,13 @@ def ascii_form(address: str) -> str | None:
 
 def check(address: str) -> str:
     """The key of an address from a person or another system, AddressError (saying why)
-    if it is none: what a spec or a directory entry may hold."""
-    parse(address)
+    if it is none: what a spec or a directory entry may hold. A-labels must decode."""
+    domain = parse(address).domain_ascii
+    if "xn--" in domain:
+        try:
+            idna.decode(domain, uts46=True)
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise AddressError(f"domain {domain!r} is not a valid IDN: {exc}") from None
     return address_key(address)
 
 
@@ -231,6 +236,21 @@ def mailbox_id_for(address: str) -> str:
     """The mailbox id mailferry gives the mailbox of an access address."""
     local, _, domain = address.lower().partition("@")
     return f"{local}={domain}" if domain else local
+
+
+def address_of_mailbox(mailbox_id: str) -> str:
+    """The access address a mailbox id was made from (`mailbox_id_for` backwards: the
+    last ``=`` separates the domain, which never holds one)."""
+    local, eq, domain = mailbox_id.rpartition("=")
+    return f"{local}@{domain}" if eq and local else mailbox_id
+
+
+def format_address(template: str, address: str) -> str:
+    """`template` with ``{address}``, ``{local}`` and ``{domain}`` of `address` filled in:
+    how a system that is not mailferry's names a mailbox (an IMAP login, the RCPT TO
+    fed gives a hosted system for a physical address)."""
+    local, _, domain = address.rpartition("@")
+    return template.format(address=address, local=local, domain=domain)
 
 
 def physical_address(system: str, mailbox_id: str) -> str:

@@ -56,6 +56,15 @@ from croniter import croniter
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from mailferry import secretfile
+from mailferry.mail.addresses import (
+    AddressError,
+    address_key,
+    check,
+    domain_key,
+    domain_to_unicode,
+    format_address,
+)
 from mailferry.resources import schema_dir
 
 from ..errors import SpecError
@@ -154,6 +163,14 @@ def dotted(path: Iterable[str | int]) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or "-"
+
+
+def _address_format(template: str) -> bool:
+    """True if `template` fills in to an address-like text ({address}, {local}, {domain})."""
+    try:
+        return bool(format_address(template, "a@b.example").strip())
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 @dataclass(order=True)
@@ -357,9 +374,13 @@ class _Loader:
             return timedelta(0)
 
     def secret(self, ref: dict[str, str]) -> SecretRef:
-        """{env: X} | {file: path} -> SecretRef (a file made absolute)."""
-        return SecretRef(env=ref.get("env"),
-                         file=self.path_value(ref["file"]) if "file" in ref else None)
+        """{env: X} | {file: path} -> SecretRef (a file made absolute, unless it is in
+        systemd's credentials directory: ``$CREDENTIALS_DIRECTORY/NAME``, resolved when
+        read, in the unit that reads it)."""
+        file = ref.get("file")
+        if file is not None and not file.startswith(secretfile.CREDENTIALS):
+            file = self.path_value(file)
+        return SecretRef(env=ref.get("env"), file=file)
 
     def master_user(self, raw: dict[str, Any] | None) -> MasterUser | None:
         """A schema-checked masterUser object, or None."""
@@ -431,6 +452,30 @@ class _Loader:
             known_hosts_file=self.path_value(known) if known else None,
             sudo=bool(box.get("sshSudo", False)))
 
+    def address(self, doc: _Doc, path: JsonPath, text: str) -> str:
+        """The key of a spec's address (`addresses.check`: IDN domains with A-labels, a UTF-8
+        local part in NFC, lowercased); a problem at its line when it is none."""
+        if text.isascii() and "xn--" not in text.lower():
+            return address_key(text)  # the schema's pattern already proved its syntax
+        try:
+            return check(text)
+        except AddressError as exc:
+            self.fail(doc, path, str(exc))
+            return text.lower()
+
+    def domains(self, doc: _Doc, texts: Iterable[str]) -> tuple[str, ...]:
+        """spec.domains as keys hold them (A-labels); a problem for a domain that is no IDN."""
+        found: list[str] = []
+        for i, text in enumerate(texts):
+            key = domain_key(text)
+            if not text.isascii() or "xn--" in key:
+                try:
+                    check(f"x@{text}")
+                except AddressError as exc:
+                    self.fail(doc, ("spec", "domains", i), str(exc).replace("'x@", "'"))
+            found.append(key)
+        return tuple(found)
+
     def build_system(self, doc: _Doc) -> None:
         """A MailSystem document -> MailSystemSpec (with its driver's settings object)."""
         spec, name = doc.spec, cast(str, doc.name)
@@ -442,7 +487,7 @@ class _Loader:
                           f"{driver!r}, which reads spec.{own.get(driver)}", key_line=True)
         here = ("spec", own.get(driver, driver))
         common = MailSystemSpec(
-            name=name, driver=driver, domains=tuple(d.lower() for d in spec["domains"]),
+            name=name, driver=driver, domains=self.domains(doc, spec["domains"]),
             internal_domain=str(spec.get("internalDomain", f"{name}.internal")).lower(),
             root="", lmtp=None, submission=None, location=doc.location())
         if driver == "postfix-dovecot":
@@ -504,7 +549,23 @@ class _Loader:
                 oauth2=self.oauth2(doc, (*here, "oauth2"), box["oauth2"])
                 if "oauth2" in box else None,
                 login_format=str(box.get("loginFormat", "{address}")), smtp=smtp, lmtp=lmtp,
+                smtp_tls=str(box.get("smtpTls", "none")),
+                smtp_cafile=self.path_value(box["smtpCaFile"]) if "smtpCaFile" in box else None,
+                smtp_auth=self.master_user(box.get("smtpAuth")),
+                smtp_recipient=str(box.get("smtpRecipient", "")),
             )
+            for key in ("smtpTls", "smtpCaFile", "smtpAuth", "smtpRecipient"):
+                if key in box and smtp is None:
+                    self.fail(doc, (*here, key), "only with smtp (where fed delivers)",
+                              key_line=True)
+            if imap.smtp_auth is not None and imap.smtp_tls == "none":
+                self.fail(doc, (*here, "smtpAuth"), "needs smtpTls starttls or implicit: fed "
+                          "never sends a password in cleartext", key_line=True)
+            for key, template in (("loginFormat", imap.login_format),
+                                  ("smtpRecipient", imap.smtp_recipient)):
+                if template and not _address_format(template):
+                    self.fail(doc, (*here, key), f"{template!r} is not a format of {{address}}, "
+                              "{local} and {domain}")
             system = replace(common, root=imap.state_dir, submission=smtp, lmtp=lmtp,
                              imap=imap)
         else:
@@ -537,7 +598,7 @@ class _Loader:
             control_url=str(spec["control"]).rstrip("/"),
             token=self.secret(token),
             state_dir=self.path_value(spec["stateDir"]),
-            domains=tuple(d.lower() for d in spec["domains"]),
+            domains=self.domains(doc, spec["domains"]),
             location=doc.location(),
             relay_networks=tuple(networks),
             tls_cert=self.path_value(spec["tlsCert"]) if "tlsCert" in spec else None,
@@ -657,18 +718,23 @@ class _Loader:
             verify=str(spec.get("verify", base.verify)),
             accept_store_rewrites=tuple((str(r["system"]), str(r["rewrite"]))
                                         for r in spec.get("acceptStoreRewrites", [])),
+            system_limits=tuple((str(r["system"]), int(r.get("connections", 0)),
+                                 int(r.get("connectionsPerUser", 0)),
+                                 int(r.get("bytesPerDay", 0)))
+                                for r in spec.get("systemLimits", [])),
             location=doc.location(),
         )
         if doc.valid:
             self.policies[name] = policy
 
     def build_placement(self, doc: _Doc) -> None:
-        """A MailboxPlacement document -> PlacementSpec (addresses lowercased)."""
+        """A MailboxPlacement document -> PlacementSpec (addresses as keys: `address`)."""
         spec, name = doc.spec, cast(str, doc.name)
         boxes = tuple(
             MailboxSpec(
-                address=str(box["address"]).lower(),
-                aliases=tuple(str(a).lower() for a in box.get("aliases", [])),
+                address=self.address(doc, _claim_path(i, 0), str(box["address"])),
+                aliases=tuple(self.address(doc, _claim_path(i, 1 + j), str(a))
+                              for j, a in enumerate(box.get("aliases", []))),
                 station=box.get("station"),
                 location=doc.at("spec", "mailboxes", i),
             )
@@ -678,7 +744,8 @@ class _Loader:
             name=name, system=spec["system"], window=spec.get("window"),
             policy=spec.get("policy"), mailboxes=boxes, location=doc.location(),
             allow_move_back=bool(spec.get("allowMoveBack", False)),
-            report_to=tuple(str(a).lower() for a in spec.get("reportTo", [])),
+            report_to=tuple(self.address(doc, ("spec", "reportTo", i), str(a))
+                            for i, a in enumerate(spec.get("reportTo", []))),
             description=str(doc.data.get("metadata", {}).get("description", "")),
         )
 
@@ -743,10 +810,14 @@ class _Loader:
                     if first is not here:
                         other, other_path = first[0], _claim_path(first[1], first[2])
                         path = _claim_path(i, j)
+                        written, before = _written(doc, path), _written(other, other_path)
+                        spelling = "" if written.lower() == before.lower() else (
+                            f" (written {written!r} here, {before!r} there: "
+                            f"{_why_same(address)})")
                         self.report(doc.display, doc.order, doc.ydoc.line_of(path), path,
                                     f"address {address!r} is claimed twice: also at "
                                     f"{other.at(*other_path)} ({dotted(other_path)} of "
-                                    f"placement {other.name})")
+                                    f"placement {other.name}){spelling}")
                     if served is not None and address.rpartition("@")[2] not in served:
                         assert system is not None
                         path = _claim_path(i, j)
@@ -754,6 +825,31 @@ class _Loader:
                                     f"domain {address.rpartition('@')[2]!r} is not served by "
                                     f"MailSystem {system.name!r} (domains: "
                                     f"{', '.join(system.domains)})")
+
+    def check_limits(self) -> None:
+        """A policy's `systemLimits`: known systems, each once, per user within per system."""
+        for doc in self.docs:
+            if doc.kind != "MigrationPolicy" or not doc.valid:
+                continue
+            seen: dict[str, int] = {}
+            for i, (system, conns, per_user, _) in enumerate(
+                    self.policies[cast(str, doc.name)].system_limits):
+                path: JsonPath = ("spec", "systemLimits", i, "system")
+                line = doc.ydoc.line_of(path)
+                if system not in self.systems and ("MailSystem", system) not in self.broken:
+                    known = ", ".join(sorted(self.systems)) or "none"
+                    self.report(doc.display, doc.order, line, path,
+                                f"unknown MailSystem {system!r} (known: {known})")
+                if system in seen:
+                    self.report(doc.display, doc.order, line, path,
+                                f"limits for {system!r} given twice: also at "
+                                f"{doc.at('spec', 'systemLimits', seen[system])}")
+                seen.setdefault(system, i)
+                if conns and per_user > conns:
+                    here: JsonPath = ("spec", "systemLimits", i, "connectionsPerUser")
+                    self.report(doc.display, doc.order, doc.ydoc.line_of(here), here,
+                                f"{per_user} connections per user is more than the "
+                                f"{conns} connections the whole system allows")
 
     def check_reference(self, doc: _Doc, key: str, kind: str, known: set[str]) -> None:
         """spec.<key> names an existing object of `kind` (broken ones excepted)."""
@@ -772,6 +868,7 @@ class _Loader:
         self.build_all()
         self.check_names()
         self.check_placements()
+        self.check_limits()
         if self.problems or not self.feds:
             lines = [p.text for p in sorted(self.problems)]
             raise SpecError(list(dict.fromkeys(lines)) or ["-:0: -: no valid FedHub"])
@@ -787,6 +884,22 @@ class _Loader:
             dirty=dirty,
             digest=self.hasher.hexdigest(),
         )
+
+
+def _written(doc: _Doc, path: JsonPath) -> str:
+    """An address as the spec file spells it (a claim's path into the document)."""
+    node: Any = doc.data
+    for key in path:
+        node = node[key]
+    return str(node)
+
+
+def _why_same(key: str) -> str:
+    """Why two spellings of an address are one (for the claimed-twice message)."""
+    domain = key.rpartition("@")[2]
+    if "xn--" in domain:
+        return f"one domain in its two IDN forms, {domain_to_unicode(domain)} and {domain}"
+    return "one address in two Unicode normal forms"
 
 
 def _claim_path(box: int, claim: int) -> JsonPath:

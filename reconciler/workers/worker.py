@@ -38,12 +38,13 @@ from reconciler.drivers.registry import make_drivers
 from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
 from reconciler.lease import holder_id
+from reconciler.mover.service import share_paces
 from reconciler.spec.model import SpecSet
 from reconciler.state.model import DataJob, Migration, utcnow
 from reconciler.state.store import Store
 from reconciler.steps.base import PassCache, StepContext
 from reconciler.steps.registry import DATA_PARTS
-from reconciler.workers.fleet import FleetPace, Guard
+from reconciler.workers.fleet import FleetPace, Guard, SharedPace
 from reconciler.workers.queue import (
     CHANNEL,
     QUEUE,
@@ -180,6 +181,8 @@ def run_worker(specs: SpecSet, store: Store, *, concurrency: int = 4,
     """Take jobs until SIGTERM/SIGINT (procrastinate's handlers: the running jobs end)."""
     ensure_schema(store.url)
     rt = Runtime(specs, store, make_drivers(specs), ping=ping)
+    # Every endpoint's pace shares its back-off with the other workers.
+    share_paces(lambda local: SharedPace(local, FleetPace(store.engine, local.system)))
     app = worker_app(rt)
 
     async def main() -> None:
