@@ -6,6 +6,9 @@ What is proved here, every message counted by Message-ID in the real Maildirs:
 - an IDN domain is one domain on Postfix + Dovecot: mail through fed to either form (and
   to an alias in the other form) lands once in the one mailbox; Postfix's own maps answer
   both forms (`postmap -q`, the lookup Postfix does, casefolded);
+- a UTF-8 alias (`jürgen@mail.bücher.example`) of an ASCII mailbox on Postfix + Dovecot:
+  through fed by either form, with UTF-8 headers, once in the Maildir (fed routes it to the
+  ASCII physical address, so no hop needs SMTPUTF8);
 - a UTF-8 local part end to end where every hop has SMTPUTF8 (fed -> the embedded system);
 - on this Postfix + Dovecot (Dovecot 2.3: no SMTPUTF8 in its LMTP) a mailbox with a UTF-8
   local part is refused by the driver with the system, the reason and what to set, and
@@ -47,13 +50,15 @@ IDN = "b\u00fccher.example"  # bücher.example
 ACE = "xn--bcher-kva.example"
 INFO, INFO_BOX = f"info@{IDN}", f"info={ACE}"
 JUERGEN = f"j\u00fcrgen@{IDN}"
+# on pf1 (Dovecot 2.3: no UTF-8 mailbox id) the UTF-8 form is an alias of an ASCII mailbox
+JUERGEN_ASCII, JUERGEN_PF = f"juergen@{IDN}", f"j\u00fcrgen@mail.{IDN}"
 
 
 @pytest.fixture(scope="module")
 def pf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PfWorld]:
     def hosts(fed_port: int) -> dict[str, MailHost]:
         return {"pf1": MailHost("pf1", make_root("mailferry-pf1-"), fed_port,
-                                domains=("corp.example", IDN))}
+                                domains=("corp.example", IDN, f"mail.{IDN}"))}
     world = PfWorld(tmp_path_factory.mktemp("pfintl"), hosts=hosts)
     world.base[0]["spec"]["domains"] = ["corp.example", ACE]  # s1, in the other form
     yield world
@@ -65,7 +70,8 @@ def engine(pf: PfWorld, tmp_path_factory: pytest.TempPathFactory) -> Engine:
     """info@bücher.example (alias in A-labels) on pf1, jürgen@bücher.example on s1."""
     root = tmp_path_factory.mktemp("specs")
     specs = pf.write(root / "v1", [
-        placement("pf", "pf1", [{"address": INFO, "aliases": [f"kontakt@{ACE}"]}]),
+        placement("pf", "pf1", [{"address": INFO, "aliases": [f"kontakt@{ACE}"]},
+                                {"address": JUERGEN_ASCII, "aliases": [JUERGEN_PF]}]),
         placement("emb", "s1", [{"address": JUERGEN}])])
     built = pf.engine(specs, f"sqlite:///{root / 'state.db'}")
     report = built.apply()
@@ -117,6 +123,26 @@ def test_idn_domain_is_one_domain_on_postfix_and_dovecot(pf: PfWorld, engine: En
     assert f"to=<{INFO}>, relay=127.0.0.1[127.0.0.1]:{fed_port}" in log
 
 
+def test_utf8_alias_through_fed_to_postfix_and_dovecot_once_by_either_form(
+        pf: PfWorld, engine: Engine) -> None:
+    host, fed_port = pf.hosts["pf1"], engine.specs.fed.smtp.port
+    box = f"juergen={ACE}"
+    assert engine.fed.lookup(JUERGEN_PF) == f"{box}@pf1.invalid"
+    assert postmap_query(host, f"j\u00fcrgen@mail.{ACE}") == f"{box}@pf1.invalid"
+    for n, rcpt in enumerate([JUERGEN_PF, f"J\u00dcRGEN@mail.{ACE}"]):
+        data = (f"From: x@outside.example\r\nTo: {rcpt}\r\nSubject: gr\u00fc\u00dfe\r\n"
+                f"Message-ID: <pf-j{n}@t>\r\n\r\nh\u00e9llo\r\n").encode()  # UTF-8 headers
+        with smtplib.SMTP("127.0.0.1", fed_port, timeout=20) as client:
+            assert client.sendmail("x@outside.example", [rcpt], data,
+                                   mail_options=["SMTPUTF8"]) == {}
+    want = {"<pf-j0@t>", "<pf-j1@t>"}
+    wait_for(lambda: set(host.message_ids(box)) >= want, what="two messages")
+    wait_for(lambda: engine.fed.queue().pending == 0 and host.queue_files() == 0,
+             what="empty queues")
+    assert host.message_ids(box) == dict.fromkeys(want, 1)
+    assert "status=bounced" not in host.maillog()
+
+
 def test_utf8_local_part_end_to_end_where_every_hop_has_smtputf8(pf: PfWorld,
                                                                  engine: Engine) -> None:
     fed_port = engine.specs.fed.smtp.port
@@ -136,6 +162,7 @@ def test_utf8_mailbox_on_dovecot_without_smtputf8_is_refused_with_what_to_set(
     host = pf.hosts["pf1"]
     specs = pf.write(tmp_path / "v2", [
         placement("pf", "pf1", [{"address": INFO, "aliases": [f"kontakt@{ACE}"]},
+                                {"address": JUERGEN_ASCII, "aliases": [JUERGEN_PF]},
                                 {"address": "j\u00fcrgen@corp.example"}]),
         placement("emb", "s1", [{"address": JUERGEN}])])
     again = pf.engine(specs, str(engine.store.url))
