@@ -204,7 +204,7 @@ class Engine:
         """The back-off or failure of every `create` / `E1` that failed."""
         with self.store.session() as session:
             return {e.address: AddressErrorView(e.step, e.last_error, e.next_attempt_at,
-                                                e.failed_reason)
+                                                e.failed_reason, e.manual_step)
                     for e in session.scalars(select(AddressError))}
 
     def observe(self, *, best_effort: bool = False) -> Observed:
@@ -690,10 +690,22 @@ class Engine:
     def _manual(self, change: Change, exc: ManualStep, now: datetime) -> bool:
         """A migration waits for a person (`Migration.manual_step`): its state is kept, the
         step is rechecked after `exc.delay`, an event is recorded when the task is new.
-        Never exhausted like an error. False for a change without a migration row (a
-        create: backed off like a temporary error, with the task as its message)."""
+        Never exhausted like an error. A change without a migration row (a create) keeps it
+        in its address_errors row. False when the migration row is gone."""
         with self.store.session() as session:
-            m = session.get(Migration, change.migration_id) if _own(change) else None
+            if not _own(change):
+                error = session.get(AddressError, change.address)
+                if error is None or error.manual_step != exc.task:
+                    record_event(session, None, "manual", address=change.address,
+                                 detail={"step": change.step, "task": exc.task,
+                                         "why": exc.why}, commit=self.specs.commit, at=now)
+                error = error or AddressError(address=change.address, error_since=now)
+                error.step, error.attempts, error.last_error = change.step or "", 0, exc.why
+                error.manual_step, error.failed_reason = exc.task, None
+                error.next_attempt_at = now + timedelta(seconds=exc.delay)
+                session.add(error)
+                return True
+            m = session.get(Migration, change.migration_id)
             if m is None:
                 return False
             if m.manual_step != exc.task:

@@ -63,14 +63,15 @@ def _row(change: Change, error: str, now: datetime) -> StatusRow:
     if change.action == "failed":
         state += " failed"
     nxt = "" if change.action == "in-sync" else f"{change.step or '-'}"
-    if change.action in ("refused", "conflict", "orphan", "suspended"):
+    if change.action in ("refused", "conflict", "orphan", "suspended", "manual"):
         nxt += f" ({change.action})"
     return StatusRow(
         address=change.address, placement=change.placement or "-",
         source=change.source or "(new)", target=change.target or change.source or "-",
         state=state, action=change.action, next=nxt, due=when(change, now),
-        last_error=error or (change.reason if change.action in ("failed", "refused",
-                                                                  "conflict") else ""),
+        last_error=(f"manual step: {change.reason}" if change.action == "manual" else
+                    error or (change.reason if change.action in ("failed", "refused",
+                                                                  "conflict") else "")),
     )
 
 
