@@ -36,10 +36,12 @@ from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_a
 from reconciler.errors import (
     LeaseLost,
     MailferryError,
+    ManualStep,
     NotReady,
     PermanentError,
     StepError,
     TemporaryError,
+    Waiting,
 )
 from reconciler.fedclient import FedClient, FlipResult, Refusal
 from reconciler.fit import window_warnings_for
@@ -127,7 +129,7 @@ _VIEW_COLUMNS = (
     Migration.state, Migration.state_since, shared_modes(), Migration.placement,
     Migration.failed_reason, Migration.failed_step, Migration.next_attempt_at,
     Migration.last_error, Migration.station, Migration.station_action, Migration.suspended,
-    Migration.purged, Migration.source_mailbox, Migration.mailbox_size,
+    Migration.purged, Migration.source_mailbox, Migration.mailbox_size, Migration.manual_step,
 )
 
 
@@ -151,7 +153,7 @@ def view(m: Migration) -> MigrationView:
         failed_step=m.failed_step, next_attempt_at=m.next_attempt_at,
         last_error=m.last_error, station=m.station, station_action=m.station_action,
         suspended=m.suspended, purged=m.purged, source_mailbox=m.source_mailbox,
-        mailbox_size=m.mailbox_size,
+        mailbox_size=m.mailbox_size, manual_step=m.manual_step,
     )
 
 
@@ -202,7 +204,7 @@ class Engine:
         """The back-off or failure of every `create` / `E1` that failed."""
         with self.store.session() as session:
             return {e.address: AddressErrorView(e.step, e.last_error, e.next_attempt_at,
-                                                e.failed_reason)
+                                                e.failed_reason, e.manual_step)
                     for e in session.scalars(select(AddressError))}
 
     def observe(self, *, best_effort: bool = False) -> Observed:
@@ -303,7 +305,9 @@ class Engine:
         for name, driver in self.drivers.items():
             endpoint = driver.delivery_endpoint()
             self.fed.put_system(name, endpoint.host, endpoint.port, endpoint.protocol,
-                                tls=endpoint.tls, cafile=endpoint.cafile)
+                                tls=endpoint.tls, cafile=endpoint.cafile,
+                                auth_user=endpoint.auth_user, auth_file=endpoint.auth_file,
+                                rcpt=endpoint.rcpt)
         self._systems_registered = True
 
     def apply(self, *, max_passes: int = 100) -> ApplyReport:
@@ -470,13 +474,16 @@ class Engine:
             return self._error(change, spec, exc, now)
 
     def _error(self, change: Change, spec: StepSpec, exc: Exception,
-               now: datetime) -> StepRecord:
-        """Record a step's error as the registry's limits say; the record for apply."""
+               now: datetime) -> StepRecord | None:
+        """Record a step's error as the registry's limits say; the record for apply (None
+        for a manual step: the migration waits for a person, no error)."""
         step = change.step or ""
         if isinstance(exc, LeaseLost):
             # Not this migration's error: another reconciler acts now. Record nothing.
             self.lease_lost = exc
             return StepRecord(change.address, step, False, None, str(exc))
+        if isinstance(exc, ManualStep) and self._manual(change, exc, now):
+            return None  # not an error: the plan shows what the person must do
         if isinstance(exc, PermanentError):
             self._fail(change, str(exc), exc.step or step, now)
             return StepRecord(change.address, exc.step or step, False, None, str(exc))
@@ -486,7 +493,8 @@ class Engine:
             log.error("unexpected error\n%s", "".join(traceback.format_exception(exc)))
         message = _error_text(exc, f"{change.address} {step}")
         delay = exc.delay if isinstance(exc, TemporaryError) else None
-        frozen = self._backoff(change, spec, message, delay, bug, now)
+        frozen = self._backoff(change, spec, message, delay, bug, now,
+                               counts=not isinstance(exc, Waiting))
         return StepRecord(change.address, step, False, None, frozen or message)
 
     # -- a wave's cutover: E5-E8 and E9 of many mailboxes, batched --------------------------
@@ -542,7 +550,9 @@ class Engine:
                      now: datetime, records: list[StepRecord]) -> None:
         spec = step_for(step)
         for change, exc in errors:
-            records.append(self._error(change, spec, exc, now))
+            record = self._error(change, spec, exc, now)
+            if record is not None:
+                records.append(record)
 
     def _hold_wave(self, changes: list[Change], now: datetime, cache: PassCache,
                    records: list[StepRecord], proved: set[int] | None) -> list[Change]:
@@ -674,6 +684,7 @@ class Engine:
                          to_state=outcome.to_state, detail=outcome.detail,
                          commit=self.specs.commit, at=now)
             return
+        m.manual_step = None  # whatever a person had to do is done: the step ran
         if outcome.to_state == m.state:
             # An arrow back to the same state (E43 at 13): the state's time stays.
             m.attempts, m.error_since, m.last_error, m.next_attempt_at = 0, None, None, None
@@ -688,6 +699,37 @@ class Engine:
             return
         record_transition(session, m, outcome.label, outcome.to_state,
                           detail=outcome.detail, commit=self.specs.commit, at=now)
+
+    def _manual(self, change: Change, exc: ManualStep, now: datetime) -> bool:
+        """A migration waits for a person (`Migration.manual_step`): its state is kept, the
+        step is rechecked after `exc.delay`, an event is recorded when the task is new.
+        Never exhausted like an error. A change without a migration row (a create) keeps it
+        in its address_errors row. False when the migration row is gone."""
+        with self.store.session() as session:
+            if not _own(change):
+                error = session.get(AddressError, change.address)
+                if error is None or error.manual_step != exc.task:
+                    record_event(session, None, "manual", address=change.address,
+                                 detail={"step": change.step, "task": exc.task,
+                                         "why": exc.why}, commit=self.specs.commit, at=now)
+                error = error or AddressError(address=change.address, error_since=now)
+                error.step, error.attempts, error.last_error = change.step or "", 0, exc.why
+                error.manual_step, error.failed_reason = exc.task, None
+                error.next_attempt_at = now + timedelta(seconds=exc.delay)
+                session.add(error)
+                return True
+            m = session.get(Migration, change.migration_id)
+            if m is None:
+                return False
+            if m.manual_step != exc.task:
+                record_event(session, m, "manual", from_state=m.state, to_state=m.state,
+                             detail={"step": change.step, "task": exc.task, "why": exc.why},
+                             commit=self.specs.commit, at=now)
+            m.manual_step = exc.task
+            m.last_error = exc.why or None
+            m.next_attempt_at = now + timedelta(seconds=exc.delay)
+            m.attempts, m.error_since = 0, None
+        return True
 
     def _fail(self, change: Change, reason: str, step: str, now: datetime) -> None:
         """Freeze: the migration (or, for a create / E1, the address) with its reason."""
@@ -706,14 +748,17 @@ class Engine:
             m.failed_reason = reason
             m.failed_step = step
             m.next_attempt_at = None
+            m.manual_step = None
             record_event(session, m, "failed", from_state=m.state, to_state=None,
                          detail={"step": m.failed_step, "reason": reason},
                          commit=self.specs.commit, at=now)
 
     def _backoff(self, change: Change, spec: StepSpec, message: str, delay: float | None,
-                 bug: bool, now: datetime) -> str | None:
+                 bug: bool, now: datetime, *, counts: bool = True) -> str | None:
         """Count one more error; the back-off, or the frozen reason once the step's limits
-        are spent (returned, and recorded like a PermanentError)."""
+        are spent (returned, and recorded like a PermanentError). A wait the specs ask for
+        (`Waiting`, `counts=False`) is recorded the same way but counts against nothing:
+        retried after exactly its delay."""
         with self.store.session() as session:
             m = session.get(Migration, change.migration_id) if _own(change) else None
             row: Migration | AddressError
@@ -724,13 +769,15 @@ class Engine:
                     address=change.address, step=spec.name, attempts=0, error_since=now,
                     last_error="")
                 session.add(row)
-            row.attempts = (row.attempts or 0) + 1
-            if row.error_since is None:
-                row.error_since = now
-            why = spec.exhausted(row.attempts, (now - row.error_since).total_seconds(),
-                                 bug=bug)
+            if counts:
+                row.attempts = (row.attempts or 0) + 1
+                if row.error_since is None:
+                    row.error_since = now
+            why = spec.exhausted(row.attempts or 0, (now - row.error_since).total_seconds()
+                                 if row.error_since is not None else 0.0, bug=bug) \
+                if counts else None
             if why is None:
-                wait = spec.delay(row.attempts, delay)
+                wait = spec.delay(row.attempts, delay) if counts else float(delay or 0.0)
                 row.next_attempt_at = now + timedelta(seconds=wait)
                 if row.last_error != message:  # one event per distinct error, not per retry
                     record_event(session, m, "error", address=change.address,

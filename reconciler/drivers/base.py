@@ -132,14 +132,21 @@ class DeliveryEndpoint:
     host: str
     port: int
     protocol: str = "lmtp"  # "lmtp" or "smtp"
-    tls: str = "none"  # "starttls": fed requires it and verifies the certificate
+    tls: str = "none"  # "starttls" or "implicit": fed requires it, verifies the certificate
     cafile: str | None = None  # the CA file fed verifies it with (None: system roots)
+    auth_user: str | None = None  # SMTP AUTH as this user (a hosted target's submission)
+    auth_file: str | None = None  # ... the file fed reads its password from
+    rcpt: str = ""  # RCPT TO format of the mailbox's address; "": the physical address
 
 
 class MailSystemDriver(abc.ABC):
     """Administer and read one mail system. Raise TemporaryError when it is unreachable."""
 
     name: str
+    # False for a system whose mailboxes someone else provisions (a hosted target): E2
+    # finds the mailbox instead of creating it, and moves only into one that is empty or
+    # holds nothing but what this migration copied (`steps.prestage.check_target_empty`).
+    creates_mailboxes: bool = True
 
     # -- health -------------------------------------------------------------------------
     @abc.abstractmethod

@@ -77,14 +77,16 @@ class ThrottlingProxy:
                 peak = max(peak, now)
         return peak
 
-    def appended(self, start: float = 0.0, end: float = float("inf")) -> tuple[int, float]:
-        """Messages forwarded in APPENDs between `start` and `end`, and the span (s) from
-        the first to the last of them."""
+    def appended(self, start: float | None = None, end: float | None = None) -> tuple[int, float]:
+        """Messages forwarded in APPENDs between `start` (default: the first APPEND) and
+        `end` (default: the last), and the seconds between those two instants."""
         with self._lock:
-            times = [(t, n) for t, k, n in self.events if k == "append" and start <= t <= end]
+            times = [(t, n) for t, k, n in self.events if k == "append"]
         if not times:
             return 0, 0.0
-        return sum(n for _, n in times), times[-1][0] - times[0][0]
+        start = times[0][0] if start is None else start
+        end = times[-1][0] if end is None else end
+        return sum(n for t, n in times if start <= t <= end), max(end - start, 0.0)
 
     # -- the relay --------------------------------------------------------------------------
     def _run(self) -> None:
