@@ -39,7 +39,7 @@ from helpers import mail
 from helpers.waiting import wait_for
 from pfdovecot import MailHost, make_root
 from pfworld import WHY_NOT, PfWorld
-from world import mailbox_message_ids, placement
+from world import mailbox_message_ids, placement, run_cli
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,6 +155,10 @@ def test_utf8_local_part_end_to_end_where_every_hop_has_smtputf8(pf: PfWorld,
     wait_for(lambda: set(mailbox_message_ids(engine, "s1", key)) >= want, what="three messages")
     wait_for(lambda: engine.fed.queue().pending == 0, what="an empty queue")
     assert mailbox_message_ids(engine, "s1", key) == dict.fromkeys(want, 1)
+    # an admin asking for the history in the other form, other case, finds it
+    done = run_cli("--state", str(engine.store.url), "events", f"J\u00dcRGEN@{IDN}",
+                   cwd=Path(engine.specs.root))
+    assert done.returncode == 0 and " create " in done.stdout, (done.stdout, done.stderr)
 
 
 def test_utf8_mailbox_on_dovecot_without_smtputf8_is_refused_with_what_to_set(
