@@ -257,6 +257,15 @@ class Store:
         """Send local users' mail for the account's addresses through fed (or not)."""
         self._update(mailbox_id, "via_fed = ?", (int(value),))
 
+    def set_via_fed_many(self, mailbox_ids: list[str], value: bool) -> None:
+        """`set_via_fed` for several accounts in one transaction (all or none)."""
+        with self._db() as db:
+            for mailbox_id in mailbox_ids:
+                cur = db.execute("UPDATE accounts SET via_fed = ? WHERE mailbox_id = ?",
+                                 (int(value), mailbox_id))
+                if cur.rowcount == 0:
+                    raise StoreError(f"no mailbox {mailbox_id!r}")
+
     def delete_account(self, mailbox_id: str) -> None:
         """Remove the account first (no more deliveries), then its Maildir."""
         self._check_id(mailbox_id)
