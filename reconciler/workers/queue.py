@@ -186,6 +186,16 @@ class Queue:
                 self._defer(m, step)  # its job ended without a result: queue it again
         raise NotReady(f"{step} {status} on a worker", address=m.address, step=step)
 
+    def _orphans(self) -> int:
+        """Rows queued or running without a procrastinate job waiting or running for
+        them: a worker that lost the database gave up its job without a result."""
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM data_jobs d WHERE d.status IN ('queued', 'running') "
+                "AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queueing_lock = "
+                "d.migration_id || ':' || d.step || ':' || d.state "
+                "AND j.status IN ('todo', 'doing'))")).scalar() or 0)
+
     def outstanding(self) -> int:
         """Jobs queued or running on workers."""
         with self.store.session() as session:
@@ -197,7 +207,7 @@ class Queue:
         when nothing is outstanding any more, on `stop`, or after `timeout` seconds."""
         timeout = self.max_wait if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        said = time.monotonic()
+        said = orphans_seen = time.monotonic()
         while not stop():
             with self.store.session() as session:
                 newest = session.scalar(select(func.max(DataJob.finished_at)).where(
@@ -209,6 +219,11 @@ class Queue:
                 return True
             if not busy:
                 return False
+            if time.monotonic() - orphans_seen >= RECHECK:
+                orphans_seen = time.monotonic()
+                if self._orphans():  # a pass queues them again (`offload`)
+                    self._checked.clear()
+                    return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             if self.notice is not None and time.monotonic() - said >= 30:

@@ -45,13 +45,18 @@ class Sender(threading.Thread):
     answered 250 for (what must arrive, and where), `refused` lists the others."""
 
     def __init__(self, port: int, rcpts: Sequence[str], *, tag: str = "live", count: int = 30,
-                 pause: float = 0.05, seconds: float = 30.0) -> None:
+                 pause: float = 0.05, seconds: float = 30.0, body: str = "body") -> None:
         super().__init__(daemon=True)
-        self.port, self.rcpts, self.tag = port, list(rcpts), tag
+        self.port, self.rcpts, self.tag, self.body = port, list(rcpts), tag, body
         self.count, self.pause, self.seconds = count, pause, seconds
         self.acked: dict[str, list[str]] = {rcpt: [] for rcpt in self.rcpts}
         self.refused: list[str] = []
         self.stop_flag = threading.Event()
+
+    @property
+    def acked_ids(self) -> list[str]:
+        """Every acknowledged Message-ID, whatever its recipient."""
+        return [mid for mids in self.acked.values() for mid in mids]
 
     def run(self) -> None:
         deadline = time.monotonic() + self.seconds
@@ -63,8 +68,8 @@ class Sender(threading.Thread):
             try:
                 with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
                     smtp.sendmail("x@outside.example", [rcpt],
-                                  message(f"{self.tag} {n}", mid, sender="x@outside.example",
-                                          to=rcpt))
+                                  message(f"{self.tag} {n}", mid, self.body,
+                                          sender="x@outside.example", to=rcpt))
                 self.acked[rcpt].append(mid)
             except (OSError, smtplib.SMTPException):
                 self.refused.append(mid)
