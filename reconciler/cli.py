@@ -1,7 +1,8 @@
 """`reconcile`: the command admins and CI run.
 
     reconcile --plan  [--json] [--at TIME] [--out FILE]  dry run: exit 0 same, 2 pending, 1 error
-    reconcile --apply [--json] [--allow-dirty]           everything due now, then exit
+    reconcile --apply [--json] [--allow-dirty]           everything due now, then exit: 0 done,
+                                                         1 error, 2 a manual step waits
     reconcile --apply FILE                               exactly a saved plan, or "stale plan"
     reconcile --watch [--interval S] [--station-api H:P] apply continuously
     reconcile status [--placement P] [--system S] [--state N|failed|...]
@@ -41,6 +42,7 @@ from click.shell_completion import get_completion_class
 from sqlalchemy import select
 
 from mailferry import __version__
+from mailferry.mail.addresses import address_key
 from mailferry.service import notify_ready, private_files
 from reconciler import savedplan
 from reconciler import status as levers
@@ -222,15 +224,19 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
         out.version("apply", engine)
         applier = Applier(out, reports_dir, bars=for_output(as_json))
         if saved is None:
-            report, _ = applier.apply(engine)
+            report, plan = applier.apply(engine)
         else:
-            report = _apply_saved(engine, applier, saved)
+            report, plan = _apply_saved(engine, applier, saved)
     finally:
         lease.release()
     if engine.lease_lost is not None:
         out.notice(f"error: stopped, the lease is lost: {engine.lease_lost}")
         return EXIT_ERROR
-    return EXIT_ERROR if report.errors else EXIT_OK
+    if report.errors:
+        return EXIT_ERROR
+    # A manual step waits (a mailbox only its provider can create): nothing failed, but the
+    # wave cannot finish until a person acts -- exit 2, as a plan with changes pending.
+    return EXIT_PENDING if plan.counts()["manual"] else EXIT_OK
 
 
 def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untyped-def]
@@ -245,8 +251,9 @@ def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untype
         applier.out.notice(f"skipped: {note}")
     engine.on_record = applier.out.record
     report = engine.apply_changes(changes)
-    applier.finish(engine, engine.plan(), report)
-    return report
+    after = engine.plan()
+    applier.finish(engine, after, report)
+    return report, after
 
 @main.command()
 @click.option("--web", default=None, metavar="HOST:PORT",
@@ -405,8 +412,9 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
     from reconciler.api.stations import enrol_station  # aiohttp: +0.15 s to every start
 
     store = open_store(state_url(ctx.obj["state"]))
+    address = address_key(address)  # the form the specs and the state store hold
     try:
-        token = enrol_station(store, name, address.lower(), move=move)
+        token = enrol_station(store, name, address, move=move)
     except ValueError as exc:  # a taken address, a bad name: nothing was changed
         _fail(f"station enrol {name}: {exc}")
         return
@@ -415,9 +423,9 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
         return
 
     token_path, config_path = write_station_kit(Path(out_dir), api=api, station=name,
-                                                address=address.lower(), token=token,
+                                                address=address, token=token,
                                                 client=client)
-    click.echo(f"station {name} enrolled for {address.lower()}\n"
+    click.echo(f"station {name} enrolled for {address}\n"
                f"  token:  {token_path} (mode 0600; the only copy)\n"
                f"  config: {config_path}\n"
                f"copy both to the workstation, then run: "
@@ -455,7 +463,7 @@ def events(ctx: click.Context, address: str) -> None:
     """The event history of one address (or of `placement:NAME`: suspend, resume)."""
     store = open_store(state_url(ctx.obj["state"]))
     with store.session() as session:
-        rows = session.scalars(select(Event).where(Event.address == address.lower())
+        rows = session.scalars(select(Event).where(Event.address == address_key(address))
                                .order_by(Event.id))
         for e in rows:
             # A migration's first event has no state before it: "new->0", not "None->0".

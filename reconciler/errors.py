@@ -71,6 +71,20 @@ class PermanentError(StepError):
     """Stop this migration: it is recorded as failed with this reason and needs an admin."""
 
 
+class ManualStep(TemporaryError):
+    """A person must act first (mailferry cannot do it, by design): `task` says what, in
+    the plan's words ("provision jane@corp.example on hosted365"). The migration keeps its
+    state in a state of its own (`Migration.manual_step`), rechecked every `delay` seconds
+    and never exhausted like an error: the steps after it wait as long as it takes."""
+
+    def __init__(self, task: str, why: str = "", *, delay: float = 30.0, address: str = "",
+                 step: str = "") -> None:
+        super().__init__(f"manual step: {task}" + (f" ({why})" if why else ""), delay=delay,
+                         address=address, step=step)
+        self.task = task
+        self.why = why
+
+
 class NotReady(TemporaryError):
     """A precondition is not met yet (a station has not reported, a window is closed)."""
 

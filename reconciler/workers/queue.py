@@ -38,7 +38,13 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from reconciler.errors import MailferryError, NotReady, PermanentError, TemporaryError
+from reconciler.errors import (
+    MailferryError,
+    NotReady,
+    PermanentError,
+    TemporaryError,
+    Waiting,
+)
 from reconciler.state.model import DataJob, Migration, utcnow
 from reconciler.state.store import Store
 from reconciler.steps.base import StepContext
@@ -97,6 +103,8 @@ def error_result(exc: BaseException) -> dict[str, Any]:
             "step": exc.step}
         if isinstance(exc, TemporaryError):
             result["delay"] = exc.delay
+        if isinstance(exc, Waiting):  # a daily budget spent: no error, a wait
+            result["kind"] = "waiting"
         return result
     return {"kind": "bug", "message": f"unexpected {type(exc).__name__} in a worker: {exc}"}
 
@@ -110,6 +118,8 @@ def raise_result(result: dict[str, Any], address: str, step: str) -> None:
         raise PermanentError(message, **where)
     if kind == "temporary":
         raise TemporaryError(message, delay=float(result.get("delay") or 5.0), **where)
+    if kind == "waiting":
+        raise Waiting(message, delay=float(result.get("delay") or 5.0), **where)
     raise WorkerBug(message)
 
 
@@ -176,6 +186,16 @@ class Queue:
                 self._defer(m, step)  # its job ended without a result: queue it again
         raise NotReady(f"{step} {status} on a worker", address=m.address, step=step)
 
+    def _orphans(self) -> int:
+        """Rows queued or running without a procrastinate job waiting or running for
+        them: a worker that lost the database gave up its job without a result."""
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM data_jobs d WHERE d.status IN ('queued', 'running') "
+                "AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queueing_lock = "
+                "d.migration_id || ':' || d.step || ':' || d.state "
+                "AND j.status IN ('todo', 'doing'))")).scalar() or 0)
+
     def outstanding(self) -> int:
         """Jobs queued or running on workers."""
         with self.store.session() as session:
@@ -187,7 +207,7 @@ class Queue:
         when nothing is outstanding any more, on `stop`, or after `timeout` seconds."""
         timeout = self.max_wait if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        said = time.monotonic()
+        said = orphans_seen = time.monotonic()
         while not stop():
             with self.store.session() as session:
                 newest = session.scalar(select(func.max(DataJob.finished_at)).where(
@@ -199,6 +219,11 @@ class Queue:
                 return True
             if not busy:
                 return False
+            if time.monotonic() - orphans_seen >= RECHECK:
+                orphans_seen = time.monotonic()
+                if self._orphans():  # a pass queues them again (`offload`)
+                    self._checked.clear()
+                    return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             if self.notice is not None and time.monotonic() - said >= 30:
