@@ -3,7 +3,7 @@
 
     bench/fed_session.py
 
-Builds fed's SMTP protocol object (``make_factory``'s factory: aiosmtpd's session set-up
+Builds fed's SMTP protocol object (``make_factory``'s factory: ``protocol.py``'s session
 plus fed's) 5,000 times on a running loop and prints the best of three means, in
 microseconds of process CPU (steady on a shared machine). The peer harness opens a new
 connection per message, so this is paid once per message there.

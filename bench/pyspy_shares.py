@@ -19,8 +19,9 @@ from collections import Counter
 
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("logging", ("logging/__init__.py",)),
-    ("SMTP replies (push: the send syscall)", ("SMTP.push",)),
-    ("SMTP session set-up", ("FedSMTP.__init__", "SMTP.__init__", "connection_made",
+    ("SMTP replies (push: the send syscall)", ("SMTP.push", "SMTPProtocol._flush")),
+    ("SMTP session set-up", ("FedSMTP.__init__", "SMTP.__init__", "SMTPProtocol.__init__",
+                             "connection_made",
                              "factory (")),
     ("relay to the next hop (smtpclient, scheduler)", ("smtpclient.py", "scheduler.py")),
     ("delivery outcomes, unlinks", ("write_outcomes", "_unlink_all", "mark_done",
@@ -31,8 +32,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("index (SQLite)", ("_commit_batch",)),
     ("thread hand-off", ("to_thread", "run_in_executor", "_WorkItem", "_worker (concurrent",
                          "wrap_future", "ThreadPoolExecutor", "futures/_base.py")),
-    ("SMTP DATA phase", ("smtp_DATA", "handle_DATA")),
-    ("SMTP commands", ("_handle_client",)),
+    ("SMTP DATA phase", ("smtp_DATA", "handle_DATA", "_data_chunk")),
+    ("SMTP commands", ("_handle_client", "SMTPProtocol._process")),
 ]
 OTHER = "event loop (uvloop's C, callbacks) and the rest"
 _LINE = re.compile(r":\d+\)$")

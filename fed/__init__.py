@@ -8,7 +8,7 @@ is "may import"; nothing imports upwards, and smtp and delivery ignore each othe
 
     app · procs · cli · __main__        on top: wire the rooms together, run a node
       └─► admin/      control (HTTP API) · queueadmin (what `fed queue` does) · queuectl
-            ├─► smtp/      server · dataphase · policy · auth · tls         (mail in)
+            ├─► smtp/      server · protocol · policy · auth · tls          (mail in)
             └─► delivery/  scheduler · smtpclient · bounce                  (mail out)
                   └─► routing/   directory · holds · shared_db · nodes · node_agent
                         └─► queue/     spool · queuefile · groupcommit · store

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
-from aiosmtpd.smtp import SMTP
 
 from mailferry.service import notify_ready
 
@@ -49,6 +48,7 @@ from .routing.holds import Holds
 from .routing.node_agent import NodeAgent
 from .routing.nodes import NodeRegistry
 from .routing.shared_db import SharedDB, default_url, import_legacy
+from .smtp.protocol import SMTPProtocol
 from .smtp.server import FedHandler, SmtpSettings, drain, make_factory
 from .telemetry import logs, metrics
 
@@ -128,7 +128,7 @@ async def serve(config: FedConfig) -> None:
 
     # The spool's group commit hands new recipients to delivery itself (Spool.on_queued).
     handler = FedHandler(directory, spool, config.domains, config.smtp, lambda: None)
-    sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+    sessions: weakref.WeakSet[SMTPProtocol] = weakref.WeakSet()
     factory = make_factory(handler, config.smtp, sessions.add)
 
     agent_task = asyncio.create_task(agent.run(), name="node-agent")

@@ -241,6 +241,13 @@ class Store:
         """Set or clear the redirect of an account."""
         self._update(mailbox_id, "redirect_to = ?", (target,))
 
+    def set_redirects(self, redirects: dict[str, str | None]) -> None:
+        """`set_redirect` for several accounts in one transaction; a mailbox that does not
+        exist (any more) is skipped."""
+        with self._db() as db:
+            db.executemany("UPDATE accounts SET redirect_to = ? WHERE mailbox_id = ?",
+                           [(target, mailbox_id) for mailbox_id, target in redirects.items()])
+
     def set_syncfed(self, mailbox_id: str, value: bool) -> None:
         """Set or clear the syncfed marker."""
         self._update(mailbox_id, "syncfed = ?", (int(value),))

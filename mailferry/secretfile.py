@@ -20,6 +20,10 @@ import os
 from pathlib import Path
 
 MAX_SECRET_BYTES = 64 * 1024  # a token is 43 bytes; this only stops reading /dev/zero whole
+# A secret file named relative to systemd's credentials directory (LoadCredential=): the
+# same specs then name the same credential in every unit (reconciler, each worker), whose
+# directories differ (/run/credentials/UNIT/); docs/deployment.md.
+CREDENTIALS = "$CREDENTIALS_DIRECTORY/"
 
 
 class SecretError(ValueError):
@@ -38,9 +42,24 @@ def check(value: str, where: str) -> str:
     return value
 
 
+def credential_path(path: str | os.PathLike[str], what: str = "token") -> Path:
+    """`path`, with a leading ``$CREDENTIALS_DIRECTORY/`` replaced by that variable (set by
+    systemd for a unit with LoadCredential=); SecretError if it is not set."""
+    text = os.fspath(path)
+    if not text.startswith(CREDENTIALS):
+        return Path(text)
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        raise SecretError(f"{what} file {text}: $CREDENTIALS_DIRECTORY is not set (systemd "
+                          "sets it for a unit with LoadCredential=)")
+    return Path(folder) / text[len(CREDENTIALS):]
+
+
 def read_file(path: str | os.PathLike[str], what: str = "token") -> str:
-    """The secret in the file at `path` (see the module for what is accepted)."""
+    """The secret in the file at `path` (see the module for what is accepted; a leading
+    ``$CREDENTIALS_DIRECTORY/`` is systemd's credentials directory)."""
     where = f"{what} file {os.fspath(path)}"
+    path = credential_path(path, what)
     try:
         with Path(path).open("rb") as handle:
             raw = handle.read(MAX_SECRET_BYTES + 1)

@@ -1,7 +1,8 @@
 """`reconcile`: the command admins and CI run.
 
     reconcile --plan  [--json] [--at TIME] [--out FILE]  dry run: exit 0 same, 2 pending, 1 error
-    reconcile --apply [--json] [--allow-dirty]           everything due now, then exit
+    reconcile --apply [--json] [--allow-dirty]           everything due now, then exit: 0 done,
+                                                         1 error, 2 a manual step waits
     reconcile --apply FILE                               exactly a saved plan, or "stale plan"
     reconcile --watch [--interval S] [--station-api H:P] apply continuously
     reconcile status [--placement P] [--system S] [--state N|failed|...]
@@ -222,15 +223,19 @@ def _apply(engine, *, as_json: bool, saved: str | None,  # type: ignore[no-untyp
         out.version("apply", engine)
         applier = Applier(out, reports_dir, bars=for_output(as_json))
         if saved is None:
-            report, _ = applier.apply(engine)
+            report, plan = applier.apply(engine)
         else:
-            report = _apply_saved(engine, applier, saved)
+            report, plan = _apply_saved(engine, applier, saved)
     finally:
         lease.release()
     if engine.lease_lost is not None:
         out.notice(f"error: stopped, the lease is lost: {engine.lease_lost}")
         return EXIT_ERROR
-    return EXIT_ERROR if report.errors else EXIT_OK
+    if report.errors:
+        return EXIT_ERROR
+    # A manual step waits (a mailbox only its provider can create): nothing failed, but the
+    # wave cannot finish until a person acts -- exit 2, as a plan with changes pending.
+    return EXIT_PENDING if plan.counts()["manual"] else EXIT_OK
 
 
 def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untyped-def]
@@ -245,8 +250,9 @@ def _apply_saved(engine, applier: Applier, path: str):  # type: ignore[no-untype
         applier.out.notice(f"skipped: {note}")
     engine.on_record = applier.out.record
     report = engine.apply_changes(changes)
-    applier.finish(engine, engine.plan(), report)
-    return report
+    after = engine.plan()
+    applier.finish(engine, after, report)
+    return report, after
 
 @main.command()
 @click.option("--web", default=None, metavar="HOST:PORT",

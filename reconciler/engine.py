@@ -36,12 +36,14 @@ from reconciler.drivers.base import MailSystemDriver, mailbox_id_for, physical_a
 from reconciler.errors import (
     LeaseLost,
     MailferryError,
+    ManualStep,
     NotReady,
     PermanentError,
     StepError,
     TemporaryError,
+    Waiting,
 )
-from reconciler.fedclient import FedClient, Refusal
+from reconciler.fedclient import FedClient, FlipResult, Refusal
 from reconciler.fit import window_warnings_for
 from reconciler.mover.progress import Progress
 from reconciler.plan import AddressErrorView, Change, MigrationView, Plan, make_plan, purge_due
@@ -56,8 +58,9 @@ from reconciler.state.model import (
 )
 from reconciler.state.states import MigrationState
 from reconciler.state.store import Store, record_event, record_transition
-from reconciler.steps.base import DataJobs, Outcome, PassCache, StepContext
-from reconciler.steps.registry import StepSpec, step_for
+from reconciler.steps import cutover
+from reconciler.steps.base import DataJobs, Outcome, PassCache, StepContext, new_physical
+from reconciler.steps.registry import StepSpec, current_row, step_for
 
 log = logging.getLogger("mailferry.engine")
 
@@ -126,7 +129,7 @@ _VIEW_COLUMNS = (
     Migration.state, Migration.state_since, shared_modes(), Migration.placement,
     Migration.failed_reason, Migration.failed_step, Migration.next_attempt_at,
     Migration.last_error, Migration.station, Migration.station_action, Migration.suspended,
-    Migration.purged, Migration.source_mailbox, Migration.mailbox_size,
+    Migration.purged, Migration.source_mailbox, Migration.mailbox_size, Migration.manual_step,
 )
 
 
@@ -150,7 +153,7 @@ def view(m: Migration) -> MigrationView:
         failed_step=m.failed_step, next_attempt_at=m.next_attempt_at,
         last_error=m.last_error, station=m.station, station_action=m.station_action,
         suspended=m.suspended, purged=m.purged, source_mailbox=m.source_mailbox,
-        mailbox_size=m.mailbox_size,
+        mailbox_size=m.mailbox_size, manual_step=m.manual_step,
     )
 
 
@@ -302,7 +305,9 @@ class Engine:
         for name, driver in self.drivers.items():
             endpoint = driver.delivery_endpoint()
             self.fed.put_system(name, endpoint.host, endpoint.port, endpoint.protocol,
-                                tls=endpoint.tls, cafile=endpoint.cafile)
+                                tls=endpoint.tls, cafile=endpoint.cafile,
+                                auth_user=endpoint.auth_user, auth_file=endpoint.auth_file,
+                                rcpt=endpoint.rcpt)
         self._systems_registered = True
 
     def apply(self, *, max_passes: int = 100) -> ApplyReport:
@@ -383,6 +388,11 @@ class Engine:
             change = queue.popleft()
             if self.should_stop() or self.lease_lost is not None:
                 break
+            if change.step in _WAVE_STEPS:
+                for done in self._run_wave(_take_wave(change, queue), now, cache, chain=chain):
+                    self._report(report, done)
+                    progressed = progressed or done.ok
+                continue
             record = self._run_change(change, now, cache)
             if chain and record is not None and record.ok and change.step == "E5" \
                     and record.to_state == MigrationState.HELD:
@@ -460,21 +470,190 @@ class Engine:
             _failpoint(step, "after-commit")
             return StepRecord(change.address, outcome.label, True, outcome.to_state,
                               outcome.message)
-        except LeaseLost as exc:
+        except Exception as exc:
+            return self._error(change, spec, exc, now)
+
+    def _error(self, change: Change, spec: StepSpec, exc: Exception,
+               now: datetime) -> StepRecord | None:
+        """Record a step's error as the registry's limits say; the record for apply (None
+        for a manual step: the migration waits for a person, no error)."""
+        step = change.step or ""
+        if isinstance(exc, LeaseLost):
             # Not this migration's error: another reconciler acts now. Record nothing.
             self.lease_lost = exc
             return StepRecord(change.address, step, False, None, str(exc))
-        except PermanentError as exc:
+        if isinstance(exc, ManualStep) and self._manual(change, exc, now):
+            return None  # not an error: the plan shows what the person must do
+        if isinstance(exc, PermanentError):
             self._fail(change, str(exc), exc.step or step, now)
             return StepRecord(change.address, exc.step or step, False, None, str(exc))
-        except Exception as exc:  # TemporaryError and anything unexpected: retry, bounded
-            bug = not isinstance(exc, StepError)
-            if bug:
-                log.error("unexpected error\n%s", traceback.format_exc())
-            message = _error_text(exc, f"{change.address} {step}")
-            delay = exc.delay if isinstance(exc, TemporaryError) else None
-            frozen = self._backoff(change, spec, message, delay, bug, now)
-            return StepRecord(change.address, step, False, None, frozen or message)
+        # TemporaryError and anything unexpected: retry, bounded
+        bug = not isinstance(exc, StepError)
+        if bug:
+            log.error("unexpected error\n%s", "".join(traceback.format_exception(exc)))
+        message = _error_text(exc, f"{change.address} {step}")
+        delay = exc.delay if isinstance(exc, TemporaryError) else None
+        frozen = self._backoff(change, spec, message, delay, bug, now,
+                               counts=not isinstance(exc, Waiting))
+        return StepRecord(change.address, step, False, None, frozen or message)
+
+    # -- a wave's cutover: E5-E8 and E9 of many mailboxes, batched --------------------------
+
+    def _run_wave(self, changes: list[Change], now: datetime, cache: PassCache, *,
+                  chain: bool) -> list[StepRecord]:
+        """The E5 and E9 changes of a pass together: one hold for every mailbox whose E5-E8
+        checks pass, then (with `chain`, and for the mailboxes already held) one batch flip,
+        the redirects and one release. Each mailbox keeps its own transition and event,
+        committed together once fed has answered for the whole wave; a fed call that fails
+        fails the wave's step for every mailbox in it (nothing recorded, retried as the
+        registry says: E5 and E9 are never frozen by their errors)."""
+        records: list[StepRecord] = []
+        held = self._hold_wave([c for c in changes if c.step == "E5"], now, cache, records)
+        flips = [c for c in changes if c.step == "E9"]
+        if chain:
+            flips = [replace(c, step="E9", state=MigrationState.HELD) for c in held] + flips
+        if flips and self.lease_lost is None and not self.should_stop():
+            self._flip_wave(flips, now, cache, records)
+        return records
+
+    def _wave_rows(self, session: Session, ctx: StepContext, changes: list[Change],
+                   check: Callable[[StepContext, Migration], None],
+                   errors: list[tuple[Change, Exception]]) -> list[tuple[Change, Migration]]:
+        """The rows of `changes` still as planned whose per-mailbox `check` passes."""
+        rows: list[tuple[Change, Migration]] = []
+        for change in changes:
+            m = current_row(session, change)
+            if m is None:
+                continue  # someone else moved it since we planned
+            try:
+                check(ctx, m)
+            except Exception as exc:
+                errors.append((change, exc))
+                if isinstance(exc, LeaseLost):
+                    break
+                continue
+            rows.append((change, m))
+        return rows
+
+    def _commit_wave(self, session: Session, rows: list[tuple[Change, Migration]],
+                     outcomes: list[Outcome], now: datetime) -> None:
+        """Each mailbox's transition and event, in the wave's one transaction."""
+        changes = self._config_changes()
+        for (change, m), outcome in zip(rows, outcomes, strict=True):
+            outcome.migration = m
+            outcome.detail.update(changes)
+            self._record(session, change, outcome, now)
+
+    def _wave_errors(self, step: str, errors: list[tuple[Change, Exception]],
+                     now: datetime, records: list[StepRecord]) -> None:
+        spec = step_for(step)
+        for change, exc in errors:
+            record = self._error(change, spec, exc, now)
+            if record is not None:
+                records.append(record)
+
+    def _hold_wave(self, changes: list[Change], now: datetime, cache: PassCache,
+                   records: list[StepRecord]) -> list[Change]:
+        """E5-E8 of a wave: the checks per mailbox, one hold; the changes now held."""
+        if not changes:
+            return []
+        errors: list[tuple[Change, Exception]] = []
+        rows: list[tuple[Change, Migration]] = []
+        with self.store.session() as session:
+            ctx = self._context(session, now, cache, "")
+            rows = self._wave_rows(session, ctx, changes, cutover.e5_prepare, errors)
+            if rows and self.lease_lost is None and not any(
+                    isinstance(e, LeaseLost) for _, e in errors):
+                try:
+                    held = cutover.hold_wave(ctx, [m for _, m in rows])
+                except Exception as exc:
+                    errors.extend((change, exc) for change, _ in rows)
+                    rows = []
+                else:
+                    self._commit_wave(session, rows, [cutover.e5_held(m, held)
+                                                      for _, m in rows], now)
+                    _failpoint("E5", "after-action")
+            else:
+                rows = []
+        if rows:
+            _failpoint("E5", "after-commit")
+        records.extend(StepRecord(change.address, "E5-E8", True, MigrationState.HELD, "")
+                       for change, _ in rows)
+        self._wave_errors("E5", errors, now, records)
+        return [change for change, _ in rows]
+
+    def _flip_wave(self, changes: list[Change], now: datetime, cache: PassCache,
+                   records: list[StepRecord]) -> None:
+        """E9 of a wave: checks, one proof per target system, one batch flip (fed's
+        transaction: all or nothing), the redirects, one release."""
+        errors: list[tuple[Change, Exception]] = []
+        rows: list[tuple[Change, Migration]] = []
+        with self.store.session() as session:
+            ctx = self._context(session, now, cache, "")
+            rows = self._wave_rows(session, ctx, changes, cutover.e9_check, errors)
+            if any(isinstance(e, LeaseLost) for _, e in errors):
+                rows = []
+            try:
+                rows = self._flip_rows(ctx, rows, errors)
+                flipped = cutover.flip_wave(ctx, [m for _, m in rows]) if rows else []
+            except PermanentError as exc:
+                if isinstance(exc, LeaseLost) or len(rows) == 1:
+                    raise  # pragma: no cover - LeaseLost is no PermanentError
+                # fed refused the batch (an address at a third physical): nothing was
+                # flipped; each mailbox on its own, so that only the refused one stops.
+                flipped, rows = self._flip_each(ctx, rows, errors)
+            except Exception as exc:
+                errors.extend((change, exc) for change, _ in rows)
+                rows = []
+            if rows:
+                try:
+                    cutover.redirect_wave(ctx, [m for _, m in rows])
+                    waiting, released = cutover.release_wave(ctx, [m for _, m in rows])
+                    outcomes = [cutover.e9_released(ctx, m, f, waiting, released)
+                                for (_, m), f in zip(rows, flipped, strict=True)]
+                except Exception as exc:
+                    # Flipped but not released: still held (5); the retry's flip finds them
+                    # flipped already and goes on from there.
+                    errors.extend((change, exc) for change, _ in rows)
+                    rows = []
+                else:
+                    self._commit_wave(session, rows, outcomes, now)
+                    _failpoint("E9", "after-action")
+        if rows:
+            _failpoint("E9", "after-commit")
+        records.extend(StepRecord(change.address, "E9", True, MigrationState.FLIPPED, "")
+                       for change, _ in rows)
+        self._wave_errors("E9", errors, now, records)
+
+    def _flip_rows(self, ctx: StepContext, rows: list[tuple[Change, Migration]],
+                   errors: list[tuple[Change, Exception]]) -> list[tuple[Change, Migration]]:
+        """Invariant 9 for the wave: the rows whose target takes their ADP2 (one probe per
+        system; a system that refuses has its mailboxes proved one by one)."""
+        ready = {id(m) for m in cutover.prove_wave(ctx, [m for _, m in rows])}
+        kept: list[tuple[Change, Migration]] = []
+        for change, m in rows:
+            if id(m) not in ready:
+                try:
+                    ctx.prove_delivery(m.target_system, new_physical(m), m, "E9")
+                except TemporaryError as exc:
+                    errors.append((change, exc))
+                    continue
+            kept.append((change, m))
+        return kept
+
+    def _flip_each(self, ctx: StepContext, rows: list[tuple[Change, Migration]],
+                   errors: list[tuple[Change, Exception]]
+                   ) -> tuple[list[FlipResult], list[tuple[Change, Migration]]]:
+        flipped: list[FlipResult] = []
+        kept: list[tuple[Change, Migration]] = []
+        for change, m in rows:
+            try:
+                flipped.extend(cutover.flip_wave(ctx, [m]))
+            except Exception as exc:
+                errors.append((change, exc))
+                continue
+            kept.append((change, m))
+        return flipped, kept
 
     def _config_changes(self) -> dict[str, dict[str, list[str]]]:
         """{"config_changes": {system: [diff, ...]}} when a driver changed a system's own
@@ -492,6 +671,7 @@ class Engine:
                          to_state=outcome.to_state, detail=outcome.detail,
                          commit=self.specs.commit, at=now)
             return
+        m.manual_step = None  # whatever a person had to do is done: the step ran
         if outcome.to_state == m.state:
             # An arrow back to the same state (E43 at 13): the state's time stays.
             m.attempts, m.error_since, m.last_error, m.next_attempt_at = 0, None, None, None
@@ -506,6 +686,25 @@ class Engine:
             return
         record_transition(session, m, outcome.label, outcome.to_state,
                           detail=outcome.detail, commit=self.specs.commit, at=now)
+
+    def _manual(self, change: Change, exc: ManualStep, now: datetime) -> bool:
+        """A migration waits for a person (`Migration.manual_step`): its state is kept, the
+        step is rechecked after `exc.delay`, an event is recorded when the task is new.
+        Never exhausted like an error. False for a change without a migration row (a
+        create: backed off like a temporary error, with the task as its message)."""
+        with self.store.session() as session:
+            m = session.get(Migration, change.migration_id) if _own(change) else None
+            if m is None:
+                return False
+            if m.manual_step != exc.task:
+                record_event(session, m, "manual", from_state=m.state, to_state=m.state,
+                             detail={"step": change.step, "task": exc.task, "why": exc.why},
+                             commit=self.specs.commit, at=now)
+            m.manual_step = exc.task
+            m.last_error = exc.why or None
+            m.next_attempt_at = now + timedelta(seconds=exc.delay)
+            m.attempts, m.error_since = 0, None
+        return True
 
     def _fail(self, change: Change, reason: str, step: str, now: datetime) -> None:
         """Freeze: the migration (or, for a create / E1, the address) with its reason."""
@@ -524,14 +723,17 @@ class Engine:
             m.failed_reason = reason
             m.failed_step = step
             m.next_attempt_at = None
+            m.manual_step = None
             record_event(session, m, "failed", from_state=m.state, to_state=None,
                          detail={"step": m.failed_step, "reason": reason},
                          commit=self.specs.commit, at=now)
 
     def _backoff(self, change: Change, spec: StepSpec, message: str, delay: float | None,
-                 bug: bool, now: datetime) -> str | None:
+                 bug: bool, now: datetime, *, counts: bool = True) -> str | None:
         """Count one more error; the back-off, or the frozen reason once the step's limits
-        are spent (returned, and recorded like a PermanentError)."""
+        are spent (returned, and recorded like a PermanentError). A wait the specs ask for
+        (`Waiting`, `counts=False`) is recorded the same way but counts against nothing:
+        retried after exactly its delay."""
         with self.store.session() as session:
             m = session.get(Migration, change.migration_id) if _own(change) else None
             row: Migration | AddressError
@@ -542,13 +744,15 @@ class Engine:
                     address=change.address, step=spec.name, attempts=0, error_since=now,
                     last_error="")
                 session.add(row)
-            row.attempts = (row.attempts or 0) + 1
-            if row.error_since is None:
-                row.error_since = now
-            why = spec.exhausted(row.attempts, (now - row.error_since).total_seconds(),
-                                 bug=bug)
+            if counts:
+                row.attempts = (row.attempts or 0) + 1
+                if row.error_since is None:
+                    row.error_since = now
+            why = spec.exhausted(row.attempts or 0, (now - row.error_since).total_seconds()
+                                 if row.error_since is not None else 0.0, bug=bug) \
+                if counts else None
             if why is None:
-                wait = spec.delay(row.attempts, delay)
+                wait = spec.delay(row.attempts, delay) if counts else float(delay or 0.0)
                 row.next_attempt_at = now + timedelta(seconds=wait)
                 if row.last_error != message:  # one event per distinct error, not per retry
                     record_event(session, m, "error", address=change.address,
@@ -580,6 +784,20 @@ class Engine:
         entries = self.fed.downsync().entries
         for driver in self.drivers.values():
             driver.apply_address_book(entries)
+
+
+_WAVE_STEPS = ("E5", "E9")
+
+
+def _take_wave(first: Change, queue: deque[Change]) -> list[Change]:
+    """`first` and the queue's other E5 and E9 changes (a wave of at most `cutover.WAVE`),
+    taken out of the queue, which keeps the rest in order."""
+    wave, rest = [first], list[Change]()
+    for change in queue:
+        (wave if change.step in _WAVE_STEPS and len(wave) < cutover.WAVE else rest).append(change)
+    queue.clear()
+    queue.extend(rest)
+    return wave
 
 
 def _error_text(exc: BaseException, where: str) -> str:

@@ -54,8 +54,35 @@ class TemporaryError(StepError):
         self.delay = delay
 
 
+class Throttled(TemporaryError):
+    """A mail system answered that it is busy or that we use too much of it (`NO [LIMIT]`,
+    `[THROTTLED]`, `[UNAVAILABLE]`, an early `BYE`, "too many connections") more often than
+    one copy retries: not a failure of the migration, retried after `delay` (the data
+    mover's pace for that system has slowed down meanwhile)."""
+
+
+class Waiting(TemporaryError):
+    """Not an error: a limit in the specs says wait until `delay` has passed (a system's
+    daily byte budget is spent). The step is retried then; the wait does not count
+    against the step's retries or timeout, and the plan shows why it waits."""
+
+
 class PermanentError(StepError):
     """Stop this migration: it is recorded as failed with this reason and needs an admin."""
+
+
+class ManualStep(TemporaryError):
+    """A person must act first (mailferry cannot do it, by design): `task` says what, in
+    the plan's words ("provision jane@corp.example on hosted365"). The migration keeps its
+    state in a state of its own (`Migration.manual_step`), rechecked every `delay` seconds
+    and never exhausted like an error: the steps after it wait as long as it takes."""
+
+    def __init__(self, task: str, why: str = "", *, delay: float = 30.0, address: str = "",
+                 step: str = "") -> None:
+        super().__init__(f"manual step: {task}" + (f" ({why})" if why else ""), delay=delay,
+                         address=address, step=step)
+        self.task = task
+        self.why = why
 
 
 class NotReady(TemporaryError):

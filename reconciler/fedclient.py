@@ -40,8 +40,11 @@ class SystemInfo:
     port: int
     protocol: str
     generation: int = 0  # bumped by every refresh
-    tls: str = "none"  # "starttls": fed requires it and verifies the certificate
+    tls: str = "none"  # "starttls" or "implicit": fed requires it, verifies the certificate
     cafile: str | None = None
+    auth_user: str | None = None  # SMTP AUTH as this user (password in auth_file)
+    auth_file: str | None = None
+    rcpt: str = ""  # RCPT TO format for its physical addresses ("": the physical itself)
 
 
 @dataclass(frozen=True)
@@ -299,10 +302,13 @@ class FedClient:
         return [SystemInfo(**s) for s in self._get("/v1/systems")["systems"]]
 
     def put_system(self, name: str, host: str, port: int, protocol: str = "lmtp", *,
-                   tls: str = "none", cafile: str | None = None) -> SystemInfo:
+                   tls: str = "none", cafile: str | None = None, auth_user: str | None = None,
+                   auth_file: str | None = None, rcpt: str = "") -> SystemInfo:
         """PUT /v1/systems/{name}."""
         body: dict[str, object] = {"host": host, "port": port, "protocol": protocol,
                                    "tls": tls, "cafile": cafile}
+        if auth_user is not None or rcpt:  # (older feds ignore what they do not know)
+            body.update(auth_user=auth_user, auth_file=auth_file, rcpt=rcpt)
         return SystemInfo(**self._call("PUT", f"/v1/systems/{_q(name)}", body)[1])
 
     def refresh_system(self, name: str, probe: list[str] | None = None) -> dict[str, str]:

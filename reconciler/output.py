@@ -2,7 +2,8 @@
 
 The text form prints one line per mailbox with a symbol (`+` create, `~` migrating, `-`
 destructive, `!` failed or refused, `=` in sync when `--verbose`, `?` unmanaged: on a system
-but in no spec, never touched), the state and the next
+but in no spec, never touched, `>` a manual step: a person must do what mailferry cannot, and
+the steps after it wait), the state and the next
 patent step with when it is due, then the frozen summary line (`Plan.summary`).
 
 The JSON Lines form is versioned (`{"type": "version", "format": "mailferry.plan/v1"}` first)
@@ -24,7 +25,7 @@ from reconciler.plan import Change, Plan, Unmanaged
 
 FORMAT_VERSION = "mailferry.plan/v1"
 COLORS = {"+": "\033[32m", "~": "\033[33m", "-": "\033[31m", "!": "\033[31;1m", "=": "\033[2m",
-          "?": "\033[36m"}
+          "?": "\033[36m", ">": "\033[35;1m"}
 RESET = "\033[0m"
 
 
@@ -35,6 +36,8 @@ def iso(when: datetime | None) -> str | None:
 def symbol(change: Change) -> str:
     if change.action in ("failed", "conflict", "orphan", "refused"):
         return "!"
+    if change.action == "manual":
+        return ">"
     if change.destructive:
         return "-"
     if change.action == "create":
@@ -49,6 +52,8 @@ def when(change: Change, now: datetime) -> str:
         return ""
     if change.due is None:
         return "waiting"
+    if change.action == "manual":
+        return f"recheck {'now' if change.due <= now else iso(change.due)}"
     if change.due <= now:
         return "due now"
     return f"due {iso(change.due)}"
@@ -65,6 +70,8 @@ def change_line(change: Change, now: datetime, *, color: bool) -> str:
             nxt += " [destructive]"
     elif change.action == "suspended":
         nxt = f"suspended at {change.step or '-'}: {change.reason}"
+    elif change.action == "manual":
+        nxt = f"manual step before {change.step or '-'}: {change.reason}"
     elif change.action == "in-sync":
         nxt = "in sync" + (f" ({change.reason})" if change.reason else "")
     else:
@@ -125,6 +132,7 @@ def change_json(change: Change, now: datetime,
         "destructive": change.destructive, "reason": change.reason,
         "migration_id": change.migration_id, "placement": change.placement,
         "refused": change.refused or None,
+        "manual": change.reason if change.action == "manual" else None,
     }
 
 
@@ -143,6 +151,7 @@ def summary_json(plan: Plan, **extra: object) -> dict[str, object]:
         "type": "summary", "mailboxes": len(plan.changes), "due_now": counts["due now"],
         "waiting": counts["waiting"], "failed": counts["failed"], "in_sync": counts["in sync"],
         "destructive": counts["destructive"], "pending": plan.pending,
+        "manual": counts["manual"],
         "warnings": len(plan.warnings), "unmanaged": len(plan.unmanaged),
         "text": plan.summary(counts), **extra,
     }
@@ -185,9 +194,13 @@ def record_json(record: StepRecord) -> str:
 
 
 def blocked_text(change: Change) -> str:
-    """A change apply did not run because it needs an admin (refused, conflict, failed)."""
+    """A change apply did not run because it needs an admin (refused, conflict, failed), or
+    waits for a person's manual step."""
+    if change.action == "manual":
+        return f"  manual  {change.step or '-':<8} {change.address}: {change.reason}"
     return f"  blocked {change.step or '-':<8} {change.address}: {change.action}: {change.reason}"
 
 
 def blocked_json(change: Change, now: datetime) -> str:
-    return json.dumps({**change_json(change, now), "type": "blocked"})
+    kind = "manual" if change.action == "manual" else "blocked"
+    return json.dumps({**change_json(change, now), "type": kind})

@@ -36,7 +36,7 @@ from reconciler.state.states import ACTIVE_STATES, MigrationState
 
 Action = Literal[
     "in-sync", "create", "migrate", "step", "wait", "failed", "conflict", "orphan", "suspended",
-    "refused",
+    "refused", "manual",
 ]
 BLOCKED: frozenset[str] = frozenset({"failed", "conflict", "orphan", "refused"})  # need an admin
 
@@ -85,6 +85,7 @@ class MigrationView:
     purged: bool = False
     source_mailbox: str = ""
     mailbox_size: int | None = None  # bytes, as the station reported it (E23)
+    manual_step: str | None = None  # what a person must do before the next step can run
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,9 @@ class Plan:
                 counter["in sync"] += 1
             elif change.action in ("failed", "conflict", "refused"):
                 counter["failed"] += 1
+            elif change.action == "manual":
+                counter["waiting"] += 1
+                counter["manual"] += 1
             elif change.due_at(self.at):
                 counter["due now"] += 1
             else:
@@ -184,6 +188,9 @@ class Plan:
         # The unmanaged count is a sentence of its own, only when there are some: the
         # first sentence keeps its frozen shape.
         extra = f" {len(self.unmanaged)} unmanaged." if self.unmanaged else ""
+        if c["manual"]:  # counted among the waiting; a sentence of its own, like unmanaged
+            extra += (f" {c['manual']} manual step{'s' if c['manual'] != 1 else ''} "
+                      "(a person must act).")
         return (
             f"Plan: {len(self.changes)} mailboxes, {c['due now']} due now, "
             f"{c['waiting']} waiting, {c['failed']} failed, {c['in sync']} in sync, "
@@ -323,7 +330,9 @@ def _step(m: MigrationView, name: str, due: datetime | None = None, *,
     """The change taking step `name`, due no earlier than the back-off of its last error."""
     if m.next_attempt_at is not None and (due is None or m.next_attempt_at > due):
         due = m.next_attempt_at
-        reason = reason or f"retry after error: {m.last_error}"
+        # A wait the specs ask for (a daily budget spent) is no error: its own words.
+        waiting = (m.last_error or "").startswith("waiting: ")
+        reason = reason or (m.last_error or "" if waiting else f"retry after error: {m.last_error}")
     return Change(
         address=m.address, action="wait" if wait else "step", source=m.source_system,
         target=m.target_system, state=m.state, step=name, due=due,
@@ -508,7 +517,7 @@ def _decide(
     if m is not None and not (m.state == MigrationState.SOURCE_DELETED
                               or (m.state == MigrationState.DONE and m.modes.ends_at_10)):
         # A migration is in progress: it decides, whatever the directory says.
-        return _blocked(address, want, m) or _in_progress(want, m, clock, active)
+        return _blocked(address, want, m) or _manual(m) or _in_progress(want, m, clock, active)
     if want is None:
         # Not desired any more, nothing in progress: mailferry never deletes on removal.
         if m is not None:
@@ -557,6 +566,19 @@ def _blocked(address: str, want: DesiredMailbox | None, m: MigrationView) -> Cha
                     f"{m.target_system} is in progress (state {m.state})"),
         )
     return None
+
+
+def _manual(m: MigrationView) -> Change | None:
+    """A migration waiting for a person (a mailbox only its provider can create): a state
+    of its own, shown with what to do; the engine rechecks the step at `next_attempt_at`
+    (a poll), and every step after it waits."""
+    if m.manual_step is None:
+        return None
+    arrows = [a for a in TRANSITIONS.get(m.state, ()) if a.guard(m)]
+    return Change(address=m.address, action="manual", source=m.source_system,
+                  target=m.target_system, state=m.state,
+                  step=arrows[0].step if arrows else None, due=m.next_attempt_at,
+                  reason=m.manual_step, migration_id=m.id, poll=True, placement=m.placement)
 
 
 def _in_progress(want: DesiredMailbox | None, m: MigrationView, clock: WindowClock,

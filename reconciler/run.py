@@ -63,7 +63,7 @@ class Output:
 
     def blocked(self, plan: Plan) -> None:
         for change in plan.changes:
-            if change.action in BLOCKED:
+            if change.action in BLOCKED or change.action == "manual":
                 self.echo(blocked_json(change, plan.at) if self.as_json else blocked_text(change))
 
     def summary(self, plan: Plan, report: ApplyReport) -> None:

@@ -26,8 +26,9 @@ def resolve(ref: SecretRef, *, what: str) -> str:
 
 def ensure_file_secret(ref: SecretRef) -> None:
     """Create a random secret in a referenced file that does not exist yet (mode 0600)."""
-    if ref.file is None or Path(ref.file).exists():
-        return
+    if ref.file is None or ref.file.startswith(secretfile.CREDENTIALS) \
+            or Path(ref.file).exists():
+        return  # systemd's credentials are the admin's to provide
     path = Path(ref.file)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -342,11 +342,16 @@ class MailHost:
             raise RuntimeError(f"doveadm {args}: {result.stderr.strip()}")
         return result.stdout
 
+    def user_of(self, mailbox_id: str) -> str:
+        """Dovecot's user name of a mailbox (a host that names them otherwise overrides it)."""
+        return mailbox_id
+
     def message_ids(self, mailbox_id: str) -> Counter[str]:
         """Message-ID -> copies over every folder, read by doveadm from the real Maildir."""
-        if f"{mailbox_id}:" not in (self.state_dir / "passwd").read_text():
+        user = self.user_of(mailbox_id)
+        if f"{user}:" not in (self.state_dir / "passwd").read_text():
             return Counter()
-        out = self.doveadm("fetch", "-u", mailbox_id, "hdr.message-id", "mailbox", "*")
+        out = self.doveadm("fetch", "-u", user, "hdr.message-id", "mailbox", "*")
         found: Counter[str] = Counter()
         for line in out.splitlines():
             line = line.strip()

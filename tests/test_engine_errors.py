@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.engine import Engine
-from reconciler.errors import TemporaryError
+from reconciler.errors import TemporaryError, Waiting
 from reconciler.output import change_line
 from reconciler.state.model import AddressError, Event, Migration
 from reconciler.status import retry
@@ -221,3 +221,32 @@ def test_a_failed_closing_upsync_is_reported_and_done_next_pass(world: World,
     engine.apply()
     physical = engine.fed.lookup(address)
     assert physical is not None and physical.endswith("@s1.invalid"), physical
+
+
+def test_a_wait_the_specs_ask_for_is_no_error(world: World, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step raising `Waiting` (a system's daily budget spent) is retried after exactly
+    its delay, as often as it takes: it never counts against the step's retries, and the
+    plan shows its own words, not "retry after error"."""
+    address = "budget@corp.example"
+    engine, clock = _moving(world, tmp_path, address)
+    monkeypatch.setitem(registry.STEPS, "E2", dataclasses.replace(registry.STEPS["E2"],
+                                                                 retries=2))
+    calls: list[datetime] = []
+
+    def spent() -> None:
+        calls.append(clock.now)
+        raise Waiting("waiting: daily budget of system s2 spent (10 of 10 bytes today)",
+                      delay=3600.0)
+
+    engine.drivers["s2"].ping = spent  # type: ignore[method-assign]
+    for _ in range(5):  # more than the step's two retries
+        engine.apply()
+        m = _migration(engine, address)
+        assert m.failed_reason is None and m.attempts == 0
+        assert m.next_attempt_at == clock.now + timedelta(seconds=3600)
+        line = _line(engine, address)
+        assert "waiting: daily budget of system s2 spent" in line, line
+        assert "retry after error" not in line, line
+        clock.now = m.next_attempt_at
+    assert len(calls) == 5

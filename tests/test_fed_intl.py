@@ -132,3 +132,35 @@ def test_utf8_local_part_to_a_hop_without_smtputf8_is_bounced_and_kept(
     assert len(infos) == 1 and info["code"] == 553 and "does not offer" in info["reason"]
     assert b"Message-ID: <mixed@t>" in infos[0].with_suffix(".eml").read_bytes()
     assert fed.client.deliveries(rcpt="j\u00fcrgen@corp.example")[-1].result == "shunted"
+
+
+def test_unknown_user_of_an_idn_domain_in_either_form(fed: Fed) -> None:
+    with smtplib.SMTP("127.0.0.1", fed.smtp_port, timeout=20) as client:
+        client.ehlo("t")
+        client.mail("s@outside.example", ["SMTPUTF8"])
+        for rcpt in ("nobody@b\u00fccher.example", "nobody@xn--bcher-kva.example"):
+            code, text = client.rcpt(rcpt)
+            assert (code, text.decode()[:5]) == (550, "5.1.1"), text  # fed's domain, no relay
+
+
+def test_smarthost_without_smtputf8_gets_a_labels_or_a_refusal(
+        tmp_path: Path, sinks: tuple[FakeSystem, FakeSystem]) -> None:
+    u8 = sinks[0]
+    relay = FakeSystem("relay", protocol="smtp").start()  # no SMTPUTF8
+    running = Fed(tmp_path / "fed", [u8], extra=["--smarthost", f"127.0.0.1:{relay.port}",
+                                                 "--relay-network", "127.0.0.1/32"]).start()
+    try:
+        running.client.put_entry("boss@corp.example", u8.physical("boss=corp.example"))
+        msg = mail.message("out", "out@t", sender="boss@corp.example", to="x@example.net")
+        assert send_utf8(running.smtp_port, "boss@corp.example",
+                         ["x@m\u00fcller.example", "j\u00f6rg@m\u00fcller.example"], msg) == {}
+        got = wait_for(lambda: list(relay.received), what="the relayed copy")[0]
+        assert got.rcpts == ["x@xn--mller-kva.example"] and got.message_id == "<out@t>"
+        dsn = wait_for(lambda: list(u8.received), what="the bounce for the other one")[0]
+        wait_for(lambda: running.client.queue().pending == 0, what="an empty queue")
+        text = dsn.data.decode("utf-8", "replace")
+        assert "j\u00f6rg@m\u00fcller.example" in text and "5.6.7" in text
+        assert len(relay.received) == 1 and running.client.queue().shunted == 1
+    finally:
+        running.kill()
+        relay.stop()

@@ -219,22 +219,6 @@ def test_leading_dots_survive_both_hops(
     assert s1.received[0].data.endswith(body.encode() + b"\r\n")
 
 
-@pytest.mark.parametrize("arg", [
-    "<a@b.c>", "<a@b.c> SIZE=100", "  <x.y+z@corp.example> BODY=8BITMIME", "<>", "a@b.c",
-    "<a..b@c.d>", '<"q"@x.y>', "<a@[1.2.3.4]>", "<a@b.c>x", "<u@sub.dom-ain.example>  SMTPUTF8",
-    "<.a@b.c>", "<a@b..c>", "<a@b.c.>", "<a@b.c> ", "<a@b.c>\tX=1", "<a_b@c_d.e>", "<a@b",
-])
-def test_the_quick_address_parser_agrees_with_aiosmtpd(arg: str) -> None:
-    from aiosmtpd.smtp import SMTP
-
-    from fed.smtp.dataphase import LeanSMTP
-
-    class Handler:
-        pass
-
-    assert LeanSMTP(Handler())._getaddr(arg) == SMTP(Handler())._getaddr(arg)
-
-
 def test_one_connection_carries_message_after_message(
         fed: Fed, systems: tuple[FakeSystem, FakeSystem, FakeSystem]) -> None:
     s1, _, _ = systems
@@ -252,21 +236,6 @@ def test_one_connection_carries_message_after_message(
     s1.reply = "250 2.0.0 Ok"
     wait_for(lambda: "<refused@t>" in s1.ids(), what="delivery after the deferral")
     assert len(s1.sessions) == 1
-
-
-def test_a_lean_session_knows_the_same_commands_as_aiosmtpd() -> None:
-    from aiosmtpd.smtp import SMTP
-
-    from fed.smtp.dataphase import LeanSMTP
-
-    class Handler:
-        async def handle_DATA(self, *args: object) -> str:
-            return "250 OK"
-
-    lean, plain = LeanSMTP(Handler()), SMTP(Handler())
-    assert lean._smtp_methods.keys() == plain._smtp_methods.keys()
-    assert lean._auth_methods.keys() == plain._auth_methods.keys()
-    assert lean._handle_hooks.keys() == plain._handle_hooks.keys() == {"DATA"}
 
 
 def test_a_recipient_waiting_in_a_queue_follows_a_directory_change(

@@ -17,7 +17,8 @@ import yaml
 
 from mailferry import secretfile
 from reconciler.errors import MailferryError
-from reconciler.secrets import resolve
+from reconciler.secrets import ensure_file_secret, resolve
+from reconciler.spec.loader import load_specs
 from reconciler.spec.model import SecretRef
 
 from sysutil import free_port
@@ -122,3 +123,39 @@ def test_station_agent_refuses_a_two_line_token_file(tmp_path: Path) -> None:
     output = _no_secret(done)
     assert done.returncode == 1, output
     assert f"token file {token}: more than one line" in output
+
+
+def test_a_file_in_systemds_credentials_directory(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # LoadCredential=fed-token:... in a unit; the specs say {file: $CREDENTIALS_DIRECTORY/
+    # fed-token}, the same in every unit (docs/deployment.md).
+    ref = "$CREDENTIALS_DIRECTORY/fed-token"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(MailferryError) as caught:
+        resolve(SecretRef(file=ref), what="the token of FedHub fed")
+    assert str(caught.value) == ("the token of FedHub fed: secret file "
+                                 "$CREDENTIALS_DIRECTORY/fed-token: $CREDENTIALS_DIRECTORY is "
+                                 "not set (systemd sets it for a unit with LoadCredential=)")
+    _write(tmp_path / "fed-token", SECRET + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert resolve(SecretRef(file=ref), what="the token") == SECRET
+    _write(tmp_path / "fed-token", TWO_LINES)
+    with pytest.raises(MailferryError, match=r"secret file \$CREDENTIALS_DIRECTORY/fed-token: "
+                                             r"more than one line$"):
+        resolve(SecretRef(file=ref), what="the token")
+
+
+def test_the_loader_keeps_a_credentials_reference_for_the_unit_to_resolve(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = base_documents(tmp_path)
+    fed = next(d for d in docs if d["kind"] == "FedHub")
+    fed["spec"]["token"] = {"file": "$CREDENTIALS_DIRECTORY/fed-token"}
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "base.yaml").write_text(yaml.safe_dump_all(docs))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    loaded = load_specs(specs)
+    assert loaded.fed.token.file == "$CREDENTIALS_DIRECTORY/fed-token"
+    ensure_file_secret(loaded.fed.token)  # the admin provides credentials: nothing created
+    assert not (specs / "$CREDENTIALS_DIRECTORY").exists()
+    assert not Path("$CREDENTIALS_DIRECTORY").exists()

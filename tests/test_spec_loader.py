@@ -199,6 +199,53 @@ spec:
     assert policy.recheck_lead == DEFAULT_POLICY.recheck_lead  # absent: model default
 
 
+def test_system_limits_are_recorded_and_checked_with_file_and_line(here: Path) -> None:
+    """`systemLimits`: a valid entry reaches the recorded modes; an unknown system, a
+    system given twice, more connections per user than per system and a zero limit are
+    each named with file and line."""
+    write_set(here, pol_yaml="""\
+apiVersion: mailferry/v1
+kind: MigrationPolicy
+metadata: {name: hosted}
+spec:
+  systemLimits:
+    - {system: s2, connections: 20, connectionsPerUser: 3, bytesPerDay: 2500000000}
+""")
+    modes = load_specs(here).policies["hosted"].modes()
+    assert modes.limits_of("s2") == (20, 3, 2_500_000_000) and modes.limits_of("s1") == (0, 0, 0)
+    assert type(modes).from_json(modes.to_json()) == modes
+    write_set(here, pol_yaml="""\
+apiVersion: mailferry/v1
+kind: MigrationPolicy
+metadata: {name: hosted}
+spec:
+  systemLimits:
+    - system: gmail
+      connections: 15
+    - system: s2
+      connections: 2
+      connectionsPerUser: 3
+    - system: s2
+      bytesPerDay: 500000000
+""")
+    found = problems_of(here)
+    assert any(p.startswith("pol.yaml:6: spec.systemLimits[0].system: unknown MailSystem "
+                            "'gmail'") for p in found), found
+    assert "pol.yaml:10: spec.systemLimits[1].connectionsPerUser: 3 connections per user is " \
+        "more than the 2 connections the whole system allows" in found, found
+    assert any(p.startswith("pol.yaml:11: spec.systemLimits[2].system: limits for 's2' "
+                            "given twice: also at pol.yaml:8") for p in found), found
+    write_set(here, pol_yaml="""\
+apiVersion: mailferry/v1
+kind: MigrationPolicy
+metadata: {name: hosted}
+spec:
+  systemLimits: [{system: s2, connections: 0}]
+""")
+    assert any(p.startswith("pol.yaml:5:") and "connections" in p
+               for p in problems_of(here)), problems_of(here)
+
+
 def test_dotfiles_readme_and_subfolders_are_ignored(here: Path) -> None:
     write_set(here)
     (here / ".draft.yaml").write_text("not: [valid")

@@ -250,8 +250,15 @@ class ControlAPI:
         tls, cafile = data.get("tls", "none"), data.get("cafile")
         if not isinstance(tls, str) or not (cafile is None or isinstance(cafile, str)):
             raise DirectoryError("'tls' must be a string, 'cafile' a string or null")
+        auth_user, auth_file, rcpt = data.get("auth_user"), data.get("auth_file"), \
+            data.get("rcpt", "")
+        if not all(v is None or isinstance(v, str) for v in (auth_user, auth_file)) \
+                or not isinstance(rcpt, str):
+            raise DirectoryError("'auth_user' and 'auth_file' must be strings or null, "
+                                 "'rcpt' a string")
         system = self.directory.put_system(request.match_info["name"], host, port, protocol,
-                                           tls=tls, cafile=cafile)
+                                           tls=tls, cafile=cafile, auth_user=auth_user,
+                                           auth_file=auth_file, rcpt=rcpt)
         self.deliverer.wake()
         return _json(vars(system))
 
@@ -277,12 +284,11 @@ class ControlAPI:
         if probe:
             settings = self.deliverer.settings
             try:
-                conn = await Connection.open(system.host, system.port,
-                                             system.protocol == "lmtp", settings.helo_name,
-                                             settings.timeout, tls=system.tls,
-                                             cafile=system.cafile)
+                conn = await Connection.for_system(system, settings.helo_name,
+                                                   settings.timeout)
                 try:
-                    replies = await conn.check("", probe)
+                    asked = await conn.check("", [system.recipient(p) for p in probe])
+                    replies = {p: asked[system.recipient(p)] for p in probe}
                 finally:
                     await conn.quit()
             except ClientError as exc:

@@ -497,7 +497,8 @@ class Deliverer:
         endpoint = f"{system.host}:{system.port}"
         if conn is not None and (conn.broken or conn.endpoint != endpoint
                                  or conn.lmtp != (system.protocol == "lmtp")
-                                 or conn.tls != (system.tls == "starttls")
+                                 or conn.tls != (system.tls != "none")
+                                 or conn.auth_user != system.auth_user
                                  or conn.generation != system.generation):
             await conn.quit()
             conn = None
@@ -505,15 +506,19 @@ class Deliverer:
             reused = conn is not None
             if conn is None:
                 try:
-                    conn = await Connection.open(system.host, system.port,
-                                                 system.protocol == "lmtp",
-                                                 self.settings.helo_name, self.settings.timeout,
-                                                 tls=system.tls, cafile=system.cafile)
+                    conn = await Connection.for_system(system, self.settings.helo_name,
+                                                       self.settings.timeout)
                 except ClientError as exc:
                     return dict.fromkeys(physicals, exc.reply), None
                 conn.generation = system.generation
             try:
-                return await conn.send(job.item.mail_from, physicals, data), conn
+                if not system.rcpt:
+                    return await conn.send(job.item.mail_from, physicals, data), conn
+                # A system that knows its mailboxes by address only (a hosted target): the
+                # RCPT is the mailbox's address, the replies are read back per physical.
+                rcpts = {physical: system.recipient(physical) for physical in physicals}
+                replies = await conn.send(job.item.mail_from, list(rcpts.values()), data)
+                return {p: replies[r] for p, r in rcpts.items()}, conn
             except ClientError as exc:
                 data_sent = conn.data_sent
                 conn.close()

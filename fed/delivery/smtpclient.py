@@ -5,10 +5,15 @@ Why not aiosmtplib: it speaks no LMTP, and LMTP's defining feature, one reply *p
 recipient* after DATA, is exactly what fed needs to send one copy of a message to several
 mailboxes of a system and still know which of them took it. What fed needs is small:
 EHLO/LHLO, MAIL, RCPT, DATA, RSET, QUIT, PIPELINING when offered, and a connection that
-stays open for the next message, and STARTTLS when a system's endpoint requires it (a
-system on another host: certificate verified against a CA file or the system's roots,
-`mailferry.mail.tls`; a server that does not offer it is refused, nothing is sent in
-cleartext). No AUTH: fed's systems relay by network, as the patent's FED does.
+stays open for the next message, and TLS when a system's endpoint requires it (a system on
+another host: STARTTLS, or implicit TLS from the first byte as on port 465; the certificate
+verified against a CA file or the system's roots, `mailferry.mail.tls`; a server that does
+not offer STARTTLS is refused, nothing is sent in cleartext). SMTP AUTH (PLAIN, else LOGIN)
+only over TLS and only for a system that asks for it: the systems mailferry administers
+relay by network, as the patent's FED does, but a hosted target (Microsoft 365, Google, a
+provider's submission port) takes mail only from an authenticated client. The password is
+read from its file at each login (`mailferry.secretfile`) and never logged or put in a
+reply text.
 
 One ``Connection`` carries any number of transactions, one after the other. A transaction
 that ends without a 250 for DATA is followed by RSET, so the next one starts clean; a
@@ -20,12 +25,16 @@ for it, or ``code 0`` with the reason when the connection broke before it came.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 from dataclasses import dataclass
 
 from mailferry.mail.addresses import ascii_form
 from mailferry.mail.tls import client_context, describe
+from mailferry.secretfile import SecretError, read_file
+
+from ..routing.directory import System
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -91,39 +100,97 @@ class Connection:
         self.transactions = 0
         self.data_sent = False  # the current transaction's message went out
         self.generation = 0  # the system's generation when this connection was opened
-        self.tls = False  # upgraded with STARTTLS
+        self.tls = False  # TLS (STARTTLS or implicit)
+        self.mechanisms: set[str] = set()  # what EHLO's AUTH line offers
+        self.auth_user: str | None = None  # authenticated as
+
+    @classmethod
+    async def for_system(cls, system: System, helo: str, timeout: float) -> Connection:
+        """A session to a registered system, with its TLS and, if it has one, its AUTH."""
+        return await cls.open(system.host, system.port, system.protocol == "lmtp", helo,
+                              timeout, tls=system.tls, cafile=system.cafile,
+                              auth_user=system.auth_user, auth_file=system.auth_file)
 
     @classmethod
     async def open(cls, host: str, port: int, lmtp: bool, helo: str, timeout: float, *,
-                   tls: str = "none", cafile: str | None = None) -> Connection:
+                   tls: str = "none", cafile: str | None = None,
+                   auth_user: str | None = None, auth_file: str | None = None) -> Connection:
         """Connect, read the greeting, say EHLO/LHLO; with `tls` "starttls", upgrade
-        (RFC 3207) and say it again; raise ClientError on any refusal, a missing STARTTLS
-        or a certificate that does not verify (code 0: the message stays queued)."""
+        (RFC 3207) and say it again; with "implicit", TLS from the first byte; with
+        `auth_user`, AUTH with the password in `auth_file` (only over TLS). Raise
+        ClientError on any refusal, a missing STARTTLS or AUTH, or a certificate that does
+        not verify (code 0: the message stays queued)."""
         endpoint = f"{host}:{port}"
-        if tls not in ("none", "starttls"):
-            raise ClientError(Reply(0, f"{endpoint}: tls {tls!r} is not none or starttls"))
+        if tls not in ("none", "starttls", "implicit"):
+            raise ClientError(Reply(0, f"{endpoint}: tls {tls!r} is not none, starttls or "
+                                       "implicit"))
+        if auth_user is not None and (tls == "none" or auth_file is None):
+            raise ClientError(Reply(0, f"{endpoint}: AUTH needs TLS and a password file"))
         try:
+            context = client_context(cafile) if tls == "implicit" else None
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=1 << 16)
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=1 << 16, ssl=context,
+                    server_hostname=host if context is not None else None)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise ClientError(Reply(0, f"{endpoint}: TLS handshake failed: "
+                                       f"{describe(exc)}")) from exc
         except (OSError, TimeoutError) as exc:
             raise ClientError(Reply(0, f"cannot connect to {endpoint}: "
                                        f"{exc or type(exc).__name__}")) from exc
         conn = cls(reader, writer, lmtp, timeout, set(), endpoint)
+        conn.tls = context is not None
         try:
             greeting = await conn._reply()
             if not greeting.ok:
                 raise ClientError(greeting)
-            conn._send(f"{'LHLO' if lmtp else 'EHLO'} {helo}\r\n".encode())
-            hello, lines = await conn._reply_lines()
-            if not hello.ok:
-                raise ClientError(hello)
-            conn.extensions = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+            await conn._hello(helo)
             if tls == "starttls":
                 await conn._starttls(host, helo, cafile)
+            if auth_user is not None and auth_file is not None:
+                await conn._auth(auth_user, auth_file)
         except ClientError:
             conn.close()
             raise
         return conn
+
+    async def _hello(self, helo: str) -> None:
+        """EHLO/LHLO; the extensions and the AUTH mechanisms it offers."""
+        self._send(f"{'LHLO' if self.lmtp else 'EHLO'} {helo}\r\n".encode())
+        hello, lines = await self._reply_lines()
+        if not hello.ok:
+            raise ClientError(hello)
+        self.extensions = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+        self.mechanisms = {word.upper() for line in lines[1:]
+                           if line.upper().startswith("AUTH ") for word in line.split()[1:]}
+
+    async def _auth(self, user: str, password_file: str) -> None:
+        """AUTH PLAIN (RFC 4616), else AUTH LOGIN; a refusal is the server's reply (a 535
+        of a managed system is deferred and alerted like any 5xx, never bounced)."""
+        try:
+            password = read_file(password_file, "SMTP AUTH password")
+        except SecretError as exc:  # names the file and the problem, never the secret
+            raise ClientError(Reply(0, f"{self.endpoint}: {exc}")) from None
+        if "PLAIN" in self.mechanisms:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            self._send(f"AUTH PLAIN {token}\r\n".encode())
+            reply = await self._reply()
+        elif "LOGIN" in self.mechanisms:
+            self._send(b"AUTH LOGIN\r\n")
+            reply = await self._reply()
+            for value in (user, password):
+                if reply.code != 334:
+                    break
+                self._send(base64.b64encode(value.encode()) + b"\r\n")
+                reply = await self._reply()
+        else:
+            raise ClientError(Reply(0, f"{self.endpoint}: AUTH required but the server offers "
+                                       f"no PLAIN or LOGIN (offers: "
+                                       f"{' '.join(sorted(self.mechanisms)) or 'no AUTH'})"))
+        if reply.code != 235:
+            raise ClientError(Reply(reply.code, f"{self.endpoint}: AUTH as {user!r} refused: "
+                                                f"{reply.text}"))
+        self.auth_user = user
 
     async def _starttls(self, host: str, helo: str, cafile: str | None) -> None:
         """STARTTLS, the handshake, EHLO/LHLO again (what was offered in cleartext is
@@ -146,11 +213,7 @@ class Connection:
             raise ClientError(Reply(0, f"{self.endpoint}: TLS handshake failed: "
                                        f"{describe(exc)}")) from exc
         self.tls = True
-        self._send(f"{'LHLO' if self.lmtp else 'EHLO'} {helo}\r\n".encode())
-        hello, lines = await self._reply_lines()
-        if not hello.ok:
-            raise ClientError(hello)
-        self.extensions = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+        await self._hello(helo)
 
     def _send(self, data: bytes) -> None:
         self._writer.write(data)

@@ -33,13 +33,20 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, bindparam, delete, insert, select, update
 
-from mailferry.mail.addresses import AddressError, check, split_physical
+from mailferry.mail.addresses import (
+    AddressError,
+    address_of_mailbox,
+    check,
+    format_address,
+    is_valid,
+    split_physical,
+)
+from mailferry.mail.tls import MODES as TLS_MODES
 
 from . import shared_db as t
 from .shared_db import SharedDB, bump, counters
 
 PROTOCOLS = ("lmtp", "smtp")
-TLS_MODES = ("none", "starttls")
 
 
 class DirectoryError(Exception):
@@ -60,8 +67,20 @@ class System:
     protocol: str
     # Bumped by a refresh: connections opened under an older generation are retired.
     generation: int = 0
-    tls: str = "none"  # "starttls": required, the certificate verified (a system elsewhere)
+    tls: str = "none"  # "starttls" (required) or "implicit": the certificate verified
     cafile: str | None = None  # the CA that signed its certificate (None: system roots)
+    auth_user: str | None = None  # SMTP AUTH as this user (a hosted system's submission)
+    auth_file: str | None = None  # ... with the password in this file (read at each login)
+    rcpt: str = ""  # RCPT TO: "" the physical address, else a format of the access address
+
+    def recipient(self, physical: str) -> str:
+        """What fed sends as RCPT TO for one of this system's physical addresses: the
+        physical address itself (systems mailferry administers route it), or, for a system
+        that knows its mailboxes only by their addresses (a hosted target), the mailbox's
+        access address through the `rcpt` format ("{address}", "{local}@tenant.example")."""
+        if not self.rcpt:
+            return physical
+        return format_address(self.rcpt, address_of_mailbox(physical.rpartition("@")[0]))
 
 
 @dataclass
@@ -151,7 +170,8 @@ class Directory:
 
     # -- systems ---------------------------------------------------------------------
     def put_system(self, name: str, host: str, port: int, protocol: str, *,
-                   tls: str = "none", cafile: str | None = None) -> System:
+                   tls: str = "none", cafile: str | None = None, auth_user: str | None = None,
+                   auth_file: str | None = None, rcpt: str = "") -> System:
         """Create or replace a system's delivery endpoint."""
         name = name.lower()
         if not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -164,16 +184,33 @@ class Directory:
             raise DirectoryError(f"tls must be one of {TLS_MODES}, got {tls!r}")
         if cafile is not None and not cafile.startswith("/"):
             raise DirectoryError(f"cafile must be an absolute path, got {cafile!r}")
+        if (auth_user is None) != (auth_file is None):
+            raise DirectoryError("auth_user and auth_file go together")
+        if auth_file is not None and not auth_file.startswith("/"):
+            raise DirectoryError(f"auth_file must be an absolute path, got {auth_file!r}")
+        if auth_user is not None and tls == "none":
+            raise DirectoryError("SMTP AUTH needs tls starttls or implicit: fed never sends "
+                                 "a password in cleartext")
+        if rcpt:
+            try:
+                probe = format_address(rcpt, "a@b.example")
+            except (KeyError, IndexError, ValueError):
+                probe = ""
+            if not is_valid(probe):
+                raise DirectoryError(f"rcpt {rcpt!r} is not an address format ({{address}}, "
+                                     "{local}, {domain})")
         with self.shared.write() as db:
             current = db.execute(select(t.systems).where(t.systems.c.name == name)).first()
             system = System(name, host, port, protocol,
-                            0 if current is None else int(current.generation), tls, cafile)
+                            0 if current is None else int(current.generation), tls, cafile,
+                            auth_user, auth_file, rcpt)
             if current is None:
                 db.execute(insert(t.systems).values(vars(system)))
             elif _system(current) != system:
                 db.execute(update(t.systems).where(t.systems.c.name == name)
                            .values(host=host, port=port, protocol=protocol, tls=tls,
-                                   cafile=cafile))
+                                   cafile=cafile, auth_user=auth_user, auth_file=auth_file,
+                                   rcpt=rcpt))
             if current is None or _system(current) != system:
                 bump(db, "systems_version")
             version = counters(db)["systems_version"]
@@ -425,7 +462,9 @@ def _merge_claim(db: Connection, system: str, address: str, physical: str,
 def _system(r: Row[Any]) -> System:
     return System(str(r.name), str(r.host), int(r.port), str(r.protocol),
                   int(r.generation or 0), str(r.tls or "none"),
-                  None if r.cafile is None else str(r.cafile))
+                  None if r.cafile is None else str(r.cafile),
+                  None if r.auth_user is None else str(r.auth_user),
+                  None if r.auth_file is None else str(r.auth_file), str(r.rcpt or ""))
 
 
 def _change(entries: dict[str, str], address: str, physical: str | None) -> None:

@@ -104,12 +104,14 @@ class NodeAgent:
     def _interval(self) -> float:
         """How long to sleep when nothing wakes the loop: the safety poll with a listener,
         the poll without; never past the next round (heartbeat, fencing deadline), and at
-        most 0.5 s while released mailboxes are serialised (drain_check)."""
+        most 0.5 s while released mailboxes are serialised (drain_check). At least 0.1 s
+        (or the interval, if shorter): a round that is due but fails (the database down)
+        is retried at that pace, not in a busy loop."""
         interval = self.safety_poll if self.notified() else self.poll
         if self.holds.drains:
             interval = min(interval, 0.5)
         until_round = self._last_round + self.lease / 4 - time.monotonic()
-        return max(0.0, min(interval, until_round))
+        return max(min(interval, 0.1), min(interval, until_round))
 
     async def start(self) -> None:
         """Register, load the shared state and acknowledge it; before any delivery.

@@ -72,10 +72,17 @@ systems = Table(
     # Bumped by a refresh (the system's tables changed): every node retires the connections
     # it opened to the system under an older generation. Added after the first release.
     Column("generation", BigInteger, nullable=False, server_default="0"),
-    # STARTTLS required to the system ('none' or 'starttls') and the CA file that verifies
+    # TLS to the system ('none', 'starttls' or 'implicit') and the CA file that verifies
     # its certificate (NULL: the roots of fed's machine). Added after the first release.
     Column("tls", String(16), nullable=False, server_default="none"),
     Column("cafile", String(1000), nullable=True),
+    # SMTP AUTH to a system fed does not relay to by network (a hosted target): the user and
+    # the *file* holding the password (read at each login, never stored here)
+    Column("auth_user", String(320), nullable=True),
+    Column("auth_file", String(1000), nullable=True),
+    # RCPT TO for a physical address: "" the physical address itself, else a format of the
+    # mailbox's access address ({address}, {local}, {domain}) for a system that knows only that
+    Column("rcpt", String(320), nullable=False, server_default=""),
     CheckConstraint("protocol IN ('lmtp', 'smtp')", name="systems_protocol"),
 )
 # Version counters: 'version' (directory, the down-sync version), 'systems_version',
@@ -204,7 +211,9 @@ class SharedDB:
             log.info("shared database: added the column systems.generation")
         have = {c["name"] for c in inspect(self.engine).get_columns("systems")}
         for column, ddl in (("tls", "VARCHAR(16) NOT NULL DEFAULT 'none'"),
-                            ("cafile", "VARCHAR(1000)")):
+                            ("cafile", "VARCHAR(1000)"), ("auth_user", "VARCHAR(320)"),
+                            ("auth_file", "VARCHAR(1000)"),
+                            ("rcpt", "VARCHAR(320) NOT NULL DEFAULT ''")):
             if column not in have:
                 with self.engine.begin() as conn:
                     conn.exec_driver_sql(f"ALTER TABLE systems ADD COLUMN {column} {ddl}")

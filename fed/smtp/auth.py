@@ -11,8 +11,8 @@ address gets ``454 4.7.0`` without any hashing, which also stops password guessi
 over many connections). An unknown user costs the same as a wrong password, so timing does
 not reveal which accounts exist.
 
-aiosmtpd only offers and accepts AUTH (PLAIN, LOGIN) after STARTTLS; ``server.py`` lifts
-that for loopback clients, where nobody can sniff the password.
+The session (``protocol.py``) only offers and accepts AUTH (PLAIN, LOGIN) after STARTTLS;
+``server.py`` lifts that for loopback clients, where nobody can sniff the password.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 log = logging.getLogger("fed.auth")
 
@@ -110,13 +110,14 @@ class AuthThrottle:
 
 
 class Authenticator:
-    """aiosmtpd ``authenticator``: checks PLAIN/LOGIN credentials against the file."""
+    """The session's ``authenticator`` (aiosmtpd's signature): checks PLAIN/LOGIN
+    credentials against the file."""
 
     def __init__(self, users: dict[str, str], throttle: AuthThrottle | None = None) -> None:
         self.users = users
         self.throttle = throttle or AuthThrottle()
 
-    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+    def __call__(self, server: object, session: Session, envelope: Envelope, mechanism: str,
                  auth_data: Any) -> AuthResult:
         """Succeed only for a known user with the right password."""
         if not isinstance(auth_data, LoginPassword):

@@ -10,13 +10,13 @@ MAIL/RCPT time and careful at DATA time:
   accepted (as its ``address_key``); any other address of one of fed's domains gets
   ``550 5.1.1``; any other domain is relaying, decided by ``policy.py`` (``550 5.7.1
   relaying denied`` unless the client may relay; a relayed recipient keeps its local part
-  as written). At most ``max_rcpts`` recipients (``452 4.5.3``); the size limit is
-  aiosmtpd's ``data_size_limit`` (``552``).
+  as written). At most ``max_rcpts`` recipients (``452 4.5.3``); the size limit is the
+  session's ``data_size_limit`` (``552``).
 - DATA: the message gets a ``Received:`` header naming fed and the queue id and is written
   durably to the spool (``spool.py``) *before* the 250 reply, so an acknowledged message
   survives any crash (invariant 1). If the spool cannot take it, the client gets a 451.
-- Smuggling: aiosmtpd 1.4.6 reads DATA with ``readuntil(b"\\r\\n")`` and ends it only at a
-  line that is exactly ``.<CR><LF>`` after a ``<CR><LF>``, so ``\\n.\\n``, ``\\r.\\r``,
+- Smuggling: the session (``protocol.py``) ends DATA only at a line that is exactly
+  ``.<CR><LF>`` after a ``<CR><LF>``, so ``\\n.\\n``, ``\\r.\\r``,
   ``\\r\\n.\\n``, ``\\n.\\r\\n`` never end a message here. What to do with the bare CR/LF
   inside is ``bare_newline``: ``normalize`` (default, like Postfix 3.9's
   ``smtpd_forbid_bare_newline = normalize``) turns each into CRLF, so the would-be second
@@ -33,14 +33,16 @@ MAIL/RCPT time and careful at DATA time:
   then every remaining client gets 421 and is disconnected.
 - AUTH (PLAIN, LOGIN) is offered only with an ``--auth-file``, and only after STARTTLS,
   except to loopback clients.
+
+The session itself is ``protocol.py``'s ``SMTPProtocol`` (a state machine on
+``data_received``, with aiosmtpd's handler hooks); ``FedSMTP`` adds the connection limits,
+the 421s and shutdown, ``FedHandler`` the decisions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import email.utils
-import inspect
 import logging
 import re
 import ssl
@@ -50,7 +52,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import Envelope, Session
 
 from mailferry.mail.addresses import (
     address_key,
@@ -67,8 +69,8 @@ from ..queue.spool import Spool, new_queue_id
 from ..routing.directory import Directory
 from ..telemetry import metrics
 from .auth import Authenticator
-from .dataphase import LeanSMTP
 from .policy import RelayPolicy, client_ip, is_loopback
+from .protocol import SMTPProtocol
 
 log = logging.getLogger("fed.smtp")
 
@@ -135,7 +137,8 @@ def address_refusal(address: str, envelope: Envelope, what: str) -> str | None:
 
 
 class FedHandler:
-    """aiosmtpd handler: address hygiene, recipient and relay policy, durable acceptance."""
+    """The SMTP handler (aiosmtpd's hooks): address hygiene, recipient and relay policy,
+    durable acceptance."""
 
     def __init__(self, directory: Directory, spool: Spool, domains: list[str],
                  settings: SmtpSettings, on_queued: Callable[[], None]) -> None:
@@ -148,12 +151,6 @@ class FedHandler:
         self.on_queued = on_queued
         self.writing = 0  # DATA writes in progress; shutdown waits for them
         self.stopping = False
-
-    def __dir__(self) -> list[str]:
-        """Only the handler hooks: aiosmtpd looks for them (``handle_*``, ``auth_*``) with
-        ``dir`` and ``inspect.getmembers`` in every session's ``__init__``; listing all of
-        the handler's attributes there cost 3 % of fed's CPU per connection."""
-        return [name for name in object.__dir__(self) if name.startswith(("handle_", "auth_"))]
 
     def is_local(self, key: str) -> bool:
         """True if fed itself routes this address (physical of a system, or directory)."""
@@ -178,7 +175,7 @@ class FedHandler:
             return f"550 5.1.1 <{key}>: user unknown in directory"
         return f"550 5.7.1 <{preserve(key)}>: relaying denied"
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+    def handle_EHLO(self, server: SMTPProtocol, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         """Refuse control characters in the name; offer AUTH only when it can succeed."""
         if has_forbidden(hostname):
@@ -188,7 +185,7 @@ class FedHandler:
             responses = [r for r in responses if not r[4:].startswith("AUTH")]
         return responses
 
-    async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
+    def handle_HELO(self, server: SMTPProtocol, session: Session, envelope: Envelope,
                           hostname: str) -> str:
         """Refuse control characters in the name."""
         if has_forbidden(hostname):
@@ -196,7 +193,7 @@ class FedHandler:
         session.host_name = hostname
         return f"250 {server.hostname}"
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+    def handle_MAIL(self, server: SMTPProtocol, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         """Refuse senders no mail system would write."""
         refusal = address_refusal(address, envelope, "sender")
@@ -214,7 +211,7 @@ class FedHandler:
         sender = str(envelope.mail_from or "")
         return sender in ("", "<>") or self.is_local(address_key(sender))
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+    def handle_RCPT(self, server: SMTPProtocol, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         """Accept or refuse one recipient."""
         if len(envelope.rcpt_tos) >= self.max_rcpts:
@@ -238,7 +235,7 @@ class FedHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
         """Spool the message durably, then (only then) acknowledge it."""
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
@@ -284,12 +281,6 @@ class FedHandler:
                 f"with {proto} id {queue_id}{rcpt}; {date}\r\n").encode("utf-8", "replace")
 
 
-# aiosmtpd inspects the handler's EHLO hook in every session's __init__ to tell its old
-# 4-argument form from the 5-argument one; a signature computed once answers it at once.
-FedHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    FedHandler.handle_EHLO)
-
-
 def _ip(session: Session) -> str:
     ip = client_ip(session.peer)
     return str(ip) if ip is not None else "unknown"
@@ -324,86 +315,59 @@ class Connections:
             del self.per_ip[ip]
 
 
-class FedSMTP(LeanSMTP):
-    """aiosmtpd's SMTP (with dataphase.py's lean DATA) with fed's connection limits,
-    timeouts and AUTH placement."""
+class FedSMTP(SMTPProtocol):
+    """fed's SMTP session: connection limits, the timeout's 421, refusals while stopping."""
 
     def __init__(self, handler: FedHandler, settings: SmtpSettings,
                  connections: Connections) -> None:
         super().__init__(
-            handler, hostname=settings.hostname, data_size_limit=settings.max_size,
-            enable_SMTPUTF8=True, ident="mailferry fed", timeout=settings.timeout,
-            tls_context=settings.tls_context, require_starttls=False,
-            auth_required=False, auth_require_tls=True,
-            authenticator=settings.authenticator,
-            auth_exclude_mechanism=None if settings.authenticator else ["LOGIN", "PLAIN"],
-            command_call_limit={**_CALL_LIMITS, "*": _CALL_LIMIT_DEFAULT},
-            # The running loop, given: aiosmtpd would look it up under catch_warnings.
-            loop=asyncio.get_running_loop(),
-        )
-        # aiosmtpd keeps these on the class and grows them on every EHLO: keep ours private.
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+            handler, hostname=settings.hostname, ident="mailferry fed",
+            data_size_limit=settings.max_size, timeout=settings.timeout,
+            tls_context=settings.tls_context, authenticator=settings.authenticator,
+            call_limits=_CALL_LIMITS, call_limit_default=_CALL_LIMIT_DEFAULT)
+        self.handler = handler
         self.connections = connections
         self.refusal: str | None = None
         self.admitted = False
-        self.in_data = False
+
+    @property
+    def in_data(self) -> bool:
+        """A message is streaming in (shutdown lets it finish)."""
+        return self._data is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Count the connection (once: STARTTLS calls this again) and place AUTH."""
-        first = self.transport is None
+        """Count the connection and place AUTH (on loopback nobody can sniff a password:
+        AUTH needs no TLS there)."""
+        peer = transport.get_extra_info("peername")
+        self.refusal = self.connections.admit(peer)
+        self.admitted = self.refusal is None
+        self.auth_require_tls = not is_loopback(peer)
         super().connection_made(transport)
-        if first:
-            peer = transport.get_extra_info("peername")
-            self.refusal = self.connections.admit(peer)
-            self.admitted = self.refusal is None
-            # On loopback nobody can sniff a password: AUTH needs no TLS there.
-            self._auth_require_tls = not is_loopback(peer)
 
-    def connection_lost(self, error: Exception | None) -> None:
+    def greeting(self) -> str:
+        """220, or the 421 of a connection over the limits."""
+        if self.refusal is not None:
+            log.warning("refused connection from %s: %s",
+                        self.session.peer if self.session else None, self.refusal)
+            return self.refusal
+        return super().greeting()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         """Release the connection's slot."""
         if self.admitted:
             self.admitted = False
             assert self.session is not None
             self.connections.leave(self.session.peer)
-        super().connection_lost(error)
+        super().connection_lost(exc)
 
-    async def _handle_client(self) -> None:
-        if self.refusal is not None:
-            log.warning("refused connection from %s: %s",
-                        self.session.peer if self.session else None, self.refusal)
-            await self.push(self.refusal)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        await super()._handle_client()
-
-    def _timeout_cb(self) -> None:
-        # Tell the client why (RFC 5321 4.5.3.2: a server may close after a timeout).
-        transport = self.transport
-        if _writable(transport):
-            transport.write(b"421 4.4.2 timeout exceeded, closing connection\r\n")
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
-
-    def data_received(self, data: bytes) -> None:
-        """While DATA streams in, every chunk restarts the timeout (per-read timeout)."""
-        if self.in_data:
-            self._reset_timeout()
-        super().data_received(data)
-
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd's DATA, marked so that data_received knows it is streaming; refused
-        once fed is stopping (a message already streaming may still finish, see drain)."""
-        handler = self.event_handler
-        if isinstance(handler, FedHandler) and handler.stopping:
-            await self.push(SHUTDOWN_REPLY)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        self.in_data = True
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self.in_data = False
+    def may_start_data(self) -> bool:
+        """DATA is refused once fed is stopping (a message already streaming may still
+        finish, see drain)."""
+        if self.handler.stopping:
+            self.push(SHUTDOWN_REPLY)
+            self.close()
+            return False
+        return True
 
 
 def _writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
@@ -413,7 +377,8 @@ def _writable(transport: object) -> TypeGuard[asyncio.WriteTransport]:
         transport, "is_closing", lambda: True)()
 
 
-async def drain(handler: FedHandler, sessions: Iterable[SMTP], deadline: float) -> None:
+async def drain(handler: FedHandler, sessions: Iterable[SMTPProtocol], deadline: float
+                ) -> None:
     """Shutdown: let messages already streaming finish (and be spooled and answered) until
     `deadline` (monotonic), then tell every remaining client 421 and close."""
     handler.stopping = True
@@ -431,11 +396,11 @@ async def drain(handler: FedHandler, sessions: Iterable[SMTP], deadline: float) 
 
 
 def make_factory(handler: FedHandler, settings: SmtpSettings,
-                 track: Callable[[SMTP], Any]) -> Callable[[], SMTP]:
+                 track: Callable[[SMTPProtocol], Any]) -> Callable[[], SMTPProtocol]:
     """The protocol factory of the SMTP listener (one FedSMTP per connection)."""
     connections = Connections(settings)
 
-    def factory() -> SMTP:
+    def factory() -> SMTPProtocol:
         session = FedSMTP(handler, settings, connections)
         track(session)
         return session

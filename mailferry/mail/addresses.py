@@ -238,6 +238,21 @@ def mailbox_id_for(address: str) -> str:
     return f"{local}={domain}" if domain else local
 
 
+def address_of_mailbox(mailbox_id: str) -> str:
+    """The access address a mailbox id was made from (`mailbox_id_for` backwards: the
+    last ``=`` separates the domain, which never holds one)."""
+    local, eq, domain = mailbox_id.rpartition("=")
+    return f"{local}@{domain}" if eq and local else mailbox_id
+
+
+def format_address(template: str, address: str) -> str:
+    """`template` with ``{address}``, ``{local}`` and ``{domain}`` of `address` filled in:
+    how a system that is not mailferry's names a mailbox (an IMAP login, the RCPT TO
+    fed gives a hosted system for a physical address)."""
+    local, _, domain = address.rpartition("@")
+    return template.format(address=address, local=local, domain=domain)
+
+
 def physical_address(system: str, mailbox_id: str) -> str:
     """ADP: the routable physical address of mailbox `mailbox_id` on `system`."""
     return f"{mailbox_id}@{system}.{PHYSICAL_TLD}"

@@ -132,14 +132,21 @@ class DeliveryEndpoint:
     host: str
     port: int
     protocol: str = "lmtp"  # "lmtp" or "smtp"
-    tls: str = "none"  # "starttls": fed requires it and verifies the certificate
+    tls: str = "none"  # "starttls" or "implicit": fed requires it, verifies the certificate
     cafile: str | None = None  # the CA file fed verifies it with (None: system roots)
+    auth_user: str | None = None  # SMTP AUTH as this user (a hosted target's submission)
+    auth_file: str | None = None  # ... the file fed reads its password from
+    rcpt: str = ""  # RCPT TO format of the mailbox's address; "": the physical address
 
 
 class MailSystemDriver(abc.ABC):
     """Administer and read one mail system. Raise TemporaryError when it is unreachable."""
 
     name: str
+    # False for a system whose mailboxes someone else provisions (a hosted target): E2
+    # finds the mailbox instead of creating it, and moves only into one that is empty or
+    # holds nothing but what this migration copied (`steps.prestage.check_target_empty`).
+    creates_mailboxes: bool = True
 
     # -- health -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -175,6 +182,15 @@ class MailSystemDriver(abc.ABC):
     @abc.abstractmethod
     def set_redirect(self, mailbox_id: str, target: str | None) -> None:
         """Redirect every message of the mailbox to `target` (None: store locally again)."""
+
+    def set_redirects(self, redirects: dict[str, str | None]) -> None:
+        """`set_redirect` for the mailboxes that exist and are not redirected so already (a
+        wave's E9, inside its hold, where every call lengthens it); a driver that can make
+        them one transaction does."""
+        for mailbox_id, target in redirects.items():
+            account = self.get_account(mailbox_id)
+            if account is not None and account.redirect_to != target:
+                self.set_redirect(mailbox_id, target)
 
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Route the system's own users' mail for the mailbox's addresses through fed.

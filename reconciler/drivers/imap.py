@@ -1,4 +1,6 @@
-"""Driver of a generic IMAP server that mailferry can read but not administer: a migration source.
+"""Driver of a generic IMAP server that mailferry can read but not administer: a migration
+source, and a target for mailboxes its provider provisions (Microsoft 365, Google Workspace,
+a hosting provider; docs/hosted-target.md).
 
 Why a driver for a system we cannot administer: most migrations start on a server nobody
 wants to script (a hosted service, an old Exchange or Cyrus). All the patent needs of a
@@ -15,15 +17,23 @@ address moved. So this driver:
   an OAuth2 bearer token (`login: oauth2`: XOAUTH2 or OAUTHBEARER, tokens from the
   provider's token endpoint for one refresh token, one per mailbox from a file of
   ``address refresh-token`` lines, or the application's client credentials; docs/oauth2.md);
-- reads and writes mail over IMAP (`imapstore`), so it could even be a target;
+- reads and writes mail over IMAP (`imapstore`), so it is a target too: E2 "creates"
+  BOX2 by finding it (a login), never by creating an account. A mailbox that does not
+  answer yet is a *manual step* (`ManualStep`: "provision jane@corp.example on hosted365"),
+  a state of its own in the plan that the engine rechecks, and every step after it waits;
+  a mailbox holding mail this migration did not copy is refused
+  (`steps.prestage.check_target_empty`);
 - records but cannot enforce redirects: BOX1 -> BOX2 after E9 only helps if the old
   system's MX or forwarding points at fed, which is the admin's part (the docs say so);
 - on E41 forgets the mailbox but deletes nothing on the server: mailferry has no right to
   remove an account it did not create, and the old system is usually switched off whole.
 
-fed can deliver to such a system only if `smtp` is given and the server accepts the
-physical addresses; without it, mail routed there waits in fed's queue and follows the
-directory when the address moves (fed resolves at delivery time).
+fed can deliver to such a system only if `smtp` (or `lmtp`) is given: the provider's MX or
+submission port, with `smtpTls` (STARTTLS or implicit TLS, verified with `smtpCaFile` or
+the system's roots), optional `smtpAuth` (a user and a password file fed reads) and
+`smtpRecipient` (the RCPT TO for a mailbox, `{address}`: a hosted system knows no physical
+addresses). Without it, mail routed there waits in fed's queue and follows the directory
+when the address moves (fed resolves at delivery time).
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from mailferry import secretfile
+from mailferry.mail.addresses import address_of_mailbox, format_address
 from mailferry.mail.oauth2 import OAuth2Settings, TokenSource, tokens_for
 from reconciler.drivers.accounts import SqliteAccountsMixin
 from reconciler.drivers.base import (
@@ -48,12 +60,13 @@ from reconciler.drivers.contacts import SqliteContactsMixin
 from reconciler.drivers.imapstore import (
     ImapLogin,
     ImapSession,
+    LoginRefused,
     greeting,
     imap_account,
     imap_session,
 )
 from reconciler.drivers.pfdovecot_tables import Tables
-from reconciler.errors import MailferryError, PermanentError, TemporaryError
+from reconciler.errors import MailferryError, ManualStep, PermanentError, TemporaryError
 from reconciler.secrets import resolve
 from reconciler.spec.model import ImapOptions, SecretRef
 
@@ -78,7 +91,9 @@ def _line_for(ref: SecretRef, address: str, what: str) -> str:
     file itself, or a variable holding its path); the error never shows a secret."""
     path = ref.file if ref.file is not None else os.environ.get(ref.env or "", "")
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = secretfile.credential_path(path, f"{what}s").read_text(encoding="utf-8")
+    except secretfile.SecretError as exc:
+        raise MailferryError(str(exc)) from None
     except OSError as exc:
         raise MailferryError(f"{what}s file {path!r}: {exc.strerror}") from None
     secret = read_passwords(text).get(address.lower())
@@ -88,7 +103,9 @@ def _line_for(ref: SecretRef, address: str, what: str) -> str:
 
 
 class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
-    """Read mailboxes of any IMAP server; keep mailferry's own registry of them."""
+    """Read and fill mailboxes of any IMAP server; keep mailferry's own registry of them."""
+
+    creates_mailboxes = False  # its provider does; E2 checks the mailbox instead
 
     def __init__(self, name: str, options: ImapOptions) -> None:
         self.name = name
@@ -100,14 +117,12 @@ class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
         account = self.get_account(mailbox_id)
         if account is not None and account.access_addresses:
             return account.access_addresses[0]
-        local, _, domain = mailbox_id.partition("=")
-        return f"{local}@{domain}" if domain else local
+        return address_of_mailbox(mailbox_id)
 
     def login_for(self, mailbox_id: str, address: str | None = None) -> ImapLogin:
         """The IMAP login of a mailbox (master user or its own password)."""
         address = address or self._address(mailbox_id)
-        local, _, domain = address.partition("@")
-        login = self.options.login_format.format(address=address, local=local, domain=domain)
+        login = format_address(self.options.login_format, address)
         if self.options.login == "per-user":
             return ImapLogin(login, lambda: self._user_password(address))
         if self.options.login == "oauth2":
@@ -187,22 +202,42 @@ class ImapDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
                  cafile=self.options.cafile)
 
     def delivery_endpoint(self) -> DeliveryEndpoint:
-        """`lmtp` (Cyrus's lmtpd) or `smtp` if given; else the IMAP address, where fed's
-        attempts fail and mail waits."""
-        if self.options.lmtp is not None:
-            return DeliveryEndpoint(self.options.lmtp.host, self.options.lmtp.port, "lmtp")
-        where = self.options.smtp or self.options.server
-        return DeliveryEndpoint(where.host, where.port, "smtp")
+        """`lmtp` (Cyrus's lmtpd) or `smtp` if given, with its TLS, AUTH and recipient
+        format; else the IMAP address, where fed's attempts fail and mail waits."""
+        o = self.options
+        if o.lmtp is not None:
+            return DeliveryEndpoint(o.lmtp.host, o.lmtp.port, "lmtp")
+        if o.smtp is None:
+            return DeliveryEndpoint(o.server.host, o.server.port, "smtp")
+        auth = o.smtp_auth
+        return DeliveryEndpoint(
+            o.smtp.host, o.smtp.port, "smtp", tls=o.smtp_tls, cafile=o.smtp_cafile,
+            auth_user=auth.user if auth is not None else None,
+            auth_file=auth.password.file if auth is not None else None,
+            rcpt=o.smtp_recipient)
 
     # -- accounts (mailferry's registry) ----------------------------------------------------
     def create_mailbox(
         self, mailbox_id: str, *, internal_address: str | None = None,
         access_addresses: tuple[str, ...] = (), redirect_to: str | None = None,
     ) -> Account:
-        """Register an existing server mailbox after logging in to it (cannot create one)."""
+        """Register an existing server mailbox after logging in to it (cannot create one):
+        a refused login is a ManualStep -- its provider's admin must provision it."""
         if self.get_account(mailbox_id) is None:
             address = access_addresses[0] if access_addresses else None
-            self._imap(mailbox_id, lambda s: s.folders(), address)  # proves the login works
+            who = address or self._address(mailbox_id)
+            task = f"provision {who} on {self.name}"
+            if self.options.login == "per-user":
+                try:
+                    self._user_password(who)
+                except MailferryError as exc:  # no line for it yet: not provisioned either
+                    raise ManualStep(task, f"{exc}; mailferry cannot create mailboxes "
+                                     "there") from None
+            try:
+                self._imap(mailbox_id, lambda s: s.folders(), address)  # proves the login
+            except LoginRefused as exc:
+                raise ManualStep(task, f"mailferry cannot create mailboxes there; "
+                                 f"{exc}") from exc
             self._insert_account(f"register {mailbox_id}", mailbox_id, internal_address,
                                  access_addresses, redirect_to)
         account = self.get_account(mailbox_id)

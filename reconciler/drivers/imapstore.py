@@ -216,13 +216,18 @@ class ImapSession:
         return total, count
 
 
+class LoginRefused(TemporaryError):
+    """The server refused the login itself (not unreachable, not a secret unreadable): on a
+    system someone else runs, the mailbox may simply not exist yet."""
+
+
 def _login_refused(where: str, login: ImapLogin, exc: ImapCommandError) -> TemporaryError:
     who = (f"master user {login.master_user!r} for {login.login!r}"
            if login.master_user else f"{login.login!r}")
     if login.oauth is not None:
         who += f" with an OAuth2 token ({login.oauth.mechanism.upper()})"
-    return TemporaryError(f"{where}: login as {who} refused (bad credentials?): "
-                          f"{exc.status} {exc.text}")
+    return LoginRefused(f"{where}: login as {who} refused (bad credentials?): "
+                        f"{exc.status} {exc.text}")
 
 
 @contextlib.contextmanager

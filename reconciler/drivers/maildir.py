@@ -134,6 +134,11 @@ class MaildirDriver(MailSystemDriver):
         self._call(f"set redirect of {mailbox_id}",
                    lambda: self.store.set_redirect(mailbox_id, target))
 
+    def set_redirects(self, redirects: dict[str, str | None]) -> None:
+        """Several redirects in one transaction of the system's store."""
+        self._call(f"set redirects of {len(redirects)} mailboxes",
+                   lambda: self.store.set_redirects(redirects))
+
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Local users' mail for the mailbox's addresses goes through fed (or not)."""
         self._call(f"set via_fed of {mailbox_id}",

@@ -15,7 +15,8 @@ table, and every change regenerates the files from it:
   physical addresses (`<id>@<system>.invalid`) this system delivers to Dovecot over LMTP.
 - ``virtual_alias``: Postfix `virtual_alias_maps`, applied by cleanup to *every* recipient
   whatever its domain: each access address, alias and internal address -> the mailbox's
-  physical address; and for a redirected mailbox, physical address -> redirect target.
+  physical address (an IDN domain in both its forms: `postfix_keys`); and for a redirected
+  mailbox, physical address -> redirect target.
   Postfix expands aliases recursively, so ``AD1 -> ADP1 -> ADP2`` sends both outside mail
   and the system's own local users' mail for AD1 to the new mailbox, through fed. A mailbox
   marked ``via_fed`` (during its cutover) gets no line for its access addresses and aliases:
@@ -51,6 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailferry.mail.addresses import domain_to_unicode
 from reconciler.drivers.hosts import Host, HostError, LocalHost
 
 SCHEMA = """
@@ -89,6 +91,25 @@ class Row:
     via_fed: bool = False  # access addresses and aliases left to relayhost = fed (E4-E9)
 
 
+def postfix_keys(address: str, unicode_keys: bool) -> list[str]:
+    """The lookup keys Postfix gets for one address (the key, its domain in A-labels).
+
+    Postfix converts no IDN between its forms (SMTPUTF8_README: "configure both the ASCII
+    and UTF-8 forms ... as lookup table search keys"); with `unicode_keys` a domain with
+    A-labels gets a second line in U-labels. Only when the system's LMTP offers SMTPUTF8:
+    mail written to the U-label form is SMTPUTF8 mail, and Postfix bounces it (5.6.7) at
+    an LMTP server without SMTPUTF8 (Dovecot 2.3) even after the alias made the recipient
+    ASCII. Without the U-label line Postfix relays such mail to fed (relayhost, the shared-
+    domain rule), whose directory knows both forms and delivers it back to the ASCII
+    physical address without SMTPUTF8. Case is Postfix's: it casefolds keys and queries
+    alike (postmap too) when smtputf8_enable = yes."""
+    local, _, domain = address.rpartition("@")
+    if not unicode_keys:
+        return [address]
+    unicode = domain_to_unicode(domain)
+    return [address] if unicode == domain else [address, f"{local}@{unicode}"]
+
+
 def row_of(r: sqlite3.Row) -> Row:
     return Row(r["mailbox_id"], tuple(json.loads(r["access_addresses"])),
                tuple(json.loads(r["aliases"])), r["internal_address"], r["redirect_to"],
@@ -119,6 +140,9 @@ class Tables:
         # compiled maps exist, so that a write costs one read round trip, not one per look.
         self._snapshot: dict[str, str | None] | None = None
         self._compiled: set[str] = set()
+        # Postfix gets the U-label form of IDN keys too (`postfix_keys`): set by the driver
+        # once it saw the LMTP server offer SMTPUTF8.
+        self.unicode_keys = False
 
     def physical(self, mailbox_id: str) -> str:
         return f"{mailbox_id}@{self.system}.invalid"
@@ -187,7 +211,8 @@ class Tables:
             local = [] if row.via_fed else [*row.access_addresses, *row.aliases]
             if row.internal_address:
                 local.append(row.internal_address)
-            alias.extend(f"{address}\t{adp}" for address in local)
+            alias.extend(f"{key}\t{adp}" for address in local
+                         for key in postfix_keys(address, self.unicode_keys))
             if row.redirect_to:
                 alias.append(f"{adp}\t{row.redirect_to}")
         header = self.header

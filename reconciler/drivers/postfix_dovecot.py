@@ -106,6 +106,19 @@ def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool, *,
         raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
 
 
+def _extensions(system: str, what: str, endpoint: Endpoint, *, lmtp: bool) -> set[str]:
+    """The extensions EHLO/LHLO names (upper case); TemporaryError if it does not answer."""
+    try:
+        client = smtplib.LMTP if lmtp else smtplib.SMTP
+        with client(endpoint.host, endpoint.port, timeout=10) as conn:
+            code, msg = conn.ehlo()
+            if code != 250:
+                raise TemporaryError(f"{system}: {what} {endpoint} answered {code} {msg!r}")
+            return {name.upper() for name in conn.esmtp_features}
+    except (OSError, smtplib.SMTPException) as exc:
+        raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
+
+
 class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemDriver):
     """Administer one Postfix + Dovecot system through its tables, postconf and IMAP."""
 
@@ -239,6 +252,9 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             if refused:
                 raise TemporaryError(f"{self.name}: not allowed on {self.host.label}, nothing "
                                      "changed: " + "; ".join(refused))
+        with contextlib.suppress(TemporaryError):  # unreachable: the safe choice stays
+            self.tables.unicode_keys = "SMTPUTF8" in _extensions(
+                self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True)
         self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
             config_dir = self.options.postfix_config_dir
@@ -344,11 +360,55 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         """Dovecot account + Postfix routes unless present; an existing account is left as is."""
         if "/" in mailbox_id or ":" in mailbox_id or mailbox_id.startswith("."):
             raise PermanentError(f"{self.name}: mailbox id {mailbox_id!r} is not usable")
+        self.check_international(mailbox_id, access_addresses)
         self._insert_account(f"create {mailbox_id}", mailbox_id, internal_address,
                              access_addresses, redirect_to)
         account = self.get_account(mailbox_id)
         assert account is not None
         return account
+
+    def set_addresses(
+        self, mailbox_id: str, access_addresses: tuple[str, ...], aliases: tuple[str, ...]
+    ) -> None:
+        """The mixin's, once the system can take every address (`check_international`)."""
+        self.check_international(mailbox_id, (*access_addresses, *aliases))
+        super().set_addresses(mailbox_id, access_addresses, aliases)
+
+    def check_international(self, mailbox_id: str, addresses: tuple[str, ...]) -> None:
+        """Refuse, before anything is written, what this Postfix + Dovecot would bounce.
+
+        A UTF-8 local part (RFC 6531) reaches Postfix only with SMTPUTF8, so Postfix must
+        offer it (``smtputf8_enable = yes``). A mailbox whose id is not ASCII also gets its
+        mail from Postfix over LMTP with that id as the recipient: Postfix sends it only to
+        an LMTP server that offers SMTPUTF8 (else it bounces, 5.6.7 "SMTPUTF8 is required"),
+        and Dovecot must accept the id as a user name. Dovecot 2.3's LMTP offers no
+        SMTPUTF8. An IDN domain alone needs none of this (ids and maps hold A-labels).
+        TemporaryError naming the system, the reason and what to set."""
+        utf8 = [a for a in addresses if not a.rpartition("@")[0].isascii()]
+        if not utf8 and mailbox_id.isascii():
+            return
+        problems = []
+        enabled = self._postconf(["smtputf8_enable"], expand=True)
+        if not enabled or enabled[0].strip().lower() not in ("yes", "true", "1"):
+            problems.append(f"Postfix has smtputf8_enable = {(enabled or [''])[0].strip()!r} "
+                            "(set smtputf8_enable = yes in main.cf, then postfix reload)")
+        if not mailbox_id.isascii():
+            lmtp = self.options.lmtp
+            if "SMTPUTF8" not in _extensions(self.name, "Dovecot LMTP", lmtp, lmtp=True):
+                problems.append(
+                    f"Dovecot's LMTP at {lmtp} does not offer SMTPUTF8, so Postfix would bounce "
+                    "every message for the mailbox (5.6.7 SMTPUTF8 is required); Dovecot 2.3 "
+                    "has none: use a Dovecot whose LMTP offers it (2.4 built with "
+                    "--enable-experimental-mail-utf8, mail_utf8_extensions = yes)")
+            chars = self._run(["doveconf", "-c", self.options.dovecot_config, "-h",
+                               "auth_username_chars"], "doveconf").strip()
+            if chars and not set(mailbox_id) <= set(chars):
+                problems.append("Dovecot's auth_username_chars refuses the user name "
+                                f"{mailbox_id!r} (set auth_username_chars = , empty: any)")
+        if problems:
+            raise TemporaryError(f"{self.name}: cannot host {', '.join(utf8 or [mailbox_id])} "
+                                 "(a UTF-8 local "
+                                 "part, RFC 6531), nothing changed: " + "; ".join(problems))
 
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Leave the mailbox's access addresses and aliases to relayhost = fed (or not)."""

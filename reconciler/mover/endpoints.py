@@ -57,6 +57,7 @@ from mailferry.mail.imap.quoting import quote_mailbox
 from mailferry.mail.messageid import message_id_of
 from reconciler.drivers.base import ImapAccount, MailSystemDriver
 from reconciler.mover.folders import Folder, canonical, guess_special_use, native
+from reconciler.mover.pace import SystemPace
 from reconciler.mover.pool import ConnectionPool, Idle
 
 # (uid, raw bytes, flags and INTERNALDATE when the fetch carried them, else None)
@@ -224,11 +225,16 @@ class ImapEndpoint:
     streams = True  # `fetch` can hand a big body over chunk by chunk (`BodyStreamer`)
 
     def __init__(self, account: ImapAccount, *, readonly: bool = False,
-                 pool: ConnectionPool | None = None) -> None:
+                 pool: ConnectionPool | None = None, pace: SystemPace | None = None) -> None:
         self.account = account
         self.readonly = readonly
         self.pool = pool
+        # The system's limits and back-off (`pace.py`): a connection slot is held from
+        # `open` to `close`; no pooled connection while a connection limit is in force.
+        self.pace = pace
+        self._slot = False
         who = account.authorize_as or account.user
+        self.owner = who
         self.label = f"imap://{who}@{account.host}:{account.port}"
         self.client: ImapClient | None = None
         self.separator: str | None = "/"
@@ -248,8 +254,32 @@ class ImapEndpoint:
         """Connect, log in, learn separator and personal namespace prefix."""
         if self.client is not None:
             return
+        if self.pace is not None and not self._slot:
+            await self.pace.connect(self.owner)
+            self._slot = True
+        try:
+            await self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self._slot and self.pace is not None:
+            self._slot = False
+            self.pace.disconnect(self.owner)
+
+    def _pooled(self) -> ConnectionPool | None:
+        return self.pool if self.pace is None or self.pace.pooling else None
+
+    @property
+    def server(self) -> tuple[str, int]:
+        """(host, port): what an `ImapThrottled` names."""
+        return (self.account.host, self.account.port)
+
+    async def _open(self) -> None:
         a = self.account
-        idle = self.pool.take(a) if self.pool is not None else None
+        pool = self._pooled()
+        idle = pool.take(a) if pool is not None else None
         if idle is not None:
             self.client, self.separator, self.prefix = idle.client, idle.separator, idle.prefix
             self.foreign = idle.foreign
@@ -286,8 +316,8 @@ class ImapEndpoint:
                 kind = ImapLoginError if exc.permanent else ImapConnectionError
                 raise kind(f"{a.where}: login as {a.user!r}: no OAuth2 token: {exc}") from None
             except ImapCommandError as exc:
-                if "[UNAVAILABLE]" in exc.text.upper():
-                    raise  # the server's auth backend is down: worth a retry
+                # (a busy server's `NO [UNAVAILABLE]` or "too many connections" came as
+                # `ImapThrottled`, retried: this is a refusal of the credentials)
                 who = (f"master user {a.user!r} for {a.authorize_as!r}" if a.authorize_as
                        else repr(a.user))
                 how = f" with an OAuth2 token ({a.oauth.mechanism.upper()})" if a.oauth else ""
@@ -329,12 +359,21 @@ class ImapEndpoint:
     async def close(self) -> None:
         """Log out, or hand the connection to the pool with no folder selected."""
         if self.client is None:
+            self._release()
             return
+        try:
+            await self._close()
+        finally:
+            self._release()
+
+    async def _close(self) -> None:
+        assert self.client is not None
         client, self.client = self.client, None
         selected, self._selected = self._selected, None
+        pool = self._pooled()
         # Only a connection with nothing in flight (a pass that failed half-way may have left
         # a FETCH running) goes back to the pool.
-        if self.pool is not None and client.quiet:
+        if pool is not None and client.quiet:
             try:
                 if selected is not None:
                     # UNSELECT (RFC 3691); else CLOSE, which expunges nothing in a folder
@@ -344,8 +383,8 @@ class ImapEndpoint:
             except ImapError:
                 client.close()
                 return
-            await self.pool.give(self.account, Idle(client, self.separator, self.prefix,
-                                                    foreign=self.foreign))
+            await pool.give(self.account, Idle(client, self.separator, self.prefix,
+                                               foreign=self.foreign))
             return
         await client.logout()
 

@@ -40,8 +40,9 @@ import asyncio
 import hashlib
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 from mailferry.mail.imap.client import Literal, WireHash
@@ -59,6 +60,7 @@ from reconciler.mover.endpoints import (
 )
 from reconciler.mover.folders import Folder, FolderRule, map_folders, ruled
 from reconciler.mover.manifest import PROOF, Manifest, ManifestRow
+from reconciler.mover.pace import BudgetSpent, Shed, SystemPace
 from reconciler.mover.progress import Progress
 from reconciler.mover.rewrites import (
     IDENTICAL,
@@ -129,6 +131,9 @@ class MailboxReport:
     verified: bool = False
     error: str | None = None
     attempts: int = 1
+    throttled: int = 0  # attempts a system refused as too many (retried after a pause)
+    retry_in: float | None = None  # still refused: seconds the pace asks to wait
+    resume_at: datetime | None = None  # a daily budget is spent: when the copy resumes
     target: str = ""  # the target system, as the alteration message names it
     accepted: tuple[str, ...] = ()  # the rewrites the policy accepted for it
 
@@ -185,7 +190,8 @@ class MailboxReport:
             "present": self.present, "failed": self.failed, "missing": self.missing,
             "bytes_copied": self.bytes_copied, "messages": self.messages_total,
             "bytes": self.bytes_total, "seconds": round(self.seconds, 3),
-            "attempts": self.attempts, "error": self.error,
+            "attempts": self.attempts, "error": self.error, "throttled": self.throttled,
+            "resume_at": self.resume_at.isoformat() if self.resume_at else None,
             "altered": self.altered, "equivalent": self.equivalent,
             "alteration": self.alteration() or None, "accepted": list(self.accepted),
             "proof": PROOF,
@@ -235,6 +241,11 @@ class MailboxCopy:
         self.throttle = throttle or Throttle()
         self.options = options or Options()
         self.rows = _Rows(manifest, key, self.options.flush_rows)
+        # Each side's system pace (`pace.py`): its rate, its daily budget.
+        paces = (getattr(source, "pace", None), getattr(target, "pace", None))
+        self._failed: asyncio.Future[None] | None = None  # of the running `_stream`
+        self.paces: list[SystemPace] = [p for i, p in enumerate(paces)
+                                        if p is not None and p not in paces[:i]]
         # target folder -> UIDs already matched to a source message in this pass (two source
         # folders mapped into one target folder must not claim the same target copy)
         self.claimed: dict[str, set[str]] = defaultdict(set)
@@ -422,10 +433,16 @@ class MailboxCopy:
             return True
 
         to_read = [e for e in src.entries if not present(e)]
+        to_read, spent = self._budget(to_read)
         report.src_state, report.dst_state = src.state, dst.state
         # Sizes a target copy of a message may have (a known rewrite keeps the length): a
         # message of another size cannot be present, so it may stream straight in.
         sizes = {d.size for d in dst.entries if d.uid not in claimed}
+        if spent is not None:
+            # What fits in today's budget is copied and recorded; the rest waits for the
+            # next day (the manifest rows are written by `run`, whatever happens).
+            await self._stream(name, src, dst_name, to_read, present, placed, report, sizes)
+            raise spent
         if to_read or self.options.verify == "deep":
             await self._stream(name, src, dst_name, to_read, present, placed, report, sizes)
             report.dst_state = await self._verify(name, src, dst_name, placed, report)
@@ -435,6 +452,35 @@ class MailboxCopy:
             # source's; altered copies were counted by `present`.
             self.consumed[dst_name].update(e.sha256 for e in src.entries if e.sha256)
         return report
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """An append task whose failure ends the stream it belongs to (`_stream`)."""
+        task = asyncio.create_task(coro)
+
+        def done(t: asyncio.Task[None]) -> None:
+            failed = self._failed
+            if failed is not None and not t.cancelled() and t.exception() is not None \
+                    and not failed.done():
+                failed.set_exception(cast(BaseException, t.exception()))
+        task.add_done_callback(done)
+        return task
+
+    def _budget(self, to_read: list[Entry]) -> tuple[list[Entry], BudgetSpent | None]:
+        """The messages that fit in today's byte budget of both systems, in UID order, and
+        the spent budget when some do not."""
+        for i, e in enumerate(to_read):
+            for pace in self.paces:
+                if not pace.reserve(e.size):
+                    return to_read[:i], pace.spent()
+        return to_read, None
+
+    async def _pace(self, size: int) -> None:
+        await self.throttle.take(size)
+        for pace in self.paces:
+            if pace.shed():
+                raise Shed(f"{pace.system} asked for fewer connections: this copy gives its "
+                           f"connection back and resumes later")
+            await pace.take(size)
 
     async def _resolve(self, folder: str, entries: list[Entry], wanted: list[Entry], *,
                        deep: bool) -> None:
@@ -551,7 +597,7 @@ class MailboxCopy:
             nonlocal batch, batch_bytes
             items, batch, batch_bytes = batch, [], 0
             await slots.acquire()  # back-pressure: at most N batches in flight
-            tasks.append(asyncio.create_task(append(items)))
+            tasks.append(self._spawn(append(items)))
 
         async def arrived(uid: str, data: bytes, flags: tuple[str, ...] | None,
                           date: str | None) -> None:
@@ -576,7 +622,7 @@ class MailboxCopy:
             # this size no rewrite of it can be there (no equivalences to compute)
             if present(e, wire if sizes is None or len(wire) in sizes else None):
                 return
-            await self.throttle.take(len(data))
+            await self._pace(len(data))
             batch.append((e, Outgoing(data, e.flags, e.date)))
             batch_bytes += len(data)
             if len(batch) >= self.options.batch_messages or batch_bytes >= self.options.batch_bytes:
@@ -601,7 +647,7 @@ class MailboxCopy:
                     await asyncio.sleep(0)
                 await slots.acquire()
                 try:
-                    await self.throttle.take(size)
+                    await self._pace(size)
                     wire, rewrites, head = WireHash(), StreamedRewrites(), bytearray()
 
                     async def chunks() -> AsyncIterator[bytes]:
@@ -624,21 +670,38 @@ class MailboxCopy:
                     # what was read and is recorded, the admin is told
                     report.failed.append((uid, "changed since listing"))
                 e.sha256 = sha
-                tasks.append(asyncio.create_task(append(
+                tasks.append(self._spawn(append(
                     [(e, Outgoing(b"", e.flags, e.date))], started, rewrites.hashes())))
                 return Digest.of(sha, size)
             return consume
 
-        try:
+        async def read_all() -> None:
             await self.source.fetch(name, [e.uid for e in to_read], arrived, meta=True,
                                     **({"stream": streamer} if streams else {}))
             if batch:
                 await send()
             await asyncio.gather(*tasks)
+
+        # An append that fails (a throttling answer, a broken target connection) stops the
+        # source's FETCH at once: reading on would spend the source's rate and budget on
+        # messages that cannot be stored in this attempt.
+        reading = asyncio.create_task(read_all())
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._failed = failed
+        try:
+            await asyncio.wait({reading, failed}, return_when=asyncio.FIRST_COMPLETED)
+            if failed.done() and not reading.done():
+                reading.cancel()
+                failed.result()  # the append's error
+            await reading
         except BaseException:
+            reading.cancel()
             for task in tasks:
                 task.cancel()
             raise
+        finally:
+            if not failed.done():
+                failed.cancel()
         for e in to_read:
             if e.uid not in seen:
                 report.failed.append((e.uid, "vanished from the source during the copy"))

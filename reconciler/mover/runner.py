@@ -22,14 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mailferry.mail.backoff import backoff
-from mailferry.mail.imap.client import ImapError, ImapLoginError, ImapTlsError
+from mailferry.mail.imap.client import ImapError, ImapLoginError, ImapThrottled, ImapTlsError
 from reconciler.mover.endpoints import Endpoint
 from reconciler.mover.manifest import Manifest, RunFigures
+from reconciler.mover.pace import BudgetSpent, Shed, SystemPace
 from reconciler.mover.pipeline import MailboxCopy, MailboxReport, Options
 from reconciler.mover.progress import Progress
 from reconciler.mover.throttle import Throttle, is_throttling
 
 RETRYABLE = (ImapError, OSError, asyncio.TimeoutError, EOFError)
+THROTTLED_RETRIES = 30  # throttled attempts of one mailbox before it is left for later
 
 
 @dataclass
@@ -43,12 +45,38 @@ class Job:
     options: Options = field(default_factory=Options)
 
 
+class Refused(Exception):
+    """A throttling answer, with the pause its system's pace asks for."""
+
+    def __init__(self, exc: ImapThrottled, pause: float, system: str, *,
+                 shed: bool = False) -> None:
+        super().__init__(f"{system}: {exc}" if system else str(exc))
+        self.pause, self.shed = pause, shed
+
+
+def _refused(exc: ImapThrottled, endpoints: tuple[Endpoint, ...],
+             throttle: Throttle | None) -> Refused:
+    """Tell the pace of the system that refused us (the endpoint of that server; else the
+    job's throttle, the fleet's pace of its source in a worker); a copy that gave its
+    connection back (`Shed`) reconnects as soon as a slot is free."""
+    if isinstance(exc, Shed):
+        return Refused(exc, 0.0, "", shed=True)
+    for endpoint in endpoints:
+        pace: SystemPace | None = getattr(endpoint, "pace", None)
+        if pace is not None and getattr(endpoint, "server", None) == exc.server:
+            return Refused(exc, pace.throttled(str(exc)), pace.system)
+    keep_off = throttle.throttled(str(exc)) if throttle is not None else 0.0
+    return Refused(exc, max(keep_off, 2.0), "")
+
+
 async def _attempt(job: Job, manifest: Manifest | None, progress: Progress) -> MailboxReport:
     source, target = job.source(), job.target()
     try:
         await asyncio.gather(source.open(), target.open())
         return await MailboxCopy(job.key, source, target, manifest=manifest, progress=progress,
                                  throttle=job.throttle, options=job.options).run()
+    except ImapThrottled as exc:
+        raise _refused(exc, (source, target), job.throttle) from exc
     finally:
         await asyncio.gather(source.close(), target.close(), return_exceptions=True)
 
@@ -77,17 +105,42 @@ class RunLog:
 
 
 async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
-                  retries: int = 5, pause: float = 0.5,
-                  log: RunLog | None = None) -> MailboxReport:
-    """Copy one mailbox, retrying a broken connection up to `retries` times; its figures
-    go to `log` when given (written with others), else straight into the manifest."""
+                  retries: int = 5, pause: float = 0.5, log: RunLog | None = None,
+                  throttled_retries: int = THROTTLED_RETRIES) -> MailboxReport:
+    """Copy one mailbox, retrying a broken connection up to `retries` times and a
+    throttling answer up to `throttled_retries` times (after the pause its system's pace
+    asks for); its figures go to `log` when given (written with others), else straight
+    into the manifest."""
     started = time.monotonic()
     last: BaseException | None = None
     report = MailboxReport(job.key)
-    for attempt in range(1, retries + 2):
+    attempt = refusals = sheds = 0
+    for _ in range(retries + throttled_retries + 1002):  # bounded: each branch ends or waits
+        attempt += 1
         try:
             report = await _attempt(job, manifest, progress)
             report.attempts = attempt
+            report.throttled = refusals
+            break
+        except Refused as exc:
+            # Not the mailbox's failure: the system asked us to slow down. Its pace did;
+            # wait as it says and go on from the manifest (not counted as a retry).
+            refusals += not exc.shed
+            last = exc
+            if exc.shed:
+                attempt -= 1  # not an attempt of its own: the same one, resumed later
+                sheds += 1
+                if sheds <= 1000:  # bounded: each one waited for a free slot
+                    continue
+            if refusals > throttled_retries:
+                report = MailboxReport(job.key, error=f"throttled: {exc}", attempts=attempt,
+                                       throttled=refusals, retry_in=exc.pause)
+                break
+            await asyncio.sleep(exc.pause)
+            continue
+        except BudgetSpent as exc:
+            report = MailboxReport(job.key, error=str(exc), attempts=attempt,
+                                   throttled=refusals, resume_at=exc.resume_at)
             break
         except (ImapTlsError, ImapLoginError) as exc:
             # Refused credentials, a missing STARTTLS, a bad certificate: no retry helps.
@@ -96,15 +149,16 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
             break
         except RETRYABLE as exc:
             last = exc
-            # A throttling answer: the system's pace slows down (for every worker, when the
-            # pace is the fleet's) and says how long to keep off.
+            if attempt - refusals > retries:
+                report = MailboxReport(job.key, error=f"{type(last).__name__}: {last}",
+                                       attempts=attempt, throttled=refusals)
+                break
+            # A throttling answer that is no IMAP one (a driver's): the job's throttle
+            # slows down (for every worker, when it is the fleet's) and says how long.
             keep_off = job.throttle.throttled(str(exc)) \
                 if job.throttle is not None and is_throttling(str(exc)) else 0.0
-            if attempt <= retries:
-                await asyncio.sleep(max(keep_off, backoff(attempt, pause, 15.0, jitter=False)))
-    else:
-        report = MailboxReport(job.key, error=f"{type(last).__name__}: {last}",
-                               attempts=retries + 1)
+            await asyncio.sleep(max(keep_off, backoff(attempt - refusals, pause, 15.0,
+                                                      jitter=False)))
     report.seconds = time.monotonic() - started
     if manifest is not None:
         figures = RunFigures(
@@ -124,7 +178,8 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
 
 async def run_jobs_async(jobs: Sequence[Job], *, manifest: Manifest | None = None,
                          progress: Progress | None = None, parallel: int = 8,
-                         retries: int = 5) -> list[MailboxReport]:
+                         retries: int = 5,
+                         throttled_retries: int = THROTTLED_RETRIES) -> list[MailboxReport]:
     """Copy every job, `parallel` at a time; reports in the jobs' order."""
     progress = progress or Progress()
     progress.run_started(len(jobs))
@@ -133,7 +188,8 @@ async def run_jobs_async(jobs: Sequence[Job], *, manifest: Manifest | None = Non
 
     async def one(job: Job) -> MailboxReport:
         async with gate:
-            return await run_job(job, manifest, progress, retries=retries, log=log)
+            return await run_job(job, manifest, progress, retries=retries, log=log,
+                                 throttled_retries=throttled_retries)
 
     try:
         reports = await asyncio.gather(*(one(j) for j in jobs))

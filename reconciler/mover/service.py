@@ -9,6 +9,8 @@ turns the one into the other:
   generic IMAP drivers offer) is copied over IMAP, pipelined; any other driver (the
   embedded maildir system) through its own calls;
 - `options_from_modes(modes, phase)`: folderMap, verify, throttles of the policy;
+- `pace_for(system, modes)`: the system's connection limits, daily budget and back-off
+  (`pace.py`), one per system and process;
 - `move_mail(...)`: one mailbox copied and verified, the manifest written into the step's
   transaction, safe to call whether or not an event loop is running in this thread.
 
@@ -37,6 +39,7 @@ from reconciler.drivers.base import ImapAccount, MailSystemDriver
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
+from reconciler.mover.pace import Limits, LocalPace, SystemPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
 from reconciler.mover.progress import Progress
@@ -45,6 +48,7 @@ from reconciler.mover.throttle import Throttle
 from reconciler.spec.modes import Modes
 
 _THROTTLES: dict[str, Throttle] = {}  # per source system, shared by every copy of a process
+_PACES: dict[str, LocalPace] = {}  # per system (source or target), likewise
 IDLE_SECONDS = 120.0  # how long a pooled connection may wait for the next copy
 T = TypeVar("T")
 
@@ -111,13 +115,15 @@ async def _call(fn: Callable[[], T]) -> T:
 
 
 def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
-                 pool: ConnectionPool | None = None) -> Endpoint:
-    """IMAP when the driver offers it (pooled logins if `pool`), else the driver's calls."""
+                 pool: ConnectionPool | None = None,
+                 pace: SystemPace | None = None) -> Endpoint:
+    """IMAP when the driver offers it (pooled logins if `pool`, the system's limits and
+    back-off if `pace`), else the driver's calls."""
     account = getattr(driver, "imap_account", None)
     if callable(account):
         value = account(mailbox_id)
         if isinstance(value, ImapAccount):
-            return ImapEndpoint(value, readonly=readonly, pool=pool)
+            return ImapEndpoint(value, readonly=readonly, pool=pool, pace=pace)
     return DriverEndpoint(driver, mailbox_id)
 
 
@@ -142,6 +148,18 @@ def throttle_for(system: str, modes: Modes) -> Throttle:
     return current
 
 
+def pace_for(system: str, modes: Modes) -> LocalPace:
+    """A system's pace in this process (one per system, shared by every copy to or from
+    it; limits from the modes: the last recorded ones win, its back-off state is kept)."""
+    connections, per_user, per_day = modes.limits_of(system)
+    limits = Limits(connections or None, per_user or None, per_day or None)
+    current = _PACES.get(system)
+    if current is None:
+        current = _PACES[system] = LocalPace(system, limits)
+    current.limits = limits
+    return current
+
+
 def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id: str, *,
               key: str, modes: Modes, phase: str, manifest: Manifest | None,
               progress: Progress | None = None,
@@ -151,8 +169,11 @@ def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id:
     and what the target altered on store (`accepted`: its rewrites the policy accepts).
     `throttle`: the source's pace (default: this process's, from the modes)."""
     mover = mover_loop()
-    job = Job(key, lambda: endpoint_for(src, src_id, readonly=True, pool=mover.pool),
-              lambda: endpoint_for(dst, dst_id, readonly=False, pool=mover.pool),
+    src_pace, dst_pace = pace_for(src.name, modes), pace_for(dst.name, modes)
+    job = Job(key, lambda: endpoint_for(src, src_id, readonly=True, pool=mover.pool,
+                                        pace=src_pace),
+              lambda: endpoint_for(dst, dst_id, readonly=False, pool=mover.pool,
+                                   pace=dst_pace),
               throttle=throttle or throttle_for(src.name, modes),
               options=options_from_modes(modes, phase, dst.name, accepted))
 

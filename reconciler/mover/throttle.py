@@ -16,16 +16,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-# What a provider answers when a client takes more than its share (Exchange Online's and
-# Gmail's response codes, Dovecot's and Cyrus's connection limits).
-THROTTLING = ("[THROTTLED]", "[LIMIT]", "[UNAVAILABLE]", "too many connections",
-              "maximum number of connections", "server unavailable")
+from mailferry.mail.imap.client import throttle_answer
 
 
 def is_throttling(answer: str) -> bool:
-    """Whether a server's answer (an error's text) says "slow down"."""
-    lowered = answer.lower()
-    return any(word.lower() in lowered for word in THROTTLING)
+    """Whether a server's answer (an error's text) says "slow down" (the IMAP client's
+    one list: `mailferry.mail.imap.client.throttle_answer`)."""
+    return throttle_answer(answer)
 
 
 class Throttle:

@@ -56,12 +56,14 @@ from croniter import croniter
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from mailferry import secretfile
 from mailferry.mail.addresses import (
     AddressError,
     address_key,
     check,
     domain_key,
     domain_to_unicode,
+    format_address,
 )
 from mailferry.resources import schema_dir
 
@@ -161,6 +163,14 @@ def dotted(path: Iterable[str | int]) -> str:
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
     return text or "-"
+
+
+def _address_format(template: str) -> bool:
+    """True if `template` fills in to an address-like text ({address}, {local}, {domain})."""
+    try:
+        return bool(format_address(template, "a@b.example").strip())
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 @dataclass(order=True)
@@ -364,9 +374,13 @@ class _Loader:
             return timedelta(0)
 
     def secret(self, ref: dict[str, str]) -> SecretRef:
-        """{env: X} | {file: path} -> SecretRef (a file made absolute)."""
-        return SecretRef(env=ref.get("env"),
-                         file=self.path_value(ref["file"]) if "file" in ref else None)
+        """{env: X} | {file: path} -> SecretRef (a file made absolute, unless it is in
+        systemd's credentials directory: ``$CREDENTIALS_DIRECTORY/NAME``, resolved when
+        read, in the unit that reads it)."""
+        file = ref.get("file")
+        if file is not None and not file.startswith(secretfile.CREDENTIALS):
+            file = self.path_value(file)
+        return SecretRef(env=ref.get("env"), file=file)
 
     def master_user(self, raw: dict[str, Any] | None) -> MasterUser | None:
         """A schema-checked masterUser object, or None."""
@@ -535,7 +549,23 @@ class _Loader:
                 oauth2=self.oauth2(doc, (*here, "oauth2"), box["oauth2"])
                 if "oauth2" in box else None,
                 login_format=str(box.get("loginFormat", "{address}")), smtp=smtp, lmtp=lmtp,
+                smtp_tls=str(box.get("smtpTls", "none")),
+                smtp_cafile=self.path_value(box["smtpCaFile"]) if "smtpCaFile" in box else None,
+                smtp_auth=self.master_user(box.get("smtpAuth")),
+                smtp_recipient=str(box.get("smtpRecipient", "")),
             )
+            for key in ("smtpTls", "smtpCaFile", "smtpAuth", "smtpRecipient"):
+                if key in box and smtp is None:
+                    self.fail(doc, (*here, key), "only with smtp (where fed delivers)",
+                              key_line=True)
+            if imap.smtp_auth is not None and imap.smtp_tls == "none":
+                self.fail(doc, (*here, "smtpAuth"), "needs smtpTls starttls or implicit: fed "
+                          "never sends a password in cleartext", key_line=True)
+            for key, template in (("loginFormat", imap.login_format),
+                                  ("smtpRecipient", imap.smtp_recipient)):
+                if template and not _address_format(template):
+                    self.fail(doc, (*here, key), f"{template!r} is not a format of {{address}}, "
+                              "{local} and {domain}")
             system = replace(common, root=imap.state_dir, submission=smtp, lmtp=lmtp,
                              imap=imap)
         else:
@@ -688,6 +718,10 @@ class _Loader:
             verify=str(spec.get("verify", base.verify)),
             accept_store_rewrites=tuple((str(r["system"]), str(r["rewrite"]))
                                         for r in spec.get("acceptStoreRewrites", [])),
+            system_limits=tuple((str(r["system"]), int(r.get("connections", 0)),
+                                 int(r.get("connectionsPerUser", 0)),
+                                 int(r.get("bytesPerDay", 0)))
+                                for r in spec.get("systemLimits", [])),
             location=doc.location(),
         )
         if doc.valid:
@@ -792,6 +826,31 @@ class _Loader:
                                     f"MailSystem {system.name!r} (domains: "
                                     f"{', '.join(system.domains)})")
 
+    def check_limits(self) -> None:
+        """A policy's `systemLimits`: known systems, each once, per user within per system."""
+        for doc in self.docs:
+            if doc.kind != "MigrationPolicy" or not doc.valid:
+                continue
+            seen: dict[str, int] = {}
+            for i, (system, conns, per_user, _) in enumerate(
+                    self.policies[cast(str, doc.name)].system_limits):
+                path: JsonPath = ("spec", "systemLimits", i, "system")
+                line = doc.ydoc.line_of(path)
+                if system not in self.systems and ("MailSystem", system) not in self.broken:
+                    known = ", ".join(sorted(self.systems)) or "none"
+                    self.report(doc.display, doc.order, line, path,
+                                f"unknown MailSystem {system!r} (known: {known})")
+                if system in seen:
+                    self.report(doc.display, doc.order, line, path,
+                                f"limits for {system!r} given twice: also at "
+                                f"{doc.at('spec', 'systemLimits', seen[system])}")
+                seen.setdefault(system, i)
+                if conns and per_user > conns:
+                    here: JsonPath = ("spec", "systemLimits", i, "connectionsPerUser")
+                    self.report(doc.display, doc.order, doc.ydoc.line_of(here), here,
+                                f"{per_user} connections per user is more than the "
+                                f"{conns} connections the whole system allows")
+
     def check_reference(self, doc: _Doc, key: str, kind: str, known: set[str]) -> None:
         """spec.<key> names an existing object of `kind` (broken ones excepted)."""
         name = doc.spec.get(key)
@@ -809,6 +868,7 @@ class _Loader:
         self.build_all()
         self.check_names()
         self.check_placements()
+        self.check_limits()
         if self.problems or not self.feds:
             lines = [p.text for p in sorted(self.problems)]
             raise SpecError(list(dict.fromkeys(lines)) or ["-:0: -: no valid FedHub"])

@@ -163,6 +163,10 @@ class ImapOptions:
     login_format: str = "{address}"  # {address}, {local}, {domain}
     smtp: Endpoint | None = None  # where fed delivers for this system, if anywhere
     lmtp: Endpoint | None = None  # or over LMTP (Cyrus's lmtpd); wins over smtp
+    smtp_tls: str = "none"  # fed's TLS to smtp: none | starttls | implicit
+    smtp_cafile: str | None = None  # absolute: the CA of the SMTP server's certificate
+    smtp_auth: MasterUser | None = None  # fed's SMTP AUTH (the password: a file fed reads)
+    smtp_recipient: str = ""  # RCPT TO format ({address}, {local}, {domain}); "": physical
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,8 @@ class PolicySpec:
     # (target system, rewrite name): changes that target makes on store which the admin
     # accepts as equivalent (reconciler/mover/rewrites.py); the proof then checks them
     accept_store_rewrites: tuple[tuple[str, str], ...] = ()
+    # (system, connections, connections per user, bytes per day); 0: no limit
+    system_limits: tuple[tuple[str, int, int, int], ...] = ()
     location: SourceLocation | None = None
 
     def accepted_rewrites(self, system: str) -> frozenset[str]:
@@ -251,6 +257,7 @@ class PolicySpec:
             throttle_bytes_per_second=self.throttle_bytes_per_second,
             prestage_copy=self.prestage_copy, verify="deep" if self.verify == "deep" else "fast",
             accept_store_rewrites=self.accept_store_rewrites, max_parallel=self.max_parallel,
+            system_limits=self.system_limits,
         )
 
 

@@ -49,6 +49,12 @@ class Modes:
     verify: Literal["fast", "deep"] = "fast"
     accept_store_rewrites: tuple[tuple[str, str], ...] = ()  # (target system, rewrite)
     max_parallel: int = 10
+    # (system, connections, connections per user, bytes per day); 0: no limit
+    system_limits: tuple[tuple[str, int, int, int], ...] = ()
+
+    def limits_of(self, system: str) -> tuple[int, int, int]:
+        """(connections, connections per user, bytes per day) of a system; 0: no limit."""
+        return next(((c, u, b) for s, c, u, b in self.system_limits if s == system), (0, 0, 0))
 
     @property
     def diary_only(self) -> bool:
@@ -91,6 +97,9 @@ class Modes:
             "acceptStoreRewrites": [{"system": s, "rewrite": r}
                                     for s, r in self.accept_store_rewrites],
             "maxParallel": self.max_parallel,
+            **({"systemLimits": [{"system": s, "connections": c, "connectionsPerUser": u,
+                                  "bytesPerDay": b} for s, c, u, b in self.system_limits]}
+               if self.system_limits else {}),
         }
 
     @classmethod
@@ -120,6 +129,7 @@ class Modes:
             verify="deep" if d.get("verify") == "deep" else "fast",
             accept_store_rewrites=_pairs(d.get("acceptStoreRewrites"), "system", "rewrite"),
             max_parallel=int(d.get("maxParallel", default.max_parallel)),
+            system_limits=_limits(d.get("systemLimits")),
         )
 
 
@@ -144,6 +154,15 @@ def modes_from_text(text: str | None) -> Modes:
 def _seconds(value: object) -> timedelta | None:
     """A duration stored as seconds; None when not stored (JSON null, or no key)."""
     return None if value is None else timedelta(seconds=float(cast(float, value)))
+
+
+def _limits(rules: object) -> tuple[tuple[str, int, int, int], ...]:
+    """The stored `systemLimits` (entries without a system are skipped)."""
+    if not isinstance(rules, list):
+        return ()
+    return tuple((str(r["system"]), int(r.get("connections") or 0),
+                  int(r.get("connectionsPerUser") or 0), int(r.get("bytesPerDay") or 0))
+                 for r in rules if isinstance(r, Mapping) and "system" in r)
 
 
 def _pairs(rules: object, first: str, second: str) -> tuple[tuple[str, str], ...]:

@@ -130,6 +130,10 @@ class Migration(Base):
     suspended: Mapped[bool] = mapped_column(Boolean, default=False)
     purged: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A step mailferry cannot do itself and waits for a person to do (E2 on a hosted
+    # target: "provision jane@corp.example on hosted365"); None when nothing is asked.
+    # Set by the engine from a ManualStep, cleared when the step succeeds.
+    manual_step: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     @property
     def failed(self) -> bool:

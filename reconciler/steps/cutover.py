@@ -28,7 +28,8 @@ import uuid
 from datetime import UTC, datetime
 
 from reconciler.drivers.base import Contact
-from reconciler.errors import PermanentError
+from reconciler.errors import PermanentError, TemporaryError
+from reconciler.fedclient import FlipResult, HoldResult, ReleaseResult
 from reconciler.state.model import Migration
 from reconciler.state.states import MigrationState
 from reconciler.steps.base import Outcome, StepContext, addresses_of, new_physical, old_physical
@@ -59,8 +60,16 @@ def e4_form_addresses(ctx: StepContext, m: Migration) -> Outcome:
                    {"addresses": sorted(wanted), "syncfed": True})
 
 
-def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
-    """E5-E8: up-sync, fed verifies the target's list, then holds AD1 and its aliases."""
+# A wave's cutover in one pass (`reconciler.engine`): the E5-E8 checks of every mailbox,
+# then one hold for all of them, then one batch flip (fed's POST /v1/flips: one
+# transaction, all or nothing) and one release. Each hold then lasts the wave's E9 (a few
+# calls), not one call per mailbox; a wave is at most this many mailboxes.
+WAVE = 1000
+
+
+def e5_prepare(ctx: StepContext, m: Migration) -> None:
+    """E5-E7 for one mailbox, up to (not including) the hold: the syncfed marker, every
+    system's up-sync, fed's verification, and the source's local mail through fed."""
     target = ctx.driver(m.target_system)
     account = target.get_account(m.target_mailbox)
     if account is None or not account.syncfed:  # E5: the list comes from the syncfed marker
@@ -76,44 +85,108 @@ def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
                              address=m.address, step="E8")
     # The source's local users' mail for AD1 must reach the hold too, not BOX1 directly.
     ctx.driver(m.source_system).set_via_fed(m.source_mailbox, True)
-    ctx.fed.refresh_system(m.source_system)  # no session predating that change
-    held = ctx.fed.hold(addresses_of(m))
+
+
+def hold_wave(ctx: StepContext, wave: list[Migration]) -> HoldResult:
+    """E8 for the prepared mailboxes of a wave: no session to a source predates its via_fed
+    change, then one hold of every address (it answers once nothing is in flight)."""
+    for system in sorted({m.source_system for m in wave}):
+        ctx.fed.refresh_system(system)
+    return ctx.fed.hold([a for m in wave for a in addresses_of(m)])
+
+
+def e5_held(m: Migration, held: HoldResult) -> Outcome:
+    """The outcome of E5-E8 for one mailbox of a hold that took effect."""
     # The instant the hold took effect (in-flight deliveries finished), not when it was asked.
     since = datetime.fromisoformat(held.effective.replace("Z", "+00:00"))
     if m.hold_started_at is None:
         m.hold_started_at = since if since.tzinfo else since.replace(tzinfo=UTC)
-    return Outcome(MigrationState.HELD, "E5-E8", {"held": held.held, "since": held.since})
+    return Outcome(MigrationState.HELD, "E5-E8", {"held": addresses_of(m), "since": held.since})
+
+
+def e5_verify_and_hold(ctx: StepContext, m: Migration) -> Outcome:
+    """E5-E8: up-sync, fed verifies the target's list, then holds AD1 and its aliases."""
+    e5_prepare(ctx, m)
+    return e5_held(m, hold_wave(ctx, [m]))
+
+
+def e9_check(ctx: StepContext, m: Migration) -> None:
+    """Before the flip: the redirect after it must be possible (skipped when E5 just
+    pinged them in this pass: this runs inside the hold, every call lengthens it)."""
+    ctx.ping(m.source_system)
+    ctx.ping(m.target_system)
+
+
+def prove_wave(ctx: StepContext, wave: list[Migration]) -> list[Migration]:
+    """Invariant 9 for a wave: each target takes its ADP2s on fed's path, on a session opened
+    after its last change (one probe per target system). Returns the mailboxes that may be
+    flipped; when a system refuses, its mailboxes are proved one by one, so that only the
+    refused ones wait (their TemporaryError is raised by `prove_each`)."""
+    ready: list[Migration] = []
+    for system in sorted({m.target_system for m in wave}):
+        mine = [m for m in wave if m.target_system == system]
+        try:
+            ctx.fed.refresh_system(system, [new_physical(m) for m in mine])
+        except TemporaryError:
+            continue  # the caller proves these one by one
+        ready.extend(mine)
+    return ready
+
+
+def flip_wave(ctx: StepContext, wave: list[Migration]) -> list[FlipResult]:
+    """E9's flip for a wave: ADP1 -> ADP2 for every mailbox in one transaction of fed's
+    directory (all or nothing: a refused batch changes no entry)."""
+    return ctx.fed.flip_many([(addresses_of(m), old_physical(m), new_physical(m))
+                              for m in wave])
+
+
+def redirect_wave(ctx: StepContext, wave: list[Migration]) -> None:
+    """After the flip, before the release: BOX1 redirects to BOX2 (one call per source
+    system: it runs inside the hold). Setting a redirect already set changes nothing."""
+    for system in sorted({m.source_system for m in wave}):
+        ctx.driver(system).set_redirects({m.source_mailbox: new_physical(m) for m in wave
+                                          if m.source_system == system})
+
+
+def release_wave(ctx: StepContext, wave: list[Migration]) -> tuple[dict[str, int],
+                                                                   ReleaseResult]:
+    """After the flips and redirects: mail fed still sends to an ADP1 (a physical address
+    routes to itself, held mail too) must meet the redirect, so no session to a source
+    predates it; then the messages waiting per held address (for the wave report) and one
+    release of every address."""
+    for system in sorted({m.source_system for m in wave}):
+        ctx.fed.refresh_system(system)
+    held = ctx.fed.holds()
+    waiting = {a: h.waiting for a, h in held.items()}
+    return waiting, ctx.fed.release([a for m in wave for a in addresses_of(m)])
+
+
+def e9_released(ctx: StepContext, m: Migration, flipped: FlipResult, waiting: dict[str, int],
+                released: ReleaseResult) -> Outcome:
+    """The outcome of E9 for one mailbox of a released wave."""
+    # After the release (it need not lengthen the hold): the target's local users' mail for
+    # AD1 went through fed, whose directory names BOX2 now; from here Postfix keeps it.
+    ctx.driver(m.target_system).set_via_fed(m.target_mailbox, False)
+    ctx.cache.downsync_needed = True
+    if m.address_migration_id is None:
+        m.address_migration_id = uuid.uuid4().hex
+    mine = addresses_of(m)
+    return Outcome(MigrationState.FLIPPED, "E9",
+                   {"from": old_physical(m), "to": new_physical(m),
+                    "flipped": flipped.flipped,
+                    "address_migration_id": m.address_migration_id,
+                    "released_messages": sum(waiting.get(a, 0) for a in mine),
+                    "held_seconds": max((released.held_seconds[a] for a in mine
+                                         if a in released.held_seconds), default=0.0)})
 
 
 def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     """E9: directory ADP1 -> ADP2, release the hold, redirect BOX1 -> BOX2."""
-    old, new = old_physical(m), new_physical(m)
-    source, target = ctx.driver(m.source_system), ctx.driver(m.target_system)
-    # Before the flip: the redirect below must be possible right after it (skipped when E5
-    # just pinged them in this pass: this runs inside the hold, every call lengthens it).
-    ctx.ping(m.source_system)
-    ctx.ping(m.target_system)
+    e9_check(ctx, m)
     # Invariant 9: the target takes ADP2 on fed's path, on a session opened after its last
     # change, and no connection fed keeps to it predates that change.
-    ctx.prove_delivery(m.target_system, new, m, "E9")
-    flipped = ctx.fed.flip(addresses_of(m), old, new)
-    account = source.get_account(m.source_mailbox)
-    if account is not None and account.redirect_to != new:
-        source.set_redirect(m.source_mailbox, new)
-    # Mail fed still sends to ADP1 (a physical address routes to itself, held mail too)
-    # must meet the redirect: no session to the source that predates it.
-    ctx.fed.refresh_system(m.source_system)
-    held = ctx.fed.holds()  # for the wave report: how much mail waited in the hold
-    waiting = sum(h.waiting for a, h in held.items() if a in set(addresses_of(m)))
-    released = ctx.fed.release(addresses_of(m))
-    # After the release (it need not lengthen the hold): the target's local users' mail for
-    # AD1 went through fed, whose directory names BOX2 now; from here Postfix keeps it.
-    target.set_via_fed(m.target_mailbox, False)
-    ctx.cache.downsync_needed = True
-    if m.address_migration_id is None:
-        m.address_migration_id = uuid.uuid4().hex
-    return Outcome(MigrationState.FLIPPED, "E9",
-                   {"from": old, "to": new, "flipped": flipped.flipped,
-                    "address_migration_id": m.address_migration_id,
-                    "released_messages": waiting,
-                    "held_seconds": max(released.held_seconds.values(), default=0.0)})
+    ctx.prove_delivery(m.target_system, new_physical(m), m, "E9")
+    flipped = flip_wave(ctx, [m])[0]
+    redirect_wave(ctx, [m])
+    waiting, released = release_wave(ctx, [m])
+    return e9_released(ctx, m, flipped, waiting, released)

@@ -8,7 +8,8 @@ the user where the user still reads mail.
 from __future__ import annotations
 
 from mailferry.mail.addresses import mailbox_id_for, split_physical
-from reconciler.errors import PermanentError
+from reconciler.drivers.base import MailSystemDriver
+from reconciler.errors import ManualStep, PermanentError
 from reconciler.mover.service import forget_logins
 from reconciler.spec.model import DesiredMailbox
 from reconciler.state.model import Migration
@@ -56,8 +57,44 @@ def record_migration(ctx: StepContext, want: DesiredMailbox, physical: str) -> M
     return m
 
 
+def check_target_empty(ctx: StepContext, m: Migration, target: MailSystemDriver) -> None:
+    """BOX2 on a system mailferry does not administer (its provider provisioned it) must be
+    empty, or hold only what this migration already copied (a re-run, a crash after a
+    copy): every message there must be one of BOX1's, by Message-ID (by content where it
+    has none). Anything else is someone's mail that mailferry must not mix with the
+    migrated one: a PermanentError naming the address, the step and an example."""
+    source = ctx.driver(m.source_system)
+    foreign: list[tuple[str, str]] = []
+    known: tuple[set[str], set[str]] | None = None
+    for folder in target.list_folders(m.target_mailbox):
+        for msg in target.list_messages(m.target_mailbox, folder):
+            if known is None:  # read BOX1 only when BOX2 holds something
+                ids: set[str] = set()
+                hashes: set[str] = set()
+                for src_folder in source.list_folders(m.source_mailbox):
+                    for src in source.list_messages(m.source_mailbox, src_folder):
+                        hashes.add(src.sha256)
+                        if src.message_id:
+                            ids.add(src.message_id)
+                known = ids, hashes
+            if not (msg.message_id in known[0] if msg.message_id else msg.sha256 in known[1]):
+                foreign.append((folder, msg.message_id or f"(no Message-ID, {msg.size} bytes)"))
+    if foreign:
+        folder, example = foreign[0]
+        raise PermanentError(
+            f"the mailbox on {m.target_system} already holds {len(foreign)} message"
+            f"{'s' if len(foreign) != 1 else ''} that {'are' if len(foreign) != 1 else 'is'}"
+            f" not from {m.source_system} (e.g. {example} in {folder}): mailferry moves "
+            "only into an empty mailbox or one it partly filled itself; empty it there (or "
+            "place the address elsewhere), then reconcile retry", address=m.address,
+            step="E2")
+
+
 def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
-    """E2: BOX2 exists on the target with AD2 and a redirect BOX2 -> BOX1."""
+    """E2: BOX2 exists on the target with AD2 and a redirect BOX2 -> BOX1. On a system whose
+    provider creates the mailboxes, BOX2 is found, not created: missing, it is a manual step
+    (the driver's ManualStep), present, it must be empty or partly filled by this
+    migration."""
     target = ctx.driver(m.target_system)
     target.ping()
     ad2 = internal_address(ctx, m)
@@ -66,8 +103,14 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
     account = target.get_account(m.target_mailbox)
     if account is None:
         forget_logins(target, m.target_mailbox)  # a session on an earlier mailbox of that id
-        account = target.create_mailbox(m.target_mailbox, internal_address=ad2,
-                                        redirect_to=redirect)
+        try:
+            account = target.create_mailbox(m.target_mailbox, internal_address=ad2,
+                                            redirect_to=redirect)
+        except ManualStep as exc:
+            raise ManualStep(exc.task, exc.why, delay=exc.delay, address=m.address,
+                             step="E2") from exc
+    if not target.creates_mailboxes:
+        check_target_empty(ctx, m, target)
     elif account.syncfed:
         raise PermanentError(
             f"{m.target_system} already has a mailbox {m.target_mailbox} that took over "

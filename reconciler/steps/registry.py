@@ -36,6 +36,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from sqlalchemy.orm import Session
+
 from mailferry.mail.backoff import backoff as exponential_backoff
 from reconciler.errors import PermanentError
 from reconciler.plan import Change
@@ -54,11 +56,18 @@ def on_migration(step: MigrationStep) -> StepRun:
     """A step of a recorded migration: it runs on the row the plan saw, if that row is still
     in the planned state, neither frozen nor purged (else someone else moved it since)."""
     def run(ctx: StepContext, change: Change) -> Outcome | None:
-        m = ctx.session.get(Migration, change.migration_id)
-        if m is None or m.state != change.state or m.failed or m.purged:
-            return None
-        return replace(step(ctx, m), migration=m)
+        m = current_row(ctx.session, change)
+        return None if m is None else replace(step(ctx, m), migration=m)
     return run
+
+
+def current_row(session: Session, change: Change) -> Migration | None:
+    """The migration `change` was planned on, if it is still in the planned state, neither
+    frozen nor purged (else None: someone else moved it since)."""
+    m = session.get(Migration, change.migration_id)
+    if m is None or m.state != change.state or m.failed or m.purged:
+        return None
+    return m
 
 
 def on_address(step: AddressStep) -> StepRun:

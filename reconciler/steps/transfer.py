@@ -11,7 +11,7 @@ state store, the policy's folderMap, throttle and verify mode applied.
 
 from __future__ import annotations
 
-from reconciler.errors import PermanentError, TemporaryError
+from reconciler.errors import PermanentError, TemporaryError, Throttled, Waiting
 from reconciler.mover.calendar import copy_diary, verify_diary
 from reconciler.mover.service import move_mail
 from reconciler.mover.validate import validate_source
@@ -74,6 +74,18 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> dict[str
         detail.update(copied=report.copied, present=report.present, failed=report.failed,
                       bytes=report.bytes_copied, missing=report.missing,
                       altered=report.altered, equivalent=report.equivalent)
+        if report.resume_at is not None:
+            # A system's daily budget is spent: what fitted is copied; the rest waits for
+            # the next day, without counting as an error (the plan shows this reason).
+            ctx.session.flush()
+            wait = max(60.0, (report.resume_at - ctx.now).total_seconds())
+            raise Waiting(f"waiting: {report.error}", address=m.address, step=label,
+                          delay=wait)
+        if report.retry_in is not None:
+            # Still throttled after the copy's own retries: the system needs a longer rest.
+            ctx.session.flush()
+            raise Throttled(f"copy paused: {report.error}", address=m.address, step=label,
+                            delay=max(60.0, report.retry_in))
         if report.altered:
             # Not a retry that might heal by itself: the admin must fix the server or
             # accept the equivalence; the plan shows this reason while it waits.

@@ -326,16 +326,19 @@ def last_error(m: MigrationView | None) -> dict[str, str]:
 
 
 def failures(snap: Snapshot, only: str | None = None) -> list[Failure]:
-    """Every failed or blocked migration (of `only`, an address, if given), with its reason
-    and what gets it going again."""
+    """Every failed or blocked migration, or one waiting for a manual step (of `only`, an
+    address, if given), with its reason and what gets it going again."""
     found = []
     for change in snap.plan.changes:
-        if change.action not in BLOCKED or (only is not None and change.address != only):
+        if (change.action not in BLOCKED and change.action != "manual") or (
+                only is not None and change.address != only):
             continue
         m = snap.migrations.get(change.address)
         reason = change.reason or (m.failed_reason if m else "") or ""
         if change.action == "failed":
             command = f"reconcile retry {change.address}"
+        elif change.action == "manual":  # a person's step: the reason says which
+            command = "do it there; mailferry rechecks it every 30 s"
         elif change.action == "refused":
             command = "put the spec back (the move is past its hold), then: reconcile --apply"
         else:

@@ -38,7 +38,13 @@ from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from reconciler.errors import MailferryError, NotReady, PermanentError, TemporaryError
+from reconciler.errors import (
+    MailferryError,
+    NotReady,
+    PermanentError,
+    TemporaryError,
+    Waiting,
+)
 from reconciler.state.model import DataJob, Migration, utcnow
 from reconciler.state.store import Store
 from reconciler.steps.base import StepContext
@@ -97,6 +103,8 @@ def error_result(exc: BaseException) -> dict[str, Any]:
             "step": exc.step}
         if isinstance(exc, TemporaryError):
             result["delay"] = exc.delay
+        if isinstance(exc, Waiting):  # a daily budget spent: no error, a wait
+            result["kind"] = "waiting"
         return result
     return {"kind": "bug", "message": f"unexpected {type(exc).__name__} in a worker: {exc}"}
 
@@ -110,6 +118,8 @@ def raise_result(result: dict[str, Any], address: str, step: str) -> None:
         raise PermanentError(message, **where)
     if kind == "temporary":
         raise TemporaryError(message, delay=float(result.get("delay") or 5.0), **where)
+    if kind == "waiting":
+        raise Waiting(message, delay=float(result.get("delay") or 5.0), **where)
     raise WorkerBug(message)
 
 

@@ -4,6 +4,9 @@ line and the body, with CRLF line ends (what SMTP, LMTP and IMAP APPEND carry)."
 from __future__ import annotations
 
 import os
+import smtplib
+import threading
+import time
 from collections.abc import Sequence
 
 from mailferry.mail.messageid import message_id_of
@@ -33,3 +36,35 @@ def message_id(raw: bytes) -> str:
     """The Message-ID header's value ("" when there is none): how a test counts a message,
     read by the extraction fed, the mover and the drivers share."""
     return message_id_of(raw) or ""
+
+
+class Sender(threading.Thread):
+    """Bounded background mail to an SMTP port (fed's): at most `count` messages within
+    `seconds`, to `rcpts` in turn; `acked` maps each recipient to the Message-IDs the server
+    answered 250 for (what must arrive, and where), `refused` lists the others."""
+
+    def __init__(self, port: int, rcpts: Sequence[str], *, tag: str = "live", count: int = 30,
+                 pause: float = 0.05, seconds: float = 30.0) -> None:
+        super().__init__(daemon=True)
+        self.port, self.rcpts, self.tag = port, list(rcpts), tag
+        self.count, self.pause, self.seconds = count, pause, seconds
+        self.acked: dict[str, list[str]] = {rcpt: [] for rcpt in self.rcpts}
+        self.refused: list[str] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        for n in range(self.count):
+            if self.stop_flag.is_set() or time.monotonic() > deadline:
+                break
+            rcpt = self.rcpts[n % len(self.rcpts)]
+            mid = f"<{self.tag}{n}@outside.example>"
+            try:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
+                    smtp.sendmail("x@outside.example", [rcpt],
+                                  message(f"{self.tag} {n}", mid, sender="x@outside.example",
+                                          to=rcpt))
+                self.acked[rcpt].append(mid)
+            except (OSError, smtplib.SMTPException):
+                self.refused.append(mid)
+            time.sleep(self.pause)

@@ -208,6 +208,32 @@ class ImapLoginError(ImapError):
     """The server refused the credentials: retrying with the same ones will not help."""
 
 
+class ImapThrottled(ImapConnectionError):
+    """The server said it is busy or that we use too much of it: `NO [LIMIT]`,
+    `[THROTTLED]` or `[UNAVAILABLE]` (RFC 5530) to any command, "too many connections" at
+    the greeting or the login, a `BYE` nobody asked for. Not a refusal of what we asked:
+    slow down (`reconciler.mover.pace`), reconnect and resume. `server` is (host, port)."""
+
+    def __init__(self, message: str, server: tuple[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.server = server
+
+
+# What providers answer when a client uses too much of them (RFC 5530's codes; Gmail's
+# "Too many simultaneous connections", Exchange Online's "Server Unavailable. 15",
+# "try again later"): read in NO answers, the greeting and BYE.
+_THROTTLE = re.compile(rb"\[(?:LIMIT|THROTTLED|UNAVAILABLE|INUSE)\b|too many (?:simultaneous )?"
+                       rb"(?:connections|sessions|logins)|maximum number of connections"
+                       rb"|server unavailable|try again later",
+                       re.IGNORECASE)
+
+
+def throttle_answer(text: str | bytes) -> bool:
+    """Whether a server's text says "slow down" rather than "no" (see `ImapThrottled`)."""
+    return _THROTTLE.search(text.encode(errors="replace") if isinstance(text, str)
+                            else text) is not None
+
+
 class ImapCommandError(ImapError):
     """The server answered NO or BAD."""
 
@@ -385,6 +411,10 @@ class ImapClient:
             raise ImapConnectionError(f"{where}: {exc!r}") from exc
         if not client.greeting.startswith(b"* OK"):
             writer.close()
+            if client.greeting.startswith(b"* BYE") or throttle_answer(client.greeting):
+                # A server at its connection limit says so in the greeting and hangs up.
+                raise ImapThrottled(f"{where}: greeting {client.greeting[:200]!r}",
+                                    (host, port))
             raise ImapConnectionError(f"{where}: greeting {client.greeting!r}")
         # Most servers list their capabilities in the greeting: one round trip fewer.
         client.capabilities = _capabilities_in(client.greeting) or set()
@@ -475,7 +505,7 @@ class ImapClient:
         a state-changing command (a login) goes out alone and the rest only once it
         completed; after a refused one the rest are not sent (answered NO here)."""
         if self._broken is not None:
-            raise ImapConnectionError(f"{commands[0][1]}: connection lost: {self._broken!r}")
+            raise self._lost(commands[0][1], self._broken)
         async with self._write_lock:
             loop = asyncio.get_running_loop()
             pendings: list[_Pending] = []
@@ -676,14 +706,14 @@ class ImapClient:
         it completes (`hold=False`: the caller must answer a continuation first); with
         pipelining off every command waits for the one before."""
         if self._broken is not None:
-            raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
+            raise self._lost(name, self._broken)
         plus = "LITERAL+" in self.capabilities or "LITERAL-" in self.capabilities
         barrier = _verb(cast(bytes, segments[0])) in BARRIERS
         async with self._write_lock:
             if barrier or not self.pipelining:
                 await self._wait_quiet()
                 if self._broken is not None:
-                    raise ImapConnectionError(f"{name}: connection lost: {self._broken!r}")
+                    raise self._lost(name, self._broken)
             self._tag += 1
             tag = b"M%d" % self._tag
             streamed = any(isinstance(s, LiteralOut) for s in segments)
@@ -790,6 +820,9 @@ class ImapClient:
             status, text = await again.done
             pending.done, pending.untagged = again.done, again.untagged
         if status != "OK":
+            if status == "NO" and throttle_answer(text):
+                raise ImapThrottled(f"{self.where}: {pending.name}: {status} {text}",
+                                    self.server)
             raise ImapCommandError(pending.name, status, text)
 
     # -- reading -------------------------------------------------------------------------
@@ -889,7 +922,9 @@ class ImapClient:
         response = parse_response([parts[0][2:], *parts[1:]])
         if response and response[0] == b"BYE" and not any(
                 p.name.startswith("LOGOUT") for p in self._pending):
-            raise ImapConnectionError(f"server said {parts[0][:200]!r}")
+            # An early BYE: the server ends the session before we did (a provider
+            # shedding load, a restart): reconnect, slowly.
+            raise ImapThrottled(f"{self.where}: server said {parts[0][:200]!r}", self.server)
         target = None
         # A FETCH response belongs to a FETCH in flight, not to an APPEND or NOOP sent
         # before it (a target connection reads back while its appends are in flight).
@@ -940,11 +975,17 @@ class ImapClient:
             self._broken = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
         for pending in self._pending:
             if not pending.done.done():
-                pending.done.set_exception(
-                    ImapProtocolError(f"{pending.name}: {exc}")
-                    if isinstance(exc, ImapProtocolError) else
-                    ImapConnectionError(f"{pending.name}: connection lost: {exc!r}"))
+                pending.done.set_exception(self._lost(pending.name, exc))
         self._pending.clear()
         self._quiet_event.set()
         if self._continuation is not None and not self._continuation.done():
-            self._continuation.set_exception(ImapConnectionError(f"connection lost: {exc!r}"))
+            self._continuation.set_exception(self._lost("continuation", exc))
+
+    def _lost(self, name: str, exc: BaseException) -> ImapError:
+        """What a command in flight learns when the connection broke under it (a throttling
+        BYE stays one: the retry must slow down, not just reconnect)."""
+        if isinstance(exc, ImapThrottled):
+            return type(exc)(f"{name}: {exc}", exc.server)
+        if isinstance(exc, ImapProtocolError):
+            return ImapProtocolError(f"{name}: {exc}")
+        return ImapConnectionError(f"{name}: connection lost: {exc!r}")

@@ -3,8 +3,10 @@
 IMAP servers send and expect folder names such as ``&AMk-l&AOk-ments envoy&AOk-s``
 (``Éléments envoyés``) on the wire, while the mover, the policy's folder map, the station
 agent and the embedded maildir system speak Unicode. The codec is short; pulling a whole IMAP
-library in for it would couple us to that library's versions. Names arriving from a server
-with UTF8=ACCEPT are plain UTF-8 and never reach this module.
+library in for it would couple us to that library's versions. mailferry never sends
+``ENABLE UTF8=ACCEPT`` (RFC 6855), so a server that offers it still speaks modified UTF-7
+to us (RFC 6855 3: UTF-8 names only after the client enabled them); one that sends raw
+UTF-8 anyway is read as it is (``decode`` leaves text without ``&`` alone).
 
 ``encode(name, also=".")`` also encodes the characters of `also` (printable ASCII that
 standard mUTF-7 would leave as is): the maildir system encodes ".", its Maildir++ hierarchy
