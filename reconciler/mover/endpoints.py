@@ -603,8 +603,13 @@ class ImapEndpoint:
                 streamer=streamer if stream is not None and meta else None)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
-        for pending in started:
-            await client.finish(pending)
+        for n, pending in enumerate(started):
+            try:
+                await client.finish(pending)
+            except BaseException:
+                for later in started[n + 1:]:
+                    client.abandon(later)  # failed with the connection: nobody reads them
+                raise
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """MULTIAPPEND when offered (one transaction on the server), else one APPEND each;
@@ -643,7 +648,11 @@ class ImapEndpoint:
             raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
         client = self._c()
         noop = await client.start([b"NOOP"], "NOOP")
-        await self.fetch(name, uids, sink, digest=True, raw=raw)
+        try:
+            await self.fetch(name, uids, sink, digest=True, raw=raw)
+        except BaseException:
+            client.abandon(noop)  # the connection goes with the error: nobody reads it
+            raise
         await client.finish(noop)
 
     async def copy_within(self, from_name: str, uids: Sequence[str],
