@@ -20,8 +20,11 @@ and measures, each in a fresh process (so peak RSS is that size's own):
    100,000 with `--full`): wall time and the child's peak RSS.
 3. **watch reaction**: a `reconcile --watch` subprocess on a small spec set; the time from
    saving an edited spec file to the first step recorded in the state store (3 saves).
+4. with `--postgres`: the same state store on SQLite and on a private PostgreSQL
+   (`tests/pgutil.py`): the plan's read of every migration, the pure plan, and the store's
+   part of an apply (2,000 steps, each a transition and its event in one transaction).
 
-Usage: `python bench/plan_scale.py [--sizes 10000,100000] [--full] [--keep DIR]`.
+Usage: `python bench/plan_scale.py [--sizes 10000,100000] [--full] [--keep DIR] [--postgres]`.
 The last line reads `plan 100000 mailboxes: X.XX s` (the plan path, phase 1).
 """
 
@@ -57,8 +60,10 @@ def _docs(root: Path) -> list[dict[str, Any]]:
                                                                  "consent": True})]
 
 
-def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
-    """(specs folder, state file, directory) for `n` mailboxes."""
+def generate(root: Path, n: int, state_url: str | None = None
+             ) -> tuple[Path, Path, dict[str, str]]:
+    """(specs folder, state file, directory) for `n` mailboxes (the state store at
+    `state_url` instead of the file, when given)."""
     from sqlalchemy import insert
 
     from reconciler.drivers.base import mailbox_id_for, physical_address
@@ -91,7 +96,7 @@ def generate(root: Path, n: int) -> tuple[Path, Path, dict[str, str]]:
     state = root / "state.db"
     modes = Modes(policy="bench", delete_source_after=timedelta(days=7),
                   retention=timedelta(days=30))
-    store = open_store(f"sqlite:///{state}")
+    store = open_store(state_url or f"sqlite:///{state}")
     now = datetime.now(UTC)
     rows = []
     directory: dict[str, str] = {}
@@ -254,6 +259,65 @@ def watch_reaction(saves: int = 3) -> list[float]:
     return times
 
 
+APPLY_STEPS = 2000  # transitions recorded one transaction each, as the engine records steps
+
+
+def state_store_figures(url: str, n: int, directory: dict[str, str], desired: Any
+                        ) -> dict[str, float]:
+    """On the store at `url` (holding `generate`'s rows): the plan's read of every migration
+    and the pure plan, then the store's part of an apply: `APPLY_STEPS` steps, each its
+    migration's transition and event in their own transaction, as `Engine._run_change`
+    commits them (the mail systems and fed are not part of it)."""
+    from sqlalchemy import select
+
+    from reconciler.engine import read_migrations
+    from reconciler.plan import make_plan
+    from reconciler.state.model import Migration
+    from reconciler.state.store import open_store, record_transition
+
+    store = open_store(url)
+    t0 = time.perf_counter()
+    migrations = read_migrations(store)
+    t1 = time.perf_counter()
+    make_plan(desired, migrations, directory, datetime.now(UTC))
+    t2 = time.perf_counter()
+    with store.session() as session:
+        ids = list(session.scalars(select(Migration.id).where(Migration.state == 0)
+                                   .order_by(Migration.id).limit(APPLY_STEPS)))
+    t3 = time.perf_counter()
+    for mid in ids:
+        with store.session() as session:
+            m = session.get(Migration, mid)
+            assert m is not None
+            record_transition(session, m, "E2", 1, detail={"bench": True})
+    t4 = time.perf_counter()
+    store.close()
+    return {"read_s": t1 - t0, "plan_s": t2 - t1, "steps": len(ids),
+            "step_ms": (t4 - t3) / max(1, len(ids)) * 1000, "rows": len(migrations)}
+
+
+def postgres_vs_sqlite(n: int) -> dict[str, Any]:
+    """Phase 4: the same state on SQLite and on a private PostgreSQL (tests/pgutil.py)."""
+    from reconciler.spec.loader import load_specs
+
+    from pgutil import PrivatePostgres
+
+    root = Path(tempfile.mkdtemp(prefix=f"mf-pg-{n}-"))
+    pg = PrivatePostgres().start()
+    try:
+        result: dict[str, Any] = {"n": n}
+        for name, url in (("sqlite", None), ("postgresql", pg.url)):
+            here = root / name
+            specs_dir, state, directory = generate(here, n, url)
+            desired = load_specs(specs_dir).desired()
+            result[name] = state_store_figures(url or f"sqlite:///{state}", n, directory,
+                                               desired)
+        return result
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _child(args: list[str]) -> dict[str, Any]:
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                           timeout=1800, check=False)
@@ -270,6 +334,9 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="keep generated data in this folder")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cli", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--pg", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--postgres", action="store_true",
+                        help="also phase 4: the state store on PostgreSQL next to SQLite")
     args = parser.parse_args()
     keep = Path(args.keep) if args.keep else None
     if args.one:
@@ -277,6 +344,9 @@ def main() -> None:
         return
     if args.cli:
         print(json.dumps(cli_end_to_end(args.cli, keep)))
+        return
+    if args.pg:
+        print(json.dumps(postgres_vs_sqlite(args.pg)))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     extra = ["--keep", str(keep)] if keep else []
@@ -304,6 +374,20 @@ def main() -> None:
     times = watch_reaction()
     print("  " + ", ".join(f"{t:.2f} s" for t in times)
           + (f"; max {max(times):.2f} s" if times else " (no reaction!)"))
+    if args.postgres:
+        print("\n4. the state store on PostgreSQL next to SQLite (private server, fsync off as"
+              " in the tests)")
+        n = sizes[-1]
+        r = _child(["--pg", str(n)])
+        for name in ("sqlite", "postgresql"):
+            f = r[name]
+            print(f"  {name:>10}, {f['rows']} migrations: plan's read {f['read_s']:.2f} s, "
+                  f"pure plan {f['plan_s']:.2f} s; apply's store part {f['step_ms']:.2f} ms "
+                  f"per step ({f['steps']} steps, a transaction each: "
+                  f"{f['step_ms'] * n / 1000:.0f} s for one step of all {n})")
+        pg, lite = r["postgresql"], r["sqlite"]
+        print(f"  postgresql / sqlite: read x{pg['read_s'] / lite['read_s']:.2f}, "
+              f"step x{pg['step_ms'] / lite['step_ms']:.2f}")
     last = next((r for r in results if r["n"] == 100_000), results[-1])
     print(f"plan {last['n']} mailboxes: {last['total_s']:.2f} s")
 

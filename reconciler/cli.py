@@ -42,6 +42,7 @@ from click.shell_completion import get_completion_class
 from sqlalchemy import select
 
 from mailferry import __version__
+from mailferry.mail.addresses import address_key
 from mailferry.service import notify_ready, private_files
 from reconciler import savedplan
 from reconciler import status as levers
@@ -411,8 +412,9 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
     from reconciler.api.stations import enrol_station  # aiohttp: +0.15 s to every start
 
     store = open_store(state_url(ctx.obj["state"]))
+    address = address_key(address)  # the form the specs and the state store hold
     try:
-        token = enrol_station(store, name, address.lower(), move=move)
+        token = enrol_station(store, name, address, move=move)
     except ValueError as exc:  # a taken address, a bad name: nothing was changed
         _fail(f"station enrol {name}: {exc}")
         return
@@ -421,9 +423,9 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
         return
 
     token_path, config_path = write_station_kit(Path(out_dir), api=api, station=name,
-                                                address=address.lower(), token=token,
+                                                address=address, token=token,
                                                 client=client)
-    click.echo(f"station {name} enrolled for {address.lower()}\n"
+    click.echo(f"station {name} enrolled for {address}\n"
                f"  token:  {token_path} (mode 0600; the only copy)\n"
                f"  config: {config_path}\n"
                f"copy both to the workstation, then run: "
@@ -461,7 +463,7 @@ def events(ctx: click.Context, address: str) -> None:
     """The event history of one address (or of `placement:NAME`: suspend, resume)."""
     store = open_store(state_url(ctx.obj["state"]))
     with store.session() as session:
-        rows = session.scalars(select(Event).where(Event.address == address.lower())
+        rows = session.scalars(select(Event).where(Event.address == address_key(address))
                                .order_by(Event.id))
         for e in rows:
             # A migration's first event has no state before it: "new->0", not "None->0".

@@ -204,7 +204,7 @@ class Engine:
         """The back-off or failure of every `create` / `E1` that failed."""
         with self.store.session() as session:
             return {e.address: AddressErrorView(e.step, e.last_error, e.next_attempt_at,
-                                                e.failed_reason)
+                                                e.failed_reason, e.manual_step)
                     for e in session.scalars(select(AddressError))}
 
     def observe(self, *, best_effort: bool = False) -> Observed:
@@ -508,12 +508,14 @@ class Engine:
         fails the wave's step for every mailbox in it (nothing recorded, retried as the
         registry says: E5 and E9 are never frozen by their errors)."""
         records: list[StepRecord] = []
-        held = self._hold_wave([c for c in changes if c.step == "E5"], now, cache, records)
+        proved: set[int] = set()
+        held = self._hold_wave([c for c in changes if c.step == "E5"], now, cache, records,
+                               proved if chain else None)
         flips = [c for c in changes if c.step == "E9"]
         if chain:
             flips = [replace(c, step="E9", state=MigrationState.HELD) for c in held] + flips
         if flips and self.lease_lost is None and not self.should_stop():
-            self._flip_wave(flips, now, cache, records)
+            self._flip_wave(flips, now, cache, records, proved)
         return records
 
     def _wave_rows(self, session: Session, ctx: StepContext, changes: list[Change],
@@ -553,8 +555,13 @@ class Engine:
                 records.append(record)
 
     def _hold_wave(self, changes: list[Change], now: datetime, cache: PassCache,
-                   records: list[StepRecord]) -> list[Change]:
-        """E5-E8 of a wave: the checks per mailbox, one hold; the changes now held."""
+                   records: list[StepRecord], proved: set[int] | None) -> list[Change]:
+        """E5-E8 of a wave: the checks per mailbox, one hold; the changes now held.
+
+        `proved` (when E9 follows in this pass): the ids of the migrations whose ADP2 their
+        target took on a fresh session just before the hold (invariant 9's proof, made here
+        so that it does not lengthen the hold: nothing of the wave changes a target's tables
+        between this proof and the flip)."""
         if not changes:
             return []
         errors: list[tuple[Change, Exception]] = []
@@ -565,6 +572,8 @@ class Engine:
             if rows and self.lease_lost is None and not any(
                     isinstance(e, LeaseLost) for _, e in errors):
                 try:
+                    if proved is not None:
+                        proved.update(m.id for m in cutover.prove_wave(ctx, [m for _, m in rows]))
                     held = cutover.hold_wave(ctx, [m for _, m in rows])
                 except Exception as exc:
                     errors.extend((change, exc) for change, _ in rows)
@@ -583,9 +592,10 @@ class Engine:
         return [change for change, _ in rows]
 
     def _flip_wave(self, changes: list[Change], now: datetime, cache: PassCache,
-                   records: list[StepRecord]) -> None:
-        """E9 of a wave: checks, one proof per target system, one batch flip (fed's
-        transaction: all or nothing), the redirects, one release."""
+                   records: list[StepRecord], proved: set[int]) -> None:
+        """E9 of a wave: checks, the proofs (but for the migrations `proved` just before
+        their hold), one batch flip (fed's transaction: all or nothing), the redirects, one
+        release."""
         errors: list[tuple[Change, Exception]] = []
         rows: list[tuple[Change, Migration]] = []
         with self.store.session() as session:
@@ -594,7 +604,7 @@ class Engine:
             if any(isinstance(e, LeaseLost) for _, e in errors):
                 rows = []
             try:
-                rows = self._flip_rows(ctx, rows, errors)
+                rows = self._flip_rows(ctx, rows, errors, proved)
                 flipped = cutover.flip_wave(ctx, [m for _, m in rows]) if rows else []
             except PermanentError as exc:
                 if isinstance(exc, LeaseLost) or len(rows) == 1:
@@ -609,6 +619,7 @@ class Engine:
                 try:
                     cutover.redirect_wave(ctx, [m for _, m in rows])
                     waiting, released = cutover.release_wave(ctx, [m for _, m in rows])
+                    cutover.after_release(ctx, [m for _, m in rows])
                     outcomes = [cutover.e9_released(ctx, m, f, waiting, released)
                                 for (_, m), f in zip(rows, flipped, strict=True)]
                 except Exception as exc:
@@ -626,13 +637,15 @@ class Engine:
         self._wave_errors("E9", errors, now, records)
 
     def _flip_rows(self, ctx: StepContext, rows: list[tuple[Change, Migration]],
-                   errors: list[tuple[Change, Exception]]) -> list[tuple[Change, Migration]]:
-        """Invariant 9 for the wave: the rows whose target takes their ADP2 (one probe per
-        system; a system that refuses has its mailboxes proved one by one)."""
-        ready = {id(m) for m in cutover.prove_wave(ctx, [m for _, m in rows])}
+                   errors: list[tuple[Change, Exception]],
+                   proved: set[int]) -> list[tuple[Change, Migration]]:
+        """Invariant 9 for the wave: the rows whose target takes their ADP2 (probes of many
+        addresses; those of a refused probe are proved one by one)."""
+        ready = proved | {m.id for m in cutover.prove_wave(
+            ctx, [m for _, m in rows if m.id not in proved])}
         kept: list[tuple[Change, Migration]] = []
         for change, m in rows:
-            if id(m) not in ready:
+            if m.id not in ready:
                 try:
                     ctx.prove_delivery(m.target_system, new_physical(m), m, "E9")
                 except TemporaryError as exc:
@@ -690,10 +703,22 @@ class Engine:
     def _manual(self, change: Change, exc: ManualStep, now: datetime) -> bool:
         """A migration waits for a person (`Migration.manual_step`): its state is kept, the
         step is rechecked after `exc.delay`, an event is recorded when the task is new.
-        Never exhausted like an error. False for a change without a migration row (a
-        create: backed off like a temporary error, with the task as its message)."""
+        Never exhausted like an error. A change without a migration row (a create) keeps it
+        in its address_errors row. False when the migration row is gone."""
         with self.store.session() as session:
-            m = session.get(Migration, change.migration_id) if _own(change) else None
+            if not _own(change):
+                error = session.get(AddressError, change.address)
+                if error is None or error.manual_step != exc.task:
+                    record_event(session, None, "manual", address=change.address,
+                                 detail={"step": change.step, "task": exc.task,
+                                         "why": exc.why}, commit=self.specs.commit, at=now)
+                error = error or AddressError(address=change.address, error_since=now)
+                error.step, error.attempts, error.last_error = change.step or "", 0, exc.why
+                error.manual_step, error.failed_reason = exc.task, None
+                error.next_attempt_at = now + timedelta(seconds=exc.delay)
+                session.add(error)
+                return True
+            m = session.get(Migration, change.migration_id)
             if m is None:
                 return False
             if m.manual_step != exc.task:

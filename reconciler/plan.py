@@ -96,6 +96,7 @@ class AddressErrorView:
     last_error: str
     next_attempt_at: datetime | None = None
     failed_reason: str | None = None
+    manual_step: str | None = None  # what a person must do first (a hosted mailbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,11 +486,14 @@ def unmanaged(desired: dict[str, DesiredMailbox], recorded: set[str],
 
 
 def _with_error(change: Change, error: AddressErrorView) -> Change:
-    """A create or E1 after its errors: frozen (`!`) once permanent, else due after its
-    back-off."""
+    """A create or E1 after its errors: frozen (`!`) once permanent, waiting for a manual
+    step (`>`), else due after its back-off."""
     if error.failed_reason is not None:
         return replace(change, action="failed", step=error.step, reason=error.failed_reason,
                        due=None)
+    if error.manual_step is not None:  # a person's step, rechecked at next_attempt_at
+        return replace(change, action="manual", step=error.step, reason=error.manual_step,
+                       due=error.next_attempt_at, poll=True)
     if error.next_attempt_at is not None and (change.due is None
                                               or error.next_attempt_at > change.due):
         return replace(change, due=error.next_attempt_at,

@@ -28,6 +28,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailferry.mail.addresses import address_key
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError
 from reconciler.output import when
@@ -62,14 +63,15 @@ def _row(change: Change, error: str, now: datetime) -> StatusRow:
     if change.action == "failed":
         state += " failed"
     nxt = "" if change.action == "in-sync" else f"{change.step or '-'}"
-    if change.action in ("refused", "conflict", "orphan", "suspended"):
+    if change.action in ("refused", "conflict", "orphan", "suspended", "manual"):
         nxt += f" ({change.action})"
     return StatusRow(
         address=change.address, placement=change.placement or "-",
         source=change.source or "(new)", target=change.target or change.source or "-",
         state=state, action=change.action, next=nxt, due=when(change, now),
-        last_error=error or (change.reason if change.action in ("failed", "refused",
-                                                                  "conflict") else ""),
+        last_error=(f"manual step: {change.reason}" if change.action == "manual" else
+                    error or (change.reason if change.action in ("failed", "refused",
+                                                                  "conflict") else "")),
     )
 
 
@@ -199,17 +201,18 @@ def _mark(session: Session, placement: str, step: str, by: str, reason: str,
 
 def retry(store: Store, address: str, *, by: str, commit: str | None, now: datetime) -> str:
     """Clear the failure (or back-off) of the newest migration of `address`; what was done."""
+    key = address_key(address)  # either IDN form, any case: the key the store holds
     with store.session() as session:
-        error = session.get(AddressError, address.lower())
+        error = session.get(AddressError, key)
         if error is not None:  # a create or E1 that failed: no migration row to clear
             what = (f"failure at {error.step} cleared" if error.failed_reason is not None
                     else "back-off cleared")
-            record_event(session, None, "retry", address=address.lower(), detail={
+            record_event(session, None, "retry", address=key, detail={
                 "by": by, "failed_step": error.step, "reason": error.failed_reason,
                 "last_error": error.last_error}, commit=commit, at=now)
             session.delete(error)
             return f"{address}: {what}; {error.step} runs again at the next apply"
-        m = session.scalars(select(Migration).where(Migration.address == address.lower())
+        m = session.scalars(select(Migration).where(Migration.address == key)
                             .order_by(Migration.id.desc()).limit(1)).first()
         if m is None:
             raise MailferryError(f"no migration on record for {address}")

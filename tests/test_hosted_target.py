@@ -281,3 +281,29 @@ def test_target_holding_foreign_mail_is_refused(world: PfWorld, tmp_path: Path) 
     assert host.message_ids(box).total() == 2
     assert engine.fed.lookup(address) == physical_address("pf1", box)
     assert len(old_ids) == 3
+
+
+def test_new_address_on_the_hosted_system_waits_for_its_mailbox(world: PfWorld,
+                                                               tmp_path: Path) -> None:
+    host = hosted_of(world)
+    address = "newhire@corp.example"
+    box = mailbox_id_for(address)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    specs = world.write(tmp_path / "v1", [policy("p", diary=False), placement(
+        "hires", "hosted", [{"address": address}], policy_name="p")])
+    engine = world.engine(specs, state)
+    assert not engine.apply().errors
+    change = next(c for c in engine.plan().changes if c.address == address)
+    task = f"provision {address} on hosted"
+    assert (change.action, change.step, change.reason) == ("manual", "create", task)
+    assert engine.fed.lookup(address) is None and engine.drivers["hosted"].get_account(box) is None
+    shown = run_cli("--specs", str(specs), "--state", state, "status", cwd=tmp_path)
+    assert f"manual step: {task}" in shown.stdout, shown.stdout + shown.stderr
+    host.provision(address)
+    engine.clock = lambda: utcnow() + timedelta(minutes=1)
+    assert not engine.apply().errors
+    assert not engine.plan().pending
+    assert engine.fed.lookup(address) == physical_address("hosted", box)
+    send(engine.specs.fed.smtp.port, address, "<welcome.aboard@outside.example>")
+    wait_for(lambda: host.message_ids(box) == Counter({"<welcome.aboard@outside.example>": 1}),
+             what="fed's delivery to the new hosted mailbox")

@@ -16,6 +16,7 @@ from test_mover_imap import snapshot, store
 from mailferry.mail.imap.client import ImapClient, ImapThrottled, throttle_answer
 from reconciler.drivers.base import ImapAccount
 from reconciler.mover.endpoints import ImapEndpoint
+from reconciler.mover.folders import ATTRIBUTES, VIRTUAL_USES, Folder, map_folders
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pace import Backoff, Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
@@ -23,9 +24,10 @@ from reconciler.mover.runner import Job, run_jobs_async
 
 from dovecot import Dovecot, private_root, skip_unless_available
 from helpers import mail
+from helpers.gmail_server import SPAM, TRASH, GmailServer, Mailbox, Message
 from helpers.imap_proxy import ThrottlingProxy
 
-USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login")
+USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm")
 FAST = Backoff(base=0.2, cap=1.0, settle=0.5, recover_every=60.0, window=2.0, min_rate=5.0)
 
 
@@ -55,21 +57,7 @@ def messages(user: str, count: int, size: int = 600) -> list[tuple[bytes, str]]:
 
 
 def fill(server: Dovecot, user: str, folders: dict[str, list[tuple[bytes, str]]]) -> None:
-    """Each folder's messages in one MULTIAPPEND (the suite's `fill` appends one at a time:
-    too slow for hundreds)."""
-    async def go() -> None:
-        client = await ImapClient.connect("127.0.0.1", server.port, timeout=15)
-        await client.login(user, f"pw-{user}")
-        for folder, items in folders.items():
-            if folder != "INBOX":
-                await client.simple(f"CREATE {folder}")
-            segments = [f"APPEND {folder}".encode()]
-            for data, flags in items:
-                segments[-1] += f" ({flags}) ".encode()
-                segments += [data, b""]
-            await client.finish(await client.start(segments, "APPEND"))
-        await client.logout()
-    asyncio.run(go())
+    asyncio.run(mail.imap_fill(server.port, user, f"pw-{user}", folders))
 
 
 def ids(server: Dovecot, user: str) -> Counter[str]:
@@ -257,3 +245,62 @@ def test_a_daily_budget_stops_mid_way_and_resumes_the_next_day(
             break
     got = ids(pair.dst, user)
     assert report.verified and len(got) == 80 and set(got.values()) == {1}
+
+
+def test_gmail_labels_become_folders_and_each_message_leaves_gmail_once(
+        pair: Pair, tmp_path: Path) -> None:
+    """A server announcing X-GM-EXT-1 (`helpers/gmail_server.py`, real TCP): every message
+    is fetched from All Mail exactly once whatever its labels, lands in one target folder
+    per label (a second label by a COPY on the target), \\Starred and \\Important make no
+    folder, an unlabelled message goes to Archive, Spam and Trash by their attribute to
+    Junk and Trash; counted by Message-ID per folder, and a re-run fetches nothing."""
+    def msg(n: int, labels: set[str], **kw: object) -> Message:
+        body = mail.message(f"gmail {n}", f"<gm{n}@gmail.example>", f"text {n}")
+        return Message(body, labels, **kw)  # type: ignore[arg-type]
+
+    box = Mailbox("pw-gm", [
+        msg(1, {"\\Inbox", "Work"}), msg(2, {"\\Inbox"}),
+        msg(3, {"Work", "Work/Projects", "\\Starred"}), msg(4, {"\\Sent"}), msg(5, set()),
+        msg(6, {"\\Inbox", "\\Important", "\\Sent"}), msg(7, set(), where=SPAM),
+        msg(8, set(), where=TRASH), msg(9, {"\\Draft"}), msg(10, {"Café"})])
+    gmail = GmailServer({"gm": box})
+    src = ImapAccount("127.0.0.1", gmail.port, "gm", "pw-gm", timeout=15)
+    dst = ImapAccount("127.0.0.1", pair.dst.port, "gm", "pw-gm", timeout=15)
+    job = Job("gm", lambda: ImapEndpoint(src, readonly=True), lambda: ImapEndpoint(dst))
+    try:
+        first = asyncio.run(run_jobs_async([job], manifest=Manifest(store(tmp_path))))[0]
+        served = dict(gmail.served)
+        again = asyncio.run(run_jobs_async([job], manifest=Manifest(store(tmp_path))))[0]
+    finally:
+        gmail.close()
+    assert first.verified and again.verified, (first.as_dict(), again.as_dict())
+    assert served == {m.msgid: 1 for m in box.messages}, served  # once, not once per label
+    assert dict(gmail.served) == served and again.copied == 0
+    got: dict[str, set[str]] = {}
+    flags: dict[str, frozenset[str]] = {}
+    for (folder, data, flagset, _), count in snapshot(pair.dst, "gm").items():
+        assert count == 1, (folder, data[:80])
+        got.setdefault(folder, set()).add(mail.message_id(data))
+        flags[mail.message_id(data)] = flagset
+    ids = {folder: {f"<gm{n}@gmail.example>" for n in numbers} for folder, numbers in {
+        "INBOX": (1, 2, 6), "Work": (1, 3), "Work/Projects": (3,), "Sent": (4, 6),
+        "Archive": (5,), "Junk": (7,), "Trash": (8,), "Drafts": (9,), "Café": (10,)}.items()}
+    assert got == ids, got
+    assert "\\Flagged" in flags["<gm3@gmail.example>"]
+
+
+def test_provider_folders_are_mapped_by_attribute_not_name() -> None:
+    """A provider's nested folders go by their RFC 6154 attribute to the target's folder of
+    that use, or its conventional name when the target has none; a top-level folder with
+    no same-use target keeps its name (as before)."""
+    src = [Folder("[Gmail]/Spam", "[Gmail]/Spam", "\\Junk"),
+           Folder("[Gmail]/Bin", "[Gmail]/Bin", "\\Trash"),
+           Folder("Boîte/Envoyés", "Boîte/Envoyés", "\\Sent"),
+           Folder("Courrier indésirable", "Courrier indésirable", "\\Junk"),
+           Folder("Deleted Items", "Deleted Items", "\\Trash")]
+    got = map_folders(src[:3], [Folder("Corbeille", "Corbeille", "\\Trash")])
+    assert got == {"[Gmail]/Spam": "Junk", "[Gmail]/Bin": "Corbeille", "Boîte/Envoyés": "Sent"}
+    assert map_folders(src[3:], []) == {"Courrier indésirable": "Courrier indésirable",
+                                        "Deleted Items": "Deleted Items"}
+    assert {"\\all", "\\flagged", "\\important"} <= set(ATTRIBUTES)
+    assert set(VIRTUAL_USES) == {"\\All", "\\Flagged", "\\Important"}

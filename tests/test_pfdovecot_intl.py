@@ -9,7 +9,8 @@ What is proved here, every message counted by Message-ID in the real Maildirs:
 - a UTF-8 alias (`jürgen@mail.bücher.example`) of an ASCII mailbox on Postfix + Dovecot:
   through fed by either form, with UTF-8 headers, once in the Maildir (fed routes it to the
   ASCII physical address, so no hop needs SMTPUTF8);
-- a UTF-8 local part end to end where every hop has SMTPUTF8 (fed -> the embedded system);
+- a UTF-8 local part end to end where every hop has SMTPUTF8 (fed -> the embedded system),
+  and a local user of that system writing to the other form: delivered there, not via fed;
 - on this Postfix + Dovecot (Dovecot 2.3: no SMTPUTF8 in its LMTP) a mailbox with a UTF-8
   local part is refused by the driver with the system, the reason and what to set, and
   nothing is written;
@@ -39,7 +40,7 @@ from helpers import mail
 from helpers.waiting import wait_for
 from pfdovecot import MailHost, make_root
 from pfworld import WHY_NOT, PfWorld
-from world import mailbox_message_ids, placement
+from world import mailbox_message_ids, placement, run_cli
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,6 +156,17 @@ def test_utf8_local_part_end_to_end_where_every_hop_has_smtputf8(pf: PfWorld,
     wait_for(lambda: set(mailbox_message_ids(engine, "s1", key)) >= want, what="three messages")
     wait_for(lambda: engine.fed.queue().pending == 0, what="an empty queue")
     assert mailbox_message_ids(engine, "s1", key) == dict.fromkeys(want, 1)
+    # a local user of s1 writing in U-labels, other case: delivered by s1 itself, not via fed
+    sub = engine.specs.systems["s1"].submission
+    assert sub is not None
+    send(sub.port, "colleague@corp.example", [f"J\u00dcRGEN@{IDN}"], "<j-local@t>", utf8=True)
+    wait_for(lambda: mailbox_message_ids(engine, "s1", key)["<j-local@t>"] == 1,
+             what="the local delivery")
+    assert not [d for d in engine.fed.deliveries() if d.message_id == "<j-local@t>"]
+    # an admin asking for the history in the other form, other case, finds it
+    done = run_cli("--state", str(engine.store.url), "events", f"J\u00dcRGEN@{IDN}",
+                   cwd=Path(engine.specs.root))
+    assert done.returncode == 0 and " create " in done.stdout, (done.stdout, done.stderr)
 
 
 def test_utf8_mailbox_on_dovecot_without_smtputf8_is_refused_with_what_to_set(

@@ -962,3 +962,110 @@ spec:
         "p.yaml:8: spec.mailboxes[1].address: domain 'xn--ls8h.example'",
         "s3.yaml:6: spec.domains[1]: domain 'xn--zz.example'",
     ], problems
+
+
+LEAN_SCHEMA = """\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: first}
+spec:
+  system: s1
+  mailboxes:
+    - address: a@corp.example
+      aliases: [a.one@corp.example]
+    - address: b@corp.example
+      colour: red
+    - {address: c@corp.example, aliases: [c.one@corp.example, 7]}
+    - address: d@corp.example
+      address: d.again@corp.example
+    - address: &shared e@corp.example
+    - address: *shared
+---
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: second}
+spec:
+  system: s2
+  mailboxes:
+    - address: g@corp.example
+    - address: h@corp.example
+      aliases:
+        - a.one@corp.example
+        - not an address
+"""
+LEAN_CLAIMS = """\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: first}
+spec:
+  system: s1
+  mailboxes:
+    - address: a@corp.example
+      aliases: [a.one@corp.example]
+    - {address: c@corp.example, aliases: [c.one@corp.example]}
+    - address: f@other.example
+---
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: second}
+spec:
+  system: s2
+  mailboxes:
+    - address: g@corp.example
+    - address: h@corp.example
+      aliases:
+        - h.one@corp.example
+        - a.one@corp.example
+"""
+THIRD = """\
+apiVersion: mailferry/v1
+kind: MailboxPlacement
+metadata: {name: third}
+spec:
+  system: s1
+  mailboxes:
+    - address: i@corp.example
+    - address: c.one@corp.example
+"""
+
+
+def lean_and_full(here: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The problems of the set in `here` built lean (as always) and fully."""
+    lean = problems_of(here)
+    with monkeypatch.context() as m:
+        m.setattr("reconciler.spec.yamlpos.LEAN", ("no such path",))
+        full = problems_of(here)
+    return lean, full
+
+
+def test_mailbox_entries_built_lean_report_every_line_as_a_full_build(
+        here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain mailbox entries are built without their inner lines (yamlpos.LEAN); every
+    problem inside them must still name the line a full build names, across documents and
+    files (a claim first made in another file), and a set that loads asks for none."""
+    write_set(here, p_yaml=LEAN_SCHEMA)
+    lean, full = lean_and_full(here, monkeypatch)
+    assert lean == full
+    assert len(lean) == 4, lean  # colour, the 7, the duplicate key, the bad alias
+    assert lean[0].startswith("p.yaml:10: spec.mailboxes[1].colour: unknown field 'colour'")
+    assert lean[-1].startswith("p.yaml:27: spec.mailboxes[1].aliases[1]: must be an email")
+
+    write_set(here, p_yaml=LEAN_CLAIMS, q_yaml=THIRD)
+    lean, full = lean_and_full(here, monkeypatch)
+    assert lean == full
+    assert [p.split(" (")[0] for p in lean] == [
+        "p.yaml:10: spec.mailboxes[2].address: domain 'other.example' is not served by "
+        "MailSystem 's1'",
+        "p.yaml:22: spec.mailboxes[1].aliases[1]: address 'a.one@corp.example' is claimed "
+        "twice: also at p.yaml:8",
+        "q.yaml:8: spec.mailboxes[1].address: address 'c.one@corp.example' is claimed twice: "
+        "also at p.yaml:9",
+    ]
+
+    (here / "p.yaml").unlink()
+    (here / "q.yaml").write_text(THIRD)
+    [doc] = parse_documents(THIRD).documents
+    assert doc.complete is not None  # built lean
+    specs = load_specs(here)
+    box = specs.placements["third"].mailboxes[1]
+    assert box.location is not None and (box.location.file, box.location.line) == ("q.yaml", 8)

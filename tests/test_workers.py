@@ -1,18 +1,15 @@
 """`reconcile worker` processes on a private PostgreSQL: the reconciler queues the data
-steps, the workers run them, the engine records the transitions.
+steps, the workers run them, the engine records the transitions; the limits of a system
+hold for all workers together.
 
 Real processes throughout: fed, s1 and s2 (the embedded world), PostgreSQL, the workers
 (`python -m reconciler worker`, stopped by PID). Messages are counted by Message-ID in the
-mailboxes themselves.
+mailboxes themselves (helpers: tests/workerutil.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -22,15 +19,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from reconciler.drivers.base import mailbox_id_for
-from reconciler.engine import ApplyReport, Engine
-from reconciler.state.model import DataJob, Event, Migration
+from reconciler.engine import ApplyReport
+from reconciler.state.model import DataJob, utcnow
+from reconciler.workers.fleet import FleetPace
 from reconciler.workers.queue import Queue
 
-from helpers.processes import stop_process
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
-from world import REPO, World, mailbox_message_ids, placement, policy
+from workerutil import Workers, copy_events, prepared, states, with_queue
+from world import World, mailbox_message_ids, run_cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,84 +39,6 @@ def postgres() -> Iterator[PrivatePostgres]:
     server.stop()
 
 
-class Workers:
-    """`reconcile worker` processes of one test (stopped by PID at the end)."""
-
-    def __init__(self, specs: Path, url: str, logs: Path) -> None:
-        self.specs, self.url, self.logs = specs, url, logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, concurrency: int = 1) -> subprocess.Popen[bytes]:
-        n = len(self.procs)
-        log = open(self.logs / f"worker{n}.log", "wb")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "--specs", str(self.specs), "--state",
-             self.url, "worker", "--concurrency", str(concurrency), "--heartbeat", "0.5",
-             "--stalled", "2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            stop_process(proc)
-
-
-def seed(engine: Engine, address: str, count: int) -> set[str]:
-    """`count` old messages in BOX1 (INBOX and Sent); their Message-IDs."""
-    s1, box = engine.drivers["s1"], mailbox_id_for(address)
-    ids = set()
-    for n in range(count):
-        mid = f"<w{n}.{box}@corp.example>"
-        s1.append_message(box, "Sent" if n % 3 == 0 else "INBOX", (
-            f"From: x@corp.example\nTo: {address}\nMessage-ID: {mid}\nSubject: old {n}\n\n"
-            f"old body {n}\n").encode(), flags="S", internal_date=1_600_000_000.0 + n)
-        ids.add(mid)
-    return ids
-
-
-def prepared(world: World, postgres: PrivatePostgres, root: Path, name: str,
-             count: int, messages: int, policies: dict[str, dict[str, object]],
-             ) -> tuple[Engine, dict[str, set[str]]]:
-    """Mailboxes created on s1 and seeded, then the specs moving them to s2 (one
-    placement per policy, the mailboxes dealt out in turn); the engine for those specs."""
-    names = sorted(policies)
-    boxes = {p: [{"address": f"{name}{i}@corp.example"} for i in range(count)
-                 if names[i % len(names)] == p] for p in names}
-    home = world.write(root / "home", [*(policy(p, **spec) for p, spec in policies.items()),
-                                       *(placement(f"home-{p}", "s1", boxes[p], policy_name=p)
-                                         for p in names)])
-    engine = world.engine(home, postgres.url)
-    assert engine.apply().errors == []
-    seeded = {b["address"]: seed(engine, b["address"], messages)
-              for p in names for b in boxes[p]}
-    moved = world.write(root / "moved", [*(policy(p, **spec) for p, spec in policies.items()),
-                                         *(placement(f"wave-{p}", "s2", boxes[p],
-                                                     policy_name=p) for p in names)])
-    return world.engine(moved, postgres.url), seeded
-
-
-def with_queue(engine: Engine) -> Queue:
-    queue = Queue(engine.store)
-    engine.jobs = queue
-    return queue
-
-
-def copy_events(engine: Engine, addresses: set[str] | dict[str, set[str]],
-                step: str = "E15") -> list[dict[str, object]]:
-    """The details of `step`'s events of these addresses (the module shares one store)."""
-    with engine.store.session() as session:
-        return [json.loads(e.detail) for e in session.scalars(
-            select(Event).where(Event.step == step, Event.address.in_(set(addresses)))
-            .order_by(Event.id))]
-
-
-def states(engine: Engine, addresses: set[str]) -> Counter[int]:
-    with engine.store.session() as session:
-        return Counter(m.state for m in session.scalars(
-            select(Migration).where(Migration.address.in_(addresses))))
-
-
 def test_two_workers_share_a_wave_and_copy_each_mailbox_once(
         world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
     throttled: dict[str, object] = {"throttle": {"messagesPerSecond": 60}}
@@ -128,6 +47,7 @@ def test_two_workers_share_a_wave_and_copy_each_mailbox_once(
     try:
         workers.start()
         workers.start()
+        workers.wait_ready(engine)
         queue = with_queue(engine)
         report = engine.apply(max_passes=400)
         queue.close()
@@ -169,51 +89,17 @@ def test_a_rerun_or_a_second_reconciler_queues_a_step_once(
     workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
     try:
         workers.start()
-        queue = with_queue(engine)
-        report = engine.apply(max_passes=100)
-        queue.close()
+        # The command an admin runs: it waits for the workers' results, then exits 0.
+        done = run_cli("--specs", str(engine.specs.root), "--state", postgres.url, "--apply",
+                       "--workers", "--allow-dirty", cwd=tmp_path, timeout=120)
     finally:
         workers.stop()
-    assert report.errors == [] and states(engine, {address}) == Counter({13: 1})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert states(engine, {address}) == Counter({13: 1})
     found = mailbox_message_ids(engine, "s2", address)
     assert {i: found[i] for i in ids} == {i: 1 for i in ids}
-    assert len([d for d in copy_events(engine, seeded) if d.get("worker")]) >= 1
-
-
-def test_a_worker_killed_mid_copy_hands_its_job_to_another(
-        world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
-    slow: dict[str, object] = {"throttle": {"messagesPerSecond": 15},
-            "deleteSource": {"after": "0s", "consent": False}}
-    engine, seeded = prepared(world, postgres, tmp_path, "kill", 1, 60, {"pk": slow})
-    (address, ids), = seeded.items()
-    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
-    queue = with_queue(engine)
-    outcome: list[ApplyReport] = []
-    applying = threading.Thread(target=lambda: outcome.append(engine.apply(max_passes=200)))
-    try:
-        first = workers.start()
-        applying.start()
-        wait_for(lambda: sum(mailbox_message_ids(engine, "s2", address).values()) >= 10,
-                 60, "the first worker to copy 10 messages")
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(10)
-        partial = sum(mailbox_message_ids(engine, "s2", address).values())
-        assert partial < len(ids)  # killed mid-copy
-        workers.start()
-        applying.join(120)
-        assert not applying.is_alive()
-    finally:
-        engine.should_stop = lambda: True
-        applying.join(10)
-        queue.close()
-        workers.stop()
-    assert outcome and outcome[0].errors == [], outcome
-    assert states(engine, {address}) == Counter({10: 1})
-    found = mailbox_message_ids(engine, "s2", address)
-    assert {i: found[i] for i in ids} == {i: 1 for i in ids}  # each exactly once
-    assert set(mailbox_message_ids(engine, "s1", address)) == ids  # nothing deleted
-    (done,) = copy_events(engine, seeded)
-    assert done["worker"] != f"{os.uname().nodename}:{first.pid}"  # finished elsewhere
+    assert [d["worker"] for d in copy_events(engine, seeded)] == [
+        f"{os.uname().nodename}:{workers.procs[0].pid}"]
 
 
 def _max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
@@ -236,6 +122,7 @@ def test_max_parallel_of_a_system_holds_across_workers(
     try:
         for _ in range(3):
             workers.start(concurrency=2)
+        workers.wait_ready(engine)
         queue = with_queue(engine)
         report = engine.apply(max_passes=400)
         queue.close()
@@ -249,3 +136,49 @@ def test_max_parallel_of_a_system_holds_across_workers(
     assert len(spans) == 8
     assert _max_overlap(spans) == 2, spans
     assert len({d["worker"] for d in done}) >= 2
+
+
+def test_a_throttling_answer_slows_every_worker(
+        world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
+    """Two workers copy from s1 at its shared 20 msg/s; s1 answers one of them "slow
+    down" twice (what the mover's runner passes to the system's pace, here said by the
+    test for the worker that got it): both copies wait the back-off, 3 + 6 s."""
+    slow: dict[str, object] = {"throttle": {"messagesPerSecond": 20}}
+    engine, seeded = prepared(world, postgres, tmp_path, "thr", 2, 60, {"pq": slow})
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
+    queue = with_queue(engine)
+    outcome: list[ApplyReport] = []
+    applying = threading.Thread(target=lambda: outcome.append(engine.apply(max_passes=200)))
+
+    def copied() -> dict[str, int]:
+        return {a: sum(mailbox_message_ids(engine, "s2", a).values()) for a in seeded}
+
+    try:
+        workers.start()
+        workers.start()
+        workers.wait_ready(engine)
+        applying.start()
+        wait_for(lambda: all(n >= 3 for n in copied().values()), 60,
+                 "both workers copying")
+        answered = utcnow()
+        pace = FleetPace(engine.store.engine, "s1", base=3.0)
+        pauses = [pace.throttled("NO [THROTTLED] too many requests") for _ in range(2)]
+        at_answer = copied()
+        applying.join(120)
+        assert not applying.is_alive()
+    finally:
+        engine.should_stop = lambda: True
+        applying.join(10)
+        queue.close()
+        workers.stop()
+    assert pauses == [3.0, 6.0]
+    assert all(n < 60 for n in at_answer.values()), at_answer  # both still had work
+    assert outcome and outcome[0].errors == [], outcome
+    done = copy_events(engine, seeded)
+    assert len({d["worker"] for d in done}) == 2, done
+    for d in done:  # without the shared back-off each would end ~2 s after the answer
+        finished = datetime.fromisoformat(str(d["copy_finished"]))
+        assert (finished - answered).total_seconds() >= 8.5, (d, answered)
+    for address, ids in seeded.items():
+        found = mailbox_message_ids(engine, "s2", address)
+        assert {i: found[i] for i in ids} == {i: 1 for i in ids}

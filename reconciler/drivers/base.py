@@ -192,6 +192,12 @@ class MailSystemDriver(abc.ABC):
             if account is not None and account.redirect_to != target:
                 self.set_redirect(mailbox_id, target)
 
+    def set_via_fed_many(self, mailbox_ids: list[str], value: bool) -> None:
+        """`set_via_fed` for several mailboxes (a wave's cutover); a driver that can make
+        them one transaction does."""
+        for mailbox_id in mailbox_ids:
+            self.set_via_fed(mailbox_id, value)
+
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Route the system's own users' mail for the mailbox's addresses through fed.
 

@@ -139,6 +139,11 @@ class MaildirDriver(MailSystemDriver):
         self._call(f"set redirects of {len(redirects)} mailboxes",
                    lambda: self.store.set_redirects(redirects))
 
+    def set_via_fed_many(self, mailbox_ids: list[str], value: bool) -> None:
+        """`set_via_fed` for several mailboxes in one transaction of the system's store."""
+        self._call(f"set via_fed of {len(mailbox_ids)} mailboxes",
+                   lambda: self.store.set_via_fed_many(mailbox_ids, value))
+
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Local users' mail for the mailbox's addresses goes through fed (or not)."""
         self._call(f"set via_fed of {mailbox_id}",

@@ -56,7 +56,8 @@ from mailferry.mail.imap.dates import epoch_of, imap_date
 from mailferry.mail.imap.quoting import quote_mailbox
 from mailferry.mail.messageid import message_id_of
 from reconciler.drivers.base import ImapAccount, MailSystemDriver
-from reconciler.mover.folders import Folder, canonical, guess_special_use, native
+from reconciler.mover.folders import ATTRIBUTES, Folder, canonical, guess_special_use, native
+from reconciler.mover.gmail import GmailLabels
 from reconciler.mover.pace import SystemPace
 from reconciler.mover.pool import ConnectionPool, Idle
 
@@ -267,6 +268,8 @@ class ImapEndpoint:
         # canonical folder -> "UIDVALIDITY/UIDNEXT/MESSAGES" from LIST-STATUS (RFC 5819)
         self.folder_status: dict[str, str] = {}
         self._early_list: list[Untagged] | None = None  # the LIST sent behind the login
+        # Gmail (X-GM-EXT-1) as a source: its labels as folders, each message once
+        self.gmail: GmailLabels | None = None
 
     async def open(self) -> None:
         """Connect, log in, learn separator and personal namespace prefix."""
@@ -411,11 +414,32 @@ class ImapEndpoint:
             raise RuntimeError(f"{self.label}: not open")
         return self.client
 
+    def client_for_labels(self) -> ImapClient:
+        """The logged-in connection (`gmail.py` lists All Mail's labels on it)."""
+        return self._c()
+
+    async def select(self, name: str) -> bool:
+        """EXAMINE a folder (canonical name); False when it does not exist."""
+        return await self._select(name)
+
+    @property
+    def validity(self) -> str:
+        """The UIDVALIDITY of the folder selected last."""
+        return self._validity
+
     def _native(self, name: str) -> str:
         return native(name, self.separator, self.prefix)
 
     async def folders(self) -> list[Folder]:
-        """LIST (with RETURN (SPECIAL-USE) when offered), names decoded and canonical."""
+        """LIST (with RETURN (SPECIAL-USE) when offered), names decoded and canonical; on a
+        Gmail source (X-GM-EXT-1) its labels as folders (`gmail.py`)."""
+        listed = await self._folders()
+        if self.readonly and "X-GM-EXT-1" in self._c().capabilities:
+            self.gmail = self.gmail or GmailLabels(self)
+            return await self.gmail.folders(listed)
+        return listed
+
+    async def _folders(self) -> list[Folder]:
         client = self._c()
         command = 'LIST "" "*"'
         returns = []
@@ -444,8 +468,7 @@ class ImapEndpoint:
             if any(decoded.startswith(p) for p in self.foreign):
                 continue  # another user's or a shared folder
             name = canonical(decoded, sep, self.prefix)
-            use = next((a for a in attrs if a in ("\\Sent", "\\Drafts", "\\Trash", "\\Junk",
-                                                   "\\Archive")), None)
+            use = next((ATTRIBUTES[a.lower()] for a in attrs if a.lower() in ATTRIBUTES), None)
             lowered = {a.lower() for a in attrs}
             if use is None and "SPECIAL-USE" not in client.capabilities:
                 use = guess_special_use(name)
@@ -522,6 +545,8 @@ class ImapEndpoint:
     async def listing(self, name: str, *, full: bool = True) -> Listing | None:
         """UID, size, flags, INTERNALDATE and Message-ID of every message (no bodies); only
         UID and size with `full=False` (cheap on a server that has not cached headers)."""
+        if self.gmail is not None and self.gmail.owns(name):
+            return self.gmail.listing(name)
         self._selected = None  # re-EXAMINE: see what was appended since
         if not await self._select(name):
             return None
@@ -558,6 +583,8 @@ class ImapEndpoint:
         gets its `Digest`."""
         if not uids:
             return
+        if self.gmail is not None and self.gmail.owns(name):
+            name = self.gmail.source_of(name, uids)  # a label folder's UIDs are All Mail's
         if not await self._select(name):
             raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
 
@@ -594,8 +621,13 @@ class ImapEndpoint:
                 streamer=streamer if stream is not None and meta else None)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
-        for pending in started:
-            await client.finish(pending)
+        for n, pending in enumerate(started):
+            try:
+                await client.finish(pending)
+            except BaseException:
+                for later in started[n + 1:]:
+                    client.abandon(later)  # failed with the connection: nobody reads them
+                raise
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """MULTIAPPEND when offered (one transaction on the server), else one APPEND each;
@@ -634,8 +666,32 @@ class ImapEndpoint:
             raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
         client = self._c()
         noop = await client.start([b"NOOP"], "NOOP")
-        await self.fetch(name, uids, sink, digest=True, raw=raw)
+        try:
+            await self.fetch(name, uids, sink, digest=True, raw=raw)
+        except BaseException:
+            client.abandon(noop)  # the connection goes with the error: nobody reads it
+            raise
         await client.finish(noop)
+
+    async def copy_within(self, from_name: str, uids: Sequence[str],
+                          to_name: str) -> AppendResult:
+        """`UID COPY` messages of one folder of this mailbox into another, on the server
+        (a message that must be in two target folders is sent once, `gmail.py`); the new
+        UIDs when the server says them (COPYUID, RFC 4315)."""
+        if not await self._select(from_name):
+            raise ImapCommandError("EXAMINE", "NO", f"folder {from_name} vanished")
+        ordered = sorted(uids, key=int)
+        pending = await self._c().start(
+            [f"UID COPY {uid_set(ordered)} {quote_mailbox(self._native(to_name)).decode()}"
+             .encode()], "UID COPY")
+        await self._c().finish(pending)
+        match = _COPYUID.search(pending_text(pending))
+        if not match:
+            return AppendResult(None, [None] * len(ordered), [None] * len(ordered))
+        given = dict(zip(expand_uid_set(match.group(2)), expand_uid_set(match.group(3)),
+                         strict=False))
+        return AppendResult(match.group(1), [given.get(u) for u in ordered],
+                            [None] * len(ordered))
 
     async def append_stream(self, name: str, flags: tuple[str, ...], date: str | None,
                             size: int, chunks: AsyncIterator[bytes]) -> Pending:
@@ -665,6 +721,7 @@ class ImapEndpoint:
         return _append_result([], pending_text(pending), 1)
 
 
+_COPYUID = re.compile(r"\[COPYUID (\d+) ([0-9:,]+) ([0-9:,]+)\]", re.IGNORECASE)
 _APPENDUID = re.compile(r"\[APPENDUID (\d+) ([0-9:,]+)\]", re.IGNORECASE)
 
 

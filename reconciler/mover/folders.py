@@ -13,7 +13,10 @@ The target folder of a source folder is decided in this order, first match wins:
    source's own name (its separator) or canonical name; a trailing ``*`` matches a prefix
    and the rest replaces the ``*`` of ``to`` (``{from: "Archives/*", to: "Archive/*"}``);
 2. the special use (RFC 6154 ``\\Sent``, or a well-known name when the server does not
-   advertise it) mapped to the target's folder of the same use;
+   advertise it) mapped to the target's folder of the same use; a provider's nested
+   folder of a use the target lacks (``[Gmail]/Spam``, ``\\Junk``) goes to the
+   conventional name (``Junk``); folders of messages kept elsewhere (``\\All``,
+   ``\\Flagged``, Gmail's ``\\Important``) are not copied (`VIRTUAL_USES`);
 3. the canonical name itself.
 """
 
@@ -24,6 +27,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 SPECIAL_USES = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive")
+# Folders that show messages kept elsewhere (RFC 6154 \\All and \\Flagged, Gmail's
+# \\Important): never copied as folders, or every message would land twice.
+VIRTUAL_USES = ("\\All", "\\Flagged", "\\Important")
+# The attributes a LIST may carry, by their lower-case spelling
+ATTRIBUTES = {use.lower(): use for use in SPECIAL_USES + VIRTUAL_USES}
+# Where a provider's own folder of a use goes on a target that has none of that use
+CONVENTIONAL = {"\\Sent": "Sent", "\\Drafts": "Drafts", "\\Trash": "Trash", "\\Junk": "Junk",
+                "\\Archive": "Archive"}
 
 # Names clients and servers commonly give special folders, for servers without SPECIAL-USE
 # (and for the embedded maildir system, which has no attributes at all). Lower case.
@@ -123,8 +134,12 @@ def map_folders(
                 if "*" in rule.source and source_separator and source_separator != "/":
                     chosen = chosen.replace(source_separator, "/")
                 break
-        if chosen is None and folder.special_use and folder.special_use in by_use \
-                and src_uses[folder.special_use] == 1:
-            chosen = by_use[folder.special_use]
+        if chosen is None and folder.special_use and src_uses[folder.special_use] == 1:
+            if folder.special_use in by_use:
+                chosen = by_use[folder.special_use]
+            elif "/" in folder.name and folder.special_use in CONVENTIONAL:
+                # A provider's folder by its attribute (`[Gmail]/Spam` is \\Junk): the
+                # target's conventional name, not the provider's path.
+                chosen = CONVENTIONAL[folder.special_use]
         result[folder.name] = chosen or folder.name
     return result

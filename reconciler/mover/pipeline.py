@@ -58,7 +58,7 @@ from reconciler.mover.endpoints import (
     header_message_id,
     wire_form,
 )
-from reconciler.mover.folders import Folder, FolderRule, map_folders, ruled
+from reconciler.mover.folders import VIRTUAL_USES, Folder, FolderRule, map_folders, ruled
 from reconciler.mover.manifest import PROOF, Manifest, ManifestRow
 from reconciler.mover.pace import BudgetSpent, Shed, SystemPace
 from reconciler.mover.progress import Progress
@@ -244,6 +244,10 @@ class MailboxCopy:
         # Each side's system pace (`pace.py`): its rate, its daily budget.
         paces = (getattr(source, "pace", None), getattr(target, "pace", None))
         self._failed: asyncio.Future[None] | None = None  # of the running `_stream`
+        # content hash -> (target folder, UID) of a copy made or found in this pass: a
+        # message another target folder needs too is copied there on the target (Gmail's
+        # labels: `gmail.py`), not fetched from the source again
+        self.stored_at: dict[str, tuple[str, str]] = {}
         self.paces: list[SystemPace] = [p for i, p in enumerate(paces)
                                         if p is not None and p not in paces[:i]]
         # target folder -> UIDs already matched to a source message in this pass (two source
@@ -259,6 +263,9 @@ class MailboxCopy:
         # Both sides at once: on a re-run with nothing to do this is most of the time.
         src_folders, dst_folders = await asyncio.gather(self.source.folders(),
                                                         self.target.folders())
+        # \All, \Flagged, \Important show messages kept in other folders (a Gmail source
+        # shows its labels instead: `gmail.py`)
+        src_folders = [f for f in src_folders if f.special_use not in VIRTUAL_USES]
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
         unchanged = self._unchanged(src_folders, mapping)
@@ -417,6 +424,7 @@ class MailboxCopy:
                 known = Held(e.sha256 or "", match[0], f"{kind}:{rewrite}",
                              example(data, REWRITES[rewrite].apply(data)))
             claimed.add(uid)
+            self.stored_at.setdefault(e.sha256 or "", (dst_name, uid))
             # what this pass learnt about the UID counts in its verification, whether or
             # not the manifest rows are written yet
             placed[uid] = Held(known.source, known.stored, known.proof, known.note,
@@ -433,6 +441,8 @@ class MailboxCopy:
             return True
 
         to_read = [e for e in src.entries if not present(e)]
+        moved = await self._copy_within(name, src, dst_name, to_read, report)
+        to_read = [e for e in to_read if e.uid not in moved]
         to_read, spent = self._budget(to_read)
         report.src_state, report.dst_state = src.state, dst.state
         # Sizes a target copy of a message may have (a known rewrite keeps the length): a
@@ -443,7 +453,7 @@ class MailboxCopy:
             # next day (the manifest rows are written by `run`, whatever happens).
             await self._stream(name, src, dst_name, to_read, present, placed, report, sizes)
             raise spent
-        if to_read or self.options.verify == "deep":
+        if to_read or moved or self.options.verify == "deep":
             await self._stream(name, src, dst_name, to_read, present, placed, report, sizes)
             report.dst_state = await self._verify(name, src, dst_name, placed, report)
         else:
@@ -464,6 +474,38 @@ class MailboxCopy:
                 failed.set_exception(cast(BaseException, t.exception()))
         task.add_done_callback(done)
         return task
+
+    async def _copy_within(self, name: str, src: Listing, dst_name: str,
+                           to_read: list[Entry], report: FolderReport) -> set[str]:
+        """Messages of `to_read` whose copy this pass already made (or found) in another
+        target folder: `UID COPY` there on the target (the server copies its own bytes;
+        the verification proves them like any copy). Their source UIDs."""
+        copy = getattr(self.target, "copy_within", None)
+        if not callable(copy):
+            return set()
+        groups: dict[str, dict[str, Entry]] = defaultdict(dict)
+        for e in to_read:
+            at = self.stored_at.get(e.sha256 or "")
+            if at is not None and at[0] != dst_name and at[1] not in groups[at[0]]:
+                groups[at[0]][at[1]] = e
+        moved: set[str] = set()
+        for folder, items in groups.items():
+            if not items:
+                continue
+            order = sorted(items, key=int)
+            result: AppendResult = await copy(folder, order, dst_name)
+            size = 0
+            for stored, uid in zip(order, result.uids, strict=True):
+                e = items[stored]
+                self.rows.add(ManifestRow(name, e.sha256 or "", e.size, e.message_id, True,
+                                          src.validity, e.uid, dst_name, result.validity, uid,
+                                          None, None, ""))
+                moved.add(e.uid)
+                size += e.size
+            report.copied += len(order)
+            report.bytes_copied += size
+            self.progress.advanced(self.key, len(order), size, copied=len(order))
+        return moved
 
     def _budget(self, to_read: list[Entry]) -> tuple[list[Entry], BudgetSpent | None]:
         """The messages that fit in today's byte budget of both systems, in UID order, and
@@ -585,6 +627,8 @@ class MailboxCopy:
                 copied += 1
                 size += len(out.data) or e.size
                 proof = proofs.get(uid or "")
+                if uid is not None and proof is not None and proof.proof == IDENTICAL:
+                    self.stored_at.setdefault(e.sha256 or "", (dst_name, uid))
                 self.rows.add(ManifestRow(
                     name, e.sha256 or "", e.size, e.message_id, True, src.validity, e.uid,
                     dst_name, result.validity, uid, proof.stored if proof else None,

@@ -148,16 +148,34 @@ def throttle_for(system: str, modes: Modes) -> Throttle:
     return current
 
 
-def pace_for(system: str, modes: Modes) -> LocalPace:
+_SHARE: Callable[[LocalPace], SystemPace] | None = None
+_SHARED: dict[str, SystemPace] = {}
+
+
+def share_paces(wrap: Callable[[LocalPace], SystemPace]) -> None:
+    """From now on every system's pace is `wrap(its local pace)`: a worker shares the
+    back-off with the fleet this way (`reconciler.workers.fleet.SharedPace`)."""
+    global _SHARE
+    _SHARE = wrap
+    _SHARED.clear()
+
+
+def pace_for(system: str, modes: Modes) -> SystemPace:
     """A system's pace in this process (one per system, shared by every copy to or from
-    it; limits from the modes: the last recorded ones win, its back-off state is kept)."""
+    it; limits from the modes: the last recorded ones win, its back-off state is kept),
+    or the fleet's around it once `share_paces` was called."""
     connections, per_user, per_day = modes.limits_of(system)
     limits = Limits(connections or None, per_user or None, per_day or None)
     current = _PACES.get(system)
     if current is None:
         current = _PACES[system] = LocalPace(system, limits)
     current.limits = limits
-    return current
+    if _SHARE is None:
+        return current
+    shared = _SHARED.get(system)
+    if shared is None:
+        shared = _SHARED[system] = _SHARE(current)
+    return shared
 
 
 def move_mail(src: MailSystemDriver, src_id: str, dst: MailSystemDriver, dst_id: str, *,

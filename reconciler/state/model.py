@@ -269,6 +269,7 @@ class AddressError(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
     failed_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    manual_step: Mapped[str | None] = mapped_column(Text, nullable=True)  # as a migration's
 
 
 class PlacementSuspension(Base):

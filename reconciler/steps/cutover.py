@@ -25,6 +25,7 @@ decide for every message, wherever it was written (``set_via_fed``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from reconciler.drivers.base import Contact
@@ -83,14 +84,23 @@ def e5_prepare(ctx: StepContext, m: Migration) -> None:
     if not result.ok:  # E8 negative: the patent stops this migration
         raise PermanentError(f"fed's verification failed: {result.reason}",
                              address=m.address, step="E8")
-    # The source's local users' mail for AD1 must reach the hold too, not BOX1 directly.
-    ctx.driver(m.source_system).set_via_fed(m.source_mailbox, True)
+
+
+def _by_system(wave: list[Migration], system_of: Callable[[Migration], str]
+               ) -> dict[str, list[Migration]]:
+    found: dict[str, list[Migration]] = {}
+    for m in wave:
+        found.setdefault(system_of(m), []).append(m)
+    return dict(sorted(found.items()))
 
 
 def hold_wave(ctx: StepContext, wave: list[Migration]) -> HoldResult:
-    """E8 for the prepared mailboxes of a wave: no session to a source predates its via_fed
-    change, then one hold of every address (it answers once nothing is in flight)."""
-    for system in sorted({m.source_system for m in wave}):
+    """E8 for the prepared mailboxes of a wave: the sources' local users' mail for them must
+    reach the hold too, not BOX1 directly (via_fed, one call per source system); no session
+    to a source predates that change; then one hold of every address (it answers once
+    nothing is in flight)."""
+    for system, mine in _by_system(wave, lambda m: m.source_system).items():
+        ctx.driver(system).set_via_fed_many([m.source_mailbox for m in mine], True)
         ctx.fed.refresh_system(system)
     return ctx.fed.hold([a for m in wave for a in addresses_of(m)])
 
@@ -117,19 +127,23 @@ def e9_check(ctx: StepContext, m: Migration) -> None:
     ctx.ping(m.target_system)
 
 
+PROBE = 100  # physical addresses fed probes on one fresh session (RCPTs of one transaction)
+
+
 def prove_wave(ctx: StepContext, wave: list[Migration]) -> list[Migration]:
     """Invariant 9 for a wave: each target takes its ADP2s on fed's path, on a session opened
-    after its last change (one probe per target system). Returns the mailboxes that may be
-    flipped; when a system refuses, its mailboxes are proved one by one, so that only the
-    refused ones wait (their TemporaryError is raised by `prove_each`)."""
+    after its last change (a probe of up to `PROBE` addresses per call). Returns the
+    mailboxes proved; when a probe is refused, its mailboxes are left out, for the caller to
+    prove one by one (so that only the refused ones wait, with the system's reply)."""
     ready: list[Migration] = []
-    for system in sorted({m.target_system for m in wave}):
-        mine = [m for m in wave if m.target_system == system]
-        try:
-            ctx.fed.refresh_system(system, [new_physical(m) for m in mine])
-        except TemporaryError:
-            continue  # the caller proves these one by one
-        ready.extend(mine)
+    for system, mine in _by_system(wave, lambda m: m.target_system).items():
+        for k in range(0, len(mine), PROBE):
+            chunk = mine[k:k + PROBE]
+            try:
+                ctx.fed.refresh_system(system, [new_physical(m) for m in chunk])
+            except TemporaryError:
+                continue
+            ready.extend(chunk)
     return ready
 
 
@@ -161,12 +175,17 @@ def release_wave(ctx: StepContext, wave: list[Migration]) -> tuple[dict[str, int
     return waiting, ctx.fed.release([a for m in wave for a in addresses_of(m)])
 
 
+def after_release(ctx: StepContext, wave: list[Migration]) -> None:
+    """After the release (it need not lengthen the hold): the targets' local users' mail for
+    the moved addresses went through fed, whose directory names BOX2 now; from here the
+    target's own server keeps it (via_fed off, one call per target system)."""
+    for system, mine in _by_system(wave, lambda m: m.target_system).items():
+        ctx.driver(system).set_via_fed_many([m.target_mailbox for m in mine], False)
+
+
 def e9_released(ctx: StepContext, m: Migration, flipped: FlipResult, waiting: dict[str, int],
                 released: ReleaseResult) -> Outcome:
-    """The outcome of E9 for one mailbox of a released wave."""
-    # After the release (it need not lengthen the hold): the target's local users' mail for
-    # AD1 went through fed, whose directory names BOX2 now; from here Postfix keeps it.
-    ctx.driver(m.target_system).set_via_fed(m.target_mailbox, False)
+    """The outcome of E9 for one mailbox of a released wave (after `after_release`)."""
     ctx.cache.downsync_needed = True
     if m.address_migration_id is None:
         m.address_migration_id = uuid.uuid4().hex
@@ -189,4 +208,5 @@ def e9_flip(ctx: StepContext, m: Migration) -> Outcome:
     flipped = flip_wave(ctx, [m])[0]
     redirect_wave(ctx, [m])
     waiting, released = release_wave(ctx, [m])
+    after_release(ctx, [m])
     return e9_released(ctx, m, flipped, waiting, released)

@@ -132,7 +132,11 @@ def create_mailbox(ctx: StepContext, want: DesiredMailbox) -> Outcome:
         # Nothing before the system answers as fed and the mover will reach it (its TLS
         # and certificate too): a mailbox fed cannot deliver to is not created.
         ctx.ping(want.system)
-        account = driver.create_mailbox(mailbox_id, access_addresses=(want.address,))
+        try:
+            account = driver.create_mailbox(mailbox_id, access_addresses=(want.address,))
+        except ManualStep as exc:  # its provider creates it (a hosted system)
+            raise ManualStep(exc.task, exc.why, delay=exc.delay, address=want.address,
+                             step="create") from exc
     if set(account.all_addresses) != {want.address, *want.aliases}:
         driver.set_addresses(mailbox_id, (want.address,), want.aliases)
     # fed learns it from the up-sync at the end of this pass; the next plan checks that the

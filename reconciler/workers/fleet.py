@@ -37,6 +37,7 @@ import psycopg
 from sqlalchemy import Engine, text
 
 from reconciler.errors import TemporaryError
+from reconciler.mover.pace import BudgetSpent, LocalPace
 from reconciler.mover.throttle import Throttle
 
 MAILBOX_LOCKS = 0x4D46  # advisory lock class of the mailbox locks ("MF")
@@ -56,8 +57,10 @@ class Guard:
     """One job's connection: its advisory locks, and the watchdog that notices its loss."""
 
     def __init__(self, conninfo: str, *, ping: float = 1.0, poll: float = 0.2,
-                 stop: Callable[[], bool] = lambda: False) -> None:
-        self.conn = psycopg.connect(conninfo, autocommit=True)
+                 stop: Callable[[], bool] = lambda: False, name: str = "") -> None:
+        # Named in pg_stat_activity: an admin (or a test) sees whose locks these are.
+        self.conn = psycopg.connect(conninfo, autocommit=True,
+                                    application_name=f"mailferry-guard {name}"[:63])
         self.lost = threading.Event()
         self.poll, self.stop = poll, stop
         self._lock = threading.Lock()
@@ -211,3 +214,44 @@ class FleetPace(Throttle):
                                     "WHERE system = :s"), {"s": self.system}).first()
         return {"system": self.system, "strikes": row[0] if row else 0,
                 "reason": row[1] if row else ""}
+
+
+class SharedPace:
+    """A system's `SystemPace` in a worker: this process's pace (its connection limits,
+    daily budget, its own halving of connections) with the fleet's back-off around it. A
+    throttling answer an endpoint gets is told to both, so every worker waits; before
+    each message the shared back-off is looked at (twice a second, no rate: the copy's
+    `FleetPace` already takes the policy's rate)."""
+
+    def __init__(self, local: LocalPace, fleet: FleetPace) -> None:
+        self.local, self.fleet = local, fleet
+        self.system = local.system
+
+    async def connect(self, user: str) -> None:
+        await self.local.connect(user)
+
+    def disconnect(self, user: str) -> None:
+        self.local.disconnect(user)
+
+    @property
+    def pooling(self) -> bool:
+        return self.local.pooling
+
+    def shed(self) -> bool:
+        return self.local.shed()
+
+    async def take(self, size: int) -> None:
+        await self.fleet.take(0)
+        await self.local.take(size)
+
+    def reserve(self, size: int) -> bool:
+        return self.local.reserve(size)
+
+    def spent(self) -> BudgetSpent:
+        return self.local.spent()
+
+    def throttled(self, reason: str) -> float:
+        return max(self.local.throttled(reason), self.fleet.throttled(reason))
+
+    def state(self) -> dict[str, object]:
+        return {**self.local.state(), "fleet": self.fleet.state()}

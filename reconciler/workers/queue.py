@@ -127,12 +127,15 @@ class Queue:
     """The data parts of steps, queued for `reconcile worker` processes."""
 
     def __init__(self, store: Store, *, notice: Callable[[str], None] | None = None,
-                 poll: float = 0.2, max_wait: float | None = None) -> None:
+                 poll: float = 1.0, max_wait: float | None = None) -> None:
         self.store = store
         self.max_wait = max_wait  # `wait`'s default timeout (--watch: it has timers too)
         ensure_schema(store.url)
         self.app = make_app(store.url)
         self.app.open()
+        # Woken by the workers' NOTIFY when a result is written (the poll is the fallback).
+        self._listen = psycopg.connect(conninfo(store.url), autocommit=True)
+        self._listen.execute(f"LISTEN {CHANNEL}")
         self.notice = notice
         self.poll = poll
         self._checked: dict[int, float] = {}  # data_jobs.id -> monotonic time of last look
@@ -140,6 +143,7 @@ class Queue:
 
     def close(self) -> None:
         self.app.close()
+        self._listen.close()
 
     def _defer(self, m: Migration, step: str) -> None:
         with contextlib.suppress(AlreadyEnqueued):  # waiting already: that job will do
@@ -186,6 +190,16 @@ class Queue:
                 self._defer(m, step)  # its job ended without a result: queue it again
         raise NotReady(f"{step} {status} on a worker", address=m.address, step=step)
 
+    def _orphans(self) -> int:
+        """Rows queued or running without a procrastinate job waiting or running for
+        them: a worker that lost the database gave up its job without a result."""
+        with self.store.engine.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT count(*) FROM data_jobs d WHERE d.status IN ('queued', 'running') "
+                "AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queueing_lock = "
+                "d.migration_id || ':' || d.step || ':' || d.state "
+                "AND j.status IN ('todo', 'doing'))")).scalar() or 0)
+
     def outstanding(self) -> int:
         """Jobs queued or running on workers."""
         with self.store.session() as session:
@@ -197,7 +211,7 @@ class Queue:
         when nothing is outstanding any more, on `stop`, or after `timeout` seconds."""
         timeout = self.max_wait if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        said = time.monotonic()
+        said = orphans_seen = time.monotonic()
         while not stop():
             with self.store.session() as session:
                 newest = session.scalar(select(func.max(DataJob.finished_at)).where(
@@ -209,11 +223,17 @@ class Queue:
                 return True
             if not busy:
                 return False
+            if time.monotonic() - orphans_seen >= RECHECK:
+                orphans_seen = time.monotonic()
+                if self._orphans():  # a pass queues them again (`offload`)
+                    self._checked.clear()
+                    return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             if self.notice is not None and time.monotonic() - said >= 30:
                 said = time.monotonic()
                 self.notice(f"waiting for {busy} data jobs on the workers "
                             "(is a `reconcile worker` running?)")
-            time.sleep(self.poll)
+            for _ in self._listen.notifies(timeout=self.poll, stop_after=1):
+                pass
         return False

@@ -38,12 +38,13 @@ from reconciler.drivers.registry import make_drivers
 from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
 from reconciler.lease import holder_id
+from reconciler.mover.service import share_paces
 from reconciler.spec.model import SpecSet
 from reconciler.state.model import DataJob, Migration, utcnow
 from reconciler.state.store import Store
 from reconciler.steps.base import PassCache, StepContext
 from reconciler.steps.registry import DATA_PARTS
-from reconciler.workers.fleet import FleetPace, Guard
+from reconciler.workers.fleet import FleetPace, Guard, SharedPace
 from reconciler.workers.queue import (
     CHANNEL,
     QUEUE,
@@ -119,7 +120,8 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
             return
         address, source, target = m.address, m.source_system, m.target_system
         limit = m.modes.max_parallel
-    guard = Guard(conninfo(rt.store.url), ping=rt.ping, stop=rt.stopping.is_set)
+    guard = Guard(conninfo(rt.store.url), ping=rt.ping, stop=rt.stopping.is_set,
+                  name=f"{rt.name} {address} {step}")
     try:
         guard.mailbox(f"{target}/{address}")
         guard.slot(f"source:{source}", limit)
@@ -133,7 +135,7 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
                               cache=PassCache(), desired=rt.specs.desired().get(address),
                               worker=True, pace=rt.pace(guard))
             detail = dict(part(ctx, m))
-        detail.update(worker=rt.name, copy_started=started.isoformat(),
+        detail.update(worker=rt.name, attempt=attempt, copy_started=started.isoformat(),
                       copy_finished=utcnow().isoformat())
         status, result = "done", {"detail": detail}
     except Exception as exc:  # every error goes back to the reconciler, classified
@@ -179,6 +181,8 @@ def run_worker(specs: SpecSet, store: Store, *, concurrency: int = 4,
     """Take jobs until SIGTERM/SIGINT (procrastinate's handlers: the running jobs end)."""
     ensure_schema(store.url)
     rt = Runtime(specs, store, make_drivers(specs), ping=ping)
+    # Every endpoint's pace shares its back-off with the other workers.
+    share_paces(lambda local: SharedPace(local, FleetPace(store.engine, local.system)))
     app = worker_app(rt)
 
     async def main() -> None:
