@@ -57,21 +57,7 @@ def messages(user: str, count: int, size: int = 600) -> list[tuple[bytes, str]]:
 
 
 def fill(server: Dovecot, user: str, folders: dict[str, list[tuple[bytes, str]]]) -> None:
-    """Each folder's messages in one MULTIAPPEND (the suite's `fill` appends one at a time:
-    too slow for hundreds)."""
-    async def go() -> None:
-        client = await ImapClient.connect("127.0.0.1", server.port, timeout=15)
-        await client.login(user, f"pw-{user}")
-        for folder, items in folders.items():
-            if folder != "INBOX":
-                await client.simple(f"CREATE {folder}")
-            segments = [f"APPEND {folder}".encode()]
-            for data, flags in items:
-                segments[-1] += f" ({flags}) ".encode()
-                segments += [data, b""]
-            await client.finish(await client.start(segments, "APPEND"))
-        await client.logout()
-    asyncio.run(go())
+    asyncio.run(mail.imap_fill(server.port, user, f"pw-{user}", folders))
 
 
 def ids(server: Dovecot, user: str) -> Counter[str]:
