@@ -127,12 +127,15 @@ class Queue:
     """The data parts of steps, queued for `reconcile worker` processes."""
 
     def __init__(self, store: Store, *, notice: Callable[[str], None] | None = None,
-                 poll: float = 0.2, max_wait: float | None = None) -> None:
+                 poll: float = 1.0, max_wait: float | None = None) -> None:
         self.store = store
         self.max_wait = max_wait  # `wait`'s default timeout (--watch: it has timers too)
         ensure_schema(store.url)
         self.app = make_app(store.url)
         self.app.open()
+        # Woken by the workers' NOTIFY when a result is written (the poll is the fallback).
+        self._listen = psycopg.connect(conninfo(store.url), autocommit=True)
+        self._listen.execute(f"LISTEN {CHANNEL}")
         self.notice = notice
         self.poll = poll
         self._checked: dict[int, float] = {}  # data_jobs.id -> monotonic time of last look
@@ -140,6 +143,7 @@ class Queue:
 
     def close(self) -> None:
         self.app.close()
+        self._listen.close()
 
     def _defer(self, m: Migration, step: str) -> None:
         with contextlib.suppress(AlreadyEnqueued):  # waiting already: that job will do
@@ -230,5 +234,6 @@ class Queue:
                 said = time.monotonic()
                 self.notice(f"waiting for {busy} data jobs on the workers "
                             "(is a `reconcile worker` running?)")
-            time.sleep(self.poll)
+            for _ in self._listen.notifies(timeout=self.poll, stop_after=1):
+                pass
         return False
