@@ -204,6 +204,24 @@ def uid_set(uids: Sequence[str]) -> str:
     return ",".join(parts)
 
 
+def _asked(uids: Sequence[str]) -> Callable[[Untagged], bool]:
+    """Whether a FETCH response is for one of these UIDs. Why: one connection may have
+    several body fetches in flight (a target's read-backs of consecutive APPENDs, a second
+    read in wire form); a response handed to the first FETCH in flight, whatever it asked
+    for, was dropped there and its own FETCH never saw it: the read-back of that copy
+    "never came back", so an altered big copy was reported missing instead of altered
+    (tests/test_mover_stream.py, about one run in three under load)."""
+    wanted = frozenset(int(u) for u in uids)
+
+    def accepts(response: Untagged) -> bool:
+        items = response[2] if len(response) > 2 else None
+        if isinstance(items, list) and items[:1] == [b"UID"] and len(items) > 1:
+            return as_int(items[1]) in wanted  # the fast path's shape: UID first
+        found = fetch_items(response)
+        return found is not None and as_int(found.get(b"UID")) in wanted
+    return accepts
+
+
 def expand_uid_set(text: str) -> list[str]:
     """An APPENDUID set (5:7,9) -> ['5','6','7','9'] (bounded by the batch size)."""
     result: list[str] = []
@@ -598,8 +616,8 @@ class ImapEndpoint:
         started = [
             await client.start(
                 [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} ({what})".encode()],
-                "UID FETCH", handler=deliver, digest_over=DIGEST_OVER if digest else None,
-                digest_raw=raw,
+                "UID FETCH", handler=deliver, accepts=_asked(ordered[i:i + _LIST_CHUNK]),
+                digest_over=DIGEST_OVER if digest else None, digest_raw=raw,
                 streamer=streamer if stream is not None and meta else None)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
