@@ -73,7 +73,8 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> dict[str
                            throttle=ctx.pace(m.source_system, m) if ctx.pace else None)
         detail.update(copied=report.copied, present=report.present, failed=report.failed,
                       bytes=report.bytes_copied, missing=report.missing,
-                      altered=report.altered, equivalent=report.equivalent)
+                      altered=report.altered, equivalent=report.equivalent,
+                      throttled=report.throttled)  # attempts a busy system refused
         if report.resume_at is not None:
             # A system's daily budget is spent: what fitted is copied; the rest waits for
             # the next day, without counting as an error (the plan shows this reason).
