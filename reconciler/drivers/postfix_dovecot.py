@@ -374,7 +374,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         self.check_international(mailbox_id, (*access_addresses, *aliases))
         super().set_addresses(mailbox_id, access_addresses, aliases)
 
-    def check_international(self, mailbox_id: str, addresses: tuple[str, ...]) -> None:
+    def check_international(self, mailbox_id: str | None, addresses: tuple[str, ...]) -> None:
         """Refuse, before anything is written, what this Postfix + Dovecot would bounce.
 
         A UTF-8 local part (RFC 6531) reaches Postfix only with SMTPUTF8, so Postfix must
@@ -383,8 +383,10 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         an LMTP server that offers SMTPUTF8 (else it bounces, 5.6.7 "SMTPUTF8 is required"),
         and Dovecot must accept the id as a user name. Dovecot 2.3's LMTP offers no
         SMTPUTF8. An IDN domain alone needs none of this (ids and maps hold A-labels).
-        TemporaryError naming the system, the reason and what to set."""
+        TemporaryError naming the system, the reason and what to set. `mailbox_id` None:
+        only the addresses (an adopted mailbox, which gets its mail as it always did)."""
         utf8 = [a for a in addresses if not a.rpartition("@")[0].isascii()]
+        mailbox_id = mailbox_id or ""
         if not utf8 and mailbox_id.isascii():
             return
         problems = []
