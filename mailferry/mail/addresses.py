@@ -41,6 +41,7 @@ spelling in the key: it matches nothing the directory holds (``check`` refuses i
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -119,6 +120,13 @@ def domain_to_ascii(domain: str) -> str:
     domain = domain.lower()
     if domain.isascii():
         return domain
+    return _to_a_labels(domain)
+
+
+@functools.lru_cache(maxsize=4096)
+def _to_a_labels(domain: str) -> str:
+    """IDNA 2008 + UTS 46 (about 18 us a call): cached, a mail system has few domains and
+    fed converts one on every RCPT that spells it in U-labels."""
     try:
         return idna.encode(domain, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError) as exc:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from mailferry.mail.imap.client import ImapClient
 from mailferry.mail.messageid import message_id_of
 
 
@@ -73,3 +74,20 @@ class Sender(threading.Thread):
             except (OSError, smtplib.SMTPException):
                 self.refused.append(mid)
             time.sleep(self.pause)
+
+
+async def imap_fill(port: int, user: str, password: str,
+                    folders: dict[str, list[tuple[bytes, str]]]) -> None:
+    """Append each folder's (message, flags) list in one MULTIAPPEND, creating the folder
+    (appending one at a time, hundreds of messages take seconds on a loaded machine)."""
+    client = await ImapClient.connect("127.0.0.1", port, timeout=30)
+    await client.login(user, password)
+    for folder, items in folders.items():
+        if folder != "INBOX":
+            await client.simple(f"CREATE {folder}")
+        segments = [f"APPEND {folder}".encode()]
+        for data, flags in items:
+            segments[-1] += f" ({flags}) ".encode()
+            segments += [data, b""]
+        await client.finish(await client.start(segments, "APPEND"))
+    await client.logout()
