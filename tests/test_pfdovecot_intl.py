@@ -96,6 +96,26 @@ def postmap_query(host: MailHost, key: str) -> str:
     return done.stdout.strip()
 
 
+def offers_smtputf8(host: MailHost) -> bool:
+    with smtplib.SMTP("127.0.0.1", host.smtp_port, timeout=10) as client:
+        client.ehlo("t")
+        return bool(client.has_extn("smtputf8"))
+
+
+def set_smtputf8(host: MailHost, engine: Engine, on: bool) -> None:
+    """smtputf8_enable as an admin changes it (postconf -e, postfix reload), then fed told,
+    as the reconciler does after changing a system. Idle smtpd processes of the old
+    configuration may still take a connection just after the reload: wait until three
+    fresh sessions in a row show the new one."""
+    subprocess.run(["postconf", "-c", str(host.postfix_dir), "-e",
+                    f"smtputf8_enable={'yes' if on else 'no'}"], check=True, timeout=30)
+    subprocess.run(["postfix", "-c", str(host.postfix_dir), "reload"], check=True, timeout=30,
+                   capture_output=True)
+    wait_for(lambda: all(offers_smtputf8(host) == on for _ in range(3)), timeout=60,
+             what=f"Postfix sessions with smtputf8_enable = {on}")
+    engine.fed.refresh_system("pf1")
+
+
 def test_idn_domain_is_one_domain_on_postfix_and_dovecot(pf: PfWorld, engine: Engine) -> None:
     host, fed_port = pf.hosts["pf1"], engine.specs.fed.smtp.port
     assert engine.drivers["pf1"].get_account(INFO_BOX) is not None
@@ -164,6 +184,10 @@ def test_utf8_local_part_end_to_end_where_every_hop_has_smtputf8(pf: PfWorld,
     wait_for(lambda: mailbox_message_ids(engine, "s1", key)["<j-local@t>"] == 1,
              timeout=60, what="the local delivery")
     assert not [d for d in engine.fed.deliveries() if d.message_id == "<j-local@t>"]
+    # the text plan shows U-labels (the JSON keeps the key)
+    plan = run_cli("--specs", engine.specs.root, "--state", str(engine.store.url), "--plan",
+                   "-v", cwd=Path(engine.specs.root))
+    assert f"= {JUERGEN} " in plan.stdout and key not in plan.stdout, (plan.stdout, plan.stderr)
     # an admin asking for the history in the other form, other case, finds it
     done = run_cli("--state", str(engine.store.url), "events", f"J\u00dcRGEN@{IDN}",
                    cwd=Path(engine.specs.root))
@@ -197,15 +221,8 @@ def test_postfix_without_smtputf8_refuses_clearly_and_loses_nothing(
     host, fed_port = pf.hosts["pf1"], engine.specs.fed.smtp.port
     driver = engine.drivers["pf1"]
     assert isinstance(driver, PostfixDovecotDriver)
-    postconf = ["postconf", "-c", str(host.postfix_dir), "-e"]
-    subprocess.run([*postconf, "smtputf8_enable=no"], check=True, timeout=30)
-    subprocess.run(["postfix", "-c", str(host.postfix_dir), "reload"], check=True, timeout=30,
-                   capture_output=True)
+    set_smtputf8(host, engine, False)
     try:
-        engine.fed.refresh_system("pf1")  # as the reconciler does after changing a system
-        with smtplib.SMTP("127.0.0.1", host.smtp_port, timeout=10) as client:
-            client.ehlo("t")
-            assert not client.has_extn("smtputf8")
         # The driver: a UTF-8 alias needs Postfix's SMTPUTF8; nothing changes.
         with pytest.raises(TemporaryError,
                            match=r"smtputf8_enable = 'no' \(set smtputf8_enable = yes"):
@@ -236,10 +253,7 @@ def test_postfix_without_smtputf8_refuses_clearly_and_loses_nothing(
         assert info["code"] == 553
         assert b"<stranded@t>" in infos[-1].with_suffix(".eml").read_bytes()  # kept
     finally:
-        subprocess.run([*postconf, "smtputf8_enable=yes"], check=True, timeout=30)
-        subprocess.run(["postfix", "-c", str(host.postfix_dir), "reload"], check=True,
-                       timeout=30, capture_output=True)
-        engine.fed.refresh_system("pf1")
+        set_smtputf8(host, engine, True)
 
 
 def test_both_idn_forms_are_keys_when_the_lmtp_server_offers_smtputf8(tmp_path: Path) -> None:
