@@ -16,10 +16,13 @@ through a fresh proxy:
              connections back, pauses (growing), recovers slowly
   fixed      the same mover with a pace that only pauses (the same growing pause) and never
              slows down: what a copy that "just retries" does
+  mbsync-4   the peer (isync/mbsync, configured as ../shared/bench/imap_copy.sh does), 4
+             users at a time, through the same kind of proxy
 
 and is then counted on the target by Message-ID (lost, duplicated). Printed per variant:
 wall, messages/s, refusals the proxy gave, peak connections after the first refusal.
-RUNS=2 alternates the order. Last line: `adaptive/fixed wall ratio: X.XX`.
+RUNS=2 alternates the order. Last lines: the best complete walls, `adaptive/fixed` and
+`adaptive/mbsync-4 wall ratio: X.XX` (a variant that left messages behind has no wall).
 
 Usage (root): bench/provider_throttle.py [USERS] [MSGS]     default 8 400
 Knobs: RATE (300 messages/s), CONNS (4), PARALLEL (8), RUNS (1), BATCH (10 messages per APPEND),
@@ -30,8 +33,10 @@ everything for SECONDS, as providers lock out a client that keeps hammering).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -75,9 +80,11 @@ async def message_ids(port: int, user: str) -> Counter[str]:
             if isinstance(items[i], bytes) and items[i].upper().startswith(b"BODY[HEADER"):
                 found[mail.message_id(items[i + 1])] += 1  # type: ignore[arg-type]
 
-    await client.simple("EXAMINE INBOX")
-    await client.simple("FETCH 1:* (BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
-                        handler=collect)  # type: ignore[arg-type]
+    exists = [r for r in await client.simple("EXAMINE INBOX")
+              if len(r) > 1 and r[1] == b"EXISTS" and r[0] != b"0"]
+    if exists:  # FETCH 1:* is an error in an empty folder
+        await client.simple("FETCH 1:* (BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+                            handler=collect)  # type: ignore[arg-type]
     await client.logout()
     return found
 
@@ -108,14 +115,64 @@ async def variant(name: str, src: int, dst: int, users: list[str], msgs: int,
         lost += msgs - len(got)
         dup += sum(n - 1 for n in got.values())
     verified = sum(r.verified for r in reports)
+    for r in reports:
+        if not r.verified:
+            print(f"  {r.key}: not verified after {r.attempts} attempts ({r.throttled} "
+                  f"throttled): {(r.error or '')[:160]}")
     refusals = sum(1 for _, k, _ in proxy.events if k in ("refuse", "limit"))
     penalties = sum(1 for _, k, _ in proxy.events if k == "penalty")
     peak = proxy.peak_connections(refused + 1.0) if refused else proxy.peak_connections()
-    print(f"{name:9} wall {wall:6.2f} s  {len(users) * msgs / wall:7.1f} msg/s  verified "
+    copied = len(users) * msgs - lost
+    print(f"{name:9} wall {wall:6.2f} s  {copied / wall:7.1f} msg/s copied  verified "
           f"{verified}/{len(users)}  lost {lost}  duplicated {dup}  refusals {refusals}  "
           f"lock-outs {penalties}  peak connections after the first refusal {peak}",
           flush=True)
-    return {"wall": wall, "refusals": refusals, "lost": lost, "dup": dup}
+    return {"wall": wall, "refusals": refusals, "lost": lost, "dup": dup,
+            "complete": float(verified == len(users))}
+
+
+def mbsync(src: int, dst: int, users: list[str], msgs: int, rate: float, conns: int,
+           penalty: tuple[int, float] | None, tmp: Path) -> dict[str, float]:
+    """The peer: one `mbsync` channel per user, 4 at once (the harness's mbsync-par)."""
+    proxy = ThrottlingProxy(dst, max_rate=rate, limit=conns, penalty=penalty)
+    state = tmp / f"mbsync-state-{users[0]}"
+    state.mkdir(parents=True)
+    rc = tmp / f"mbsyncrc-{users[0]}"
+    text = (f"Sync Pull\nCreate Near\nRemove None\nExpunge None\nCopyArrivalDate yes\n"
+            f"SyncState {state}/\n\n")
+    for user in users:
+        base = user.split("-")[0]
+        text += (f"IMAPAccount src-{user}\nHost 127.0.0.1\nPort {src}\nUser {base}\n"
+                 f"Pass pw-{base}\nSSLType None\n\nIMAPStore src-{user}\nAccount src-{user}\n\n"
+                 f"IMAPAccount dst-{user}\nHost 127.0.0.1\nPort {proxy.port}\nUser {user}\n"
+                 f"Pass pw-{user}\nSSLType None\n\nIMAPStore dst-{user}\nAccount dst-{user}\n\n"
+                 f"Channel {user}\nFar :src-{user}:\nNear :dst-{user}:\nPatterns *\n\n")
+    rc.write_text(text)
+    started = time.monotonic()
+
+    def one(user: str) -> int:
+        return subprocess.run(["mbsync", "-c", str(rc), "-q", user], capture_output=True,
+                              timeout=600).returncode
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(one, users))
+    finally:
+        wall = time.monotonic() - started
+        proxy.close()
+    lost = dup = 0
+    for user in users:
+        got = asyncio.run(message_ids(dst, user))
+        lost += msgs - len(got)
+        dup += sum(n - 1 for n in got.values())
+    refusals = sum(1 for _, k, _ in proxy.events if k in ("refuse", "limit"))
+    penalties = sum(1 for _, k, _ in proxy.events if k == "penalty")
+    copied = len(users) * msgs - lost
+    print(f"{'mbsync-4':9} wall {wall:6.2f} s  {copied / wall:7.1f} msg/s copied  exit 0: "
+          f"{codes.count(0)}/{len(users)}  lost {lost}  duplicated {dup}  refusals "
+          f"{refusals}  lock-outs {penalties}  peak connections {proxy.peak_connections()}",
+          flush=True)
+    return {"wall": wall, "lost": lost}
 
 
 def main() -> int:
@@ -131,7 +188,7 @@ def main() -> int:
         return 2
     root = dovecot.private_root()
     base = [f"u{i}" for i in range(users_n)]
-    targets = [f"{u}-{v}-{r}" for r in range(runs) for v in ("a", "f") for u in base]
+    targets = [f"{u}-{v}-{r}" for r in range(runs) for v in ("a", "f", "m") for u in base]
     src = dovecot.Dovecot(root, "src", {u: f"pw-{u}" for u in base}).start()
     dst = dovecot.Dovecot(root, "dst", {u: f"pw-{u}" for u in targets}).start()
     try:
@@ -142,17 +199,26 @@ def main() -> int:
                 for i in range(msgs)]}))
         print(f"{users_n} users x {msgs} messages (~1.7 KB), {parallel} at once; proxy: "
               f"{rate:g} messages/s, {conns} connections, penalty {penalty}", flush=True)
-        walls: dict[str, list[float]] = {"adaptive": [], "fixed": []}
+        walls: dict[str, list[float]] = {"adaptive": [], "fixed": [], "mbsync-4": []}
         for r in range(runs):
             order = ("adaptive", "fixed") if r % 2 == 0 else ("fixed", "adaptive")
             for name in order:
                 users = [f"{u}-{name[0]}-{r}" for u in base]
                 got = asyncio.run(variant(name, src.port, dst.port, users, msgs, parallel,
                                           rate, conns, batch, penalty))
-                walls[name].append(got["wall"])
-        best_a, best_f = min(walls["adaptive"]), min(walls["fixed"])
-        print(f"best wall: adaptive {best_a:.2f} s, fixed {best_f:.2f} s")
-        print(f"adaptive/fixed wall ratio: {best_a / best_f:.2f}")
+                if got["complete"]:
+                    walls[name].append(got["wall"])
+            if shutil.which("mbsync"):
+                got = mbsync(src.port, dst.port, [f"{u}-m-{r}" for u in base], msgs, rate,
+                             conns, penalty, root)
+                if not got["lost"]:
+                    walls["mbsync-4"].append(got["wall"])
+        best = {k: min(v) for k, v in walls.items() if v}
+        print("best complete wall: " + ", ".join(f"{k} {v:.2f} s" for k, v in best.items())
+              + "".join(f", {k} never complete" for k in walls if k not in best))
+        for peer in ("fixed", "mbsync-4"):
+            if "adaptive" in best and peer in best:
+                print(f"adaptive/{peer} wall ratio: {best['adaptive'] / best[peer]:.2f}")
     finally:
         src.stop()
         dst.stop()

@@ -5,13 +5,15 @@ Every copy is counted by Message-ID on the target: lost 0, duplicated 0."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_mover_imap import snapshot, store
+from test_mover_imap import REPO, snapshot, store
 
 from mailferry.mail.imap.client import ImapClient, ImapThrottled, throttle_answer
 from reconciler.drivers.base import ImapAccount
@@ -27,7 +29,7 @@ from helpers import mail
 from helpers.gmail_server import SPAM, TRASH, GmailServer, Mailbox, Message
 from helpers.imap_proxy import ThrottlingProxy
 
-USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm")
+USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm", "c0", "c1", "c2")
 FAST = Backoff(base=0.2, cap=1.0, settle=0.5, recover_every=60.0, window=2.0, min_rate=5.0)
 
 
@@ -304,3 +306,30 @@ def test_provider_folders_are_mapped_by_attribute_not_name() -> None:
                                         "Deleted Items": "Deleted Items"}
     assert {"\\all", "\\flagged", "\\important"} <= set(ATTRIBUTES)
     assert set(VIRTUAL_USES) == {"\\All", "\\Flagged", "\\Important"}
+
+
+def test_the_command_line_keeps_to_a_connection_limit(pair: Pair, tmp_path: Path) -> None:
+    """`mover copy --parallel 3 --dst-max-connections 1`: three mailboxes, one connection to
+    the target at any moment (the proxy counts them), every message once."""
+    users = ["p0", "p1", "p2"]  # copied again, into c0..c2
+    listing = tmp_path / "users.txt"
+    listing.write_text("".join(f"{u} pw-{u} {t} pw-{t}\n"
+                               for u, t in zip(users, ("c0", "c1", "c2"), strict=True)))
+    for user in users:
+        if not ids(pair.src, user):
+            fill(pair.src, user, {"INBOX": messages(user, 40)})
+    proxy = ThrottlingProxy(pair.dst.port)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+             f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{proxy.port}", "--users",
+             str(listing), "--parallel", "3", "--dst-max-connections", "1",
+             "--progress", "none", "--report", "json"],
+            cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        proxy.close()
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert proxy.peak_connections() == 1 and proxy.first("open") is not None
+    for user, target in zip(users, ("c0", "c1", "c2"), strict=True):
+        got = ids(pair.dst, target)
+        assert got == ids(pair.src, user) and set(got.values()) == {1}

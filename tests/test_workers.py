@@ -13,7 +13,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,8 +26,8 @@ from reconciler.workers.queue import Queue
 
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
-from workerutil import Workers, copy_events, prepared, states, with_queue
-from world import World, mailbox_message_ids, run_cli
+from workerutil import Workers, copy_events, prepared, seed, states, with_queue
+from world import World, mailbox_message_ids, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -182,3 +182,42 @@ def test_a_throttling_answer_slows_every_worker(
     for address, ids in seeded.items():
         found = mailbox_message_ids(engine, "s2", address)
         assert {i: found[i] for i in ids} == {i: 1 for i in ids}
+
+
+def test_prestage_on_workers_copies_before_the_cutover(
+        world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
+    """A window two days ahead: E2 creates BOX2 now (state 1, prestageLead 3d) and
+    `reconcile prestage --workers` has a worker copy the bulk; the state does not move,
+    PRESTAGE is recorded."""
+    start = (utcnow() + timedelta(days=2)).replace(microsecond=0)
+    address, later = "pre0@corp.example", {
+        "apiVersion": "mailferry/v1", "kind": "MigrationWindow", "metadata": {"name": "later"},
+        "spec": {"timeZone": "UTC", "windows": [
+            {"kind": "allow", "start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "end": (start + timedelta(hours=4)).strftime("%Y-%m-%dT%H:%M:%SZ")}]}}
+    spec = policy("pp", prestageCopy=True, prestageLead="3d")
+    box = [{"address": address}]
+    home = world.write(tmp_path / "home", [spec, placement("home-pre", "s1", box,
+                                                           policy_name="pp")])
+    engine = world.engine(home, postgres.url)
+    assert engine.apply().errors == []
+    ids = seed(engine, address, 8)
+    moved = world.write(tmp_path / "moved", [spec, later, placement(
+        "wave-pre", "s2", box, policy_name="pp", window="later")])
+    engine = world.engine(moved, postgres.url)
+    assert engine.apply().errors == []
+    assert states(engine, {address}) == Counter({1: 1})
+    workers = Workers(moved, postgres.url, tmp_path)
+    try:
+        workers.start()
+        done = run_cli("--specs", str(moved), "--state", postgres.url, "prestage", "--workers",
+                       cwd=tmp_path, timeout=120)
+    finally:
+        workers.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{address}: prestaged (8 copied, 0 present)" in done.stdout
+    assert states(engine, {address}) == Counter({1: 1})
+    (event,) = copy_events(engine, {address}, "PRESTAGE")
+    assert event["copied"] == 8
+    found = mailbox_message_ids(engine, "s2", address)
+    assert {i: found[i] for i in ids} == {i: 1 for i in ids}

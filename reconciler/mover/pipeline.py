@@ -746,6 +746,8 @@ class MailboxCopy:
         finally:
             if not failed.done():
                 failed.cancel()
+            elif not failed.cancelled():
+                failed.exception()  # read: the error went up as the reading's, or with it
         for e in to_read:
             if e.uid not in seen:
                 report.failed.append((e.uid, "vanished from the source during the copy"))

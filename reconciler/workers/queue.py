@@ -37,6 +37,7 @@ from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from reconciler.errors import (
     MailferryError,
@@ -46,7 +47,7 @@ from reconciler.errors import (
     Waiting,
 )
 from reconciler.state.model import DataJob, Migration, utcnow
-from reconciler.state.store import Store
+from reconciler.state.store import Store, record_event
 from reconciler.steps.base import StepContext
 
 TASK = "mailferry.data_step"
@@ -158,6 +159,11 @@ class Queue:
                 "AND status IN ('todo', 'doing') LIMIT 1"), {"ql": ql}).first() is not None
 
     def offload(self, ctx: StepContext, m: Migration, step: str) -> dict[str, Any]:
+        return self.take(ctx.session, m, step)
+
+    def take(self, session: Session, m: Migration, step: str) -> dict[str, Any]:
+        """`offload` with the caller's session (the done row is deleted in it)."""
+        step_session = session
         where = (DataJob.migration_id == m.id, DataJob.step == step, DataJob.state == m.state)
         with self.store.session() as session:
             row = session.scalars(select(DataJob).where(*where)).first()
@@ -175,7 +181,7 @@ class Queue:
             self._defer(m, step)
             raise NotReady(f"{step} queued for a worker", address=m.address, step=step)
         if status == "done":
-            ctx.session.execute(delete(DataJob).where(DataJob.id == row_id))
+            step_session.execute(delete(DataJob).where(DataJob.id == row_id))
             self._checked.pop(row_id, None)
             return dict(result.get("detail") or {})
         if status == "error":
@@ -237,3 +243,34 @@ class Queue:
             for _ in self._listen.notifies(timeout=self.poll, stop_after=1):
                 pass
         return False
+
+
+def prestage_on_workers(queue: Queue, store: Store, *, everything: bool = False,
+                        echo: Callable[[str], None] = print) -> int:
+    """`reconcile prestage --workers`: the prestage copy of every due migration queued for
+    the workers; each result recorded as its PRESTAGE event (no transition) as it comes.
+    The number of migrations whose prestage failed (they are copied at E15 anyway)."""
+    from reconciler.mover.prestage import due
+
+    pending = {m.id: m for m in due(store, everything=everything)}
+    failed = 0
+    for _ in range(1_000_000):  # bounded: each round waits for a result or 5 s
+        if not pending:
+            break
+        for m in list(pending.values()):
+            try:
+                with store.session() as session:
+                    detail = queue.take(session, m, "prestage")
+                    record_event(session, m, "PRESTAGE", detail=detail)
+            except NotReady:
+                continue
+            except MailferryError as exc:
+                failed += 1
+                echo(f"{m.address}: prestage failed: {exc}")
+            else:
+                echo(f"{m.address}: prestaged ({detail.get('copied', 0)} copied, "
+                     f"{detail.get('present', 0)} present)")
+            del pending[m.id]
+        if pending:
+            queue.wait(lambda: False, timeout=5.0)
+    return failed
