@@ -764,9 +764,11 @@ class DriverEndpoint:
     """A mailbox of any `MailSystemDriver` (the embedded maildir system first), through the
     driver's blocking calls run in worker threads."""
 
-    def __init__(self, driver: MailSystemDriver, mailbox_id: str) -> None:
+    def __init__(self, driver: MailSystemDriver, mailbox_id: str, *,
+                 pace: SystemPace | None = None) -> None:
         self.driver = driver
         self.mailbox_id = mailbox_id
+        self.pace = pace  # its daily budget and rate (no connections to count)
         self.label = f"{driver.name}:{mailbox_id}"
 
     async def open(self) -> None:
