@@ -15,7 +15,10 @@ for fed's deliveries, a private CA, mailboxes only its admin creates. What is pr
   mail keeps arriving: every message by Message-ID exactly once where it belongs (lost 0,
   duplicated 0, misplaced 0), and a re-run copies nothing;
 - a target mailbox holding mail that is not the source's is refused with the address, the
-  step and an example; mail this migration already copied there is not "foreign".
+  step and an example; mail this migration already copied there is not "foreign";
+- a new address placed on the hosted system waits for its mailbox the same way;
+- the provider refusing fed's AUTH (a rotated password) is deferred and recorded as a
+  managed system's refusal, never bounced, and delivered once the password file is right.
 """
 
 from __future__ import annotations
@@ -307,3 +310,37 @@ def test_new_address_on_the_hosted_system_waits_for_its_mailbox(world: PfWorld,
     send(engine.specs.fed.smtp.port, address, "<welcome.aboard@outside.example>")
     wait_for(lambda: host.message_ids(box) == Counter({"<welcome.aboard@outside.example>": 1}),
              what="fed's delivery to the new hosted mailbox")
+
+
+def test_provider_refusing_feds_login_defers_never_bounces(world: PfWorld,
+                                                           tmp_path: Path) -> None:
+    """The provider's 535 (a rotated SMTP password) is a managed system's refusal: fed keeps
+    the message, says so in its refusals, and delivers it once the password file is right."""
+    host = hosted_of(world)
+    address = "lee@corp.example"
+    box = mailbox_id_for(address)
+    host.provision(address)
+    engine = world.engine(world.write(tmp_path / "v1", [policy("p", diary=False), placement(
+        "hires", "hosted", [{"address": address}], policy_name="p")]),
+        f"sqlite:///{tmp_path / 'state.db'}")
+    applied = engine.apply()
+    assert not applied.errors and not engine.plan().pending, (applied, engine.plan().changes)
+    good = host.smtp_password_file.read_text()
+    try:
+        host.smtp_password_file.write_text("rotated-elsewhere\n")
+        engine.fed.refresh_system("hosted")  # fed's pooled, logged-in sessions are retired
+        send(engine.specs.fed.smtp.port, address, "<during.rotation@outside.example>")
+        physical = physical_address("hosted", box)
+        refusal = wait_for(lambda: next((r for r in engine.fed.refusals()
+                                         if r.physical == physical), None),
+                           what="fed's refusal record for the 535")
+        assert "535" in refusal.reply and "rotated-elsewhere" not in refusal.reply
+        assert engine.fed.queue().pending >= 1 and host.message_ids(box) == Counter()
+    finally:
+        host.smtp_password_file.write_text(good)
+    # What the admin does after fixing it (`fed queue flush`): retry now, not at the back-off.
+    engine.fed._call("POST", "/v1/queue/flush", {})
+    wait_for(lambda: host.message_ids(box) == Counter({"<during.rotation@outside.example>": 1}),
+             timeout=40, what="the deferred message delivered once the password is right")
+    # Delivered, so never shunted nor bounced; and nothing else is left in fed's queue.
+    wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain")
