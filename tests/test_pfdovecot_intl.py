@@ -184,6 +184,10 @@ def test_utf8_local_part_end_to_end_where_every_hop_has_smtputf8(pf: PfWorld,
     wait_for(lambda: mailbox_message_ids(engine, "s1", key)["<j-local@t>"] == 1,
              timeout=60, what="the local delivery")
     assert not [d for d in engine.fed.deliveries() if d.message_id == "<j-local@t>"]
+    # the text plan shows U-labels (the JSON keeps the key)
+    plan = run_cli("--specs", engine.specs.root, "--state", str(engine.store.url), "--plan",
+                   "-v", cwd=Path(engine.specs.root))
+    assert f"= {JUERGEN} " in plan.stdout and key not in plan.stdout, (plan.stdout, plan.stderr)
     # an admin asking for the history in the other form, other case, finds it
     done = run_cli("--state", str(engine.store.url), "events", f"J\u00dcRGEN@{IDN}",
                    cwd=Path(engine.specs.root))

@@ -138,10 +138,22 @@ def domain_to_unicode(domain: str) -> str:
     domain = domain.lower()
     if "xn--" not in domain:
         return domain
+    return _to_u_labels(domain)
+
+
+@functools.lru_cache(maxsize=4096)
+def _to_u_labels(domain: str) -> str:
     try:
         return str(idna.decode(domain, uts46=True))
     except (idna.IDNAError, UnicodeError):
         return domain
+
+
+def readable(address: str) -> str:
+    """An address as a person reads it: its domain in U-labels (``jürgen@bücher.example``
+    for the key ``jürgen@xn--bcher-kva.example``); what the text plan prints."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{domain_to_unicode(domain)}" if at and "xn--" in domain else address
 
 
 def parse(address: str) -> Address:
