@@ -139,10 +139,11 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
                       copy_finished=utcnow().isoformat())
         status, result = "done", {"detail": detail}
     except Exception as exc:  # every error goes back to the reconciler, classified
-        if guard.lost.is_set():
+        status, result = "error", error_result(exc)
+    try:
+        if not guard.held():
             log.error("%s %s: the database connection broke; stopping", address, step)
             return  # nothing more is written: the job is retried elsewhere
-        status, result = "error", error_result(exc)
     finally:
         guard.close()
     if not _finish(rt, row_id, attempt, status, result):
