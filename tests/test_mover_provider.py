@@ -29,7 +29,7 @@ from helpers import mail
 from helpers.gmail_server import SPAM, TRASH, GmailServer, Mailbox, Message
 from helpers.imap_proxy import ThrottlingProxy
 
-USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm", "c0", "c1", "c2")
+USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm", "c0", "c1", "c2", "c3")
 FAST = Backoff(base=0.2, cap=1.0, settle=0.5, recover_every=60.0, window=2.0, min_rate=5.0)
 
 
@@ -333,3 +333,53 @@ def test_the_command_line_keeps_to_a_connection_limit(pair: Pair, tmp_path: Path
     for user, target in zip(users, ("c0", "c1", "c2"), strict=True):
         got = ids(pair.dst, target)
         assert got == ids(pair.src, user) and set(got.values()) == {1}
+
+
+def test_a_busy_source_is_retried_and_slowed_not_failed(pair: Pair, tmp_path: Path) -> None:
+    """The source's proxy answers the first EXAMINE of a second connection and a body
+    FETCH `NO [UNAVAILABLE]`: neither is taken for a missing folder (which would skip it)
+    nor for a failure; the source's pace (not the target's) is told, and the copy
+    completes with each message once."""
+    user = "c0"
+    if not ids(pair.src, user):
+        fill(pair.src, user, {"INBOX": messages(user, 30), "Work": messages(user + "w", 20)})
+    # EXAMINEs: INBOX, Work (first attempt: refused at the second), ...; UID FETCHes of
+    # bodies come after the listings
+    proxy = ThrottlingProxy(pair.src.port, commands={"EXAMINE": {2}, "UID FETCH": {4}})
+    src_pace, dst_pace = LocalPace("src", backoff=FAST), LocalPace("dst", backoff=FAST)
+    account = ImapAccount("127.0.0.1", proxy.port, user, f"pw-{user}", timeout=15)
+    target = ImapAccount("127.0.0.1", pair.dst.port, "c3", "pw-c3", timeout=15)
+    job = Job(user, lambda: ImapEndpoint(account, readonly=True, pace=src_pace),
+              lambda: ImapEndpoint(target, pace=dst_pace))
+    try:
+        report = asyncio.run(run_jobs_async([job], manifest=Manifest(store(tmp_path))))[0]
+    finally:
+        proxy.close()
+    assert report.verified and report.throttled == 2, report.as_dict()
+    assert src_pace.refusals == 2 and dst_pace.refusals == 0
+    assert sum(1 for _, k, _ in proxy.events if k == "unavailable") == 2
+    got = ids(pair.dst, "c3")
+    assert got == ids(pair.src, user) and set(got.values()) == {1}
+
+
+def test_a_system_that_never_stops_refusing_is_left_for_later(
+        pair: Pair, tmp_path: Path) -> None:
+    """Every APPEND refused: after its throttled attempts the copy stops with "throttled"
+    and the pause its pace asks for (the step raises `Throttled` with it), nothing stored,
+    nothing counted as a failed message."""
+    user = "c2"
+    if not ids(pair.src, user):
+        fill(pair.src, user, {"INBOX": messages(user, 10)})
+    proxy = ThrottlingProxy(pair.dst.port, max_rate=0)
+    pace = LocalPace("dst", backoff=FAST)
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", proxy.port, "c3", "pw-c3", timeout=15)
+    job = Job(user, lambda: ImapEndpoint(src, readonly=True), lambda: ImapEndpoint(dst, pace=pace))
+    before = ids(pair.dst, "c3")
+    try:
+        report = asyncio.run(run_jobs_async([job], throttled_retries=2))[0]
+    finally:
+        proxy.close()
+    assert not report.verified and report.throttled == 3 and report.failed == 0
+    assert (report.error or "").startswith("throttled: dst:") and report.retry_in == 0.8
+    assert ids(pair.dst, "c3") == before

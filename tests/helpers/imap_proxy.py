@@ -12,6 +12,8 @@ literals), so what it injects never lands inside a literal:
   connection closed (nothing of that APPEND reaches the server);
 - `limit` (with `limit_after`: once that many APPENDs passed): a login while more than
   `limit` connections are open is answered `NO [LIMIT] Too many simultaneous connections`;
+- `commands`: other commands by their first words (`{"UID FETCH": {3}}`, `{"EXAMINE":
+  {1}}`), counted over all connections from 1, answered `NO [UNAVAILABLE]` unforwarded;
 - `max_rate`: an APPEND while more than `max_rate` messages were appended in the last
   second is answered `NO [THROTTLED]` (a provider's per-user rate limit, for the bench);
 - `penalty` (count, seconds): after `count` refusals within 10 s every APPEND and login
@@ -36,6 +38,7 @@ _LITERAL = re.compile(rb"\{(\d+)(\+?)\}\r\n$")
 THROTTLED = b"NO [THROTTLED] Request is throttled. Suggested Backoff Time: 500 milliseconds"
 BYE = b"* BYE [UNAVAILABLE] Server busy, try again later\r\n"
 LIMIT = b"NO [LIMIT] Too many simultaneous connections. (Failure)"
+UNAVAILABLE = b"NO [UNAVAILABLE] Server busy, try again later"
 
 
 class ThrottlingProxy:
@@ -44,12 +47,15 @@ class ThrottlingProxy:
     def __init__(self, port: int, *, refuse: Iterable[int] = (), bye: Iterable[int] = (),
                  limit: int | None = None, limit_after: int = 0,
                  max_rate: float | None = None,
-                 penalty: tuple[int, float] | None = None) -> None:
+                 penalty: tuple[int, float] | None = None,
+                 commands: dict[str, set[int]] | None = None) -> None:
         self.target = port
         self.refuse, self.bye = set(refuse), set(bye)
         self.limit, self.limit_after, self.max_rate = limit, limit_after, max_rate
         self._recent: deque[tuple[float, int]] = deque()  # (time, messages) of APPENDs
         self.penalty = penalty
+        self.commands = {k.upper().encode(): v for k, v in (commands or {}).items()}
+        self.seen: dict[bytes, int] = {}
         self._refusals: deque[float] = deque()
         self._penalized_until = 0.0
         self.events: list[tuple[float, str, int]] = []
@@ -191,6 +197,12 @@ class ThrottlingProxy:
                 action = "refuse" if number in self.refuse or self._penalized() \
                     or self._too_fast() else \
                     "bye" if number in self.bye else "forward"
+            elif any(rest.upper().startswith(k + b" ") for k in self.commands):
+                key = next(k for k in self.commands if rest.upper().startswith(k + b" "))
+                with self._lock:
+                    self.seen[key] = number = self.seen.get(key, 0) + 1
+                if number in self.commands[key]:
+                    action = "unavailable"
             elif verb in (b"LOGIN", b"AUTHENTICATE") and (self._penalized() or (
                     self.limit is not None and self.appends >= self.limit_after
                     and self.open > self.limit)):
@@ -227,10 +239,10 @@ class ThrottlingProxy:
             await up.drain()
             if action == "forward" and verb == b"APPEND":
                 self.note("append", messages)
-            elif action in ("refuse", "limit"):
+            elif action in ("refuse", "limit", "unavailable"):
                 self.note(action)
                 self._refused()
-                answer = THROTTLED if action == "refuse" else LIMIT
+                answer = {"refuse": THROTTLED, "limit": LIMIT}.get(action, UNAVAILABLE)
                 async with lock:
                     writer.write(tag + b" " + answer + b"\r\n")
                     await writer.drain()
