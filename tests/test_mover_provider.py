@@ -360,3 +360,26 @@ def test_a_busy_source_is_retried_and_slowed_not_failed(pair: Pair, tmp_path: Pa
     assert sum(1 for _, k, _ in proxy.events if k == "unavailable") == 2
     got = ids(pair.dst, "c3")
     assert got == ids(pair.src, user) and set(got.values()) == {1}
+
+
+def test_a_system_that_never_stops_refusing_is_left_for_later(
+        pair: Pair, tmp_path: Path) -> None:
+    """Every APPEND refused: after its throttled attempts the copy stops with "throttled"
+    and the pause its pace asks for (the step raises `Throttled` with it), nothing stored,
+    nothing counted as a failed message."""
+    user = "c2"
+    if not ids(pair.src, user):
+        fill(pair.src, user, {"INBOX": messages(user, 10)})
+    proxy = ThrottlingProxy(pair.dst.port, max_rate=0)
+    pace = LocalPace("dst", backoff=FAST)
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", proxy.port, "c3", "pw-c3", timeout=15)
+    job = Job(user, lambda: ImapEndpoint(src, readonly=True), lambda: ImapEndpoint(dst, pace=pace))
+    before = ids(pair.dst, "c3")
+    try:
+        report = asyncio.run(run_jobs_async([job], throttled_retries=2))[0]
+    finally:
+        proxy.close()
+    assert not report.verified and report.throttled == 3 and report.failed == 0
+    assert (report.error or "").startswith("throttled: dst:") and report.retry_in == 0.8
+    assert ids(pair.dst, "c3") == before
