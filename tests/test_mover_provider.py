@@ -211,6 +211,9 @@ def test_back_off_halves_then_recovers_slowly() -> None:
         assert pace.allowed == 4
         now[0] += 1.5
         assert pace.throttled("z") == 4 and pace.allowed == 2
+        # the server's own suggestion wins when longer (Exchange Online's text)
+        assert pace.throttled("NO [THROTTLED] Suggested Backoff Time: 30000 milliseconds") == 30
+        assert pace.throttled("NO [THROTTLED] Suggested Backoff Time: 500 milliseconds") == 8
         for _ in range(8):
             pace.disconnect("u")
         steps = 0
