@@ -9,7 +9,9 @@ durable, the modes interleaved so that the disk's load hits them alike; prints t
 ``file-only`` (the file alone, as the harness's fsync probe and Postfix's cleanup),
 ``pool`` (file and folder concurrently from two pool threads: fed's spool before issue 22),
 ``here+pool`` (the file in this thread while a pool thread syncs the folder: fed's spool
-since, ``Spool._write_batch``). Bounded: ROUNDS (default 200) rounds.
+since, ``Spool._write_batch``), ``made-ahead`` (the file was created and its folder synced
+before the clock starts, as ``Spool.take_queue_id`` does: write and the file's fsync only).
+Bounded: ROUNDS (default 200) rounds.
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ def main() -> int:
         def new_file() -> tuple[int, str]:
             counter[0] += 1
             path = os.path.join(folder, f"{counter[0]}.eml")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, DATA)
-            return fd, path
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
 
         def same(fd: int, dir_fd: int) -> None:
             os.fsync(fd)
@@ -59,17 +59,28 @@ def main() -> int:
 
         modes: dict[str, Callable[[int, int], None]] = {
             "same": same, "file-only": file_only, "pool": pooled, "here+pool": here_and_pool}
-        times: dict[str, list[float]] = {name: [] for name in modes}
+        times: dict[str, list[float]] = {name: [] for name in [*modes, "made-ahead"]}
         for _ in range(args.rounds):
             for name, sync in modes.items():
                 started = time.perf_counter()
                 fd, path = new_file()
+                os.write(fd, DATA)
                 dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
                 sync(fd, dir_fd)
                 os.close(dir_fd)
                 os.close(fd)
                 times[name].append(time.perf_counter() - started)
                 os.unlink(path)
+            fd, path = new_file()  # made ahead: name synced before the clock starts
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(dir_fd)
+            os.close(dir_fd)
+            started = time.perf_counter()
+            os.write(fd, DATA)
+            os.fsync(fd)
+            os.close(fd)
+            times["made-ahead"].append(time.perf_counter() - started)
+            os.unlink(path)
         for name, got in times.items():
             got.sort()
             print(f"{name:10s} median {1000 * got[len(got) // 2]:.2f} ms, "

@@ -48,7 +48,7 @@ from maildir_system.mailfile import (
     hash_file,
     normalize_flags,
 )
-from mailferry.mail.addresses import split_physical, unbracket
+from mailferry.mail.addresses import address_key, split_physical
 
 # Names other modules (the server, the driver, tests) take from here: one import for the format.
 __all__ = [
@@ -102,9 +102,10 @@ class AccountRow:
     via_fed: bool = False  # local users' mail to its addresses goes through fed (E4-E9)
 
     def addresses(self) -> tuple[str, ...]:
-        """Every address (lower-case) that resolves to this account, physical excepted."""
+        """Every address (as its key: lower-case, IDN domains in A-labels) that resolves to
+        this account, physical excepted."""
         extra = (self.internal_address,) if self.internal_address else ()
-        return tuple(a.lower() for a in self.access_addresses + self.aliases + extra)
+        return tuple(address_key(a) for a in self.access_addresses + self.aliases + extra)
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ class Store:
 
     def resolve(self, address: str, system_name: str) -> AccountRow | None:
         """The account an address reaches: physical address, access address, alias, internal."""
-        addr = unbracket(address).lower()
+        addr = address_key(address)  # either IDN form of a domain, any case
         accounts = self.accounts()
         physical = split_physical(addr)
         if physical is not None and physical[0] == system_name.lower():

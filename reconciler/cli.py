@@ -10,6 +10,7 @@
     reconcile events ADDRESS                             the event history of one address
     reconcile --apply --workers                          data steps queued for the workers
     reconcile worker [--concurrency N]                   take data steps from the queue
+    reconcile prestage [--all] [--workers]               bulk copies before the cutover
     reconcile serve | demo | station enrol NAME --address ADDR
     reconcile web [--listen 127.0.0.1:8027]              the read-only status page
     reconcile init DIR [--systemd] [--force]             a new specs repository
@@ -430,6 +431,35 @@ def station_enrol(ctx: click.Context, name: str, address: str, out_dir: str | No
                f"  config: {config_path}\n"
                f"copy both to the workstation, then run: "
                f"station-agent run --config {config_path.name}")
+
+
+@main.command()
+@click.option("--all", "everything", is_flag=True,
+              help="Also the migrations whose policy has no prestageCopy.")
+@click.option("--workers", "use_workers", is_flag=True,
+              help="Queue the copies for `reconcile worker` processes (PostgreSQL).")
+@click.pass_context
+def prestage(ctx: click.Context, everything: bool, use_workers: bool) -> None:
+    """Copy the bulk of the mailboxes of migrations before their cutover (states 1-6)."""
+    specs = _load_or_exit(ctx.obj["specs"])
+    try:
+        store = open_store(state_url(ctx.obj["state"]))
+        if use_workers:
+            from reconciler.workers.queue import Queue, prestage_on_workers
+
+            queue = Queue(store, notice=lambda line: click.echo(line, err=True))
+            failed = prestage_on_workers(queue, store, everything=everything, echo=click.echo)
+            queue.close()
+            sys.exit(EXIT_ERROR if failed else EXIT_OK)
+        from reconciler.mover.prestage import prestage as prestage_here
+
+        reports = prestage_here(store, make_drivers(specs), everything=everything)
+        for r in reports:
+            click.echo(f"{r.key}: {'prestaged' if r.verified else 'not verified'} "
+                       f"({r.copied} copied, {r.present} present)")
+        sys.exit(EXIT_OK if all(r.verified for r in reports) else EXIT_ERROR)
+    except MailferryError as exc:
+        _fail(str(exc))
 
 
 @main.command()

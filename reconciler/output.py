@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from datetime import datetime
 
+from mailferry.mail.addresses import readable
 from reconciler.engine import StepRecord
 from reconciler.plan import Change, Plan, Unmanaged
 
@@ -83,7 +84,8 @@ def change_line(change: Change, now: datetime, *, color: bool) -> str:
             nxt += f" ({change.reason})"
     if change.refused:
         nxt += f" [{change.refused}]"
-    text = f"  {mark} {change.address:<32} {route:<14} {state:<9} {nxt}  {when(change, now)}"
+    who = readable(change.address)  # U-labels for a person; the JSON keeps the key
+    text = f"  {mark} {who:<32} {route:<14} {state:<9} {nxt}  {when(change, now)}"
     text = text.rstrip()
     return f"{COLORS[mark]}{text}{RESET}" if color else text
 
@@ -197,8 +199,9 @@ def blocked_text(change: Change) -> str:
     """A change apply did not run because it needs an admin (refused, conflict, failed), or
     waits for a person's manual step."""
     if change.action == "manual":
-        return f"  manual  {change.step or '-':<8} {change.address}: {change.reason}"
-    return f"  blocked {change.step or '-':<8} {change.address}: {change.action}: {change.reason}"
+        return f"  manual  {change.step or '-':<8} {readable(change.address)}: {change.reason}"
+    return (f"  blocked {change.step or '-':<8} {readable(change.address)}: {change.action}: "
+            f"{change.reason}")
 
 
 def blocked_json(change: Change, now: datetime) -> str:

@@ -14,7 +14,9 @@ an SMTP account for fed, the provider's CA. Its MailSystem document is `driver: 
 
 from __future__ import annotations
 
+import os
 import pwd
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 from mailferry.mail.addresses import address_of_mailbox
 
 from helpers.pki import make_ca, server_cert
+from helpers.waiting import wait_for
 from pfdovecot import MAIL_USER, MailHost
 from sysutil import free_port
 
@@ -129,6 +132,17 @@ class HostedHost(MailHost):
         self.mailboxes.add(address)
         self._add_login(address, self.passwords[address])
         self._write_maps()
+        if self.postfix is not None:  # at once, as a provider's is: a session that began
+            os.kill(self.postfix.pid, signal.SIGHUP)  # before must not keep the old table
+        if self.dovecot is not None:  # Dovecot rereads a passwd-file at most once a second
+            wait_for(lambda: self._known(address), timeout=10,
+                     what=f"{self.name}'s Dovecot to know {address}")
+
+    def _known(self, address: str) -> bool:
+        try:
+            return address in self.doveadm("user", address)
+        except RuntimeError:
+            return False
 
     def user_of(self, mailbox_id: str) -> str:
         return address_of_mailbox(mailbox_id)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -115,29 +114,6 @@ def send(port: int, rcpt: str, mid: str) -> None:
         smtp.sendmail("x@outside.example", [rcpt], message(mid, rcpt))
 
 
-class Sender(threading.Thread):
-    """Bounded background mail to fed: at most `count` messages, 30 s."""
-
-    def __init__(self, port: int, rcpt: str, tag: str, count: int = 20) -> None:
-        super().__init__(daemon=True)
-        self.port, self.rcpt, self.tag, self.count = port, rcpt, tag, count
-        self.acked: list[str] = []
-        self.refused: list[str] = []
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 30
-        for n in range(self.count):
-            if time.monotonic() > deadline:
-                break
-            mid = f"<live{n}.{self.tag}@outside.example>"
-            try:
-                send(self.port, self.rcpt, mid)
-                self.acked.append(mid)
-            except (OSError, smtplib.SMTPException):
-                self.refused.append(mid)
-            time.sleep(0.05)
-
-
 def drive(engine: Engine, address: str, passes: int = 40) -> None:
     engine.register_systems()
     for _ in range(passes):  # bounded
@@ -187,15 +163,15 @@ def migrate(world: CyrusWorld, tmp_path: Path, user: str, source: str, target: s
              timeout=30, what=f"the first mail in BOX1 on {source}")
     engine = world.engine(world.write(tmp_path / "v2", [pol, placement(
         "wave", target, boxes, policy_name="p")]), state)
-    sender = Sender(fed_port, address, user)
+    sender = mail.Sender(fed_port, [address], tag=f"live.{user}.", count=20, body="body \u00e9")
     sender.start()
     drive(engine, address)
     sender.join(40)
-    assert not sender.is_alive() and sender.acked and not sender.refused
+    assert not sender.is_alive() and sender.acked_ids and not sender.refused
     assert state_of(engine, address) == 13
     wait_for(lambda: engine.fed.queue().pending == 0, timeout=30,
              what="fed's queue to drain")
-    return engine, [*old, f"<before.{user}@outside.example>", *sender.acked]
+    return engine, [*old, f"<before.{user}@outside.example>", *sender.acked_ids]
 
 
 def test_dovecot_to_cyrus_with_mail_flowing_through_fed(

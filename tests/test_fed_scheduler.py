@@ -106,6 +106,10 @@ class Hub:
         self.barriers.append(f"<{queue_id}@test>")
         await until(lambda: self.s2.got("barrier@s2.invalid") == self.barriers,
                     "the barrier message")
+        # The sink has the message when it answered 250; the delivery log is written after
+        # that answer reached fed: wait for it too, or a test reading the log races it.
+        await until(lambda: self.results(BARRIER).count("delivered") == len(self.barriers),
+                    "the barrier's delivery in the log")
 
 
 @asynccontextmanager

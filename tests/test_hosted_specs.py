@@ -125,6 +125,7 @@ def test_the_plan_shows_a_manual_step_as_its_own_state() -> None:
                                                                        True)
     assert symbol(change) == ">" and plan.pending
     assert not plan.due()  # rechecked at next_attempt_at, not before
+    assert plan.next_due() == now + timedelta(seconds=30)  # --watch wakes for the recheck
     assert make_plan(want, [m], directory, now + timedelta(seconds=30)).due() != []
     line = change_line(change, now, color=False)
     assert line.startswith("  > jane@corp.example") and f"manual step before E2: {task}" in line

@@ -15,7 +15,12 @@ for fed's deliveries, a private CA, mailboxes only its admin creates. What is pr
   mail keeps arriving: every message by Message-ID exactly once where it belongs (lost 0,
   duplicated 0, misplaced 0), and a re-run copies nothing;
 - a target mailbox holding mail that is not the source's is refused with the address, the
-  step and an example; mail this migration already copied there is not "foreign".
+  step and an example; mail this migration already copied there is not "foreign";
+- a new address placed on the hosted system waits for its mailbox the same way;
+- the provider refusing fed's AUTH (a rotated password) is deferred and recorded as a
+  managed system's refusal, never bounced, and delivered once the password file is right;
+- kill -9 of the reconciler after E2 found BOX2 and after E15's copy (before their
+  commits): the next run converges, nothing twice.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -307,3 +313,70 @@ def test_new_address_on_the_hosted_system_waits_for_its_mailbox(world: PfWorld,
     send(engine.specs.fed.smtp.port, address, "<welcome.aboard@outside.example>")
     wait_for(lambda: host.message_ids(box) == Counter({"<welcome.aboard@outside.example>": 1}),
              what="fed's delivery to the new hosted mailbox")
+
+
+def test_provider_refusing_feds_login_defers_never_bounces(world: PfWorld,
+                                                           tmp_path: Path) -> None:
+    """The provider's 535 (a rotated SMTP password) is a managed system's refusal: fed keeps
+    the message, says so in its refusals, and delivers it once the password file is right."""
+    host = hosted_of(world)
+    address = "lee@corp.example"
+    box = mailbox_id_for(address)
+    host.provision(address)
+    engine = world.engine(world.write(tmp_path / "v1", [policy("p", diary=False), placement(
+        "hires", "hosted", [{"address": address}], policy_name="p")]),
+        f"sqlite:///{tmp_path / 'state.db'}")
+    applied = engine.apply()
+    assert not applied.errors and not engine.plan().pending, (applied, engine.plan().changes)
+    good = host.smtp_password_file.read_text()
+    try:
+        host.smtp_password_file.write_text("rotated-elsewhere\n")
+        engine.fed.refresh_system("hosted")  # fed's pooled, logged-in sessions are retired
+        send(engine.specs.fed.smtp.port, address, "<during.rotation@outside.example>")
+        physical = physical_address("hosted", box)
+        refusal = wait_for(lambda: next((r for r in engine.fed.refusals()
+                                         if r.physical == physical), None),
+                           what="fed's refusal record for the 535")
+        assert "535" in refusal.reply and "rotated-elsewhere" not in refusal.reply
+        assert engine.fed.queue().pending >= 1 and host.message_ids(box) == Counter()
+    finally:
+        host.smtp_password_file.write_text(good)
+    # What the admin does after fixing it (`fed queue flush`): retry now, not at the back-off.
+    engine.fed._call("POST", "/v1/queue/flush", {})
+    wait_for(lambda: host.message_ids(box) == Counter({"<during.rotation@outside.example>": 1}),
+             timeout=40, what="the deferred message delivered once the password is right")
+    # Delivered, so never shunted nor bounced; and nothing else is left in fed's queue.
+    wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain")
+
+
+def test_kill_9_at_e2_and_e15_into_the_hosted_target_converges(world: PfWorld,
+                                                                tmp_path: Path) -> None:
+    """kill -9 of `reconcile --apply` after E2 found and registered BOX2 (before its
+    commit), then after E15's copy (before its commit): the next run converges, every
+    message once in BOX2, the second E2 finding its own registration."""
+    host = hosted_of(world)
+    address = "max@corp.example"
+    box = mailbox_id_for(address)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    pol = policy("p", deleteSource="never", diary=False)
+    engine = world.engine(world.write(tmp_path / "v1", [pol, placement(
+        "home", "pf1", [{"address": address}], policy_name="p")]), state)
+    assert not engine.apply().errors
+    old_ids = seed(engine, address)
+    host.provision(address)
+    moved = world.write(tmp_path / "v2", [pol, placement(
+        "wave", "hosted", [{"address": address}], policy_name="p")])
+    for failpoint in ("E2:after-action", "E15:after-action"):
+        killed = run_cli("--specs", str(moved), "--state", state, "--apply", cwd=tmp_path,
+                         env={"MAILFERRY_FAILPOINT": failpoint})
+        assert killed.returncode == -signal.SIGKILL, (failpoint, killed.stderr)
+    assert host.message_ids(box) == Counter(dict.fromkeys(old_ids, 1))  # E15's copy, uncommitted
+    again = run_cli("--specs", str(moved), "--state", state, "--apply", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert state_of(engine, address) == 10
+    assert host.message_ids(box) == Counter(dict.fromkeys(old_ids, 1))  # nothing twice
+    with engine.store.session() as session:
+        m = session.scalars(select(Migration).where(Migration.address == address)).one()
+        steps = [e.step for e in session.scalars(select(Event).where(
+            Event.migration_id == m.id).order_by(Event.id)) if e.to_state != e.from_state]
+    assert steps == ["E1", "E2", "E4", "E5-E8", "E9", "E11-E14", "E15", "E40"]

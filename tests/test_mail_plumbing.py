@@ -119,6 +119,13 @@ def test_ascii_form_for_a_hop_without_smtputf8(text: str, wire: str | None) -> N
     assert addresses.ascii_form(text) == wire
 
 
+def test_readable_shows_u_labels() -> None:
+    key, person = "j\u00fcrgen@xn--bcher-kva.example", "j\u00fcrgen@b\u00fccher.example"
+    assert addresses.readable(key) == person
+    assert addresses.readable("jean@corp.example") == "jean@corp.example"
+    assert addresses.readable("x@xn--zz.example") == "x@xn--zz.example"  # does not decode
+
+
 # -- modified UTF-7 -------------------------------------------------------------------------
 NAMES = ["INBOX", "Sent", "\u00c9l\u00e9ments envoy\u00e9s", "a&b", "&", "&&-", "Tom & Jerry",
          "\u65e5\u672c\u8a9e", "\U0001f4e7 mail", "mixed \U0001f600\u00e9&x", "~peter/mail",

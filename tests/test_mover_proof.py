@@ -21,7 +21,8 @@ from mailferry.mail.imap.client import (
     Untagged,
     _digest_literal,
 )
-from reconciler.mover.endpoints import content_hash
+from reconciler.drivers.base import ImapAccount
+from reconciler.mover.endpoints import ImapEndpoint, content_hash
 from reconciler.mover.rewrites import eight_bit_headers_as_x, example, judge
 
 MUNGED = "8bit-headers-as-x"
@@ -218,3 +219,44 @@ def test_nothing_is_written_behind_a_state_changing_command_until_it_completes()
     assert early == []  # nothing was written behind the EXAMINE before its answer
     assert reads[0].startswith(b"M1 EXAMINE") and reads[1].startswith(b"M2 NOOP")
     assert reads[2].count(b"\r\n") == 2  # stateless commands still pipelined
+
+
+def test_each_fetch_in_flight_gets_the_responses_for_its_own_uids() -> None:
+    """Two read-backs in flight on one connection (consecutive APPENDs' copies), answered
+    in the other order: each gets its own message's body. Before, a FETCH response went
+    to the first FETCH in flight whatever it asked for and was dropped there, so the
+    other read-back "never came back" (an altered big copy was then reported missing
+    instead of altered: the flake of test_a_target_that_changes_a_streamed_message)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK [CAPABILITY IMAP4rev1 LITERAL+] fake\r\n")
+        tags: list[bytes] = []
+        while len(tags) < 2 and (line := await reader.readline()):
+            tags.append(line.split(b" ", 1)[0])
+        # the second command's UID first, then the first's
+        writer.write(b"* 2 FETCH (UID 6 BODY[] {3}\r\nsix)\r\n" + tags[1] + b" OK done\r\n"
+                     b"* 1 FETCH (UID 5 BODY[] {4}\r\nfive)\r\n" + tags[0] + b" OK done\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def scenario() -> tuple[dict[str, bytes], dict[str, bytes]]:
+        server, port = await _server(serve)
+        try:
+            endpoint = ImapEndpoint(ImapAccount("127.0.0.1", port, "u", "p", timeout=30))
+            endpoint.client = await ImapClient.connect("127.0.0.1", port, timeout=30)
+            endpoint._selected = "INBOX"
+            got: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
+
+            def sink(into: dict[str, bytes]) -> Callable[..., Awaitable[None]]:
+                async def put(uid: str, data: bytes, *_: object) -> None:
+                    into[uid] = data
+                return put
+            await asyncio.gather(endpoint.fetch("INBOX", ["5"], sink(got[0])),
+                                 endpoint.fetch("INBOX", ["6"], sink(got[1])))
+            endpoint.client.close()
+            return got
+        finally:
+            server.close()
+
+    first, second = asyncio.run(scenario())
+    assert first == {"5": b"five"} and second == {"6": b"six"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -10,7 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from reconciler.drivers.maildir import MaildirDriver
-from reconciler.errors import TemporaryError
+from reconciler.errors import TemporaryError, Waiting
+from reconciler.mover.pace import LocalPace
+from reconciler.mover.service import pace_for
 from reconciler.spec.model import DesiredMailbox, PolicySpec
 from reconciler.spec.modes import Modes
 from reconciler.state.model import Migration, TransferManifest, TransferRun
@@ -113,3 +115,37 @@ def test_prestage_moves_the_bulk_then_e15_copies_only_the_delta(tmp_path: Path) 
     with store.session() as session:
         phases = [r.phase for r in session.scalars(select(TransferRun))]
         assert phases == ["prestage", "copy"]
+
+
+def test_e15_waits_for_the_next_days_budget_of_a_system(tmp_path: Path) -> None:
+    """A policy's `systemLimits` gives the target 100 bytes a day: E15 copies what fits,
+    then waits (`Waiting`, until the next UTC midnight, its reason naming the system); on
+    the next day (the system's pace given a later clock) it copies more, never twice."""
+    store, s1, s2 = setup(tmp_path)
+    modes = Modes(data_transfer="copy", diary=False, system_limits=(("s2", 0, 0, 100),))
+    with store.session() as session:
+        session.add(Migration(address="jean@corp.example", source_system="s1",
+                              target_system="s2", source_mailbox=BOX, target_mailbox=BOX,
+                              placement="p", state=10, modes=modes))
+    day = [datetime(2026, 12, 4, 18, 0, tzinfo=UTC)]
+    pace = pace_for("s2", modes)
+    assert isinstance(pace, LocalPace)  # this process's (no fleet here)
+    pace.clock = lambda: day[0]
+    drivers = {"s1": s1, "s2": s2}
+    with pytest.raises(Waiting) as caught:
+        run(store, drivers, e15_copy_mail)
+    assert "waiting: daily budget of system s2 spent" in str(caught.value)
+    assert "resumes at 2026-12-05 00:00 UTC" in str(caught.value)
+    first = sum(len(s2.list_messages(BOX, f)) for f in s2.list_folders(BOX))
+    assert 0 < first < 5
+    out = None
+    for _ in range(6):  # bounded: a message or two a day
+        day[0] += timedelta(days=1)
+        try:
+            out = run(store, drivers, e15_copy_mail)
+            break
+        except Waiting:
+            continue
+    assert out is not None and out.detail["verified"]
+    ids = [m.message_id or "" for f in s2.list_folders(BOX) for m in s2.list_messages(BOX, f)]
+    assert sorted(ids) == sorted(f"<{n}@x>" for n in range(5))

@@ -227,8 +227,9 @@ def test_a_target_that_changes_a_streamed_message_is_caught(pair: Pair, tmp_path
         again = asyncio.run(_copy(user, pair.src.port, relay.port, tmp_path))
     finally:
         relay.close()
-    assert report.copied == 2 and not report.verified
-    assert report.altered == 1 and report.folders[0].alteration == "altered:other"
+    assert report.copied == 2 and not report.verified, report.as_dict()
+    assert report.altered == 1 and report.folders[0].alteration == "altered:other", \
+        report.as_dict()
     assert again.copied == 0 and not again.verified and again.altered == 1
     assert sum(hashes(pair.dst, user).values()) == 2  # never appended twice
 

@@ -9,7 +9,8 @@ What is proved here, every message counted by Message-ID in the real Maildirs:
 - a UTF-8 alias (`jürgen@mail.bücher.example`) of an ASCII mailbox on Postfix + Dovecot:
   through fed by either form, with UTF-8 headers, once in the Maildir (fed routes it to the
   ASCII physical address, so no hop needs SMTPUTF8);
-- a UTF-8 local part end to end where every hop has SMTPUTF8 (fed -> the embedded system);
+- a UTF-8 local part end to end where every hop has SMTPUTF8 (fed -> the embedded system),
+  and a local user of that system writing to the other form: delivered there, not via fed;
 - on this Postfix + Dovecot (Dovecot 2.3: no SMTPUTF8 in its LMTP) a mailbox with a UTF-8
   local part is refused by the driver with the system, the reason and what to set, and
   nothing is written;
@@ -95,6 +96,26 @@ def postmap_query(host: MailHost, key: str) -> str:
     return done.stdout.strip()
 
 
+def offers_smtputf8(host: MailHost) -> bool:
+    with smtplib.SMTP("127.0.0.1", host.smtp_port, timeout=10) as client:
+        client.ehlo("t")
+        return bool(client.has_extn("smtputf8"))
+
+
+def set_smtputf8(host: MailHost, engine: Engine, on: bool) -> None:
+    """smtputf8_enable as an admin changes it (postconf -e, postfix reload), then fed told,
+    as the reconciler does after changing a system. Idle smtpd processes of the old
+    configuration may still take a connection just after the reload: wait until three
+    fresh sessions in a row show the new one."""
+    subprocess.run(["postconf", "-c", str(host.postfix_dir), "-e",
+                    f"smtputf8_enable={'yes' if on else 'no'}"], check=True, timeout=30)
+    subprocess.run(["postfix", "-c", str(host.postfix_dir), "reload"], check=True, timeout=30,
+                   capture_output=True)
+    wait_for(lambda: all(offers_smtputf8(host) == on for _ in range(3)), timeout=60,
+             what=f"Postfix sessions with smtputf8_enable = {on}")
+    engine.fed.refresh_system("pf1")
+
+
 def test_idn_domain_is_one_domain_on_postfix_and_dovecot(pf: PfWorld, engine: Engine) -> None:
     host, fed_port = pf.hosts["pf1"], engine.specs.fed.smtp.port
     assert engine.drivers["pf1"].get_account(INFO_BOX) is not None
@@ -113,9 +134,9 @@ def test_idn_domain_is_one_domain_on_postfix_and_dovecot(pf: PfWorld, engine: En
     # a local user of pf1 writing to Postfix itself, in U-labels
     send(host.smtp_port, "x@outside.example", [INFO], "<local@t>", utf8=True)
     want = {"<u-form@t>", "<a-form@t>", "<alias@t>", "<both@t>", "<local@t>"}
-    wait_for(lambda: set(host.message_ids(INFO_BOX)) >= want, what="five messages")
+    wait_for(lambda: set(host.message_ids(INFO_BOX)) >= want, timeout=60, what="five messages")
     wait_for(lambda: engine.fed.queue().pending == 0 and host.queue_files() == 0,
-             what="empty queues")
+             timeout=60, what="empty queues")
     assert host.message_ids(INFO_BOX) == dict.fromkeys(want, 1)
     log = host.maillog()
     assert "status=bounced" not in log
@@ -136,9 +157,9 @@ def test_utf8_alias_through_fed_to_postfix_and_dovecot_once_by_either_form(
             assert client.sendmail("x@outside.example", [rcpt], data,
                                    mail_options=["SMTPUTF8"]) == {}
     want = {"<pf-j0@t>", "<pf-j1@t>"}
-    wait_for(lambda: set(host.message_ids(box)) >= want, what="two messages")
+    wait_for(lambda: set(host.message_ids(box)) >= want, timeout=60, what="two messages")
     wait_for(lambda: engine.fed.queue().pending == 0 and host.queue_files() == 0,
-             what="empty queues")
+             timeout=60, what="empty queues")
     assert host.message_ids(box) == dict.fromkeys(want, 1)
     assert "status=bounced" not in host.maillog()
 
@@ -152,9 +173,21 @@ def test_utf8_local_part_end_to_end_where_every_hop_has_smtputf8(pf: PfWorld,
     send(fed_port, "x@outside.example", [f"J\u00dcRGEN@{ACE}"], "<j-a@t>", utf8=True)
     send(fed_port, "x@outside.example", [JUERGEN, key], "<j-both@t>", utf8=True)
     want = {"<j-u@t>", "<j-a@t>", "<j-both@t>"}
-    wait_for(lambda: set(mailbox_message_ids(engine, "s1", key)) >= want, what="three messages")
-    wait_for(lambda: engine.fed.queue().pending == 0, what="an empty queue")
+    wait_for(lambda: set(mailbox_message_ids(engine, "s1", key)) >= want, timeout=60,
+             what="three messages")
+    wait_for(lambda: engine.fed.queue().pending == 0, timeout=60, what="an empty queue")
     assert mailbox_message_ids(engine, "s1", key) == dict.fromkeys(want, 1)
+    # a local user of s1 writing in U-labels, other case: delivered by s1 itself, not via fed
+    sub = engine.specs.systems["s1"].submission
+    assert sub is not None
+    send(sub.port, "colleague@corp.example", [f"J\u00dcRGEN@{IDN}"], "<j-local@t>", utf8=True)
+    wait_for(lambda: mailbox_message_ids(engine, "s1", key)["<j-local@t>"] == 1,
+             timeout=60, what="the local delivery")
+    assert not [d for d in engine.fed.deliveries() if d.message_id == "<j-local@t>"]
+    # the text plan shows U-labels (the JSON keeps the key)
+    plan = run_cli("--specs", engine.specs.root, "--state", str(engine.store.url), "--plan",
+                   "-v", cwd=Path(engine.specs.root))
+    assert f"= {JUERGEN} " in plan.stdout and key not in plan.stdout, (plan.stdout, plan.stderr)
     # an admin asking for the history in the other form, other case, finds it
     done = run_cli("--state", str(engine.store.url), "events", f"J\u00dcRGEN@{IDN}",
                    cwd=Path(engine.specs.root))
@@ -188,15 +221,8 @@ def test_postfix_without_smtputf8_refuses_clearly_and_loses_nothing(
     host, fed_port = pf.hosts["pf1"], engine.specs.fed.smtp.port
     driver = engine.drivers["pf1"]
     assert isinstance(driver, PostfixDovecotDriver)
-    postconf = ["postconf", "-c", str(host.postfix_dir), "-e"]
-    subprocess.run([*postconf, "smtputf8_enable=no"], check=True, timeout=30)
-    subprocess.run(["postfix", "-c", str(host.postfix_dir), "reload"], check=True, timeout=30,
-                   capture_output=True)
+    set_smtputf8(host, engine, False)
     try:
-        engine.fed.refresh_system("pf1")  # as the reconciler does after changing a system
-        with smtplib.SMTP("127.0.0.1", host.smtp_port, timeout=10) as client:
-            client.ehlo("t")
-            assert not client.has_extn("smtputf8")
         # The driver: a UTF-8 alias needs Postfix's SMTPUTF8; nothing changes.
         with pytest.raises(TemporaryError,
                            match=r"smtputf8_enable = 'no' \(set smtputf8_enable = yes"):
@@ -208,14 +234,14 @@ def test_postfix_without_smtputf8_refuses_clearly_and_loses_nothing(
         engine.fed.put_entry(f"\u00f6l@{IDN}", stranded)
         shunted = engine.fed.queue().shunted
         send(fed_port, INFO, [f"\u00f6l@{IDN}"], "<stranded@t>", utf8=True)
-        wait_for(lambda: engine.fed.queue().shunted == shunted + 1, what="the shunt")
+        wait_for(lambda: engine.fed.queue().shunted == shunted + 1, timeout=60, what="the shunt")
         # The bounce goes to the sender, info@bücher.example on pf1: it arrives there once.
         dsn = wait_for(lambda: [m for m, n in host.message_ids(INFO_BOX).items()
                                 if m not in ("<u-form@t>", "<a-form@t>", "<alias@t>",
                                              "<both@t>", "<local@t>")],
-                       what="the bounce in the sender's mailbox")
+                       timeout=60, what="the bounce in the sender's mailbox")
         wait_for(lambda: engine.fed.queue().pending == 0 and host.queue_files() == 0,
-                 what="empty queues")
+                 timeout=60, what="empty queues")
         assert len(dsn) == 1 and host.message_ids(INFO_BOX)[dsn[0]] == 1
         text = host.doveadm("fetch", "-u", INFO_BOX, "text", "mailbox", "INBOX",
                             "header", "message-id", dsn[0])
@@ -227,10 +253,7 @@ def test_postfix_without_smtputf8_refuses_clearly_and_loses_nothing(
         assert info["code"] == 553
         assert b"<stranded@t>" in infos[-1].with_suffix(".eml").read_bytes()  # kept
     finally:
-        subprocess.run([*postconf, "smtputf8_enable=yes"], check=True, timeout=30)
-        subprocess.run(["postfix", "-c", str(host.postfix_dir), "reload"], check=True,
-                       timeout=30, capture_output=True)
-        engine.fed.refresh_system("pf1")
+        set_smtputf8(host, engine, True)
 
 
 def test_both_idn_forms_are_keys_when_the_lmtp_server_offers_smtputf8(tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ import pwd
 import shutil
 import smtplib
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,30 +158,6 @@ def test_driver_tables_config_and_shared_domain_check(pf: PfWorld, tmp_path: Pat
                        check=True)
 
 
-class Sender(threading.Thread):
-    """Bounded background mail to fed for some addresses: at most `count` messages."""
-
-    def __init__(self, port: int, rcpts: list[str], count: int = 30, pause: float = 0.05) -> None:
-        super().__init__(daemon=True)
-        self.port, self.rcpts, self.count, self.pause = port, rcpts, count, pause
-        self.acked: list[str] = []
-        self.refused: list[str] = []
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 30
-        for n in range(self.count):
-            if self.stop_flag.is_set() or time.monotonic() > deadline:
-                break
-            mid = f"<live{n}@outside.example>"
-            try:
-                send(self.port, self.rcpts[n % len(self.rcpts)], mid)
-                self.acked.append(mid)
-            except (OSError, smtplib.SMTPException):
-                self.refused.append(mid)
-            time.sleep(self.pause)
-
-
 def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path) -> None:
     pf1, pf2 = pf.hosts["pf1"], pf.hosts["pf2"]
     address, alias, colleague = "alice@corp.example", "alice.a@corp.example", "bob@corp.example"
@@ -229,7 +204,7 @@ def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path
         assert pf1.message_ids(box)["<bob1@corp.example>"] == 0
         probes["bob1"] = "<bob1@corp.example>"
 
-    sender = Sender(fed_port, [address, alias])
+    sender = mail.Sender(fed_port, [address, alias])
     started = time.monotonic()
     reused_before = mover_loop().pool.reused
     sender.start()
@@ -248,9 +223,9 @@ def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path
     assert f"to=<{address}>, relay=127.0.0.1[127.0.0.1]:{fed_port}" in pf1.maillog()
 
     found = pf2.message_ids(box)
-    expected = [*old_ids, "<before@outside.example>", *sender.acked, *probes.values(),
+    expected = [*old_ids, "<before@outside.example>", *sender.acked_ids, *probes.values(),
                 "<bob2@corp.example>"]
-    assert sender.acked and not sender.refused
+    assert sender.acked_ids and not sender.refused
     assert {mid: found[mid] for mid in expected} == dict.fromkeys(expected, 1), \
         f"lost or duplicated after {time.monotonic() - started:.1f} s"
     assert sum(found.values()) == len(expected)  # nothing unexpected either

@@ -21,7 +21,6 @@ from sqlalchemy import select
 from reconciler.engine import ApplyReport
 from reconciler.state.model import DataJob, utcnow
 from reconciler.workers.fleet import FleetPace
-from reconciler.workers.queue import Queue
 
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
@@ -65,38 +64,6 @@ def test_two_workers_share_a_wave_and_copy_each_mailbox_once(
     assert len(copy_events(engine, seeded, "E41-E42")) == 6
     with engine.store.session() as session:
         assert session.scalars(select(DataJob)).all() == []  # every result consumed
-
-
-def test_a_rerun_or_a_second_reconciler_queues_a_step_once(
-        world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
-    """No worker yet: two reconcilers in turn (each gives up waiting after a second) plan
-    the same copy; one job and one row are queued, and the mailbox is copied once."""
-    engine, seeded = prepared(world, postgres, tmp_path, "once", 1, 5, {"po": {}})
-    (address, ids), = seeded.items()
-    for _ in range(2):
-        again = world.engine(Path(engine.specs.root), postgres.url)
-        again.jobs = queue = Queue(again.store, max_wait=1.0)
-        again.apply()
-        queue.close()
-    with engine.store.engine.connect() as conn:
-        jobs = conn.exec_driver_sql(
-            "SELECT count(*) FROM procrastinate_jobs WHERE args->>'migration_id' = "
-            "(SELECT id::text FROM migrations WHERE address = %(a)s)", {"a": address}).scalar()
-    with engine.store.session() as session:
-        rows = session.scalars(select(DataJob).where(DataJob.address == address)).all()
-    assert jobs == 1 and [(r.step, r.status) for r in rows] == [("E15", "queued")]
-    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
-    try:
-        workers.start()
-        queue = with_queue(engine)
-        report = engine.apply(max_passes=100)
-        queue.close()
-    finally:
-        workers.stop()
-    assert report.errors == [] and states(engine, {address}) == Counter({13: 1})
-    found = mailbox_message_ids(engine, "s2", address)
-    assert {i: found[i] for i in ids} == {i: 1 for i in ids}
-    assert len([d for d in copy_events(engine, seeded) if d.get("worker")]) >= 1
 
 
 def _max_overlap(spans: list[tuple[datetime, datetime]]) -> int:

@@ -84,12 +84,21 @@ class Store:
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
+        self._durable = True  # the connection's synchronous level: FULL (True) or NORMAL
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.executescript(SCHEMA)
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception)."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception).
+
+        `durable=False`: the commit is not fsynced (``synchronous=NORMAL``), for what may
+        be lost in a power cut (the spool's index and delivery outcomes). The level is
+        switched only when it changes, so a run of such transactions costs no PRAGMA
+        statements (each one a GIL hand-off to the writing threads under load)."""
+        if durable != self._durable:
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn

@@ -520,6 +520,7 @@ class AdoptedPostfixDovecotDriver(PostfixDovecotDriver):
         if tuple(access_addresses) != (a.address,):
             raise PermanentError(f"{self.name}: {mailbox_id} is the admin's mailbox of "
                                  f"{a.address}; mailferry does not change its address")
+        self.check_international(None, aliases)  # the admin's mailbox gets mail as it did
         self._update_adopted(mailbox_id, "set aliases", "UPDATE adopted SET aliases = ?",
                              (json.dumps(list(aliases)),))
 

@@ -84,9 +84,10 @@ def _host_of(options: PostfixDovecotOptions) -> Host:
 
 
 def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool, *,
-               tls: str = "none", cafile: str | None = None) -> None:
+               tls: str = "none", cafile: str | None = None) -> set[str]:
     """EHLO/LHLO (and with `tls` "starttls" the upgrade fed's deliveries will do, with the
-    same certificate check); TemporaryError naming the system and the hop unless it works."""
+    same certificate check); TemporaryError naming the system and the hop unless it works.
+    The extensions the server names (upper case, after the upgrade)."""
     try:
         client = smtplib.LMTP if lmtp else smtplib.SMTP
         with client(endpoint.host, endpoint.port, timeout=10) as conn:
@@ -102,18 +103,7 @@ def _ping_smtp(system: str, what: str, endpoint: Endpoint, lmtp: bool, *,
                 except (OSError, ssl.SSLError) as exc:
                     raise TemporaryError(f"{system}: {what} {endpoint}: TLS handshake "
                                          f"failed: {describe(exc)}") from exc
-    except (OSError, smtplib.SMTPException) as exc:
-        raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
-
-
-def _extensions(system: str, what: str, endpoint: Endpoint, *, lmtp: bool) -> set[str]:
-    """The extensions EHLO/LHLO names (upper case); TemporaryError if it does not answer."""
-    try:
-        client = smtplib.LMTP if lmtp else smtplib.SMTP
-        with client(endpoint.host, endpoint.port, timeout=10) as conn:
-            code, msg = conn.ehlo()
-            if code != 250:
-                raise TemporaryError(f"{system}: {what} {endpoint} answered {code} {msg!r}")
+                conn.ehlo()
             return {name.upper() for name in conn.esmtp_features}
     except (OSError, smtplib.SMTPException) as exc:
         raise TemporaryError(f"{system}: {what} {endpoint} unreachable: {exc}") from exc
@@ -253,8 +243,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
                 raise TemporaryError(f"{self.name}: not allowed on {self.host.label}, nothing "
                                      "changed: " + "; ".join(refused))
         with contextlib.suppress(TemporaryError):  # unreachable: the safe choice stays
-            self.tables.unicode_keys = "SMTPUTF8" in _extensions(
-                self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True)
+            self.tables.unicode_keys = "SMTPUTF8" in self._lmtp_extensions()
         self.tables.repair()  # the maps must exist before Postfix is pointed at them
         if changes:
             config_dir = self.options.postfix_config_dir
@@ -374,7 +363,7 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         self.check_international(mailbox_id, (*access_addresses, *aliases))
         super().set_addresses(mailbox_id, access_addresses, aliases)
 
-    def check_international(self, mailbox_id: str, addresses: tuple[str, ...]) -> None:
+    def check_international(self, mailbox_id: str | None, addresses: tuple[str, ...]) -> None:
         """Refuse, before anything is written, what this Postfix + Dovecot would bounce.
 
         A UTF-8 local part (RFC 6531) reaches Postfix only with SMTPUTF8, so Postfix must
@@ -383,8 +372,10 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
         an LMTP server that offers SMTPUTF8 (else it bounces, 5.6.7 "SMTPUTF8 is required"),
         and Dovecot must accept the id as a user name. Dovecot 2.3's LMTP offers no
         SMTPUTF8. An IDN domain alone needs none of this (ids and maps hold A-labels).
-        TemporaryError naming the system, the reason and what to set."""
+        TemporaryError naming the system, the reason and what to set. `mailbox_id` None:
+        only the addresses (an adopted mailbox, which gets its mail as it always did)."""
         utf8 = [a for a in addresses if not a.rpartition("@")[0].isascii()]
+        mailbox_id = mailbox_id or ""
         if not utf8 and mailbox_id.isascii():
             return
         problems = []
@@ -393,11 +384,11 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
             problems.append(f"Postfix has smtputf8_enable = {(enabled or [''])[0].strip()!r} "
                             "(set smtputf8_enable = yes in main.cf, then postfix reload)")
         if not mailbox_id.isascii():
-            lmtp = self.options.lmtp
-            if "SMTPUTF8" not in _extensions(self.name, "Dovecot LMTP", lmtp, lmtp=True):
+            if "SMTPUTF8" not in self._lmtp_extensions():
                 problems.append(
-                    f"Dovecot's LMTP at {lmtp} does not offer SMTPUTF8, so Postfix would bounce "
-                    "every message for the mailbox (5.6.7 SMTPUTF8 is required); Dovecot 2.3 "
+                    f"Dovecot's LMTP at {self.options.lmtp} does not offer SMTPUTF8, so "
+                    "Postfix would bounce every message for the mailbox (5.6.7 SMTPUTF8 is "
+                    "required); Dovecot 2.3 "
                     "has none: use a Dovecot whose LMTP offers it (2.4 built with "
                     "--enable-experimental-mail-utf8, mail_utf8_extensions = yes)")
             chars = self._run(["doveconf", "-c", self.options.dovecot_config, "-h",
@@ -406,9 +397,14 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
                 problems.append("Dovecot's auth_username_chars refuses the user name "
                                 f"{mailbox_id!r} (set auth_username_chars = , empty: any)")
         if problems:
-            raise TemporaryError(f"{self.name}: cannot host {', '.join(utf8 or [mailbox_id])} "
-                                 "(a UTF-8 local "
-                                 "part, RFC 6531), nothing changed: " + "; ".join(problems))
+            what = ", ".join(utf8 or [mailbox_id])
+            raise TemporaryError(f"{self.name}: cannot host {what} (a UTF-8 local part, "
+                                 "RFC 6531), nothing changed: " + "; ".join(problems))
+
+    def _lmtp_extensions(self) -> set[str]:
+        """What Dovecot's LHLO offers (as fed's and the ping's connection sees it)."""
+        return _ping_smtp(self.name, "Dovecot LMTP", self.options.lmtp, lmtp=True,
+                          tls=self.options.smtp_tls, cafile=self.options.smtp_cafile)
 
     def set_via_fed(self, mailbox_id: str, value: bool) -> None:
         """Leave the mailbox's access addresses and aliases to relayhost = fed (or not)."""

@@ -10,6 +10,8 @@ from flags and a users file.
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
         [--parallel 8] [--state mover-state.db] [--progress auto|tty|plain|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
+        [--dst-max-connections 20] [--dst-max-connections-per-user 3] \\
+        [--dst-bytes-per-day 450000000] \\
         [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
         [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
 
@@ -44,6 +46,7 @@ from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
+from reconciler.mover.pace import Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
 from reconciler.mover.prestage import prestage
@@ -83,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
     c.add_argument("--max-msgs-per-s", type=float, default=0.0)
     c.add_argument("--max-bytes-per-s", type=float, default=0.0)
+    for side in ("src", "dst"):  # a system's limits (`pace.py`); the back-off is always on
+        c.add_argument(f"--{side}-max-connections", type=int, default=0,
+                       help="most connections to this side's server at once (0: no limit)")
+        c.add_argument(f"--{side}-max-connections-per-user", type=int, default=0)
+        c.add_argument(f"--{side}-bytes-per-day", type=int, default=0,
+                       help="message bytes per UTC day to or from this side (0: no limit)")
     c.add_argument("--folder-map", action="append", default=[], metavar="FROM=TO")
     c.add_argument("--rerun", action="store_true",
                    help="after the copy, run a second full pass (idempotence proof) and time it")
@@ -111,8 +120,16 @@ def _password(env: str | None) -> str:
         raise SystemExit(f"mover: {exc}") from None
 
 
+def _pace(args: argparse.Namespace, side: str) -> LocalPace:
+    """One side's pace: its limits from the command line, the adaptive back-off."""
+    return LocalPace(getattr(args, side), Limits(
+        getattr(args, f"{side}_max_connections") or None,
+        getattr(args, f"{side}_max_connections_per_user") or None,
+        getattr(args, f"{side}_bytes_per_day") or None))
+
+
 def _side(args: argparse.Namespace, side: str, user: str, password: str, readonly: bool,
-          pool: ConnectionPool) -> Callable[[], Endpoint]:
+          pool: ConnectionPool, pace: LocalPace | None = None) -> Callable[[], Endpoint]:
     spec, admin = getattr(args, side), getattr(args, f"{side}_admin")
     tls, cafile = getattr(args, f"{side}_tls"), getattr(args, f"{side}_cafile")
     if spec.startswith("maildir:"):
@@ -133,7 +150,7 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
     else:
         account = ImapAccount(host, int(port), user, password, timeout=args.timeout, tls=tls,
                               cafile=cafile)
-    return lambda: ImapEndpoint(account, readonly=readonly, pool=pool)
+    return lambda: ImapEndpoint(account, readonly=readonly, pool=pool, pace=pace)
 
 
 def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
@@ -145,6 +162,7 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
                       accepted=frozenset(args.accept_rewrite),
                       target_name=args.dst_name or args.dst.removeprefix("imap://"))
     jobs: list[Job] = []
+    src_pace, dst_pace = _pace(args, "src"), _pace(args, "dst")
     for line in args.users.read_text().splitlines():
         cols = line.split()
         if not cols or cols[0].startswith("#"):
@@ -153,8 +171,8 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
         du, dp = (cols[2], cols[3]) if len(cols) >= 4 else (su, sp)
         jobs.append(Job(
             key=su if su == du else f"{su}->{du}",
-            source=_side(args, "src", su, sp, True, pool),
-            target=_side(args, "dst", du, dp, False, pool),
+            source=_side(args, "src", su, sp, True, pool, src_pace),
+            target=_side(args, "dst", du, dp, False, pool, dst_pace),
             throttle=throttle, options=options))
     return jobs
 

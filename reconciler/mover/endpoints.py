@@ -204,6 +204,24 @@ def uid_set(uids: Sequence[str]) -> str:
     return ",".join(parts)
 
 
+def _asked(uids: Sequence[str]) -> Callable[[Untagged], bool]:
+    """Whether a FETCH response is for one of these UIDs. Why: one connection may have
+    several body fetches in flight (a target's read-backs of consecutive APPENDs, a second
+    read in wire form); a response handed to the first FETCH in flight, whatever it asked
+    for, was dropped there and its own FETCH never saw it: the read-back of that copy
+    "never came back", so an altered big copy was reported missing instead of altered
+    (tests/test_mover_stream.py, about one run in three under load)."""
+    wanted = frozenset(int(u) for u in uids)
+
+    def accepts(response: Untagged) -> bool:
+        items = response[2] if len(response) > 2 else None
+        if isinstance(items, list) and items[:1] == [b"UID"] and len(items) > 1:
+            return as_int(items[1]) in wanted  # the fast path's shape: UID first
+        found = fetch_items(response)
+        return found is not None and as_int(found.get(b"UID")) in wanted
+    return accepts
+
+
 def expand_uid_set(text: str) -> list[str]:
     """An APPENDUID set (5:7,9) -> ['5','6','7','9'] (bounded by the batch size)."""
     result: list[str] = []
@@ -598,13 +616,18 @@ class ImapEndpoint:
         started = [
             await client.start(
                 [f"UID FETCH {uid_set(ordered[i:i + _LIST_CHUNK])} ({what})".encode()],
-                "UID FETCH", handler=deliver, digest_over=DIGEST_OVER if digest else None,
-                digest_raw=raw,
+                "UID FETCH", handler=deliver, accepts=_asked(ordered[i:i + _LIST_CHUNK]),
+                digest_over=DIGEST_OVER if digest else None, digest_raw=raw,
                 streamer=streamer if stream is not None and meta else None)
             for i in range(0, len(ordered), _LIST_CHUNK)
         ]
-        for pending in started:
-            await client.finish(pending)
+        for n, pending in enumerate(started):
+            try:
+                await client.finish(pending)
+            except BaseException:
+                for later in started[n + 1:]:
+                    client.abandon(later)  # failed with the connection: nobody reads them
+                raise
 
     async def append(self, name: str, messages: Sequence[Outgoing]) -> AppendResult:
         """MULTIAPPEND when offered (one transaction on the server), else one APPEND each;
@@ -643,7 +666,11 @@ class ImapEndpoint:
             raise ImapCommandError("EXAMINE", "NO", f"folder {name} vanished")
         client = self._c()
         noop = await client.start([b"NOOP"], "NOOP")
-        await self.fetch(name, uids, sink, digest=True, raw=raw)
+        try:
+            await self.fetch(name, uids, sink, digest=True, raw=raw)
+        except BaseException:
+            client.abandon(noop)  # the connection goes with the error: nobody reads it
+            raise
         await client.finish(noop)
 
     async def copy_within(self, from_name: str, uids: Sequence[str],
@@ -737,9 +764,11 @@ class DriverEndpoint:
     """A mailbox of any `MailSystemDriver` (the embedded maildir system first), through the
     driver's blocking calls run in worker threads."""
 
-    def __init__(self, driver: MailSystemDriver, mailbox_id: str) -> None:
+    def __init__(self, driver: MailSystemDriver, mailbox_id: str, *,
+                 pace: SystemPace | None = None) -> None:
         self.driver = driver
         self.mailbox_id = mailbox_id
+        self.pace = pace  # its daily budget and rate (no connections to count)
         self.label = f"{driver.name}:{mailbox_id}"
 
     async def open(self) -> None:

@@ -37,6 +37,7 @@ touched: BOX2 is live, its owner may have read them since.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -554,17 +555,23 @@ class MailboxCopy:
 
         async def got(uid: str, data: bytes, _f: object, _d: object) -> None:
             if uid in expected and uid not in stored:
-                sha = body_hash(data)
-                if isinstance(data, Digest) and data.raw and sha != expected[uid]:
-                    again.append(uid)  # see below
-                    return
+                if isinstance(data, Digest):
+                    sha = data.sha256
+                    if data.raw and sha != expected[uid]:
+                        again.append(uid)  # see below
+                        return
+                else:  # hashed as served first: the line-end scan only on a mismatch
+                    sha = hashlib.sha256(data).hexdigest()
+                    if sha != expected[uid]:
+                        sha = content_hash(data)
                 keep = None if sha == expected[uid] or isinstance(data, Digest) else data
                 stored[uid] = (sha, keep)
 
-        # A big body is hashed as served (`raw`: no line-end scan, a third of the CPU).
+        # A body is hashed as served (no line-end scan: a third of the CPU of a big one).
         # Equal to the source's wire-form hash, the target serves exactly the source's
-        # wire form: identical, as the wire-form hash would say. Unequal, it is read once
-        # more and hashed in wire form, so a bare LF never passes for an alteration.
+        # wire form: identical, as the wire-form hash would say. Unequal, it is hashed in
+        # wire form (a big one read once more for that), so a bare LF never passes for an
+        # alteration.
         await self.target.read_back(dst_name, list(expected), got, raw=True)
         if again:
             await self.target.read_back(dst_name, again, got)
@@ -573,8 +580,9 @@ class MailboxCopy:
             if uid not in stored:
                 continue  # never came back: unproven, the verification fetches it again
             sha, data = stored[uid]
-            # a streamed message was never held: its equivalences were hashed in flight
-            sent = wire_form(out.data) if alternatives is None else None
+            # a streamed message was never held: its equivalences were hashed in flight;
+            # an identical copy needs no wire form of what was sent
+            sent = wire_form(out.data) if alternatives is None and sha != e.sha256 else None
             verdict: Judgement = judge(e.sha256 or "", sent, sha, data,
                                        self.options.accepted, alternatives=alternatives)
             result[uid] = placed[uid] = Held(e.sha256 or "", sha, verdict.proof, verdict.note,
@@ -647,13 +655,18 @@ class MailboxCopy:
             e.date = date or e.date
             if not e.message_id:
                 e.message_id = header_message_id(data)
-            sha = content_hash(data)
+            wire = wire_form(data)
+            sha = hashlib.sha256(wire).hexdigest()  # content_hash, the wire form kept
             if e.sha256 is not None and e.sha256 != sha:
                 report.failed.append((uid, "changed since listing"))
                 self.progress.advanced(self.key, 1, e.size, failed=1)
                 return
             e.sha256 = sha
-            if present(e, wire_form(data)):
+            # a copy under a known rewrite keeps the length: without a target message of
+            # this size (as served, or as listed: the sizes `_resolve` hashed by) no
+            # rewrite of it can be there (no equivalences to compute)
+            if present(e, wire if sizes is None or len(wire) in sizes or e.size in sizes
+                       else None):
                 return
             await self._pace(len(data))
             batch.append((e, Outgoing(data, e.flags, e.date)))
@@ -735,6 +748,8 @@ class MailboxCopy:
         finally:
             if not failed.done():
                 failed.cancel()
+            elif not failed.cancelled():
+                failed.exception()  # read: the error went up as the reading's, or with it
         for e in to_read:
             if e.uid not in seen:
                 report.failed.append((e.uid, "vanished from the source during the copy"))

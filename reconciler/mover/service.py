@@ -124,7 +124,7 @@ def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
         value = account(mailbox_id)
         if isinstance(value, ImapAccount):
             return ImapEndpoint(value, readonly=readonly, pool=pool, pace=pace)
-    return DriverEndpoint(driver, mailbox_id)
+    return DriverEndpoint(driver, mailbox_id, pace=pace)
 
 
 def options_from_modes(modes: Modes, phase: str, target: str = "",

@@ -154,6 +154,7 @@ DATA_PARTS: dict[str, DataPart] = {
     "E15": transfer.copy_mail_part,
     "E17": transfer.copy_diary_part,
     "E41": cleanup.final_delta_part,
+    "prestage": transfer.prestage_part,  # no step of the engine: `reconcile prestage --workers`
 }
 
 

@@ -73,7 +73,8 @@ def _copy(ctx: StepContext, m: Migration, *, mail: bool, label: str) -> dict[str
                            throttle=ctx.pace(m.source_system, m) if ctx.pace else None)
         detail.update(copied=report.copied, present=report.present, failed=report.failed,
                       bytes=report.bytes_copied, missing=report.missing,
-                      altered=report.altered, equivalent=report.equivalent)
+                      altered=report.altered, equivalent=report.equivalent,
+                      throttled=report.throttled)  # attempts a busy system refused
         if report.resume_at is not None:
             # A system's daily budget is spent: what fitted is copied; the rest waits for
             # the next day, without counting as an error (the plan shows this reason).
@@ -131,3 +132,15 @@ def e15_copy_mail(ctx: StepContext, m: Migration) -> Outcome:
 def e17_copy_diary(ctx: StepContext, m: Migration) -> Outcome:
     """E17 alone: diary data copied (diary-only mode)."""
     return Outcome(MigrationState.DATA_COPIED, "E17", ctx.data(m, "E17", copy_diary_part))
+
+
+def prestage_part(ctx: StepContext, m: Migration) -> dict[str, object]:
+    """Prestage (states 1-6, no transition): the bulk of BOX1 copied into BOX2 before the
+    cutover (`reconciler.mover.prestage`), as a worker runs it for `reconcile prestage
+    --workers`; E15 then copies the delta."""
+    report = move_mail(ctx.driver(m.source_system), m.source_mailbox,
+                       ctx.driver(m.target_system), m.target_mailbox, key=m.address,
+                       modes=m.modes, phase="prestage", manifest=ctx.manifest(m),
+                       accepted=accepted_rewrites(ctx, m),
+                       throttle=ctx.pace(m.source_system, m) if ctx.pace else None)
+    return {k: v for k, v in report.as_dict().items() if k != "folders"}

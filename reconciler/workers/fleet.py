@@ -78,6 +78,18 @@ class Guard:
                 self.lost.set()
                 return
 
+    def held(self) -> bool:
+        """Whether the connection (and so every lock on it) is still there, asked now:
+        a result is written only while it is (another worker may hold the locks else)."""
+        if self.lost.is_set():
+            return False
+        try:
+            with self._lock:
+                self.conn.execute("SELECT 1")
+        except psycopg.Error:
+            self.lost.set()
+        return not self.lost.is_set()
+
     def _try(self, a: int, b: int) -> bool:
         with self._lock:
             row = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (a, b)).fetchone()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -37,6 +37,7 @@ from procrastinate.exceptions import AlreadyEnqueued
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from reconciler.errors import (
     MailferryError,
@@ -46,7 +47,7 @@ from reconciler.errors import (
     Waiting,
 )
 from reconciler.state.model import DataJob, Migration, utcnow
-from reconciler.state.store import Store
+from reconciler.state.store import Store, record_event
 from reconciler.steps.base import StepContext
 
 TASK = "mailferry.data_step"
@@ -54,6 +55,13 @@ QUEUE = "mailferry-data"
 CHANNEL = "mailferry_data_jobs"  # a worker NOTIFYs it when it wrote a result
 SCHEMA_LOCK = 7316552  # pg_advisory_xact_lock key of the schema's creation
 RECHECK = 5.0  # seconds between two looks at the procrastinate job of a queued row
+STALE = timedelta(hours=1)  # a result older than this is not used: the step runs again
+
+
+# A row the reconciler will still ask about: its migration is in the row's state, neither
+# frozen nor suspended (anything else is left over and waits for nobody).
+LIVE = (Migration.state == DataJob.state, Migration.failed_reason.is_(None),
+        Migration.suspended.is_(False))
 
 
 class WorkerBug(Exception):
@@ -112,6 +120,8 @@ def error_result(exc: BaseException) -> dict[str, Any]:
 def raise_result(result: dict[str, Any], address: str, step: str) -> None:
     """Raise the error a worker recorded, as the step would have raised it here."""
     kind, message = result.get("kind"), str(result.get("message", ""))
+    if result.get("worker"):
+        message += f" (on worker {result['worker']})"
     where = {"address": str(result.get("address") or address),
              "step": str(result.get("step") or step)}
     if kind == "permanent":
@@ -127,12 +137,15 @@ class Queue:
     """The data parts of steps, queued for `reconcile worker` processes."""
 
     def __init__(self, store: Store, *, notice: Callable[[str], None] | None = None,
-                 poll: float = 0.2, max_wait: float | None = None) -> None:
+                 poll: float = 1.0, max_wait: float | None = None) -> None:
         self.store = store
         self.max_wait = max_wait  # `wait`'s default timeout (--watch: it has timers too)
         ensure_schema(store.url)
         self.app = make_app(store.url)
         self.app.open()
+        # Woken by the workers' NOTIFY when a result is written (the poll is the fallback).
+        self._listen = psycopg.connect(conninfo(store.url), autocommit=True)
+        self._listen.execute(f"LISTEN {CHANNEL}")
         self.notice = notice
         self.poll = poll
         self._checked: dict[int, float] = {}  # data_jobs.id -> monotonic time of last look
@@ -140,6 +153,7 @@ class Queue:
 
     def close(self) -> None:
         self.app.close()
+        self._listen.close()
 
     def _defer(self, m: Migration, step: str) -> None:
         with contextlib.suppress(AlreadyEnqueued):  # waiting already: that job will do
@@ -154,9 +168,18 @@ class Queue:
                 "AND status IN ('todo', 'doing') LIMIT 1"), {"ql": ql}).first() is not None
 
     def offload(self, ctx: StepContext, m: Migration, step: str) -> dict[str, Any]:
+        return self.take(ctx.session, m, step)
+
+    def take(self, session: Session, m: Migration, step: str) -> dict[str, Any]:
+        """`offload` with the caller's session (the done row is deleted in it)."""
+        step_session = session
         where = (DataJob.migration_id == m.id, DataJob.step == step, DataJob.state == m.state)
         with self.store.session() as session:
             row = session.scalars(select(DataJob).where(*where)).first()
+            if row is not None and row.status in ("done", "error") and \
+                    row.finished_at is not None and row.finished_at < utcnow() - STALE:
+                session.delete(row)  # left over (the migration was suspended meanwhile)
+                row = None
             if row is not None:
                 status, result, row_id = row.status, row.result or {}, row.id
         if row is None:
@@ -171,7 +194,7 @@ class Queue:
             self._defer(m, step)
             raise NotReady(f"{step} queued for a worker", address=m.address, step=step)
         if status == "done":
-            ctx.session.execute(delete(DataJob).where(DataJob.id == row_id))
+            step_session.execute(delete(DataJob).where(DataJob.id == row_id))
             self._checked.pop(row_id, None)
             return dict(result.get("detail") or {})
         if status == "error":
@@ -191,7 +214,9 @@ class Queue:
         them: a worker that lost the database gave up its job without a result."""
         with self.store.engine.connect() as conn:
             return int(conn.execute(text(
-                "SELECT count(*) FROM data_jobs d WHERE d.status IN ('queued', 'running') "
+                "SELECT count(*) FROM data_jobs d JOIN migrations m ON m.id = d.migration_id "
+                "WHERE d.status IN ('queued', 'running') AND m.state = d.state "
+                "AND m.failed_reason IS NULL AND NOT m.suspended "
                 "AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queueing_lock = "
                 "d.migration_id || ':' || d.step || ':' || d.state "
                 "AND j.status IN ('todo', 'doing'))")).scalar() or 0)
@@ -212,8 +237,9 @@ class Queue:
             with self.store.session() as session:
                 newest = session.scalar(select(func.max(DataJob.finished_at)).where(
                     DataJob.status.in_(("done", "error"))))
-                busy = session.scalar(select(func.count()).select_from(DataJob).where(
-                    DataJob.status.in_(("queued", "running")))) or 0
+                busy = session.scalar(select(func.count()).select_from(DataJob).join(
+                    Migration, Migration.id == DataJob.migration_id).where(
+                    *LIVE, DataJob.status.in_(("queued", "running")))) or 0
             if newest is not None and (self._mark is None or newest > self._mark):
                 self._mark = newest
                 return True
@@ -230,5 +256,37 @@ class Queue:
                 said = time.monotonic()
                 self.notice(f"waiting for {busy} data jobs on the workers "
                             "(is a `reconcile worker` running?)")
-            time.sleep(self.poll)
+            for _ in self._listen.notifies(timeout=self.poll, stop_after=1):
+                pass
         return False
+
+
+def prestage_on_workers(queue: Queue, store: Store, *, everything: bool = False,
+                        echo: Callable[[str], None] = print) -> int:
+    """`reconcile prestage --workers`: the prestage copy of every due migration queued for
+    the workers; each result recorded as its PRESTAGE event (no transition) as it comes.
+    The number of migrations whose prestage failed (they are copied at E15 anyway)."""
+    from reconciler.mover.prestage import due
+
+    pending = {m.id: m for m in due(store, everything=everything)}
+    failed = 0
+    for _ in range(1_000_000):  # bounded: each round waits for a result or 5 s
+        if not pending:
+            break
+        for m in list(pending.values()):
+            try:
+                with store.session() as session:
+                    detail = queue.take(session, m, "prestage")
+                    record_event(session, m, "PRESTAGE", detail=detail)
+            except NotReady:
+                continue
+            except MailferryError as exc:
+                failed += 1
+                echo(f"{m.address}: prestage failed: {exc}")
+            else:
+                echo(f"{m.address}: prestaged ({detail.get('copied', 0)} copied, "
+                     f"{detail.get('present', 0)} present)")
+            del pending[m.id]
+        if pending:
+            queue.wait(lambda: False, timeout=5.0)
+    return failed

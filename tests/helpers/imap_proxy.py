@@ -11,7 +11,13 @@ literals), so what it injects never lands inside a literal:
 - `bye`: the APPEND commands answered with an early `* BYE [UNAVAILABLE]`, then the
   connection closed (nothing of that APPEND reaches the server);
 - `limit` (with `limit_after`: once that many APPENDs passed): a login while more than
-  `limit` connections are open is answered `NO [LIMIT] Too many simultaneous connections`.
+  `limit` connections are open is answered `NO [LIMIT] Too many simultaneous connections`;
+- `commands`: other commands by their first words (`{"UID FETCH": {3}}`, `{"EXAMINE":
+  {1}}`), counted over all connections from 1, answered `NO [UNAVAILABLE]` unforwarded;
+- `max_rate`: an APPEND while more than `max_rate` messages were appended in the last
+  second is answered `NO [THROTTLED]` (a provider's per-user rate limit, for the bench);
+- `penalty` (count, seconds): after `count` refusals within 10 s every APPEND and login
+  is refused for `seconds` (the lock-out providers give clients that keep hammering).
 
 It runs its own event loop in a thread, so a mover in the test's thread (or another
 process) talks to it over TCP on 127.0.0.1 like any server. Observations are kept in
@@ -25,22 +31,33 @@ import contextlib
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 
 _LITERAL = re.compile(rb"\{(\d+)(\+?)\}\r\n$")
 THROTTLED = b"NO [THROTTLED] Request is throttled. Suggested Backoff Time: 500 milliseconds"
 BYE = b"* BYE [UNAVAILABLE] Server busy, try again later\r\n"
 LIMIT = b"NO [LIMIT] Too many simultaneous connections. (Failure)"
+UNAVAILABLE = b"NO [UNAVAILABLE] Server busy, try again later"
 
 
 class ThrottlingProxy:
     """See the module's docstring; `close()` stops it."""
 
     def __init__(self, port: int, *, refuse: Iterable[int] = (), bye: Iterable[int] = (),
-                 limit: int | None = None, limit_after: int = 0) -> None:
+                 limit: int | None = None, limit_after: int = 0,
+                 max_rate: float | None = None,
+                 penalty: tuple[int, float] | None = None,
+                 commands: dict[str, set[int]] | None = None) -> None:
         self.target = port
         self.refuse, self.bye = set(refuse), set(bye)
-        self.limit, self.limit_after = limit, limit_after
+        self.limit, self.limit_after, self.max_rate = limit, limit_after, max_rate
+        self._recent: deque[tuple[float, int]] = deque()  # (time, messages) of APPENDs
+        self.penalty = penalty
+        self.commands = {k.upper().encode(): v for k, v in (commands or {}).items()}
+        self.seen: dict[bytes, int] = {}
+        self._refusals: deque[float] = deque()
+        self._penalized_until = 0.0
         self.events: list[tuple[float, str, int]] = []
         self.appends = 0  # APPEND commands seen
         self.open = 0
@@ -57,7 +74,35 @@ class ThrottlingProxy:
     # -- observations ---------------------------------------------------------------------
     def note(self, kind: str, value: int = 0) -> None:
         with self._lock:
-            self.events.append((time.monotonic(), kind, value))
+            now = time.monotonic()
+            self.events.append((now, kind, value))
+            if kind == "append":
+                self._recent.append((now, value))
+
+    def _refused(self) -> None:
+        if self.penalty is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._refusals.append(now)
+            while self._refusals and self._refusals[0] < now - 10.0:
+                self._refusals.popleft()
+            if len(self._refusals) >= self.penalty[0]:
+                self._penalized_until = now + self.penalty[1]
+                self._refusals.clear()
+                self.events.append((now, "penalty", 0))
+
+    def _penalized(self) -> bool:
+        return time.monotonic() < self._penalized_until
+
+    def _too_fast(self) -> bool:
+        if self.max_rate is None:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            while self._recent and self._recent[0][0] < now - 1.0:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) >= self.max_rate
 
     def first(self, kind: str) -> float | None:
         with self._lock:
@@ -149,10 +194,18 @@ class ThrottlingProxy:
                 with self._lock:
                     self.appends += 1
                     number = self.appends
-                action = "refuse" if number in self.refuse else \
+                action = "refuse" if number in self.refuse or self._penalized() \
+                    or self._too_fast() else \
                     "bye" if number in self.bye else "forward"
-            elif verb in (b"LOGIN", b"AUTHENTICATE") and self.limit is not None \
-                    and self.appends >= self.limit_after and self.open > self.limit:
+            elif any(rest.upper().startswith(k + b" ") for k in self.commands):
+                key = next(k for k in self.commands if rest.upper().startswith(k + b" "))
+                with self._lock:
+                    self.seen[key] = number = self.seen.get(key, 0) + 1
+                if number in self.commands[key]:
+                    action = "unavailable"
+            elif verb in (b"LOGIN", b"AUTHENTICATE") and (self._penalized() or (
+                    self.limit is not None and self.appends >= self.limit_after
+                    and self.open > self.limit)):
                 action = "limit"
             if action == "bye":
                 self.note("bye")
@@ -186,9 +239,10 @@ class ThrottlingProxy:
             await up.drain()
             if action == "forward" and verb == b"APPEND":
                 self.note("append", messages)
-            elif action in ("refuse", "limit"):
+            elif action in ("refuse", "limit", "unavailable"):
                 self.note(action)
-                answer = THROTTLED if action == "refuse" else LIMIT
+                self._refused()
+                answer = {"refuse": THROTTLED, "limit": LIMIT}.get(action, UNAVAILABLE)
                 async with lock:
                     writer.write(tag + b" " + answer + b"\r\n")
                     await writer.drain()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from mailferry.mail.imap.client import ImapClient
 from mailferry.mail.messageid import message_id_of
 
 
@@ -44,13 +45,18 @@ class Sender(threading.Thread):
     answered 250 for (what must arrive, and where), `refused` lists the others."""
 
     def __init__(self, port: int, rcpts: Sequence[str], *, tag: str = "live", count: int = 30,
-                 pause: float = 0.05, seconds: float = 30.0) -> None:
+                 pause: float = 0.05, seconds: float = 30.0, body: str = "body") -> None:
         super().__init__(daemon=True)
-        self.port, self.rcpts, self.tag = port, list(rcpts), tag
+        self.port, self.rcpts, self.tag, self.body = port, list(rcpts), tag, body
         self.count, self.pause, self.seconds = count, pause, seconds
         self.acked: dict[str, list[str]] = {rcpt: [] for rcpt in self.rcpts}
         self.refused: list[str] = []
         self.stop_flag = threading.Event()
+
+    @property
+    def acked_ids(self) -> list[str]:
+        """Every acknowledged Message-ID, whatever its recipient."""
+        return [mid for mids in self.acked.values() for mid in mids]
 
     def run(self) -> None:
         deadline = time.monotonic() + self.seconds
@@ -62,9 +68,26 @@ class Sender(threading.Thread):
             try:
                 with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
                     smtp.sendmail("x@outside.example", [rcpt],
-                                  message(f"{self.tag} {n}", mid, sender="x@outside.example",
-                                          to=rcpt))
+                                  message(f"{self.tag} {n}", mid, self.body,
+                                          sender="x@outside.example", to=rcpt))
                 self.acked[rcpt].append(mid)
             except (OSError, smtplib.SMTPException):
                 self.refused.append(mid)
             time.sleep(self.pause)
+
+
+async def imap_fill(port: int, user: str, password: str,
+                    folders: dict[str, list[tuple[bytes, str]]]) -> None:
+    """Append each folder's (message, flags) list in one MULTIAPPEND, creating the folder
+    (appending one at a time, hundreds of messages take seconds on a loaded machine)."""
+    client = await ImapClient.connect("127.0.0.1", port, timeout=30)
+    await client.login(user, password)
+    for folder, items in folders.items():
+        if folder != "INBOX":
+            await client.simple(f"CREATE {folder}")
+        segments = [f"APPEND {folder}".encode()]
+        for data, flags in items:
+            segments[-1] += f" ({flags}) ".encode()
+            segments += [data, b""]
+        await client.finish(await client.start(segments, "APPEND"))
+    await client.logout()
