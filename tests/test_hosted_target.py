@@ -18,7 +18,9 @@ for fed's deliveries, a private CA, mailboxes only its admin creates. What is pr
   step and an example; mail this migration already copied there is not "foreign";
 - a new address placed on the hosted system waits for its mailbox the same way;
 - the provider refusing fed's AUTH (a rotated password) is deferred and recorded as a
-  managed system's refusal, never bounced, and delivered once the password file is right.
+  managed system's refusal, never bounced, and delivered once the password file is right;
+- kill -9 of the reconciler after E2 found BOX2 and after E15's copy (before their
+  commits): the next run converges, nothing twice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
@@ -344,3 +347,36 @@ def test_provider_refusing_feds_login_defers_never_bounces(world: PfWorld,
              timeout=40, what="the deferred message delivered once the password is right")
     # Delivered, so never shunted nor bounced; and nothing else is left in fed's queue.
     wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain")
+
+
+def test_kill_9_at_e2_and_e15_into_the_hosted_target_converges(world: PfWorld,
+                                                                tmp_path: Path) -> None:
+    """kill -9 of `reconcile --apply` after E2 found and registered BOX2 (before its
+    commit), then after E15's copy (before its commit): the next run converges, every
+    message once in BOX2, the second E2 finding its own registration."""
+    host = hosted_of(world)
+    address = "max@corp.example"
+    box = mailbox_id_for(address)
+    state = f"sqlite:///{tmp_path / 'state.db'}"
+    pol = policy("p", deleteSource="never", diary=False)
+    engine = world.engine(world.write(tmp_path / "v1", [pol, placement(
+        "home", "pf1", [{"address": address}], policy_name="p")]), state)
+    assert not engine.apply().errors
+    old_ids = seed(engine, address)
+    host.provision(address)
+    moved = world.write(tmp_path / "v2", [pol, placement(
+        "wave", "hosted", [{"address": address}], policy_name="p")])
+    for failpoint in ("E2:after-action", "E15:after-action"):
+        killed = run_cli("--specs", str(moved), "--state", state, "--apply", cwd=tmp_path,
+                         env={"MAILFERRY_FAILPOINT": failpoint})
+        assert killed.returncode == -signal.SIGKILL, (failpoint, killed.stderr)
+    assert host.message_ids(box) == Counter(dict.fromkeys(old_ids, 1))  # E15's copy, uncommitted
+    again = run_cli("--specs", str(moved), "--state", state, "--apply", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert state_of(engine, address) == 10
+    assert host.message_ids(box) == Counter(dict.fromkeys(old_ids, 1))  # nothing twice
+    with engine.store.session() as session:
+        m = session.scalars(select(Migration).where(Migration.address == address)).one()
+        steps = [e.step for e in session.scalars(select(Event).where(
+            Event.migration_id == m.id).order_by(Event.id)) if e.to_state != e.from_state]
+    assert steps == ["E1", "E2", "E4", "E5-E8", "E9", "E11-E14", "E15", "E40"]

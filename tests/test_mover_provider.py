@@ -105,7 +105,7 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
     the proxy)."""
     users = [f"p{i}" for i in range(6)]
     for user in users:
-        fill(pair.src, user, {"INBOX": messages(user, 200)})
+        fill(pair.src, user, {"INBOX": messages(user, 400)})
     proxy = ThrottlingProxy(pair.dst.port, refuse={30, 90}, bye={60})
     pace = LocalPace("dst", backoff=FAST)
     try:
@@ -116,7 +116,7 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
     assert sum(r.throttled for r in reports) == 3, [r.throttled for r in reports]
     for user in users:
         got = ids(pair.dst, user)
-        assert len(got) == 200 and set(got.values()) == {1}, (user, got.most_common(2))
+        assert len(got) == 400 and set(got.values()) == {1}, (user, got.most_common(2))
     refused = proxy.first("refuse")
     assert refused is not None
     # The copies over the new limit give their connections back at their next message
@@ -125,7 +125,7 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
     assert before == 6 and after <= 3, (before, after)
     n_before, t_before = proxy.appended(end=refused)  # from the first APPEND on
     n_after, t_after = proxy.appended(refused + 1)  # to the last APPEND
-    assert n_before > 50 and n_after > 30, (n_before, n_after)
+    assert n_before > 50 and n_after > 100, (n_before, n_after)
     rate_before, rate_after = n_before / max(t_before, 0.01), n_after / max(t_after, 0.01)
     assert rate_after < 0.75 * rate_before, (rate_before, rate_after)
     assert pace.refusals == 3 and pace.allowed is not None and pace.allowed <= 3
@@ -211,6 +211,9 @@ def test_back_off_halves_then_recovers_slowly() -> None:
         assert pace.allowed == 4
         now[0] += 1.5
         assert pace.throttled("z") == 4 and pace.allowed == 2
+        # the server's own suggestion wins when longer (Exchange Online's text)
+        assert pace.throttled("NO [THROTTLED] Suggested Backoff Time: 30000 milliseconds") == 30
+        assert pace.throttled("NO [THROTTLED] Suggested Backoff Time: 500 milliseconds") == 8
         for _ in range(8):
             pace.disconnect("u")
         steps = 0
@@ -360,3 +363,26 @@ def test_a_busy_source_is_retried_and_slowed_not_failed(pair: Pair, tmp_path: Pa
     assert sum(1 for _, k, _ in proxy.events if k == "unavailable") == 2
     got = ids(pair.dst, "c3")
     assert got == ids(pair.src, user) and set(got.values()) == {1}
+
+
+def test_a_system_that_never_stops_refusing_is_left_for_later(
+        pair: Pair, tmp_path: Path) -> None:
+    """Every APPEND refused: after its throttled attempts the copy stops with "throttled"
+    and the pause its pace asks for (the step raises `Throttled` with it), nothing stored,
+    nothing counted as a failed message."""
+    user = "c2"
+    if not ids(pair.src, user):
+        fill(pair.src, user, {"INBOX": messages(user, 10)})
+    proxy = ThrottlingProxy(pair.dst.port, max_rate=0)
+    pace = LocalPace("dst", backoff=FAST)
+    src = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    dst = ImapAccount("127.0.0.1", proxy.port, "c3", "pw-c3", timeout=15)
+    job = Job(user, lambda: ImapEndpoint(src, readonly=True), lambda: ImapEndpoint(dst, pace=pace))
+    before = ids(pair.dst, "c3")
+    try:
+        report = asyncio.run(run_jobs_async([job], throttled_retries=2))[0]
+    finally:
+        proxy.close()
+    assert not report.verified and report.throttled == 3 and report.failed == 0
+    assert (report.error or "").startswith("throttled: dst:") and report.retry_in == 0.8
+    assert ids(pair.dst, "c3") == before

@@ -14,7 +14,8 @@ out for hours, and one that fails on it is restarted by hand at night. So the mo
   over the new number give theirs back at their next message, `shed`, and resume later) and its
   message rate (measured over the last seconds), at most once per `settle` seconds (one
   refusal per connection in flight is one signal, not six), and reconnects only after a
-  growing pause; then recovers *slowly*: one more connection and a rate 1.5 times higher
+  growing pause (or the one the server suggests, Exchange Online's "Suggested Backoff
+  Time", if longer); then recovers *slowly*: one more connection and a rate 1.5 times higher
   per `recover_every` seconds without a refusal, until the limits are gone again;
 - stops copying for the day once `bytes_per_day` were sent to or read from the system
   (`reserve`), and says until when (`BudgetSpent`; the step waits for the next UTC day).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -110,6 +112,16 @@ class SystemPace(Protocol):
 
     def state(self) -> dict[str, object]:
         """The current limits, for reports and the benchmark."""
+
+
+_SUGGESTED = re.compile(r"Suggested Backoff Time: (\d+) milliseconds", re.IGNORECASE)
+
+
+def suggested(reason: str) -> float:
+    """The pause a server asked for in its refusal (Exchange Online: "Suggested Backoff
+    Time: 1000 milliseconds"), in seconds, at most an hour; 0 when it named none."""
+    match = _SUGGESTED.search(reason)
+    return min(3600.0, int(match.group(1)) / 1000) if match else 0.0
 
 
 def utcnow() -> datetime:
@@ -210,7 +222,10 @@ class LocalPace:
     async def take(self, size: int) -> None:
         self._recover()
         await self.bucket.take(size)
-        self._times.append(self.monotonic())
+        now = self.monotonic()
+        self._times.append(now)
+        while self._times[0] < now - self.backoff.window:  # bounded by the window's rate
+            self._times.popleft()
 
     # -- the daily budget -----------------------------------------------------------------
     def _today(self) -> None:
@@ -253,7 +268,8 @@ class LocalPace:
             if current != math.inf:
                 self.rate = max(self.backoff.min_rate, current / 2)
                 self._apply_rate()
-        return min(self.backoff.cap, self.backoff.base * 2.0 ** min(self.strikes - 1, 30))
+        pause = min(self.backoff.cap, self.backoff.base * 2.0 ** min(self.strikes - 1, 30))
+        return max(pause, suggested(reason))
 
     def _recover(self) -> None:
         """One step back up per `recover_every` seconds without a refusal."""

@@ -663,8 +663,10 @@ class MailboxCopy:
                 return
             e.sha256 = sha
             # a copy under a known rewrite keeps the length: without a target message of
-            # this size no rewrite of it can be there (no equivalences to compute)
-            if present(e, wire if sizes is None or len(wire) in sizes else None):
+            # this size (as served, or as listed: the sizes `_resolve` hashed by) no
+            # rewrite of it can be there (no equivalences to compute)
+            if present(e, wire if sizes is None or len(wire) in sizes or e.size in sizes
+                       else None):
                 return
             await self._pace(len(data))
             batch.append((e, Outgoing(data, e.flags, e.date)))

@@ -109,12 +109,12 @@ def e2_create_target(ctx: StepContext, m: Migration) -> Outcome:
         except ManualStep as exc:
             raise ManualStep(exc.task, exc.why, delay=exc.delay, address=m.address,
                              step="E2") from exc
-    if not target.creates_mailboxes:
-        check_target_empty(ctx, m, target)
-    elif account.syncfed:
+    if account.syncfed:  # (a mailbox created just now has no marker)
         raise PermanentError(
             f"{m.target_system} already has a mailbox {m.target_mailbox} that took over "
             "addresses (syncfed set) outside this migration", address=m.address, step="E2")
+    if not target.creates_mailboxes:
+        check_target_empty(ctx, m, target)
     if account.redirect_to != redirect:
         target.set_redirect(m.target_mailbox, redirect)
     ctx.prove_delivery(m.target_system, new_physical(m), m, "E2")  # early: days before the flip

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -55,6 +55,13 @@ QUEUE = "mailferry-data"
 CHANNEL = "mailferry_data_jobs"  # a worker NOTIFYs it when it wrote a result
 SCHEMA_LOCK = 7316552  # pg_advisory_xact_lock key of the schema's creation
 RECHECK = 5.0  # seconds between two looks at the procrastinate job of a queued row
+STALE = timedelta(hours=1)  # a result older than this is not used: the step runs again
+
+
+# A row the reconciler will still ask about: its migration is in the row's state, neither
+# frozen nor suspended (anything else is left over and waits for nobody).
+LIVE = (Migration.state == DataJob.state, Migration.failed_reason.is_(None),
+        Migration.suspended.is_(False))
 
 
 class WorkerBug(Exception):
@@ -113,6 +120,8 @@ def error_result(exc: BaseException) -> dict[str, Any]:
 def raise_result(result: dict[str, Any], address: str, step: str) -> None:
     """Raise the error a worker recorded, as the step would have raised it here."""
     kind, message = result.get("kind"), str(result.get("message", ""))
+    if result.get("worker"):
+        message += f" (on worker {result['worker']})"
     where = {"address": str(result.get("address") or address),
              "step": str(result.get("step") or step)}
     if kind == "permanent":
@@ -167,6 +176,10 @@ class Queue:
         where = (DataJob.migration_id == m.id, DataJob.step == step, DataJob.state == m.state)
         with self.store.session() as session:
             row = session.scalars(select(DataJob).where(*where)).first()
+            if row is not None and row.status in ("done", "error") and \
+                    row.finished_at is not None and row.finished_at < utcnow() - STALE:
+                session.delete(row)  # left over (the migration was suspended meanwhile)
+                row = None
             if row is not None:
                 status, result, row_id = row.status, row.result or {}, row.id
         if row is None:
@@ -201,7 +214,9 @@ class Queue:
         them: a worker that lost the database gave up its job without a result."""
         with self.store.engine.connect() as conn:
             return int(conn.execute(text(
-                "SELECT count(*) FROM data_jobs d WHERE d.status IN ('queued', 'running') "
+                "SELECT count(*) FROM data_jobs d JOIN migrations m ON m.id = d.migration_id "
+                "WHERE d.status IN ('queued', 'running') AND m.state = d.state "
+                "AND m.failed_reason IS NULL AND NOT m.suspended "
                 "AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs j WHERE j.queueing_lock = "
                 "d.migration_id || ':' || d.step || ':' || d.state "
                 "AND j.status IN ('todo', 'doing'))")).scalar() or 0)
@@ -222,8 +237,9 @@ class Queue:
             with self.store.session() as session:
                 newest = session.scalar(select(func.max(DataJob.finished_at)).where(
                     DataJob.status.in_(("done", "error"))))
-                busy = session.scalar(select(func.count()).select_from(DataJob).where(
-                    DataJob.status.in_(("queued", "running")))) or 0
+                busy = session.scalar(select(func.count()).select_from(DataJob).join(
+                    Migration, Migration.id == DataJob.migration_id).where(
+                    *LIVE, DataJob.status.in_(("queued", "running")))) or 0
             if newest is not None and (self._mark is None or newest > self._mark):
                 self._mark = newest
                 return True

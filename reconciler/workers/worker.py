@@ -39,7 +39,7 @@ from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
 from reconciler.lease import holder_id
 from reconciler.mover.service import share_paces
-from reconciler.spec.model import SpecSet
+from reconciler.spec.model import DesiredMailbox, SpecSet
 from reconciler.state.model import DataJob, Migration, utcnow
 from reconciler.state.store import Store
 from reconciler.steps.base import PassCache, StepContext
@@ -68,6 +68,10 @@ class Runtime:
     name: str = field(default_factory=holder_id)
     ping: float = 1.0  # the guard's watchdog period
     stopping: threading.Event = field(default_factory=threading.Event)
+    desired: dict[str, DesiredMailbox] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.desired = self.specs.desired()  # once: a wave has thousands of mailboxes
 
     def pace(self, guard: Guard) -> Any:
         """The fleet's pace of a system, for the copies of the job on `guard`."""
@@ -132,14 +136,15 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
             assert m is not None
             ctx = StepContext(specs=rt.specs, fed=FedClient(rt.specs.fed.control_url, ""),
                               drivers=rt.drivers, session=session, now=started,
-                              cache=PassCache(), desired=rt.specs.desired().get(address),
+                              cache=PassCache(), desired=rt.desired.get(address),
                               worker=True, pace=rt.pace(guard))
             detail = dict(part(ctx, m))
         detail.update(worker=rt.name, attempt=attempt, copy_started=started.isoformat(),
                       copy_finished=utcnow().isoformat())
-        status, result = "done", {"detail": detail}
+        status = "done"
+        result: dict[str, Any] = {"detail": detail}
     except Exception as exc:  # every error goes back to the reconciler, classified
-        status, result = "error", error_result(exc)
+        status, result = "error", {**error_result(exc), "worker": rt.name}
     try:
         if not guard.held():
             log.error("%s %s: the database connection broke; stopping", address, step)
