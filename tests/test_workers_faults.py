@@ -12,8 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from reconciler.drivers.base import mailbox_id_for
 from reconciler.engine import ApplyReport
+from reconciler.state.model import Migration
 
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
@@ -104,3 +107,30 @@ def test_a_worker_that_lost_the_database_stops_and_the_job_is_redone(
     found = mailbox_message_ids(engine, "s2", address)
     assert {i: found[i] for i in ids} == {i: 1 for i in ids}
     assert set(mailbox_message_ids(engine, "s1", address)) == ids
+
+
+def test_a_workers_permanent_error_freezes_the_migration_as_in_process(
+        world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
+    """E12 on a worker finds a message whose header has a NUL byte: the reconciler freezes
+    the migration with the worker's reason and step, as if it had validated it itself;
+    nothing is copied."""
+    engine, seeded = prepared(world, postgres, tmp_path, "bad", 1, 3,
+                              {"pv": {"dataTransfer": "validate-and-copy"}})
+    (address, _), = seeded.items()
+    engine.drivers["s1"].append_message(mailbox_id_for(address), "INBOX",
+                                        b"From: x@corp.example\nSubject: b\0d\n\nbody\n")
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
+    try:
+        workers.start()
+        queue = with_queue(engine)
+        report = engine.apply(max_passes=100)
+        queue.close()
+    finally:
+        workers.stop()
+    assert [(r.step, r.ok) for r in report.errors] == [("E12", False)], report.errors
+    with engine.store.session() as session:
+        m = session.scalars(select(Migration).where(Migration.address == address)).one()
+        assert m.failed_step == "E12" and m.state == 6
+        assert m.failed_reason is not None and "NUL byte in header" in m.failed_reason
+        assert f"(on worker {os.uname().nodename}:{workers.procs[0].pid})" in m.failed_reason
+    assert mailbox_message_ids(engine, "s2", address) == Counter()

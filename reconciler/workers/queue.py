@@ -120,6 +120,8 @@ def error_result(exc: BaseException) -> dict[str, Any]:
 def raise_result(result: dict[str, Any], address: str, step: str) -> None:
     """Raise the error a worker recorded, as the step would have raised it here."""
     kind, message = result.get("kind"), str(result.get("message", ""))
+    if result.get("worker"):
+        message += f" (on worker {result['worker']})"
     where = {"address": str(result.get("address") or address),
              "step": str(result.get("step") or step)}
     if kind == "permanent":

@@ -141,9 +141,10 @@ def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
             detail = dict(part(ctx, m))
         detail.update(worker=rt.name, attempt=attempt, copy_started=started.isoformat(),
                       copy_finished=utcnow().isoformat())
-        status, result = "done", {"detail": detail}
+        status = "done"
+        result: dict[str, Any] = {"detail": detail}
     except Exception as exc:  # every error goes back to the reconciler, classified
-        status, result = "error", error_result(exc)
+        status, result = "error", {**error_result(exc), "worker": rt.name}
     try:
         if not guard.held():
             log.error("%s %s: the database connection broke; stopping", address, step)
