@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from fed.routing.nodes import NodeRegistry, NodeState, blocking
-from fed.routing.shared_db import SharedDB, metadata
+from fed.routing.shared_db import SharedDB
 from reconciler.errors import PermanentError
 
 from fedutil import TOKEN, FakeSystem, Fed, message, send
@@ -76,21 +76,6 @@ def test_a_shared_db_from_before_the_control_column_gets_it(tmp_path: Path) -> N
 
 
 # -- helpers -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def shared_url(postgres: PrivatePostgres) -> str:
-    engine = create_engine(postgres.url)
-    metadata.drop_all(engine)  # every test starts from an empty shared database
-    engine.dispose()
-    return postgres.url
-
-
 def start_node(tmp_path: Path, name: str, url: str, systems: list[FakeSystem],
                lease: float = 2.0, extra: tuple[str, ...] = ()) -> Fed:
     return Fed(tmp_path / name, systems, extra=[
