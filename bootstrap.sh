@@ -58,9 +58,15 @@ if [ "${#need[@]}" -gt 0 ]; then
     $sudo systemctl disable --now postfix dovecot ssh >/dev/null 2>&1 || true
   fi
 fi
-if [ "$what" = test ]; then  # the owner of the private Dovecots' Maildirs
-  id vmail >/dev/null 2>&1 || $sudo useradd --system --user-group --no-create-home \
-    --shell /usr/sbin/nologin vmail
+if [ "$what" = test ]; then
+  # The owner of the private Dovecots' Maildirs, and the user the private Cyrus instances run
+  # as (tests/cyrus.py): made here, before the suite, not by the first test that needs one --
+  # a useradd replaces /etc/passwd, which detaches ip netns exec's per-file binds of it in
+  # other workers' namespaces (tests/netns.py), and two workers' useradds race each other.
+  for user in vmail cyrus; do
+    id "$user" >/dev/null 2>&1 || $sudo useradd --system --user-group --no-create-home \
+      --shell /usr/sbin/nologin "$user"
+  done
 fi
 
 # Cyrus IMAP for the tests (tests/cyrus.py): Debian's cyrus-imapd conflicts with

@@ -38,6 +38,7 @@ from typing import Any
 
 REPO = Path(os.environ.get("MAILFERRY_REPO") or Path(__file__).resolve().parents[1])
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
 
 from sqlalchemy import select  # noqa: E402
 
@@ -120,9 +121,11 @@ def main() -> int:
               f"({args.senders} senders): pass {wall:.2f} s; longest hold (fed) {longest:.2f} s; "
               f"states {dict(states(engine))}; errors {len(report.errors)}")
         print("fed calls: " + ", ".join(f"{k} x{v}" for k, v in sorted(calls.items())))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 900  # bounded; the machine may be busy
         while engine.fed.queue().pending and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.5)
+        print(f"fed's queue {time.monotonic() - deadline + 900:.0f} s after the pass: "
+              f"{engine.fed.queue()}")
         home = {a: b["address"] for b in boxes for a in (b["address"], *b["aliases"])}
         found: Counter[str] = Counter()
         for b in boxes:

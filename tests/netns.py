@@ -12,11 +12,21 @@ the hosts reach through their default route (traffic to a local address, no forw
 
 Every process is our child, stopped by its PID (``ip netns exec`` execs, so the PID is the
 server's); `delete` removes the namespace, which takes its veth pair with it. A `kill -9` of
-the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`) and its
-``/etc/netns/mf<pid>…`` folder (the namespace's own passwd, shadow without passwords and
-sudoers.d, bind-mounted by ``ip netns exec`` for a non-root ``SUDO_USER``). `NetnsWorld` is
+the test leaves at most a namespace named ``mf<pid>…`` (`ip netns list`); nothing of the
+machine's /etc is written. `NetnsWorld` is
 the whole world of `tests/test_remote_hosts.py` and `bench/remote_hosts.py`: two such hosts,
 fed and the embedded system in the root namespace, the specs with ``host: ssh://...``.
+
+The host's own /etc: every process of the namespace (`NetnsHost.wrap`) runs in a mount
+namespace whose /etc is a read-only overlay, ``<root>/etc`` (passwd and group with the
+non-root ``SUDO_USER``, a shadow without passwords, sudoers.d) over the machine's /etc. Not
+``ip netns exec``'s own ``/etc/netns/NS`` files, which it bind-mounts over /etc/passwd one
+file at a time: when anything on the machine replaces /etc/passwd (``useradd`` renames a new
+one over it, as `tests/cyrus.py` does for its run user on a fresh machine, in another xdist
+worker), the kernel detaches every bind mount on the replaced file in every mount namespace,
+and a long-running sshd then sees the machine's passwd: ``Invalid user mferry``, the client's
+``Permission denied (publickey)``. The overlay's dentries are its own: renames under the
+machine's /etc do not reach it (`tests/test_netns_etc.py`).
 
 Fault injection without fakes: the host's sshd gives sessions a PATH starting with
 ``<root>/faultbin``, whose ``postmap`` runs the real one unless the test armed
@@ -105,6 +115,17 @@ SetEnv PATH={root}/faultbin:{path} HOME={root}/home
 LogLevel VERBOSE
 """
 
+ENTER = """\
+#!/bin/sh
+# tests/netns.py: run "$@" with host {name}'s own /etc (called by `ip netns exec`, whose new
+# mount namespace is a slave of the machine's: nothing mounted here is seen outside).
+set -e
+mount -t overlay -o ro,lowerdir={etc}:/etc mailferry-etc-{name} /etc
+# sudoers.d, written by `grant` while the host runs: a plain folder, not an overlay's lower
+mount --bind {etc}/sudoers.d /etc/sudoers.d
+exec "$@"
+"""
+
 FAULT_POSTMAP = """\
 #!/bin/sh
 # tests/netns.py: drop this SSH connection once, when armed, in the middle of a table write
@@ -152,7 +173,8 @@ class NetnsHost:
         return f"10.77.{self.subnet}.1"
 
     def wrap(self) -> list[str]:
-        return ["ip", "netns", "exec", self.ns]
+        """The prefix of every command run on the host: its network and its own /etc."""
+        return ["ip", "netns", "exec", self.ns, str(self.root / "enter")]
 
     @property
     def outer_link(self) -> str:
@@ -160,17 +182,16 @@ class NetnsHost:
 
     @property
     def etc(self) -> Path:
-        """``ip netns exec`` bind-mounts each entry of this folder over /etc/ENTRY for the
-        processes it starts: the namespace's own passwd (with the non-root `SUDO_USER`) and
-        sudoers.d, nothing of the machine's /etc changed."""
-        return Path("/etc/netns") / self.ns
+        """What the host's processes see over the machine's /etc (see the module's doc): its
+        own passwd (with the non-root `SUDO_USER`), group, shadow and sudoers.d."""
+        return self.root / "etc"
 
     def create(self) -> None:
         outer, inner = self.outer_link, f"mfi{self.subnet}"
         home = self.root / f"home-{SUDO_USER}"
         home.mkdir(mode=0o700)
         os.chown(home, SUDO_UID, SUDO_UID)
-        self.etc.mkdir(parents=True)
+        self.etc.mkdir(mode=0o755)  # the overlay's root: /etc's owner and mode on the host
         (self.etc / "passwd").write_text(Path("/etc/passwd").read_text()
                                          + f"{SUDO_USER}:x:{SUDO_UID}:{SUDO_UID}::{home}:/bin/sh\n")
         (self.etc / "group").write_text(Path("/etc/group").read_text()
@@ -183,6 +204,9 @@ class NetnsHost:
         shadow.write_text("".join(f"{n}:*:19000:0:99999:7:::\n" for n in names))
         shadow.chmod(0o640)
         (self.etc / "sudoers.d").mkdir(mode=0o755)
+        enter = self.root / "enter"
+        enter.write_text(ENTER.format(name=self.name, etc=self.etc))
+        enter.chmod(0o755)
         _ip("netns", "add", self.ns)
         _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
         _ip("link", "set", inner, "netns", self.ns)
@@ -258,7 +282,6 @@ class NetnsHost:
         stop_process(self.sshd)
         self.sshd = None
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, timeout=30)
-        shutil.rmtree(self.etc, ignore_errors=True)
         # Gone with the namespace, unless creation failed before its peer moved in there.
         subprocess.run(["ip", "link", "delete", self.outer_link], capture_output=True, timeout=30)
         if not os.environ.get("MAILFERRY_KEEP_TMP"):

@@ -5,7 +5,8 @@ mailbox still with its own transitions and events; against the real embedded fed
 - twelve mailboxes (with aliases) moving together: the pass calls fed's hold, flips and
   release once each and `POST /v1/flip` never; every row reaches 6 through 4 -> 5 -> 6, one
   event per transition, fed's directory names BOX2 for every address, every BOX1 redirects
-  to its BOX2 (one transaction of s1's store), no hold is left;
+  to its BOX2 (one transaction of s1's store), the via-fed marks are set on the sources and
+  cleared on the targets, no hold is left;
 - fed killed (-9) just as the batch flip is sent: nothing is flipped, every mailbox stays held
   (5) with its error recorded and no E9 event, fed's holds survive its restart, and the next
   pass flips and releases them all in one call;
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from maildir_system.store import Store as SystemStore
 from reconciler.drivers.base import mailbox_id_for, physical_address
 from reconciler.embedded import _start, fed_argv
 from reconciler.engine import ApplyReport, Engine
@@ -137,6 +139,11 @@ def test_one_hold_one_flip_one_release_for_the_whole_wave(world: World, tmp_path
             assert engine.fed.lookup(address) == box2(box["address"])
         source = engine.drivers["s1"].get_account(mailbox_id_for(box["address"]))
         assert source is not None and source.redirect_to == box2(box["address"])
+        # The sources' local mail went through fed from E5 on; the targets' does not from E9.
+        mailbox = mailbox_id_for(box["address"])
+        old, new = (SystemStore(engine.specs.systems[s].root).account(mailbox)
+                    for s in ("s1", "s2"))
+        assert old is not None and old.via_fed and new is not None and not new.via_fed
     with engine.store.session() as session:  # each E9 event names its own mailbox only
         e9 = {e.address: json.loads(e.detail) for e in session.scalars(
             select(Event).where(Event.step == "E9", Event.address.like("wave%")))}

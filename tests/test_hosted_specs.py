@@ -1,7 +1,7 @@
 """A hosted target without servers: its spec fields and their errors (file:line), fed's
 system registry (TLS modes, AUTH only over TLS, the recipient format), the plan's manual
-step (its own state, symbol, summary and JSON). The real servers are in
-tests/test_hosted_target.py."""
+step (its own state, symbol, summary and JSON) and the status page's list of it. The real
+servers are in tests/test_hosted_target.py."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from fed.routing.directory import Directory, DirectoryError
 from fed.routing.shared_db import SharedDB, default_url
 from reconciler.drivers.imap import ImapDriver
 from reconciler.output import change_line, plan_jsonl, symbol
-from reconciler.plan import MigrationView, make_plan
+from reconciler.plan import Change, MigrationView, Plan, make_plan
 from reconciler.spec.loader import load_specs
 from reconciler.spec.model import DesiredMailbox, PolicySpec
+from reconciler.web import views
+from reconciler.web.views import FedPanel, Snapshot
 
 from test_spec_loader import problems_of, write_set
 
@@ -125,6 +127,7 @@ def test_the_plan_shows_a_manual_step_as_its_own_state() -> None:
                                                                        True)
     assert symbol(change) == ">" and plan.pending
     assert not plan.due()  # rechecked at next_attempt_at, not before
+    assert plan.next_due() == now + timedelta(seconds=30)  # --watch wakes for the recheck
     assert make_plan(want, [m], directory, now + timedelta(seconds=30)).due() != []
     line = change_line(change, now, color=False)
     assert line.startswith("  > jane@corp.example") and f"manual step before E2: {task}" in line
@@ -137,3 +140,15 @@ def test_the_plan_shows_a_manual_step_as_its_own_state() -> None:
     # Without the manual step the same migration would be an ordinary wait for E2.
     other = make_plan(want, [replace(m, manual_step=None)], directory, now)
     assert (other.changes[0].action, other.changes[0].step) == ("step", "E2")
+
+
+def test_the_status_page_lists_a_manual_step_with_what_to_do() -> None:
+    now = datetime(2026, 12, 4, 19, 0, tzinfo=UTC)
+    task = "provision jane@corp.example on hosted"
+    change = Change("jane@corp.example", "manual", "pf1", "hosted", state=0, step="E2",
+                    due=now, reason=task, migration_id=1, poll=True, placement="wave")
+    snap = Snapshot(at=now, plan=Plan(now, [change]), migrations={}, copies={}, rates=None,
+                    placements={}, fed=FedPanel())
+    [shown] = views.failures(snap)
+    assert (shown.action, shown.step, shown.reason) == ("manual", "E2", task)
+    assert "rechecks it every 30 s" in shown.command
