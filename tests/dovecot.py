@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,29 @@ service imap-login {{
         """Add a user (the passwd-file is re-read on each login)."""
         self.users[user] = password
         self.write()
+
+
+class DovecotPair:
+    """A source and a target Dovecot in one private root, each with every user of `users`
+    (password ``pw-USER``) from the start: Dovecot's auth process may not notice a
+    passwd-file rewritten within the same second."""
+
+    def __init__(self, users: Iterable[str]) -> None:
+        self.root = private_root()
+        passwords = {u: f"pw-{u}" for u in users}
+        self.src = Dovecot(self.root, "src", passwords).start()
+        self.dst = Dovecot(self.root, "dst", passwords).start()
+
+    def stop(self) -> None:
+        self.src.stop()
+        self.dst.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def serve_pair(users: Iterable[str]) -> Iterator[DovecotPair]:
+    """A module fixture's body (``yield from serve_pair(USERS)``): skips without Dovecot,
+    stops both servers after the module."""
+    skip_unless_available()
+    pair = DovecotPair(users)
+    yield pair
+    pair.stop()

@@ -24,7 +24,7 @@ from reconciler.mover.pace import Backoff, Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs_async
 
-from dovecot import Dovecot, private_root, skip_unless_available
+from dovecot import Dovecot, DovecotPair, serve_pair
 from helpers import mail
 from helpers.gmail_server import SPAM, TRASH, GmailServer, Mailbox, Message
 from helpers.imap_proxy import ThrottlingProxy
@@ -33,24 +33,9 @@ USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm", "c0", "c1",
 FAST = Backoff(base=0.2, cap=1.0, settle=0.5, recover_every=60.0, window=2.0, min_rate=5.0)
 
 
-class Pair:
-    def __init__(self) -> None:
-        self.root = private_root()
-        users = {u: f"pw-{u}" for u in USERS}
-        self.src = Dovecot(self.root, "src", users).start()
-        self.dst = Dovecot(self.root, "dst", users).start()
-
-    def stop(self) -> None:
-        self.src.stop()
-        self.dst.stop()
-
-
 @pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
-    skip_unless_available()
-    p = Pair()
-    yield p
-    p.stop()
+def pair() -> Iterator[DovecotPair]:
+    yield from serve_pair(USERS)
 
 
 def messages(user: str, count: int, size: int = 600) -> list[tuple[bytes, str]]:
@@ -97,7 +82,7 @@ def test_throttle_answers_are_recognised() -> None:
 
 
 def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """Six mailboxes at once into a target whose proxy answers two APPENDs with
     `NO [THROTTLED]` and another with an early `BYE` (each in a different attempt): every
     mailbox completes with each message exactly once, and after the first refusal the
@@ -137,7 +122,7 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
 
 
 def test_too_many_connections_at_login_is_retried_not_a_login_failure(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """A target that allows two connections answers the third login `NO [LIMIT] Too many
     simultaneous connections`: not a refused password (which is never retried) but a
     throttle; the mover goes down to what the server takes and every mailbox completes."""
@@ -157,7 +142,7 @@ def test_too_many_connections_at_login_is_retried_not_a_login_failure(
         assert len(got) == 30 and set(got.values()) == {1}
 
 
-def test_an_early_bye_is_a_throttle(pair: Pair) -> None:
+def test_an_early_bye_is_a_throttle(pair: DovecotPair) -> None:
     """The client turns an unasked-for BYE into `ImapThrottled` naming the server."""
     proxy = ThrottlingProxy(pair.dst.port, bye={1})
 
@@ -232,7 +217,7 @@ def test_back_off_halves_then_recovers_slowly() -> None:
 
 
 def test_a_daily_budget_stops_mid_way_and_resumes_the_next_day(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """A target allowing 40 KB a day: the first day's copy stops after what fits and says
     until when; the same day again copies nothing; the next day (an injected clock)
     copies the rest; nothing is in the target twice."""
@@ -258,7 +243,7 @@ def test_a_daily_budget_stops_mid_way_and_resumes_the_next_day(
 
 
 def test_gmail_labels_become_folders_and_each_message_leaves_gmail_once(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """A server announcing X-GM-EXT-1 (`helpers/gmail_server.py`, real TCP): every message
     is fetched from All Mail exactly once whatever its labels, lands in one target folder
     per label (a second label by a COPY on the target), \\Starred and \\Important make no
@@ -316,7 +301,7 @@ def test_provider_folders_are_mapped_by_attribute_not_name() -> None:
     assert set(VIRTUAL_USES) == {"\\All", "\\Flagged", "\\Important"}
 
 
-def test_the_command_line_keeps_to_a_connection_limit(pair: Pair, tmp_path: Path) -> None:
+def test_the_command_line_keeps_to_a_connection_limit(pair: DovecotPair, tmp_path: Path) -> None:
     """`mover copy --parallel 3 --dst-max-connections 1`: three mailboxes, one connection to
     the target at any moment (the proxy counts them), every message once."""
     users = ["p0", "p1", "p2"]  # copied again, into c0..c2
@@ -343,7 +328,7 @@ def test_the_command_line_keeps_to_a_connection_limit(pair: Pair, tmp_path: Path
         assert got == ids(pair.src, user) and set(got.values()) == {1}
 
 
-def test_a_busy_source_is_retried_and_slowed_not_failed(pair: Pair, tmp_path: Path) -> None:
+def test_a_busy_source_is_retried_and_slowed_not_failed(pair: DovecotPair, tmp_path: Path) -> None:
     """The source's proxy answers the first EXAMINE of a second connection and a body
     FETCH `NO [UNAVAILABLE]`: neither is taken for a missing folder (which would skip it)
     nor for a failure; the source's pace (not the target's) is told, and the copy
@@ -371,7 +356,7 @@ def test_a_busy_source_is_retried_and_slowed_not_failed(pair: Pair, tmp_path: Pa
 
 
 def test_a_system_that_never_stops_refusing_is_left_for_later(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """Every APPEND refused: after its throttled attempts the copy stops with "throttled"
     and the pause its pace asks for (the step raises `Throttled` with it), nothing stored,
     nothing counted as a failed message."""

@@ -27,30 +27,15 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.runner import Job, run_jobs_async
 
-from dovecot import Dovecot, private_root, skip_unless_available
+from dovecot import Dovecot, DovecotPair, serve_pair
 
 USERS = ("sam", "tess", "uma", "vic", "walt", "xena", "yan", "zoe", "abe", "bea")
 MB = 1 << 20
 
 
-class Pair:
-    def __init__(self) -> None:
-        self.root = private_root()
-        users = {u: f"pw-{u}" for u in USERS}
-        self.src = Dovecot(self.root, "src", users).start()
-        self.dst = Dovecot(self.root, "dst", users).start()
-
-    def stop(self) -> None:
-        self.src.stop()
-        self.dst.stop()
-
-
 @pytest.fixture(scope="module")
-def pair() -> Iterator[Pair]:
-    skip_unless_available()
-    p = Pair()
-    yield p
-    p.stop()
+def pair() -> Iterator[DovecotPair]:
+    yield from serve_pair(USERS)
 
 
 class Relay:
@@ -163,7 +148,7 @@ def hashes(server: Dovecot, user: str) -> Counter[str]:
 
 
 def test_a_big_message_streams_byte_for_byte_in_bounded_memory(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """12 MB and 3 MB bodies (many 256 KB chunks) beside small ones: each big one goes
     through its own streamed APPEND, the target holds every message byte for byte with its
     flags and date, and the copy never held a big body whole (Python's allocations grow by
@@ -193,7 +178,7 @@ def test_a_big_message_streams_byte_for_byte_in_bounded_memory(
 
 @pytest.mark.parametrize("side", ["source", "target"])
 def test_a_connection_broken_mid_literal_resumes_without_a_duplicate(
-        pair: Pair, tmp_path: Path, side: str) -> None:
+        pair: DovecotPair, tmp_path: Path, side: str) -> None:
     """The source's connection reset 2 MB into a 6 MB FETCH literal, or the target's 2 MB
     into the streamed APPEND: the half-sent APPEND is dropped with its connection (the
     server stores an APPEND only once complete), the retry copies the rest, and the
@@ -214,7 +199,8 @@ def test_a_connection_broken_mid_literal_resumes_without_a_duplicate(
     assert set(hashes(pair.dst, user).values()) == {1}
 
 
-def test_a_target_that_changes_a_streamed_message_is_caught(pair: Pair, tmp_path: Path) -> None:
+def test_a_target_that_changes_a_streamed_message_is_caught(
+        pair: DovecotPair, tmp_path: Path) -> None:
     """The target (through a relay) serves one byte changed in a big message it stored:
     the read-back of the streamed copy does not prove it, the mailbox is not verified,
     and a re-run neither appends it again nor calls it proven."""
@@ -236,7 +222,7 @@ def test_a_target_that_changes_a_streamed_message_is_caught(pair: Pair, tmp_path
 
 @pytest.mark.parametrize("accept", [False, True])
 def test_a_munged_8bit_header_of_a_streamed_message_is_named_or_accepted(
-        pair: Pair, tmp_path: Path, accept: bool) -> None:
+        pair: DovecotPair, tmp_path: Path, accept: bool) -> None:
     """A target that replaces the 8-bit bytes of the top header by 'X' (Cyrus munge8bit,
     played by a relay on what Dovecot serves): a streamed message is reported altered by
     exactly that rewrite, and proven equivalent when the policy accepts it, as a message
@@ -293,7 +279,7 @@ print(json.dumps({"report": report.as_dict(), "base_kb": base, "peak_kb": kb("Vm
 
 
 def test_a_50_mb_message_is_copied_byte_identical_in_memory_bounded_by_a_constant(
-        pair: Pair, tmp_path: Path) -> None:
+        pair: DovecotPair, tmp_path: Path) -> None:
     """One 50 MB message, copied by a mover in a process of its own: the target holds it
     byte for byte (flags and date too), proven by its read-back, and the process's peak
     resident memory grew by under 16 MB for the copy (read buffers and a chunk or two, not
@@ -317,7 +303,7 @@ def test_a_50_mb_message_is_copied_byte_identical_in_memory_bounded_by_a_constan
     assert grown < 16 * MB, f"peak memory grew by {grown / MB:.1f} MB for a 50 MB message"
 
 
-def test_a_no_op_rerun_in_a_new_process_fetches_no_body(pair: Pair, tmp_path: Path) -> None:
+def test_a_no_op_rerun_in_a_new_process_fetches_no_body(pair: DovecotPair, tmp_path: Path) -> None:
     """Counted on the wire, both sides: the first run fetches every source body and reads
     every copy back; a second run, a new process with the same state store, sends no
     FETCH at all (the folders' UIDVALIDITY/UIDNEXT/MESSAGES prove them unchanged)."""
