@@ -31,8 +31,6 @@ import os
 import shutil
 import smtplib
 import subprocess
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,31 +102,6 @@ def send(port: int, rcpt: str, mid: str, sender: str = "x@outside.example") -> N
 def cli(world: PfWorld, specs: Path, state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("--specs", str(specs), "--state", str(state), *args, cwd=world.root,
                    timeout=120)
-
-
-class Senders(threading.Thread):
-    """Bounded mail to (port, recipient) pairs in turn: at most `count`, within 60 s."""
-
-    def __init__(self, name: str, targets: list[tuple[int, str]], count: int) -> None:
-        super().__init__(daemon=True)
-        self.tag, self.targets, self.count = name, targets, count
-        self.acked: list[tuple[str, str]] = []  # (Message-ID, recipient)
-        self.refused: list[str] = []
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 60
-        for n in range(self.count):
-            if self.stop_flag.is_set() or time.monotonic() > deadline:
-                break
-            port, rcpt = self.targets[n % len(self.targets)]
-            mid = f"<{self.tag}{n}@live.example>"
-            try:
-                send(port, rcpt, mid, sender=f"{self.tag}@corp.example")
-                self.acked.append((mid, rcpt))
-            except (OSError, smtplib.SMTPException) as exc:
-                self.refused.append(f"{mid} -> {rcpt}: {exc}")
-            time.sleep(0.05)
 
 
 def test_check_on_a_system_that_blocks_changes_nothing(world: PfWorld, tmp_path: Path) -> None:
@@ -302,16 +275,15 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     wave_b = placement("wave-b", "pa", boxes_b[:2], policy_name="move")
     moved_specs = world.write(tmp_path / "moved", [pol, stay, wave, stay_b, wave_b])
     engine = world.engine(moved_specs, f"sqlite:///{state}")
-    outside = Senders("out", [(fed_port, u) for u in MOVING]
-                      + [(fed_port, f"info.{u}") for u in MOVING[:3]]
-                      + [(fed_port, "sales@corp.example"), (fed_port, "help@corp.example")],
-                      45)
-    local_a = Senders("loca", [(pa.smtp_port, u) for u in (*MOVING, *MOVING_B)], 24)
+    outside = mail.Sender(fed_port, [*MOVING, *(f"info.{u}" for u in MOVING[:3]),
+                                     "sales@corp.example", "help@corp.example"],
+                          tag="out", count=45, seconds=60, sender="out@corp.example")
+    local_a = mail.Sender(pa.smtp_port, [*MOVING, *MOVING_B], tag="loca", count=24,
+                          seconds=60, sender="loca@corp.example")
     # pb's users keep mailing each other and the SQL aliases while its overlay changes
-    local_b = Senders("locb", [(pb.smtp_port, u) for u in USERS_B]
-                      + [(pb.smtp_port, "sales@corp.example"),
-                         (pb.smtp_port, "help@corp.example"),
-                         (pb.smtp_port, "desk@corp.example")], 21)
+    local_b = mail.Sender(pb.smtp_port, [*USERS_B, "sales@corp.example", "help@corp.example",
+                                         "desk@corp.example"],
+                          tag="locb", count=21, seconds=60, sender="locb@corp.example")
     senders = (outside, local_a, local_b)
     for sender in senders:
         sender.start()
@@ -322,7 +294,7 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     assert not report.errors, [r.message for r in report.errors]
     assert not engine.plan().pending, [c for c in engine.plan().changes
                                        if c.action != "in-sync"]
-    assert all(sender.acked for sender in senders)
+    assert all(sender.acked_ids for sender in senders)
     assert not [r for sender in senders for r in sender.refused]
     # -- after the move: colleagues who moved are accepted on pa and relayed ---------------
     send(pa.smtp_port, "u01@corp.example", "<after.pa@corp.example>", "u15@corp.example")
@@ -343,7 +315,8 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
         expected[user].update([*old[user], f"<before{n}@outside.example>"])
     for user in MOVING_B:
         expected[user].update(list(old[user]))
-    for mid, rcpt in outside.acked + local_a.acked + local_b.acked:
+    for rcpt, mid in ((rcpt, mid) for sender in senders
+                      for rcpt, mids in sender.acked.items() for mid in mids):
         for user in LISTS.get(rcpt, (ALIAS_OF.get(rcpt, rcpt),)):
             expected[user][mid] += 1
     expected["u01@corp.example"].update(["<team0@corp.example>", "<after.pa@corp.example>"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import smtplib
 import subprocess
 import threading
 import urllib.error
@@ -27,10 +26,11 @@ import pytest
 from sqlalchemy import create_engine
 
 from fed.routing.nodes import NodeRegistry, NodeState, blocking
-from fed.routing.shared_db import SharedDB, metadata
+from fed.routing.shared_db import SharedDB
 from reconciler.errors import PermanentError
 
 from fedutil import TOKEN, FakeSystem, Fed, message, send
+from helpers import mail
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres, pg_bindir
 
@@ -76,21 +76,6 @@ def test_a_shared_db_from_before_the_control_column_gets_it(tmp_path: Path) -> N
 
 
 # -- helpers -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def shared_url(postgres: PrivatePostgres) -> str:
-    engine = create_engine(postgres.url)
-    metadata.drop_all(engine)  # every test starts from an empty shared database
-    engine.dispose()
-    return postgres.url
-
-
 def start_node(tmp_path: Path, name: str, url: str, systems: list[FakeSystem],
                lease: float = 2.0, extra: tuple[str, ...] = ()) -> Fed:
     return Fed(tmp_path / name, systems, extra=[
@@ -124,40 +109,14 @@ def acknowledged(fed: Fed, name: str) -> bool:
     return bool(row and row["alive"] and row["idle_for"] >= row["version"])
 
 
-class Sender(threading.Thread):
-    """Sends to one node, alternating AD1 and its alias, until stopped (at most 2000)."""
+def flow(fed: Fed, prefix: str) -> mail.Sender:
+    """Mail to one node, alternating AD1's alias and AD1, until finished (at most 2000)."""
+    return mail.Sender(fed.smtp_port, [ALIAS, AD1], tag=f"{prefix}-", count=2000, pause=0.01,
+                       seconds=150)
 
-    def __init__(self, fed: Fed, prefix: str) -> None:
-        super().__init__(daemon=True)
-        self.fed, self.prefix = fed, prefix
-        self.acked: list[str] = []
-        self.halt = threading.Event()
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", self.fed.smtp_port, timeout=30) as client:
-                client.ehlo("sender.example")
-                for n in range(2000):
-                    if self.halt.is_set():
-                        return
-                    client.mail("sender@outside.example")
-                    client.rcpt(AD1 if n % 2 else ALIAS)
-                    code, _ = client.data(message("flow", f"{self.prefix}-{n}@t"))
-                    assert code == 250
-                    self.acked.append(f"<{self.prefix}-{n}@t>")
-                    self.halt.wait(0.01)  # pacing, not a condition of the test
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def more_than(self, count: int) -> bool:
-        return len(self.acked) > count
-
-    def finish(self) -> list[str]:
-        self.halt.set()
-        self.join(30)
-        assert self.error is None, self.error
-        return list(self.acked)
+def more_than(sender: mail.Sender, count: int) -> bool:
+    return len(sender.acked_ids) > count
 
 
 # -- two nodes ---------------------------------------------------------------------------------
@@ -171,7 +130,7 @@ def test_hold_on_one_node_stops_both_and_release_on_the_other_delivers_all_once(
             a.client.put_entry(address, s1.physical("jean"))
         # The directory written through a is what b routes with.
         wait_for(lambda: b.client.lookup(ALIAS) == s1.physical("jean"), what="entry on b")
-        senders = [Sender(a, "a"), Sender(b, "b")]
+        senders = [flow(a, "a"), flow(b, "b")]
         for sender in senders:
             sender.start()
         wait_for(lambda: {m.message_id[1] for m in s1.received} == {"a", "b"}, timeout=30,
@@ -184,18 +143,19 @@ def test_hold_on_one_node_stops_both_and_release_on_the_other_delivers_all_once(
         assert set(holds_on_b[AD1].covers) == {AD1, ALIAS, s1.physical("jean")}
         assert acknowledged(a, "b") and acknowledged(a, "a")
 
-        counts = [len(s.acked) for s in senders]
+        counts = [len(s.acked_ids) for s in senders]
         for sender, count in zip(senders, counts, strict=True):
-            wait_for(partial(sender.more_than, count + 10), timeout=30,
+            wait_for(partial(more_than, sender, count + 10), timeout=30,
                      what="mail accepted during the hold")
         assert len(s1.received) == at_hold
         flipped = a.client.flip([AD1, ALIAS], s1.physical("jean"), s2.physical("jean"))
         assert sorted(flipped.flipped) == [ALIAS, AD1]
-        counts = [len(s.acked) for s in senders]
+        counts = [len(s.acked_ids) for s in senders]
         for sender, count in zip(senders, counts, strict=True):
-            wait_for(partial(sender.more_than, count + 5), timeout=30,
+            wait_for(partial(more_than, sender, count + 5), timeout=30,
                      what="mail accepted after the flip")
-        acked = {s.prefix: s.finish() for s in senders}
+        acked = {prefix: s.finish() for prefix, s in zip("ab", senders, strict=True)}
+        assert not [r for s in senders for r in s.refused]
         assert len(s1.received) == at_hold and s2.received == []
         held_now = a.client.queue().held + b.client.queue().held
         assert held_now == len(acked["a"]) + len(acked["b"]) - at_hold

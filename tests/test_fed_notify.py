@@ -12,17 +12,13 @@ catches it when it is back, by the re-read that follows every LISTEN; SQLite and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine
 from test_fed_nodes import api, start_node
-
-from fed.routing.shared_db import metadata
 
 from fedutil import FakeSystem, Fed, message, send
 from helpers.waiting import wait_for
@@ -33,21 +29,6 @@ pytestmark = pytest.mark.timeout(180)
 AD1, ALIAS = "jean.dupont@corp.example", "jd@corp.example"
 SLOW = ("--node-poll", "60", "--node-safety-poll", "60")  # the poll cannot be what works
 LEASE = 240.0  # a round every 60 s
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def shared_url(postgres: PrivatePostgres) -> str:
-    engine = create_engine(postgres.url)
-    metadata.drop_all(engine)  # every test starts from an empty shared database
-    engine.dispose()
-    return postgres.url
 
 
 def wakeup(fed: Fed) -> dict[str, Any]:

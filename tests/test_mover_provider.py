@@ -123,9 +123,14 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
     # (70 ms here): measured from a second after the refusal.
     before, after = proxy.peak_connections(end=refused), proxy.peak_connections(refused + 1)
     assert before == 6 and after <= 3, (before, after)
-    n_before, t_before = proxy.appended(end=refused)  # from the first APPEND on
+    # The pace halves the rate it observed over its window before the refusal: compare with
+    # that window, not with the average since the first APPEND (which includes the copies'
+    # start and, on a loaded machine, was below the rate the pace halved).
+    first_append = proxy.first("append")
+    assert first_append is not None
+    n_before, t_before = proxy.appended(max(first_append, refused - FAST.window), refused)
     n_after, t_after = proxy.appended(refused + 1)  # to the last APPEND
-    assert n_before > 50 and n_after > 100, (n_before, n_after)
+    assert n_before > 20 and n_after > 100, (n_before, n_after)
     rate_before, rate_after = n_before / max(t_before, 0.01), n_after / max(t_after, 0.01)
     assert rate_after < 0.75 * rate_before, (rate_before, rate_after)
     assert pace.refusals == 3 and pace.allowed is not None and pace.allowed <= 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -28,13 +27,6 @@ from workerutil import Workers, copy_events, prepared, states, with_queue
 from world import World, mailbox_message_ids
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
 
 
 def test_two_workers_share_a_wave_and_copy_each_mailbox_once(

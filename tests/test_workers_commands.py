@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,13 +24,6 @@ from workerutil import Workers, copy_events, prepared, seed, states
 from world import REPO, World, mailbox_message_ids, placement, policy, run_cli
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
 
 
 def test_a_rerun_or_a_second_reconciler_queues_a_step_once(

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,6 @@ from workerutil import Workers, copy_events, prepared, states, with_queue
 from world import World, mailbox_message_ids
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
 
 
 def test_a_worker_killed_mid_copy_hands_its_job_to_another(

@@ -40,23 +40,27 @@ def message_id(raw: bytes) -> str:
 
 
 class Sender(threading.Thread):
-    """Bounded background mail to an SMTP port (fed's): at most `count` messages within
-    `seconds`, to `rcpts` in turn; `acked` maps each recipient to the Message-IDs the server
-    answered 250 for (what must arrive, and where), `refused` lists the others."""
+    """Bounded background mail to an SMTP port (fed's, or a mail system's own): at most
+    `count` messages within `seconds`, from `sender` to `rcpts` in turn, Message-IDs
+    ``<TAG N@outside.example>``; `acked` maps each recipient to the Message-IDs the server
+    answered 250 for (what must arrive, and where), `acked_ids` lists them all in the order
+    they were acknowledged, `refused` names the others with the recipient and the error."""
 
     def __init__(self, port: int, rcpts: Sequence[str], *, tag: str = "live", count: int = 30,
-                 pause: float = 0.05, seconds: float = 30.0, body: str = "body") -> None:
+                 pause: float = 0.05, seconds: float = 30.0, body: str = "body",
+                 sender: str = "x@outside.example") -> None:
         super().__init__(daemon=True)
         self.port, self.rcpts, self.tag, self.body = port, list(rcpts), tag, body
-        self.count, self.pause, self.seconds = count, pause, seconds
+        self.count, self.pause, self.seconds, self.sender = count, pause, seconds, sender
         self.acked: dict[str, list[str]] = {rcpt: [] for rcpt in self.rcpts}
+        self._in_order: list[str] = []
         self.refused: list[str] = []
         self.stop_flag = threading.Event()
 
     @property
     def acked_ids(self) -> list[str]:
-        """Every acknowledged Message-ID, whatever its recipient."""
-        return [mid for mids in self.acked.values() for mid in mids]
+        """Every acknowledged Message-ID, whatever its recipient, in the order of the 250s."""
+        return list(self._in_order)
 
     def run(self) -> None:
         deadline = time.monotonic() + self.seconds
@@ -67,13 +71,22 @@ class Sender(threading.Thread):
             mid = f"<{self.tag}{n}@outside.example>"
             try:
                 with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
-                    smtp.sendmail("x@outside.example", [rcpt],
+                    smtp.sendmail(self.sender, [rcpt],
                                   message(f"{self.tag} {n}", mid, self.body,
-                                          sender="x@outside.example", to=rcpt))
+                                          sender=self.sender, to=rcpt))
                 self.acked[rcpt].append(mid)
-            except (OSError, smtplib.SMTPException):
-                self.refused.append(mid)
-            time.sleep(self.pause)
+                self._in_order.append(mid)
+            except (OSError, smtplib.SMTPException) as exc:
+                self.refused.append(f"{mid} -> {rcpt}: {exc}")
+            self.stop_flag.wait(self.pause)
+
+    def finish(self, timeout: float = 30.0) -> list[str]:
+        """Stop sending, wait for the thread, and return `acked_ids` (the thread must have
+        ended within `timeout`)."""
+        self.stop_flag.set()
+        self.join(timeout)
+        assert not self.is_alive(), f"sender {self.tag!r} still running after {timeout} s"
+        return self.acked_ids
 
 
 async def imap_fill(port: int, user: str, password: str,
