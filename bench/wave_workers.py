@@ -165,7 +165,7 @@ def record(store: Store, users: list[str], modes: Modes) -> list[Migration]:
 def enqueue(queue: Queue, rows: list[Migration]) -> None:
     for m in rows:  # a new row: offload queues it (NotReady), no step session needed
         with contextlib.suppress(NotReady):
-            queue.offload(None, m, "E15")  # type: ignore[arg-type]
+            queue.take(None, m, "E15")  # type: ignore[arg-type]
 
 
 def results(store: Store, ids: list[int]) -> list[DataJob]:

@@ -38,7 +38,7 @@ from helpers.waiting import wait_for
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
-         "kate", "liam", "marker")
+         "kate", "liam", "marker", "judy")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -633,3 +633,22 @@ def test_cli_rerun_in_a_new_process_proves_every_folder_unchanged(
     assert report["copied"] == 0 and report["present"] == 6 and report["verified"]
     assert {f["folder"]: f["unchanged"] for f in report["folders"]} == {
         "INBOX": True, "Work": True}
+
+
+def test_a_state_store_that_cannot_be_opened_fails_the_copy_before_anything_is_copied(
+        pair: Pair, tmp_path: Path) -> None:
+    user = pair.user("judy")
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(3)]})
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the store's folder should be\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler.mover", "copy", "--src", f"127.0.0.1:{pair.src.port}",
+         "--dst", f"127.0.0.1:{pair.dst.port}", "--users", str(users), "--state",
+         str(blocker / "state.db"), "--progress", "none", "--report", "json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "unable to open database" in done.stderr or "Not a directory" in done.stderr, \
+        done.stderr[-2000:]
+    assert not snapshot(pair.dst, user, sep=".", prefix="INBOX.")  # not one message copied
