@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
+
+from helpers.loop_server import LoopServer
 
 ALL, SPAM, TRASH = "[Gmail]/All Mail", "[Gmail]/Spam", "[Gmail]/Trash"
 # Gmail's system folders: name, attribute, the label (X-GM-LABELS) that puts a message in it
@@ -99,34 +100,11 @@ class GmailServer:
                 m.msgid = m.msgid or 1_700_000_000_000 + n
         self.served: Counter[int] = Counter()  # X-GM-MSGID -> bodies served
         self.commands: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("gmail server did not start")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def start() -> None:
-            self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
+        self._listener = LoopServer(self._session, "gmail server")
+        self.port = self._listener.port
 
     def close(self) -> None:
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-        with contextlib.suppress(RuntimeError):
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._listener.close()
 
     async def _session(self, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter) -> None:

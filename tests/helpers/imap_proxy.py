@@ -34,6 +34,8 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+from helpers.loop_server import LoopServer
+
 _LITERAL = re.compile(rb"\{(\d+)(\+?)\}\r\n$")
 THROTTLED = b"NO [THROTTLED] Request is throttled. Suggested Backoff Time: 500 milliseconds"
 BYE = b"* BYE [UNAVAILABLE] Server busy, try again later\r\n"
@@ -62,14 +64,8 @@ class ThrottlingProxy:
         self.appends = 0  # APPEND commands seen
         self.open = 0
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("proxy did not start")
+        self._listener = LoopServer(self._client, "proxy")
+        self.port = self._listener.port
 
     # -- observations ---------------------------------------------------------------------
     def note(self, kind: str, value: int = 0) -> None:
@@ -134,17 +130,6 @@ class ThrottlingProxy:
         return sum(n for t, n in times if start <= t <= end), max(end - start, 0.0)
 
     # -- the relay --------------------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def start() -> None:
-            self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
-
     async def _client(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         try:
@@ -249,10 +234,4 @@ class ThrottlingProxy:
 
     def close(self) -> None:
         """Stop listening and stop the loop (open relays die with the thread's loop)."""
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-        with contextlib.suppress(RuntimeError):
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._listener.close()
