@@ -91,7 +91,10 @@ def test_a_real_throttling_answer_slows_another_worker(
     before = [t for t in b_took if t <= refused]
     held = [round(t - refused, 2) for t in b_took if refused + 0.6 < t < refused + 1.5]
     after = [t for t in b_took if t >= refused + 1.5]
-    assert len(before) >= 2 and after and not held, (len(before), held, len(after))
+    # B runs before the refusal (its first take precedes the copy's login; a fast copy meets
+    # the refusal before B's second take, so one is all that is certain), is held through
+    # the back-off and sends again after it.
+    assert len(before) >= 1 and after and not held, (len(before), held, len(after))
     got = ids(dst, "fa")
     assert len(got) == 60 and set(got.values()) == {1}
     store.close()
