@@ -89,7 +89,9 @@ def test_queue_list_show_hold_flush_release(fed: Fed, s1: FakeSystem) -> None:
     # of q1 that outlasted two of q2's on a loaded machine shows up as one, and we look again).
     for _ in range(10):
         before, seen = attempts(fed, q1), attempts(fed, q2)
-        wait_for(lambda: attempts(fed, q2) >= seen + 2, what="q2 retried after the hold")
+        def q2_tried_twice(seen: int = seen) -> bool:
+            return attempts(fed, q2) >= seen + 2
+        wait_for(q2_tried_twice, what="q2 retried after the hold")
         if attempts(fed, q1) == before:
             break
     else:
