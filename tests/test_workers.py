@@ -9,7 +9,6 @@ mailboxes themselves (helpers: tests/workerutil.py).
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -17,13 +16,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from reconciler.engine import ApplyReport
 from reconciler.state.model import DataJob, utcnow
 from reconciler.workers.fleet import FleetPace
 
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
-from workerutil import Workers, copy_events, prepared, states, with_queue
+from workerutil import (
+    BackgroundApply,
+    Workers,
+    apply_queued,
+    copy_events,
+    prepared,
+    states,
+)
 from world import World, mailbox_message_ids
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,9 +43,7 @@ def test_two_workers_share_a_wave_and_copy_each_mailbox_once(
         workers.start()
         workers.start()
         workers.wait_ready(engine)
-        queue = with_queue(engine)
-        report = engine.apply(max_passes=400)
-        queue.close()
+        report = apply_queued(engine)
     finally:
         workers.stop()
     assert report.errors == [], report.errors
@@ -79,9 +82,7 @@ def test_max_parallel_of_a_system_holds_across_workers(
         for _ in range(3):
             workers.start(concurrency=2)
         workers.wait_ready(engine)
-        queue = with_queue(engine)
-        report = engine.apply(max_passes=400)
-        queue.close()
+        report = apply_queued(engine)
     finally:
         workers.stop()
     assert report.errors == [], report.errors
@@ -102,9 +103,7 @@ def test_a_throttling_answer_slows_every_worker(
     slow: dict[str, object] = {"throttle": {"messagesPerSecond": 20}}
     engine, seeded = prepared(world, postgres, tmp_path, "thr", 2, 60, {"pq": slow})
     workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
-    queue = with_queue(engine)
-    outcome: list[ApplyReport] = []
-    applying = threading.Thread(target=lambda: outcome.append(engine.apply(max_passes=200)))
+    applying = BackgroundApply(engine)
 
     def copied() -> dict[str, int]:
         return {a: sum(mailbox_message_ids(engine, "s2", a).values()) for a in seeded}
@@ -120,16 +119,13 @@ def test_a_throttling_answer_slows_every_worker(
         pace = FleetPace(engine.store.engine, "s1", base=3.0)
         pauses = [pace.throttled("NO [THROTTLED] too many requests") for _ in range(2)]
         at_answer = copied()
-        applying.join(120)
-        assert not applying.is_alive()
+        applying.join()
     finally:
-        engine.should_stop = lambda: True
-        applying.join(10)
-        queue.close()
+        applying.stop()
         workers.stop()
     assert pauses == [3.0, 6.0]
     assert all(n < 60 for n in at_answer.values()), at_answer  # both still had work
-    assert outcome and outcome[0].errors == [], outcome
+    assert applying.outcome and applying.outcome[0].errors == [], applying.outcome
     done = copy_events(engine, seeded)
     assert len({d["worker"] for d in done}) == 2, done
     for d in done:  # without the shared back-off each would end ~2 s after the answer

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -14,12 +13,18 @@ import pytest
 from sqlalchemy import select
 
 from reconciler.drivers.base import mailbox_id_for
-from reconciler.engine import ApplyReport
 from reconciler.state.model import Migration
 
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
-from workerutil import Workers, copy_events, prepared, states, with_queue
+from workerutil import (
+    BackgroundApply,
+    Workers,
+    copy_events,
+    prepared,
+    states,
+    with_queue,
+)
 from world import World, mailbox_message_ids
 
 pytestmark = pytest.mark.timeout(240)
@@ -32,9 +37,7 @@ def test_a_worker_killed_mid_copy_hands_its_job_to_another(
     engine, seeded = prepared(world, postgres, tmp_path, "kill", 1, 60, {"pk": slow})
     (address, ids), = seeded.items()
     workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
-    queue = with_queue(engine)
-    outcome: list[ApplyReport] = []
-    applying = threading.Thread(target=lambda: outcome.append(engine.apply(max_passes=200)))
+    applying = BackgroundApply(engine)
     try:
         first = workers.start()
         applying.start()
@@ -45,14 +48,11 @@ def test_a_worker_killed_mid_copy_hands_its_job_to_another(
         partial = sum(mailbox_message_ids(engine, "s2", address).values())
         assert partial < len(ids)  # killed mid-copy
         workers.start()
-        applying.join(120)
-        assert not applying.is_alive()
+        applying.join()
     finally:
-        engine.should_stop = lambda: True
-        applying.join(10)
-        queue.close()
+        applying.stop()
         workers.stop()
-    assert outcome and outcome[0].errors == [], outcome
+    assert applying.outcome and applying.outcome[0].errors == [], applying.outcome
     assert states(engine, {address}) == Counter({10: 1})
     found = mailbox_message_ids(engine, "s2", address)
     assert {i: found[i] for i in ids} == {i: 1 for i in ids}  # each exactly once
@@ -71,9 +71,7 @@ def test_a_worker_that_lost_the_database_stops_and_the_job_is_redone(
     engine, seeded = prepared(world, postgres, tmp_path, "cut", 1, 45, {"pc": slow})
     (address, ids), = seeded.items()
     workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
-    queue = with_queue(engine)
-    outcome: list[ApplyReport] = []
-    applying = threading.Thread(target=lambda: outcome.append(engine.apply(max_passes=200)))
+    applying = BackgroundApply(engine)
     try:
         workers.start()
         applying.start()
@@ -85,14 +83,11 @@ def test_a_worker_that_lost_the_database_stops_and_the_job_is_redone(
                 "WHERE application_name LIKE %(n)s", {"n": f"mailferry-guard %{address}%"}
             ).scalars().all()
         assert cut == [True]
-        applying.join(120)
-        assert not applying.is_alive()
+        applying.join()
     finally:
-        engine.should_stop = lambda: True
-        applying.join(10)
-        queue.close()
+        applying.stop()
         workers.stop()
-    assert outcome and outcome[0].errors == [], outcome
+    assert applying.outcome and applying.outcome[0].errors == [], applying.outcome
     assert b"the database connection broke; stopping" in (tmp_path / "worker0.log").read_bytes()
     (done,) = copy_events(engine, seeded)
     assert done["attempt"] == 2, done

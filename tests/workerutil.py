@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import ProgrammingError
 
 from reconciler.drivers.base import mailbox_id_for
-from reconciler.engine import Engine
+from reconciler.engine import ApplyReport, Engine
 from reconciler.state.model import Event, Migration
 from reconciler.workers.queue import Queue
 
@@ -96,6 +97,40 @@ def with_queue(engine: Engine) -> Queue:
     queue = Queue(engine.store)
     engine.jobs = queue
     return queue
+
+
+def apply_queued(engine: Engine, max_passes: int = 400) -> ApplyReport:
+    """One `--apply --workers` to its end: the data steps queued for the running workers."""
+    queue = with_queue(engine)
+    try:
+        return engine.apply(max_passes=max_passes)
+    finally:
+        queue.close()
+
+
+class BackgroundApply:
+    """`--apply --workers` in a thread, while the test acts on the workers (kills one, cuts
+    its database connection, throttles the fleet); `stop` ends it and closes the queue."""
+
+    def __init__(self, engine: Engine, max_passes: int = 200) -> None:
+        self.engine = engine
+        self.queue = with_queue(engine)
+        self.outcome: list[ApplyReport] = []
+        self.thread = threading.Thread(
+            target=lambda: self.outcome.append(engine.apply(max_passes=max_passes)))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def join(self, timeout: float = 120) -> None:
+        """Wait for the apply to end by itself (it must within `timeout`)."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive()
+
+    def stop(self) -> None:
+        self.engine.should_stop = lambda: True
+        self.thread.join(10)
+        self.queue.close()
 
 
 def copy_events(engine: Engine, addresses: set[str] | dict[str, set[str]],
