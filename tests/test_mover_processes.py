@@ -19,13 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.mail import message_id
 from test_mover_imap import REPO, fill, message, snapshot
 
 from reconciler.mover.cli import _parser, _per_process
 from reconciler.mover.processes import shares
 
 from dovecot import DovecotPair, serve_pair
+from helpers.mail import message_id
 
 USERS = ("pa", "pb", "pc", "pd", "pe", "ka", "kb", "kc", "kd")
 
