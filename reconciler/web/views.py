@@ -16,6 +16,7 @@ from typing import Any
 
 from reconciler.fit import WindowLoad, window_fit
 from reconciler.humanize import human_bytes, human_duration
+from reconciler.jobs.view import JobLine, JobsView
 from reconciler.mover.manifest import seconds_for
 from reconciler.plan import BLOCKED, Change, MigrationView, Plan
 from reconciler.spec.model import WindowSpec
@@ -97,6 +98,7 @@ class Snapshot:
     suspended: frozenset[str] = frozenset()
     commit: str | None = None
     notes: list[str] = field(default_factory=list)  # what the page could not read
+    jobs: JobsView = field(default_factory=JobsView)  # the workers' (empty: none)
 
 
 @dataclass
@@ -406,6 +408,7 @@ class MailboxDetail:
     live: str
     reports: list[ReportFacts]
     failure: Failure | None
+    jobs: list[JobLine] = field(default_factory=list)  # its data jobs on the workers
 
 
 def timeline(events: list[EventFacts], m: MigrationView | None) -> list[TimelineStep]:
@@ -458,4 +461,5 @@ def mailbox_detail(address: str, snap: Snapshot, *, hold_started: datetime | Non
         address=address, row=rows[0] if rows else None, migration=m,
         timeline=timeline(events, m), events=events,
         hold=hold_text(m, hold_started, events, fed_hold, snap.at), folders=folders,
-        copy=copy_text(m, facts), live=live, reports=reports, failure=failure)
+        copy=copy_text(m, facts), live=live, reports=reports, failure=failure,
+        jobs=snap.jobs.of(address))
