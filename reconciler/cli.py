@@ -546,7 +546,7 @@ def status(ctx: click.Context, placement: str | None, system: str | None,
         for record in jobs_records(jobs):
             click.echo(json.dumps(record))
         return
-    for line in table(rows) + jobs_table(jobs):
+    for line in table(rows, jobs) + jobs_table(jobs):
         click.echo(line)
     lease = holder.describe(engine.clock()) if holder else "nobody"
     click.echo(f"\n{len(rows)} mailboxes; lease held by {lease}")

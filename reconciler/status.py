@@ -35,7 +35,7 @@ from mailferry.mail.addresses import address_key
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError
 from reconciler.jobs.read import read_jobs
-from reconciler.jobs.view import JobsView, age, jobs_view, stamp
+from reconciler.jobs.view import JobLine, JobsView, age, jobs_view, stamp
 from reconciler.output import when
 from reconciler.plan import Change, MigrationView, Plan
 from reconciler.state.model import AddressError, Migration, PlacementSuspension
@@ -168,11 +168,19 @@ def route(row: StatusRow) -> str:
     return f"= {row.target}" if row.source == row.target else f"{row.source} -> {row.target}"
 
 
-def table(rows: list[StatusRow]) -> list[str]:
-    """The rows as an aligned text table."""
+def table(rows: list[StatusRow], jobs: JobsView | None = None) -> list[str]:
+    """The rows as an aligned text table; a mailbox whose step is on a worker says so
+    after its next step (`E15 (running on HOST:PID)`)."""
     head = ("ADDRESS", "PLACEMENT", "SOURCE -> TARGET", "STATE", "NEXT", "WHEN", "LAST ERROR")
-    return aligned([head] + [(r.address, r.placement, route(r), r.state, r.next,
-                              r.due, r.last_error[:80]) for r in rows])
+    on = jobs.by_address() if jobs is not None else {}
+    return aligned([head] + [(r.address, r.placement, route(r), r.state,
+                              next_text(r, on.get(r.address)), r.due, r.last_error[:80])
+                             for r in rows])
+
+
+def next_text(row: StatusRow, job: JobLine | None) -> str:
+    """PURE: the NEXT cell of a row, with its job on a worker if it has one."""
+    return row.next if job is None else f"{row.next} ({job.short})"
 
 
 def aligned(cells: Sequence[Sequence[str]], indent: str = "") -> list[str]:

@@ -17,7 +17,7 @@ from reconciler.jobs.view import (
     WorkerFact,
     jobs_view,
 )
-from reconciler.status import jobs_records, jobs_table
+from reconciler.status import StatusRow, jobs_records, jobs_table, table
 
 NOW = datetime(2026, 12, 4, 22, 0, 0, tzinfo=UTC)
 
@@ -131,3 +131,14 @@ def test_no_workers_no_section() -> None:
     view = jobs_view(JobFacts(), NOW)
     assert view == JobsView() and view.empty
     assert jobs_table(view) == [] and jobs_records(view) == []
+
+
+def test_a_mailboxs_row_names_its_job() -> None:
+    """The status table's NEXT says where the step runs; a row without a job is as before."""
+    def row(address: str) -> StatusRow:
+        return StatusRow(address, "wave", "s1", "s2", "7", "step", "E15", "due now", "")
+    view = jobs_view(FACTS, NOW)
+    lines = table([row("a@x"), row("b@x"), row("z@x")], view)
+    assert "E15 (running on h1:1)" in lines[1] and "E15 (lease expired)" in lines[2]
+    assert lines[3].split()[6:8] == ["E15", "due"]
+    assert table([row("z@x")], view) == table([row("z@x")])

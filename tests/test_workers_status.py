@@ -57,10 +57,14 @@ def records(engine: Engine, kind: str) -> list[dict[str, Any]]:
     return [r for r in lines if r["type"] == kind]
 
 
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return str(response.read().decode())
+
+
 def page_row(url: str, address: str) -> str:
     """The row of `address` in the page's jobs table ("" when it has none)."""
-    with urllib.request.urlopen(url + "/", timeout=30) as response:
-        body = response.read().decode()
+    body = get(url + "/")
     if 'id="jobs"' not in body:
         return ""
     table = body.split('id="jobs"')[1].split("</table>")[0]
@@ -93,6 +97,7 @@ def test_the_worker_of_a_job_through_a_kill_and_a_takeover(
             row = next(line for line in text.splitlines()
                        if line.lstrip().startswith(address) and "E15 copy" in line)
             assert one in row and row.endswith("running"), text
+            assert f"E15 (running on {one})" in text.splitlines()[1], text  # the mailbox's row
             assert "Data jobs on workers: 1 running, 0 queued, 1 worker" in text, text
             (running,) = records(looker, "job")
             assert (running["worker"], running["state"], running["step"]) == (one, "running",
@@ -101,6 +106,9 @@ def test_the_worker_of_a_job_through_a_kill_and_a_takeover(
                 == [(one, 1, True)]
             wait_for(lambda: f'data-worker="{one}" data-state="running"'
                      in page_row(page.url, address), 30, "the page to show the worker")
+            assert f"E15 (running on {one})" in get(page.url + "/")  # the mailbox table
+            assert f'data-worker="{one}" data-state="running"' in get(
+                f"{page.url}/mailbox/{address}")  # and the mailbox's page
 
             os.kill(first.pid, signal.SIGKILL)
             first.wait(10)

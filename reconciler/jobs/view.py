@@ -106,6 +106,11 @@ class JobLine:
     def expired(self) -> bool:
         return self.state == "lease expired"
 
+    @property
+    def short(self) -> str:
+        """For a mailbox's row: `running on h1:1`, `lease expired`, `done on h1:1`."""
+        return self.state if self.expired else f"{self.state} on {self.worker}"
+
     def as_dict(self) -> dict[str, Any]:
         return {"address": self.address, "step": self.step, "what": self.what,
                 "state": self.state, "worker": self.worker, "since": stamp(self.since),
@@ -198,6 +203,13 @@ class JobsView:
     def of(self, address: str) -> list[JobLine]:
         """The jobs of one mailbox (its page)."""
         return [j for j in self.jobs if j.address == address]
+
+    def by_address(self) -> dict[str, JobLine]:
+        """address -> its job (the first, in the view's order: an expired lease first)."""
+        found: dict[str, JobLine] = {}
+        for j in self.jobs:
+            found.setdefault(j.address, j)
+        return found
 
 
 def stamp(at: datetime | None) -> str | None:

@@ -22,7 +22,7 @@ from reconciler.plan import BLOCKED, Change, MigrationView, Plan
 from reconciler.spec.model import WindowSpec
 from reconciler.spec.windows import next_open, open_until
 from reconciler.state.states import MigrationState
-from reconciler.status import StatusRow, matching, row_of
+from reconciler.status import StatusRow, matching, next_text, row_of
 
 # The patent's states (DESIGN.md, "The state machine"): number, steps, what has happened.
 STATES: tuple[tuple[int, str, str], ...] = (
@@ -142,6 +142,7 @@ class MailboxRow:
     status: StatusRow
     copy: str  # "" when nothing to copy, else "37%" or "verified"
     failed: bool
+    next: str  # the next step, with its job on a worker if it has one
 
 
 @dataclass
@@ -314,11 +315,13 @@ def table(snap: Snapshot, *, placement: str | None = None, system: str | None = 
     pages = max(1, -(-len(kept) // PAGE_ROWS))
     page = min(max(page, 1), pages)
     out = []
+    on = snap.jobs.by_address()
     for change in kept[(page - 1) * PAGE_ROWS: page * PAGE_ROWS]:  # rows only for the page
         m = snap.migrations.get(change.address)
         row = row_of(change, last_error(m), snap.plan.at)
         facts = snap.copies.get(m.id) if m is not None else None
-        out.append(MailboxRow(row, copy_text(m, facts), row.action == "failed"))
+        out.append(MailboxRow(row, copy_text(m, facts), row.action == "failed",
+                              next_text(row, on.get(change.address))))
     return TableView(out, len(kept), page, pages)
 
 
