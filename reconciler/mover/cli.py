@@ -43,20 +43,18 @@ from pathlib import Path
 from mailferry import __version__, secretfile
 from mailferry.service import private_files
 from reconciler.drivers.base import ImapAccount
-from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pace import Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
-from reconciler.mover.prestage import prestage
 from reconciler.mover.processes import in_child, merged, run_split
 from reconciler.mover.progress import make_progress
 from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
-from reconciler.state.store import default_url, open_store
+from reconciler.state.lite import default_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,6 +140,8 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
         root = spec.split(":", 1)[1]
 
         def maildir() -> Endpoint:
+            from reconciler.drivers.maildir import MaildirDriver
+
             driver = MaildirDriver("maildir", root, ("127.0.0.1", 0), ("127.0.0.1", 0), "local")
             if driver.get_account(user) is None:
                 driver.create_mailbox(user)
@@ -270,13 +270,14 @@ def _store_url(args: argparse.Namespace) -> str:
 def _copy(args: argparse.Namespace, lines: list[str]
           ) -> tuple[dict[str, object], list[MailboxReport]]:
     """The copy (and the optional re-run) of these mailboxes in this process."""
-    store = None if args.no_state else open_store(_store_url(args))
+    # A store at head is read and written without SQLAlchemy until a folder changed
+    # (`Manifest.at_url`): most of a no-op re-run's start in a new process was its import.
+    manifest = None if args.no_state else Manifest.at_url(_store_url(args))
     try:
-        manifest = Manifest(store) if store is not None else None
         stats, reports = asyncio.run(_passes(args, manifest, lines))
     finally:
-        if store is not None:
-            store.close()
+        if manifest is not None:
+            manifest.close()
     stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return stats, reports
 
@@ -288,7 +289,7 @@ def copy_command(args: argparse.Namespace) -> int:
         share = _per_process(args, min(args.processes, len(lines)))
         started = time.monotonic()
         if not args.no_state:  # created or upgraded once, not by every child at once
-            failed = in_child(lambda: open_store(_store_url(args)).close())
+            failed = in_child(lambda: Manifest.at_url(_store_url(args)).close())
             if failed is not None:
                 raise SystemExit(f"mover: the state store could not be opened (the "
                                  f"process opening it {failed}); nothing was copied")
@@ -314,7 +315,9 @@ def prestage_command(args: argparse.Namespace) -> int:
     """Prestage copy of every due migration; 0 when all verified."""
     # The specs (jsonschema) and every driver: +0.15 s to `copy`, which needs neither.
     from reconciler.drivers.registry import make_drivers
+    from reconciler.mover.prestage import prestage  # the state model (SQLAlchemy): the same
     from reconciler.spec.loader import load_specs
+    from reconciler.state.store import open_store
 
     state = args.state or "var/state.db"
     store = open_store(state if "://" in state else default_url(state))
