@@ -306,7 +306,8 @@ def test_adopt_import_move_release(world: PfWorld, tmp_path: Path) -> None:
     # pb's local user writes to a colleague still on pa: accepted, relayed through fed
     send(pb.smtp_port, "u15@corp.example", "<to.u15@corp.example>", "b01@corp.example")
     wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain", timeout=40)
-    assert pa.wait_queue_empty() and pb.wait_queue_empty()
+    pa.assert_queue_empty()
+    pb.assert_queue_empty()
     wait_for(lambda: message_ids(pa, "u15@corp.example")["<to.u15@corp.example>"] == 1,
              what="pb -> fed -> pa for a colleague on pa")
     # -- exact accounting by Message-ID ----------------------------------------------------
