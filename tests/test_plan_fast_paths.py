@@ -3,7 +3,8 @@
 `bench/plan_scale.py` measures them; here each is compared with what it replaced, on the
 inputs where they could part: the JSON Lines of every kind of change (against
 `json.dumps(change_json(...))`, character for character), the keys of ASCII addresses, and
-the spec checks that a set claiming every address once skips address by address.
+the spec checks that a set claiming every address once skips address by address, and
+the unmanaged mailboxes found by set operations instead of a walk of fed's directory.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import get_args
 import pytest
 
 from mailferry.mail import addresses
+from mailferry.mail.addresses import mailbox_id_for, split_physical
 from reconciler.output import change_json, plan_jsonl
-from reconciler.plan import Action, Change, Plan
+from reconciler.plan import Action, Change, Plan, Unmanaged, unmanaged
+from reconciler.spec.model import DEFAULT_POLICY, DesiredMailbox
 from reconciler.state.states import MigrationState
 
 from test_spec_loader import problems_of, write_set
@@ -112,3 +115,42 @@ def test_a_placement_of_unique_claims_is_still_checked_for_its_domains(here: Pat
 def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def unmanaged_the_long_way(desired: dict[str, DesiredMailbox], recorded: set[str],
+                           directory: dict[str, str]) -> list[Unmanaged]:
+    """`plan.unmanaged` as it walked every entry of fed's directory before issue 22."""
+    known = set(desired) | recorded
+    for w in desired.values():
+        known.update(w.aliases)
+    managed = {directory[a] for a in known if a in directory}
+    groups: dict[str, list[str]] = {}
+    for address, physical in directory.items():
+        if physical not in managed and address not in known:
+            groups.setdefault(physical, []).append(address)
+    found = []
+    for physical, found_addresses in groups.items():
+        where = split_physical(physical)
+        if where is not None:
+            first = sorted(found_addresses, key=lambda a: (mailbox_id_for(a) != where[1], a))
+            found.append(Unmanaged(physical, where[0], tuple(first)))
+    return sorted(found, key=lambda b: (b.system, b.addresses[0]))
+
+
+def test_unmanaged_by_set_operations_is_the_walk() -> None:
+    """Addresses named by a spec, by an alias, by a migration only, routed to a managed
+    mailbox under another name, or to nobody's; physical addresses fed cannot split."""
+    desired = {f"d{i}@corp.example": DesiredMailbox(
+        f"d{i}@corp.example", (f"d{i}.alias@corp.example",) if i % 2 else (), "s2", "p",
+        None, DEFAULT_POLICY, None) for i in range(20)}
+    recorded = {f"r{i}@corp.example" for i in range(5)}
+    directory = {a: f"{mailbox_id_for(a)}@s1.invalid" for a in [*desired, *recorded]}
+    directory.update({f"d{i}.alias@corp.example": directory[f"d{i}@corp.example"]
+                      for i in range(1, 20, 2)})
+    directory["other.name.d3@corp.example"] = directory["d3@corp.example"]
+    directory.update({f"x{i}@corp.example": f"x{i % 3}=corp.example@s{i % 2 + 1}.invalid"
+                      for i in range(9)})
+    directory["odd@corp.example"] = "no-system@.invalid"
+    found = unmanaged(desired, recorded, directory)
+    assert found == unmanaged_the_long_way(desired, recorded, directory)
+    assert len(found) == 6 and unmanaged(desired, recorded, {}) == []
