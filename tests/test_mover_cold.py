@@ -111,3 +111,28 @@ def test_a_message_deleted_from_the_target_is_copied_again_by_a_new_process(
     assert again["verified"] and again["copied"] == 1 and again["present"] == 2
     wanted = ids(pair.src, user)
     assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+
+
+def test_the_exit_status_and_the_output_survive_the_quick_exit(
+        pair: DovecotPair, tmp_path: Path) -> None:
+    """`python -m reconciler.mover` ends with `os._exit` (no interpreter teardown): what it
+    printed is all there and its status is the command's."""
+    users = tmp_path / "users.txt"
+    users.write_text("elsa wrong-password\n")
+    base = [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+            f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
+            str(users), "--state", str(tmp_path / "state.db"), "--progress", "none"]
+    refused = subprocess.run([*base, "--report", "json"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    report = json.loads(refused.stdout)
+    assert report["mailbox"] == "elsa" and not report["verified"]
+    assert "ImapLoginError" in report["error"]
+    assert '"verified": false' in refused.stderr  # the stats line, after the report
+    no_env = subprocess.run([*base, "--src-admin", "admin"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert no_env.returncode == 1
+    assert "--*-admin needs --*-admin-password-env" in no_env.stderr
+    bad_flag = subprocess.run([*base, "--no-such-flag"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+    assert bad_flag.returncode == 2 and "unrecognized arguments" in bad_flag.stderr
