@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,58 @@ PRESETS = {
     "small": WaveSpec("small", 2000, 3, 1 * KB, 4.0, 20),
     "big": WaveSpec("big", 200, 10, 1 * MB, 1.0, 2),
 }
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of process `root` and its descendants (live ones, and those reaped by
+    a live one: the kernel's cutime/cstime)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = sum(int(f) for f in fields[11:15]) / TICK
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack += [c for c, parent in parents.items() if parent == pid]
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of the bench's own processes over a wave, by part."""
+
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self.parts = parts
+        self.before = {k: sum(tree_cpu(p) for p in pids) for k, pids in parts.items()}
+        self.began = time.monotonic()
+
+    def report(self) -> str:
+        wall = time.monotonic() - self.began
+        used = {k: sum(tree_cpu(p) for p in pids) - self.before[k]
+                for k, pids in self.parts.items()}
+        return "CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in used.items()) + \
+            f" (wall {wall:.1f} s)"
+
+
+def spy(procs: list[subprocess.Popen[bytes]], folder: Path | None,
+        tag: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each worker (`--profile DIR`), raw stacks into DIR."""
+    tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if folder is None or tool is None:
+        return []
+    return [subprocess.Popen([tool, "record", "--pid", str(p.pid), "--rate", "40",
+                              "--format", "raw", "--threads", "--nonblocking", "--output",
+                              str(folder / f"{tag}-{i}.txt")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for i, p in enumerate(procs)]
 
 
 class Relay:
@@ -342,6 +395,10 @@ def p95(values: list[float]) -> float:
     return sorted(values)[max(0, round(0.95 * len(values)) - 1)]
 
 
+def pg_pid(pg: pgutil.PrivatePostgres) -> int:
+    return pg.process.pid if pg.process is not None else 0
+
+
 def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
              pg: pgutil.PrivatePostgres, store: Store, queue: Queue) -> dict[int, float]:
     """One wave: its Dovecots, the peer, 1, 2 and 4 workers, the check of every copy."""
@@ -387,7 +444,16 @@ def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
             wait_workers(store, procs)
             rows = record(store, targets[n], modes)
             load = os.getloadavg()[0]
+            spies = spy(procs, args.profile, f"{spec.name}-{n}")
+            meter = CpuMeter({"workers": [p.pid for p in procs], "bench": [os.getpid()],
+                              "postgres": [pg_pid(pg)],
+                              "dovecots": [d for d in (src.pid(), dst.pid()) if d]})
             got = wave(store, queue, rows, timeout=args.timeout)
+            cpu = meter.report()
+            for proc in spies:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
+                proc.wait(30)
             rates[n] = got.rate
             print(f"[{spec.name}] {n} worker(s) x {args.concurrency}: {got.rate:.2f} msg/s "
                   f"({got.copied} messages in {got.seconds:.1f} s; enqueue of {len(rows)} "
@@ -395,6 +461,7 @@ def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
                   f"{got.first_start * 1000:.0f} ms after the first enqueue, {got.passes} "
                   f"collecting passes; load average {load:.1f} -> {os.getloadavg()[0]:.1f})",
                   flush=True)
+            print(f"[{spec.name}] {cpu}", flush=True)
             print(f"[{spec.name}] check: {check_copies(dst, targets[n], spec.messages)}",
                   flush=True)
             if n == COUNTS[-1] and lat_pairs:
@@ -428,6 +495,8 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, help="mailboxes of the in-process peer")
     parser.add_argument("--latency", type=int, default=40,
                         help="single jobs for the enqueue-to-start time")
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy each worker into this folder (raw stacks)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per wave, at most")
     args = parser.parse_args()
     names = ["big", "small"] if args.wave == "both" else [args.wave]
