@@ -1,29 +1,39 @@
-"""A wave copied by 1, 2 and 4 `reconcile worker` processes, in one run (issue 18).
+"""The issue's waves copied by 1, 2 and 4 `reconcile worker` processes, in one run (issue 18).
 
-    python3 bench/wave_workers.py [--mailboxes 48] [--messages 15] [--rate 5] [--concurrency 2]
+    python3 bench/wave_workers.py [--wave small|big|both] [--mailboxes N] [--messages M]
+        [--size BYTES | --mailbox-bytes BYTES] [--rate MSG/S] [--concurrency C]
+
+The waves (`--wave both`, the default, runs the big one, then the small one):
+
+- small: 2,000 mailboxes of `--messages` (default 3) messages of 1 KB;
+- big: 200 mailboxes of 10 MB each (`--mailbox-bytes`, in messages of `--size`, 1 MB).
 
 Two private Dovecots (tests/dovecot.py) and a private PostgreSQL (tests/pgutil.py) on
 127.0.0.1. The source is reached through a relay that lets each connection read at most
-`rate x size` bytes/s (about `rate` messages/s of the wave's `size`-byte messages): the
-provider's per-connection throttle, so that the bottleneck is the source, not these two
-cores. For each worker count the wave is a fresh set of mailboxes (the same sizes), queued
-at once through the reconciler's queue (`reconciler.workers.queue.Queue.offload`, the E15
-data part) and copied by the workers (each `--concurrency` jobs at a time: one source
-connection each); its rate is the messages copied over the time from the first enqueue to
-the last result. The peer, in the same run: the same copy in-process as `reconcile --apply`
-does it without workers (one mailbox after another), over a smaller set at the same
-per-connection rate.
+`rate x size` bytes/s: the provider's per-connection throttle, so that the bottleneck is
+the source, not these two cores. The source is seeded once per wave; each worker count
+copies it into its own target mailboxes (`w1.`, `w2.`, `w4.` + the source's user), as
+fresh migrations. A wave is queued at once through the reconciler's queue
+(`reconciler.workers.queue.Queue.take`, the E15 data part) and collected as the
+reconciler's passes collect it: after each `Queue.wait`, `take` of every migration still
+outstanding (a done one returns the worker's detail, its row deleted in the caller's
+session). Its rate: the messages copied over the time from the first enqueue to the last
+result collected. Every target mailbox is then read back (one `doveadm -A fetch`) and
+compared with its source by Message-ID: each message exactly once, nothing missing,
+nothing extra.
 
-Then the time from enqueue to a worker starting a job: single jobs queued one at a time
-on idle workers (LISTEN/NOTIFY wakes them), the started_at - enqueued_at of the store.
+The peer, in the same run: the same copy in-process as `reconcile --apply` does it without
+workers (one mailbox after another), over `--baseline` mailboxes at the same
+per-connection rate. Then the time from enqueue to a worker starting a job: `--latency`
+single jobs queued one at a time on idle workers (LISTEN/NOTIFY wakes them), the
+started_at - enqueued_at of their rows (median and p95), and in the wave itself the time
+from the first enqueue to the first job started.
 
-The issue's wave (2,000 mailboxes, or 200 of 10 MB) does not fit this machine's two shared
-cores in a bench run: the default is 32 mailboxes x 30 messages per worker count; the figure
-that matters, the scaling at a source-bound rate, does not depend on the wave's length.
-The reconciler's own passes (E1-E9, the transitions) are not in this figure: the mailboxes
-are recorded at state 7 directly and only their E15 data part is queued.
+The reconciler's own passes (planning E1-E9, the transitions) are not in this figure: the
+mailboxes are recorded at state 7 directly and only their E15 data part is queued.
 
-Last line: `wave workers: 1 -> X msg/s, 2 -> Y msg/s, 4 -> Z msg/s, scaling 4/1 = R`.
+Last line (of the small wave): `wave workers: 1 -> X msg/s, 2 -> Y msg/s, 4 -> Z msg/s,
+scaling 4/1 = R`.
 """
 
 from __future__ import annotations
@@ -31,23 +41,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import imaplib
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy import func, select
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from mailferry.mail.imap.client import ImapClient  # noqa: E402
 from reconciler.drivers.base import mailbox_id_for  # noqa: E402
 from reconciler.drivers.registry import make_drivers  # noqa: E402
 from reconciler.errors import NotReady  # noqa: E402
@@ -63,8 +79,82 @@ import pgutil  # noqa: E402
 from helpers.processes import stop_process  # noqa: E402
 from sysutil import free_port  # noqa: E402
 
-SIZE = 1024  # bytes per message, about
 MASTER = ("mfadmin", "mf-master-pw")
+KB, MB = 1024, 1024 * 1024
+COUNTS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class WaveSpec:
+    name: str
+    mailboxes: int
+    messages: int
+    size: int  # bytes per message, about
+    rate: float  # messages/s one source connection may read
+    baseline: int  # mailboxes of the in-process peer
+
+    @property
+    def label(self) -> str:
+        each = f"{self.size // MB} MB" if self.size >= MB else f"{self.size // KB} KB"
+        return f"{self.mailboxes} mailboxes x {self.messages} messages of {each}"
+
+
+PRESETS = {
+    "small": WaveSpec("small", 2000, 3, 1 * KB, 4.0, 20),
+    "big": WaveSpec("big", 200, 10, 1 * MB, 1.0, 2),
+}
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of process `root` and its descendants (live ones, and those reaped by
+    a live one: the kernel's cutime/cstime)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = sum(int(f) for f in fields[11:15]) / TICK
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack += [c for c, parent in parents.items() if parent == pid]
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of the bench's own processes over a wave, by part."""
+
+    def __init__(self, parts: dict[str, list[int]]) -> None:
+        self.parts = parts
+        self.before = {k: sum(tree_cpu(p) for p in pids) for k, pids in parts.items()}
+        self.began = time.monotonic()
+
+    def report(self) -> str:
+        wall = time.monotonic() - self.began
+        used = {k: sum(tree_cpu(p) for p in pids) - self.before[k]
+                for k, pids in self.parts.items()}
+        return "CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in used.items()) + \
+            f" (wall {wall:.1f} s)"
+
+
+def spy(procs: list[subprocess.Popen[bytes]], folder: Path | None,
+        tag: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each worker (`--profile DIR`), raw stacks into DIR."""
+    tool = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if folder is None or tool is None:
+        return []
+    return [subprocess.Popen([tool, "record", "--pid", str(p.pid), "--rate", "40",
+                              "--format", "raw", "--threads", "--nonblocking", "--output",
+                              str(folder / f"{tag}-{i}.txt")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for i, p in enumerate(procs)]
 
 
 class Relay:
@@ -91,7 +181,7 @@ class Relay:
                        rate: float | None) -> None:
             tokens, stamp = 0.0, time.monotonic()
             try:
-                while data := await src.read(4096):
+                while data := await src.read(65536):
                     if rate:
                         now = time.monotonic()
                         tokens = min(rate, tokens + (now - stamp) * rate)
@@ -108,24 +198,58 @@ class Relay:
 
         await asyncio.gather(pipe(reader, up_w, None), pipe(up_r, writer, self.bps))
 
-    def close(self) -> None:
-        """Nothing to do: the relay's thread is a daemon, its connections end with the
-        servers (stopping its loop under live connections only makes noise)."""
 
-
-def message(user: str, n: int) -> bytes:
+def message(user: str, n: int, size: int) -> bytes:
     head = (f"From: bench@corp.example\r\nTo: {user}\r\nMessage-ID: <b{n}.{user}>\r\n"
             f"Subject: wave {n}\r\n\r\n").encode()
-    return head + b"x" * max(0, SIZE - len(head) - 2) + b"\r\n"
+    line = b"x" * 76 + b"\r\n"
+    body = line * (max(0, size - len(head)) // len(line))
+    return head + body + b"end\r\n"
 
 
-def seed(port: int, users: list[str], messages: int) -> None:
-    for user in users:
-        conn = imaplib.IMAP4("127.0.0.1", port)
-        conn.login(user, "pw")
+def seed(port: int, users: list[str], messages: int, size: int) -> None:
+    """Each user's INBOX: `messages` messages in one MULTIAPPEND (four users at a time)."""
+    async def one(user: str) -> None:
+        client = await ImapClient.connect("127.0.0.1", port, timeout=60)
+        await client.login(user, "pw")
+        segments = [b"APPEND INBOX"]
         for n in range(messages):
-            conn.append("INBOX", None, None, message(user, n))
-        conn.logout()
+            segments[-1] += b" () "
+            segments += [message(user, n, size), b""]
+        await client.finish(await client.start(segments, "APPEND"))
+        await client.logout()
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in pool.map(lambda u: asyncio.run(one(u)), users):
+            pass
+
+
+def message_ids(server: dovecot.Dovecot) -> dict[str, Counter[str]]:
+    """user -> Message-ID -> copies, of every user of `server` (one doveadm -A)."""
+    out = server.doveadm("-f", "tab", "fetch", "-A", "hdr.message-id", "mailbox", "*")
+    found: dict[str, Counter[str]] = {}
+    for line in out.splitlines()[1:]:
+        user, _, mid = line.partition("\t")
+        found.setdefault(user, Counter())[mid.strip()] += 1
+    return found
+
+
+def check_copies(dst: dovecot.Dovecot, pairs: dict[str, str], messages: int) -> str:
+    """Every target mailbox holds each of its source's Message-IDs exactly once, nothing
+    else: what was found, or SystemExit naming the first mailbox that does not."""
+    found = message_ids(dst)
+    total = 0
+    for target, source in pairs.items():
+        want = Counter({f"<b{n}.{source}>": 1 for n in range(messages)})
+        got = found.get(target, Counter())
+        if got != want:
+            lost = sorted((want - got).keys())[:3]
+            extra = sorted((got - want).elements())[:3]
+            raise SystemExit(f"{target}: {sum(got.values())} messages, expected {messages} "
+                             f"(missing {lost}, duplicated or foreign {extra})")
+        total += sum(got.values())
+    return (f"{len(pairs)} mailboxes x {messages}: {total} messages, each once by "
+            f"Message-ID, none missing, none duplicated")
 
 
 def specs_for(root: Path, src_port: int, dst_port: int) -> Path:
@@ -151,54 +275,76 @@ def specs_for(root: Path, src_port: int, dst_port: int) -> Path:
     return folder
 
 
-def record(store: Store, users: list[str], modes: Modes) -> list[Migration]:
-    """Migrations at state 7 (the mover took them), as the engine leaves them after E11."""
+def record(store: Store, pairs: dict[str, str], modes: Modes) -> list[Migration]:
+    """Migrations (target user -> source user) at state 7, as the engine leaves them after
+    E11: the mover took them."""
     with store.session() as session:
-        rows = [Migration(address=u, aliases=[], source_system="src", target_system="dst",
-                          source_mailbox=mailbox_id_for(u), target_mailbox=mailbox_id_for(u),
+        rows = [Migration(address=t, aliases=[], source_system="src", target_system="dst",
+                          source_mailbox=mailbox_id_for(s), target_mailbox=mailbox_id_for(t),
                           placement="bench", modes=modes, state=7, address_migration_id="b")
-                for u in users]
+                for t, s in pairs.items()]
         session.add_all(rows)
+        session.flush()
+        session.expunge_all()
     return rows
 
 
-def enqueue(queue: Queue, rows: list[Migration]) -> None:
-    for m in rows:  # a new row: offload queues it (NotReady), no step session needed
-        with contextlib.suppress(NotReady):
-            queue.take(None, m, "E15")  # type: ignore[arg-type]
+def enqueue(queue: Queue, store: Store, rows: list[Migration]) -> None:
+    """The reconciler's first pass over the wave: each E15 queued (NotReady)."""
+    for m in rows:
+        with contextlib.suppress(NotReady), store.session() as session:
+            queue.take(session, m, "E15")
 
 
-def results(store: Store, ids: list[int]) -> list[DataJob]:
-    with store.session() as session:
-        return list(session.query(DataJob).filter(DataJob.migration_id.in_(ids)).all())
+@dataclass
+class WaveResult:
+    rate: float
+    copied: int
+    seconds: float
+    enqueue_seconds: float
+    first_start: float
+    passes: int
 
 
-def wave(store: Store, queue: Queue, rows: list[Migration], timeout: float) -> float:
-    """Queue every row's E15, wait for all results: messages copied per second."""
-    ids = [m.id for m in rows]
+def wave(store: Store, queue: Queue, rows: list[Migration], timeout: float) -> WaveResult:
+    """Queue every row's E15, then collect as the reconciler's passes do: messages/s."""
     began = utcnow()
-    enqueue(queue, rows)
+    t0 = time.monotonic()
+    enqueue(queue, store, rows)
+    enqueue_seconds = time.monotonic() - t0
+    pending = {m.id: m for m in rows}
+    copied, passes, last = 0, 0, began
+    starts: list[datetime] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = results(store, ids)
-        if len(found) == len(ids) and all(j.status in ("done", "error") for j in found):
-            break
-        time.sleep(0.25)
-    else:
-        raise SystemExit(f"wave not done in {timeout:.0f} s")
-    errors = [j.result for j in found if j.status == "error"]
-    if errors:
-        raise SystemExit(f"{len(errors)} jobs failed: {errors[:2]}")
-    copied = sum(int((j.result or {})["detail"]["copied"]) for j in found)
-    last = max(j.finished_at for j in found if j.finished_at is not None)
-    return copied / (last - began).total_seconds()
+    while pending:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"wave not done in {timeout:.0f} s ({len(pending)} left)")
+        queue.wait(lambda: False, timeout=5.0)
+        with store.session() as session:  # the figures only (take deletes the rows)
+            earliest = session.scalar(select(func.min(DataJob.started_at)).where(
+                DataJob.status.in_(("done", "error"))))
+            if earliest is not None:
+                starts.append(earliest)
+        passes += 1
+        for mid, m in list(pending.items()):
+            try:
+                with store.session() as session:
+                    detail = queue.take(session, m, "E15")
+            except NotReady:
+                continue
+            copied += int(detail["copied"])
+            last = max(last, datetime.fromisoformat(str(detail["copy_finished"])))
+            del pending[mid]
+    seconds = (last - began).total_seconds()
+    first = (min(starts) - began).total_seconds() if starts else float("nan")
+    return WaveResult(copied / seconds, copied, seconds, enqueue_seconds, first, passes)
 
 
-def start_workers(specs: Path, url: str, n: int, concurrency: int,
-                  logs: Path) -> list[subprocess.Popen[bytes]]:
+def start_workers(specs: Path, url: str, n: int, concurrency: int, logs: Path,
+                  tag: str) -> list[subprocess.Popen[bytes]]:
     procs = []
     for i in range(n):
-        with open(logs / f"worker{n}-{i}.log", "wb") as log:
+        with open(logs / f"worker-{tag}-{n}-{i}.log", "wb") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "reconciler", "--specs", str(specs), "--state", url,
                  "worker", "--concurrency", str(concurrency)], cwd=REPO, stdout=log,
@@ -206,9 +352,11 @@ def start_workers(specs: Path, url: str, n: int, concurrency: int,
     return procs
 
 
-def wait_workers(store: Store, n: int) -> None:
+def wait_workers(store: Store, procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("a worker exited at start (see its log)")
         with store.engine.connect() as conn:
             try:
                 alive = conn.exec_driver_sql(
@@ -216,7 +364,7 @@ def wait_workers(store: Store, n: int) -> None:
                     "WHERE last_heartbeat > now() - interval '15 s'").scalar()
             except Exception:
                 alive = 0
-        if int(alive or 0) >= n:
+        if int(alive or 0) >= len(procs):
             return
         time.sleep(0.2)
     raise SystemExit("workers did not start")
@@ -226,100 +374,166 @@ def latency(store: Store, queue: Queue, rows: list[Migration]) -> list[float]:
     """Enqueue-to-start of single jobs on idle workers, one after the other (seconds)."""
     seen = []
     for m in rows:
-        enqueue(queue, [m])
-        deadline = time.monotonic() + 30
+        enqueue(queue, store, [m])
+        deadline = time.monotonic() + 60
+        job: DataJob | None = None
         while time.monotonic() < deadline:
-            (job,) = results(store, [m.id]) or (None,)
-            if job is not None and job.status in ("done", "error"):
-                break
+            with store.session() as session:
+                job = session.query(DataJob).filter(DataJob.migration_id == m.id).first()
+                if job is not None and job.status in ("done", "error") and \
+                        job.started_at is not None:
+                    seen.append((job.started_at - job.enqueued_at).total_seconds())
+                    break
             time.sleep(0.05)
-        assert job is not None and job.started_at is not None
-        seen.append((job.started_at - job.enqueued_at).total_seconds())
+        else:
+            raise SystemExit(f"latency job {m.address} not done in 60 s")
         time.sleep(0.3)  # idle again
     return seen
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mailboxes", type=int, default=32)
-    parser.add_argument("--messages", type=int, default=30)
-    parser.add_argument("--rate", type=float, default=5.0,
-                        help="messages/s one source connection may read")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--baseline", type=int, default=6,
-                        help="mailboxes of the in-process peer")
-    args = parser.parse_args()
-    counts = (1, 2, 4)
-    sets = {n: [f"w{n}u{i}@corp.example" for i in range(args.mailboxes)] for n in counts}
-    base_users = [f"base{i}@corp.example" for i in range(args.baseline)]
-    lat_users = [f"lat{i}@corp.example" for i in range(10)]
-    users = [u for s in sets.values() for u in s] + base_users
-    root = Path(tempfile.mkdtemp(prefix="mf-wave-workers-"))
-    root.chmod(0o755)
-    droot = dovecot.private_root()
-    logins = {u: "pw" for u in users + lat_users}
-    src = dovecot.Dovecot(droot, "src", logins, master=MASTER).start()
-    dst = dovecot.Dovecot(droot, "dst", logins, master=MASTER).start()
-    pg = pgutil.PrivatePostgres().start()
-    relay = Relay(src.port, args.rate * SIZE * 1.15)  # FETCH framing: ~15 % over the body
+def p95(values: list[float]) -> float:
+    return sorted(values)[max(0, round(0.95 * len(values)) - 1)]
+
+
+def pg_pid(pg: pgutil.PrivatePostgres) -> int:
+    return pg.process.pid if pg.process is not None else 0
+
+
+def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
+             pg: pgutil.PrivatePostgres, store: Store, queue: Queue) -> dict[int, float]:
+    """One wave: its Dovecots, the peer, 1, 2 and 4 workers, the check of every copy."""
+    sources = [f"{spec.name}{i}@corp.example" for i in range(spec.mailboxes)]
+    targets = {n: {f"w{n}.{s}": s for s in sources} for n in COUNTS}
+    peer_pairs = {f"base.{s}": s for s in sources[:spec.baseline]}
+    lat_sources = [f"lat{spec.name}{i}@corp.example" for i in range(args.latency)]
+    lat_pairs = {f"w.{s}": s for s in lat_sources}
+    src_users = {u: "pw" for u in sources + lat_sources}
+    dst_users = {u: "pw" for t in (*targets.values(), peer_pairs, lat_pairs) for u in t}
+    src = dovecot.Dovecot(droot, f"src-{spec.name}", src_users, master=MASTER).start()
+    dst = dovecot.Dovecot(droot, f"dst-{spec.name}", dst_users, master=MASTER).start()
+    relay = Relay(src.port, spec.rate * spec.size * 1.05)  # FETCH framing: ~5 % over
     procs: list[subprocess.Popen[bytes]] = []
+    rates: dict[int, float] = {}
     try:
         started = time.monotonic()
-        seed(src.port, users, args.messages)
-        seed(src.port, lat_users, 1)
-        print(f"seeded {len(users)} mailboxes x {args.messages} messages "
-              f"in {time.monotonic() - started:.1f} s", flush=True)
-        specs_dir = specs_for(root, relay.port, dst.port)
-        store = open_store(pg.url)
-        queue = Queue(store)
+        seed(src.port, sources, spec.messages, spec.size)
+        seed(src.port, lat_sources, 1, min(spec.size, KB))
+        print(f"[{spec.name}] seeded {spec.label} in {time.monotonic() - started:.1f} s; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        wave_root = root / spec.name
+        wave_root.mkdir()
+        specs_dir = specs_for(wave_root, relay.port, dst.port)
         modes = replace(Modes(), diary=False, max_parallel=64)
 
         # The peer: in-process, one mailbox after another (reconcile --apply today).
-        specs = load_specs(specs_dir)
-        drivers = make_drivers(specs)
+        drivers = make_drivers(load_specs(specs_dir))
         began, copied = time.monotonic(), 0
-        for u in base_users:
-            report = move_mail(drivers["src"], mailbox_id_for(u), drivers["dst"],
-                               mailbox_id_for(u), key=u, modes=modes, phase="copy",
+        for t, s in peer_pairs.items():
+            report = move_mail(drivers["src"], mailbox_id_for(s), drivers["dst"],
+                               mailbox_id_for(t), key=t, modes=modes, phase="copy",
                                manifest=None)
             assert report.verified, report.error
             copied += report.copied
         peer = copied / (time.monotonic() - began)
-        print(f"in-process (no workers, one copy at a time): {peer:.1f} msg/s "
-              f"({copied} messages)", flush=True)
+        print(f"[{spec.name}] in-process (no workers, one copy at a time): {peer:.2f} msg/s "
+              f"({copied} messages); {check_copies(dst, peer_pairs, spec.messages)}",
+              flush=True)
 
-        rates: dict[int, float] = {}
-        for n in counts:
-            procs = start_workers(specs_dir, pg.url, n, args.concurrency, root)
-            wait_workers(store, n)
-            rows = record(store, sets[n], modes)
-            rates[n] = wave(store, queue, rows, timeout=600)
-            print(f"{n} worker(s) x {args.concurrency}: {rates[n]:.1f} msg/s "
-                  f"({len(rows)} mailboxes x {args.messages})", flush=True)
-            if n == counts[-1]:
-                lat_rows = record(store, lat_users, modes)
-                seen = latency(store, queue, lat_rows)
-                print(f"enqueue to start on idle workers: median "
-                      f"{statistics.median(seen) * 1000:.0f} ms, max {max(seen) * 1000:.0f} ms "
-                      f"({len(seen)} jobs)", flush=True)
+        for n in COUNTS:
+            procs = start_workers(specs_dir, pg.url, n, args.concurrency, root, spec.name)
+            wait_workers(store, procs)
+            rows = record(store, targets[n], modes)
+            load = os.getloadavg()[0]
+            spies = spy(procs, args.profile, f"{spec.name}-{n}")
+            meter = CpuMeter({"workers": [p.pid for p in procs], "bench": [os.getpid()],
+                              "postgres": [pg_pid(pg)],
+                              "dovecots": [d for d in (src.pid(), dst.pid()) if d]})
+            got = wave(store, queue, rows, timeout=args.timeout)
+            cpu = meter.report()
+            for proc in spies:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGINT)
+                proc.wait(30)
+            rates[n] = got.rate
+            print(f"[{spec.name}] {n} worker(s) x {args.concurrency}: {got.rate:.2f} msg/s "
+                  f"({got.copied} messages in {got.seconds:.1f} s; enqueue of {len(rows)} "
+                  f"jobs {got.enqueue_seconds:.2f} s, first job started "
+                  f"{got.first_start * 1000:.0f} ms after the first enqueue, {got.passes} "
+                  f"collecting passes; load average {load:.1f} -> {os.getloadavg()[0]:.1f})",
+                  flush=True)
+            print(f"[{spec.name}] {cpu}", flush=True)
+            print(f"[{spec.name}] check: {check_copies(dst, targets[n], spec.messages)}",
+                  flush=True)
+            if n == COUNTS[-1] and lat_pairs:
+                seen = latency(store, queue, record(store, lat_pairs, modes))
+                print(f"[{spec.name}] enqueue to start on idle workers: median "
+                      f"{statistics.median(seen) * 1000:.0f} ms, p95 {p95(seen) * 1000:.0f} ms, "
+                      f"max {max(seen) * 1000:.0f} ms ({len(seen)} jobs)", flush=True)
             for proc in procs:
-                stop_process(proc, 30)
+                stop_process(proc, 60)
             procs = []
-        ratio = rates[4] / rates[1]
-        print(f"4 workers / in-process peer: x{rates[4] / peer:.1f}")
-        print(f"wave workers: 1 -> {rates[1]:.1f} msg/s, 2 -> {rates[2]:.1f} msg/s, "
-              f"4 -> {rates[4]:.1f} msg/s, scaling 4/1 = {ratio:.2f}")
-        queue.close()
+        print(f"[{spec.name}] 4 workers / in-process peer: x{rates[4] / peer:.1f}", flush=True)
+        return rates
     finally:
         for proc in procs:
-            stop_process(proc, 30)
-        relay.close()
+            stop_process(proc, 60)
         src.stop()
         dst.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wave", choices=("small", "big", "both"), default="both")
+    parser.add_argument("--mailboxes", type=int, help="mailboxes per wave (2000 / 200)")
+    parser.add_argument("--messages", type=int, help="messages per mailbox (3 / 10)")
+    parser.add_argument("--size", type=int, help="bytes per message (1 KB / 1 MB)")
+    parser.add_argument("--mailbox-bytes", type=int,
+                        help="bytes per mailbox: messages = mailbox-bytes / size")
+    parser.add_argument("--rate", type=float,
+                        help="messages/s one source connection may read (4 / 1)")
+    parser.add_argument("--concurrency", type=int, default=4, help="jobs per worker")
+    parser.add_argument("--baseline", type=int, help="mailboxes of the in-process peer")
+    parser.add_argument("--latency", type=int, default=40,
+                        help="single jobs for the enqueue-to-start time")
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy each worker into this folder (raw stacks)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per wave, at most")
+    args = parser.parse_args()
+    names = ["big", "small"] if args.wave == "both" else [args.wave]
+    specs = []
+    for name in names:
+        spec = PRESETS[name]
+        size = args.size or spec.size
+        messages = args.messages or (args.mailbox_bytes // size if args.mailbox_bytes
+                                     else spec.messages)
+        specs.append(replace(spec, mailboxes=args.mailboxes or spec.mailboxes,
+                             messages=max(1, messages), size=size,
+                             rate=args.rate or spec.rate,
+                             baseline=args.baseline or spec.baseline))
+    root = Path(tempfile.mkdtemp(prefix="mf-wave-workers-"))
+    root.chmod(0o755)
+    droot = dovecot.private_root()
+    pg = pgutil.PrivatePostgres().start()
+    store = open_store(pg.url)
+    queue = Queue(store)
+    results: dict[str, dict[int, float]] = {}
+    began = time.monotonic()
+    try:
+        for spec in specs:
+            print(f"[{spec.name}] {spec.label}, source {spec.rate:g} msg/s per connection, "
+                  f"{args.concurrency} jobs per worker; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            results[spec.name] = run_wave(spec, args, root, droot, pg, store, queue)
+        print(f"whole run {time.monotonic() - began:.0f} s", flush=True)
+        for spec in specs:
+            r = results[spec.name]
+            print(f"[{spec.name}: {spec.label}]")
+            print(f"wave workers: 1 -> {r[1]:.1f} msg/s, 2 -> {r[2]:.1f} msg/s, "
+                  f"4 -> {r[4]:.1f} msg/s, scaling 4/1 = {r[4] / r[1]:.2f}")
+    finally:
+        queue.close()
         pg.stop()
         if not os.environ.get("KEEP_TMP"):
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(droot, ignore_errors=True)
 

@@ -64,7 +64,7 @@ from reconciler.spec.loader import load_specs
 from reconciler.spec.model import SpecSet
 from reconciler.state.model import Event, utcnow
 from reconciler.state.store import open_store
-from reconciler.status import status_rows, table
+from reconciler.status import jobs_records, jobs_table, status_jobs, status_rows, table
 from reconciler.watch import Watcher, WatchOptions
 
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
@@ -521,7 +521,9 @@ def _who() -> str:
 @click.option("--system", default=None, help="Only mailboxes moving from or to this system.")
 @click.option("--state", "state_filter", default=None, metavar="N|failed|...",
               help="A state number, or failed, suspended, refused, pending, waiting, in-sync.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per mailbox.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON Lines: a `status` object per mailbox, then (with workers) one per "
+                   "`job`, `queued` pair of systems and `worker`.")
 @click.pass_context
 def status(ctx: click.Context, placement: str | None, system: str | None,
            state_filter: str | None, as_json: bool) -> None:
@@ -531,6 +533,8 @@ def status(ctx: click.Context, placement: str | None, system: str | None,
         engine = _engine_for(ctx, read_only=True)
         rows = status_rows(engine, placement=placement, system=system, state=state_filter,
                            unreached=unreached)
+        jobs = status_jobs(engine, rows, filtered=bool(placement or system or state_filter),
+                           system=system)
         holder = current_holder(engine.store)
     except MailferryError as exc:
         _fail(str(exc))
@@ -539,8 +543,10 @@ def status(ctx: click.Context, placement: str | None, system: str | None,
     if as_json:
         for row in rows:
             click.echo(json.dumps({"type": "status", **row.as_dict()}))
+        for record in jobs_records(jobs):
+            click.echo(json.dumps(record))
         return
-    for line in table(rows):
+    for line in table(rows, jobs) + jobs_table(jobs):
         click.echo(line)
     lease = holder.describe(engine.clock()) if holder else "nobody"
     click.echo(f"\n{len(rows)} mailboxes; lease held by {lease}")

@@ -5,7 +5,9 @@ mailboxes on s1 are stuck?", "why did bob fail?" — the plan answers with next 
 operator wants a table: address, source -> target, state, what comes next and when, the
 last error. `reconcile status` prints it from the same pure plan (so it never disagrees with
 `--plan`), joined with the migration records for the errors, filtered by placement, system
-or state.
+or state. With workers (`reconcile worker`, PostgreSQL) it goes on with the data jobs: which
+worker runs which mailbox's step since when, its heartbeat, the jobs whose lease expired,
+the queued ones per source and target system, and each worker (`reconciler.jobs`).
 
 The levers are state store writes, each recorded as events (so `reconcile events` shows
 who paused what, with the specs' commit):
@@ -21,9 +23,10 @@ who paused what, with the specs' commit):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,6 +34,8 @@ from sqlalchemy.orm import Session
 from mailferry.mail.addresses import address_key
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError
+from reconciler.jobs.read import read_jobs
+from reconciler.jobs.view import JobLine, JobsView, age, jobs_view, stamp
 from reconciler.output import when
 from reconciler.plan import Change, MigrationView, Plan
 from reconciler.state.model import AddressError, Migration, PlacementSuspension
@@ -106,6 +111,23 @@ def status_rows(engine: Engine, *, placement: str | None = None, system: str | N
                    state=state)
 
 
+def status_jobs(engine: Engine, rows: list[StatusRow], *, filtered: bool = False,
+                system: str | None = None) -> JobsView:
+    """The workers' data jobs (of the `rows` shown, when `filtered`), queued counts (from or
+    to `system`, if given) and the workers, at the engine's clock."""
+    return jobs_view(read_jobs(engine.store), engine.clock(),
+                     addresses={r.address for r in rows} if filtered else None, system=system)
+
+
+def jobs_records(view: JobsView) -> list[dict[str, Any]]:
+    """PURE: the JSON Lines of the workers' section (`reconcile status --json`): one
+    `job` per job a worker took, one `queued` per source and target system, one `worker`
+    per worker; none when the view is empty."""
+    return ([{"type": "job", **j.as_dict()} for j in view.jobs]
+            + [{"type": "queued", **q.as_dict()} for q in view.queued]
+            + [{"type": "worker", **w.as_dict()} for w in view.workers])
+
+
 def last_errors(migrations: Iterable[MigrationView]) -> dict[str, str]:
     """address -> the failure reason or last error of its newest migration."""
     return {m.address: (m.failed_reason or m.last_error or "") for m in migrations}
@@ -146,14 +168,52 @@ def route(row: StatusRow) -> str:
     return f"= {row.target}" if row.source == row.target else f"{row.source} -> {row.target}"
 
 
-def table(rows: list[StatusRow]) -> list[str]:
-    """The rows as an aligned text table."""
+def table(rows: list[StatusRow], jobs: JobsView | None = None) -> list[str]:
+    """The rows as an aligned text table; a mailbox whose step is on a worker says so
+    after its next step (`E15 (running on HOST:PID)`)."""
     head = ("ADDRESS", "PLACEMENT", "SOURCE -> TARGET", "STATE", "NEXT", "WHEN", "LAST ERROR")
-    cells = [head] + [(r.address, r.placement, route(r), r.state, r.next,
-                       r.due, r.last_error[:80]) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head) - 1)]
-    return [("  ".join(c[i].ljust(widths[i]) for i in range(len(widths))) + "  " + c[-1])
-            .rstrip() for c in cells]
+    on = jobs.by_address() if jobs is not None else {}
+    return aligned([head] + [(r.address, r.placement, route(r), r.state,
+                              next_text(r, on.get(r.address)), r.due, r.last_error[:80])
+                             for r in rows])
+
+
+def next_text(row: StatusRow, job: JobLine | None) -> str:
+    """PURE: the NEXT cell of a row, with its job on a worker if it has one."""
+    return row.next if job is None else f"{row.next} ({job.short})"
+
+
+def aligned(cells: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    """Rows of cells as aligned columns (the last one as long as it is)."""
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]) - 1)]
+    return [(indent + "  ".join(c[i].ljust(widths[i]) for i in range(len(widths)))
+             + "  " + c[-1]).rstrip() for c in cells]
+
+
+def jobs_table(view: JobsView) -> list[str]:
+    """PURE: the workers' section of `reconcile status` (nothing when the view is empty:
+    SQLite, or no worker ever started)."""
+    if view.empty:
+        return []
+    lines = ["", f"Data jobs on workers: {view.summary}"]
+    if view.jobs:
+        lines += aligned([("ADDRESS", "STEP", "WORKER", "SINCE", "HEARTBEAT", "ATTEMPTS",
+                           "STATE")] + [
+            (j.address, j.what, j.worker or "-",
+             f"{stamp(j.since) or '-'} ({age(j.seconds)})",
+             "-" if j.heartbeat_age is None else f"{age(j.heartbeat_age)} ago",
+             str(j.attempts), j.state if j.state == "running" else j.text)
+            for j in view.jobs], indent="  ")
+    for q in view.queued:
+        steps = ", ".join(f"{step} {n}" for step, n in q.steps)
+        lines.append(f"  queued {q.source} -> {q.target}: {q.count} ({steps}; the oldest "
+                     f"waiting {age(q.oldest_age)})")
+    if view.workers:
+        lines += ["", "Workers:"]
+        lines += aligned([("WORKER", "HOST", "PID", "JOBS", "SINCE", "LAST SEEN")] + [
+            (w.name, w.host, str(w.pid), f"{w.running} of {w.concurrency}",
+             stamp(w.started_at) or "-", w.text) for w in view.workers], indent="  ")
+    return lines
 
 
 def suspend(store: Store, placement: str, *, known: set[str], by: str, reason: str,

@@ -334,6 +334,25 @@ class MailHost:
             time.sleep(0.1)
         return False
 
+    def queue_report(self) -> str:
+        """What is still queued, and the maillog's lines for it: the message of a failed wait.
+
+        A CI run that only printed ``False`` for a queue that did not empty gave nothing to go
+        on; this names each queued file's folder and what Postfix logged for its queue id.
+        """
+        spool = self.root / "postfix" / "spool"
+        queued = [p for sub in ("incoming", "active", "deferred", "hold", "maildrop")
+                  for p in (spool / sub).rglob("*") if p.is_file()]
+        log = self.maillog().splitlines()
+        lines = [f"{self.name}: {len(queued)} queued"]
+        for path in queued:
+            lines.append(f"  {path.relative_to(spool)}")
+            lines.extend(f"    {line}" for line in log if f" {path.name}:" in line)
+        return "\n".join(lines)
+
+    def assert_queue_empty(self, timeout: float = 20.0) -> None:
+        assert self.wait_queue_empty(timeout), self.queue_report()
+
     # -- what a test reads back -----------------------------------------------------------
     def doveadm(self, *args: str) -> str:
         result = subprocess.run(["doveadm", "-c", str(self.dovecot_conf), *args],

@@ -227,7 +227,8 @@ def test_move_waits_for_provisioning_then_completes_with_mail_flowing(
     assert not sender.is_alive() and not sender.refused
     assert state_of(engine, address) == 10, engine.plan().changes
     wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain")
-    assert host.wait_queue_empty() and pf1.wait_queue_empty()
+    host.assert_queue_empty()
+    pf1.assert_queue_empty()
 
     expected = [*old_ids, "<before@outside.example>", *sender.acked[address]]
     in_hosted = host.message_ids(box)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 from typing import Any
@@ -10,7 +11,13 @@ from typing import Any
 import pytest
 
 from mailferry.mail.imap import mutf7
-from mailferry.mail.imap.client import ImapClient, fetch_items, parse_response
+from mailferry.mail.imap.client import (
+    ImapClient,
+    WireHash,
+    fetch_items,
+    has_bare_lf,
+    parse_response,
+)
 from mailferry.mail.imap.dates import epoch_of, imap_date
 from reconciler.mover.endpoints import expand_uid_set, uid_set, wire_form
 from reconciler.mover.folders import Folder, FolderRule, canonical, map_folders, native
@@ -53,6 +60,22 @@ def test_parse_fetch_with_literal_and_uid_sets() -> None:
     assert expand_uid_set("5:7,9") == ["5", "6", "7", "9"]
     assert epoch_of("01-Feb-2024 10:00:00 +0100") == epoch_of(imap_date(1706778000.0))
     assert wire_form(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n"
+
+
+@pytest.mark.parametrize("data", [
+    b"a\r\nb\r\n", b"\na\r\n", b"a\nb", b"a\r\n\nb", b"\r\n\r\n", b"\r\r\n\n\r",
+    b"x" * 40 + b"\r\n" + b"y" * 40 + b"\n", b"\n\n\n", b"no line end at all"])
+def test_wire_hash_in_any_chunks_is_the_hash_of_the_wire_form(data: bytes) -> None:
+    """Fed in chunks cut anywhere (a CR at one chunk's end, its LF at the next one's start
+    included), the streamed hash is the wire form's, and a bare LF is seen wherever it is."""
+    whole = hashlib.sha256(wire_form(data)).hexdigest()
+    assert has_bare_lf(data) == (wire_form(data) != data)
+    for cut in range(len(data) + 1):
+        for second in range(cut, len(data) + 1):
+            wire = WireHash()
+            out = b"".join(wire.update(part) for part in
+                           (data[:cut], data[cut:second], data[second:]))
+            assert (wire.hexdigest(), out) == (whole, wire_form(data)), (cut, second)
 
 
 def test_throttle_waits_for_tokens(monkeypatch: pytest.MonkeyPatch) -> None:

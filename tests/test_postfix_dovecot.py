@@ -219,7 +219,8 @@ def test_full_migration_pf1_to_pf2_with_mail_flowing(pf: PfWorld, tmp_path: Path
     send(pf1.smtp_port, address, "<bob2@corp.example>", colleague)
     wait_for(lambda: engine.fed.queue().pending == 0, what="fed's queue to drain")
     wait_for(lambda: pf2.message_ids(box)["<bob2@corp.example>"] == 1, what="bob2 in BOX2")
-    assert pf1.wait_queue_empty() and pf2.wait_queue_empty()
+    pf1.assert_queue_empty()
+    pf2.assert_queue_empty()
     assert f"to=<{address}>, relay=127.0.0.1[127.0.0.1]:{fed_port}" in pf1.maillog()
 
     found = pf2.message_ids(box)

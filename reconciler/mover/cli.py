@@ -8,7 +8,8 @@ from flags and a users file.
 
     python -m reconciler.mover copy --src imap://127.0.0.1:11143 --dst 127.0.0.1:12143 \\
         --users users.txt [--src-admin admin --src-admin-password-env SRC_ADMIN_PW] \\
-        [--parallel 8] [--state mover-state.db] [--progress auto|tty|plain|json|none] \\
+        [--parallel 8] [--processes 2] [--state mover-state.db] \\
+        [--progress auto|tty|plain|json|none] \\
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--dst-max-connections 20] [--dst-max-connections-per-user 3] \\
         [--dst-bytes-per-day 450000000] \\
@@ -42,19 +43,18 @@ from pathlib import Path
 from mailferry import __version__, secretfile
 from mailferry.service import private_files
 from reconciler.drivers.base import ImapAccount
-from reconciler.drivers.maildir import MaildirDriver
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.pace import Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
-from reconciler.mover.prestage import prestage
+from reconciler.mover.processes import in_child, merged, run_split
 from reconciler.mover.progress import make_progress
 from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
 from reconciler.mover.throttle import Throttle
-from reconciler.state.store import default_url, open_store
+from reconciler.state.lite import default_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(f"--{side}-tls", default="none", choices=["none", "implicit", "starttls"],
                        help="TLS to the IMAP server (starttls: required, no cleartext login)")
         c.add_argument(f"--{side}-cafile", help="CA bundle for the server's certificate")
-    c.add_argument("--parallel", type=int, default=8, help="mailboxes at once (8)")
+    c.add_argument("--parallel", type=int, default=8,
+                   help="mailboxes at once (8; in each process with --processes)")
+    c.add_argument("--processes", type=int, default=1,
+                   help="split the mailboxes over N forked processes (1); rates, "
+                        "connection limits and daily budgets are divided among them")
     c.add_argument("--state", help="state store URL or SQLite file (default mover-state.db)")
     c.add_argument("--no-state", action="store_true", help="no manifest (compare only)")
     c.add_argument("--progress", default="auto", choices=["auto", "tty", "plain", "json", "none"])
@@ -136,6 +140,8 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
         root = spec.split(":", 1)[1]
 
         def maildir() -> Endpoint:
+            from reconciler.drivers.maildir import MaildirDriver
+
             driver = MaildirDriver("maildir", root, ("127.0.0.1", 0), ("127.0.0.1", 0), "local")
             if driver.get_account(user) is None:
                 driver.create_mailbox(user)
@@ -153,7 +159,27 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
     return lambda: ImapEndpoint(account, readonly=readonly, pool=pool, pace=pace)
 
 
-def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
+def _user_lines(path: Path) -> list[str]:
+    """The users file's mailbox lines (no blank lines, no comments)."""
+    return [line for line in path.read_text().splitlines()
+            if line.split() and not line.split()[0].startswith("#")]
+
+
+def _columns(line: str) -> tuple[str, str, str, str]:
+    """(source user, password, target user, password) of a users file line."""
+    cols = line.split()
+    su, sp = cols[0], (cols[1] if len(cols) > 1 else "-")
+    du, dp = (cols[2], cols[3]) if len(cols) >= 4 else (su, sp)
+    return su, sp, du, dp
+
+
+def _key(line: str) -> str:
+    """The mailbox's name in reports: the user, or source->target when they differ."""
+    su, _, du, _ = _columns(line)
+    return su if su == du else f"{su}->{du}"
+
+
+def _jobs(args: argparse.Namespace, pool: ConnectionPool, lines: list[str]) -> list[Job]:
     rules = tuple(FolderRule(*item.split("=", 1)) for item in args.folder_map)
     throttle = Throttle(args.max_msgs_per_s, args.max_bytes_per_s)
     options = Options(rules=rules, verify=args.verify, phase=args.phase,
@@ -163,18 +189,33 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool) -> list[Job]:
                       target_name=args.dst_name or args.dst.removeprefix("imap://"))
     jobs: list[Job] = []
     src_pace, dst_pace = _pace(args, "src"), _pace(args, "dst")
-    for line in args.users.read_text().splitlines():
-        cols = line.split()
-        if not cols or cols[0].startswith("#"):
-            continue
-        su, sp = cols[0], (cols[1] if len(cols) > 1 else "-")
-        du, dp = (cols[2], cols[3]) if len(cols) >= 4 else (su, sp)
+    for line in lines:
+        su, sp, du, dp = _columns(line)
         jobs.append(Job(
-            key=su if su == du else f"{su}->{du}",
+            key=_key(line),
             source=_side(args, "src", su, sp, True, pool, src_pace),
             target=_side(args, "dst", du, dp, False, pool, dst_pace),
             throttle=throttle, options=options))
     return jobs
+
+
+def _per_process(args: argparse.Namespace, processes: int) -> argparse.Namespace:
+    """The limits each of `processes` processes gets: a system's rate, connections and
+    daily bytes divided among them (rounded down: together they never exceed the limit;
+    a user's own connections are one process's, each mailbox being in one share)."""
+    share = argparse.Namespace(**vars(args))
+    share.max_msgs_per_s = args.max_msgs_per_s / processes
+    share.max_bytes_per_s = args.max_bytes_per_s / processes
+    for side in ("src", "dst"):
+        for name in (f"{side}_max_connections", f"{side}_bytes_per_day"):
+            limit = getattr(args, name)
+            if limit and limit < processes:
+                raise SystemExit(f"mover: --{name.replace('_', '-')} {limit} cannot be "
+                                 f"divided among --processes {processes}")
+            setattr(share, name, limit // processes)
+    if share.progress in ("auto", "tty"):
+        share.progress = "plain"  # one terminal, several processes: lines, not bars
+    return share
 
 
 def _table(reports: list[MailboxReport]) -> None:
@@ -193,14 +234,14 @@ def _table(reports: list[MailboxReport]) -> None:
                 print(f"    {f.folder} uid {uid}: {reason}")
 
 
-async def _passes(args: argparse.Namespace, manifest: Manifest | None
+async def _passes(args: argparse.Namespace, manifest: Manifest | None, lines: list[str]
                   ) -> tuple[dict[str, object], list[MailboxReport]]:
     """The copy and, with `--rerun`, a second full pass in the same event loop: the second
     pass reuses the first one's logged-in connections (see `pool.py`)."""
     pool = ConnectionPool()
     try:
         t0 = time.monotonic()
-        reports = await run_jobs_async(_jobs(args, pool), manifest=manifest,
+        reports = await run_jobs_async(_jobs(args, pool, lines), manifest=manifest,
                                        progress=make_progress(args.progress),
                                        parallel=args.parallel)
         first = time.monotonic() - t0
@@ -208,7 +249,7 @@ async def _passes(args: argparse.Namespace, manifest: Manifest | None
                                     "copied": sum(r.copied for r in reports)}
         if args.rerun:
             t1 = time.monotonic()
-            again = await run_jobs_async(_jobs(args, pool), manifest=manifest,
+            again = await run_jobs_async(_jobs(args, pool, lines), manifest=manifest,
                                          progress=make_progress("none"),
                                          parallel=args.parallel)
             stats.update(rerun_s=round(time.monotonic() - t1, 3),
@@ -221,14 +262,43 @@ async def _passes(args: argparse.Namespace, manifest: Manifest | None
         await pool.close()
 
 
+def _store_url(args: argparse.Namespace) -> str:
+    return args.state if args.state and "://" in args.state \
+        else default_url(args.state or "mover-state.db")
+
+
+def _copy(args: argparse.Namespace, lines: list[str]
+          ) -> tuple[dict[str, object], list[MailboxReport]]:
+    """The copy (and the optional re-run) of these mailboxes in this process."""
+    # A SQLite store at head is read and written through sqlite3, without SQLAlchemy
+    # (`Manifest.at_url`): most of a no-op re-run's start in a new process was its import.
+    manifest = None if args.no_state else Manifest.at_url(_store_url(args))
+    try:
+        stats, reports = asyncio.run(_passes(args, manifest, lines))
+    finally:
+        if manifest is not None:
+            manifest.close()
+    stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return stats, reports
+
+
 def copy_command(args: argparse.Namespace) -> int:
     """Run the copy (and the optional re-run); print the report; 0 when all verified."""
-    store = None if args.no_state else open_store(
-        args.state if args.state and "://" in args.state
-        else default_url(args.state or "mover-state.db"))
-    manifest = Manifest(store) if store is not None else None
-    stats, reports = asyncio.run(_passes(args, manifest))
-    stats["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    lines = _user_lines(args.users)
+    if args.processes > 1 and len(lines) > 1:
+        share = _per_process(args, min(args.processes, len(lines)))
+        started = time.monotonic()
+        if not args.no_state:  # created or upgraded once, not by every child at once
+            failed = in_child(lambda: Manifest.at_url(_store_url(args)).close())
+            if failed is not None:
+                raise SystemExit(f"mover: the state store could not be opened (the "
+                                 f"process opening it {failed}); nothing was copied")
+        each, reports = run_split(lines, args.processes, lambda part: _copy(share, part), _key)
+        stats: dict[str, object] = merged(
+            each, time.monotonic() - started,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    else:
+        stats, reports = _copy(args, lines)
     stats["verified"] = all(r.verified for r in reports)
     if args.report == "json":
         for r in reports:
@@ -238,8 +308,6 @@ def copy_command(args: argparse.Namespace) -> int:
     if args.stats:
         args.stats.write_text(json.dumps(stats) + "\n")
     print("mover: " + json.dumps(stats), file=sys.stderr)
-    if store is not None:
-        store.close()
     return 0 if stats["verified"] else 1
 
 
@@ -247,7 +315,9 @@ def prestage_command(args: argparse.Namespace) -> int:
     """Prestage copy of every due migration; 0 when all verified."""
     # The specs (jsonschema) and every driver: +0.15 s to `copy`, which needs neither.
     from reconciler.drivers.registry import make_drivers
+    from reconciler.mover.prestage import prestage  # the state model (SQLAlchemy): the same
     from reconciler.spec.loader import load_specs
+    from reconciler.state.store import open_store
 
     state = args.state or "var/state.db"
     store = open_store(state if "://" in state else default_url(state))

@@ -50,6 +50,7 @@ from mailferry.mail.imap.client import (
     Untagged,
     as_int,
     fetch_items,
+    has_bare_lf,
     pending_text,
 )
 from mailferry.mail.imap.dates import epoch_of, imap_date
@@ -82,7 +83,7 @@ _LIST_ALL = 'LIST "" "*" RETURN (SPECIAL-USE STATUS (UIDVALIDITY UIDNEXT MESSAGE
 
 def wire_form(data: bytes) -> bytes:
     """The message as IMAP serves it: every line ending CRLF."""
-    if data.count(b"\n") == data.count(b"\r\n"):
+    if not has_bare_lf(data):
         return data
     return _BARE_LF.sub(b"\r\n", data)
 

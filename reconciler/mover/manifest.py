@@ -25,23 +25,35 @@ cache. `transfer_runs` keeps each pass's figures for the report and the plan's e
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, func, insert, select
-from sqlalchemy.orm import Session
+from reconciler.state.lite import MANIFEST_READ, LiteStore
 
-from reconciler.state.model import TransferManifest, TransferRun, utcnow
-from reconciler.state.store import Store
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+    from sqlalchemy.orm import Session
 
-# The tables themselves, for Core statements: the mover's reads and writes never need ORM
-# objects, and the first ORM statement of a process configures every mapper (0.1-0.15 s,
-# most of a no-op re-run's own work in a new process).
-_MANIFEST: Table = TransferManifest.__table__  # type: ignore[assignment]
-_RUNS: Table = TransferRun.__table__  # type: ignore[assignment]
+    from reconciler.state.store import Store
+
+# SQLAlchemy and the state model are imported when first needed, not with this module: a
+# `mover copy` in a new process that finds nothing changed never needs them (0.23 s of
+# its start, issue 22; `reconciler.state.lite`). The mover's statements are Core ones on
+# the tables themselves: the first ORM statement of a process configures every mapper
+# (0.1-0.15 s, most of a no-op re-run's own work in a new process).
+
+
+def _tables() -> tuple[Table, Table]:
+    """The manifest's and the runs' tables."""
+    from reconciler.state.model import TransferManifest, TransferRun
+    return TransferManifest.__table__, TransferRun.__table__  # type: ignore[return-value]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ class RunFigures:
 # and hashed (revision 0005). A verified run without it (sizes trusted) proves nothing now.
 PROOF = "target-bytes"
 
-Sessions = Callable[[], AbstractContextManager[Session]]
+Sessions = Callable[[], AbstractContextManager["Session"]]
 
 
 class Manifest:
@@ -100,8 +112,42 @@ class Manifest:
     transaction, committed with the step's event (the engine)."""
 
     def __init__(self, store: Store | Sessions, migration_id: int = 0) -> None:
-        self.sessions: Sessions = store.session if isinstance(store, Store) else store
+        self.sessions: Sessions = store if callable(store) else store.session
         self.migration_id = migration_id
+        self.lite: LiteStore | None = None  # `at_url`: every read and write through sqlite3
+        self._store: Store | None = None  # what `close` closes (`at_url` on PostgreSQL)
+
+    @classmethod
+    def at_url(cls, url: str, migration_id: int = 0) -> Manifest:
+        """The manifest of the store at `url`, for a process of its own (the CLI); `close`
+        it at the end.
+
+        The store is opened now (created or upgraded by `open_store` when it is new or
+        older: a store that cannot be opened fails the copy before one message is copied).
+        A SQLite file at the head revision is then read and appended through `LiteStore`
+        (sqlite3): an existing one without importing SQLAlchemy at all, so a pass that
+        finds nothing changed does not pay for it (0.23 s of its start), and no copy pays
+        SQLAlchemy's statement machinery per manifest row. PostgreSQL: through SQLAlchemy."""
+        lite = LiteStore.open(url)
+        if lite is None:
+            from reconciler.state.store import open_store
+            store = open_store(url)
+            lite = LiteStore.open(url)
+            if lite is None:
+                manifest = cls(store, migration_id)
+                manifest._store = store
+                return manifest
+            store.close()
+        manifest = cls(_no_sessions, migration_id)
+        manifest.lite = lite
+        return manifest
+
+    def close(self) -> None:
+        """Close what `at_url` opened."""
+        if self.lite is not None:
+            self.lite.close()
+        if self._store is not None:
+            self._store.close()
 
     @classmethod
     def in_session(cls, session: Session, migration_id: int = 0) -> Manifest:
@@ -114,21 +160,24 @@ class Manifest:
 
     def load(self, mailbox: str, folder: str) -> list[ManifestRow]:
         """Every row of a source folder of a job."""
-        with self.sessions() as session:
-            m = _MANIFEST.c
-            rows = session.execute(
-                select(m.folder, m.sha256, m.size, m.message_id, m.copied, m.src_validity,
-                       m.src_uid, m.dst_folder, m.dst_validity, m.dst_uid, m.dst_sha256,
-                       m.proof, m.proof_note)
-                .where(m.mailbox == mailbox, m.folder == folder)
-                .order_by(m.id)).all()
+        rows = self.lite.manifest_rows(mailbox, folder) if self.lite is not None \
+            else self._manifest_rows(mailbox, folder)
         return [ManifestRow(r[0], r[1], r[2], r[3] or "", bool(r[4]), r[5] or "", r[6] or "",
                             r[7] or r[0], r[8], r[9], r[10], r[11], r[12] or "")
                 for r in rows]
 
+    def _manifest_rows(self, mailbox: str, folder: str) -> Sequence[Sequence[Any]]:
+        from sqlalchemy import select
+        with self.sessions() as session:
+            m = _tables()[0].c
+            return session.execute(
+                select(*(m[c] for c in MANIFEST_READ))
+                .where(m.mailbox == mailbox, m.folder == folder)
+                .order_by(m.id)).all()
+
     def add(self, mailbox: str, rows: Iterable[ManifestRow], at: datetime | None = None) -> int:
         """Append rows in one transaction; return how many."""
-        now = at or utcnow()
+        now = at or _utcnow()
         # Core executemany, not ORM objects: ten times cheaper for thousands of rows.
         batch = [dict(
             migration_id=self.migration_id, mailbox=mailbox, folder=r.folder, sha256=r.sha256,
@@ -136,9 +185,12 @@ class Manifest:
             src_validity=r.src_validity, src_uid=r.src_uid, dst_folder=r.dst_folder,
             dst_validity=r.dst_validity, dst_uid=r.dst_uid, dst_sha256=r.dst_sha256,
             proof=r.proof, proof_note=r.proof_note[:512] or None) for r in rows]
-        if batch:
+        if batch and self.lite is not None:
+            self.lite.insert_manifest(batch, now)
+        elif batch:
+            from sqlalchemy import insert
             with self.sessions() as session:
-                session.execute(insert(_MANIFEST), batch)
+                session.execute(insert(_tables()[0]), batch)
         return len(batch)
 
     def record_run(self, figures: RunFigures, at: datetime | None = None) -> None:
@@ -147,25 +199,25 @@ class Manifest:
 
     def record_runs(self, runs: Iterable[RunFigures], at: datetime | None = None) -> None:
         """Keep several passes' figures in one transaction (one commit, one fsync)."""
-        now = at or utcnow()
+        now = at or _utcnow()
         batch = [dict(
             migration_id=self.migration_id, mailbox=f.mailbox, phase=f.phase,
             copied=f.copied, present=f.present, failed=f.failed, missing=f.missing,
             bytes_copied=f.bytes_copied, messages_total=f.messages_total,
             bytes_total=f.bytes_total, seconds=f.seconds, verified=f.verified,
-            report=json.dumps(f.report, sort_keys=True), at=now) for f in runs]
-        if batch:
+            report=json.dumps(f.report, sort_keys=True)) for f in runs]
+        if batch and self.lite is not None:
+            self.lite.insert_runs(batch, now)
+        elif batch:
+            from sqlalchemy import insert
             with self.sessions() as session:
-                session.execute(insert(_RUNS), batch)
+                session.execute(insert(_tables()[1]), [dict(b, at=now) for b in batch])
 
     def last_states(self, mailbox: str) -> dict[str, tuple[str, str, str, int]]:
         """Per source folder of the last verified pass of a job: (source state, target
         folder, target state, messages), states as "UIDVALIDITY/UIDNEXT/MESSAGES"."""
-        with self.sessions() as session:
-            r = _RUNS.c
-            text = session.execute(
-                select(r.report).where(r.mailbox == mailbox, r.verified.is_(True))
-                .order_by(r.id.desc()).limit(1)).scalar()
+        text = self.lite.last_verified_report(mailbox) if self.lite is not None \
+            else self._last_verified_report(mailbox)
         if not text:
             return {}
         report = json.loads(text)
@@ -178,11 +230,30 @@ class Manifest:
                                        int(f.get("messages", 0)))
         return result
 
+    def _last_verified_report(self, mailbox: str) -> str | None:
+        from sqlalchemy import select
+        with self.sessions() as session:
+            r = _tables()[1].c
+            return cast(str | None, session.execute(
+                select(r.report).where(r.mailbox == mailbox, r.verified.is_(True))
+                .order_by(r.id.desc()).limit(1)).scalar())
+
     def copied_count(self, mailbox: str) -> int:
         """How many rows say 'copied by us' for a job (tests and reports)."""
+        if self.lite is not None:
+            return self.lite.copied_count(mailbox)
+        from sqlalchemy import func, select
+
+        from reconciler.state.model import TransferManifest
         with self.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(TransferManifest).where(
                 TransferManifest.mailbox == mailbox, TransferManifest.copied.is_(True))) or 0)
+
+
+@contextmanager
+def _no_sessions() -> Iterator[Session]:
+    raise RuntimeError("a manifest at a SQLite URL is read and written through sqlite3")
+    yield  # pragma: no cover
 
 
 RECENT_RUNS = 500  # the passes the throughput is measured over: this installation, lately
@@ -193,6 +264,9 @@ def throughput(session: Session, recent: int = RECENT_RUNS) -> tuple[float, floa
     what `--plan` uses to estimate how long a window's transfers will take. Rates are per
     mailbox copy (a pass's seconds are its own wall time), so copies running side by side
     make the estimate pessimistic, never optimistic."""
+    from sqlalchemy import func, select
+
+    from reconciler.state.model import TransferRun
     runs = (select(TransferRun.bytes_copied, TransferRun.copied, TransferRun.seconds)
             .where(TransferRun.copied > 0, TransferRun.seconds > 0)
             .order_by(TransferRun.id.desc()).limit(recent).subquery())

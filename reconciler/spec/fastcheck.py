@@ -31,6 +31,12 @@ def _string(schema: dict[str, Any]) -> Check | None:
         return None
     pattern = re.compile(schema["pattern"]) if "pattern" in schema else None
     longest, shortest = schema.get("maxLength"), schema.get("minLength", 0)
+    if pattern is not None and longest is None and not shortest:
+        search = pattern.search  # the usual item (an address): one test less, one call less
+
+        def matches(value: Any) -> bool:
+            return isinstance(value, str) and search(value) is not None
+        return matches
 
     def check(value: Any) -> bool:
         return (isinstance(value, str) and len(value) >= shortest
@@ -46,7 +52,8 @@ def _array(schema: dict[str, Any]) -> Check | None:
     item = _string(schema["items"])
     if item is None:
         return None
-    return lambda value: isinstance(value, list) and all(item(v) for v in value)
+
+    return lambda value: isinstance(value, list) and all(map(item, value))  # no generator
 
 
 def compile_object(schema: dict[str, Any]) -> Check | None:
@@ -64,8 +71,11 @@ def compile_object(schema: dict[str, Any]) -> Check | None:
     required = tuple(schema.get("required", ()))
 
     def check_object(value: Any) -> bool:
-        if not isinstance(value, dict) or any(r not in value for r in required):
+        if not isinstance(value, dict):
             return False
+        for r in required:
+            if r not in value:
+                return False
         for key, item in value.items():
             check = checks.get(key)
             if check is None or not check(item):

@@ -330,16 +330,10 @@ class SpecSet:
             window = self.windows.get(placement.window) if placement.window else None
             policy = self.policies.get(placement.policy, DEFAULT_POLICY) if placement.policy \
                 else DEFAULT_POLICY
-            for box in placement.mailboxes:
+            system, name, back = placement.system, placement.name, placement.allow_move_back
+            for box in placement.mailboxes:  # positional: 100,000 of them
                 address = box.address.lower()
                 result[address] = DesiredMailbox(
-                    address=address,
-                    aliases=tuple([a.lower() for a in box.aliases]) if box.aliases else (),
-                    system=placement.system,
-                    placement=placement.name,
-                    window=window,
-                    policy=policy,
-                    station=box.station,
-                    allow_move_back=placement.allow_move_back,
-                )
+                    address, tuple([a.lower() for a in box.aliases]) if box.aliases else (),
+                    system, name, window, policy, box.station, back)
         return result

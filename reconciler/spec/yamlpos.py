@@ -206,24 +206,32 @@ class _Builder:
             return self.text(node, path)
         result: dict[str, Any] = {}
         spent = 1
+        lists: list[int] = []  # ids of the sequences built in here
         for key_node, value_node in node.value:
             if type(key_node) is not ScalarNode or key_node.tag != _STR_TAG \
                     or key_node.value in result:
                 return self.text(node, path)
-            if type(value_node) is ScalarNode and value_node.tag == _STR_TAG:
+            kind = type(value_node)
+            if kind is ScalarNode and value_node.tag == _STR_TAG:
                 result[key_node.value] = value_node.value
                 spent += 1
-            elif type(value_node) is SequenceNode and id(value_node) not in built and all(
-                    type(v) is ScalarNode and v.tag == _STR_TAG for v in value_node.value):
-                result[key_node.value] = [v.value for v in value_node.value]
-                spent += 1 + len(value_node.value)
-            else:
+                continue
+            if kind is not SequenceNode or id(value_node) in built:
                 return self.text(node, path)
+            texts = []
+            for v in value_node.value:
+                if type(v) is not ScalarNode or v.tag != _STR_TAG:
+                    return self.text(node, path)
+                texts.append(v.value)
+            result[key_node.value] = texts
+            spent += 1 + len(texts)
+            lists.append(id(value_node))
         if self.budget.nodes < spent:
             return self.text(node, path)  # the bound is reached in here: say where
         self.budget.nodes -= spent
         built.add(id(node))
-        built.update(id(v) for _, v in node.value if type(v) is SequenceNode)
+        if lists:
+            built.update(lists)
         self.doc.lines[path] = node.start_mark.line + 1
         self.doc.complete = self.complete
         return result

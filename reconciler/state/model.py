@@ -14,6 +14,8 @@
 - `address_errors`: back-off and failure of a `create` or `E1` (no migration row yet).
 - `placement_suspensions`: placements an admin suspended (`reconcile suspend`).
 - `wave_reports`: the reports written when a placement finished (`reconciler.report`).
+- `data_jobs`, `data_workers`, `system_pace`: the data steps handed to `reconcile worker`
+  processes, those workers, and the pace every worker shares (`reconciler.workers`).
 
 Schema changes go through Alembic (`reconciler/state/alembic/versions`).
 """
@@ -319,6 +321,24 @@ class DataJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # done: {"detail": {...}}; error: {"kind": "temporary"|"permanent", "message", "delay"}
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class DataWorker(Base):
+    """A `reconcile worker` process, as the status page and `reconcile status` name it: the
+    worker writes its row when it starts, `last_seen` every heartbeat, and deletes it when it
+    stops; a row whose `last_seen` is older than its `stalled` is a worker that died (its
+    jobs go to another worker). procrastinate's own `procrastinate_workers` has no names."""
+
+    __tablename__ = "data_workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # data_jobs.worker
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    heartbeat: Mapped[float] = mapped_column(Float)  # seconds between two `last_seen`
+    stalled: Mapped[float] = mapped_column(Float)  # seconds without one: the lease expired
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class SystemPace(Base):

@@ -17,27 +17,19 @@ from __future__ import annotations
 
 import fcntl
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
+# (re-exported: one reader of the scripts' head, shared with the SQLAlchemy-free `lite`)
+from reconciler.state.lite import ALEMBIC_DIR as ALEMBIC_DIR
+from reconciler.state.lite import default_url as default_url
+from reconciler.state.lite import head_revision as head_revision
 from reconciler.state.model import Event, Migration, utcnow
-
-# Package data read through importlib.resources; an unpacked install, as pip makes it, so
-# Alembic gets the real folder it needs.
-ALEMBIC_DIR = Path(str(resources.files("reconciler.state") / "alembic"))
-
-
-def default_url(path: str | Path = "mailferry-state.db") -> str:
-    """The SQLite URL of a state file."""
-    return f"sqlite:///{Path(path).resolve()}"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -64,24 +56,6 @@ def _upgrade_lock(engine: Engine) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-_REVISION = re.compile(r"^(down_)?revision\s*=\s*(.*)$", re.MULTILINE)
-
-
-def head_revision() -> str | None:
-    """The single head of the migration scripts, read from their text without importing
-    Alembic (None when there is not exactly one or a file does not parse simply)."""
-    revisions: set[str] = set()
-    downs: set[str] = set()
-    for script in (ALEMBIC_DIR / "versions").glob("*.py"):
-        found = {bool(m.group(1)): m.group(2) for m in _REVISION.finditer(script.read_text())}
-        if False not in found or True not in found:
-            return None
-        revisions.update(re.findall(r"['\"]([^'\"]+)['\"]", found[False]))
-        downs.update(re.findall(r"['\"]([^'\"]+)['\"]", found[True]))
-    heads = revisions - downs
-    return heads.pop() if len(heads) == 1 else None
 
 
 def at_head(engine: Engine) -> bool:

@@ -8,7 +8,8 @@ page is served from the newest snapshot, and a request finding it older than `ma
 than a third of the process) starts a refresh in a background thread instead of waiting: a page
 answers in the time it takes to render, its figures at most a refresh old (the time of the
 snapshot is on the page). Only the first request waits. The reads are the engine's own
-(`read_migrations`, `Engine.plan`, the mover's `throughput`), never a second copy of their
+(`read_migrations`, `Engine.plan`, the mover's `throughput`, the workers' jobs of
+`reconciler.jobs.read`, as `reconcile status` reads them), never a second copy of their
 queries.
 
 fed is read with a short timeout and every part separately: an unreachable fed, a missing
@@ -31,6 +32,8 @@ from sqlalchemy import select
 from reconciler.engine import Engine, Observed, read_migrations
 from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
+from reconciler.jobs.read import read_jobs
+from reconciler.jobs.view import jobs_view
 from reconciler.mover.manifest import RECENT_RUNS, throughput
 from reconciler.plan import MigrationView
 from reconciler.state.model import Event, Migration, StationReport, TransferRun
@@ -148,7 +151,8 @@ class Source:
             for name, p in engine.specs.placements.items()}
         return Snapshot(at=plan.at, plan=plan, migrations=latest, copies=copies, rates=rates,
                         placements=placements, fed=panel, suspended=suspended,
-                        commit=engine.specs.commit, notes=notes)
+                        commit=engine.specs.commit, notes=notes,
+                        jobs=jobs_view(read_jobs(engine.store), plan.at))
 
     def _measure(self, engine: Engine, latest: dict[str, MigrationView],
                  copies: dict[int, CopyFacts]) -> None:

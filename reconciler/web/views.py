@@ -16,12 +16,13 @@ from typing import Any
 
 from reconciler.fit import WindowLoad, window_fit
 from reconciler.humanize import human_bytes, human_duration
+from reconciler.jobs.view import JobLine, JobsView
 from reconciler.mover.manifest import seconds_for
 from reconciler.plan import BLOCKED, Change, MigrationView, Plan
 from reconciler.spec.model import WindowSpec
 from reconciler.spec.windows import next_open, open_until
 from reconciler.state.states import MigrationState
-from reconciler.status import StatusRow, matching, row_of
+from reconciler.status import StatusRow, matching, next_text, row_of
 
 # The patent's states (DESIGN.md, "The state machine"): number, steps, what has happened.
 STATES: tuple[tuple[int, str, str], ...] = (
@@ -97,6 +98,7 @@ class Snapshot:
     suspended: frozenset[str] = frozenset()
     commit: str | None = None
     notes: list[str] = field(default_factory=list)  # what the page could not read
+    jobs: JobsView = field(default_factory=JobsView)  # the workers' (empty: none)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class MailboxRow:
     status: StatusRow
     copy: str  # "" when nothing to copy, else "37%" or "verified"
     failed: bool
+    next: str  # the next step, with its job on a worker if it has one
 
 
 @dataclass
@@ -312,11 +315,13 @@ def table(snap: Snapshot, *, placement: str | None = None, system: str | None = 
     pages = max(1, -(-len(kept) // PAGE_ROWS))
     page = min(max(page, 1), pages)
     out = []
+    on = snap.jobs.by_address()
     for change in kept[(page - 1) * PAGE_ROWS: page * PAGE_ROWS]:  # rows only for the page
         m = snap.migrations.get(change.address)
         row = row_of(change, last_error(m), snap.plan.at)
         facts = snap.copies.get(m.id) if m is not None else None
-        out.append(MailboxRow(row, copy_text(m, facts), row.action == "failed"))
+        out.append(MailboxRow(row, copy_text(m, facts), row.action == "failed",
+                              next_text(row, on.get(change.address))))
     return TableView(out, len(kept), page, pages)
 
 
@@ -406,6 +411,7 @@ class MailboxDetail:
     live: str
     reports: list[ReportFacts]
     failure: Failure | None
+    jobs: list[JobLine] = field(default_factory=list)  # its data jobs on the workers
 
 
 def timeline(events: list[EventFacts], m: MigrationView | None) -> list[TimelineStep]:
@@ -458,4 +464,5 @@ def mailbox_detail(address: str, snap: Snapshot, *, hold_started: datetime | Non
         address=address, row=rows[0] if rows else None, migration=m,
         timeline=timeline(events, m), events=events,
         hold=hold_text(m, hold_started, events, fed_hold, snap.at), folders=folders,
-        copy=copy_text(m, facts), live=live, reports=reports, failure=failure)
+        copy=copy_text(m, facts), live=live, reports=reports, failure=failure,
+        jobs=snap.jobs.of(address))

@@ -55,6 +55,7 @@ QUEUE = "mailferry-data"
 CHANNEL = "mailferry_data_jobs"  # a worker NOTIFYs it when it wrote a result
 SCHEMA_LOCK = 7316552  # pg_advisory_xact_lock key of the schema's creation
 RECHECK = 5.0  # seconds between two looks at the procrastinate job of a queued row
+GLANCE = 1.0  # seconds one look at every row's status serves a pass (`Queue.take`)
 STALE = timedelta(hours=1)  # a result older than this is not used: the step runs again
 
 
@@ -150,6 +151,14 @@ class Queue:
         self.poll = poll
         self._checked: dict[int, float] = {}  # data_jobs.id -> monotonic time of last look
         self._mark: datetime | None = None  # the newest result `wait` has seen
+        # One look at every row's status, for a pass over thousands of outstanding jobs:
+        # (migration, step, state) -> (row id, status), at most GLANCE s old, dropped when
+        # `wait` sees a new result; and the queueing locks of the procrastinate jobs
+        # waiting or running, at most RECHECK s old.
+        self._glance: dict[tuple[int, str, int], tuple[int, str]] | None = None
+        self._glanced = 0.0
+        self._alive: set[str] = set()
+        self._alive_at = -1e9
 
     def close(self) -> None:
         self.app.close()
@@ -162,17 +171,44 @@ class Queue:
                 migration_id=m.id, step=step, state=m.state)
 
     def _job_alive(self, ql: str) -> bool:
-        with self.store.engine.connect() as conn:
-            return conn.execute(text(
-                "SELECT 1 FROM procrastinate_jobs WHERE queueing_lock = :ql "
-                "AND status IN ('todo', 'doing') LIMIT 1"), {"ql": ql}).first() is not None
+        """Whether a procrastinate job waits or runs for this queueing lock (one query for
+        every lock at most each RECHECK s; one just missing from it is deferred again,
+        which procrastinate refuses if it is there: no second job)."""
+        if time.monotonic() - self._alive_at >= RECHECK:
+            with self.store.engine.connect() as conn:
+                self._alive = set(conn.execute(text(
+                    "SELECT queueing_lock FROM procrastinate_jobs WHERE queue_name = :q "
+                    "AND status IN ('todo', 'doing')"), {"q": QUEUE}).scalars())
+            self._alive_at = time.monotonic()
+        return ql in self._alive
+
+    def _status(self, key: tuple[int, str, int]) -> tuple[int, str] | None:
+        """(row id, status) of a row as the last look at every row saw it (None: none)."""
+        if self._glance is None or time.monotonic() - self._glanced >= GLANCE:
+            with self.store.engine.connect() as conn:
+                self._glance = {(int(r[1]), str(r[2]), int(r[3])): (int(r[0]), str(r[4]))
+                                for r in conn.execute(select(
+                                    DataJob.id, DataJob.migration_id, DataJob.step,
+                                    DataJob.state, DataJob.status))}
+            self._glanced = time.monotonic()
+        return self._glance.get(key)
 
     def offload(self, ctx: StepContext, m: Migration, step: str) -> dict[str, Any]:
         return self.take(ctx.session, m, step)
 
     def take(self, session: Session, m: Migration, step: str) -> dict[str, Any]:
-        """`offload` with the caller's session (the done row is deleted in it)."""
+        """`offload` with the caller's session (the done row is deleted in it).
+
+        A pass asks this of every outstanding migration: a row the last look saw queued
+        or running answers NotReady without a query (a result is seen at the latest
+        GLANCE s later, at once after `wait` returned); a finished one, or none, is read
+        (inserted) as it is now."""
         step_session = session
+        key = (m.id, step, m.state)
+        seen = self._status(key)
+        if seen is not None and seen[1] in ("queued", "running"):
+            self._recheck(m, step, seen[0])
+            raise NotReady(f"{step} {seen[1]} on a worker", address=m.address, step=step)
         where = (DataJob.migration_id == m.id, DataJob.step == step, DataJob.state == m.state)
         with self.store.session() as session:
             row = session.scalars(select(DataJob).where(*where)).first()
@@ -185,29 +221,47 @@ class Queue:
         if row is None:
             try:
                 with self.store.session() as session:
-                    session.add(DataJob(migration_id=m.id, step=step, state=m.state,
-                                        address=m.address, status="queued", attempts=0,
-                                        enqueued_at=utcnow()))
+                    job = DataJob(migration_id=m.id, step=step, state=m.state,
+                                  address=m.address, status="queued", attempts=0,
+                                  enqueued_at=utcnow())
+                    session.add(job)
+                    session.flush()
+                    new_id = int(job.id)
             except IntegrityError:  # another reconciler queued it just now
                 raise NotReady(f"{step} queued for a worker", address=m.address,
                                step=step) from None
             self._defer(m, step)
+            self._checked[new_id] = time.monotonic()
+            if self._glance is not None:
+                self._glance[key] = (new_id, "queued")
             raise NotReady(f"{step} queued for a worker", address=m.address, step=step)
+        if self._glance is not None:
+            self._glance[key] = (row_id, status)
         if status == "done":
             step_session.execute(delete(DataJob).where(DataJob.id == row_id))
-            self._checked.pop(row_id, None)
+            self._forget(key, row_id)
             return dict(result.get("detail") or {})
         if status == "error":
             with self.store.session() as session:
                 session.execute(delete(DataJob).where(DataJob.id == row_id))
-            self._checked.pop(row_id, None)
+            self._forget(key, row_id)
             raise_result(result, m.address, step)
+        self._recheck(m, step, row_id)
+        raise NotReady(f"{step} {status} on a worker", address=m.address, step=step)
+
+    def _forget(self, key: tuple[int, str, int], row_id: int) -> None:
+        self._checked.pop(row_id, None)
+        if self._glance is not None:
+            self._glance.pop(key, None)
+
+    def _recheck(self, m: Migration, step: str, row_id: int) -> None:
+        """Queue a queued or running row's job again if none waits or runs for it (its job
+        ended without a result), looked at every RECHECK s."""
         last = self._checked.get(row_id)
         if last is None or time.monotonic() - last >= RECHECK:
             self._checked[row_id] = time.monotonic()
             if not self._job_alive(queueing_lock(m.id, step, m.state)):
                 self._defer(m, step)  # its job ended without a result: queue it again
-        raise NotReady(f"{step} {status} on a worker", address=m.address, step=step)
 
     def _orphans(self) -> int:
         """Rows queued or running without a procrastinate job waiting or running for
@@ -242,6 +296,7 @@ class Queue:
                     *LIVE, DataJob.status.in_(("queued", "running")))) or 0
             if newest is not None and (self._mark is None or newest > self._mark):
                 self._mark = newest
+                self._glance = None  # the next pass looks again
                 return True
             if not busy:
                 return False
@@ -249,6 +304,7 @@ class Queue:
                 orphans_seen = time.monotonic()
                 if self._orphans():  # a pass queues them again (`offload`)
                     self._checked.clear()
+                    self._alive_at, self._glance = -1e9, None
                     return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False

@@ -13,6 +13,9 @@ Each job (`run_data_job`) is one data part of one migration (registry.DATA_PARTS
 4. it writes the result (the event's detail, or the error) into the row, only while the
    row is still its own attempt, and NOTIFYs the reconciler.
 
+The worker keeps its named row in `data_workers` (`roster`: when it was last seen, its
+lease), so that the status page and `reconcile status` can say who runs what.
+
 It changes no migration state: the reconciler turns the result into the transition.
 
 A killed worker (SIGKILL, a host gone) stops sending procrastinate's heartbeat; every other
@@ -30,12 +33,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from procrastinate import App
+from procrastinate import App, JobContext
 from sqlalchemy import text, update
 
 from reconciler.drivers.base import MailSystemDriver
 from reconciler.drivers.registry import make_drivers
-from reconciler.errors import MailferryError
 from reconciler.fedclient import FedClient
 from reconciler.lease import holder_id
 from reconciler.mover.service import share_paces
@@ -44,6 +46,7 @@ from reconciler.state.model import DataJob, Migration, utcnow
 from reconciler.state.store import Store
 from reconciler.steps.base import PassCache, StepContext
 from reconciler.steps.registry import DATA_PARTS
+from reconciler.workers import roster
 from reconciler.workers.fleet import FleetPace, Guard, SharedPace
 from reconciler.workers.queue import (
     CHANNEL,
@@ -81,15 +84,17 @@ class Runtime:
         return pace_of
 
 
-def _claim(rt: Runtime, migration_id: int, step: str, state: int) -> tuple[int, int] | None:
-    """Mark the row running for this worker: (row id, attempt), or None (nothing to do)."""
+def _claim(rt: Runtime, migration_id: int, step: str, state: int,
+           job_id: int | None = None) -> tuple[int, int] | None:
+    """Mark the row running for this worker (and procrastinate's job `job_id` running it):
+    (row id, attempt), or None (nothing to do)."""
     with rt.store.session() as session:
         row = session.execute(
             update(DataJob).where(DataJob.migration_id == migration_id, DataJob.step == step,
                                   DataJob.state == state,
                                   DataJob.status.in_(("queued", "running")))
             .values(status="running", worker=rt.name, started_at=utcnow(),
-                    attempts=DataJob.attempts + 1)
+                    attempts=DataJob.attempts + 1, job_id=job_id)
             .returning(DataJob.id, DataJob.attempts)).first()
     return None if row is None else (int(row[0]), int(row[1]))
 
@@ -108,9 +113,10 @@ def _finish(rt: Runtime, row_id: int, attempt: int, status: str,
     return done is not None
 
 
-def run_data_job(rt: Runtime, migration_id: int, step: str, state: int) -> None:
-    """One data job (the module docstring)."""
-    claimed = _claim(rt, migration_id, step, state)
+def run_data_job(rt: Runtime, migration_id: int, step: str, state: int,
+                 job_id: int | None = None) -> None:
+    """One data job (the module docstring); `job_id`: procrastinate's job running it."""
+    claimed = _claim(rt, migration_id, step, state, job_id)
     if claimed is None:
         return
     row_id, attempt = claimed
@@ -159,18 +165,23 @@ def worker_app(rt: Runtime) -> App:
     """The procrastinate app with the data task bound to this runtime."""
     app = make_app(rt.store.url)
 
-    @app.task(name=TASK, queue=QUEUE)
-    def data_step(migration_id: int, step: str, state: int) -> None:
-        run_data_job(rt, migration_id, step, state)
+    @app.task(name=TASK, queue=QUEUE, pass_context=True)
+    def data_step(context: JobContext, migration_id: int, step: str, state: int) -> None:
+        run_data_job(rt, migration_id, step, state, context.job.id)
 
     return app
 
 
-async def _retry_stalled(app: App, every: float, stalled: float) -> None:
-    """Hand the jobs of workers whose heartbeat is older than `stalled` back to the
-    queue (procrastinate's stalled-job retry), every `every` seconds."""
+async def _chores(rt: Runtime, app: App, every: float, stalled: float) -> None:
+    """Every `every` seconds: this worker's `last_seen` (roster), and the jobs of workers
+    whose heartbeat is older than `stalled` handed back to the queue (procrastinate's
+    stalled-job retry)."""
     while True:
         await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(roster.touch, rt.store, rt.name)
+        except Exception as exc:  # the database may be away for a moment
+            log.warning("worker's last_seen not written: %s", exc)
         try:
             jobs = await app.job_manager.get_stalled_jobs(queue=QUEUE,
                                                           seconds_since_heartbeat=stalled)
@@ -187,13 +198,15 @@ def run_worker(specs: SpecSet, store: Store, *, concurrency: int = 4,
     """Take jobs until SIGTERM/SIGINT (procrastinate's handlers: the running jobs end)."""
     ensure_schema(store.url)
     rt = Runtime(specs, store, make_drivers(specs), ping=ping)
+    roster.register(store, rt.name, concurrency=concurrency, heartbeat=heartbeat,
+                    stalled=stalled)
     # Every endpoint's pace shares its back-off with the other workers.
     share_paces(lambda local: SharedPace(local, FleetPace(store.engine, local.system)))
     app = worker_app(rt)
 
     async def main() -> None:
         async with app.open_async():
-            side = asyncio.create_task(_retry_stalled(app, heartbeat, stalled))
+            side = asyncio.create_task(_chores(rt, app, heartbeat, stalled))
             try:
                 await app.run_worker_async(
                     queues=[QUEUE], concurrency=concurrency, name=rt.name,
@@ -205,6 +218,7 @@ def run_worker(specs: SpecSet, store: Store, *, concurrency: int = 4,
 
     try:
         asyncio.run(main())
-    except MailferryError:
-        raise
+    finally:
+        with contextlib.suppress(Exception):  # the database away: the row ages out instead
+            roster.unregister(store, rt.name)
     return 0

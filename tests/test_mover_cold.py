@@ -1,0 +1,138 @@
+"""`mover copy` in a new process over a state store it already wrote (issue 22's no-op
+re-run): against real Dovecot servers, a run that finds every folder unchanged never imports
+SQLAlchemy (nor does one that copies: the store is read and appended through sqlite3),
+records its pass all the same, and a run after a change copies exactly what changed,
+counted by Message-ID on the target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from test_mover_imap import REPO, fill, message, snapshot
+
+from reconciler.state.model import TransferRun
+from reconciler.state.store import Store, default_url
+
+from dovecot import Dovecot, DovecotPair, serve_pair
+from helpers.mail import message_id
+
+USERS = ("cora", "dirk", "elsa")
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[DovecotPair]:
+    yield from serve_pair(USERS)
+
+
+def ids(server: Dovecot, user: str) -> Counter[tuple[str, str]]:
+    """(folder, Message-ID) of every message of a user on a server, with repeats."""
+    return Counter((k[0], message_id(k[1])) for k, n in snapshot(server, user).items()
+                   for _ in range(n))
+
+
+def cli(pair: DovecotPair, users: Path, state: Path) -> tuple[dict[str, Any], str]:
+    """One `mover copy` in a new process; its report (one mailbox) and what it imported."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "reconciler.mover", "copy", "--src",
+         f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
+         str(users), "--state", str(state), "--progress", "none", "--report", "json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    imported = "\n".join(line for line in done.stderr.splitlines()
+                         if line.startswith("import time:"))
+    return json.loads(done.stdout), imported
+
+
+def test_a_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once(
+        pair: DovecotPair, tmp_path: Path) -> None:
+    user = "cora"
+    fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(4)],
+                          "Work": [(message(10), "\\Seen")]})
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+    state = tmp_path / "state.db"
+
+    first, imported = cli(pair, users, state)
+    assert first["verified"] and first["copied"] == 5
+    assert " sqlalchemy" in imported  # a new store: created through SQLAlchemy and Alembic
+    wanted = ids(pair.src, user)
+    assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+
+    again, imported = cli(pair, users, state)
+    assert again["verified"] and again["copied"] == 0 and again["present"] == 5
+    assert {f["folder"]: f["unchanged"] for f in again["folders"]} == {
+        "INBOX": True, "Work": True}
+    assert imported and " sqlalchemy" not in imported and "reconciler.state.model" not in imported
+    store = Store(default_url(state))
+    with store.session() as session:  # the pass was recorded all the same, as verified
+        runs = session.execute(select(TransferRun.verified, TransferRun.copied,
+                                      TransferRun.present, TransferRun.report)
+                               .where(TransferRun.mailbox == user)
+                               .order_by(TransferRun.id)).all()
+    store.close()
+    assert [(v, c, p) for v, c, p, _ in runs] == [(True, 5, 0), (True, 0, 5)]
+    assert json.loads(runs[1][3] or "{}")["folders"][0]["unchanged"] is True
+
+    fill(pair.src, user, {"INBOX": [(message(20), "")]})  # one new message in the source
+    third, imported = cli(pair, users, state)
+    assert third["verified"] and third["copied"] == 1 and third["present"] == 5
+    assert " sqlalchemy" not in imported  # the manifest's rows through sqlite3 too
+    assert {f["folder"]: f["unchanged"] for f in third["folders"]} == {
+        "INBOX": False, "Work": True}
+    wanted = ids(pair.src, user)
+    assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+    assert sum(wanted.values()) == 6
+
+    fourth, imported = cli(pair, users, state)  # and quiet again
+    assert fourth["copied"] == 0 and fourth["verified"] and " sqlalchemy" not in imported
+
+
+def test_a_message_deleted_from_the_target_is_copied_again_by_a_new_process(
+        pair: DovecotPair, tmp_path: Path) -> None:
+    """The target's side counts too: its MESSAGES changed, so the folder is listed and the
+    missing copy made again, once."""
+    user = "dirk"
+    fill(pair.src, user, {"INBOX": [(message(30 + i), "") for i in range(3)]})
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+    state = tmp_path / "state.db"
+    first, _ = cli(pair, users, state)
+    assert first["copied"] == 3
+    pair.dst.doveadm("expunge", "-u", user, "mailbox", "INBOX", "uid", "2")
+    again, _ = cli(pair, users, state)
+    assert again["verified"] and again["copied"] == 1 and again["present"] == 2
+    wanted = ids(pair.src, user)
+    assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+
+
+def test_the_exit_status_and_the_output_survive_the_quick_exit(
+        pair: DovecotPair, tmp_path: Path) -> None:
+    """`python -m reconciler.mover` ends with `os._exit` (no interpreter teardown): what it
+    printed is all there and its status is the command's."""
+    users = tmp_path / "users.txt"
+    users.write_text("elsa wrong-password\n")
+    base = [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+            f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
+            str(users), "--state", str(tmp_path / "state.db"), "--progress", "none"]
+    refused = subprocess.run([*base, "--report", "json"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    report = json.loads(refused.stdout)
+    assert report["mailbox"] == "elsa" and not report["verified"]
+    assert "ImapLoginError" in report["error"]
+    assert '"verified": false' in refused.stderr  # the stats line, after the report
+    no_env = subprocess.run([*base, "--src-admin", "admin"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert no_env.returncode == 1
+    assert "--*-admin needs --*-admin-password-env" in no_env.stderr
+    bad_flag = subprocess.run([*base, "--no-such-flag"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+    assert bad_flag.returncode == 2 and "unrecognized arguments" in bad_flag.stderr
