@@ -53,6 +53,7 @@ from typing import Union, cast
 
 from mailferry.mail.imap.quoting import quote
 from mailferry.mail.imap.servers import family_of
+from mailferry.mail.imap.wire import ChunkSource, Wire, open_wire
 from mailferry.mail.tls import client_context
 
 Value = Union[bytes, int, None, "list[Value]"]
@@ -132,7 +133,7 @@ class WireHash:
         return self._digest.hexdigest()
 
 
-async def _digest_literal(reader: asyncio.StreamReader, size: int, *,
+async def _digest_literal(reader: ChunkSource, size: int, *,
                          raw: bool = False) -> Digest:
     """Read a literal in chunks into sha256 of its wire form (`raw`: of its bytes as they
     are, a third of the CPU: no line-end counting), keeping none of it."""
@@ -156,8 +157,7 @@ class Literal:
     never held whole. `read()` gives the next chunk, b"" at the end; the client reads
     whatever the consumer left unread before it parses on."""
 
-    def __init__(self, reader: asyncio.StreamReader, size: int,
-                 touch: Callable[[], None]) -> None:
+    def __init__(self, reader: ChunkSource, size: int, touch: Callable[[], None]) -> None:
         self._reader = reader
         self.size = size
         self.left = size
@@ -372,10 +372,9 @@ Pending = _Pending  # a command sent and not yet answered (`start`, `start_login
 class ImapClient:
     """One IMAP connection; several commands may be in flight at once."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 timeout: float) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, wire: Wire, timeout: float) -> None:
+        self._reader = wire  # reading and writing go through the one protocol object
+        self._writer = wire
         self.timeout = timeout
         self.capabilities: set[str] = set()
         self._tag = 0
@@ -408,10 +407,11 @@ class ImapClient:
         context = client_context(cafile) if mode != "none" else None
         where = f"IMAP {host}:{port}"
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                host, port, limit=1 << 20, ssl=context if mode == "implicit" else None),
+            wire = await asyncio.wait_for(open_wire(
+                host, port, limit=1 << 20, ssl_context=context if mode == "implicit" else None),
                 timeout)
-            client = cls(reader, writer, timeout)
+            reader = writer = wire
+            client = cls(wire, timeout)
             client.where, client.server = where, (host, port)
             client.pipelining = (host, port) not in NO_PIPELINING
             client.greeting = await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)
@@ -793,7 +793,8 @@ class ImapClient:
                         if sent > size:
                             raise ValueError(f"{name}: literal longer than its {size} bytes")
                         self._writer.write(chunk)
-                        await asyncio.wait_for(self._writer.drain(), self.timeout)
+                        if self._writer.writing_paused:  # no task per chunk otherwise
+                            await asyncio.wait_for(self._writer.drain(), self.timeout)
                     if sent != size:
                         raise ValueError(f"{name}: literal of {sent} bytes, {size} announced")
                 else:
