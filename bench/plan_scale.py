@@ -23,8 +23,19 @@ and measures, each in a fresh process (so peak RSS is that size's own):
 4. with `--postgres`: the same state store on SQLite and on a private PostgreSQL
    (`tests/pgutil.py`): the plan's read of every migration, the pure plan, and the store's
    part of an apply (2,000 steps, each a transition and its event in one transaction).
+5. with `--postgres` (or alone with `--wave N`): a wave of N mailboxes about to start (all
+   on s1 in fed's directory, placed on s2, an empty state store), on SQLite and on the
+   private PostgreSQL in turn, `--runs` times each (3), with fed and both systems running:
+   the real `reconcile --plan --json` (wall and the process's CPU), then the first pass of
+   the apply in a new process -- the engine `--apply` builds, one `apply_pass`: the plan,
+   then E1 for every mailbox (fed asked for its physical address, the source system for its
+   account, the migration row and its event committed in one transaction each); checked
+   afterwards: N rows, N E1 events. A whole move of 100,000 mailboxes (E2 creates each new
+   mailbox on s2, about 50 ms a mailbox here, then the hold, flip and copies) is hours on
+   these two cores: not a bench run.
 
-Usage: `python bench/plan_scale.py [--sizes 10000,100000] [--full] [--keep DIR] [--postgres]`.
+Usage: `python bench/plan_scale.py [--sizes 10000,100000] [--full] [--keep DIR] [--postgres]
+[--runs 3]` or `python bench/plan_scale.py --wave 100000 [--runs 3]` (phase 5 alone).
 The last line reads `plan 100000 mailboxes: X.XX s` (the plan path, phase 1).
 """
 
@@ -39,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,10 +72,11 @@ def _docs(root: Path) -> list[dict[str, Any]]:
                                                                  "consent": True})]
 
 
-def generate(root: Path, n: int, state_url: str | None = None
+def generate(root: Path, n: int, state_url: str | None = None, *, wave: bool = False
              ) -> tuple[Path, Path, dict[str, str]]:
     """(specs folder, state file, directory) for `n` mailboxes (the state store at
-    `state_url` instead of the file, when given)."""
+    `state_url` instead of the file, when given). `wave`: a wave about to start instead --
+    every mailbox on s1 (fed's directory), placed on s2 by the specs, no migration yet."""
     from sqlalchemy import insert
 
     from reconciler.drivers.base import mailbox_id_for, physical_address
@@ -75,7 +88,7 @@ def generate(root: Path, n: int, state_url: str | None = None
     specs.mkdir(parents=True)
     (specs / "base.yaml").write_text(yaml.safe_dump_all(_docs(root), sort_keys=False))
     addresses = [f"user{i:06d}@corp.example" for i in range(n)]
-    on_s2 = {a for i, a in enumerate(addresses) if i % 4 != 0}
+    on_s2 = set(addresses) if wave else {a for i, a in enumerate(addresses) if i % 4 != 0}
     for k in range(0, n, PER_FILE):
         chunk = addresses[k:k + PER_FILE]
         lines = [f"# placement {k // PER_FILE}", "apiVersion: mailferry/v1",
@@ -88,10 +101,11 @@ def generate(root: Path, n: int, state_url: str | None = None
                 lines.append(f"      aliases: [{a.replace('user', 'u.')}]")
         (specs / f"wave-{k // PER_FILE:03d}.yaml").write_text("\n".join(lines) + "\n")
     home = [a for a in addresses if a not in on_s2]
-    (specs / "home.yaml").write_text("\n".join(
-        ["apiVersion: mailferry/v1", "kind: MailboxPlacement", "metadata: {name: home}",
-         "spec:", "  system: s1", "  mailboxes:"] + [f"    - address: {a}" for a in home])
-        + "\n")
+    if home:
+        (specs / "home.yaml").write_text("\n".join(
+            ["apiVersion: mailferry/v1", "kind: MailboxPlacement", "metadata: {name: home}",
+             "spec:", "  system: s1", "  mailboxes:"] + [f"    - address: {a}" for a in home])
+            + "\n")
 
     state = root / "state.db"
     modes = Modes(policy="bench", delete_source_after=timedelta(days=7),
@@ -102,7 +116,8 @@ def generate(root: Path, n: int, state_url: str | None = None
     directory: dict[str, str] = {}
     for i, a in enumerate(addresses):
         box = mailbox_id_for(a)
-        migrated = a in on_s2 and i % 8 != 1  # some s2 mailboxes have no migration yet
+        # some s2 mailboxes have no migration yet (a wave: none has)
+        migrated = not wave and a in on_s2 and i % 8 != 1
         st = STATES[i % len(STATES)] if migrated else None
         system = "s2" if st is not None and st >= 6 else "s1"
         directory[a] = physical_address(system, box)
@@ -318,6 +333,100 @@ def postgres_vs_sqlite(n: int) -> dict[str, Any]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _timed(argv: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Run `argv` to its end: (wall s, its own CPU s, its stdout); SystemExit when it fails."""
+    def children_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    before = children_cpu()  # fed and the systems still run: the one child reaped is argv
+    began = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
+    out, err = proc.communicate(timeout=3600)
+    wall = time.perf_counter() - began
+    if proc.returncode not in (0, 2):
+        raise SystemExit(f"{argv[2:5]} failed ({proc.returncode}): {err.decode()[-3000:]}")
+    return wall, children_cpu() - before, out.decode()
+
+
+def apply_first_pass(specs_dir: str, url: str) -> dict[str, Any]:
+    """`--apply-pass` child: the engine `reconcile --apply` builds, its first pass over the
+    wave (every mailbox's E1: its plan, the source system asked for the account, the
+    migration row and its event committed together, one transaction a mailbox), then what
+    the store holds."""
+    from sqlalchemy import func, select
+
+    from reconciler.cli import build_engine
+    from reconciler.engine import ApplyReport
+    from reconciler.spec.loader import load_specs
+    from reconciler.state.model import Event, Migration
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    engine = build_engine(load_specs(specs_dir, long_lived=True), url)
+    engine.register_systems()
+    cpu1, t1 = time.process_time(), time.perf_counter()
+    report = ApplyReport(passes=1)
+    engine.apply_pass(report)
+    cpu2, t2 = time.process_time(), time.perf_counter()
+    with engine.store.session() as session:
+        rows = session.scalar(select(func.count()).select_from(Migration))
+        events = session.scalar(select(func.count()).where(Event.step == "E1"))
+    engine.store.close()
+    return {"start_s": t1 - t0, "start_cpu_s": cpu1 - cpu0, "pass_s": t2 - t1,
+            "pass_cpu_s": cpu2 - cpu1, "ok": report.applied, "errors": len(report.errors),
+            "first_error": report.errors[0].message if report.errors else "",
+            "rows": rows, "events": events}
+
+
+def wave_on_both(n: int, runs: int, done: Callable[[str, int, dict[str, Any]], None]
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Phase 5: a fresh wave of `n` mailboxes (all on s1, placed on s2), its real `reconcile
+    --plan --json` and the first pass of its apply (`apply_first_pass`), on SQLite and on
+    a private PostgreSQL (tests/pgutil.py, fsync off as in the tests), alternating, each
+    run on a new, empty store, with fed and both systems running (directory up-synced)."""
+    from reconciler.embedded import start_embedded
+    from reconciler.spec.loader import load_specs
+
+    from pgutil import PrivatePostgres, pg_bindir
+
+    pg = PrivatePostgres().start()
+    found: dict[str, list[dict[str, Any]]] = {"sqlite": [], "postgresql": []}
+    try:
+        for run in range(runs):
+            for name in ("sqlite", "postgresql"):
+                root = Path(tempfile.mkdtemp(prefix=f"mf-wave-{name}-"))
+                if name == "sqlite":
+                    url = f"sqlite:///{root / 'state.db'}"
+                else:
+                    subprocess.run([str(pg_bindir() / "createdb"), "-h", "127.0.0.1", "-p",
+                                    str(pg.port), "-U", "postgres", f"wave{run}"], check=True,
+                                   capture_output=True, timeout=60)
+                    url = pg.url.rsplit("/", 1)[0] + f"/wave{run}"
+                specs_dir, _, directory = generate(root, n, url, wave=True)
+                specs = load_specs(specs_dir)
+                with start_embedded(specs, log_dir=root / "logs"):
+                    upsync_generated(specs, directory)
+                    load = os.getloadavg()[0]
+                    wall, cpu, out = _timed([sys.executable, "-m", "reconciler", "--specs",
+                                             str(specs_dir), "--state", url, "--plan",
+                                             "--json"], root)
+                    summary = json.loads(out.splitlines()[-1])
+                    if (summary["mailboxes"], summary["due_now"]) != (n, n):
+                        raise SystemExit(f"unexpected plan of the wave: {summary['text']}")
+                    a_wall, a_cpu, a_out = _timed([sys.executable, __file__, "--apply-pass",
+                                                   str(specs_dir), url], root)
+                    applied = json.loads(a_out.strip().splitlines()[-1])
+                if (applied["ok"], applied["rows"], applied["events"]) != (n, n, n):
+                    raise SystemExit(f"the first pass did not record every E1: {applied}")
+                found[name].append({"plan_s": wall, "plan_cpu_s": cpu, "apply_s": a_wall,
+                                    "apply_cpu_s": a_cpu, "load": load, **applied})
+                done(name, run, found[name][-1])
+                shutil.rmtree(root, ignore_errors=True)
+        return found
+    finally:
+        pg.stop()
+
+
 def _child(args: list[str]) -> dict[str, Any]:
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
                           timeout=1800, check=False)
@@ -325,6 +434,25 @@ def _child(args: list[str]) -> dict[str, Any]:
         raise SystemExit(done.stderr[-3000:])
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def print_wave(n: int, runs: int) -> None:
+    """Phase 5's lines: every run of both stores, then the ratios."""
+    print(f"\n5. a wave of {n} mailboxes (s1 -> s2, fresh store) on SQLite and PostgreSQL: "
+          "reconcile --plan --json, then the apply's first pass (E1 for every mailbox: a "
+          "transaction each)")
+
+    def done(name: str, i: int, r: dict[str, Any]) -> None:  # as each run ends: a long one
+        print(f"  run {i + 1} {name:>10} (load {r['load']:.1f}): --plan {r['plan_s']:.2f} s "
+              f"(CPU {r['plan_cpu_s']:.2f} s); first apply pass {r['pass_s']:.1f} s "
+              f"= {r['pass_s'] / n * 1000:.2f} ms a mailbox (CPU {r['pass_cpu_s']:.1f} s), "
+              f"process {r['apply_s']:.1f} s; {r['ok']} E1 recorded", flush=True)
+
+    found = wave_on_both(n, runs, done)
+    for key, label in (("plan_s", "--plan"), ("pass_s", "first apply pass")):
+        ratios = [p[key] / s[key] for p, s in zip(found["postgresql"], found["sqlite"],
+                                                  strict=True)]
+        print(f"  postgresql / sqlite, {label}: " + ", ".join(f"x{r:.2f}" for r in ratios))
 
 
 def main() -> None:
@@ -336,7 +464,13 @@ def main() -> None:
     parser.add_argument("--cli", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pg", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--postgres", action="store_true",
-                        help="also phase 4: the state store on PostgreSQL next to SQLite")
+                        help="also phases 4 and 5: the state store on PostgreSQL next to "
+                             "SQLite, and a wave's real --plan and first --apply pass on both")
+    parser.add_argument("--wave", type=int, default=0, metavar="N",
+                        help="phase 5 only: a wave of N mailboxes (--runs times each store)")
+    parser.add_argument("--runs", type=int, default=3, help="phase 5: runs per store")
+    parser.add_argument("--apply-pass", nargs=2, metavar=("SPECS", "URL"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     keep = Path(args.keep) if args.keep else None
     if args.one:
@@ -347,6 +481,12 @@ def main() -> None:
         return
     if args.pg:
         print(json.dumps(postgres_vs_sqlite(args.pg)))
+        return
+    if args.apply_pass:
+        print(json.dumps(apply_first_pass(*args.apply_pass)))
+        return
+    if args.wave:
+        print_wave(args.wave, args.runs)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     extra = ["--keep", str(keep)] if keep else []
@@ -388,6 +528,7 @@ def main() -> None:
         pg, lite = r["postgresql"], r["sqlite"]
         print(f"  postgresql / sqlite: read x{pg['read_s'] / lite['read_s']:.2f}, "
               f"step x{pg['step_ms'] / lite['step_ms']:.2f}")
+        print_wave(n, args.runs)
     last = next((r for r in results if r["n"] == 100_000), results[-1])
     print(f"plan {last['n']} mailboxes: {last['total_s']:.2f} s")
 

@@ -1,7 +1,8 @@
 """`mover copy` in a new process over a state store it already wrote (issue 22's no-op
 re-run): against real Dovecot servers, a run that finds every folder unchanged never imports
-SQLAlchemy, records its pass all the same, and a run after a change copies exactly what
-changed, counted by Message-ID on the target."""
+SQLAlchemy (nor does one that copies: the store is read and appended through sqlite3),
+records its pass all the same, and a run after a change copies exactly what changed,
+counted by Message-ID on the target."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def cli(pair: DovecotPair, users: Path, state: Path) -> tuple[dict[str, Any], st
     return json.loads(done.stdout), imported
 
 
-def test_a_no_op_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once(
+def test_a_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once(
         pair: DovecotPair, tmp_path: Path) -> None:
     user = "cora"
     fill(pair.src, user, {"INBOX": [(message(i), "") for i in range(4)],
@@ -83,7 +84,7 @@ def test_a_no_op_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once
     fill(pair.src, user, {"INBOX": [(message(20), "")]})  # one new message in the source
     third, imported = cli(pair, users, state)
     assert third["verified"] and third["copied"] == 1 and third["present"] == 5
-    assert " sqlalchemy" in imported  # the changed folder's manifest rows
+    assert " sqlalchemy" not in imported  # the manifest's rows through sqlite3 too
     assert {f["folder"]: f["unchanged"] for f in third["folders"]} == {
         "INBOX": False, "Work": True}
     wanted = ids(pair.src, user)
@@ -110,3 +111,28 @@ def test_a_message_deleted_from_the_target_is_copied_again_by_a_new_process(
     assert again["verified"] and again["copied"] == 1 and again["present"] == 2
     wanted = ids(pair.src, user)
     assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+
+
+def test_the_exit_status_and_the_output_survive_the_quick_exit(
+        pair: DovecotPair, tmp_path: Path) -> None:
+    """`python -m reconciler.mover` ends with `os._exit` (no interpreter teardown): what it
+    printed is all there and its status is the command's."""
+    users = tmp_path / "users.txt"
+    users.write_text("elsa wrong-password\n")
+    base = [sys.executable, "-m", "reconciler.mover", "copy", "--src",
+            f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
+            str(users), "--state", str(tmp_path / "state.db"), "--progress", "none"]
+    refused = subprocess.run([*base, "--report", "json"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    report = json.loads(refused.stdout)
+    assert report["mailbox"] == "elsa" and not report["verified"]
+    assert "ImapLoginError" in report["error"]
+    assert '"verified": false' in refused.stderr  # the stats line, after the report
+    no_env = subprocess.run([*base, "--src-admin", "admin"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert no_env.returncode == 1
+    assert "--*-admin needs --*-admin-password-env" in no_env.stderr
+    bad_flag = subprocess.run([*base, "--no-such-flag"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60)
+    assert bad_flag.returncode == 2 and "unrecognized arguments" in bad_flag.stderr

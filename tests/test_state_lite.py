@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from reconciler.mover.manifest import Manifest, RunFigures
-from reconciler.state.lite import LiteRuns, default_url, sqlite_path
-from reconciler.state.model import TransferRun
+from reconciler.mover.manifest import Manifest, ManifestRow, RunFigures
+from reconciler.state.lite import MANIFEST_COLUMNS, LiteStore, default_url, sqlite_path
+from reconciler.state.model import TransferManifest, TransferRun
 from reconciler.state.store import ALEMBIC_DIR, Store, open_store
 
 AT = datetime(2026, 12, 4, 22, 15, 30, 123456, tzinfo=UTC)
@@ -43,7 +43,7 @@ def test_a_pass_written_through_sqlite3_reads_back_as_the_one_written_through_sq
     store = open_store(url)  # creates the file at head
     Manifest(store, 4).record_runs([figures("amy"), figures("bob", verified=False)], AT)
     lite = Manifest.at_url(url, 4)
-    assert lite.runs is not None  # at head: through sqlite3
+    assert lite.lite is not None  # at head: through sqlite3
     lite.record_runs([figures("amy"), figures("bob", verified=False)], AT)
     written = rows(store)
     assert len(written) == 4
@@ -68,16 +68,16 @@ def test_the_newest_verified_pass_is_the_one_read(tmp_path: Path) -> None:
 
 
 def test_only_a_sqlite_file_at_head_is_read_without_sqlalchemy(tmp_path: Path) -> None:
-    assert LiteRuns.open(default_url(tmp_path / "missing.db")) is None
+    assert LiteStore.open(default_url(tmp_path / "missing.db")) is None
     assert not (tmp_path / "missing.db").exists()  # nothing created on the way
-    assert LiteRuns.open("postgresql://u@127.0.0.1/db") is None
+    assert LiteStore.open("postgresql://u@127.0.0.1/db") is None
     assert sqlite_path("sqlite://") is None and sqlite_path("sqlite:///:memory:") is None
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database at all, just some bytes\n" * 10)
-    assert LiteRuns.open(default_url(junk)) is None
+    assert LiteStore.open(default_url(junk)) is None
     empty = tmp_path / "empty.db"
     create_engine(default_url(empty)).connect().close()  # a database without the tables
-    assert LiteRuns.open(default_url(empty)) is None
+    assert LiteStore.open(default_url(empty)) is None
     older = tmp_path / "older.db"
     from alembic import command
     from alembic.config import Config
@@ -86,14 +86,14 @@ def test_only_a_sqlite_file_at_head_is_read_without_sqlalchemy(tmp_path: Path) -
     with create_engine(default_url(older)).begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "0004")
-    assert LiteRuns.open(default_url(older)) is None  # an older revision: upgraded first
+    assert LiteStore.open(default_url(older)) is None  # an older revision: upgraded first
     manifest = Manifest.at_url(default_url(older))  # ... by the ordinary way
-    assert manifest.runs is None
+    assert manifest.lite is not None
     manifest.close()
     with create_engine(default_url(older)).connect() as connection:
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     assert version != "0004"
-    runs = LiteRuns.open(default_url(older))  # now at head
+    runs = LiteStore.open(default_url(older))  # now at head
     assert runs is not None
     runs.close()
 
@@ -101,26 +101,53 @@ def test_only_a_sqlite_file_at_head_is_read_without_sqlalchemy(tmp_path: Path) -
 def test_a_naive_timestamp_is_refused_as_the_model_refuses_it(tmp_path: Path) -> None:
     url = default_url(tmp_path / "state.db")
     open_store(url).close()
-    runs = LiteRuns.open(url)
+    runs = LiteStore.open(url)
     assert runs is not None
     with pytest.raises(ValueError, match="naive"):
-        runs.insert([{"migration_id": 0}], datetime(2026, 12, 4))
+        runs.insert_runs([{"migration_id": 0}], datetime(2026, 12, 4))
     runs.close()
 
 
-def test_a_manifest_at_head_imports_no_sqlalchemy_until_it_needs_the_rows(
+def test_manifest_rows_written_through_sqlite3_are_the_ones_sqlalchemy_writes(
         tmp_path: Path) -> None:
     url = default_url(tmp_path / "state.db")
-    open_store(url).close()
+    store = open_store(url)
+    given = [ManifestRow("INBOX", "a" * 64, 120, "<1@x>", True, "7", "3", "INBOX", "9", "5",
+                         "b" * 64, "identical", ""),
+             ManifestRow("Sent", "c" * 64, 99, "", False, "8", "4", "Sent/Old", None, None)]
+    Manifest(store, 2).add("eve", given, AT)
+    lite = Manifest.at_url(url, 2)
+    assert lite.lite is not None
+    lite.add("eve", given, AT)
+    with store.session() as session:
+        written = [tuple(getattr(r, c) for c in (*MANIFEST_COLUMNS, "at")) for r in
+                   session.scalars(select(TransferManifest).order_by(TransferManifest.id))]
+    assert len(written) == 4 and written[2:] == written[:2] and written[0][-1] == AT
+    for folder in ("INBOX", "Sent"):
+        both = lite.load("eve", folder)
+        assert both == Manifest(store).load("eve", folder) and len(both) == 2
+    assert both[0] == given[1]  # read back as it was given
+    assert lite.copied_count("eve") == Manifest(store).copied_count("eve") == 2
+    lite.close()
+    store.close()
+
+
+def test_a_manifest_at_head_never_imports_sqlalchemy_a_new_one_is_created_through_it(
+        tmp_path: Path) -> None:
+    url = default_url(tmp_path / "state.db")
     code = (
         "import sys\n"
-        "from reconciler.mover.manifest import Manifest\n"
+        "from reconciler.mover.manifest import Manifest, ManifestRow\n"
         f"m = Manifest.at_url({url!r})\n"
+        "print('sqlalchemy' in sys.modules)\n"
         "m.last_states('dee')\n"
-        "print('sqlalchemy' in sys.modules)\n"
-        "m.load('dee', 'INBOX')\n"
-        "print('sqlalchemy' in sys.modules)\n"
+        "m.add('dee', [ManifestRow('INBOX', 'f' * 64, 1, '', True, '1', '1', 'INBOX', '2', '1')])\n"
+        "print(len(m.load('dee', 'INBOX')), 'sqlalchemy' in sys.modules)\n"
         "m.close()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=True)
-    assert done.stdout.split() == ["False", "True"], done.stderr
+
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, check=True).stdout.split()
+
+    assert run() == ["True", "1", "True"]  # a new file: created by Alembic, then sqlite3
+    assert run() == ["False", "2", "False"]

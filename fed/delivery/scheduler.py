@@ -75,8 +75,8 @@ from mailferry.mail.addresses import (
 )
 from mailferry.mail.backoff import backoff
 
-from ..queue.queuefile import BadQueueFile
-from ..queue.spool import PendingRecipient, Spool, new_queue_id
+from ..queue.queuefile import BadQueueFile, new_queue_id
+from ..queue.spool import PendingRecipient, Spool
 from ..queue.store import Store
 from ..routing.directory import Directory, System
 from ..routing.holds import Holds
@@ -244,9 +244,11 @@ class Deliverer:
                 self._hints.clear()
                 last_recheck = self._clock.monotonic()
                 self._resync()
-                # Oldest first (queue ids sort by arrival): a released mailbox gets its
-                # backlog in the order it came, whichever stage had parked each message.
-                self._ready.extend(sorted(self._parked, key=lambda item: item.queue_id))
+                # Oldest first (by arrival time; a blank's queue id dates from when the
+                # blank was made): a released mailbox gets its backlog in the order it
+                # came, whichever stage had parked each message.
+                self._ready.extend(sorted(self._parked,
+                                          key=lambda item: (item.received_at, item.queue_id)))
                 self._parked = []
             while self._ready:
                 self._classify(self._ready.popleft())

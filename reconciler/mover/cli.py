@@ -270,7 +270,7 @@ def _store_url(args: argparse.Namespace) -> str:
 def _copy(args: argparse.Namespace, lines: list[str]
           ) -> tuple[dict[str, object], list[MailboxReport]]:
     """The copy (and the optional re-run) of these mailboxes in this process."""
-    # A store at head is read and written without SQLAlchemy until a folder changed
+    # A SQLite store at head is read and written through sqlite3, without SQLAlchemy
     # (`Manifest.at_url`): most of a no-op re-run's start in a new process was its import.
     manifest = None if args.no_state else Manifest.at_url(_store_url(args))
     try:

@@ -1,15 +1,18 @@
 """A SQLite state store read and appended without SQLAlchemy: its revision, and the data
-mover's run records.
+mover's two tables (the manifest and the run records).
 
 Why a second way into the store: a `mover copy` in a new process that finds nothing
 changed needs two things from the store, the last verified pass's report of each mailbox
 (to skip every unchanged folder) and one row per pass afterwards. Importing SQLAlchemy and
 the state model for them was 0.23 s of a 0.35 s import, as much again as the whole no-op
-pass's logins (issue 22). So for a SQLite file that exists and is at the head revision,
-those two go through the standard library's `sqlite3`, on the same tables and columns as
-the model (`tests/test_state_lite.py` writes a pass both ways and reads both back through
-SQLAlchemy); anything else (a new file, an older revision, PostgreSQL, the manifest's
-rows) goes through `store.py` as before. Nothing here creates or upgrades a schema.
+pass's logins (issue 22); and a copy of 10,000 messages spent 0.2-0.3 CPU-s in SQLAlchemy's
+statement machinery writing its manifest rows (py-spy), for one `executemany` each flush.
+So for a SQLite file at the head revision the mover's command line reads and appends those
+two tables through the standard library's `sqlite3`, on the same tables and columns as the
+model (`tests/test_state_lite.py` writes rows both ways and reads both back through
+SQLAlchemy); a new file or an older revision is created or upgraded by `store.py` first,
+and PostgreSQL and the reconciler's steps (a step's transaction) go through SQLAlchemy as
+before. Nothing here creates or upgrades a schema, nor updates or deletes a row.
 
 The head revision is read from the migration scripts' text (no Alembic), here so that both
 this module and `store.py` use the one reader.
@@ -31,7 +34,15 @@ ALEMBIC_DIR = Path(str(resources.files("reconciler.state") / "alembic"))
 
 _REVISION = re.compile(r"^(down_)?revision\s*=\s*(.*)$", re.MULTILINE)
 
-# The columns of `model.TransferRun` a pass writes (id and at aside), in the model's names.
+# The columns the mover writes (id and at aside), in the model's names: `model.TransferRun`,
+# `model.TransferManifest`.
+MANIFEST_COLUMNS = ("migration_id", "mailbox", "folder", "sha256", "size", "message_id",
+                    "copied", "src_validity", "src_uid", "dst_folder", "dst_validity",
+                    "dst_uid", "dst_sha256", "proof", "proof_note")
+# What `load` reads back, in `ManifestRow`'s order.
+MANIFEST_READ = ("folder", "sha256", "size", "message_id", "copied", "src_validity",
+                 "src_uid", "dst_folder", "dst_validity", "dst_uid", "dst_sha256", "proof",
+                 "proof_note")
 RUN_COLUMNS = ("migration_id", "mailbox", "phase", "copied", "present", "failed", "missing",
                "bytes_copied", "messages_total", "bytes_total", "seconds", "verified",
                "report")
@@ -73,17 +84,18 @@ def _stamp(at: datetime) -> str:
     return at.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-class LiteRuns:
-    """The run records of a SQLite store at the head revision, through `sqlite3`.
+class LiteStore:
+    """The mover's tables of a SQLite store at the head revision, through `sqlite3`.
 
-    `LiteRuns.open(url)` is None unless the file exists and its `alembic_version` is the
-    scripts' head: then the tables are exactly the model's, and nothing needs creating."""
+    `LiteStore.open(url)` is None unless the file exists and its `alembic_version` is the
+    scripts' head: then the tables are exactly the model's, and nothing needs creating.
+    Each `insert_*` is one transaction (one commit: an fsync, `synchronous=FULL`)."""
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self.connection = connection
 
     @classmethod
-    def open(cls, url: str) -> LiteRuns | None:
+    def open(cls, url: str) -> LiteStore | None:
         path = sqlite_path(url)
         if path is None or not path.is_file():
             return None
@@ -114,19 +126,38 @@ class LiteRuns:
             "ORDER BY id DESC LIMIT 1", (mailbox,)).fetchone()
         return None if row is None else row[0]
 
-    def insert(self, runs: Iterable[Mapping[str, Any]], at: datetime) -> None:
+    def manifest_rows(self, mailbox: str, folder: str) -> list[tuple[Any, ...]]:
+        """The manifest rows of a job's source folder, oldest first (`MANIFEST_READ`)."""
+        return self.connection.execute(
+            f"SELECT {', '.join(MANIFEST_READ)} FROM transfer_manifest "
+            "WHERE mailbox = ? AND folder = ? ORDER BY id", (mailbox, folder)).fetchall()
+
+    def copied_count(self, mailbox: str) -> int:
+        row = self.connection.execute(
+            "SELECT count(*) FROM transfer_manifest WHERE mailbox = ? AND copied = 1",
+            (mailbox,)).fetchone()
+        return int(row[0])
+
+    def insert_manifest(self, rows: Iterable[Mapping[str, Any]], at: datetime) -> None:
+        """Append manifest rows (values by `MANIFEST_COLUMNS`) in one transaction."""
+        self._insert("transfer_manifest", MANIFEST_COLUMNS, rows, at, ("copied",))
+
+    def insert_runs(self, runs: Iterable[Mapping[str, Any]], at: datetime) -> None:
         """Append run rows (values by `RUN_COLUMNS`) in one transaction."""
+        self._insert("transfer_runs", RUN_COLUMNS, runs, at, ("verified",))
+
+    def _insert(self, table: str, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]],
+                at: datetime, booleans: tuple[str, ...]) -> None:
         stamp = _stamp(at)
-        rows = [(*(int(r[c]) if c == "verified" else r[c] for c in RUN_COLUMNS), stamp)
-                for r in runs]
-        if not rows:
+        values = [(*(int(r[c]) if c in booleans else r[c] for c in columns), stamp)
+                  for r in rows]
+        if not values:
             return
-        marks = ", ".join("?" * (len(RUN_COLUMNS) + 1))
+        marks = ", ".join("?" * (len(columns) + 1))
         self.connection.execute("BEGIN IMMEDIATE")
         try:
             self.connection.executemany(
-                f"INSERT INTO transfer_runs ({', '.join(RUN_COLUMNS)}, at) VALUES ({marks})",
-                rows)
+                f"INSERT INTO {table} ({', '.join(columns)}, at) VALUES ({marks})", values)
         except BaseException:
             self.connection.execute("ROLLBACK")
             raise
