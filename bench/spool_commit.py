@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
 from fed.app import _loop_factory  # noqa: E402
-from fed.queue.spool import Spool, new_queue_id  # noqa: E402
+from fed.queue.spool import Spool  # noqa: E402
 from fed.queue.store import Store  # noqa: E402
 
 BODY = b"Subject: bench\r\nMessage-ID: <x@bench>\r\n\r\n" + b"x" * 76 * 27 + b"\r\n"
@@ -57,8 +57,8 @@ async def run(folder: Path, clients: int, messages: int) -> tuple[float, float, 
     async def client() -> None:
         for _ in range(per_client):
             started = time.perf_counter()
-            await spool.accept(new_queue_id(), "a@example.test", ["b@example.test"], BODY,
-                               "<x@bench>")
+            await spool.accept(spool.take_queue_id(), "a@example.test", ["b@example.test"], BODY,
+                               "<x@bench>", alone=clients == 1)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()

@@ -11,7 +11,7 @@ is "may import"; nothing imports upwards, and smtp and delivery ignore each othe
             ├─► smtp/      server · protocol · policy · auth · tls          (mail in)
             └─► delivery/  scheduler · smtpclient · bounce                  (mail out)
                   └─► routing/   directory · holds · shared_db · nodes · node_agent
-                        └─► queue/     spool · queuefile · groupcommit · store
+                        └─► queue/     spool · queuefile · blanks · groupcommit · store
                               └─► telemetry/  metrics · logs
 
 routing sits above queue because the holds keep their node-local copy in the queue's

@@ -23,7 +23,6 @@ import contextlib
 import random
 import shutil
 import smtplib
-import socket
 import subprocess
 import tempfile
 import threading
@@ -41,6 +40,7 @@ import yaml
 from sqlalchemy import select
 
 from maildir_system.store import Store as SystemStore
+from mailferry.ports import free_port
 from mailferry.resources import quickstart_dir
 from reconciler.build import build_engine
 from reconciler.drivers.base import MailSystemDriver, mailbox_id_for
@@ -50,12 +50,6 @@ from reconciler.spec.loader import load_specs
 from reconciler.state.model import Migration
 
 DEADLINE_S = 50.0  # the whole migration phase; the demo must finish in under a minute
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _git(cwd: Path, *args: str) -> None:

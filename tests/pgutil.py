@@ -30,7 +30,8 @@ def pg_bindir() -> Path:
 class PrivatePostgres:
     """initdb + postgres in the foreground (its PID is ours to stop)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})  # postgres -c NAME=VALUE (a bench's limits)
         # Not under pytest's tmp folder: its parents are 0700 and the `postgres` user must
         # traverse every level.
         self.root = Path(tempfile.mkdtemp(prefix="mailferry-pg-"))
@@ -55,7 +56,8 @@ class PrivatePostgres:
             self.process = subprocess.Popen(
                 self._as_postgres([str(bindir / "postgres"), "-D", str(self.data), "-p",
                                    str(self.port), "-h", "127.0.0.1", "-k", str(self.root),
-                                   "-c", "fsync=off"]),
+                                   "-c", "fsync=off",
+                                   *(f"-c{k}={v}" for k, v in self.settings.items())]),
                 stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

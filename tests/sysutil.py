@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import random
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -28,42 +26,13 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
+from mailferry.ports import free_port as free_port  # the harnesses import it from here
 from reconciler.drivers.maildir import MaildirDriver
 
 from helpers.processes import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0
-
-
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, chosen *below* the kernel's ephemeral range.
-
-    Why not bind to port 0: the kernel then hands out an ephemeral port, the very range every
-    outgoing connection of the suite (fed's deliveries, the mover's logins, smtplib) draws
-    from, so between this call and the server's bind a client socket can take it ("address
-    already in use", seen in CI). Ports under the range are only taken by listeners."""
-    top = _ephemeral_start()
-    rng = random.Random()
-    for _ in range(100):  # bounded
-        port = rng.randrange(max(1024, top - 12000), top)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:  # a crowded range: fall back to the kernel's choice
-        sock.bind(("127.0.0.1", 0))
-        found: int = sock.getsockname()[1]
-        return found
 
 
 @dataclass

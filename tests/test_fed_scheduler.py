@@ -25,7 +25,8 @@ import pytest
 
 from fed.admin.queueadmin import QueueAdmin
 from fed.delivery.scheduler import Deliverer, DeliverySettings
-from fed.queue.spool import Spool, new_queue_id
+from fed.queue.queuefile import new_queue_id
+from fed.queue.spool import Spool
 from fed.queue.store import Store
 from fed.routing.directory import Directory
 from fed.routing.holds import Holds

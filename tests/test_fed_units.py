@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fed.queue.spool import new_queue_id
+from fed.queue.queuefile import new_queue_id
 from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
 from fed.smtp.server import has_bare_newline, normalize_eols
 from fed.telemetry import metrics

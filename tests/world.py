@@ -8,6 +8,7 @@ addresses, so one world serves a whole module.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from collections import Counter
@@ -20,11 +21,13 @@ from reconciler.cli import build_engine
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.embedded import Embedded, start_embedded
 from reconciler.engine import Engine
+from reconciler.errors import MailferryError
 from reconciler.spec.loader import load_specs
 
 from sysutil import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+START_ATTEMPTS = 3  # a port taken between free_port and the server's bind: new ports, again
 
 
 def base_documents(root: Path) -> list[dict[str, Any]]:
@@ -68,6 +71,38 @@ def placement(name: str, system: str, mailboxes: list[dict[str, Any]], *,
             "metadata": {"name": name}, "spec": spec}
 
 
+def port_was_taken(error: MailferryError) -> bool:
+    """Whether a server that exited before it was ready says, in the log the error names,
+    that its address was already in use (and not any other reason to exit)."""
+    text = str(error)
+    if "before it was ready" not in text or "; see " not in text:
+        return False
+    log = Path(text.rsplit("; see ", 1)[1])
+    try:
+        return "address already in use" in log.read_text(errors="replace").lower()
+    except OSError:
+        return False
+
+
+def with_fresh_ports(docs: list[dict[str, Any]], keep: frozenset[int] = frozenset(),
+                     ) -> list[dict[str, Any]]:
+    """`docs` with a new free port for every embedded server's listener (fed's SMTP and
+    control, each maildir system's LMTP and submission), but the ports in `keep`."""
+    def fresh(address: str) -> str:
+        head, port = address.rsplit(":", 1)
+        return address if int(port) in keep else f"{head}:{free_port()}"
+
+    out = copy.deepcopy(docs)
+    for doc in out:
+        spec = doc["spec"]
+        if doc["kind"] == "FedHub":
+            spec["smtp"], spec["control"] = fresh(spec["smtp"]), fresh(spec["control"])
+        elif doc["kind"] == "MailSystem" and spec.get("driver") == "maildir":
+            for key in ("lmtp", "submission"):
+                spec["maildir"][key] = fresh(spec["maildir"][key])
+    return out
+
+
 class World:
     """fed, s1 and s2 running; specs written per test into their own folders."""
 
@@ -76,8 +111,26 @@ class World:
         self.base = base_documents(root)
         self.base_dir = root / "base-specs"
         self.write(self.base_dir, [])
-        self.embedded: Embedded = start_embedded(load_specs(self.base_dir),
-                                                 log_dir=root / "logs")
+        self.embedded: Embedded = self.start_servers()
+
+    def start_servers(self, keep: frozenset[int] = frozenset()) -> Embedded:
+        """The embedded default of the base specs, started; logs in root/logs.
+
+        A server that exits before it is ready because its port was taken since free_port
+        chose it (another run on the machine bound it meanwhile): every embedded port but
+        `keep` is chosen again, the base specs rewritten and all started again, at most
+        START_ATTEMPTS times (the logs of attempt N in root/logs-N). Any other early exit
+        fails at once, naming its log."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            logs = self.root / ("logs" if attempt == 1 else f"logs-{attempt}")
+            try:
+                return start_embedded(load_specs(self.base_dir), log_dir=logs)
+            except MailferryError as error:
+                if attempt == START_ATTEMPTS or not port_was_taken(error):
+                    raise
+            self.base = with_fresh_ports(self.base, keep)
+            self.write(self.base_dir, [])
+        raise AssertionError("unreachable")
 
     def write(self, directory: Path, extra: list[dict[str, Any]]) -> Path:
         """A complete spec set: the world's base documents plus `extra`."""

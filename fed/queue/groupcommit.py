@@ -11,6 +11,15 @@ client pays exactly one round of syncs and fifty busy clients pay one round per 
 fifty. Two batches may be on their way at once (``overlap``): when a sync round is slow,
 the next batch's files are written and synced meanwhile, and concurrent fsyncs share the
 file system's journal commits.
+
+A lone item that ``inline(item)`` says is cheap to make durable (the spool: a message that
+fits a blank, one pwritev and one fdatasync without a journal commit) is written on the
+loop itself when nothing else is queued or in flight: no hand-off to a thread and back,
+no task of the committer's; the submitter's coroutine finishes without suspending. When
+those writes take longer than INLINE_SLOW on average (a moving average over about the last
+16: the disk is busy, and the loop must not wait on it), every item goes through the
+thread for the next INLINE_PAUSE seconds. One slow write alone (the disk's spikes, a
+millisecond or more once in a hundred) does not stop it.
 """
 
 from __future__ import annotations
@@ -32,14 +41,25 @@ WriteBatch = Callable[[Sequence[T]], list[BaseException | None]]
 CommitBatch = Callable[[Sequence[T]], Awaitable[None]]
 # undo(item) cleans up after an item that will not be acknowledged.
 Undo = Callable[[T], None]
+# inline(item): True if write([item]) is quick enough to run on the loop.
+Inline = Callable[[T], bool]
+
+INLINE_SLOW = 0.002  # seconds: inline writes slower than this on average ...
+INLINE_PAUSE = 1.0  # ... sends every item through the thread for this long
 
 
 class GroupCommitter(Generic[T]):
     """Batches submitted items through write (thread) then commit (loop)."""
 
     def __init__(self, write: WriteBatch[T], commit: CommitBatch[T], undo: Undo[T],
-                 max_batch: int = 256, overlap: int = 2) -> None:
+                 max_batch: int = 256, overlap: int = 2, inline: Inline[T] | None = None
+                 ) -> None:
         self._write = write
+        self._inline = inline
+        self._inline_after = 0.0  # perf_counter time before which nothing goes inline
+        self._inline_average = 0.0  # moving average of the inline writes' seconds
+        self.inline = 0  # items written on the loop (statistics)
+        self._writing = 0  # batches between taken and answered (their tasks outlive that)
         self._commit = commit
         self._undo = undo
         self._max_batch = max_batch
@@ -68,8 +88,14 @@ class GroupCommitter(Generic[T]):
     async def submit(self, item: T) -> None:
         """Return once `item` is durable; raise if it could not be made durable."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        self._wake.set()
+        if (not self._queue and not self._writing and self._inline is not None
+                and self._task is not None and self._inline(item)
+                and time.perf_counter() >= self._inline_after):
+            self.inline += 1
+            await self._one_batch([(item, future)], inline=True)  # does not suspend
+        else:
+            self._queue.append((item, future))
+            self._wake.set()
         await future
 
     async def close(self) -> None:
@@ -106,14 +132,22 @@ class GroupCommitter(Generic[T]):
         self._inflight.discard(task)
         self._slot.set()
 
-    async def _one_batch(self, batch: list[tuple[T, asyncio.Future[None]]]) -> None:
+    async def _one_batch(self, batch: list[tuple[T, asyncio.Future[None]]],
+                         inline: bool = False) -> None:
         items = [item for item, _ in batch]
         started = time.perf_counter()
+        self._writing += 1
         try:
-            errors = await asyncio.to_thread(self._write, items)
+            errors = self._write(items) if inline else await asyncio.to_thread(
+                self._write, items)
         except BaseException as exc:  # the writer itself broke: nobody is durable
             errors = [exc] * len(items)
         wrote = time.perf_counter() - started
+        if inline:
+            self._inline_average += (wrote - self._inline_average) / 16
+            if self._inline_average > INLINE_SLOW:
+                self._inline_after = started + wrote + INLINE_PAUSE
+                self._inline_average = 0.0
         self.write_seconds += wrote
         written = [(item, fut) for (item, fut), err in zip(batch, errors, strict=True)
                    if err is None]
@@ -133,6 +167,7 @@ class GroupCommitter(Generic[T]):
             self.single_batches += 1
             self.single_write_seconds += wrote
             self.single_cycle_seconds += cycle
+        self._writing -= 1
         for item, fut, err in failed:
             try:
                 self._undo(item)

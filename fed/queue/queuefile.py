@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 FOOTER_LEN = 41
+EMPTY = "empty (an unused blank, or created and never written)"
 _FOOTER = re.compile(rb"\nFED1 ([0-9a-f]{16}) ([0-9a-f]{8}) ([0-9a-f]{8})\n\Z")
 
 
@@ -44,6 +47,29 @@ class Envelope:
     message_id: str | None
     received_at: float
     size: int
+
+
+def new_queue_id() -> str:
+    """A sortable, unique queue id: microseconds since the epoch + randomness, in hex."""
+    # random, not secrets: uniqueness is all a queue id needs, and urandom is a syscall.
+    return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
+
+
+def content_end(fd: int) -> int:
+    """Where a queue file's content ends: its size, less the zero bytes after the last
+    non-zero one (the unused rest of a blank)."""
+    total = os.fstat(fd).st_size
+    if total == 0 or os.pread(fd, 1, total - 1) != b"\0":
+        return total
+    end = total
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        chunk = os.pread(fd, end - start, start)
+        stripped = chunk.rstrip(b"\0")
+        if stripped:
+            return start + len(stripped)
+        end = start
+    return 0
 
 
 def crc_of(parts: Iterable[bytes]) -> int:
@@ -82,7 +108,9 @@ class BadQueueFile(Exception):
 
 def _footer(fd: int, path: Path) -> tuple[int, int, int]:
     """(message size, envelope size, crc) from the footer; BadQueueFile(torn) if none."""
-    total = os.fstat(fd).st_size
+    total = content_end(fd)
+    if total == 0:
+        raise BadQueueFile(path, EMPTY, torn=True)
     if total < FOOTER_LEN:
         raise BadQueueFile(path, "no footer (shorter than one)", torn=True)
     match = _FOOTER.match(os.pread(fd, FOOTER_LEN, total - FOOTER_LEN))

@@ -57,7 +57,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import secrets
 import sqlite3
 import time
@@ -67,11 +66,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..telemetry import metrics
+from .blanks import BLANK_SIZE, Blanks
 from .groupcommit import GroupCommitter
 from .queuefile import (
+    EMPTY,
     BadQueueFile,
     Envelope,
     crc_of,
+    new_queue_id,
     read_envelope,
     read_message,
     read_queue_file,
@@ -107,12 +109,8 @@ class Incoming:
 
     envelope: Envelope
     parts: tuple[bytes, ...]  # the message is their concatenation (never built in memory)
-
-
-def new_queue_id() -> str:
-    """A sortable, unique queue id: microseconds since the epoch + randomness, in hex."""
-    # random, not secrets: uniqueness is all a queue id needs, and urandom is a syscall.
-    return f"{time.time_ns() // 1000:014X}{random.getrandbits(24):06X}"
+    blank: int = -1  # the open file of the blank it goes into (blanks.py), or -1: a new file
+    alone: bool = False  # no other session is open: the loop may sync it itself
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,9 +139,38 @@ def _write_parts(fd: int, parts: list[bytes]) -> None:
         written = 0
 
 
+def _pwrite_parts(fd: int, parts: list[bytes]) -> None:
+    """All `parts`, in order, from offset 0 (into a blank), with one pwritev."""
+    written = os.pwritev(fd, parts, 0)
+    offset = 0
+    for part in parts:
+        if written >= len(part):
+            written -= len(part)
+            offset += len(part)
+            continue
+        view = memoryview(part)[written:]
+        offset += written
+        written = 0
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+
 def _try_fsync(fd: int) -> OSError | None:
     try:
         os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _try_fdatasync(fd: int) -> OSError | None:
+    """A blank's sync: its name, size and blocks were durable already (blanks.py). A
+    blank someone removed meanwhile (its folder replaced, say) fails: no name, no 250."""
+    try:
+        os.fdatasync(fd)
+        if os.fstat(fd).st_nlink == 0:
+            return FileNotFoundError(f"blank queue file (fd {fd}) removed before its sync")
     except OSError as exc:
         return exc
     return None
@@ -187,12 +214,14 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         self.on_queued: Callable[[list[PendingRecipient]], None] = lambda items: None
         self._committer: GroupCommitter[Incoming] = GroupCommitter(
-            self._write_batch, self._commit_batch, self._undo)
+            self._write_batch, self._commit_batch, self._undo, inline=self._fits_blank)
         self._ops: list[tuple[str, tuple[object, ...]]] = []
         self._unlink: list[str] = []  # queue ids of finished messages: file, then rows
         self._unlinking: set[asyncio.Future[None]] = set()  # unlinks in the thread pool
         self._flush_handle: asyncio.TimerHandle | None = None
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
+        self._blanks = Blanks(self.queue, self._fsyncs)
+        self._taken: dict[str, int] = {}  # queue id -> open blank, until accept() takes it
         self.done_log = root / "done.log"
         self._done_fd = -1  # done.log, opened by start() (after recover() applied it)
         self._done_logged = False
@@ -213,13 +242,17 @@ class Spool:
                 info.unlink(missing_ok=True)
         known = {str(r["queue_id"]) for r in self.store.query("SELECT queue_id FROM messages")}
         rebuilt: list[Envelope] = []
+        blanks = 0
         for file in sorted(self.queue.glob("*.eml")):
             if file.stem in known:
                 continue
             try:
                 envelope = read_envelope(file)
             except BadQueueFile as exc:
-                if exc.torn:  # what a crash before the fsync leaves: never acknowledged
+                if exc.reason == EMPTY:  # a blank never used (or never written): nothing
+                    blanks += 1
+                    file.unlink(missing_ok=True)
+                elif exc.torn:  # what a crash before the fsync leaves: never acknowledged
                     log.info("removing incomplete (never acknowledged) spool file %s: %s",
                              file.name, exc.reason)
                     file.unlink(missing_ok=True)
@@ -234,6 +267,8 @@ class Spool:
                     file, f"its envelope names queue id {envelope.queue_id}")
                 continue
             rebuilt.append(envelope)
+        if blanks:
+            log.info("removed %d empty queue files (blanks a stop or crash left)", blanks)
         if rebuilt:
             log.warning("re-queued %d acknowledged messages whose index rows a crash lost: %s",
                         len(rebuilt), ", ".join(e.queue_id for e in rebuilt))
@@ -418,7 +453,12 @@ class Spool:
         while self._unlinking:  # their row deletes come after them (write_outcomes)
             await asyncio.wait(set(self._unlinking))
             await self.flush()
-        self._fsyncs.shutdown()
+        self._fsyncs.shutdown()  # no blank is being made after this
+        self._blanks.close()
+        for queue_id, fd in self._taken.items():  # taken, never accepted
+            os.close(fd)
+            self.path(queue_id).unlink(missing_ok=True)
+        self._taken.clear()
         if self._done_fd >= 0:
             os.close(self._done_fd)
             self._done_fd = -1
@@ -428,29 +468,63 @@ class Spool:
         c = self._committer
         n = max(1, c.batches)
         ones = max(1, c.single_batches)
-        return (f"{c.items} messages in {c.batches} batches; per batch: write+fsync "
+        b = self._blanks
+        return (f"{c.items} messages in {c.batches} batches ({c.inline} written on the loop; "
+                f"{b.taken} into blanks, {b.missed} new files); per batch: write+fsync "
                 f"{1000 * c.write_seconds / n:.2f} ms, index {1000 * c.commit_seconds / n:.2f} "
                 f"ms, whole cycle {1000 * c.cycle_seconds / n:.2f} ms; the {c.single_batches} "
                 f"batches of one message: write+fsync {1000 * c.single_write_seconds / ones:.2f}"
                 f" ms, whole cycle {1000 * c.single_cycle_seconds / ones:.2f} ms")
 
     # -- accepting ----------------------------------------------------------------------
+    def take_queue_id(self) -> str:
+        """The queue id for a message about to be accepted: a blank's (its file is ready,
+        ``blanks.py``) or, when none is ready, a new one. Call `accept` with it next."""
+        blank = self._blanks.take()
+        if blank is None:
+            return new_queue_id()
+        self._taken[blank[0]] = blank[1]
+        return blank[0]
+
     async def accept(
         self, queue_id: str, mail_from: str, rcpts: list[str], data: bytes | Sequence[bytes],
-        message_id: str | None,
+        message_id: str | None, alone: bool = False,
     ) -> None:
         """Make a message durable (`data`: its bytes, or pieces of it in order); return only
-        when it is safe to answer 250."""
+        when it is safe to answer 250. `alone`: the caller knows of no other session, so
+        a message that fits its blank may be synced on the loop itself (groupcommit.py)."""
         parts = (data,) if isinstance(data, bytes) else tuple(data)
         envelope = Envelope(queue_id, mail_from, tuple(dict.fromkeys(rcpts)), message_id,
                             time.time(), sum(len(part) for part in parts))
-        await self._committer.submit(Incoming(envelope, parts))
+        await self._committer.submit(Incoming(envelope, parts, self._taken.pop(queue_id, -1),
+                                              alone))
+
+    @staticmethod
+    def _fits_blank(item: Incoming) -> bool:
+        """True if `item` is alone and goes into a blank without growing it: then its
+        commit is one pwritev and one fdatasync, quick enough for the loop itself, and no
+        other session's work waits for it (with others, batches share one sync round)."""
+        e = item.envelope
+        return item.alone and item.blank >= 0 and e.size + 512 + len(e.mail_from) + len(
+            e.message_id or "") + sum(len(r) + 3 for r in e.rcpts) <= BLANK_SIZE
 
     def _write_batch(self, batch: Sequence[Incoming]) -> list[BaseException | None]:
-        """Worker thread: write every file (message + envelope), fsync them and the folder."""
+        """Worker thread (or the loop, for one message that fits its blank): write every
+        file (message + envelope), fsync them and, unless all were blanks, the folder."""
         errors: list[BaseException | None] = []
         fds: list[int] = []
+        blank: set[int] = set()
         for item in batch:
+            if item.blank >= 0:  # its name is durable: write over the zeros, fdatasync
+                fds.append(item.blank)
+                blank.add(item.blank)
+                try:
+                    _pwrite_parts(item.blank, [*item.parts,
+                                               trailer(item.envelope, crc_of(item.parts))])
+                    errors.append(None)
+                except OSError as exc:
+                    errors.append(exc)
+                continue
             try:
                 fd = os.open(self.path(item.envelope.queue_id),
                              os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -470,11 +544,15 @@ class Spool:
         # files, finished messages being unlinked, keep changing; and the one syncing here
         # saves a batch of one message a hand-off to the pool and back).
         jobs = [fd for n, fd in enumerate(fds) if fd >= 0 and errors[n] is None]
-        dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY) if jobs else -1
+        new = any(fd not in blank for fd in jobs)  # a new name: the folder needs its fsync
+        dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY) if new else -1
         try:
             if jobs:
-                pooled = [self._fsyncs.submit(_try_fsync, fd) for fd in [*jobs[1:], dir_fd]]
-                first = _try_fsync(jobs[0])
+                pooled = [self._fsyncs.submit(_try_fdatasync if fd in blank else _try_fsync,
+                                              fd) for fd in jobs[1:]]
+                if new:
+                    pooled.append(self._fsyncs.submit(_try_fsync, dir_fd))
+                first = (_try_fdatasync if jobs[0] in blank else _try_fsync)(jobs[0])
                 outcomes = [first, *(f.result() for f in pooled)]
             else:
                 outcomes = []
@@ -484,7 +562,7 @@ class Spool:
                     os.close(fd)
             if dir_fd >= 0:
                 os.close(dir_fd)
-        if outcomes and outcomes[-1] is not None:  # the folder: nobody's name is durable
+        if new and outcomes[-1] is not None:  # the folder: no new name is durable
             return [outcomes[-1]] * len(errors)
         by_fd = dict(zip(jobs, outcomes, strict=False))
         return [err if err is not None else by_fd.get(fd) for err, fd in zip(errors, fds,
@@ -521,12 +599,12 @@ class Spool:
         return cached if cached is not None else read_message(self.path(queue_id))
 
     def pending(self) -> list[PendingRecipient]:
-        """Every pending recipient, oldest message first (at start-up)."""
+        """Every pending recipient, oldest message first (by arrival; at start-up)."""
         rows = self.store.query(
             "SELECT r.queue_id, r.rcpt, r.attempts, r.next_try, r.last_error, m.mail_from, "
             "m.message_id, m.received_at, m.size "
             "FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
-            "WHERE r.status = 'pending' ORDER BY r.queue_id, r.rcpt")
+            "WHERE r.status = 'pending' ORDER BY m.received_at, r.queue_id, r.rcpt")
         return [
             PendingRecipient(
                 str(r["queue_id"]), str(r["rcpt"]), str(r["mail_from"]),

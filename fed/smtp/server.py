@@ -65,7 +65,7 @@ from mailferry.mail.addresses import (
 )
 from mailferry.mail.messageid import message_id_of
 
-from ..queue.spool import Spool, new_queue_id
+from ..queue.spool import Spool
 from ..routing.directory import Directory
 from ..telemetry import metrics
 from .auth import Authenticator
@@ -245,15 +245,18 @@ class FedHandler:
                 metrics.count_refused("550")
                 return "550 5.5.2 bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
             raw = normalize_eols(raw)
-        queue_id = new_queue_id()
+        queue_id = self.spool.take_queue_id()  # a blank's, when one is ready
         # Header and body stay two pieces (the spool writes both): no copy of a big message.
         data = [self.received_header(session, envelope, queue_id), raw]
         size = sum(map(len, data))
         mail_from = envelope.mail_from or ""
+        # The only connection: nobody else's work waits while the loop syncs this message
+        # itself (Spool.accept's `alone`).
+        alone = isinstance(server, FedSMTP) and server.connections.total <= 1
         self.writing += 1
         try:
             await self.spool.accept(queue_id, mail_from, list(envelope.rcpt_tos), data,
-                                    message_id_of(raw))
+                                    message_id_of(raw), alone=alone)
         except Exception:
             log.exception("could not spool a message from %s", session.peer,
                           extra={"queue_id": queue_id})

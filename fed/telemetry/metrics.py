@@ -78,7 +78,8 @@ def count_refused(code: str) -> None:
 
 
 def queued_at(queue_id: str) -> float | None:
-    """The acceptance time encoded in a queue id (``spool.new_queue_id``), if any."""
+    """The time encoded in a queue id (``queuefile.new_queue_id``: when it was made, for a
+    blank before its message came; delivery passes the arrival time instead), if any."""
     try:
         return int(queue_id[:14], 16) / 1e6
     except ValueError:

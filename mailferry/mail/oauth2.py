@@ -33,17 +33,13 @@ must act, retrying will not help), unset when the endpoint could not be reached 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from mailferry.mail.imap.client import ImapClient
+from mailferry.mail.imap.client import ImapClient, ImapCommandError
 
 log = logging.getLogger("mailferry.oauth2")
 
@@ -208,41 +204,11 @@ def tokens_for(settings: OAuth2Settings, *, where: str = "") -> TokenSource:
 
 
 # -- SASL (RFC 7628 and Google's XOAUTH2) ---------------------------------------------------
-def initial_response(mechanism: str, user: str, token: str, host: str, port: int) -> str:
-    """The base64 client response of XOAUTH2 or OAUTHBEARER (RFC 7628 3.1: a GS2 header
-    naming the user, host and port, then the bearer token)."""
-    if mechanism.lower() == "xoauth2":
-        raw = f"user={user}\x01auth=Bearer {token}\x01\x01"
-    elif mechanism.lower() == "oauthbearer":
-        gs2_user = user.replace("=", "=3D").replace(",", "=2C")
-        raw = f"n,a={gs2_user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
-    else:
-        raise ValueError(f"SASL mechanism {mechanism!r} is not xoauth2 or oauthbearer")
-    return base64.b64encode(raw.encode()).decode()
-
-
-def failure_detail(challenge: bytes) -> str:
-    """The server's error of a refused token (RFC 7628 3.2.2: a base64 JSON challenge with
-    `status`, `scope`), as "status 401" or "" when unreadable."""
-    try:
-        info: Any = json.loads(base64.b64decode(challenge.strip(), validate=True))
-    except (ValueError, TypeError):
-        return ""
-    if not isinstance(info, dict):
-        return ""
-    parts = [f"status {info['status']}"] if "status" in info else []
-    if info.get("scope"):
-        parts.append(f"scope {info['scope']}")
-    return ", ".join(str(p) for p in parts)[:200]
-
-
 async def imap_login(client: ImapClient, user: str, tokens: TokenSource) -> None:
     """Log `client` in as `user` with a token from `tokens`; a refused token is dropped and
     a fresh one tried once (the token was revoked, or expired between cache and server).
     Raises `OAuth2Error` when no token can be had, `ImapCommandError` when the server
     refuses a fresh token too."""
-    from mailferry.mail.imap.client import ImapCommandError
-
     if f"AUTH={tokens.mechanism.upper()}" not in client.capabilities:
         raise ImapCommandError("AUTHENTICATE", "NO", f"the server does not offer "
                                f"AUTH={tokens.mechanism.upper()}")

@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from mailferry.mail import oauth2
@@ -59,6 +59,7 @@ from mailferry.mail.messageid import message_id_of
 from reconciler.drivers.base import ImapAccount, MailSystemDriver
 from reconciler.mover.folders import ATTRIBUTES, Folder, canonical, guess_special_use, native
 from reconciler.mover.gmail import GmailLabels
+from reconciler.mover.listing import Entry, Listing
 from reconciler.mover.pace import SystemPace
 from reconciler.mover.pool import ConnectionPool, Idle
 
@@ -91,29 +92,6 @@ def wire_form(data: bytes) -> bytes:
 def content_hash(data: bytes) -> str:
     """The content identity of a message: sha256 of its wire form."""
     return hashlib.sha256(wire_form(data)).hexdigest()
-
-
-@dataclass
-class Entry:
-    """One message in a listing (no body)."""
-
-    uid: str  # IMAP UID, or a driver's message key
-    size: int
-    message_id: str  # "" when the message has none
-    flags: tuple[str, ...] = ()
-    date: str | None = None  # INTERNALDATE, IMAP syntax
-    sha256: str | None = None  # known without reading the body (drivers, the manifest)
-
-
-@dataclass
-class Listing:
-    """A folder's messages under one validity."""
-
-    validity: str
-    entries: list[Entry] = field(default_factory=list)
-    # "UIDVALIDITY/UIDNEXT/MESSAGES" when the listing was taken (IMAP), "" when unknown:
-    # the same triple later means the very same messages (see pipeline's shortcut).
-    state: str = ""
 
 
 @dataclass

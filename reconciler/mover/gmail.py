@@ -28,24 +28,35 @@ Mail's): it is listed on every pass, never skipped as unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mailferry.mail.imap import mutf7
-from mailferry.mail.imap.client import Untagged, as_int, fetch_items
+from mailferry.mail.imap.client import ImapClient, Untagged, as_int, fetch_items
 from reconciler.mover.folders import Folder, canonical
-
-if TYPE_CHECKING:
-    from reconciler.mover.endpoints import Entry, ImapEndpoint, Listing
+from reconciler.mover.listing import Entry, Listing
 
 # Gmail's system labels -> the special use of the folder they stand for ("" = INBOX)
 LABEL_USES = {"\\inbox": "", "\\sent": "\\Sent", "\\draft": "\\Drafts"}
 NOT_FOLDERS = {"\\starred", "\\important"}  # a flag, and Gmail's own ranking
 
 
+class LabelSource(Protocol):
+    """What the label view needs of its endpoint (`endpoints.ImapEndpoint` is one)."""
+
+    prefix: str
+
+    @property
+    def validity(self) -> str: ...
+
+    async def select(self, name: str) -> bool: ...
+
+    def client_for_labels(self) -> ImapClient: ...
+
+
 class GmailLabels:
     """The label view of one Gmail mailbox, on its (read-only) endpoint."""
 
-    def __init__(self, endpoint: ImapEndpoint) -> None:
+    def __init__(self, endpoint: LabelSource) -> None:
         self.endpoint = endpoint
         self.all_mail: str | None = None
         self.by_folder: dict[str, list[str]] = {}
@@ -58,8 +69,6 @@ class GmailLabels:
 
     async def folders(self, listed: list[Folder]) -> list[Folder]:
         """The label folders, Spam and Trash; `listed` as it is without an All Mail."""
-        from reconciler.mover.endpoints import Entry  # endpoints imports this module
-
         all_mail = next((f for f in listed if f.special_use == "\\All" and f.selectable),
                         None)
         if all_mail is None:
@@ -113,8 +122,6 @@ class GmailLabels:
 
     def listing(self, name: str) -> Listing:
         """A label folder: its All Mail entries (sizes, hashes learnt so far)."""
-        from reconciler.mover.endpoints import Listing
-
         return Listing(self.validity, [self.entries[u] for u in self.by_folder.get(name, ())])
 
     def source_of(self, name: str, uids: Sequence[str]) -> str:

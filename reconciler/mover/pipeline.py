@@ -50,8 +50,6 @@ from reconciler.mover.endpoints import (
     AppendResult,
     Digest,
     Endpoint,
-    Entry,
-    Listing,
     Outgoing,
     StreamingTarget,
     content_hash,
@@ -59,6 +57,7 @@ from reconciler.mover.endpoints import (
     wire_form,
 )
 from reconciler.mover.folders import VIRTUAL_USES, Folder, FolderRule, map_folders, ruled
+from reconciler.mover.listing import Entry, Listing
 from reconciler.mover.manifest import PROOF, Manifest, ManifestRow
 from reconciler.mover.pace import BudgetSpent, Shed, SystemPace
 from reconciler.mover.progress import Progress

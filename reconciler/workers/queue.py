@@ -210,14 +210,16 @@ class Queue:
             self._recheck(m, step, seen[0])
             raise NotReady(f"{step} {seen[1]} on a worker", address=m.address, step=step)
         where = (DataJob.migration_id == m.id, DataJob.step == step, DataJob.state == m.state)
-        with self.store.session() as session:
-            row = session.scalars(select(DataJob).where(*where)).first()
-            if row is not None and row.status in ("done", "error") and \
-                    row.finished_at is not None and row.finished_at < utcnow() - STALE:
-                session.delete(row)  # left over (the migration was suspended meanwhile)
-                row = None
-            if row is not None:
-                status, result, row_id = row.status, row.result or {}, row.id
+        row = None
+        if seen is not None:  # none a second ago: inserted at once (unique: no second row)
+            with self.store.session() as session:
+                row = session.scalars(select(DataJob).where(*where)).first()
+                if row is not None and row.status in ("done", "error") and \
+                        row.finished_at is not None and row.finished_at < utcnow() - STALE:
+                    session.delete(row)  # left over (the migration was suspended meanwhile)
+                    row = None
+                if row is not None:
+                    status, result, row_id = row.status, row.result or {}, row.id
         if row is None:
             try:
                 with self.store.session() as session:

@@ -3,7 +3,7 @@
  *
  * Why: kill -9 keeps the page cache, so it cannot show a write that was never fsynced
  * being lost; these machines have no device-mapper (dm-log-writes) either. Like ALICE and
- * LazyFS, this records the calls (open, write/pwrite with their bytes, ftruncate, fsync,
+ * LazyFS, this records the calls (open, write/pwrite/writev/pwritev with their bytes, ftruncate, fsync,
  * fdatasync, rename, unlink, mkdir, rmdir), each with its CLOCK_MONOTONIC time, and
  * tests/powerloss/replay.py rebuilds what the disk holds after a power cut at any point:
  * only what an fsync made durable (a file's bytes by fsync of the file, a name by fsync
@@ -58,6 +58,8 @@ static ssize_t (*real_write)(int, const void *, size_t);
 static ssize_t (*real_pwrite)(int, const void *, size_t, off_t);
 static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
 static ssize_t (*real_writev)(int, const struct iovec *, int);
+static ssize_t (*real_pwritev)(int, const struct iovec *, int, off_t);
+static ssize_t (*real_pwritev2)(int, const struct iovec *, int, off_t, int);
 static int (*real_ftruncate)(int, off_t);
 static int (*real_ftruncate64)(int, off_t);
 static int (*real_fsync)(int);
@@ -77,6 +79,8 @@ __attribute__((constructor)) static void init(void) {
     real_pwrite = dlsym(RTLD_NEXT, "pwrite");
     real_pwrite64 = dlsym(RTLD_NEXT, "pwrite64");
     real_writev = dlsym(RTLD_NEXT, "writev");
+    real_pwritev = dlsym(RTLD_NEXT, "pwritev");
+    real_pwritev2 = dlsym(RTLD_NEXT, "pwritev2");
     real_ftruncate = dlsym(RTLD_NEXT, "ftruncate");
     real_ftruncate64 = dlsym(RTLD_NEXT, "ftruncate64");
     real_fsync = dlsym(RTLD_NEXT, "fsync");
@@ -250,6 +254,43 @@ ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
     pthread_mutex_unlock(&lock);
     return n;
 }
+
+/* pwritev (os.pwritev: the spool writes a message over a blank with it): each piece
+   recorded at its offset. pwritev2 with offset -1 writes at the file position. */
+static void record_iov(int fd, int64_t at, const struct iovec *iov, int iovcnt, ssize_t n) {
+    ssize_t left = n;
+    for (int i = 0; i < iovcnt && left > 0; i++) {
+        size_t part = iov[i].iov_len < (size_t)left ? iov[i].iov_len : (size_t)left;
+        record(OP_WRITE, fd, at, iov[i].iov_base, part, NULL, 0);
+        at += (int64_t)part;
+        left -= (ssize_t)part;
+    }
+}
+
+ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset) {
+    if (!is_tracked(fd))
+        return real_pwritev(fd, iov, iovcnt, offset);
+    pthread_mutex_lock(&lock);
+    ssize_t n = real_pwritev(fd, iov, iovcnt, offset);
+    record_iov(fd, (int64_t)offset, iov, iovcnt, n);
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+ssize_t pwritev64(int fd, const struct iovec *iov, int iovcnt, off_t offset)
+    __attribute__((alias("pwritev")));
+
+ssize_t pwritev2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags) {
+    if (!is_tracked(fd))
+        return real_pwritev2(fd, iov, iovcnt, offset, flags);
+    pthread_mutex_lock(&lock);
+    int64_t at = offset == -1 ? where_next(fd) : (int64_t)offset;
+    ssize_t n = real_pwritev2(fd, iov, iovcnt, offset, flags);
+    record_iov(fd, at, iov, iovcnt, n);
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+ssize_t pwritev64v2(int fd, const struct iovec *iov, int iovcnt, off_t offset, int flags)
+    __attribute__((alias("pwritev2")));
 
 static ssize_t do_pwrite(ssize_t (*real)(int, const void *, size_t, off_t), int fd,
                          const void *buf, size_t count, off_t offset) {

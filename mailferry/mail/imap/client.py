@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Union, cast
 
 from mailferry.mail.imap.quoting import quote
+from mailferry.mail.imap.sasl import failure_detail, initial_response
 from mailferry.mail.imap.servers import family_of
 from mailferry.mail.imap.wire import ChunkSource, Wire, open_wire
 from mailferry.mail.tls import client_context
@@ -602,10 +603,10 @@ class ImapClient:
 
     async def login_oauth(self, user: str, token: str, *, mechanism: str = "xoauth2") -> None:
         """AUTHENTICATE XOAUTH2 or OAUTHBEARER with a bearer token (`mailferry.mail.oauth2`
-        gets it and retries a refused one). A refused token is answered with a challenge
-        (RFC 7628 3.2.2) that the client acknowledges before the server says NO; the NO's
-        text gets the challenge's status. The token is never part of a message."""
-        from mailferry.mail.oauth2 import failure_detail, initial_response
+        gets it and retries a refused one; `mailferry.mail.imap.sasl` encodes it). A refused
+        token is answered with a challenge (RFC 7628 3.2.2) that the client acknowledges
+        before the server says NO; the NO's text gets the challenge's status. The token is
+        never part of a message."""
 
         mech = mechanism.upper()
         if f"AUTH={mech}" not in self.capabilities:

@@ -1,0 +1,140 @@
+"""Queue files made ahead: named, sized and durable before a message needs one.
+
+Why: making a new file durable takes the file's fsync *and* its folder's (the name), and
+both are journal commits on ext4, the fsync of a lone message's critical path. A blank is
+``queue/<queue id>.eml`` created ahead of time, filled with BLANK_SIZE zero bytes (real
+blocks, not a hole or an unwritten extent), fsynced, and its folder fsynced after it; all
+in a background thread, off the critical path. A message that fits is then written over
+the zeros from offset 0 and made durable by one ``fdatasync``: its name was durable
+already, its size and blocks do not change, so the sync is the data and a cache flush, no
+journal commit (``bench/fsync_modes.py``'s ``blank``). A message that does not fit
+extends the file; the fdatasync then also commits the new size, still without a folder
+fsync.
+
+What a blank looks like after a crash, and what start-up does (``Spool.recover``): a
+queue file is its content (message, envelope, footer: ``queuefile.py``) followed by zero
+bytes up to the blank's size; ``queuefile`` finds the content's end as the last non-zero
+byte (the footer ends with a newline, so content never ends with a zero). A blank never
+written is all zeros: no footer, never acknowledged, removed. A blank written but not
+synced (a power cut before the fdatasync returned) holds zeros, a part of the message, or
+all of it with stale pages: no valid footer or a checksum that does not match, so never
+acknowledged, removed; or all of it intact, rebuilt and delivered like any complete file
+whose index rows were lost (at least once). An acknowledged message's fdatasync returned
+before its 250, so its bytes are on disk under a name that was on disk before it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+
+from .queuefile import new_queue_id
+
+log = logging.getLogger("fed.blanks")
+
+BLANK_SIZE = 8192  # bytes of zeros per blank: a message up to this (with envelope) fits
+KEEP = 128  # blanks kept ready; a refill starts when a quarter of them are used
+_ZEROS = bytes(BLANK_SIZE)
+
+
+def _try_fsync(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def is_blank(path: Path) -> bool:
+    """True for a file that holds nothing but zero bytes (an unused blank)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
+
+
+class Blanks:
+    """A supply of blanks in one folder; `take` on the loop, `refill` in a thread."""
+
+    def __init__(self, folder: Path, pool: Executor, keep: int = KEEP) -> None:
+        self.folder = folder
+        self._pool = pool
+        self._syncs = ThreadPoolExecutor(8, thread_name_prefix="blank-fsync")
+        self._keep = keep
+        self._ready: collections.deque[tuple[str, int]] = collections.deque()  # (qid, fd)
+        self._refilling = False
+        self._closed = False
+        self.made = 0  # statistics
+        self.taken = 0
+        self.missed = 0  # takes that found none ready
+
+    def take(self) -> tuple[str, int] | None:
+        """A ready blank's queue id and its open file (O_RDWR), or None if none is ready
+        (the caller then makes a new file, with its folder's fsync)."""
+        if len(self._ready) < self._keep * 3 // 4 and not self._refilling and not self._closed:
+            self._refilling = True
+            future = self._pool.submit(self._make, self._keep - len(self._ready))
+            future.add_done_callback(self._made)
+        try:
+            blank = self._ready.popleft()
+        except IndexError:
+            self.missed += 1
+            return None
+        self.taken += 1
+        return blank
+
+    def _made(self, future: object) -> None:
+        self._refilling = False
+
+    def _make(self, count: int) -> None:
+        """Worker thread: `count` blanks, each fsynced, then their folder; only then are
+        they handed out (a blank's name must be durable before a message trusts it)."""
+        made: list[tuple[str, int]] = []
+        try:
+            for _ in range(count):
+                queue_id = new_queue_id()
+                fd = os.open(self.folder / f"{queue_id}.eml",
+                             os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                made.append((queue_id, fd))
+                view = memoryview(_ZEROS)
+                while view:
+                    view = view[os.write(fd, view):]
+            # All at once (concurrent fsyncs share the journal's commits; one after the other,
+            # each would wait for its own).
+            for failed in self._syncs.map(_try_fsync, [fd for _, fd in made]):
+                if failed is not None:
+                    raise failed
+            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:  # the spool makes new files meanwhile; the next take retries
+            log.warning("cannot make blank queue files in %s: %s", self.folder, exc)
+            self._discard(made)
+            return
+        if self._closed:
+            self._discard(made)
+            return
+        self._ready.extend(made)  # deque.extend: safe against the loop's popleft
+        self.made += len(made)
+
+    def _discard(self, blanks: list[tuple[str, int]]) -> None:
+        for queue_id, fd in blanks:
+            os.close(fd)
+            try:
+                (self.folder / f"{queue_id}.eml").unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove blank %s: %s", queue_id, exc)
+
+    def close(self) -> None:
+        """Remove the blanks not handed out (a crash leaves them: start-up removes them)."""
+        self._closed = True
+        self._syncs.shutdown()
+        ready = list(self._ready)
+        self._ready.clear()
+        self._discard(ready)

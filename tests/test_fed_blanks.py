@@ -1,0 +1,195 @@
+"""Blanks: queue files made and synced ahead (fed/queue/blanks.py), what a message written
+into one looks like, and what start-up makes of every state a crash can leave it in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fed.queue.blanks import BLANK_SIZE, is_blank
+from fed.queue.queuefile import (
+    Envelope,
+    crc_of,
+    read_envelope,
+    read_message,
+    trailer,
+)
+from fed.queue.spool import Spool
+from fed.queue.store import Store
+
+from fedutil import REPO
+
+MESSAGE = b"Subject: blank\r\nMessage-ID: <b@t>\r\n\r\n" + b"x" * 2000 + b"\r\n"
+
+
+async def ready_spool(root: Path, blanks: int = 1) -> Spool:
+    """A started spool with at least `blanks` blanks ready (the first take starts a refill
+    and finds none: that message gets a new file)."""
+    spool = Spool(root / "spool", Store(root / "fed.db"))
+    spool.start()
+    first = spool.take_queue_id()
+    await spool.accept(first, "s@x.example", ["a@corp.example"], MESSAGE, "<first@t>")
+    deadline = time.monotonic() + 30
+    while len(spool._blanks._ready) < blanks:
+        assert time.monotonic() < deadline, "no blanks made in 30 s"
+        await asyncio.sleep(0.01)
+    return spool
+
+
+async def close(spool: Spool) -> None:
+    await spool.close()
+    spool.store.close()
+
+
+def content(queue_id: str, message: bytes = MESSAGE, rcpts: tuple[str, ...] = ("a@corp.example",)
+            ) -> bytes:
+    """The bytes fed writes into a queue file for `message`."""
+    envelope = Envelope(queue_id, "s@x.example", rcpts, "<b@t>", time.time(), len(message))
+    return message + trailer(envelope, crc_of([message]))
+
+
+def test_a_lone_message_goes_into_a_blank_synced_on_the_loop(tmp_path: Path) -> None:
+    async def run() -> None:
+        spool = await ready_spool(tmp_path)
+        queue_id = spool.take_queue_id()
+        file = spool.path(queue_id)
+        # The blank was there, full size, all zeros, before the message came.
+        assert file.stat().st_size == BLANK_SIZE and is_blank(file)
+        await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE, "<b@t>",
+                           alone=True)
+        assert spool._committer.inline == 1  # no thread, no committer task
+        assert file.stat().st_size == BLANK_SIZE  # written over the zeros, not grown
+        assert read_message(file) == MESSAGE
+        assert read_envelope(file).rcpts == ("a@corp.example",)
+        assert [p.queue_id for p in spool.pending()][-1] == queue_id
+        # Not alone (other sessions open): the batch path, still into a blank.
+        other = spool.take_queue_id()
+        await spool.accept(other, "s@x.example", ["a@corp.example"], MESSAGE, "<c@t>")
+        assert spool._committer.inline == 1
+        assert read_message(spool.path(other)) == MESSAGE
+        # Bigger than a blank: written into it all the same, the file grows.
+        big = MESSAGE + b"y" * (3 * BLANK_SIZE) + b"\r\n"
+        third = spool.take_queue_id()
+        await spool.accept(third, "s@x.example", ["a@corp.example"], big, None, alone=True)
+        assert spool._committer.inline == 1  # too big for the loop
+        assert read_message(spool.path(third)) == big
+        await close(spool)
+        # The blanks nobody took are gone with the stop; the messages stay.
+        left = sorted(p.stem for p in (tmp_path / "spool" / "queue").iterdir())
+        assert len(left) == 4 and {queue_id, other, third} < set(left)
+    asyncio.run(run())
+
+
+def test_a_blank_removed_before_its_sync_gets_no_250(tmp_path: Path) -> None:
+    async def run() -> None:
+        spool = await ready_spool(tmp_path)
+        queue_id = spool.take_queue_id()
+        spool.path(queue_id).unlink()  # an admin's rm, the folder replaced...
+        with pytest.raises(FileNotFoundError, match="removed before its sync"):
+            await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE, None,
+                               alone=True)
+        assert queue_id not in {p.queue_id for p in spool.pending()}
+        await close(spool)
+    asyncio.run(run())
+
+
+def test_start_up_after_a_crash_with_blanks_in_every_state(tmp_path: Path) -> None:
+    """Each state a power cut can leave a blank in, and what start-up does with it."""
+    async def made() -> list[str]:
+        spool = await ready_spool(tmp_path, blanks=6)
+        taken = [spool.take_queue_id() for _ in range(6)]
+        spool._taken.clear()  # the crash: nothing of this process cleans up
+        spool._blanks._ready.clear()
+        spool._blanks._closed = True
+        await spool._committer.close()
+        spool.store.close()
+        return taken
+
+    unused, torn, stale, whole, nonsense, grown = asyncio.run(made())
+    queue = tmp_path / "spool" / "queue"
+
+    def put(queue_id: str, data: bytes) -> None:
+        fd = os.open(queue / f"{queue_id}.eml", os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+
+    put(torn, content(torn)[:1500])  # the first pages reached the disk, not the rest
+    stale_bytes = bytearray(content(stale))
+    stale_bytes[700:704] = b"\0\0\0\0"  # one page of the old zeros under a complete file
+    put(stale, bytes(stale_bytes))
+    put(whole, content(whole))  # complete, synced; its index rows were lost
+    put(nonsense, content("SOMEONE-ELSE"))  # checksum right, but not this file's message
+    put(grown, content(grown, MESSAGE + b"z" * BLANK_SIZE))  # bigger than its blank
+
+    spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))
+    assert spool.recover() == 3  # the first message, whole, grown
+    names = {p.stem for p in queue.iterdir()}
+    assert unused not in names and torn not in names and stale not in names
+    assert whole in names and grown in names and nonsense not in names
+    assert (tmp_path / "spool" / "quarantine" / f"{nonsense}.eml").exists()  # never deleted
+    assert [q["queue_id"] for q in spool.quarantined()] == [nonsense]
+    pending = {p.queue_id for p in spool.pending()}
+    assert {whole, grown} <= pending and not {unused, torn, stale, nonsense} & pending
+    assert read_message(queue / f"{whole}.eml") == MESSAGE
+    spool.store.close()
+
+
+KILLED_BETWEEN_WRITE_AND_SYNC = """
+import asyncio, os, signal, sys, time
+from pathlib import Path
+from fed.queue.spool import Spool
+from fed.queue.store import Store
+
+async def main() -> None:
+    root = Path(sys.argv[1])
+    spool = Spool(root / "spool", Store(root / "fed.db"))
+    spool.start()
+    await spool.accept(spool.take_queue_id(), "s@x.example", ["a@corp.example"], b"m\\r\\n",
+                       None)
+    while not spool._blanks._ready:
+        await asyncio.sleep(0.01)
+    queue_id = spool.take_queue_id()
+    print(queue_id, flush=True)
+
+    def killed(fd: int) -> None:  # the message is written; its sync never happens
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.fdatasync = killed
+    await spool.accept(queue_id, "s@x.example", ["a@corp.example"],
+                       b"Subject: k\\r\\n\\r\\nkilled\\r\\n", "<k@t>", alone=True)
+    print("acknowledged", flush=True)  # never reached
+
+asyncio.run(main())
+"""
+
+
+def test_kill_9_between_the_write_into_a_blank_and_its_sync(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_BETWEEN_WRITE_AND_SYNC),
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    queue_id = done.stdout.split()[0]
+    assert "acknowledged" not in done.stdout
+    queue = tmp_path / "spool" / "queue"
+    blanks_left = [p for p in queue.iterdir() if is_blank(p)]
+    assert blanks_left  # the unused blanks of the dead process
+    # kill -9 keeps the page cache: the written blank is complete though never synced, so
+    # start-up delivers it (at least once, as any complete file without rows); the unused
+    # blanks go.
+    spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))
+    assert spool.recover() == 2
+    assert not [p for p in queue.iterdir() if is_blank(p)]
+    assert read_message(queue / f"{queue_id}.eml") == b"Subject: k\r\n\r\nkilled\r\n"
+    assert queue_id in {p.queue_id for p in spool.pending()}
+    spool.store.close()
+
