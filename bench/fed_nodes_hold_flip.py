@@ -11,7 +11,8 @@ default), the other with `--no-node-notify` (the 100 ms poll, as before). In the
    hold through A until the call returns (it waits for B's acknowledgement), each then
    undone (flip back, release);
 2. the cutover of 1,000 addresses on each pair while a sender per node (helpers.mail's
-   Sender: a connection a message) writes to the wave's addresses in a shuffled order: E8 hold with the up-sync check, E9 flips one call per address
+   Sender: a connection a message) writes to the wave's addresses in a shuffled order:
+   E8 hold with the up-sync check, E9 flips one call per address
    alternating between the nodes, release until every held message is delivered, and the
    time until the other node routes the last flip. It checks what it measures: nothing
    reaches the old system after the hold returned, every acknowledged message is
