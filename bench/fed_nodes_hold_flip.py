@@ -10,8 +10,9 @@ default), the other with `--no-node-notify` (the 100 ms poll, as before). In the
    routes by it (B's in-memory directory, read through its control API every 2 ms), and a
    hold through A until the call returns (it waits for B's acknowledgement), each then
    undone (flip back, release);
-2. the cutover of 1,000 addresses on each pair while a sender per node writes to random
-   addresses of the wave: E8 hold with the up-sync check, E9 flips one call per address
+2. the cutover of 1,000 addresses on each pair while a sender per node (helpers.mail's
+   Sender: a connection a message) writes to the wave's addresses in a shuffled order:
+   E8 hold with the up-sync check, E9 flips one call per address
    alternating between the nodes, release until every held message is delivered, and the
    time until the other node routes the last flip. It checks what it measures: nothing
    reaches the old system after the hold returned, every acknowledged message is
@@ -27,11 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import smtplib
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,33 +40,18 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fedutil import FakeSystem, Fed, message
+from fedutil import FakeSystem, Fed
+from helpers.mail import Sender
 from helpers.waiting import wait_for
 from pgutil import PrivatePostgres
 
 
-class Flow(threading.Thread):
-    """Sends to random addresses of the wave through one node until stopped."""
-
-    def __init__(self, fed: Fed, prefix: str, addresses: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.fed, self.prefix, self.addresses = fed, prefix, addresses
-        self.acked: list[str] = []
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        rng = random.Random(self.prefix)
-        with smtplib.SMTP("127.0.0.1", self.fed.smtp_port, timeout=60) as client:
-            client.ehlo("bench.example")
-            n = 0
-            while not self.halt.is_set():
-                client.mail("sender@outside.example")
-                client.rcpt(rng.choice(self.addresses))
-                code, _ = client.data(message("wave", f"{self.prefix}-{n}@b"))
-                if code == 250:
-                    self.acked.append(f"<{self.prefix}-{n}@b>")
-                n += 1
-                self.halt.wait(0.005)
+def flow(fed: Fed, prefix: str, addresses: list[str]) -> Sender:
+    """Mail to the wave's addresses (each in turn, in an order of its own) through one node
+    until finished (bounded: 100,000 messages, 10 minutes)."""
+    order = random.Random(prefix).sample(addresses, len(addresses))
+    return Sender(fed.smtp_port, order, tag=f"{prefix}-", count=100_000, pause=0.005,
+                  seconds=600, sender="sender@outside.example", timeout=60)
 
 
 MODES = {"notify": [], "poll": ["--no-node-notify"]}
@@ -146,9 +130,9 @@ def cutover(pair: Pair, n: int) -> dict[str, Any]:
     wait_for(lambda: b.client.lookup(addresses[-1]) is not None, what="directory on b")
     s1.received.clear()
     s2.received.clear()
-    flows = [Flow(a, "a", addresses), Flow(b, "b", addresses)]
-    for flow in flows:
-        flow.start()
+    flows = [flow(a, "a", addresses), flow(b, "b", addresses)]
+    for sender in flows:
+        sender.start()
     wait_for(lambda: len(s1.received) >= 50, timeout=60, what="mail flowing")
 
     began = t0 = time.monotonic()
@@ -164,10 +148,7 @@ def cutover(pair: Pair, n: int) -> dict[str, Any]:
     last = n - 2  # flipped through b: seen on a
     seen_s = until(lambda: a.client.lookup(addresses[last]) == f"user{last:05d}@s2.invalid", 30)
 
-    for flow in flows:
-        flow.halt.set()
-        flow.join(60)
-    acked = [m for flow in flows for m in flow.acked]
+    acked = [m for sender in flows for m in sender.finish(60)]
     held = a.client.queue().held + b.client.queue().held
 
     t0 = time.monotonic()

@@ -13,8 +13,10 @@
 #   bench/mover_vs_mbsync.sh [USERS] [MSGS_PER_USER]      default 20 500 (10 000 messages)
 #   MEM_CHECK=1 bench/mover_vs_mbsync.sh                  also: one 10 000-message mailbox,
 #                                                         mover only, peak memory
-# Knobs: PARALLEL_MOVER (mailboxes at once, default 8), METHODS (peers, default
-# "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads (AVG_SIZE, ...).
+# Knobs: PARALLEL_MOVER (mailboxes at once, default 8; in each process), PROCESSES_MOVER
+# (`copy --processes`, default 1; the peers' -par rows run PARALLEL=4 processes), METHODS
+# (peers, default "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads
+# (AVG_SIZE, ...).
 # COLD_RERUN=1 adds a third pass in a *new process* (Python start, state store, fresh
 # logins: what a later invocation pays; `--rerun` reuses the first pass's connections), then
 # bench/imap_login_floor.py: the same logins and LIST-STATUS and nothing else (the floor). It
@@ -34,6 +36,7 @@ PY=${MOVER_PYTHON:-$REPO/.venv/bin/python}
 USERS=${1:-20}
 MSGS=${2:-500}
 PARALLEL_MOVER=${PARALLEL_MOVER:-8}
+PROCESSES_MOVER=${PROCESSES_MOVER:-1}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 chmod 755 "$WORK"
@@ -42,7 +45,7 @@ chmod 755 "$WORK"
 mover_cmd() {
     local copy="'$PY' -m reconciler.mover copy --src 127.0.0.1:\$SRC_PORT"
     copy+=" --dst 127.0.0.1:\$DST_PORT --users \$USERS_FILE --state '$1.db'"
-    copy+=" --progress none --parallel $PARALLEL_MOVER"
+    copy+=" --progress none --parallel $PARALLEL_MOVER --processes $PROCESSES_MOVER"
     if [[ ${COLD_RERUN:-0} == 1 ]]; then
         echo "cd '$REPO' && $copy --rerun --stats '$1' && t0=\$(date +%s.%N) &&" \
             "$copy --stats '$1.cold' && echo \$t0 \$(date +%s.%N) > '$1.coldwall' &&" \

@@ -343,7 +343,9 @@ class Engine:
         """One pass; True when at least one state changed. `chain=False`: no E9 right after
         E5-E8 (a test that looks at the held state between passes)."""
         now = self.clock()
-        return self.run_changes(self.plan(now).due(), report, now, purge=True, chain=chain)
+        seen = self.observe()
+        return self.run_changes(self.plan(now, observed=seen).due(), report, now, purge=True,
+                                chain=chain, address_errors=frozenset(seen.address_errors))
 
     def apply_changes(self, changes: list[Change]) -> ApplyReport:
         """Run exactly `changes` (a reviewed, saved plan), once each, in one pass."""
@@ -354,15 +356,17 @@ class Engine:
         return report
 
     def run_changes(self, changes: list[Change], report: ApplyReport, now: datetime, *,
-                    purge: bool, chain: bool = False) -> bool:
+                    purge: bool, chain: bool = False,
+                    address_errors: frozenset[str] | None = None) -> bool:
         """Run `changes` in order, then the pass's up-syncs and down-sync; True on progress.
 
         `chain`: a mailbox whose hold just took effect (E5-E8) is flipped and released (E9)
         right away, before the next mailbox is held: each hold then lasts one E9, not the
         holds of every other mailbox of the wave plus their flips (a saved plan runs exactly
-        its changes, without chaining)."""
+        its changes, without chaining). `address_errors`: the addresses with a create / E1
+        error in the snapshot the changes were planned from (`PassCache.address_errors`)."""
         cache = PassCache(changed=set(self._upsync_pending),
-                          downsync_needed=self._downsync_pending)
+                          downsync_needed=self._downsync_pending, address_errors=address_errors)
         progressed = self._run_queue(deque(changes), report, now, cache, chain=chain)
         if self.lease_lost is not None:
             return False

@@ -52,8 +52,9 @@ class Received:
 class FakeSystem:
     """A mail system on loopback (aiosmtpd) that records what fed delivers to it.
 
-    `reply` is what DATA answers ('250 ...', '451 ...', '550 ...'); `delay` makes DATA slow.
-    `refuse` gives single LMTP recipients their own DATA reply.
+    `reply` is what DATA answers ('250 ...', '451 ...', '550 ...'); `delay` makes DATA slow;
+    `gate`, when set, holds DATA's answer until the test sets the event (at most `gate_limit`
+    seconds). `refuse` gives single LMTP recipients their own DATA reply.
     """
 
     name: str
@@ -65,6 +66,8 @@ class FakeSystem:
     sessions: set[int] = field(default_factory=set)  # connections that carried DATA
     data_started: threading.Event = field(default_factory=threading.Event)
     smtputf8: bool = False  # advertise SMTPUTF8 (aiosmtpd's default does not)
+    gate: threading.Event | None = None
+    gate_limit: float = 20.0
     port: int = 0
     _controller: Controller | None = None
 
@@ -78,6 +81,8 @@ class FakeSystem:
         self.sessions.add(id(session))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, self.gate_limit)
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
         replies = [self.refuse.get(rcpt, self.reply) for rcpt in envelope.rcpt_tos]

@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from reconciler.drivers.base import mailbox_id_for
 from reconciler.engine import Engine
@@ -250,3 +251,45 @@ def test_a_wait_the_specs_ask_for_is_no_error(world: World, tmp_path: Path,
         assert "retry after error" not in line, line
         clock.now = m.next_attempt_at
     assert len(calls) == 5
+
+
+def test_a_pass_looks_up_an_address_error_only_where_its_snapshot_had_one(
+        world: World, tmp_path: Path) -> None:
+    """A create / E1 asks the store for its address's earlier error only when the pass's
+    snapshot held one (a round trip a mailbox at 100,000, issue 18); one that backed off is
+    still found, and cleared by its success."""
+    flaky, fine = "flaky@corp.example", "fine@corp.example"
+    specs = world.write(tmp_path / "v1", [placement("home", "s1", [{"address": flaky},
+                                                                  {"address": fine}])])
+    engine = world.engine(specs, f"sqlite:///{tmp_path / 'state.db'}")
+    clock = Clock()
+    engine.clock = clock
+    real = engine.drivers["s1"].create_mailbox
+    refused: list[str] = []
+
+    def once(mailbox_id: str, **kwargs: Any) -> Any:
+        if mailbox_id == mailbox_id_for(flaky) and not refused:
+            refused.append(mailbox_id)
+            raise TemporaryError("s1 is busy")
+        return real(mailbox_id, **kwargs)
+
+    engine.drivers["s1"].create_mailbox = once  # type: ignore[method-assign]
+    looked: list[str] = []
+
+    def lookup(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM address_errors" in statement and "WHERE" in statement:
+            looked.append(str(parameters))
+
+    event.listen(engine.store.engine, "before_cursor_execute", lookup)
+    engine.apply()
+    assert refused and not any(fine in p for p in looked), looked  # fine: none seen, none asked
+    assert engine.drivers["s1"].get_account(mailbox_id_for(fine)) is not None
+    with engine.store.session() as session:
+        assert session.get(AddressError, flaky) is not None  # backing off
+    looked.clear()
+    clock.advance(600)
+    engine.apply()
+    assert any(flaky in p for p in looked), looked  # in the snapshot: looked up, cleared
+    assert engine.drivers["s1"].get_account(mailbox_id_for(flaky)) is not None
+    with engine.store.session() as session:
+        assert session.get(AddressError, flaky) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,13 +91,23 @@ def test_a_lone_message_goes_into_a_blank_synced_on_the_loop(tmp_path: Path) -> 
 
 def test_a_blank_removed_before_its_sync_gets_no_250(tmp_path: Path) -> None:
     async def run() -> None:
-        spool = await ready_spool(tmp_path)
+        spool = await ready_spool(tmp_path, blanks=4)
         queue_id = spool.take_queue_id()
-        spool.path(queue_id).unlink()  # an admin's rm, the folder replaced...
+        queue = tmp_path / "spool" / "queue"
+        kept = {p.name: p.read_bytes() for p in queue.iterdir() if not is_blank(p)}
+        shutil.rmtree(queue)  # the folder replaced under fed (an admin's restore, say)
+        queue.mkdir()
+        for name, data in kept.items():
+            (queue / name).write_bytes(data)
         with pytest.raises(FileNotFoundError, match="removed before its sync"):
             await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE, None,
                                alone=True)
         assert queue_id not in {p.queue_id for p in spool.pending()}
+        # The other ready blanks were in that folder too: dropped, not handed out.
+        after = spool.take_queue_id()
+        await spool.accept(after, "s@x.example", ["a@corp.example"], MESSAGE, None,
+                           alone=True)
+        assert read_message(spool.path(after)) == MESSAGE
         await close(spool)
     asyncio.run(run())
 

@@ -25,9 +25,7 @@ import contextlib
 import os
 import shutil
 import smtplib
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from fed.queue.spool import Spool
 from fed.queue.store import Store
 
 from fedutil import FakeSystem, Fed, message
+from helpers.mail import Sender
 from helpers.waiting import wait_for
 from powerloss.replay import OPEN, WRITE, Model, build, crash_points, parse
 
@@ -126,21 +125,14 @@ def test_no_acknowledged_message_is_lost_at_any_power_cut(
             return count
 
         wait_for(lambda: blanks() >= 128, what="the first blanks made")
-        acked: dict[str, float] = {}
-        lock = threading.Lock()
-
-        def client(k: int) -> None:
-            with smtplib.SMTP("127.0.0.1", fed.smtp_port, timeout=30) as smtp:
-                smtp.ehlo("powerloss.example")
-                for n in range(10):
-                    msgid = f"<p{k}-{n}@t>"
-                    smtp.sendmail("x@outside.example", [RCPT],
-                                  message("power", msgid.strip("<>")))
-                    with lock:
-                        acked[msgid] = time.monotonic()
-
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(client, range(4)))
+        clients = [Sender(fed.smtp_port, [RCPT], tag=f"p{k}-", count=10, pause=0, seconds=60,
+                          timeout=30) for k in range(4)]
+        for sender in clients:
+            sender.start()
+        for sender in clients:
+            sender.join(90)  # all ten sent (finish() would stop it)
+            assert len(sender.finish()) == 10, sender.refused  # every one acknowledged
+        acked = {mid: at for sender in clients for mid, at in sender.acked_at.items()}
         wait_for(lambda: set(acked) <= set(sink.arrived), timeout=60, what="all delivered")
         wait_for(lambda: fed.client.queue().pending == 0, what="an empty queue")
         fed.kill()  # no clean stop: the recording ends as it is

@@ -16,7 +16,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import pytest
 from reconciler.fedclient import FedClient
 
 from fedutil import REPO, TOKEN, FakeSystem, Fed, fed_queue, message
+from helpers.mail import Sender
 from helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -116,29 +116,23 @@ def test_a_child_killed_under_load_is_restarted_and_loses_nothing_acknowledged(
     s1.delay = 0.1  # slower than acceptance: the killed node has a backlog in its spool
     fed.client.put_entry(AD1, s1.physical("jean"))
     wait_for(lambda: all(c.lookup(AD1) for c in node_clients(fed)), what="entry on both")
-    acked: list[str] = []
-    halt = threading.Event()
+    senders = [Sender(fed.smtp_port, [AD1], tag=f"c{i}-", count=3000, pause=0, seconds=150)
+               for i in range(4)]
 
-    def load(prefix: str) -> None:
-        for n in range(3000):
-            if halt.is_set():
-                return
-            if send_one(fed.smtp_port, AD1, f"{prefix}-{n}@t"):
-                acked.append(f"<{prefix}-{n}@t>")
+    def acked_count() -> int:
+        return sum(len(sender.acked_ids) for sender in senders)
 
-    senders = [threading.Thread(target=load, args=(f"c{i}",), daemon=True) for i in range(4)]
     for sender in senders:
         sender.start()
-    wait_for(lambda: len(acked) > 100, timeout=30, what="load")
+    wait_for(lambda: acked_count() > 100, timeout=30, what="load")
     victim = children(fed)[1]
     os.kill(victim, signal.SIGKILL)
-    at_kill = len(acked)
+    at_kill = acked_count()
     wait_for(lambda: len(children(fed)) == 2 and victim not in children(fed), timeout=30,
              what="the parent restarting the node")
-    wait_for(lambda: len(acked) > at_kill + 100, timeout=60, what="load after the restart")
-    halt.set()
-    for sender in senders:
-        sender.join(60)
+    wait_for(lambda: acked_count() > at_kill + 100, timeout=60, what="load after the restart")
+    acked = [mid for sender in senders for mid in sender.finish(60)]
+    assert len(set(acked)) == len(acked)
     assert "restarting node" in fed.log()
     recovered = re.findall(r"state \S+/node-1: (\d+) messages", fed.log())
     assert len(recovered) == 2 and int(recovered[1]) > 0, recovered  # its spool, at restart

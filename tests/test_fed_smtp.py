@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import socket
 import time
@@ -46,8 +47,8 @@ def test_250_only_once_the_message_is_in_the_spool(fed: Fed, s1: FakeSystem) -> 
 
 def test_no_250_when_the_spool_cannot_take_the_message(fed: Fed) -> None:
     queue_dir = fed.state_dir / "spool" / "queue"
-    queue_dir.rmdir()
-    queue_dir.write_text("not a directory")  # the rename into the queue now fails
+    shutil.rmtree(queue_dir)  # its blanks too (fed/queue/blanks.py): their names are gone
+    queue_dir.write_text("not a directory")  # no new file can be made there either
     code, reply = send(fed.smtp_port, ["a@corp.example"], message("lost?", "m2@t"))
     assert code == 451, reply
     queue_dir.unlink()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,13 +130,6 @@ def test_every_map_gets_the_candidates_and_unreadable_ones_a_warning(tmp_path: P
     assert "the keys of a ldap map cannot be enumerated" in found.warnings[1]
     assert all("fix: list the aliases' addresses" in w for w in found.warnings)
     assert found.notes == [f"sqlite:{good}: 1 key(s) in alias (address), each asked of Postfix"]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
 
 
 def test_pgsql_keys_read_only_and_the_password_never_shown(postgres: PrivatePostgres) -> None:

@@ -3,7 +3,6 @@ runs through every step with its transitions and events recorded there."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ from test_modes import POLICY, WRITTEN_BEFORE
 from world import World, mailbox_message_ids, placement, policy
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    server = PrivatePostgres().start()
-    yield server
-    server.stop()
 
 
 def test_schema_is_created_by_alembic(postgres: PrivatePostgres) -> None:

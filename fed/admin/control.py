@@ -477,7 +477,8 @@ class ControlAPI:
             raise DirectoryError("limit must be an integer") from exc
         now = time.time()
         return _json({"node": self.node, "messages": [
-            {**_message_json(m, now), "node": self.node}
+            {**_message_json(m, now, self.deliverer.delivering(m["queue_id"])),
+             "node": self.node}
             for m in self.admin.messages(max(1, min(limit, 10000)))]})
 
     async def queue_show(self, request: web.Request) -> web.Response:
@@ -487,7 +488,8 @@ class ControlAPI:
         if found is None:
             return self._not_queued(queue_id)
         headers = await asyncio.to_thread(self.admin.headers, queue_id)
-        return _json({**_message_json(found, time.time()), "node": self.node,
+        flying = self.deliverer.delivering(queue_id)  # after the await: as of the answer
+        return _json({**_message_json(found, time.time(), flying), "node": self.node,
                       "headers": headers})
 
     async def queue_hold(self, request: web.Request) -> web.Response:
@@ -495,6 +497,7 @@ class ControlAPI:
         queue_id = self._queue_id(request)
         if not self.admin.hold(queue_id):
             return self._not_queued(queue_id)
+        self.deliverer.hold_message(queue_id)  # no new attempt from this answer on
         log.info("%s put on hold by an admin", queue_id, extra={"queue_id": queue_id})
         return _json({"queue_id": queue_id, "node": self.node, "held": True})
 
@@ -570,8 +573,10 @@ class ControlAPI:
         return _json({"deliveries": rows})
 
 
-def _message_json(message: dict[str, Any], now: float) -> dict[str, Any]:
-    """A queue message for the API: ISO times and ages."""
+def _message_json(message: dict[str, Any], now: float, flying: set[str]) -> dict[str, Any]:
+    """A queue message for the API: ISO times and ages; `in_flight` (the message's and each
+    recipient's): a delivery attempt of it is running now (`flying`: those recipients), as
+    opposed to waiting for its next try, parked or held."""
     received = float(message["received_at"])
     hold = message["admin_hold"]
     return {
@@ -579,8 +584,10 @@ def _message_json(message: dict[str, Any], now: float) -> dict[str, Any]:
         "received_at": iso(received), "age_seconds": round(max(0.0, now - received), 3),
         "size": message["size"], "message_id": message["message_id"],
         "admin_hold": None if hold is None else iso(float(hold)),
+        "in_flight": bool(flying),
         "recipients": [
-            {**r, "next_try": iso(r["next_try"]) if r["next_try"] else None}
+            {**r, "next_try": iso(r["next_try"]) if r["next_try"] else None,
+             "in_flight": r["rcpt"] in flying}
             for r in message["recipients"]
         ],
     }

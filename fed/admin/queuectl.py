@@ -84,6 +84,8 @@ def call(base: str, token: str, method: str, path: str, timeout: float = 30.0) -
 
 def _rcpt_line(r: dict[str, Any]) -> str:
     state = r["status"]
+    if r.get("in_flight"):
+        state += ", being delivered now"
     if r.get("held"):
         state += ", address held"
     if r.get("attempts"):
@@ -121,7 +123,10 @@ def print_show(m: dict[str, Any], out: TextIO) -> None:
     out.write(f"received:    {m['received_at']} ({m['age_seconds']:.0f}s ago)\n")
     out.write(f"sender:      <{m['from']}>\nsize:        {m['size']}\n")
     out.write(f"message-id:  {m['message_id']}\n")
-    out.write(f"admin hold:  {m['admin_hold'] or 'no'}\nrecipients:\n")
+    out.write(f"admin hold:  {m['admin_hold'] or 'no'}\n")
+    flying = "yes (a delivery attempt is running now)" if m.get("in_flight") else "no"
+    out.write(f"in flight:   {flying}\n")
+    out.write("recipients:\n")
     for r in m["recipients"]:
         out.write(_rcpt_line(r) + "\n")
     out.write("\n" + m.get("headers", "").replace("\r\n", "\n") + "\n")

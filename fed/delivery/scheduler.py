@@ -175,6 +175,7 @@ class Deliverer:
         self._left: Counter[str] = Counter()  # pending recipients per message
         self._delivered: dict[str, set[str]] = {}  # queue id -> physicals that took it
         self._inflight: Counter[tuple[str, str]] = Counter()  # (queue id, physical)
+        self._attempting: Counter[tuple[str, str]] = Counter()  # (queue id, rcpt) in a job now
         self._dests: dict[str, Destination] = {}
         self._hints: dict[str, Destination] = {}  # rcpt -> where it went last time
         self._admin_held: set[str] = set()  # queue ids on admin hold (fed queue hold)
@@ -212,6 +213,17 @@ class Deliverer:
         self._hints.clear()
         self._recheck = True
         self._event.set()
+
+    def hold_message(self, queue_id: str) -> None:
+        """An admin hold, known at once (the store's admin_holds row is written by the
+        caller): no new attempt of `queue_id` starts from now on, one in flight goes on
+        (like ``postsuper -h``). The scheduler's own look at the store comes a tick later."""
+        self._admin_held.add(queue_id)
+
+    def delivering(self, queue_id: str) -> set[str]:
+        """The recipients of `queue_id` in a delivery attempt right now: taken for a
+        connection, their outcome not yet recorded (`fed queue show`: in flight)."""
+        return {rcpt for (qid, rcpt), n in self._attempting.items() if qid == queue_id and n}
 
     def parked(self) -> int:
         """Recipients the scheduler has parked (held address, admin hold, stale view): the
@@ -429,6 +441,7 @@ class Deliverer:
                     continue
                 if physical in job.primary:
                     job.dups.setdefault(physical, []).append(item)
+                    self._attempting[(item.queue_id, item.rcpt)] += 1
                 elif self._inflight[(item.queue_id, physical)]:
                     self._dup_wait.setdefault(item.queue_id, []).append(item)
                     continue
@@ -438,6 +451,7 @@ class Deliverer:
                 else:
                     job.primary[physical] = item
                     self._inflight[(item.queue_id, physical)] += 1
+                    self._attempting[(item.queue_id, item.rcpt)] += 1
                 dest.system = route.system
                 self.holds.begin(watched)
                 job.watched.append(watched)
@@ -479,6 +493,11 @@ class Deliverer:
                 self._inflight[(job.item.queue_id, physical)] -= 1
                 if not self._inflight[(job.item.queue_id, physical)]:
                     del self._inflight[(job.item.queue_id, physical)]
+            for item in [*job.primary.values(), *(d for ds in job.dups.values() for d in ds)]:
+                key = (item.queue_id, item.rcpt)
+                self._attempting[key] -= 1
+                if not self._attempting[key]:
+                    del self._attempting[key]
             waiting = self._dup_wait.pop(job.item.queue_id, None)
             if waiting:
                 self._ready.extend(waiting)

@@ -75,10 +75,8 @@ class Blanks:
     def take(self) -> tuple[str, int] | None:
         """A ready blank's queue id and its open file (O_RDWR), or None if none is ready
         (the caller then makes a new file, with its folder's fsync)."""
-        if len(self._ready) < self._keep * 3 // 4 and not self._refilling and not self._closed:
-            self._refilling = True
-            future = self._pool.submit(self._make, self._keep - len(self._ready))
-            future.add_done_callback(self._made)
+        if len(self._ready) < self._keep * 3 // 4:
+            self.refill()
         try:
             blank = self._ready.popleft()
         except IndexError:
@@ -86,6 +84,15 @@ class Blanks:
             return None
         self.taken += 1
         return blank
+
+    def refill(self) -> None:
+        """Make blanks up to `keep` in a worker thread, unless that is already under way
+        (the spool calls this at start, so the first messages find some ready)."""
+        if self._refilling or self._closed:
+            return
+        self._refilling = True
+        future = self._pool.submit(self._make, self._keep - len(self._ready))
+        future.add_done_callback(self._made)
 
     def _made(self, future: object) -> None:
         self._refilling = False
@@ -130,6 +137,16 @@ class Blanks:
                 (self.folder / f"{queue_id}.eml").unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("cannot remove blank %s: %s", queue_id, exc)
+
+    def discard_ready(self) -> None:
+        """Drop every ready blank (one was found removed, so its folder changed under fed:
+        the others are no better); the next take makes new ones. Any thread."""
+        while True:
+            try:
+                blank = self._ready.popleft()
+            except IndexError:
+                return
+            self._discard([blank])
 
     def close(self) -> None:
         """Remove the blanks not handed out (a crash leaves them: start-up removes them)."""

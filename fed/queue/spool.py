@@ -164,13 +164,17 @@ def _try_fsync(fd: int) -> OSError | None:
     return None
 
 
+class BlankRemoved(FileNotFoundError):
+    """A blank's file was removed before its message was synced (its folder replaced)."""
+
+
 def _try_fdatasync(fd: int) -> OSError | None:
     """A blank's sync: its name, size and blocks were durable already (blanks.py). A
     blank someone removed meanwhile (its folder replaced, say) fails: no name, no 250."""
     try:
         os.fdatasync(fd)
         if os.fstat(fd).st_nlink == 0:
-            return FileNotFoundError(f"blank queue file (fd {fd}) removed before its sync")
+            return BlankRemoved(f"blank queue file (fd {fd}) removed before its sync")
     except OSError as exc:
         return exc
     return None
@@ -442,9 +446,10 @@ class Spool:
         )
 
     def start(self) -> None:
-        """Start the group committer (on the running loop)."""
+        """Start the group committer (on the running loop) and the first blanks."""
         self._done_fd = os.open(self.done_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._committer.start()
+        self._blanks.refill()
 
     async def close(self) -> None:
         """Answer the accepts in progress and write the buffered outcomes."""
@@ -564,6 +569,8 @@ class Spool:
                 os.close(dir_fd)
         if new and outcomes[-1] is not None:  # the folder: no new name is durable
             return [outcomes[-1]] * len(errors)
+        if any(isinstance(outcome, BlankRemoved) for outcome in outcomes):
+            self._blanks.discard_ready()  # made in the same folder: gone too
         by_fd = dict(zip(jobs, outcomes, strict=False))
         return [err if err is not None else by_fd.get(fd) for err, fd in zip(errors, fds,
                                                                                strict=True)]

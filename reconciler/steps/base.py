@@ -37,6 +37,11 @@ class PassCache:
     pinged: dict[str, float] = field(default_factory=dict)  # system -> monotonic time
     changed: set[str] = field(default_factory=set)  # address lists changed in this pass
     downsync_needed: bool = False
+    # The addresses whose create / E1 had an error when the pass observed the store (None:
+    # not known, as for a saved plan). An address not among them has none now either: only
+    # the lease holder records them, for the change it runs, and each address has one
+    # change a pass -- so its step need not ask the store (a round trip a mailbox).
+    address_errors: frozenset[str] | None = None
 
 
 # The data part of a step (a copy, a verification): what a worker runs for it. It returns

@@ -75,7 +75,9 @@ def on_address(step: AddressStep) -> StepRun:
     mailbox, unless the address's earlier failure is frozen or still backing off (a saved
     plan made before it). That failure's record goes with the success, not before it."""
     def run(ctx: StepContext, change: Change) -> Outcome | None:
-        error = ctx.session.get(AddressError, change.address)
+        known = ctx.cache.address_errors  # (None: look; else only where the pass saw one)
+        error = ctx.session.get(AddressError, change.address) \
+            if known is None or change.address in known else None
         if error is not None:
             if error.failed_reason is not None or (
                     error.next_attempt_at is not None and error.next_attempt_at > ctx.now):

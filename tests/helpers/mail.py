@@ -48,11 +48,13 @@ class Sender(threading.Thread):
 
     def __init__(self, port: int, rcpts: Sequence[str], *, tag: str = "live", count: int = 30,
                  pause: float = 0.05, seconds: float = 30.0, body: str = "body",
-                 sender: str = "x@outside.example") -> None:
+                 sender: str = "x@outside.example", timeout: float = 10.0) -> None:
         super().__init__(daemon=True)
+        self.timeout = timeout  # each connection's (smtplib's)
         self.port, self.rcpts, self.tag, self.body = port, list(rcpts), tag, body
         self.count, self.pause, self.seconds, self.sender = count, pause, seconds, sender
         self.acked: dict[str, list[str]] = {rcpt: [] for rcpt in self.rcpts}
+        self.acked_at: dict[str, float] = {}  # Message-ID -> time.monotonic() of its 250
         self._in_order: list[str] = []
         self.refused: list[str] = []
         self.stop_flag = threading.Event()
@@ -70,10 +72,12 @@ class Sender(threading.Thread):
             rcpt = self.rcpts[n % len(self.rcpts)]
             mid = f"<{self.tag}{n}@outside.example>"
             try:
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=10) as smtp:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=self.timeout) as smtp:
                     smtp.sendmail(self.sender, [rcpt],
                                   message(f"{self.tag} {n}", mid, self.body,
                                           sender=self.sender, to=rcpt))
+                    at = time.monotonic()
+                self.acked_at[mid] = at
                 self.acked[rcpt].append(mid)
                 self._in_order.append(mid)
             except (OSError, smtplib.SMTPException) as exc:
