@@ -114,7 +114,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def tree_cpu(root: int) -> float:
     """CPU seconds of process `root` and its descendants (live ones, and those reaped by
-    a live one: the kernel's cutime/cstime)."""
+    a live one: the kernel's cutime/cstime); of this process alone for our own pid (its
+    children are the workers and PostgreSQL, counted apart)."""
+    if root == os.getpid():
+        return sum(os.times()[:2])
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
@@ -326,7 +329,7 @@ def wave(store: Store, queue: Queue, rows: list[Migration], timeout: float) -> W
         queue.wait(lambda: False, timeout=5.0)
         with store.session() as session:  # what is finished (take deletes the rows)
             earliest = session.scalar(select(func.min(DataJob.started_at)).where(
-                DataJob.status.in_(("done", "error"))))
+                DataJob.status.in_(("done", "error")), DataJob.started_at >= began))
             if earliest is not None:
                 starts.append(earliest)
             ready = set(session.scalars(select(DataJob.migration_id).where(
@@ -390,6 +393,8 @@ def latency(store: Store, queue: Queue, rows: list[Migration]) -> list[float]:
                 if job is not None and job.status in ("done", "error") and \
                         job.started_at is not None:
                     seen.append((job.started_at - job.enqueued_at).total_seconds())
+                    with contextlib.suppress(NotReady):  # collected: the row goes
+                        queue.take(session, m, "E15")
                     break
             time.sleep(0.05)
         else:

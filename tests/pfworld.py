@@ -12,9 +12,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from reconciler.embedded import start_embedded
-from reconciler.spec.loader import load_specs
-
 from pfdovecot import MailHost, make_root, missing_prerequisites
 from world import World, base_documents
 
@@ -40,7 +37,8 @@ class PfWorld(World):
         self.base = [docs[0], *(h.spec_document() for h in self.hosts.values()), docs[2], docs[3]]
         self.base_dir = root / "base-specs"
         self.write(self.base_dir, [])
-        self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
+        # The hosts relay to fed's SMTP port: a retry keeps it, and picks the others anew.
+        self.embedded = self.start_servers(keep=frozenset({fed_port}))
         try:
             for host in self.hosts.values():
                 host.start()

@@ -97,6 +97,7 @@ def test_a_pass_over_many_outstanding_jobs_looks_at_their_rows_once(store: Store
         # One look at every row (at most one per GLANCE s) and at most one at the jobs
         # waiting: not 80 per pass.
         assert len(seen) <= 3 * 2, seen
+        queue.flush()  # as the pass's wait does
         assert jobs_of(store, rows) == 80
         with store.session() as session:
             assert len(session.scalars(select(DataJob)).all()) == 80
@@ -127,6 +128,7 @@ def test_a_job_gone_without_a_result_is_queued_again_once(
     queue = Queue(store)
     try:
         a_pass(store, queue, rows)
+        queue.flush()
         with store.engine.begin() as conn:  # a worker lost the database with its job
             conn.execute(text("DELETE FROM procrastinate_jobs WHERE "
                               "(args->>'migration_id')::int = :m"), {"m": rows[0].id})
@@ -139,3 +141,32 @@ def test_a_job_gone_without_a_result_is_queued_again_once(
             assert [j.status for j in session.scalars(select(DataJob))] == ["queued"] * 3
     finally:
         queue.close()
+
+
+def test_a_pass_defers_its_new_jobs_together_and_a_lost_batch_is_queued_again_once(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new jobs of a pass are held, then deferred together when the pass waits; a
+    reconciler killed before that leaves rows without jobs: the next one queues each again,
+    and the first one's late batch adds none twice."""
+    rows = record(store, "held", 30)
+    first = Queue(store)
+    try:
+        monkeypatch.setattr(queue_module, "HOLD", 1e9)  # nothing goes out during the pass
+        assert a_pass(store, first, rows) == {}
+        assert jobs_of(store, rows) == 0  # held: the "killed" reconciler's batch
+        monkeypatch.setattr(queue_module, "RECHECK", 0.0)
+        second = Queue(store)
+        try:
+            assert a_pass(store, second, rows) == {}  # rows queued, no job: queued again
+            assert jobs_of(store, rows) == 30
+        finally:
+            second.close()
+        first.flush()  # refused as a batch, then one at a time: every one is there already
+        assert jobs_of(store, rows) == 30
+        more = record(store, "held-more", 10)
+        assert a_pass(store, first, more) == {}
+        assert jobs_of(store, more) == 0
+        assert not first.wait(lambda: False, timeout=0.1)  # the pass waits: they go out
+        assert jobs_of(store, more) == 10
+    finally:
+        first.close()

@@ -14,6 +14,7 @@ from mailferry.ports import ephemeral_start, free_port
 from reconciler.errors import MailferryError
 
 import world as world_module
+from pfworld import PfWorld
 from world import START_ATTEMPTS, World
 
 
@@ -72,3 +73,21 @@ def test_another_early_exit_fails_at_once_with_its_log(tmp_path: Path) -> None:
         World(tmp_path)
     assert str(tmp_path / "logs" / "s1.log") in str(raised.value)
     assert not (tmp_path / "logs-2").exists()
+
+
+def test_a_postfix_world_starts_again_and_keeps_fed_port_for_its_hosts(
+        tmp_path: Path, taken: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PfWorld's Postfix hosts relay to fed's SMTP port: a new start picks new ports for the
+    others but keeps that one."""
+    picks = iter([taken])
+    monkeypatch.setattr(world_module, "free_port", lambda: next(picks, None) or free_port())
+    w = PfWorld(tmp_path)
+    try:
+        fed_doc = next(d for d in w.base if d["kind"] == "FedHub")
+        assert fed_doc["spec"]["smtp"] == f"127.0.0.1:{w.fed_port}"
+        assert s1_lmtp(w) != taken and (tmp_path / "logs-2" / "fed.log").exists()
+        assert all(s.process.poll() is None for s in w.embedded.servers)
+        with socket.create_connection(("127.0.0.1", w.fed_port), timeout=5) as conn:
+            assert conn.recv(100).startswith(b"220")  # fed on the port the hosts know
+    finally:
+        w.stop()

@@ -13,7 +13,9 @@ How a data step goes (the engine and its state machine are unchanged): the step 
    committed transaction, so a worker never sees a job before its row) and defers the
    procrastinate job with the queueing lock `migration:step:state` (a second reconciler, or
    a re-run, cannot queue it twice: the row is unique and procrastinate refuses a second
-   `todo` job with the same queueing lock), then raises NotReady;
+   `todo` job with the same queueing lock), then raises NotReady; the new jobs of a pass
+   go out together (`flush`: up to BATCH in one statement, within HOLD s, and when the
+   pass waits);
 2. finds the row `queued` or `running`: NotReady (and, if no procrastinate job is waiting
    or running for it any more, queues it again);
 3. finds it `done`: deletes the row *in the step's session* and returns the worker's
@@ -34,6 +36,7 @@ from typing import Any
 import psycopg
 from procrastinate import App, PsycopgConnector
 from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.jobs import Job
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -56,6 +59,8 @@ CHANNEL = "mailferry_data_jobs"  # a worker NOTIFYs it when it wrote a result
 SCHEMA_LOCK = 7316552  # pg_advisory_xact_lock key of the schema's creation
 RECHECK = 5.0  # seconds between two looks at the procrastinate job of a queued row
 GLANCE = 1.0  # seconds one look at every row's status serves a pass (`Queue.take`)
+BATCH = 100  # new jobs deferred in one statement, at most
+HOLD = 0.2  # seconds a new job may wait here for the others of its pass (then deferred)
 STALE = timedelta(hours=1)  # a result older than this is not used: the step runs again
 
 
@@ -159,16 +164,48 @@ class Queue:
         self._glanced = 0.0
         self._alive: set[str] = set()
         self._alive_at = -1e9
+        self._held: list[Job] = []  # new jobs not deferred yet (`flush`)
+        self._held_at = 0.0
 
     def close(self) -> None:
-        self.app.close()
-        self._listen.close()
+        try:
+            self.flush()
+        finally:
+            self.app.close()
+            self._listen.close()
+
+    def _job(self, m: Migration, step: str) -> Job:
+        return self.app.configure_task(
+            TASK, queue=QUEUE, lock=lock_of(m),
+            queueing_lock=queueing_lock(m.id, step, m.state)).make_new_job(
+            migration_id=m.id, step=step, state=m.state)
 
     def _defer(self, m: Migration, step: str) -> None:
         with contextlib.suppress(AlreadyEnqueued):  # waiting already: that job will do
-            self.app.configure_task(TASK, queue=QUEUE, lock=lock_of(m),
-                                    queueing_lock=queueing_lock(m.id, step, m.state)).defer(
-                migration_id=m.id, step=step, state=m.state)
+            self.app.job_manager.defer_job(self._job(m, step))
+
+    def flush(self) -> None:
+        """Defer the new jobs this process holds, in one statement (a pass queuing 2,000
+        migrations: 20 statements, not 2,000). Their rows are committed already: a job
+        lost here (the process killed) is queued again by the next look (`_recheck`,
+        `wait`'s orphans). One that is waiting already makes procrastinate refuse the
+        statement: then one at a time, that one skipped."""
+        jobs, self._held = self._held, []
+        if not jobs:
+            return
+        try:
+            self.app.job_manager.batch_defer_jobs(jobs)
+        except AlreadyEnqueued:
+            for job in jobs:
+                with contextlib.suppress(AlreadyEnqueued):
+                    self.app.job_manager.defer_job(job)
+
+    def _hold(self, m: Migration, step: str) -> None:
+        if not self._held:
+            self._held_at = time.monotonic()
+        self._held.append(self._job(m, step))
+        if len(self._held) >= BATCH:
+            self.flush()
 
     def _job_alive(self, ql: str) -> bool:
         """Whether a procrastinate job waits or runs for this queueing lock (one query for
@@ -204,6 +241,8 @@ class Queue:
         GLANCE s later, at once after `wait` returned); a finished one, or none, is read
         (inserted) as it is now."""
         step_session = session
+        if self._held and time.monotonic() - self._held_at >= HOLD:
+            self.flush()
         key = (m.id, step, m.state)
         seen = self._status(key)
         if seen is not None and seen[1] in ("queued", "running"):
@@ -232,7 +271,7 @@ class Queue:
             except IntegrityError:  # another reconciler queued it just now
                 raise NotReady(f"{step} queued for a worker", address=m.address,
                                step=step) from None
-            self._defer(m, step)
+            self._hold(m, step)
             self._checked[new_id] = time.monotonic()
             if self._glance is not None:
                 self._glance[key] = (new_id, "queued")
@@ -286,6 +325,7 @@ class Queue:
     def wait(self, stop: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait for a result newer than the last one seen: True when one came, False
         when nothing is outstanding any more, on `stop`, or after `timeout` seconds."""
+        self.flush()  # the pass is over: what it queued goes to the workers
         timeout = self.max_wait if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         said = orphans_seen = time.monotonic()
