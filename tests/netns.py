@@ -46,8 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.drivers.sshhost import close_shared_hosts
-from reconciler.embedded import start_embedded
-from reconciler.spec.loader import load_specs
 
 from helpers.pki import make_ca, server_cert
 from helpers.processes import stop_process
@@ -340,7 +338,7 @@ class NetnsWorld(World):
                          docs[3]]
             self.base_dir = root / "base-specs"
             self.write(self.base_dir, [])
-            self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
+            self.embedded = self.start_servers(keep=frozenset({self.fed_port}))
         except BaseException:
             self.stop()
             raise

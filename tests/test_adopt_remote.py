@@ -22,8 +22,6 @@ import pytest
 
 from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver
 from reconciler.drivers.sshhost import SshHost
-from reconciler.embedded import start_embedded
-from reconciler.spec.loader import load_specs
 
 from adminlayouts import AdminHost
 from helpers import mail
@@ -77,7 +75,7 @@ class RemoteAdminWorld(World):
             self.base = [docs[0], self.system_document(), docs[2], docs[3]]
             self.base_dir = root / "base-specs"
             self.write(self.base_dir, [])
-            self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
+            self.embedded = self.start_servers(keep=frozenset({self.fed_port}))
         except BaseException:
             self.stop()
             raise

@@ -29,9 +29,7 @@ import pytest
 from test_postfix_dovecot import state_of
 
 from reconciler.drivers.base import mailbox_id_for
-from reconciler.embedded import start_embedded
 from reconciler.engine import ApplyReport, Engine
-from reconciler.spec.loader import load_specs
 
 import cyrus
 from helpers import mail
@@ -78,7 +76,7 @@ class CyrusWorld(World):
                      docs[2], docs[3]]
         self.base_dir = root / "base-specs"
         self.write(self.base_dir, [])
-        self.embedded = start_embedded(load_specs(self.base_dir), log_dir=root / "logs")
+        self.embedded = self.start_servers(keep=frozenset({fed_port}))
         try:
             self.pf1.start()
             self.pf2.start()

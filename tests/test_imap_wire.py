@@ -108,3 +108,33 @@ def test_reading_pauses_while_too_much_waits_unread() -> None:
             left -= len(await wire.read(1 << 20))
 
     asyncio.run(_with_server(send, use))
+
+
+def test_the_buffer_grows_for_a_body_and_shrinks_when_the_connection_is_idle() -> None:
+    """Small while commands pass, up to 1 MiB while a body streams in, back to 64 KiB when
+    the client says nothing is in flight."""
+    body = os.urandom(8 << 20)
+    go = asyncio.Event()
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK hi\r\n")
+        await writer.drain()
+        await go.wait()
+        writer.write(body + b"rest")
+        await writer.drain()
+
+    async def use(wire: Wire) -> None:
+        assert await wire.readuntil(b"\r\n") == b"* OK hi\r\n"
+        assert wire.capacity == 64 << 10
+        go.set()
+        grew = 0
+        got = 0
+        while got < len(body):
+            got += len(await wire.read(min(256 << 10, len(body) - got)))
+            grew = max(grew, wire.capacity)
+        assert grew == 1 << 20
+        assert await wire.readexactly(4) == b"rest"
+        wire.shrink()
+        assert wire.capacity == 64 << 10
+
+    asyncio.run(_with_server(send, use))

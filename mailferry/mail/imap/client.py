@@ -969,6 +969,7 @@ class ImapClient:
                 del self._pending[i]
                 if not self._pending:
                     self._quiet_event.set()
+                    self._reader.shrink()  # an idle connection keeps no body's buffer
                 if not pending.done.done():
                     pending.done.set_result((status.decode(errors="replace").upper(),
                                              text.decode(errors="replace")))

@@ -5,8 +5,11 @@ into a growing bytearray (`feed_data`) and copies it out again for the reader; o
 of big messages (issue 22, where every byte crosses the mover three times) those copies
 and the buffer's growing and shrinking were 17 % of the mover's CPU. Here the transport
 receives into free space of one preallocated buffer (`BufferedProtocol`, `recv_into`)
-and a read copies out once. The buffer is 1 MiB (it grows only for a line longer than
-that, up to `limit`); a read of a longer literal takes it in pieces. Flow control as
+and a read copies out once. The buffer starts at 64 KiB, doubles up to 1 MiB while each
+read fills it (a body streaming in: bigger reads, fewer calls) and goes back to 64 KiB
+when the client has no command in flight (`shrink`: the pool keeps 40 idle connections
+after a pass of 20 mailboxes); it grows past that only for a line longer than it, up to
+`limit`. A read of a longer literal takes it in pieces. Flow control as
 StreamReader's: reading pauses while more than `high` bytes wait unread (TCP
 back-pressure on the server), and `drain` waits while the transport's write buffer is
 over its high-water mark. Same reading calls as
@@ -21,6 +24,8 @@ import ssl
 from collections.abc import Iterable
 from typing import Protocol, cast
 
+SMALL = 64 << 10  # a connection's buffer while it carries commands, not bodies
+
 
 class ChunkSource(Protocol):
     """What a literal is read from in chunks (a `Wire`, or a StreamReader)."""
@@ -33,10 +38,12 @@ class Wire(asyncio.BufferedProtocol):
 
     def __init__(self, *, limit: int = 1 << 20, size: int = 1 << 20,
                  high: int = 512 << 10) -> None:
-        self.limit, self.high = limit, high
-        self._buf = bytearray(size)
+        self.limit, self.high, self.size = limit, high, size
+        self._buf = bytearray(SMALL)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._offered = 0  # free bytes the last `get_buffer` gave the transport
+        self._filled = False  # ... and the read that followed took them all
         self._eof = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -52,7 +59,11 @@ class Wire(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._start == self._end:
             self._start = self._end = 0
-        elif len(self._buf) - self._end < (64 << 10):
+        if self._filled and len(self._buf) < self.size:
+            # The last read took all the room it had: the sender has more (a body
+            # streaming in), so reads get bigger, up to `size`.
+            self._grow(min(self.size, len(self._buf) * 2))
+        elif self._start and len(self._buf) - self._end < len(self._buf) // 4:
             # Little room at the end: what is unread moves to the front (it is at most
             # `high` plus one read, so the buffer always has room for another read).
             unread = bytes(self._view[self._start:self._end])
@@ -60,6 +71,7 @@ class Wire(asyncio.BufferedProtocol):
             self._start, self._end = 0, len(unread)
         if self._end == len(self._buf):  # a line longer than the buffer is being waited for
             self._grow(len(self._buf) * 2)
+        self._offered = len(self._buf) - self._end
         return self._view[self._end:]
 
     def _grow(self, size: int) -> None:
@@ -70,8 +82,24 @@ class Wire(asyncio.BufferedProtocol):
         self._buf, self._view = bigger, memoryview(bigger)
         self._start, self._end = 0, unread
 
+    @property
+    def capacity(self) -> int:
+        """The buffer's size now."""
+        return len(self._buf)
+
+    def shrink(self) -> None:
+        """Back to the small buffer when nothing waits unread (the client calls it when no
+        command is in flight: a pooled connection does not keep a body's buffer)."""
+        if self._start == self._end and len(self._buf) > SMALL:
+            self._view.release()
+            self._buf = bytearray(SMALL)
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
+            self._filled = False
+
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        self._filled = nbytes >= self._offered
         if not self._reading_paused and self._end - self._start > self.high \
                 and self._transport is not None:
             try:
