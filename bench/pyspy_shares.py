@@ -27,7 +27,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("delivery outcomes, unlinks", ("write_outcomes", "_unlink_all", "mark_done",
                                     "_flush_soon")),
     ("node agent", ("node_agent.py", "nodes.py")),
-    ("fsync rounds", ("_try_fsync",)),
+    ("fsync rounds", ("try_fsync", "try_fdatasync")),
     ("spool file writes", ("_write_batch",)),
     ("index (SQLite)", ("_commit_batch",)),
     ("thread hand-off", ("to_thread", "run_in_executor", "_WorkItem", "_worker (concurrent",

@@ -31,21 +31,13 @@ import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
-from .queuefile import new_queue_id
+from .queuefile import new_queue_id, try_fsync
 
 log = logging.getLogger("fed.blanks")
 
 BLANK_SIZE = 8192  # bytes of zeros per blank: a message up to this (with envelope) fits
 KEEP = 128  # blanks kept ready; a refill starts when a quarter of them are used
 _ZEROS = bytes(BLANK_SIZE)
-
-
-def _try_fsync(fd: int) -> OSError | None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        return exc
-    return None
 
 
 def is_blank(path: Path) -> bool:
@@ -112,7 +104,7 @@ class Blanks:
                     view = view[os.write(fd, view):]
             # All at once (concurrent fsyncs share the journal's commits; one after the other,
             # each would wait for its own).
-            for failed in self._syncs.map(_try_fsync, [fd for _, fd in made]):
+            for failed in self._syncs.map(try_fsync, [fd for _, fd in made]):
                 if failed is not None:
                     raise failed
             dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)

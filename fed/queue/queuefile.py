@@ -201,3 +201,13 @@ def read_envelope(path: Path) -> Envelope:
     finally:
         os.close(fd)
     return _parse_envelope(path, raw_json, size)
+
+
+def try_fsync(fd: int) -> OSError | None:
+    """fsync `fd`, returning the error instead of raising it: the spool's and the blanks'
+    sync rounds run many from a pool and answer each message by its own outcome."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None

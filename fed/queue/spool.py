@@ -78,6 +78,7 @@ from .queuefile import (
     read_message,
     read_queue_file,
     trailer,
+    try_fsync,
 )
 from .store import Store
 
@@ -154,14 +155,6 @@ def _pwrite_parts(fd: int, parts: list[bytes]) -> None:
         while view:
             n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
-
-
-def _try_fsync(fd: int) -> OSError | None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        return exc
-    return None
 
 
 class BlankRemoved(FileNotFoundError):
@@ -553,11 +546,11 @@ class Spool:
         dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY) if new else -1
         try:
             if jobs:
-                pooled = [self._fsyncs.submit(_try_fdatasync if fd in blank else _try_fsync,
+                pooled = [self._fsyncs.submit(_try_fdatasync if fd in blank else try_fsync,
                                               fd) for fd in jobs[1:]]
                 if new:
-                    pooled.append(self._fsyncs.submit(_try_fsync, dir_fd))
-                first = (_try_fdatasync if jobs[0] in blank else _try_fsync)(jobs[0])
+                    pooled.append(self._fsyncs.submit(try_fsync, dir_fd))
+                first = (_try_fdatasync if jobs[0] in blank else try_fsync)(jobs[0])
                 outcomes = [first, *(f.result() for f in pooled)]
             else:
                 outcomes = []

@@ -238,25 +238,7 @@ ssize_t write(int fd, const void *buf, size_t count) {
     return n;
 }
 
-ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
-    if (!is_tracked(fd))
-        return real_writev(fd, iov, iovcnt);
-    pthread_mutex_lock(&lock);
-    int64_t at = where_next(fd);
-    ssize_t n = real_writev(fd, iov, iovcnt);
-    ssize_t left = n;
-    for (int i = 0; i < iovcnt && left > 0; i++) {
-        size_t part = iov[i].iov_len < (size_t)left ? iov[i].iov_len : (size_t)left;
-        record(OP_WRITE, fd, at, iov[i].iov_base, part, NULL, 0);
-        at += (int64_t)part;
-        left -= (ssize_t)part;
-    }
-    pthread_mutex_unlock(&lock);
-    return n;
-}
-
-/* pwritev (os.pwritev: the spool writes a message over a blank with it): each piece
-   recorded at its offset. pwritev2 with offset -1 writes at the file position. */
+/* Each piece of a vectored write recorded at its offset, as far as `n` bytes went. */
 static void record_iov(int fd, int64_t at, const struct iovec *iov, int iovcnt, ssize_t n) {
     ssize_t left = n;
     for (int i = 0; i < iovcnt && left > 0; i++) {
@@ -267,6 +249,19 @@ static void record_iov(int fd, int64_t at, const struct iovec *iov, int iovcnt, 
     }
 }
 
+ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    if (!is_tracked(fd))
+        return real_writev(fd, iov, iovcnt);
+    pthread_mutex_lock(&lock);
+    int64_t at = where_next(fd);
+    ssize_t n = real_writev(fd, iov, iovcnt);
+    record_iov(fd, at, iov, iovcnt, n);
+    pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* pwritev (os.pwritev: the spool writes a message over a blank with it): recorded at
+   its offset. pwritev2 with offset -1 writes at the file position. */
 ssize_t pwritev(int fd, const struct iovec *iov, int iovcnt, off_t offset) {
     if (!is_tracked(fd))
         return real_pwritev(fd, iov, iovcnt, offset);
