@@ -47,8 +47,13 @@ def test_250_only_once_the_message_is_in_the_spool(fed: Fed, s1: FakeSystem) -> 
 
 def test_no_250_when_the_spool_cannot_take_the_message(fed: Fed) -> None:
     queue_dir = fed.state_dir / "spool" / "queue"
-    shutil.rmtree(queue_dir)  # its blanks too (fed/queue/blanks.py): their names are gone
+    # Moved away first, then removed: fed's background refill keeps making blanks
+    # (fed/queue/blanks.py) by path, so an rmtree in place raced it ("Directory not
+    # empty"); after the rename nothing can be made in the moved folder.
+    moved = queue_dir.with_name("queue.gone")
+    queue_dir.rename(moved)
     queue_dir.write_text("not a directory")  # no new file can be made there either
+    shutil.rmtree(moved)  # its blanks too: their names are gone
     code, reply = send(fed.smtp_port, ["a@corp.example"], message("lost?", "m2@t"))
     assert code == 451, reply
     queue_dir.unlink()
