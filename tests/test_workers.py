@@ -9,6 +9,7 @@ mailboxes themselves (helpers: tests/workerutil.py).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +94,30 @@ def test_max_parallel_of_a_system_holds_across_workers(
     assert len(spans) == 8
     assert _max_overlap(spans) == 2, spans
     assert len({d["worker"] for d in done}) >= 2
+
+
+def test_a_worker_runs_as_many_copies_at_once_as_its_concurrency(
+        world: World, postgres: PrivatePostgres, tmp_path: Path) -> None:
+    """One worker of `--concurrency` cores + 6, more than asyncio's default executor of
+    cores + 4 threads in which procrastinate runs a sync task: every job copies at once
+    (the system's shared 40 msg/s makes each copy last the whole wave)."""
+    concurrency = (os.cpu_count() or 1) + 6
+    spec: dict[str, object] = {"maxParallel": concurrency,
+                               "throttle": {"messagesPerSecond": 40}}
+    engine, seeded = prepared(world, postgres, tmp_path, "conc", concurrency, 20, {"pc": spec})
+    workers = Workers(Path(engine.specs.root), postgres.url, tmp_path)
+    try:
+        workers.start(concurrency=concurrency)
+        workers.wait_ready(engine)
+        report = apply_queued(engine)
+    finally:
+        workers.stop()
+    assert report.errors == [], report.errors
+    done = copy_events(engine, seeded)
+    spans = [(datetime.fromisoformat(str(d["copy_started"])),
+              datetime.fromisoformat(str(d["copy_finished"]))) for d in done]
+    assert len(spans) == concurrency
+    assert _max_overlap(spans) == concurrency, spans
 
 
 def test_a_throttling_answer_slows_every_worker(

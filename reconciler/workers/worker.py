@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,12 @@ def run_worker(specs: SpecSet, store: Store, *, concurrency: int = 4,
     app = worker_app(rt)
 
     async def main() -> None:
+        # procrastinate runs a sync task in the loop's default executor, which asyncio
+        # sizes min(32, cores + 4): on a 2-core host `--concurrency 8` would run 6 jobs at
+        # once, the other 2 claimed and waiting for a thread. One thread per job, and one
+        # for the chores' database calls.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+            max_workers=concurrency + 1, thread_name_prefix="mailferry-job"))
         async with app.open_async():
             side = asyncio.create_task(_chores(rt, app, heartbeat, stalled))
             try:
