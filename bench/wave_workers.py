@@ -170,6 +170,7 @@ class Relay:
 
     def __init__(self, target: int, bps: float) -> None:
         self.target, self.bps, self.port = target, bps, free_port()
+        self.connections = self.sent = 0  # counted on the relay's loop only
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
@@ -183,6 +184,7 @@ class Relay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        self.connections += 1
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        rate: float | None) -> None:
@@ -196,6 +198,7 @@ class Relay:
                         tokens -= len(data)
                         if tokens < 0:
                             await asyncio.sleep(-tokens / rate)
+                        self.sent += len(data)
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -297,10 +300,13 @@ def record(store: Store, pairs: dict[str, str], modes: Modes) -> list[Migration]
 
 
 def enqueue(queue: Queue, store: Store, rows: list[Migration]) -> None:
-    """The reconciler's first pass over the wave: each E15 queued (NotReady)."""
+    """The reconciler's first pass over the wave: each E15 queued (NotReady), then the
+    pass's new jobs deferred, as the pass's end (`Queue.wait`) does: `take` holds them to
+    defer them together."""
     for m in rows:
         with contextlib.suppress(NotReady), store.session() as session:
             queue.take(session, m, "E15")
+    queue.flush()
 
 
 @dataclass
@@ -311,6 +317,7 @@ class WaveResult:
     enqueue_seconds: float
     first_start: float
     passes: int
+    job_seconds: float  # a job's copy, its mean (copy_started to copy_finished)
 
 
 def wave(store: Store, queue: Queue, rows: list[Migration], timeout: float) -> WaveResult:
@@ -321,6 +328,7 @@ def wave(store: Store, queue: Queue, rows: list[Migration], timeout: float) -> W
     enqueue_seconds = time.monotonic() - t0
     pending = {m.id: m for m in rows}
     copied, passes, last = 0, 0, began
+    spans: list[float] = []
     starts: list[datetime] = []
     deadline = time.monotonic() + timeout
     while pending:
@@ -343,11 +351,15 @@ def wave(store: Store, queue: Queue, rows: list[Migration], timeout: float) -> W
             except NotReady:
                 continue
             copied += int(detail["copied"])
-            last = max(last, datetime.fromisoformat(str(detail["copy_finished"])))
+            finished = datetime.fromisoformat(str(detail["copy_finished"]))
+            last = max(last, finished)
+            spans.append((finished - datetime.fromisoformat(str(detail["copy_started"])))
+                         .total_seconds())
             del pending[mid]
     seconds = (last - began).total_seconds()
     first = (min(starts) - began).total_seconds() if starts else float("nan")
-    return WaveResult(copied / seconds, copied, seconds, enqueue_seconds, first, passes)
+    return WaveResult(copied / seconds, copied, seconds, enqueue_seconds, first, passes,
+                      statistics.mean(spans))
 
 
 def start_workers(specs: Path, url: str, n: int, concurrency: int, logs: Path,
@@ -421,8 +433,10 @@ def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
     lat_pairs = {f"w.{s}": s for s in lat_sources}
     src_users = {u: "pw" for u in sources + lat_sources}
     dst_users = {u: "pw" for t in (*targets.values(), peer_pairs, lat_pairs) for u in t}
-    src = dovecot.Dovecot(droot, f"src-{spec.name}", src_users, master=MASTER).start()
-    dst = dovecot.Dovecot(droot, f"dst-{spec.name}", dst_users, master=MASTER).start()
+    src = dovecot.Dovecot(droot, f"src-{spec.name}", src_users, master=MASTER,
+                          performance=args.dovecot_performance).start()
+    dst = dovecot.Dovecot(droot, f"dst-{spec.name}", dst_users, master=MASTER,
+                          performance=args.dovecot_performance).start()
     relay = Relay(src.port, spec.rate * spec.size * 1.05)  # FETCH framing: ~5 % over
     procs: list[subprocess.Popen[bytes]] = []
     rates: dict[int, float] = {}
@@ -461,8 +475,10 @@ def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
             meter = CpuMeter({"workers": [p.pid for p in procs], "bench": [os.getpid()],
                               "postgres": [pg_pid(pg)],
                               "dovecots": [d for d in (src.pid(), dst.pid()) if d]})
+            conns, sent = relay.connections, relay.sent
             got = wave(store, queue, rows, timeout=args.timeout)
             cpu = meter.report()
+            conns, sent = relay.connections - conns, relay.sent - sent
             for proc in spies:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGINT)
@@ -472,9 +488,11 @@ def run_wave(spec: WaveSpec, args: argparse.Namespace, root: Path, droot: Path,
                   f"({got.copied} messages in {got.seconds:.1f} s; enqueue of {len(rows)} "
                   f"jobs {got.enqueue_seconds:.2f} s, first job started "
                   f"{got.first_start * 1000:.0f} ms after the first enqueue, {got.passes} "
-                  f"collecting passes; load average {load:.1f} -> {os.getloadavg()[0]:.1f})",
+                  f"collecting passes; a job's copy {got.job_seconds:.2f} s on average; "
+                  f"load average {load:.1f} -> {os.getloadavg()[0]:.1f})",
                   flush=True)
-            print(f"[{spec.name}] {cpu}", flush=True)
+            print(f"[{spec.name}] {cpu}; the source sent {sent / KB:.0f} KB over {conns} "
+                  f"connections ({sent / max(1, conns) / KB:.1f} KB each)", flush=True)
             print(f"[{spec.name}] check: {check_copies(dst, targets[n], spec.messages)}",
                   flush=True)
             if n == COUNTS[-1] and lat_pairs:
@@ -508,6 +526,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, help="mailboxes of the in-process peer")
     parser.add_argument("--latency", type=int, default=30,
                         help="single jobs for the enqueue-to-start time")
+    parser.add_argument("--dovecot-performance", action=argparse.BooleanOptionalAction,
+                        default=True, help="both Dovecots in high-performance login mode "
+                        "with imap process reuse, as a provider runs them (default on)")
     parser.add_argument("--profile", type=Path,
                         help="py-spy each worker into this folder (raw stacks)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per wave, at most")

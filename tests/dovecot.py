@@ -72,7 +72,7 @@ class Dovecot:
     def __init__(self, root: Path, name: str, users: dict[str, str], *,
                  master: tuple[str, str] | None = None, separator: str = "/",
                  prefix: str = "", tls: tuple[Path, Path] | None = None,
-                 oauth2: tuple[str, str, str] | None = None) -> None:
+                 oauth2: tuple[str, str, str] | None = None, performance: bool = False) -> None:
         self.dir = root / name
         self.name = name
         self.users = dict(users)
@@ -83,6 +83,10 @@ class Dovecot:
         # (introspection URL, client id, client secret): XOAUTH2 and OAUTHBEARER logins,
         # tokens checked at that RFC 7662 endpoint (Dovecot's passdb oauth2)
         self.oauth2 = oauth2
+        # Dovecot's high-performance login mode and imap process reuse, as a provider
+        # serving thousands of logins runs it (the default starts an imap-login and an imap
+        # process per connection): for the benchmarks whose source plays a provider.
+        self.performance = performance
         self.port = free_port()
         self.uid, self.gid = _mail_ids()
         self.conf = self.dir / "dovecot.conf"
@@ -145,7 +149,7 @@ userdb {{
   args = username_format=%u {d / 'users'}
 }}
 service imap-login {{
-  inet_listener imap {{
+{self._login_mode()}  inet_listener imap {{
     address = 127.0.0.1
     port = {self.port}
   }}
@@ -153,7 +157,17 @@ service imap-login {{
     port = 0
   }}
 }}
-""")
+{self._imap_mode()}""")
+
+    def _login_mode(self) -> str:
+        if not self.performance:
+            return ""
+        return "  service_count = 0\n  process_min_avail = 2\n  vsz_limit = 1G\n"
+
+    def _imap_mode(self) -> str:
+        if not self.performance:
+            return ""
+        return "service imap {\n  service_count = 100\n  process_min_avail = 4\n}\n"
 
     def _auth(self) -> str:
         if self.oauth2 is None:
