@@ -18,8 +18,10 @@
 # (peers, default "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads
 # (AVG_SIZE, ...).
 # COLD_RERUN=1 adds a third pass in a *new process* (Python start, state store, fresh
-# logins: what a later invocation pays; `--rerun` reuses the first pass's connections), then
-# bench/imap_login_floor.py: the same logins and LIST-STATUS and nothing else (the floor). It
+# logins: what a later invocation pays; `--rerun` reuses the first pass's connections; the
+# source unchanged, it leaves the target unread), then bench/imap_login_floor.py: the same
+# logins and LIST-STATUS and nothing else, on both sides and on the source only (the
+# floors). It
 # runs inside the harness's timed wall too, so the mover's rates drop with it: compare
 # ratios from runs without it.
 # The last line is always `mover/mbsync-4 ratio: X.XX` (0.00 when a method failed).
@@ -94,13 +96,13 @@ if os.path.exists(cold) and s.get("first_s"):
     print(f"cold re-run (new process): passes {c['first_s']:.3f} s = "
           f"{c['first_s'] / s['first_s']:.3f} of the first run; whole process "
           f"{t1 - t0:.2f} s = {(t1 - t0) / s['first_s']:.3f} (copied {c['copied']}, "
-          f"verified {c['verified']})")
+          f"verified {c['verified']}, targets read {c.get('targets_read')})")
 floor = sys.argv[1] + ".floor"
 if os.path.exists(floor) and s.get("first_s"):
-    text = open(floor).read().strip()
-    seconds = float(text.split()[2])
-    print(f"{text}: the server's floor for those passes = {seconds / s['first_s']:.3f} "
-          f"of the first run")
+    for text in open(floor).read().strip().splitlines():  # both sides, then source only
+        seconds = float(text.split()[2])
+        print(f"{text}: the server's floor for such a pass = {seconds / s['first_s']:.3f} "
+              f"of the first run")
 PY
 fi
 

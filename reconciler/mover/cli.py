@@ -13,7 +13,7 @@ from flags and a users file.
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--dst-max-connections 20] [--dst-max-connections-per-user 3] \\
         [--dst-bytes-per-day 450000000] \\
-        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
+        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] [--read-target] \\
         [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
 
 `mover prestage --specs DIR --state URL [--all]` copies, before their cutover, the mailboxes
@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dst-name", default="",
                    help="the target's name in the report (default its host:port)")
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
+    c.add_argument("--read-target", action="store_true",
+                   help="read the target even when the source is unchanged since the last "
+                        "verified pass (a final pass always does)")
     c.add_argument("--max-msgs-per-s", type=float, default=0.0)
     c.add_argument("--max-bytes-per-s", type=float, default=0.0)
     for side in ("src", "dst"):  # a system's limits (`pace.py`); the back-off is always on
@@ -186,7 +189,8 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool, lines: list[str]) -> l
                       batch_messages=args.batch_messages, batch_bytes=args.batch_bytes,
                       appends_in_flight=args.appends_in_flight,
                       accepted=frozenset(args.accept_rewrite),
-                      target_name=args.dst_name or args.dst.removeprefix("imap://"))
+                      target_name=args.dst_name or args.dst.removeprefix("imap://"),
+                      leave_target=not args.read_target)
     jobs: list[Job] = []
     src_pace, dst_pace = _pace(args, "src"), _pace(args, "dst")
     for line in lines:
@@ -224,6 +228,9 @@ def _table(reports: list[MailboxReport]) -> None:
     for r in reports:
         print(f"{r.key[:32]:32} {r.copied:>8} {r.present:>8} {r.failed:>7} {r.missing:>8} "
               f"{r.seconds:>8.2f}  {'yes' if r.verified else 'NO: ' + (r.error or 'see report')}")
+        if not r.target_read:
+            print("    source unchanged since the last verified pass: target not read "
+                  "(--read-target or --phase final read it)")
         if r.altered:
             print(f"    {r.alteration()}")
         if r.equivalent:
@@ -246,7 +253,8 @@ async def _passes(args: argparse.Namespace, manifest: Manifest | None, lines: li
                                        parallel=args.parallel)
         first = time.monotonic() - t0
         stats: dict[str, object] = {"first_s": round(first, 3), "mailboxes": len(reports),
-                                    "copied": sum(r.copied for r in reports)}
+                                    "copied": sum(r.copied for r in reports),
+                                    "targets_read": sum(r.target_read for r in reports)}
         if args.rerun:
             t1 = time.monotonic()
             again = await run_jobs_async(_jobs(args, pool, lines), manifest=manifest,
