@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mailferry import __version__, secretfile
+from mailferry import secretfile
 from mailferry.service import private_files
 from reconciler.drivers.base import ImapAccount
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
@@ -57,9 +57,24 @@ from reconciler.mover.throttle import Throttle
 from reconciler.state.lite import default_url
 
 
+class _Version(argparse.Action):
+    """`--version`, the installed version read only when asked (see `mailferry.__getattr__`:
+    the metadata's import is 20 ms of every new process's start otherwise)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        import mailferry
+        print(f"mover (mailferry) {mailferry.__version__}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mover", description="mailferry data mover")
-    p.add_argument("--version", action="version", version=f"mover (mailferry) {__version__}")
+    p.add_argument("--version", action=_Version, help="show the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("copy", help="copy mailboxes, verify, report")
     c.add_argument("--src", required=True, help="HOST:PORT or maildir:ROOT")
