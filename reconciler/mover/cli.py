@@ -49,7 +49,6 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.pace import Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
-from reconciler.mover.processes import in_child, merged, run_split
 from reconciler.mover.progress import make_progress
 from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
@@ -309,6 +308,10 @@ def copy_command(args: argparse.Namespace) -> int:
     """Run the copy (and the optional re-run); print the report; 0 when all verified."""
     lines = _user_lines(args.users)
     if args.processes > 1 and len(lines) > 1:
+        # here, not at the top: pickle, tempfile and traceback are 4 ms of the start of
+        # every one-process `mover copy` (issue 22)
+        from reconciler.mover.processes import in_child, merged, run_split
+
         share = _per_process(args, min(args.processes, len(lines)))
         started = time.monotonic()
         if not args.no_state:  # created or upgraded once, not by every child at once
