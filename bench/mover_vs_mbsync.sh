@@ -18,8 +18,10 @@
 # (peers, default "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads
 # (AVG_SIZE, ...).
 # COLD_RERUN=1 adds a third pass in a *new process* (Python start, state store, fresh
-# logins: what a later invocation pays; `--rerun` reuses the first pass's connections), then
-# bench/imap_login_floor.py: the same logins and LIST-STATUS and nothing else (the floor). It
+# logins: what a later invocation pays; `--rerun` reuses the first pass's connections; the
+# source unchanged, it leaves the target unread), then bench/imap_login_floor.py: the same
+# logins and LIST-STATUS and nothing else, on both sides and on the source only (the
+# floors). It
 # runs inside the harness's timed wall too, so the mover's rates drop with it: compare
 # ratios from runs without it.
 # The last line is always `mover/mbsync-4 ratio: X.XX` (0.00 when a method failed).
@@ -32,6 +34,11 @@ HARNESS=${PEER_HARNESS:-$REPO/../shared/bench/imap_copy.sh}  # PEER_HARNESS: fro
     "(expected ../shared/bench/ next to the repository)" >&2; exit 1; }
 PY=${MOVER_PYTHON:-$REPO/.venv/bin/python}
 [[ -x $PY ]] || { echo "mover_vs_mbsync: $PY missing (run ./bootstrap.sh test first)" >&2; exit 1; }
+
+# The mover's processes read bytecode as an installed mover does (pip compiles on install):
+# under PYTHONDONTWRITEBYTECODE=1, as set on this machine, a source tree would otherwise be
+# compiled afresh by every process (40 ms of CPU each, most of a cold no-op pass's start).
+"$PY" -m compileall -q "$REPO/mailferry" "$REPO/reconciler" >/dev/null
 
 USERS=${1:-20}
 MSGS=${2:-500}
@@ -94,13 +101,13 @@ if os.path.exists(cold) and s.get("first_s"):
     print(f"cold re-run (new process): passes {c['first_s']:.3f} s = "
           f"{c['first_s'] / s['first_s']:.3f} of the first run; whole process "
           f"{t1 - t0:.2f} s = {(t1 - t0) / s['first_s']:.3f} (copied {c['copied']}, "
-          f"verified {c['verified']})")
+          f"verified {c['verified']}, targets read {c.get('targets_read')})")
 floor = sys.argv[1] + ".floor"
 if os.path.exists(floor) and s.get("first_s"):
-    text = open(floor).read().strip()
-    seconds = float(text.split()[2])
-    print(f"{text}: the server's floor for those passes = {seconds / s['first_s']:.3f} "
-          f"of the first run")
+    for text in open(floor).read().strip().splitlines():  # both sides, then source only
+        seconds = float(text.split()[2])
+        print(f"{text}: the server's floor for such a pass = {seconds / s['first_s']:.3f} "
+              f"of the first run")
 PY
 fi
 

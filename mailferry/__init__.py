@@ -8,9 +8,19 @@ may all import from here; it imports none of them.
 
 from __future__ import annotations
 
-from importlib import metadata
+__version__: str  # the installed version, read when first asked for (`__getattr__`)
 
-try:
-    __version__ = metadata.version("mailferry")
-except metadata.PackageNotFoundError:  # a source tree run without an install
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """`__version__`, from the installed package's metadata on first use: importing
+    `importlib.metadata` is 20 ms, a seventh of a `mover copy` process's imports, and only
+    `--version` needs it (issue 22)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'mailferry' has no attribute {name!r}")
+    from importlib import metadata
+    try:
+        version = metadata.version("mailferry")
+    except metadata.PackageNotFoundError:  # a source tree run without an install
+        version = "0+unknown"
+    globals()["__version__"] = version
+    return version

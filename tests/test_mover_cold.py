@@ -2,7 +2,8 @@
 re-run): against real Dovecot servers, a run that finds every folder unchanged never imports
 SQLAlchemy (nor does one that copies: the store is read and appended through sqlite3),
 records its pass all the same, and a run after a change copies exactly what changed,
-counted by Message-ID on the target."""
+counted by Message-ID on the target; a copy pass whose source is unchanged does not connect
+to the target, the final pass always does."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from test_mover_imap import REPO, fill, message, snapshot
+from test_mover_stream import Relay
 
 from reconciler.state.model import TransferRun
 from reconciler.state.store import Store, default_url
@@ -38,12 +40,15 @@ def ids(server: Dovecot, user: str) -> Counter[tuple[str, str]]:
                    for _ in range(n))
 
 
-def cli(pair: DovecotPair, users: Path, state: Path) -> tuple[dict[str, Any], str]:
-    """One `mover copy` in a new process; its report (one mailbox) and what it imported."""
+def cli(pair: DovecotPair, users: Path, state: Path, *extra: str,
+        dst_port: int | None = None) -> tuple[dict[str, Any], str]:
+    """One `mover copy` in a new process (to the target's port, or `dst_port`: a relay);
+    its report (one mailbox) and what it imported."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "reconciler.mover", "copy", "--src",
-         f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}", "--users",
-         str(users), "--state", str(state), "--progress", "none", "--report", "json"],
+         f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{dst_port or pair.dst.port}",
+         "--users", str(users), "--state", str(state), "--progress", "none", "--report",
+         "json", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     imported = "\n".join(line for line in done.stderr.splitlines()
@@ -68,6 +73,7 @@ def test_a_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once(
 
     again, imported = cli(pair, users, state)
     assert again["verified"] and again["copied"] == 0 and again["present"] == 5
+    assert not again["target_read"]  # the source unchanged: the target left alone
     assert {f["folder"]: f["unchanged"] for f in again["folders"]} == {
         "INBOX": True, "Work": True}
     assert imported and " sqlalchemy" not in imported and "reconciler.state.model" not in imported
@@ -84,6 +90,7 @@ def test_a_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once(
     fill(pair.src, user, {"INBOX": [(message(20), "")]})  # one new message in the source
     third, imported = cli(pair, users, state)
     assert third["verified"] and third["copied"] == 1 and third["present"] == 5
+    assert third["target_read"]
     assert " sqlalchemy" not in imported  # the manifest's rows through sqlite3 too
     assert {f["folder"]: f["unchanged"] for f in third["folders"]} == {
         "INBOX": False, "Work": True}
@@ -95,22 +102,59 @@ def test_a_rerun_imports_no_sqlalchemy_and_a_change_is_copied_exactly_once(
     assert fourth["copied"] == 0 and fourth["verified"] and " sqlalchemy" not in imported
 
 
-def test_a_message_deleted_from_the_target_is_copied_again_by_a_new_process(
+def test_an_unchanged_source_leaves_the_target_unread_until_the_final_pass(
         pair: DovecotPair, tmp_path: Path) -> None:
-    """The target's side counts too: its MESSAGES changed, so the folder is listed and the
-    missing copy made again, once."""
+    """Issue 22: a copy pass whose source folders are all as at the last verified pass
+    does not connect to the target at all (counted by a relay in front of it: each
+    connection is accepted before a login can start); it says so in its report. A message
+    the target lost meanwhile is therefore not seen by such a pass, but by the final pass
+    (`--phase final`, E41's), which always reads the target: it copies it again, once;
+    `--read-target` reads it too, and a change in the source opens the target again."""
     user = "dirk"
-    fill(pair.src, user, {"INBOX": [(message(30 + i), "") for i in range(3)]})
+    fill(pair.src, user, {"INBOX": [(message(30 + i), "") for i in range(3)],
+                          "Work": [(message(40), "")]})
     users = tmp_path / "users.txt"
     users.write_text(f"{user} pw-{user}\n")
     state = tmp_path / "state.db"
-    first, _ = cli(pair, users, state)
-    assert first["copied"] == 3
-    pair.dst.doveadm("expunge", "-u", user, "mailbox", "INBOX", "uid", "2")
-    again, _ = cli(pair, users, state)
-    assert again["verified"] and again["copied"] == 1 and again["present"] == 2
+    relay = Relay(pair.dst.port)
+    try:
+        first, _ = cli(pair, users, state, dst_port=relay.port)
+        assert first["verified"] and first["copied"] == 4 and first["target_read"]
+        assert relay.connections == 1
+
+        again, _ = cli(pair, users, state, dst_port=relay.port)
+        assert relay.connections == 1  # no connection to the target, so no login
+        assert again["verified"] and not again["target_read"]
+        assert again["copied"] == 0 and again["present"] == 4
+        assert {f["folder"]: f["unchanged"] for f in again["folders"]} == {
+            "INBOX": True, "Work": True}
+
+        pair.dst.doveadm("expunge", "-u", user, "mailbox", "INBOX", "uid", "2")
+        blind, _ = cli(pair, users, state, dst_port=relay.port)
+        assert relay.connections == 1 and not blind["target_read"]
+        assert blind["copied"] == 0  # what a pass that trusts the last proof cannot see
+
+        final, _ = cli(pair, users, state, "--phase", "final", dst_port=relay.port)
+        assert relay.connections == 2 and final["target_read"]
+        assert final["verified"] and final["copied"] == 1 and final["present"] == 3
+        wanted = ids(pair.src, user)
+        assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+
+        checked, _ = cli(pair, users, state, "--read-target", dst_port=relay.port)
+        assert relay.connections == 3 and checked["target_read"]
+        assert checked["verified"] and checked["copied"] == 0
+
+        fill(pair.src, user, {"Work": [(message(41), "")]})
+        changed, _ = cli(pair, users, state, dst_port=relay.port)
+        assert relay.connections == 4 and changed["target_read"]
+        assert changed["verified"] and changed["copied"] == 1
+        assert {f["folder"]: f["unchanged"] for f in changed["folders"]} == {
+            "INBOX": True, "Work": False}
+    finally:
+        relay.close()
     wanted = ids(pair.src, user)
     assert ids(pair.dst, user) == wanted and set(wanted.values()) == {1}
+    assert sum(wanted.values()) == 5
 
 
 def test_the_exit_status_and_the_output_survive_the_quick_exit(

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from reconciler.drivers.maildir import MaildirDriver
 from reconciler.errors import TemporaryError, Waiting
 from reconciler.mover.pace import LocalPace
-from reconciler.mover.service import pace_for
+from reconciler.mover.service import options_from_modes, pace_for
 from reconciler.spec.model import DesiredMailbox, PolicySpec
 from reconciler.spec.modes import Modes
 from reconciler.state.model import Migration, TransferManifest, TransferRun
@@ -149,3 +149,13 @@ def test_e15_waits_for_the_next_days_budget_of_a_system(tmp_path: Path) -> None:
     assert out is not None and out.detail["verified"]
     ids = [m.message_id or "" for f in s2.list_folders(BOX) for m in s2.list_messages(BOX, f)]
     assert sorted(ids) == sorted(f"<{n}@x>" for n in range(5))
+
+
+def test_only_a_prestage_pass_may_leave_the_target_unread() -> None:
+    """E15 records "copied and verified" (state 8; the last copy when BOX1 is never
+    deleted) and E41's final pass deletes BOX1: both read the target every time. A prestage
+    pass may stand on the last verified pass while the source is unchanged (issue 22)."""
+    modes = Modes(data_transfer="copy")
+    assert options_from_modes(modes, "prestage").leave_target
+    assert not options_from_modes(modes, "copy").leave_target
+    assert not options_from_modes(modes, "final").leave_target

@@ -203,7 +203,8 @@ def test_a_target_that_changes_a_streamed_message_is_caught(
         pair: DovecotPair, tmp_path: Path) -> None:
     """The target (through a relay) serves one byte changed in a big message it stored:
     the read-back of the streamed copy does not prove it, the mailbox is not verified,
-    and a re-run neither appends it again nor calls it proven."""
+    the copy is named altered (not missing: its read-back came back and was judged), and
+    a re-run neither appends it again nor calls it proven."""
     user = "vic"
     fill(pair.src, user, {"INBOX": [(big(1, 3 * MB), ""), (big(2, 2 * MB), "")]})
     relay = Relay(pair.dst.port, replace=(b"line 00012345 of message 1",
@@ -216,7 +217,9 @@ def test_a_target_that_changes_a_streamed_message_is_caught(
     assert report.copied == 2 and not report.verified, report.as_dict()
     assert report.altered == 1 and report.folders[0].alteration == "altered:other", \
         report.as_dict()
-    assert again.copied == 0 and not again.verified and again.altered == 1
+    assert report.missing == 0, report.as_dict()
+    assert again.copied == 0 and not again.verified and again.altered == 1, again.as_dict()
+    assert again.missing == 0, again.as_dict()
     assert sum(hashes(pair.dst, user).values()) == 2  # never appended twice
 
 

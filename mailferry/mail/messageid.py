@@ -15,8 +15,6 @@ stored and compared.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import re
 
 MAX_LENGTH = 998
@@ -53,6 +51,11 @@ def message_id_of(data: bytes) -> str | None:
 
 def message_id_parsed(head: bytes) -> str | None:
     """`message_id_of` through email's parser only (the reference the fast path matches)."""
+    # Imported here: the fast path above answers the everyday header, and a process that
+    # parses none (a no-op `mover copy`) skips email's parser modules.
+    import email.parser
+    import email.policy
+
     # Read as Latin-1 text: every byte maps to one character, so an 8-bit Message-ID keeps
     # its bytes (the bytes parser would turn them into U+FFFD) and ASCII parses as before.
     parser = email.parser.HeaderParser(policy=email.policy.compat32)

@@ -13,7 +13,7 @@ from flags and a users file.
         [--verify fast|deep] [--max-msgs-per-s 50] [--max-bytes-per-s 2000000] \\
         [--dst-max-connections 20] [--dst-max-connections-per-user 3] \\
         [--dst-bytes-per-day 450000000] \\
-        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] \\
+        [--folder-map 'INBOX.Sent=Sent'] [--rerun] [--stats FILE] [--read-target] \\
         [--src-tls none|implicit|starttls] [--src-cafile CA.pem] [--dst-tls ...]
 
 `mover prestage --specs DIR --state URL [--all]` copies, before their cutover, the mailboxes
@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mailferry import __version__, secretfile
+from mailferry import secretfile
 from mailferry.service import private_files
 from reconciler.drivers.base import ImapAccount
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
@@ -49,7 +49,6 @@ from reconciler.mover.manifest import Manifest
 from reconciler.mover.pace import Limits, LocalPace
 from reconciler.mover.pipeline import MailboxReport, Options
 from reconciler.mover.pool import ConnectionPool
-from reconciler.mover.processes import in_child, merged, run_split
 from reconciler.mover.progress import make_progress
 from reconciler.mover.rewrites import REWRITES
 from reconciler.mover.runner import Job, run_jobs_async
@@ -57,9 +56,24 @@ from reconciler.mover.throttle import Throttle
 from reconciler.state.lite import default_url
 
 
+class _Version(argparse.Action):
+    """`--version`, the installed version read only when asked (see `mailferry.__getattr__`:
+    the metadata's import is 20 ms of every new process's start otherwise)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        import mailferry
+        print(f"mover (mailferry) {mailferry.__version__}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mover", description="mailferry data mover")
-    p.add_argument("--version", action="version", version=f"mover (mailferry) {__version__}")
+    p.add_argument("--version", action=_Version, help="show the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("copy", help="copy mailboxes, verify, report")
     c.add_argument("--src", required=True, help="HOST:PORT or maildir:ROOT")
@@ -88,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dst-name", default="",
                    help="the target's name in the report (default its host:port)")
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
+    c.add_argument("--read-target", action="store_true",
+                   help="read the target even when the source is unchanged since the last "
+                        "verified pass (a final pass always does)")
     c.add_argument("--max-msgs-per-s", type=float, default=0.0)
     c.add_argument("--max-bytes-per-s", type=float, default=0.0)
     for side in ("src", "dst"):  # a system's limits (`pace.py`); the back-off is always on
@@ -186,7 +203,8 @@ def _jobs(args: argparse.Namespace, pool: ConnectionPool, lines: list[str]) -> l
                       batch_messages=args.batch_messages, batch_bytes=args.batch_bytes,
                       appends_in_flight=args.appends_in_flight,
                       accepted=frozenset(args.accept_rewrite),
-                      target_name=args.dst_name or args.dst.removeprefix("imap://"))
+                      target_name=args.dst_name or args.dst.removeprefix("imap://"),
+                      leave_target=not args.read_target)
     jobs: list[Job] = []
     src_pace, dst_pace = _pace(args, "src"), _pace(args, "dst")
     for line in lines:
@@ -224,6 +242,9 @@ def _table(reports: list[MailboxReport]) -> None:
     for r in reports:
         print(f"{r.key[:32]:32} {r.copied:>8} {r.present:>8} {r.failed:>7} {r.missing:>8} "
               f"{r.seconds:>8.2f}  {'yes' if r.verified else 'NO: ' + (r.error or 'see report')}")
+        if not r.target_read:
+            print("    source unchanged since the last verified pass: target not read "
+                  "(--read-target or --phase final read it)")
         if r.altered:
             print(f"    {r.alteration()}")
         if r.equivalent:
@@ -246,7 +267,8 @@ async def _passes(args: argparse.Namespace, manifest: Manifest | None, lines: li
                                        parallel=args.parallel)
         first = time.monotonic() - t0
         stats: dict[str, object] = {"first_s": round(first, 3), "mailboxes": len(reports),
-                                    "copied": sum(r.copied for r in reports)}
+                                    "copied": sum(r.copied for r in reports),
+                                    "targets_read": sum(r.target_read for r in reports)}
         if args.rerun:
             t1 = time.monotonic()
             again = await run_jobs_async(_jobs(args, pool, lines), manifest=manifest,
@@ -286,6 +308,10 @@ def copy_command(args: argparse.Namespace) -> int:
     """Run the copy (and the optional re-run); print the report; 0 when all verified."""
     lines = _user_lines(args.users)
     if args.processes > 1 and len(lines) > 1:
+        # here, not at the top: pickle, tempfile and traceback are 4 ms of the start of
+        # every one-process `mover copy` (issue 22)
+        from reconciler.mover.processes import in_child, merged, run_split
+
         share = _per_process(args, min(args.processes, len(lines)))
         started = time.monotonic()
         if not args.no_state:  # created or upgraded once, not by every child at once

@@ -95,6 +95,10 @@ class Options:
     # a copy then proves the source when the target holds rewrite(source) byte for byte.
     accepted: frozenset[str] = frozenset()
     target_name: str = ""  # the target system's name, for the report ("" -> its label)
+    # A pass that need not prove the target now (prestage, `mover copy` without
+    # `--read-target`): when every source folder is as at the last verified pass, the
+    # target is not even connected to (`MailboxCopy._source_only`). Never a final pass.
+    leave_target: bool = False
 
 
 @dataclass
@@ -135,6 +139,9 @@ class MailboxReport:
     resume_at: datetime | None = None  # a daily budget is spent: when the copy resumes
     target: str = ""  # the target system, as the alteration message names it
     accepted: tuple[str, ...] = ()  # the rewrites the policy accepted for it
+    # False: the pass stood on the last verified pass's proof, its source unchanged since,
+    # and did not connect to the target (`Options.leave_target`)
+    target_read: bool = True
 
     @property
     def copied(self) -> int:
@@ -193,7 +200,7 @@ class MailboxReport:
             "resume_at": self.resume_at.isoformat() if self.resume_at else None,
             "altered": self.altered, "equivalent": self.equivalent,
             "alteration": self.alteration() or None, "accepted": list(self.accepted),
-            "proof": PROOF,
+            "proof": PROOF, "target_read": self.target_read,
             "folders": [{"folder": f.folder, "target": f.target, "messages": f.messages,
                          "copied": f.copied, "present": f.present, "missing": f.missing,
                          "src_state": f.src_state, "dst_state": f.dst_state,
@@ -256,18 +263,38 @@ class MailboxCopy:
         self.consumed: dict[str, Counter[str]] = defaultdict(Counter)
 
     async def run(self) -> MailboxReport:
-        """List, copy and verify every folder; record the figures."""
+        """Open both sides (the target only when needed, see `_source_only`), list, copy
+        and verify every folder; record the figures."""
         started = time.monotonic()
         report = MailboxReport(self.key)
-        # Both sides at once: on a re-run with nothing to do this is most of the time.
-        src_folders, dst_folders = await asyncio.gather(self.source.folders(),
-                                                        self.target.folders())
-        # \All, \Flagged, \Important show messages kept in other folders (a Gmail source
-        # shows its labels instead: `gmail.py`)
-        src_folders = [f for f in src_folders if f.special_use not in VIRTUAL_USES]
+        report.target = self.options.target_name or self.target.label
+        report.accepted = tuple(sorted(self.options.accepted))
+        last = self.manifest.last_states(self.key) \
+            if self.manifest is not None and self.options.verify != "deep" else {}
+        if self.options.leave_target and self.options.phase != "final" and last:
+            # The source first, alone: when it is as the last proof saw it, the target's
+            # login (on Dovecot an `imap-login` and an `imap` process) is never made.
+            await self.source.open()
+            src_folders = _real_folders(await self.source.folders())
+            kept = self._source_only(src_folders, last)
+            if kept is not None:
+                report.folders, report.target_read = kept, False
+                report.messages_total = sum(f.messages for f in kept)
+                self.progress.mailbox_started(self.key, report.messages_total, 0)
+                report.verified = True  # the last verified pass's proof, standing
+                report.seconds = time.monotonic() - started
+                return report
+            await self.target.open()
+            dst_folders = await self.target.folders()
+        else:
+            await asyncio.gather(self.source.open(), self.target.open())
+            # Both sides at once: on a re-run with nothing to do this is most of the time.
+            listed, dst_folders = await asyncio.gather(self.source.folders(),
+                                                       self.target.folders())
+            src_folders = _real_folders(listed)
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
-        unchanged = self._unchanged(src_folders, mapping)
+        unchanged = self._unchanged(src_folders, mapping, last)
         listings: list[tuple[Folder, Listing]] = []
         for folder in src_folders:
             if not folder.selectable or folder.name in unchanged:
@@ -289,15 +316,46 @@ class MailboxCopy:
                     keep_prior=not ruled(folder.name, folder.native, self.options.rules)))
         finally:
             self.rows.flush()
-        report.target = self.options.target_name or self.target.label
-        report.accepted = tuple(sorted(self.options.accepted))
         # Verified: every source message held by a target copy whose read-back proved it.
         report.verified = report.missing == 0 and report.failed == 0 and report.altered == 0
         report.seconds = time.monotonic() - started
         return report
 
-    def _unchanged(self, src_folders: list[Folder],
-                   mapping: dict[str, str]) -> dict[str, FolderReport]:
+    def _source_only(self, src_folders: list[Folder],
+                     last: dict[str, tuple[str, str, str, int]]) -> list[FolderReport] | None:
+        """The folders' reports when every selectable source folder is exactly as at the
+        last verified pass (the state argument of `_unchanged`, source side) and goes to
+        the same target folder; else None (the target is opened and read as always).
+
+        Why a pass may then leave the target unread: it has nothing to copy (the source
+        holds the very messages the last verified pass proved, by the target's own bytes,
+        to be in the target), so it appends nothing (no duplicate) and changes nothing. What
+        it cannot see is a target that lost mail since; it does not claim to: its report
+        says `target_read: false` and keeps the target states of that proof, so the next
+        pass that reads the target compares them with the target's states and lists and
+        copies again if they differ. Only passes that prove nothing new about the target may
+        do this (`Options.leave_target`: prestage, `mover copy` without `--read-target`);
+        E15 (state 8) and the final pass before E41 always read it."""
+        src_now = getattr(self.source, "folder_status", {})
+        selectable = [f for f in src_folders if f.selectable]
+        if not selectable:
+            return None
+        ruled_to = map_folders(selectable, [], self.options.rules,
+                               getattr(self.source, "separator", "/"))
+        kept = []
+        for f in selectable:
+            if f.name not in last or src_now.get(f.name) != last[f.name][0]:
+                return None
+            src_state, target, dst_state, messages = last[f.name]
+            if ruled(f.name, f.native, self.options.rules) and ruled_to[f.name] != target:
+                return None  # a folderMap rule sends it elsewhere now
+            kept.append(FolderReport(f.name, target, messages=messages, present=messages,
+                                     src_state=src_state, dst_state=dst_state,
+                                     unchanged=True))
+        return kept
+
+    def _unchanged(self, src_folders: list[Folder], mapping: dict[str, str],
+                   last: dict[str, tuple[str, str, str, int]]) -> dict[str, FolderReport]:
         """Folders whose source and target are exactly as at the last verified pass.
 
         Why no listing is needed, and the E41 rule ("every source message is in BOX2") still
@@ -319,14 +377,11 @@ class MailboxCopy:
         Both sides' states come from one `LIST ... RETURN (STATUS ...)` each (RFC 5819), or
         pipelined STATUS commands without it, so a re-run with nothing to do lists no
         message at all. `verify: deep` never takes the shortcut."""
-        if self.manifest is None or self.options.verify == "deep":
-            return {}
         src_now = getattr(self.source, "folder_status", {})
         dst_now = getattr(self.target, "folder_status", {})
-        if not src_now or not dst_now:
+        if not last or not src_now or not dst_now:
             return {}
         result = {}
-        last = self.manifest.last_states(self.key)
         for folder, (src_state, target, dst_state, messages) in last.items():
             if src_now.get(folder) == src_state and dst_now.get(target) == dst_state:
                 result[folder] = FolderReport(folder, target, messages=messages,
@@ -820,6 +875,12 @@ class MailboxCopy:
             report.example = first.note
         report.missing = sum((lacking - altered).values()) + unknown_source
         return final.state
+
+
+def _real_folders(folders: list[Folder]) -> list[Folder]:
+    """The source folders a copy goes over: \\All, \\Flagged, \\Important show messages kept
+    in other folders (a Gmail source shows its labels instead: `gmail.py`)."""
+    return [f for f in folders if f.special_use not in VIRTUAL_USES]
 
 
 @dataclass(frozen=True)

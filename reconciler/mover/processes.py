@@ -149,7 +149,7 @@ def merged(stats: list[Stats], seconds: float, parent_rss_mb: float) -> Stats:
         values = [s[name] for s in stats if s.get(name) is not None]
         if values:
             result[name] = max(values)
-    for name in ("mailboxes", "copied", "rerun_copied", "rerun_logins_saved"):
+    for name in ("mailboxes", "copied", "targets_read", "rerun_copied", "rerun_logins_saved"):
         values = [s[name] for s in stats if s.get(name) is not None]
         if values:
             result[name] = sum(values)

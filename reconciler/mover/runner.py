@@ -71,8 +71,7 @@ def _refused(exc: ImapThrottled, endpoints: tuple[Endpoint, ...],
 
 async def _attempt(job: Job, manifest: Manifest | None, progress: Progress) -> MailboxReport:
     source, target = job.source(), job.target()
-    try:
-        await asyncio.gather(source.open(), target.open())
+    try:  # the copy opens them (the target only when it must be read: `pipeline.py`)
         return await MailboxCopy(job.key, source, target, manifest=manifest, progress=progress,
                                  throttle=job.throttle, options=job.options).run()
     except ImapThrottled as exc:

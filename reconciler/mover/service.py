@@ -131,12 +131,15 @@ def options_from_modes(modes: Modes, phase: str, target: str = "",
                        accepted: frozenset[str] | None = None) -> Options:
     """The policy's folderMap, verify mode and the store rewrites it accepts for the
     target system (`accepted` when the caller read them from the specs as they are now,
-    else from the recorded modes), as mover options."""
+    else from the recorded modes), as mover options. Only a prestage pass may leave the
+    target unread when the source is unchanged: E15 records "copied and verified" (state
+    8, perhaps the last copy when the source is never deleted) and E41's final pass
+    deletes BOX1, so both read the target every time."""
     rules = tuple(FolderRule(a, b) for a, b in modes.folder_map)
     if accepted is None:
         accepted = modes.accepted_rewrites(target)
     return Options(rules=rules, verify=modes.verify, phase=phase, accepted=accepted,
-                   target_name=target)
+                   target_name=target, leave_target=phase == "prestage")
 
 
 def throttle_for(system: str, modes: Modes) -> Throttle:

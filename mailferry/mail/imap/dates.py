@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -18,6 +17,9 @@ def epoch_of(date: str | None) -> float | None:
     """INTERNALDATE text -> epoch seconds (None when absent or unparsable)."""
     if not date:
         return None
+    # Imported here: only a copy into a driver's store parses dates, and email.utils is
+    # 3 ms of every `mover copy` process's start otherwise (issue 22).
+    from email.utils import parsedate_to_datetime
     try:
         day, rest = date.strip().split("-", 1)
         return parsedate_to_datetime(f"{int(day):02d}-{rest}".replace("-", " ", 2)).timestamp()
