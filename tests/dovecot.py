@@ -167,7 +167,9 @@ service imap-login {{
     def _imap_mode(self) -> str:
         if not self.performance:
             return ""
-        return "service imap {\n  service_count = 100\n  process_min_avail = 4\n}\n"
+        # auth's clients: each reused imap process counts (doveconf warns at the default)
+        return ("service imap {\n  service_count = 100\n  process_min_avail = 4\n}\n"
+                "service auth {\n  client_limit = 2000\n}\n")
 
     def _auth(self) -> str:
         if self.oauth2 is None:
