@@ -38,7 +38,7 @@ from helpers.waiting import wait_for
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
-         "kate", "liam", "marker", "judy")
+         "kate", "liam", "marker", "judy", "mona")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -652,3 +652,42 @@ def test_a_state_store_that_cannot_be_opened_fails_the_copy_before_anything_is_c
     assert "unable to open database" in done.stderr or "Not a directory" in done.stderr, \
         done.stderr[-2000:]
     assert not snapshot(pair.dst, user, sep=".", prefix="INBOX.")  # not one message copied
+
+
+def test_a_move_back_to_the_old_server_ignores_the_first_migrations_manifest(
+        pair: Pair, tmp_path: Path) -> None:
+    """A -> B as migration 1, then B -> A as migration 2, with B's INBOX under the same
+    UIDVALIDITY as A's was (Dovecot's is a creation time in seconds: two mailboxes created
+    in one second share it) and B's UIDs holding other messages than A's did (mail arrived
+    on B before the copy). Migration 1's rows must not stand for B's UIDs: before they were
+    scoped to their migration, every message of B read "changed since listing", on every
+    pass, and the move back never verified."""
+    user = pair.user("mona")
+    fill(pair.src, user, {"INBOX": [(message(300 + i), "") for i in range(6)]})
+    fill(pair.dst, user, {"INBOX": [(message(399), "")]})  # arrived at B first: B's UID 1
+    st = store(tmp_path)
+    there = run_jobs([job(pair, user)], manifest=Manifest(st, 1))[0]
+    assert there.verified and there.copied == 6
+
+    validity = pair.src.doveadm("mailbox", "status", "-u", user, "uidvalidity", "INBOX")
+    pair.dst.doveadm("mailbox", "update", "-u", user, "--uid-validity",
+                     validity.split("=")[1].strip(), "INBOX")
+    a = login(pair.src, user)  # A's mailbox emptied (E41 of migration 1), its INBOX kept
+    a.select("INBOX")
+    a.store("1:*", "+FLAGS", "(\\Deleted)")
+    a.expunge()
+    a.logout()
+
+    b_account = ImapAccount("127.0.0.1", pair.dst.port, user, f"pw-{user}", timeout=15)
+    a_account = ImapAccount("127.0.0.1", pair.src.port, user, f"pw-{user}", timeout=15)
+    back = Job(user, lambda: ImapEndpoint(b_account, readonly=True),
+               lambda: ImapEndpoint(a_account))
+    report = run_jobs([back], manifest=Manifest(st, 2))[0]
+    assert report.verified, report.folders
+    assert (report.copied, report.failed) == (7, 0)
+    got = Counter(data for (folder, data, _, _) in snapshot(pair.src, user).elements()
+                  if folder == "INBOX")
+    assert sorted(got.values()) == [1] * 7
+    assert got == Counter(data for (folder, data, _, _)
+                          in snapshot(pair.dst, user, sep=".", prefix="INBOX.").elements()
+                          if folder == "INBOX")

@@ -159,9 +159,12 @@ class Manifest:
         return cls(same, migration_id)
 
     def load(self, mailbox: str, folder: str) -> list[ManifestRow]:
-        """Every row of a source folder of a job."""
-        rows = self.lite.manifest_rows(mailbox, folder) if self.lite is not None \
-            else self._manifest_rows(mailbox, folder)
+        """Every row of a source folder of a job, in this migration only: the same address
+        moved back (A -> B -> A) is a new migration whose source is another server, where
+        the same folder may carry the same UIDVALIDITY (Dovecot's is a creation time in
+        seconds) over other messages."""
+        rows = self.lite.manifest_rows(self.migration_id, mailbox, folder) \
+            if self.lite is not None else self._manifest_rows(mailbox, folder)
         return [ManifestRow(r[0], r[1], r[2], r[3] or "", bool(r[4]), r[5] or "", r[6] or "",
                             r[7] or r[0], r[8], r[9], r[10], r[11], r[12] or "")
                 for r in rows]
@@ -172,7 +175,8 @@ class Manifest:
             m = _tables()[0].c
             return session.execute(
                 select(*(m[c] for c in MANIFEST_READ))
-                .where(m.mailbox == mailbox, m.folder == folder)
+                .where(m.migration_id == self.migration_id, m.mailbox == mailbox,
+                       m.folder == folder)
                 .order_by(m.id)).all()
 
     def add(self, mailbox: str, rows: Iterable[ManifestRow], at: datetime | None = None) -> int:
@@ -216,7 +220,7 @@ class Manifest:
     def last_states(self, mailbox: str) -> dict[str, tuple[str, str, str, int]]:
         """Per source folder of the last verified pass of a job: (source state, target
         folder, target state, messages), states as "UIDVALIDITY/UIDNEXT/MESSAGES"."""
-        text = self.lite.last_verified_report(mailbox) if self.lite is not None \
+        text = self.lite.last_verified_report(self.migration_id, mailbox) if self.lite is not None \
             else self._last_verified_report(mailbox)
         if not text:
             return {}
@@ -235,18 +239,20 @@ class Manifest:
         with self.sessions() as session:
             r = _tables()[1].c
             return cast(str | None, session.execute(
-                select(r.report).where(r.mailbox == mailbox, r.verified.is_(True))
+                select(r.report).where(r.migration_id == self.migration_id, r.mailbox == mailbox,
+                                       r.verified.is_(True))
                 .order_by(r.id.desc()).limit(1)).scalar())
 
     def copied_count(self, mailbox: str) -> int:
         """How many rows say 'copied by us' for a job (tests and reports)."""
         if self.lite is not None:
-            return self.lite.copied_count(mailbox)
+            return self.lite.copied_count(self.migration_id, mailbox)
         from sqlalchemy import func, select
 
         from reconciler.state.model import TransferManifest
         with self.sessions() as session:
             return int(session.scalar(select(func.count()).select_from(TransferManifest).where(
+                TransferManifest.migration_id == self.migration_id,
                 TransferManifest.mailbox == mailbox, TransferManifest.copied.is_(True))) or 0)
 
 

@@ -119,23 +119,27 @@ class LiteStore:
             return None
         return cls(connection)
 
-    def last_verified_report(self, mailbox: str) -> str | None:
-        """The report (JSON text) of the newest verified pass over `mailbox`, or None."""
+    def last_verified_report(self, migration_id: int, mailbox: str) -> str | None:
+        """The report (JSON text) of the newest verified pass over `mailbox` in a
+        migration, or None."""
         row = self.connection.execute(
-            "SELECT report FROM transfer_runs WHERE mailbox = ? AND verified = 1 "
-            "ORDER BY id DESC LIMIT 1", (mailbox,)).fetchone()
+            "SELECT report FROM transfer_runs WHERE migration_id = ? AND mailbox = ? "
+            "AND verified = 1 ORDER BY id DESC LIMIT 1", (migration_id, mailbox)).fetchone()
         return None if row is None else row[0]
 
-    def manifest_rows(self, mailbox: str, folder: str) -> list[tuple[Any, ...]]:
-        """The manifest rows of a job's source folder, oldest first (`MANIFEST_READ`)."""
+    def manifest_rows(self, migration_id: int, mailbox: str, folder: str
+                      ) -> list[tuple[Any, ...]]:
+        """The manifest rows of a job's source folder in a migration, oldest first
+        (`MANIFEST_READ`)."""
         return self.connection.execute(
             f"SELECT {', '.join(MANIFEST_READ)} FROM transfer_manifest "
-            "WHERE mailbox = ? AND folder = ? ORDER BY id", (mailbox, folder)).fetchall()
+            "WHERE migration_id = ? AND mailbox = ? AND folder = ? ORDER BY id",
+            (migration_id, mailbox, folder)).fetchall()
 
-    def copied_count(self, mailbox: str) -> int:
+    def copied_count(self, migration_id: int, mailbox: str) -> int:
         row = self.connection.execute(
-            "SELECT count(*) FROM transfer_manifest WHERE mailbox = ? AND copied = 1",
-            (mailbox,)).fetchone()
+            "SELECT count(*) FROM transfer_manifest WHERE migration_id = ? AND mailbox = ? "
+            "AND copied = 1", (migration_id, mailbox)).fetchone()
         return int(row[0])
 
     def insert_manifest(self, rows: Iterable[Mapping[str, Any]], at: datetime) -> None:
