@@ -49,9 +49,13 @@ def test_a_pass_written_through_sqlite3_reads_back_as_the_one_written_through_sq
     assert len(written) == 4
     assert written[2:] == written[:2]  # column for column, the timestamp too
     assert written[0][12] == AT
-    assert lite.last_states("amy") == Manifest(store).last_states("amy") == {
+    assert lite.last_states("amy") == Manifest(store, 4).last_states("amy") == {
         "INBOX": ("7/6/5", "INBOX", "9/6/5", 5)}
     assert lite.last_states("bob") == {}  # never verified
+    other = Manifest.at_url(url, 5)  # another migration of the same address: not its pass
+    assert other.lite is not None
+    assert other.last_states("amy") == Manifest(store, 5).last_states("amy") == {}
+    other.close()
     lite.close()
     store.close()
 
@@ -125,9 +129,14 @@ def test_manifest_rows_written_through_sqlite3_are_the_ones_sqlalchemy_writes(
     assert len(written) == 4 and written[2:] == written[:2] and written[0][-1] == AT
     for folder in ("INBOX", "Sent"):
         both = lite.load("eve", folder)
-        assert both == Manifest(store).load("eve", folder) and len(both) == 2
+        assert both == Manifest(store, 2).load("eve", folder) and len(both) == 2
     assert both[0] == given[1]  # read back as it was given
-    assert lite.copied_count("eve") == Manifest(store).copied_count("eve") == 2
+    assert lite.copied_count("eve") == Manifest(store, 2).copied_count("eve") == 2
+    other = Manifest.at_url(url, 3)  # another migration of the same address: not its rows
+    assert other.lite is not None
+    assert other.load("eve", "INBOX") == Manifest(store, 3).load("eve", "INBOX") == []
+    assert other.copied_count("eve") == Manifest(store, 3).copied_count("eve") == 0
+    other.close()
     lite.close()
     store.close()
 
