@@ -288,9 +288,9 @@ class MailHost:
             self.dovecot = subprocess.Popen([*self.wrap, "dovecot", "-F", "-c",
                                              str(self.dovecot_conf)],
                                             stdout=log, stderr=log, start_new_session=True)
-        if not (wait_port(self.imap_port, address=self.address)
-                and wait_port(self.lmtp_port, address=self.address)):
-            raise RuntimeError(f"{self.name}: dovecot did not listen; see {self.root}/dovecot")
+        self._await_listening("dovecot", self.dovecot, (self.imap_port, self.lmtp_port),
+                              (self.root / "dovecot" / "stderr.log",
+                               self.root / "dovecot" / "dovecot.log"))
 
     def start_postfix(self) -> None:
         wrap = "".join(f"{part} " for part in self.wrap)
@@ -303,8 +303,33 @@ class MailHost:
             self.postfix = subprocess.Popen([*self.wrap, MASTER, "-c", str(self.postfix_dir),
                                              "-d"],
                                             stdout=log, stderr=log, start_new_session=True)
-        if not wait_port(self.smtp_port, address=self.address):
-            raise RuntimeError(f"{self.name}: postfix did not listen; see {self.root}/postfix")
+        self._await_listening("postfix", self.postfix, (self.smtp_port,),
+                              (self.root / "postfix" / "stderr.log",
+                               self.root / "postfix" / "maillog"))
+
+    def _await_listening(self, server: str, proc: subprocess.Popen[bytes],
+                         ports: tuple[int, ...], logs: tuple[Path, ...]) -> None:
+        """Wait (bounded: 30 s, less if it exits) until `proc` accepts on every port; else
+        fail with the tails of its logs in the message, since the folder holding them is
+        gone by the time a CI run's output is read."""
+        deadline = time.monotonic() + 30
+        waiting = list(ports)
+        while waiting and proc.poll() is None and time.monotonic() < deadline:
+            if wait_port(waiting[0], timeout=0.5, address=self.address):
+                waiting.pop(0)
+        if not waiting:
+            return
+        tails = []
+        for log in logs:
+            try:
+                lines = log.read_text(errors="replace").splitlines()[-8:]
+            except OSError:
+                continue
+            tails.append(f"--- {log.name}:\n" + "\n".join(lines))
+        state = "running" if proc.poll() is None else f"exited {proc.returncode}"
+        raise RuntimeError(f"{self.name}: {server} ({state}) did not listen on "
+                           f"{self.address}:{waiting}; see {logs[0].parent}\n"
+                           + "\n".join(tails))
 
     def stop_dovecot(self) -> None:
         stop_process(self.dovecot)
