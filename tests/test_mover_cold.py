@@ -26,7 +26,7 @@ from reconciler.state.store import Store, default_url
 from dovecot import Dovecot, DovecotPair, serve_pair
 from helpers.mail import message_id
 
-USERS = ("cora", "dirk", "elsa")
+USERS = ("cora", "dirk", "elsa", "fay")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +41,13 @@ def ids(server: Dovecot, user: str) -> Counter[tuple[str, str]]:
 
 
 def cli(pair: DovecotPair, users: Path, state: Path, *extra: str,
-        dst_port: int | None = None) -> tuple[dict[str, Any], str]:
-    """One `mover copy` in a new process (to the target's port, or `dst_port`: a relay);
-    its report (one mailbox) and what it imported."""
+        dst_port: int | None = None, src_port: int | None = None) -> tuple[dict[str, Any], str]:
+    """One `mover copy` in a new process (from the source's port, or `src_port`; to the
+    target's, or `dst_port`: a relay); its report (one mailbox) and what it imported."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "reconciler.mover", "copy", "--src",
-         f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{dst_port or pair.dst.port}",
+         f"127.0.0.1:{src_port or pair.src.port}", "--dst",
+         f"127.0.0.1:{dst_port or pair.dst.port}",
          "--users", str(users), "--state", str(state), "--progress", "none", "--report",
          "json", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -180,3 +181,35 @@ def test_the_exit_status_and_the_output_survive_the_quick_exit(
     bad_flag = subprocess.run([*base, "--no-such-flag"], cwd=REPO, capture_output=True,
                               text=True, timeout=60)
     assert bad_flag.returncode == 2 and "unrecognized arguments" in bad_flag.stderr
+
+
+def test_copying_back_with_the_same_state_file_reads_the_other_servers_mail(
+        pair: DovecotPair, tmp_path: Path) -> None:
+    """A -> B, then B -> A with the same --state. B held a message of its own (its UID 1)
+    before the copy and lost one of the copies since, and its INBOX has A's UIDVALIDITY
+    (two folders created in one second, or a server that numbers them from 1). With one
+    manifest for both directions, the first copy's rows stood for B's UIDs: B's messages
+    read "changed since listing" against A's hashes, on every pass, and the copy back never
+    verified (safe, but stuck). Each direction has its manifest now."""
+    user = "fay"
+    fill(pair.src, user, {"INBOX": [(message(700 + i), "") for i in range(6)]})
+    fill(pair.dst, user, {"INBOX": [(message(799), "")]})  # B's own, UID 1
+    users = tmp_path / "users.txt"
+    users.write_text(f"{user} pw-{user}\n")
+    state = tmp_path / "state.db"
+    there, _ = cli(pair, users, state)
+    assert there["verified"] and there["copied"] == 6
+
+    doveadm = ["-u", user]
+    validity = pair.src.doveadm("mailbox", "status", *doveadm, "uidvalidity", "INBOX")
+    pair.dst.doveadm("mailbox", "update", *doveadm, "--uid-validity",
+                     validity.split("=")[1].strip(), "INBOX")
+    pair.dst.doveadm("expunge", *doveadm, "mailbox", "INBOX", "uid", "7")  # A's sixth
+    on_b = ids(pair.dst, user)
+    assert len(on_b) == 6 and ("INBOX", "<799@x.example>") in on_b
+
+    back, _ = cli(pair, users, state, src_port=pair.dst.port, dst_port=pair.src.port)
+    assert back["verified"] and back["copied"] == 1, back
+    on_a = ids(pair.src, user)
+    assert on_a == Counter({("INBOX", f"<{n}@x.example>"): 1
+                            for n in [*range(700, 706), 799]})

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import resource
 import sys
@@ -289,12 +290,23 @@ def _store_url(args: argparse.Namespace) -> str:
         else default_url(args.state or "mover-state.db")
 
 
+def _scope(args: argparse.Namespace) -> int:
+    """The manifest's scope for a stand-alone copy: one per (source, target) pair of servers,
+    as the engine has one per migration. A job is named by its user, and the same user
+    copied back (B -> A with one state file) must not read the A -> B rows: under an equal
+    UIDVALIDITY (a creation time in seconds, or a server that numbers its folders from 1)
+    their source hashes would stand for B's UIDs (tests/test_mover_cold.py). Negative: the
+    engine's migration ids are positive."""
+    digest = hashlib.sha256(f"{args.src}\0{args.dst}".encode()).digest()
+    return -1 - int.from_bytes(digest[:4], "big") % (2**31 - 1)
+
+
 def _copy(args: argparse.Namespace, lines: list[str]
           ) -> tuple[dict[str, object], list[MailboxReport]]:
     """The copy (and the optional re-run) of these mailboxes in this process."""
     # A SQLite store at head is read and written through sqlite3, without SQLAlchemy
     # (`Manifest.at_url`): most of a no-op re-run's start in a new process was its import.
-    manifest = None if args.no_state else Manifest.at_url(_store_url(args))
+    manifest = None if args.no_state else Manifest.at_url(_store_url(args), _scope(args))
     try:
         stats, reports = asyncio.run(_passes(args, manifest, lines))
     finally:
