@@ -38,7 +38,7 @@ from helpers.waiting import wait_for
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
-         "kate", "liam", "marker", "judy", "mona")
+         "kate", "liam", "marker", "judy", "mona", "nina")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -691,3 +691,39 @@ def test_a_move_back_to_the_old_server_ignores_the_first_migrations_manifest(
     assert got == Counter(data for (folder, data, _, _)
                           in snapshot(pair.dst, user, sep=".", prefix="INBOX.").elements()
                           if folder == "INBOX")
+
+
+def test_a_folder_made_again_under_its_old_uidvalidity_is_read_again(
+        pair: Pair, tmp_path: Path) -> None:
+    """Within one migration: the source's Work is copied, then deleted and made again
+    with other messages, and its UIDVALIDITY is the old one (Dovecot's is the creation
+    time in seconds; some servers number every folder from 1), so UIDs 1-6 come back with
+    other messages. The manifest's rows say what UIDs 1-6 held before, and the target
+    holds exactly those: taken at their word, the pass finds them "present", copies the
+    seventh only, and calls the folder verified while six messages exist only on the
+    source (the proof E41 deletes by). A cached row whose size is not the listed size
+    unmasks the folder: none of its rows is trusted, every body is read."""
+    user = pair.user("nina")
+    fill(pair.src, user, {"Work": [(message(800 + i), "") for i in range(6)]})
+    st = store(tmp_path)
+    first = run_jobs([job(pair, user)], manifest=Manifest(st, 7))[0]
+    assert first.verified and first.copied == 6
+    validity = pair.src.doveadm("mailbox", "status", "-u", user, "uidvalidity", "Work")
+    pair.src.doveadm("mailbox", "delete", "-u", user, "Work")
+    fill(pair.src, user, {"Work": [(message(900 + i, body="a longer body"), "")
+                                   for i in range(7)]})
+    pair.src.doveadm("mailbox", "update", "-u", user, "--uid-validity",
+                     validity.split("=")[1].strip(), "Work")
+    assert validity == pair.src.doveadm("mailbox", "status", "-u", user, "uidvalidity",
+                                        "Work")
+
+    again = run_jobs([job(pair, user)], manifest=Manifest(st, 7))[0]
+    assert again.verified and again.copied == 7, again.folders
+    work = next(f for f in again.folders if f.folder == "Work")
+    assert "made again" in work.distrusted and "UID 1 " in work.distrusted
+    on_target = Counter(data for (folder, data, _, _)
+                        in snapshot(pair.dst, user, sep=".", prefix="INBOX.").elements()
+                        if folder == "Work")
+    assert on_target == Counter(data for (folder, data, _, _)
+                                in snapshot(pair.src, user).elements() if folder == "Work") \
+        + Counter(message(800 + i) for i in range(6))

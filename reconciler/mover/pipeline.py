@@ -120,6 +120,9 @@ class FolderReport:
     altered: int = 0  # the target holds a changed copy: present, never a proof
     alteration: str = ""  # proof kind of the first altered copy ("altered:8bit-headers-as-x")
     example: str = ""  # an example of that change
+    # Why the manifest's rows for this folder were not trusted this pass ("" when they
+    # were, or there were none): see `MailboxCopy._source_cache`.
+    distrusted: str = ""
 
 
 @dataclass
@@ -206,7 +209,7 @@ class MailboxReport:
                          "src_state": f.src_state, "dst_state": f.dst_state,
                          "unchanged": f.unchanged, "altered": f.altered,
                          "equivalent": f.equivalent, "alteration": f.alteration,
-                         "example": f.example,
+                         "example": f.example, "distrusted": f.distrusted,
                          "failed": [{"uid": u, "reason": r} for u, r in f.failed[:20]]}
                         for f in self.folders],
         }
@@ -424,6 +427,32 @@ class MailboxCopy:
                 if r.dst_folder == dst_name and r.dst_validity == validity and r.dst_uid
                 and r.dst_sha256 and r.proof}
 
+    @staticmethod
+    def _source_cache(cached: list[ManifestRow], src: Listing,
+                      report: FolderReport) -> dict[str, str]:
+        """Source UID -> hash, from the rows under the folder's current UIDVALIDITY: trusted
+        as a whole or not at all. A UID's content never changes under one UIDVALIDITY
+        (RFC 3501), but a folder deleted and made again can come back under the old one
+        (Dovecot's is a creation time in seconds; some servers number every folder from 1)
+        with other messages at the old UIDs. Taken at their word, the rows would call those
+        messages present wherever the old ones were copied, and the pass verified with
+        them never read. So every row is checked against the listing's size for its UID
+        (free: the listing has it); one that differs means the folder is not the one the
+        rows describe, and none of its rows is used: every body is read and hashed."""
+        rows = {r.src_uid: r for r in cached if r.src_validity == src.validity}
+        if not rows:
+            return {}
+        for e in src.entries:
+            r = rows.get(e.uid)
+            if r is not None and (r.size != e.size or (
+                    e.message_id and r.message_id and e.message_id != r.message_id)):
+                report.distrusted = (
+                    f"source UID {e.uid} is {e.size} bytes where the manifest recorded "
+                    f"{r.size} under the same UIDVALIDITY {src.validity}: the folder was made "
+                    "again; every message read")
+                return {}
+        return {uid: r.sha256 for uid, r in rows.items()}
+
     def _count_alteration(self, report: FolderReport, proof: str, note: str) -> None:
         if proof.startswith("altered:"):
             report.altered += 1
@@ -438,7 +467,7 @@ class MailboxCopy:
             # the target's folders changed since: a re-run must never copy elsewhere.
             dst_name = cached[-1].dst_folder
         report = FolderReport(name, dst_name, messages=len(src.entries))
-        src_cache = {r.src_uid: r.sha256 for r in cached if r.src_validity == src.validity}
+        src_cache = self._source_cache(cached, src, report)
         dst = await self._target_listing(dst_name)
         held = self._holdings(cached, dst_name, dst.validity)
         for e in src.entries:
