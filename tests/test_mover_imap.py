@@ -38,7 +38,7 @@ from helpers.waiting import wait_for
 REPO = Path(__file__).resolve().parents[1]
 FRENCH = "Éléments envoyés"
 USERS = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hugo", "ivan", "jack",
-         "kate", "liam", "marker", "judy", "mona", "nina")
+         "kate", "liam", "marker", "judy", "mona", "nina", "olga")
 Snapshot = Counter[tuple[str, bytes, frozenset[str], str]]
 
 
@@ -727,3 +727,41 @@ def test_a_folder_made_again_under_its_old_uidvalidity_is_read_again(
     assert on_target == Counter(data for (folder, data, _, _)
                                 in snapshot(pair.src, user).elements() if folder == "Work") \
         + Counter(message(800 + i) for i in range(6))
+
+
+def test_the_final_pass_reads_a_target_folder_made_again_under_its_old_uidvalidity(
+        pair: Pair, tmp_path: Path) -> None:
+    """The target's Work, copied and proven, is deleted and made again with six other
+    messages under its old UIDVALIDITY: the very state triple of the last proof
+    (UIDVALIDITY/UIDNEXT/MESSAGES). Before, the final pass (what E41 deletes the source
+    by) took the folder as unchanged and verified it with none of the source's messages
+    in it. Now it lists every folder, finds UID 1 not the size of the copy proven there,
+    reads the folder again and copies the six back."""
+    user = pair.user("olga")
+    fill(pair.src, user, {"Work": [(message(1000 + i), "") for i in range(6)]})
+    st = store(tmp_path)
+    first = run_jobs([job(pair, user)], manifest=Manifest(st, 8))[0]
+    assert first.verified and first.copied == 6
+    status = ("mailbox", "status", "-u", user, "uidvalidity uidnext messages", "INBOX.Work")
+    before = pair.dst.doveadm(*status)
+    pair.dst.doveadm("mailbox", "delete", "-u", user, "INBOX.Work")
+    b = login(pair.dst, user)
+    b.create("INBOX.Work")
+    for i in range(6):
+        b.append("INBOX.Work", None, None, message(1100 + i, body="another, longer one"))
+    b.logout()
+    pair.dst.doveadm("mailbox", "update", "-u", user, "--uid-validity",
+                     before.split("uidvalidity=")[1].split()[0], "INBOX.Work")
+    assert pair.dst.doveadm(*status) == before  # the state the last proof recorded
+
+    final = run_jobs([job(pair, user, options=Options(phase="final"))],
+                     manifest=Manifest(st, 8))[0]
+    work = next(f for f in final.folders if f.folder == "Work")
+    assert not work.unchanged and "target UID 1 " in work.distrusted, work
+    assert final.verified and final.copied == 6, final.folders
+    on_target = Counter(data for (folder, data, _, _)
+                        in snapshot(pair.dst, user, sep=".", prefix="INBOX.").elements()
+                        if folder == "Work")
+    assert on_target == Counter([*(message(1000 + i) for i in range(6)),
+                                 *(message(1100 + i, body="another, longer one")
+                                   for i in range(6))])

@@ -297,7 +297,11 @@ class MailboxCopy:
             src_folders = _real_folders(listed)
         separator = getattr(self.source, "separator", "/")
         mapping = map_folders(src_folders, dst_folders, self.options.rules, separator)
-        unchanged = self._unchanged(src_folders, mapping, last)
+        # The final pass is the proof E41 deletes by: it lists every folder, so that the
+        # rows are checked against what each side holds now (`_source_cache`,
+        # `_target_unmasked`), not only the folders' states.
+        unchanged = self._unchanged(src_folders, mapping, last) \
+            if self.options.phase != "final" else {}
         listings: list[tuple[Folder, Listing]] = []
         for folder in src_folders:
             if not folder.selectable or folder.name in unchanged:
@@ -453,6 +457,28 @@ class MailboxCopy:
                 return {}
         return {uid: r.sha256 for uid, r in rows.items()}
 
+    @staticmethod
+    def _target_unmasked(cached: list[ManifestRow], held: dict[str, Held], dst: Listing,
+                         report: FolderReport) -> bool:
+        """The final pass's check of the target side: a UID whose read-back proved an
+        identical copy must still list the size of the message it copies. One that does
+        not means the target folder was made again under its old UIDVALIDITY, and none of
+        its recorded proofs stands: its messages are hashed again (`_resolve`) and what is
+        not there is copied. Only in the final pass: the rows keep the source's size, so a
+        target that lists another size for the same bytes (an estimate, as some hosted
+        servers give) costs that pass a reading of the folder, never a wrong proof."""
+        sizes = {r.dst_uid: r.size for r in cached if r.dst_uid in held}
+        for d in dst.entries:
+            known = held.get(d.uid)
+            if known is not None and known.proof == IDENTICAL and d.uid in sizes \
+                    and sizes[d.uid] != d.size:
+                report.distrusted = (
+                    f"target UID {d.uid} is {d.size} bytes where the manifest proved a copy of "
+                    f"{sizes[d.uid]} under the same UIDVALIDITY {dst.validity}: the target "
+                    "folder was made again; its messages read again")
+                return True
+        return False
+
     def _count_alteration(self, report: FolderReport, proof: str, note: str) -> None:
         if proof.startswith("altered:"):
             report.altered += 1
@@ -470,6 +496,9 @@ class MailboxCopy:
         src_cache = self._source_cache(cached, src, report)
         dst = await self._target_listing(dst_name)
         held = self._holdings(cached, dst_name, dst.validity)
+        if held and self.options.phase == "final" and self._target_unmasked(
+                cached, held, dst, report):
+            held = {}
         for e in src.entries:
             e.sha256 = e.sha256 or src_cache.get(e.uid)
         claimed = self.claimed[dst_name]
