@@ -121,7 +121,7 @@ class FolderReport:
     alteration: str = ""  # proof kind of the first altered copy ("altered:8bit-headers-as-x")
     example: str = ""  # an example of that change
     # Why the manifest's rows for this folder were not trusted this pass ("" when they
-    # were, or there were none): see `MailboxCopy._source_cache`.
+    # were, or there were none): see `MailboxCopy._source_cache`, `_target_unmasked`.
     distrusted: str = ""
 
 
@@ -458,8 +458,8 @@ class MailboxCopy:
         return {uid: r.sha256 for uid, r in rows.items()}
 
     @staticmethod
-    def _target_unmasked(cached: list[ManifestRow], held: dict[str, Held], dst: Listing,
-                         report: FolderReport) -> bool:
+    def _target_unmasked(cached: list[ManifestRow], held: dict[str, Held], dst_name: str,
+                         dst: Listing, report: FolderReport) -> bool:
         """The final pass's check of the target side: a UID whose read-back proved an
         identical copy must still list the size of the message it copies. One that does
         not means the target folder was made again under its old UIDVALIDITY, and none of
@@ -467,7 +467,8 @@ class MailboxCopy:
         not there is copied. Only in the final pass: the rows keep the source's size, so a
         target that lists another size for the same bytes (an estimate, as some hosted
         servers give) costs that pass a reading of the folder, never a wrong proof."""
-        sizes = {r.dst_uid: r.size for r in cached if r.dst_uid in held}
+        sizes = {r.dst_uid: r.size for r in cached if r.dst_uid in held
+                 and r.dst_folder == dst_name and r.dst_validity == dst.validity}
         for d in dst.entries:
             known = held.get(d.uid)
             if known is not None and known.proof == IDENTICAL and d.uid in sizes \
@@ -497,7 +498,7 @@ class MailboxCopy:
         dst = await self._target_listing(dst_name)
         held = self._holdings(cached, dst_name, dst.validity)
         if held and self.options.phase == "final" and self._target_unmasked(
-                cached, held, dst, report):
+                cached, held, dst_name, dst, report):
             held = {}
         for e in src.entries:
             e.sha256 = e.sha256 or src_cache.get(e.uid)
