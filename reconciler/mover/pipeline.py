@@ -426,7 +426,7 @@ class MailboxCopy:
         (revision 0005) under the target's current UIDVALIDITY. A row without one (an
         APPEND whose read-back never came, or a row from before read-backs) proves nothing:
         that target message is fetched and hashed again when it matters."""
-        return {r.dst_uid: Held(r.sha256, r.dst_sha256, r.proof, r.proof_note)
+        return {r.dst_uid: Held(r.sha256, r.dst_sha256, r.proof, r.proof_note, size=r.size)
                 for r in cached
                 if r.dst_folder == dst_name and r.dst_validity == validity and r.dst_uid
                 and r.dst_sha256 and r.proof}
@@ -458,8 +458,7 @@ class MailboxCopy:
         return {uid: r.sha256 for uid, r in rows.items()}
 
     @staticmethod
-    def _target_unmasked(cached: list[ManifestRow], held: dict[str, Held], dst_name: str,
-                         dst: Listing, report: FolderReport) -> bool:
+    def _target_unmasked(held: dict[str, Held], dst: Listing, report: FolderReport) -> bool:
         """The final pass's check of the target side: a UID whose read-back proved an
         identical copy must still list the size of the message it copies. One that does
         not means the target folder was made again under its old UIDVALIDITY, and none of
@@ -467,15 +466,13 @@ class MailboxCopy:
         not there is copied. Only in the final pass: the rows keep the source's size, so a
         target that lists another size for the same bytes (an estimate, as some hosted
         servers give) costs that pass a reading of the folder, never a wrong proof."""
-        sizes = {r.dst_uid: r.size for r in cached if r.dst_uid in held
-                 and r.dst_folder == dst_name and r.dst_validity == dst.validity}
         for d in dst.entries:
             known = held.get(d.uid)
-            if known is not None and known.proof == IDENTICAL and d.uid in sizes \
-                    and sizes[d.uid] != d.size:
+            if known is not None and known.proof == IDENTICAL and known.size is not None \
+                    and known.size != d.size:
                 report.distrusted = (
                     f"target UID {d.uid} is {d.size} bytes where the manifest proved a copy of "
-                    f"{sizes[d.uid]} under the same UIDVALIDITY {dst.validity}: the target "
+                    f"{known.size} under the same UIDVALIDITY {dst.validity}: the target "
                     "folder was made again; its messages read again")
                 return True
         return False
@@ -497,8 +494,7 @@ class MailboxCopy:
         src_cache = self._source_cache(cached, src, report)
         dst = await self._target_listing(dst_name)
         held = self._holdings(cached, dst_name, dst.validity)
-        if held and self.options.phase == "final" and self._target_unmasked(
-                cached, held, dst_name, dst, report):
+        if held and self.options.phase == "final" and self._target_unmasked(held, dst, report):
             held = {}
         for e in src.entries:
             e.sha256 = e.sha256 or src_cache.get(e.uid)
@@ -952,6 +948,7 @@ class Held:
     proof: str | None
     note: str = ""
     validity: str | None = None  # the target UIDVALIDITY of a UID read back in this pass
+    size: int | None = None  # the source message's listed size, as the manifest recorded it
 
 
 def body_hash(data: bytes) -> str:
