@@ -33,6 +33,19 @@ USERS = (*(f"p{i}" for i in range(8)), "cap", "byes", "login", "gm", "c0", "c1",
 FAST = Backoff(base=0.2, cap=1.0, settle=0.5, recover_every=60.0, window=2.0, min_rate=5.0)
 
 
+class WatchedPace(LocalPace):
+    """A LocalPace that keeps the message rate it had observed at each refusal (what its
+    back-off halves)."""
+
+    def __init__(self, system: str, backoff: Backoff) -> None:
+        super().__init__(system, backoff=backoff)
+        self.seen_at_refusal: list[float] = []
+
+    def throttled(self, reason: str) -> float:
+        self.seen_at_refusal.append(self.observed())
+        return super().throttled(reason)
+
+
 @pytest.fixture(scope="module")
 def pair() -> Iterator[DovecotPair]:
     yield from serve_pair(USERS)
@@ -92,7 +105,7 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
     for user in users:
         fill(pair.src, user, {"INBOX": messages(user, 400)})
     proxy = ThrottlingProxy(pair.dst.port, refuse={30, 90}, bye={60})
-    pace = LocalPace("dst", backoff=FAST)
+    pace = WatchedPace("dst", backoff=FAST)
     try:
         reports = copy(users, pair.src.port, proxy.port, pace, tmp_path, parallel=6)
     finally:
@@ -108,16 +121,19 @@ def test_a_throttling_target_slows_the_mover_down_and_loses_nothing(
     # (70 ms here): measured from a second after the refusal.
     before, after = proxy.peak_connections(end=refused), proxy.peak_connections(refused + 1)
     assert before == 6 and after <= 3, (before, after)
-    # The pace halves the rate it observed over its window before the refusal: compare with
-    # that window, not with the average since the first APPEND (which includes the copies'
-    # start and, on a loaded machine, was below the rate the pace halved).
+    # The pace halves the rate it observed over its window before the refusal (messages
+    # taken from the source, which can run ahead of the APPENDs the proxy counts: once in CI
+    # the proxy saw 1,140/s before and 905/s after, more than 0.75 of it). So the target's
+    # rate after it is under that half (with a bucket's slack), and below its rate before.
     first_append = proxy.first("append")
     assert first_append is not None
     n_before, t_before = proxy.appended(max(first_append, refused - FAST.window), refused)
     n_after, t_after = proxy.appended(refused + 1)  # to the last APPEND
     assert n_before > 20 and n_after > 100, (n_before, n_after)
     rate_before, rate_after = n_before / max(t_before, 0.01), n_after / max(t_after, 0.01)
-    assert rate_after < 0.75 * rate_before, (rate_before, rate_after)
+    halved = pace.seen_at_refusal[0] / 2
+    assert rate_after < rate_before and rate_after < 1.2 * halved, (
+        rate_before, rate_after, halved)
     assert pace.refusals == 3 and pace.allowed is not None and pace.allowed <= 3
 
 
