@@ -233,6 +233,42 @@ def test_each_destination_gets_at_most_its_concurrency(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_each_message_wakes_one_idle_connection_and_the_spare_ones_close(
+        tmp_path: Path) -> None:
+    """A burst opens four connections to s1. Afterwards, mail one message at a time goes
+    over one of them (the one idle the shortest), and the three spare connections reach
+    idle_close and close while that mail keeps flowing: a queued message wakes one idle
+    worker. (Waking all of them, as one shared Event did, cost every idle worker a task
+    switch and a new timer per message and kept all four connections open for good.)"""
+    s1 = Sink(gate=asyncio.Event())
+    settings = replace(SETTINGS, concurrency=4, idle_close=0.3)
+
+    async def main() -> None:
+        async with s1, hub(tmp_path, s1, settings) as h:
+            for rcpt in (A, B, C, D):
+                await h.accept(rcpt)
+            await until(lambda: s1.waiting == 4, "four transactions in flight on s1")
+            s1.gate.set()  # type: ignore[union-attr]
+            await until(lambda: len(s1.delivered) == 4, "the burst delivered")
+            dest = h.deliverer._dests["s1"]
+            await until(lambda: len(dest.waiters) == 4, "four idle workers")
+            loop = asyncio.get_running_loop()
+            sent, ends = 0, loop.time() + 5 * settings.idle_close
+            while loop.time() < ends and sent < 500:  # one at a time, bounded
+                await h.accept(E)
+                sent += 1
+                delivered = 4 + sent
+                await until(lambda: len(s1.delivered) == delivered,  # noqa: B023
+                            f"message {sent}")
+            assert s1.server is not None
+            assert s1.server.sessions == 4, "a new connection was opened"
+            assert s1.server.active == 1, f"{s1.server.active} connections still open"
+            assert dest.workers == 1
+            assert len(s1.got(physical(E))) == sent
+
+    asyncio.run(main())
+
+
 def test_a_4xx_is_deferred_and_a_managed_systems_5xx_for_its_mailbox_is_refused(
         tmp_path: Path) -> None:
     """A 4xx: deferred. A 5xx 5.1.1 from a system fed routes to for a mailbox the

@@ -136,8 +136,29 @@ class Destination:
     system: System
     queue: deque[PendingRecipient] = field(default_factory=deque)
     workers: int = 0
-    idle: int = 0
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    # The idle workers, each waiting on its own future. Why not one Event: setting it
+    # woke every idle worker for each queued message (16 task switches and 16 new timers
+    # a message at --workers 16, when one of them takes it), and kept all of them from
+    # ever idling out.
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+    def wake_one(self) -> bool:
+        """Hand the queue's news to one idle worker, the one idle the shortest (its
+        connection is the freshest; the others may reach idle_close and close theirs);
+        False if none was idle."""
+        while self.waiters:
+            waiter = self.waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                return True
+        return False
+
+    def wake_all(self) -> None:
+        """Every idle worker looks again (stopping)."""
+        while self.waiters:
+            waiter = self.waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class Clock(Protocol):
@@ -268,7 +289,8 @@ class Deliverer:
             if self._deferred:
                 delay = max(0.005, min(1.0, self._deferred[0][0] - self._clock.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), delay)
+                async with asyncio.timeout(delay):  # no task a wake (wait_for makes one)
+                    await self._event.wait()
 
     def _resync(self) -> None:
         """Pick up what the queue admin changed in the store (``fed queue``, see
@@ -330,7 +352,7 @@ class Deliverer:
         self._stopping = True
         self._event.set()
         for dest in self._dests.values():
-            dest.event.set()
+            dest.wake_all()
         tasks = list(self._tasks)
         if tasks:
             log.info("waiting for %d delivery tasks", len(tasks))
@@ -377,9 +399,7 @@ class Deliverer:
                 self._hints.clear()
             self._hints[item.rcpt] = dest
         dest.queue.append(item)
-        if dest.idle:
-            dest.event.set()
-        elif dest.workers < self.settings.concurrency:
+        if not dest.wake_one() and dest.workers < self.settings.concurrency:
             dest.workers += 1
             self._spawn(self._worker(dest))
 
@@ -396,15 +416,21 @@ class Deliverer:
             while not self._stopping:
                 job = self._take(dest)
                 if job is None:
-                    dest.event.clear()
-                    dest.idle += 1
+                    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    dest.waiters.append(waiter)
                     try:
-                        await asyncio.wait_for(dest.event.wait(), self.settings.idle_close)
+                        async with asyncio.timeout(self.settings.idle_close):
+                            await waiter
                     except TimeoutError:
+                        # Woken and timed out at once: the queue says which came first.
                         if not dest.queue:
                             break
                     finally:
-                        dest.idle -= 1
+                        if not waiter.done():
+                            waiter.cancel()
+                        if waiter.cancelled():  # not taken off by a wake: still listed
+                            with contextlib.suppress(ValueError):
+                                dest.waiters.remove(waiter)
                     continue
                 conn = await self._attempt(dest, job, conn)
         finally:
