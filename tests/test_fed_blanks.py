@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fed.queue.blanks import BLANK_SIZE, is_blank
+from fed.queue.blanks import BLANK_SIZE, KEEP, is_blank
 from fed.queue.queuefile import (
     Envelope,
     crc_of,
@@ -25,8 +27,10 @@ from fed.queue.queuefile import (
 )
 from fed.queue.spool import Spool
 from fed.queue.store import Store
+from fed.smtp.server import INLINE_SESSIONS
 
-from fedutil import REPO
+from fedutil import REPO, FakeSystem, Fed, message, send
+from helpers.waiting import wait_for
 
 MESSAGE = b"Subject: blank\r\nMessage-ID: <b@t>\r\n\r\n" + b"x" * 2000 + b"\r\n"
 
@@ -65,13 +69,13 @@ def test_a_lone_message_goes_into_a_blank_synced_on_the_loop(tmp_path: Path) -> 
         # The blank was there, full size, all zeros, before the message came.
         assert file.stat().st_size == BLANK_SIZE and is_blank(file)
         await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE, "<b@t>",
-                           alone=True)
+                           quiet=True)
         assert spool._committer.inline == 1  # no thread, no committer task
         assert file.stat().st_size == BLANK_SIZE  # written over the zeros, not grown
         assert read_message(file) == MESSAGE
         assert read_envelope(file).rcpts == ("a@corp.example",)
         assert [p.queue_id for p in spool.pending()][-1] == queue_id
-        # Not alone (other sessions open): the batch path, still into a blank.
+        # Not quiet (many sessions open): the batch path, still into a blank.
         other = spool.take_queue_id()
         await spool.accept(other, "s@x.example", ["a@corp.example"], MESSAGE, "<c@t>")
         assert spool._committer.inline == 1
@@ -79,7 +83,7 @@ def test_a_lone_message_goes_into_a_blank_synced_on_the_loop(tmp_path: Path) -> 
         # Bigger than a blank: written into it all the same, the file grows.
         big = MESSAGE + b"y" * (3 * BLANK_SIZE) + b"\r\n"
         third = spool.take_queue_id()
-        await spool.accept(third, "s@x.example", ["a@corp.example"], big, None, alone=True)
+        await spool.accept(third, "s@x.example", ["a@corp.example"], big, None, quiet=True)
         assert spool._committer.inline == 1  # too big for the loop
         assert read_message(spool.path(third)) == big
         await close(spool)
@@ -87,6 +91,49 @@ def test_a_lone_message_goes_into_a_blank_synced_on_the_loop(tmp_path: Path) -> 
         left = sorted(p.stem for p in (tmp_path / "spool" / "queue").iterdir())
         assert len(left) == 4 and {queue_id, other, third} < set(left)
     asyncio.run(run())
+
+
+def test_the_loop_syncs_a_message_itself_only_while_few_sessions_are_open(
+        tmp_path: Path) -> None:
+    """A real fed: with INLINE_SESSIONS sessions open (the sender's among them) a message
+    that fits its blank is synced by the loop itself; with one more open it goes to the
+    writing thread, where batches share their fsyncs. fed's shutdown line counts both
+    ("N written on the loop; T into blanks, M new files")."""
+    s1 = FakeSystem("s1").start()
+    fed = Fed(tmp_path / "fed", [s1]).start()
+    idle: list[smtplib.SMTP] = []
+    try:
+        fed.client.put_entry("a@corp.example", s1.physical("a=corp.example"))
+        queue = fed.state_dir / "spool" / "queue"
+        wait_for(lambda: len(list(queue.glob("*.eml"))) >= KEEP, what="the first blanks")
+
+        def open_sessions(count: int) -> None:
+            for _ in range(count):
+                session = smtplib.SMTP("127.0.0.1", fed.smtp_port, timeout=10)
+                session.ehlo("idle.example")
+                idle.append(session)
+
+        def deliver(subject: str) -> None:
+            code, reply = send(fed.smtp_port, ["a@corp.example"], message(subject, f"{subject}@t"))
+            assert code == 250, reply
+            wait_for(lambda: f"<{subject}@t>" in s1.ids(), what=f"{subject} delivered")
+
+        open_sessions(INLINE_SESSIONS)
+        deliver("warm-up")  # INLINE_SESSIONS + 1 open: the thread; the blanks are synced by now
+        idle.pop().quit()
+        deliver("few")  # INLINE_SESSIONS open with the sender's: the loop
+        open_sessions(1)
+        deliver("many")  # one more: the thread
+    finally:
+        for session in idle:
+            session.quit()
+        fed.stop()
+        s1.stop()
+    line = [x for x in fed.log().splitlines() if "group commit:" in x][-1]
+    counts = re.search(r"(\d+) messages in \d+ batches \((\d+) written on the loop; (\d+) "
+                       r"into blanks, (\d+) new files\)", line)
+    assert counts is not None, line
+    assert counts.groups() == ("3", "1", "3", "0"), line
 
 
 def test_a_blank_removed_before_its_sync_gets_no_250(tmp_path: Path) -> None:
@@ -101,12 +148,12 @@ def test_a_blank_removed_before_its_sync_gets_no_250(tmp_path: Path) -> None:
             (queue / name).write_bytes(data)
         with pytest.raises(FileNotFoundError, match="removed before its sync"):
             await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE, None,
-                               alone=True)
+                               quiet=True)
         assert queue_id not in {p.queue_id for p in spool.pending()}
         # The other ready blanks were in that folder too: dropped, not handed out.
         after = spool.take_queue_id()
         await spool.accept(after, "s@x.example", ["a@corp.example"], MESSAGE, None,
-                           alone=True)
+                           quiet=True)
         assert read_message(spool.path(after)) == MESSAGE
         await close(spool)
     asyncio.run(run())
@@ -177,7 +224,7 @@ async def main() -> None:
 
     os.fdatasync = killed
     await spool.accept(queue_id, "s@x.example", ["a@corp.example"],
-                       b"Subject: k\\r\\n\\r\\nkilled\\r\\n", "<k@t>", alone=True)
+                       b"Subject: k\\r\\n\\r\\nkilled\\r\\n", "<k@t>", quiet=True)
     print("acknowledged", flush=True)  # never reached
 
 asyncio.run(main())

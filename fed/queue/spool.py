@@ -111,7 +111,7 @@ class Incoming:
     envelope: Envelope
     parts: tuple[bytes, ...]  # the message is their concatenation (never built in memory)
     blank: int = -1  # the open file of the blank it goes into (blanks.py), or -1: a new file
-    alone: bool = False  # no other session is open: the loop may sync it itself
+    quiet: bool = False  # few sessions are open: the loop may sync it itself
 
 
 def _fsync_dir(path: Path) -> None:
@@ -486,24 +486,26 @@ class Spool:
 
     async def accept(
         self, queue_id: str, mail_from: str, rcpts: list[str], data: bytes | Sequence[bytes],
-        message_id: str | None, alone: bool = False,
+        message_id: str | None, quiet: bool = False,
     ) -> None:
         """Make a message durable (`data`: its bytes, or pieces of it in order); return only
-        when it is safe to answer 250. `alone`: the caller knows of no other session, so
-        a message that fits its blank may be synced on the loop itself (groupcommit.py)."""
+        when it is safe to answer 250. `quiet`: few sessions are open (the SMTP server's
+        INLINE_SESSIONS), so a message that fits its blank may be synced on the loop
+        itself (groupcommit.py)."""
         parts = (data,) if isinstance(data, bytes) else tuple(data)
         envelope = Envelope(queue_id, mail_from, tuple(dict.fromkeys(rcpts)), message_id,
                             time.time(), sum(len(part) for part in parts))
         await self._committer.submit(Incoming(envelope, parts, self._taken.pop(queue_id, -1),
-                                              alone))
+                                              quiet))
 
     @staticmethod
     def _fits_blank(item: Incoming) -> bool:
-        """True if `item` is alone and goes into a blank without growing it: then its
-        commit is one pwritev and one fdatasync, quick enough for the loop itself, and no
-        other session's work waits for it (with others, batches share one sync round)."""
+        """True if few sessions are open and `item` goes into a blank without growing it:
+        then its commit is one pwritev and one fdatasync, quick enough for the loop itself,
+        and the few other sessions wait less for it than the hand-off to the writing thread
+        would cost (with many, batches share one sync round)."""
         e = item.envelope
-        return item.alone and item.blank >= 0 and e.size + 512 + len(e.mail_from) + len(
+        return item.quiet and item.blank >= 0 and e.size + 512 + len(e.mail_from) + len(
             e.message_id or "") + sum(len(r) + 3 for r in e.rcpts) <= BLANK_SIZE
 
     def _write_batch(self, batch: Sequence[Incoming]) -> list[BaseException | None]:
