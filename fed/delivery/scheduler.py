@@ -155,10 +155,8 @@ class Destination:
 
     def wake_all(self) -> None:
         """Every idle worker looks again (stopping)."""
-        while self.waiters:
-            waiter = self.waiters.pop()
-            if not waiter.done():
-                waiter.set_result(None)
+        while self.wake_one():
+            pass
 
 
 class Clock(Protocol):
@@ -426,11 +424,8 @@ class Deliverer:
                         if not dest.queue:
                             break
                     finally:
-                        if not waiter.done():
-                            waiter.cancel()
-                        if waiter.cancelled():  # not taken off by a wake: still listed
-                            with contextlib.suppress(ValueError):
-                                dest.waiters.remove(waiter)
+                        if waiter in dest.waiters:  # not woken (a wake takes it off)
+                            dest.waiters.remove(waiter)
                     continue
                 conn = await self._attempt(dest, job, conn)
         finally:
