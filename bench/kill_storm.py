@@ -91,7 +91,8 @@ minimal_backoff_time = 1s
 maximal_backoff_time = 2s
 """)
         # The suite's private-instance master.cf: one copy of what a bare Postfix needs.
-        (self.conf / "master.cf").write_text(MASTER_CF.format(smtp=self.port))
+        (self.conf / "master.cf").write_text(MASTER_CF.format(address="127.0.0.1",
+                                                              smtp=self.port))
 
     def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["postfix", "-c", str(self.conf), *args], capture_output=True,
