@@ -40,7 +40,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,16 +276,45 @@ class NetnsHost:
         return marker
 
     def stop(self) -> None:
+        """Stop the mail servers and sshd by PID, then delete the namespace. A process still
+        in the namespace after that was started by a test and never stopped (deleting the
+        namespace does not end it: it runs on, unreachable, after the suite): it is killed
+        by its PID and the stop fails naming it, so the world that forgot it is found."""
         if self.mail is not None:
             with contextlib.suppress(Exception):
                 self.mail.stop()
         stop_process(self.sshd)
         self.sshd = None
+        left = self.leftover_processes()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "delete", self.ns], capture_output=True, timeout=30)
         # Gone with the namespace, unless creation failed before its peer moved in there.
         subprocess.run(["ip", "link", "delete", self.outer_link], capture_output=True, timeout=30)
         if not os.environ.get("MAILFERRY_KEEP_TMP"):
             shutil.rmtree(self.root, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"{self.name}: left running in its namespace, killed: "
+                               + "; ".join(f"{pid} {cmd}" for pid, cmd in left.items()))
+
+    def leftover_processes(self, settle: float = 5.0) -> dict[str, str]:
+        """PID -> command line of the processes still in the namespace, once those that are
+        exiting (a stopped master's children) have had `settle` seconds to go."""
+        deadline = time.monotonic() + settle
+        while True:
+            listed = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True,
+                                    text=True, timeout=30)
+            pids = listed.stdout.split() if listed.returncode == 0 else []
+            if not pids or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        left = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                left[pid] = cmd.decode(errors="replace").strip()
+        return left
 
 
 WHY_NOT = missing_prerequisites() or mail_missing()
@@ -369,7 +400,13 @@ class NetnsWorld(World):
 
     def stop(self) -> None:
         close_shared_hosts()  # our SSH masters first: no sshd process outlives its host
+        failures = []
         for host in self.ns.values():
-            host.stop()
+            try:
+                host.stop()
+            except RuntimeError as failure:  # the others are stopped all the same
+                failures.append(str(failure))
         if hasattr(self, "embedded"):  # not yet when a host failed to start
             self.embedded.stop()
+        if failures:
+            raise RuntimeError("; ".join(failures))

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from reconciler.drivers.pfdovecot_adopt import AdoptedPostfixDovecotDriver
-from reconciler.drivers.sshhost import SshHost
+from reconciler.drivers.sshhost import SshHost, close_shared_hosts
 
 from adminlayouts import AdminHost
 from helpers import mail
@@ -68,6 +68,7 @@ class RemoteAdminWorld(World):
                                   aliases={f"info.{u}": u for u in USERS},
                                   address=self.ns.address, wrap=tuple(self.ns.wrap()),
                                   networks=f"127.0.0.0/8 10.77.{subnet}.0/24")
+            self.ns.mail = self.host  # so that the namespace's stop stops its servers first
             self.host.root.mkdir(mode=0o755)
             self.host.start()
             docs = base_documents(root)
@@ -101,9 +102,12 @@ class RemoteAdminWorld(World):
         return doc
 
     def stop(self) -> None:
-        self.ns.stop()  # the mail servers, sshd, the namespace
-        if hasattr(self, "embedded"):
-            self.embedded.stop()
+        close_shared_hosts()  # our SSH masters first: no sshd session outlives its host
+        try:
+            self.ns.stop()  # the mail servers, sshd, the namespace
+        finally:
+            if hasattr(self, "embedded"):
+                self.embedded.stop()
 
 
 @pytest.fixture(scope="module")

@@ -127,3 +127,27 @@ def test_a_per_file_bind_of_ip_netns_exec_is_lost_when_the_file_is_replaced(
     finally:
         (etc / probe.name).unlink(missing_ok=True)
         etc.rmdir()
+
+
+def test_a_process_left_in_the_namespace_fails_the_stop_and_is_killed(host: NetnsHost) -> None:
+    """What leaked a Dovecot and a Postfix master from every full run: a world that started
+    a mail host's servers without handing them to the host, so nothing stopped them before
+    the namespace was deleted (they ran on, unreachable). Now the stop names and kills what
+    is left, and the world that forgot it fails."""
+    host.start_sshd()
+    forgotten = subprocess.Popen([*host.wrap(), "sleep", "300"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30  # until the wrapper has exec'd sleep
+        while (Path(f"/proc/{forgotten.pid}/cmdline").read_bytes().split(b"\0")[0] != b"sleep"
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match=rf"{forgotten.pid} sleep 300") as stopped:
+            host.stop()
+        assert forgotten.wait(timeout=10) == -9, "killed by its PID"
+        assert "sshd" not in str(stopped.value), "sshd is the host's own: stopped, not left"
+        listed = subprocess.run(["ip", "netns", "pids", host.ns], capture_output=True,
+                                text=True, timeout=30)
+        assert listed.returncode != 0, "the namespace is deleted all the same"
+        host.stop()  # a second stop (the fixture's) finds nothing and raises nothing
+    finally:
+        stop_process(forgotten)
