@@ -4,6 +4,7 @@ exists and is at the head revision."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -13,9 +14,19 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from reconciler.mover.manifest import Manifest, ManifestRow, RunFigures
-from reconciler.state.lite import MANIFEST_COLUMNS, LiteStore, default_url, sqlite_path
+from reconciler.state import lite
+from reconciler.state.lite import (
+    MANIFEST_COLUMNS,
+    SCHEMA_HEADER,
+    SCHEMA_SCRIPT,
+    LiteStore,
+    default_url,
+    head_revision,
+    schema_of,
+    sqlite_path,
+)
 from reconciler.state.model import TransferManifest, TransferRun
-from reconciler.state.store import ALEMBIC_DIR, Store, open_store
+from reconciler.state.store import ALEMBIC_DIR, Store, at_head, open_store
 
 AT = datetime(2026, 12, 4, 22, 15, 30, 123456, tzinfo=UTC)
 
@@ -141,7 +152,7 @@ def test_manifest_rows_written_through_sqlite3_are_the_ones_sqlalchemy_writes(
     store.close()
 
 
-def test_a_manifest_at_head_never_imports_sqlalchemy_a_new_one_is_created_through_it(
+def test_a_manifest_never_imports_sqlalchemy_for_a_sqlite_file_new_or_at_head(
         tmp_path: Path) -> None:
     url = default_url(tmp_path / "state.db")
     code = (
@@ -158,5 +169,64 @@ def test_a_manifest_at_head_never_imports_sqlalchemy_a_new_one_is_created_throug
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=60, check=True).stdout.split()
 
-    assert run() == ["True", "1", "True"]  # a new file: created by Alembic, then sqlite3
-    assert run() == ["False", "2", "False"]
+    assert run() == ["False", "1", "False"]  # a new file: made from schema.sql
+    assert run() == ["False", "2", "False"]  # at head: read and appended through sqlite3
+
+
+def schema_rows(path: Path) -> list[tuple[object, ...]]:
+    connection = sqlite3.connect(path)
+    try:
+        return [*connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
+                                    "ORDER BY rowid"),
+                *connection.execute("SELECT version_num FROM alembic_version"),
+                *connection.execute("PRAGMA journal_mode")]
+    finally:
+        connection.close()
+
+
+def test_a_store_made_from_the_schema_script_is_the_one_the_migrations_make(
+        tmp_path: Path) -> None:
+    by_alembic, by_script = tmp_path / "alembic.db", tmp_path / "script.db"
+    open_store(default_url(by_alembic)).close()
+    made = LiteStore.create(default_url(by_script))
+    assert made is not None
+    made.close()
+    assert schema_rows(by_script) == schema_rows(by_alembic)
+    assert schema_rows(by_script)[-1] == ("wal",)
+    connection = sqlite3.connect(by_alembic)
+    try:  # the committed script is the head's: else regenerate it (`write_schema_script`)
+        assert schema_of(connection) == SCHEMA_SCRIPT.read_text()
+    finally:
+        connection.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if "script" in p.name) == ["script.db"]
+    store = open_store(default_url(by_script))  # the model's way in finds it at head
+    try:
+        assert at_head(store.engine)
+    finally:
+        store.close()
+
+
+def test_a_new_store_is_made_by_alembic_when_the_script_is_behind_and_an_existing_file_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    existing = tmp_path / "existing.db"
+    existing.write_bytes(b"someone's file\n")
+    assert LiteStore.create(default_url(existing)) is None
+    assert existing.read_bytes() == b"someone's file\n"
+    assert LiteStore.create(default_url(tmp_path / "no-such-folder" / "s.db")) is None
+    assert not (tmp_path / "no-such-folder").exists()
+    behind = tmp_path / "behind.sql"  # a migration added, the script not regenerated
+    behind.write_text(SCHEMA_SCRIPT.read_text().replace(
+        SCHEMA_HEADER.format(revision=head_revision()), SCHEMA_HEADER.format(revision="0001"),
+        1))
+    monkeypatch.setattr(lite, "SCHEMA_SCRIPT", behind)
+    new = tmp_path / "new.db"
+    assert LiteStore.create(default_url(new)) is None and not new.exists()
+    manifest = Manifest.at_url(default_url(new))  # so the ordinary way makes it
+    try:
+        assert manifest.lite is not None
+    finally:
+        manifest.close()
+    reference = tmp_path / "reference.db"
+    open_store(default_url(reference)).close()
+    assert schema_rows(new) == schema_rows(reference)
+    assert schema_rows(new)[-2] == (head_revision(),)

@@ -128,7 +128,7 @@ class Manifest:
         (sqlite3): an existing one without importing SQLAlchemy at all, so a pass that
         finds nothing changed does not pay for it (0.23 s of its start), and no copy pays
         SQLAlchemy's statement machinery per manifest row. PostgreSQL: through SQLAlchemy."""
-        lite = LiteStore.open(url)
+        lite = LiteStore.open(url) or LiteStore.create(url)
         if lite is None:
             from reconciler.state.store import open_store
             store = open_store(url)
