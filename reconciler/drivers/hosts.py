@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from mailferry.fsutil import fsync_path
 from reconciler.errors import TemporaryError
 
 
@@ -165,11 +166,7 @@ class LocalHost:
                 os.replace(f"{tmp}.db", f"{target}.db")  # Postfix reads the .db: effective now
             newer_than(tmp, target)
             os.replace(tmp, target)
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_path(target.parent)
         except OSError as exc:
             raise HostError(f"{self.label}: write {path}: {exc}") from exc
 

@@ -36,6 +36,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mailferry.fsutil import fsync_path
+
 # The package data beside this module: an unpacked install, as pip makes it, so Alembic
 # gets the real folder it needs (importlib.resources would give the same folder here, at
 # 5 ms of every `mover copy` process's start: issue 22).
@@ -159,18 +161,10 @@ class LiteStore:
                 connection.executescript(f"BEGIN;\n{script}\nCOMMIT;")
             finally:
                 connection.close()  # the last connection: the WAL is checkpointed, removed
-            descriptor = os.open(new, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            fsync_path(new)
             with contextlib.suppress(FileExistsError):
                 os.link(new, path)
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            fsync_path(path.parent)
         except (OSError, sqlite3.Error):
             return None
         finally:
