@@ -133,7 +133,11 @@ def test_the_loop_syncs_a_message_itself_only_while_few_sessions_are_open(
     counts = re.search(r"(\d+) messages in \d+ batches \((\d+) written on the loop; (\d+) "
                        r"into blanks, (\d+) new files\)", line)
     assert counts is not None, line
-    assert counts.groups() == ("3", "1", "3", "0"), line
+    total, on_loop, into_blanks, new_files = counts.groups()
+    assert (total, on_loop) == ("3", "1"), line
+    # A thread's message takes a new file when the blanks' refill lags (a loaded CI machine
+    # did so once): which of the two is not what this test is about; that all are is.
+    assert int(into_blanks) + int(new_files) == 3, line
 
 
 def test_a_blank_removed_before_its_sync_gets_no_250(tmp_path: Path) -> None:
