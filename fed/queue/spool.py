@@ -65,6 +65,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from mailferry.fsutil import fsync_path
+
 from ..telemetry import metrics
 from .blanks import BLANK_SIZE, Blanks
 from .groupcommit import GroupCommitter
@@ -112,14 +114,6 @@ class Incoming:
     parts: tuple[bytes, ...]  # the message is their concatenation (never built in memory)
     blank: int = -1  # the open file of the blank it goes into (blanks.py), or -1: a new file
     quiet: bool = False  # few sessions are open: the loop may sync it itself
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -195,7 +189,7 @@ def write_durably(tmp_dir: Path, final: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 class Spool:
@@ -330,8 +324,8 @@ class Spool:
         # start) and the file still in the queue, where the next start finds it again.
         write_durably(self.tmp, target.with_suffix(".json"), json.dumps(info).encode())
         os.rename(file, target)
-        _fsync_dir(self.quarantine_dir)
-        _fsync_dir(self.queue)
+        fsync_path(self.quarantine_dir)
+        fsync_path(self.queue)
         log.error("%s quarantined (%s): %s; see fed queue quarantine", queue_id, where,
                   reason, extra={"queue_id": queue_id})
         metrics.count_quarantined(where)
@@ -411,8 +405,8 @@ class Spool:
             if target.exists():
                 raise QuarantineError(f"{queue_id} is already in the queue folder")
             os.rename(file, target)
-            _fsync_dir(self.queue)
-            _fsync_dir(self.quarantine_dir)
+            fsync_path(self.queue)
+            fsync_path(self.quarantine_dir)
             return envelope
 
         envelope = await asyncio.to_thread(check_and_move)

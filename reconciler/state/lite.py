@@ -115,8 +115,11 @@ class LiteStore:
         if path is None or not path.is_file():
             return None
         head = head_revision()
-        if head is None:
-            return None
+        return None if head is None else cls._at(path, head)
+
+    @classmethod
+    def _at(cls, path: Path, head: str) -> LiteStore | None:
+        """The store in the file at `path` if it is at revision `head`."""
         try:
             connection = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         except sqlite3.Error:
@@ -171,7 +174,7 @@ class LiteStore:
             for leftover in (new, new.with_name(new.name + "-wal"),
                              new.with_name(new.name + "-shm")):
                 leftover.unlink(missing_ok=True)
-        return cls.open(url)
+        return cls._at(path, head)
 
     def last_verified_report(self, migration_id: int, mailbox: str) -> str | None:
         """The report (JSON text) of the newest verified pass over `mailbox` in a
