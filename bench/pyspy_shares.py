@@ -24,7 +24,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
                              "connection_made",
                              "factory (")),
     ("relay to the next hop (smtpclient, scheduler)", ("smtpclient.py", "scheduler.py")),
-    ("delivery outcomes, unlinks", ("write_outcomes", "_unlink_all", "mark_done",
+    ("delivery outcomes, unlinks", ("write_outcomes", "reuse", "remove_file", "mark_done",
                                     "_flush_soon")),
     ("node agent", ("node_agent.py", "nodes.py")),
     ("fsync rounds", ("try_fsync", "try_fdatasync")),

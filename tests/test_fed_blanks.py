@@ -98,7 +98,7 @@ def test_the_loop_syncs_a_message_itself_only_while_few_sessions_are_open(
     """A real fed: with INLINE_SESSIONS sessions open (the sender's among them) a message
     that fits its blank is synced by the loop itself; with one more open it goes to the
     writing thread, where batches share their fsyncs. fed's shutdown line counts both
-    ("N written on the loop; T into blanks, M new files")."""
+    ("N written on the loop; T into blanks, M new files; R blanks were ...")."""
     s1 = FakeSystem("s1").start()
     fed = Fed(tmp_path / "fed", [s1]).start()
     idle: list[smtplib.SMTP] = []
@@ -131,7 +131,7 @@ def test_the_loop_syncs_a_message_itself_only_while_few_sessions_are_open(
         s1.stop()
     line = [x for x in fed.log().splitlines() if "group commit:" in x][-1]
     counts = re.search(r"(\d+) messages in \d+ batches \((\d+) written on the loop; (\d+) "
-                       r"into blanks, (\d+) new files\)", line)
+                       r"into blanks, (\d+) new files;", line)
     assert counts is not None, line
     total, on_loop, into_blanks, new_files = counts.groups()
     assert (total, on_loop) == ("3", "1"), line
@@ -255,3 +255,116 @@ def test_kill_9_between_the_write_into_a_blank_and_its_sync(tmp_path: Path) -> N
     assert queue_id in {p.queue_id for p in spool.pending()}
     spool.store.close()
 
+
+
+async def finish(spool: Spool, queue_id: str) -> None:
+    """Deliver-and-forget as the scheduler does: done, forget, the files' removal and the
+    rows' flush after it."""
+    spool.mark_done(queue_id, "a@corp.example")
+    spool.forget(queue_id)
+    spool.write_outcomes()
+    while spool._unlinking:
+        await asyncio.wait(set(spool._unlinking))
+    spool.write_outcomes()
+
+
+def test_a_finished_message_s_file_becomes_a_blank_again_and_a_grown_one_goes(
+        tmp_path: Path) -> None:
+    """The file of a delivered message that fits a blank is zeroed, synced and named a
+    blank again (same inode, new queue id, all zeros, handed out after the ready ones);
+    one that grew past a blank is unlinked; the old names and their rows are gone."""
+    async def run() -> None:
+        spool = await ready_spool(tmp_path, blanks=KEEP)
+        small = spool.take_queue_id()
+        await spool.accept(small, "s@x.example", ["a@corp.example"], MESSAGE, "<s@t>",
+                           quiet=True)
+        big = spool.take_queue_id()
+        await spool.accept(big, "s@x.example", ["a@corp.example"],
+                           MESSAGE + b"y" * (2 * BLANK_SIZE) + b"\r\n", "<g@t>")
+        inode_small, inode_big = spool.path(small).stat().st_ino, spool.path(big).stat().st_ino
+        ready_before = len(spool._blanks._ready)
+        await finish(spool, small)
+        await finish(spool, big)
+        assert not spool.path(small).exists() and not spool.path(big).exists()
+        assert spool._blanks.reused == 1 and len(spool._blanks._ready) == ready_before + 1
+        assert list(spool.recycle.iterdir()) == []
+        reused_id, reused_fd = spool._blanks._ready[-1]  # behind the blanks made before
+        assert reused_id not in (small, big)
+        file = spool.path(reused_id)
+        assert os.fstat(reused_fd).st_ino == file.stat().st_ino == inode_small
+        assert file.stat().st_size == BLANK_SIZE and is_blank(file)
+        inodes = {p.stat().st_ino for p in spool.queue.iterdir()}
+        assert inode_big not in inodes
+        assert spool.store.query("SELECT COUNT(*) AS n FROM messages WHERE queue_id IN "
+                                 "(?, ?)", (small, big))[0]["n"] == 0
+        # Taken in its turn, the reused blank carries a message like any other.
+        for _ in range(2 * KEEP):  # the ones before it stay taken: close() removes them
+            if spool.take_queue_id() == reused_id:
+                break
+        else:
+            raise AssertionError("the reused blank was never handed out")
+        await spool.accept(reused_id, "s@x.example", ["a@corp.example"], MESSAGE, "<r@t>",
+                           quiet=True)
+        assert read_message(file) == MESSAGE and read_envelope(file).queue_id == reused_id
+        await close(spool)
+    asyncio.run(run())
+
+
+def test_start_up_removes_what_a_crash_left_on_its_way_to_be_a_blank(tmp_path: Path) -> None:
+    """A crash inside `Blanks.reuse`: finished files moved into recycle/ (the message in it
+    still, or zeros) are removed at start, their rows dropped, nothing delivered again;
+    a reused blank already named in the queue folder is zeros, removed like any blank."""
+    async def made() -> tuple[str, str]:
+        spool = await ready_spool(tmp_path, blanks=2)
+        ids = []
+        for n in range(2):
+            queue_id = spool.take_queue_id()
+            await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE,
+                               f"<c{n}@t>", quiet=True)
+            ids.append(queue_id)
+        spool.mark_done(ids[0], "a@corp.example")
+        spool.write_outcomes()
+        spool._taken.clear()  # the crash: nothing of this process cleans up
+        spool._blanks._ready.clear()
+        spool._blanks._closed = True
+        await spool._committer.close()
+        spool.store.close()
+        return ids[0], ids[1]
+
+    done, pending = asyncio.run(made())
+    queue, recycle = tmp_path / "spool" / "queue", tmp_path / "spool" / "recycle"
+    os.rename(queue / f"{done}.eml", recycle / f"{done}.eml")  # moved, not yet zeroed
+    (recycle / "ZEROED.eml").write_bytes(bytes(BLANK_SIZE))  # moved and zeroed, not renamed
+    spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))
+    assert spool.recover() == 2  # the warm-up message and `pending`; not `done`
+    assert list(recycle.iterdir()) == []
+    assert {p.queue_id for p in spool.pending()} >= {pending}
+    assert done not in {p.queue_id for p in spool.pending()}
+    assert spool.store.query("SELECT COUNT(*) AS n FROM messages WHERE queue_id = ?",
+                             (done,))[0]["n"] == 0
+    spool.store.close()
+
+
+def test_a_failed_sync_of_the_zeros_leaves_no_blank_and_no_old_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk refuses the zeros' fdatasync: the finished file is removed, not handed out
+    as a blank (its zeros are not known to be on disk), and recycle/ is left empty."""
+    from fed.queue import blanks as blanks_mod
+
+    def refused(fd: int) -> OSError:
+        return OSError(5, "Input/output error")
+
+    async def run() -> None:
+        spool = await ready_spool(tmp_path, blanks=1)
+        queue_id = spool.take_queue_id()
+        await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE, "<f@t>",
+                           quiet=True)
+        inode = spool.path(queue_id).stat().st_ino
+        ready = list(spool._blanks._ready)
+        monkeypatch.setattr(blanks_mod, "try_fdatasync", refused)
+        await finish(spool, queue_id)
+        assert not spool.path(queue_id).exists() and list(spool.recycle.iterdir()) == []
+        assert spool._blanks.reused == 0 and list(spool._blanks._ready) == ready
+        assert inode not in {p.stat().st_ino for p in spool.queue.iterdir()}
+        await close(spool)
+    asyncio.run(run())

@@ -39,7 +39,7 @@ from fed.queue.store import Store
 from fedutil import FakeSystem, Fed, message
 from helpers.mail import Sender
 from helpers.waiting import wait_for
-from powerloss.replay import OPEN, WRITE, Model, build, crash_points, parse
+from powerloss.replay import OPEN, RENAME, WRITE, Model, build, crash_points, parse
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -155,6 +155,11 @@ def test_no_acknowledged_message_is_lost_at_any_power_cut(
             into_blanks += 1
             zeroed.discard(r.fd)
     assert into_blanks >= 30, f"only {into_blanks} of 40 messages written into blanks"
+    # Delivered messages' files became blanks again through recycle/ (Blanks.reuse): the
+    # crash points below cut that path too.
+    recycled = [r for r in records if r.op == RENAME and b"/spool/recycle/" in r.a
+                and b"/spool/queue/" in r.b]
+    assert len(recycled) >= 30, f"only {len(recycled)} finished files reused as blanks"
     points = 0
     cut_something = 0
     worst: tuple[int, float] = (-1, 0.0)

@@ -23,6 +23,7 @@ import pytest
 from fed.delivery.scheduler import Deliverer, DeliverySettings, Destination, Job
 from fed.delivery.smtpclient import Reply
 from fed.queue import spool as spool_mod
+from fed.queue.blanks import Blanks
 from fed.queue.queuefile import BadQueueFile, read_envelope
 from fed.queue.spool import PendingRecipient, QuarantineError, Spool
 from fed.queue.store import Store
@@ -129,13 +130,13 @@ def test_rows_of_a_finished_message_go_only_after_its_file(
     the file without rows (start-up would rebuild it and deliver it again)."""
     accept(tmp_path, {"A": ["a@corp.example"]})
     gate = threading.Event()
-    real_unlink_all = spool_mod._unlink_all
+    real_reuse = Blanks.reuse
 
-    def slow_unlink_all(files: list[Path]) -> None:
-        gate.wait(10)  # the unlink is slow (a busy journal): the rows must wait for it
-        real_unlink_all(files)
+    def slow_reuse(blanks: Blanks, files: list[Path]) -> None:
+        gate.wait(10)  # the file's removal is slow (a busy disk): the rows must wait for it
+        real_reuse(blanks, files)
 
-    monkeypatch.setattr(spool_mod, "_unlink_all", slow_unlink_all)
+    monkeypatch.setattr(Blanks, "reuse", slow_reuse)
 
     async def run() -> None:
         spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))

@@ -23,6 +23,7 @@ through the same checks, so a file corrupted on disk is never relayed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +32,8 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("fed.queue")
 
 FOOTER_LEN = 41
 EMPTY = "empty (an unused blank, or created and never written)"
@@ -211,3 +214,21 @@ def try_fsync(fd: int) -> OSError | None:
     except OSError as exc:
         return exc
     return None
+
+
+def try_fdatasync(fd: int) -> OSError | None:
+    """`try_fsync` for a file whose size and blocks are durable already (a blank)."""
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def remove_file(file: Path) -> None:
+    """Unlink a queue file if it is there; a failure is logged, not raised (the spool
+    removes files in batches, and one that stays is found again at start)."""
+    try:
+        file.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", file, exc)

@@ -79,7 +79,9 @@ from .queuefile import (
     read_envelope,
     read_message,
     read_queue_file,
+    remove_file,
     trailer,
+    try_fdatasync,
     try_fsync,
 )
 from .store import Store
@@ -158,21 +160,14 @@ class BlankRemoved(FileNotFoundError):
 def _try_fdatasync(fd: int) -> OSError | None:
     """A blank's sync: its name, size and blocks were durable already (blanks.py). A
     blank someone removed meanwhile (its folder replaced, say) fails: no name, no 250."""
-    try:
-        os.fdatasync(fd)
-        if os.fstat(fd).st_nlink == 0:
-            return BlankRemoved(f"blank queue file (fd {fd}) removed before its sync")
-    except OSError as exc:
-        return exc
-    return None
-
-
-def _unlink_all(files: list[Path]) -> None:
-    for file in files:
+    failed = try_fdatasync(fd)
+    if failed is None:
         try:
-            file.unlink(missing_ok=True)
+            if os.fstat(fd).st_nlink == 0:
+                return BlankRemoved(f"blank queue file (fd {fd}) removed before its sync")
         except OSError as exc:
-            log.warning("cannot remove %s: %s", file, exc)
+            return exc
+    return failed
 
 
 class QuarantineError(Exception):
@@ -201,7 +196,8 @@ class Spool:
         self.queue = root / "queue"
         self.shunt_dir = root / "shunt"
         self.quarantine_dir = root / "quarantine"
-        for d in (self.tmp, self.queue, self.shunt_dir, self.quarantine_dir):
+        self.recycle = root / "recycle"  # finished files on their way to be blanks again
+        for d in (self.tmp, self.queue, self.shunt_dir, self.quarantine_dir, self.recycle):
             d.mkdir(parents=True, exist_ok=True)
         self.on_queued: Callable[[list[PendingRecipient]], None] = lambda items: None
         self._committer: GroupCommitter[Incoming] = GroupCommitter(
@@ -211,7 +207,7 @@ class Spool:
         self._unlinking: set[asyncio.Future[None]] = set()  # unlinks in the thread pool
         self._flush_handle: asyncio.TimerHandle | None = None
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
-        self._blanks = Blanks(self.queue, self._fsyncs)
+        self._blanks = Blanks(self.queue, self._fsyncs, recycle=self.recycle)
         self._taken: dict[str, int] = {}  # queue id -> open blank, until accept() takes it
         self.done_log = root / "done.log"
         self._done_fd = -1  # done.log, opened by start() (after recover() applied it)
@@ -226,8 +222,8 @@ class Spool:
     # -- start and stop ---------------------------------------------------------------
     def recover(self) -> int:
         """Clean up after a crash and rebuild lost index rows; return the messages queued."""
-        for leftover in self.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
+        for leftover in [*self.tmp.iterdir(), *self.recycle.iterdir()]:
+            leftover.unlink(missing_ok=True)  # recycle/: finished messages only (blanks.py)
         for info in self.quarantine_dir.glob("*.json"):  # a quarantine cut short
             if not info.with_suffix(".eml").exists():
                 info.unlink(missing_ok=True)
@@ -271,7 +267,8 @@ class Spool:
             "WHERE r.queue_id = m.queue_id AND r.status = 'pending')")]
         if finished:  # every recipient done, the crash came before the file went
             log.info("removing %d finished messages a crash left behind", len(finished))
-            _unlink_all([self.path(q) for q in finished])
+            for queue_id in finished:
+                remove_file(self.path(queue_id))
         known |= {e.queue_id for e in rebuilt}
         gone = [queue_id for queue_id in sorted(known) if not self.path(queue_id).exists()]
         if gone:
@@ -462,7 +459,8 @@ class Spool:
         ones = max(1, c.single_batches)
         b = self._blanks
         return (f"{c.items} messages in {c.batches} batches ({c.inline} written on the loop; "
-                f"{b.taken} into blanks, {b.missed} new files); per batch: write+fsync "
+                f"{b.taken} into blanks, {b.missed} new files; {b.reused} blanks were "
+                f"finished messages' files); per batch: write+fsync "
                 f"{1000 * c.write_seconds / n:.2f} ms, index {1000 * c.commit_seconds / n:.2f} "
                 f"ms, whole cycle {1000 * c.cycle_seconds / n:.2f} ms; the {c.single_batches} "
                 f"batches of one message: write+fsync {1000 * c.single_write_seconds / ones:.2f}"
@@ -700,13 +698,14 @@ class Spool:
     def write_outcomes(self) -> None:
         """Write the buffered outcomes now (readers of the log call this first)."""
         if self._unlink:
-            # Files first, rows after the unlinks returned: a crash then leaves rows without
-            # a file (dropped at start), never a finished message's file without rows (it
-            # would be delivered again). The unlinks run in a thread (they can wait for the
-            # journal); their rows are deleted by the flush after they finished.
+            # Files first, rows after the files left the queue folder: a crash then leaves
+            # rows without a file (dropped at start), never a finished message's file
+            # without rows (it would be delivered again). The files go in a thread (they
+            # can wait for the disk): most become blanks again, the rest are unlinked
+            # (blanks.py); their rows are deleted by the flush after that finished.
             queue_ids, self._unlink = self._unlink, []
             files = [self.path(q) for q in queue_ids]
-            future = asyncio.wrap_future(self._fsyncs.submit(_unlink_all, files))
+            future = asyncio.wrap_future(self._fsyncs.submit(self._blanks.reuse, files))
             self._unlinking.add(future)
 
             def unlinked(done: asyncio.Future[None]) -> None:
