@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fed.queue.blanks import BLANK_SIZE, KEEP, is_blank
+from fed.queue import blanks as blanks_mod
+from fed.queue.blanks import BLANK_SIZE, KEEP, REUSE_BATCH, is_blank
 from fed.queue.queuefile import (
     Envelope,
     crc_of,
@@ -269,10 +270,12 @@ async def finish(spool: Spool, queue_id: str) -> None:
 
 
 def test_a_finished_message_s_file_becomes_a_blank_again_and_a_grown_one_goes(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The file of a delivered message that fits a blank is zeroed, synced and named a
     blank again (same inode, new queue id, all zeros, handed out after the ready ones);
     one that grew past a blank is unlinked; the old names and their rows are gone."""
+    monkeypatch.setattr(blanks_mod, "REUSE_BATCH", 1)  # each file at once (default: 32)
+
     async def run() -> None:
         spool = await ready_spool(tmp_path, blanks=KEEP)
         small = spool.take_queue_id()
@@ -349,7 +352,7 @@ def test_a_failed_sync_of_the_zeros_leaves_no_blank_and_no_old_name(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk refuses the zeros' fdatasync: the finished file is removed, not handed out
     as a blank (its zeros are not known to be on disk), and recycle/ is left empty."""
-    from fed.queue import blanks as blanks_mod
+    monkeypatch.setattr(blanks_mod, "REUSE_BATCH", 1)
 
     def refused(fd: int) -> OSError:
         return OSError(5, "Input/output error")
@@ -367,4 +370,33 @@ def test_a_failed_sync_of_the_zeros_leaves_no_blank_and_no_old_name(
         assert spool._blanks.reused == 0 and list(spool._blanks._ready) == ready
         assert inode not in {p.stat().st_ino for p in spool.queue.iterdir()}
         await close(spool)
+    asyncio.run(run())
+
+
+def test_finished_files_wait_in_recycle_for_a_batch_and_a_stop_removes_them(
+        tmp_path: Path) -> None:
+    """One folder fsync names REUSE_BATCH blanks again: fewer finished files wait, moved out
+    of the queue folder (their rows gone) but not handed out; a clean stop removes them."""
+    async def run() -> None:
+        spool = await ready_spool(tmp_path, blanks=KEEP)
+        ids = []
+        for n in range(REUSE_BATCH):
+            queue_id = spool.take_queue_id()
+            await spool.accept(queue_id, "s@x.example", ["a@corp.example"], MESSAGE,
+                               f"<w{n}@t>", quiet=True)
+            ids.append(queue_id)
+        for queue_id in ids[:-1]:
+            await finish(spool, queue_id)
+        assert spool._blanks.reused == 0
+        assert len(list(spool.recycle.iterdir())) == REUSE_BATCH - 1
+        assert not any(spool.path(q).exists() for q in ids[:-1])
+        await finish(spool, ids[-1])  # the batch is full: all named blanks at once
+        assert spool._blanks.reused == REUSE_BATCH and list(spool.recycle.iterdir()) == []
+        waiting = spool.take_queue_id()
+        await spool.accept(waiting, "s@x.example", ["a@corp.example"], MESSAGE, "<x@t>",
+                           quiet=True)
+        await finish(spool, waiting)
+        assert [p.name for p in spool.recycle.iterdir()] == [f"{waiting}.eml"]
+        await close(spool)
+        assert list(spool.recycle.iterdir()) == []
     asyncio.run(run())

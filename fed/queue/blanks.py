@@ -24,9 +24,10 @@ before its 250, so its bytes are on disk under a name that was on disk before it
 
 Finished messages' files become blanks again (``Blanks.reuse``) instead of being unlinked:
 a file that is still exactly a blank's size leaves ``queue/`` by a rename into
-``recycle/`` (that is the moment its message is gone: its rows may go after), is zeroed
-and fdatasynced there, and only then is renamed into ``queue/`` under a new queue id,
-its folder fsynced, and handed out. Why: an unlink frees the inode and the blocks (on a
+``recycle/`` (that is the moment its message is gone: its rows may go after); once
+REUSE_BATCH of them wait there (or the ready blanks run low) they are zeroed and
+fdatasynced there, and only then renamed into ``queue/`` under new queue ids, their folder
+fsynced once for all, and handed out. Why: an unlink frees the inode and the blocks (on a
 file system mounted with ``discard`` also a discard request to the disk) and the next blank
 allocates them again; a reused file keeps both, which on this machine took 5 % of fed's
 CPU a message for the unlink half alone (``bench/fed_ab.sh``). After a crash
@@ -39,6 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,6 +52,7 @@ log = logging.getLogger("fed.blanks")
 
 BLANK_SIZE = 8192  # bytes of zeros per blank: a message up to this (with envelope) fits
 KEEP = 128  # blanks kept ready; a refill starts when a quarter of them are used
+REUSE_BATCH = 32  # finished files zeroed, renamed and their folder synced together
 _ZEROS = bytes(BLANK_SIZE)
 
 
@@ -79,6 +82,8 @@ class Blanks:
         self.taken = 0
         self.missed = 0  # takes that found none ready
         self.reused = 0  # blanks made of finished messages' files
+        self._recycled: list[tuple[str, int]] = []  # in recycle/, not yet zeroed: (name, fd)
+        self._recycling = threading.Lock()  # reuse runs in any of the spool's threads
 
     def take(self) -> tuple[str, int] | None:
         """A ready blank's queue id and its open file (O_RDWR), or None if none is ready
@@ -140,14 +145,15 @@ class Blanks:
 
     def reuse(self, files: list[Path]) -> None:
         """Worker thread: remove finished messages' files from the queue folder, turning
-        those that are a blank's size into ready blanks (zeroed, synced, renamed, folder
-        synced: the order in the module doc) and unlinking the others. Every name in
-        `files` is gone from the folder when this returns."""
+        those that are a blank's size into ready blanks (moved into recycle/ now; zeroed,
+        synced, renamed and their folder synced REUSE_BATCH at a time, or sooner when the
+        ready ones run low: the order in the module doc) and unlinking the others. Every
+        name in `files` is gone from the queue folder when this returns."""
         recycle = self.recycle
-        moved: list[tuple[str, int]] = []  # (name in recycle/, open fd)
-        room = 2 * self._keep - len(self._ready)  # bounds the open files kept ready
         for file in files:
-            if recycle is None or self._closed or len(moved) >= room:
+            with self._recycling:
+                full = len(self._ready) + len(self._recycled) >= 2 * self._keep
+            if recycle is None or self._closed or full:  # bounds the files kept open
                 remove_file(file)
                 continue
             try:
@@ -167,9 +173,18 @@ class Blanks:
                 os.close(fd)
                 remove_file(file)
                 continue
-            moved.append((file.name, fd))
-        if recycle is None or not moved:
-            return
+            with self._recycling:
+                self._recycled.append((file.name, fd))
+        with self._recycling:
+            if len(self._recycled) < REUSE_BATCH and len(self._ready) >= self._keep // 2:
+                return
+            moved, self._recycled = self._recycled, []
+        if recycle is not None and moved:
+            self._name_again(recycle, moved)
+
+    def _name_again(self, recycle: Path, moved: list[tuple[str, int]]) -> None:
+        """Zero the files in recycle/, sync them, name them blanks in the queue folder and
+        sync it; only then are they handed out."""
         made: list[tuple[str, int]] = []  # (queue id, fd): named blanks again
         try:
             for _, fd in moved:
@@ -217,4 +232,10 @@ class Blanks:
         ready = list(self._ready)
         self._ready.clear()
         self._discard(ready)
+        with self._recycling:
+            recycled, self._recycled = self._recycled, []
+        for name, fd in recycled:  # finished messages, not yet blanks again
+            os.close(fd)
+            if self.recycle is not None:
+                remove_file(self.recycle / name)
 
