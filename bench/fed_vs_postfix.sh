@@ -19,6 +19,15 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
+# ORDER (default "postfix-first", the harness's own order: its servers, then the extra):
+#   "fed-first"  fed alone through the harness, then Postfix alone right after it (two
+#                harness runs back to back, each with its own sink and probes);
+#   "both"       postfix-first, then fed-first, then each concurrency's geometric mean of
+#                the two e2e ratios. Why: on this machine whichever server runs second
+#                meets the kernel state the first one's thousands of files and connections
+#                left (measured 2026-12-07: fed's kernel time a message doubles right after
+#                a Postfix run, user time unchanged; Postfix after fed loses 10-20 %), so
+#                one order alone favours the server that goes first.
 # The shared benchmarks sit next to the main checkout (../shared); a worktree under wt/ finds
 # them one level further up.
 HARNESS=${HARNESS:-$REPO/../shared/bench/postfix_relay.sh}
@@ -62,25 +71,55 @@ wait \$pid
 SH
 chmod +x "$WORK/fed.sh"
 
-OUT="$WORK/table.txt"
-echo "fed: --processes $FED_PROCESSES --workers $FED_WORKERS"
-EXTRA_NAME=fed EXTRA_CMD="exec $WORK/fed.sh" bash "$HARNESS" "$N" "$CONCS" | tee "$OUT"
-grep -h "group commit" "$WORK/fed.err" | tail -1 || true
-
-# Ratios: the harness prints "server conc N accept_s accept/s e2e_s e2e/s cpu% iow% status".
-awk -v concs="$CONCS" '
-  $1 == "postfix" { pa[$2]=$5; pe[$2]=$7 }
-  $1 == "fed"     { fa[$2]=$5; fe[$2]=$7 }
-  function ratio(a, b) { return (a + 0 > 0 && b + 0 > 0) ? sprintf("%.2f", a / b) : "n/a" }
-  END {
-    n = split(concs, cs, " ");
-    printf "%-8s %12s %12s %12s %12s %14s %12s\n", "clients", "fed acc/s", "postfix acc/s",
-           "fed e2e/s", "postfix e2e/s", "accept ratio", "e2e ratio";
-    last = cs[n];
-    for (i = 1; i <= n; i++) {
-      c = cs[i]; if (c == 50) last = 50;
-      printf "%-8s %12s %12s %12s %12s %14s %12s\n", c, fa[c], pa[c], fe[c], pe[c],
-             ratio(fa[c], pa[c]), ratio(fe[c], pe[c]);
-    }
-    printf "fed/postfix e2e ratio at %s clients: %s\n", last, ratio(fe[last], pe[last]);
-  }' "$OUT"
+ORDER=${ORDER:-postfix-first}
+# harness TABLE_FILE SERVERS WITH_FED: one run of the peer harness, its table kept
+harness() {
+  if [ "$3" = 1 ]; then
+    SERVERS="$2" EXTRA_NAME=fed EXTRA_CMD="exec $WORK/fed.sh" bash "$HARNESS" "$N" "$CONCS" | tee "$1"
+    grep -h "group commit" "$WORK/fed.err" | tail -1 || true
+  else
+    SERVERS="$2" EXTRA_CMD="" bash "$HARNESS" "$N" "$CONCS" | tee "$1"
+  fi
+}
+# ratios TABLE_FILE...: fed/Postfix accept and e2e rates at each concurrency
+ratios() {
+  awk -v concs="$CONCS" '
+    $1 == "postfix" { pa[$2]=$5; pe[$2]=$7 }
+    $1 == "fed"     { fa[$2]=$5; fe[$2]=$7 }
+    function ratio(a, b) { return (a + 0 > 0 && b + 0 > 0) ? sprintf("%.2f", a / b) : "n/a" }
+    END {
+      n = split(concs, cs, " ");
+      printf "%-8s %12s %12s %12s %12s %14s %12s\n", "clients", "fed acc/s", "postfix acc/s",
+             "fed e2e/s", "postfix e2e/s", "accept ratio", "e2e ratio";
+      last = cs[n];
+      for (i = 1; i <= n; i++) {
+        c = cs[i]; if (c == 50) last = 50;
+        printf "%-8s %12s %12s %12s %12s %14s %12s\n", c, fa[c], pa[c], fe[c], pe[c],
+               ratio(fa[c], pa[c]), ratio(fe[c], pe[c]);
+      }
+      printf "fed/postfix e2e ratio at %s clients: %s\n", last, ratio(fe[last], pe[last]);
+    }' "$@"
+}
+echo "fed: --processes $FED_PROCESSES --workers $FED_WORKERS; order: $ORDER"
+case $ORDER in
+  postfix-first)
+    harness "$WORK/table.txt" "$SERVERS" 1
+    ratios "$WORK/table.txt" ;;
+  fed-first)
+    harness "$WORK/fed.txt" "" 1
+    harness "$WORK/postfix.txt" "$SERVERS" 0
+    ratios "$WORK/fed.txt" "$WORK/postfix.txt" ;;
+  both)
+    harness "$WORK/table.txt" "$SERVERS" 1
+    echo "== postfix first"; ratios "$WORK/table.txt" | tee "$WORK/r1.txt"
+    harness "$WORK/fed.txt" "" 1
+    harness "$WORK/postfix.txt" "$SERVERS" 0
+    echo "== fed first"; ratios "$WORK/fed.txt" "$WORK/postfix.txt" | tee "$WORK/r2.txt"
+    echo "== both orders: geometric mean of the two e2e ratios"
+    awk 'FNR == 1 { f++ } $1 ~ /^[0-9]+$/ { r[f, $1] = $7; cs[$1] = 1 }
+      END { for (c in cs) if (r[1, c] + 0 > 0 && r[2, c] + 0 > 0)
+              printf "%s clients: %.2f (%.2f / %.2f)\n", c, sqrt(r[1, c] * r[2, c]), r[1, c], r[2, c] }' \
+      "$WORK/r1.txt" "$WORK/r2.txt" | sort -n
+    ratios "$WORK/table.txt" | tail -1 ;;
+  *) echo "fed_vs_postfix: ORDER must be postfix-first, fed-first or both" >&2; exit 2 ;;
+esac
