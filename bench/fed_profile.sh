@@ -13,7 +13,7 @@
 #
 # Usage (as root: smtp-sink drops to nobody):  bench/fed_profile.sh [C] [N]
 #   SPY=1 bench/fed_profile.sh 10 3000
-# Environment: FED_PROCESSES (default 1), ports SINK_PORT/SMTP_PORT/CONTROL_PORT
+# Environment: MSG_SIZE (smtp-source -l, default 2048), FED_PROCESSES (default 1), ports SINK_PORT/SMTP_PORT/CONTROL_PORT
 # (defaults 13126/13130/13131), KEEP=1 keeps the work folder (logs, raw profiles).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,7 +53,7 @@ curl -fsS -X PUT -H "Authorization: Bearer $(cat "$WORK/token")" \
 kill -TERM "$FED_PID"; wait "$FED_PID" || true
 serve "$SMTP_PORT"
 load() {
-  timeout 300 smtp-source -4 -s "$1" -m "$2" -l 2048 -M client.example.test \
+  timeout 300 smtp-source -4 -s "$1" -m "$2" -l "${MSG_SIZE:-2048}" -M client.example.test \
     -f a@example.test -t b@example.test "127.0.0.1:$SMTP_PORT"
 }
 load 50 200  # warm-up

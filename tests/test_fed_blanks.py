@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fed.queue import blanks as blanks_mod
-from fed.queue.blanks import BLANK_SIZE, KEEP, REUSE_BATCH, is_blank
+from fed.queue.blanks import BLANK_SIZE, KEEP, REUSE_BATCH, REUSE_MAX, is_blank
 from fed.queue.queuefile import (
     Envelope,
     crc_of,
@@ -269,46 +269,51 @@ async def finish(spool: Spool, queue_id: str) -> None:
     spool.write_outcomes()
 
 
-def test_a_finished_message_s_file_becomes_a_blank_again_and_a_grown_one_goes(
+def test_a_finished_message_s_file_becomes_a_blank_again_and_a_too_big_one_goes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The file of a delivered message that fits a blank is zeroed, synced and named a
-    blank again (same inode, new queue id, all zeros, handed out after the ready ones);
-    one that grew past a blank is unlinked; the old names and their rows are gone."""
+    """The file of a delivered message is zeroed, synced and named a blank again (same
+    inode, new queue id, all zeros at its size, handed out after the ready ones), also one
+    that a message grew, up to REUSE_MAX; a bigger one is unlinked; the old names and
+    their rows are gone; a message smaller than a grown blank reads back as itself."""
     monkeypatch.setattr(blanks_mod, "REUSE_BATCH", 1)  # each file at once (default: 32)
 
     async def run() -> None:
         spool = await ready_spool(tmp_path, blanks=KEEP)
-        small = spool.take_queue_id()
-        await spool.accept(small, "s@x.example", ["a@corp.example"], MESSAGE, "<s@t>",
-                           quiet=True)
-        big = spool.take_queue_id()
-        await spool.accept(big, "s@x.example", ["a@corp.example"],
-                           MESSAGE + b"y" * (2 * BLANK_SIZE) + b"\r\n", "<g@t>")
-        inode_small, inode_big = spool.path(small).stat().st_ino, spool.path(big).stat().st_ino
+        ids = {}
+        sizes = {"small": MESSAGE, "grown": MESSAGE + b"g" * (2 * BLANK_SIZE) + b"\r\n",
+                 "big": MESSAGE + b"y" * REUSE_MAX + b"\r\n"}
+        for kind, data in sizes.items():
+            ids[kind] = spool.take_queue_id()
+            await spool.accept(ids[kind], "s@x.example", ["a@corp.example"], data,
+                               f"<{kind}@t>", quiet=True)
+        stat = {kind: spool.path(q).stat() for kind, q in ids.items()}
+        assert stat["small"].st_size == BLANK_SIZE < stat["grown"].st_size <= REUSE_MAX
+        assert stat["big"].st_size > REUSE_MAX
         ready_before = len(spool._blanks._ready)
-        await finish(spool, small)
-        await finish(spool, big)
-        assert not spool.path(small).exists() and not spool.path(big).exists()
-        assert spool._blanks.reused == 1 and len(spool._blanks._ready) == ready_before + 1
+        for queue_id in ids.values():
+            await finish(spool, queue_id)
+        assert not any(spool.path(q).exists() for q in ids.values())
+        assert spool._blanks.reused == 2 and len(spool._blanks._ready) == ready_before + 2
         assert list(spool.recycle.iterdir()) == []
-        reused_id, reused_fd = spool._blanks._ready[-1]  # behind the blanks made before
-        assert reused_id not in (small, big)
-        file = spool.path(reused_id)
-        assert os.fstat(reused_fd).st_ino == file.stat().st_ino == inode_small
-        assert file.stat().st_size == BLANK_SIZE and is_blank(file)
-        inodes = {p.stat().st_ino for p in spool.queue.iterdir()}
-        assert inode_big not in inodes
+        again = {os.fstat(fd).st_ino: queue_id for queue_id, fd in spool._blanks._ready}
+        assert stat["big"].st_ino not in again
+        for kind in ("small", "grown"):
+            queue_id = again[stat[kind].st_ino]
+            assert queue_id not in ids.values()
+            file = spool.path(queue_id)
+            assert file.stat().st_size == stat[kind].st_size and is_blank(file)
         assert spool.store.query("SELECT COUNT(*) AS n FROM messages WHERE queue_id IN "
-                                 "(?, ?)", (small, big))[0]["n"] == 0
-        # Taken in its turn, the reused blank carries a message like any other.
+                                 "(?, ?, ?)", tuple(ids.values()))[0]["n"] == 0
+        # Taken in its turn, the grown blank carries a smaller message like any other.
+        grown = again[stat["grown"].st_ino]
         for _ in range(2 * KEEP):  # the ones before it stay taken: close() removes them
-            if spool.take_queue_id() == reused_id:
+            if spool.take_queue_id() == grown:
                 break
         else:
             raise AssertionError("the reused blank was never handed out")
-        await spool.accept(reused_id, "s@x.example", ["a@corp.example"], MESSAGE, "<r@t>",
-                           quiet=True)
-        assert read_message(file) == MESSAGE and read_envelope(file).queue_id == reused_id
+        await spool.accept(grown, "s@x.example", ["a@corp.example"], MESSAGE, "<r@t>")
+        file = spool.path(grown)
+        assert read_message(file) == MESSAGE and read_envelope(file).queue_id == grown
         await close(spool)
     asyncio.run(run())
 

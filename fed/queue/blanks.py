@@ -23,7 +23,7 @@ whose index rows were lost (at least once). An acknowledged message's fdatasync 
 before its 250, so its bytes are on disk under a name that was on disk before it.
 
 Finished messages' files become blanks again (``Blanks.reuse``) instead of being unlinked:
-a file that is still exactly a blank's size leaves ``queue/`` by a rename into
+a file from a blank's size up to REUSE_MAX (a message may have grown it) leaves ``queue/`` by a rename into
 ``recycle/`` (that is the moment its message is gone: its rows may go after); once
 REUSE_BATCH of them wait there (or the ready blanks run low) they are zeroed and
 fdatasynced there, and only then renamed into ``queue/`` under new queue ids, their folder
@@ -53,7 +53,12 @@ log = logging.getLogger("fed.blanks")
 BLANK_SIZE = 8192  # bytes of zeros per blank: a message up to this (with envelope) fits
 KEEP = 128  # blanks kept ready; a refill starts when a quarter of them are used
 REUSE_BATCH = 32  # finished files zeroed, renamed and their folder synced together
+# A finished file up to this size becomes a blank again, whatever message grew it (mail is
+# mostly 10-100 KB; a blank bigger than BLANK_SIZE just takes a bigger message without
+# growing): bounds the disk the ready blanks hold to 2 * KEEP * REUSE_MAX (16 MiB).
+REUSE_MAX = 1 << 16
 _ZEROS = bytes(BLANK_SIZE)
+_REUSE_ZEROS = memoryview(bytes(REUSE_MAX))
 
 
 def is_blank(path: Path) -> bool:
@@ -82,7 +87,7 @@ class Blanks:
         self.taken = 0
         self.missed = 0  # takes that found none ready
         self.reused = 0  # blanks made of finished messages' files
-        self._recycled: list[tuple[str, int]] = []  # in recycle/, not yet zeroed: (name, fd)
+        self._recycled: list[tuple[str, int, int]] = []  # in recycle/: (name, fd, size)
         self._recycling = threading.Lock()  # reuse runs in any of the spool's threads
 
     def take(self) -> tuple[str, int] | None:
@@ -166,15 +171,15 @@ class Blanks:
                 continue
             try:
                 info = os.fstat(fd)
-                if info.st_size != BLANK_SIZE or info.st_nlink != 1:  # grown, or linked
-                    raise ValueError("not a blank's size")
+                if not BLANK_SIZE <= info.st_size <= REUSE_MAX or info.st_nlink != 1:
+                    raise ValueError("too small, too big or linked")  # a new file, say
                 os.rename(file, recycle / file.name)
             except (OSError, ValueError):
                 os.close(fd)
                 remove_file(file)
                 continue
             with self._recycling:
-                self._recycled.append((file.name, fd))
+                self._recycled.append((file.name, fd, info.st_size))
         with self._recycling:
             if len(self._recycled) < REUSE_BATCH and len(self._ready) >= self._keep // 2:
                 return
@@ -182,17 +187,20 @@ class Blanks:
         if recycle is not None and moved:
             self._name_again(recycle, moved)
 
-    def _name_again(self, recycle: Path, moved: list[tuple[str, int]]) -> None:
+    def _name_again(self, recycle: Path, moved: list[tuple[str, int, int]]) -> None:
         """Zero the files in recycle/, sync them, name them blanks in the queue folder and
         sync it; only then are they handed out."""
         made: list[tuple[str, int]] = []  # (queue id, fd): named blanks again
         try:
-            for _, fd in moved:
-                os.pwrite(fd, _ZEROS, 0)
-            for failed in self._syncs.map(try_fdatasync, [fd for _, fd in moved]):
+            for _, fd, size in moved:
+                view, offset = _REUSE_ZEROS[:size], 0
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+            for failed in self._syncs.map(try_fdatasync, [fd for _, fd, _ in moved]):
                 if failed is not None:
                     raise failed
-            for name, fd in moved:
+            for name, fd, _ in moved:
                 queue_id = new_queue_id()
                 os.rename(recycle / name, self.folder / f"{queue_id}.eml")
                 made.append((queue_id, fd))
@@ -202,7 +210,7 @@ class Blanks:
             named = {fd for _, fd in made}
             for queue_id, _ in made:
                 remove_file(self.folder / f"{queue_id}.eml")
-            for name, fd in moved:
+            for name, fd, _ in moved:
                 os.close(fd)
                 if fd not in named:
                     remove_file(recycle / name)
@@ -234,7 +242,7 @@ class Blanks:
         self._discard(ready)
         with self._recycling:
             recycled, self._recycled = self._recycled, []
-        for name, fd in recycled:  # finished messages, not yet blanks again
+        for name, fd, _ in recycled:  # finished messages, not yet blanks again
             os.close(fd)
             if self.recycle is not None:
                 remove_file(self.recycle / name)
