@@ -23,16 +23,16 @@ whose index rows were lost (at least once). An acknowledged message's fdatasync 
 before its 250, so its bytes are on disk under a name that was on disk before it.
 
 Finished messages' files become blanks again (``Blanks.reuse``) instead of being unlinked:
-a file from a blank's size up to REUSE_MAX (a message may have grown it) leaves ``queue/`` by a rename into
-``recycle/`` (that is the moment its message is gone: its rows may go after); once
-REUSE_BATCH of them wait there (or the ready blanks run low) they are zeroed and
-fdatasynced there, and only then renamed into ``queue/`` under new queue ids, their folder
-fsynced once for all, and handed out. Why: an unlink frees the inode and the blocks (on a
-file system mounted with ``discard`` also a discard request to the disk) and the next blank
-allocates them again; a reused file keeps both, which on this machine took 5 % of fed's
-CPU a message for the unlink half alone (``bench/fed_ab.sh``). After a crash
-``recycle/`` holds only finished messages (their own or zeros): start-up empties it; a
-name in ``queue/`` that came from it was zeros on disk before it was named there.
+a file from a blank's size up to REUSE_MAX (a message may have grown it) leaves ``queue/``
+by a rename into ``recycle/`` (that is the moment its message is gone: its rows may go
+after); once REUSE_BATCH of them wait there (or the ready blanks run low) they are zeroed
+and fdatasynced there, and only then renamed into ``queue/`` under new queue ids, their
+folder fsynced once for all, and handed out. Why: an unlink frees the inode and the blocks
+(on a file system mounted with ``discard`` also a discard request to the disk) and the next
+blank allocates them again; a reused file keeps both, which on this machine took 5 % of
+fed's CPU a message for the unlink half alone (``bench/fed_ab.sh``). After a crash
+``recycle/`` holds only finished messages (their own or zeros): start-up empties it; a name
+in ``queue/`` that came from it was zeros on disk before it was named there.
 """
 
 from __future__ import annotations
@@ -150,10 +150,10 @@ class Blanks:
 
     def reuse(self, files: list[Path]) -> None:
         """Worker thread: remove finished messages' files from the queue folder, turning
-        those that are a blank's size into ready blanks (moved into recycle/ now; zeroed,
-        synced, renamed and their folder synced REUSE_BATCH at a time, or sooner when the
-        ready ones run low: the order in the module doc) and unlinking the others. Every
-        name in `files` is gone from the queue folder when this returns."""
+        those from a blank's size up to REUSE_MAX into ready blanks (moved into recycle/
+        now; zeroed, synced, renamed and their folder synced REUSE_BATCH at a time, or
+        sooner when the ready ones run low: the order in the module doc) and unlinking the
+        others. Every name in `files` is gone from the queue folder when this returns."""
         recycle = self.recycle
         for file in files:
             with self._recycling:
@@ -246,4 +246,3 @@ class Blanks:
             os.close(fd)
             if self.recycle is not None:
                 remove_file(self.recycle / name)
-
