@@ -22,6 +22,7 @@ from fed.queue.blanks import BLANK_SIZE, KEEP, REUSE_BATCH, REUSE_MAX, is_blank
 from fed.queue.queuefile import (
     Envelope,
     crc_of,
+    new_queue_id,
     read_envelope,
     read_message,
     trailer,
@@ -343,9 +344,11 @@ def test_start_up_removes_what_a_crash_left_on_its_way_to_be_a_blank(tmp_path: P
     queue, recycle = tmp_path / "spool" / "queue", tmp_path / "spool" / "recycle"
     os.rename(queue / f"{done}.eml", recycle / f"{done}.eml")  # moved, not yet zeroed
     (recycle / "ZEROED.eml").write_bytes(bytes(BLANK_SIZE))  # moved and zeroed, not renamed
+    named = new_queue_id()  # zeroed, renamed into the queue, never handed out
+    (queue / f"{named}.eml").write_bytes(bytes(3 * BLANK_SIZE))
     spool = Spool(tmp_path / "spool", Store(tmp_path / "fed.db"))
     assert spool.recover() == 2  # the warm-up message and `pending`; not `done`
-    assert list(recycle.iterdir()) == []
+    assert list(recycle.iterdir()) == [] and not (queue / f"{named}.eml").exists()
     assert {p.queue_id for p in spool.pending()} >= {pending}
     assert done not in {p.queue_id for p in spool.pending()}
     assert spool.store.query("SELECT COUNT(*) AS n FROM messages WHERE queue_id = ?",
