@@ -46,7 +46,14 @@ from pathlib import Path
 
 from mailferry.fsutil import fsync_path
 
-from .queuefile import new_queue_id, remove_file, try_fdatasync, try_fsync
+from .queuefile import (
+    new_queue_id,
+    pwrite_all,
+    remove_file,
+    try_fdatasync,
+    try_fsync,
+    write_all,
+)
 
 log = logging.getLogger("fed.blanks")
 
@@ -73,8 +80,8 @@ def is_blank(path: Path) -> bool:
 class Blanks:
     """A supply of blanks in one folder; `take` on the loop, `refill` in a thread."""
 
-    def __init__(self, folder: Path, pool: Executor, keep: int = KEEP,
-                 recycle: Path | None = None) -> None:
+    def __init__(self, folder: Path, recycle: Path, pool: Executor, keep: int = KEEP
+                 ) -> None:
         self.folder = folder
         self.recycle = recycle  # finished files are zeroed here, then named blanks again
         self._pool = pool
@@ -125,19 +132,13 @@ class Blanks:
                 fd = os.open(self.folder / f"{queue_id}.eml",
                              os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 made.append((queue_id, fd))
-                view = memoryview(_ZEROS)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, _ZEROS)
             # All at once (concurrent fsyncs share the journal's commits; one after the other,
             # each would wait for its own).
             for failed in self._syncs.map(try_fsync, [fd for _, fd in made]):
                 if failed is not None:
                     raise failed
-            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_path(self.folder)
         except OSError as exc:  # the spool makes new files meanwhile; the next take retries
             log.warning("cannot make blank queue files in %s: %s", self.folder, exc)
             self._discard(made)
@@ -154,11 +155,10 @@ class Blanks:
         now; zeroed, synced, renamed and their folder synced REUSE_BATCH at a time, or
         sooner when the ready ones run low: the order in the module doc) and unlinking the
         others. Every name in `files` is gone from the queue folder when this returns."""
-        recycle = self.recycle
         for file in files:
             with self._recycling:
                 full = len(self._ready) + len(self._recycled) >= 2 * self._keep
-            if recycle is None or self._closed or full:  # bounds the files kept open
+            if self._closed or full:  # bounds the files kept open
                 remove_file(file)
                 continue
             try:
@@ -173,7 +173,7 @@ class Blanks:
                 info = os.fstat(fd)
                 if not BLANK_SIZE <= info.st_size <= REUSE_MAX or info.st_nlink != 1:
                     raise ValueError("too small, too big or linked")  # a new file, say
-                os.rename(file, recycle / file.name)
+                os.rename(file, self.recycle / file.name)
             except (OSError, ValueError):
                 os.close(fd)
                 remove_file(file)
@@ -184,25 +184,22 @@ class Blanks:
             if len(self._recycled) < REUSE_BATCH and len(self._ready) >= self._keep // 2:
                 return
             moved, self._recycled = self._recycled, []
-        if recycle is not None and moved:
-            self._name_again(recycle, moved)
+        if moved:
+            self._name_again(moved)
 
-    def _name_again(self, recycle: Path, moved: list[tuple[str, int, int]]) -> None:
+    def _name_again(self, moved: list[tuple[str, int, int]]) -> None:
         """Zero the files in recycle/, sync them, name them blanks in the queue folder and
         sync it; only then are they handed out."""
         made: list[tuple[str, int]] = []  # (queue id, fd): named blanks again
         try:
             for _, fd, size in moved:
-                view, offset = _REUSE_ZEROS[:size], 0
-                while view:
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
+                pwrite_all(fd, _REUSE_ZEROS[:size], 0)
             for failed in self._syncs.map(try_fdatasync, [fd for _, fd, _ in moved]):
                 if failed is not None:
                     raise failed
             for name, fd, _ in moved:
                 queue_id = new_queue_id()
-                os.rename(recycle / name, self.folder / f"{queue_id}.eml")
+                os.rename(self.recycle / name, self.folder / f"{queue_id}.eml")
                 made.append((queue_id, fd))
             fsync_path(self.folder)
         except OSError as exc:  # fresh blanks are made instead; recycle/ is emptied at start
@@ -213,7 +210,7 @@ class Blanks:
             for name, fd, _ in moved:
                 os.close(fd)
                 if fd not in named:
-                    remove_file(recycle / name)
+                    remove_file(self.recycle / name)
             return
         self._ready.extend(made)  # deque.extend: safe against the loop's popleft
         self.reused += len(made)
@@ -244,5 +241,4 @@ class Blanks:
             recycled, self._recycled = self._recycled, []
         for name, fd, _ in recycled:  # finished messages, not yet blanks again
             os.close(fd)
-            if self.recycle is not None:
-                remove_file(self.recycle / name)
+            remove_file(self.recycle / name)

@@ -206,6 +206,21 @@ def read_envelope(path: Path) -> Envelope:
     return _parse_envelope(path, raw_json, size)
 
 
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of `data` at the file position, however short each write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """All of `data` from `offset`, however short each pwrite."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def try_fsync(fd: int) -> OSError | None:
     """fsync `fd`, returning the error instead of raising it: the spool's and the blanks'
     sync rounds run many from a pool and answer each message by its own outcome."""

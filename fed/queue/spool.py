@@ -76,6 +76,7 @@ from .queuefile import (
     Envelope,
     crc_of,
     new_queue_id,
+    pwrite_all,
     read_envelope,
     read_message,
     read_queue_file,
@@ -83,6 +84,7 @@ from .queuefile import (
     trailer,
     try_fdatasync,
     try_fsync,
+    write_all,
 )
 from .store import Store
 
@@ -118,12 +120,6 @@ class Incoming:
     quiet: bool = False  # few sessions are open: the loop may sync it itself
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _write_parts(fd: int, parts: list[bytes]) -> None:
     """All `parts`, in order, with one writev (each syscall of the writing thread is a GIL
     hand-off with the event loop under load); the rest of a short write one by one."""
@@ -132,7 +128,7 @@ def _write_parts(fd: int, parts: list[bytes]) -> None:
         if written >= len(part):
             written -= len(part)
             continue
-        _write_all(fd, part[written:] if written else part)
+        write_all(fd, part[written:] if written else part)
         written = 0
 
 
@@ -145,12 +141,9 @@ def _pwrite_parts(fd: int, parts: list[bytes]) -> None:
             written -= len(part)
             offset += len(part)
             continue
-        view = memoryview(part)[written:]
-        offset += written
+        pwrite_all(fd, memoryview(part)[written:], offset + written)
+        offset += len(part)
         written = 0
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
 
 
 class BlankRemoved(FileNotFoundError):
@@ -179,7 +172,7 @@ def write_durably(tmp_dir: Path, final: Path, data: bytes) -> None:
     tmp = tmp_dir / (final.name + f".{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -207,7 +200,7 @@ class Spool:
         self._unlinking: set[asyncio.Future[None]] = set()  # unlinks in the thread pool
         self._flush_handle: asyncio.TimerHandle | None = None
         self._fsyncs = ThreadPoolExecutor(32, thread_name_prefix="fsync")
-        self._blanks = Blanks(self.queue, self._fsyncs, recycle=self.recycle)
+        self._blanks = Blanks(self.queue, self.recycle, self._fsyncs)
         self._taken: dict[str, int] = {}  # queue id -> open blank, until accept() takes it
         self.done_log = root / "done.log"
         self._done_fd = -1  # done.log, opened by start() (after recover() applied it)
