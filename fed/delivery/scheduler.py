@@ -293,15 +293,18 @@ class Deliverer:
     def _resync(self) -> None:
         """Pick up what the queue admin changed in the store (``fed queue``, see
         queueadmin.py): admin holds, recipients made due (release, flush), deletions."""
-        self.spool.write_outcomes()  # the store must not lag behind memory for this
-        self._admin_held = {str(r["queue_id"])
-                            for r in self.store.query("SELECT queue_id FROM admin_holds")}
+        # The store must not lag behind memory for this; index rows the spool holds back are
+        # of messages never retried nor touched by the admin (whose writes caught up first),
+        # so they need not be written for it (once a second, they would be most of them).
+        self.spool.write_outcomes(index_all=False)
+        self._admin_held = {str(r["queue_id"]) for r in self.store.query(
+            "SELECT queue_id FROM admin_holds", catch_up=False)}
         now = self._clock.time()
         due: set[tuple[str, str]] = set()
         if self._deferred:  # only a recipient in back-off can be made due early
             due = {(str(r["queue_id"]), str(r["rcpt"])) for r in self.store.query(
                 "SELECT queue_id, rcpt FROM recipients WHERE status = 'pending' "
-                "AND attempts > 0 AND next_try <= ?", (now,))}
+                "AND attempts > 0 AND next_try <= ?", (now,), catch_up=False)}
         if due:
             keep = []
             for entry in self._deferred:
@@ -315,7 +318,7 @@ class Deliverer:
             self._deferred = keep
         rows = self.store.query(
             "SELECT id, queue_id FROM deliveries WHERE result = 'deleted' AND id > ? "
-            "ORDER BY id", (self._deleted_seen,))
+            "ORDER BY id", (self._deleted_seen,), catch_up=False)
         if rows:
             self._deleted_seen = int(rows[-1]["id"])
             self._drop({str(r["queue_id"]) for r in rows})

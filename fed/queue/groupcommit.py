@@ -4,8 +4,8 @@ Why: an SMTP server may answer 250 only once the message is on disk (invariant 1
 fsync costs the same whether it covers one message or fifty. Sessions that reach DATA at
 about the same time therefore share their fsyncs: each session submits its item and waits
 on a future; one committer task takes *everything* submitted so far, makes the whole batch
-durable (``write`` in a worker thread: file writes and fsyncs; then ``commit``: one SQLite
-transaction on the event loop and its sync in a thread), and resolves every future. There
+durable (``write`` in a worker thread: file writes and fsyncs; then ``commit`` on the event
+loop: the spool's hand-over to delivery), and resolves every future. There
 is no timer: the batch is whatever arrived while the previous batch was syncing, so a lone
 client pays exactly one round of syncs and fifty busy clients pay one round per batch, not
 fifty. Two batches may be on their way at once (``overlap``): when a sync round is slow,

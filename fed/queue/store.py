@@ -16,7 +16,7 @@ node's disk; what several nodes must agree on is in ``shared_db.py``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,28 +87,54 @@ class Store:
         self._durable = True  # the connection's synchronous level: FULL (True) or NORMAL
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.executescript(SCHEMA)
+        # Called before any other reader or writer uses the tables: the spool writes what
+        # it holds back (index rows written late, buffered outcomes, ``spool.py``), so
+        # nobody sees the tables behind the spool's memory.
+        self.catch_up: Callable[[], None] = lambda: None
+        self._depth = 0  # open transactions and catch-ups: no catch-up inside one
+
+    def _caught_up(self) -> None:
+        if self._depth:
+            return
+        self._depth += 1
+        try:
+            self.catch_up()
+        finally:
+            self._depth -= 1
 
     @contextmanager
-    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = True, catch_up: bool = True
+                    ) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on any exception).
 
         `durable=False`: the commit is not fsynced (``synchronous=NORMAL``), for what may
         be lost in a power cut (the spool's index and delivery outcomes). The level is
         switched only when it changes, so a run of such transactions costs no PRAGMA
-        statements (each one a GIL hand-off to the writing threads under load)."""
+        statements (each one a GIL hand-off to the writing threads under load).
+        `catch_up=False`: for the spool's own writes of what it held back."""
+        if catch_up:
+            self._caught_up()
         if durable != self._durable:
             self.conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._durable = durable
         self.conn.execute("BEGIN IMMEDIATE")
+        self._depth += 1
         try:
             yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        finally:
+            self._depth -= 1
         self.conn.execute("COMMIT")
 
-    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[sqlite3.Row]:
-        """Run a read query and return all rows."""
+    def query(self, sql: str, params: tuple[object, ...] = (), catch_up: bool = True
+              ) -> list[sqlite3.Row]:
+        """Run a read query (after the spool caught up) and return all rows. `catch_up=False`:
+        for a reader that needs none of what the spool holds back (the scheduler's recheck
+        of what the queue admin changed)."""
+        if catch_up:
+            self._caught_up()
         return self.conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
