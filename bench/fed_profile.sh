@@ -13,7 +13,7 @@
 #
 # Usage (as root: smtp-sink drops to nobody):  bench/fed_profile.sh [C] [N]
 #   SPY=1 bench/fed_profile.sh 10 3000
-# Environment: MSG_SIZE (smtp-source -l, default 2048), FED_PROCESSES (default 1), ports SINK_PORT/SMTP_PORT/CONTROL_PORT
+# Environment: HOLD=1 (b@example.test held first: accepting without relaying), MSG_SIZE (smtp-source -l, default 2048), FED_PROCESSES (default 1), ports SINK_PORT/SMTP_PORT/CONTROL_PORT
 # (defaults 13126/13130/13131), KEEP=1 keeps the work folder (logs, raw profiles).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -52,6 +52,11 @@ curl -fsS -X PUT -H "Authorization: Bearer $(cat "$WORK/token")" \
   "http://127.0.0.1:$CONTROL_PORT/v1/directory/b@example.test" > /dev/null
 kill -TERM "$FED_PID"; wait "$FED_PID" || true
 serve "$SMTP_PORT"
+if [ "${HOLD:-0}" = 1 ]; then  # the accept path alone: the address held, nothing relayed
+  curl -fsS -X POST -H "Authorization: Bearer $(cat "$WORK/token")" \
+    -H 'Content-Type: application/json' -d '{"addresses": ["b@example.test"]}' \
+    "http://127.0.0.1:$CONTROL_PORT/v1/holds" > /dev/null
+fi
 load() {
   timeout 300 smtp-source -4 -s "$1" -m "$2" -l "${MSG_SIZE:-2048}" -M client.example.test \
     -f a@example.test -t b@example.test "127.0.0.1:$SMTP_PORT"
@@ -75,8 +80,12 @@ if [ "${SPY:-0}" = 1 ]; then
   done
   sleep 0.5
 fi
+if [ -n "${STRACE:-}" ]; then  # syscall counts of the measured load (slows it down)
+  strace -f ${STRACE_OPTS:--c} -o "$STRACE" -p "$FED_PID" & STRACE_PID=$!; sleep 0.5
+fi
 all0=$(jiffies all); user0=$(jiffies user); t0=$(date +%s.%N)
 load "$C" "$N"
+if [ -n "${STRACE:-}" ]; then kill -INT "$STRACE_PID"; wait "$STRACE_PID" || true; fi
 t1=$(date +%s.%N); all1=$(jiffies all); user1=$(jiffies user)
 hz=$(getconf CLK_TCK)
 awk -v c="$C" -v n="$N" -v t0="$t0" -v t1="$t1" -v a="$((all1 - all0))" \
