@@ -268,6 +268,12 @@ async def finish(spool: Spool, queue_id: str) -> None:
     while spool._unlinking:
         await asyncio.wait(set(spool._unlinking))
     spool.write_outcomes()
+    for _ in range(1000):  # a batch of recycled files being made blanks: bounded, 10 s
+        if not spool._blanks.naming:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("recycled files not named blanks within 10 s")
 
 
 def test_a_finished_message_s_file_becomes_a_blank_again_and_a_too_big_one_goes(

@@ -792,19 +792,23 @@ class Spool:
         if self._unlink:
             # Files first, rows after the files left the queue folder: a crash then leaves
             # rows without a file (dropped at start), never a finished message's file
-            # without rows (it would be delivered again). The files go in a thread (they
-            # can wait for the disk): most become blanks again, the rest are unlinked
-            # (blanks.py); their rows are deleted by the flush after that finished.
+            # without rows (it would be delivered again). Most become blanks again: renamed
+            # into recycle/ here (blanks.py), their rows deleted in this very flush; the
+            # rest are unlinked in a thread (an unlink can wait for the disk) and their
+            # rows deleted by the flush after that finished.
             queue_ids, self._unlink = self._unlink, []
-            files = [self.path(q) for q in queue_ids]
-            future = asyncio.wrap_future(self._fsyncs.submit(self._blanks.reuse, files))
-            self._unlinking.add(future)
+            left = self._blanks.reuse([self.path(q) for q in queue_ids])
+            waiting = {file.stem for file in left}
+            self._unlinked([q for q in queue_ids if q not in waiting])
+            if left:
+                future = asyncio.wrap_future(self._fsyncs.submit(Blanks.remove, left))
+                self._unlinking.add(future)
 
-            def unlinked(done: asyncio.Future[None]) -> None:
-                self._unlinking.discard(done)
-                self._unlinked(queue_ids)
+                def unlinked(done: asyncio.Future[None]) -> None:
+                    self._unlinking.discard(done)
+                    self._unlinked(sorted(waiting))
 
-            future.add_done_callback(unlinked)
+                future.add_done_callback(unlinked)
         ops, self._ops = self._ops, []
         if ops:
             # No fsync per outcome: losing one costs a redelivery, never a message.
@@ -822,6 +826,9 @@ class Spool:
             os.ftruncate(self._done_fd, 0)
             self._done_logged = False
             self._done_bytes = 0
+        if self._flush_handle is not None and not self._ops and not self._unlink:
+            self._flush_handle.cancel()  # set by what this call buffered and wrote itself
+            self._flush_handle = None
 
     # -- shunt ----------------------------------------------------------------------------
     def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:
