@@ -53,8 +53,9 @@ cache), which start-up applies before loading the queue and which a flush emptie
 its transaction committed, unless a message without rows has done marks whose file is
 still in the queue folder (done.log is then their only record; past DONE_LOG_MAX their
 rows are written so that it can be emptied); the file of a finished
-message is unlinked first, and its rows are deleted only once the unlink returned (the
-unlinks run in a worker thread, the row deletes follow in a later flush), so a crash leaves
+message leaves the queue folder first, and its rows are deleted only once it has (renamed
+into recycle/ on the loop, the deletes in the same flush; or unlinked in a worker thread,
+the deletes in a later flush), so a crash leaves
 rows without a file (dropped at start) and never a finished message's file without rows or
 done.log lines (start-up would rebuild and deliver it again). The unlink is not synced:
 after a power cut it may come back, but then so may the ``done`` marks, which are not
@@ -130,7 +131,6 @@ class Unindexed:
 
     envelope: Envelope
     done: set[str] = field(default_factory=set)  # recipients delivered meanwhile
-    finished: bool = False  # forget() was called: its file is leaving the queue folder
 
 
 @dataclass(frozen=True)
@@ -708,9 +708,6 @@ class Spool:
     def forget(self, queue_id: str) -> None:
         """Every recipient is finished: remove the file, then (once it is gone) the rows."""
         self.uncache(queue_id)
-        unindexed = self._unindexed.get(queue_id)
-        if unindexed is not None:
-            unindexed.finished = True
         self._unlink.append(queue_id)
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
