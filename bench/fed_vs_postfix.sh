@@ -28,12 +28,8 @@ REPO=$(cd "$HERE/.." && pwd)
 #                left (measured 2026-12-07: fed's kernel time a message doubles right after
 #                a Postfix run, user time unchanged; Postfix after fed loses 10-20 %), so
 #                one order alone favours the server that goes first.
-# The shared benchmarks sit next to the main checkout (../shared); a worktree under wt/ finds
-# them one level further up.
-HARNESS=${HARNESS:-$REPO/../shared/bench/postfix_relay.sh}
-[ -f "$HARNESS" ] || HARNESS=$REPO/../../shared/bench/postfix_relay.sh
-[ -f "$HARNESS" ] || { echo "peer harness not found: $HARNESS" >&2; exit 1; }
-PY=${PY:-$REPO/.venv/bin/python}
+# shellcheck source=peer_harness.sh
+. "$HERE/peer_harness.sh"  # HARNESS, PY
 N=${1:-2000}
 CONCS=${2:-"1 10 50"}
 export SERVERS=${SERVERS-postfix}

@@ -17,10 +17,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-HARNESS=${HARNESS:-$REPO/../shared/bench/postfix_relay.sh}
-[ -f "$HARNESS" ] || HARNESS=$REPO/../../shared/bench/postfix_relay.sh
-[ -f "$HARNESS" ] || { echo "peer harness not found: $HARNESS" >&2; exit 1; }
-PY=${PY:-$REPO/.venv/bin/python}
+# shellcheck source=peer_harness.sh
+. "$HERE/peer_harness.sh"  # HARNESS, PY
 N=${1:-2000}
 CONCS=${2:-"1 10"}
 export RELAY_PORT=${RELAY_PORT:-14025} SINK_PORT=${SINK_PORT:-14026}
