@@ -94,9 +94,9 @@ class Blanks:
         self.taken = 0
         self.missed = 0  # takes that found none ready
         self.reused = 0  # blanks made of finished messages' files
-        self._recycled: list[tuple[str, int, int]] = []  # in recycle/: (name, fd, size)
-        self._recycling = threading.Lock()  # the loop's reuse against the pool's jobs
+        self._recycled: list[tuple[str, int, int]] = []  # in recycle/ (name, fd, size): loop
         self.naming = 0  # batches of recycled files being zeroed and named blanks
+        self._naming_lock = threading.Lock()  # `naming` changes on the loop and in the pool
 
     def take(self) -> tuple[str, int] | None:
         """A ready blank's queue id and its open file (O_RDWR), or None if none is ready
@@ -163,8 +163,7 @@ class Blanks:
         form), and a lone message's system calls went from 130 to 100."""
         left: list[Path] = []
         for file in files:
-            with self._recycling:
-                full = len(self._ready) + len(self._recycled) >= 2 * self._keep
+            full = len(self._ready) + len(self._recycled) >= 2 * self._keep
             if self._closed or full:  # bounds the files kept open
                 left.append(file)
                 continue
@@ -185,20 +184,18 @@ class Blanks:
                 os.close(fd)
                 left.append(file)
                 continue
-            with self._recycling:
-                self._recycled.append((file.name, fd, info.st_size))
-        with self._recycling:
-            if len(self._recycled) < REUSE_BATCH and len(self._ready) >= self._keep // 2:
-                return left
-            moved, self._recycled = self._recycled, []
+            self._recycled.append((file.name, fd, info.st_size))
+        if len(self._recycled) < REUSE_BATCH and len(self._ready) >= self._keep // 2:
+            return left
+        moved, self._recycled = self._recycled, []
         if moved:
-            with self._recycling:
+            with self._naming_lock:
                 self.naming += 1
             self._syncs.submit(self._name_again, moved).add_done_callback(self._named)
         return left
 
     def _named(self, future: Future[None]) -> None:
-        with self._recycling:
+        with self._naming_lock:
             self.naming -= 1
         if not future.cancelled() and future.exception() is not None:  # not an OSError
             log.error("cannot reuse finished queue files as blanks",
@@ -263,8 +260,7 @@ class Blanks:
         ready = list(self._ready)
         self._ready.clear()
         self._discard(ready)
-        with self._recycling:
-            recycled, self._recycled = self._recycled, []
+        recycled, self._recycled = self._recycled, []
         for name, fd, _ in recycled:  # finished messages, not yet blanks again
             os.close(fd)
             remove_file(self.recycle / name)

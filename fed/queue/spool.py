@@ -709,20 +709,19 @@ class Spool:
         """Every recipient is finished: remove the file, then (once it is gone) the rows."""
         self.uncache(queue_id)
         self._unlink.append(queue_id)
-        if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush_soon)
+        self._flush_later()
 
     def _unlinked(self, queue_ids: list[str]) -> None:
-        """The files are gone: now their rows may go (next flush); rows never written need
-        nothing, and their done marks in done.log are of no use any more."""
+        """The files are gone: now their rows may go (appended to the buffer; the caller
+        writes or schedules it); rows never written need nothing, and their done marks in
+        done.log are of no use any more."""
         for queue_id in queue_ids:
             if self._unindexed.pop(queue_id, None) is not None:
                 self._done_unindexed.discard(queue_id)
                 self.unindexed_skipped += 1
                 continue
-            self._buffer("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
-            self._buffer("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+            self._ops.append(("DELETE FROM recipients WHERE queue_id = ?", (queue_id,)))
+            self._ops.append(("DELETE FROM messages WHERE queue_id = ?", (queue_id,)))
 
     def _write_index_later(self, queue_id: str) -> None:
         """Buffer the index rows of a message not indexed yet (a no-op for one that is): in
@@ -749,6 +748,9 @@ class Spool:
 
     def _buffer(self, sql: str, params: tuple[object, ...]) -> None:
         self._ops.append((sql, params))
+        self._flush_later()
+
+    def _flush_later(self) -> None:
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
             self._flush_handle = loop.call_later(FLUSH_DELAY, self._flush_soon)
@@ -804,6 +806,7 @@ class Spool:
                 def unlinked(done: asyncio.Future[None]) -> None:
                     self._unlinking.discard(done)
                     self._unlinked(sorted(waiting))
+                    self._flush_later()
 
                 future.add_done_callback(unlinked)
         ops, self._ops = self._ops, []
@@ -823,9 +826,6 @@ class Spool:
             os.ftruncate(self._done_fd, 0)
             self._done_logged = False
             self._done_bytes = 0
-        if self._flush_handle is not None and not self._ops and not self._unlink:
-            self._flush_handle.cancel()  # set by what this call buffered and wrote itself
-            self._flush_handle = None
 
     # -- shunt ----------------------------------------------------------------------------
     def shunt(self, queue_id: str, rcpt: str, code: int, reason: str) -> Path:
