@@ -42,6 +42,7 @@ from pathlib import Path
 
 from mailferry.mail.backoff import backoff
 from mailferry.service import notify_ready
+from mailferry.signals import SignalEvents
 
 from .app import READY
 
@@ -146,15 +147,8 @@ def supervise(argv: list[str], count: int, smtp: tuple[str, int], control: tuple
     control_socks = control_listeners(control[0], control[1], count)
     children = [Child(k, child_argv(argv, state_dir, k, shared_db, node_name),
                       smtp_socks[k], control_socks[k]) for k in range(count)]
-    stop = threading.Event()
-    signalled: list[int] = []
-
-    def on_signal(signum: int, _frame: object) -> None:
-        signalled.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = threading.Event()  # set on SIGTERM/SIGINT (never by the handler itself: signals.py)
+    signals = SignalEvents(stop)
     for child in children:
         child.start()
     code = _wait_ready(children, stop)
@@ -182,6 +176,7 @@ def supervise(argv: list[str], count: int, smtp: tuple[str, int], control: tuple
             child.proc.wait()
     for sock in smtp_socks + control_socks:
         sock.close()
+    signals.restore()
     return code
 
 

@@ -29,7 +29,6 @@ the lease back and exit 0: a systemd stop or a Kubernetes rollout never cuts a s
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from watchdog.observers import Observer
 
 from mailferry.mail.backoff import backoff
 from mailferry.service import notify_ready
+from mailferry.signals import SignalEvents
 from reconciler.engine import Engine
 from reconciler.errors import MailferryError, SpecError
 from reconciler.lease import Lease, LeaseHeld, LeaseInfo
@@ -95,7 +95,8 @@ class Watcher:
 
     # -- signals and file events ----------------------------------------------------------
     def terminate(self, *_args: object) -> None:
-        """SIGTERM/SIGINT: finish the current step, then leave."""
+        """Finish the current step, then leave (what SIGTERM/SIGINT do, through a helper
+        thread: mailferry/signals.py)."""
         self.stop.set()
         self.wake.set()
 
@@ -128,8 +129,9 @@ class Watcher:
                 watcher.file_event([str(event.src_path),
                                     str(getattr(event, "dest_path", "") or "")])
 
-        signal.signal(signal.SIGTERM, self.terminate)
-        signal.signal(signal.SIGINT, self.terminate)
+        # Not signal.signal(..., self.terminate): setting an Event in a handler can deadlock
+        # (mailferry/signals.py); a helper thread sets them.
+        signals = SignalEvents(self.stop, self.wake)
         api = self._start_api()
         page = self._start_web()
         observer = Observer()
@@ -154,6 +156,7 @@ class Watcher:
             if page is not None:
                 page.stop()
             self.lease.release()
+            signals.restore()
         self.out.notice("watch: stopped")
         return 0
 
