@@ -314,3 +314,50 @@ def test_one_connection_carries_several_transactions() -> None:
     replies, transactions, sessions = asyncio.run(main())
     assert replies == [{A: Reply(451, "4.3.0 later")}, {A: Reply(250, "2.0.0 delivered")}]
     assert transactions == 2 and sessions == 1
+
+
+def test_a_reply_planted_after_the_starttls_220_is_refused_before_any_tls() -> None:
+    """STARTTLS command injection turned around (CVE-2011-0411's kind): bytes that came in
+    cleartext after the 220 would be read as the encrypted session's first reply. The
+    client refuses the connection instead of starting TLS on top of them."""
+    async def session(peer: Peer) -> None:
+        await greet(peer, "250-scripted", "250 STARTTLS", lmtp=False)
+        assert await peer.hear() == "STARTTLS"
+        await peer.say("220 2.0.0 Ready to start TLS", "250 planted")
+        await peer.gone()
+
+    async def client(port: int) -> Reply:
+        with pytest.raises(ClientError) as refused:
+            await Connection.open("127.0.0.1", port, False, "fed.test", 2.0, tls="starttls")
+        return refused.value.reply
+
+    reply = run(session, client)
+    assert reply.code == 0 and "before TLS: refused" in reply.text
+
+
+def test_an_endless_reply_line_or_a_closed_link_is_a_client_error_not_a_hang() -> None:
+    """A server that sends 70 KB without a line end (no SMTP reply is that long), and one
+    that closes after the greeting: each a ClientError that says which, the connection
+    broken, in well under the timeout."""
+    async def endless(peer: Peer) -> None:
+        await peer.say("220 scripted ready")
+        assert await peer.hear() == "EHLO fed.test"
+        peer.writer.write(b"250-" + b"x" * 70_000)
+        await peer.gone()
+
+    async def closes(peer: Peer) -> None:
+        await peer.say("220 scripted ready")
+        assert await peer.hear() == "EHLO fed.test"
+        peer.drop()
+
+    async def client(port: int) -> tuple[Reply, float]:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(ClientError) as failed:
+            await connect(port, lmtp=False, timeout=5.0)
+        return failed.value.reply, asyncio.get_running_loop().time() - started
+
+    reply, took = run(endless, client)
+    assert reply.code == 0 and "reply line longer than 65536 bytes" in reply.text and took < 4
+    reply, took = run(closes, client)
+    assert reply.code == 0 and took < 4
+    assert "closed the connection" in reply.text or "reset" in reply.text.lower()

@@ -1,4 +1,4 @@
-"""A small SMTP/LMTP client on asyncio streams, made for fed's delivery queues.
+"""A small SMTP/LMTP client on an asyncio Protocol, made for fed's delivery queues.
 
 Why not smtplib: it blocks, so every delivery needed a worker thread and a new connection.
 Why not aiosmtplib: it speaks no LMTP, and LMTP's defining feature, one reply *per
@@ -20,6 +20,15 @@ that ends without a 250 for DATA is followed by RSET, so the next one starts cle
 failed RSET, a timeout or any I/O error marks the connection broken (the queue opens a new
 one). Replies are never guessed: a recipient's final answer is either the server's reply
 for it, or ``code 0`` with the reason when the connection broke before it came.
+
+Why a Protocol and not asyncio's streams: a relayed message is four replies (MAIL, RCPT
+and DATA pipelined, then the data's), and through a ``StreamReader`` each one cost a
+``drain``, a ``readuntil`` and an ``asyncio.timeout`` (a timer made and cancelled). Here
+``_Replies.data_received`` cuts whole replies out of what arrived, so the replies of a
+pipelined group that came in one segment are read with no wait and no timer; a timer
+exists only while the client really waits. The bound is the same: one ``timeout`` per
+reply waited for (the data of a big message included, as ``drain`` was), a reply line of
+64 KiB and a reply of 1,000 lines at most.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import asyncio
 import base64
 import re
 import ssl
+from collections import deque
 from dataclasses import dataclass
 
 from mailferry.mail.addresses import ascii_form
@@ -85,13 +95,94 @@ def dot_stuff(data: bytes) -> bytes:
     return data
 
 
+MAX_LINE = 1 << 16  # a longer reply line is no SMTP reply (asyncio's stream limit before)
+MAX_LINES = 1000  # lines of one reply, at most
+
+
+class _Replies(asyncio.Protocol):
+    """The receiving side of a connection: whole replies, in order, as they arrive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.ready: deque[tuple[Reply, list[str]]] = deque()  # (reply, its lines' texts)
+        self.failure: str | None = None  # why no more replies will come
+        self._buffer = bytearray()
+        self._lines: list[str] = []  # of the reply being received
+        self._waiter: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            line = buffer[start:end].decode("utf-8", "replace").rstrip("\r")
+            start = end + 1
+            if len(line) < 3 or not line[:3].isdigit():
+                self._fail(f"not an SMTP reply: {line[:80]!r}")
+                return
+            self._lines.append(line[4:])
+            if len(line) == 3 or line[3] != "-":
+                lines, self._lines = self._lines, []
+                self.ready.append((Reply(int(line[:3]), "\n".join(lines).strip()), lines))
+            elif len(self._lines) >= MAX_LINES:
+                self._fail(f"reply longer than {MAX_LINES} lines")
+                return
+        del buffer[:start]
+        if len(buffer) > MAX_LINE:
+            self._fail(f"reply line longer than {MAX_LINE} bytes")
+            return
+        if self.ready:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself: connection_lost says so
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.failure is None:
+            self.failure = (str(exc) or type(exc).__name__) if exc is not None else (
+                "the server closed the connection")
+        self._wake()
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        self._buffer.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until a reply or the end of the connection is there (TimeoutError after
+        `timeout` s)."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class Connection:
     """An open SMTP or LMTP session after the greeting and EHLO/LHLO."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 lmtp: bool, timeout: float, extensions: set[str], endpoint: str) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, transport: asyncio.Transport, replies: _Replies, lmtp: bool,
+                 timeout: float, extensions: set[str], endpoint: str) -> None:
+        self._transport = transport
+        self._replies = replies
         self.lmtp = lmtp
         self.timeout = timeout
         self.extensions = extensions
@@ -126,11 +217,12 @@ class Connection:
                                        "implicit"))
         if auth_user is not None and (tls == "none" or auth_file is None):
             raise ClientError(Reply(0, f"{endpoint}: AUTH needs TLS and a password file"))
+        loop = asyncio.get_running_loop()
         try:
             context = client_context(cafile) if tls == "implicit" else None
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, limit=1 << 16, ssl=context,
+                transport, replies = await loop.create_connection(
+                    lambda: _Replies(loop), host, port, ssl=context,
                     server_hostname=host if context is not None else None)
         except (ssl.SSLError, ssl.CertificateError) as exc:
             raise ClientError(Reply(0, f"{endpoint}: TLS handshake failed: "
@@ -138,7 +230,7 @@ class Connection:
         except (OSError, TimeoutError) as exc:
             raise ClientError(Reply(0, f"cannot connect to {endpoint}: "
                                        f"{exc or type(exc).__name__}")) from exc
-        conn = cls(reader, writer, lmtp, timeout, set(), endpoint)
+        conn = cls(transport, replies, lmtp, timeout, set(), endpoint)
         conn.tls = context is not None
         try:
             greeting = await conn._reply()
@@ -203,10 +295,21 @@ class Connection:
         if ready.code != 220:
             raise ClientError(Reply(ready.code, f"{self.endpoint}: STARTTLS refused: "
                                                 f"{ready.text}"))
+        if self._replies.ready or self._replies.failure is not None:
+            # Anything after the 220 came in cleartext before TLS: an injection (a reply
+            # planted to be read as the encrypted session's), or the link is gone.
+            self.close()
+            raise ClientError(Reply(0, f"{self.endpoint}: data after the STARTTLS reply, "
+                                       "before TLS: refused"))
         try:
             context = client_context(cafile)
+            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.timeout):
-                await self._writer.start_tls(context, server_hostname=host)
+                transport = await loop.start_tls(self._transport, self._replies, context,
+                                                 server_hostname=host)
+            if transport is None:
+                raise ConnectionError("the connection closed during the TLS handshake")
+            self._transport = self._replies.transport = transport
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self.broken = True
             self.close()
@@ -216,30 +319,21 @@ class Connection:
         await self._hello(helo)
 
     def _send(self, data: bytes) -> None:
-        self._writer.write(data)
+        self._transport.write(data)
 
     async def _reply_lines(self) -> tuple[Reply, list[str]]:
-        """Read one (possibly multi-line) reply."""
-        lines: list[str] = []
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._writer.drain()
-                while len(lines) < 1000:
-                    raw = await self._reader.readuntil(b"\n")
-                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                    if len(line) < 3 or not line[:3].isdigit():
-                        raise ValueError(f"not an SMTP reply: {line[:80]!r}")
-                    lines.append(line[4:])
-                    if len(line) == 3 or line[3] != "-":
-                        return Reply(int(line[:3]), "\n".join(lines).strip()), lines
-                raise ValueError("reply longer than 1000 lines")
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ValueError) as exc:
-            self.broken = True
-            self.close()
-            what = "timed out" if isinstance(exc, TimeoutError) else (
-                str(exc) or type(exc).__name__)
-            raise ClientError(Reply(0, f"{self.endpoint}: {what}")) from exc
+        """Read one (possibly multi-line) reply: at once when it is there already."""
+        replies = self._replies
+        if not replies.ready and replies.failure is None:
+            try:
+                await replies.wait(self.timeout)
+            except TimeoutError:
+                self.close()
+                raise ClientError(Reply(0, f"{self.endpoint}: timed out")) from None
+        if replies.ready:
+            return replies.ready.popleft()
+        self.close()
+        raise ClientError(Reply(0, f"{self.endpoint}: {replies.failure}"))
 
     async def _reply(self) -> Reply:
         return (await self._reply_lines())[0]
@@ -322,7 +416,7 @@ class Connection:
                 await self._reset()
             return final
         self.data_sent = True
-        self._writer.writelines([dot_stuff(data), b".\r\n"])  # no copy of a big message
+        self._transport.writelines([dot_stuff(data), b".\r\n"])  # no copy of a big message
         if not accepted:  # a confused server said 354 without a recipient: end it cleanly
             await self._reply()
             return final
@@ -377,4 +471,4 @@ class Connection:
     def close(self) -> None:
         """Close the socket."""
         self.broken = True
-        self._writer.close()
+        self._transport.close()
