@@ -13,6 +13,8 @@
 #
 # Usage (as root: smtp-sink drops to nobody):  bench/fed_profile.sh [C] [N]
 #   SPY=1 bench/fed_profile.sh 10 3000
+# PERF=FILE: the measured load's system calls (and context switches) a message, counted by perf
+# from the kernel's tracepoints (PERF_SYSCALLS: which; unlike STRACE=FILE it barely slows fed).
 # Environment: HOLD=1 (b@example.test held first: accepting without relaying), MSG_SIZE (smtp-source -l, default 2048), FED_PROCESSES (default 1), ports SINK_PORT/SMTP_PORT/CONTROL_PORT
 # (defaults 13126/13130/13131), KEEP=1 keeps the work folder (logs, raw profiles).
 set -euo pipefail
@@ -83,9 +85,19 @@ fi
 if [ -n "${STRACE:-}" ]; then  # syscall counts of the measured load (slows it down)
   strace -f ${STRACE_OPTS:--c} -o "$STRACE" -p "$FED_PID" & STRACE_PID=$!; sleep 0.5
 fi
+if [ -n "${PERF:-}" ]; then  # the same counts from the kernel's tracepoints (barely slows it)
+  events=$(for s in ${PERF_SYSCALLS:-futex getpid read write writev pwrite64 pwritev2 fcntl \
+      fdatasync fsync epoll_wait epoll_pwait epoll_ctl openat close rename unlink accept4 \
+      sendto recvfrom io_uring_enter}; do printf 'syscalls:sys_enter_%s,' "$s"; done)
+  perf stat -o "$PERF" -e "${events}raw_syscalls:sys_enter,context-switches" \
+    -p "$(echo $PIDS | tr ' ' ,)" & PERF_PID=$!; sleep 0.3
+fi
 all0=$(jiffies all); user0=$(jiffies user); t0=$(date +%s.%N)
 load "$C" "$N"
 if [ -n "${STRACE:-}" ]; then kill -INT "$STRACE_PID"; wait "$STRACE_PID" || true; fi
+if [ -n "${PERF:-}" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+  awk -v n="$N" '$1 ~ /^[0-9,]+$/ {gsub(",", "", $1); printf "%8.1f a message  %s\n", $1 / n, $2}' "$PERF"
+fi
 t1=$(date +%s.%N); all1=$(jiffies all); user1=$(jiffies user)
 hz=$(getconf CLK_TCK)
 awk -v c="$C" -v n="$N" -v t0="$t0" -v t1="$t1" -v a="$((all1 - all0))" \
