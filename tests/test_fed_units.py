@@ -16,7 +16,7 @@ from fed.queue.queuefile import new_queue_id
 from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
 from fed.smtp.server import has_bare_newline, normalize_eols
 from fed.telemetry import metrics
-from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter
+from fed.telemetry.logs import JsonFormatter, QueueIdFilter, TextFormatter, lean_records
 from mailferry.mail import addresses
 from mailferry.mail.addresses import address_key, has_forbidden, is_valid, preserve
 from mailferry.mail.messageid import message_id_of
@@ -87,6 +87,41 @@ def test_log_records_carry_the_queue_id() -> None:
     assert json.loads(JsonFormatter().format(record("%s things", "notaqid")))["queue_id"] \
         is None
     assert f"fed.delivery [{qid}]: {qid} x" in TextFormatter().format(record("%s x", qid))
+
+
+def test_lean_records_skip_what_no_format_prints_and_the_lines_stay_the_same() -> None:
+    """fed's records carry no caller (a stack walk), thread or process (a getpid each):
+    neither format prints them, so the lines are the same as with them."""
+    saved = (logging._srcfile, logging.logThreads, logging.logProcesses,
+             logging.logMultiprocessing)
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, rec: logging.LogRecord) -> None:
+            seen.append(rec)
+
+    logger = logging.getLogger("fed.test-lean")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    qid = new_queue_id()
+    try:
+        logger.warning("%s queued", qid)
+        lean_records()
+        logger.warning("%s queued", qid)
+    finally:
+        (logging._srcfile, logging.logThreads, logging.logProcesses,
+         logging.logMultiprocessing) = saved
+        logger.handlers.clear()
+    full, lean = seen
+    assert full.funcName == "test_lean_records_skip_what_no_format_prints_and_the_lines_stay_" \
+        "the_same" and full.process is not None and full.threadName is not None
+    assert lean.funcName == "(unknown function)" and lean.lineno == 0
+    assert lean.process is None and lean.threadName is None
+    for rec in (full, lean):
+        QueueIdFilter().filter(rec)
+        rec.created = full.created
+    assert TextFormatter().format(full) == TextFormatter().format(lean)
+    assert JsonFormatter().format(full) == JsonFormatter().format(lean)
 
 
 def test_queue_id_time_feeds_the_latency_histogram() -> None:
