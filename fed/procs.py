@@ -7,17 +7,23 @@ Node 0 keeps ``STATE-DIR`` itself (a fed that ran with one process keeps its spo
 node name and its queue), node K > 0 uses ``STATE-DIR/node-K``; all share the shared
 database (default ``sqlite:///STATE-DIR/shared.db``).
 
-Why the parent binds the sockets: it opens N listening SMTP sockets on the same port with
-SO_REUSEPORT (the kernel spreads connections over them evenly, unlike one shared socket
-where whichever process wakes first accepts a burst) and hands socket K to child K
-(``--smtp-fd``). The parent keeps its copies open, so when a child dies its socket stays
-bound and listening: connections the kernel routes to it wait in its backlog for the
-restarted child instead of being reset, no other program can take the port, and port 0
-works (the kernel picks one port for all). The control API is one per node, on
-consecutive ports (node K on CONTROL+K; kernel-chosen ports when CONTROL is 0), also bound
-by the parent: holds, flips and releases through any of them are honoured by all nodes;
-``GET /v1/queue``, queue-id operations and ``/metrics`` are per node. The ready line
-names the SMTP port and node 0's control port.
+Why the parent binds the sockets, and why one SMTP socket for all: the parent opens one
+listening SMTP socket and hands it to every child (``--smtp-fd``); each child's event loop
+waits on it, and whichever node is idle when a client connects accepts first, while a node
+busy relaying its last message is still in its callbacks. At one message per connection
+(the relay benchmark's load, and most mail) that steering is worth its thundering herd (N
+wake-ups a connection, the losers' ``accept`` finds nothing): against one SO_REUSEPORT
+socket per child, where the kernel hashes each connection to a node whether busy or not,
+``bench/fed_ab.sh`` with two processes measured one client x1.126 (six pairs), ten clients
+x1.076 (five), 50 clients x0.996 (four); the two nodes took 2,101 / 2,099 of one client's
+messages and 2,148 / 2,052 of 50 clients'. The parent keeps its copy open, so the port
+stays bound and listening whatever the children do: a dead node's share goes to the others
+at once (with SO_REUSEPORT it waited in the dead node's backlog for the restart), no other
+program can take the port, and port 0 works (the kernel picks one port for all). The
+control API is one per node, on consecutive ports (node K on CONTROL+K; kernel-chosen ports
+when CONTROL is 0), also bound by the parent: holds, flips and releases through any of them
+are honoured by all nodes; ``GET /v1/queue``, queue-id operations and ``/metrics`` are per
+node. The ready line names the SMTP port and node 0's control port.
 
 Supervision: the parent prints ``fed ready ...`` once every child has printed its own;
 a child that exits before its first ready line aborts the start (a configuration error
@@ -54,25 +60,19 @@ def node_dir(state_dir: Path, k: int) -> Path:
     return state_dir if k == 0 else state_dir / f"node-{k}"
 
 
-def listeners(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening sockets on one port (SO_REUSEPORT); port 0: one kernel-chosen."""
+def listener(host: str, port: int) -> socket.socket:
+    """One listening socket, inheritable by the children; port 0: kernel-chosen."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks: list[socket.socket] = []
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]
-            sock.listen(1024)
-            sock.set_inheritable(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.set_inheritable(True)
     except OSError:
-        for sock in socks:
-            sock.close()
+        sock.close()
         raise
-    return socks
+    return sock
 
 
 def control_listeners(host: str, port: int, count: int) -> list[socket.socket]:
@@ -80,7 +80,7 @@ def control_listeners(host: str, port: int, count: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for k in range(count):
-            socks += listeners(host, port + k if port else 0, 1)
+            socks.append(listener(host, port + k if port else 0))
     except OSError:
         for sock in socks:
             sock.close()
@@ -143,17 +143,21 @@ def supervise(argv: list[str], count: int, smtp: tuple[str, int], control: tuple
         if spool.is_dir() and any(spool.iterdir()):
             log.warning("%s holds a spool that no node of --processes %d delivers",
                         spool, count)
-    smtp_socks = listeners(smtp[0], smtp[1], count)
-    control_socks = control_listeners(control[0], control[1], count)
+    smtp_sock = listener(smtp[0], smtp[1])
+    try:
+        control_socks = control_listeners(control[0], control[1], count)
+    except OSError:
+        smtp_sock.close()
+        raise
     children = [Child(k, child_argv(argv, state_dir, k, shared_db, node_name),
-                      smtp_socks[k], control_socks[k]) for k in range(count)]
+                      smtp_sock, control_socks[k]) for k in range(count)]
     stop = threading.Event()  # set on SIGTERM/SIGINT (never by the handler itself: signals.py)
     signals = SignalEvents(stop)
     for child in children:
         child.start()
     code = _wait_ready(children, stop)
     if code is None:
-        host, port = smtp_socks[0].getsockname()[:2]
+        host, port = smtp_sock.getsockname()[:2]
         chost, cport = control_socks[0].getsockname()[:2]
         print(f"{READY} smtp={host}:{port} control={chost}:{cport}", flush=True)
         notify_ready(f"{count} nodes serving smtp {host}:{port}")
@@ -174,7 +178,7 @@ def supervise(argv: list[str], count: int, smtp: tuple[str, int], control: tuple
             log.error("node %d did not stop within %.0f s: killed", child.k, grace)
             child.proc.kill()
             child.proc.wait()
-    for sock in smtp_socks + control_socks:
+    for sock in [smtp_sock, *control_socks]:
         sock.close()
     signals.restore()
     return code
