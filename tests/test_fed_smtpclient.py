@@ -361,3 +361,40 @@ def test_an_endless_reply_line_or_a_closed_link_is_a_client_error_not_a_hang() -
     reply, took = run(closes, client)
     assert reply.code == 0 and took < 4
     assert "closed the connection" in reply.text or "reset" in reply.text.lower()
+
+
+def test_a_connection_the_server_closed_while_idle_fails_the_next_send_as_a_client_error(
+        ) -> None:
+    """An idle connection the server dropped: the next transaction is a ClientError (the
+    scheduler's cue for one retry on a new connection), nothing written, not the transport's
+    own error. A flood of replies nobody asked for ends the connection too, the EHLO reply
+    among them not taken for an answer."""
+    async def drops(peer: Peer) -> None:
+        await greet(peer, lmtp=False)
+        peer.drop()
+
+    async def floods(peer: Peer) -> None:  # the EHLO reply and 1,200 more in one write
+        await peer.say("220 scripted ready")
+        assert await peer.hear() == "EHLO fed.test"
+        await peer.say("250-scripted", "250 PIPELINING", *["250 2.0.0 Ok"] * 1200)
+        await peer.gone()
+
+    async def client(port: int) -> tuple[Reply, bool]:
+        conn = await connect(port, lmtp=False)
+        for _ in range(200):  # bounded: 2 s for the close to arrive
+            if conn._replies.failure is not None:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(ClientError) as failed:
+            await conn.send("s@x.example", [A], MESSAGE)
+        return failed.value.reply, conn.broken
+
+    async def flooded(port: int) -> Reply:
+        with pytest.raises(ClientError) as failed:
+            await connect(port, lmtp=False)
+        return failed.value.reply
+
+    reply, broken = run(drops, client)
+    assert reply.code == 0 and broken
+    reply = run(floods, flooded)
+    assert reply.code == 0 and "more than 1000 replies nobody asked for" in reply.text

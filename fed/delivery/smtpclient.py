@@ -97,6 +97,7 @@ def dot_stuff(data: bytes) -> bytes:
 
 MAX_LINE = 1 << 16  # a longer reply line is no SMTP reply (asyncio's stream limit before)
 MAX_LINES = 1000  # lines of one reply, at most
+MAX_READY = 1000  # replies not asked for yet (a pipelined group is max_rcpts + 2 at most)
 
 
 class _Replies(asyncio.Protocol):
@@ -130,6 +131,10 @@ class _Replies(asyncio.Protocol):
             if len(line) == 3 or line[3] != "-":
                 lines, self._lines = self._lines, []
                 self.ready.append((Reply(int(line[:3]), "\n".join(lines).strip()), lines))
+                if len(self.ready) > MAX_READY:  # a flood: nothing it said counts
+                    self.ready.clear()
+                    self._fail(f"more than {MAX_READY} replies nobody asked for")
+                    return
             elif len(self._lines) >= MAX_LINES:
                 self._fail(f"reply longer than {MAX_LINES} lines")
                 return
@@ -319,7 +324,19 @@ class Connection:
         await self._hello(helo)
 
     def _send(self, data: bytes) -> None:
-        self._transport.write(data)
+        self._send_all([data])
+
+    def _send_all(self, pieces: list[bytes]) -> None:
+        """Write; a connection the server has closed is a ClientError here (a reused one
+        that idled out gets its retry on a new one), not the transport's own error."""
+        failure = self._replies.failure
+        if failure is not None or self._transport.is_closing():
+            self.close()
+            raise ClientError(Reply(0, f"{self.endpoint}: {failure or 'connection closed'}"))
+        if len(pieces) == 1:
+            self._transport.write(pieces[0])
+        else:
+            self._transport.writelines(pieces)
 
     async def _reply_lines(self) -> tuple[Reply, list[str]]:
         """Read one (possibly multi-line) reply: at once when it is there already."""
@@ -416,7 +433,7 @@ class Connection:
                 await self._reset()
             return final
         self.data_sent = True
-        self._transport.writelines([dot_stuff(data), b".\r\n"])  # no copy of a big message
+        self._send_all([dot_stuff(data), b".\r\n"])  # no copy of a big message
         if not accepted:  # a confused server said 354 without a recipient: end it cleanly
             await self._reply()
             return final
