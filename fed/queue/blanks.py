@@ -68,6 +68,14 @@ _ZEROS = bytes(BLANK_SIZE)
 _REUSE_ZEROS = memoryview(bytes(REUSE_MAX))
 
 
+def _still_named(blanks: list[tuple[str, int]]) -> None:
+    """Raise if a blank just made lost its name while it was synced (its folder removed or
+    replaced under fed): handed out, it would fail its message's sync with a 451."""
+    for queue_id, fd in blanks:
+        if os.fstat(fd).st_nlink == 0:
+            raise FileNotFoundError(f"blank {queue_id} removed while it was made")
+
+
 def is_blank(path: Path) -> bool:
     """True for a file that holds nothing but zero bytes (an unused blank)."""
     with open(path, "rb") as f:
@@ -140,6 +148,7 @@ class Blanks:
                 if failed is not None:
                     raise failed
             fsync_path(self.folder)
+            _still_named(made)
         except OSError as exc:  # the spool makes new files meanwhile; the next take retries
             log.warning("cannot make blank queue files in %s: %s", self.folder, exc)
             self._discard(made)
@@ -225,6 +234,7 @@ class Blanks:
                 os.rename(self.recycle / name, self.folder / f"{queue_id}.eml")
                 made.append((queue_id, fd))
             fsync_path(self.folder)
+            _still_named(made)
         except OSError as exc:  # fresh blanks are made instead; recycle/ is emptied at start
             log.warning("cannot reuse finished queue files as blanks: %s", exc)
             named = {fd for _, fd in made}
