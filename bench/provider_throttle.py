@@ -78,7 +78,7 @@ async def message_ids(port: int, user: str) -> Counter[str]:
         items = resp[2] if len(resp) > 2 and isinstance(resp[2], list) else []
         for i in range(0, len(items) - 1, 2):
             if isinstance(items[i], bytes) and items[i].upper().startswith(b"BODY[HEADER"):
-                found[mail.message_id(items[i + 1])] += 1  # type: ignore[arg-type]
+                found[mail.message_id(items[i + 1])] += 1
 
     exists = [r for r in await client.simple("EXAMINE INBOX")
               if len(r) > 1 and r[1] == b"EXISTS" and r[0] != b"0"]

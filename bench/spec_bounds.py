@@ -59,9 +59,10 @@ def main() -> None:
     print(f"alias bomb: {len(BOMB)} bytes")
     for name, text in (("alias bomb", BOMB), ("20,000 mailboxes", legit)):
         ours, peer = measure("yamlpos", text), measure("pyyaml", text)
-        print(f"  {name}: yamlpos {ours['s'] * 1000:.2f} ms, {ours['rss_mb']:.0f} MB "
-              f"({str(ours['verdict'])[:60]}); PyYAML CSafeLoader {peer['s'] * 1000:.2f} ms, "
-              f"{peer['rss_mb']:.0f} MB; ratio x{float(ours['s']) / float(peer['s']):.1f}")
+        ours_s, peer_s = float(str(ours["s"])), float(str(peer["s"]))
+        print(f"  {name}: yamlpos {ours_s * 1000:.2f} ms, {float(str(ours['rss_mb'])):.0f} MB "
+              f"({str(ours['verdict'])[:60]}); PyYAML CSafeLoader {peer_s * 1000:.2f} ms, "
+              f"{float(str(peer['rss_mb'])):.0f} MB; ratio x{ours_s / peer_s:.1f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path[:0] = [str(REPO)]
 from fed.app import _loop_factory  # noqa: E402
 from fed.queue.spool import Spool  # noqa: E402
 from fed.queue.store import Store  # noqa: E402
+from fed.smtp.server import INLINE_SESSIONS  # noqa: E402
 
 BODY = b"Subject: bench\r\nMessage-ID: <x@bench>\r\n\r\n" + b"x" * 76 * 27 + b"\r\n"
 
@@ -58,7 +59,7 @@ async def run(folder: Path, clients: int, messages: int) -> tuple[float, float, 
         for _ in range(per_client):
             started = time.perf_counter()
             await spool.accept(spool.take_queue_id(), "a@example.test", ["b@example.test"], BODY,
-                               "<x@bench>", alone=clients == 1)
+                               "<x@bench>", quiet=clients <= INLINE_SESSIONS)
             latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
