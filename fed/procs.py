@@ -1,6 +1,6 @@
 """``fed serve --processes N``: one machine, N fed nodes, one SMTP port.
 
-Why processes: one Python process is CPU-bound on aiosmtpd's per-connection work; the
+Why processes: one Python process is CPU-bound on its per-connection work; the
 node protocol (``node_agent.py``, docs/fed-multinode.md) already lets several nodes share
 one directory and one set of holds, so N processes are simply N nodes on one machine.
 Node 0 keeps ``STATE-DIR`` itself (a fed that ran with one process keeps its spool, its
