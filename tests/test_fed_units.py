@@ -124,6 +124,19 @@ def test_lean_records_skip_what_no_format_prints_and_the_lines_stay_the_same() -
     assert JsonFormatter().format(full) == JsonFormatter().format(lean)
 
 
+def test_the_text_lines_time_is_loggings_own_though_formatted_once_a_second() -> None:
+    """TextFormatter caches the seconds of its timestamp: the same text as logging's
+    Formatter for records in one second, the next one, and a second seen again later."""
+    ours, theirs = TextFormatter(), logging.Formatter()
+    base = float(int(time.time()))
+    for offset in (0.001, 0.5, 0.999, 1.0, 1.25, 61.7, 0.3, 3600.0):
+        rec = record("x")
+        rec.created = base + offset
+        rec.msecs = (rec.created - int(rec.created)) * 1000
+        assert ours.formatTime(rec) == theirs.formatTime(rec), offset
+    assert ours.formatTime(rec, "%H") == theirs.formatTime(rec, "%H")
+
+
 def test_queue_id_time_feeds_the_latency_histogram() -> None:
     qid = new_queue_id()
     at = metrics.queued_at(qid)

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import sys
+import time
 
 _QUEUE_ID = re.compile(r"^[0-9A-F]{20}$")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -59,6 +60,22 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(qid)s: %(message)s")
+        self._second = -1
+        self._seconds_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging's own form, its seconds formatted once a second: ``localtime`` and
+        ``strftime`` for every record were 1.6 % of fed's CPU at ten clients."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._seconds_text = time.strftime(self.default_time_format,
+                                               self.converter(second))
+            self._second = second
+        msec_format = self.default_msec_format
+        return msec_format % (self._seconds_text, record.msecs) if msec_format else \
+            self._seconds_text
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as a text line."""
