@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fed.queue.queuefile import new_queue_id
+from fed.queue.queuefile import Envelope, envelope_json, new_queue_id
 from fed.smtp.policy import RelayPolicy, client_ip, is_loopback, parse_networks
 from fed.smtp.server import has_bare_newline, normalize_eols
 from fed.telemetry import metrics
@@ -135,6 +135,19 @@ def test_the_text_lines_time_is_loggings_own_though_formatted_once_a_second() ->
         rec.msecs = (rec.created - int(rec.created)) * 1000
         assert ours.formatTime(rec) == theirs.formatTime(rec), offset
     assert ours.formatTime(rec, "%H") == theirs.formatTime(rec, "%H")
+
+
+@given(st.text(), st.lists(st.text(), min_size=1, max_size=4), st.none() | st.text(),
+       st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**40))
+def test_the_queue_files_envelope_is_json_dumps_byte_for_byte(
+        mail_from: str, rcpts: list[str], message_id: str | None, received_at: float) -> None:
+    """Queue files already on disk (and their checksums) were written by json.dumps: the
+    hand-built form must be the same bytes, for any text (quotes, controls, non-ASCII,
+    surrogates) and any number."""
+    envelope = Envelope(new_queue_id(), mail_from, tuple(rcpts), message_id, received_at, 0)
+    assert envelope_json(envelope) == json.dumps({
+        "queue_id": envelope.queue_id, "mail_from": mail_from, "rcpts": rcpts,
+        "message_id": message_id, "received_at": received_at}, separators=(",", ":")).encode()
 
 
 def test_queue_id_time_feeds_the_latency_histogram() -> None:

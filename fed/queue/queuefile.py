@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -83,13 +84,31 @@ def crc_of(parts: Iterable[bytes]) -> int:
     return value
 
 
+_json_str = json.encoder.encode_basestring_ascii  # the C escaper of json.dumps' strings
+
+
+def envelope_json(envelope: Envelope) -> bytes:
+    """The envelope as ``json.dumps(..., separators=(",", ":"))`` writes it, byte for byte
+    (tests/test_fed_units.py compares them), without building a dict and an encoder: that
+    was 1-2 % of fed's CPU a message."""
+    rcpts = ",".join(map(_json_str, envelope.rcpts))
+    message_id = "null" if envelope.message_id is None else _json_str(envelope.message_id)
+    return (f'{{"queue_id":{_json_str(envelope.queue_id)},'
+            f'"mail_from":{_json_str(envelope.mail_from)},"rcpts":[{rcpts}],'
+            f'"message_id":{message_id},'
+            f'"received_at":{_json_number(envelope.received_at)}}}').encode()
+
+
+def _json_number(value: float) -> str:
+    """A number as json.dumps writes it (``float.__repr__`` for a finite float)."""
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)
+    return json.dumps(value)
+
+
 def trailer(envelope: Envelope, message_crc: int) -> bytes:
     """What follows the message bytes in its queue file."""
-    body = json.dumps({
-        "queue_id": envelope.queue_id, "mail_from": envelope.mail_from,
-        "rcpts": list(envelope.rcpts), "message_id": envelope.message_id,
-        "received_at": envelope.received_at,
-    }, separators=(",", ":")).encode()
+    body = envelope_json(envelope)
     crc = zlib.crc32(body, message_crc)
     return body + b"\nFED1 %016x %08x %08x\n" % (envelope.size, len(body), crc)
 
