@@ -32,8 +32,11 @@ LEASE = 240.0  # a round every 60 s
 
 
 def wakeup(fed: Fed) -> dict[str, Any]:
+    """The node's own account of its listener: in the 200, or in the 503 it answers while
+    the shared database takes no new connection (the pool may need one)."""
     status, data = api(fed, "GET", "/v1/nodes")
-    assert status == 200, data
+    assert status == 200 or (status == 503 and "shared database unreachable" in
+                             data["error"]), data
     woken: dict[str, Any] = data["wakeup"]
     return woken
 
@@ -136,6 +139,40 @@ def test_a_killed_listener_rereads_and_catches_the_change_it_missed(
                 db.execute("ALTER DATABASE mailferry WITH ALLOW_CONNECTIONS true")
         a.kill()
         b.kill()
+
+
+def test_nodes_view_answers_503_with_its_own_wakeup_while_the_database_refuses(
+        tmp_path: Path, shared_url: str, postgres: PrivatePostgres,
+        systems: tuple[FakeSystem, FakeSystem]) -> None:
+    """Every backend of the nodes' database cut and no new connection allowed: GET
+    /v1/nodes says the shared database is unreachable (503, JSON, the driver's reason),
+    with the node's own account of its listener; back to 200 once it takes connections."""
+    s1, s2 = systems
+    a = start_node(tmp_path, "a", shared_url, [s1, s2], lease=LEASE, extra=SLOW)
+    blocked = False
+    try:
+        wait_for(lambda: listening(a), what="a listening")
+        with admin(postgres) as db:
+            db.execute("ALTER DATABASE mailferry WITH ALLOW_CONNECTIONS false")
+            blocked = True
+            db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = 'mailferry' AND pid <> pg_backend_pid()")
+            def refused() -> dict[str, Any] | None:
+                status, answer = api(a, "GET", "/v1/nodes")
+                return answer if status == 503 else None
+
+            data = wait_for(refused, what="a 503 from /v1/nodes")
+            assert "shared database unreachable" in data["error"]
+            assert "not currently accepting connections" in data["error"]
+            assert data["self"] and "mode" in data["wakeup"]
+            db.execute("ALTER DATABASE mailferry WITH ALLOW_CONNECTIONS true")
+            blocked = False
+        wait_for(lambda: api(a, "GET", "/v1/nodes")[0] == 200, what="200 again")
+    finally:
+        if blocked:
+            with admin(postgres) as db:
+                db.execute("ALTER DATABASE mailferry WITH ALLOW_CONNECTIONS true")
+        a.kill()
 
 
 def test_sqlite_and_no_node_notify_poll_and_say_so(

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from .directory import Directory, read_snapshot
 from .holds import Holds
@@ -233,9 +234,18 @@ class NodeAgent:
 
     # -- GET /v1/nodes ---------------------------------------------------------------
     async def nodes_view(self, request: web.Request) -> web.Response:
-        """Every node: alive?, versions acknowledged, seconds since its heartbeat."""
-        now, states = await asyncio.to_thread(self.registry.states)
-        version = await asyncio.to_thread(self._counters)
+        """Every node: alive?, versions acknowledged, seconds since its heartbeat. While the
+        shared database refuses (down, or taking no new connections), a 503 that says so,
+        with what this node knows itself (how it learns of changes), instead of a bare 500."""
+        try:
+            now, states = await asyncio.to_thread(self.registry.states)
+            version = await asyncio.to_thread(self._counters)
+        except SQLAlchemyError as exc:
+            # The driver's own first line: it names the server and the refusal, not the SQL
+            # or its parameters.
+            why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+            return web.json_response({"error": f"shared database unreachable: {why}",
+                                      "self": self.name, "wakeup": self.wakeup()}, status=503)
         body: dict[str, Any] = {"holds_version": version["holds_version"], "self": self.name,
                                 "wakeup": self.wakeup(),
                                 "nodes": [{
