@@ -105,15 +105,11 @@ class _Replies(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.transport: asyncio.Transport | None = None
         self.ready: deque[tuple[Reply, list[str]]] = deque()  # (reply, its lines' texts)
         self.failure: str | None = None  # why no more replies will come
         self._buffer = bytearray()
         self._lines: list[str] = []  # of the reply being received
         self._waiter: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
 
     def data_received(self, data: bytes) -> None:
         if self.failure is not None:
@@ -314,7 +310,7 @@ class Connection:
                                                  server_hostname=host)
             if transport is None:
                 raise ConnectionError("the connection closed during the TLS handshake")
-            self._transport = self._replies.transport = transport
+            self._transport = transport
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self.broken = True
             self.close()
