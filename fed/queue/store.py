@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mailferry.sqlitewal import set_wal
+
 SCHEMA = """
 -- The directory, systems, up-syncs and holds live in the shared database (shared_db.py).
 -- This is the node's copy of the held addresses, kept by holds.py, for the queue queries.
@@ -82,7 +84,7 @@ class Store:
         # isolation_level=None: no implicit transactions, we open them explicitly.
         self.conn = sqlite3.connect(path, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        set_wal(self.conn)
         self.conn.execute("PRAGMA synchronous=FULL")
         self._durable = True  # the connection's synchronous level: FULL (True) or NORMAL
         self.conn.execute("PRAGMA foreign_keys=ON")

@@ -53,6 +53,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.sql.elements import ColumnElement
 
+from mailferry.sqlitewal import set_wal
+
 log = logging.getLogger("fed.shared")
 
 metadata = MetaData()
@@ -315,8 +317,8 @@ def _engine(url: str) -> Engine:
         # No implicit transactions from the driver: the "begin" hook below opens them, so
         # a writer can ask for BEGIN IMMEDIATE (take the write lock before reading).
         dbapi_conn.isolation_level = None
+        set_wal(dbapi_conn)  # the nodes of `--processes N` open a new file at once
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 

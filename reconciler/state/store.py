@@ -25,6 +25,8 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from mailferry.sqlitewal import set_wal
+
 # (re-exported: one reader of the scripts' head, shared with the SQLAlchemy-free `lite`)
 from reconciler.state.lite import ALEMBIC_DIR as ALEMBIC_DIR
 from reconciler.state.lite import default_url as default_url
@@ -34,10 +36,11 @@ from reconciler.state.model import Event, Migration, utcnow
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the station API read while the engine writes; busy_timeout rides out the
-    # short write locks instead of failing a step.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # busy_timeout rides out the short write locks instead of failing a step (first: the
+    # switch to WAL waits with it too); WAL lets the station API read while the engine
+    # writes (`set_wal`: several processes may make a new store's file at once).
     cursor.execute("PRAGMA busy_timeout=10000")
+    set_wal(dbapi_connection)
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
