@@ -82,7 +82,7 @@ def report(times: dict[str, list[float]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("count", nargs="?", type=int, default=500)
     parser.add_argument("--port", type=int, help="time this running server; start nothing")
     parser.add_argument("--rcpt", default="b@sink.invalid")
