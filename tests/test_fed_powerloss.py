@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from fed.queue.blanks import BLANK_SIZE, is_blank
+from fed.queue.blanks import BLANK_SIZE, REUSE_BATCH, is_blank
 from fed.queue.spool import Spool
 from fed.queue.store import Store
 
@@ -89,6 +89,12 @@ def explain(records: list[Any], msgid: str, at: float, acked: dict[str, float]) 
                   f"{r.a[:60]!r} {r.b[:60]!r}")
 
 
+def renamed_back(records: list[Any]) -> list[Any]:
+    """The recorded renames of finished files from recycle/ back into queue/ (as blanks)."""
+    return [r for r in records if r.op == RENAME and b"/spool/recycle/" in r.a
+            and b"/spool/queue/" in r.b]
+
+
 def test_no_acknowledged_message_is_lost_at_any_power_cut(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shim = build(tmp_path)
@@ -135,6 +141,11 @@ def test_no_acknowledged_message_is_lost_at_any_power_cut(
         acked = {mid: at for sender in clients for mid, at in sender.acked_at.items()}
         wait_for(lambda: set(acked) <= set(sink.arrived), timeout=60, what="all delivered")
         wait_for(lambda: fed.client.queue().pending == 0, what="an empty queue")
+        # Delivered files go back into queue/ as blanks REUSE_BATCH at a time, in a thread,
+        # after the deliveries: the recording must hold that batch (CI, 2026-12-08: killed
+        # before it, no rename back recorded).
+        wait_for(lambda: len(renamed_back(parse(log))) >= REUSE_BATCH,
+                 what="a batch of finished files renamed back into queue/")
         fed.kill()  # no clean stop: the recording ends as it is
     finally:
         fed.kill()
@@ -157,8 +168,7 @@ def test_no_acknowledged_message_is_lost_at_any_power_cut(
     assert into_blanks >= 30, f"only {into_blanks} of 40 messages written into blanks"
     # Delivered messages' files became blanks again through recycle/ (Blanks.reuse): the
     # crash points below cut that path too.
-    recycled = [r for r in records if r.op == RENAME and b"/spool/recycle/" in r.a
-                and b"/spool/queue/" in r.b]
+    recycled = renamed_back(records)
     assert len(recycled) >= 30, f"only {len(recycled)} finished files reused as blanks"
     points = 0
     cut_something = 0
