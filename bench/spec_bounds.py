@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
     f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n"
@@ -45,7 +46,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def measure(which: str, text: str) -> dict[str, object]:
+def measure(which: str, text: str) -> dict[str, Any]:  # the child's JSON
     done = subprocess.run([sys.executable, "-c", CHILD, which], input=text, text=True,
                           capture_output=True, timeout=600, check=True)
     return dict(json.loads(done.stdout))
@@ -59,10 +60,9 @@ def main() -> None:
     print(f"alias bomb: {len(BOMB)} bytes")
     for name, text in (("alias bomb", BOMB), ("20,000 mailboxes", legit)):
         ours, peer = measure("yamlpos", text), measure("pyyaml", text)
-        ours_s, peer_s = float(str(ours["s"])), float(str(peer["s"]))
-        print(f"  {name}: yamlpos {ours_s * 1000:.2f} ms, {float(str(ours['rss_mb'])):.0f} MB "
-              f"({str(ours['verdict'])[:60]}); PyYAML CSafeLoader {peer_s * 1000:.2f} ms, "
-              f"{float(str(peer['rss_mb'])):.0f} MB; ratio x{ours_s / peer_s:.1f}")
+        print(f"  {name}: yamlpos {ours['s'] * 1000:.2f} ms, {ours['rss_mb']:.0f} MB "
+              f"({str(ours['verdict'])[:60]}); PyYAML CSafeLoader {peer['s'] * 1000:.2f} ms, "
+              f"{peer['rss_mb']:.0f} MB; ratio x{ours['s'] / peer['s']:.1f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,12 +124,11 @@ def colliding_connects(tmp_path: Path) -> Iterator[list[Hold]]:
         if isinstance(dbapi_connection, sqlite3.Connection) and not holds:
             holds.append(collide(dbapi_connection, tmp_path / "state.db", 0.05))
 
-    listener: Callable[[Any, Any], None] = on_connect
-    event.listen(Pool, "connect", listener, insert=True)
+    event.listen(Pool, "connect", on_connect, insert=True)
     try:
         yield holds
     finally:
-        event.remove(Pool, "connect", listener)
+        event.remove(Pool, "connect", on_connect)
 
 
 def test_a_new_state_store_opens_through_the_collision(
