@@ -53,6 +53,9 @@ mover_cmd() {
     local copy="'$PY' -m reconciler.mover copy --src 127.0.0.1:\$SRC_PORT"
     copy+=" --dst 127.0.0.1:\$DST_PORT --users \$USERS_FILE --state '$1.db'"
     copy+=" --progress none --parallel $PARALLEL_MOVER --processes $PROCESSES_MOVER"
+    # DIRECT=1: the target Dovecot's Maildirs written as doveadm writes them, through the
+    # same configuration file the harness gives doveadm (exported by it as DST_CONF)
+    [[ ${DIRECT:-0} == 1 ]] && copy+=" --dst-dovecot-config \$DST_CONF"
     if [[ ${COLD_RERUN:-0} == 1 ]]; then
         echo "cd '$REPO' && $copy --rerun --stats '$1' && t0=\$(date +%s.%N) &&" \
             "$copy --stats '$1.cold' && echo \$t0 \$(date +%s.%N) > '$1.coldwall' &&" \

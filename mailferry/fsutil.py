@@ -14,3 +14,10 @@ def fsync_path(path: Path | str) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of `data` at the file position, however short each write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

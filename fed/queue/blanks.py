@@ -44,7 +44,7 @@ import threading
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mailferry.fsutil import fsync_path
+from mailferry.fsutil import fsync_path, write_all
 
 from .queuefile import (
     new_queue_id,
@@ -52,7 +52,6 @@ from .queuefile import (
     remove_file,
     try_fdatasync,
     try_fsync,
-    write_all,
 )
 
 log = logging.getLogger("fed.blanks")

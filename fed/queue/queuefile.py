@@ -225,13 +225,6 @@ def read_envelope(path: Path) -> Envelope:
     return _parse_envelope(path, raw_json, size)
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """All of `data` at the file position, however short each write."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """All of `data` from `offset`, however short each pwrite."""
     view = memoryview(data)

@@ -77,7 +77,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailferry.fsutil import fsync_path
+from mailferry.fsutil import fsync_path, write_all
 
 from ..telemetry import metrics
 from .blanks import BLANK_SIZE, Blanks
@@ -96,7 +96,6 @@ from .queuefile import (
     trailer,
     try_fdatasync,
     try_fsync,
-    write_all,
 )
 from .store import Store
 

@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    choices=sorted(REWRITES),
                    help="a change the target makes on store accepted as equivalent "
                         "(8bit-headers-as-x: Cyrus munge8bit); the proof checks it")
+    c.add_argument("--dst-dovecot-config", type=Path, metavar="DOVECOT_CONF",
+                   help="the target is the Dovecot of this host run with this configuration:"
+                        " write its Maildirs directly, as dsync does (IMAP for the rest)")
     c.add_argument("--dst-name", default="",
                    help="the target's name in the report (default its host:port)")
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
@@ -174,6 +177,12 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
     else:
         account = ImapAccount(host, int(port), user, password, timeout=args.timeout, tls=tls,
                               cafile=cafile)
+    config = getattr(args, f"{side}_dovecot_config", None)
+    if config is not None:
+        from reconciler.mover.dovecot_direct import DovecotDirectEndpoint, DovecotLayout
+
+        layout = DovecotLayout(config)
+        return lambda: DovecotDirectEndpoint(account, layout, pool=pool, pace=pace)
     return lambda: ImapEndpoint(account, readonly=readonly, pool=pool, pace=pace)
 
 

@@ -149,14 +149,17 @@ class Endpoint(Protocol):
 
 
 class StreamingTarget(Protocol):
-    """A target that takes an APPEND whose literal streams in (`ImapEndpoint`)."""
+    """A target that takes a message whose bytes stream in (`ImapEndpoint`: an APPEND's
+    literal; `DovecotDirectEndpoint`: a file). The handle is the target's own."""
 
     async def append_stream(self, name: str, flags: tuple[str, ...], date: str | None,
-                            size: int, chunks: AsyncIterator[bytes]) -> Pending:
-        """Start the APPEND, writing the literal as `chunks` yields it."""
+                            size: int, chunks: AsyncIterator[bytes]) -> object:
+        """Start the append, writing the message as `chunks` yields it."""
 
-    async def append_finish(self, pending: Pending) -> AppendResult:
-        """Its answer."""
+    async def append_finish(self, pending: object, *, wire_size: int | None = None
+                            ) -> AppendResult:
+        """Its answer. `wire_size`: the message's length in wire form (CRLF), which the
+        pipeline knows from hashing it (a Maildir file's name carries it)."""
 
 
 __all__ = ["Digest"]  # re-exported: the pipeline tells hashed-in-flight bodies apart
@@ -673,7 +676,7 @@ class ImapEndpoint:
                             [None] * len(ordered))
 
     async def append_stream(self, name: str, flags: tuple[str, ...], date: str | None,
-                            size: int, chunks: AsyncIterator[bytes]) -> Pending:
+                            size: int, chunks: AsyncIterator[bytes]) -> object:
         """Start an APPEND whose literal (`size` bytes) is written as `chunks` yields it
         (a source's FETCH literal arriving); `append_finish` waits for its answer."""
         box = quote_mailbox(self._native(name))
@@ -681,8 +684,10 @@ class ImapEndpoint:
             [b"APPEND " + box + b" " + _flags_and_date(Outgoing(b"", flags, date)),
              LiteralOut(size, chunks), b""], "APPEND")
 
-    async def append_finish(self, pending: Pending) -> AppendResult:
+    async def append_finish(self, pending: object, *, wire_size: int | None = None
+                            ) -> AppendResult:
         """The answer of an `append_stream`: its UID, or the server's refusal."""
+        assert isinstance(pending, Pending)  # what this class's append_stream returned
         try:
             await self._c().finish(pending)
         except ImapCommandError as exc:

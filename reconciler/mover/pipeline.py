@@ -714,12 +714,14 @@ class MailboxCopy:
         tasks: list[asyncio.Task[None]] = []
 
         async def append(items: list[tuple[Entry, Outgoing]], started: Any = None,
-                         alternatives: dict[str, str] | None = None) -> None:
+                         alternatives: dict[str, str] | None = None,
+                         wire_size: int | None = None) -> None:
             try:
                 result: AppendResult = (
                     await self.target.append(dst_name, [o for _, o in items])
                     if started is None
-                    else await cast(StreamingTarget, self.target).append_finish(started))
+                    else await cast(StreamingTarget, self.target).append_finish(
+                        started, wire_size=wire_size))
                 given = [(e, out, uid) for (e, out), uid, error
                          in zip(items, result.uids, result.errors, strict=True)
                          if error is None and uid is not None]
@@ -826,7 +828,8 @@ class MailboxCopy:
                     report.failed.append((uid, "changed since listing"))
                 e.sha256 = sha
                 tasks.append(self._spawn(append(
-                    [(e, Outgoing(b"", e.flags, e.date))], started, rewrites.hashes())))
+                    [(e, Outgoing(b"", e.flags, e.date))], started, rewrites.hashes(),
+                    wire.wire_size)))
                 return Digest.of(sha, size)
             return consume
 

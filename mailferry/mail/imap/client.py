@@ -116,6 +116,7 @@ class WireHash:
         self._digest = hashlib.sha256()
         self._after_cr = False
         self.size = 0  # bytes fed (as received, before any LF -> CRLF)
+        self.wire_size = 0  # bytes hashed (the wire form's length)
 
     def update(self, chunk: bytes) -> bytes:
         """Feed a chunk; return it in wire form (itself when it had no bare LF)."""
@@ -127,6 +128,7 @@ class WireHash:
             fixed = _BARE_LF.sub(b"\r\n", chunk)
             chunk = fixed[1:] if joined else fixed
         self._digest.update(chunk)
+        self.wire_size += len(chunk)
         self._after_cr = chunk[-1] == 0x0D
         return chunk
 
