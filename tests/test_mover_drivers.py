@@ -5,11 +5,12 @@ master user (`tests/dovecot.py`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from reconciler.drivers.base import MailSystemDriver
 from reconciler.drivers.imap import ImapDriver
 from reconciler.drivers.postfix_dovecot import PostfixDovecotDriver
 from reconciler.errors import TemporaryError
+from reconciler.mover.dovecot_direct import DovecotDirectEndpoint
 from reconciler.mover.endpoints import ImapEndpoint, content_hash
 from reconciler.mover.manifest import Manifest
 from reconciler.mover.service import endpoint_for, move_mail
@@ -170,3 +172,31 @@ def test_refused_master_password_names_system_server_and_login(
         login_format="{local}"))
     with pytest.raises(TemporaryError, match=r"old-nosecret: IMAP .*absent"):
         missing.imap_account("zoe=corp.example")
+
+
+def test_a_postfix_dovecot_target_on_this_machine_gets_big_messages_as_maildir_files(
+        systems: Systems, tmp_path: Path) -> None:
+    """`directMaildirWrites` on a Postfix + Dovecot system of this machine: the engine's
+    copy into it writes a big message as a file of the mailbox's Maildir (the driver names
+    Dovecot's configuration, `doveadm` the folder), a small one over IMAP, both proven;
+    without it, or as a source, the IMAP endpoint as before."""
+    direct = PostfixDovecotDriver("pfd", replace(systems.pf.options, direct_maildir_writes=True),
+                                  Endpoint("127.0.0.1", 1), "pfd.internal", ("corp.example",))
+    box = "xia=corp.example"
+    direct.create_mailbox(box, access_addresses=("xia@corp.example",))
+    assert isinstance(endpoint_for(direct, box, readonly=False), DovecotDirectEndpoint)
+    assert not isinstance(endpoint_for(direct, box, readonly=True), DovecotDirectEndpoint)
+    assert not isinstance(endpoint_for(systems.pf, box, readonly=False), DovecotDirectEndpoint)
+    if systems.imap.get_account(BOX) is None:  # made by the first test, unless run alone
+        systems.imap.create_mailbox(BOX, access_addresses=("zoe@corp.example",))
+    big = b"From: a@x\r\nMessage-ID: <big@pfd>\r\nSubject: big\r\n\r\n" + \
+        (b"z" * 78 + b"\r\n") * 30_000  # 2.4 MB: streamed
+    systems.imap.append_message(BOX, "Projects/2026", big, flags="S", internal_date=1.7e9)
+    st = Store(default_url(tmp_path / "state.db"))
+    report = move_mail(systems.imap, BOX, direct, box, key="xia", modes=Modes(),
+                       phase="copy", manifest=Manifest(st))
+    assert report.verified and report.error is None, report.as_dict()
+    assert contents(direct, box) == contents(systems.imap, BOX)
+    written = [p for p in (systems.host.root / "mail").rglob("cur/*")
+               if "xia" in str(p) and f"P{os.getpid()}Q" in p.name]
+    assert len(written) == 1 and written[0].stat().st_size == len(big)

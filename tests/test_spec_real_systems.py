@@ -222,3 +222,20 @@ def test_bad_oauth2_settings_name_file_and_line(here: Path, change: tuple[str, s
     found = problems_of(write_set(here, real_yaml=OAUTH.replace(*change)))
     assert len(found) == 1 and found[0].startswith(expected), found
     assert "s3cr3t-literal" not in found[0]
+
+
+def test_direct_maildir_writes_only_where_dovecot_runs_here(here: Path) -> None:
+    """`directMaildirWrites` loads on a system of this machine (the driver then names its
+    Dovecot configuration to the mover); with a remote host it is refused at its line."""
+    local = PF.replace("    stateDir: pf1/mailferry\n", "    stateDir: pf1/mailferry\n"
+                       "    directMaildirWrites: true\n")
+    driver = make_drivers(load_specs(write_set(here, real_yaml=local)))["pf1"]
+    assert isinstance(driver, PostfixDovecotDriver)
+    assert driver.dovecot_direct_config() == "/etc/dovecot-pf1/dovecot.conf"
+    plain = make_drivers(load_specs(write_set(here, real_yaml=PF)))["pf1"]
+    assert isinstance(plain, PostfixDovecotDriver) and plain.dovecot_direct_config() is None
+    remote = REMOTE.replace("    tablesDir:", "    directMaildirWrites: true\n    tablesDir:")
+    found = problems_of(write_set(here, real_yaml=remote))
+    assert found == ["real.yaml:10: spec.postfixDovecot.directMaildirWrites: only when "
+                     "Postfix and Dovecot run on the reconciler's machine (no host:): the "
+                     "mover writes the Maildir files itself"], found

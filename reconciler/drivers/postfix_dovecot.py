@@ -199,6 +199,14 @@ class PostfixDovecotDriver(SqliteAccountsMixin, SqliteContactsMixin, MailSystemD
                             self._login(mailbox_id), system=self.name,
                             cafile=self.options.imap_cafile)
 
+    def dovecot_direct_config(self) -> str | None:
+        """Dovecot's configuration file when the mover may write big messages into this
+        system's Maildirs itself (`directMaildirWrites`, Dovecot on this machine), else
+        None (every message over IMAP)."""
+        if self.options.direct_maildir_writes and self.options.host is None:
+            return self.options.dovecot_config
+        return None
+
     # -- configuration: the shared-domain setup -------------------------------------------
     def wanted_postfix(self) -> dict[str, str]:
         """The main.cf parameters this driver owns, and their values."""

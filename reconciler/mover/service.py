@@ -33,9 +33,11 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from reconciler.drivers.base import ImapAccount, MailSystemDriver
+from reconciler.mover.dovecot_direct import DovecotDirectEndpoint, DovecotLayout
 from reconciler.mover.endpoints import DriverEndpoint, Endpoint, ImapEndpoint
 from reconciler.mover.folders import FolderRule
 from reconciler.mover.manifest import Manifest
@@ -123,6 +125,11 @@ def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
     if callable(account):
         value = account(mailbox_id)
         if isinstance(value, ImapAccount):
+            direct = getattr(driver, "dovecot_direct_config", None)
+            config = direct() if callable(direct) and not readonly else None
+            if isinstance(config, str):  # a Dovecot of this machine: its Maildir written
+                return DovecotDirectEndpoint(value, DovecotLayout(Path(config)), pool=pool,
+                                             pace=pace)
             return ImapEndpoint(value, readonly=readonly, pool=pool, pace=pace)
     return DriverEndpoint(driver, mailbox_id, pace=pace)
 

@@ -505,6 +505,11 @@ class _Loader:
                           "addresses to ask the admin's alias maps mailferry cannot list)",
                           key_line=True)
 
+            if box.get("directMaildirWrites", False) and ssh is not None:
+                self.fail(doc, (*here, "directMaildirWrites"), "only when Postfix and "
+                          "Dovecot run on the reconciler's machine (no host:): the mover "
+                          "writes the Maildir files itself", key_line=True)
+
             def on_host(key: str) -> str:  # a path where Postfix and Dovecot run
                 if ssh is None:
                     return self.path_value(box[key])
@@ -530,6 +535,7 @@ class _Loader:
                 else None,
                 alias_candidates=self.path_value(box["aliasCandidates"])
                 if "aliasCandidates" in box else None,
+                direct_maildir_writes=bool(box.get("directMaildirWrites", False)),
             )
             system = replace(common, root=options.state_dir, lmtp=options.lmtp,
                              submission=options.smtp, postfix_dovecot=options)

@@ -14,7 +14,8 @@ MailSystem.spec:   driver: maildir; domains: [corp.example]; internalDomain: s1.
                    maildir: {root: var/s1, lmtp: 127.0.0.1:2401, submission: 127.0.0.1:2501}
                    | driver: postfix-dovecot; postfixDovecot: {stateDir, postfixConfigDir,
                      dovecotConfig, mailRoot, mailUser, smtp, lmtp, imap,
-                     masterUser: {user, password: {env|file}}}   (docs/postfix-dovecot.md)
+                     masterUser: {user, password: {env|file}}, directMaildirWrites}
+                     (docs/postfix-dovecot.md)
                    | driver: imap; imap: {server, tls, login: master|per-user,
                      masterUser | passwords: {file}, loginFormat, stateDir, smtp}
 FedHub.spec:       smtp: 127.0.0.1:2525; control: http://127.0.0.1:8025;
@@ -126,6 +127,9 @@ class PostfixDovecotOptions:
     host: SshTarget | None = None  # None: Postfix and Dovecot run on this machine
     tables_dir: str | None = None  # on the host: the rendered tables (None: state_dir)
     alias_candidates: str | None = None  # absolute, here: addresses to ask unlistable maps
+    # big messages copied in written into Dovecot's Maildirs, as dsync writes them (only
+    # with host None: `reconciler/mover/dovecot_direct.py`)
+    direct_maildir_writes: bool = False
 
     @property
     def tables_folder(self) -> str:
