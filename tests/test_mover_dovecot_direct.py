@@ -2,12 +2,13 @@
 `reconciler/mover/dovecot_direct.py`), against real Dovecot servers: big messages become
 Maildir files that Dovecot serves byte for byte with their flags, dates and sizes, small
 ones and keywords go over IMAP, a lost manifest or a kill -9 mid-file never duplicates, a
-configuration that could store a file otherwise is refused before anything is written,
-and a file changed after it was written is not proven."""
+configuration that could store a file otherwise gets every message over IMAP (nothing
+written into the Maildir), and a file changed after it was written is not proven."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from reconciler.mover.runner import Job, run_jobs_async
 
 from dovecot import Dovecot, DovecotPair, serve_pair
 
-USERS = ("ann", "ben", "cat", "dan", "eve", "fay", "gus")
+USERS = ("ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal")
 NORDIC = "R\u00e4ksm\u00f6rg\u00e5s/Sub"  # a non-ASCII folder below another
 
 
@@ -126,20 +127,28 @@ def test_a_copy_no_manifest_remembers_is_found_not_written_again(
     ("protocol imap {\n  mail_plugins = $mail_plugins quota imap_quota\n}\n", "quota"),
     ("mail_location = mdbox:~/mdbox\n", "not a Maildir"),
 ])
-def test_a_dovecot_that_could_store_a_file_otherwise_is_refused_before_any_write(
-        pair: DovecotPair, tmp_path: Path, extra: str, reason: str) -> None:
-    """The admin's configuration compresses, counts quota or is no Maildir: the mailbox
-    fails at once with the reason (not retried), and the target holds nothing of it."""
-    user = "cat"
-    fill(pair.src, user, {"INBOX": [(big(1, 2 * MB), "")]})
+def test_a_dovecot_that_could_store_a_file_otherwise_gets_it_over_imap(
+        pair: DovecotPair, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        extra: str, reason: str) -> None:
+    """The admin's configuration compresses, counts quota or is no Maildir: no file is
+    written into the Maildir, a warning names the reason, and the big message goes over
+    IMAP APPEND (counted on the target's wire), proven as any other copy."""
+    user = {"zlib": "cat", "quota": "gus", "not a Maildir": "hal"}[reason]
+    fill(pair.src, user, {"INBOX": [(big(1, 2 * MB), ""), (b"Subject: s\r\n\r\ns\r\n", "")]})
     config = tmp_path / "dovecot.conf"
     config.write_text(pair.dst.conf.read_text() + extra)
-    report = _copy(pair, user, tmp_path, config=config)
-    assert report.error and reason in report.error and report.attempts == 1, report.as_dict()
-    assert report.copied == 0
-    assert sum(hashes(pair.dst, user).values()) == 0
-    maildir = pair.dst.dir / "mail" / user / "Maildir"
-    assert not [p for p in maildir.rglob("tmp/*")] if maildir.exists() else True
+    relay = Relay(pair.dst.port)
+    try:
+        with caplog.at_level(logging.WARNING, "mailferry.mover.dovecot"):
+            report = _copy(pair, user, tmp_path, config=config, dst_port=relay.port)
+    finally:
+        relay.close()
+    assert report.verified and report.copied == 2 and report.attempts == 1, report.as_dict()
+    assert our_files(pair.dst, user) == []
+    assert len(relay.sent) > 1.5 * MB  # the big one's APPEND
+    assert hashes(pair.dst, user) == hashes(pair.src, user)
+    warned = [r.getMessage() for r in caplog.records if r.name == "mailferry.mover.dovecot"]
+    assert len(warned) == 1 and reason in warned[0] and "over IMAP" in warned[0], warned
 
 
 class Tampering(DovecotDirectEndpoint):

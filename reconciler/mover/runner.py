@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from mailferry.mail.backoff import backoff
 from mailferry.mail.imap.client import ImapError, ImapLoginError, ImapThrottled, ImapTlsError
-from reconciler.mover.dovecot_direct import DirectWriteRefused
 from reconciler.mover.endpoints import Endpoint
 from reconciler.mover.manifest import Manifest, RunFigures
 from reconciler.mover.pace import BudgetSpent, Shed, SystemPace
@@ -142,9 +141,8 @@ async def run_job(job: Job, manifest: Manifest | None, progress: Progress, *,
             report = MailboxReport(job.key, error=str(exc), attempts=attempt,
                                    throttled=refusals, resume_at=exc.resume_at)
             break
-        except (ImapTlsError, ImapLoginError, DirectWriteRefused) as exc:
-            # Refused credentials, a missing STARTTLS, a bad certificate, a target Dovecot
-            # whose Maildir may not be written directly: no retry helps.
+        except (ImapTlsError, ImapLoginError) as exc:
+            # Refused credentials, a missing STARTTLS, a bad certificate: no retry helps.
             report = MailboxReport(job.key, error=f"{type(exc).__name__}: {exc}",
                                    attempts=attempt)
             break
