@@ -32,7 +32,7 @@ from reconciler.mover.runner import Job, run_jobs_async
 
 from dovecot import Dovecot, DovecotPair, serve_pair
 
-USERS = ("ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal")
+USERS = ("ann", "ben", "cat", "dan", "eve", "fay", "gus", "hal", "ida")
 NORDIC = "R\u00e4ksm\u00f6rg\u00e5s/Sub"  # a non-ASCII folder below another
 
 
@@ -227,3 +227,30 @@ def test_a_folder_the_copy_creates_gets_its_files_where_dovecot_looks(
     conn.logout()
     assert typ == "OK" and data == [b"1"]
     assert snapshot(pair.dst, user) == snapshot(pair.src, user)
+
+
+
+def test_a_tmp_file_the_mover_cannot_make_sends_the_message_over_imap(
+        pair: DovecotPair, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new file cannot be made in tmp/ (here: its name is taken, as a file another
+    writer left; a read-only mount or permissions fail the same call): the file already
+    there is left as it was, a warning names the folder and the reason, and the message
+    goes over IMAP, proven."""
+    user = "ida"
+    fill(pair.src, user, {"INBOX": [(big(1, 2 * MB), "\\Seen")]})
+    conn = login(pair.dst, user)
+    conn.select("INBOX")  # Dovecot makes the Maildir when it is first opened
+    conn.logout()
+    tmp = pair.dst.dir / "mail" / user / "Maildir" / "tmp"
+    taken = tmp / "taken.base"
+    taken.write_bytes(b"someone else's")
+    monkeypatch.setattr(dovecot_direct, "new_base", lambda: "taken.base")
+    with caplog.at_level(logging.WARNING, "mailferry.mover.dovecot"):
+        report = _copy(pair, user, tmp_path)
+    assert report.verified and report.copied == 1, report.as_dict()
+    assert taken.read_bytes() == b"someone else's"
+    assert our_files(pair.dst, user) == []
+    assert hashes(pair.dst, user) == hashes(pair.src, user)
+    warned = [r.getMessage() for r in caplog.records if r.name == "mailferry.mover.dovecot"]
+    assert len(warned) == 1 and str(tmp) in warned[0] and "exists" in warned[0], warned

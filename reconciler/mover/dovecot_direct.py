@@ -311,7 +311,13 @@ class DovecotDirectEndpoint(ImapEndpoint):
             return await super().append_stream(name, flags, date, size, chunks)
         job = _Streaming(name, folder, new_base(), marks, date)
         tmp = folder.path / "tmp" / job.base
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, folder.mode)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, folder.mode)
+        except OSError as exc:  # tmp/ not ours to write (permissions, a read-only mount)
+            self.refused = f"{tmp.parent}: {exc.strerror or exc}"
+            log.warning("%s: big messages go over IMAP, not into the Maildir: %s",
+                        self.label, self.refused)
+            return await super().append_stream(name, flags, date, size, chunks)
         try:
             async for chunk in chunks:
                 if job.error is None:
