@@ -254,3 +254,17 @@ def test_a_tmp_file_the_mover_cannot_make_sends_the_message_over_imap(
     assert hashes(pair.dst, user) == hashes(pair.src, user)
     warned = [r.getMessage() for r in caplog.records if r.name == "mailferry.mover.dovecot"]
     assert len(warned) == 1 and str(tmp) in warned[0] and "exists" in warned[0], warned
+
+
+def test_the_flag_needs_an_imap_target(tmp_path: Path) -> None:
+    """`--dst-dovecot-config` with a maildir: target is a usage error, said before any copy."""
+    users = tmp_path / "users.txt"
+    users.write_text("u pw\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler.mover", "copy", "--src", "127.0.0.1:1",
+         "--dst", f"maildir:{tmp_path / 'box'}", "--dst-dovecot-config", "/etc/dovecot.conf",
+         "--users", str(users), "--no-state", "--progress", "none"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "--dst-dovecot-config needs an IMAP --dst" in done.stderr, done.stderr
+    assert not (tmp_path / "box").exists()

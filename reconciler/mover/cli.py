@@ -101,8 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a change the target makes on store accepted as equivalent "
                         "(8bit-headers-as-x: Cyrus munge8bit); the proof checks it")
     c.add_argument("--dst-dovecot-config", type=Path, metavar="DOVECOT_CONF",
-                   help="the target is the Dovecot of this host run with this configuration:"
-                        " write its Maildirs directly, as dsync does (IMAP for the rest)")
+                   help="the target is the Dovecot of this machine run with this "
+                        "configuration: big messages written into its Maildirs, as dsync "
+                        "writes them (IMAP for the rest)")
     c.add_argument("--dst-name", default="",
                    help="the target's name in the report (default its host:port)")
     c.add_argument("--phase", default="copy", choices=["prestage", "copy", "final"])
@@ -158,6 +159,9 @@ def _side(args: argparse.Namespace, side: str, user: str, password: str, readonl
     spec, admin = getattr(args, side), getattr(args, f"{side}_admin")
     tls, cafile = getattr(args, f"{side}_tls"), getattr(args, f"{side}_cafile")
     if spec.startswith("maildir:"):
+        if getattr(args, f"{side}_dovecot_config", None) is not None:
+            raise SystemExit(f"mover: --{side}-dovecot-config needs an IMAP --{side} "
+                             "(HOST:PORT of that Dovecot), not maildir:")
         root = spec.split(":", 1)[1]
 
         def maildir() -> Endpoint:

@@ -687,7 +687,8 @@ class ImapEndpoint:
     async def append_finish(self, pending: object, *, wire_size: int | None = None
                             ) -> AppendResult:
         """The answer of an `append_stream`: its UID, or the server's refusal."""
-        assert isinstance(pending, Pending)  # what this class's append_stream returned
+        if not isinstance(pending, Pending):
+            raise TypeError(f"not an APPEND of this endpoint: {pending!r}")
         try:
             await self._c().finish(pending)
         except ImapCommandError as exc:

@@ -128,6 +128,8 @@ def endpoint_for(driver: MailSystemDriver, mailbox_id: str, *, readonly: bool,
             direct = getattr(driver, "dovecot_direct_config", None)
             config = direct() if callable(direct) and not readonly else None
             if isinstance(config, str):  # a Dovecot of this machine: its Maildir written
+                # a layout per copy, not per process: `reconcile --watch` runs for weeks,
+                # and the admin's configuration may change under it (a plugin added)
                 return DovecotDirectEndpoint(value, DovecotLayout(Path(config)), pool=pool,
                                              pace=pace)
             return ImapEndpoint(value, readonly=readonly, pool=pool, pace=pace)
