@@ -8,11 +8,14 @@ written into the Maildir), and a file changed after it was written is not proven
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -178,40 +181,88 @@ def test_a_file_changed_after_it_was_written_is_not_proven(
     assert report.altered == 2 and report.missing == 0, report.as_dict()
 
 
+class SlowSource:
+    """A relay to the source that passes what the server sends at `rate` bytes/s (threads;
+    bounded: it stops when closed), so a big message streams for seconds."""
+
+    def __init__(self, port: int, rate: int) -> None:
+        self.upstream, self.rate = port, rate
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, server, 0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self.rate),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket, rate: int) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for end in (a, b):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
 def test_kill_9_while_a_file_is_written_then_rerun_leaves_each_message_once(
         pair: DovecotPair, tmp_path: Path) -> None:
-    """The CLI copies into the target's Maildir (`--dst-dovecot-config`), slowed to 4 MB/s,
-    and is killed (SIGKILL) while a message is half in tmp/; a re-run copies the rest:
-    every message exactly once, proven, and the half file never became a message."""
+    """The CLI copies into the target's Maildir (`--dst-dovecot-config`) from a source
+    slowed to 3 MB/s, and is killed (SIGKILL) once one message is in cur/ and the next is
+    half in tmp/; a re-run copies the rest: every message exactly once, proven, and the half
+    file never became a message."""
     user = "eve"
     fill(pair.src, user, {"INBOX": [(big(i, 6 * MB), "\\Seen") for i in range(4)]})
     users = tmp_path / "users.txt"
     users.write_text(f"{user} pw-{user}\n")
-    command = [sys.executable, "-m", "reconciler.mover", "copy",
-               "--src", f"127.0.0.1:{pair.src.port}", "--dst", f"127.0.0.1:{pair.dst.port}",
-               "--dst-dovecot-config", str(pair.dst.conf), "--users", str(users),
-               "--state", str(tmp_path / "state.db"), "--progress", "none",
-               "--report", "json"]
+
+    def command(src_port: int) -> list[str]:
+        return [sys.executable, "-m", "reconciler.mover", "copy",
+                "--src", f"127.0.0.1:{src_port}", "--dst", f"127.0.0.1:{pair.dst.port}",
+                "--dst-dovecot-config", str(pair.dst.conf), "--users", str(users),
+                "--state", str(tmp_path / "state.db"), "--progress", "none",
+                "--report", "json"]
+
     tmp = pair.dst.dir / "mail" / user / "Maildir" / "tmp"
-    mover = subprocess.Popen([*command, "--max-bytes-per-s", str(4 * MB)], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = SlowSource(pair.src.port, 3 * MB)
+    mover = subprocess.Popen(command(slow.port), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not (
-                our_files(pair.dst, user) and tmp.is_dir() and any(tmp.iterdir())):
+                our_files(pair.dst, user) and tmp.is_dir()
+                and any(f.stat().st_size > MB for f in tmp.iterdir())):
             time.sleep(0.05)
-        assert our_files(pair.dst, user) and any(tmp.iterdir()), "never mid-file"
         os.kill(mover.pid, signal.SIGKILL)
     finally:
         mover.kill()
         mover.wait(timeout=30)
+        slow.close()
+    done = our_files(pair.dst, user)
     left = list(tmp.iterdir())
-    assert left  # the half-written file stays in tmp/, where Dovecot never looks
-    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert 1 <= len(done) < 4 and left, (done, left)  # killed mid-file, as wanted
+    again = subprocess.run(command(pair.src.port), cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert hashes(pair.dst, user) == hashes(pair.src, user)
     assert set(hashes(pair.dst, user).values()) == {1}
     assert snapshot(pair.dst, user) == snapshot(pair.src, user)
+    assert [f for f in tmp.iterdir()] == left  # the half file stayed where Dovecot ignores it
 
 
 def test_a_folder_the_copy_creates_gets_its_files_where_dovecot_looks(
