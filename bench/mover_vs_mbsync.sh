@@ -16,7 +16,9 @@
 # Knobs: PARALLEL_MOVER (mailboxes at once, default 8; in each process), PROCESSES_MOVER
 # (`copy --processes`, default 1; the peers' -par rows run PARALLEL=4 processes), METHODS
 # (peers, default "mbsync-seq mbsync-par doveadm-par"), anything imap_copy.sh reads
-# (AVG_SIZE, ...).
+# (AVG_SIZE, ...). DIRECT=1: `--dst-dovecot-config` with the harness's target configuration
+# (the file its doveadm gets): big messages written into the target's Maildir, as doveadm
+# writes them (docs/data-mover.md, "A Dovecot of this machine as target").
 # COLD_RERUN=1 adds a third pass in a *new process* (Python start, state store, fresh
 # logins: what a later invocation pays; `--rerun` reuses the first pass's connections; the
 # source unchanged, it leaves the target unread), then bench/imap_login_floor.py: the same
@@ -53,8 +55,7 @@ mover_cmd() {
     local copy="'$PY' -m reconciler.mover copy --src 127.0.0.1:\$SRC_PORT"
     copy+=" --dst 127.0.0.1:\$DST_PORT --users \$USERS_FILE --state '$1.db'"
     copy+=" --progress none --parallel $PARALLEL_MOVER --processes $PROCESSES_MOVER"
-    # DIRECT=1: the target Dovecot's Maildirs written as doveadm writes them, through the
-    # same configuration file the harness gives doveadm (exported by it as DST_CONF)
+    # DIRECT=1: the harness exports its target's configuration file as DST_CONF
     [[ ${DIRECT:-0} == 1 ]] && copy+=" --dst-dovecot-config \$DST_CONF"
     if [[ ${COLD_RERUN:-0} == 1 ]]; then
         echo "cd '$REPO' && $copy --rerun --stats '$1' && t0=\$(date +%s.%N) &&" \
