@@ -236,6 +236,7 @@ class DovecotDirectEndpoint(ImapEndpoint):
         self.label = f"dovecot-direct:{self.owner}@{account.host}:{account.port}"
         self._checked = False
         self.refused: str | None = None  # why this mailbox's big messages go over IMAP
+        self.unnumbered = 0  # files Dovecot had not numbered in time: proven over IMAP
         self._dirs: dict[str, _Folder] = {}
         self._written: dict[tuple[str, str], _Written] = {}  # (folder, UID) -> its file
 
@@ -281,12 +282,20 @@ class DovecotDirectEndpoint(ImapEndpoint):
 
     async def _uids_of(self, name: str, since: int, bases: Sequence[str]
                        ) -> tuple[str | None, dict[str, str]]:
-        """The validity and the UIDs Dovecot gave the files `bases` (UID >= `since`)."""
+        """The validity and the UIDs Dovecot gave the files `bases` (UID >= `since`). A
+        file not numbered (none seen so far) is left unproven here: the copy's check reads
+        it back over IMAP, its UID from the listing, before it counts."""
+        wanted = set(bases)
+        found: dict[str, str] = {}
         self._selected = None  # a new EXAMINE: Dovecot looks at the folder again
         if not await self._select(name):
             return None, {}
-        wanted = set(bases)
-        found: dict[str, str] = {}
+        await self._number(since, wanted, found)
+        self.unnumbered += len(wanted) - len(found)
+        return self.validity or None, found
+
+    async def _number(self, since: int, wanted: set[str], found: dict[str, str]) -> None:
+        """Add to `found` the UIDs (by base name) of the `wanted` files Dovecot lists."""
 
         def collect(resp: Untagged) -> None:
             items = fetch_items(resp)
@@ -298,8 +307,14 @@ class DovecotDirectEndpoint(ImapEndpoint):
                 if base in wanted:
                     found[base] = uid.decode()
 
-        await self._c().simple(f"UID FETCH {since}:* (UID X-GUID)", handler=collect)
-        return self.validity or None, found
+        def mine(resp: Untagged) -> bool:  # not a read-back's body fetch in flight beside it
+            items = fetch_items(resp)
+            return items is not None and b"X-GUID" in items
+
+        client = self._c()
+        pending = await client.start([f"UID FETCH {since}:* (UID X-GUID)".encode()],
+                                     "UID FETCH", handler=collect, accepts=mine)
+        await client.finish(pending)
 
     async def append_stream(self, name: str, flags: tuple[str, ...], date: str | None,
                             size: int, chunks: AsyncIterator[bytes]) -> object:

@@ -187,20 +187,24 @@ def uid_set(uids: Sequence[str]) -> str:
 
 
 def _asked(uids: Sequence[str]) -> Callable[[Untagged], bool]:
-    """Whether a FETCH response is for one of these UIDs. Why: one connection may have
-    several body fetches in flight (a target's read-backs of consecutive APPENDs, a second
-    read in wire form); a response handed to the first FETCH in flight, whatever it asked
-    for, was dropped there and its own FETCH never saw it: the read-back of that copy
-    "never came back", so an altered big copy was reported missing instead of altered
-    (tests/test_mover_stream.py, about one run in three under load)."""
+    """Whether a FETCH response carries the body of one of these UIDs. Why: one connection
+    may have several fetches in flight (a target's read-backs of consecutive APPENDs, a
+    second read in wire form, a Maildir file's UID lookup by X-GUID); a response handed to
+    the first FETCH in flight, whatever it asked for, was dropped there and its own FETCH
+    never saw it: the read-back of that copy "never came back", so an altered big copy was
+    reported missing instead of altered (tests/test_mover_stream.py, about one run in three
+    under load). A response without a body (an X-GUID lookup's, a flag change another
+    session made) is not a body fetch's either."""
     wanted = frozenset(int(u) for u in uids)
 
     def accepts(response: Untagged) -> bool:
         items = response[2] if len(response) > 2 else None
         if isinstance(items, list) and items[:1] == [b"UID"] and len(items) > 1:
-            return as_int(items[1]) in wanted  # the fast path's shape: UID first
+            # the fast path's shape: UID first
+            return as_int(items[1]) in wanted and b"BODY[]" in items
         found = fetch_items(response)
-        return found is not None and as_int(found.get(b"UID")) in wanted
+        return found is not None and as_int(found.get(b"UID")) in wanted \
+            and b"BODY[]" in found
     return accepts
 
 
