@@ -8,14 +8,11 @@ written into the Maildir), and a file changed after it was written is not proven
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -208,45 +205,6 @@ def test_a_file_changed_after_it_was_written_is_not_proven(
     assert report.altered == 2 and report.missing == 0, report.as_dict()
 
 
-class SlowSource:
-    """A relay to the source that passes what the server sends at `rate` bytes/s (threads;
-    bounded: it stops when closed), so a big message streams for seconds."""
-
-    def __init__(self, port: int, rate: int) -> None:
-        self.upstream, self.rate = port, rate
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pipe, args=(client, server, 0), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, self.rate),
-                             daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket, rate: int) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
-        except OSError:
-            pass
-        finally:
-            for end in (a, b):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 def test_kill_9_while_a_file_is_written_then_rerun_leaves_each_message_once(
         pair: DovecotPair, tmp_path: Path) -> None:
     """The CLI copies into the target's Maildir (`--dst-dovecot-config`) from a source
@@ -266,7 +224,7 @@ def test_kill_9_while_a_file_is_written_then_rerun_leaves_each_message_once(
                 "--report", "json"]
 
     tmp = pair.dst.dir / "mail" / user / "Maildir" / "tmp"
-    slow = SlowSource(pair.src.port, 3 * MB)
+    slow = Relay(pair.src.port, rate=3 * MB)
     mover = subprocess.Popen(command(slow.port), cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
@@ -41,12 +42,14 @@ def pair() -> Iterator[DovecotPair]:
 class Relay:
     """A TCP relay to a server on 127.0.0.1 (threads, so a mover in another process can
     use it too). It keeps what clients sent, and may cut the first connection after
-    `cut_after` bytes in one direction, or replace bytes in what the server sends."""
+    `cut_after` bytes in one direction, replace bytes in what the server sends, or pass
+    what the server sends at `rate` bytes/s (a big message then streams for seconds)."""
 
     def __init__(self, port: int, *, cut_after: int | None = None, cut_up: bool = False,
-                 replace: tuple[bytes, bytes] | None = None) -> None:
+                 replace: tuple[bytes, bytes] | None = None, rate: int = 0) -> None:
         self.target = port
         self.cut_after, self.cut_up, self.replace = cut_after, cut_up, replace
+        self.rate = rate
         self.sent = bytearray()  # every byte any client sent
         self.cuts = 0
         self.connections = 0
@@ -98,6 +101,8 @@ class Relay:
                                  if data.endswith(old[:k])), 0)
                     data, held = (data[:-keep], data[-keep:]) if keep else (data, b"")
                 b.sendall(data)
+                if self.rate and not up:
+                    time.sleep(len(data) / self.rate)
             b.sendall(held)
         except OSError:
             pass
