@@ -47,7 +47,6 @@ import itertools
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -55,11 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailferry.fsutil import fsync_path, write_all
+from mailferry.mail.imap import flags as maildir_flags
 from mailferry.mail.imap import mutf7
 from mailferry.mail.imap.client import Digest, Untagged, WireHash, fetch_items
 from mailferry.mail.imap.dates import epoch_of
 from mailferry.mail.imap.quoting import quote_mailbox
 from reconciler.drivers.base import ImapAccount
+from reconciler.drivers.hosts import HostError, LocalHost
 from reconciler.mover.endpoints import (
     DIGEST_OVER,
     AppendResult,
@@ -79,14 +80,16 @@ SAFE_PLUGINS = frozenset({
     "lazy_expunge", "listescape", "mail_log", "notify", "old_stats", "stats", "virtual",
     "imap_zlib", "push_notification", "last_login", "imap_sieve", "sieve",
 })
-# IMAP flags a Maildir file name carries itself (Dovecot's letters); a keyword (any other
-# flag, $Forwarded included) lives in Dovecot's dovecot-keywords under its lock: IMAP.
-_LETTERS = {"\\draft": "D", "\\flagged": "F", "\\answered": "R", "\\seen": "S",
-            "\\deleted": "T"}
+# IMAP flags a Maildir file name carries itself: the system flags of the one map (Dovecot
+# reads no P as $Forwarded); a keyword ($Forwarded included) lives in Dovecot's
+# dovecot-keywords under its lock: IMAP.
+_LETTERS = {flag: letter for flag, letter in maildir_flags.IMAP_TO_MAILDIR.items()
+            if flag.startswith("\\")}
 _CHUNK = 1 << 20
 log = logging.getLogger("mailferry.mover.dovecot")
 _COUNTER = itertools.count(1)
 _DOVEADM_TIMEOUT = 60.0
+_HERE = LocalHost()  # doveadm and doveconf run where the Maildir is: this machine
 
 
 class DirectWriteRefused(Exception):
@@ -144,14 +147,9 @@ class DovecotLayout:
 
     def _run(self, *args: str) -> str:
         try:
-            done = subprocess.run(args, capture_output=True, text=True,
-                                  timeout=_DOVEADM_TIMEOUT, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise DirectWriteRefused(f"{' '.join(args[:4])}: {exc}") from None
-        if done.returncode != 0:
-            reason = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-            raise DirectWriteRefused(f"{' '.join(args[:4])}: {reason}")
-        return done.stdout
+            return _HERE.run(args, timeout=_DOVEADM_TIMEOUT)
+        except HostError as exc:
+            raise DirectWriteRefused(str(exc)) from None
 
     def _setting(self, name: str, protocol: str | None = None) -> str:
         with self._lock:
@@ -207,7 +205,7 @@ def _finish_file(fd: int, folder: _Folder, date: str | None) -> None:
     os.fdatasync(fd)
     if os.geteuid() == 0 or os.getuid() != folder.uid:
         os.fchown(fd, folder.uid, folder.gid)
-    when = epoch_of(date) if date else None
+    when = epoch_of(date)
     if when is not None:
         os.utime(fd, (when, when))
 
@@ -258,12 +256,16 @@ class DovecotDirectEndpoint(ImapEndpoint):
                 found = await asyncio.to_thread(self.layout.folder, self.owner,
                                                 self._native_decoded(name))
             except DirectWriteRefused as exc:
-                self.refused = str(exc)
-                log.warning("%s: big messages go over IMAP, not into the Maildir: %s",
-                            self.label, exc)
+                self._refuse(str(exc))
                 return None
             self._dirs[name] = found
         return found
+
+    def _refuse(self, reason: str) -> None:
+        """From now on this mailbox's big messages go over IMAP; said once, with why."""
+        self.refused = reason
+        log.warning("%s: big messages go over IMAP, not into the Maildir: %s", self.label,
+                    reason)
 
     def _native_decoded(self, name: str) -> str:
         # doveadm takes folder names in UTF-8 with the namespace's separator
@@ -329,9 +331,7 @@ class DovecotDirectEndpoint(ImapEndpoint):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, folder.mode)
         except OSError as exc:  # tmp/ not ours to write (permissions, a read-only mount)
-            self.refused = f"{tmp.parent}: {exc.strerror or exc}"
-            log.warning("%s: big messages go over IMAP, not into the Maildir: %s",
-                        self.label, self.refused)
+            self._refuse(f"{tmp.parent}: {exc.strerror or exc}")
             return await super().append_stream(name, flags, date, size, chunks)
         try:
             async for chunk in chunks:
