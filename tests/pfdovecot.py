@@ -23,6 +23,7 @@ instance, no DNS, `alias_maps` empty, `maillog_file` with its prefix and `postlo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -59,6 +60,53 @@ def missing_prerequisites() -> str | None:
     if not Path("/usr/lib/dovecot/lmtp").exists():
         return "dovecot-lmtpd not installed"
     return None
+
+
+class PortTaken(RuntimeError):
+    """A server's port answered, but not from the server: someone else bound it first."""
+
+
+def listens_in(pid: int, port: int) -> bool:
+    """Whether process `pid` or a process it started holds the socket listening on TCP
+    `port` (in its own network namespace: /proc/PID/net)."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for member in _tree(pid):
+        try:
+            fds = os.listdir(f"/proc/{member}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{member}/fd/{fd}") in inodes:
+                    return True
+    return False
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a wrapper such as `ip netns exec` execs, but a
+    server may hand its listener to a child)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(
+                    int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(parents.get(current, []))
+    return found
 
 
 def wait_port(port: int, timeout: float = 15.0, address: str = "127.0.0.1") -> bool:
@@ -277,10 +325,25 @@ class MailHost:
 
     # -- servers ------------------------------------------------------------------------
     def start(self) -> None:
-        """Write the configuration and start both servers (Dovecot first: Postfix's LMTP)."""
-        self.write_config()
-        self.start_dovecot()
-        self.start_postfix()
+        """Write the configuration and start both servers (Dovecot first: Postfix's LMTP).
+
+        Ports are drawn at random (`free_port`), so a parallel test may take one between
+        the draw and the server's bind: the server then exits on "address in use" while
+        the other's listener answers the wait. A port whose listener is not the server's
+        gets new ports and a new start (bounded), as tests/world.py does for its servers."""
+        for attempt in range(3):
+            self.write_config()
+            try:
+                self.start_dovecot()
+                self.start_postfix()
+                return
+            except PortTaken:
+                self.stop_postfix()
+                self.stop_dovecot()
+                if attempt == 2:
+                    raise
+                self.smtp_port, self.lmtp_port, self.imap_port = (
+                    free_port(), free_port(), free_port())
 
     def start_dovecot(self) -> None:
         log = open(self.root / "dovecot" / "stderr.log", "ab")  # noqa: SIM115
@@ -318,6 +381,10 @@ class MailHost:
             if wait_port(waiting[0], timeout=0.5, address=self.address):
                 waiting.pop(0)
         if not waiting:
+            foreign = [p for p in ports if not listens_in(proc.pid, p)]
+            if foreign:
+                raise PortTaken(f"{self.name}: {server}: port(s) {foreign} answered by "
+                                "another process")
             return
         tails = []
         for log in logs:
