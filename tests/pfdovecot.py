@@ -330,7 +330,9 @@ class MailHost:
         Ports are drawn at random (`free_port`), so a parallel test may take one between
         the draw and the server's bind: the server then exits on "address in use" while
         the other's listener answers the wait. A port whose listener is not the server's
-        gets new ports and a new start (bounded), as tests/world.py does for its servers."""
+        gets new ports and a new start (bounded), as tests/world.py does for its servers;
+        so does a server that exited on "Address already in use" (a port taken as it
+        bound, or drawn twice: each draw is free when drawn, and none is bound yet)."""
         for attempt in range(3):
             self.write_config()
             try:
@@ -394,9 +396,10 @@ class MailHost:
                 continue
             tails.append(f"--- {log.name}:\n" + "\n".join(lines))
         state = "running" if proc.poll() is None else f"exited {proc.returncode}"
-        raise RuntimeError(f"{self.name}: {server} ({state}) did not listen on "
-                           f"{self.address}:{waiting}; see {logs[0].parent}\n"
-                           + "\n".join(tails))
+        failed = (PortTaken if proc.poll() is not None
+                  and any("Address already in use" in tail for tail in tails) else RuntimeError)
+        raise failed(f"{self.name}: {server} ({state}) did not listen on "
+                     f"{self.address}:{waiting}; see {logs[0].parent}\n" + "\n".join(tails))
 
     def stop_dovecot(self) -> None:
         stop_process(self.dovecot)
